@@ -1,0 +1,5 @@
+"""`python -m shadowproxy` runs the command line."""
+
+from shadowproxy.cli import main
+
+raise SystemExit(main())

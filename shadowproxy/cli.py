@@ -1,0 +1,154 @@
+"""The command line: parses arguments, runs one command, maps errors to exit statuses.
+
+This is the only module that decides an exit status: 0 success, 2 bad usage or config,
+1 runtime failure, 3 a report whose verdict reached ``--fail-on``. Commands are imported
+lazily so that ``shadowproxy run`` never pays for the report's numpy/scipy imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+
+from shadowproxy import __version__
+from shadowproxy.errors import ConfigError, ShadowProxyError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from shadowproxy.config import load_config
+
+    settings = load_config(args.config)
+    routes = ", ".join(f"{r.name} ({len(r.shadows)} shadow(s))" for r in settings.routes)
+    print(f"{args.config}: OK — routes: {routes}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from shadowproxy.config import load_config
+    from shadowproxy.runner import serve
+
+    settings = load_config(args.config)
+    return serve(settings, log_format=args.log_format)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from shadowproxy.config import load_config
+    from shadowproxy.store.database import database_url, describe
+    from shadowproxy.store.migrate import migrate
+
+    settings = load_config(args.config)
+    url = database_url(settings)
+    applied = asyncio.run(migrate(url))
+    if applied:
+        for mig in applied:
+            print(f"applied {mig.version:03d}_{mig.name}")
+    else:
+        print(f"schema is up to date ({describe(url)})")
+    return 0
+
+
+def _cmd_db_url(args: argparse.Namespace) -> int:
+    from shadowproxy.config import load_config
+    from shadowproxy.store.database import database_url
+
+    settings = load_config(args.config)
+    # Leave an embedded server running, so that `psql "$(shadowproxy db-url ...)"` connects.
+    print(database_url(settings, embedded_cleanup=None))
+    return 0
+
+
+def _lazy(module: str, func: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        result: int = getattr(importlib.import_module(module), func)(args)
+        return result
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shadowproxy",
+        description="Mirror production traffic to shadow model services and record the pairs "
+                    "in PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"shadowproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Handler, help_: str, config: bool = True
+                ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if config:
+            p.add_argument("-c", "--config", required=True, metavar="FILE",
+                           help="the YAML configuration file")
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("run", _cmd_run, "serve: proxy to the primary, mirror to the shadows, record")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines as text (default) or one JSON object per line")
+    command("check-config", _cmd_check_config, "validate the configuration file and exit")
+    command("migrate", _cmd_migrate, "apply pending database schema migrations")
+    command("db-url", _cmd_db_url,
+            "print the database URL (starting the embedded PostgreSQL if needed)")
+
+    p = command("report", _lazy("shadowproxy.compare.command", "run_report"),
+                "compare a shadow with the primary over a time window")
+    p.add_argument("--route", required=True, help="the route to report on")
+    p.add_argument("--shadow", help="the shadow to compare (default: the route's first)")
+    window = p.add_mutually_exclusive_group()
+    window.add_argument("--since", help="a window ending now, e.g. 15m, 1h, 7d")
+    window.add_argument("--from", dest="from_", metavar="T",
+                        help="window start (ISO 8601); use with --to")
+    p.add_argument("--to", metavar="T", help="window end (ISO 8601)")
+    p.add_argument("--reference", metavar="FILE",
+                   help="training data (CSV or Parquet) to check live inputs against")
+    p.add_argument("--format", choices=["text", "json", "html", "markdown"], default="text")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the report here")
+    p.add_argument("--fail-on", choices=["warn", "fail"],
+                   help="exit with status 3 when the verdict reaches this level")
+
+    labels = sub.add_parser("labels", help="ground-truth labels for recorded requests")
+    labels_sub = labels.add_subparsers(dest="labels_command", metavar="ACTION", required=True)
+    p = labels_sub.add_parser("import", help="load request_id,label rows from a CSV file")
+    p.add_argument("-c", "--config", required=True, metavar="FILE")
+    p.add_argument("file", metavar="LABELS.csv")
+    p.set_defaults(handler=_lazy("shadowproxy.compare.labels", "run_labels_import"))
+
+    p = command("prune", _lazy("shadowproxy.store.prune", "run_prune"),
+                "delete records older than a given age, in batches")
+    p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
+    p.add_argument("--batch-size", type=int, default=5000)
+
+    p = command("demo", _lazy("shadowproxy.demo", "run_demo"),
+                "the whole story on one machine: two models, the proxy, traffic, a report",
+                config=False)
+    p.add_argument("--requests", type=int, default=2000, help="how many requests to send")
+    p.add_argument("--data-dir", default=".shadowproxy-demo",
+                   help="where the demo's database and reports go")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.handler(args)
+        return status
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return exc.exit_status
+    except ShadowProxyError as exc:
+        print(f"shadowproxy: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

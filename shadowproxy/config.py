@@ -1,0 +1,324 @@
+"""Configuration: the YAML file, validated once at the edge into frozen pydantic models.
+
+``load_config(path)`` is the only reader of the file and of the environment (``${VAR}``
+interpolation, ``SHADOWPROXY_DATABASE_URL``); everything below it receives these frozen
+values. Every problem in a file is reported at once as ``FILE:LINE: key.path: message``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shadowproxy.compare.config import CompareConfig
+from shadowproxy.errors import ConfigError
+
+DATABASE_URL_ENV = "SHADOWPROXY_DATABASE_URL"
+DEFAULT_REDACT_HEADERS = ("authorization", "cookie", "set-cookie", "proxy-authorization",
+                          "x-api-key")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"expected an http:// or https:// URL (got {value!r})")
+    if not parts.hostname:
+        raise ValueError(f"URL has no host (got {value!r})")
+    if parts.query or parts.fragment:
+        raise ValueError(f"URL must not carry a query or fragment (got {value!r})")
+    try:
+        parts.port  # noqa: B018  (raises ValueError on a malformed port)
+    except ValueError as exc:
+        raise ValueError(f"URL has an invalid port (got {value!r})") from exc
+    return value.rstrip("/")
+
+
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8080 (got {value!r})")
+    return value
+
+
+class Upstream(_Frozen):
+    """Where the primary model service listens."""
+
+    url: str
+    timeout_s: PositiveSeconds = 30.0
+
+    _url = field_validator("url")(_check_http_url)
+
+
+class Shadow(_Frozen):
+    """A shadow model service: it gets a copy of each sampled request; its answer is recorded."""
+
+    name: str = Field(pattern=_NAME)
+    url: str
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    sample_key: str | None = None
+    timeout_s: PositiveSeconds = 30.0
+    max_in_flight: int = Field(default=100, ge=1)
+    set_headers: dict[str, str] = Field(default_factory=dict)
+    remove_headers: list[str] = Field(default_factory=list)
+
+    _url = field_validator("url")(_check_http_url)
+
+    @field_validator("sample_key")
+    @classmethod
+    def _sample_key(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"header:[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+            raise ValueError(f"expected 'header:NAME', e.g. 'header:X-User-Id' (got {value!r})")
+        return value
+
+
+class Match(_Frozen):
+    """Which requests a route takes: the longest matching path prefix wins."""
+
+    path_prefix: str = "/"
+    methods: list[str] | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"expected a path starting with '/' (got {value!r})")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("expected at least one method, or leave 'methods' out for all")
+        return [m.upper() for m in value]
+
+
+class Route(_Frozen):
+    """One primary, its shadows, and how the report compares them."""
+
+    name: str = Field(pattern=_NAME)
+    match: Match = Field(default_factory=Match)
+    preserve_host: bool = False
+    primary: Upstream
+    shadows: list[Shadow] = Field(default_factory=list)
+    compare: CompareConfig | None = None
+
+    @model_validator(mode="after")
+    def _unique_shadows(self) -> Route:
+        names = [s.name for s in self.shadows]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"shadow names must be unique within a route (repeated: {dupes})")
+        if "primary" in names:
+            raise ValueError("a shadow may not be called 'primary': that name is the primary's")
+        return self
+
+
+class DatabaseConfig(_Frozen):
+    """Where records go; ``url: null`` starts the embedded PostgreSQL under ``data_dir``."""
+
+    url: str | None = None
+    pool_max_size: int = Field(default=4, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgres", "postgresql"):
+            raise ValueError(f"expected a postgresql:// URL (got {value!r})")
+        return value
+
+
+class RecordingConfig(_Frozen):
+    """What is stored, and how records are batched on their way to PostgreSQL."""
+
+    max_body_bytes: int = Field(default=1_048_576, ge=0)
+    max_decompressed_bytes: int = Field(default=8_388_608, ge=0)
+    redact_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
+    queue_max_records: int = Field(default=50_000, ge=1)
+    batch_max_records: int = Field(default=1_000, ge=1)
+    flush_interval_ms: int = Field(default=200, ge=1)
+    spool_max_bytes: int = Field(default=1_073_741_824, ge=0)
+
+    @field_validator("redact_headers")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [v.lower() for v in value]
+
+
+class Limits(_Frozen):
+    """Bounds that protect the proxy from large or slow input."""
+
+    max_mirror_body_bytes: int = Field(default=16_777_216, ge=0)
+    max_header_bytes: int = Field(default=65_536, ge=1024)
+    client_timeout_s: PositiveSeconds = 60.0
+    shutdown_grace_s: PositiveSeconds = 10.0
+
+
+class Settings(_Frozen):
+    """The whole configuration file."""
+
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str | None = "127.0.0.1:9090"
+    admin_token: str | None = None
+    workers: int = Field(default=1, ge=1, le=64)
+    data_dir: Path = Path(".shadowproxy")
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    recording: RecordingConfig = Field(default_factory=RecordingConfig)
+    limits: Limits = Field(default_factory=Limits)
+    routes: list[Route] = Field(min_length=1)
+
+    _listen = field_validator("listen")(_check_listen)
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _admin(cls, value: str | None) -> str | None:
+        return None if value is None else _check_listen(value)
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> Settings:
+        names = [r.name for r in self.routes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"route names must be unique (repeated: {dupes})")
+        if self.admin_listen is not None and self.admin_listen == self.listen:
+            raise ValueError("admin_listen must differ from listen")
+        return self
+
+    def route(self, name: str) -> Route:
+        """The route called ``name``; KeyError lists the known names."""
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(f"no route named {name!r}; the config has {[r.name for r in self.routes]}")
+
+
+# --- loading --------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Located:
+    """The parsed YAML as plain data, plus the line of every key path."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[str | int, ...], int] = {}
+        self.problems: list[tuple[tuple[str | int, ...], str]] = []
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def build(self, node: yaml.Node, path: tuple[str | int, ...]) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self._scalar(key_node)
+                if not isinstance(key, str):
+                    key = str(key)
+                if key in out:
+                    self.problems.append((path + (key,), "duplicate key"))
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                out[key] = self.build(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+        value = self._scalar(node)
+        if isinstance(value, str):
+            value = self._interpolate(value, path)
+        return value
+
+    def _scalar(self, node: yaml.Node) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            self.problems.append(((), f"line {node.start_mark.line + 1}: expected a plain key"))
+            return str(node.start_mark)
+        return self._constructor.construct_object(node)
+
+    def _interpolate(self, value: str, path: tuple[str | int, ...]) -> str:
+        def replace(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            self.problems.append((path, f"environment variable {name} is not set "
+                                        f"(set it, or write ${{{name}:-default}})"))
+            return m.group(0)
+
+        return _VAR.sub(replace, value)
+
+    def line_of(self, path: tuple[str | int, ...]) -> int:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def load_config(path: str | os.PathLike[str]) -> Settings:
+    """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read the config file: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: the config file is not UTF-8 text"]) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{file}:{line}: (YAML): {reason}"]) from exc
+    if node is None:
+        raise ConfigError([f"{file}:1: (top level): the file is empty; "
+                           "it needs at least a 'routes:' list"])
+    located = _Located()
+    data = located.build(node, ())
+    if not isinstance(data, dict):
+        raise ConfigError([f"{file}:1: (top level): expected a mapping of settings"])
+    env_url = os.environ.get(DATABASE_URL_ENV)
+    if env_url:
+        database = data.setdefault("database", {}) or {}
+        if isinstance(database, dict):
+            database["url"] = env_url
+            data["database"] = database
+    problems = [f"{file}:{located.line_of(p)}: {_dotted(p)}: {msg}" for p, msg in located.problems]
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = tuple(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling and the configuration reference)"
+            problems.append(f"{file}:{located.line_of(loc)}: {_dotted(loc)}: {msg}")
+        raise ConfigError(problems) from exc
+    if problems:
+        raise ConfigError(problems)
+    # Resolved once here: the embedded database and worker processes need an absolute path.
+    return settings.model_copy(update={"data_dir": settings.data_dir.resolve()})

@@ -1,0 +1,58 @@
+"""The one exception hierarchy of shadowproxy.
+
+Third-party errors (aiohttp, asyncio, asyncpg, OS) are translated into these at the module
+that talks to that library, with ``raise ... from exc``; the command line maps them to exit
+codes (see ``cli.py``), and nothing else in the package exits.
+
+    ShadowProxyError
+    ├── ConfigError          invalid configuration file (exit status 2)
+    ├── UsageError           bad command-line arguments or input files (exit status 2)
+    ├── DatabaseError        PostgreSQL unreachable or failing (exit status 1)
+    │   └── MigrationError   a schema migration could not be applied
+    ├── EmbeddedDatabaseError  the embedded PostgreSQL could not be started
+    └── SpoolError           the on-disk spool could not be written or read
+
+Failures of upstream calls are not exceptions: they are data on the exchange record
+(``error="timeout"``, ``"connect: ..."``), because a shadow's failure must never reach the
+client.
+"""
+
+from __future__ import annotations
+
+
+class ShadowProxyError(Exception):
+    """Base of every error shadowproxy raises on purpose."""
+
+    exit_status = 1
+
+
+class ConfigError(ShadowProxyError):
+    """The configuration file is invalid; ``problems`` lists each as FILE:LINE: key: message."""
+
+    exit_status = 2
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class UsageError(ShadowProxyError):
+    """A command was called with arguments or input it cannot use."""
+
+    exit_status = 2
+
+
+class DatabaseError(ShadowProxyError):
+    """PostgreSQL could not be reached or refused a statement."""
+
+
+class MigrationError(DatabaseError):
+    """A schema migration failed; the database is left at the last applied version."""
+
+
+class EmbeddedDatabaseError(ShadowProxyError):
+    """The embedded PostgreSQL under ``data_dir`` could not be initialised or started."""
+
+
+class SpoolError(ShadowProxyError):
+    """The spool directory could not be written or read."""

