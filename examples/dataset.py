@@ -43,6 +43,11 @@ def load() -> Dataset:
     return Dataset(x_train=x[train], y_train=y[train], x_all=x, y_all=y)
 
 
-def row_to_features(row: NDArray[np.float64]) -> dict[str, float]:
-    """One data set row as the JSON object the model services expect."""
-    return {name: float(value) for name, value in zip(FEATURES, row, strict=True)}
+def row_to_features(row: NDArray[np.float64]) -> dict[str, int | float]:
+    """One data set row as the JSON object the model services expect.
+
+    Whole numbers (age, sex, most blood pressures) go out as JSON integers, as a client would
+    send them, so that ``sex`` reads as the category 1 or 2 rather than 1.0 or 2.0.
+    """
+    return {name: int(value) if float(value).is_integer() else float(value)
+            for name, value in zip(FEATURES, row, strict=True)}

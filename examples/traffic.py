@@ -93,7 +93,10 @@ def check_url(url: str) -> str:
     return url
 
 
-def _requests(count: int, seed: int) -> Iterator[tuple[str, dict[str, dict[str, float]], float]]:
+Body = dict[str, dict[str, int | float]]
+
+
+def _requests(count: int, seed: int) -> Iterator[tuple[str, Body, float]]:
     data = load()
     rows = np.random.default_rng(seed).integers(0, len(data.x_all), size=count)
     for i in rows:

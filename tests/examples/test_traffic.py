@@ -21,7 +21,7 @@ class Recorder:
         self.in_flight = 0
         self.max_in_flight = 0
         self.request_ids: list[str] = []
-        self.bodies: list[dict[str, dict[str, float]]] = []
+        self.bodies: list[dict[str, dict[str, int | float]]] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.in_flight += 1
