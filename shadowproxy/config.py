@@ -155,6 +155,7 @@ class RecordingConfig(_Frozen):
     max_body_bytes: int = Field(default=1_048_576, ge=0)
     max_decompressed_bytes: int = Field(default=8_388_608, ge=0)
     redact_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
+    redact_json: list[str] = Field(default_factory=list)
     queue_max_records: int = Field(default=50_000, ge=1)
     batch_max_records: int = Field(default=1_000, ge=1)
     flush_interval_ms: int = Field(default=200, ge=1)
@@ -164,6 +165,15 @@ class RecordingConfig(_Frozen):
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
         return [v.lower() for v in value]
+
+    @field_validator("redact_json")
+    @classmethod
+    def _json_paths(cls, value: list[str]) -> list[str]:
+        from shadowproxy.recorder.bodies import parse_json_path
+
+        for path in value:
+            parse_json_path(path)  # raises ValueError with what is expected
+        return value
 
 
 class Limits(_Frozen):
@@ -201,7 +211,8 @@ class Settings(_Frozen):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"route names must be unique (repeated: {dupes})")
-        if self.admin_listen is not None and self.admin_listen == self.listen:
+        if self.admin_listen is not None and self.admin_listen == self.listen \
+                and not self.listen.endswith(":0"):
             raise ValueError("admin_listen must differ from listen")
         return self
 

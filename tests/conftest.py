@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from shadowproxy.app import Proxy, running
+from shadowproxy.config import Settings
 from shadowproxy.store.embedded import start_embedded
 from shadowproxy.store.migrate import migrate
 
@@ -78,3 +82,47 @@ def sync_database_url(pg_server_url: str) -> Iterator[str]:
     asyncio.run(migrate(url))
     yield url
     asyncio.run(_drop_database(pg_server_url, name))
+
+
+# --- the proxy, in-process ----------------------------------------------------------------
+
+StartProxy = Callable[..., AbstractAsyncContextManager[Proxy]]
+
+
+def make_settings(tmp_path: Path, routes: list[dict[str, Any]], **overrides: Any) -> Settings:
+    """Settings for a test proxy on free ports, recording to the test database."""
+    data: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "data_dir": str(tmp_path / "data"),
+        "recording": {"flush_interval_ms": 50},
+        "limits": {"shutdown_grace_s": 2},
+        "routes": routes,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return Settings.model_validate(data)
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, database_url: str) -> StartProxy:
+    """``async with start_proxy(routes, **settings) as proxy``: a real proxy on 127.0.0.1."""
+
+    @asynccontextmanager
+    async def start(routes: list[dict[str, Any]], *, url: str | None = None,
+                    **overrides: Any) -> AsyncIterator[Proxy]:
+        settings = make_settings(tmp_path, routes, **overrides)
+        async with running(settings, url or database_url) as proxy:
+            yield proxy
+
+    return start
+
+
+def route(primary: str, *shadows: str, name: str = "r", **extra: Any) -> dict[str, Any]:
+    """A route dict: ``primary`` URL, shadows named s1, s2, ... at the given URLs."""
+    return {"name": name, "primary": {"url": primary, "timeout_s": 5},
+            "shadows": [{"name": f"s{i + 1}", "url": u, "timeout_s": 2}
+                        for i, u in enumerate(shadows)], **extra}

@@ -1,0 +1,158 @@
+"""One process's proxy: opens its resources in dependency order and closes them in reverse.
+
+``running(settings)`` is the one place where the recorder, the upstream pools, the client
+listener and the admin listener are opened and closed. Shutdown order: stop accepting →
+let in-flight requests finish (grace period) → end shadow calls that outlive it → flush the
+recorder to the database or the spool → close pools and the admin listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from shadowproxy.admin import build_admin_app, start_admin
+from shadowproxy.config import Settings
+from shadowproxy.metrics import Metrics
+from shadowproxy.mirror import ShadowTarget
+from shadowproxy.proxy import ClientConnection, ProxyContext, RouteTarget
+from shadowproxy.recorder.recorder import Recorder
+from shadowproxy.routing import Router
+from shadowproxy.tasks import spawn
+from shadowproxy.upstream import UpstreamPool
+
+log = logging.getLogger("shadowproxy")
+
+
+def listen_socket(listen: str) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT, so that several workers share one port."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, int(port)))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+class Proxy:
+    """Handles to a running proxy process's parts (for the runner, the admin and tests)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, recorder: Recorder,
+                 ctx: ProxyContext, pools: list[UpstreamPool], server: asyncio.Server) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.recorder = recorder
+        self.ctx = ctx
+        self.pools = pools
+        self.server = server
+        self.admin_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The port clients connect to (useful with ``listen: 127.0.0.1:0``)."""
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        spool_room = (self.recorder.spool.max_bytes - self.recorder.spool.total_bytes())
+        database = "ok" if self.recorder.database_ok else "unreachable, spooling"
+        ready = self.recorder.database_ok or spool_room > 0
+        return ready, {"database": database, "spool_bytes_free": spool_room,
+                       "routes": len(self.settings.routes)}
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting, answer what was accepted, end what outlives ``grace`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.server.close()
+        self.ctx.draining = True
+        for conn in self.ctx.idle_connections():
+            conn.close_if_idle()
+        while loop.time() < deadline and (
+                any(not c.is_idle() for c in self.ctx.connections)
+                or any(p.active for p in self.pools)):
+            await asyncio.sleep(0.02)
+        for pool in self.pools:
+            pool.abort_active("closed: proxy shutting down")
+        for conn in list(self.ctx.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+
+def compile_routes(settings: Settings, loop: asyncio.AbstractEventLoop, metrics: Metrics
+                   ) -> tuple[Router[RouteTarget], list[UpstreamPool]]:
+    """One pool per upstream URL, routes compiled for matching."""
+    pools: dict[str, UpstreamPool] = {}
+
+    def pool(url: str, name: str) -> UpstreamPool:
+        if url not in pools:
+            pools[url] = UpstreamPool(loop, url, name)
+        return pools[url]
+
+    entries = []
+    for route in settings.routes:
+        shadows = [ShadowTarget(route.name, s, pool(s.url, s.name), metrics)
+                   for s in route.shadows]
+        target = RouteTarget(route.name, pool(route.primary.url, f"{route.name}-primary"),
+                             route.primary.timeout_s, shadows, route.preserve_host,
+                             metrics.route(route.name))
+        entries.append((route.match.path_prefix, route.match.methods, target))
+    return Router(entries), list(pools.values())
+
+
+async def _sweep(ctx: ProxyContext) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        ctx.sweep()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, database_url: str, *,
+                  sock: socket.socket | None = None,
+                  snapshots: Callable[[], list[dict[str, Any]]] | None = None,
+                  serve_admin: bool = True) -> AsyncIterator[Proxy]:
+    """Run one proxy process until the block exits, then shut it down gracefully."""
+    loop = asyncio.get_running_loop()
+    metrics = Metrics()
+    recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics)
+    await recorder.start()
+    if not recorder.database_ok:
+        log.warning("database not reachable at start-up; records go to the spool in %s "
+                    "until it is", settings.data_dir / "spool")
+    router, pools = compile_routes(settings, loop, metrics)
+    ctx = ProxyContext(loop, router, recorder,
+                       max_mirror_body=settings.limits.max_mirror_body_bytes,
+                       capture_cap=settings.recording.max_body_bytes,
+                       max_header_bytes=settings.limits.max_header_bytes,
+                       client_timeout=settings.limits.client_timeout_s)
+    sock = sock or listen_socket(settings.listen)
+    server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock)
+    proxy = Proxy(settings, metrics, recorder, ctx, pools, server)
+    sweeper = spawn(_sweep(ctx), name="sweeper")
+    admin = None
+    if serve_admin and settings.admin_listen is not None:
+        app = build_admin_app(proxy.readiness, snapshots or (lambda: [metrics.snapshot()]),
+                              settings.admin_token)
+        admin = await start_admin(app, settings.admin_listen)
+        proxy.admin_port = admin.addresses[0][1]
+    log.info("listening on %s, routes: %s", settings.listen,
+             ", ".join(r.name for r in settings.routes))
+    try:
+        yield proxy
+    finally:
+        await proxy.drain(settings.limits.shutdown_grace_s)
+        sweeper.cancel()
+        await recorder.close()
+        for pool in pools:
+            pool.close()
+        if admin is not None:
+            await admin.cleanup()
+        log.info("stopped")

@@ -1,0 +1,86 @@
+"""HTTP/1.1 wire format: hop-by-hop rules, request and response heads, error bodies.
+
+Pure functions over bytes, shared by the client side (``proxy.py``) and the upstream side
+(``upstream.py``). Heads are built as one ``bytes`` object so that each message leaves in a
+single write.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+from shadowproxy.models import Headers
+
+# RFC 9110 §7.6.1: never forwarded, in either direction (plus the Connection header's tokens).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-connection", b"proxy-authorization",
+})
+# Request headers the proxy rewrites itself, so the client's copies are not passed on.
+REQUEST_REWRITTEN = HOP_BY_HOP | {
+    b"host", b"content-length", b"expect", b"x-request-id", b"x-forwarded-for",
+    b"x-forwarded-proto", b"x-forwarded-host",
+}
+# Response headers the proxy rewrites: framing is its own, and X-Request-Id is always its.
+RESPONSE_REWRITTEN = HOP_BY_HOP | {b"x-request-id"}
+
+CRLF = b"\r\n"
+CHUNKED_END = b"0\r\n\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Header names listed in Connection (other than keep-alive/close): hop-by-hop too."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token and token not in (b"keep-alive", b"close"):
+                    tokens.add(token)
+    return frozenset(tokens)
+
+
+def header_value(headers: Headers, lname: bytes) -> bytes | None:
+    """The first value of header ``lname`` (lower-case), or None."""
+    for name, value in headers:
+        if name.lower() == lname:
+            return value
+    return None
+
+
+def header_lines(headers: Headers, skip: frozenset[bytes]) -> bytes:
+    """``Name: value\\r\\n`` for every header whose lower-case name is not in ``skip``."""
+    return b"".join([n + b": " + v + CRLF for n, v in headers if n.lower() not in skip])
+
+
+def request_head(method: bytes, target: bytes, lines: bytes) -> bytes:
+    """An HTTP/1.1 request head from the request line parts and ready header lines."""
+    return method + b" " + target + b" HTTP/1.1\r\n" + lines + CRLF
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n" % len(data) + data + CRLF
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def json_error(status: int, message: str, request_id: str | None, *,
+               keep_alive: bool) -> bytes:
+    """A complete response with a JSON error body, for errors the proxy answers itself."""
+    body = json.dumps({"error": message, "status": status,
+                       "request_id": request_id}).encode()
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
+            b"Content-Type: application/json\r\n",
+            b"Content-Length: %d\r\n" % len(body)]
+    if request_id:
+        head.append(b"X-Request-Id: " + request_id.encode("latin-1") + CRLF)
+    head.append(b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n")
+    return b"".join(head) + CRLF + body

@@ -1,0 +1,173 @@
+"""Counters and histograms of the data path, exposed in Prometheus text format.
+
+The data path only adds to plain integers (a few tens of nanoseconds each); the Prometheus
+metric families are built when ``/metrics`` is scraped. With several workers each process
+writes a snapshot (``Metrics.snapshot``) that the admin process merges.
+
+Metric names (the public interface, see DESIGN.md):
+``shadowproxy_requests_total{route,code}``,
+``shadowproxy_upstream_latency_seconds{route,target}`` (histogram),
+``shadowproxy_shadow_requests_total{route,shadow,outcome}``,
+``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+# Upper bounds in seconds, from sub-millisecond proxying to slow models.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BUCKETS_MS = tuple(b * 1000.0 for b in LATENCY_BUCKETS_S)
+SHADOW_OUTCOMES = ("ok", "error", "timeout", "dropped", "skipped")
+RECORD_OUTCOMES = ("written", "spooled", "dropped")
+
+
+class Histogram:
+    """Latency histogram in milliseconds (exposed in seconds)."""
+
+    __slots__ = ("counts", "sum_ms")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS_MS) + 1)
+        self.sum_ms = 0.0
+
+    def observe(self, ms: float) -> None:
+        self.counts[bisect_left(_BUCKETS_MS, ms)] += 1
+        self.sum_ms += ms
+
+
+class ShadowCounters:
+    """Outcomes and latency of one shadow of one route."""
+
+    OK, ERROR, TIMEOUT = 0, 1, 2
+    __slots__ = ("dropped", "latency", "outcomes", "skipped")
+
+    def __init__(self) -> None:
+        self.outcomes = [0, 0, 0]  # ok, error, timeout
+        self.dropped = 0
+        self.skipped = 0
+        self.latency = Histogram()
+
+    def finish(self, outcome: int, latency_ms: float) -> None:
+        self.outcomes[outcome] += 1
+        self.latency.observe(latency_ms)
+
+
+class RouteCounters:
+    """Client responses by status code, and the primary's latency, for one route."""
+
+    __slots__ = ("codes", "primary_latency")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, int] = {}
+        self.primary_latency = Histogram()
+
+    def count(self, code: int) -> None:
+        codes = self.codes
+        codes[code] = codes.get(code, 0) + 1
+
+
+class Metrics:
+    """All counters of one process."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, RouteCounters] = {}
+        self.shadows: dict[tuple[str, str], ShadowCounters] = {}
+        self.records = dict.fromkeys(RECORD_OUTCOMES, 0)
+        self.queue_depth: Callable[[], int] = lambda: 0
+
+    def route(self, name: str) -> RouteCounters:
+        return self.routes.setdefault(name, RouteCounters())
+
+    def shadow(self, route: str, name: str) -> ShadowCounters:
+        return self.shadows.setdefault((route, name), ShadowCounters())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data, for another process to merge and expose."""
+        return {
+            "requests": [(r, code, n) for r, c in self.routes.items()
+                         for code, n in c.codes.items()],
+            "latency": [(r, "primary", c.primary_latency.counts, c.primary_latency.sum_ms)
+                        for r, c in self.routes.items()]
+            + [(r, s, c.latency.counts, c.latency.sum_ms) for (r, s), c in self.shadows.items()],
+            "shadow": [(r, s, dict(zip(("ok", "error", "timeout"), c.outcomes, strict=True),
+                                   dropped=c.dropped, skipped=c.skipped))
+                       for (r, s), c in self.shadows.items()],
+            "records": dict(self.records),
+            "queue": self.queue_depth(),
+        }
+
+
+def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
+    """Prometheus metric families summed over the snapshots of every process."""
+    requests: dict[tuple[str, str], int] = {}
+    latency: dict[tuple[str, str], tuple[list[int], float]] = {}
+    shadow: dict[tuple[str, str, str], int] = {}
+    records = dict.fromkeys(RECORD_OUTCOMES, 0)
+    queue = 0
+    for snap in snapshots:
+        for route, code, n in snap["requests"]:
+            key = (route, str(code))
+            requests[key] = requests.get(key, 0) + n
+        for route, target, counts, sum_ms in snap["latency"]:
+            old_counts, old_sum = latency.get((route, target), ([0] * len(counts), 0.0))
+            latency[(route, target)] = (
+                [a + b for a, b in zip(old_counts, counts, strict=True)], old_sum + sum_ms)
+        for route, name, outcomes in snap["shadow"]:
+            for outcome, n in outcomes.items():
+                shadow[(route, name, outcome)] = shadow.get((route, name, outcome), 0) + n
+        for outcome, n in snap["records"].items():
+            records[outcome] += n
+        queue += snap["queue"]
+
+    fam = CounterMetricFamily("shadowproxy_requests", "Client requests answered, by route "
+                              "and status code.", labels=["route", "code"])
+    for (route, code), n in sorted(requests.items()):
+        fam.add_metric([route, code], n)
+    yield fam
+
+    hist = HistogramMetricFamily("shadowproxy_upstream_latency_seconds",
+                                 "Latency of upstream calls (primary and shadows).",
+                                 labels=["route", "target"])
+    for (route, target), (counts, sum_ms) in sorted(latency.items()):
+        cumulative, buckets = 0, []
+        for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), counts, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        hist.add_metric([route, target], buckets, sum_ms / 1000.0)
+    yield hist
+
+    fam = CounterMetricFamily("shadowproxy_shadow_requests", "Shadow calls by outcome.",
+                              labels=["route", "shadow", "outcome"])
+    for (route, name, outcome), n in sorted(shadow.items()):
+        fam.add_metric([route, name, outcome], n)
+    yield fam
+
+    fam = CounterMetricFamily("shadowproxy_records", "Exchange records by what became of "
+                              "them.", labels=["outcome"])
+    for outcome in RECORD_OUTCOMES:
+        fam.add_metric([outcome], records[outcome])
+    yield fam
+
+    yield GaugeMetricFamily("shadowproxy_recorder_queue_records",
+                            "Records waiting in memory for the database writer.", value=queue)
+
+
+class SnapshotCollector:
+    """A prometheus_client collector over a function returning snapshots."""
+
+    def __init__(self, snapshots: Callable[[], Iterable[dict[str, Any]]]) -> None:
+        self._snapshots = snapshots
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self._snapshots())

@@ -1,0 +1,137 @@
+"""Shadow calls: sampling, the in-flight bound, and capturing each shadow's answer.
+
+A shadow never touches the client's response: its call starts after the primary's request
+is written, runs on its own connection pool under its own timeout, and its outcome is only
+data on the exchange record. Over ``max_in_flight`` a call is dropped and counted at once,
+never queued.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+
+from shadowproxy import http1
+from shadowproxy.config import Shadow
+from shadowproxy.metrics import Metrics, ShadowCounters
+from shadowproxy.models import CapturedResponse, Exchange, Headers
+from shadowproxy.upstream import UpstreamCall, UpstreamConnection, UpstreamPool
+
+
+class ShadowTarget:
+    """One configured shadow of one route, compiled for the data path."""
+
+    __slots__ = ("counters", "custom_skip", "extra_lines", "in_flight", "max_in_flight",
+                 "name", "pool", "sample_header", "sample_rate", "timeout")
+
+    def __init__(self, route: str, shadow: Shadow, pool: UpstreamPool, metrics: Metrics) -> None:
+        self.name = shadow.name
+        self.pool = pool
+        self.timeout = shadow.timeout_s
+        self.max_in_flight = shadow.max_in_flight
+        self.in_flight = 0
+        self.sample_rate = shadow.sample_rate
+        self.sample_header = (shadow.sample_key.partition(":")[2].lower().encode()
+                              if shadow.sample_key else None)
+        removed = {h.lower().encode() for h in shadow.remove_headers}
+        removed |= {h.lower().encode() for h in shadow.set_headers}
+        # None: the shadow gets the primary's header lines unchanged (the common case).
+        self.custom_skip = (http1.REQUEST_REWRITTEN | removed) if removed else None
+        self.extra_lines = b"".join(
+            f"{k}: {v}\r\n".encode("latin-1") for k, v in shadow.set_headers.items())
+        self.counters: ShadowCounters = metrics.shadow(route, shadow.name)
+
+    def sampled(self, headers: Headers) -> bool:
+        rate = self.sample_rate
+        if rate >= 1.0:
+            return True
+        if rate <= 0.0:
+            return False
+        if self.sample_header is not None:
+            value = http1.header_value(headers, self.sample_header)
+            if value is not None:
+                # Sticky: the same key is always in or always out at a given rate.
+                return zlib.crc32(value) < rate * 4294967296.0
+        return random.random() < rate
+
+
+class ShadowCall(UpstreamCall):
+    """A call to a shadow: its response is captured for the record, never returned."""
+
+    __slots__ = ("capture_cap", "chunks", "exchange", "record", "target")
+
+    def __init__(self, target: ShadowTarget, exchange: Exchange, record: CapturedResponse,
+                 head: bytes, body: bytes, expect_no_body: bool, capture_cap: int) -> None:
+        super().__init__(head, body, target.timeout, expect_no_body)
+        self.target = target
+        self.exchange = exchange
+        self.record = record
+        self.capture_cap = capture_cap
+        self.chunks: list[bytes] = []
+
+    def on_response_head(self, status: int, reason: bytes, headers: Headers,
+                         conn: UpstreamConnection) -> None:
+        self.record.status = status
+        self.record.headers = headers
+
+    def on_response_body(self, data: bytes) -> None:
+        record = self.record
+        room = self.capture_cap - record.body_size
+        record.body_size += len(data)
+        if room >= len(data):
+            self.chunks.append(data)
+        else:
+            if room > 0:
+                self.chunks.append(data[:room])
+            record.body_truncated = True
+
+    def _close(self, outcome: int) -> None:
+        record = self.record
+        assert self.pool is not None
+        record.latency_ms = (self.pool.loop.time() - self.sent_at) * 1000.0
+        record.body = b"".join(self.chunks) if self.chunks else b""
+        target = self.target
+        target.in_flight -= 1
+        target.counters.finish(outcome, record.latency_ms)
+        self.exchange.finish_call()
+
+    def on_response_end(self) -> None:
+        self._close(ShadowCounters.OK)
+
+    def on_failure(self, error: str) -> None:
+        self.record.error = error
+        self._close(ShadowCounters.TIMEOUT if error == "timeout" else ShadowCounters.ERROR)
+
+
+def start_shadows(shadows: list[ShadowTarget], exchange: Exchange, method: bytes,
+                  target: bytes, request_headers: Headers, common_lines: bytes,
+                  tail_lines: bytes, body: bytes, skip_reason: str | None,
+                  capture_cap: int) -> None:
+    """Fire the exchange's request at every sampled shadow; returns at once."""
+    expect_no_body = method == b"HEAD"
+    now = time.time()
+    for shadow in shadows:
+        if not shadow.sampled(request_headers):
+            continue
+        record = CapturedResponse(shadow.name, "shadow", now)
+        if skip_reason is not None:
+            record.error = f"skipped: {skip_reason}"
+            exchange.responses.append(record)
+            shadow.counters.skipped += 1
+            continue
+        if shadow.in_flight >= shadow.max_in_flight:
+            record.error = "dropped: overload"
+            exchange.responses.append(record)
+            shadow.counters.dropped += 1
+            continue
+        lines = common_lines if shadow.custom_skip is None else http1.header_lines(
+            request_headers, shadow.custom_skip)
+        pool = shadow.pool
+        head = http1.request_head(
+            method, pool.base_path + target,
+            b"Host: " + pool.host_header + b"\r\n" + lines + shadow.extra_lines + tail_lines)
+        shadow.in_flight += 1
+        exchange.start_call(record)
+        pool.start(ShadowCall(shadow, exchange, record, head, body, expect_no_body,
+                              capture_cap))

@@ -1,0 +1,112 @@
+"""The exchange record: one client request and every upstream call made for it.
+
+These objects are filled on the data path and handed to the recorder when the last call
+finishes. They hold raw bytes only: decoding, redaction and JSON detection happen in the
+recorder, off the client's path. ``__slots__`` keeps them small and fast to build.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class RecordSink(Protocol):
+    """Where finished exchanges go (the recorder)."""
+
+    def submit(self, exchange: Exchange) -> None: ...
+
+
+class CapturedResponse:
+    """The outcome of one upstream call: a response, or an error stored as data."""
+
+    __slots__ = (
+        "body",
+        "body_size",
+        "body_truncated",
+        "error",
+        "headers",
+        "latency_ms",
+        "role",
+        "started_at",
+        "status",
+        "target",
+    )
+
+    def __init__(self, target: str, role: str, started_at: float) -> None:
+        self.target = target
+        """'primary', or the shadow's name."""
+        self.role = role
+        """'primary' or 'shadow'."""
+        self.started_at = started_at
+        """Wall-clock time (epoch seconds) the call started."""
+        self.status: int | None = None
+        """HTTP status, or None when no response arrived."""
+        self.headers: Headers | None = None
+        self.body: bytes | None = None
+        """The body as received (content-encoding not undone), up to the recording cap."""
+        self.body_size = 0
+        """Bytes of body received in all, also past the cap."""
+        self.body_truncated = False
+        self.latency_ms: float | None = None
+        """From sending the request to the end of the response (or the failure)."""
+        self.error: str | None = None
+        """None, or why there is no (complete) response: 'timeout', 'connect: ...',
+        'dropped: overload', 'skipped: body_too_large', 'closed: ...'."""
+
+
+class Exchange:
+    """One routed client request, with its primary and shadow outcomes."""
+
+    __slots__ = (
+        "body",
+        "body_size",
+        "body_truncated",
+        "client_addr",
+        "headers",
+        "id",
+        "method",
+        "path",
+        "pending",
+        "query",
+        "received_at",
+        "recorder",
+        "request_id",
+        "responses",
+        "route",
+    )
+
+    def __init__(self, route: str, received_at: float, method: str, path: str, query: str,
+                 headers: Headers, client_addr: str | None, request_id: str | None) -> None:
+        self.id = uuid.uuid4()
+        """The record's key: replaying a spooled record twice stores it once."""
+        self.request_id = request_id or str(self.id)
+        """The X-Request-Id sent to every upstream and back to the client."""
+        self.route = route
+        self.received_at = received_at
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = b""
+        self.body_size = 0
+        self.body_truncated = False
+        self.client_addr = client_addr
+        self.responses: list[CapturedResponse] = []
+        self.pending = 0
+        """Upstream calls not finished yet; the record is handed on when it reaches 0."""
+        self.recorder: RecordSink | None = None
+        """Where ``finish_call`` submits the finished exchange."""
+
+    def start_call(self, response: CapturedResponse) -> None:
+        """Count one more upstream call that must finish before the record is complete."""
+        self.responses.append(response)
+        self.pending += 1
+
+    def finish_call(self) -> None:
+        """One call finished; the last one hands the exchange to the recorder."""
+        self.pending -= 1
+        if self.pending == 0 and self.recorder is not None:
+            self.recorder.submit(self)

@@ -1,0 +1,184 @@
+"""The recorder: a bounded queue, one writer task, the database or the spool.
+
+``submit`` is called by the data path for every finished exchange and never blocks: over
+``queue_max_records`` the record is dropped and counted. The writer task takes batches of
+up to ``batch_max_records`` every ``flush_interval_ms`` (sooner when a batch fills) and
+writes them to PostgreSQL; when that fails the batch goes to the spool at once (the writer
+never holds records in memory while it retries), and a replay task brings spooled batches
+into the database when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from pathlib import Path
+
+from shadowproxy.config import RecordingConfig
+from shadowproxy.errors import DatabaseError, SpoolError
+from shadowproxy.metrics import Metrics
+from shadowproxy.models import Exchange
+from shadowproxy.recorder.postgres import PostgresWriter
+from shadowproxy.recorder.rows import Row, RowEncoder
+from shadowproxy.recorder.spool import Spool
+from shadowproxy.tasks import spawn
+
+log = logging.getLogger("shadowproxy.recorder")
+
+_REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Recorder:
+    """Owns the queue, the writer task, the database writer and the spool."""
+
+    def __init__(self, recording: RecordingConfig, database_url: str, data_dir: Path,
+                 metrics: Metrics) -> None:
+        self.config = recording
+        self.queue: deque[Exchange] = deque()
+        self.metrics = metrics
+        metrics.queue_depth = lambda: len(self.queue)
+        self.encoder = RowEncoder(recording)
+        self.writer = PostgresWriter(database_url)
+        self.spool = Spool(data_dir / "spool", recording.spool_max_bytes)
+        self.database_ok = False
+        """True while batches go straight to PostgreSQL; False while they are spooled."""
+        self._batch_max = recording.batch_max_records
+        self._queue_max = recording.queue_max_records
+        self._interval = recording.flush_interval_ms / 1000.0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # one of writer and replayer touches the spool at a time
+        self._closing = False
+        self._writer_task: asyncio.Task[None] | None = None
+        self._replay_task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- the data path's entry ---
+    def submit(self, exchange: Exchange) -> None:
+        """Queue a finished exchange; never blocks, never raises."""
+        queue = self.queue
+        if len(queue) >= self._queue_max:
+            self.metrics.records["dropped"] += 1
+            return
+        queue.append(exchange)
+        if len(queue) >= self._batch_max:
+            self._wake.set()
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        """Connect (or start spooling) and start the writer and, if needed, the replayer."""
+        self.database_ok = await self.writer.ping() and not self.spool.has_pending()
+        if not self.database_ok:
+            self._start_replay()
+        self._writer_task = spawn(self._run(), name="recorder-writer")
+
+    async def close(self) -> None:
+        """Flush everything queued to the database or the spool, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._writer_task is not None:
+            await self._writer_task
+        if self._replay_task is not None:
+            self._replay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replay_task
+        self.spool.close()
+        await self.writer.close()
+
+    async def drained(self) -> None:
+        """Wait until every record submitted so far is in the database or the spool."""
+        while self.queue or not self._idle.is_set():
+            self._wake.set()
+            await asyncio.sleep(self._interval / 4)
+
+    # --- writer ---
+    async def _run(self) -> None:
+        while True:
+            if not self.queue and not self._closing:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+            elif len(self.queue) < self._batch_max and not self._closing:
+                # Let a partial batch fill for one interval, unless it fills first.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+            if not self.queue:
+                if self._closing:
+                    return
+                continue
+            batch = [self.queue.popleft() for _ in range(min(self._batch_max, len(self.queue)))]
+            self._idle.clear()
+            try:
+                await self._store(*self.encoder.encode(batch))
+            except Exception:  # the writer must outlive any one bad batch
+                log.exception("recording a batch of %d records failed", len(batch))
+                self.metrics.records["dropped"] += len(batch)
+            finally:
+                self._idle.set()
+
+    async def _store(self, requests: list[Row], responses: list[Row]) -> None:
+        async with self._lock:
+            if self.database_ok:
+                try:
+                    await self.writer.write(requests, responses)
+                    self.metrics.records["written"] += len(requests)
+                    return
+                except DatabaseError as exc:
+                    log.warning("database unavailable, spooling records: %s", exc)
+                    self.database_ok = False
+                    self._start_replay()
+            self._spool(requests, responses)
+
+    def _spool(self, requests: list[Row], responses: list[Row]) -> None:
+        try:
+            stored = self.spool.append((requests, responses))
+        except SpoolError as exc:
+            log.error("%s; %d records dropped", exc, len(requests))
+            stored = False
+        outcome = "spooled" if stored else "dropped"
+        if not stored:
+            log.warning("spool full (recording.spool_max_bytes): %d records dropped",
+                        len(requests))
+        self.metrics.records[outcome] += len(requests)
+
+    # --- replay ---
+    def _start_replay(self) -> None:
+        if self._replay_task is None or self._replay_task.done():
+            self._replay_task = spawn(self._replay(), name="recorder-replay")
+
+    async def _replay(self) -> None:
+        attempt = 0
+        while True:
+            if await self._replay_once():
+                return
+            await asyncio.sleep(_REPLAY_BACKOFF_S[min(attempt, len(_REPLAY_BACKOFF_S) - 1)])
+            attempt += 1
+
+    async def _replay_once(self) -> bool:
+        """Move spooled batches into the database; True once the spool is empty."""
+        if not await self.writer.ping():
+            return False
+        try:
+            for segment in self.spool.closed_segments():
+                for requests, responses in self.spool.read(segment):
+                    await self.writer.write(requests, responses)
+                    self.metrics.records["written"] += len(requests)
+                self.spool.remove(segment)
+            async with self._lock:
+                # The segment being appended to is replayed under the lock, so no batch can
+                # land in it between the last read and switching back to direct writes.
+                self.spool.rotate()
+                for segment in self.spool.closed_segments():
+                    for requests, responses in self.spool.read(segment):
+                        await self.writer.write(requests, responses)
+                        self.metrics.records["written"] += len(requests)
+                    self.spool.remove(segment)
+                self.database_ok = True
+            log.info("database is back; spool replayed")
+            return True
+        except DatabaseError as exc:
+            log.warning("replay paused, database unavailable: %s", exc)
+            return False

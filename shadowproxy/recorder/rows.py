@@ -1,0 +1,81 @@
+"""Exchange → database rows: header decoding and redaction, JSON detection, timestamps.
+
+The row layouts match the recorder's temporary COPY tables (``postgres.py``): JSON columns
+travel as text and are parsed by PostgreSQL (``shadowproxy.try_jsonb``), so the proxy's CPU
+never pays for parsing JSON it only stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from shadowproxy.config import RecordingConfig
+from shadowproxy.models import Exchange, Headers
+from shadowproxy.recorder.bodies import json_text, parse_json_path, redact_json
+
+REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path", "query",
+                   "headers", "body", "body_text", "body_size", "body_truncated", "client_addr")
+RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "body_text",
+                    "body_size", "body_truncated", "latency_ms", "error", "started_at")
+
+Row = tuple[Any, ...]
+REDACTED = "[redacted]"
+
+
+class RowEncoder:
+    """Turns exchanges into (request rows, response rows) under the recording settings."""
+
+    def __init__(self, recording: RecordingConfig) -> None:
+        self._redact = frozenset(h.encode() for h in recording.redact_headers)
+        self._json_paths = [parse_json_path(p) for p in recording.redact_json]
+        self._cap = recording.max_decompressed_bytes
+
+    def headers(self, headers: Headers | None) -> list[str] | None:
+        """Flat [name, value, ...] for jsonb_object(); names lower-cased, repeats joined."""
+        if headers is None:
+            return None
+        merged: dict[str, str] = {}
+        redact = self._redact
+        for name, value in headers:
+            lname = name.lower()
+            text = REDACTED if lname in redact else value.decode("latin-1")
+            key = lname.decode("latin-1")
+            merged[key] = merged[key] + ", " + text if key in merged else text
+        flat: list[str] = []
+        for key, text in merged.items():
+            flat.append(key)
+            flat.append(text)
+        return flat
+
+    def body(self, body: bytes | None, headers: Headers | None) -> tuple[bytes | None,
+                                                                        str | None]:
+        """(bytes to store, JSON text or None), with configured JSON fields redacted."""
+        if not body:
+            return body, None
+        text = json_text(body, headers or [], self._cap)
+        if text is not None and self._json_paths:
+            redacted = redact_json(text, self._json_paths)
+            if redacted is not None:
+                # The stored bytes must not keep the secret either: store the redacted JSON.
+                return redacted.encode("utf-8"), redacted
+        return body, text
+
+    def encode(self, exchanges: Iterable[Exchange]) -> tuple[list[Row], list[Row]]:
+        requests: list[Row] = []
+        responses: list[Row] = []
+        fromtimestamp = datetime.fromtimestamp
+        for ex in exchanges:
+            body, text = self.body(ex.body, ex.headers)
+            requests.append((
+                ex.id, ex.request_id, ex.route, fromtimestamp(ex.received_at, UTC),
+                ex.method, ex.path, ex.query, self.headers(ex.headers), body, text,
+                ex.body_size, ex.body_truncated, ex.client_addr))
+            for r in ex.responses:
+                rbody, rtext = self.body(r.body, r.headers)
+                responses.append((
+                    ex.id, r.target, r.role, r.status, self.headers(r.headers), rbody, rtext,
+                    r.body_size if r.status is not None else None, r.body_truncated,
+                    r.latency_ms, r.error, fromtimestamp(r.started_at, UTC)))
+        return requests, responses

@@ -1,0 +1,142 @@
+"""Append-only spool files: where batches wait while PostgreSQL is unreachable.
+
+Layout: ``data_dir/spool/seg-<pid>-<ns>.spool``, each a sequence of frames
+``[length u32][crc32 u32][pickled (request rows, response rows)]``, fsynced per batch. A
+frame cut short by a crash fails its length or CRC check and is skipped. Replay writes each
+frame with the same idempotent INSERT as live records (the record id is the key), then
+deletes the segment, so a replay interrupted half-way and retried stores every record once.
+
+Segments belong to the process that wrote them (pid in the name); at start-up a process
+adopts the segments of processes that are gone, such as one killed with ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from shadowproxy.errors import SpoolError
+
+_FRAME = struct.Struct("<II")
+_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Spool:
+    """This process's spool segments: append, rotate, read back, delete."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.pid = os.getpid()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create the spool directory {directory}: {exc}") from exc
+        self._active: Path | None = None
+        self._active_file: Any = None
+        self._active_size = 0
+        self.adopt_orphans()
+
+    def _segments(self, pid: int | None = None) -> list[Path]:
+        pattern = f"seg-{pid}-*.spool" if pid is not None else "seg-*.spool"
+        return sorted(self.directory.glob(pattern))
+
+    def adopt_orphans(self) -> int:
+        """Take over the segments of processes that no longer run; return how many."""
+        adopted = 0
+        for seg in self._segments():
+            try:
+                pid = int(seg.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if pid == self.pid or _pid_alive(pid):
+                continue
+            target = self.directory / f"seg-{self.pid}-{time.time_ns()}-{adopted}.spool"
+            try:
+                os.rename(seg, target)  # atomic: only one process can adopt a segment
+                adopted += 1
+            except FileNotFoundError:
+                continue  # another process adopted it first
+        return adopted
+
+    def total_bytes(self) -> int:
+        total = 0
+        for seg in self._segments():
+            with contextlib.suppress(FileNotFoundError):
+                total += seg.stat().st_size
+        return total
+
+    def has_pending(self) -> bool:
+        return bool(self._segments(self.pid))
+
+    def append(self, payload: tuple[list[Any], list[Any]]) -> bool:
+        """Write one batch durably; False (nothing written) when the spool is full."""
+        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _FRAME.pack(len(data), zlib.crc32(data)) + data
+        if self.total_bytes() + len(frame) > self.max_bytes:
+            return False
+        try:
+            if self._active_file is None or self._active_size > _SEGMENT_MAX_BYTES:
+                self.rotate()
+                self._active = self.directory / f"seg-{self.pid}-{time.time_ns()}.spool"
+                self._active_file = open(self._active, "ab")  # noqa: SIM115 (kept open)
+                self._active_size = 0
+            self._active_file.write(frame)
+            self._active_file.flush()
+            os.fsync(self._active_file.fileno())
+            self._active_size += len(frame)
+        except OSError as exc:
+            raise SpoolError(f"cannot write to the spool {self.directory}: {exc}") from exc
+        return True
+
+    def rotate(self) -> None:
+        """Close the segment being appended to, so that it can be replayed."""
+        if self._active_file is not None:
+            self._active_file.close()
+            self._active_file = None
+            self._active = None
+
+    def closed_segments(self) -> list[Path]:
+        """This process's segments that are no longer appended to, oldest first."""
+        return [s for s in self._segments(self.pid) if s != self._active]
+
+    @staticmethod
+    def read(segment: Path) -> Iterator[tuple[list[Any], list[Any]]]:
+        """The intact frames of a segment; a torn or corrupt tail is skipped."""
+        try:
+            data = segment.read_bytes()
+        except FileNotFoundError:
+            return
+        pos = 0
+        while pos + _FRAME.size <= len(data):
+            length, crc = _FRAME.unpack_from(data, pos)
+            start = pos + _FRAME.size
+            chunk = data[start:start + length]
+            if len(chunk) < length or zlib.crc32(chunk) != crc:
+                return  # torn write at a crash: everything before it is intact
+            yield pickle.loads(chunk)
+            pos = start + length
+
+    @staticmethod
+    def remove(segment: Path) -> None:
+        segment.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.rotate()

@@ -1,0 +1,58 @@
+"""Route matching: compiled once at start-up, then a pure lookup per request.
+
+The longest ``match.path_prefix`` that the request path starts with wins, among the routes
+whose ``match.methods`` admit the request's method. Matching works on the raw path bytes;
+the request's Host header or absolute-form URL never selects an upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Router(Generic[T]):
+    """Maps (method, path) to the value of the best route, or None."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Sequence[tuple[str, Sequence[str] | None, T]]) -> None:
+        """``entries``: (path_prefix, methods or None for all, value) per route."""
+        compiled = [
+            (prefix.encode(), None if methods is None else frozenset(m.encode() for m in methods),
+             value)
+            for prefix, methods, value in entries
+        ]
+        # Longest prefix first; a stable sort keeps the config's order among equals.
+        compiled.sort(key=lambda e: -len(e[0]))
+        self._entries = compiled
+
+    def match(self, method: bytes, path: bytes) -> T | None:
+        for prefix, methods, value in self._entries:
+            if path.startswith(prefix) and (methods is None or method in methods):
+                return value
+        return None
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """(path, query) of a request target; absolute-form URLs are reduced to their path."""
+    if not target.startswith(b"/"):
+        # absolute-form ("http://host/p?q") or authority/asterisk form: drop scheme and host;
+        # the proxy only ever forwards to configured upstreams.
+        scheme_end = target.find(b"://")
+        if scheme_end >= 0:
+            slash = target.find(b"/", scheme_end + 3)
+            query_mark = target.find(b"?", scheme_end + 3)
+            if slash < 0 or (0 <= query_mark < slash):
+                target = b"/" + (target[query_mark:] if query_mark >= 0 else b"")
+            else:
+                target = target[slash:]
+        else:
+            target = b"/" + target.lstrip(b"*")
+    path, _, query = target.partition(b"?")
+    fragment = query.find(b"#")
+    if fragment >= 0:
+        query = query[:fragment]
+    return path, query
