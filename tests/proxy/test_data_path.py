@@ -84,3 +84,151 @@ async def test_gzip_response_passes_through_as_bytes_and_is_stored_as_json(
         await conn.close()
     assert stored == "1.0"
     assert raw_stored == raw
+
+
+async def test_unrouted_request_gets_404_json_and_is_not_recorded(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A path or method no route takes gets a JSON 404 and leaves no record."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url, match={"path_prefix": "/api",
+                                                   "methods": ["POST"]})]) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/other")
+        assert resp.status == 404
+        assert "no route" in (await resp.json())["error"]
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/api/x")
+        assert resp.status == 404
+        await asyncio.sleep(0.2)
+    await wait_for_rows(database_url, "requests", 0)
+    assert primary.seen == []
+
+
+async def test_longest_prefix_wins(start_proxy: StartProxy) -> None:
+    """The route with the longest matching path prefix takes the request."""
+    async with serve(model("root")) as root, serve(model("api")) as api, \
+            start_proxy([route(root.url, name="root"),
+                         route(api.url, name="api", match={"path_prefix": "/api"})]) as proxy, \
+            aiohttp.ClientSession() as http:
+        a = await (await http.get(f"http://127.0.0.1:{proxy.port}/api/v1")).json()
+        b = await (await http.get(f"http://127.0.0.1:{proxy.port}/v1")).json()
+    assert a["model_version"] == "api" and b["model_version"] == "root"
+
+
+async def test_headers_forwarded_rewritten_and_hop_by_hop_removed(
+        start_proxy: StartProxy) -> None:
+    """Upstreams get the client's headers minus hop-by-hop ones, plus X-Forwarded-*."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow, \
+            start_proxy([route(primary.url, shadow.url)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.post(
+            f"http://127.0.0.1:{proxy.port}/p", json={"features": {}},
+            headers={"X-Custom": "yes", "X-Request-Id": "abc-123", "Keep-Alive": "timeout=5",
+                     "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1",
+                     "Proxy-Authorization": "Basic Zm9v", "traceparent":
+                     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                     "X-Forwarded-For": "10.1.2.3"})
+        assert resp.headers["X-Request-Id"] == "abc-123"
+        await resp.read()
+        await asyncio.sleep(0.1)
+    for seen in (primary.seen[0], shadow.seen[0]):
+        h = seen.headers
+        assert h["x-custom"] == "yes"
+        assert h["x-request-id"] == "abc-123"
+        assert h["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        assert h["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
+        assert h["x-forwarded-proto"] == "http"
+        assert h["x-forwarded-host"] == f"127.0.0.1:{proxy.port}"
+        assert "keep-alive" not in h and "x-secret-hop" not in h
+        assert "proxy-authorization" not in h
+    assert primary.seen[0].headers["host"] == primary.url.removeprefix("http://")
+    assert shadow.seen[0].headers["host"] == shadow.url.removeprefix("http://")
+
+
+async def test_preserve_host_sends_the_clients_host(start_proxy: StartProxy) -> None:
+    """With preserve_host the primary sees the Host the client sent."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url, preserve_host=True)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        await (await http.get(f"http://127.0.0.1:{proxy.port}/",
+                              headers={"Host": "models.example"})).read()
+    assert primary.seen[0].headers["host"] == "models.example"
+
+
+async def test_primary_down_gives_502_and_is_recorded(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """An unreachable primary gives a JSON 502 and a record with the connect error."""
+    async with serve(model("v1")) as gone:
+        dead_url = gone.url
+    async with start_proxy([route(dead_url)]) as proxy, aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})
+        assert resp.status == 502
+        body = await resp.json()
+        assert body["request_id"] == resp.headers["X-Request-Id"]
+        await wait_for_rows(database_url, "responses", 1)
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT status, error FROM shadowproxy.responses")
+    finally:
+        await conn.close()
+    assert row["status"] is None and row["error"].startswith("connect:")
+
+
+async def test_primary_timeout_gives_504_and_is_recorded(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A primary slower than its timeout_s gives a JSON 504, recorded as 'timeout'."""
+    from tests.upstreams import hanging
+
+    async with serve(hanging()) as primary, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url, "timeout_s": 0.3}}]
+                        ) as proxy, aiohttp.ClientSession() as http:
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/slow")
+        assert resp.status == 504
+        assert "did not answer in time" in (await resp.json())["error"]
+        await wait_for_rows(database_url, "responses", 1)
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT error FROM shadowproxy.responses") == "timeout"
+    finally:
+        await conn.close()
+
+
+async def test_error_statuses_pass_through_unchanged(start_proxy: StartProxy) -> None:
+    """The primary's 4xx/5xx statuses and bodies reach the client as they are."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        for status in (400, 404, 500, 503):
+            resp = await http.get(f"http://127.0.0.1:{proxy.port}/x?status={status}")
+            assert resp.status == status
+            assert (await resp.json())["model_version"] == "v1"
+
+
+async def test_keep_alive_connection_serves_many_requests(start_proxy: StartProxy) -> None:
+    """One client connection carries many requests in turn."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        for i in range(20):
+            body = json.dumps({"features": {"a": i}}).encode()
+            writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            assert json.loads(await reader.readexactly(length))["prediction"] == i
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(start_proxy: StartProxy) -> None:
+    """Requests pipelined on one connection get their responses in order."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        for i in range(5):
+            body = json.dumps({"features": {"a": i}}).encode()
+            writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+        for i in range(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            assert json.loads(await reader.readexactly(length))["prediction"] == i
+        writer.close()

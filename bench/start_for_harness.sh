@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Start shadowproxy as a target of ../shared/bench (run_bench.py --proxy NAME='...').
+# Usage: start_for_harness.sh PORT PRIMARY_URL SHADOW_URL WORKDIR [WORKERS]
+# The database is SHADOWPROXY_BENCH_DATABASE_URL (bench/run.sh starts one, pinned to CPU 1).
+set -euo pipefail
+port=$1 primary=$2 shadow=$3 workdir=$4 workers=${5:-1}
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${SHADOWPROXY_PYTHON:-$here/../.venv/bin/python}"
+: "${SHADOWPROXY_BENCH_DATABASE_URL:?set it to the benchmark PostgreSQL URL}"
+mkdir -p "$workdir"
+cat > "$workdir/shadowproxy.yaml" <<YAML
+listen: "127.0.0.1:$port"
+admin_listen: "127.0.0.1:${SHADOWPROXY_BENCH_ADMIN_PORT:-9190}"
+workers: $workers
+data_dir: "$workdir/data"
+database: {url: "$SHADOWPROXY_BENCH_DATABASE_URL"}
+recording: {queue_max_records: ${SHADOWPROXY_BENCH_QUEUE:-50000}}
+routes:
+  - name: bench
+    primary: {url: "$primary", timeout_s: 30}
+    shadows:
+      - {name: shadow, url: "$shadow", timeout_s: ${SHADOWPROXY_BENCH_SHADOW_TIMEOUT:-1}, max_in_flight: ${SHADOWPROXY_BENCH_MAX_IN_FLIGHT:-1000}}
+YAML
+exec "$python" -m shadowproxy run -c "$workdir/shadowproxy.yaml"
