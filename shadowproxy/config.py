@@ -289,6 +289,39 @@ def _dotted(path: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
+_UNIQUE_MESSAGES = ("route names must be unique", "shadow names must be unique")
+
+
+def _duplicate_names(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Repeated route and shadow names, checked on the raw data so that they are reported
+    together with every other problem (pydantic skips model checks after field errors)."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    routes = data.get("routes")
+    if not isinstance(routes, list):
+        return found
+    seen_routes: set[str] = set()
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen_routes:
+                found.append((("routes", i, "name"),
+                              f"route names must be unique ({name!r} is used twice)"))
+            seen_routes.add(name)
+        shadows = route.get("shadows")
+        seen_shadows: set[str] = set()
+        for j, shadow in enumerate(shadows if isinstance(shadows, list) else []):
+            sname = shadow.get("name") if isinstance(shadow, dict) else None
+            if isinstance(sname, str):
+                if sname in seen_shadows:
+                    found.append((("routes", i, "shadows", j, "name"),
+                                  f"shadow names must be unique within a route "
+                                  f"({sname!r} is used twice)"))
+                seen_shadows.add(sname)
+    return found
+
+
 def load_config(path: str | os.PathLike[str]) -> Settings:
     """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
     file = Path(path)
@@ -318,13 +351,16 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
         if isinstance(database, dict):
             database["url"] = env_url
             data["database"] = database
-    problems = [f"{file}:{located.line_of(p)}: {_dotted(p)}: {msg}" for p, msg in located.problems]
+    found = located.problems + _duplicate_names(data)
+    problems = [f"{file}:{located.line_of(p)}: {_dotted(p)}: {msg}" for p, msg in found]
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             loc = tuple(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
+            if msg.startswith(_UNIQUE_MESSAGES):
+                continue  # already reported, at the repeated name's own line
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check its spelling and the configuration reference)"
             problems.append(f"{file}:{located.line_of(loc)}: {_dotted(loc)}: {msg}")

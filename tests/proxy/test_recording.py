@@ -1,0 +1,87 @@
+"""What is stored: redacted secrets, JSON columns, odd bodies."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from tests.conftest import StartProxy, route
+from tests.proxy.test_data_path import wait_for_rows
+from tests.upstreams import serve
+
+
+async def dump_database(url: str) -> str:
+    """Every stored value as text, to search for secrets."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT q::text AS t FROM shadowproxy.requests q "
+            "UNION ALL SELECT r::text FROM shadowproxy.responses r "
+            "UNION ALL SELECT encode(body, 'escape') FROM shadowproxy.requests "
+            "UNION ALL SELECT encode(body, 'escape') FROM shadowproxy.responses")
+    finally:
+        await conn.close()
+    return "\n".join(r["t"] or "" for r in rows)
+
+
+async def test_secrets_in_headers_and_json_fields_never_reach_the_database(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Redacted headers and JSON fields are stored as "[redacted]"; upstreams get them whole."""
+    async def echo_secret(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        return web.json_response({"prediction": 1, "customer": body["customer"]},
+                                 headers={"Set-Cookie": "session=cookie-secret"})
+
+    async with serve(echo_secret) as primary, serve(echo_secret) as shadow, \
+            start_proxy([route(primary.url, shadow.url)],
+                        recording={"redact_json": ["$.customer.email"]}) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.post(
+            f"http://127.0.0.1:{proxy.port}/p",
+            json={"customer": {"email": "jane@example.com", "age": 40}},
+            headers={"Authorization": "Bearer token-secret", "Cookie": "c=cookie-secret",
+                     "X-Api-Key": "key-secret"})
+        assert (await resp.json())["customer"]["email"] == "jane@example.com"
+        assert resp.headers["Set-Cookie"] == "session=cookie-secret"
+        await wait_for_rows(database_url, "responses", 2)
+    assert primary.seen[0].headers["authorization"] == "Bearer token-secret"
+    assert shadow.seen[0].headers["x-api-key"] == "key-secret"
+    stored = await dump_database(database_url)
+    for secret in ("token-secret", "cookie-secret", "key-secret", "jane@example.com"):
+        assert secret not in stored
+    conn = await asyncpg.connect(database_url)
+    try:
+        headers = json.loads(await conn.fetchval("SELECT headers FROM shadowproxy.requests"))
+        email = await conn.fetchval(
+            "SELECT body_json #>> '{customer,email}' FROM shadowproxy.requests")
+        age = await conn.fetchval("SELECT body_json #>> '{customer,age}' FROM shadowproxy.requests")
+    finally:
+        await conn.close()
+    assert headers["authorization"] == "[redacted]"
+    assert email == "[redacted]" and age == "40"
+
+
+async def test_invalid_json_and_binary_bodies_are_kept_as_bytes(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A JSON-typed body that does not parse, and a binary body, keep their bytes, no jsonb."""
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=await request.read(), content_type="application/json")
+
+    payloads = [b'{"broken": ', bytes(range(256)), "é{}".encode("latin-1")]
+    async with serve(echo) as primary, start_proxy([route(primary.url)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        for payload in payloads:
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", data=payload,
+                                   headers={"Content-Type": "application/json"})
+            assert await resp.read() == payload
+        await wait_for_rows(database_url, "requests", 3)
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT body, body_json FROM shadowproxy.requests")
+    finally:
+        await conn.close()
+    assert sorted(r["body"] for r in rows) == sorted(payloads)
+    assert all(r["body_json"] is None for r in rows)

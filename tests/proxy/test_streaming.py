@@ -1,0 +1,137 @@
+"""Large and streamed responses: chunked and server-sent events flow through as they arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from tests.conftest import StartProxy, route
+from tests.proxy.test_data_path import wait_for_rows
+from tests.upstreams import serve
+
+
+async def test_server_sent_events_reach_the_client_as_they_are_sent(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Each SSE event arrives at the client before the upstream sends the next one."""
+    release = asyncio.Event()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: first\n\n")
+        await asyncio.wait_for(release.wait(), 5)
+        await resp.write(b"data: second\n\n")
+        await resp.write_eof()
+        return resp
+
+    async with serve(events) as primary, start_proxy([route(primary.url)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/stream")
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 3)
+        assert first == b"data: first\n\n"
+        release.set()
+        rest = await resp.read()
+        assert rest == b"data: second\n\n"
+        await wait_for_rows(database_url, "responses", 1)
+    conn = await asyncpg.connect(database_url)
+    try:
+        body = await conn.fetchval("SELECT body FROM shadowproxy.responses")
+    finally:
+        await conn.close()
+    assert body == b"data: first\n\ndata: second\n\n"
+
+
+async def test_large_chunked_response_is_streamed_and_capture_is_capped(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A 5 MB chunked body reaches the client whole; the record keeps the cap and a flag."""
+    piece = bytes(range(256)) * 4096  # 1 MiB
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(5):
+            await resp.write(piece)
+        await resp.write_eof()
+        return resp
+
+    async with serve(big) as primary, \
+            start_proxy([route(primary.url)], recording={"max_body_bytes": 10_000}) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/big")
+        data = await resp.read()
+        assert data == piece * 5
+        await wait_for_rows(database_url, "responses", 1)
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT length(body) AS n, body_size, body_truncated "
+                                  "FROM shadowproxy.responses")
+    finally:
+        await conn.close()
+    assert (row["n"], row["body_size"], row["body_truncated"]) == (10_000, 5 * len(piece), True)
+
+
+async def test_chunked_request_body_is_forwarded(start_proxy: StartProxy) -> None:
+    """A chunked request body arrives at primary and shadow as the same bytes."""
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=await request.read())
+
+    async def gen():  # type: ignore[no-untyped-def]
+        for i in range(3):
+            yield b"part%d;" % i
+
+    async with serve(echo) as primary, serve(echo) as shadow, \
+            start_proxy([route(primary.url, shadow.url)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{proxy.port}/e", data=gen())
+        assert await resp.read() == b"part0;part1;part2;"
+        for _ in range(50):
+            if shadow.seen:
+                break
+            await asyncio.sleep(0.02)
+    assert shadow.seen[0].body == b"part0;part1;part2;"
+
+
+async def test_head_and_no_content_responses(start_proxy: StartProxy) -> None:
+    """HEAD responses and 204s end without a body and keep the connection usable."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/empty":
+            return web.Response(status=204)
+        return web.Response(body=b"hello", content_type="text/plain")
+
+    async with serve(handler) as primary, start_proxy([route(primary.url)]) as proxy, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        started = time.monotonic()
+        resp = await http.head(f"http://127.0.0.1:{proxy.port}/x")
+        assert resp.status == 200 and resp.headers["Content-Length"] == "5"
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/empty")
+        assert resp.status == 204
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/x")
+        assert await resp.read() == b"hello"
+        assert time.monotonic() - started < 2
+
+
+async def test_http10_client_gets_a_close_delimited_answer(start_proxy: StartProxy) -> None:
+    """An HTTP/1.0 client gets the body and the end of the connection marks its end."""
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"abc")
+        await resp.write_eof()
+        return resp
+
+    async with serve(chunked) as primary, start_proxy([route(primary.url)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /x HTTP/1.0\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"abc"

@@ -1,0 +1,60 @@
+"""The admin listener: health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import StartProxy, route
+from tests.upstreams import hanging, model, serve
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_health_ready_and_metrics(start_proxy: StartProxy) -> None:
+    """/healthz and /readyz answer 200, and /metrics counts requests, shadows and records."""
+    async with serve(model("v1")) as primary, serve(hanging()) as stuck, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url},
+                          "shadows": [{"name": "slow", "url": stuck.url, "timeout_s": 0.2}]}]
+                        ) as proxy, aiohttp.ClientSession() as http:
+        admin = f"http://127.0.0.1:{proxy.admin_port}"
+        assert (await http.get(f"{admin}/healthz")).status == 200
+        ready = await http.get(f"{admin}/readyz")
+        assert ready.status == 200 and (await ready.json())["database"] == "ok"
+        for _ in range(3):
+            await (await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})).read()
+        await (await http.get(f"http://127.0.0.1:{proxy.port}/p?status=500")).read()
+        await asyncio.sleep(0.5)  # shadow timeouts, then a flush
+        await proxy.recorder.drained()
+        text = await (await http.get(f"{admin}/metrics")).text()
+    m = samples(text)
+    assert m[("shadowproxy_requests_total", (("code", "200"), ("route", "r")))] == 3
+    assert m[("shadowproxy_requests_total", (("code", "500"), ("route", "r")))] == 1
+    assert m[("shadowproxy_shadow_requests_total",
+              (("outcome", "timeout"), ("route", "r"), ("shadow", "slow")))] == 4
+    assert m[("shadowproxy_records_total", (("outcome", "written"),))] == 4
+    assert m[("shadowproxy_upstream_latency_seconds_count",
+              (("route", "r"), ("target", "primary")))] == 4
+    assert ("shadowproxy_recorder_queue_records", ()) in m
+
+
+async def test_admin_token_is_required_when_set(start_proxy: StartProxy) -> None:
+    """With admin_token, /metrics and /readyz need the bearer token; /healthz does not."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)], admin_token="t0ken") as proxy, \
+            aiohttp.ClientSession() as http:
+        admin = f"http://127.0.0.1:{proxy.admin_port}"
+        assert (await http.get(f"{admin}/healthz")).status == 200
+        assert (await http.get(f"{admin}/metrics")).status == 401
+        assert (await http.get(f"{admin}/readyz",
+                               headers={"Authorization": "Bearer wrong"})).status == 401
+        ok = await http.get(f"{admin}/metrics", headers={"Authorization": "Bearer t0ken"})
+        assert ok.status == 200

@@ -1,0 +1,113 @@
+"""Configuration loading: every problem reported as FILE:LINE: key.path: message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shadowproxy.cli import main
+from shadowproxy.config import load_config
+from shadowproxy.errors import ConfigError
+
+GOOD = """\
+listen: "127.0.0.1:8080"
+database:
+  url: "${TEST_DB_URL}"
+routes:
+  - name: prices
+    match: {path_prefix: /predict, methods: [post]}
+    primary: {url: "http://127.0.0.1:9001"}
+    shadows:
+      - {name: candidate, url: "http://127.0.0.1:9002", sample_rate: 0.5}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_is_valid() -> None:
+    """The example config shipped in config/ loads."""
+    settings = load_config(Path(__file__).parent.parent / "config" / "example.yaml")
+    assert settings.routes[0].shadows[0].name == "candidate"
+
+
+def test_env_interpolation_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """${VAR} is read from the environment, and SHADOWPROXY_DATABASE_URL wins over the file."""
+    monkeypatch.setenv("TEST_DB_URL", "postgresql://u@h/db")
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    settings = load_config(write(tmp_path, GOOD))
+    assert settings.database.url == "postgresql://u@h/db"
+    assert settings.routes[0].match.methods == ["POST"]
+    assert settings.data_dir.is_absolute()
+    monkeypatch.setenv("SHADOWPROXY_DATABASE_URL", "postgresql://override@h/db")
+    assert load_config(write(tmp_path, GOOD)).database.url == "postgresql://override@h/db"
+
+
+def test_every_problem_is_listed_with_its_line(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unknown keys, bad URLs, rates, durations and unset variables are all reported at once."""
+    monkeypatch.delenv("NOPE", raising=False)
+    bad = """\
+listen: "127.0.0.1:8080"
+routes:
+  - name: a
+    primary: {url: "ftp://x", timeout_s: -1}
+    shadows:
+      - name: s
+        url: "http://${NOPE}"
+        sample_rate: 1.5
+        colour: blue
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, bad))
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert f"{tmp_path / 'c.yaml'}:4: routes[0].primary.url: expected an http" in text
+    assert ":4: routes[0].primary.timeout_s: Input should be greater than 0" in text
+    assert ":7: routes[0].shadows[0].url: environment variable NOPE is not set" in text
+    assert ":8: routes[0].shadows[0].sample_rate:" in text
+    assert ":9: routes[0].shadows[0].colour: unknown key" in text
+
+
+def test_duplicate_names_are_refused(tmp_path: Path) -> None:
+    """Route names, and shadow names within a route, must be unique."""
+    dup = """\
+routes:
+  - {name: a, primary: {url: "http://127.0.0.1:1"},
+     shadows: [{name: s, url: "http://127.0.0.1:2"}, {name: s, url: "http://127.0.0.1:3"}]}
+  - {name: a, primary: {url: "http://127.0.0.1:1"}}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, dup))
+    text = "\n".join(info.value.problems)
+    assert "shadow names must be unique" in text
+    assert "route names must be unique" in text
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "the file is empty"),
+    ("routes: [\n", "(YAML)"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("routes: []\n", "routes: List should have at least 1 item"),
+])
+def test_unusable_files_are_explained(tmp_path: Path, text: str, expected: str) -> None:
+    """Empty, malformed and wrongly shaped files give a message saying what is wrong."""
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_config(write(tmp_path, text))
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """check-config exits 0 for a good file and 2 with the problems for a bad one."""
+    monkeypatch.setenv("TEST_DB_URL", "postgresql://u@h/db")
+    assert main(["check-config", "-c", str(write(tmp_path, GOOD))]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = write(tmp_path, "routes:\n  - {name: a, primary: {url: nope}}\n")
+    assert main(["check-config", "-c", str(bad)]) == 2
+    assert f"{bad}:2: routes[0].primary.url" in capsys.readouterr().err
+    assert main(["check-config", "-c", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read the config file" in capsys.readouterr().err
