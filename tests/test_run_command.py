@@ -1,0 +1,144 @@
+"""`shadowproxy run` as a real process: start-up, serving, SIGTERM, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+import yaml
+
+from shadowproxy.cli import main
+from tests.upstreams import model, serve, sleeping
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, primary: str, shadow: str, database_url: str,
+                 **extra: object) -> tuple[Path, int, int]:
+    port, admin = free_port(), free_port()
+    config = {
+        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
+        "data_dir": str(tmp_path / "data"), "database": {"url": database_url},
+        "recording": {"flush_interval_ms": 50},
+        "routes": [{"name": "r", "primary": {"url": primary},
+                    "shadows": [{"name": "c", "url": shadow}]}],
+        **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, port, admin
+
+
+async def wait_ready(admin: int, proc: asyncio.subprocess.Process) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            if proc.returncode is not None:
+                raise AssertionError(f"shadowproxy exited early with {proc.returncode}")
+            try:
+                if (await http.get(f"http://127.0.0.1:{admin}/readyz")).status == 200:
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("shadowproxy did not become ready")
+
+
+async def start(config: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "run", "-c", str(config),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SHADOWPROXY_DATABASE_URL": ""})
+
+
+async def count(url: str, table: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval(f"SELECT count(*) FROM shadowproxy.{table}"))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.slow
+async def test_sigterm_under_load_answers_everything_and_exits_0(
+        tmp_path: Path, database_url: str) -> None:
+    """Every request accepted before SIGTERM is answered and recorded; the exit status is 0."""
+    async with serve(sleeping(0.3, model("v1"))) as primary, serve(model("v2")) as shadow:
+        config, port, admin = write_config(tmp_path, primary.url, shadow.url, database_url)
+        proc = await start(config)
+        await wait_ready(admin, proc)
+        async with aiohttp.ClientSession() as http:
+            async def one() -> int:
+                resp = await http.post(f"http://127.0.0.1:{port}/p", json={"features": {}})
+                await resp.read()
+                return resp.status
+
+            tasks = [asyncio.ensure_future(one()) for _ in range(20)]
+            await asyncio.sleep(0.15)  # all 20 are in flight at the slow primary
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGTERM)
+            statuses = await asyncio.gather(*tasks)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    assert statuses == [200] * 20
+    assert await count(database_url, "requests") == 20
+    assert await count(database_url, "responses") == 40
+
+
+@pytest.mark.slow
+async def test_two_workers_share_the_port_and_the_metrics(
+        tmp_path: Path, database_url: str) -> None:
+    """workers: 2 serves on one port from two processes; /metrics sums both."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
+        config, port, admin = write_config(tmp_path, primary.url, shadow.url, database_url,
+                                           workers=2)
+        proc = await start(config)
+        await wait_ready(admin, proc)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(40):
+                # A new connection each time, so that the kernel spreads them over workers.
+                async with aiohttp.ClientSession() as fresh:
+                    await (await fresh.post(f"http://127.0.0.1:{port}/p", json={})).read()
+            await asyncio.sleep(1.5)  # workers publish their counters every second
+            text = await (await http.get(f"http://127.0.0.1:{admin}/metrics")).text()
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert 'shadowproxy_requests_total{code="200",route="r"} 40.0' in text
+    assert await count(database_url, "requests") == 40
+    pids = {p.name for p in (tmp_path / "data" / "spool").glob("*")}
+    assert pids == set()  # nothing left spooled
+
+
+def test_migrate_and_db_url_commands(tmp_path: Path, sync_database_url: str,
+                                     capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """migrate reports an up-to-date schema; db-url prints the configured URL."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    config, _, _ = write_config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2",
+                                sync_database_url)
+    assert main(["migrate", "-c", str(config)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["db-url", "-c", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == sync_database_url
+
+
+def test_unreachable_database_is_a_clear_runtime_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """migrate against a database that is not there exits 1 and says where it tried."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    config, _, _ = write_config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2", url)
+    assert main(["migrate", "-c", str(config)]) == 1
+    assert "cannot connect to PostgreSQL at postgresql://nobody@127.0.0.1" in \
+        capsys.readouterr().err
