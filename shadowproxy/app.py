@@ -55,11 +55,8 @@ class Proxy:
         self.pools = pools
         self.server = server
         self.admin_port: int | None = None
-
-    @property
-    def port(self) -> int:
+        self.port = int(server.sockets[0].getsockname()[1])
         """The port clients connect to (useful with ``listen: 127.0.0.1:0``)."""
-        return int(self.server.sockets[0].getsockname()[1])
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         spool_room = (self.recorder.spool.max_bytes - self.recorder.spool.total_bytes())

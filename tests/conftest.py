@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -31,14 +33,18 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server_url() -> Iterator[str]:
     """URL of a real PostgreSQL server (its maintenance database)."""
     external = os.environ.get("SHADOWPROXY_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    data_dir = tmp_path_factory.mktemp("embedded-pg")
-    yield start_embedded(Path(data_dir), cleanup="delete")
+    # Not under pytest's tmp_path: that is private to root (0700), and as root the embedded
+    # server runs as its own system user, which must be able to reach its data directory.
+    data_dir = Path(tempfile.mkdtemp(prefix="shadowproxy-test-pg-"))
+    data_dir.chmod(0o755)
+    yield start_embedded(data_dir, cleanup="delete")
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _create_database(server_url: str) -> str:
