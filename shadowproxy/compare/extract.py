@@ -1,0 +1,152 @@
+"""SQL fragments that pull features and fields out of recorded JSON (pure string building).
+
+Every feature becomes a set-returning SQL expression over a request body ``b``: one row
+``(v jsonb, ord bigint)`` per input row of the request, so that a batch request (several
+rows) lines up with its batch of predictions by ``ord``. jsonpaths go into the SQL as quoted
+literals, so PostgreSQL itself parses them; ``query.py`` asks it to validate them first and
+reports a rejected one by its configuration key.
+
+``ignore`` jsonpaths are matched against the flattened field paths of a response, so they
+support the path subset that names fields: ``.key``, ``."key"``, ``[3]``, ``[*]``, ``.*``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from shadowproxy.compare.config import CompareConfig, FeatureConfig
+from shadowproxy.errors import UsageError
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def literal(text: str) -> str:
+    """``text`` as a SQL string literal (standard_conforming_strings, PostgreSQL's default)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def jsonpath_key(key: str) -> str:
+    """``key`` as a jsonpath member accessor: ``.name`` or ``."odd key"``."""
+    if _IDENT.match(key):
+        return f".{key}"
+    return '."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def feature_jsonpath(feature: FeatureConfig, request_format: str) -> str:
+    """The jsonpath that yields a feature's value for each row (not used for V2 columns)."""
+    if feature.path is not None:
+        return feature.path
+    if request_format == "instances":
+        if isinstance(feature.column, int):
+            return f"$.instances[*][{feature.column}]"
+        return f"$.instances[*]{jsonpath_key(str(feature.column))}"
+    raise ValueError("V2 features are read with feature_rows_sql")
+
+
+def _v2_tensor(feature: FeatureConfig) -> str:
+    if feature.input is None:
+        return "$.inputs[0]"
+    name = feature.input.replace("\\", "\\\\").replace('"', '\\"')
+    return f'$.inputs[*] ? (@.name == "{name}")'
+
+
+def feature_rows_sql(feature: FeatureConfig, request_format: str, body: str) -> str:
+    """A subquery yielding ``(v, ord)``: the feature's value in each row of ``body``."""
+    if feature.path is not None or request_format != "v2":
+        path = literal(feature_jsonpath(feature, request_format))
+        return (f"(SELECT f.v, f.ord FROM jsonb_path_query({body}, {path}::jsonpath) "
+                "WITH ORDINALITY AS f(v, ord))")
+    tensor = _v2_tensor(feature)
+    column = feature.column if isinstance(feature.column, int) else 0
+    ndim = literal(f"{tensor}.shape.size()")
+    last = literal(f"{tensor}.shape[last]")
+    data = literal(f"{tensor}.data[*][*]")
+    # Row-major: flat and nested `data` flatten alike (lax mode unwraps one level per [*]);
+    # a 1-D tensor is one column, a 2-D one has shape[last] columns.
+    return (
+        "(SELECT d.v, (d.k - 1) / x.ncol + 1 AS ord FROM "
+        f"(SELECT CASE WHEN coalesce((jsonb_path_query_first({body}, {ndim}::jsonpath))::int, 1)"
+        f" >= 2 THEN greatest((jsonb_path_query_first({body}, {last}::jsonpath))::int, 1)"
+        " ELSE 1 END AS ncol) x, "
+        f"jsonb_path_query({body}, {data}::jsonpath) WITH ORDINALITY AS d(v, k) "
+        f"WHERE (d.k - 1) % x.ncol = {column})")
+
+
+def configured_jsonpaths(compare: CompareConfig) -> dict[str, str]:
+    """Every jsonpath the configuration hands to PostgreSQL, by its configuration key."""
+    paths = {"compare.prediction": compare.prediction}
+    if compare.score is not None:
+        paths["compare.score"] = compare.score
+    for name, feature in compare.features.items():
+        if feature.path is not None:
+            paths[f"compare.features.{name}.path"] = feature.path
+    for i, path in enumerate(compare.ignore):
+        paths[f"compare.ignore[{i}]"] = path
+    return paths
+
+
+_TOKEN = re.compile(
+    r'\.(?P<key>[A-Za-z_][A-Za-z0-9_]*)'
+    r'|\."(?P<qkey>(?:[^"\\]|\\.)*)"'
+    r'|\[(?P<index>\d+)\]'
+    r'|(?P<all>\[\*\])'
+    r'|(?P<star>\.\*)')
+
+
+def ignore_regex(path: str, key: str = "compare.ignore") -> str:
+    """A POSIX regex matching the flattened field paths (and their subtrees) under ``path``."""
+    text = path.strip()
+    if text.startswith("lax ") or text.startswith("strict "):
+        text = text.split(" ", 1)[1].strip()
+    if not text.startswith("$"):
+        raise UsageError(f"{key}: {path!r} must start with '$' (e.g. '$.model_version')")
+    out, pos = "^\\$", 1
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise UsageError(
+                f"{key}: {path!r} is not a plain field path at {text[pos:]!r}; ignore supports "
+                "'.key', '.\"key\"', '[0]', '[*]' and '.*' (no filters or methods)")
+        if m.group("key") is not None:
+            out += re.escape(jsonpath_key(m.group("key")))
+        elif m.group("qkey") is not None:
+            unquoted = re.sub(r"\\(.)", r"\1", m.group("qkey"))
+            out += re.escape(jsonpath_key(unquoted))
+        elif m.group("index") is not None:
+            out += re.escape(f"[{m.group('index')}]")
+        elif m.group("all") is not None:
+            out += r"\[[0-9]+\]"
+        else:
+            out += r'\.([A-Za-z_][A-Za-z0-9_]*|"([^"\\]|\\.)*")'
+        pos = m.end()
+    return out + r"($|[.\[])"
+
+
+def flatten_cte(source: str) -> str:
+    """A recursive CTE body flattening ``source(id, side, doc)`` into leaves.
+
+    Yields ``(id, side, path, field, v)``: ``path`` is the exact jsonpath of a leaf (a scalar,
+    or an empty object/array), ``field`` the same with array indices written ``[*]``.
+    """
+    key = ("CASE WHEN e.key ~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN '.' || e.key "
+           "ELSE '.\"' || replace(replace(e.key, '\\', '\\\\'), '\"', '\\\"') || '\"' END")
+    return f"""
+    tree(id, side, path, field, v) AS (
+        SELECT id, side, '$'::text, '$'::text, doc FROM {source}
+        UNION ALL
+        SELECT t.id, t.side, t.path || c.step, t.field || c.fstep, c.v
+        FROM tree t
+        CROSS JOIN LATERAL (
+            SELECT {key} AS step, {key} AS fstep, e.value AS v
+            FROM jsonb_each(CASE WHEN jsonb_typeof(t.v) = 'object' THEN t.v
+                                 ELSE '{{}}'::jsonb END) e
+            UNION ALL
+            SELECT '[' || (a.i - 1) || ']', '[*]', a.value
+            FROM jsonb_array_elements(CASE WHEN jsonb_typeof(t.v) = 'array' THEN t.v
+                                           ELSE '[]'::jsonb END) WITH ORDINALITY a(value, i)
+        ) c
+    ),
+    leaves AS (
+        SELECT id, side, path, field, v FROM tree
+        WHERE jsonb_typeof(v) NOT IN ('object', 'array') OR v IN ('{{}}'::jsonb, '[]'::jsonb)
+    )"""

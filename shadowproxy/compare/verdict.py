@@ -1,0 +1,98 @@
+"""The verdict: pass, warn or fail, with one reason per rule that fired (pure).
+
+Rules read the finished sections of the report; thresholds come from
+``compare.thresholds``. ``fail`` is for evidence that the shadow must not be promoted as is
+(broken input constraints, more errors, significantly worse on labels); ``warn`` for what a
+person should look at (drift, disagreement, incomplete pairs, slow shadow); ``info`` reasons
+never change the status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shadowproxy.compare.config import Thresholds
+
+LEVELS = ("pass", "warn", "fail")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def verdict(report: dict[str, Any], th: Thresholds) -> dict[str, Any]:
+    """``{"status", "reasons": [{"level", "section", "message"}]}`` for a finished report."""
+    reasons: list[dict[str, str]] = []
+
+    def add(level: str, section: str, message: str) -> None:
+        reasons.append({"level": level, "section": section, "message": message})
+
+    counts, op = report["counts"], report["operational"]
+    if not counts["pairs"]:
+        add("warn", "counts", "no pairs in the window: nothing was compared")
+    elif counts["pair_completeness"] is not None and \
+            counts["pair_completeness"] < th.min_pair_completeness:
+        add("warn", "counts", f"pair completeness {_pct(counts['pair_completeness'])} < "
+                              f"{_pct(th.min_pair_completeness)}: missing pairs bias every "
+                              "comparison")
+    p_err, s_err = op["primary"]["error_rate"], op["shadow"]["error_rate"]
+    if p_err is not None and s_err is not None and s_err - p_err > th.max_error_rate_increase:
+        add("fail", "operational", f"shadow error rate {_pct(s_err)} vs primary {_pct(p_err)}")
+    p99p, p99s = op["primary"]["latency_ms"]["p99"], op["shadow"]["latency_ms"]["p99"]
+    if p99p and p99s and p99s / p99p > th.max_latency_p99_ratio:
+        add("warn", "operational", f"shadow p99 latency {p99s:.1f} ms is {p99s / p99p:.2f}× "
+                                   f"the primary's {p99p:.1f} ms")
+    agree = op.get("status_agreement")
+    if agree is not None and agree < th.min_status_agreement:
+        add("warn", "operational", f"status codes agree on {_pct(agree)} of pairs")
+
+    pred = report["predictions"]
+    if pred.get("n", 0) == 0 and counts.get("comparable_pairs"):
+        add("warn", "predictions", "compare.prediction matched no paired values: check the "
+                                   "jsonpath against a recorded response")
+    elif pred.get("task") == "regression" and pred.get("n"):
+        if pred["tolerance"]["configured"] and pred["within_tolerance"] is not None \
+                and pred["within_tolerance"] < th.min_within_tolerance:
+            add("warn", "predictions", f"{_pct(pred['within_tolerance'])} of predictions "
+                                       f"within tolerance (< {_pct(th.min_within_tolerance)})")
+        if pred["distribution_test"].get("drift"):
+            add("warn", "predictions", "the shadow's predictions are distributed differently "
+                                       f"({pred['distribution_test']['test']})")
+    elif pred.get("task") == "classification" and pred.get("n"):
+        if pred["agreement"] < th.min_agreement:
+            add("warn", "predictions", f"agreement {_pct(pred['agreement'])} < "
+                                       f"{_pct(th.min_agreement)}")
+        if pred["kappa"] is not None and pred["kappa"] < th.min_kappa:
+            add("warn", "predictions", f"Cohen's kappa {pred['kappa']:.3f} < {th.min_kappa}")
+
+    perf = report["performance"]
+    test = perf.get("paired_test") or {}
+    if test.get("p_value") is not None and test["p_value"] < th.alpha:
+        if perf.get("shadow_better"):
+            add("info", "performance", f"the shadow is significantly better on the labelled "
+                                       f"rows ({test['test']} p = {test['p_value']:.3g})")
+        else:
+            add("fail", "performance", f"the shadow is significantly worse on the labelled "
+                                       f"rows ({test['test']} p = {test['p_value']:.3g})")
+
+    data = report["data_checks"]
+    for name, problems in data.get("value_check_failures", {}).items():
+        add("fail", "data_checks", f"feature {name}: " + "; ".join(problems))
+    if data.get("drifted"):
+        add("warn", "data_checks", f"input drift in {', '.join(data['drifted'])}"
+                                   + (" (dataset drift)" if data.get("dataset_drift") else ""))
+
+    flagged = [s for s in report["slices"].get("slices", []) if s.get("flagged")]
+    for s in flagged:
+        add("warn", "slices", f"slice {s['slice']}: {s['flag_reason']}")
+
+    status = "pass"
+    for r in reasons:
+        if r["level"] in LEVELS and LEVELS.index(r["level"]) > LEVELS.index(status):
+            status = r["level"]
+    return {"status": status, "reasons": reasons}
+
+
+def reaches(status: str, level: str) -> bool:
+    """Whether a verdict ``status`` is at least ``level`` (for ``--fail-on``)."""
+    return LEVELS.index(status) >= LEVELS.index(level)

@@ -1,0 +1,86 @@
+"""Writing realistic exchange records straight into the fixture database, as the proxy does.
+
+One ``shadowproxy.requests`` row per exchange, a ``responses`` row for the primary (target
+and role 'primary') and one per shadow (role 'shadow'); ``body_json`` holds the JSON and
+``body`` its bytes, as the recorder stores them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+
+@dataclass
+class Call:
+    """One upstream's answer: a JSON body (or none), status, latency, error."""
+
+    body: Any = None
+    status: int | None = 200
+    latency_ms: float | None = 10.0
+    error: str | None = None
+
+
+@dataclass
+class Exchange:
+    """A request and the primary's and shadows' answers."""
+
+    request: Any
+    primary: Call
+    shadows: dict[str, Call] = field(default_factory=dict)
+    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    received_at: datetime = field(
+        default_factory=lambda: datetime.now(UTC) - timedelta(minutes=5))
+    route: str = "house-prices"
+
+
+def _body(value: Any) -> tuple[bytes | None, str | None]:
+    if value is None:
+        return None, None
+    text = json.dumps(value)
+    return text.encode(), text
+
+
+async def insert(url: str, exchanges: list[Exchange]) -> None:
+    """COPY the exchanges into requests and responses."""
+    requests, responses = [], []
+    for ex in exchanges:
+        rid = uuid.uuid4()
+        body, text = _body(ex.request)
+        requests.append((rid, ex.request_id, ex.route, ex.received_at, "POST", "/predict", "",
+                         "{}", body, text, len(body or b""), False, "127.0.0.1"))
+        for target, role, call in [("primary", "primary", ex.primary)] + [
+                (name, "shadow", c) for name, c in ex.shadows.items()]:
+            rbody, rtext = _body(call.body)
+            responses.append((rid, target, role, call.status, "{}", rbody, rtext,
+                              len(rbody or b""), False, call.latency_ms, call.error,
+                              ex.received_at))
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.copy_records_to_table("requests", schema_name="shadowproxy",
+                                         records=requests)
+        await conn.copy_records_to_table("responses", schema_name="shadowproxy",
+                                         records=responses)
+    finally:
+        await conn.close()
+
+
+def write_config(tmp_path: Path, url: str, compare: str, *, shadows: tuple[str, ...] = (
+        "candidate",), route: str = "house-prices") -> Path:
+    """A config file for the fixture database with the given ``compare:`` YAML block."""
+    shadow_yaml = "".join(
+        f"      - name: {name}\n        url: http://127.0.0.1:{9002 + i}\n"
+        for i, name in enumerate(shadows))
+    indented = "".join(f"      {line}\n" for line in compare.strip().splitlines())
+    path = tmp_path / "shadowproxy.yaml"
+    path.write_text(
+        f"database:\n  url: {url!r}\ndata_dir: {str(tmp_path / 'data')!r}\n"
+        f"routes:\n  - name: {route}\n    primary: {{url: 'http://127.0.0.1:9001'}}\n"
+        f"    shadows:\n{shadow_yaml}    compare:\n{indented}")
+    return path

@@ -1,0 +1,390 @@
+"""The report end to end on a real PostgreSQL: every number against numpy, scipy, sklearn.
+
+Records are written into the fixture database as the proxy writes them (see records.py);
+the expected values are computed independently from the same numbers in Python.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import numpy as np
+import pytest
+from scipy import stats as sps
+from sklearn import metrics as skm
+
+from shadowproxy.compare.config import CompareConfig
+from shadowproxy.compare.labels import import_labels, read_labels
+from shadowproxy.compare.query import Window
+from shadowproxy.compare.report import build_report
+from tests.compare.records import Call, Exchange, insert
+
+
+def window() -> Window:
+    now = datetime.now(UTC)
+    return Window(now - timedelta(hours=1), now)
+
+
+async def report(url: str, compare: dict[str, Any], *, shadow: str = "candidate",
+                 reference: Path | None = None, win: Window | None = None) -> dict[str, Any]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await build_report(conn, route="house-prices", shadow=shadow,
+                                  window=win or window(),
+                                  compare=CompareConfig.model_validate(compare),
+                                  reference=reference)
+    finally:
+        await conn.close()
+
+
+def house(rng: np.random.Generator, n: int) -> tuple[list[dict[str, Any]], np.ndarray,
+                                                     np.ndarray]:
+    """Requests and two models that really differ: the shadow overprices big houses."""
+    sqft = rng.uniform(400, 4000, n)
+    city = rng.choice(["north", "south"], n)
+    primary = 50 * sqft + rng.normal(0, 8000, n)
+    shadow = primary * np.where(sqft > 3000, 1.15, 1.0) + rng.normal(0, 3000, n)
+    requests = [{"features": {"sqft": float(s), "city": str(c)}}
+                for s, c in zip(sqft, city, strict=True)]
+    return requests, primary, shadow
+
+
+async def test_regression_report_matches_independent_computation(database_url: str) -> None:
+    """Counts, latency, errors and every regression statistic equal numpy/scipy's."""
+    rng = np.random.default_rng(11)
+    requests, p, s = house(rng, 300)
+    p_lat, s_lat = rng.gamma(4, 5, 300), rng.gamma(4, 8, 300)
+    exchanges = []
+    for i in range(300):
+        shadow = Call({"prediction": s[i], "model_version": "v2"}, latency_ms=s_lat[i])
+        if i % 50 == 0:
+            shadow = Call(None, status=None, latency_ms=None, error="timeout")
+        elif i % 50 == 1:
+            shadow = Call(None, status=None, latency_ms=None, error="dropped: overload")
+        elif i % 50 == 2:
+            shadow = Call({"error": "boom"}, status=500, latency_ms=s_lat[i])
+        exchanges.append(Exchange(requests[i], Call({"prediction": p[i], "model_version": "v1"},
+                                                    latency_ms=p_lat[i]),
+                                  {"candidate": shadow}))
+    exchanges.append(Exchange(requests[0], Call({"prediction": 1.0}),
+                              received_at=datetime.now(UTC) - timedelta(hours=3)))
+    await insert(database_url, exchanges)
+    r = await report(database_url, {"prediction": "$.prediction", "abs_tolerance": 5000,
+                                    "ignore": ["$.model_version"]})
+
+    c = r["counts"]
+    assert (c["requests"], c["pairs"], c["shadow_timeouts"], c["shadow_drops"]) == (
+        300, 300, 6, 6)
+    assert c["complete_pairs"] == 288 and c["comparable_pairs"] == 282
+    assert c["shadow_5xx"] == 6 and c["pair_completeness"] == pytest.approx(288 / 300)
+
+    ok = np.array([i % 50 not in (0, 1, 2) for i in range(300)])
+    answered = np.array([i % 50 not in (0, 1) for i in range(300)])
+    op = r["operational"]
+    assert op["primary"]["latency_ms"]["p95"] == pytest.approx(np.percentile(p_lat, 95))
+    assert op["shadow"]["latency_ms"]["p99"] == pytest.approx(np.percentile(s_lat[answered], 99))
+    assert op["shadow"]["latency_ms"]["p50"] == pytest.approx(np.median(s_lat[answered]))
+    assert op["shadow"]["error_rate"] == pytest.approx(12 / 294)  # timeouts + 5xx; drops aside
+    assert op["primary"]["error_rate"] == 0
+    assert op["status_agreement"] == pytest.approx(282 / 288)
+    assert sum(op["latency_histogram"]["primary"]) == 300
+
+    pr, d = r["predictions"], s[ok] - p[ok]
+    assert pr["task"] == "regression" and pr["n"] == 282
+    assert pr["mae"] == pytest.approx(np.mean(np.abs(d)))
+    assert pr["rmse"] == pytest.approx(np.sqrt(np.mean(d**2)))
+    assert pr["max_abs_diff"] == pytest.approx(np.max(np.abs(d)))
+    assert pr["mean_diff"] == pytest.approx(np.mean(d))
+    assert pr["median_diff"] == pytest.approx(np.median(d))
+    assert pr["sd_diff"] == pytest.approx(np.std(d, ddof=1))
+    pearson = sps.pearsonr(p[ok], s[ok])
+    assert pr["pearson"]["r"] == pytest.approx(pearson.statistic)
+    assert pr["pearson"]["p_value"] == pytest.approx(pearson.pvalue, rel=1e-6)
+    assert pr["spearman"]["r"] == pytest.approx(sps.spearmanr(p[ok], s[ok]).statistic)
+    assert pr["wilcoxon"]["p_value"] == pytest.approx(sps.wilcoxon(d).pvalue)
+    assert pr["distribution_test"]["test"] == "ks"
+    assert pr["distribution_test"]["p_value"] == pytest.approx(sps.ks_2samp(p[ok], s[ok]).pvalue)
+    assert pr["within_tolerance"] == pytest.approx(np.mean(np.abs(d) <= 5000))
+    assert pr["primary"]["p75"] == pytest.approx(np.percentile(p[ok], 75))
+    assert sum(pr["histogram"]["shadow"]) == 282
+    assert sum(map(sum, pr["scatter"]["counts"])) == 282
+    worst = pr["worst"][0]
+    assert worst["abs_diff"] == pytest.approx(np.max(np.abs(d)))
+    assert r["verdict"]["status"] == "fail"  # the shadow errs 4 points more than the primary
+    assert any(x["section"] == "operational" for x in r["verdict"]["reasons"])
+
+
+async def test_batch_predictions_pair_element_by_element(database_url: str) -> None:
+    """An instances request's predictions pair by position; a length mismatch is counted."""
+    exchanges = [
+        Exchange({"instances": [{"x": 1}, {"x": 2}, {"x": 3}]},
+                 Call({"predictions": [1.0, 2.0, 3.0]}),
+                 {"candidate": Call({"predictions": [1.5, 2.0, 2.0]})}),
+        Exchange({"instances": [{"x": 4}, {"x": 5}]}, Call({"predictions": [4.0, 5.0]}),
+                 {"candidate": Call({"predictions": [4.0]})}),
+    ]
+    await insert(database_url, exchanges)
+    r = await report(database_url, {"prediction": "$.predictions[*]", "task": "regression"})
+    pr = r["predictions"]
+    assert pr["n"] == 4 and pr["unpaired_elements"] == 1 and pr["length_mismatch_pairs"] == 1
+    d = np.array([0.5, 0.0, -1.0, 0.0])
+    assert pr["mae"] == pytest.approx(np.mean(np.abs(d)))
+    assert pr["worst"][0]["index"] == 3
+
+
+async def test_classification_report_and_labels_match_scikit_learn(
+        database_url: str, tmp_path: Path) -> None:
+    """Agreement, kappa, flips and, once labels arrive, metrics and McNemar equal sklearn's."""
+    rng = np.random.default_rng(12)
+    n = 400
+    y = rng.integers(0, 2, n)
+    p = np.where(rng.random(n) < 0.8, y, 1 - y)
+    s = np.where(rng.random(n) < 0.9, y, 1 - y)
+    score = np.clip(s * 0.6 + rng.random(n) * 0.4, 0, 1)
+    exchanges = [Exchange({"features": {"x": float(i)}},
+                          Call({"label": int(p[i]), "proba": float(p[i])}),
+                          {"candidate": Call({"label": int(s[i]), "proba": float(score[i])})})
+                 for i in range(n)]
+    await insert(database_url, exchanges)
+    compare = {"prediction": "$.label", "score": "$.proba"}
+    r = await report(database_url, compare)
+    pr = r["predictions"]
+    assert pr["task"] == "classification" and pr["task_source"].startswith("inferred")
+    assert pr["agreement"] == pytest.approx(np.mean(p == s))
+    assert pr["kappa"] == pytest.approx(skm.cohen_kappa_score(p, s))
+    assert pr["flip_matrix"]["counts"] == skm.confusion_matrix(p, s).tolist()
+    assert pr["positive_rate"]["diff"] == pytest.approx(np.mean(s) - np.mean(p))
+    assert "why" in r["performance"]
+
+    labelled = rng.permutation(n)[:300]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("request_id,label\n" + "".join(
+        f"{exchanges[i].request_id},{y[i]}\n" for i in labelled))
+    conn = await asyncpg.connect(database_url)
+    try:
+        await import_labels(conn, *read_labels(csv))
+    finally:
+        await conn.close()
+    r = await report(database_url, compare)
+    perf = r["performance"]
+    yl, pl, sl = y[labelled], p[labelled], s[labelled]
+    assert perf["n_labelled"] == {"primary": 300, "shadow": 300}
+    assert perf["primary"]["accuracy"] == pytest.approx(skm.accuracy_score(yl, pl))
+    assert perf["shadow"]["precision"] == pytest.approx(skm.precision_score(yl, sl))
+    assert perf["shadow"]["recall"] == pytest.approx(skm.recall_score(yl, sl))
+    assert perf["shadow"]["roc_auc"] == pytest.approx(skm.roc_auc_score(yl, score[labelled]))
+    b = int(np.sum((pl == yl) & (sl != yl)))
+    c = int(np.sum((pl != yl) & (sl == yl)))
+    assert perf["paired_test"]["p_value"] == pytest.approx(sps.binomtest(b, b + c).pvalue)
+    assert perf["shadow_better"] is True
+    assert perf["confidence_intervals"]["accuracy_diff"][1] > 0
+
+
+async def test_diff_counts_differing_fields_after_ignore_and_tolerance(database_url: str) -> None:
+    """Per field how often it differs, Diffy-style; ignored paths and tolerated numbers aside."""
+    def body(pred: float, ts: str, extra: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"prediction": pred, "model_version": "x",
+                               "items": [{"score": 1, "ts": ts}, {"score": 2, "ts": ts}]}
+        if extra:
+            out["debug"] = {"k": 1}
+        return out
+
+    exchanges = []
+    for i in range(20):
+        exchanges.append(Exchange(
+            {"x": i}, Call(body(10.0, "t1", False)),
+            {"candidate": Call(body(10.0 + (0.5 if i < 5 else 0.001), f"t{i}", i < 3))}))
+    await insert(database_url, exchanges)
+    r = await report(database_url, {"prediction": "$.prediction", "abs_tolerance": 0.01,
+                                    "ignore": ["$.model_version", "$.items[*].ts"]})
+    d = r["diff"]
+    fields = {f["field"]: f for f in d["fields"]}
+    assert "$.model_version" not in fields and "$.items[*].ts" not in fields
+    assert fields["$.prediction"]["n_differ"] == 5
+    assert fields["$.debug.k"]["n_differ"] == 3 and fields["$.debug.k"]["n_present"] == 3
+    assert fields["$.items[*].score"]["n_differ"] == 0
+    assert d["identical"] == 15 and d["identical_share"] == pytest.approx(0.75)
+    assert len(fields["$.prediction"]["examples"]) == 3
+    assert d["worst"][0]["fields_differing"] == 2
+
+
+async def test_baseline_shadow_noise_is_reported_and_excluded(database_url: str) -> None:
+    """A field the baseline (same model) also changes is noise; the real change remains."""
+    exchanges = []
+    for i in range(40):
+        exchanges.append(Exchange(
+            {"x": i}, Call({"prediction": float(i), "served_at": f"p{i}"}),
+            {"candidate": Call({"prediction": float(i) + (1 if i % 4 == 0 else 0),
+                                "served_at": f"c{i}"}),
+             "baseline": Call({"prediction": float(i), "served_at": f"b{i}"})}))
+    await insert(database_url, exchanges)
+    r = await report(database_url, {"prediction": "$.prediction",
+                                    "baseline_shadow": "baseline"})
+    d = r["diff"]
+    fields = {f["field"]: f for f in d["fields"]}
+    assert d["noise_fields"] == ["$.served_at"]
+    assert fields["$.served_at"]["noise"] is True and fields["$.served_at"]["noise_rate"] == 1
+    assert fields["$.prediction"]["noise"] is False
+    assert d["identical_share"] == 0
+    assert d["identical_share_excluding_noise"] == pytest.approx(30 / 40)
+    assert r["predictions"]["baseline_noise"]["mae"] == 0
+
+
+def _feature_exchanges(rng: np.random.Generator, n: int, shift: float, *,
+                       minutes_ago: float = 5) -> tuple[list[Exchange], np.ndarray, list[str]]:
+    sqft = rng.normal(2000 + shift, 300, n)
+    city = list(rng.choice(["north", "south", "east"], n, p=[0.5, 0.3, 0.2]))
+    at = datetime.now(UTC) - timedelta(minutes=minutes_ago)
+    exchanges = [Exchange({"features": {"sqft": float(sqft[i]), "city": city[i]}},
+                          Call({"prediction": float(sqft[i])}),
+                          {"candidate": Call({"prediction": float(sqft[i]) * 1.01})},
+                          received_at=at) for i in range(n)]
+    return exchanges, sqft, city
+
+
+FEATURES = {"sqft": {"path": "$.features.sqft"}, "city": {"path": "$.features.city"}}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+async def test_data_checks_against_a_reference_file(database_url: str, tmp_path: Path,
+                                                    suffix: str) -> None:
+    """Live inputs vs training data: KS and χ² on the same numbers, BH-adjusted, drift flags."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(13)
+    exchanges, sqft, city = _feature_exchanges(rng, 400, shift=150)
+    exchanges[0].request["features"]["sqft"] = None
+    exchanges[1].request["features"]["city"] = "west"
+    city[1] = "west"
+    await insert(database_url, exchanges)
+    ref_sqft = rng.normal(2000, 300, 600)
+    ref_city = rng.choice(["north", "south", "east"], 600, p=[0.5, 0.3, 0.2])
+    table = pa.table({"sqft": ref_sqft, "city": ref_city})
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    r = await report(database_url, {"prediction": "$.prediction", "features": FEATURES},
+                     reference=path)
+    dc = r["data_checks"]
+    assert dc["reference"]["kind"] == "file"
+    f = {x["name"]: x for x in dc["features"]}
+    live = sqft[1:]
+    assert f["sqft"]["type"] == "numeric" and f["sqft"]["current"]["missing"] == 1
+    assert f["sqft"]["current"]["mean"] == pytest.approx(np.mean(live))
+    assert f["sqft"]["current"]["sd"] == pytest.approx(np.std(live, ddof=1))
+    assert f["sqft"]["reference"]["median"] == pytest.approx(np.median(ref_sqft))
+    ks = sps.ks_2samp(ref_sqft, live)
+    assert f["sqft"]["distribution"]["test"] == "ks"
+    assert f["sqft"]["distribution"]["p_value"] == pytest.approx(ks.pvalue)
+    assert f["sqft"]["location"]["test"] == "welch_t"
+    assert f["sqft"]["location"]["p_value"] == pytest.approx(
+        sps.ttest_ind(ref_sqft, live, equal_var=False).pvalue)
+    cats = ["east", "north", "south", "west"]
+    table2 = [[int(np.sum(ref_city == c)) for c in cats], [city.count(c) for c in cats]]
+    chi = sps.chi2_contingency(table2)
+    assert f["city"]["type"] == "categorical"
+    assert f["city"]["distribution"]["p_value"] == pytest.approx(chi.pvalue)
+    assert f["city"]["checks"]["allowed"] == {"source": "reference", "violations": 1,
+                                              "share": pytest.approx(1 / 400),
+                                              "examples": ["west"]}
+    assert f["city"]["checks"]["missing_share_test"]["p_value"] is None  # none missing
+    ps = [f["sqft"]["distribution"]["p_value"], f["city"]["distribution"]["p_value"],
+          f["sqft"]["checks"]["missing_share_test"]["p_value"]]
+    adjusted = sps.false_discovery_control(ps)
+    assert f["sqft"]["distribution"]["p_value_adjusted"] == pytest.approx(adjusted[0])
+    assert f["sqft"]["drift"] is True and "sqft" in dc["drifted"]
+    assert r["verdict"]["status"] == "warn"
+
+
+async def test_configured_value_checks_fail_the_report(database_url: str) -> None:
+    """Values outside allowed/min/max, or missing where not allowed, give a fail verdict."""
+    rng = np.random.default_rng(14)
+    exchanges, _, _ = _feature_exchanges(rng, 50, shift=0)
+    exchanges[0].request["features"]["sqft"] = -5
+    exchanges[1].request["features"]["city"] = "atlantis"
+    del exchanges[2].request["features"]["sqft"]
+    await insert(database_url, exchanges)
+    features = {"sqft": {"path": "$.features.sqft", "min": 0, "na_allowed": False},
+                "city": {"path": "$.features.city", "allowed": ["north", "south", "east"]}}
+    r = await report(database_url, {"prediction": "$.prediction", "features": features})
+    f = {x["name"]: x for x in r["data_checks"]["features"]}
+    assert f["sqft"]["checks"]["range"]["violations"] == 1
+    assert f["sqft"]["checks"]["missing"]["count"] == 1
+    assert f["city"]["checks"]["allowed"]["violations"] == 1
+    assert r["verdict"]["status"] == "fail"
+    assert sorted(r["data_checks"]["value_check_failures"]) == ["city", "sqft"]
+
+
+async def test_without_reference_the_earlier_window_is_the_reference(database_url: str) -> None:
+    """No --reference: the same-length window just before is compared, KS on its values."""
+    rng = np.random.default_rng(15)
+    now_ex, now_sqft, _ = _feature_exchanges(rng, 200, shift=0, minutes_ago=10)
+    old_ex, old_sqft, _ = _feature_exchanges(rng, 200, shift=400, minutes_ago=80)
+    await insert(database_url, now_ex + old_ex)
+    r = await report(database_url, {"prediction": "$.prediction", "features": FEATURES})
+    dc = r["data_checks"]
+    assert dc["reference"]["kind"] == "earlier_window"
+    sqft = next(x for x in dc["features"] if x["name"] == "sqft")
+    assert sqft["reference"]["n"] == 200 and sqft["current"]["n"] == 200
+    assert sqft["distribution"]["p_value"] == pytest.approx(
+        sps.ks_2samp(old_sqft, now_sqft).pvalue)
+    assert sum(sqft["histogram"]["reference"]) == 200
+    assert r["counts"]["pairs"] == 200
+
+
+async def test_slices_by_sql_and_by_feature_bins(database_url: str) -> None:
+    """Per-slice metrics equal numpy's on the slice; the departing slice is flagged."""
+    rng = np.random.default_rng(16)
+    requests, p, s = house(rng, 400)
+    await insert(database_url, [
+        Exchange(requests[i], Call({"prediction": p[i]}), {"candidate": Call({"prediction": s[i]})})
+        for i in range(400)])
+    sqft = np.array([r["features"]["sqft"] for r in requests])
+    compare = {"prediction": "$.prediction",
+               "features": {"sqft": {"path": "$.features.sqft"}},
+               "slices": {"big": "(request_body_json #>> '{features,sqft}')::float > 3000",
+                          "tiny": "(request_body_json #>> '{features,sqft}')::float < 420",
+                          "size": {"feature": "sqft", "bins": [0, 2000, 4000]}}}
+    r = await report(database_url, compare)
+    sl = {x["slice"]: x for x in r["slices"]["slices"]}
+    big = sqft > 3000
+    err = np.abs(s - p)
+    assert sl["big"]["n"] == int(big.sum())
+    assert sl["big"]["mae"] == pytest.approx(np.mean(err[big]))
+    assert sl["big"]["test"]["p_value"] == pytest.approx(sps.kruskal(err[~big], err[big]).pvalue)
+    assert sl["big"]["flagged"] is True
+    assert sl["tiny"]["test"]["test"] is None  # under min_size
+    low = sqft < 2000
+    assert sl["sqft in [0, 2000)"]["n"] == int(low.sum())
+    assert sl["sqft in [2000, 4000]"]["rmse"] == pytest.approx(
+        np.sqrt(np.mean((s - p)[~low] ** 2)))
+    fam = r["slices"]["families"]["size"]
+    assert fam["test"] == "kruskal"
+    assert fam["p_value"] == pytest.approx(sps.kruskal(err[low], err[~low]).pvalue)
+
+
+async def test_tests_run_on_a_seeded_sample_above_sample_max(database_url: str) -> None:
+    """Above sample_max the tests see a reproducible hash sample; SQL aggregates see all."""
+    rng = np.random.default_rng(17)
+    p = rng.normal(0, 1, 3000)
+    s = p + rng.normal(0, 0.1, 3000)
+    await insert(database_url, [
+        Exchange({"x": 1}, Call({"prediction": p[i]}), {"candidate": Call({"prediction": s[i]})})
+        for i in range(3000)])
+    compare = {"prediction": "$.prediction", "thresholds": {"sample_max": 1000}}
+    first = await report(database_url, compare)
+    again = await report(database_url, compare)
+    sample = first["predictions"]["sample"]
+    assert sample["sampled"] is True and 800 < sample["n"] < 1200
+    assert first["predictions"]["mae"] == pytest.approx(np.mean(np.abs(s - p)))
+    assert first["predictions"]["spearman"] == again["predictions"]["spearman"]
+    assert first["predictions"]["wilcoxon"]["n"] == sample["n"]  # no zero differences
