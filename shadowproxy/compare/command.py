@@ -1,0 +1,163 @@
+"""``shadowproxy report``: resolve the route, shadow and window, build the report, render it.
+
+Bad input (unknown route or shadow, a bad window, an unreadable reference, a jsonpath
+PostgreSQL rejects) raises ``UsageError`` with what was wrong and what to do; the CLI maps it
+to exit status 2. With ``--fail-on`` the status is 3 when the verdict reaches that level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from shadowproxy.compare.config import CompareConfig
+from shadowproxy.compare.query import Window, parse_duration
+from shadowproxy.config import Route, Settings
+from shadowproxy.errors import UsageError
+
+DEFAULT_SINCE = "24h"
+FAIL_ON_STATUS = 3
+
+
+def _timestamp(text: str, flag: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: expected an ISO 8601 time such as 2025-01-31T14:00:00Z "
+                         f"or 2025-01-31 (got {text!r})") from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def resolve_window(since: str | None, from_: str | None, to: str | None,
+                   now: datetime | None = None) -> Window:
+    """The [start, end) window of ``--since`` or ``--from``/``--to`` (naive times are UTC)."""
+    now = now or datetime.now(UTC)
+    end = _timestamp(to, "--to") if to else now
+    if from_ is not None:
+        start = _timestamp(from_, "--from")
+    else:
+        start = end - timedelta(seconds=parse_duration(since or DEFAULT_SINCE))
+    if start >= end:
+        raise UsageError(f"the window is empty: it starts at {start.isoformat()} and ends at "
+                         f"{end.isoformat()}; give --from earlier than --to")
+    return Window(start, end)
+
+
+def resolve_target(settings: Settings, route_name: str, shadow: str | None
+                   ) -> tuple[Route, str, CompareConfig]:
+    """The route, the shadow to compare, and its compare settings; UsageError if unknown."""
+    try:
+        route = settings.route(route_name)
+    except KeyError as exc:
+        raise UsageError(f"--route: {exc.args[0]}") from exc
+    names = [s.name for s in route.shadows]
+    if not names:
+        raise UsageError(f"--route {route_name}: the route has no shadows to compare")
+    compare = route.compare or CompareConfig()
+    if shadow is None:
+        candidates = [n for n in names if n != compare.baseline_shadow] or names
+        shadow = candidates[0]
+    elif shadow not in names:
+        raise UsageError(f"--shadow: route {route_name!r} has no shadow named {shadow!r}; "
+                         f"its shadows are {names}")
+    if compare.baseline_shadow is not None:
+        if compare.baseline_shadow not in names:
+            raise UsageError(f"routes.{route_name}.compare.baseline_shadow: "
+                             f"{compare.baseline_shadow!r} is not one of the route's shadows "
+                             f"{names}")
+        if compare.baseline_shadow == shadow:
+            raise UsageError(f"--shadow {shadow} is the baseline shadow; compare another shadow "
+                             "against the primary, or remove compare.baseline_shadow")
+    return route, shadow, compare
+
+
+def clean(value: Any) -> Any:
+    """A copy of ``value`` that json.dumps accepts with allow_nan=False."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return clean(value.item())
+    return value
+
+
+def render(report: dict[str, Any], fmt: str, *, color: bool = False) -> str:
+    """The report in ``fmt``: json, markdown, html or text (ANSI colours if ``color``)."""
+    if fmt == "json":
+        return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    if fmt == "markdown":
+        from shadowproxy.compare.render_markdown import render_markdown
+
+        return render_markdown(report)
+    if fmt == "html":
+        from shadowproxy.compare.render_html import render_html
+
+        return render_html(report)
+    from shadowproxy.compare.render_text import render_text
+
+    return render_text(report, color=color)
+
+
+async def _build(url: str, route: str, shadow: str, window: Window, compare: CompareConfig,
+                 reference: Path | None) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shadowproxy.compare.report import STEPS, build_report
+    from shadowproxy.store.database import connection
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]report[/bold] {task.description}"), BarColumn(),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        task = progress.add_task("connecting", total=len(STEPS))
+
+        def step(name: str) -> None:
+            progress.update(task, description=name, completed=STEPS.index(name))
+
+        async with connection(url) as conn:
+            report = await build_report(conn, route=route, shadow=shadow, window=window,
+                                        compare=compare, reference=reference, progress=step)
+        progress.update(task, completed=len(STEPS))
+    return report
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """The CLI command; returns 0, or 3 when the verdict reaches ``--fail-on``."""
+    from shadowproxy.compare.verdict import reaches
+    from shadowproxy.config import load_config
+    from shadowproxy.store.database import database_url
+
+    settings = load_config(args.config)
+    window = resolve_window(args.since, args.from_, args.to)
+    route, shadow, compare = resolve_target(settings, args.route, args.shadow)
+    reference = Path(args.reference) if args.reference else None
+    if reference is not None and not reference.is_file():
+        raise UsageError(f"--reference {reference}: no such file; give a CSV or Parquet file "
+                         "of training data whose columns are named like compare.features")
+    url = database_url(settings)
+    report = clean(asyncio.run(_build(url, route.name, shadow, window, compare, reference)))
+    text = render(report, args.format,
+                  color=args.format == "text" and not args.output and sys.stdout.isatty())
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"-o {args.output}: cannot write the report: {exc.strerror}") \
+                from exc
+        print(f"report written to {args.output}: verdict {report['verdict']['status']}",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if args.fail_on and reaches(report["verdict"]["status"], args.fail_on):
+        return FAIL_ON_STATUS
+    return 0

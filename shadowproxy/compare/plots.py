@@ -1,0 +1,180 @@
+"""Plots for the HTML report, drawn from the JSON's aggregates as inline SVG (matplotlib).
+
+Only aggregates are plotted (histogram counts, quantiles, binned scatter counts), never raw
+rows, so the HTML stays small whatever the traffic. Figures are built with matplotlib's
+object API (no pyplot state), so rendering is safe to call from anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+PRIMARY, SHADOW, REFERENCE = "#1f77b4", "#d62728", "#7f7f7f"
+
+
+def _svg(draw: Callable[[Any], None], *, width: float = 5.2, height: float = 3.0) -> str:
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "shadowproxy",
+                                "font.size": 9}):
+        fig = Figure(figsize=(width, height), layout="constrained")
+        draw(fig)
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _shares(counts: list[int]) -> list[float]:
+    total = sum(counts) or 1
+    return [c / total for c in counts]
+
+
+def histogram(edges: list[float], series: dict[str, list[int]], title: str, xlabel: str,
+              *, log_x: bool = False) -> str:
+    """Overlaid step histograms (as shares, so samples of different size compare)."""
+    colors = {"primary": PRIMARY, "shadow": SHADOW, "reference": REFERENCE, "current": SHADOW}
+
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        for name, counts in series.items():
+            ax.stairs(_shares(counts), edges, label=name, color=colors.get(name), linewidth=1.5)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("share")
+        ax.legend(frameon=False)
+
+    return _svg(draw)
+
+
+def ecdf(levels: list[float], series: dict[str, list[float] | None], title: str,
+         xlabel: str) -> str:
+    """Empirical CDFs drawn from 101 quantiles per sample."""
+    colors = {"primary": PRIMARY, "shadow": SHADOW, "reference": REFERENCE, "current": SHADOW}
+
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        for name, q in series.items():
+            if q:
+                ax.step(q, levels, where="post", label=name, color=colors.get(name))
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("cumulative share")
+        ax.legend(frameon=False)
+
+    return _svg(draw)
+
+
+def binned_scatter(scatter: dict[str, Any], title: str) -> str:
+    """Primary (x) against shadow (y) as a 2-D histogram of counts, with the diagonal."""
+    from matplotlib.colors import LogNorm
+
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        counts = [[c if c else float("nan") for c in row] for row in scatter["counts"]]
+        mesh = ax.pcolormesh(scatter["x_edges"], scatter["y_edges"], counts, norm=LogNorm(),
+                             cmap="viridis")
+        lo, hi = scatter["x_edges"][0], scatter["x_edges"][-1]
+        ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, linestyle="--")
+        ax.set_title(title)
+        ax.set_xlabel("primary")
+        ax.set_ylabel("shadow")
+        fig.colorbar(mesh, ax=ax, label="pairs")
+
+    return _svg(draw, width=4.6, height=3.8)
+
+
+def matrix(classes: list[str], counts: list[list[int]], title: str) -> str:
+    """A flip matrix heatmap: primary's class (rows) against the shadow's (columns)."""
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        ax.imshow(counts, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_yticks(range(len(classes)), classes)
+        for i, row in enumerate(counts):
+            for j, n in enumerate(row):
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=8)
+        ax.set_xlabel("shadow")
+        ax.set_ylabel("primary")
+        ax.set_title(title)
+
+    return _svg(draw, width=4.2, height=3.6)
+
+
+def bars(categories: list[str], series: dict[str, list[float]], title: str) -> str:
+    """Grouped bars of shares per category."""
+    colors = {"primary": PRIMARY, "shadow": SHADOW, "reference": REFERENCE, "current": SHADOW}
+
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        width = 0.8 / max(len(series), 1)
+        for k, (name, values) in enumerate(series.items()):
+            ax.bar([i + k * width for i in range(len(categories))], values, width=width,
+                   label=name, color=colors.get(name))
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(categories))],
+                      categories, rotation=30, ha="right")
+        ax.set_ylabel("share")
+        ax.set_title(title)
+        ax.legend(frameon=False)
+
+    return _svg(draw)
+
+
+def report_plots(report: dict[str, Any]) -> dict[str, list[str]]:
+    """Every plot of a report, as SVG strings keyed by the section they illustrate."""
+    out: dict[str, list[str]] = {}
+    hist = report["operational"].get("latency_histogram")
+    if hist:
+        out["operational"] = [histogram(hist["edges"], {"primary": hist["primary"],
+                                                        "shadow": hist["shadow"]},
+                                        "Latency", "ms (log scale)", log_x=True)]
+    p = report["predictions"]
+    if p.get("n") and p["task"] == "regression":
+        q = p["quantiles"]
+        out["predictions"] = [
+            histogram(p["histogram"]["edges"], {"primary": p["histogram"]["primary"],
+                                                "shadow": p["histogram"]["shadow"]},
+                      "Predictions", "prediction"),
+            ecdf(q["levels"], {"primary": q["primary"], "shadow": q["shadow"]},
+                 "Predictions (ECDF)", "prediction"),
+            binned_scatter(p["scatter"], "Primary vs shadow"),
+            histogram(p["diff_histogram"]["edges"], {"shadow": p["diff_histogram"]["counts"]},
+                      "Shadow − primary", "difference"),
+        ]
+    elif p.get("n"):
+        fm = p["flip_matrix"]
+        rates = p["class_rates"]
+        out["predictions"] = [
+            matrix(fm["classes"], fm["counts"], "Flip matrix"),
+            bars(fm["classes"], {"primary": [rates[c]["primary"] for c in fm["classes"]],
+                                 "shadow": [rates[c]["shadow"] for c in fm["classes"]]},
+                 "Predicted classes"),
+        ]
+    plots = []
+    for f in report["data_checks"].get("features", []):
+        if "histogram" in f:
+            h = f["histogram"]
+            series = {"reference": h["reference"]} if h.get("reference") else {}
+            series["current"] = h["current"]
+            plots.append(histogram(h["edges"], series, f["name"], f["name"]))
+            q = f["quantiles"]
+            plots.append(ecdf(q["levels"], {"reference": q["reference"],
+                                            "current": q["current"]},
+                              f"{f['name']} (ECDF)", f["name"]))
+        elif f["current"]["top"]:
+            cats = [t["value"] for t in f["current"]["top"]]
+            ref_top = {t["value"]: t["n"] for t in (f["reference"] or {}).get("top", [])}
+            cur_n = f["current"]["n"] - f["current"]["missing"] or 1
+            series = {"current": [t["n"] / cur_n for t in f["current"]["top"]]}
+            if f["reference"]:
+                ref_n = f["reference"]["n"] - f["reference"]["missing"] or 1
+                series = {"reference": [ref_top.get(c, 0) / ref_n for c in cats], **series}
+            plots.append(bars(cats, series, f["name"]))
+    if plots:
+        out["data_checks"] = plots
+    return out

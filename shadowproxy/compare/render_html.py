@@ -1,0 +1,61 @@
+"""The report as one self-contained HTML file: tables plus inline SVG plots, no external
+resources (no scripts, fonts or stylesheets to fetch), rendered from the JSON."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from shadowproxy.compare.plots import report_plots
+from shadowproxy.compare.tables import Table, sections
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:1150px;color:#222;padding:0 1rem}
+h1{font-size:1.5rem}h2{font-size:1.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;
+margin-top:2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.85rem}
+th,td{padding:.25rem .6rem;border-bottom:1px solid #eee;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f6f6f6}
+caption{text-align:left;font-style:italic;padding:.3rem 0}
+.verdict{display:inline-block;padding:.2rem .7rem;border-radius:4px;color:#fff;
+font-weight:bold}.pass{background:#2e7d32}.warn{background:#ed6c02}.fail{background:#c62828}
+.plots{display:flex;flex-wrap:wrap;gap:1rem}.plots svg{max-width:100%;height:auto}
+details{margin-top:2rem}pre{font-size:.75rem;overflow:auto;background:#f6f6f6;padding:1rem}
+"""
+
+
+def _table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in table.rows)
+    caption = f"<caption>{html.escape(table.title)}</caption>" if table.title else ""
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The whole HTML document, with the JSON itself embedded at the end for reference."""
+    meta = report["meta"]
+    status = report["verdict"]["status"]
+    plots = report_plots(report)
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>shadowproxy report: {html.escape(meta['route'])} / "
+        f"{html.escape(meta['shadow'])}</title>", f"<style>{_CSS}</style></head><body>",
+        f"<h1>shadowproxy report: {html.escape(meta['route'])} / "
+        f"{html.escape(meta['shadow'])} <span class=\"verdict {status}\">"
+        f"{status.upper()}</span></h1>",
+    ]
+    for section in sections(report):
+        parts.append(f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>')
+        parts += [f"<p>{html.escape(note)}</p>" for note in section.notes]
+        parts += [_table(t) for t in section.tables]
+        if plots.get(section.key):
+            parts.append('<div class="plots">' + "".join(plots[section.key]) + "</div>")
+        parts.append("</section>")
+    data = html.escape(json.dumps(report, indent=1, allow_nan=False))
+    parts.append(f"<details><summary>The report as JSON</summary><pre>{data}</pre></details>")
+    parts.append(f"<p><small>generated {html.escape(meta['generated_at'])} by shadowproxy "
+                 f"{html.escape(meta['versions']['shadowproxy'])}</small></p></body></html>")
+    return "\n".join(parts) + "\n"

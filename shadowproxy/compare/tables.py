@@ -1,0 +1,243 @@
+"""The report's JSON laid out as titled tables, shared by the text, Markdown and HTML renderers.
+
+Each renderer only decides how a ``Section`` looks; what is shown, in which order and with
+which number format is decided once here, from the JSON alone (a report saved with
+``--format json`` renders the same later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    title: str = ""
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    notes: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for people: integers as is, floats to ``digits`` significant figures."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+def pval(test: dict[str, Any] | None) -> str:
+    if not test or test.get("p_value") is None:
+        return "–"
+    return fmt(test["p_value"], 3)
+
+
+def _header(r: dict[str, Any]) -> Section:
+    m = r["meta"]
+    v = r["verdict"]
+    s = Section("verdict", f"Verdict: {v['status'].upper()}")
+    s.notes.append(f"route {m['route']}, shadow {m['shadow']}"
+                   + (f", baseline {m['baseline_shadow']}" if m.get("baseline_shadow") else "")
+                   + f"; window {m['window']['start']} → {m['window']['end']}")
+    if v["reasons"]:
+        s.tables.append(Table(["level", "section", "reason"],
+                              [[x["level"], x["section"], x["message"]] for x in v["reasons"]]))
+    else:
+        s.notes.append("no rule fired")
+    return s
+
+
+def _counts(r: dict[str, Any]) -> Section:
+    c = r["counts"]
+    rows = [[k.replace("_", " "), pct(c[k]) if k == "pair_completeness" else fmt(c[k])]
+            for k in ("requests", "pairs", "complete_pairs", "comparable_pairs",
+                      "pair_completeness", "requests_without_pair", "shadow_timeouts",
+                      "shadow_drops", "shadow_skips", "shadow_errors", "shadow_5xx",
+                      "primary_failures")]
+    return Section("counts", "Counts", tables=[Table(["", "value"], rows)])
+
+
+def _operational(r: dict[str, Any]) -> Section:
+    o = r["operational"]
+    rows = []
+    for side in ("primary", "shadow"):
+        lat = o[side]["latency_ms"]
+        rows.append([side, fmt(o[side]["n"]), fmt(lat["p50"]), fmt(lat["p95"]), fmt(lat["p99"]),
+                     fmt(lat["max"]), pct(o[side]["error_rate"])])
+    s = Section("operational", "Operational", tables=[Table(
+        ["side", "n", "p50 ms", "p95 ms", "p99 ms", "max ms", "error rate"], rows)])
+    s.notes.append(f"status codes agree on {pct(o['status_agreement'])} of complete pairs")
+    return s
+
+
+def _predictions(r: dict[str, Any]) -> Section:
+    p = r["predictions"]
+    s = Section("predictions", f"Predictions ({p['task']}, {p['task_source']})")
+    if not p.get("n"):
+        s.notes.append(f"no paired predictions at {p['path']}")
+        return s
+    if p["task"] == "regression":
+        rows = [["n", fmt(p["n"])], ["MAE", fmt(p["mae"])], ["RMSE", fmt(p["rmse"])],
+                ["max |diff|", fmt(p["max_abs_diff"])],
+                ["mean diff (shadow − primary)", fmt(p["mean_diff"])],
+                ["median diff", fmt(p["median_diff"])],
+                ["Pearson r", fmt(p["pearson"]["r"])],
+                ["Spearman ρ", fmt(p["spearman"]["r"])],
+                ["within tolerance", pct(p["within_tolerance"])
+                 + f" (abs {p['tolerance']['abs']}, rel {p['tolerance']['rel']})"],
+                ["Wilcoxon signed-rank p", pval(p["wilcoxon"])],
+                [f"distribution: {p['distribution_test'].get('test')}",
+                 fmt(p["distribution_test"].get("statistic"))
+                 + (f", p = {pval(p['distribution_test'])}"
+                    if p["distribution_test"].get("p_value") is not None else "")
+                 + (" — differs" if p["distribution_test"].get("drift") else "")]]
+        s.tables.append(Table(["", "value"], rows))
+        side_rows = [[side] + [fmt(p[side][k]) for k in ("mean", "sd", "min", "median", "max")]
+                     for side in ("primary", "shadow")]
+        s.tables.append(Table(["side", "mean", "sd", "min", "median", "max"], side_rows))
+        if p.get("worst"):
+            s.tables.append(Table(["request id", "index", "primary", "shadow", "|diff|"], [
+                [w["request_id"], str(w["index"]), fmt(w["primary"]), fmt(w["shadow"]),
+                 fmt(w["abs_diff"])] for w in p["worst"]], title="largest differences"))
+    else:
+        rows = [["n", fmt(p["n"])], ["agreement", pct(p["agreement"])],
+                ["Cohen's kappa", fmt(p["kappa"])]]
+        if p.get("positive_rate"):
+            pr = p["positive_rate"]
+            rows.append([f"positive rate ({p['positive_class']})",
+                         f"{pct(pr['primary'])} → {pct(pr['shadow'])} ({pct(pr['diff'])})"])
+        s.tables.append(Table(["", "value"], rows))
+        fm = p["flip_matrix"]
+        s.tables.append(Table(["primary \\ shadow", *fm["classes"]],
+                              [[c, *[fmt(n) for n in row]]
+                               for c, row in zip(fm["classes"], fm["counts"], strict=True)],
+                              title="flip matrix"))
+    if p.get("baseline_noise"):
+        b = p["baseline_noise"]
+        detail = (f"MAE {fmt(b['mae'])}, RMSE {fmt(b['rmse'])}" if p["task"] == "regression"
+                  else f"agreement {pct(b['agreement'])}")
+        s.notes.append(f"noise floor (primary vs baseline {b['shadow']}): n {fmt(b['n'])}, "
+                       + detail)
+    return s
+
+
+def _performance(r: dict[str, Any]) -> Section:
+    p = r["performance"]
+    s = Section("performance", "Performance on labels")
+    s.notes.append(f"labelled for both: {fmt(p['labels']['labelled_both'])} of "
+                   f"{fmt(p['labels']['predictions'])} predictions "
+                   f"({pct(p['labels']['coverage'])})")
+    if p.get("why"):
+        s.notes.append(p["why"])
+        return s
+    keys = [k for k in ("mse", "rmse", "mae", "r2", "accuracy", "precision", "recall", "f1",
+                        "roc_auc") if k in p["primary"]]
+    s.tables.append(Table(["metric", "primary", "shadow"],
+                          [[k, fmt(p["primary"][k]), fmt(p["shadow"][k])] for k in keys]))
+    t = p["paired_test"]
+    s.notes.append(f"paired test {t['test']}: p = {pval(t)}; shadow "
+                   + ("better" if p["shadow_better"] else "not better"))
+    ci = p.get("confidence_intervals", {})
+    if "why" in ci:
+        s.notes.append(ci["why"])
+    else:
+        s.tables.append(Table(["95% CI", "low", "high"], [
+            [k, fmt(v[0]), fmt(v[1])] for k, v in ci.items() if isinstance(v, list)]))
+    return s
+
+
+def _diff(r: dict[str, Any]) -> Section:
+    d = r["diff"]
+    s = Section("diff", "Response diff")
+    s.notes.append(f"identical after ignore: {fmt(d['identical'])} of "
+                   f"{fmt(d['comparable_pairs'])} ({pct(d['identical_share'])})")
+    if "identical_share_excluding_noise" in d:
+        s.notes.append(f"identical excluding noise fields {d['noise_fields']}: "
+                       f"{pct(d['identical_share_excluding_noise'])}")
+    headers = ["field", "present", "differs", "rate"]
+    if "baseline_shadow" in d:
+        headers += ["noise rate", "noise"]
+    rows = []
+    for f in d["fields"][:25]:
+        row = [f["field"], fmt(f["n_present"]), fmt(f["n_differ"]), pct(f["rate"])]
+        if "baseline_shadow" in d:
+            row += [pct(f.get("noise_rate")), fmt(f.get("noise"))]
+        rows.append(row)
+    if rows:
+        s.tables.append(Table(headers, rows))
+    if d.get("worst"):
+        s.tables.append(Table(["request id", "fields differing", "fields"], [
+            [w["request_id"], fmt(w["fields_differing"]), ", ".join(w["fields"][:6])]
+            for w in d["worst"]], title="most different pairs"))
+    return s
+
+
+def _data_checks(r: dict[str, Any]) -> Section:
+    d = r["data_checks"]
+    s = Section("data_checks", "Data checks")
+    if not d.get("features"):
+        s.notes.append(d.get("why", "no features"))
+        return s
+    ref = d["reference"]
+    s.notes.append("reference: " + (ref["path"] if ref["kind"] == "file" else
+                                    f"the earlier window {ref['start']} → {ref['end']}"))
+    rows = []
+    for f in d["features"]:
+        dist = f["distribution"]
+        cur, refs = f["current"], f["reference"] or {}
+        checks = f["checks"]
+        failed = "; ".join(checks["failed"]) or "ok"
+        rows.append([f["name"], f["type"], fmt(cur["n"]), pct(cur["missing_share"]),
+                     f"{fmt(refs.get('mean'))} → {fmt(cur['mean'])}",
+                     str(dist.get("test") or "–"), fmt(dist.get("statistic")), pval(dist),
+                     fmt(dist.get("p_value_adjusted"), 3), "DRIFT" if f["drift"] else "–",
+                     failed])
+    s.tables.append(Table(["feature", "type", "n", "missing", "mean ref → cur", "test", "stat",
+                           "p", "p adj (BH)", "drift", "value checks"], rows))
+    return s
+
+
+def _slices(r: dict[str, Any]) -> Section:
+    d = r["slices"]
+    s = Section("slices", "Slices")
+    if not d.get("slices"):
+        s.notes.append(d.get("why", "no slices with data"))
+        return s
+    regression = "mae" in d["whole"]
+    metric = "mae" if regression else "agreement"
+    rows = [["(whole)", fmt(d["whole"]["n"]), fmt(d["whole"].get(metric)), "–", "–", ""]]
+    for x in d["slices"]:
+        rows.append([x["slice"], fmt(x["n"]), fmt(x.get(metric)), pval(x["test"]),
+                     fmt(x["test"].get("p_value_adjusted"), 3),
+                     "FLAG" if x.get("flagged") else
+                     ("" if x["test"].get("test") else x["test"].get("why") or "")])
+    s.tables.append(Table(["slice", "n", metric, "p", "p adj (BH)", ""], rows))
+    for family, t in d.get("families", {}).items():
+        if t.get("test"):
+            s.notes.append(f"{family}: {t['test']} across bins, p = {pval(t)}")
+    return s
+
+
+def sections(report: dict[str, Any]) -> list[Section]:
+    """Every section of the report, verdict first."""
+    return [_header(report), _counts(report), _operational(report), _predictions(report),
+            _performance(report), _diff(report), _data_checks(report), _slices(report)]

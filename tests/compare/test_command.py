@@ -1,0 +1,141 @@
+"""``shadowproxy report`` through the real command line: formats, --fail-on, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shadowproxy.cli import main
+from shadowproxy.compare.command import resolve_window
+from shadowproxy.errors import UsageError
+from tests.compare.records import Call, Exchange, insert, write_config
+
+COMPARE = """
+prediction: "$.prediction"
+ignore: ["$.model_version"]
+features:
+  sqft: {path: "$.features.sqft", min: 0}
+slices:
+  big: "(request_body_json #>> '{features,sqft}')::float > 3000"
+"""
+
+
+@pytest.fixture
+def config(sync_database_url: str, tmp_path: Path) -> Path:
+    """A config over a database holding 200 exchanges from two differing models."""
+    rng = np.random.default_rng(21)
+    sqft = rng.uniform(500, 4000, 200)
+    exchanges = [Exchange({"features": {"sqft": float(x)}},
+                          Call({"prediction": 50 * x, "model_version": "v1"}),
+                          {"candidate": Call({"prediction": 52 * x, "model_version": "v2"})})
+                 for x in sqft]
+    asyncio.run(insert(sync_database_url, exchanges))
+    return write_config(tmp_path, sync_database_url, COMPARE)
+
+
+def test_json_output_has_every_contract_key(config: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """--format json -o FILE writes the canonical document with the contract's keys."""
+    out = tmp_path / "report.json"
+    assert main(["report", "-c", str(config), "--route", "house-prices", "--since", "1h",
+                 "--format", "json", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"counts", "operational", "diff", "predictions", "performance", "data_checks",
+            "slices", "verdict"} <= set(report)
+    assert report["counts"]["pairs"] == 200
+    assert report["predictions"]["within_tolerance"] == 0
+    assert "verdict" in capsys.readouterr().err
+
+
+def test_text_markdown_and_html_render_the_same_report(config: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """Text goes to stdout as tables; Markdown has tables; HTML is self-contained with SVGs."""
+    args = ["report", "-c", str(config), "--route", "house-prices"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "Verdict:" in text and "Predictions (regression" in text and "MAE" in text
+    md = tmp_path / "r.md"
+    assert main([*args, "--format", "markdown", "-o", str(md)]) == 0
+    assert "| MAE |" in md.read_text() and md.read_text().startswith("# shadowproxy report")
+    page = tmp_path / "r.html"
+    assert main([*args, "--format", "html", "-o", str(page)]) == 0
+    html = page.read_text()
+    assert html.count("<svg") >= 6  # latency, 4 prediction plots, feature histogram + ECDF
+    for fetch in ('src="http', 'href="http', "url(http", "@import", "<script", "<link"):
+        assert fetch not in html  # nothing to fetch: namespaces (xmlns) are only names
+
+
+def test_fail_on_sets_exit_status_3(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--fail-on warn exits 3 when the verdict is warn or worse; --fail-on fail does not."""
+    args = ["report", "-c", str(config), "--route", "house-prices", "--format", "json"]
+    assert main([*args, "--fail-on", "warn"]) == 3
+    status = json.loads(capsys.readouterr().out)["verdict"]["status"]
+    assert status == "warn"
+    assert main([*args, "--fail-on", "fail"]) == 0
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--route", "nope"], "no route named 'nope'"),
+    (["--route", "house-prices", "--shadow", "ghost"], "has no shadow named 'ghost'"),
+    (["--route", "house-prices", "--since", "soon"], "expected a duration"),
+    (["--route", "house-prices", "--from", "2025-02-01", "--to", "2025-01-01"],
+     "the window is empty"),
+    (["--route", "house-prices", "--from", "yesterday"], "ISO 8601"),
+    (["--route", "house-prices", "--reference", "/nonexistent.csv"], "no such file"),
+])
+def test_bad_arguments_exit_2_with_what_to_do(config: Path, capsys: pytest.CaptureFixture[str],
+                                             extra: list[str], message: str) -> None:
+    """Unknown route or shadow, a bad window, a missing reference: exit 2, a clear message."""
+    assert main(["report", "-c", str(config), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("compare", "message"), [
+    ('prediction: "$.pred[[["', "compare.prediction: PostgreSQL rejects the jsonpath"),
+    ('prediction: "$.p"\nslices:\n  bad: "no_such_column > 1"',
+     "compare.slices.bad: PostgreSQL rejects the condition"),
+    ('prediction: "$.p"\nignore: ["$.a ? (@ > 1)"]', "ignore supports"),
+])
+def test_configuration_postgresql_rejects_exits_2(sync_database_url: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   compare: str, message: str) -> None:
+    """A jsonpath, slice or ignore path PostgreSQL cannot use is named by its config key."""
+    path = write_config(tmp_path, sync_database_url, compare)
+    assert main(["report", "-c", str(path), "--route", "house-prices"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_reference_exits_2(config: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A reference without the features' columns, or not a data file, is a usage error."""
+    ref = tmp_path / "train.csv"
+    ref.write_text("area,price\n1,2\n")
+    assert main(["report", "-c", str(config), "--route", "house-prices",
+                 "--reference", str(ref)]) == 2
+    assert "no column for the features ['sqft']" in capsys.readouterr().err
+    bad = tmp_path / "train.parquet"
+    bad.write_text("not parquet")
+    assert main(["report", "-c", str(config), "--route", "house-prices",
+                 "--reference", str(bad)]) == 2
+    assert "cannot read it" in capsys.readouterr().err
+
+
+def test_window_forms() -> None:
+    """--since ends now, --from/--to is explicit, naive times are UTC, --to alone uses 24h."""
+    now = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    w = resolve_window("15m", None, None, now)
+    assert (w.start, w.end) == (now - timedelta(minutes=15), now)
+    w = resolve_window(None, "2025-02-01T00:00", "2025-02-02T00:00+01:00", now)
+    assert w.start == datetime(2025, 2, 1, tzinfo=UTC)
+    assert w.end == datetime(2025, 2, 1, 23, tzinfo=UTC)
+    w = resolve_window(None, None, "2025-02-02T00:00Z", now)
+    assert w.end - w.start == timedelta(hours=24)
+    assert w.earlier().end == w.start
+    with pytest.raises(UsageError):
+        resolve_window("0h", None, None, now)

@@ -1,0 +1,59 @@
+"""``shadowproxy labels import``: idempotent upserts, JSON labels, unknown ids reported."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from shadowproxy.cli import main
+from tests.compare.records import Call, Exchange, insert, write_config
+
+
+async def _labels(url: str) -> dict[str, object]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT request_id, label::text FROM shadowproxy.labels")
+    finally:
+        await conn.close()
+    return {r[0]: r[1] for r in rows}
+
+
+def test_import_is_idempotent_and_reports_unknown_ids(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second import changes nothing; a corrected label replaces the old one."""
+    ex = [Exchange({"x": i}, Call({"p": i}), {"candidate": Call({"p": i})},
+                   request_id=f"req-{i}") for i in range(3)]
+    asyncio.run(insert(sync_database_url, ex))
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nreq-0,1\nreq-1,cat\nreq-2,\"[1, 0]\"\nghost,0\n"
+                      "req-0,1\n,5\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    out = capsys.readouterr().out
+    assert "4 new labels, 0 changed, 0 unchanged" in out
+    assert "1 rows without id or label skipped" in out and "1 repeated ids" in out
+    assert "1 request ids match no recorded request (yet), e.g. ghost" in out
+    assert asyncio.run(_labels(sync_database_url)) == {
+        "req-0": "1", "req-1": '"cat"', "req-2": "[1, 0]", "ghost": "0"}
+
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    assert "0 new labels, 0 changed, 4 unchanged" in capsys.readouterr().out
+    labels.write_text("request_id,label\nreq-0,0\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    assert "0 new labels, 1 changed" in capsys.readouterr().out
+    assert asyncio.run(_labels(sync_database_url))["req-0"] == "0"
+
+
+def test_a_file_without_the_columns_is_refused(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No request_id,label header, or no file at all: exit 2 saying what is expected."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,y\n1,2\n")
+    assert main(["labels", "import", "-c", str(config), str(bad)]) == 2
+    assert "expected a header row with the columns request_id,label" in capsys.readouterr().err
+    assert main(["labels", "import", "-c", str(config), str(tmp_path / "none.csv")]) == 2
+    assert "cannot read the labels file" in capsys.readouterr().err
