@@ -16,7 +16,9 @@ from numpy.typing import NDArray
 # The data set's columns, in order, renamed from age, sex, bmi, bp, s1..s6 (see its DESCR).
 FEATURES: tuple[str, ...] = ("age", "sex", "bmi", "bp", "tc", "ldl", "hdl", "tch", "ltg", "glu")
 
-# Rows held out of training, so that traffic also carries inputs the models have not seen.
+# Patients held out of training: the traffic generator sends these, as live traffic would be
+# new patients. The boosted model fits its training rows more closely than the linear one,
+# and on these it does worse: the kind of surprise a shadow deployment exists to catch.
 TEST_FRACTION = 0.25
 SPLIT_SEED = 7
 
@@ -27,8 +29,8 @@ class Dataset:
 
     x_train: NDArray[np.float64]
     y_train: NDArray[np.float64]
-    x_all: NDArray[np.float64]
-    y_all: NDArray[np.float64]
+    x_test: NDArray[np.float64]
+    y_test: NDArray[np.float64]
 
 
 def load() -> Dataset:
@@ -39,8 +41,9 @@ def load() -> Dataset:
     x = np.asarray(bunch.data, dtype=np.float64)
     y = np.asarray(bunch.target, dtype=np.float64)
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
-    train = order[int(len(x) * TEST_FRACTION):]
-    return Dataset(x_train=x[train], y_train=y[train], x_all=x, y_all=y)
+    cut = int(len(x) * TEST_FRACTION)
+    test, train = order[:cut], order[cut:]
+    return Dataset(x_train=x[train], y_train=y[train], x_test=x[test], y_test=y[test])
 
 
 def row_to_features(row: NDArray[np.float64]) -> dict[str, int | float]:
@@ -51,3 +54,37 @@ def row_to_features(row: NDArray[np.float64]) -> dict[str, int | float]:
     """
     return {name: int(value) if float(value).is_integer() else float(value)
             for name, value in zip(FEATURES, row, strict=True)}
+
+
+def write_training_csv(path: str) -> int:
+    """Write the training split as CSV, one column per feature; return the row count.
+
+    ``shadowproxy report --reference FILE`` compares live inputs with this file, so drift
+    between what the models learned from and what they are asked about shows in the report.
+    """
+    import csv
+
+    data = load()
+    with open(path, "w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow(FEATURES)
+        for row in data.x_train:
+            writer.writerow(row_to_features(row).values())
+    return len(data.x_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.dataset",
+        description="Write the example models' training data as CSV.")
+    parser.add_argument("--training-csv", required=True, metavar="FILE")
+    args = parser.parse_args(argv)
+    rows = write_training_csv(args.training_csv)
+    print(f"wrote {rows} training rows to {args.training_csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

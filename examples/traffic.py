@@ -2,8 +2,9 @@
 
     python -m examples.traffic --url http://127.0.0.1:8080/predict --requests 2000
 
-Each request is ``{"features": {...}}`` for one patient of the diabetes data (drawn with a
-seeded generator, so runs repeat), with a fresh ``X-Request-Id``. ``--labels FILE`` writes
+Each request is ``{"features": {...}}`` for one patient of the diabetes data that the models
+were not trained on (drawn with a seeded generator, so runs repeat), with a fresh
+``X-Request-Id``. ``--labels FILE`` writes
 ``request_id,label`` rows (the patient's true outcome) for ``shadowproxy labels import``, so a
 report can score both models against the truth. At most ``--concurrency`` requests are in
 flight at once. It only sends to this machine (127.0.0.1, ::1, localhost): it is a demo load
@@ -98,10 +99,10 @@ Body = dict[str, dict[str, int | float]]
 
 def _requests(count: int, seed: int) -> Iterator[tuple[str, Body, float]]:
     data = load()
-    rows = np.random.default_rng(seed).integers(0, len(data.x_all), size=count)
+    rows = np.random.default_rng(seed).integers(0, len(data.x_test), size=count)
     for i in rows:
-        body = {"features": row_to_features(data.x_all[i])}
-        yield str(uuid.uuid4()), body, float(data.y_all[i])
+        body = {"features": row_to_features(data.x_test[i])}
+        yield str(uuid.uuid4()), body, float(data.y_test[i])
 
 
 async def send(url: str, count: int, *, concurrency: int = 16, seed: int = 0,

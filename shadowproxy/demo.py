@@ -1,0 +1,353 @@
+"""``shadowproxy demo``: the whole story on one machine, with nothing but Python.
+
+It starts the embedded PostgreSQL under ``--data-dir``, the two example model services of
+``examples/`` (a ridge regression as the primary, gradient boosting as the candidate shadow,
+both trained at start on scikit-learn's bundled diabetes data), and ``shadowproxy run`` in
+front of them; sends ``--requests`` requests through the proxy with a progress bar; waits
+until every exchange is in the database; loads the true outcomes as labels; prints the
+comparison report and writes its HTML version; says where everything is; and stops every
+process it started, each by its process group, whatever happened.
+
+Each child is a separate process running the same commands a user would type, with its
+output in ``DATA_DIR/logs/``; when one fails, the end of its log is part of the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from rich.console import Console
+
+from shadowproxy.errors import ShadowProxyError, UsageError
+
+ROUTE = "diabetes"
+SHADOW = "candidate"
+MAX_REQUESTS = 1_000_000
+START_TIMEOUT_S = 60.0
+RECORD_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+LOG_TAIL_BYTES = 3000
+
+
+class DemoError(ShadowProxyError):
+    """A step of the demo failed: a process did not start, or records did not arrive."""
+
+
+@dataclass
+class Child:
+    """A process the demo started, in its own process group, logging to ``log``."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self) -> str:
+        """The end of the process's log, for an error message."""
+        try:
+            with self.log.open("rb") as f:
+                f.seek(max(0, self.log.stat().st_size - LOG_TAIL_BYTES))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def failed(self, what: str) -> DemoError:
+        tail = self.tail().strip()
+        return DemoError(f"{self.name} {what} (log: {self.log})"
+                         + (f"\n--- end of {self.log.name} ---\n{tail}" if tail else ""))
+
+
+@dataclass
+class Processes:
+    """Every process the demo starts; ``close()`` stops them in reverse order of start."""
+
+    log_dir: Path
+    env: dict[str, str]
+    cwd: Path
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str]) -> Child:
+        log = self.log_dir / f"{name}.log"
+        with log.open("wb") as out:
+            # A new session: a Ctrl-C at the terminal reaches only the demo, which then stops
+            # each group in order, and killpg also reaches any worker the child forks.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+                                    start_new_session=True)
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def close(self, timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
+        """SIGTERM each group (last started first), then SIGKILL any that outlive the wait.
+
+        Returns the names of the processes that had to be killed.
+        """
+        killed = []
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                _signal_group(child.proc.pid, signal.SIGTERM)
+                try:
+                    child.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    killed.append(child.name)
+            # Kill the rest of the group too: a worker the child forked may outlive it.
+            _signal_group(child.proc.pid, signal.SIGKILL)
+            child.proc.wait()
+        self.children.clear()
+        return killed
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is already gone
+        os.killpg(pgid, sig)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def examples_root() -> Path:
+    """The source checkout holding ``examples/``; UsageError when it cannot be found."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "examples" / "model_service.py").is_file():
+        raise UsageError(
+            "shadowproxy demo runs the example model services of the source tree, and there "
+            f"is no examples/ folder next to the package (looked in {root}); run it from a "
+            "checkout: git clone the repository, then pip install -e '.[examples]'")
+    if importlib.util.find_spec("sklearn") is None:
+        raise UsageError("the demo's example models need scikit-learn; "
+                         "install it with: pip install -e '.[examples]'")
+    return root
+
+
+def demo_config(data_dir: Path, ports: dict[str, int]) -> dict[str, Any]:
+    """The configuration the demo's proxy runs with (written to DATA_DIR/shadowproxy.yaml)."""
+    features: dict[str, dict[str, Any]] = {
+        "age": {"type": "numeric", "min": 0, "max": 120},
+        "sex": {"type": "categorical", "allowed": [1, 2]},
+        "bmi": {"type": "numeric", "min": 10, "max": 70},
+        "bp": {"type": "numeric", "min": 30, "max": 250},
+        "ltg": {"type": "numeric"},
+        "glu": {"type": "numeric"},
+    }
+    for name, spec in features.items():
+        spec["path"] = f"$.features.{name}"
+    return {
+        "listen": f"127.0.0.1:{ports['proxy']}",
+        "admin_listen": f"127.0.0.1:{ports['admin']}",
+        "workers": 1,
+        "data_dir": str(data_dir),
+        "database": {"url": None},  # the embedded PostgreSQL under data_dir
+        "routes": [{
+            "name": ROUTE,
+            "match": {"path_prefix": "/predict", "methods": ["POST"]},
+            "primary": {"url": f"http://127.0.0.1:{ports['primary']}", "timeout_s": 10},
+            "shadows": [{"name": SHADOW, "url": f"http://127.0.0.1:{ports['candidate']}",
+                         "timeout_s": 10, "set_headers": {"X-Shadow-Request": "1"}}],
+            "compare": {
+                "prediction": "$.prediction",
+                "task": "regression",
+                "ignore": ["$.model_version"],
+                "features": features,
+                "slices": {
+                    "age": {"feature": "age", "bins": [0, 40, 60, 120]},
+                    "obese": "(request_body_json #>> '{features,bmi}')::float >= 30",
+                },
+            },
+        }],
+    }
+
+
+def wait_http(child: Child, url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Poll ``url`` until it answers 200, failing early if ``child`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if child.proc.poll() is not None:
+            raise child.failed(f"exited with status {child.proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet, or not ready (503)
+        if time.monotonic() > deadline:
+            raise child.failed(f"did not answer {url} within {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+async def _db_now(url: str) -> datetime:
+    from shadowproxy.store.database import connection
+
+    async with connection(url) as conn:
+        now: datetime = await conn.fetchval("SELECT now()")
+        return now
+
+
+async def _wait_records(url: str, since: datetime, expected: int, timeout_s: float) -> int:
+    """Poll the requests table until ``expected`` records of this run are there."""
+    from shadowproxy.store.database import connection
+
+    async with connection(url) as conn:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM shadowproxy.requests "
+                "WHERE route = $1 AND received_at >= $2", ROUTE, since)
+            if count >= expected or time.monotonic() > deadline:
+                return count
+            await asyncio.sleep(0.2)
+
+
+def _run_step(argv: list[str], env: dict[str, str], cwd: Path, what: str,
+              stdout: IO[str] | int | None = subprocess.PIPE) -> str:
+    """Run one command to completion; DemoError with its output if it fails."""
+    proc = subprocess.run(argv, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise DemoError(f"{what} failed with status {proc.returncode}: "
+                        f"{' '.join(argv[1:])}\n{(proc.stdout or '')[-LOG_TAIL_BYTES:]}"
+                        f"{proc.stderr[-LOG_TAIL_BYTES:]}")
+    return proc.stdout or ""
+
+
+def _count_lines(path: Path) -> int:
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for _ in f) - 1  # minus the header
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The ``demo`` command."""
+    if not 1 <= args.requests <= MAX_REQUESTS:
+        raise UsageError(f"--requests: expected 1 to {MAX_REQUESTS} (got {args.requests})")
+    root = examples_root()
+    data_dir = Path(args.data_dir).resolve()
+    try:
+        (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--data-dir {data_dir}: cannot create it: {exc.strerror}") from exc
+    console = Console(highlight=False)
+    python = sys.executable
+    env = {k: v for k, v in os.environ.items()
+           # The demo's own embedded database, never one a variable points at.
+           if k not in ("SHADOWPROXY_DATABASE_URL", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(root)
+    children = Processes(data_dir / "logs", env, root)
+    try:
+        return _demo(args.requests, data_dir, console, python, env, root, children)
+    finally:
+        killed = children.close()
+        if killed:
+            console.print(f"[yellow]had to kill {', '.join(killed)} (no exit within "
+                          f"{STOP_TIMEOUT_S:.0f}s of SIGTERM)[/]")
+
+
+def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dict[str, str],
+          root: Path, children: Processes) -> int:
+    from shadowproxy.store.embedded import start_embedded
+    from shadowproxy.store.migrate import migrate
+
+    started = time.monotonic()
+    step = 0
+
+    def say(text: str) -> None:
+        nonlocal step
+        step += 1
+        console.print(f"[bold cyan][{step}/7][/] {text}")
+
+    say(f"PostgreSQL (embedded) in {data_dir / 'postgres'}")
+    db_url = start_embedded(data_dir, cleanup="stop")
+    asyncio.run(migrate(db_url))
+
+    ports = {name: free_port() for name in ("primary", "candidate", "proxy", "admin")}
+    config_path = data_dir / "shadowproxy.yaml"
+    config_path.write_text(
+        "# Written by `shadowproxy demo`; ports are chosen afresh on every run.\n"
+        + yaml.safe_dump(demo_config(data_dir, ports), sort_keys=False), encoding="utf-8")
+
+    say(f"model services: primary = linear on :{ports['primary']}, "
+        f"shadow '{SHADOW}' = gradient boosting on :{ports['candidate']} (training...)")
+    models = [children.start(name, [python, "-m", "examples.model_service", "--model", kind,
+                                    "--port", str(ports[name])])
+              for name, kind in (("primary", "linear"), ("candidate", "gbm"))]
+    for child in models:
+        wait_http(child, f"http://127.0.0.1:{ports[child.name]}/healthz")
+
+    say(f"shadowproxy on 127.0.0.1:{ports['proxy']} (admin :{ports['admin']})")
+    proxy = children.start("shadowproxy", [python, "-m", "shadowproxy", "run",
+                                           "-c", str(config_path)])
+    wait_http(proxy, f"http://127.0.0.1:{ports['admin']}/readyz")
+
+    say(f"sending {requests} requests through the proxy")
+    window_start = asyncio.run(_db_now(db_url))
+    labels = data_dir / "labels.csv"
+    summary = _run_step(
+        [python, "-m", "examples.traffic", "--url", f"http://127.0.0.1:{ports['proxy']}/predict",
+         "--requests", str(requests), "--labels", str(labels)],
+        env, root, "sending traffic").strip()
+    console.print(f"    {summary}")
+    answered = _count_lines(labels)
+    if answered == 0:
+        raise proxy.failed("answered none of the requests")
+
+    say("waiting for the records to reach PostgreSQL")
+    recorded = asyncio.run(_wait_records(db_url, window_start, answered, RECORD_TIMEOUT_S))
+    if recorded < answered:
+        raise proxy.failed(f"recorded {recorded} of {answered} answered requests "
+                           f"within {RECORD_TIMEOUT_S:.0f}s")
+    window_end = asyncio.run(_db_now(db_url))
+    console.print(f"    {recorded} exchanges recorded")
+    imported = _run_step([python, "-m", "shadowproxy", "labels", "import", "-c",
+                          str(config_path), str(labels)], env, root, "importing labels")
+    console.print(f"    true outcomes as labels: {imported.strip().splitlines()[0]}"
+                  if imported.strip() else "    true outcomes imported as labels")
+
+    say("the comparison report")
+    reference = data_dir / "training.csv"
+    _run_step([python, "-m", "examples.dataset", "--training-csv", str(reference)],
+              env, root, "writing the training data")
+    report = [python, "-m", "shadowproxy", "report", "-c", str(config_path), "--route", ROUTE,
+              "--shadow", SHADOW, "--from", window_start.isoformat(),
+              "--to", window_end.isoformat(), "--reference", str(reference)]
+    sys.stdout.flush()
+    _run_step(report, env, root, "the report", stdout=None)  # straight to the terminal
+    html = data_dir / "report.html"
+    _run_step(report + ["--format", "html", "-o", str(html)], env, root, "the HTML report")
+
+    say("stopping the proxy and the models")
+    killed = children.close()
+    if killed:
+        raise DemoError(f"{', '.join(killed)} did not stop within {STOP_TIMEOUT_S:.0f}s of "
+                        f"SIGTERM and was killed; see {data_dir / 'logs'}")
+    elapsed = time.monotonic() - started
+    console.print(f"\n[bold green]Done in {elapsed:.0f}s.[/] Everything is under {data_dir}:")
+    for label, where in (
+            ("HTML report", str(html)),
+            ("database", f'psql "$(shadowproxy db-url -c {config_path})"'),
+            ("", "(the embedded PostgreSQL stopped with the demo; db-url starts it again)"),
+            ("try in psql", "SELECT shadow_name, count(*), avg(abs((shadow_body_json->>"
+                            "'prediction')::float - (primary_body_json->>'prediction')::float))"
+                            " AS mean_abs_diff FROM shadowproxy.pairs GROUP BY 1;"),
+            ("config", str(config_path)),
+            ("logs", str(data_dir / "logs"))):
+        console.print(f"  [bold]{label:<12}[/] {where}", soft_wrap=True)
+    return 0
