@@ -1,0 +1,49 @@
+"""The verdict's rules on hand-made report sections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shadowproxy.compare.config import Thresholds
+from shadowproxy.compare.verdict import reaches, verdict
+
+
+def base() -> dict[str, Any]:
+    side = {"error_rate": 0.0, "latency_ms": {"p99": 10.0}}
+    return {
+        "counts": {"pairs": 100, "pair_completeness": 1.0, "comparable_pairs": 100},
+        "operational": {"primary": side, "shadow": dict(side), "status_agreement": 1.0},
+        "predictions": {"task": "classification", "n": 100, "agreement": 0.99, "kappa": 0.95},
+        "performance": {}, "data_checks": {}, "slices": {},
+    }
+
+
+def test_a_clean_report_passes() -> None:
+    """No rule fires: pass, with no reasons."""
+    assert verdict(base(), Thresholds()) == {"status": "pass", "reasons": []}
+
+
+def test_each_rule_raises_its_level() -> None:
+    """Low agreement warns; more shadow errors or a significantly worse shadow fail."""
+    r = base()
+    r["predictions"]["agreement"] = 0.9
+    assert verdict(r, Thresholds())["status"] == "warn"
+    r = base()
+    r["operational"]["shadow"] = {"error_rate": 0.05, "latency_ms": {"p99": 10.0}}
+    assert verdict(r, Thresholds())["status"] == "fail"
+    r = base()
+    r["performance"] = {"paired_test": {"test": "mcnemar_exact", "p_value": 0.001},
+                        "shadow_better": True}
+    out = verdict(r, Thresholds())
+    assert out["status"] == "pass" and out["reasons"][0]["level"] == "info"
+    r["performance"]["shadow_better"] = False
+    assert verdict(r, Thresholds())["status"] == "fail"
+    r = base()
+    r["counts"]["pair_completeness"] = 0.9
+    assert verdict(r, Thresholds())["reasons"][0]["section"] == "counts"
+
+
+def test_fail_on_levels() -> None:
+    """--fail-on warn fires on warn and fail; --fail-on fail only on fail."""
+    assert reaches("warn", "warn") and reaches("fail", "warn")
+    assert not reaches("warn", "fail") and not reaches("pass", "warn")
