@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from shadowproxy.metrics import Metrics, ShadowCounters, families
 from tests.deploy.files import (
     DESIGN_HISTOGRAMS,
     DESIGN_LABEL_VALUES,
@@ -142,3 +143,30 @@ def test_layout_is_well_formed(dashboard: dict[str, Any]) -> None:
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
     assert dashboard["uid"] and dashboard["title"]
+
+
+def _exported() -> dict[str, set[str]]:
+    """Sample names and their labels, as shadowproxy's /metrics exposes them."""
+    metrics = Metrics()
+    metrics.route("r").count(200)
+    metrics.route("r").primary_latency.observe(5.0)
+    metrics.shadow("r", "s").finish(ShadowCounters.OK, 3.0)
+    metrics.records["written"] += 1
+    exported: dict[str, set[str]] = {}
+    for family in families([metrics.snapshot()]):
+        for sample in family.samples:
+            exported.setdefault(sample.name, set()).update(sample.labels)
+    return exported
+
+
+def test_every_metric_queried_is_exported_by_the_proxy(dashboard: dict[str, Any]) -> None:
+    """The proxy's own /metrics families carry every series and label the dashboard queries."""
+    exported = _exported()
+    for query in _queries(dashboard):
+        for name in METRIC.findall(query):
+            assert name in exported, f"/metrics has no {name}: {query}"
+        for name, matchers in SELECTOR.findall(query):
+            for part in filter(str.strip, matchers.split(",")):
+                m = MATCHER.fullmatch(part)
+                assert m
+                assert m.group(1) in exported[name] | TARGET_LABELS, f"{name}: {part}"
