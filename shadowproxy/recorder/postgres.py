@@ -1,13 +1,17 @@
-"""Writing batches to PostgreSQL: COPY into temporary tables, then an idempotent INSERT.
+"""Writing batches to PostgreSQL with COPY.
 
-COPY is the fastest way in; the temporary tables let one ``INSERT ... SELECT ... ON
-CONFLICT DO NOTHING`` per table parse JSON text into jsonb on the server and skip records
-that a spool replay already stored. One connection, owned by the recorder's writer task.
+Normal path: one COPY per table straight into ``shadowproxy.requests`` and ``responses``
+(JSON was validated by the encoder, so PostgreSQL parses each body once). Safe path, for
+spool replays and for a batch the normal path refused: COPY into temporary tables, then
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` that re-checks every JSON text, so a
+record already stored is skipped and one odd value cannot block a batch. One connection,
+owned by the recorder's writer task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import asyncpg
 
@@ -16,38 +20,44 @@ from shadowproxy.recorder.rows import REQUEST_COLUMNS, RESPONSE_COLUMNS, Row
 from shadowproxy.store.database import CONNECTION_ERRORS, describe
 from shadowproxy.store.migrate import apply as apply_migrations
 
+log = logging.getLogger("shadowproxy.recorder")
+
 _TEMP_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS _sp_requests (
     id uuid, request_id text, route text, received_at timestamptz, method text, path text,
-    query text, headers text[], body bytea, body_text text, body_size bigint,
+    query text, headers text, body bytea, body_json text, body_size bigint,
     body_truncated boolean, client_addr text
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS _sp_responses (
-    request uuid, target text, role text, status int, headers text[], body bytea,
-    body_text text, body_size bigint, body_truncated boolean, latency_ms double precision,
+    request uuid, target text, role text, status int, headers text, body bytea,
+    body_json text, body_size bigint, body_truncated boolean, latency_ms double precision,
     error text, started_at timestamptz
 ) ON COMMIT DELETE ROWS;
 """
 
+# PostgreSQL 16+ checks JSON validity inline (pg_input_is_valid); older servers call the
+# migration's plpgsql try_jsonb, which catches the parse error instead.
+_JSON_INLINE = "CASE WHEN pg_input_is_valid({0}, 'jsonb') THEN {0}::jsonb END"
+_JSON_FUNCTION = "shadowproxy.try_jsonb({0})"
+
 _INSERT_REQUESTS = """
-INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, path, query,
-    headers, body, body_json, body_size, body_truncated, client_addr)
+INSERT INTO shadowproxy.requests ({columns})
 SELECT id, request_id, route, received_at, method, path, query,
-       COALESCE(jsonb_object(headers), '{}'::jsonb), body, shadowproxy.try_jsonb(body_text),
-       body_size, body_truncated, client_addr
+       COALESCE({headers}, '{{}}'::jsonb), body, {body_json}, body_size, body_truncated,
+       client_addr
 FROM _sp_requests
 ON CONFLICT (id) DO NOTHING
 """
 
 _INSERT_RESPONSES = """
-INSERT INTO shadowproxy.responses (request, target, role, status, headers, body, body_json,
-    body_size, body_truncated, latency_ms, error, started_at)
-SELECT request, target, role, status, jsonb_object(headers), body,
-       shadowproxy.try_jsonb(body_text), body_size, body_truncated, latency_ms, error,
-       started_at
+INSERT INTO shadowproxy.responses ({columns})
+SELECT request, target, role, status, {headers}, body, {body_json}, body_size,
+       body_truncated, latency_ms, error, started_at
 FROM _sp_responses
 ON CONFLICT (request, target) DO NOTHING
 """
+
+_FAILURES = (*CONNECTION_ERRORS, asyncpg.PostgresError, asyncio.TimeoutError, DatabaseError)
 
 
 class PostgresWriter:
@@ -57,6 +67,8 @@ class PostgresWriter:
         self.url = url
         self.timeout = timeout
         self._conn: asyncpg.Connection | None = None
+        self._insert_requests = ""
+        self._insert_responses = ""
 
     async def _connection(self) -> asyncpg.Connection:
         conn = self._conn
@@ -65,19 +77,55 @@ class PostgresWriter:
             # A database that was down at start-up may never have been migrated.
             await apply_migrations(conn)
             await conn.execute(_TEMP_TABLES)
+            check = (_JSON_INLINE if conn.get_server_version().major >= 16
+                     else _JSON_FUNCTION)
+            self._insert_requests = _INSERT_REQUESTS.format(
+                columns=", ".join(REQUEST_COLUMNS), headers=check.format("headers"),
+                body_json=check.format("body_json"))
+            self._insert_responses = _INSERT_RESPONSES.format(
+                columns=", ".join(RESPONSE_COLUMNS), headers=check.format("headers"),
+                body_json=check.format("body_json"))
             self._conn = conn
         return conn
 
-    async def write(self, requests: list[Row], responses: list[Row]) -> None:
-        """Store one batch in one transaction; DatabaseError if it could not be stored."""
+    async def write(self, requests: list[Row], responses: list[Row], *,
+                    replay: bool = False) -> None:
+        """Store one batch in one transaction; DatabaseError if it could not be stored.
+
+        ``replay=True`` (spooled batches) takes the idempotent path directly.
+        """
+        if not replay:
+            try:
+                await asyncio.wait_for(self._copy(requests, responses), self.timeout)
+                return
+            except asyncpg.DataError as exc:
+                # A value the encoder let through and PostgreSQL refused: keep the batch,
+                # with that value's JSON left NULL, through the checking path.
+                log.warning("batch refused by COPY (%s); storing it through the checking "
+                            "path", exc)
+            except asyncpg.UniqueViolationError:
+                pass  # part of the batch is there already: the idempotent path skips it
+            except _FAILURES as exc:
+                await self._drop_connection()
+                raise DatabaseError(f"could not write to {describe(self.url)}: "
+                                    f"{exc or type(exc).__name__}") from exc
         try:
-            await asyncio.wait_for(self._write(requests, responses), self.timeout)
-        except (TimeoutError, *CONNECTION_ERRORS, asyncpg.PostgresError, DatabaseError) as exc:
+            await asyncio.wait_for(self._insert_checked(requests, responses), self.timeout)
+        except _FAILURES as exc:
             await self._drop_connection()
             raise DatabaseError(f"could not write to {describe(self.url)}: "
                                 f"{exc or type(exc).__name__}") from exc
 
-    async def _write(self, requests: list[Row], responses: list[Row]) -> None:
+    async def _copy(self, requests: list[Row], responses: list[Row]) -> None:
+        conn = await self._connection()
+        async with conn.transaction():
+            await conn.copy_records_to_table("requests", schema_name="shadowproxy",
+                                             records=requests, columns=REQUEST_COLUMNS)
+            if responses:
+                await conn.copy_records_to_table("responses", schema_name="shadowproxy",
+                                                 records=responses, columns=RESPONSE_COLUMNS)
+
+    async def _insert_checked(self, requests: list[Row], responses: list[Row]) -> None:
         conn = await self._connection()
         async with conn.transaction():
             await conn.copy_records_to_table("_sp_requests", records=requests,
@@ -85,9 +133,9 @@ class PostgresWriter:
             if responses:
                 await conn.copy_records_to_table("_sp_responses", records=responses,
                                                  columns=RESPONSE_COLUMNS)
-            await conn.execute(_INSERT_REQUESTS)
+            await conn.execute(self._insert_requests)
             if responses:
-                await conn.execute(_INSERT_RESPONSES)
+                await conn.execute(self._insert_responses)
 
     async def ping(self) -> bool:
         """True if the database answers now."""
@@ -95,7 +143,7 @@ class PostgresWriter:
             conn = await asyncio.wait_for(self._connection(), self.timeout)
             await asyncio.wait_for(conn.fetchval("SELECT 1"), self.timeout)
             return True
-        except (TimeoutError, *CONNECTION_ERRORS, asyncpg.PostgresError, DatabaseError):
+        except _FAILURES:
             await self._drop_connection()
             return False
 
@@ -109,5 +157,5 @@ class PostgresWriter:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), 5.0)
-            except (TimeoutError, *CONNECTION_ERRORS, asyncpg.PostgresError):
+            except _FAILURES:
                 conn.terminate()

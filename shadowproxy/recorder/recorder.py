@@ -28,6 +28,7 @@ from shadowproxy.tasks import spawn
 log = logging.getLogger("shadowproxy.recorder")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+_ENCODE_SLICE = 64
 
 
 class Recorder:
@@ -52,6 +53,8 @@ class Recorder:
         self._closing = False
         self._writer_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
+        self._batches = 0
+        """Batches taken from the queue and not yet in the database or the spool."""
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -95,6 +98,9 @@ class Recorder:
 
     # --- writer ---
     async def _run(self) -> None:
+        """Take batches and store them; the next batch is encoded while the previous one
+        is on its way to PostgreSQL, so the database and this process work in parallel."""
+        storing: asyncio.Task[None] | None = None
         while True:
             if not self.queue and not self._closing:
                 self._wake.clear()
@@ -106,18 +112,52 @@ class Recorder:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._interval)
             if not self.queue:
+                if storing is not None and storing.done():
+                    storing = None
                 if self._closing:
+                    if storing is not None:
+                        await storing
                     return
                 continue
             batch = [self.queue.popleft() for _ in range(min(self._batch_max, len(self.queue)))]
+            self._batches += 1
             self._idle.clear()
             try:
-                await self._store(*self.encoder.encode(batch))
+                rows = await self._encode(batch)
             except Exception:  # the writer must outlive any one bad batch
-                log.exception("recording a batch of %d records failed", len(batch))
+                log.exception("encoding a batch of %d records failed", len(batch))
                 self.metrics.records["dropped"] += len(batch)
-            finally:
-                self._idle.set()
+                self._batch_done()
+                continue
+            if storing is not None:
+                await storing
+            storing = spawn(self._store_batch(rows), name="recorder-store")
+
+    def _batch_done(self) -> None:
+        self._batches -= 1
+        if self._batches == 0:
+            self._idle.set()
+
+    async def _store_batch(self, rows: tuple[list[Row], list[Row]]) -> None:
+        try:
+            await self._store(*rows)
+        except Exception:  # the writer must outlive any one bad batch
+            log.exception("recording a batch of %d records failed", len(rows[0]))
+            self.metrics.records["dropped"] += len(rows[0])
+        finally:
+            self._batch_done()
+
+    async def _encode(self, batch: list[Exchange]) -> tuple[list[Row], list[Row]]:
+        """Rows for a batch, encoded in slices so that the data path gets the loop in
+        between (one long encode would add its whole duration to some client's latency)."""
+        requests: list[Row] = []
+        responses: list[Row] = []
+        for start in range(0, len(batch), _ENCODE_SLICE):
+            req, resp = self.encoder.encode(batch[start:start + _ENCODE_SLICE])
+            requests += req
+            responses += resp
+            await asyncio.sleep(0)
+        return requests, responses
 
     async def _store(self, requests: list[Row], responses: list[Row]) -> None:
         async with self._lock:
@@ -164,7 +204,7 @@ class Recorder:
         try:
             for segment in self.spool.closed_segments():
                 for requests, responses in self.spool.read(segment):
-                    await self.writer.write(requests, responses)
+                    await self.writer.write(requests, responses, replay=True)
                     self.metrics.records["written"] += len(requests)
                 self.spool.remove(segment)
             async with self._lock:
@@ -173,7 +213,7 @@ class Recorder:
                 self.spool.rotate()
                 for segment in self.spool.closed_segments():
                     for requests, responses in self.spool.read(segment):
-                        await self.writer.write(requests, responses)
+                        await self.writer.write(requests, responses, replay=True)
                         self.metrics.records["written"] += len(requests)
                     self.spool.remove(segment)
                 self.database_ok = True

@@ -1,8 +1,8 @@
 """Exchange → database rows: header decoding and redaction, JSON detection, timestamps.
 
-The row layouts match the recorder's temporary COPY tables (``postgres.py``): JSON columns
-travel as text and are parsed by PostgreSQL (``shadowproxy.try_jsonb``), so the proxy's CPU
-never pays for parsing JSON it only stores.
+Rows have the column order of ``REQUEST_COLUMNS`` / ``RESPONSE_COLUMNS``, with the JSON
+columns as text: already validated here (orjson, a few µs), so that the normal path can COPY
+them straight into the jsonb columns and PostgreSQL parses each body once.
 """
 
 from __future__ import annotations
@@ -11,17 +11,30 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from shadowproxy.config import RecordingConfig
 from shadowproxy.models import Exchange, Headers
 from shadowproxy.recorder.bodies import json_text, parse_json_path, redact_json
 
 REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path", "query",
-                   "headers", "body", "body_text", "body_size", "body_truncated", "client_addr")
-RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "body_text",
+                   "headers", "body", "body_json", "body_size", "body_truncated", "client_addr")
+RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "body_json",
                     "body_size", "body_truncated", "latency_ms", "error", "started_at")
 
 Row = tuple[Any, ...]
 REDACTED = "[redacted]"
+
+
+def valid_json(text: str) -> bool:
+    """Whether PostgreSQL's jsonb will accept ``text`` (orjson, plus jsonb's NUL rule)."""
+    if "\\u0000" in text:
+        return False
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 class RowEncoder:
@@ -32,8 +45,8 @@ class RowEncoder:
         self._json_paths = [parse_json_path(p) for p in recording.redact_json]
         self._cap = recording.max_decompressed_bytes
 
-    def headers(self, headers: Headers | None) -> list[str] | None:
-        """Flat [name, value, ...] for jsonb_object(); names lower-cased, repeats joined."""
+    def headers(self, headers: Headers | None) -> str | None:
+        """Headers as a JSON object text: names lower-cased, repeats joined with ", "."""
         if headers is None:
             return None
         merged: dict[str, str] = {}
@@ -43,11 +56,7 @@ class RowEncoder:
             text = REDACTED if lname in redact else value.decode("latin-1")
             key = lname.decode("latin-1")
             merged[key] = merged[key] + ", " + text if key in merged else text
-        flat: list[str] = []
-        for key, text in merged.items():
-            flat.append(key)
-            flat.append(text)
-        return flat
+        return orjson.dumps(merged).decode()
 
     def body(self, body: bytes | None, headers: Headers | None) -> tuple[bytes | None,
                                                                         str | None]:
@@ -55,7 +64,9 @@ class RowEncoder:
         if not body:
             return body, None
         text = json_text(body, headers or [], self._cap)
-        if text is not None and self._json_paths:
+        if text is None or not valid_json(text):
+            return body, None
+        if self._json_paths:
             redacted = redact_json(text, self._json_paths)
             if redacted is not None:
                 # The stored bytes must not keep the secret either: store the redacted JSON.
@@ -70,7 +81,7 @@ class RowEncoder:
             body, text = self.body(ex.body, ex.headers)
             requests.append((
                 ex.id, ex.request_id, ex.route, fromtimestamp(ex.received_at, UTC),
-                ex.method, ex.path, ex.query, self.headers(ex.headers), body, text,
+                ex.method, ex.path, ex.query, self.headers(ex.headers) or "{}", body, text,
                 ex.body_size, ex.body_truncated, ex.client_addr))
             for r in ex.responses:
                 rbody, rtext = self.body(r.body, r.headers)

@@ -17,7 +17,6 @@ CREATE TABLE shadowproxy.requests (
     client_addr    text
 );
 CREATE INDEX requests_received_at ON shadowproxy.requests (received_at);
-CREATE INDEX requests_route_received_at ON shadowproxy.requests (route, received_at);
 CREATE INDEX requests_request_id ON shadowproxy.requests (request_id);
 
 -- `request` refers to requests.id. The reference is not enforced by a foreign key so that

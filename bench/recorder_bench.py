@@ -1,0 +1,108 @@
+"""Recorder throughput: exchanges pushed through the real recorder into a real PostgreSQL.
+
+Builds realistic exchanges (a 1 KB JSON request, a primary and a shadow JSON response, the
+usual headers), submits them as fast as the writer drains them (the queue stays bounded:
+submission waits while it is over half full), and reports records per second written, the
+peak queue depth and the writer's CPU. The database is the one at --database-url, or an
+embedded PostgreSQL in a temporary folder.
+
+    .venv/bin/python bench/recorder_bench.py --records 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+
+from shadowproxy.config import RecordingConfig
+from shadowproxy.metrics import Metrics
+from shadowproxy.models import CapturedResponse, Exchange
+from shadowproxy.recorder.recorder import Recorder
+from shadowproxy.store.embedded import start_embedded
+from shadowproxy.store.migrate import migrate
+
+BODY = json.dumps({"features": {f"f{i}": i * 1.5 for i in range(60)}}).encode()[:1024]
+REQ_HEADERS = [(b"Host", b"127.0.0.1:8080"), (b"User-Agent", b"bench"),
+               (b"Content-Type", b"application/json"), (b"Content-Length", b"1024"),
+               (b"Authorization", b"Bearer secret")]
+RESP_HEADERS = [(b"Content-Type", b"application/json"), (b"Content-Length", b"40"),
+                (b"Server", b"model")]
+
+
+def exchange(i: int) -> Exchange:
+    now = time.time()
+    ex = Exchange("bench", now, "POST", "/predict", "", REQ_HEADERS, "127.0.0.1", None)
+    ex.body, ex.body_size = BODY, len(BODY)
+    for target, role, value in (("primary", "primary", 0.5), ("shadow", "shadow", 0.7)):
+        r = CapturedResponse(target, role, now)
+        r.status, r.headers, r.latency_ms = 200, RESP_HEADERS, 1.25
+        r.body = json.dumps({"prediction": value + i % 7, "model_version": role}).encode()
+        r.body_size = len(r.body)
+        ex.responses.append(r)
+    return ex
+
+
+async def run(url: str, records: int, batch: int) -> dict[str, float]:
+    await migrate(url)
+    metrics = Metrics()
+    config = RecordingConfig(batch_max_records=batch, queue_max_records=50_000,
+                             flush_interval_ms=200)
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder = Recorder(config, url, Path(tmp), metrics)
+        await recorder.start()
+        template = [exchange(i) for i in range(1000)]
+        peak = 0
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        for i in range(records):
+            src = template[i % 1000]
+            ex = Exchange(src.route, src.received_at, src.method, src.path, src.query,
+                          src.headers, src.client_addr, None)
+            ex.body, ex.body_size, ex.responses = src.body, src.body_size, src.responses
+            recorder.submit(ex)
+            if i % 500 == 0:
+                peak = max(peak, len(recorder.queue))
+                while len(recorder.queue) > 25_000:
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0)
+        await recorder.drained()
+        elapsed = time.perf_counter() - started
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        await recorder.close()
+    conn = await asyncpg.connect(url)
+    try:
+        stored = await conn.fetchval("SELECT count(*) FROM shadowproxy.requests")
+    finally:
+        await conn.close()
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {"records": records, "stored": stored, "seconds": elapsed,
+            "records_per_s": records / elapsed, "peak_queue": peak,
+            "writer_cpu_us_per_record": cpu / records * 1e6,
+            "dropped": metrics.records["dropped"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--database-url", help="an empty database (default: embedded)")
+    args = parser.parse_args()
+    url = args.database_url
+    tmp = None
+    if url is None:
+        tmp = Path(tempfile.mkdtemp(prefix="sp-recorder-bench-"))
+        tmp.chmod(0o755)
+        url = start_embedded(tmp, cleanup="delete")
+    result = asyncio.run(run(url, args.records, args.batch))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
