@@ -4,11 +4,14 @@
 
 Each request is ``{"features": {...}}`` for one patient of the diabetes data that the models
 were not trained on (drawn with a seeded generator, so runs repeat), with a fresh
-``X-Request-Id``. ``--labels FILE`` writes
-``request_id,label`` rows (the patient's true outcome) for ``shadowproxy labels import``, so a
-report can score both models against the truth. At most ``--concurrency`` requests are in
-flight at once. It only sends to this machine (127.0.0.1, ::1, localhost): it is a demo load
-generator, not a load-testing tool to point at someone else's service.
+``X-Request-Id``. ``--labels FILE`` writes ``request_id,label`` rows (the patient's true
+outcome) for ``shadowproxy labels import``, so a report can score both models against the
+truth. At most ``--concurrency`` requests are in flight at once; ``--rate`` paces them at so
+many per second, as traffic arriving from users would be (without it, each worker sends its
+next request as soon as the last is answered).
+
+It only sends to this machine (127.0.0.1, ::1, localhost): it is a demo load generator, not a
+load-testing tool to point at someone else's service.
 """
 
 from __future__ import annotations
@@ -105,17 +108,19 @@ def _requests(count: int, seed: int) -> Iterator[tuple[str, Body, float]]:
         yield str(uuid.uuid4()), body, float(data.y_test[i])
 
 
-async def send(url: str, count: int, *, concurrency: int = 16, seed: int = 0,
-               labels: Path | None = None, console: Console | None = None,
+async def send(url: str, count: int, *, concurrency: int = 16, rate: float | None = None,
+               seed: int = 0, labels: Path | None = None, console: Console | None = None,
                timeout_s: float = 30.0) -> TrafficResult:
-    """POST ``count`` requests to ``url``, at most ``concurrency`` at a time."""
+    """POST ``count`` requests to ``url``, at most ``concurrency`` at a time, ``rate`` a second."""
     check_url(url)
     if count < 1:
         raise TrafficError(f"expected at least 1 request (got {count})")
     if concurrency < 1:
         raise TrafficError(f"expected a concurrency of at least 1 (got {concurrency})")
+    if rate is not None and not rate > 0:
+        raise TrafficError(f"expected a rate above 0 requests per second (got {rate})")
     result = TrafficResult()
-    pending = _requests(count, seed)
+    pending = enumerate(_requests(count, seed))
     label_rows: list[tuple[str, float]] = []
     progress = Progress(TextColumn("[bold]sending"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]:>6.0f} req/s"), TimeElapsedColumn(),
@@ -126,7 +131,12 @@ async def send(url: str, count: int, *, concurrency: int = 16, seed: int = 0,
 
     async def worker(session: aiohttp.ClientSession) -> None:
         # Workers share one generator, so no more than `concurrency` requests exist at once.
-        for request_id, body, label in pending:
+        for index, (request_id, body, label) in pending:
+            if rate is not None:
+                # Request i is due i/rate seconds after the start, however long others take.
+                delay = started + index / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             t0 = time.perf_counter()
             try:
                 async with session.post(url, json=body,
@@ -166,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8080/predict")
     parser.add_argument("--requests", type=int, default=1000, help="how many to send")
     parser.add_argument("--concurrency", type=int, default=16, help="at most this many at once")
+    parser.add_argument("--rate", type=float, help="requests per second (default: as fast as "
+                                                   "the answers come)")
     parser.add_argument("--seed", type=int, default=0, help="which patients are drawn")
     parser.add_argument("--labels", type=Path, metavar="FILE",
                         help="write request_id,label rows here (for `shadowproxy labels import`)")
@@ -173,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         result = asyncio.run(send(args.url, args.requests, concurrency=args.concurrency,
-                                  seed=args.seed, labels=args.labels, console=console))
+                                  rate=args.rate, seed=args.seed, labels=args.labels,
+                                  console=console))
     except TrafficError as exc:
         parser.error(str(exc))
     print(result.summary())

@@ -39,6 +39,11 @@ from shadowproxy.errors import ShadowProxyError, UsageError
 ROUTE = "diabetes"
 SHADOW = "candidate"
 MAX_REQUESTS = 1_000_000
+# Requests per second: traffic arrives at a pace, as from users. Unpaced, the client would
+# send as fast as the primary answers, and on a small machine the shadow, which is not paced
+# by anyone, falls behind until the proxy drops calls (max_in_flight) — correct behaviour,
+# but not the story the demo tells.
+DEMO_RATE = 400
 START_TIMEOUT_S = 60.0
 RECORD_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -297,12 +302,12 @@ def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dic
                                            "-c", str(config_path)])
     wait_http(proxy, f"http://127.0.0.1:{ports['admin']}/readyz")
 
-    say(f"sending {requests} requests through the proxy")
+    say(f"sending {requests} requests through the proxy, {DEMO_RATE} a second")
     window_start = asyncio.run(_db_now(db_url))
     labels = data_dir / "labels.csv"
     summary = _run_step(
         [python, "-m", "examples.traffic", "--url", f"http://127.0.0.1:{ports['proxy']}/predict",
-         "--requests", str(requests), "--labels", str(labels)],
+         "--requests", str(requests), "--rate", str(DEMO_RATE), "--labels", str(labels)],
         env, root, "sending traffic").strip()
     console.print(f"    {summary}")
     answered = _count_lines(labels)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -65,6 +67,27 @@ async def test_sends_n_requests_with_bounded_concurrency(
     assert {r["request_id"] for r in rows} == set(recorder.request_ids)
     assert all(float(r["label"]) > 0 for r in rows)
     assert "503: 6" in result.summary()
+
+
+async def test_rate_paces_the_requests(upstream: tuple[str, Recorder]) -> None:
+    """With --rate 100, 21 requests take at least the 0.2 s their schedule spans."""
+    url, _ = upstream
+    t0 = time.perf_counter()
+    result = await send(url, 21, concurrency=8, rate=100)
+    assert result.sent == 21
+    assert time.perf_counter() - t0 >= 0.2
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"count": 0}, "at least 1 request"),
+    ({"concurrency": 0}, "concurrency of at least 1"),
+    ({"rate": 0.0}, "rate above 0"),
+])
+async def test_bad_counts_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    """A zero count, concurrency or rate is refused before anything is sent."""
+    args: dict[str, Any] = {"count": 5, **kwargs}
+    with pytest.raises(TrafficError, match=message):
+        await send("http://127.0.0.1:1/predict", **args)
 
 
 async def test_same_seed_sends_the_same_patients(upstream: tuple[str, Recorder]) -> None:
