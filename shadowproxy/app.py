@@ -59,9 +59,15 @@ class Proxy:
         """The port clients connect to (useful with ``listen: 127.0.0.1:0``)."""
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        spool_room = (self.recorder.spool.max_bytes - self.recorder.spool.total_bytes())
-        database = "ok" if self.recorder.database_ok else "unreachable, spooling"
-        ready = self.recorder.database_ok or spool_room > 0
+        recorder = self.recorder
+        spool_room = recorder.spool.max_bytes - recorder.spool.total_bytes()
+        if recorder.database_ok:
+            database = "ok"
+        elif recorder.spool_full or spool_room <= 0:
+            database = "unreachable, spool full: records are dropped"
+        else:
+            database = "unreachable, spooling"
+        ready = recorder.database_ok or (spool_room > 0 and not recorder.spool_full)
         return ready, {"database": database, "spool_bytes_free": spool_room,
                        "routes": len(self.settings.routes)}
 

@@ -45,6 +45,8 @@ class Recorder:
         self.spool = Spool(data_dir / "spool", recording.spool_max_bytes)
         self.database_ok = False
         """True while batches go straight to PostgreSQL; False while they are spooled."""
+        self.spool_full = False
+        """True when the last batch found the spool at its cap (and was dropped)."""
         self._batch_max = recording.batch_max_records
         self._queue_max = recording.queue_max_records
         self._interval = recording.flush_interval_ms / 1000.0
@@ -178,6 +180,7 @@ class Recorder:
         except SpoolError as exc:
             log.error("%s; %d records dropped", exc, len(requests))
             stored = False
+        self.spool_full = not stored
         outcome = "spooled" if stored else "dropped"
         if not stored:
             log.warning("spool full (recording.spool_max_bytes): %d records dropped",
@@ -217,6 +220,7 @@ class Recorder:
                         self.metrics.records["written"] += len(requests)
                     self.spool.remove(segment)
                 self.database_ok = True
+                self.spool_full = False
             log.info("database is back; spool replayed")
             return True
         except DatabaseError as exc:
