@@ -139,9 +139,14 @@ def examples_root() -> Path:
             "shadowproxy demo runs the example model services of the source tree, and there "
             f"is no examples/ folder next to the package (looked in {root}); run it from a "
             "checkout: git clone the repository, then pip install -e '.[examples]'")
-    if importlib.util.find_spec("sklearn") is None:
-        raise UsageError("the demo's example models need scikit-learn; "
-                         "install it with: pip install -e '.[examples]'")
+    # scikit-learn for the models; matplotlib for the HTML report's plots; pyarrow to read
+    # the training data the report compares live inputs with.
+    missing = [name for module, name in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"),
+                                         ("pyarrow", "pyarrow"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UsageError(f"the demo needs {', '.join(missing)}; install them with: "
+                         "pip install -e '.[examples,report]'")
     return root
 
 

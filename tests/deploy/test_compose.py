@@ -10,13 +10,16 @@ from urllib.parse import urlsplit
 import pytest
 
 from examples.model_service import parse_args as model_service_args
+from shadowproxy.cli import build_parser
 from tests.deploy.files import (
     ROOT,
     compose_interpolate,
     env_name,
+    exec_form,
     flag,
     host_port,
     load_yaml,
+    parse_dockerfile,
     url_host_port,
     write_config,
 )
@@ -213,3 +216,14 @@ def test_grafana_provisioning_loads_the_dashboard_from_prometheus(
     source = load_yaml(provisioning / "datasources" / "prometheus.yaml")["datasources"][0]
     assert source["type"] == "prometheus"
     assert url_host_port(source["url"]) == ("prometheus", 9090)
+
+
+def test_proxy_command_is_a_valid_shadowproxy_run(services: dict[str, dict[str, Any]]) -> None:
+    """The image's entrypoint plus the compose command parse as `shadowproxy run -c FILE`."""
+    proxy = services["shadowproxy"]
+    stage = parse_dockerfile(ROOT / proxy["build"]["context"] / proxy["build"]["dockerfile"])[1][-1]
+    entrypoint = exec_form(stage.last("ENTRYPOINT") or "[]")
+    assert entrypoint[0] == "shadowproxy"
+    args = build_parser().parse_args(entrypoint[1:] + proxy["command"])
+    assert args.command == "run"
+    assert args.config == _config_path(proxy)

@@ -149,3 +149,13 @@ def test_examples_image_runs_the_model_service() -> None:
     entrypoint = exec_form(stage.last("ENTRYPOINT") or "[]")
     assert entrypoint == ["python", "-m", "examples.model_service"]
     assert (ROOT / "examples" / "model_service.py").is_file()
+
+
+def test_proxy_image_default_command_parses() -> None:
+    """`docker run shadowproxy` with no arguments is a valid `shadowproxy run -c FILE`."""
+    from shadowproxy.cli import build_parser
+
+    stage = _final(DOCKERFILES[0])
+    argv = exec_form(stage.last("ENTRYPOINT") or "[]")[1:] + exec_form(stage.last("CMD") or "[]")
+    args = build_parser().parse_args(argv)
+    assert (args.command, args.config) == ("run", "/etc/shadowproxy/config.yaml")

@@ -11,6 +11,7 @@ from examples.model_service import parse_args as model_service_args
 from tests.deploy.files import (
     ROOT,
     env_name,
+    exec_form,
     flag,
     host_port,
     load_yaml,
@@ -254,3 +255,14 @@ def test_prometheus_annotations_point_at_metrics(deployment: dict[str, Any],
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/path"] == "/metrics"
     assert int(annotations["prometheus.io/port"]) == host_port(settings.admin_listen)[1]
+
+
+def test_sidecar_args_are_a_valid_shadowproxy_run(sidecar: dict[str, Any]) -> None:
+    """The image's entrypoint plus the sidecar's args parse as `shadowproxy run -c FILE`."""
+    from shadowproxy.cli import build_parser
+
+    assert "command" not in sidecar, "keep the image's entrypoint (shadowproxy run)"
+    stage = parse_dockerfile(ROOT / "deploy" / "Dockerfile")[1][-1]
+    entrypoint = exec_form(stage.last("ENTRYPOINT") or "[]")
+    args = build_parser().parse_args(entrypoint[1:] + sidecar["args"])
+    assert args.command == "run"
