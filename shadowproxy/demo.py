@@ -213,7 +213,8 @@ async def _db_now(url: str) -> datetime:
         return now
 
 
-async def _wait_records(url: str, since: datetime, expected: int, timeout_s: float) -> int:
+async def _wait_records(url: str, since: datetime, expected: int, proxy: Child,
+                        timeout_s: float) -> int:
     """Poll the requests table until ``expected`` records of this run are there."""
     from shadowproxy.store.database import connection
 
@@ -225,18 +226,25 @@ async def _wait_records(url: str, since: datetime, expected: int, timeout_s: flo
                 "WHERE route = $1 AND received_at >= $2", ROUTE, since)
             if count >= expected or time.monotonic() > deadline:
                 return count
+            if proxy.proc.poll() is not None:
+                raise proxy.failed(f"exited with status {proxy.proc.returncode} after "
+                                   f"recording {count} of {expected} requests")
             await asyncio.sleep(0.2)
 
 
-def _run_step(argv: list[str], env: dict[str, str], cwd: Path, what: str,
-              stdout: IO[str] | int | None = subprocess.PIPE) -> str:
-    """Run one command to completion; DemoError with its output if it fails."""
-    proc = subprocess.run(argv, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, check=False)
+def _run_step(argv: list[str], env: dict[str, str], cwd: Path, what: str, *,
+              stdout: IO[str] | int | None = subprocess.PIPE,
+              stderr: IO[str] | int | None = subprocess.PIPE) -> str:
+    """Run one command to completion and return its output; DemoError if it fails.
+
+    ``None`` for ``stdout`` or ``stderr`` sends that stream straight to the terminal.
+    """
+    proc = subprocess.run(argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, text=True,
+                          check=False)
     if proc.returncode != 0:
+        output = (proc.stdout or "")[-LOG_TAIL_BYTES:] + (proc.stderr or "")[-LOG_TAIL_BYTES:]
         raise DemoError(f"{what} failed with status {proc.returncode}: "
-                        f"{' '.join(argv[1:])}\n{(proc.stdout or '')[-LOG_TAIL_BYTES:]}"
-                        f"{proc.stderr[-LOG_TAIL_BYTES:]}")
+                        f"{' '.join(argv[1:])}" + (f"\n{output}" if output else ""))
     return proc.stdout or ""
 
 
@@ -310,17 +318,19 @@ def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dic
     say(f"sending {requests} requests through the proxy, {DEMO_RATE} a second")
     window_start = asyncio.run(_db_now(db_url))
     labels = data_dir / "labels.csv"
-    summary = _run_step(
+    sys.stdout.flush()
+    summary = _run_step(  # stderr to the terminal: that is where the progress bar is drawn
         [python, "-m", "examples.traffic", "--url", f"http://127.0.0.1:{ports['proxy']}/predict",
          "--requests", str(requests), "--rate", str(DEMO_RATE), "--labels", str(labels)],
-        env, root, "sending traffic").strip()
+        env, root, "sending traffic", stderr=None).strip()
     console.print(f"    {summary}")
     answered = _count_lines(labels)
     if answered == 0:
         raise proxy.failed("answered none of the requests")
 
     say("waiting for the records to reach PostgreSQL")
-    recorded = asyncio.run(_wait_records(db_url, window_start, answered, RECORD_TIMEOUT_S))
+    recorded = asyncio.run(_wait_records(db_url, window_start, answered, proxy,
+                                         RECORD_TIMEOUT_S))
     if recorded < answered:
         raise proxy.failed(f"recorded {recorded} of {answered} answered requests "
                            f"within {RECORD_TIMEOUT_S:.0f}s")
@@ -339,7 +349,7 @@ def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dic
               "--shadow", SHADOW, "--from", window_start.isoformat(),
               "--to", window_end.isoformat(), "--reference", str(reference)]
     sys.stdout.flush()
-    _run_step(report, env, root, "the report", stdout=None)  # straight to the terminal
+    _run_step(report, env, root, "the report", stdout=None)  # to the terminal
     html = data_dir / "report.html"
     _run_step(report + ["--format", "html", "-o", str(html)], env, root, "the HTML report")
 
