@@ -557,15 +557,21 @@ class ReportQuery:
 
     # -- field diff ------------------------------------------------------------------------
 
-    async def load_field_diff(self, tag: str, shadow: str | None = None) -> None:
-        """Flatten both responses of every comparable pair and record which fields differ."""
+    async def load_field_diff(self, tag: str, n: int, shadow: str | None = None) -> int:
+        """Flatten both responses of the comparable pairs and record which fields differ.
+
+        Above ``sample_max`` pairs a seeded hash sample of them is compared (flattening JSON
+        is the report's most expensive step); returns how many pairs were compared.
+        """
         regexes = [ignore_regex(p) for p in self.compare.ignore]
+        sample = self._sample_clause(n, "id::text")
         await self._execute(
             "CREATE TEMP TABLE IF NOT EXISTS _fd (tag text, id uuid, field text, d boolean)")
         await self._execute(f"""
             WITH RECURSIVE
             base AS (SELECT id, primary_body_json AS pj, shadow_body_json AS sj
-                     FROM shadowproxy.pairs WHERE {_pair_filter()} AND {_COMPARABLE}),
+                     FROM shadowproxy.pairs
+                     WHERE {_pair_filter()} AND {_COMPARABLE} AND {sample}),
             src AS (SELECT id, 'p' AS side, pj AS doc FROM base
                     UNION ALL SELECT id, 's', sj FROM base),
             {flatten_cte("src")},
@@ -584,6 +590,11 @@ class ReportQuery:
             INSERT INTO _fd SELECT $8, id, field, bool_or(differs) FROM cmp GROUP BY id, field
             """, *self._args(shadow), regexes, self.compare.abs_tolerance,
             self.compare.rel_tolerance, tag)
+        if n <= self._sample_max:
+            return n
+        return int((await self._fetch(
+            f"SELECT count(*) FROM shadowproxy.pairs WHERE {_pair_filter()} AND {_COMPARABLE} "
+            f"AND {sample}", *self._args(shadow)))[0][0])
 
     async def field_diff(self, tag: str) -> list[asyncpg.Record]:
         """Per field: pairs where it is present, pairs where it differs, example request ids."""

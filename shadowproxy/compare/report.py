@@ -189,9 +189,9 @@ def _class_text(text: str | None) -> str:
 
 async def _diff(q: ReportQuery, comparable: int, baseline: str | None, th: Any
                 ) -> dict[str, Any]:
-    await q.load_field_diff("shadow")
+    compared = await q.load_field_diff("shadow", comparable)
     if baseline:
-        await q.load_field_diff("baseline", baseline)
+        await q.load_field_diff("baseline", comparable, baseline)
     raw = await q.field_diff("shadow")
     noise = {r["field"]: r for r in await q.field_diff("baseline")} if baseline else {}
     fields, noise_fields = [], []
@@ -214,8 +214,10 @@ async def _diff(q: ReportQuery, comparable: int, baseline: str | None, th: Any
     differing, differing_real = await q.pairs_differing("shadow", noise_fields)
     out: dict[str, Any] = {
         "comparable_pairs": comparable,
-        "identical": comparable - differing,
-        "identical_share": (comparable - differing) / comparable if comparable else None,
+        "compared_pairs": compared,
+        "sampled": compared < comparable,
+        "identical": compared - differing,
+        "identical_share": (compared - differing) / compared if compared else None,
         "ignore": list(q.compare.ignore),
         "tolerance": {"abs": q.compare.abs_tolerance, "rel": q.compare.rel_tolerance},
         "fields": fields[:200],
@@ -225,9 +227,9 @@ async def _diff(q: ReportQuery, comparable: int, baseline: str | None, th: Any
     if baseline:
         out["baseline_shadow"] = baseline
         out["noise_fields"] = noise_fields
-        out["identical_excluding_noise"] = comparable - differing_real
-        out["identical_share_excluding_noise"] = ((comparable - differing_real) / comparable
-                                                  if comparable else None)
+        out["identical_excluding_noise"] = compared - differing_real
+        out["identical_share_excluding_noise"] = ((compared - differing_real) / compared
+                                                  if compared else None)
     return out
 
 

@@ -169,7 +169,9 @@ def _diff(r: dict[str, Any]) -> Section:
     d = r["diff"]
     s = Section("diff", "Response diff")
     s.notes.append(f"identical after ignore: {fmt(d['identical'])} of "
-                   f"{fmt(d['comparable_pairs'])} ({pct(d['identical_share'])})")
+                   f"{fmt(d['compared_pairs'])} ({pct(d['identical_share'])})"
+                   + (f"; a seeded sample of the {fmt(d['comparable_pairs'])} comparable pairs"
+                      if d["sampled"] else ""))
     if "identical_share_excluding_noise" in d:
         s.notes.append(f"identical excluding noise fields {d['noise_fields']}: "
                        f"{pct(d['identical_share_excluding_noise'])}")

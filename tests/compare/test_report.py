@@ -388,3 +388,7 @@ async def test_tests_run_on_a_seeded_sample_above_sample_max(database_url: str) 
     assert first["predictions"]["mae"] == pytest.approx(np.mean(np.abs(s - p)))
     assert first["predictions"]["spearman"] == again["predictions"]["spearman"]
     assert first["predictions"]["wilcoxon"]["n"] == sample["n"]  # no zero differences
+    diff = first["diff"]
+    assert diff["sampled"] is True and 800 < diff["compared_pairs"] < 1200
+    assert diff["fields"][0]["n_present"] == diff["compared_pairs"]
+    assert diff["identical"] == 0
