@@ -80,6 +80,7 @@ class ClientRequest:
         "call",
         "chunks",
         "complete",
+        "error",
         "exchange",
         "header_bytes",
         "headers",
@@ -113,6 +114,8 @@ class ClientRequest:
         self.streaming = False
         self.exchange: Exchange | None = None
         self.call: PrimaryCall | None = None
+        self.error: tuple[int, str] | None = None
+        """An answer decided while parsing (status, message): sent instead of forwarding."""
 
 
 class _HeaderTooLarge(Exception):
@@ -149,7 +152,11 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject(501, "protocol upgrades (WebSocket, h2c) are not proxied")
+            # The upgrade request itself was answered 501 (see on_headers_complete); what
+            # follows it on this connection is not HTTP: stop reading, close after answering.
+            self.close_after = True
+            if self.transport is not None:
+                self.transport.pause_reading()
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeaderTooLarge):
                 self._reject(431, f"request head larger than {self.ctx.max_header_bytes} bytes")
@@ -204,6 +211,10 @@ class ClientConnection(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive()
         req.http10 = parser.get_http_version() == "1.0"
         req.path, req.query = split_target(req.target)
+        if parser.should_upgrade():
+            req.error = (501, "protocol upgrades (WebSocket, h2c) are not proxied")
+            req.keep_alive = False
+            return
         route = req.route = self.ctx.router.match(method, req.path)
         if route is None:
             return
@@ -306,6 +317,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _serve(self, req: ClientRequest) -> None:
         self.active = req
+        if req.error is not None:
+            self._respond_error(req, *req.error)
+            return
         route = req.route
         if route is None:
             self._respond_error(req, 404, f"no route matches {req.method.decode()} "

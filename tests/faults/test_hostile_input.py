@@ -1,0 +1,228 @@
+"""Hostile and odd input: the client gets the primary's answer or a clear 4xx/5xx, the
+process keeps serving, and nothing already accepted is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from tests.conftest import StartProxy, route
+from tests.proxy.test_data_path import wait_for_rows
+from tests.upstreams import model, raw_server, serve
+
+
+async def exchange_raw(port: int, data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes, return everything the proxy answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+async def still_serving(port: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{port}/p", json={"features": {"a": 1}})
+        assert resp.status == 200
+
+
+async def test_request_smuggling_attempts_are_refused(start_proxy: StartProxy) -> None:
+    """Content-Length with Transfer-Encoding, or two Content-Lengths, get 400 and a close."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy:
+        both = (b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n")
+        twice = (b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 40\r\n"
+                 b"\r\nabc")
+        obfuscated = (b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n"
+                      b"0\r\n\r\n")
+        for attack in (both, twice, obfuscated):
+            answer = await exchange_raw(proxy.port, attack)
+            assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+            assert b"Connection: close" in answer
+        await still_serving(proxy.port)
+    # Only the well-formed request after the attacks reached the primary: nothing smuggled.
+    assert [(s.method, s.path) for s in primary.seen] == [("POST", "/p")]
+
+
+async def test_oversized_headers_get_431(start_proxy: StartProxy) -> None:
+    """A request head over limits.max_header_bytes gets 431 and is not forwarded."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)], limits={"max_header_bytes": 4096}) as proxy:
+        answer = await exchange_raw(
+            proxy.port, b"GET /p HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 431")
+        await still_serving(proxy.port)
+    assert len(primary.seen) == 1
+
+
+async def test_slow_body_client_gets_408_and_others_are_served(start_proxy: StartProxy) -> None:
+    """A client sending its body slower than client_timeout_s gets 408; others are served."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)], limits={"client_timeout_s": 1}) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        await still_serving(proxy.port)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+    assert len(primary.seen) == 1  # the incomplete request never reached the primary
+
+
+async def test_client_disconnecting_mid_request_and_mid_response(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A client gone before its body ends is not forwarded; one gone mid-response is recorded."""
+    chunk = b"z" * 65536
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            for _ in range(2000):
+                await resp.write(chunk)
+                await asyncio.sleep(0.001)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        return resp
+
+    async with serve(endless) as primary, start_proxy([route(primary.url)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf")
+        await asyncio.sleep(0.1)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readexactly(200_000)
+        writer.close()
+        await wait_for_rows(database_url, "responses", 1)
+        assert len(primary.seen) == 1
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT status, error FROM shadowproxy.responses")
+    finally:
+        await conn.close()
+    assert row["status"] == 200 and row["error"] == "closed: client disconnected"
+
+
+async def test_gzip_bomb_response_is_passed_through_and_not_inflated(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A response that inflates to 200 MB reaches the client as bytes; no jsonb is made."""
+    bomb = gzip.compress(b'{"a": "' + b"0" * 200_000_000 + b'"}', compresslevel=9)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip",
+                                                "Content-Type": "application/json"})
+
+    async with serve(handler) as primary, \
+            start_proxy([route(primary.url)],
+                        recording={"max_body_bytes": 2_000_000}) as proxy, \
+            aiohttp.ClientSession(auto_decompress=False) as http:
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/bomb")
+        assert await resp.read() == bomb
+        await wait_for_rows(database_url, "responses", 1)
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT body_json, body_size FROM shadowproxy.responses")
+    finally:
+        await conn.close()
+    assert row["body_json"] is None and row["body_size"] == len(bomb)
+
+
+async def test_malformed_or_truncated_upstream_responses_give_502(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Garbage from the primary, or a response cut short, gives the client a JSON 502."""
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # until the proxy hangs up
+        writer.close()
+
+    async def truncated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly a part")
+        await writer.drain()
+        writer.close()
+
+    async def silent_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async with raw_server(garbage) as bad, raw_server(silent_close) as closing, \
+            raw_server(truncated) as cut, \
+            start_proxy([route(bad, name="bad", match={"path_prefix": "/bad"}),
+                         route(closing, name="closing", match={"path_prefix": "/closing"}),
+                         route(cut, name="cut", match={"path_prefix": "/cut"})]) as proxy, \
+            aiohttp.ClientSession() as http:
+        for path in ("/bad", "/closing"):
+            resp = await http.get(f"http://127.0.0.1:{proxy.port}{path}")
+            assert resp.status == 502
+            assert "could not be reached" in (await resp.json())["error"]
+        # Cut after the head was sent: the only signal left is closing the connection.
+        try:
+            resp = await http.get(f"http://127.0.0.1:{proxy.port}/cut")
+            await resp.read()
+            raise AssertionError("a truncated body must not look complete")
+        except aiohttp.ClientPayloadError:
+            pass
+        await wait_for_rows(database_url, "responses", 3)
+    conn = await asyncpg.connect(database_url)
+    try:
+        errors = sorted(r["error"].split(":")[0] for r in
+                        await conn.fetch("SELECT error FROM shadowproxy.responses"))
+    finally:
+        await conn.close()
+    assert errors == ["closed", "closed", "malformed response"]
+
+
+async def test_shadow_answering_10_mb_is_capped_and_harmless(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A shadow's 10 MB answer is captured up to the cap; the client never sees it."""
+    async def huge(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"[" + b"1," * 5_000_000 + b"1]",
+                            content_type="application/json")
+
+    async with serve(model("v1")) as primary, serve(huge) as shadow, \
+            start_proxy([route(primary.url, shadow.url)],
+                        recording={"max_body_bytes": 100_000}) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"features": {"a": 2}})
+        assert (await resp.json())["prediction"] == 2
+        await wait_for_rows(database_url, "responses", 2)
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT length(body) AS n, body_size, body_truncated "
+                                  "FROM shadowproxy.responses WHERE role = 'shadow'")
+    finally:
+        await conn.close()
+    assert (row["n"], row["body_size"], row["body_truncated"]) == (100_000, 10_000_003, True)
+
+
+async def test_absolute_form_and_host_never_choose_the_upstream(start_proxy: StartProxy) -> None:
+    """An absolute-form URL or a foreign Host header still goes to the configured primary."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy:
+        answer = await exchange_raw(
+            proxy.port, b"GET http://169.254.169.254/latest/meta-data?x=1 HTTP/1.1\r\n"
+                        b"Host: 169.254.169.254\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["model_version"] == "v1"
+    assert primary.seen[0].path == "/latest/meta-data"
+    assert primary.seen[0].query == "x=1"
+    assert primary.seen[0].headers["host"] == primary.url.removeprefix("http://")
+
+
+async def test_websocket_upgrade_is_refused_clearly(start_proxy: StartProxy) -> None:
+    """An Upgrade request gets 501 rather than a half-working tunnel."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy:
+        answer = await exchange_raw(
+            proxy.port, b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 501")
+        await still_serving(proxy.port)
