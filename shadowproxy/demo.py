@@ -34,7 +34,7 @@ from typing import IO, Any
 import yaml
 from rich.console import Console
 
-from shadowproxy.errors import ShadowProxyError, UsageError
+from shadowproxy.errors import DemoError, UsageError
 
 ROUTE = "diabetes"
 SHADOW = "candidate"
@@ -48,10 +48,6 @@ START_TIMEOUT_S = 60.0
 RECORD_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 LOG_TAIL_BYTES = 3000
-
-
-class DemoError(ShadowProxyError):
-    """A step of the demo failed: a process did not start, or records did not arrive."""
 
 
 @dataclass

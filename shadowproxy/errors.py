@@ -10,7 +10,8 @@ codes (see ``cli.py``), and nothing else in the package exits.
     ├── DatabaseError        PostgreSQL unreachable or failing (exit status 1)
     │   └── MigrationError   a schema migration could not be applied
     ├── EmbeddedDatabaseError  the embedded PostgreSQL could not be started
-    └── SpoolError           the on-disk spool could not be written or read
+    ├── SpoolError           the on-disk spool could not be written or read
+    └── DemoError            a step of `shadowproxy demo` failed (a process, the records)
 
 Failures of upstream calls are not exceptions: they are data on the exchange record
 (``error="timeout"``, ``"connect: ..."``), because a shadow's failure must never reach the
@@ -56,3 +57,7 @@ class EmbeddedDatabaseError(ShadowProxyError):
 
 class SpoolError(ShadowProxyError):
     """The spool directory could not be written or read."""
+
+
+class DemoError(ShadowProxyError):
+    """A step of the demo failed: a process did not start, or records did not arrive."""

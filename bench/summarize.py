@@ -1,0 +1,106 @@
+"""Summarise a bench/run.sh result: ratios against the anchors, and the record check.
+
+    python bench/summarize.py RESULTS_DIR DATABASE_URL
+
+Reads the harness's results.json and the proxy's log (one ``stopped: served=… written=…``
+line per shadowproxy run), prints a Markdown table of medians with shadowproxy's figures as
+ratios to nginx's mirror, Envoy's mirror, direct, and its own fast-shadow run, and checks
+that every request shadowproxy answered was recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+TARGET = "shadowproxy"
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        grouped[(run["scenario"], run["target"])].append(run)
+    out = {}
+    for key, group in grouped.items():
+        row = {}
+        for field in ("rps", "p50_ms", "p99_ms", "proxy_cpu_us_per_req", "errors",
+                      "shadow_ratio"):
+            values = [r[field] for r in group if r.get(field) is not None]
+            row[field] = statistics.median(values) if values else float("nan")
+        row["reps"] = len(group)
+        out[key] = row
+    return out
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b and b == b and a == a else "–"
+
+
+def main() -> None:
+    out, url = Path(sys.argv[1]), sys.argv[2]
+    data = json.loads((out / "results.json").read_text())
+    table = medians(data["runs"])
+    scenarios = sorted({s for s, _ in table}, key=lambda s: ["fast", "echo5ms",
+                       "echoslowshadow", "slowshadow", "blackhole"].index(s)
+                       if s in ("fast", "echo5ms", "echoslowshadow", "slowshadow",
+                                "blackhole") else 99)
+    print("| scenario | target | req/s | p50 ms | p99 ms | proxy µs/req | "
+          "rps ÷ nginx mirror | rps ÷ Envoy mirror | rps ÷ direct | "
+          "p50 ÷ fast | p99 ÷ fast |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    fast = table.get(("fast", TARGET), {})
+    for scenario in scenarios:
+        for target in ("direct", "nginx-mirror", "envoy-mirror", TARGET):
+            row = table.get((scenario, target))
+            if row is None:
+                continue
+            cells = [scenario, target, f"{row['rps']:,.0f}", f"{row['p50_ms']:.2f}",
+                     f"{row['p99_ms']:.2f}",
+                     "–" if row["proxy_cpu_us_per_req"] != row["proxy_cpu_us_per_req"]
+                     else f"{row['proxy_cpu_us_per_req']:.0f}"]
+            if target == TARGET:
+                nginx = table.get((scenario, "nginx-mirror"), {})
+                envoy = table.get((scenario, "envoy-mirror"), {})
+                direct = table.get((scenario, "direct"), {})
+                cells += [ratio(row["rps"], nginx.get("rps", float("nan"))),
+                          ratio(row["rps"], envoy.get("rps", float("nan"))),
+                          ratio(row["rps"], direct.get("rps", float("nan"))),
+                          ratio(row["p50_ms"], fast.get("p50_ms", float("nan"))),
+                          ratio(row["p99_ms"], fast.get("p99_ms", float("nan")))]
+            else:
+                cells += [""] * 5
+            print("| " + " | ".join(cells) + " |")
+
+    log = (out / "logs" / f"proxy-{TARGET}.log").read_text(errors="replace")
+    stops = [tuple(map(int, m.groups())) for m in re.finditer(
+        r"stopped: served=(\d+) written=(\d+) spooled=(\d+) dropped=(\d+)", log)]
+    served = sum(s[0] for s in stops)
+    written = sum(s[1] for s in stops)
+    dropped = sum(s[3] for s in stops)
+    completed = sum(r["requests"] for r in data["runs"] if r["target"] == TARGET)
+
+    async def stored() -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM shadowproxy.requests"))
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(stored())
+    print()
+    print(f"Record check over {len(stops)} shadowproxy runs: wrk completed {completed:,} "
+          f"requests in the measured windows; shadowproxy answered {served:,} (warm-ups "
+          f"included) and wrote {written:,} records ({dropped:,} dropped); the database holds "
+          f"{rows:,} requests. {'OK' if rows == served == written else 'MISMATCH'}.")
+
+
+if __name__ == "__main__":
+    main()
