@@ -362,6 +362,7 @@ class ClientConnection(asyncio.Protocol):
     def response_done(self, req: ClientRequest) -> None:
         """The response to ``req`` is fully written: serve the next request, or close."""
         self.active = None
+        req.call = None  # call and request refer to each other: let plain refcounting free them
         self.last_active = self.ctx.loop.time()
         if self.gone:
             return

@@ -80,6 +80,7 @@ class UpstreamCall:
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None  # the handle refers back to this call
         if self.pool is not None:
             self.pool.active.discard(self)
 
