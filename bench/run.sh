@@ -45,8 +45,9 @@ from pathlib import Path
 from shadowproxy.store.embedded import start_embedded
 print(start_embedded(Path(sys.argv[1]), cleanup=None))" "$pgdir" | tail -1)"
 pgpid="$(head -1 "$pgdir/postgres/postmaster.pid")"
-taskset -pc 1 "$pgpid" >/dev/null
-for child in $(pgrep -P "$pgpid"); do taskset -pc 1 "$child" >/dev/null; done
+pgcpu="${BENCH_PG_CPUS:-1}"
+taskset -pc "$pgcpu" "$pgpid" >/dev/null
+for child in $(pgrep -P "$pgpid"); do taskset -pc "$pgcpu" "$child" >/dev/null; done
 export SHADOWPROXY_BENCH_DATABASE_URL="$url"
 
 start="bash $here/start_for_harness.sh {port} {primary_url} {shadow_url} {workdir}"

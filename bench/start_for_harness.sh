@@ -21,4 +21,4 @@ routes:
     shadows:
       - {name: shadow, url: "$shadow", timeout_s: ${SHADOWPROXY_BENCH_SHADOW_TIMEOUT:-1}, max_in_flight: ${SHADOWPROXY_BENCH_MAX_IN_FLIGHT:-1000}}
 YAML
-exec "$python" -m shadowproxy run -c "$workdir/shadowproxy.yaml"
+exec "$python" ${SHADOWPROXY_BENCH_ENTRY:--m shadowproxy} run -c "$workdir/shadowproxy.yaml"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -44,6 +45,20 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+def _settle_memory() -> None:
+    """After start-up: keep the cyclic GC off the data path as far as possible.
+
+    Start-up objects (modules, config, pools) never die: freezing them keeps every later
+    collection from scanning them again. The data path frees its objects by reference
+    counting (it keeps no cycles), so young collections find little and can be rarer.
+    Measured on the echo5ms benchmark: full collections of 10-20 ms, several a minute,
+    set the client's p99 before this.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,6 +81,7 @@ async def _single(settings: Settings, url: str) -> int:
 
     stop = _stop_event()
     async with running(settings, url):
+        _settle_memory()
         await stop.wait()
         log.info("signal received: draining (grace %.0fs)", settings.limits.shutdown_grace_s)
     return 0
@@ -90,6 +106,8 @@ async def _worker(settings: Settings, url: str, index: int) -> int:
     directory = _snapshot_dir(settings)
     path = directory / f"worker-{index}.pickle"
     async with running(settings, url, serve_admin=False) as proxy:
+        _settle_memory()
+
         async def publish() -> None:
             while True:
                 ready, detail = await proxy.readiness()

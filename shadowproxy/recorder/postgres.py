@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -58,6 +59,18 @@ ON CONFLICT (request, target) DO NOTHING
 """
 
 _FAILURES = (*CONNECTION_ERRORS, asyncpg.PostgresError, asyncio.TimeoutError, DatabaseError)
+
+
+_YIELD_EVERY = 32
+
+
+async def _yielding(rows: list[Row]) -> AsyncIterator[Row]:
+    """The rows, handing the event loop back to the data path every few rows: encoding a
+    whole batch for COPY in one go would hold up client requests for milliseconds."""
+    for i, row in enumerate(rows):
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+        yield row
 
 
 class PostgresWriter:
@@ -120,10 +133,12 @@ class PostgresWriter:
         conn = await self._connection()
         async with conn.transaction():
             await conn.copy_records_to_table("requests", schema_name="shadowproxy",
-                                             records=requests, columns=REQUEST_COLUMNS)
+                                             records=_yielding(requests),
+                                             columns=REQUEST_COLUMNS)
             if responses:
                 await conn.copy_records_to_table("responses", schema_name="shadowproxy",
-                                                 records=responses, columns=RESPONSE_COLUMNS)
+                                                 records=_yielding(responses),
+                                                 columns=RESPONSE_COLUMNS)
 
     async def _insert_checked(self, requests: list[Row], responses: list[Row]) -> None:
         conn = await self._connection()

@@ -28,7 +28,7 @@ from shadowproxy.tasks import spawn
 log = logging.getLogger("shadowproxy.recorder")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
-_ENCODE_SLICE = 64
+_ENCODE_SLICE = 32
 
 
 class Recorder:

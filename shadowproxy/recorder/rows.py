@@ -1,8 +1,10 @@
 """Exchange → database rows: header decoding and redaction, JSON detection, timestamps.
 
 Rows have the column order of ``REQUEST_COLUMNS`` / ``RESPONSE_COLUMNS``, with the JSON
-columns as text: already validated here (orjson, a few µs), so that the normal path can COPY
-them straight into the jsonb columns and PostgreSQL parses each body once.
+columns as text. A body that looks like JSON is not parsed here: the normal path COPYs the
+text straight into the jsonb column, so PostgreSQL parses each body exactly once, and the
+rare batch with a body that is not valid JSON after all is refused as a whole and stored
+through the checking path (``postgres.py``). Only redaction needs the parsed document.
 """
 
 from __future__ import annotations
@@ -24,17 +26,6 @@ RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "b
 
 Row = tuple[Any, ...]
 REDACTED = "[redacted]"
-
-
-def valid_json(text: str) -> bool:
-    """Whether PostgreSQL's jsonb will accept ``text`` (orjson, plus jsonb's NUL rule)."""
-    if "\\u0000" in text:
-        return False
-    try:
-        orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return False
-    return True
 
 
 class RowEncoder:
@@ -64,7 +55,7 @@ class RowEncoder:
         if not body:
             return body, None
         text = json_text(body, headers or [], self._cap)
-        if text is None or not valid_json(text):
+        if text is None:
             return body, None
         if self._json_paths:
             redacted = redact_json(text, self._json_paths)
