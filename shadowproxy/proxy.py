@@ -19,9 +19,10 @@ import httptools
 from shadowproxy import http1
 from shadowproxy.metrics import RouteCounters
 from shadowproxy.mirror import ShadowTarget, start_shadows
-from shadowproxy.models import CapturedResponse, Exchange, Headers, RecordSink
+from shadowproxy.models import Exchange, Headers, RecordSink
+from shadowproxy.primary import PrimaryCall, capture_request_body
 from shadowproxy.routing import Router, split_target
-from shadowproxy.upstream import UpstreamCall, UpstreamConnection, UpstreamPool
+from shadowproxy.upstream import UpstreamPool
 
 log = logging.getLogger("shadowproxy")
 
@@ -169,6 +170,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.ctx.connections.discard(self)
+        # Transport and parser refer back to this protocol: let refcounting free them all.
+        self.transport = None
+        self.parser = http1.CLOSED_PARSER  # type: ignore[assignment]
         active = self.active
         if active is not None and active.call is not None:
             active.call.client_gone()
@@ -235,7 +239,7 @@ class ClientConnection(asyncio.Protocol):
         if req.streaming:
             assert req.call is not None and req.exchange is not None
             req.call.send_body(body)
-            _capture_request_body(req.exchange, body, self.ctx.capture_cap)
+            capture_request_body(req.exchange, body, self.ctx.capture_cap)
             return
         req.chunks.append(body)
         if req.body_size > self.ctx.max_mirror_body:
@@ -250,7 +254,7 @@ class ClientConnection(asyncio.Protocol):
             self._start_streaming(req, None)
             assert req.call is not None and req.exchange is not None
             req.call.send_body(buffered)
-            _capture_request_body(req.exchange, buffered, self.ctx.capture_cap)
+            capture_request_body(req.exchange, buffered, self.ctx.capture_cap)
 
     def on_message_complete(self) -> None:
         req = self.req
@@ -419,178 +423,3 @@ class ClientConnection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         if self.is_idle() and self.transport is not None:
             self.transport.close()
-
-
-def _capture_request_body(exchange: Exchange, data: bytes, cap: int) -> None:
-    room = cap - len(exchange.body)
-    exchange.body_size += len(data)
-    if room >= len(data):
-        exchange.body += data
-    else:
-        if room > 0:
-            exchange.body += data[:room]
-        exchange.body_truncated = True
-
-
-class PrimaryCall(UpstreamCall):
-    """The call to the primary: its response is streamed to the client as it arrives."""
-
-    __slots__ = ("chunks", "client", "exchange", "head_sent", "pending_head", "pending_out",
-                 "rechunk", "record", "req", "route", "stream_chunked", "streaming_body")
-
-    def __init__(self, client: ClientConnection, req: ClientRequest, route: RouteTarget,
-                 exchange: Exchange, head: bytes, body: bytes) -> None:
-        super().__init__(head, body, route.primary_timeout, req.method == b"HEAD")
-        self.client = client
-        self.req = req
-        self.route = route
-        self.exchange = exchange
-        self.record = CapturedResponse("primary", "primary", time.time())
-        exchange.start_call(self.record)
-        self.chunks: list[bytes] = []
-        self.pending_head: bytes | None = None
-        self.head_sent = False
-        self.rechunk = False
-        self.streaming_body = False
-        self.stream_chunked = False
-        self.pending_out: list[bytes] = []
-
-    # --- request body streaming (bodies over limits.max_mirror_body_bytes) ---
-    def stream_request(self, chunked: bool) -> None:
-        self.streaming_body = True
-        self.stream_chunked = chunked
-        self.retried = True  # a half-sent body cannot be sent again
-
-    def send_body(self, data: bytes) -> None:
-        if self.done:
-            return
-        out = http1.chunk(data) if self.stream_chunked else data
-        conn = self.conn
-        if conn is None:
-            self.pending_out.append(out)
-        elif conn.transport is not None and not conn.closed:
-            conn.transport.write(out)
-
-    def take_body(self) -> bytes:
-        if not self.streaming_body:
-            return self.body
-        out, self.pending_out = b"".join(self.pending_out), []
-        return out
-
-    def on_upstream_pause(self) -> None:
-        transport = self.client.transport
-        if self.streaming_body and transport is not None and not self.client.gone:
-            transport.pause_reading()
-
-    def on_upstream_resume(self) -> None:
-        transport = self.client.transport
-        if self.streaming_body and transport is not None and not self.client.gone:
-            transport.resume_reading()
-
-    def end_body(self) -> None:
-        if self.stream_chunked:
-            self.send_body(b"")  # the zero-length chunk ends a chunked body
-
-    # --- response events ---
-    def on_response_head(self, status: int, reason: bytes, headers: Headers,
-                         conn: UpstreamConnection) -> None:
-        record = self.record
-        record.status = status
-        record.headers = headers
-        req = self.req
-        skip = http1.RESPONSE_REWRITTEN
-        has_length = False
-        for name, _ in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                has_length = True
-            elif lname == b"connection":
-                skip = skip | http1.connection_tokens(headers)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason), http1.header_lines(headers, skip),
-                 b"X-Request-Id: ", self.exchange.request_id.encode("ascii"), b"\r\n"]
-        no_body = self.expect_no_body or status in (204, 304)
-        if not no_body and not has_length:
-            if req.http10:
-                req.keep_alive = False  # an HTTP/1.0 client reads to the end of the connection
-            else:
-                self.rechunk = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-        if not req.keep_alive or self.client.ctx.draining:
-            lines.append(b"Connection: close\r\n")
-        elif req.http10:
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        self.pending_head = b"".join(lines)
-
-    def on_response_body(self, data: bytes) -> None:
-        record = self.record
-        room = self.client.ctx.capture_cap - record.body_size
-        record.body_size += len(data)
-        if room >= len(data):
-            self.chunks.append(data)
-        else:
-            if room > 0:
-                self.chunks.append(data[:room])
-            record.body_truncated = True
-        out = http1.chunk(data) if self.rechunk else data
-        head = self.pending_head
-        if head is not None:
-            self.pending_head = None
-            self.head_sent = True
-            out = head + out
-        self.client._write(out)
-
-    def on_response_end(self) -> None:
-        tail = http1.CHUNKED_END if self.rechunk else b""
-        head = self.pending_head
-        if head is not None:
-            self.pending_head = None
-            self.head_sent = True
-            tail = head + tail
-        if tail:
-            self.client._write(tail)
-        status = self.record.status
-        self._close(status if status is not None else 502)
-        self.client.response_done(self.req)
-
-    def on_failure(self, error: str) -> None:
-        self.record.error = error
-        self.pending_head = None
-        if self.head_sent:
-            # Part of the response is already with the client: the only honest signal left
-            # is to cut the connection.
-            self._close(self.record.status or 502)
-            transport = self.client.transport
-            if transport is not None and not self.client.gone:
-                transport.abort()
-            self.client.response_done(self.req)
-            return
-        status = 504 if error == "timeout" else 502
-        self._close(status)
-        message = ("the primary did not answer in time" if status == 504
-                   else f"the primary could not be reached: {error}")
-        client = self.client
-        keep_alive = self.req.keep_alive and not client.ctx.draining
-        client._write(http1.json_error(status, message, self.exchange.request_id,
-                                       keep_alive=keep_alive))
-        client.response_done(self.req)
-
-    def _close(self, status: int) -> None:
-        record = self.record
-        assert self.pool is not None
-        record.latency_ms = latency = (self.pool.loop.time() - self.sent_at) * 1000.0
-        record.body = b"".join(self.chunks) if self.chunks else b""
-        counters = self.route.counters
-        counters.count(status)
-        counters.primary_latency.observe(latency)
-        self.exchange.finish_call()
-
-    def client_gone(self) -> None:
-        """The client disconnected: stop a response that is still streaming to it."""
-        if self.head_sent and not self.done:
-            conn = self.conn
-            self.conn = None
-            if conn is not None:
-                conn.call = None
-                conn.abort()
-            self.fail("closed: client disconnected")

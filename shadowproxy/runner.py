@@ -50,13 +50,14 @@ def _settle_memory() -> None:
 
     Start-up objects (modules, config, pools) never die: freezing them keeps every later
     collection from scanning them again. The data path frees its objects by reference
-    counting (it keeps no cycles), so young collections find little and can be rarer.
+    counting (requests and connections break their cycles when they end), so collections
+    find little and can be rarer.
     Measured on the echo5ms benchmark: full collections of 10-20 ms, several a minute,
     set the client's p99 before this.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    gc.set_threshold(10_000, 20, 50)
 
 
 def _stop_event() -> asyncio.Event:

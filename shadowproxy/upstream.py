@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from shadowproxy import http1
 from shadowproxy.models import Headers
 from shadowproxy.tasks import spawn
 
 _NO_BODY_STATUS = frozenset({204, 304})
+
 MAX_IDLE_PER_UPSTREAM = 512
 _WRITE_JOIN_LIMIT = 65_536
 
@@ -154,6 +156,11 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        # Parser and transport refer back to this protocol: drop them, so that a closed
+        # connection is freed at once rather than by a cyclic GC pass (timeouts against a
+        # hung shadow close hundreds of connections a second).
+        self.parser = http1.CLOSED_PARSER  # type: ignore[assignment]
+        self.transport = None
         call = self.call
         if call is None:
             return
@@ -252,9 +259,10 @@ class UpstreamConnection(asyncio.Protocol):
             call.end()
 
     def abort(self) -> None:
-        if self.transport is not None and not self.closed:
+        transport = self.transport
+        if transport is not None and not self.closed:
             self.closed = True
-            self.transport.abort()
+            transport.abort()
         self.pool.forget(self)
 
     def pause_reading(self) -> None:

