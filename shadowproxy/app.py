@@ -125,7 +125,8 @@ async def running(settings: Settings, database_url: str, *,
     """Run one proxy process until the block exits, then shut it down gracefully."""
     loop = asyncio.get_running_loop()
     metrics = Metrics()
-    recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics)
+    recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics,
+                        log_exchanges=settings.access_log)
     await recorder.start()
     if not recorder.database_ok:
         log.warning("database not reachable at start-up; records go to the spool in %s "

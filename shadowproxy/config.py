@@ -190,6 +190,7 @@ class Settings(_Frozen):
 
     listen: str = "127.0.0.1:8080"
     admin_listen: str | None = "127.0.0.1:9090"
+    access_log: bool = False
     admin_token: str | None = None
     workers: int = Field(default=1, ge=1, le=64)
     data_dir: Path = Path(".shadowproxy")

@@ -30,13 +30,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """Plain lines; a line about one request ends with its request id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return f"{line} request_id={request_id}" if request_id else line
+
+
 def setup_logging(log_format: str = "text", level: str | None = None) -> None:
     """Configure the root logger once, for ``shadowproxy run`` and its workers."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(TextFormatter(
             "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

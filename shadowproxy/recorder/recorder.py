@@ -26,6 +26,7 @@ from shadowproxy.recorder.spool import Spool
 from shadowproxy.tasks import spawn
 
 log = logging.getLogger("shadowproxy.recorder")
+access_log = logging.getLogger("shadowproxy.access")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 _ENCODE_SLICE = 32
@@ -35,12 +36,14 @@ class Recorder:
     """Owns the queue, the writer task, the database writer and the spool."""
 
     def __init__(self, recording: RecordingConfig, database_url: str, data_dir: Path,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, log_exchanges: bool = False) -> None:
         self.config = recording
         self.queue: deque[Exchange] = deque()
         self.metrics = metrics
         metrics.queue_depth = lambda: len(self.queue)
         self.encoder = RowEncoder(recording)
+        self.log_exchanges = log_exchanges
+        """Log one line per exchange (``access_log``), written here, off the client's path."""
         self.writer = PostgresWriter(database_url)
         self.spool = Spool(data_dir / "spool", recording.spool_max_bytes)
         self.database_ok = False
@@ -155,7 +158,10 @@ class Recorder:
         requests: list[Row] = []
         responses: list[Row] = []
         for start in range(0, len(batch), _ENCODE_SLICE):
-            req, resp = self.encoder.encode(batch[start:start + _ENCODE_SLICE])
+            part = batch[start:start + _ENCODE_SLICE]
+            if self.log_exchanges:
+                _log_exchanges(part)
+            req, resp = self.encoder.encode(part)
             requests += req
             responses += resp
             await asyncio.sleep(0)
@@ -226,3 +232,16 @@ class Recorder:
         except DatabaseError as exc:
             log.warning("replay paused, database unavailable: %s", exc)
             return False
+
+
+def _log_exchanges(exchanges: list[Exchange]) -> None:
+    """One access-log line per exchange, carrying its request id and every call's outcome."""
+    for ex in exchanges:
+        calls = {r.target: {"status": r.status, "latency_ms": None if r.latency_ms is None
+                            else round(r.latency_ms, 3), "error": r.error}
+                 for r in ex.responses}
+        primary = calls.get("primary", {})
+        access_log.info("%s %s%s -> %s", ex.method, ex.path, "?" + ex.query if ex.query else "",
+                        primary.get("status") or primary.get("error"),
+                        extra={"request_id": ex.request_id, "route": ex.route,
+                               "client_addr": ex.client_addr, "calls": calls})
