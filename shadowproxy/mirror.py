@@ -76,15 +76,7 @@ class ShadowCall(UpstreamCall):
         self.record.headers = headers
 
     def on_response_body(self, data: bytes) -> None:
-        record = self.record
-        room = self.capture_cap - record.body_size
-        record.body_size += len(data)
-        if room >= len(data):
-            self.chunks.append(data)
-        else:
-            if room > 0:
-                self.chunks.append(data[:room])
-            record.body_truncated = True
+        self.record.capture(self.chunks, data, self.capture_cap)
 
     def _close(self, outcome: int) -> None:
         record = self.record

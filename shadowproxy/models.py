@@ -57,6 +57,18 @@ class CapturedResponse:
         'dropped: overload', 'skipped: body_too_large', 'closed: ...'."""
 
 
+    def capture(self, chunks: list[bytes], data: bytes, cap: int) -> None:
+        """Count a piece of body, and keep it in ``chunks`` up to ``cap`` bytes in all."""
+        room = cap - self.body_size
+        self.body_size += len(data)
+        if room >= len(data):
+            chunks.append(data)
+        else:
+            if room > 0:
+                chunks.append(data[:room])
+            self.body_truncated = True
+
+
 class Exchange:
     """One routed client request, with its primary and shadow outcomes."""
 

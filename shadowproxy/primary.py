@@ -122,15 +122,7 @@ class PrimaryCall(UpstreamCall):
         self.pending_head = b"".join(lines)
 
     def on_response_body(self, data: bytes) -> None:
-        record = self.record
-        room = self.client.ctx.capture_cap - record.body_size
-        record.body_size += len(data)
-        if room >= len(data):
-            self.chunks.append(data)
-        else:
-            if room > 0:
-                self.chunks.append(data[:room])
-            record.body_truncated = True
+        self.record.capture(self.chunks, data, self.client.ctx.capture_cap)
         out = http1.chunk(data) if self.rechunk else data
         head = self.pending_head
         if head is not None:

@@ -28,6 +28,14 @@ async def wait_for_rows(url: str, table: str, n: int, timeout: float = 10.0) -> 
         await conn.close()
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """(head, body) of one Content-Length-framed response read from a raw connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    return head, await reader.readexactly(length)
+
+
 async def test_client_gets_primary_answer_and_pair_is_recorded(
         start_proxy: StartProxy, database_url: str) -> None:
     """A POST returns the primary's answer; the request and both responses are recorded."""
@@ -210,11 +218,9 @@ async def test_keep_alive_connection_serves_many_requests(start_proxy: StartProx
             body = json.dumps({"features": {"a": i}}).encode()
             writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            head = await reader.readuntil(b"\r\n\r\n")
+            head, body = await read_response(reader)
             assert head.startswith(b"HTTP/1.1 200")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            assert json.loads(await reader.readexactly(length))["prediction"] == i
+            assert json.loads(body)["prediction"] == i
         writer.close()
 
 
@@ -227,8 +233,6 @@ async def test_pipelined_requests_are_answered_in_order(start_proxy: StartProxy)
             writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(body), body))
         for i in range(5):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            assert json.loads(await reader.readexactly(length))["prediction"] == i
+            _, body = await read_response(reader)
+            assert json.loads(body)["prediction"] == i
         writer.close()
