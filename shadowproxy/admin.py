@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from shadowproxy.errors import ListenError
 from shadowproxy.metrics import SnapshotCollector
 
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
@@ -73,6 +74,12 @@ async def start_admin(app: web.Application, listen: str) -> web.AppRunner:
     host, _, port = listen.rpartition(":")
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=True)
-    await site.start()
+    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {listen} (admin_listen): "
+                          f"{exc.strerror or exc}; change `admin_listen`, or set it to null"
+                          ) from exc
     return runner

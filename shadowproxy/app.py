@@ -17,6 +17,7 @@ from typing import Any
 
 from shadowproxy.admin import build_admin_app, start_admin
 from shadowproxy.config import Settings
+from shadowproxy.errors import ListenError
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import ShadowTarget
 from shadowproxy.proxy import ClientConnection, ProxyContext, RouteTarget
@@ -28,17 +29,26 @@ from shadowproxy.upstream import UpstreamPool
 log = logging.getLogger("shadowproxy")
 
 
-def listen_socket(listen: str) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT, so that several workers share one port."""
+def listen_socket(listen: str, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; with ``reuse_port`` (workers) several processes share it.
+
+    Without it a second proxy on the same address fails loudly instead of silently
+    sharing the port.
+    """
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, int(port)))
-    sock.listen(4096)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, int(port)))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}; is another "
+                          "process using it? change `listen` in the config") from exc
     sock.setblocking(False)
     return sock
 
@@ -119,48 +129,54 @@ async def _sweep(ctx: ProxyContext) -> None:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings, database_url: str, *,
-                  sock: socket.socket | None = None,
+                  reuse_port: bool = False,
                   snapshots: Callable[[], list[dict[str, Any]]] | None = None,
                   serve_admin: bool = True) -> AsyncIterator[Proxy]:
-    """Run one proxy process until the block exits, then shut it down gracefully."""
+    """Run one proxy process until the block exits, then shut it down gracefully.
+
+    Each resource is registered on the exit stack as soon as it is open, so a failure half-way
+    through start-up (a port in use, say) closes what was already open, in reverse order.
+    """
     loop = asyncio.get_running_loop()
     metrics = Metrics()
-    recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics,
-                        log_exchanges=settings.access_log)
-    await recorder.start()
-    if not recorder.database_ok:
-        log.warning("database not reachable at start-up; records go to the spool in %s "
-                    "until it is", settings.data_dir / "spool")
-    router, pools = compile_routes(settings, loop, metrics)
-    ctx = ProxyContext(loop, router, recorder,
-                       max_mirror_body=settings.limits.max_mirror_body_bytes,
-                       capture_cap=settings.recording.max_body_bytes,
-                       max_header_bytes=settings.limits.max_header_bytes,
-                       client_timeout=settings.limits.client_timeout_s)
-    sock = sock or listen_socket(settings.listen)
-    server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock)
-    proxy = Proxy(settings, metrics, recorder, ctx, pools, server)
-    sweeper = spawn(_sweep(ctx), name="sweeper")
-    admin = None
-    if serve_admin and settings.admin_listen is not None:
-        app = build_admin_app(proxy.readiness, snapshots or (lambda: [metrics.snapshot()]),
-                              settings.admin_token)
-        admin = await start_admin(app, settings.admin_listen)
-        proxy.admin_port = admin.addresses[0][1]
-    log.info("listening on %s, routes: %s", settings.listen,
-             ", ".join(r.name for r in settings.routes))
-    try:
-        yield proxy
-    finally:
-        await proxy.drain(settings.limits.shutdown_grace_s)
-        sweeper.cancel()
-        await recorder.close()
+    async with contextlib.AsyncExitStack() as stack:
+        # Listen first: a port in use fails before anything else is started.
+        sock = listen_socket(settings.listen, reuse_port=reuse_port)
+        stack.callback(sock.close)
+        recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics,
+                            log_exchanges=settings.access_log)
+        await recorder.start()
+        stack.push_async_callback(recorder.close)
+        if not recorder.database_ok:
+            log.warning("database not reachable at start-up; records go to the spool in %s "
+                        "until it is", settings.data_dir / "spool")
+        router, pools = compile_routes(settings, loop, metrics)
         for pool in pools:
-            pool.close()
-        if admin is not None:
-            await admin.cleanup()
-        served = sum(sum(c.codes.values()) for c in metrics.routes.values())
-        records = metrics.records
-        # One line a benchmark or an operator can check: every answered request is accounted for.
-        log.info("stopped: served=%d written=%d spooled=%d dropped=%d", served,
-                 records["written"], records["spooled"], records["dropped"])
+            stack.callback(pool.close)
+        ctx = ProxyContext(loop, router, recorder,
+                           max_mirror_body=settings.limits.max_mirror_body_bytes,
+                           capture_cap=settings.recording.max_body_bytes,
+                           max_header_bytes=settings.limits.max_header_bytes,
+                           client_timeout=settings.limits.client_timeout_s)
+        server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock)
+        proxy = Proxy(settings, metrics, recorder, ctx, pools, server)
+        # Runs first at exit: stop accepting and answer what was accepted, before the
+        # recorder flushes and the pools close.
+        stack.push_async_callback(proxy.drain, settings.limits.shutdown_grace_s)
+        sweeper = spawn(_sweep(ctx), name="sweeper")
+        stack.callback(sweeper.cancel)
+        if serve_admin and settings.admin_listen is not None:
+            app = build_admin_app(proxy.readiness,
+                                  snapshots or (lambda: [metrics.snapshot()]),
+                                  settings.admin_token)
+            admin = await start_admin(app, settings.admin_listen)
+            proxy.admin_port = admin.addresses[0][1]
+            stack.push_async_callback(admin.cleanup)
+        log.info("listening on %s, routes: %s", settings.listen,
+                 ", ".join(r.name for r in settings.routes))
+        yield proxy
+    served = sum(sum(c.codes.values()) for c in metrics.routes.values())
+    records = metrics.records
+    # One line a benchmark or an operator can check: every answered request is accounted for.
+    log.info("stopped: served=%d written=%d spooled=%d dropped=%d", served,
+             records["written"], records["spooled"], records["dropped"])

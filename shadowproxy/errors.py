@@ -11,6 +11,7 @@ codes (see ``cli.py``), and nothing else in the package exits.
     │   └── MigrationError   a schema migration could not be applied
     ├── EmbeddedDatabaseError  the embedded PostgreSQL could not be started
     ├── SpoolError           the on-disk spool could not be written or read
+    ├── ListenError          `listen` or `admin_listen` cannot be bound (in use, no such address)
     └── DemoError            a step of `shadowproxy demo` failed (a process, the records)
 
 Failures of upstream calls are not exceptions: they are data on the exchange record
@@ -53,6 +54,10 @@ class MigrationError(DatabaseError):
 
 class EmbeddedDatabaseError(ShadowProxyError):
     """The embedded PostgreSQL under ``data_dir`` could not be initialised or started."""
+
+
+class ListenError(ShadowProxyError):
+    """A listening address could not be bound."""
 
 
 class SpoolError(ShadowProxyError):

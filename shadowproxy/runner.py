@@ -106,7 +106,7 @@ async def _worker(settings: Settings, url: str, index: int) -> int:
     stop = _stop_event()
     directory = _snapshot_dir(settings)
     path = directory / f"worker-{index}.pickle"
-    async with running(settings, url, serve_admin=False) as proxy:
+    async with running(settings, url, serve_admin=False, reuse_port=True) as proxy:
         _settle_memory()
 
         async def publish() -> None:

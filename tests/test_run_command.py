@@ -142,3 +142,20 @@ def test_unreachable_database_is_a_clear_runtime_error(
     assert main(["migrate", "-c", str(config)]) == 1
     assert "cannot connect to PostgreSQL at postgresql://nobody@127.0.0.1" in \
         capsys.readouterr().err
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path, sync_database_url: str,
+                                        capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second proxy on a taken address stops with a message naming it, exit status 1."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    config, port, admin = write_config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2",
+                                       sync_database_url)
+    for taken, key in ((port, "change `listen`"), (admin, "change `admin_listen`")):
+        with socket.socket() as blocker:
+            blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            blocker.bind(("127.0.0.1", taken))
+            blocker.listen()
+            assert main(["run", "-c", str(config)]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{taken}" in err and key in err
