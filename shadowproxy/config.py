@@ -357,8 +357,11 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
+        unset = {path for path, _ in located.problems}
         for err in exc.errors(include_url=False):
             loc = tuple(err["loc"])
+            if loc in unset:
+                continue  # an unset ${VAR}: already reported, its placeholder is no value
             msg = err["msg"].removeprefix("Value error, ")
             if msg.startswith(_UNIQUE_MESSAGES):
                 continue  # already reported, at the repeated name's own line

@@ -169,7 +169,7 @@ class PrimaryCall(UpstreamCall):
     def _close(self, status: int) -> None:
         record = self.record
         assert self.pool is not None
-        record.latency_ms = latency = (self.pool.loop.time() - self.sent_at) * 1000.0
+        record.latency_ms = latency = (time.perf_counter() - self.sent_at) * 1000.0
         record.body = b"".join(self.chunks) if self.chunks else b""
         counters = self.route.counters
         counters.count(status)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import httptools
@@ -302,7 +303,8 @@ class UpstreamPool:
         call.pool = self
         self.active.add(call)
         loop = self.loop
-        call.sent_at = loop.time()
+        # Not loop.time(): uvloop's clock moves in whole milliseconds, too coarse for latency.
+        call.sent_at = time.perf_counter()
         call.timer = loop.call_later(call.timeout, call._timed_out)
         idle = self._idle
         while idle:

@@ -111,3 +111,15 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert f"{bad}:2: routes[0].primary.url" in capsys.readouterr().err
     assert main(["check-config", "-c", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read the config file" in capsys.readouterr().err
+
+
+def test_an_unset_variable_is_reported_once(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unset ${VAR} gives one problem, not a second one about the placeholder's form."""
+    monkeypatch.delenv("NOPE_URL", raising=False)
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    text = 'database: {url: "${NOPE_URL}"}\nroutes: [{name: a, primary: {url: "http://h"}}]\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert len(info.value.problems) == 1
+    assert "environment variable NOPE_URL is not set" in info.value.problems[0]

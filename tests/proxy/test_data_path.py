@@ -236,3 +236,23 @@ async def test_pipelined_requests_are_answered_in_order(start_proxy: StartProxy)
             _, body = await read_response(reader)
             assert json.loads(body)["prediction"] == i
         writer.close()
+
+
+async def test_latency_is_recorded_below_the_millisecond(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Latencies are measured with a fine clock, not the event loop's millisecond ticks."""
+    from tests.upstreams import sleeping
+
+    async with serve(sleeping(0.0123, model("v1"))) as primary, \
+            start_proxy([route(primary.url)]) as proxy, aiohttp.ClientSession() as http:
+        for _ in range(3):
+            await (await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})).read()
+        await wait_for_rows(database_url, "responses", 3)
+    conn = await asyncpg.connect(database_url)
+    try:
+        latencies = [r["latency_ms"] for r in
+                     await conn.fetch("SELECT latency_ms FROM shadowproxy.responses")]
+    finally:
+        await conn.close()
+    assert all(12.3 <= ms < 200 for ms in latencies), latencies
+    assert any(ms != round(ms) for ms in latencies), latencies
