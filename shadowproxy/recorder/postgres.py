@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import asyncpg
 
 from shadowproxy.errors import DatabaseError
 from shadowproxy.recorder.rows import REQUEST_COLUMNS, RESPONSE_COLUMNS, Row
-from shadowproxy.store.database import CONNECTION_ERRORS, describe
+from shadowproxy.store.database import describe
 from shadowproxy.store.migrate import apply as apply_migrations
 
 log = logging.getLogger("shadowproxy.recorder")
@@ -57,8 +58,6 @@ SELECT request, target, role, status, {headers}, body, {body_json}, body_size,
 FROM _sp_responses
 ON CONFLICT (request, target) DO NOTHING
 """
-
-_FAILURES = (*CONNECTION_ERRORS, asyncpg.PostgresError, asyncio.TimeoutError, DatabaseError)
 
 
 _YIELD_EVERY = 32
@@ -105,7 +104,9 @@ class PostgresWriter:
                     replay: bool = False) -> None:
         """Store one batch in one transaction; DatabaseError if it could not be stored.
 
-        ``replay=True`` (spooled batches) takes the idempotent path directly.
+        ``replay=True`` (spooled batches) takes the idempotent path directly. Whatever goes
+        wrong surfaces as DatabaseError with the connection dropped: the recorder then spools
+        the batch, so an unexpected driver state can delay a record but never lose it.
         """
         if not replay:
             try:
@@ -118,16 +119,17 @@ class PostgresWriter:
                             "path", exc)
             except asyncpg.UniqueViolationError:
                 pass  # part of the batch is there already: the idempotent path skips it
-            except _FAILURES as exc:
-                await self._drop_connection()
-                raise DatabaseError(f"could not write to {describe(self.url)}: "
-                                    f"{exc or type(exc).__name__}") from exc
+            except Exception as exc:  # every failure means: spool the batch
+                await self._failed(exc)
         try:
             await asyncio.wait_for(self._insert_checked(requests, responses), self.timeout)
-        except _FAILURES as exc:
-            await self._drop_connection()
-            raise DatabaseError(f"could not write to {describe(self.url)}: "
-                                f"{exc or type(exc).__name__}") from exc
+        except Exception as exc:  # every failure means: spool the batch
+            await self._failed(exc)
+
+    async def _failed(self, exc: BaseException) -> NoReturn:
+        await self._drop_connection()
+        raise DatabaseError(f"could not write to {describe(self.url)}: "
+                            f"{exc or type(exc).__name__}") from exc
 
     async def _copy(self, requests: list[Row], responses: list[Row]) -> None:
         conn = await self._connection()
@@ -158,7 +160,7 @@ class PostgresWriter:
             conn = await asyncio.wait_for(self._connection(), self.timeout)
             await asyncio.wait_for(conn.fetchval("SELECT 1"), self.timeout)
             return True
-        except _FAILURES:
+        except Exception:  # any failure: not reachable now, try again later
             await self._drop_connection()
             return False
 
@@ -172,5 +174,5 @@ class PostgresWriter:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), 5.0)
-            except _FAILURES:
+            except Exception:  # closing politely failed: cut it
                 conn.terminate()

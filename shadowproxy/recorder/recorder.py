@@ -146,9 +146,12 @@ class Recorder:
     async def _store_batch(self, rows: tuple[list[Row], list[Row]]) -> None:
         try:
             await self._store(*rows)
-        except Exception:  # the writer must outlive any one bad batch
-            log.exception("recording a batch of %d records failed", len(rows[0]))
-            self.metrics.records["dropped"] += len(rows[0])
+        except Exception:  # the writer must outlive any one bad batch: keep it on disk
+            log.exception("storing a batch of %d records failed; spooling it", len(rows[0]))
+            self._spool(*rows)
+            # Route what follows through the spool too; the replayer brings it all back.
+            self.database_ok = False
+            self._start_replay()
         finally:
             self._batch_done()
 
