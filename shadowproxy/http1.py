@@ -32,6 +32,18 @@ CHUNKED_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+# Request headers the client side notes while parsing, so the data path never rescans.
+NOTED_REQUEST_HEADERS = frozenset({
+    b"content-length", b"expect", b"x-request-id", b"x-forwarded-for", b"host", b"connection",
+})
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
+
+
+def lists_extra_tokens(connection: bytes) -> bool:
+    """Whether a Connection value names headers (beyond keep-alive/close) to drop as well."""
+    return connection.strip().lower() not in _PLAIN_CONNECTION
+
+
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """Header names listed in Connection (other than keep-alive/close): hop-by-hop too."""
     tokens: set[bytes] = set()

@@ -99,11 +99,11 @@ class PrimaryCall(UpstreamCall):
         req = self.req
         skip = http1.RESPONSE_REWRITTEN
         has_length = False
-        for name, _ in headers:
+        for name, value in headers:
             lname = name.lower()
             if lname == b"content-length":
                 has_length = True
-            elif lname == b"connection":
+            elif lname == b"connection" and http1.lists_extra_tokens(value):
                 skip = skip | http1.connection_tokens(headers)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason), http1.header_lines(headers, skip),
                  b"X-Request-Id: ", self.exchange.request_id.encode("ascii"), b"\r\n"]

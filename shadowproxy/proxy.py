@@ -88,6 +88,7 @@ class ClientRequest:
         "http10",
         "keep_alive",
         "method",
+        "noted",
         "path",
         "query",
         "received_at",
@@ -102,6 +103,8 @@ class ClientRequest:
         self.received_at = time.time()
         self.target = b""
         self.headers: Headers = []
+        self.noted: dict[bytes, bytes] = {}
+        """The first value of each header in ``http1.NOTED_REQUEST_HEADERS``, by lower name."""
         self.header_bytes = 0
         self.method = b""
         self.path = b""
@@ -203,6 +206,13 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         assert req is not None
         req.headers.append((name, value))
+        lname = name.lower()
+        if lname in http1.NOTED_REQUEST_HEADERS:
+            noted = req.noted
+            if lname not in noted:
+                noted[lname] = value
+            elif lname == b"connection":  # repeated Connection headers list tokens together
+                noted[lname] += b", " + value
         req.header_bytes += len(name) + len(value) + 4
         if req.header_bytes > self.ctx.max_header_bytes:
             raise _HeaderTooLarge
@@ -222,11 +232,11 @@ class ClientConnection(asyncio.Protocol):
         route = req.route = self.ctx.router.match(method, req.path)
         if route is None:
             return
-        length = http1.header_value(req.headers, b"content-length")
+        length = req.noted.get(b"content-length")
         pipelined = self.active is not None
         if not pipelined and length is not None and int(length) > self.ctx.max_mirror_body:
             self._start_streaming(req, int(length))
-        expect = http1.header_value(req.headers, b"expect")
+        expect = req.noted.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not pipelined:
             self._write(http1.CONTINUE_100)
 
@@ -275,7 +285,7 @@ class ClientConnection(asyncio.Protocol):
 
     # --- serving ---
     def _new_exchange(self, req: ClientRequest, route: RouteTarget) -> Exchange:
-        request_id = http1.header_value(req.headers, b"x-request-id")
+        request_id = req.noted.get(b"x-request-id")
         rid = None
         if request_id is not None and 0 < len(request_id) <= 200 and request_id.isascii():
             rid = request_id.decode("ascii")
@@ -290,15 +300,15 @@ class ClientConnection(asyncio.Protocol):
                     chunked: bool) -> tuple[bytes, bytes, bytes]:
         """(request target, common header lines, tail lines) shared by every upstream."""
         headers = req.headers
+        noted = req.noted
         skip = http1.REQUEST_REWRITTEN
-        for name, _ in headers:
-            if name.lower() == b"connection":
-                skip = skip | http1.connection_tokens(headers)
-                break
+        connection = noted.get(b"connection")
+        if connection is not None and http1.lists_extra_tokens(connection):
+            skip = skip | http1.connection_tokens(headers)
         common = http1.header_lines(headers, skip)
         client = (self.client_addr or "unknown").encode()
-        forwarded = http1.header_value(headers, b"x-forwarded-for")
-        host = http1.header_value(headers, b"host")
+        forwarded = noted.get(b"x-forwarded-for")
+        host = noted.get(b"host")
         tail = [b"X-Forwarded-For: ", forwarded + b", " + client if forwarded else client,
                 b"\r\nX-Forwarded-Proto: http\r\n"]
         if host is not None:
@@ -313,7 +323,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _primary_head(self, req: ClientRequest, route: RouteTarget, target: bytes,
                       common: bytes, tail: bytes) -> bytes:
-        host = http1.header_value(req.headers, b"host") if route.preserve_host else None
+        host = req.noted.get(b"host") if route.preserve_host else None
         pool = route.primary
         return http1.request_head(
             req.method, pool.base_path + target,

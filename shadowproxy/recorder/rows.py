@@ -35,17 +35,24 @@ class RowEncoder:
         self._redact = frozenset(h.encode() for h in recording.redact_headers)
         self._json_paths = [parse_json_path(p) for p in recording.redact_json]
         self._cap = recording.max_decompressed_bytes
+        self._names: dict[bytes, tuple[str, bool]] = {}
+        """Header name as sent → (JSON key, redact?): names repeat on nearly every request."""
 
     def headers(self, headers: Headers | None) -> str | None:
         """Headers as a JSON object text: names lower-cased, repeats joined with ", "."""
         if headers is None:
             return None
         merged: dict[str, str] = {}
-        redact = self._redact
+        names = self._names
         for name, value in headers:
-            lname = name.lower()
-            text = REDACTED if lname in redact else value.decode("latin-1")
-            key = lname.decode("latin-1")
+            known = names.get(name)
+            if known is None:
+                lname = name.lower()
+                known = names[name] = (lname.decode("latin-1"), lname in self._redact)
+                if len(names) > 4096:  # a client inventing names must not grow this forever
+                    names.clear()
+            key, redacted = known
+            text = REDACTED if redacted else value.decode("latin-1")
             merged[key] = merged[key] + ", " + text if key in merged else text
         return orjson.dumps(merged).decode()
 

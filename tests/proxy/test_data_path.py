@@ -256,3 +256,17 @@ async def test_latency_is_recorded_below_the_millisecond(
         await conn.close()
     assert all(12.3 <= ms < 200 for ms in latencies), latencies
     assert any(ms != round(ms) for ms in latencies), latencies
+
+
+async def test_headers_named_in_any_connection_header_are_dropped(
+        start_proxy: StartProxy) -> None:
+    """Tokens of a second Connection header are hop-by-hop too."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /p HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                     b"Connection: X-Hop\r\nX-Hop: secret\r\nX-Kept: yes\r\n\r\n")
+        head, _ = await read_response(reader)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert "x-hop" not in primary.seen[0].headers
+    assert primary.seen[0].headers["x-kept"] == "yes"
