@@ -1,11 +1,13 @@
 """The recorder: a bounded queue, one writer task, the database or the spool.
 
 ``submit`` is called by the data path for every finished exchange and never blocks: over
-``queue_max_records`` the record is dropped and counted. The writer task takes batches of
-up to ``batch_max_records`` every ``flush_interval_ms`` (sooner when a batch fills) and
-writes them to PostgreSQL; when that fails the batch goes to the spool at once (the writer
-never holds records in memory while it retries), and a replay task brings spooled batches
-into the database when it is back.
+``queue_max_records`` the record is dropped and counted. The writer task writes what has
+gathered as soon as ``write_after_records`` are waiting, or after ``flush_interval_ms``; what
+arrives during a write goes in the next batch, up to ``batch_max_records`` (a natural group
+commit). Small, frequent batches keep the database's work steady instead of bursty. When a
+write fails the batch goes to the spool at once (the writer never holds records in memory
+while it retries), and a replay task brings spooled batches into the database when it is
+back.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Recorder:
         self.spool_full = False
         """True when the last batch found the spool at its cap (and was dropped)."""
         self._batch_max = recording.batch_max_records
+        self._write_after = min(recording.write_after_records, recording.batch_max_records)
         self._queue_max = recording.queue_max_records
         self._interval = recording.flush_interval_ms / 1000.0
         self._wake = asyncio.Event()
@@ -71,7 +74,7 @@ class Recorder:
             self.metrics.records["dropped"] += 1
             return
         queue.append(exchange)
-        if len(queue) >= self._batch_max:
+        if len(queue) >= self._write_after:
             self._wake.set()
 
     # --- lifecycle ---
@@ -111,8 +114,8 @@ class Recorder:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._interval)
-            elif len(self.queue) < self._batch_max and not self._closing:
-                # Let a partial batch fill for one interval, unless it fills first.
+            elif len(self.queue) < self._write_after and not self._closing:
+                # Let a few records gather for one interval, unless enough arrive first.
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._interval)

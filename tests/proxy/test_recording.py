@@ -10,7 +10,7 @@ from aiohttp import web
 
 from tests.conftest import StartProxy, route
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import serve
+from tests.upstreams import model, serve
 
 
 async def dump_database(url: str) -> str:
@@ -85,3 +85,16 @@ async def test_invalid_json_and_binary_bodies_are_kept_as_bytes(
         await conn.close()
     assert sorted(r["body"] for r in rows) == sorted(payloads)
     assert all(r["body_json"] is None for r in rows)
+
+
+async def test_records_are_written_once_write_after_records_wait(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """With a long flush interval, a batch is still written as soon as enough records wait."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)],
+                        recording={"flush_interval_ms": 60_000,
+                                   "write_after_records": 3}) as proxy, \
+            aiohttp.ClientSession() as http:
+        for _ in range(3):
+            await (await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})).read()
+        await wait_for_rows(database_url, "requests", 3, timeout=5)
