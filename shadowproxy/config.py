@@ -139,7 +139,6 @@ class DatabaseConfig(_Frozen):
     """Where records go; ``url: null`` starts the embedded PostgreSQL under ``data_dir``."""
 
     url: str | None = None
-    pool_max_size: int = Field(default=4, ge=1)
 
     @field_validator("url")
     @classmethod
