@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
 import yaml
 
 from shadowproxy.cli import main
+from tests.db import fetchval
 from tests.upstreams import model, serve, sleeping
 
 
@@ -62,11 +62,7 @@ async def start(config: Path) -> asyncio.subprocess.Process:
 
 
 async def count(url: str, table: str) -> int:
-    conn = await asyncpg.connect(url)
-    try:
-        return int(await conn.fetchval(f"SELECT count(*) FROM shadowproxy.{table}"))
-    finally:
-        await conn.close()
+    return int(await fetchval(url, f"SELECT count(*) FROM shadowproxy.{table}"))
 
 
 @pytest.mark.slow

@@ -8,10 +8,10 @@ import gzip
 import json
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 
 from tests.conftest import StartProxy, route
+from tests.db import fetch, fetchrow
 from tests.proxy.test_data_path import wait_for_rows
 from tests.upstreams import model, raw_server, serve
 
@@ -102,11 +102,7 @@ async def test_client_disconnecting_mid_request_and_mid_response(
         writer.close()
         await wait_for_rows(database_url, "responses", 1)
         assert len(primary.seen) == 1
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow("SELECT status, error FROM shadowproxy.responses")
-    finally:
-        await conn.close()
+    row = await fetchrow(database_url, "SELECT status, error FROM shadowproxy.responses")
     assert row["status"] == 200 and row["error"] == "closed: client disconnected"
 
 
@@ -126,11 +122,7 @@ async def test_gzip_bomb_response_is_passed_through_and_not_inflated(
         resp = await http.get(f"http://127.0.0.1:{proxy.port}/bomb")
         assert await resp.read() == bomb
         await wait_for_rows(database_url, "responses", 1)
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow("SELECT body_json, body_size FROM shadowproxy.responses")
-    finally:
-        await conn.close()
+    row = await fetchrow(database_url, "SELECT body_json, body_size FROM shadowproxy.responses")
     assert row["body_json"] is None and row["body_size"] == len(bomb)
 
 
@@ -172,12 +164,8 @@ async def test_malformed_or_truncated_upstream_responses_give_502(
         except aiohttp.ClientPayloadError:
             pass
         await wait_for_rows(database_url, "responses", 3)
-    conn = await asyncpg.connect(database_url)
-    try:
-        errors = sorted(r["error"].split(":")[0] for r in
-                        await conn.fetch("SELECT error FROM shadowproxy.responses"))
-    finally:
-        await conn.close()
+    errors = sorted(r["error"].split(":")[0] for r in
+                    await fetch(database_url, "SELECT error FROM shadowproxy.responses"))
     assert errors == ["closed", "closed", "malformed response"]
 
 
@@ -195,12 +183,8 @@ async def test_shadow_answering_10_mb_is_capped_and_harmless(
         resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"features": {"a": 2}})
         assert (await resp.json())["prediction"] == 2
         await wait_for_rows(database_url, "responses", 2)
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow("SELECT length(body) AS n, body_size, body_truncated "
-                                  "FROM shadowproxy.responses WHERE role = 'shadow'")
-    finally:
-        await conn.close()
+    row = await fetchrow(database_url, "SELECT length(body) AS n, body_size, body_truncated "
+                              "FROM shadowproxy.responses WHERE role = 'shadow'")
     assert (row["n"], row["body_size"], row["body_truncated"]) == (100_000, 10_000_003, True)
 
 

@@ -7,25 +7,21 @@ import gzip
 import json
 
 import aiohttp
-import asyncpg
 
 from tests.conftest import StartProxy, route
+from tests.db import fetch, fetchrow, fetchval
 from tests.upstreams import model, serve
 
 
 async def wait_for_rows(url: str, table: str, n: int, timeout: float = 10.0) -> None:
     """Poll until ``table`` has ``n`` rows (the recorder flushes every 50 ms in tests)."""
-    conn = await asyncpg.connect(url)
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            count = await conn.fetchval(f"SELECT count(*) FROM shadowproxy.{table}")
-            if count >= n or asyncio.get_running_loop().time() > deadline:
-                assert count == n, f"{table}: expected {n} rows, found {count}"
-                return
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        count = await fetchval(url, f"SELECT count(*) FROM shadowproxy.{table}")
+        if count >= n or asyncio.get_running_loop().time() > deadline:
+            assert count == n, f"{table}: expected {n} rows, found {count}"
+            return
+        await asyncio.sleep(0.05)
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -50,12 +46,8 @@ async def test_client_gets_primary_answer_and_pair_is_recorded(
         request_id = resp.headers["X-Request-Id"]
         await wait_for_rows(database_url, "responses", 2)
 
-    conn = await asyncpg.connect(database_url)
-    try:
-        pair = await conn.fetchrow("SELECT * FROM shadowproxy.pairs")
-        req = await conn.fetchrow("SELECT * FROM shadowproxy.requests")
-    finally:
-        await conn.close()
+    pair = await fetchrow(database_url, "SELECT * FROM shadowproxy.pairs")
+    req = await fetchrow(database_url, "SELECT * FROM shadowproxy.requests")
     assert pair["request_id"] == request_id
     assert pair["method"] == "POST" and pair["path"] == "/predict"
     assert json.loads(pair["request_body_json"]) == {"features": {"a": 1.5, "b": 2}}
@@ -82,14 +74,10 @@ async def test_gzip_response_passes_through_as_bytes_and_is_stored_as_json(
         assert resp.headers["Content-Encoding"] == "gzip"
         assert json.loads(gzip.decompress(raw)) == {"prediction": 1, "model_version": "v1"}
         await wait_for_rows(database_url, "responses", 2)
-    conn = await asyncpg.connect(database_url)
-    try:
-        stored = await conn.fetchval(
-            "SELECT body_json->>'prediction' FROM shadowproxy.responses WHERE role='primary'")
-        raw_stored = await conn.fetchval(
-            "SELECT body FROM shadowproxy.responses WHERE role='primary'")
-    finally:
-        await conn.close()
+    stored = await fetchval(database_url, "SELECT body_json->>'prediction' "
+                                          "FROM shadowproxy.responses WHERE role='primary'")
+    raw_stored = await fetchval(
+        database_url, "SELECT body FROM shadowproxy.responses WHERE role='primary'")
     assert stored == "1.0"
     assert raw_stored == raw
 
@@ -173,11 +161,7 @@ async def test_primary_down_gives_502_and_is_recorded(
         body = await resp.json()
         assert body["request_id"] == resp.headers["X-Request-Id"]
         await wait_for_rows(database_url, "responses", 1)
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow("SELECT status, error FROM shadowproxy.responses")
-    finally:
-        await conn.close()
+    row = await fetchrow(database_url, "SELECT status, error FROM shadowproxy.responses")
     assert row["status"] is None and row["error"].startswith("connect:")
 
 
@@ -193,11 +177,7 @@ async def test_primary_timeout_gives_504_and_is_recorded(
         assert resp.status == 504
         assert "did not answer in time" in (await resp.json())["error"]
         await wait_for_rows(database_url, "responses", 1)
-    conn = await asyncpg.connect(database_url)
-    try:
-        assert await conn.fetchval("SELECT error FROM shadowproxy.responses") == "timeout"
-    finally:
-        await conn.close()
+    assert await fetchval(database_url, "SELECT error FROM shadowproxy.responses") == "timeout"
 
 
 async def test_error_statuses_pass_through_unchanged(start_proxy: StartProxy) -> None:
@@ -248,12 +228,8 @@ async def test_latency_is_recorded_below_the_millisecond(
         for _ in range(3):
             await (await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})).read()
         await wait_for_rows(database_url, "responses", 3)
-    conn = await asyncpg.connect(database_url)
-    try:
-        latencies = [r["latency_ms"] for r in
-                     await conn.fetch("SELECT latency_ms FROM shadowproxy.responses")]
-    finally:
-        await conn.close()
+    latencies = [r["latency_ms"] for r in
+                 await fetch(database_url, "SELECT latency_ms FROM shadowproxy.responses")]
     assert all(12.3 <= ms < 200 for ms in latencies), latencies
     assert any(ms != round(ms) for ms in latencies), latencies
 

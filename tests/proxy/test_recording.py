@@ -5,25 +5,21 @@ from __future__ import annotations
 import json
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 
 from tests.conftest import StartProxy, route
+from tests.db import fetch, fetchval
 from tests.proxy.test_data_path import wait_for_rows
 from tests.upstreams import model, serve
 
 
 async def dump_database(url: str) -> str:
     """Every stored value as text, to search for secrets."""
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch(
-            "SELECT q::text AS t FROM shadowproxy.requests q "
-            "UNION ALL SELECT r::text FROM shadowproxy.responses r "
-            "UNION ALL SELECT encode(body, 'escape') FROM shadowproxy.requests "
-            "UNION ALL SELECT encode(body, 'escape') FROM shadowproxy.responses")
-    finally:
-        await conn.close()
+    rows = await fetch(
+        url, "SELECT q::text AS t FROM shadowproxy.requests q "
+        "UNION ALL SELECT r::text FROM shadowproxy.responses r "
+        "UNION ALL SELECT encode(body, 'escape') FROM shadowproxy.requests "
+        "UNION ALL SELECT encode(body, 'escape') FROM shadowproxy.responses")
     return "\n".join(r["t"] or "" for r in rows)
 
 
@@ -52,14 +48,11 @@ async def test_secrets_in_headers_and_json_fields_never_reach_the_database(
     stored = await dump_database(database_url)
     for secret in ("token-secret", "cookie-secret", "key-secret", "jane@example.com"):
         assert secret not in stored
-    conn = await asyncpg.connect(database_url)
-    try:
-        headers = json.loads(await conn.fetchval("SELECT headers FROM shadowproxy.requests"))
-        email = await conn.fetchval(
-            "SELECT body_json #>> '{customer,email}' FROM shadowproxy.requests")
-        age = await conn.fetchval("SELECT body_json #>> '{customer,age}' FROM shadowproxy.requests")
-    finally:
-        await conn.close()
+    headers = json.loads(await fetchval(database_url, "SELECT headers FROM shadowproxy.requests"))
+    email = await fetchval(
+        database_url, "SELECT body_json #>> '{customer,email}' FROM shadowproxy.requests")
+    age = await fetchval(
+        database_url, "SELECT body_json #>> '{customer,age}' FROM shadowproxy.requests")
     assert headers["authorization"] == "[redacted]"
     assert email == "[redacted]" and age == "40"
 
@@ -78,11 +71,7 @@ async def test_invalid_json_and_binary_bodies_are_kept_as_bytes(
                                    headers={"Content-Type": "application/json"})
             assert await resp.read() == payload
         await wait_for_rows(database_url, "requests", 3)
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch("SELECT body, body_json FROM shadowproxy.requests")
-    finally:
-        await conn.close()
+    rows = await fetch(database_url, "SELECT body, body_json FROM shadowproxy.requests")
     assert sorted(r["body"] for r in rows) == sorted(payloads)
     assert all(r["body_json"] is None for r in rows)
 

@@ -7,20 +7,12 @@ import json
 import time
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 
 from tests.conftest import StartProxy, route
+from tests.db import fetch
 from tests.proxy.test_data_path import wait_for_rows
 from tests.upstreams import hanging, model, serve, sleeping
-
-
-async def fetch_all(url: str, query: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return list(await conn.fetch(query))
-    finally:
-        await conn.close()
 
 
 async def test_response_arrives_while_shadow_still_hangs(
@@ -47,7 +39,7 @@ async def test_response_arrives_while_shadow_still_hangs(
         # The shadow holds its request and the client is already served.
         assert elapsed < 1.0
         await wait_for_rows(database_url, "responses", 2)
-    rows = await fetch_all(database_url, "SELECT shadow_status, shadow_error, primary_status "
+    rows = await fetch(database_url, "SELECT shadow_status, shadow_error, primary_status "
                                          "FROM shadowproxy.pairs")
     assert [(r["shadow_status"], r["shadow_error"], r["primary_status"]) for r in rows] == [
         (None, "timeout", 200)]
@@ -76,7 +68,7 @@ async def test_dead_shadow_is_recorded_as_connect_error(
         resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"features": {}})
         assert resp.status == 200
         await wait_for_rows(database_url, "responses", 2)
-    rows = await fetch_all(database_url, "SELECT shadow_error FROM shadowproxy.pairs")
+    rows = await fetch(database_url, "SELECT shadow_error FROM shadowproxy.pairs")
     assert rows[0]["shadow_error"].startswith("connect:")
 
 
@@ -115,7 +107,7 @@ async def test_sample_rate_zero_sends_nothing_and_records_no_pair(
             await (await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})).read()
         await wait_for_rows(database_url, "requests", 10)
     assert shadow.seen == []
-    assert await fetch_all(database_url, "SELECT * FROM shadowproxy.pairs") == []
+    assert await fetch(database_url, "SELECT * FROM shadowproxy.pairs") == []
 
 
 async def test_sticky_sampling_keeps_each_user_in_or_out(start_proxy: StartProxy) -> None:
@@ -163,9 +155,9 @@ async def test_body_over_mirror_limit_goes_to_primary_only(
         assert (await resp.json()) == {"size": 300_000}
         await wait_for_rows(database_url, "responses", 4)
     assert received == [300_000, 300_000]  # the shadow got neither
-    rows = await fetch_all(database_url, "SELECT shadow_error FROM shadowproxy.pairs")
+    rows = await fetch(database_url, "SELECT shadow_error FROM shadowproxy.pairs")
     assert [r["shadow_error"] for r in rows] == ["skipped: body_too_large"] * 2
-    reqs = await fetch_all(database_url, "SELECT body_size, body_truncated, length(body) AS n "
+    reqs = await fetch(database_url, "SELECT body_size, body_truncated, length(body) AS n "
                                          "FROM shadowproxy.requests")
     assert {(r["body_size"], r["body_truncated"], r["n"]) for r in reqs} == {(300_000, True, 1000)}
 
@@ -181,7 +173,7 @@ async def test_shadow_over_max_in_flight_is_dropped_not_queued(
         for _ in range(5):
             await (await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})).read()
         await wait_for_rows(database_url, "responses", 10)
-    rows = await fetch_all(database_url, "SELECT shadow_error, count(*) AS n "
+    rows = await fetch(database_url, "SELECT shadow_error, count(*) AS n "
                                          "FROM shadowproxy.pairs GROUP BY 1 ORDER BY 1")
     assert [(r["shadow_error"], r["n"]) for r in rows] == [("dropped: overload", 3),
                                                           ("timeout", 2)]
@@ -196,7 +188,7 @@ async def test_two_shadows_each_get_a_row(start_proxy: StartProxy, database_url:
         await (await http.post(f"http://127.0.0.1:{proxy.port}/p",
                                json={"features": {"a": 1}})).read()
         await wait_for_rows(database_url, "responses", 3)
-    rows = await fetch_all(database_url, "SELECT shadow_name, shadow_body_json "
+    rows = await fetch(database_url, "SELECT shadow_name, shadow_body_json "
                                          "FROM shadowproxy.pairs ORDER BY shadow_name")
     assert [(r["shadow_name"], json.loads(r["shadow_body_json"])["prediction"])
             for r in rows] == [("s1", 2.0), ("s2", 3.0)]

@@ -6,10 +6,10 @@ import asyncio
 import time
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 
 from tests.conftest import StartProxy, route
+from tests.db import fetchrow, fetchval
 from tests.proxy.test_data_path import wait_for_rows
 from tests.upstreams import serve
 
@@ -38,11 +38,7 @@ async def test_server_sent_events_reach_the_client_as_they_are_sent(
         rest = await resp.read()
         assert rest == b"data: second\n\n"
         await wait_for_rows(database_url, "responses", 1)
-    conn = await asyncpg.connect(database_url)
-    try:
-        body = await conn.fetchval("SELECT body FROM shadowproxy.responses")
-    finally:
-        await conn.close()
+    body = await fetchval(database_url, "SELECT body FROM shadowproxy.responses")
     assert body == b"data: first\n\ndata: second\n\n"
 
 
@@ -67,12 +63,8 @@ async def test_large_chunked_response_is_streamed_and_capture_is_capped(
         data = await resp.read()
         assert data == piece * 5
         await wait_for_rows(database_url, "responses", 1)
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow("SELECT length(body) AS n, body_size, body_truncated "
-                                  "FROM shadowproxy.responses")
-    finally:
-        await conn.close()
+    row = await fetchrow(database_url, "SELECT length(body) AS n, body_size, body_truncated "
+                              "FROM shadowproxy.responses")
     assert (row["n"], row["body_size"], row["body_truncated"]) == (10_000, 5 * len(piece), True)
 
 
