@@ -342,20 +342,9 @@ class ClientConnection(asyncio.Protocol):
         exchange = self._new_exchange(req, route)
         body = b"".join(req.chunks) if len(req.chunks) != 1 else req.chunks[0]
         req.chunks = []
-        exchange.body_size = len(body)
-        cap = self.ctx.capture_cap
-        if len(body) > cap:
-            exchange.body, exchange.body_truncated = body[:cap], True
-        else:
-            exchange.body = body
+        capture_request_body(exchange, body, self.ctx.capture_cap)
         length = len(body) if body or req.method in _BODY_METHODS else None
-        target, common, tail = self._head_parts(req, exchange, length, chunked=False)
-        head = self._primary_head(req, route, target, common, tail)
-        call = req.call = PrimaryCall(self, req, route, exchange, head, body)
-        route.primary.start(call)
-        if route.shadows:
-            start_shadows(route.shadows, exchange, req.method, target, req.headers, common,
-                          tail, body, None, cap)
+        self._forward(req, route, exchange, body, length, skip_reason=None)
 
     def _start_streaming(self, req: ClientRequest, length: int | None) -> None:
         """Send a body too large to mirror straight to the primary; shadows are skipped."""
@@ -364,14 +353,23 @@ class ClientConnection(asyncio.Protocol):
         self.active = req
         req.streaming = True
         exchange = self._new_exchange(req, route)
-        target, common, tail = self._head_parts(req, exchange, length, chunked=length is None)
+        self._forward(req, route, exchange, b"", length, skip_reason="body_too_large")
+
+    def _forward(self, req: ClientRequest, route: RouteTarget, exchange: Exchange,
+                 body: bytes, length: int | None, skip_reason: str | None) -> None:
+        """Start the primary's call, then the shadows'. A body being streamed (skip_reason
+        set) goes with Content-Length when known, else chunked, and to the primary only."""
+        streaming = skip_reason is not None
+        chunked = streaming and length is None
+        target, common, tail = self._head_parts(req, exchange, length, chunked=chunked)
         head = self._primary_head(req, route, target, common, tail)
-        call = req.call = PrimaryCall(self, req, route, exchange, head, b"")
-        call.stream_request(chunked=length is None)
+        call = req.call = PrimaryCall(self, req, route, exchange, head, body)
+        if streaming:
+            call.stream_request(chunked=chunked)
         route.primary.start(call)
         if route.shadows:
             start_shadows(route.shadows, exchange, req.method, target, req.headers, common,
-                          tail, b"", "body_too_large", self.ctx.capture_cap)
+                          tail, body, skip_reason, self.ctx.capture_cap)
 
     def response_done(self, req: ClientRequest) -> None:
         """The response to ``req`` is fully written: serve the next request, or close."""
