@@ -6,6 +6,7 @@
 #   bash bench/run.sh                 # full: 4 scenarios x 3 reps x 10 s (about 15 minutes)
 #   bash bench/run.sh --quick         # 1 rep x 5 s, for a first look
 #   BENCH_SCENARIOS=fast bash bench/run.sh --quick
+#   BENCH_BUILD=pure bash bench/run.sh --quick   # the pure-Python build instead of mypyc's
 #
 # Needs the harness set up once (as root): bash ../shared/bench/setup.sh
 set -euo pipefail
@@ -20,9 +21,23 @@ targets="${BENCH_TARGETS:-direct,nginx-mirror,envoy-mirror}"
 out="${BENCH_OUT:-$root/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 
-# PostgreSQL for the records: embedded, in a scratch folder, on CPU 1 beside the upstreams.
+# The build measured: "compiled" (the data path compiled with mypyc, as the Docker image
+# ships it) or "pure" (BENCH_BUILD=pure: the pure-Python package, for comparison).
+build="${BENCH_BUILD:-compiled}"
+tree=""
+cleanup() { bench_pg_stop; [[ -z $tree ]] || rm -rf "$tree"; }
 source "$here/pg.sh"
-trap bench_pg_stop EXIT
+trap cleanup EXIT
+case $build in
+  compiled)
+    tree="$(mktemp -d /tmp/shadowproxy-bench-tree-XXXXXX)"
+    bash "$root/tools/compiled-tree.sh" "$tree/src" "$python" >/dev/null
+    export SHADOWPROXY_BENCH_TREE="$tree/src" ;;
+  pure) ;;
+  *) echo "run.sh: BENCH_BUILD must be compiled or pure, not '$build'" >&2; exit 2 ;;
+esac
+
+# PostgreSQL for the records: embedded, in a scratch folder, on CPU 1 beside the upstreams.
 bench_pg_start "${BENCH_PG_CPUS:-1}"
 url="$BENCH_PG_URL"
 export SHADOWPROXY_BENCH_DATABASE_URL="$url"
@@ -31,4 +46,5 @@ start="bash $here/start_for_harness.sh {port} {primary_url} {shadow_url} {workdi
 "$harness/run_bench.sh" --scenarios "$scenarios" --targets "$targets" \
     --proxy shadowproxy="$start" --conns 16 --reps "$reps" --duration "$duration" \
     --warmup "$warmup" --out "$out" "$@"
-"$python" "$here/summarize.py" "$out" "$url" | tee "$out/summary.md"
+{ echo "shadowproxy build: $build"; "$python" "$here/summarize.py" "$out" "$url"; } \
+  | tee "$out/summary.md"

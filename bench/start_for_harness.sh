@@ -21,4 +21,10 @@ routes:
     shadows:
       - {name: shadow, url: "$shadow", timeout_s: ${SHADOWPROXY_BENCH_SHADOW_TIMEOUT:-1}, max_in_flight: ${SHADOWPROXY_BENCH_MAX_IN_FLIGHT:-1000}}
 YAML
+if [[ -n ${SHADOWPROXY_BENCH_TREE:-} ]]; then
+  # The compiled tree (bench/run.sh builds it) comes first on the path; the working
+  # directory must not hold another copy of the package.
+  export PYTHONPATH="$SHADOWPROXY_BENCH_TREE"
+  cd "$workdir"
+fi
 exec "$python" ${SHADOWPROXY_BENCH_ENTRY:--m shadowproxy} run -c "$workdir/shadowproxy.yaml"

@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from shadowproxy import build
 from shadowproxy.admin import build_admin_app, start_admin
 from shadowproxy.config import Settings
 from shadowproxy.errors import ListenError
@@ -172,8 +173,8 @@ async def running(settings: Settings, database_url: str, *,
             admin = await start_admin(app, settings.admin_listen)
             proxy.admin_port = admin.addresses[0][1]
             stack.push_async_callback(admin.cleanup)
-        log.info("listening on %s, routes: %s", settings.listen,
-                 ", ".join(r.name for r in settings.routes))
+        log.info("listening on %s, routes: %s (%s)", settings.listen,
+                 ", ".join(r.name for r in settings.routes), build.describe())
         yield proxy
     served = sum(sum(c.codes.values()) for c in metrics.routes.values())
     records = metrics.records

@@ -12,7 +12,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
-from shadowproxy import __version__
+from shadowproxy import __version__, build
 from shadowproxy.errors import ConfigError, ShadowProxyError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shadowproxy",
         description="Mirror production traffic to shadow model services and record the pairs "
                     "in PostgreSQL.")
-    parser.add_argument("--version", action="version", version=f"shadowproxy {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"shadowproxy {__version__} ({build.describe()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, handler: Handler, help_: str, config: bool = True

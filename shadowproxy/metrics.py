@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -49,7 +49,9 @@ class Histogram:
 class ShadowCounters:
     """Outcomes and latency of one shadow of one route."""
 
-    OK, ERROR, TIMEOUT = 0, 1, 2
+    OK: Final = 0
+    ERROR: Final = 1
+    TIMEOUT: Final = 2
     __slots__ = ("dropped", "latency", "outcomes", "skipped")
 
     def __init__(self) -> None:

@@ -107,9 +107,20 @@ def test_proxy_image_installs_the_package_with_its_migrations() -> None:
     """The build stage copies pyproject.toml and the package and installs it (not editable)."""
     build = parse_dockerfile(DOCKERFILES[0])[1][0]
     sources = {s for c in build.all("COPY") for s in copy_sources(c)}
-    assert {"pyproject.toml", "README.md", "shadowproxy"} <= sources
+    assert {"pyproject.toml", "setup.py", "README.md", "shadowproxy"} <= sources
     installs = [r for r in build.all("RUN") if "pip install" in r]
     assert installs and all(" -e " not in r for r in installs)
+
+
+def test_proxy_image_compiles_the_data_path_by_default() -> None:
+    """SHADOWPROXY_COMPILE defaults to 1 in the build stage, which also has a C compiler."""
+    stages = parse_dockerfile(DOCKERFILES[0])[1]
+    build = stages[0]
+    assert any(a.startswith("SHADOWPROXY_COMPILE=1") for a in build.all("ARG"))
+    assert any("SHADOWPROXY_COMPILE=${SHADOWPROXY_COMPILE}" in e for e in build.all("ENV"))
+    assert any("apt-get install" in r and " gcc" in r for r in build.all("RUN"))
+    runtime = stages[-1]
+    assert not any("gcc" in r for r in runtime.all("RUN")), "no compiler in the final image"
 
 
 def _third_party_imports(folder: Path) -> set[str]:
