@@ -1,16 +1,17 @@
 """Exchange → database rows: header decoding and redaction, JSON detection, timestamps.
 
 Rows have the column order of ``REQUEST_COLUMNS`` / ``RESPONSE_COLUMNS``, with the JSON
-columns as text. A body that looks like JSON is not parsed here: the normal path COPYs the
-text straight into the jsonb column, so PostgreSQL parses each body exactly once, and the
-rare batch with a body that is not valid JSON after all is refused as a whole and stored
-through the checking path (``postgres.py``). Only redaction needs the parsed document.
+columns as text and the timestamps as Unix seconds (floats, which the writer's connection
+encodes for ``timestamptz`` itself: see ``postgres.py``). A body that looks like JSON is not
+parsed here: the normal path COPYs the text straight into the jsonb column, so PostgreSQL
+parses each body exactly once, and the rare batch with a body that is not valid JSON after
+all is refused as a whole and stored through the checking path (``postgres.py``). Only
+redaction needs the parsed document.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -74,11 +75,10 @@ class RowEncoder:
     def encode(self, exchanges: Iterable[Exchange]) -> tuple[list[Row], list[Row]]:
         requests: list[Row] = []
         responses: list[Row] = []
-        fromtimestamp = datetime.fromtimestamp
         for ex in exchanges:
             body, text = self.body(ex.body, ex.headers)
             requests.append((
-                ex.id, ex.request_id, ex.route, fromtimestamp(ex.received_at, UTC),
+                ex.id, ex.request_id, ex.route, ex.received_at,
                 ex.method, ex.path, ex.query, self.headers(ex.headers) or "{}", body, text,
                 ex.body_size, ex.body_truncated, ex.client_addr))
             for r in ex.responses:
@@ -86,5 +86,5 @@ class RowEncoder:
                 responses.append((
                     ex.id, r.target, r.role, r.status, self.headers(r.headers), rbody, rtext,
                     r.body_size if r.status is not None else None, r.body_truncated,
-                    r.latency_ms, r.error, fromtimestamp(r.started_at, UTC)))
+                    r.latency_ms, r.error, r.started_at))
         return requests, responses

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.models import CapturedResponse, Exchange
-from shadowproxy.recorder.postgres import PostgresWriter
+from shadowproxy.recorder.postgres import PostgresWriter, timestamptz_to_pg
 from shadowproxy.recorder.rows import RowEncoder
 
 
@@ -62,3 +64,41 @@ async def test_a_value_postgres_refuses_does_not_block_the_batch(database_url: s
     finally:
         await writer.close()
     assert await counts(database_url) == (10, 10, 9)
+
+
+async def test_timestamps_are_stored_to_the_microsecond(database_url: str) -> None:
+    """Rows carry Unix seconds; the stored timestamptz is that instant (rows spooled by
+    earlier versions carry aware datetimes, and store the same)."""
+    received = 1_764_148_000.123456
+    (ex,) = exchanges(1)
+    ex.received_at = received
+    ex.responses[0].started_at = received + 0.5
+    requests, responses = RowEncoder(RecordingConfig()).encode([ex])
+    (old,) = exchanges(1)
+    old_req, old_resp = RowEncoder(RecordingConfig()).encode([old])
+    as_datetime = datetime.fromtimestamp(received, UTC) - timedelta(days=1)
+    old_req[0] = old_req[0][:3] + (as_datetime,) + old_req[0][4:]
+    writer = PostgresWriter(database_url)
+    try:
+        await writer.write(requests, responses)
+        await writer.write(old_req, old_resp, replay=True)
+    finally:
+        await writer.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchval("SELECT received_at FROM shadowproxy.requests WHERE id = $1",
+                                     ex.id)
+        started = await conn.fetchval("SELECT started_at FROM shadowproxy.responses "
+                                      "WHERE request = $1", ex.id)
+        stored_old = await conn.fetchval("SELECT received_at FROM shadowproxy.requests "
+                                          "WHERE id = $1", old.id)
+    finally:
+        await conn.close()
+    assert stored == datetime(2025, 11, 26, 9, 6, 40, 123456, tzinfo=UTC)
+    assert started - stored == timedelta(microseconds=500_000)
+    assert stored_old == as_datetime
+
+
+def test_a_naive_datetime_is_refused() -> None:
+    with pytest.raises(ValueError, match="naive datetime"):
+        timestamptz_to_pg(datetime(2026, 1, 1))
