@@ -4,7 +4,7 @@
 # RSS of the proxy's processes is sampled every second; the first and last 10 s are compared
 # to show whether it stays flat.
 #
-#   bash bench/memory.sh [SECONDS]
+#   bash bench/memory.sh [SECONDS]          # BENCH_BUILD=pure: the pure-Python build
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -58,9 +58,12 @@ run() {  # run NAME DATABASE_URL
   report "$name" "$out/$name.rss"
 }
 
-# A real PostgreSQL for the first run (embedded, scratch folder, CPU 1).
+source "$here/build.sh"
 source "$here/pg.sh"
-trap bench_pg_stop EXIT
+trap 'bench_pg_stop; bench_build_cleanup' EXIT
+bench_build_select
+echo "shadowproxy build: $bench_build"
+# A real PostgreSQL for the first run (embedded, scratch folder, CPU 1).
 bench_pg_start 1
 url="$BENCH_PG_URL"
 

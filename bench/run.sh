@@ -21,21 +21,10 @@ targets="${BENCH_TARGETS:-direct,nginx-mirror,envoy-mirror}"
 out="${BENCH_OUT:-$root/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 
-# The build measured: "compiled" (the data path compiled with mypyc, as the Docker image
-# ships it) or "pure" (BENCH_BUILD=pure: the pure-Python package, for comparison).
-build="${BENCH_BUILD:-compiled}"
-tree=""
-cleanup() { bench_pg_stop; [[ -z $tree ]] || rm -rf "$tree"; }
+source "$here/build.sh"
 source "$here/pg.sh"
-trap cleanup EXIT
-case $build in
-  compiled)
-    tree="$(mktemp -d /tmp/shadowproxy-bench-tree-XXXXXX)"
-    bash "$root/tools/compiled-tree.sh" "$tree/src" "$python" >/dev/null
-    export SHADOWPROXY_BENCH_TREE="$tree/src" ;;
-  pure) ;;
-  *) echo "run.sh: BENCH_BUILD must be compiled or pure, not '$build'" >&2; exit 2 ;;
-esac
+trap 'bench_pg_stop; bench_build_cleanup' EXIT
+bench_build_select
 
 # PostgreSQL for the records: embedded, in a scratch folder, on CPU 1 beside the upstreams.
 bench_pg_start "${BENCH_PG_CPUS:-1}"
@@ -46,5 +35,5 @@ start="bash $here/start_for_harness.sh {port} {primary_url} {shadow_url} {workdi
 "$harness/run_bench.sh" --scenarios "$scenarios" --targets "$targets" \
     --proxy shadowproxy="$start" --conns 16 --reps "$reps" --duration "$duration" \
     --warmup "$warmup" --out "$out" "$@"
-{ echo "shadowproxy build: $build"; "$python" "$here/summarize.py" "$out" "$url"; } \
+{ echo "shadowproxy build: $bench_build"; "$python" "$here/summarize.py" "$out" "$url"; } \
   | tee "$out/summary.md"

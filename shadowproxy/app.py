@@ -76,9 +76,12 @@ class Proxy:
             database = "ok"
         elif recorder.spool_full or spool_room <= 0:
             database = "unreachable, spool full: records are dropped"
+        elif recorder.overflowing:
+            database = "ok, behind the traffic: the overflow is spooled and stored as it catches up"
         else:
             database = "unreachable, spooling"
-        ready = recorder.database_ok or (spool_room > 0 and not recorder.spool_full)
+        ready = recorder.database_ok or recorder.overflowing or (
+            spool_room > 0 and not recorder.spool_full)
         return ready, {"database": database, "spool_bytes_free": spool_room,
                        "routes": len(self.settings.routes)}
 
@@ -145,7 +148,8 @@ async def running(settings: Settings, database_url: str, *,
         sock = listen_socket(settings.listen, reuse_port=reuse_port)
         stack.callback(sock.close)
         recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics,
-                            log_exchanges=settings.access_log)
+                            log_exchanges=settings.access_log,
+                            replay_grace_s=settings.limits.shutdown_grace_s)
         await recorder.start()
         stack.push_async_callback(recorder.close)
         if not recorder.database_ok:

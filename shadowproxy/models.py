@@ -8,6 +8,7 @@ recorder, off the client's path. ``__slots__`` keeps them small and fast to buil
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import Protocol
 
@@ -18,18 +19,21 @@ Headers = list[tuple[bytes, bytes]]
 _IDS_PER_READ = 512
 
 
-class _RandomIds:
-    """Version 4 UUIDs, 512 at a time from one ``os.urandom`` call.
+class _TimeOrderedIds:
+    """UUIDs of version 7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
 
-    ``uuid.uuid4()`` makes one system call and builds a pure-Python object per request, and
-    ``str()`` of it is slow again: together about 2 µs, a few percent of a whole proxied
-    request. asyncpg's UUID type is built from 16 bytes in C and COPYs without conversion.
+    Time-ordered keys make every insert into the primary-key and request-id indexes land
+    at their right edge, instead of on a random page of an index larger than the cache: the
+    database's work per record is what bounds the recorder's throughput. The random bits
+    come 512 ids at a time from one ``os.urandom`` call (``uuid.uuid4()`` makes a system
+    call and a pure-Python object per request), and asyncpg's UUID type is built from the
+    16 bytes in C and COPYs without conversion.
     """
 
     def __init__(self) -> None:
         self._buf = b""
         self._pos = 0
-        # A forked worker must not hand out the ids its parent has buffered.
+        # A forked worker must not hand out the random bits its parent has buffered.
         os.register_at_fork(after_in_child=self.discard)
 
     def discard(self) -> None:
@@ -39,18 +43,19 @@ class _RandomIds:
     def next(self) -> uuid.UUID:
         pos = self._pos
         if pos >= len(self._buf):
-            buf = bytearray(os.urandom(16 * _IDS_PER_READ))
-            for i in range(0, len(buf), 16):
-                buf[i + 6] = (buf[i + 6] & 0x0F) | 0x40  # version 4
-                buf[i + 8] = (buf[i + 8] & 0x3F) | 0x80  # the RFC 4122 variant
+            buf = bytearray(os.urandom(10 * _IDS_PER_READ))
+            for i in range(0, len(buf), 10):
+                buf[i] = (buf[i] & 0x0F) | 0x70  # version 7
+                buf[i + 2] = (buf[i + 2] & 0x3F) | 0x80  # the RFC 9562 variant
             self._buf = bytes(buf)
             pos = 0
-        self._pos = pos + 16
-        new_id: uuid.UUID = _FastUUID(self._buf[pos:pos + 16])
+        self._pos = pos + 10
+        millis = time.time_ns() // 1_000_000
+        new_id: uuid.UUID = _FastUUID(millis.to_bytes(6, "big") + self._buf[pos:pos + 10])
         return new_id
 
 
-random_ids = _RandomIds()
+random_ids = _TimeOrderedIds()
 
 
 class RecordSink(Protocol):

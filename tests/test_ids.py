@@ -1,19 +1,30 @@
-"""Record ids: random version-4 UUIDs, unique, and never shared with a forked worker."""
+"""Record ids: time-ordered version-7 UUIDs, unique, and never shared with a forked worker."""
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 from shadowproxy.models import Exchange, random_ids
 
 
-def test_ids_are_version_4_uuids_in_text_and_bytes() -> None:
-    for _ in range(1100):  # past two refills of the buffer
-        new_id = random_ids.next()
+def test_ids_are_version_7_uuids_carrying_the_time() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [random_ids.next() for _ in range(1100)]  # past two refills of the buffer
+    after = time.time_ns() // 1_000_000
+    for new_id in ids:
         assert isinstance(new_id, uuid.UUID)
-        assert new_id.version == 4 and new_id.variant == uuid.RFC_4122
+        assert new_id.version == 7 and new_id.variant == uuid.RFC_4122
         assert uuid.UUID(str(new_id)) == new_id == uuid.UUID(bytes=new_id.bytes)
+        assert before <= int.from_bytes(new_id.bytes[:6], "big") <= after
+
+
+def test_ids_made_a_millisecond_apart_sort_in_time_order() -> None:
+    first = random_ids.next()
+    time.sleep(0.002)
+    second = random_ids.next()
+    assert first < second and str(first) < str(second)
 
 
 def test_ids_do_not_repeat() -> None:

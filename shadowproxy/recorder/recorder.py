@@ -7,7 +7,9 @@ arrives during a write goes in the next batch, up to ``batch_max_records`` (a na
 commit). Small, frequent batches keep the database's work steady instead of bursty. When a
 write fails the batch goes to the spool at once (the writer never holds records in memory
 while it retries), and a replay task brings spooled batches into the database when it is
-back.
+back. When the database is up but slower than the traffic (the queue half full), batches
+overflow to the spool the same way instead of filling the queue and being dropped, and the
+replay task feeds them to the database as fast as it takes them.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ access_log = logging.getLogger("shadowproxy.access")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 _ENCODE_SLICE = 32
+_REPLAY_UNDER_LOCK_BYTES = 256 * 1024
 
 
 class Recorder:
     """Owns the queue, the writer task, the database writer and the spool."""
 
     def __init__(self, recording: RecordingConfig, database_url: str, data_dir: Path,
-                 metrics: Metrics, *, log_exchanges: bool = False) -> None:
+                 metrics: Metrics, *, log_exchanges: bool = False,
+                 replay_grace_s: float = 10.0) -> None:
         self.config = recording
         self.queue: deque[Exchange] = deque()
         self.metrics = metrics
@@ -52,9 +56,14 @@ class Recorder:
         """True while batches go straight to PostgreSQL; False while they are spooled."""
         self.spool_full = False
         """True when the last batch found the spool at its cap (and was dropped)."""
+        self.overflowing = False
+        """True while the database is up but behind: batches go to the spool, and the replay
+        task brings them in."""
+        self._replay_grace = replay_grace_s
         self._batch_max = recording.batch_max_records
         self._write_after = min(recording.write_after_records, recording.batch_max_records)
         self._queue_max = recording.queue_max_records
+        self._overflow_at = max(self._queue_max // 2, self._batch_max)
         self._interval = recording.flush_interval_ms / 1000.0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one of writer and replayer touches the spool at a time
@@ -74,7 +83,10 @@ class Recorder:
             self.metrics.records["dropped"] += 1
             return
         queue.append(exchange)
-        if len(queue) >= self._write_after:
+        waiting = len(queue)
+        # Wake the writer as the queue crosses either mark (not on every record: a writer
+        # waiting on a slow database would otherwise spin once per request).
+        if waiting == self._write_after or waiting == self._overflow_at:
             self._wake.set()
 
     # --- lifecycle ---
@@ -91,6 +103,14 @@ class Recorder:
         self._wake.set()
         if self._writer_task is not None:
             await self._writer_task
+        replay = self._replay_task
+        if self.overflowing and replay is not None and not replay.done():
+            # The database is up, only behind: give it a moment to take the overflow, so
+            # that a restart does not leave the last records waiting in the spool.
+            log.info("storing the records that overflowed to the spool (up to %.0fs)",
+                     self._replay_grace)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(replay), self._replay_grace)
         if self._replay_task is not None:
             self._replay_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -125,8 +145,11 @@ class Recorder:
                 if self._closing:
                     if storing is not None:
                         await storing
+                    await self._idle.wait()  # a slow write an overflow left behind
                     return
                 continue
+            if self.database_ok and len(self.queue) >= self._overflow_at:
+                self._overflow()
             batch = [self.queue.popleft() for _ in range(min(self._batch_max, len(self.queue)))]
             self._batches += 1
             self._idle.clear()
@@ -138,8 +161,33 @@ class Recorder:
                 self._batch_done()
                 continue
             if storing is not None:
-                await storing
+                await self._await_store(storing)
             storing = spawn(self._store_batch(rows), name="recorder-store")
+
+    async def _await_store(self, storing: asyncio.Task[None]) -> None:
+        """Wait for the batch on its way to the database, unless the queue reaches the
+        overflow mark first: then the writer moves on to the spool and leaves that write
+        to finish on its own."""
+        while not storing.done():
+            if self.database_ok and len(self.queue) >= self._overflow_at:
+                self._overflow()
+                return
+            self._wake.clear()
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait((storing, woken), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+
+    def _overflow(self) -> None:
+        """The database takes records more slowly than they come: rather than let the queue
+        fill up and drop them, append batches to the spool (a sequential write) and let the
+        replay task bring them into the database as fast as it takes them."""
+        log.warning("the database is behind (%d records queued): spooling batches and "
+                    "storing them as it catches up", len(self.queue))
+        self.overflowing = True
+        self.database_ok = False
+        self._start_replay()
 
     def _batch_done(self) -> None:
         self._batches -= 1
@@ -151,7 +199,8 @@ class Recorder:
             await self._store(*rows)
         except Exception:  # the writer must outlive any one bad batch: keep it on disk
             log.exception("storing a batch of %d records failed; spooling it", len(rows[0]))
-            self._spool(*rows)
+            async with self._lock:
+                await self._spool(*rows)
             # Route what follows through the spool too; the replayer brings it all back.
             self.database_ok = False
             self._start_replay()
@@ -183,12 +232,17 @@ class Recorder:
                 except DatabaseError as exc:
                     log.warning("database unavailable, spooling records: %s", exc)
                     self.database_ok = False
+                    self.overflowing = False
                     self._start_replay()
-            self._spool(requests, responses)
+            await self._spool(requests, responses)
 
-    def _spool(self, requests: list[Row], responses: list[Row]) -> None:
+    async def _spool(self, requests: list[Row], responses: list[Row]) -> None:
+        """Append a batch to the spool (under ``_lock``), in a thread: the fsync must not
+        hold up the data path."""
+        loop = asyncio.get_running_loop()
         try:
-            stored = self.spool.append((requests, responses))
+            stored = await loop.run_in_executor(None, self.spool.append,
+                                                (requests, responses))
         except SpoolError as exc:
             log.error("%s; %d records dropped", exc, len(requests))
             stored = False
@@ -214,30 +268,43 @@ class Recorder:
 
     async def _replay_once(self) -> bool:
         """Move spooled batches into the database; True once the spool is empty."""
+        async with self._lock:
+            # One connection serves both: a live write still in flight when the writer
+            # switched to the spool (an overflow) finishes before replay touches it.
+            pass
         if not await self.writer.ping():
             return False
         try:
-            for segment in self.spool.closed_segments():
-                for requests, responses in self.spool.read(segment):
-                    await self.writer.write(requests, responses, replay=True)
-                    self.metrics.records["written"] += len(requests)
-                self.spool.remove(segment)
-            async with self._lock:
-                # The segment being appended to is replayed under the lock, so no batch can
-                # land in it between the last read and switching back to direct writes.
-                self.spool.rotate()
+            caught_up = False
+            while not caught_up:
                 for segment in self.spool.closed_segments():
-                    for requests, responses in self.spool.read(segment):
-                        await self.writer.write(requests, responses, replay=True)
-                        self.metrics.records["written"] += len(requests)
-                    self.spool.remove(segment)
-                self.database_ok = True
-                self.spool_full = False
-            log.info("database is back; spool replayed")
+                    await self._replay_segment(segment)
+                async with self._lock:
+                    # The segment being appended to is closed under the lock. If it is
+                    # small, it is replayed right here, so that no batch can land in the
+                    # spool between the last read and switching back to direct writes; a
+                    # large one (the writer kept spooling meanwhile) goes round once more,
+                    # without holding up the writer.
+                    small = self.spool.active_bytes() <= _REPLAY_UNDER_LOCK_BYTES
+                    self.spool.rotate()
+                    if small:
+                        for segment in self.spool.closed_segments():
+                            await self._replay_segment(segment)
+                        self.database_ok = True
+                        self.spool_full = False
+                        self.overflowing = False
+                        caught_up = True
+            log.info("spool replayed; writing to the database directly again")
             return True
         except DatabaseError as exc:
             log.warning("replay paused, database unavailable: %s", exc)
             return False
+
+    async def _replay_segment(self, segment: Path) -> None:
+        for requests, responses in self.spool.read(segment):
+            await self.writer.write(requests, responses)
+            self.metrics.records["written"] += len(requests)
+        self.spool.remove(segment)
 
 
 def _log_exchanges(exchanges: list[Exchange]) -> None:

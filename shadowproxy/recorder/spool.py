@@ -2,9 +2,10 @@
 
 Layout: ``data_dir/spool/seg-<pid>-<ns>.spool``, each a sequence of frames
 ``[length u32][crc32 u32][pickled (request rows, response rows)]``, fsynced per batch. A
-frame cut short by a crash fails its length or CRC check and is skipped. Replay writes each
-frame with the same idempotent INSERT as live records (the record id is the key), then
-deletes the segment, so a replay interrupted half-way and retried stores every record once.
+frame cut short by a crash fails its length or CRC check and is skipped. Replay COPYs each
+frame like a live batch, and a batch partly stored already goes through the idempotent
+INSERT (the record id is the key); then the segment is deleted, so a replay interrupted
+half-way and retried stores every record once.
 
 Segments belong to the process that wrote them (pid in the name); at start-up a process
 adopts the segments of processes that are gone, such as one killed with ``kill -9``.
@@ -25,7 +26,7 @@ from typing import Any
 from shadowproxy.errors import SpoolError
 
 _FRAME = struct.Struct("<II")
-_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+_SEGMENT_MAX_BYTES = 8 * 1024 * 1024  # small: the newest segment is replayed under a lock
 
 
 def _pid_alive(pid: int) -> bool:
@@ -106,6 +107,10 @@ class Spool:
             raise SpoolError(f"cannot write to the spool {self.directory}: {exc}") from exc
         return True
 
+    def active_bytes(self) -> int:
+        """Bytes in the segment being appended to (0 when there is none)."""
+        return self._active_size if self._active_file is not None else 0
+
     def rotate(self) -> None:
         """Close the segment being appended to, so that it can be replayed."""
         if self._active_file is not None:
@@ -119,20 +124,22 @@ class Spool:
 
     @staticmethod
     def read(segment: Path) -> Iterator[tuple[list[Any], list[Any]]]:
-        """The intact frames of a segment; a torn or corrupt tail is skipped."""
+        """The intact frames of a segment, read one at a time (a segment can hold 8 MiB);
+        a torn or corrupt tail is skipped."""
         try:
-            data = segment.read_bytes()
+            file = open(segment, "rb")  # noqa: SIM115 (closed below, also when abandoned)
         except FileNotFoundError:
             return
-        pos = 0
-        while pos + _FRAME.size <= len(data):
-            length, crc = _FRAME.unpack_from(data, pos)
-            start = pos + _FRAME.size
-            chunk = data[start:start + length]
-            if len(chunk) < length or zlib.crc32(chunk) != crc:
-                return  # torn write at a crash: everything before it is intact
-            yield pickle.loads(chunk)
-            pos = start + length
+        with file:
+            while True:
+                head = file.read(_FRAME.size)
+                if len(head) < _FRAME.size:
+                    return
+                length, crc = _FRAME.unpack(head)
+                chunk = file.read(length)
+                if len(chunk) < length or zlib.crc32(chunk) != crc:
+                    return  # torn write at a crash: everything before it is intact
+                yield pickle.loads(chunk)
 
     @staticmethod
     def remove(segment: Path) -> None:

@@ -1,0 +1,72 @@
+"""A database slower than the traffic: the overflow goes to the spool, and nothing is lost.
+
+The database is a real PostgreSQL made slow for real: a statement trigger that sleeps 200 ms
+on every write to ``shadowproxy.requests``, so it takes at most one batch per 200 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import asyncpg
+
+from shadowproxy.config import RecordingConfig
+from shadowproxy.metrics import Metrics
+from shadowproxy.models import CapturedResponse, Exchange
+from shadowproxy.recorder.recorder import Recorder
+
+SLOW_INSERTS = """
+CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$;
+CREATE TRIGGER slow_down AFTER INSERT ON shadowproxy.requests
+    FOR EACH STATEMENT EXECUTE FUNCTION public.slow_down();
+"""
+
+
+def exchange(i: int) -> Exchange:
+    ex = Exchange("r", time.time(), "POST", "/p", "", [(b"Content-Type", b"application/json")],
+                  "127.0.0.1", None)
+    ex.body = b'{"i": %d}' % i
+    ex.body_size = len(ex.body)
+    resp = CapturedResponse("primary", "primary", time.time())
+    resp.status, resp.headers, resp.body = 200, [], b'{"prediction": 1}'
+    ex.responses.append(resp)
+    return ex
+
+
+async def test_a_slow_database_gets_every_record_through_the_spool(
+        database_url: str, tmp_path: Path) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(SLOW_INSERTS)
+    finally:
+        await conn.close()
+    metrics = Metrics()
+    config = RecordingConfig(queue_max_records=10_000, batch_max_records=1000,
+                             write_after_records=50, flush_interval_ms=20)
+    recorder = Recorder(config, database_url, tmp_path, metrics, replay_grace_s=60)
+    await recorder.start()
+    total, overflowed = 12_000, False
+    try:
+        # About 20k records/s offered to a database that takes at most 5k/s.
+        for start in range(0, total, 100):
+            for i in range(start, start + 100):
+                recorder.submit(exchange(i))
+            overflowed = overflowed or recorder.overflowing
+            await asyncio.sleep(0.005)
+    finally:
+        await recorder.close()
+    assert overflowed, "the recorder never noticed that the database was behind"
+    assert metrics.records["dropped"] == 0
+    assert metrics.records["spooled"] > 0
+    assert metrics.records["written"] == total
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchval("SELECT count(DISTINCT id) FROM shadowproxy.requests")
+        answers = await conn.fetchval("SELECT count(*) FROM shadowproxy.responses")
+    finally:
+        await conn.close()
+    assert stored == answers == total
+    assert not list((tmp_path / "spool").glob("*.spool")), "the spool was left behind"
