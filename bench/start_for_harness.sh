@@ -14,7 +14,7 @@ admin_listen: "127.0.0.1:${SHADOWPROXY_BENCH_ADMIN_PORT:-9190}"
 workers: $workers
 data_dir: "$workdir/data"
 database: {url: "$SHADOWPROXY_BENCH_DATABASE_URL"}
-recording: {queue_max_records: ${SHADOWPROXY_BENCH_QUEUE:-50000}, flush_interval_ms: ${SHADOWPROXY_BENCH_FLUSH_MS:-200}}
+recording: {queue_max_records: ${SHADOWPROXY_BENCH_QUEUE:-50000}, flush_interval_ms: ${SHADOWPROXY_BENCH_FLUSH_MS:-200}, write_after_records: ${SHADOWPROXY_BENCH_WRITE_AFTER:-16}}
 routes:
   - name: bench
     primary: {url: "$primary", timeout_s: 30}

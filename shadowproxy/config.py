@@ -157,7 +157,7 @@ class RecordingConfig(_Frozen):
     redact_json: list[str] = Field(default_factory=list)
     queue_max_records: int = Field(default=50_000, ge=1)
     batch_max_records: int = Field(default=1_000, ge=1)
-    write_after_records: int = Field(default=64, ge=1)
+    write_after_records: int = Field(default=16, ge=1)
     flush_interval_ms: int = Field(default=200, ge=1)
     spool_max_bytes: int = Field(default=1_073_741_824, ge=0)
 
