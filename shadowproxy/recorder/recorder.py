@@ -243,15 +243,19 @@ class Recorder:
         try:
             stored = await loop.run_in_executor(None, self.spool.append,
                                                 (requests, responses))
+            if not stored and not self.spool_full:
+                # Once per episode, not once per batch: a full spool under load would
+                # otherwise write hundreds of lines a second.
+                log.warning("spool full (recording.spool_max_bytes): records are dropped, "
+                            "and counted in shadowproxy_records_total{outcome=\"dropped\"}, "
+                            "until the database takes the spooled ones")
         except SpoolError as exc:
             log.error("%s; %d records dropped", exc, len(requests))
             stored = False
+        if stored and self.spool_full:
+            log.info("the spool has room again")
         self.spool_full = not stored
-        outcome = "spooled" if stored else "dropped"
-        if not stored:
-            log.warning("spool full (recording.spool_max_bytes): %d records dropped",
-                        len(requests))
-        self.metrics.records[outcome] += len(requests)
+        self.metrics.records["spooled" if stored else "dropped"] += len(requests)
 
     # --- replay ---
     def _start_replay(self) -> None:

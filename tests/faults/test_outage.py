@@ -140,8 +140,9 @@ async def test_kill_9_then_restart_replays_the_spool(tmp_path: Path,
 
 
 async def test_full_spool_drops_and_counts_records_but_serves_clients(
-        start_proxy: StartProxy, own_pg: OwnPostgres) -> None:
-    """With the database down and the spool at its cap, records are dropped and counted."""
+        start_proxy: StartProxy, own_pg: OwnPostgres, caplog: pytest.LogCaptureFixture) -> None:
+    """With the database down and the spool at its cap, records are dropped and counted
+    (and the log says so once, not once per batch)."""
     await asyncio.to_thread(own_pg.stop)
     async with serve(model("v1")) as primary, \
             start_proxy([route(primary.url)], url=own_pg.url,
@@ -152,5 +153,6 @@ async def test_full_spool_drops_and_counts_records_but_serves_clients(
         await proxy.recorder.drained()
         assert proxy.metrics.records["dropped"] == 20
         assert proxy.metrics.records["spooled"] == 0
+        assert sum("spool full" in r.getMessage() for r in caplog.records) == 1
         ready = await http.get(f"http://127.0.0.1:{proxy.admin_port}/readyz")
         assert ready.status == 503  # nowhere to put records: take this instance out
