@@ -7,15 +7,14 @@ on every write to ``shadowproxy.requests``, so it takes at most one batch per 20
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import asyncpg
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
-from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.recorder.recorder import Recorder
+from tests.recorder.exchanges import exchange
 
 SLOW_INSERTS = """
 CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -23,17 +22,6 @@ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$;
 CREATE TRIGGER slow_down AFTER INSERT ON shadowproxy.requests
     FOR EACH STATEMENT EXECUTE FUNCTION public.slow_down();
 """
-
-
-def exchange(i: int) -> Exchange:
-    ex = Exchange("r", time.time(), "POST", "/p", "", [(b"Content-Type", b"application/json")],
-                  "127.0.0.1", None)
-    ex.body = b'{"i": %d}' % i
-    ex.body_size = len(ex.body)
-    resp = CapturedResponse("primary", "primary", time.time())
-    resp.status, resp.headers, resp.body = 200, [], b'{"prediction": 1}'
-    ex.responses.append(resp)
-    return ex
 
 
 async def test_a_slow_database_gets_every_record_through_the_spool(

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from shadowproxy.config import RecordingConfig
-from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.recorder.postgres import PostgresWriter, timestamptz_to_pg
 from shadowproxy.recorder.rows import RowEncoder
-
-
-def exchanges(n: int) -> list[Exchange]:
-    out = []
-    for i in range(n):
-        ex = Exchange("r", time.time(), "POST", "/p", "", [(b"Content-Type", b"application/json")],
-                      "127.0.0.1", None)
-        ex.body = b'{"i": %d}' % i
-        ex.body_size = len(ex.body)
-        resp = CapturedResponse("primary", "primary", time.time())
-        resp.status, resp.headers, resp.body = 200, [], b'{"prediction": 1}'
-        ex.responses.append(resp)
-        out.append(ex)
-    return out
+from tests.recorder.exchanges import exchanges
 
 
 async def counts(url: str) -> tuple[int, int, int]:
