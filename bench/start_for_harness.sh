@@ -2,6 +2,10 @@
 # Start shadowproxy as a target of ../shared/bench (run_bench.py --proxy NAME='...').
 # Usage: start_for_harness.sh PORT PRIMARY_URL SHADOW_URL WORKDIR [WORKERS]
 # The database is SHADOWPROXY_BENCH_DATABASE_URL (bench/run.sh starts one, pinned to CPU 1).
+# SHADOWPROXY_BENCH_TREE: a compiled tree to run (bench/build.sh). Recording settings for
+# experiments: SHADOWPROXY_BENCH_QUEUE, _FLUSH_MS, _WRITE_AFTER (defaults as in the
+# product). The shadow gets timeout_s 1 and max_in_flight 1000 (SHADOWPROXY_BENCH_
+# SHADOW_TIMEOUT, _MAX_IN_FLIGHT).
 set -euo pipefail
 port=$1 primary=$2 shadow=$3 workdir=$4 workers=${5:-1}
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
