@@ -55,7 +55,7 @@ class _TimeOrderedIds:
         return new_id
 
 
-random_ids = _TimeOrderedIds()
+record_ids = _TimeOrderedIds()
 
 
 class RecordSink(Protocol):
@@ -137,7 +137,7 @@ class Exchange:
 
     def __init__(self, route: str, received_at: float, method: str, path: str, query: str,
                  headers: Headers, client_addr: str | None, request_id: str | None) -> None:
-        self.id = random_ids.next()
+        self.id = record_ids.next()
         """The record's key: replaying a spooled record twice stores it once."""
         self.request_id = request_id or str(self.id)
         """The X-Request-Id sent to every upstream and back to the client."""

@@ -6,12 +6,12 @@ import os
 import time
 import uuid
 
-from shadowproxy.models import Exchange, random_ids
+from shadowproxy.models import Exchange, record_ids
 
 
 def test_ids_are_version_7_uuids_carrying_the_time() -> None:
     before = time.time_ns() // 1_000_000
-    ids = [random_ids.next() for _ in range(1100)]  # past two refills of the buffer
+    ids = [record_ids.next() for _ in range(1100)]  # past two refills of the buffer
     after = time.time_ns() // 1_000_000
     for new_id in ids:
         assert isinstance(new_id, uuid.UUID)
@@ -21,14 +21,14 @@ def test_ids_are_version_7_uuids_carrying_the_time() -> None:
 
 
 def test_ids_made_a_millisecond_apart_sort_in_time_order() -> None:
-    first = random_ids.next()
+    first = record_ids.next()
     time.sleep(0.002)
-    second = random_ids.next()
+    second = record_ids.next()
     assert first < second and str(first) < str(second)
 
 
 def test_ids_do_not_repeat() -> None:
-    ids = [random_ids.next() for _ in range(20_000)]
+    ids = [record_ids.next() for _ in range(20_000)]
     assert len(set(ids)) == len(ids)
 
 
@@ -39,17 +39,17 @@ def test_exchange_request_id_is_its_id_unless_the_client_sent_one() -> None:
 
 
 def test_a_forked_child_does_not_reuse_the_parents_buffered_ids() -> None:
-    random_ids.next()  # the buffer now holds ids the parent will hand out next
+    record_ids.next()  # the buffer now holds ids the parent will hand out next
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report its first id and leave at once
         try:
-            os.write(write, random_ids.next().bytes)
+            os.write(write, record_ids.next().bytes)
         finally:
             os._exit(0)
     os.close(write)
     child = os.read(read, 16)
     os.close(read)
     os.waitpid(pid, 0)
-    upcoming = {random_ids.next().bytes for _ in range(600)}
+    upcoming = {record_ids.next().bytes for _ in range(600)}
     assert len(child) == 16 and child not in upcoming

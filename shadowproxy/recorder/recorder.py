@@ -143,13 +143,11 @@ class Recorder:
                 if storing is not None and storing.done():
                     storing = None
                 if self._closing:
-                    if storing is not None:
-                        await storing
-                    await self._idle.wait()  # a slow write an overflow left behind
+                    # Every batch taken, also a slow write an overflow left behind.
+                    await self._idle.wait()
                     return
                 continue
-            if self.database_ok and len(self.queue) >= self._overflow_at:
-                self._overflow()
+            self._overflow_if_behind()
             batch = [self.queue.popleft() for _ in range(min(self._batch_max, len(self.queue)))]
             self._batches += 1
             self._idle.clear()
@@ -169,8 +167,7 @@ class Recorder:
         overflow mark first: then the writer moves on to the spool and leaves that write
         to finish on its own."""
         while not storing.done():
-            if self.database_ok and len(self.queue) >= self._overflow_at:
-                self._overflow()
+            if self._overflow_if_behind():
                 return
             self._wake.clear()
             woken = asyncio.ensure_future(self._wake.wait())
@@ -179,15 +176,19 @@ class Recorder:
             finally:
                 woken.cancel()
 
-    def _overflow(self) -> None:
-        """The database takes records more slowly than they come: rather than let the queue
-        fill up and drop them, append batches to the spool (a sequential write) and let the
-        replay task bring them into the database as fast as it takes them."""
+    def _overflow_if_behind(self) -> bool:
+        """When the database takes records more slowly than they come (the queue at its
+        overflow mark), switch to appending batches to the spool (a sequential write) rather
+        than let the queue fill up and drop them; the replay task brings them into the
+        database as fast as it takes them. True if it switched."""
+        if not self.database_ok or len(self.queue) < self._overflow_at:
+            return False
         log.warning("the database is behind (%d records queued): spooling batches and "
                     "storing them as it catches up", len(self.queue))
         self.overflowing = True
         self.database_ok = False
         self._start_replay()
+        return True
 
     def _batch_done(self) -> None:
         self._batches -= 1
