@@ -53,3 +53,28 @@ async def test_try_jsonb_accepts_json_and_rejects_the_rest(database_url: str) ->
     assert good == '{"a": [1, 2]}'
     assert bad is None
     assert nul is None
+
+
+
+async def test_rows_of_a_few_kilobytes_are_stored_uncompressed(database_url: str) -> None:
+    """A row with a 1 KB JSON body twice over stays inline and uncompressed (no pglz on the
+    write path); one over a page is still compressed."""
+    conn = await asyncpg.connect(database_url)
+    rollback = conn.transaction()  # leaves the shared test database as it was
+    await rollback.start()
+    try:
+        compression = []
+        for text in ('{"v": "' + "ab" * 500 + '"}', '{"v": "' + "ab" * 5000 + '"}'):
+            row_id = await conn.fetchval(
+                "INSERT INTO shadowproxy.requests (id, request_id, route, received_at, "
+                "method, path, body, body_json) VALUES (gen_random_uuid(), 'x', 'r', now(), "
+                "'POST', '/', convert_to($1, 'UTF8'), $1::jsonb) RETURNING id", text)
+            # Read back: RETURNING would show the row before PostgreSQL compressed it.
+            compression.append(await conn.fetchrow(
+                "SELECT pg_column_compression(body) AS body, pg_column_compression(body_json) "
+                "AS body_json FROM shadowproxy.requests WHERE id = $1", row_id))
+    finally:
+        await rollback.rollback()
+        await conn.close()
+    assert tuple(compression[0]) == (None, None)
+    assert compression[1]["body_json"] is not None
