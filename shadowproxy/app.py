@@ -72,16 +72,15 @@ class Proxy:
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         recorder = self.recorder
         spool_room = recorder.spool.max_bytes - recorder.spool.total_bytes()
-        if recorder.database_ok:
+        if recorder.database_ok and recorder.overflowing:
+            database = "ok, behind the traffic: the excess is spooled and stored as it catches up"
+        elif recorder.database_ok:
             database = "ok"
         elif recorder.spool_full or spool_room <= 0:
             database = "unreachable, spool full: records are dropped"
-        elif recorder.overflowing:
-            database = "ok, behind the traffic: the overflow is spooled and stored as it catches up"
         else:
             database = "unreachable, spooling"
-        ready = recorder.database_ok or recorder.overflowing or (
-            spool_room > 0 and not recorder.spool_full)
+        ready = recorder.database_ok or (spool_room > 0 and not recorder.spool_full)
         return ready, {"database": database, "spool_bytes_free": spool_room,
                        "routes": len(self.settings.routes)}
 

@@ -7,9 +7,11 @@ arrives during a write goes in the next batch, up to ``batch_max_records`` (a na
 commit). Small, frequent batches keep the database's work steady instead of bursty. When a
 write fails the batch goes to the spool at once (the writer never holds records in memory
 while it retries), and a replay task brings spooled batches into the database when it is
-back. When the database is up but slower than the traffic (the queue half full), batches
-overflow to the spool the same way instead of filling the queue and being dropped, and the
-replay task feeds them to the database as fast as it takes them.
+back. When the database is up but slower than the traffic, one batch stays on its way to
+PostgreSQL and only the excess goes to the spool: a batch taken while the queue is half full
+and the previous write still runs is appended to the spool instead of waiting. The replay
+task brings spooled batches in when the live writes leave the database room, so the spool
+costs only what the database could not take.
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ class Recorder:
         self.writer = PostgresWriter(database_url)
         self.spool = Spool(data_dir / "spool", recording.spool_max_bytes)
         self.database_ok = False
-        """True while batches go straight to PostgreSQL; False while they are spooled."""
+        """True while batches go straight to PostgreSQL; False while it is unreachable and
+        every batch is spooled."""
         self.spool_full = False
         """True when the last batch found the spool at its cap (and was dropped)."""
         self.overflowing = False
-        """True while the database is up but behind: batches go to the spool, and the replay
-        task brings them in."""
+        """True from the first batch spooled because the database was behind (up, but slower
+        than the traffic) until the replay has brought the spool in."""
         self._replay_grace = replay_grace_s
         self._batch_max = recording.batch_max_records
         self._write_after = min(recording.write_after_records, recording.batch_max_records)
@@ -66,10 +69,17 @@ class Recorder:
         self._overflow_at = max(self._queue_max // 2, self._batch_max)
         self._interval = recording.flush_interval_ms / 1000.0
         self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()  # one of writer and replayer touches the spool at a time
+        # The writer's live writes and the replay share one connection (one user at a time);
+        # spool appends and the replay's closing of the segment being appended to take turns.
+        # Separate locks, so that an excess batch is spooled while a live write runs.
+        self._db_lock = asyncio.Lock()
+        self._spool_lock = asyncio.Lock()
         self._closing = False
         self._writer_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
+        self._replaying = False
+        """True from starting the replay task until it finds the spool empty (decided under
+        ``_spool_lock``, so that a batch appended at that moment starts a new one)."""
         self._batches = 0
         """Batches taken from the queue and not yet in the database or the spool."""
         self._idle = asyncio.Event()
@@ -92,8 +102,8 @@ class Recorder:
     # --- lifecycle ---
     async def start(self) -> None:
         """Connect (or start spooling) and start the writer and, if needed, the replayer."""
-        self.database_ok = await self.writer.ping() and not self.spool.has_pending()
-        if not self.database_ok:
+        self.database_ok = await self.writer.ping()
+        if not self.database_ok or self.spool.has_pending():
             self._start_replay()
         self._writer_task = spawn(self._run(), name="recorder-writer")
 
@@ -104,9 +114,9 @@ class Recorder:
         if self._writer_task is not None:
             await self._writer_task
         replay = self._replay_task
-        if self.overflowing and replay is not None and not replay.done():
-            # The database is up, only behind: give it a moment to take the overflow, so
-            # that a restart does not leave the last records waiting in the spool.
+        if self.database_ok and replay is not None and not replay.done():
+            # The database is up, only behind: give it a moment to take the spooled
+            # batches, so that a restart does not leave the last records waiting there.
             log.info("storing the records that overflowed to the spool (up to %.0fs)",
                      self._replay_grace)
             with contextlib.suppress(TimeoutError):
@@ -147,7 +157,6 @@ class Recorder:
                     await self._idle.wait()
                     return
                 continue
-            self._overflow_if_behind()
             batch = [self.queue.popleft() for _ in range(min(self._batch_max, len(self.queue)))]
             self._batches += 1
             self._idle.clear()
@@ -158,37 +167,36 @@ class Recorder:
                 self.metrics.records["dropped"] += len(batch)
                 self._batch_done()
                 continue
-            if storing is not None:
-                await self._await_store(storing)
+            if storing is not None and not await self._previous_write_done(storing):
+                await self._spool_excess(rows)
+                continue
             storing = spawn(self._store_batch(rows), name="recorder-store")
 
-    async def _await_store(self, storing: asyncio.Task[None]) -> None:
-        """Wait for the batch on its way to the database, unless the queue reaches the
-        overflow mark first: then the writer moves on to the spool and leaves that write
-        to finish on its own."""
+    async def _previous_write_done(self, storing: asyncio.Task[None]) -> bool:
+        """Wait for the batch on its way to the database; False if the queue reaches the
+        overflow mark first (the database is behind, and the batch at hand is excess)."""
         while not storing.done():
-            if self._overflow_if_behind():
-                return
+            if len(self.queue) >= self._overflow_at:
+                return False
             self._wake.clear()
             woken = asyncio.ensure_future(self._wake.wait())
             try:
                 await asyncio.wait((storing, woken), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woken.cancel()
-
-    def _overflow_if_behind(self) -> bool:
-        """When the database takes records more slowly than they come (the queue at its
-        overflow mark), switch to appending batches to the spool (a sequential write) rather
-        than let the queue fill up and drop them; the replay task brings them into the
-        database as fast as it takes them. True if it switched."""
-        if not self.database_ok or len(self.queue) < self._overflow_at:
-            return False
-        log.warning("the database is behind (%d records queued): spooling batches and "
-                    "storing them as it catches up", len(self.queue))
-        self.overflowing = True
-        self.database_ok = False
-        self._start_replay()
         return True
+
+    async def _spool_excess(self, rows: tuple[list[Row], list[Row]]) -> None:
+        """Append a batch the database has no room for now to the spool (a sequential write),
+        rather than let the queue fill up and drop records; the write in flight goes on."""
+        if not self.overflowing:
+            self.overflowing = True
+            log.warning("the database is behind (%d records queued): spooling the excess and "
+                        "storing it as the database catches up", len(self.queue))
+        try:
+            await self._spool(*rows)
+        finally:
+            self._batch_done()
 
     def _batch_done(self) -> None:
         self._batches -= 1
@@ -200,11 +208,9 @@ class Recorder:
             await self._store(*rows)
         except Exception:  # the writer must outlive any one bad batch: keep it on disk
             log.exception("storing a batch of %d records failed; spooling it", len(rows[0]))
-            async with self._lock:
-                await self._spool(*rows)
             # Route what follows through the spool too; the replayer brings it all back.
             self.database_ok = False
-            self._start_replay()
+            await self._spool(*rows)
         finally:
             self._batch_done()
 
@@ -224,26 +230,28 @@ class Recorder:
         return requests, responses
 
     async def _store(self, requests: list[Row], responses: list[Row]) -> None:
-        async with self._lock:
-            if self.database_ok:
+        if self.database_ok:
+            async with self._db_lock:
                 try:
                     await self.writer.write(requests, responses)
                     self.metrics.records["written"] += len(requests)
                     return
                 except DatabaseError as exc:
-                    log.warning("database unavailable, spooling records: %s", exc)
+                    if self.database_ok:
+                        log.warning("database unavailable, spooling records: %s", exc)
                     self.database_ok = False
-                    self.overflowing = False
-                    self._start_replay()
-            await self._spool(requests, responses)
+        await self._spool(requests, responses)
 
     async def _spool(self, requests: list[Row], responses: list[Row]) -> None:
-        """Append a batch to the spool (under ``_lock``), in a thread: the fsync must not
-        hold up the data path."""
+        """Append a batch to the spool, in a thread (the fsync must not hold up the data
+        path), and make sure the replay task will bring it in."""
         loop = asyncio.get_running_loop()
         try:
-            stored = await loop.run_in_executor(None, self.spool.append,
-                                                (requests, responses))
+            async with self._spool_lock:
+                stored = await loop.run_in_executor(None, self.spool.append,
+                                                    (requests, responses))
+                if stored:
+                    self._start_replay()
             if not stored and not self.spool_full:
                 # Once per episode, not once per batch: a full spool under load would
                 # otherwise write hundreds of lines a second.
@@ -260,56 +268,62 @@ class Recorder:
 
     # --- replay ---
     def _start_replay(self) -> None:
-        if self._replay_task is None or self._replay_task.done():
+        if not self._replaying:
+            self._replaying = True
             self._replay_task = spawn(self._replay(), name="recorder-replay")
 
     async def _replay(self) -> None:
         attempt = 0
-        while True:
-            if await self._replay_once():
-                return
-            await asyncio.sleep(_REPLAY_BACKOFF_S[min(attempt, len(_REPLAY_BACKOFF_S) - 1)])
-            attempt += 1
+        try:
+            while not await self._replay_once():
+                await asyncio.sleep(_REPLAY_BACKOFF_S[min(attempt, len(_REPLAY_BACKOFF_S) - 1)])
+                attempt += 1
+        except BaseException:
+            self._replaying = False  # cancelled at close, or a bug: the next append restarts it
+            raise
 
     async def _replay_once(self) -> bool:
         """Move spooled batches into the database; True once the spool is empty."""
-        async with self._lock:
-            # One connection serves both: a live write still in flight when the writer
-            # switched to the spool (an overflow) finishes before replay touches it.
-            pass
-        if not await self.writer.ping():
+        async with self._db_lock:
+            reachable = await self.writer.ping()
+        if not reachable:
             return False
+        if not self.database_ok:
+            log.info("database reachable again: writing to it directly, replaying the spool")
+            self.database_ok = True  # live batches go straight in again; the spool follows
         try:
-            caught_up = False
-            while not caught_up:
+            while True:
                 for segment in self.spool.closed_segments():
                     await self._replay_segment(segment)
-                async with self._lock:
-                    # The segment being appended to is closed under the lock. If it is
-                    # small, it is replayed right here, so that no batch can land in the
-                    # spool between the last read and switching back to direct writes; a
-                    # large one (the writer kept spooling meanwhile) goes round once more,
-                    # without holding up the writer.
-                    small = self.spool.active_bytes() <= _REPLAY_UNDER_LOCK_BYTES
-                    self.spool.rotate()
-                    if small:
-                        for segment in self.spool.closed_segments():
-                            await self._replay_segment(segment)
-                        self.database_ok = True
-                        self.spool_full = False
+                async with self._spool_lock:
+                    # Decided under the lock that appends take: a batch spooled after this
+                    # point starts a new replay task.
+                    if self.spool.active_bytes() == 0 and not self.spool.closed_segments():
+                        self._replaying = False
                         self.overflowing = False
-                        caught_up = True
-            log.info("spool replayed; writing to the database directly again")
-            return True
+                        self.spool_full = False
+                        log.info("spool replayed")
+                        return True
+                    self.spool.rotate()
         except DatabaseError as exc:
             log.warning("replay paused, database unavailable: %s", exc)
+            self.database_ok = False
             return False
 
     async def _replay_segment(self, segment: Path) -> None:
         for requests, responses in self.spool.read(segment):
-            await self.writer.write(requests, responses)
+            await self._database_has_room()
+            async with self._db_lock:
+                await self.writer.write(requests, responses)
             self.metrics.records["written"] += len(requests)
         self.spool.remove(segment)
+
+    async def _database_has_room(self) -> None:
+        """Wait while the live writes have a batch waiting: they go first, so that records
+        are spooled only for what the database cannot take, not for the replay's sake."""
+        while (self.database_ok and not self._closing
+               and len(self.queue) >= self._write_after):
+            await asyncio.sleep(self._interval)
 
 
 def _log_exchanges(exchanges: list[Exchange]) -> None:
