@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import multiprocessing
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shadowproxy.config import Settings
+from shadowproxy.cycles import collected_in_the_background
 from shadowproxy.logs import setup_logging
 from shadowproxy.store.database import database_url
 from shadowproxy.tasks import spawn
@@ -43,21 +43,6 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
-
-
-def _settle_memory() -> None:
-    """After start-up: keep the cyclic GC off the data path as far as possible.
-
-    Start-up objects (modules, config, pools) never die: freezing them keeps every later
-    collection from scanning them again. The data path frees its objects by reference
-    counting (requests and connections break their cycles when they end), so collections
-    find little and can be rarer.
-    Measured on the echo5ms benchmark: full collections of 10-20 ms, several a minute,
-    set the client's p99 before this.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 50)
 
 
 def _stop_event() -> asyncio.Event:
@@ -81,8 +66,7 @@ async def _single(settings: Settings, url: str) -> int:
     from shadowproxy.app import running
 
     stop = _stop_event()
-    async with running(settings, url):
-        _settle_memory()
+    async with running(settings, url), collected_in_the_background():
         await stop.wait()
         log.info("signal received: draining (grace %.0fs)", settings.limits.shutdown_grace_s)
     return 0
@@ -106,8 +90,8 @@ async def _worker(settings: Settings, url: str, index: int) -> int:
     stop = _stop_event()
     directory = _snapshot_dir(settings)
     path = directory / f"worker-{index}.pickle"
-    async with running(settings, url, serve_admin=False, reuse_port=True) as proxy:
-        _settle_memory()
+    async with (running(settings, url, serve_admin=False, reuse_port=True) as proxy,
+                collected_in_the_background()):
 
         async def publish() -> None:
             while True:
