@@ -117,8 +117,7 @@ class Recorder:
         if self.database_ok and replay is not None and not replay.done():
             # The database is up, only behind: give it a moment to take the spooled
             # batches, so that a restart does not leave the last records waiting there.
-            log.info("storing the records that overflowed to the spool (up to %.0fs)",
-                     self._replay_grace)
+            log.info("storing the spooled records (up to %.0fs)", self._replay_grace)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(replay), self._replay_grace)
         if self._replay_task is not None:
@@ -189,7 +188,7 @@ class Recorder:
     async def _spool_excess(self, rows: tuple[list[Row], list[Row]]) -> None:
         """Append a batch the database has no room for now to the spool (a sequential write),
         rather than let the queue fill up and drop records; the write in flight goes on."""
-        if not self.overflowing:
+        if self.database_ok and not self.overflowing:  # (down, not behind, if not ok)
             self.overflowing = True
             log.warning("the database is behind (%d records queued): spooling the excess and "
                         "storing it as the database catches up", len(self.queue))
