@@ -156,6 +156,7 @@ class RecordingConfig(_Frozen):
     redact_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
     redact_json: list[str] = Field(default_factory=list)
     queue_max_records: int = Field(default=50_000, ge=1)
+    queue_max_bytes: int = Field(default=134_217_728, ge=1)
     batch_max_records: int = Field(default=1_000, ge=1)
     write_after_records: int = Field(default=16, ge=1)
     flush_interval_ms: int = Field(default=200, ge=1)

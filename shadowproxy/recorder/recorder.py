@@ -1,17 +1,18 @@
 """The recorder: a bounded queue, one writer task, the database or the spool.
 
 ``submit`` is called by the data path for every finished exchange and never blocks: over
-``queue_max_records`` the record is dropped and counted. The writer task writes what has
-gathered as soon as ``write_after_records`` are waiting, or after ``flush_interval_ms``; what
-arrives during a write goes in the next batch, up to ``batch_max_records`` (a natural group
-commit). Small, frequent batches keep the database's work steady instead of bursty. When a
-write fails the batch goes to the spool at once (the writer never holds records in memory
-while it retries), and a replay task brings spooled batches into the database when it is
-back. When the database is up but slower than the traffic, one batch stays on its way to
-PostgreSQL and only the excess goes to the spool: a batch taken while the queue is half full
-and the previous write still runs is appended to the spool instead of waiting. The replay
-task brings spooled batches in when the live writes leave the database room, so the spool
-costs only what the database could not take.
+``queue_max_records`` records, or ``queue_max_bytes`` of captured bodies, the record is
+dropped and counted. The writer task writes what has gathered as soon as
+``write_after_records`` are waiting, or after ``flush_interval_ms``; what arrives during a
+write goes in the next batch, up to ``batch_max_records`` (a natural group commit). Small,
+frequent batches keep the database's work steady instead of bursty. When a write fails the
+batch goes to the spool at once (the writer never holds records in memory while it
+retries), and a replay task brings spooled batches into the database when it is back. When
+the database is up but slower than the traffic, one batch stays on its way to PostgreSQL and
+only the excess goes to the spool: a batch taken while the queue is half full (in records or
+in bytes) and the previous write still runs is appended to the spool instead of waiting.
+The replay task brings spooled batches in when the live writes leave the database room, so
+the spool costs only what the database could not take.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ access_log = logging.getLogger("shadowproxy.access")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 _ENCODE_SLICE = 32
-_REPLAY_UNDER_LOCK_BYTES = 256 * 1024
 
 
 class Recorder:
@@ -67,6 +67,10 @@ class Recorder:
         self._write_after = min(recording.write_after_records, recording.batch_max_records)
         self._queue_max = recording.queue_max_records
         self._overflow_at = max(self._queue_max // 2, self._batch_max)
+        self._queue_max_bytes = recording.queue_max_bytes
+        self._overflow_bytes = self._queue_max_bytes // 2
+        self._queued_bytes = 0
+        """Captured body bytes of the exchanges in the queue (the memory they hold)."""
         self._interval = recording.flush_interval_ms / 1000.0
         self._wake = asyncio.Event()
         # The writer's live writes and the replay share one connection (one user at a time);
@@ -89,14 +93,19 @@ class Recorder:
     def submit(self, exchange: Exchange) -> None:
         """Queue a finished exchange; never blocks, never raises."""
         queue = self.queue
-        if len(queue) >= self._queue_max:
+        size = _captured_bytes(exchange)
+        queued = self._queued_bytes + size
+        # (An exchange larger than the byte bound still gets in when the queue is empty.)
+        if len(queue) >= self._queue_max or (queued > self._queue_max_bytes and queue):
             self.metrics.records["dropped"] += 1
             return
         queue.append(exchange)
+        self._queued_bytes = queued
         waiting = len(queue)
-        # Wake the writer as the queue crosses either mark (not on every record: a writer
-        # waiting on a slow database would otherwise spin once per request).
-        if waiting == self._write_after or waiting == self._overflow_at:
+        # Wake the writer as the queue crosses a mark (not on every record: a writer waiting
+        # on a slow database would otherwise spin once per request).
+        if (waiting == self._write_after or waiting == self._overflow_at
+                or queued - size < self._overflow_bytes <= queued):
             self._wake.set()
 
     # --- lifecycle ---
@@ -157,6 +166,7 @@ class Recorder:
                     return
                 continue
             batch = [self.queue.popleft() for _ in range(min(self._batch_max, len(self.queue)))]
+            self._queued_bytes -= sum(map(_captured_bytes, batch))
             self._batches += 1
             self._idle.clear()
             try:
@@ -175,7 +185,7 @@ class Recorder:
         """Wait for the batch on its way to the database; False if the queue reaches the
         overflow mark first (the database is behind, and the batch at hand is excess)."""
         while not storing.done():
-            if len(self.queue) >= self._overflow_at:
+            if len(self.queue) >= self._overflow_at or self._queued_bytes >= self._overflow_bytes:
                 return False
             self._wake.clear()
             woken = asyncio.ensure_future(self._wake.wait())
@@ -323,6 +333,15 @@ class Recorder:
         while (self.database_ok and not self._closing
                and len(self.queue) >= self._write_after):
             await asyncio.sleep(self._interval)
+
+
+def _captured_bytes(exchange: Exchange) -> int:
+    """The body bytes an exchange holds (what ``queue_max_bytes`` counts)."""
+    size = len(exchange.body)
+    for response in exchange.responses:
+        if response.body is not None:
+            size += len(response.body)
+    return size
 
 
 def _log_exchanges(exchanges: list[Exchange]) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from shadowproxy.errors import SpoolError
 
 _FRAME = struct.Struct("<II")
-_SEGMENT_MAX_BYTES = 8 * 1024 * 1024  # small: the newest segment is replayed under a lock
+_SEGMENT_MAX_BYTES = 8 * 1024 * 1024  # rotated often, so that the replay can start on it
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,81 @@
+"""The recorder's queue is bounded by the bytes it holds, not only by its record count.
+
+Large bodies (images, embeddings) make a few thousand records weigh gigabytes; the byte
+bound keeps the queue's memory to ``queue_max_bytes``, spooling the excess when the database
+is behind and dropping (and counting) past the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+
+from shadowproxy.config import RecordingConfig
+from shadowproxy.metrics import Metrics
+from shadowproxy.models import Exchange
+from shadowproxy.recorder.recorder import Recorder
+from tests.recorder.exchanges import exchange
+from tests.recorder.test_overflow import SLOW_INSERTS
+
+
+def large(i: int, body_bytes: int) -> Exchange:
+    ex = exchange(i)
+    ex.body = b'{"v": "' + b"x" * (body_bytes - 9) + b'"}'
+    ex.body_size = len(ex.body)
+    return ex
+
+
+async def test_past_queue_max_bytes_records_are_dropped_and_counted(
+        database_url: str, tmp_path: Path) -> None:
+    metrics = Metrics()
+    config = RecordingConfig(queue_max_records=1000, queue_max_bytes=20_000)
+    recorder = Recorder(config, database_url, tmp_path, metrics)  # writer not started
+    size = len(large(0, 4096).body) + len(b'{"prediction": 1}')
+    for i in range(10):
+        recorder.submit(large(i, 4096))
+    assert len(recorder.queue) == 20_000 // size
+    assert metrics.records["dropped"] == 10 - 20_000 // size
+    # One exchange larger than the whole bound is still taken when the queue is empty.
+    alone = Recorder(config, database_url, tmp_path / "b", Metrics())
+    alone.submit(large(0, 50_000))
+    assert len(alone.queue) == 1
+
+
+async def test_a_slow_database_with_large_bodies_spools_the_excess_by_bytes(
+        database_url: str, tmp_path: Path) -> None:
+    """The record count never nears its mark here: only the byte bound can tell that the
+    database is behind."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(SLOW_INSERTS)
+    finally:
+        await conn.close()
+    metrics = Metrics()
+    body = 10_240
+    config = RecordingConfig(queue_max_records=100_000, queue_max_bytes=2_000_000,
+                             batch_max_records=1000, write_after_records=20,
+                             flush_interval_ms=20)
+    recorder = Recorder(config, database_url, tmp_path, metrics, replay_grace_s=60)
+    await recorder.start()
+    total, overflowed, most_queued = 1000, False, 0
+    try:
+        for start in range(0, total, 20):  # about 20 MB/s of bodies
+            for i in range(start, start + 20):
+                recorder.submit(large(i, body))
+            overflowed = overflowed or recorder.overflowing
+            most_queued = max(most_queued, len(recorder.queue))
+            await asyncio.sleep(0.01)
+    finally:
+        await recorder.close()
+    assert overflowed, "the recorder never noticed that the database was behind"
+    assert most_queued * body <= config.queue_max_bytes
+    assert metrics.records["dropped"] == 0
+    assert metrics.records["written"] == total
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchval("SELECT count(DISTINCT id) FROM shadowproxy.requests")
+    finally:
+        await conn.close()
+    assert stored == total
