@@ -1,7 +1,7 @@
 """A database slower than the traffic: the overflow goes to the spool, and nothing is lost.
 
-The database is a real PostgreSQL made slow for real: a statement trigger that sleeps 200 ms
-on every write to ``shadowproxy.requests``, so it takes at most one batch per 200 ms.
+The database is a real PostgreSQL made slow for real (``slow_database``): it takes at most
+one batch per 200 ms.
 """
 
 from __future__ import annotations
@@ -9,30 +9,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncpg
-
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
 from shadowproxy.recorder.recorder import Recorder
 from tests.recorder.exchanges import exchange
-
-SLOW_INSERTS = """
-CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$;
-CREATE TRIGGER slow_down AFTER INSERT ON shadowproxy.requests
-    FOR EACH STATEMENT EXECUTE FUNCTION public.slow_down();
-"""
+from tests.recorder.slow_database import slow_down_inserts, stored
 
 
 async def test_a_slow_database_gets_every_record_through_the_spool(
         database_url: str, tmp_path: Path) -> None:
     """Offered about 20k records/s, a database that takes at most 5k/s keeps taking batches
     directly while only the excess is spooled, and afterwards holds every record once."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(SLOW_INSERTS)
-    finally:
-        await conn.close()
+    await slow_down_inserts(database_url)
     metrics = Metrics()
     config = RecordingConfig(queue_max_records=10_000, batch_max_records=1000,
                              write_after_records=50, flush_interval_ms=20)
@@ -60,11 +48,6 @@ async def test_a_slow_database_gets_every_record_through_the_spool(
     direct_while_behind = total - metrics.records["spooled"] - written_before_overflow
     assert direct_while_behind >= 3 * config.batch_max_records, (
         written_before_overflow, metrics.records["spooled"])
-    conn = await asyncpg.connect(database_url)
-    try:
-        stored = await conn.fetchval("SELECT count(DISTINCT id) FROM shadowproxy.requests")
-        answers = await conn.fetchval("SELECT count(*) FROM shadowproxy.responses")
-    finally:
-        await conn.close()
-    assert stored == answers == total
+    requests, answers = await stored(database_url)
+    assert requests == answers == total
     assert not list((tmp_path / "spool").glob("*.spool")), "the spool was left behind"

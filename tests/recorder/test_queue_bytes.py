@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncpg
-
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import Exchange
 from shadowproxy.recorder.recorder import Recorder
 from tests.recorder.exchanges import exchange
-from tests.recorder.test_overflow import SLOW_INSERTS
+from tests.recorder.slow_database import slow_down_inserts, stored
 
 
 def large(i: int, body_bytes: int) -> Exchange:
@@ -47,11 +45,7 @@ async def test_a_slow_database_with_large_bodies_spools_the_excess_by_bytes(
         database_url: str, tmp_path: Path) -> None:
     """The record count never nears its mark here: only the byte bound can tell that the
     database is behind."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(SLOW_INSERTS)
-    finally:
-        await conn.close()
+    await slow_down_inserts(database_url)
     metrics = Metrics()
     body = 10_240
     config = RecordingConfig(queue_max_records=100_000, queue_max_bytes=2_000_000,
@@ -73,9 +67,5 @@ async def test_a_slow_database_with_large_bodies_spools_the_excess_by_bytes(
     assert most_queued * body <= config.queue_max_bytes
     assert metrics.records["dropped"] == 0
     assert metrics.records["written"] == total
-    conn = await asyncpg.connect(database_url)
-    try:
-        stored = await conn.fetchval("SELECT count(DISTINCT id) FROM shadowproxy.requests")
-    finally:
-        await conn.close()
-    assert stored == total
+    requests, _ = await stored(database_url)
+    assert requests == total
