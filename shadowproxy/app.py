@@ -97,7 +97,7 @@ class Proxy:
                 or any(p.active for p in self.pools)):
             await asyncio.sleep(0.02)
         for pool in self.pools:
-            pool.abort_active("closed: proxy shutting down")
+            pool.abort_active()
         for conn in list(self.ctx.connections):
             if conn.transport is not None:
                 conn.transport.abort()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -24,11 +24,14 @@ from prometheus_client.core import (
     Metric,
 )
 
+from shadowproxy.failures import ERROR_KINDS
+
 # Upper bounds in seconds, from sub-millisecond proxying to slow models.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                      1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BUCKETS_MS = tuple(b * 1000.0 for b in LATENCY_BUCKETS_S)
-SHADOW_OUTCOMES = ("ok", "error", "timeout", "dropped", "skipped")
+SHADOW_OUTCOMES = ("ok", *ERROR_KINDS)
+"""``outcome`` of a shadow call: ok, or the kind of its failure (``failures.ErrorKind``)."""
 RECORD_OUTCOMES = ("written", "spooled", "dropped")
 
 
@@ -49,20 +52,21 @@ class Histogram:
 class ShadowCounters:
     """Outcomes and latency of one shadow of one route."""
 
-    OK: Final = 0
-    ERROR: Final = 1
-    TIMEOUT: Final = 2
-    __slots__ = ("dropped", "latency", "outcomes", "skipped")
+    __slots__ = ("latency", "outcomes")
 
     def __init__(self) -> None:
-        self.outcomes = [0, 0, 0]  # ok, error, timeout
-        self.dropped = 0
-        self.skipped = 0
+        self.outcomes: dict[str, int] = dict.fromkeys(SHADOW_OUTCOMES, 0)
+        """Calls by outcome: "ok" or an error kind."""
         self.latency = Histogram()
 
-    def finish(self, outcome: int, latency_ms: float) -> None:
-        self.outcomes[outcome] += 1
+    def finish(self, kind: str | None, latency_ms: float) -> None:
+        """A call made ended: ``kind`` None when it succeeded."""
+        self.outcomes["ok" if kind is None else kind] += 1
         self.latency.observe(latency_ms)
+
+    def not_called(self, kind: str) -> None:
+        """A call not made (dropped, skipped): counted, no latency."""
+        self.outcomes[kind] += 1
 
 
 class RouteCounters:
@@ -102,9 +106,7 @@ class Metrics:
             "latency": [(r, "primary", c.primary_latency.counts, c.primary_latency.sum_ms)
                         for r, c in self.routes.items()]
             + [(r, s, c.latency.counts, c.latency.sum_ms) for (r, s), c in self.shadows.items()],
-            "shadow": [(r, s, dict(zip(("ok", "error", "timeout"), c.outcomes, strict=True),
-                                   dropped=c.dropped, skipped=c.skipped))
-                       for (r, s), c in self.shadows.items()],
+            "shadow": [(r, s, dict(c.outcomes)) for (r, s), c in self.shadows.items()],
             "records": dict(self.records),
             "queue": self.queue_depth(),
         }

@@ -14,6 +14,7 @@ import zlib
 
 from shadowproxy import http1
 from shadowproxy.config import Shadow
+from shadowproxy.failures import ErrorKind
 from shadowproxy.metrics import Metrics, ShadowCounters
 from shadowproxy.models import CapturedResponse, Exchange, Headers
 from shadowproxy.upstream import UpstreamCall, UpstreamConnection, UpstreamPool
@@ -78,22 +79,24 @@ class ShadowCall(UpstreamCall):
     def on_response_body(self, data: bytes) -> None:
         self.record.capture(self.chunks, data, self.capture_cap)
 
-    def _close(self, outcome: int) -> None:
+    def _close(self, kind: ErrorKind | None) -> None:
         record = self.record
         assert self.pool is not None
         record.latency_ms = (time.perf_counter() - self.sent_at) * 1000.0
         record.body = b"".join(self.chunks) if self.chunks else b""
         target = self.target
         target.in_flight -= 1
-        target.counters.finish(outcome, record.latency_ms)
+        target.counters.finish(kind, record.latency_ms)
         self.exchange.finish_call()
 
     def on_response_end(self) -> None:
-        self._close(ShadowCounters.OK)
+        self._close(None)
 
-    def on_failure(self, error: str) -> None:
-        self.record.error = error
-        self._close(ShadowCounters.TIMEOUT if error == "timeout" else ShadowCounters.ERROR)
+    def on_failure(self, kind: ErrorKind, detail: str) -> None:
+        record = self.record
+        record.error_kind = kind
+        record.error = detail
+        self._close(kind)
 
 
 def start_shadows(shadows: list[ShadowTarget], exchange: Exchange, method: bytes,
@@ -108,14 +111,16 @@ def start_shadows(shadows: list[ShadowTarget], exchange: Exchange, method: bytes
             continue
         record = CapturedResponse(shadow.name, "shadow", now)
         if skip_reason is not None:
+            record.error_kind = ErrorKind.SKIPPED
             record.error = f"skipped: {skip_reason}"
             exchange.responses.append(record)
-            shadow.counters.skipped += 1
+            shadow.counters.not_called(ErrorKind.SKIPPED)
             continue
         if shadow.in_flight >= shadow.max_in_flight:
+            record.error_kind = ErrorKind.DROPPED
             record.error = "dropped: overload"
             exchange.responses.append(record)
-            shadow.counters.dropped += 1
+            shadow.counters.not_called(ErrorKind.DROPPED)
             continue
         lines = common_lines if shadow.custom_skip is None else http1.header_lines(
             request_headers, shadow.custom_skip)

@@ -72,6 +72,7 @@ class CapturedResponse:
         "body_size",
         "body_truncated",
         "error",
+        "error_kind",
         "headers",
         "latency_ms",
         "role",
@@ -97,9 +98,10 @@ class CapturedResponse:
         self.body_truncated = False
         self.latency_ms: float | None = None
         """From sending the request to the end of the response (or the failure)."""
+        self.error_kind: str | None = None
+        """None, or why there is no (complete) response: an ``ErrorKind`` word."""
         self.error: str | None = None
-        """None, or why there is no (complete) response: 'timeout', 'connect: ...',
-        'dropped: overload', 'skipped: body_too_large', 'closed: ...'."""
+        """The human-readable detail beside ``error_kind`` ('connect: Connection refused')."""
 
 
     def capture(self, chunks: list[bytes], data: bytes, cap: int) -> None:

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from shadowproxy import http1
+from shadowproxy.failures import ErrorKind
 from shadowproxy.models import CapturedResponse, Exchange, Headers
 from shadowproxy.upstream import UpstreamCall, UpstreamConnection
 
@@ -144,8 +145,10 @@ class PrimaryCall(UpstreamCall):
         self._close(status if status is not None else 502)
         self.client.response_done(self.req)
 
-    def on_failure(self, error: str) -> None:
-        self.record.error = error
+    def on_failure(self, kind: ErrorKind, detail: str) -> None:
+        record = self.record
+        record.error_kind = kind
+        record.error = detail
         self.pending_head = None
         if self.head_sent:
             # Part of the response is already with the client: the only honest signal left
@@ -156,10 +159,10 @@ class PrimaryCall(UpstreamCall):
                 transport.abort()
             self.client.response_done(self.req)
             return
-        status = 504 if error == "timeout" else 502
+        status = 504 if kind is ErrorKind.TIMEOUT else 502
         self._close(status)
         message = ("the primary did not answer in time" if status == 504
-                   else f"the primary could not be reached: {error}")
+                   else f"the primary could not be reached: {detail}")
         client = self.client
         keep_alive = self.req.keep_alive and not client.ctx.draining
         client._write(http1.json_error(status, message, self.exchange.request_id,
@@ -184,4 +187,4 @@ class PrimaryCall(UpstreamCall):
             if conn is not None:
                 conn.call = None
                 conn.abort()
-            self.fail("closed: client disconnected")
+            self.fail(ErrorKind.CLOSED, "closed: client disconnected")

@@ -1,8 +1,8 @@
 """Upstream connections: one keep-alive pool per upstream, raw protocols, httptools parsing.
 
-This is the only module that handles socket and HTTP-parser errors on the upstream side:
-they become an ``error`` string on the call (``connect: ...``, ``timeout``, ``closed: ...``),
-never an exception. A call (``UpstreamCall``) is a small state object; subclasses in
+Socket and HTTP-parser errors on the upstream side are handled here: they become a failure
+of the call (an ``ErrorKind`` and a detail such as ``connect: Connection refused``), never an
+exception. A call (``UpstreamCall``) is a small state object; subclasses in
 ``proxy.py`` (the primary, streamed back to the client) and ``mirror.py`` (shadows,
 captured for the record) react to its events.
 
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from shadowproxy import http1
+from shadowproxy.failures import ErrorKind
 from shadowproxy.models import Headers
 from shadowproxy.tasks import spawn
 
@@ -65,8 +66,8 @@ class UpstreamCall:
     def on_response_end(self) -> None:
         """The response is complete."""
 
-    def on_failure(self, error: str) -> None:
-        """No complete response: ``error`` says why."""
+    def on_failure(self, kind: ErrorKind, detail: str) -> None:
+        """No complete response: ``kind`` says why, ``detail`` in words."""
 
     def take_body(self) -> bytes:
         """The request body to send with the head once a connection is attached."""
@@ -87,10 +88,10 @@ class UpstreamCall:
         if self.pool is not None:
             self.pool.active.discard(self)
 
-    def fail(self, error: str) -> None:
+    def fail(self, kind: ErrorKind, detail: str) -> None:
         if not self.done:
             self._finish()
-            self.on_failure(error)
+            self.on_failure(kind, detail)
 
     def end(self) -> None:
         if not self.done:
@@ -110,7 +111,7 @@ class UpstreamCall:
         if conn is not None:
             conn.call = None
             conn.abort()
-        self.fail("timeout")
+        self.fail(ErrorKind.TIMEOUT, "timeout")
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -152,7 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.call = None
             self.abort()
             if call is not None:
-                call.fail(f"malformed response: {exc}")
+                call.fail(ErrorKind.PROTOCOL, f"malformed response: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -173,10 +174,13 @@ class UpstreamConnection(asyncio.Protocol):
             # request was not processed, so sending it once more on a new connection is safe.
             call.retried = True
             self.pool.connect(call)
+        elif isinstance(exc, ConnectionResetError | BrokenPipeError):
+            call.fail(ErrorKind.RESET, f"reset: {exc}")
         elif exc is not None:
-            call.fail(f"closed: {exc}")
+            call.fail(ErrorKind.CLOSED, f"closed: {exc}")
         else:
-            call.fail("closed: upstream closed the connection before the response ended")
+            call.fail(ErrorKind.CLOSED,
+                      "closed: upstream closed the connection before the response ended")
 
     def pause_writing(self) -> None:
         if self.call is not None:
@@ -317,7 +321,7 @@ class UpstreamPool:
     def connect(self, call: UpstreamCall) -> None:
         """Send ``call`` on a new connection (made in the background)."""
         if self._closing:
-            call.fail("closed: proxy is shutting down")
+            call.fail(ErrorKind.SHUTDOWN, "shutdown: the proxy is stopping")
             return
         spawn(self._connect_and_send(call), name=f"connect-{self.name}")
 
@@ -328,7 +332,7 @@ class UpstreamPool:
                 lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl)
         except (OSError, ssl.SSLError, asyncio.CancelledError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            call.fail(f"connect: {reason}")
+            call.fail(ErrorKind.CONNECT, f"connect: {reason}")
             return
         finally:
             self._connecting -= 1
@@ -355,11 +359,12 @@ class UpstreamPool:
         for conn in idle:
             conn.abort()
 
-    def abort_active(self, reason: str) -> None:
-        """End every call still in flight with ``reason`` (the shutdown grace is over)."""
+    def abort_active(self) -> None:
+        """End every call still in flight (the shutdown grace is over)."""
         for call in list(self.active):
             conn = call.conn
             if conn is not None:
                 conn.call = None
                 conn.abort()
-            call.fail(reason)
+            call.fail(ErrorKind.SHUTDOWN,
+                      "shutdown: the call outlived limits.shutdown_grace_s")

@@ -34,7 +34,7 @@ CREATE TEMP TABLE IF NOT EXISTS _sp_requests (
 CREATE TEMP TABLE IF NOT EXISTS _sp_responses (
     request uuid, target text, role text, status int, headers text, body bytea,
     body_json text, body_size bigint, body_truncated boolean, latency_ms double precision,
-    error text, started_at timestamptz
+    error text, started_at timestamptz, error_kind text
 ) ON COMMIT DELETE ROWS;
 """
 
@@ -55,7 +55,7 @@ ON CONFLICT (id) DO NOTHING
 _INSERT_RESPONSES = """
 INSERT INTO shadowproxy.responses ({columns})
 SELECT request, target, role, status, {headers}, body, {body_json}, body_size,
-       body_truncated, latency_ms, error, started_at
+       body_truncated, latency_ms, error, started_at, error_kind
 FROM _sp_responses
 ON CONFLICT (request, target) DO NOTHING
 """

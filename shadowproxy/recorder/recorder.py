@@ -28,7 +28,7 @@ from shadowproxy.errors import DatabaseError, SpoolError
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import Exchange
 from shadowproxy.recorder.postgres import PostgresWriter
-from shadowproxy.recorder.rows import Row, RowEncoder
+from shadowproxy.recorder.rows import Row, RowEncoder, upgrade_rows
 from shadowproxy.recorder.spool import Spool
 from shadowproxy.tasks import spawn
 
@@ -320,7 +320,8 @@ class Recorder:
             return False
 
     async def _replay_segment(self, segment: Path) -> None:
-        for requests, responses in self.spool.read(segment):
+        for frame in self.spool.read(segment):
+            requests, responses = upgrade_rows(*frame)
             await self._database_has_room()
             async with self._db_lock:
                 await self.writer.write(requests, responses)

@@ -17,13 +17,15 @@ from typing import Any
 import orjson
 
 from shadowproxy.config import RecordingConfig
+from shadowproxy.failures import kind_of_legacy_error
 from shadowproxy.models import Exchange, Headers
 from shadowproxy.recorder.bodies import json_text, parse_json_path, redact_json
 
 REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path", "query",
                    "headers", "body", "body_json", "body_size", "body_truncated", "client_addr")
 RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "body_json",
-                    "body_size", "body_truncated", "latency_ms", "error", "started_at")
+                    "body_size", "body_truncated", "latency_ms", "error", "started_at",
+                    "error_kind")
 
 Row = tuple[Any, ...]
 REDACTED = "[redacted]"
@@ -86,5 +88,13 @@ class RowEncoder:
                 responses.append((
                     ex.id, r.target, r.role, r.status, self.headers(r.headers), rbody, rtext,
                     r.body_size if r.status is not None else None, r.body_truncated,
-                    r.latency_ms, r.error, r.started_at))
+                    r.latency_ms, r.error, r.started_at, r.error_kind))
         return requests, responses
+
+
+def upgrade_rows(requests: list[Row], responses: list[Row]) -> tuple[list[Row], list[Row]]:
+    """Rows of a spool file written by an earlier version, in today's column layout."""
+    if responses and len(responses[0]) == len(RESPONSE_COLUMNS) - 1:
+        # Before error kinds: the kind is read from the error text, as the migration does.
+        responses = [(*row, kind_of_legacy_error(row[10])) for row in responses]
+    return requests, responses

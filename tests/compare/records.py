@@ -16,6 +16,9 @@ from typing import Any
 
 import asyncpg
 
+from shadowproxy.failures import kind_of_legacy_error
+from shadowproxy.recorder.rows import REQUEST_COLUMNS, RESPONSE_COLUMNS
+
 
 @dataclass
 class Call:
@@ -60,13 +63,13 @@ async def insert(url: str, exchanges: list[Exchange]) -> None:
             rbody, rtext = _body(call.body)
             responses.append((rid, target, role, call.status, "{}", rbody, rtext,
                               len(rbody or b""), False, call.latency_ms, call.error,
-                              ex.received_at))
+                              ex.received_at, kind_of_legacy_error(call.error)))
     conn = await asyncpg.connect(url)
     try:
         await conn.copy_records_to_table("requests", schema_name="shadowproxy",
-                                         records=requests)
+                                         records=requests, columns=REQUEST_COLUMNS)
         await conn.copy_records_to_table("responses", schema_name="shadowproxy",
-                                         records=responses)
+                                         records=responses, columns=RESPONSE_COLUMNS)
     finally:
         await conn.close()
 

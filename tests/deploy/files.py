@@ -30,7 +30,8 @@ DESIGN_METRICS: dict[str, frozenset[str]] = {
 DESIGN_HISTOGRAMS = frozenset({"shadowproxy_upstream_latency_seconds"})
 DESIGN_LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("shadowproxy_shadow_requests_total", "outcome"):
-        frozenset({"ok", "error", "timeout", "dropped", "skipped"}),
+        frozenset({"ok", "timeout", "connect", "reset", "closed", "protocol", "dropped",
+                   "skipped", "shutdown"}),
     ("shadowproxy_records_total", "outcome"): frozenset({"written", "spooled", "dropped"}),
 }
 

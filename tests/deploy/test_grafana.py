@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from shadowproxy.metrics import Metrics, ShadowCounters, families
+from shadowproxy.metrics import Metrics, families
 from tests.deploy.files import (
     DESIGN_HISTOGRAMS,
     DESIGN_LABEL_VALUES,
@@ -150,7 +150,7 @@ def _exported() -> dict[str, set[str]]:
     metrics = Metrics()
     metrics.route("r").count(200)
     metrics.route("r").primary_latency.observe(5.0)
-    metrics.shadow("r", "s").finish(ShadowCounters.OK, 3.0)
+    metrics.shadow("r", "s").finish(None, 3.0)
     metrics.records["written"] += 1
     exported: dict[str, set[str]] = {}
     for family in families([metrics.snapshot()]):

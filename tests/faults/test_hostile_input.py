@@ -164,9 +164,10 @@ async def test_malformed_or_truncated_upstream_responses_give_502(
         except aiohttp.ClientPayloadError:
             pass
         await wait_for_rows(database_url, "responses", 3)
-    errors = sorted(r["error"].split(":")[0] for r in
-                    await fetch(database_url, "SELECT error FROM shadowproxy.responses"))
-    assert errors == ["closed", "closed", "malformed response"]
+    rows = await fetch(database_url, "SELECT error, error_kind FROM shadowproxy.responses")
+    assert sorted(r["error"].split(":")[0] for r in rows) == [
+        "closed", "closed", "malformed response"]
+    assert sorted(r["error_kind"] for r in rows) == ["closed", "closed", "protocol"]
 
 
 async def test_shadow_answering_10_mb_is_capped_and_harmless(

@@ -87,3 +87,32 @@ async def test_timestamps_are_stored_to_the_microsecond(database_url: str) -> No
 def test_a_naive_datetime_is_refused() -> None:
     with pytest.raises(ValueError, match="naive datetime"):
         timestamptz_to_pg(datetime(2026, 1, 1))
+
+
+async def test_rows_of_an_old_spool_file_are_stored_with_their_error_kind(
+        database_url: str) -> None:
+    """Response rows spooled by a version without error kinds are stored with the kind
+    their error text names."""
+    from shadowproxy.recorder.rows import upgrade_rows
+
+    batch = exchanges(2)
+    for ex, (kind, text) in zip(batch, [("timeout", "timeout"),
+                                        ("connect", "connect: Connection refused")],
+                                strict=True):
+        ex.responses[0].status = None
+        ex.responses[0].error_kind, ex.responses[0].error = kind, text
+    requests, responses = RowEncoder(RecordingConfig()).encode(batch)
+    old_layout = [row[:-1] for row in responses]  # what an earlier version spooled
+    writer = PostgresWriter(database_url)
+    try:
+        await writer.write(*upgrade_rows(requests, old_layout), replay=True)
+    finally:
+        await writer.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT error, error_kind FROM shadowproxy.responses "
+                                "ORDER BY error DESC")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("timeout", "timeout"),
+                                        ("connect: Connection refused", "connect")]

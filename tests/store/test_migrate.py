@@ -78,3 +78,48 @@ async def test_rows_of_a_few_kilobytes_are_stored_uncompressed(database_url: str
         await conn.close()
     assert tuple(compression[0]) == (None, None)
     assert compression[1]["body_json"] is not None
+
+
+async def test_error_kinds_are_mapped_from_the_text_of_earlier_rows(
+        empty_database_url: str) -> None:
+    """Rows stored before error kinds existed get the kind their error text names, the same
+    kind the recorder gives rows of an old spool file."""
+    from shadowproxy.failures import kind_of_legacy_error
+
+    texts = ["timeout", "connect: Connection refused", "dropped: overload",
+             "skipped: body_too_large", "malformed response: invalid constant string",
+             "closed: proxy is shutting down", "closed: proxy shutting down",
+             "closed: [Errno 104] Connection reset by peer",
+             "closed: upstream closed the connection before the response ended",
+             "closed: client disconnected"]
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await apply_up_to(conn, 3)
+        for i, text in enumerate(texts):
+            await conn.execute(
+                "INSERT INTO shadowproxy.responses (request, target, role, error) "
+                "VALUES (gen_random_uuid(), $1, 'shadow', $2)", f"s{i}", text)
+        await apply(conn)
+        rows = await conn.fetch("SELECT error, error_kind FROM shadowproxy.responses")
+    finally:
+        await conn.close()
+    kinds = {r["error"]: r["error_kind"] for r in rows}
+    assert kinds == {text: kind_of_legacy_error(text) for text in texts}
+    assert [kinds[t] for t in texts] == [
+        "timeout", "connect", "dropped", "skipped", "protocol", "shutdown", "shutdown",
+        "reset", "closed", "closed"]
+
+
+async def apply_up_to(conn: asyncpg.Connection, version: int) -> None:
+    """Apply the shipped migrations up to ``version`` only, as an earlier release did."""
+    await conn.execute(
+        "CREATE SCHEMA IF NOT EXISTS shadowproxy;"
+        "CREATE TABLE IF NOT EXISTS shadowproxy.schema_migrations ("
+        " version int PRIMARY KEY, name text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())")
+    for mig in available():
+        if mig.version <= version:
+            async with conn.transaction():
+                await conn.execute(mig.sql)
+                await conn.execute("INSERT INTO shadowproxy.schema_migrations (version, name)"
+                                   " VALUES ($1, $2)", mig.version, mig.name)
