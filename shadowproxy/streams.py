@@ -332,8 +332,12 @@ def assemble(body: bytes, arrivals: Sequence[Arrival] = (), sent_at: float | Non
         if items.__class__ is not list:
             items = None
         if items is None and obj.get("object") not in _CHUNK_OBJECTS:
-            if "error" in obj:  # an error event, as vLLM and others send mid-stream
+            # An error event mid-stream: {"error": {...}}, or {"object": "error", ...}.
+            if "error" in obj:
                 errors.append(obj["error"])
+                continue
+            if obj.get("object") == "error":
+                errors.append(obj)
                 continue
             if not recognised:
                 return None

@@ -355,14 +355,16 @@ def test_other_text_fields_and_logprobs_are_joined() -> None:
 
 
 def test_error_events_are_kept() -> None:
-    """An error event mid-stream is kept as the answer's error and counted."""
+    """An error event mid-stream, in either common form, is kept as the answer's error."""
     body = (_chunk({"role": "assistant", "content": "Hel"})
+            + b'data: {"object": "error", "message": "busy", "code": 503}\n\n'
             + b'data: {"error": {"message": "overloaded", "code": 503}}\n\n')
     result = assemble(body)
     assert result is not None
     assert result[0]["error"] == {"message": "overloaded", "code": 503}
     assert result[0]["choices"][0]["message"]["content"] == "Hel"
-    assert result[1]["errors"] == 1
+    assert result[1]["errors"] == 2
+    assert result[1]["chunks"] == 1
     assert result[1]["interrupted"] is True
 
 
