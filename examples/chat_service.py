@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import math
 import re
 import sys
@@ -52,7 +53,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 MODELS = ("small", "large")
@@ -125,6 +125,11 @@ class Answer:
         if self.tool_call is not None:
             return 1 + len(_pieces(self.tool_call.arguments))
         return len(self.tokens)
+
+
+def _dumps(obj: Any) -> str:
+    """Compact JSON, as model servers write it."""
+    return json.dumps(obj, separators=(",", ":"))
 
 
 def _digest(*parts: str) -> bytes:
@@ -216,13 +221,13 @@ def answer(model: str, prompt: str, *, choice: int = 0, limit: int | None = None
             args = ({"city": city, "unit": "celsius"} if model == "large"
                     else {"unit": "celsius", "city": city})
             call_id = "call_" + _digest(model, prompt, str(choice)).hex()[:16]
-            return Answer((), ToolCall(call_id, tool, orjson.dumps(args).decode()),
+            return Answer((), ToolCall(call_id, tool, _dumps(args)),
                           "tool_calls")
         text = f"I cannot look up the weather in {city} right now."
     else:
         text = answer_text(model, prompt, choice)
     if json_mode:
-        text = orjson.dumps({"answer": text}).decode()
+        text = _dumps({"answer": text})
         if model == "small" and differs(prompt):
             text = "```json\n" + text + "\n```"
     tokens = tuple(_TOKEN.findall(text))
@@ -276,8 +281,8 @@ def _error(exc: InputError) -> web.Response:
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
+        body = json.loads(await request.read())
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise InputError(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise InputError("expected a JSON object")
@@ -315,7 +320,7 @@ def _message(a: Answer) -> dict[str, Any]:
 
 
 def _sse(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    return b"data: " + _dumps(obj).encode() + b"\n\n"
 
 
 async def _open_stream(request: web.Request) -> web.StreamResponse:
@@ -368,7 +373,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             {**head, "object": "chat.completion",
              "choices": [{"index": i, "message": _message(a), "logprobs": None,
                           "finish_reason": a.finish_reason} for i, a in enumerate(answers)],
-             "usage": usage}, dumps=lambda o: orjson.dumps(o).decode())
+             "usage": usage}, dumps=_dumps)
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     chunk = {**head, "object": "chat.completion.chunk"}
@@ -418,7 +423,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return web.json_response(
             {**head, "choices": [{"index": 0, "text": a.text, "logprobs": None,
                                   "finish_reason": a.finish_reason}], "usage": usage},
-            dumps=lambda o: orjson.dumps(o).decode())
+            dumps=_dumps)
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     response = await _open_stream(request)
@@ -455,7 +460,7 @@ async def embeddings(request: web.Request) -> web.Response:
          "data": [{"object": "embedding", "index": i, "embedding": embed(t)}
                   for i, t in enumerate(texts)],
          "usage": {"prompt_tokens": words, "total_tokens": words}},
-        dumps=lambda o: orjson.dumps(o).decode())
+        dumps=_dumps)
 
 
 async def models(request: web.Request) -> web.Response:
