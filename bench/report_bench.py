@@ -25,8 +25,8 @@ import asyncpg
 import numpy as np
 
 from shadowproxy.compare.config import CompareConfig
-from shadowproxy.compare.query import Window
 from shadowproxy.compare.report import build_report
+from shadowproxy.compare.window import Window
 from shadowproxy.store.migrate import migrate
 
 GENERATE = """

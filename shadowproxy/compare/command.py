@@ -14,12 +14,15 @@ import math
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shadowproxy.compare.config import CompareConfig
-from shadowproxy.compare.query import Window, parse_duration
+from shadowproxy.compare.window import Window, parse_duration
 from shadowproxy.config import Route, Settings
 from shadowproxy.errors import UsageError
+
+if TYPE_CHECKING:
+    from shadowproxy.compare.report import Report
 
 DEFAULT_SINCE = "24h"
 FAIL_ON_STATUS = 3
@@ -108,7 +111,7 @@ def render(report: dict[str, Any], fmt: str, *, color: bool = False) -> str:
 
 
 async def _build(url: str, route: str, shadow: str, window: Window, compare: CompareConfig,
-                 reference: Path | None) -> dict[str, Any]:
+                 reference: Path | None) -> Report:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

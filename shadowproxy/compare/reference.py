@@ -7,6 +7,7 @@ with pyarrow (CSV or Parquet, chosen by suffix); its columns are named like the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ class FeatureData:
         return self.n_rows - self.n_missing
 
 
-def from_summary(row: dict[str, Any]) -> FeatureData:
-    """FeatureData from ``ReportQuery.feature_summary`` (the sample and counts come later)."""
+def from_summary(row: Mapping[str, Any]) -> FeatureData:
+    """FeatureData from a feature's summary row (the sample and counts come later)."""
     def f(key: str) -> float | None:
         return None if row[key] is None else float(row[key])
 

@@ -9,23 +9,35 @@ never change the status.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 from shadowproxy.compare.config import Thresholds
 
 LEVELS = ("pass", "warn", "fail")
 
 
+class Reason(TypedDict):
+    level: str
+    section: str
+    message: str
+
+
+class Verdict(TypedDict):
+    status: str
+    reasons: list[Reason]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def verdict(report: dict[str, Any], th: Thresholds) -> dict[str, Any]:
-    """``{"status", "reasons": [{"level", "section", "message"}]}`` for a finished report."""
-    reasons: list[dict[str, str]] = []
+def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
+    """The status and one reason per rule that fired, from the report's sections."""
+    reasons: list[Reason] = []
 
     def add(level: str, section: str, message: str) -> None:
-        reasons.append({"level": level, "section": section, "message": message})
+        reasons.append(Reason(level=level, section=section, message=message))
 
     counts, op = report["counts"], report["operational"]
     if not counts["pairs"]:
@@ -90,7 +102,7 @@ def verdict(report: dict[str, Any], th: Thresholds) -> dict[str, Any]:
     for r in reasons:
         if r["level"] in LEVELS and LEVELS.index(r["level"]) > LEVELS.index(status):
             status = r["level"]
-    return {"status": status, "reasons": reasons}
+    return Verdict(status=status, reasons=reasons)
 
 
 def reaches(status: str, level: str) -> bool:
