@@ -7,15 +7,17 @@ select the pairs of the report's route, shadow and window, and ``sample_clause``
 seeded hash sample of rows (at most ``thresholds.sample_max``), so that a report is
 reproducible.
 
-Sections extract what they aggregate into session temporary tables. Each section declares
-its tables as ``Scratch`` values; ``snapshot()`` creates them all, empty, before the first
-read, so that a section only ever inserts into them.
+A report is one snapshot: ``snapshot()`` runs every statement in one read-only REPEATABLE
+READ transaction, so counts and samples agree however many records land meanwhile.
+Sections extract what they aggregate into temporary tables. Each section declares its tables
+as ``Scratch`` values; ``snapshot()`` creates them all, empty, before the first read, so
+that a section only ever inserts into them.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import asyncpg
@@ -117,11 +119,29 @@ def _translate(exc: asyncpg.PostgresError, explain: Explain | None) -> ShadowPro
 @asynccontextmanager
 async def snapshot(conn: asyncpg.Connection, scope: Scope, scratch: Sequence[Scratch]
                    ) -> AsyncIterator[Snapshot]:
-    """A ``Snapshot`` on ``conn`` with every ``scratch`` table created empty."""
+    """A ``Snapshot`` on ``conn`` in one read-only REPEATABLE READ transaction.
+
+    Every statement of the report sees the same committed data, while proxies keep
+    inserting and spools replay into its window. The ``scratch`` tables are created first,
+    in the same transaction (``ON COMMIT DROP``), because a read-only transaction may
+    insert into temporary tables but not create them; it turns read-only before the first
+    section reads.
+    """
     db = Snapshot(conn, scope)
-    for table in scratch:
-        await db.execute(f"DROP TABLE IF EXISTS {table.name}; "
-                         f"CREATE TEMP TABLE {table.name} ({table.columns})")
-        for columns in table.indexes:
-            await db.execute(f"CREATE INDEX ON {table.name} {columns}")
-    yield db
+    try:
+        transaction = conn.transaction(isolation="repeatable_read")
+        await transaction.start()
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"the report could not start its transaction: {exc}") from exc
+    try:
+        for table in scratch:
+            await db.execute(f"CREATE TEMP TABLE {table.name} ({table.columns}) ON COMMIT DROP")
+            for columns in table.indexes:
+                await db.execute(f"CREATE INDEX ON {table.name} {columns}")
+        await db.execute("SET TRANSACTION READ ONLY")
+        yield db
+    finally:
+        # Nothing to keep (the scratch tables go with the transaction); a connection lost
+        # meanwhile has ended the transaction already.
+        with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await transaction.rollback()
