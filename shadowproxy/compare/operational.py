@@ -12,8 +12,13 @@ from typing import Any, NotRequired, TypedDict
 import numpy as np
 
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Snapshot
+from shadowproxy.failures import ERROR_KINDS
 
 HIST_BINS = 30
+OUTCOMES = ("ok", *ERROR_KINDS)
+"""What became of a call, in the words of the ``outcome`` label of the shadow metrics."""
+CALLED = "coalesce(shadow_error_kind, 'ok') NOT IN ('dropped', 'skipped')"
+"""Pairs whose shadow call was made (dropped and skipped calls were not)."""
 
 
 class Counts(TypedDict):
@@ -58,11 +63,19 @@ class LatencyHistogram(TypedDict):
     scale: str
 
 
+class Outcomes(TypedDict):
+    """Calls by outcome per side: ``ok`` or the kind of failure, every word listed."""
+
+    primary: dict[str, int]
+    shadow: dict[str, int]
+
+
 class Operational(TypedDict):
     primary: Side
     shadow: Side
     status_agreement: float | None
     status_pairs: list[StatusPair]
+    outcomes: Outcomes
     latency_histogram: NotRequired[LatencyHistogram]
 
 
@@ -76,12 +89,11 @@ async def counts(db: Snapshot) -> Counts:
           count(*) FILTER (WHERE primary_status IS NOT NULL AND shadow_status IS NOT NULL)
             AS complete_pairs,
           count(*) FILTER (WHERE {COMPARABLE}) AS comparable_pairs,
-          count(*) FILTER (WHERE shadow_error LIKE 'timeout%') AS shadow_timeouts,
-          count(*) FILTER (WHERE shadow_error LIKE 'dropped%') AS shadow_drops,
-          count(*) FILTER (WHERE shadow_error LIKE 'skipped%') AS shadow_skips,
-          count(*) FILTER (WHERE shadow_error IS NOT NULL AND shadow_error NOT LIKE 'timeout%'
-                           AND shadow_error NOT LIKE 'dropped%'
-                           AND shadow_error NOT LIKE 'skipped%') AS shadow_errors,
+          count(*) FILTER (WHERE shadow_error_kind = 'timeout') AS shadow_timeouts,
+          count(*) FILTER (WHERE shadow_error_kind = 'dropped') AS shadow_drops,
+          count(*) FILTER (WHERE shadow_error_kind = 'skipped') AS shadow_skips,
+          count(*) FILTER (WHERE shadow_error_kind NOT IN ('timeout', 'dropped', 'skipped'))
+            AS shadow_errors,
           count(*) FILTER (WHERE shadow_status >= 500) AS shadow_5xx,
           count(*) FILTER (WHERE primary_status IS NULL) AS primary_failures
         FROM shadowproxy.pairs WHERE {PAIR_FILTER}""", *db.pair_args())
@@ -122,11 +134,9 @@ async def operational(db: Snapshot) -> Operational:
           min(least(primary_latency_ms, shadow_latency_ms)) AS lo,
           max(greatest(primary_latency_ms, shadow_latency_ms)) AS hi,
           avg((primary_status IS NULL OR primary_status >= 500)::int) AS perr,
-          count(*) FILTER (WHERE coalesce(shadow_error, '') NOT LIKE 'dropped%'
-                           AND coalesce(shadow_error, '') NOT LIKE 'skipped%') AS s_called,
+          count(*) FILTER (WHERE {CALLED}) AS s_called,
           count(*) FILTER (WHERE (shadow_status IS NULL OR shadow_status >= 500)
-                           AND coalesce(shadow_error, '') NOT LIKE 'dropped%'
-                           AND coalesce(shadow_error, '') NOT LIKE 'skipped%') AS s_failed,
+                           AND {CALLED}) AS s_failed,
           avg((primary_status = shadow_status)::int)
             FILTER (WHERE primary_status IS NOT NULL AND shadow_status IS NOT NULL)
             AS status_agreement
@@ -139,10 +149,28 @@ async def operational(db: Snapshot) -> Operational:
         status_pairs=[StatusPair(primary=r[0], shadow=r[1], n=r[2]) for r in await db.fetch(
             f"SELECT primary_status, shadow_status, count(*) FROM shadowproxy.pairs "
             f"WHERE {PAIR_FILTER} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 20",
-            *db.pair_args())])
+            *db.pair_args())],
+        outcomes=await _outcomes(db))
     if row["lo"] is not None and row["hi"] is not None:
         out["latency_histogram"] = await _latency_histogram(db, float(row["lo"]),
                                                             float(row["hi"]))
+    return out
+
+
+async def _outcomes(db: Snapshot) -> Outcomes:
+    """Each side's calls by outcome: ``ok`` (an answer came) or the ``error_kind``."""
+    out = Outcomes(primary=dict.fromkeys(OUTCOMES, 0), shadow=dict.fromkeys(OUTCOMES, 0))
+    for primary, shadow, n in await db.fetch(f"""
+            SELECT coalesce(primary_error_kind,
+                            CASE WHEN primary_status IS NOT NULL THEN 'ok' END),
+                   coalesce(shadow_error_kind,
+                            CASE WHEN shadow_status IS NOT NULL THEN 'ok' END),
+                   count(*)
+            FROM shadowproxy.pairs WHERE {PAIR_FILTER} GROUP BY 1, 2""", *db.pair_args()):
+        if primary is not None:
+            out["primary"][primary] = out["primary"].get(primary, 0) + int(n)
+        if shadow is not None:
+            out["shadow"][shadow] = out["shadow"].get(shadow, 0) + int(n)
     return out
 
 

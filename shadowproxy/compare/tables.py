@@ -86,6 +86,13 @@ def _operational(r: dict[str, Any]) -> Section:
     s = Section("operational", "Operational", tables=[Table(
         ["side", "n", "p50 ms", "p95 ms", "p99 ms", "max ms", "error rate"], rows)])
     s.notes.append(f"status codes agree on {pct(o['status_agreement'])} of complete pairs")
+    outcomes = o.get("outcomes")
+    if outcomes:
+        words = list(outcomes["shadow"])
+        s.tables.append(Table(["side", *words],
+                              [[side, *[fmt(outcomes[side].get(w, 0)) for w in words]]
+                               for side in ("primary", "shadow")],
+                              title="calls by outcome (ok, or the kind of failure)"))
     return s
 
 
