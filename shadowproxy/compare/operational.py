@@ -1,17 +1,21 @@
 """The report's ``counts`` and ``operational`` sections: how many pairs, how each side did.
 
 Everything here is an exact aggregate over every pair of the window (no sampling): counts
-of requests and pairs, how the shadow calls failed, latency percentiles, error rates,
-status-code agreement and a log-scale latency histogram.
+of requests and pairs, how the calls failed (by ``error_kind``), latency percentiles, error
+rates, status-code agreement and a log-scale latency histogram. The shadow may be a live
+shadow or a target replayed with ``shadowproxy replay`` (``shadow_role = 'replay'``): it is
+reported alike, except that a replayed latency is not compared with the primary's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Snapshot
+from shadowproxy.errors import UsageError
 from shadowproxy.failures import ERROR_KINDS
 
 HIST_BINS = 30
@@ -34,6 +38,7 @@ class Counts(TypedDict):
     primary_failures: int
     requests_without_pair: int
     pair_completeness: float | None
+    replayed_pairs: int
 
 
 class Latency(TypedDict):
@@ -76,7 +81,36 @@ class Operational(TypedDict):
     status_agreement: float | None
     status_pairs: list[StatusPair]
     outcomes: Outcomes
+    latency_compared: bool
+    latency_note: NotRequired[str]
     latency_histogram: NotRequired[LatencyHistogram]
+
+
+def shadow_role(counts: Counts) -> str:
+    """``shadow`` (live traffic), ``replay`` (every pair from ``shadowproxy replay``) or
+    ``mixed``."""
+    if not counts["replayed_pairs"]:
+        return "shadow"
+    return "replay" if counts["replayed_pairs"] == counts["pairs"] else "mixed"
+
+
+async def check_replayed(db: Snapshot, unlisted: Mapping[str, str]) -> None:
+    """UsageError unless each name of ``unlisted`` (not a shadow in the configuration) was
+    replayed into the window; its value says where the name came from."""
+    if not unlisted:
+        return
+    s = db.scope
+    found = [r[0] for r in await db.fetch(
+        "SELECT DISTINCT shadow_name FROM shadowproxy.pairs WHERE route = $1 "
+        "AND received_at >= $2 AND received_at < $3 AND shadow_role = 'replay' ORDER BY 1",
+        s.route, s.window.start, s.window.end)]
+    for name, where in unlisted.items():
+        if name not in found:
+            raise UsageError(
+                f"{where}, and no target was replayed as {name!r} into the window "
+                f"{s.window.start.isoformat()} → {s.window.end.isoformat()} (targets "
+                f"replayed into it: {found or 'none'}); name a shadow of the route, or "
+                f"replay the window first with `shadowproxy replay ... --as {name}`")
 
 
 async def counts(db: Snapshot) -> Counts:
@@ -95,7 +129,8 @@ async def counts(db: Snapshot) -> Counts:
           count(*) FILTER (WHERE shadow_error_kind NOT IN ('timeout', 'dropped', 'skipped'))
             AS shadow_errors,
           count(*) FILTER (WHERE shadow_status >= 500) AS shadow_5xx,
-          count(*) FILTER (WHERE primary_status IS NULL) AS primary_failures
+          count(*) FILTER (WHERE primary_status IS NULL) AS primary_failures,
+          count(*) FILTER (WHERE shadow_role = 'replay') AS replayed
         FROM shadowproxy.pairs WHERE {PAIR_FILTER}""", *db.pair_args())
     pairs, complete = int(row["pairs"]), int(row["complete_pairs"])
     return Counts(
@@ -105,7 +140,8 @@ async def counts(db: Snapshot) -> Counts:
         shadow_skips=int(row["shadow_skips"]), shadow_errors=int(row["shadow_errors"]),
         shadow_5xx=int(row["shadow_5xx"]), primary_failures=int(row["primary_failures"]),
         requests_without_pair=max(int(row["requests"]) - pairs, 0),
-        pair_completeness=complete / pairs if pairs else None)
+        pair_completeness=complete / pairs if pairs else None,
+        replayed_pairs=int(row["replayed"]))
 
 
 def _opt(value: Any) -> float | None:
@@ -120,8 +156,12 @@ def _side(q: list[float | None] | None, mean: Any, mx: Any, n: int,
                 error_rate=error_rate)
 
 
-async def operational(db: Snapshot) -> Operational:
-    """Latency percentiles and error rates per side; status-code agreement; histograms."""
+async def operational(db: Snapshot, counts: Counts) -> Operational:
+    """Latency percentiles and error rates per side; status-code agreement; histograms.
+
+    A replayed target's latency is given but not compared with the primary's: it was
+    measured under replay load, not under the production traffic the primary answered.
+    """
     row = await db.fetchrow(f"""
         SELECT
           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY primary_latency_ms)
@@ -150,7 +190,15 @@ async def operational(db: Snapshot) -> Operational:
             f"SELECT primary_status, shadow_status, count(*) FROM shadowproxy.pairs "
             f"WHERE {PAIR_FILTER} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 20",
             *db.pair_args())],
-        outcomes=await _outcomes(db))
+        outcomes=await _outcomes(db), latency_compared=True)
+    role = shadow_role(counts)
+    if role != "shadow":
+        out["latency_compared"] = False
+        out["latency_note"] = (
+            f"{'every' if role == 'replay' else str(counts['replayed_pairs'])} of the "
+            f"{counts['pairs']} pairs of {db.scope.shadow} came from `shadowproxy replay`: "
+            "its latency was measured under replay load, not production load, and is not "
+            "compared with the primary's")
     if row["lo"] is not None and row["hi"] is not None:
         out["latency_histogram"] = await _latency_histogram(db, float(row["lo"]),
                                                             float(row["hi"]))

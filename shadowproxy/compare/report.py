@@ -10,7 +10,7 @@ the ``STEPS`` so that the command can show a progress bar.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
@@ -34,6 +34,7 @@ SCRATCH = predictions.SCRATCH + diff.SCRATCH + features.SCRATCH + slices.SCRATCH
 class Meta(TypedDict):
     route: str
     shadow: str
+    shadow_role: str
     baseline_shadow: str | None
     window: dict[str, str]
     generated_at: str
@@ -57,8 +58,14 @@ class Report(TypedDict):
 
 async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, window: Window,
                        compare: CompareConfig, reference: Path | None = None,
-                       progress: Progress | None = None) -> Report:
-    """The whole report as a JSON-ready dict."""
+                       progress: Progress | None = None,
+                       unlisted: Mapping[str, str] | None = None) -> Report:
+    """The whole report as a JSON-ready dict.
+
+    ``unlisted`` names the targets (the shadow, the baseline) that are not shadows of the
+    route in the configuration, each with where the name came from: they must have been
+    replayed into the window (``shadowproxy replay --as NAME``), else UsageError.
+    """
     import numpy as np
     import scipy
 
@@ -67,9 +74,10 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
         for validate in (predictions.validate, features.validate, diff.validate,
                          slices.validate):
             await validate(db)
+        await operational.check_replayed(db, unlisted or {})
         step(STEPS[0])
         counts = await operational.counts(db)
-        health = await operational.operational(db)
+        health = await operational.operational(db, counts)
         step(STEPS[1])
         preds, pred_section = await predictions.build(db)
         step(STEPS[2])
@@ -84,7 +92,8 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
         server = (await db.fetchrow("SHOW server_version"))[0]
     th = compare.thresholds
     meta = Meta(
-        route=route, shadow=shadow, baseline_shadow=compare.baseline_shadow,
+        route=route, shadow=shadow, shadow_role=operational.shadow_role(counts),
+        baseline_shadow=compare.baseline_shadow,
         window={"start": window.start.isoformat(), "end": window.end.isoformat()},
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         versions={"shadowproxy": __version__, "numpy": np.__version__,

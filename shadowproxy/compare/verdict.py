@@ -51,7 +51,9 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
     if p_err is not None and s_err is not None and s_err - p_err > th.max_error_rate_increase:
         add("fail", "operational", f"shadow error rate {_pct(s_err)} vs primary {_pct(p_err)}")
     p99p, p99s = op["primary"]["latency_ms"]["p99"], op["shadow"]["latency_ms"]["p99"]
-    if p99p and p99s and p99s / p99p > th.max_latency_p99_ratio:
+    if not op.get("latency_compared", True):
+        add("info", "operational", op.get("latency_note", "latency not compared"))
+    elif p99p and p99s and p99s / p99p > th.max_latency_p99_ratio:
         add("warn", "operational", f"shadow p99 latency {p99s:.1f} ms is {p99s / p99p:.2f}× "
                                    f"the primary's {p99p:.1f} ms")
     agree = op.get("status_agreement")

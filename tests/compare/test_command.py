@@ -139,3 +139,29 @@ def test_window_forms() -> None:
     assert w.earlier().end == w.start
     with pytest.raises(UsageError):
         resolve_window("0h", None, None, now)
+
+
+def test_report_on_replayed_targets_named_outside_the_config(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--shadow and baseline_shadow may name targets replayed into the window, not in config."""
+    exchanges = [Exchange({"x": i}, Call({"prediction": float(i), "at": f"p{i}"}),
+                          {"candidate": Call({"prediction": float(i) + 1, "at": f"c{i}"})},
+                          replays={"candidate-replay": Call({"prediction": float(i) + 1,
+                                                             "at": f"r{i}"}, latency_ms=90.0),
+                                   "primary-replay": Call({"prediction": float(i),
+                                                           "at": f"b{i}"}, latency_ms=80.0)})
+                 for i in range(40)]
+    asyncio.run(insert(sync_database_url, exchanges))
+    config = write_config(tmp_path, sync_database_url,
+                          'prediction: "$.prediction"\nbaseline_shadow: primary-replay')
+    args = ["report", "-c", str(config), "--route", "house-prices", "--format", "json"]
+    assert main([*args, "--shadow", "candidate-replay"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["meta"]["shadow_role"] == "replay" and report["counts"]["pairs"] == 40
+    assert report["predictions"]["baseline_noise"]["shadow"] == "primary-replay"
+    assert report["diff"]["noise_fields"] == ["$.at"]
+    assert main(args) == 0  # the live shadow, against the replayed baseline
+    assert json.loads(capsys.readouterr().out)["meta"]["shadow_role"] == "shadow"
+    assert main([*args, "--shadow", "ghost"]) == 2
+    err = capsys.readouterr().err
+    assert "has no shadow named 'ghost'" in err and "no target was replayed as 'ghost'" in err

@@ -1,4 +1,4 @@
-"""The operational section on a real PostgreSQL: failures by kind, never by their text."""
+"""The operational section on a real PostgreSQL: failures by kind, replayed targets."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from shadowproxy.compare.config import CompareConfig
 from shadowproxy.compare.render_text import render_text
 from shadowproxy.compare.report import build_report
 from shadowproxy.compare.window import Window
+from shadowproxy.errors import UsageError
 from shadowproxy.failures import ERROR_KINDS
 from tests.compare.records import Call, Exchange, insert
 
@@ -65,3 +66,60 @@ async def test_shadow_failures_are_counted_by_kind_not_by_text(database_url: str
     assert op["outcomes"]["primary"]["ok"] == 100
     text = render_text(r)
     assert "calls by outcome" in text and "dropped" in text
+
+
+def replayed(n: int) -> list[Exchange]:
+    """Each request answered live by the primary and shadow 'candidate', and replayed to
+    'candidate-replay' (the same model, ten times slower under replay load)."""
+    return [Exchange({"x": i}, ok(i),
+                     {"candidate": Call({"prediction": i + 0.5}, latency_ms=12.0)},
+                     replays={"candidate-replay": Call({"prediction": i + 0.5},
+                                                       latency_ms=120.0 + i % 5)})
+            for i in range(n)]
+
+
+async def test_a_replayed_target_is_reported_with_its_latency_labelled(database_url: str
+                                                                       ) -> None:
+    """A replayed target is compared like a shadow; its latency is shown, not compared."""
+    await insert(database_url, replayed(60))
+    live = await report(database_url, "candidate")
+    now = datetime.now(UTC)
+    conn = await asyncpg.connect(database_url)
+    try:
+        r = dict(await build_report(
+            conn, route="house-prices", shadow="candidate-replay",
+            window=Window(now - timedelta(hours=1), now + timedelta(minutes=1)),
+            compare=CompareConfig.model_validate({"prediction": "$.prediction"}),
+            unlisted={"candidate-replay": "--shadow: not a shadow in the configuration"}))
+    finally:
+        await conn.close()
+
+    assert live["meta"]["shadow_role"] == "shadow" and live["operational"]["latency_compared"]
+    assert r["meta"]["shadow_role"] == "replay" and r["counts"]["replayed_pairs"] == 60
+    op = r["operational"]
+    assert op["shadow"]["latency_ms"]["p50"] == pytest.approx(122.0)  # shown as measured
+    assert op["latency_compared"] is False and "measured under replay load" in op["latency_note"]
+    reasons = r["verdict"]["reasons"]
+    assert not any("p99" in x["message"] for x in reasons)  # 10x the primary: not a warning
+    assert {"level": "info", "section": "operational", "message": op["latency_note"]} in reasons
+    for key in ("n", "mae", "rmse", "within_tolerance"):
+        assert r["predictions"][key] == live["predictions"][key]
+    text = render_text(r)
+    assert "shadow (under replay)" in text and "(replayed with shadowproxy replay)" in text
+
+
+async def test_an_unknown_target_is_neither_shadow_nor_replayed(database_url: str) -> None:
+    """A name that is no configured shadow and was not replayed into the window: UsageError."""
+    await insert(database_url, replayed(5))
+    now = datetime.now(UTC)
+    conn = await asyncpg.connect(database_url)
+    try:
+        with pytest.raises(UsageError, match=r"no target was replayed as 'ghost'.*"
+                                             r"\['candidate-replay'\]"):
+            await build_report(
+                conn, route="house-prices", shadow="ghost",
+                window=Window(now - timedelta(hours=1), now + timedelta(minutes=1)),
+                compare=CompareConfig.model_validate({"prediction": "$.prediction"}),
+                unlisted={"ghost": "--shadow: route 'house-prices' has no shadow named 'ghost'"})
+    finally:
+        await conn.close()

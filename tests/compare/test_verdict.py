@@ -47,3 +47,14 @@ def test_fail_on_levels() -> None:
     """--fail-on warn fires on warn and fail; --fail-on fail only on fail."""
     assert reaches("warn", "warn") and reaches("fail", "warn")
     assert not reaches("warn", "fail") and not reaches("pass", "warn")
+
+
+def test_a_replayed_latency_is_information_not_a_warning() -> None:
+    """A slow p99 warns for a live shadow; measured under replay it is only shown."""
+    r = base()
+    r["operational"]["shadow"] = {"error_rate": 0.0, "latency_ms": {"p99": 50.0}}
+    assert verdict(r, Thresholds())["status"] == "warn"
+    r["operational"]["latency_compared"] = False
+    r["operational"]["latency_note"] = "measured under replay load"
+    assert verdict(r, Thresholds()) == {"status": "pass", "reasons": [
+        {"level": "info", "section": "operational", "message": "measured under replay load"}]}
