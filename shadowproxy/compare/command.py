@@ -151,14 +151,16 @@ async def _build(url: str, target: Target, window: Window, reference: Path | Non
 
 def run_report(args: argparse.Namespace) -> int:
     """The CLI command; returns 0, or 3 when the verdict reaches ``--fail-on``."""
+    from shadowproxy.compare.extras import require_for
     from shadowproxy.compare.verdict import reaches
     from shadowproxy.config import load_config
     from shadowproxy.store.database import database_url
 
+    reference = Path(args.reference) if args.reference else None
+    require_for(args.format, reference)
     settings = load_config(args.config)
     window = resolve_window(args.since, args.from_, args.to)
     target = resolve_target(settings, args.route, args.shadow)
-    reference = Path(args.reference) if args.reference else None
     if reference is not None and not reference.is_file():
         raise UsageError(f"--reference {reference}: no such file; give a CSV or Parquet file "
                          "of training data whose columns are named like compare.features")

@@ -2,9 +2,10 @@
 
 Rules read the finished sections of the report; thresholds come from
 ``compare.thresholds``. ``fail`` is for evidence that the shadow must not be promoted as is
-(broken input constraints, more errors, significantly worse on labels); ``warn`` for what a
-person should look at (drift, disagreement, incomplete pairs, slow shadow); ``info`` reasons
-never change the status.
+(broken input constraints, more errors, significantly worse on labels) and for too little
+evidence to promote it (fewer than ``min_pairs`` comparable pairs: a gate must not pass on
+an empty window); ``warn`` for what a person should look at (drift, disagreement,
+incomplete pairs, slow shadow); ``info`` reasons never change the status.
 """
 
 from __future__ import annotations
@@ -40,9 +41,16 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
         reasons.append(Reason(level=level, section=section, message=message))
 
     counts, op = report["counts"], report["operational"]
+    comparable = counts.get("comparable_pairs", 0)
     if not counts["pairs"]:
-        add("warn", "counts", "no pairs in the window: nothing was compared")
-    elif counts["pair_completeness"] is not None and \
+        add("fail", "counts", f"no pairs in the window, fewer than thresholds.min_pairs "
+                              f"({th.min_pairs}): nothing was compared, and a gate must not "
+                              "pass on no evidence")
+    elif comparable < th.min_pairs:
+        add("fail", "counts", f"{comparable} comparable pairs (both answered 2xx with JSON), "
+                              f"fewer than thresholds.min_pairs ({th.min_pairs}): too little "
+                              "evidence to pass")
+    if counts["pairs"] and counts["pair_completeness"] is not None and \
             counts["pair_completeness"] < th.min_pair_completeness:
         add("warn", "counts", f"pair completeness {_pct(counts['pair_completeness'])} < "
                               f"{_pct(th.min_pair_completeness)}: missing pairs bias every "

@@ -58,3 +58,14 @@ def test_a_replayed_latency_is_information_not_a_warning() -> None:
     r["operational"]["latency_note"] = "measured under replay load"
     assert verdict(r, Thresholds()) == {"status": "pass", "reasons": [
         {"level": "info", "section": "operational", "message": "measured under replay load"}]}
+
+
+def test_too_little_evidence_fails() -> None:
+    """No pairs, or fewer comparable pairs than min_pairs, is a fail: no gate passes on it."""
+    r = base()
+    r["counts"] = {"pairs": 0, "pair_completeness": None, "comparable_pairs": 0}
+    assert verdict(r, Thresholds())["status"] == "fail"
+    r["counts"] = {"pairs": 100, "pair_completeness": 1.0, "comparable_pairs": 99}
+    out = verdict(r, Thresholds())
+    assert out["status"] == "fail" and "min_pairs (100)" in out["reasons"][0]["message"]
+    assert verdict(r, Thresholds(min_pairs=99))["status"] == "pass"
