@@ -62,7 +62,7 @@ class Snapshot:
     """Statements of one report on one connection, over one scope."""
 
     def __init__(self, conn: asyncpg.Connection, scope: Scope) -> None:
-        self.conn = conn
+        self._conn = conn
         self.scope = scope
 
     @property
@@ -81,7 +81,7 @@ class Snapshot:
     async def fetch(self, sql: str, *args: object, explain: Explain | None = None
                     ) -> list[asyncpg.Record]:
         try:
-            return list(await self.conn.fetch(sql, *args))
+            return list(await self._conn.fetch(sql, *args))
         except asyncpg.PostgresError as exc:
             raise _translate(exc, explain) from exc
 
@@ -91,7 +91,7 @@ class Snapshot:
 
     async def execute(self, sql: str, *args: object, explain: Explain | None = None) -> None:
         try:
-            await self.conn.execute(sql, *args)
+            await self._conn.execute(sql, *args)
         except asyncpg.PostgresError as exc:
             raise _translate(exc, explain) from exc
 
