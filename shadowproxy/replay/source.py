@@ -23,6 +23,7 @@ request of the window: its cost follows the window, not the table.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,6 +43,7 @@ REDACTED_RE = r"^\[redacted\](, \[redacted\])*$"
 RENEW_AFTER_S = 30.0
 READ_AHEAD_BYTES = 8 * 1024 * 1024
 MAX_FETCH_ROWS = 1000
+LOCK_WAIT_S = 5.0
 
 # The columns of shadowproxy.pairs (migration 004), with a LEFT JOIN for the shadows so that
 # a request without any shadow answer has a row too. tests/replay check that the columns
@@ -237,16 +239,22 @@ SELECT (SELECT count(*) FROM sel) AS selected,
             raise _translate(exc, self.options.where, what) from exc
 
 
-async def lock_target(conn: asyncpg.Connection, route: str, name: str) -> bool:
+async def lock_target(conn: asyncpg.Connection, route: str, name: str,
+                      wait_s: float = LOCK_WAIT_S) -> bool:
     """Take the session's lock on replaying ``route`` as ``name``; False if another replay
-    holds it. It goes with the connection, also when the process is killed."""
+    holds it for ``wait_s``. The lock goes with the connection, also when its process is
+    killed (the wait covers the moment PostgreSQL takes to notice)."""
+    deadline = time.monotonic() + wait_s
     try:
-        locked: bool = await conn.fetchval(
-            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-            f"shadowproxy replay {route} as {name}")
+        while True:
+            locked: bool = await conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                f"shadowproxy replay {route} as {name}")
+            if locked or time.monotonic() >= deadline:
+                return locked
+            await asyncio.sleep(0.2)
     except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
         raise DatabaseError(f"taking the replay lock failed: {exc}") from exc
-    return locked
 
 
 async def delete_answers(conn: asyncpg.Connection, name: str, ids: list[UUID]) -> int:
