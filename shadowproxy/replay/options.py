@@ -135,6 +135,11 @@ def parse_set_header(text: str) -> tuple[str, str]:
                          "as Authorization, e.g. --set-header 'Authorization=Bearer t0ken'")
     if any(c in value for c in "\r\n\0"):
         raise UsageError(f"--set-header {name}: the value must not contain line breaks or NUL")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise UsageError(f"--set-header {name}: HTTP/1.1 header values are Latin-1 text; "
+                         "encode other characters (e.g. percent-encoding)") from None
     lname = name.lower()
     if lname in ("host", "content-length", "transfer-encoding", "connection"):
         raise UsageError(f"--set-header {name}: this header is set by the replay itself "

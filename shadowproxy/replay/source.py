@@ -44,6 +44,7 @@ RENEW_AFTER_S = 30.0
 READ_AHEAD_BYTES = 8 * 1024 * 1024
 MAX_FETCH_ROWS = 1000
 LOCK_WAIT_S = 5.0
+_FIRST_ROW_GUESS = 16 * 1024
 
 # The columns of shadowproxy.pairs (migration 004), with a LEFT JOIN for the shadows so that
 # a request without any shadow answer has a row too. tests/replay check that the columns
@@ -283,7 +284,7 @@ class RequestStream:
         self._cursor: Any = None
         self._opened = 0.0
         self._after: Key | None = None
-        self._rows = 100
+        self._rows = max(1, min(MAX_FETCH_ROWS, read_ahead_bytes // _FIRST_ROW_GUESS))
         """Rows per fetch: as many as fit the byte budget, by the sizes seen so far."""
         self._done = False
 
