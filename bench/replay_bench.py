@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 ROOT = Path(__file__).resolve().parents[1]
-BODY = json.dumps({"features": {f"f{i}": i * 1.5 for i in range(60)}})[:1000] + "}}"
+BODY = json.dumps({"features": {f"f{i}": i * 1.5 for i in range(80)}})  # 1 KB
 ANSWER = b'{"prediction": 1.0, "model_version": "bench"}'
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
             % len(ANSWER)) + ANSWER
