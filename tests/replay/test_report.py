@@ -61,3 +61,34 @@ async def test_a_replayed_candidate_gets_the_report_of_the_same_live_shadow(
     assert replayed["predictions"] == live["predictions"]
     assert replayed["performance"] == live["performance"]
     assert replayed["performance"]["n_labelled"] == {"primary": N, "shadow": N}
+
+
+@pytest.mark.timeout(120)
+async def test_replaying_to_the_primary_gives_the_baseline_shadow_offline(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """The noise floor without a third live deployment: the primary's own answers replayed
+    as 'primary-replay' serve as compare.baseline_shadow, and a deterministic primary shows
+    no noise."""
+    async with serve(model("v1")) as primary, serve(model("v2", scale=1.1)) as candidate:
+        async with start_proxy([route(primary.url, name=ROUTE) | {
+                    "shadows": [{"name": "live", "url": candidate.url, "timeout_s": 10}]}]
+                ) as proxy, aiohttp.ClientSession() as http:
+            for i in range(40):
+                await http.post(f"http://127.0.0.1:{proxy.port}/predict",
+                                json={"features": {"x": i}})
+            await wait_for_rows(database_url, "responses", 80)
+        config = write_config(
+            tmp_path, database_url, primary.url,
+            compare={**COMPARE, "baseline_shadow": "primary-replay"},
+            shadows=[{"name": "live", "url": candidate.url},
+                     {"name": "primary-replay", "url": primary.url, "sample_rate": 0}])
+        result = await replay(config, to=primary.url, name="primary-replay")
+        assert result.status == 0, result.err
+    out = await cli("report", "-c", str(config), "--route", ROUTE, "--since", "1h",
+                    "--format", "json", timeout=90)
+    assert out.status == 0, out.err
+    report = json.loads(out.out)
+    assert report["meta"]["shadow"] == "live"
+    assert report["meta"]["baseline_shadow"] == "primary-replay"
+    noise = report["predictions"]["baseline_noise"]
+    assert noise["shadow"] == "primary-replay" and noise["max_abs_diff"] == 0
