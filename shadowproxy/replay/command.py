@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from shadowproxy.config import Route, Settings
 from shadowproxy.errors import ShadowProxyError, UsageError
@@ -24,7 +25,7 @@ from shadowproxy.replay.pacing import pacer_for
 from shadowproxy.replay.progress import TICK_S, preflight_lines, progress_bar, summary_lines
 from shadowproxy.replay.replayer import Replayer, Tally
 from shadowproxy.replay.source import RequestStream, Selection, lock_target
-from shadowproxy.store.database import connect, describe
+from shadowproxy.store.database import connect, connection, describe
 from shadowproxy.store.migrate import apply as apply_migrations
 from shadowproxy.tasks import spawn
 
@@ -86,6 +87,7 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
         if pre.pending == 0:
             print("nothing to replay")
             return 0
+        await _reachable(options.url, options.timeout_s)
         if options.force:
             force_conn = await connect(url)
         replayer = Replayer(options, settings.recording, settings.data_dir, url,
@@ -107,7 +109,9 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
                         await task
             update(tally, final=True)
         elapsed = time.monotonic() - clock
-        stored = await selection.stored_since(conn, started)
+        # A fresh connection: an interrupted read may have left the first one mid-query.
+        async with connection(url) as counting:
+            stored = await selection.stored_since(counting, started)
         recorder = replayer.recorder
         spooled = recorder is not None and recorder.spool.has_pending()
         print("\n".join(summary_lines(options, tally, stored, elapsed,
@@ -120,6 +124,25 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
             if c is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(c.close(), 5.0)
+
+
+async def _reachable(url: str, timeout_s: float) -> None:
+    """Fail before sending anything when the target cannot be connected to at all (not
+    started, wrong port): otherwise every request would be stored as a connect failure."""
+    import ssl
+
+    parts = urlsplit(url)
+    tls = ssl.create_default_context() if parts.scheme == "https" else None
+    port = parts.port or (443 if tls else 80)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, port, ssl=tls), min(timeout_s, 10.0))
+    except (OSError, ssl.SSLError, TimeoutError) as exc:
+        raise ShadowProxyError(f"--to {url}: cannot connect ({exc or type(exc).__name__}); "
+                               "nothing was sent: start the target or fix the URL") from exc
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
 
 
 async def _tick(update: Callable[[Tally], None], tally: Tally) -> None:

@@ -161,6 +161,7 @@ class Replayer:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            await self.stream.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             self._pool.close()

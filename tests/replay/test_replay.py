@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -184,3 +185,45 @@ async def test_the_recorder_stores_answers_under_the_recording_rules(
     assert json.loads(row["headers"])["set-cookie"] == "[redacted]"
     assert json.loads(row["body_json"])["user"]["email"] == "[redacted]"
     assert b"a@example.com" not in row["body"]
+
+
+async def test_errors_are_counted_by_kind_and_force_with_where_redoes_only_them(
+        database_url: str, tmp_path: Path) -> None:
+    """Calls that time out are stored with their kind and counted in the summary; --force
+    with a --where over the target's own rows redoes exactly those."""
+    async def slow_on_odd(req: web.Request) -> web.StreamResponse:
+        body = await req.json()
+        if body["features"]["x"] in (3, 7):
+            await asyncio.sleep(5)
+        return web.json_response({"prediction": 1})
+
+    await store(database_url, [request(i) for i in range(10)])
+    config = write_config(tmp_path, database_url)
+    async with serve(slow_on_odd) as flaky, serve(model("c")) as healthy:
+        first = await replay(config, "--timeout", "0.5", to=flaky.url)
+        assert first.status == 0, first.err
+        redo = await replay(config, "--force", "--where",
+                            "shadow_name = 'cand' AND shadow_error_kind = 'timeout'",
+                            to=healthy.url)
+        assert redo.status == 0, redo.err
+        assert sorted(s.headers["x-request-id"] for s in healthy.seen) == [
+            "req-00003", "req-00007"]
+    assert "errors    2 (timeout 2)" in first.out and "answered  8 (2xx 8)" in first.out
+    assert "replay cand: 10/10 handled, 2 errors" in first.err
+    assert "2 earlier answers replaced (--force)" in redo.out
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.responses "
+                                        "WHERE target = 'cand' AND error_kind IS NULL") == 10
+
+
+async def test_a_target_that_cannot_be_reached_fails_before_anything_is_stored(
+        database_url: str, tmp_path: Path) -> None:
+    """A --to nothing listens on exits 1 saying so, and stores no connect failures that a
+    rerun would then skip."""
+    from shadowproxy.demo import free_port
+
+    await store(database_url, [request(i) for i in range(3)])
+    config = write_config(tmp_path, database_url)
+    result = await replay(config, to=f"http://127.0.0.1:{free_port()}")
+    assert result.status == 1
+    assert "cannot connect" in result.err and "nothing was sent" in result.err
+    assert await answers(database_url) == 0
