@@ -8,7 +8,7 @@ The answers are stored beside the recorded ones (``responses.role = 'replay'``),
     outgoing  one recorded request → the bytes sent to the target
     pacing    when each request leaves: as recorded, at a fixed rate, or unpaced
     call      the upstream call capturing the target's answer (compiled with the data path)
-    runner    reading, pacing, sending and recording, with Ctrl-C handling
+    replayer  reading ahead, pacing, sending and recording, with Ctrl-C handling
     progress  the progress bar and the summary
     command   the CLI entry: resolve, preflight, run, summarise, exit status
 """

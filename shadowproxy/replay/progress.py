@@ -114,9 +114,9 @@ class _Rate(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(total: int, name: str) -> Iterator[Any]:
+def progress_bar(total: int, name: str, console: Console | None = None) -> Iterator[Any]:
     """``with progress_bar(n, name) as update: update(tally)`` (cheap: redraws are timed)."""
-    console = Console(stderr=True)
+    console = console or Console(stderr=True)
     if not console.is_terminal:
         last = [time.monotonic()]
 

@@ -141,13 +141,13 @@ class Replayer:
     # --- the run ---
     async def run(self, on_start: Callable[[Tally], None] | None = None) -> Tally:
         loop = self._loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.interrupt)
         recorder = self.recorder = Recorder(self.recording, self.database_url, self.data_dir,
                                             Metrics())
         await recorder.start()
         self._pool = UpstreamPool(loop, self.options.url, self.options.name)
         pages: asyncio.Queue[list[Any] | None] = asyncio.Queue(READ_AHEAD_PAGES)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.interrupt)
         reader = spawn(self._read(pages), name="replay-reader")
         if on_start is not None:
             on_start(self.tally)
@@ -182,6 +182,8 @@ class Replayer:
                 await pages.put(rows)
         except ShadowProxyError as exc:
             self.read_error = exc
+        except Exception as exc:  # whatever it is, the loop must learn of it and end
+            self.read_error = ShadowProxyError(f"reading the recorded requests failed: {exc!r}")
         await pages.put(None)
 
     async def _send_all(self, pages: asyncio.Queue[list[Any] | None]) -> None:
