@@ -55,9 +55,18 @@ def _check_http_url(value: str) -> str:
 
 def _check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8080 (got {value!r})")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8080, or :PORT for every "
+                         f"interface (got {value!r})")
     return value
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); ``:PORT`` (the Go and Traefik form) is every IPv4
+    interface, as ``0.0.0.0:PORT``; ``[::1]:PORT`` loses its brackets."""
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
 
 
 class Upstream(_Frozen):
@@ -206,6 +215,12 @@ class Settings(_Frozen):
     @classmethod
     def _admin(cls, value: str | None) -> str | None:
         return None if value is None else _check_listen(value)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        # "" is no token: `admin_token: "${SHADOWPROXY_ADMIN_TOKEN:-}"` makes it optional.
+        return value or None
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:
