@@ -54,7 +54,7 @@ def _check_http_url(value: str) -> str:
 
 
 def _check_listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
+    _, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8080, or :PORT for every "
                          f"interface (got {value!r})")

@@ -23,6 +23,7 @@ from typing import Any
 
 from shadowproxy.config import Settings
 from shadowproxy.cycles import collected_in_the_background
+from shadowproxy.errors import ShadowProxyError
 from shadowproxy.logs import setup_logging
 from shadowproxy.store.database import database_url
 from shadowproxy.tasks import spawn
@@ -54,12 +55,26 @@ def _stop_event() -> asyncio.Event:
 
 
 def serve(settings: Settings, *, log_format: str = "text") -> int:
-    """Run the proxy until SIGTERM/SIGINT; return the exit status."""
+    """Run the proxy until SIGTERM/SIGINT; return the exit status.
+
+    A failure to start (a taken port, the embedded database) is logged as one line in the
+    log format and gives exit status 1.
+    """
+    from shadowproxy.app import ensure_free
+
     setup_logging(log_format)
-    url = database_url(settings)
-    if settings.workers == 1:
-        return _run(_single(settings, url))
-    return _run(_supervise(settings, url, log_format))
+    try:
+        # Before the embedded database or any worker starts, which can take seconds.
+        ensure_free(settings.listen, "listen")
+        if settings.admin_listen is not None:
+            ensure_free(settings.admin_listen, "admin_listen")
+        url = database_url(settings)
+        if settings.workers == 1:
+            return _run(_single(settings, url))
+        return _run(_supervise(settings, url, log_format))
+    except ShadowProxyError as exc:
+        log.error("%s", exc)
+        return exc.exit_status
 
 
 async def _single(settings: Settings, url: str) -> int:
@@ -143,13 +158,14 @@ async def _supervise(settings: Settings, url: str, log_format: str) -> int:
         return ready, {"workers": alive, "workers_configured": len(workers),
                        "database": sorted({s["detail"]["database"] for s in fresh})}
 
-    for index in range(settings.workers):
-        start(index)
     admin = None
     if settings.admin_listen is not None:
+        # Bound before any worker starts: a taken admin port leaves nothing to stop.
         app = build_admin_app(readiness, lambda: [s["metrics"] for s in snapshots()],
                               settings.admin_token)
         admin = await start_admin(app, settings.admin_listen)
+    for index in range(settings.workers):
+        start(index)
     stop = _stop_event()
     log.info("supervising %d workers on %s", settings.workers, settings.listen)
     while not stop.is_set():
