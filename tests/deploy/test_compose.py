@@ -247,3 +247,18 @@ def test_proxy_command_is_a_valid_shadowproxy_run(services: dict[str, dict[str, 
     args = build_parser().parse_args(entrypoint[1:] + proxy["command"])
     assert args.command == "run"
     assert args.config == _config_path(proxy)
+
+
+def test_the_compose_image_can_run_the_report_it_documents(
+        services: dict[str, dict[str, Any]]) -> None:
+    """The image installs no extra by default; compose, whose comments run `shadowproxy
+    report` in the container, builds it with the report extra that pyproject.toml defines."""
+    import tomllib
+
+    proxy = services["shadowproxy"]
+    stage = parse_dockerfile(ROOT / proxy["build"]["context"] / proxy["build"]["dockerfile"])[1][0]
+    assert {'EXTRAS=""', "EXTRAS="} & set(stage.all("ARG")), "the image installs no extra"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert proxy["build"]["args"]["EXTRAS"] == "report" and "report" in extras
+    assert "shadowproxy report" in COMPOSE.read_text()
