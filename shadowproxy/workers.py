@@ -12,8 +12,9 @@ fails safe in four ways:
 - **No restart loop.** A worker that exits before its snapshot says it listens failed to
   start (a taken port, say): it is retried after 0.5, 1 and 2 s, with one log line each
   naming the cause; at the fourth failure in a row the supervisor logs one line, stops the
-  other workers and exits 1. Meanwhile /healthz answers 503. A worker that had listened is
-  replaced at once.
+  other workers and exits 1. Meanwhile /healthz answers 503. A worker that had listened for
+  ``STABLE_S`` is replaced at once; one that dies sooner counts as a failed start, so that
+  a worker that crashes right after starting is not restarted forever either.
 - **Workers die with the supervisor.** On Linux each worker asks the kernel for SIGTERM
   when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and every worker also checks its
   parent's pid twice a second (other systems, and the moment before the prctl call): a
@@ -57,6 +58,8 @@ MAX_START_FAILURES = 4
 """Consecutive failed starts of one worker after which the supervisor gives up."""
 FIRST_RETRY_S = 0.5
 """Wait before the first retry of a failed start; doubled for each one after."""
+STABLE_S = 10.0
+"""A worker that dies after listening this long is replaced at once, failures forgotten."""
 _PARENT_CHECK_S = 0.5
 _POLL_S = 0.1
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -174,8 +177,9 @@ class _Slot:
     proc: BaseProcess | None = None
     listening: bool = False
     """The current process has published a snapshot saying that it listens."""
+    listening_since: float = 0.0
     failures: int = 0
-    """Starts in a row that ended before listening."""
+    """Starts in a row that ended before listening, or within ``STABLE_S`` of it."""
     error: str = ""
     next_start: float = 0.0
 
@@ -240,7 +244,7 @@ class Supervisor:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         failing = [{"worker": s.index, "failed_starts": s.failures, "error": s.error}
-                   for s in self.slots if s.failures]
+                   for s in self.slots if s.failures and not s.listening]
         return not failing and not self.gave_up, (
             {"workers_failing": failing} if failing else {})
 
@@ -263,7 +267,7 @@ class Supervisor:
         reason = error.read_text().strip() if error.exists() else ""
         for leftover in (error, self.directory / f"worker-{proc.pid}.pickle"):
             leftover.unlink(missing_ok=True)
-        slot.proc = None
+        slot.proc, slot.listening = None, False
         return reason or f"exited with status {proc.exitcode}"
 
     def check(self) -> bool:
@@ -272,14 +276,17 @@ class Supervisor:
         for slot in self.slots:
             proc = slot.proc
             if proc is not None and not proc.is_alive():
+                listened = now - slot.listening_since if slot.listening else None
                 reason = self._retire(slot, proc)
                 if self.stopping:
                     continue
-                if slot.listening:
+                if listened is not None and listened >= STABLE_S:
                     log.error("worker %d (pid %s) %s; replacing it", slot.index, proc.pid,
                               reason)
                     slot.failures, slot.next_start = 0, now
                 else:
+                    if listened is not None:
+                        reason += f" {listened:.1f} s after it started listening"
                     slot.failures += 1
                     slot.error = reason
                     if slot.failures >= MAX_START_FAILURES:
@@ -297,7 +304,10 @@ class Supervisor:
             elif slot.proc is not None and not slot.listening:
                 snap = self._snapshot(slot.proc.pid)
                 if snap is not None and snap["listening"]:
-                    slot.listening, slot.failures, slot.error = True, 0, ""
+                    slot.listening, slot.listening_since = True, now
+            elif slot.proc is not None and slot.failures and \
+                    now - slot.listening_since >= STABLE_S:
+                slot.failures, slot.error = 0, ""  # it has kept running: healthy again
         return True
 
     async def stop_all(self) -> int:
