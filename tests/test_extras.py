@@ -65,7 +65,8 @@ async def test_the_proxy_installs_and_runs_without_the_extras(
 def test_a_command_without_its_extra_names_it(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`shadowproxy demo` without the report's packages exits 1 naming the extra."""
-    monkeypatch.setitem(sys.modules, "rich", None)  # as if not installed
+    for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")] + ["rich"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     monkeypatch.delitem(sys.modules, "shadowproxy.demo", raising=False)
     assert main(["demo", "--requests", "1"]) == 1
     err = capsys.readouterr().err
