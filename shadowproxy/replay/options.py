@@ -19,7 +19,7 @@ from shadowproxy.errors import UsageError
 from shadowproxy.recorder.bodies import parse_json_path
 
 if TYPE_CHECKING:  # the report's module imports numpy: not for every command line
-    from shadowproxy.compare.query import Window
+    from shadowproxy.compare.window import Window
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shadowproxy.compare.query import Window
+from shadowproxy.compare.window import Window
 from shadowproxy.errors import UsageError
 from shadowproxy.replay.options import ReplayOptions, parse_set_header, parse_set_json
 from shadowproxy.replay.outgoing import NO_JSON_BODY, TRUNCATED, Outgoing, RequestBuilder, Skip

@@ -40,10 +40,10 @@ async def test_a_replayed_candidate_gets_the_report_of_the_same_live_shadow(
                 assert resp.status == 200
                 labels.append(f"r{i},{1.05 * x + rng.gauss(0, 3):.4f}")
             await wait_for_rows(database_url, "responses", 2 * N)
-        # The report reads the shadows a route names: both, for the same compare settings.
+        # Only the live shadow is configured: the report finds the replayed target in the
+        # window.
         config = write_config(tmp_path, database_url, primary.url, compare=COMPARE, shadows=[
-            {"name": "live", "url": candidate.url},
-            {"name": "replayed", "url": candidate.url, "sample_rate": 0}])
+            {"name": "live", "url": candidate.url}])
         result = await replay(config, to=candidate.url, name="replayed")
         assert result.status == 0, result.err
     (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
@@ -80,8 +80,7 @@ async def test_replaying_to_the_primary_gives_the_baseline_shadow_offline(
         config = write_config(
             tmp_path, database_url, primary.url,
             compare={**COMPARE, "baseline_shadow": "primary-replay"},
-            shadows=[{"name": "live", "url": candidate.url},
-                     {"name": "primary-replay", "url": primary.url, "sample_rate": 0}])
+            shadows=[{"name": "live", "url": candidate.url}])
         result = await replay(config, to=primary.url, name="primary-replay")
         assert result.status == 0, result.err
     out = await cli("report", "-c", str(config), "--route", ROUTE, "--since", "1h",

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from shadowproxy.compare.query import Window
+from shadowproxy.compare.window import Window
 from shadowproxy.replay.options import ReplayOptions
 from shadowproxy.replay.source import PAIRS_ROWS, RequestStream, Selection
 from shadowproxy.store.database import connection
