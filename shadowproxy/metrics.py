@@ -8,7 +8,9 @@ Metric names (the public interface, see DESIGN.md):
 ``shadowproxy_requests_total{route,code}``,
 ``shadowproxy_upstream_latency_seconds{route,target}`` (histogram),
 ``shadowproxy_shadow_requests_total{route,shadow,outcome}``,
-``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``.
+``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``; and
+``shadowproxy_bodies_withheld_total{reason}`` (bodies not stored because they could not be
+redacted).
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ class Metrics:
         self.shadows: dict[tuple[str, str], ShadowCounters] = {}
         self.records = dict.fromkeys(RECORD_OUTCOMES, 0)
         self.queue_depth: Callable[[], int] = lambda: 0
+        self.bodies_withheld: dict[str, int] = {}
+        """Bodies not stored, by reason (``recorder.bodies.WITHHELD_REASONS`` and others)."""
+
+    def withheld(self, reason: str) -> None:
+        self.bodies_withheld[reason] = self.bodies_withheld.get(reason, 0) + 1
 
     def route(self, name: str) -> RouteCounters:
         return self.routes.setdefault(name, RouteCounters())
@@ -109,6 +116,7 @@ class Metrics:
             "shadow": [(r, s, dict(c.outcomes)) for (r, s), c in self.shadows.items()],
             "records": dict(self.records),
             "queue": self.queue_depth(),
+            "bodies_withheld": dict(self.bodies_withheld),
         }
 
 
@@ -119,6 +127,7 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     shadow: dict[tuple[str, str, str], int] = {}
     records = dict.fromkeys(RECORD_OUTCOMES, 0)
     queue = 0
+    withheld: dict[str, int] = {}
     for snap in snapshots:
         for route, code, n in snap["requests"]:
             key = (route, str(code))
@@ -133,6 +142,8 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
         for outcome, n in snap["records"].items():
             records[outcome] += n
         queue += snap["queue"]
+        for reason, n in snap.get("bodies_withheld", {}).items():
+            withheld[reason] = withheld.get(reason, 0) + n
 
     fam = CounterMetricFamily("shadowproxy_requests", "Client requests answered, by route "
                               "and status code.", labels=["route", "code"])
@@ -165,6 +176,14 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
 
     yield GaugeMetricFamily("shadowproxy_recorder_queue_records",
                             "Records waiting in memory for the database writer.", value=queue)
+
+    fam = CounterMetricFamily("shadowproxy_bodies_withheld", "Bodies not stored because "
+                              "they could not be redacted (recording.redact_json) or PostgreSQL "
+                              "refused their record, by reason.",
+                              labels=["reason"])
+    for reason, n in sorted(withheld.items()):
+        fam.add_metric([reason], n)
+    yield fam
 
 
 class SnapshotCollector:

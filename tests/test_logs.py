@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from shadowproxy.logs import JsonFormatter, TextFormatter
+from shadowproxy.logs import JsonFormatter, TextFormatter, Throttle
 from tests.test_run_command import wait_ready, write_config
 from tests.upstreams import model, serve
 
@@ -56,3 +56,13 @@ def test_text_lines_end_with_the_request_id() -> None:
     record.request_id = "abc"
     assert TextFormatter("%(message)s").format(record) == "GET / -> 200 request_id=abc"
     assert json.loads(JsonFormatter().format(record))["request_id"] == "abc"
+
+
+def test_throttle_lets_a_few_lines_through_per_period_and_counts_the_rest() -> None:
+    """An event a client can cause at will is logged at most `limit` times a period; the
+    next line let through says how many were held back."""
+    throttle = Throttle(limit=3, period_s=60.0)
+    assert [throttle.allow(now=t) for t in (0.0, 1.0, 2.0)] == [(True, 0)] * 3
+    assert [throttle.allow(now=t) for t in (3.0, 4.0, 59.0)] == [(False, 0)] * 3
+    assert throttle.allow(now=60.0) == (True, 3)
+    assert throttle.allow(now=61.0) == (True, 0)

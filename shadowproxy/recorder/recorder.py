@@ -25,10 +25,12 @@ from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.errors import DatabaseError, SpoolError
+from shadowproxy.logs import Throttle
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import Exchange
-from shadowproxy.recorder.postgres import PostgresWriter
-from shadowproxy.recorder.rows import Row, RowEncoder, upgrade_rows
+from shadowproxy.recorder import bodies
+from shadowproxy.recorder.postgres import REFUSED, PostgresWriter
+from shadowproxy.recorder.rows import UNEXPECTED, Row, RowEncoder, Withheld, upgrade_rows
 from shadowproxy.recorder.spool import Spool
 from shadowproxy.tasks import spawn
 
@@ -36,6 +38,17 @@ log = logging.getLogger("shadowproxy.recorder")
 access_log = logging.getLogger("shadowproxy.access")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+_CANNOT_REDACT = ", so the fields of recording.redact_json could not be found in it"
+_WHY = {
+    bodies.ENCODING: "its content-encoding could not be undone" + _CANNOT_REDACT,
+    bodies.NOT_UTF8: "it is not UTF-8 text" + _CANNOT_REDACT,
+    bodies.INVALID_JSON: "it is not valid JSON" + _CANNOT_REDACT,
+    bodies.TOO_DEEP: "it is nested too deeply to read" + _CANNOT_REDACT,
+    REFUSED: "PostgreSQL refused a value of the record, which is stored without its bodies "
+             "and headers",
+    UNEXPECTED: "encoding the record failed unexpectedly; it is stored without its bodies "
+                "and headers",
+}
 _ENCODE_SLICE = 32
 
 
@@ -88,6 +101,8 @@ class Recorder:
         """Batches taken from the queue and not yet in the database or the spool."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self._withheld_log = Throttle()
+        """Clients choose their bodies: a flood of unreadable ones must not flood the log."""
 
     # --- the data path's entry ---
     def submit(self, exchange: Exchange) -> None:
@@ -235,15 +250,46 @@ class Recorder:
             req, resp = self.encoder.encode(part)
             requests += req
             responses += resp
+            if self.encoder.withheld:
+                self._note_withheld(self.encoder.withheld)
+                self.encoder.withheld = []
             await asyncio.sleep(0)
         return requests, responses
+
+    async def _write(self, requests: list[Row], responses: list[Row]) -> None:
+        """One batch into the database (the caller holds ``_db_lock``), and what became of
+        it counted: a record PostgreSQL refused even without its bodies is dropped."""
+        writer = self.writer
+        await writer.write(requests, responses)
+        if writer.withheld:
+            self._note_withheld(writer.withheld)
+            writer.withheld = []
+        lost = len(writer.unstorable)
+        writer.unstorable = []
+        self.metrics.records["written"] += len(requests) - lost
+        self.metrics.records["dropped"] += lost
+
+    def _note_withheld(self, notes: list[Withheld]) -> None:
+        """Count the bodies withheld, and log them: which request, which body, why; never
+        anything of the body itself."""
+        for note in notes:
+            self.metrics.withheld(note.reason)
+            allowed, held_back = self._withheld_log.allow()
+            if not allowed:
+                continue
+            body = ("request body" if note.where == "request"
+                    else f"response body of {note.where!r}")
+            log.warning("%s not stored: %s (%s); the row keeps its size, with body NULL and "
+                        "body_truncated true%s", body, _WHY.get(note.reason, note.reason),
+                        note.reason,
+                        f"; {held_back} more such lines held back" if held_back else "",
+                        extra={"request_id": note.request_id})
 
     async def _store(self, requests: list[Row], responses: list[Row]) -> None:
         if self.database_ok:
             async with self._db_lock:
                 try:
-                    await self.writer.write(requests, responses)
-                    self.metrics.records["written"] += len(requests)
+                    await self._write(requests, responses)
                     return
                 except DatabaseError as exc:
                     if self.database_ok:
@@ -324,8 +370,7 @@ class Recorder:
             requests, responses = upgrade_rows(*frame)
             await self._database_has_room()
             async with self._db_lock:
-                await self.writer.write(requests, responses)
-            self.metrics.records["written"] += len(requests)
+                await self._write(requests, responses)
         self.spool.remove(segment)
 
     async def _database_has_room(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -32,14 +33,33 @@ def database_url(settings: Settings, *, embedded_cleanup: CleanupMode = "stop") 
 
 
 def describe(url: str) -> str:
-    """A URL safe to print: the password is hidden."""
-    from urllib.parse import urlsplit, urlunsplit
-
+    """A URL safe to print: the password is hidden (also one given as a query parameter)."""
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = [(k, "***" if k.lower() in ("password", "sslpassword") else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="/:*"))
+    return urlunsplit(parts)
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong, fit for a log line: never a value from a record.
+
+    PostgreSQL's messages about data (SQLSTATE classes 22 and 23) can quote the value, and
+    a DETAIL can quote a body (``Token "4111…" is invalid``); the driver's own messages
+    about a value it could not encode quote it too. For those only the condition is named.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        code = exc.sqlstate or "?"
+        if code.startswith(("22", "23")) or not exc.args:
+            return f"{type(exc).__name__} (SQLSTATE {code})"
+        return f"{exc.args[0]} (SQLSTATE {code})"
+    if isinstance(exc, ValueError | TypeError):
+        return type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
