@@ -170,14 +170,14 @@ class PostgresWriter:
             try:
                 await asyncio.wait_for(self._copy(requests, responses), self.timeout)
                 return
-            except asyncpg.DataError as exc:
+            except asyncpg.UniqueViolationError:
+                pass  # part of the batch is there already: the idempotent path skips it
+            except _VALUE_ERRORS as exc:
                 # A JSON text PostgreSQL refused (a client's malformed body, say): keep the
                 # batch, with that value's JSON left NULL, through the checking path. Not
                 # an operator's concern, and a client could send one with every request.
                 log.debug("a batch of %d records was refused by COPY (%s); storing it "
                           "through the checking path", len(requests), describe_error(exc))
-            except asyncpg.UniqueViolationError:
-                pass  # part of the batch is there already: the idempotent path skips it
             except Exception as exc:  # every failure means: spool the batch
                 await self._failed(exc)
         try:

@@ -212,13 +212,21 @@ class Recorder:
 
     async def _spool_excess(self, rows: tuple[list[Row], list[Row]]) -> None:
         """Append a batch the database has no room for now to the spool (a sequential write),
-        rather than let the queue fill up and drop records; the write in flight goes on."""
-        if self.database_ok and not self.overflowing:  # (down, not behind, if not ok)
+        rather than let the queue fill up and drop records; the write in flight goes on.
+
+        While the database is up and only behind, the append does not wait for the disk
+        (fsync): the spool then stands in for memory, and data written to the kernel
+        outlives a crash of this process as the queue would not. Waiting for the disk would
+        make the spool's throughput that of fsync: on a busy disk one fsync can take most of
+        a second, long enough for the queue to reach its bound while the database is merely
+        slow, and records would be dropped."""
+        behind = self.database_ok  # (down, not behind, if not ok)
+        if behind and not self.overflowing:
             self.overflowing = True
             log.warning("the database is behind (%d records queued): spooling the excess and "
                         "storing it as the database catches up", len(self.queue))
         try:
-            await self._spool(*rows)
+            await self._spool(*rows, durable=not behind)
         finally:
             self._batch_done()
 
@@ -297,14 +305,16 @@ class Recorder:
                     self.database_ok = False
         await self._spool(requests, responses)
 
-    async def _spool(self, requests: list[Row], responses: list[Row]) -> None:
-        """Append a batch to the spool, in a thread (the fsync must not hold up the data
-        path), and make sure the replay task will bring it in."""
+    async def _spool(self, requests: list[Row], responses: list[Row], *,
+                     durable: bool = True) -> None:
+        """Append a batch to the spool, in a thread (the write and fsync must not hold up the
+        data path), and make sure the replay task will bring it in. ``durable=False``: do
+        not wait for the disk (see ``_spool_excess``)."""
         loop = asyncio.get_running_loop()
         try:
             async with self._spool_lock:
                 stored = await loop.run_in_executor(None, self.spool.append,
-                                                    (requests, responses))
+                                                    (requests, responses), durable)
                 if stored:
                     self._start_replay()
             if not stored and not self.spool_full:
