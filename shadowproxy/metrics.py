@@ -10,7 +10,8 @@ Metric names (the public interface, see DESIGN.md):
 ``shadowproxy_shadow_requests_total{route,shadow,outcome}``,
 ``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``; and
 ``shadowproxy_bodies_withheld_total{reason}`` (bodies not stored because they could not be
-redacted).
+redacted); ``shadowproxy_database_up`` and ``shadowproxy_database_error{class}`` (why records
+go to the spool: a transient outage, or a permanent problem only the operator can fix).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ _BUCKETS_MS = tuple(b * 1000.0 for b in LATENCY_BUCKETS_S)
 SHADOW_OUTCOMES = ("ok", *ERROR_KINDS)
 """``outcome`` of a shadow call: ok, or the kind of its failure (``failures.ErrorKind``)."""
 RECORD_OUTCOMES = ("written", "spooled", "dropped")
+DATABASE_ERROR_CLASSES = ("transient", "permanent")
+"""``class`` of ``shadowproxy_database_error``: see ``store.database.classify``."""
 
 
 class Histogram:
@@ -94,6 +97,8 @@ class Metrics:
         self.records = dict.fromkeys(RECORD_OUTCOMES, 0)
         self.queue_depth: Callable[[], int] = lambda: 0
         self.bodies_withheld: dict[str, int] = {}
+        self.database_state: Callable[[], str] = lambda: "up"
+        """'up', or the class of the problem that keeps the database from being used."""
         """Bodies not stored, by reason (``recorder.bodies.WITHHELD_REASONS`` and others)."""
 
     def withheld(self, reason: str) -> None:
@@ -117,6 +122,7 @@ class Metrics:
             "records": dict(self.records),
             "queue": self.queue_depth(),
             "bodies_withheld": dict(self.bodies_withheld),
+            "database": self.database_state(),
         }
 
 
@@ -128,6 +134,7 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     records = dict.fromkeys(RECORD_OUTCOMES, 0)
     queue = 0
     withheld: dict[str, int] = {}
+    database = dict.fromkeys(("up", *DATABASE_ERROR_CLASSES), 0)
     for snap in snapshots:
         for route, code, n in snap["requests"]:
             key = (route, str(code))
@@ -144,6 +151,9 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
         queue += snap["queue"]
         for reason, n in snap.get("bodies_withheld", {}).items():
             withheld[reason] = withheld.get(reason, 0) + n
+        state = snap.get("database")
+        if state in database:
+            database[state] += 1
 
     fam = CounterMetricFamily("shadowproxy_requests", "Client requests answered, by route "
                               "and status code.", labels=["route", "code"])
@@ -184,6 +194,18 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     for reason, n in sorted(withheld.items()):
         fam.add_metric([reason], n)
     yield fam
+
+    yield GaugeMetricFamily("shadowproxy_database_up", "1 while records go straight to "
+                            "PostgreSQL, 0 while they go to the spool because it cannot be "
+                            "used (summed over workers).", value=database["up"])
+    errors = GaugeMetricFamily("shadowproxy_database_error", "1 while the database cannot "
+                               "be used, by class: transient (an outage: it passes) or "
+                               "permanent (a wrong password, database name or TLS setting: "
+                               "the operator must fix it); summed over workers.",
+                               labels=["class"])
+    for kind in DATABASE_ERROR_CLASSES:
+        errors.add_metric([kind], database[kind])
+    yield errors
 
 
 class SnapshotCollector:

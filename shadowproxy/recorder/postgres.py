@@ -33,7 +33,7 @@ from shadowproxy.recorder.rows import (
     Withheld,
     without_bodies,
 )
-from shadowproxy.store.database import describe, describe_error
+from shadowproxy.store.database import ConnectionProblem, classify, describe, describe_error
 from shadowproxy.store.migrate import apply as apply_migrations
 
 log = logging.getLogger("shadowproxy.recorder")
@@ -246,15 +246,15 @@ class PostgresWriter:
             if responses:
                 await conn.execute(self._insert_responses)
 
-    async def ping(self) -> bool:
-        """True if the database answers now."""
+    async def check(self) -> ConnectionProblem | None:
+        """None if the database answers now (connected and migrated), else why not."""
         try:
             conn = await asyncio.wait_for(self._connection(), self.timeout)
             await asyncio.wait_for(conn.fetchval("SELECT 1"), self.timeout)
-            return True
-        except Exception:  # any failure: not reachable now, try again later
+            return None
+        except Exception as exc:  # any failure: not usable now; the kind says if it may pass
             await self._drop_connection()
-            return False
+            return classify(exc)
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

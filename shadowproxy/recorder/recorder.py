@@ -32,12 +32,16 @@ from shadowproxy.recorder import bodies
 from shadowproxy.recorder.postgres import REFUSED, PostgresWriter
 from shadowproxy.recorder.rows import UNEXPECTED, Row, RowEncoder, Withheld, upgrade_rows
 from shadowproxy.recorder.spool import Spool
+from shadowproxy.store.database import TRANSIENT, ConnectionProblem, classify
 from shadowproxy.tasks import spawn
 
 log = logging.getLogger("shadowproxy.recorder")
 access_log = logging.getLogger("shadowproxy.access")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+_PERMANENT_RETRY_S = 60.0
+"""How often a database refusing the proxy for good (a wrong password, say) is tried again:
+seldom, as it only passes when the operator fixes it, and then it is picked up within this."""
 _CANNOT_REDACT = ", so the fields of recording.redact_json could not be found in it"
 _WHY = {
     bodies.ENCODING: "its content-encoding could not be undone" + _CANNOT_REDACT,
@@ -70,6 +74,10 @@ class Recorder:
         self.database_ok = False
         """True while batches go straight to PostgreSQL; False while it is unreachable and
         every batch is spooled."""
+        self.problem: ConnectionProblem | None = None
+        """Why the database cannot be used, while it cannot: transient (an outage) or
+        permanent (a configuration only the operator can fix)."""
+        metrics.database_state = self.database_state
         self.spool_full = False
         """True when the last batch found the spool at its cap (and was dropped)."""
         self.overflowing = False
@@ -124,9 +132,17 @@ class Recorder:
             self._wake.set()
 
     # --- lifecycle ---
+    def database_state(self) -> str:
+        """'up', or the kind of the problem that keeps records in the spool."""
+        if self.database_ok:
+            return "up"
+        return self.problem.kind if self.problem is not None else TRANSIENT
+
     async def start(self) -> None:
         """Connect (or start spooling) and start the writer and, if needed, the replayer."""
-        self.database_ok = await self.writer.ping()
+        problem = await self.writer.check()
+        self.database_ok = problem is None
+        self._note_problem(problem, starting=True)
         if not self.database_ok or self.spool.has_pending():
             self._start_replay()
         self._writer_task = spawn(self._run(), name="recorder-writer")
@@ -238,10 +254,11 @@ class Recorder:
     async def _store_batch(self, rows: tuple[list[Row], list[Row]]) -> None:
         try:
             await self._store(*rows)
-        except Exception:  # the writer must outlive any one bad batch: keep it on disk
+        except Exception as exc:  # the writer must outlive any one bad batch: keep it on disk
             log.exception("storing a batch of %d records failed; spooling it", len(rows[0]))
             # Route what follows through the spool too; the replayer brings it all back.
             self.database_ok = False
+            self._note_problem(classify(exc))
             await self._spool(*rows)
         finally:
             self._batch_done()
@@ -277,6 +294,31 @@ class Recorder:
         self.metrics.records["written"] += len(requests) - lost
         self.metrics.records["dropped"] += lost
 
+    def _note_problem(self, problem: ConnectionProblem | None, *,
+                      starting: bool = False) -> None:
+        """Remember why the database cannot be used, and log it when that changes: an outage
+        once, a permanent problem with its cause and what to fix. No password is logged:
+        the cause is the server's or the socket's message, the URL is never part of it."""
+        old, self.problem = self.problem, problem
+        if problem is None:
+            if old is not None:
+                log.info("database reachable again: writing to it directly, replaying the "
+                         "spool")
+            return
+        if problem.permanent:
+            if old is not None and old.permanent and old.cause == problem.cause:
+                return
+            log.error("the database refuses the proxy%s: %s. This is not an outage and will "
+                      "not pass by itself: %s. Until then records go to the spool in %s "
+                      "(nothing is lost while it has room, recording.spool_max_bytes), "
+                      "/readyz answers 503, and the connection is tried again every %g s",
+                      " at start-up" if starting else "", problem.cause, problem.fix,
+                      self.spool.directory, _PERMANENT_RETRY_S)
+        elif old is None or old.permanent:
+            log.warning("database not reachable%s (%s); records go to the spool in %s and are "
+                        "stored when it is back", " at start-up" if starting else "",
+                        problem.cause, self.spool.directory)
+
     def _note_withheld(self, notes: list[Withheld]) -> None:
         """Count the bodies withheld, and log them: which request, which body, why; never
         anything of the body itself."""
@@ -300,9 +342,8 @@ class Recorder:
                     await self._write(requests, responses)
                     return
                 except DatabaseError as exc:
-                    if self.database_ok:
-                        log.warning("database unavailable, spooling records: %s", exc)
                     self.database_ok = False
+                    self._note_problem(classify(exc))
         await self._spool(requests, responses)
 
     async def _spool(self, requests: list[Row], responses: list[Row], *,
@@ -341,7 +382,11 @@ class Recorder:
         attempt = 0
         try:
             while not await self._replay_once():
-                await asyncio.sleep(_REPLAY_BACKOFF_S[min(attempt, len(_REPLAY_BACKOFF_S) - 1)])
+                if self.problem is not None and self.problem.permanent:
+                    await asyncio.sleep(_PERMANENT_RETRY_S)
+                else:
+                    await asyncio.sleep(
+                        _REPLAY_BACKOFF_S[min(attempt, len(_REPLAY_BACKOFF_S) - 1)])
                 attempt += 1
         except BaseException:
             self._replaying = False  # cancelled at close, or a bug: the next append restarts it
@@ -350,12 +395,13 @@ class Recorder:
     async def _replay_once(self) -> bool:
         """Move spooled batches into the database; True once the spool is empty."""
         async with self._db_lock:
-            reachable = await self.writer.ping()
-        if not reachable:
+            problem = await self.writer.check()
+        if problem is not None:
+            self._note_problem(problem)
             return False
         if not self.database_ok:
-            log.info("database reachable again: writing to it directly, replaying the spool")
             self.database_ok = True  # live batches go straight in again; the spool follows
+        self._note_problem(None)
         try:
             while True:
                 for segment in self.spool.closed_segments():
@@ -371,8 +417,8 @@ class Recorder:
                         return True
                     self.spool.rotate()
         except DatabaseError as exc:
-            log.warning("replay paused, database unavailable: %s", exc)
             self.database_ok = False
+            self._note_problem(classify(exc))
             return False
 
     async def _replay_segment(self, segment: Path) -> None:

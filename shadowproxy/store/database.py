@@ -1,9 +1,17 @@
-"""Connecting to PostgreSQL: the one place that turns asyncpg and socket errors into ours."""
+"""Connecting to PostgreSQL: the one place that turns asyncpg and socket errors into ours.
+
+``classify`` tells a permanent connection problem (a database that does not exist, a wrong
+password, a server that wants TLS: only the operator can fix those) from a transient one (a
+server down, restarting or overloaded), from the exception's type and SQLSTATE, never from
+its text.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -23,6 +31,60 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
 )
+
+
+PERMANENT = "permanent"
+TRANSIENT = "transient"
+
+
+@dataclass(frozen=True)
+class ConnectionProblem:
+    """Why the database cannot be used now, fit for logs, /readyz and metrics."""
+
+    kind: str
+    """``PERMANENT`` (retrying alone will not help) or ``TRANSIENT``."""
+    cause: str
+    """What the server or the socket said (``describe_error``: no password, no value)."""
+    fix: str
+    """What the operator must do; empty for a transient problem."""
+
+    @property
+    def permanent(self) -> bool:
+        return self.kind == PERMANENT
+
+
+_URL = "database.url (or SHADOWPROXY_DATABASE_URL)"
+# (exception type, what to fix), most specific first. A TLS requirement of the server shows
+# as 28000 ("no pg_hba.conf entry ... no encryption").
+_PERMANENT: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncpg.InvalidPasswordError,
+     f"correct the password in {_URL}, or the role's password on the server"),
+    (asyncpg.InvalidAuthorizationSpecificationError,
+     f"the server refuses this user from this host: check the user name in {_URL}, "
+     "the role on the server, and its pg_hba.conf (a server that requires TLS needs "
+     "sslmode=require in the URL)"),
+    (asyncpg.InvalidCatalogNameError,
+     f"create the database on the server, or correct its name in {_URL}"),
+    (asyncpg.InsufficientPrivilegeError,
+     "grant the proxy's role CONNECT on the database and, for the migrations, CREATE "
+     "(see THREAT_MODEL.md, 'Who can read it')"),
+    (ssl.SSLError, f"the TLS handshake failed: check sslmode and the certificates in {_URL}"),
+    (asyncpg.ClientConfigurationError, f"correct {_URL}"),
+)
+
+
+def classify(exc: BaseException) -> ConnectionProblem:
+    """The problem an exception from connecting (or migrating) shows; anything not known to
+    be permanent is transient, so that a server that comes back is always used again."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        for kind, fix in _PERMANENT:
+            if isinstance(seen, kind):
+                return ConnectionProblem(PERMANENT, describe_error(seen), fix)
+        if isinstance(seen, asyncpg.PostgresError | OSError | TimeoutError):
+            return ConnectionProblem(TRANSIENT, describe_error(seen), "")
+        seen = seen.__cause__  # DatabaseError and MigrationError wrap the driver's error
+    return ConnectionProblem(TRANSIENT, describe_error(exc), "")
 
 
 def database_url(settings: Settings, *, embedded_cleanup: CleanupMode = "stop") -> str:
