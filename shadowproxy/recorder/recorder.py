@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
@@ -271,7 +272,7 @@ class Recorder:
         for start in range(0, len(batch), _ENCODE_SLICE):
             part = batch[start:start + _ENCODE_SLICE]
             if self.log_exchanges:
-                _log_exchanges(part)
+                _log_exchanges(part, self.encoder.query)
             req, resp = self.encoder.encode(part)
             requests += req
             responses += resp
@@ -446,14 +447,15 @@ def _captured_bytes(exchange: Exchange) -> int:
     return size
 
 
-def _log_exchanges(exchanges: list[Exchange]) -> None:
+def _log_exchanges(exchanges: list[Exchange], redact_query: Callable[[str], str]) -> None:
     """One access-log line per exchange, carrying its request id and every call's outcome."""
     for ex in exchanges:
+        query = redact_query(ex.query)
         calls = {r.target: {"status": r.status, "latency_ms": None if r.latency_ms is None
                             else round(r.latency_ms, 3), "error": r.error}
                  for r in ex.responses}
         primary = calls.get("primary", {})
-        access_log.info("%s %s%s -> %s", ex.method, ex.path, "?" + ex.query if ex.query else "",
+        access_log.info("%s %s%s -> %s", ex.method, ex.path, "?" + query if query else "",
                         primary.get("status") or primary.get("error"),
                         extra={"request_id": ex.request_id, "route": ex.route,
                                "client_addr": ex.client_addr, "calls": calls})

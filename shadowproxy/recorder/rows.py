@@ -26,6 +26,7 @@ from shadowproxy.config import RecordingConfig
 from shadowproxy.failures import kind_of_legacy_error
 from shadowproxy.models import Exchange, Headers
 from shadowproxy.recorder.bodies import JsonRedactor, Unredactable, inspect_json
+from shadowproxy.recorder.query import QueryRedactor
 
 REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path", "query",
                    "headers", "body", "body_json", "body_size", "body_truncated", "client_addr")
@@ -59,6 +60,8 @@ class RowEncoder:
         self._redact = frozenset(h.encode() for h in recording.redact_headers)
         self._redactor = JsonRedactor(recording.redact_json) if recording.redact_json else None
         self._cap = recording.max_decompressed_bytes
+        self.query = QueryRedactor(recording.redact_query)
+        """The query string as stored and logged: secret parameters' values redacted."""
         self._names: dict[bytes, tuple[str, bool]] = {}
         """Header name as sent → (JSON key, redact?): names repeat on nearly every request."""
         self.withheld: list[Withheld] = []
@@ -122,8 +125,8 @@ class RowEncoder:
         if reason is not None:
             self.withheld.append(Withheld(ex.request_id, "request", reason))
         request = (ex.id, ex.request_id, ex.route, ex.received_at, ex.method, ex.path,
-                   ex.query, self.headers(ex.headers) or "{}", body, text, ex.body_size,
-                   ex.body_truncated or reason is not None, ex.client_addr)
+                   self.query(ex.query), self.headers(ex.headers) or "{}", body, text,
+                   ex.body_size, ex.body_truncated or reason is not None, ex.client_addr)
         answers: list[Row] = []
         for r in ex.responses:
             rbody, rtext, rreason = self.body(r.body, r.headers)
@@ -141,7 +144,8 @@ class RowEncoder:
         of an exchange whose encoding failed unexpectedly."""
         self.withheld.append(Withheld(ex.request_id, "request", UNEXPECTED))
         request = (ex.id, ex.request_id, ex.route, ex.received_at, ex.method, ex.path,
-                   ex.query, "{}", None, None, ex.body_size, True, ex.client_addr)
+                   self.query(ex.query), "{}", None, None, ex.body_size, True,
+                   ex.client_addr)
         answers = [(ex.id, r.target, r.role, r.status, None, None, None,
                     r.body_size if r.status is not None else None, True, r.latency_ms,
                     r.error, r.started_at, r.error_kind) for r in ex.responses]
