@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
@@ -30,6 +29,7 @@ from shadowproxy.logs import Throttle
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import Exchange
 from shadowproxy.recorder import bodies
+from shadowproxy.recorder.access import log_exchanges
 from shadowproxy.recorder.postgres import REFUSED, PostgresWriter
 from shadowproxy.recorder.rows import UNEXPECTED, Row, RowEncoder, Withheld, upgrade_rows
 from shadowproxy.recorder.spool import Spool
@@ -37,7 +37,6 @@ from shadowproxy.store.database import TRANSIENT, ConnectionProblem, classify
 from shadowproxy.tasks import spawn
 
 log = logging.getLogger("shadowproxy.recorder")
-access_log = logging.getLogger("shadowproxy.access")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 _PERMANENT_RETRY_S = 60.0
@@ -272,7 +271,7 @@ class Recorder:
         for start in range(0, len(batch), _ENCODE_SLICE):
             part = batch[start:start + _ENCODE_SLICE]
             if self.log_exchanges:
-                _log_exchanges(part, self.encoder.query)
+                log_exchanges(part, self.encoder.query)
             req, resp = self.encoder.encode(part)
             requests += req
             responses += resp
@@ -445,17 +444,3 @@ def _captured_bytes(exchange: Exchange) -> int:
         if response.body is not None:
             size += len(response.body)
     return size
-
-
-def _log_exchanges(exchanges: list[Exchange], redact_query: Callable[[str], str]) -> None:
-    """One access-log line per exchange, carrying its request id and every call's outcome."""
-    for ex in exchanges:
-        query = redact_query(ex.query)
-        calls = {r.target: {"status": r.status, "latency_ms": None if r.latency_ms is None
-                            else round(r.latency_ms, 3), "error": r.error}
-                 for r in ex.responses}
-        primary = calls.get("primary", {})
-        access_log.info("%s %s%s -> %s", ex.method, ex.path, "?" + query if query else "",
-                        primary.get("status") or primary.get("error"),
-                        extra={"request_id": ex.request_id, "route": ex.route,
-                               "client_addr": ex.client_addr, "calls": calls})
