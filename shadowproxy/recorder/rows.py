@@ -124,9 +124,12 @@ class RowEncoder:
         body, text, reason = self.body(ex.body, ex.headers)
         if reason is not None:
             self.withheld.append(Withheld(ex.request_id, "request", reason))
+        query = ex.query
+        if query:  # (most model calls have none: spare them the call)
+            query = self.query(query)
         request = (ex.id, ex.request_id, ex.route, ex.received_at, ex.method, ex.path,
-                   self.query(ex.query), self.headers(ex.headers) or "{}", body, text,
-                   ex.body_size, ex.body_truncated or reason is not None, ex.client_addr)
+                   query, self.headers(ex.headers) or "{}", body, text, ex.body_size,
+                   ex.body_truncated or reason is not None, ex.client_addr)
         answers: list[Row] = []
         for r in ex.responses:
             rbody, rtext, rreason = self.body(r.body, r.headers)
