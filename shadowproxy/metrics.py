@@ -8,7 +8,10 @@ Metric names (the public interface, see DESIGN.md):
 ``shadowproxy_requests_total{route,code}``,
 ``shadowproxy_upstream_latency_seconds{route,target}`` (histogram),
 ``shadowproxy_shadow_requests_total{route,shadow,outcome}``,
-``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``.
+``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``; and
+``shadowproxy_bodies_withheld_total{reason}`` (bodies not stored because they could not be
+redacted); ``shadowproxy_database_up`` and ``shadowproxy_database_error{class}`` (why records
+go to the spool: a transient outage, or a permanent problem only the operator can fix).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ _BUCKETS_MS = tuple(b * 1000.0 for b in LATENCY_BUCKETS_S)
 SHADOW_OUTCOMES = ("ok", *ERROR_KINDS)
 """``outcome`` of a shadow call: ok, or the kind of its failure (``failures.ErrorKind``)."""
 RECORD_OUTCOMES = ("written", "spooled", "dropped")
+DATABASE_ERROR_CLASSES = ("transient", "permanent")
+"""``class`` of ``shadowproxy_database_error``: see ``store.database.classify``."""
 
 
 class Histogram:
@@ -91,6 +96,13 @@ class Metrics:
         self.shadows: dict[tuple[str, str], ShadowCounters] = {}
         self.records = dict.fromkeys(RECORD_OUTCOMES, 0)
         self.queue_depth: Callable[[], int] = lambda: 0
+        self.bodies_withheld: dict[str, int] = {}
+        self.database_state: Callable[[], str] = lambda: "up"
+        """'up', or the class of the problem that keeps the database from being used."""
+        """Bodies not stored, by reason (``recorder.bodies.WITHHELD_REASONS`` and others)."""
+
+    def withheld(self, reason: str) -> None:
+        self.bodies_withheld[reason] = self.bodies_withheld.get(reason, 0) + 1
 
     def route(self, name: str) -> RouteCounters:
         return self.routes.setdefault(name, RouteCounters())
@@ -109,6 +121,8 @@ class Metrics:
             "shadow": [(r, s, dict(c.outcomes)) for (r, s), c in self.shadows.items()],
             "records": dict(self.records),
             "queue": self.queue_depth(),
+            "bodies_withheld": dict(self.bodies_withheld),
+            "database": self.database_state(),
         }
 
 
@@ -119,6 +133,8 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     shadow: dict[tuple[str, str, str], int] = {}
     records = dict.fromkeys(RECORD_OUTCOMES, 0)
     queue = 0
+    withheld: dict[str, int] = {}
+    database = dict.fromkeys(("up", *DATABASE_ERROR_CLASSES), 0)
     for snap in snapshots:
         for route, code, n in snap["requests"]:
             key = (route, str(code))
@@ -133,6 +149,11 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
         for outcome, n in snap["records"].items():
             records[outcome] += n
         queue += snap["queue"]
+        for reason, n in snap.get("bodies_withheld", {}).items():
+            withheld[reason] = withheld.get(reason, 0) + n
+        state = snap.get("database")
+        if state in database:
+            database[state] += 1
 
     fam = CounterMetricFamily("shadowproxy_requests", "Client requests answered, by route "
                               "and status code.", labels=["route", "code"])
@@ -165,6 +186,26 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
 
     yield GaugeMetricFamily("shadowproxy_recorder_queue_records",
                             "Records waiting in memory for the database writer.", value=queue)
+
+    fam = CounterMetricFamily("shadowproxy_bodies_withheld", "Bodies not stored because "
+                              "they could not be redacted (recording.redact_json) or PostgreSQL "
+                              "refused their record, by reason.",
+                              labels=["reason"])
+    for reason, n in sorted(withheld.items()):
+        fam.add_metric([reason], n)
+    yield fam
+
+    yield GaugeMetricFamily("shadowproxy_database_up", "1 while records go straight to "
+                            "PostgreSQL, 0 while they go to the spool because it cannot be "
+                            "used (summed over workers).", value=database["up"])
+    errors = GaugeMetricFamily("shadowproxy_database_error", "1 while the database cannot "
+                               "be used, by class: transient (an outage: it passes) or "
+                               "permanent (a wrong password, database name or TLS setting: "
+                               "the operator must fix it); summed over workers.",
+                               labels=["class"])
+    for kind in DATABASE_ERROR_CLASSES:
+        errors.add_metric([kind], database[kind])
+    yield errors
 
 
 class SnapshotCollector:

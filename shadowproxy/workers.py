@@ -161,10 +161,13 @@ def fold(total: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
     records = dict(total["records"])
     for outcome, n in snap["records"].items():
         records[outcome] = records.get(outcome, 0) + n
+    withheld = dict(total.get("bodies_withheld", {}))
+    for reason, n in snap.get("bodies_withheld", {}).items():
+        withheld[reason] = withheld.get(reason, 0) + n
     return {"requests": [(r, c, n) for (r, c), n in requests.items()],
             "latency": [(r, t, c, s) for (r, t), (c, s) in latency.items()],
             "shadow": [(r, s, o) for (r, s), o in shadow.items()],
-            "records": records, "queue": 0}
+            "records": records, "queue": 0, "bodies_withheld": withheld}
 
 
 # --- the supervisor -----------------------------------------------------------------------

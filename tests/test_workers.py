@@ -230,3 +230,23 @@ async def test_readyz_waits_for_the_replacement_to_listen(
             else:
                 raise AssertionError("never ready again")
             assert listeners(port) == 2, "ready before the replacement listened"
+
+
+def test_a_dead_workers_counters_are_kept_and_its_gauges_dropped() -> None:
+    """Folding a worker's last snapshot into the retained total adds every counter (bodies
+    withheld included) and keeps none of its gauges."""
+    from shadowproxy.metrics import Metrics
+    from shadowproxy.workers import fold
+
+    metrics = Metrics()
+    metrics.route("r").count(200)
+    metrics.shadow("r", "s").finish(None, 2.0)
+    metrics.records["written"] += 3
+    metrics.bodies_withheld["too_deep"] = 2
+    snap = metrics.snapshot()
+    total = fold(fold({"requests": [], "latency": [], "shadow": [], "records": {}}, snap), snap)
+    assert total["requests"] == [("r", 200, 2)]
+    assert total["records"]["written"] == 6
+    assert total["bodies_withheld"] == {"too_deep": 4}
+    assert dict(total["shadow"][0][2])["ok"] == 2
+    assert total["queue"] == 0 and "database" not in total
