@@ -7,10 +7,12 @@ independent (they often share a user, a time, a source), so nothing here counts 
 independent draws: each sample is kept as per-request counts, and the p-value comes from
 one of three places, chosen by how much data there is:
 
-- fewer than ``permutation_below`` requests on a side: a **permutation test by request** —
-  whole requests are reshuffled between the two samples and the statistic recomputed; the
-  p-value is the share of reshuffles at least as extreme (counting the observed one, so it
-  is never 0). Exact in finite samples, whatever the correlation inside a request.
+- fewer than ``permutation_below`` requests on a side, and requests of similar size on both
+  sides: a **permutation test by request** — whole requests are reshuffled between the two
+  samples and the statistic recomputed; the p-value is the share of reshuffles at least as
+  extreme (counting the observed one, so it is never 0). Exact in finite samples, whatever
+  the correlation inside a request. (A file of independent rows against batched live
+  requests are not interchangeable units: those go to the large-sample law at any size.)
 - otherwise, every level with an expected count of 5 or more: the statistic's large-sample
   distribution, a weighted sum of χ²₁ variables whose weights are the **design effects**
   (how much more the shares vary because rows come in requests than if they were
@@ -19,7 +21,7 @@ one of three places, chosen by how much data there is:
   saddlepoint approximation).
 - two levels, one of them rare (an expected count under 5 on the smaller side): an **exact
   test by request** — the rare level's count in the current sample given the requests that
-  hold it, each landing in the current sample with the current's share of requests.
+  hold it, each landing in the current sample with the current's share of rows.
 
 Rare levels are pooled first when there are more than two (unordered levels into one
 "rare" level, ordered levels into a neighbour) until every expected count is 5 or more, so
@@ -45,6 +47,7 @@ MIN_EXPECTED = 5.0
 PERMUTATIONS = 1999
 PERMUTATION_BELOW = 1000
 THIN_RATIO = 10
+SIZE_RATIO = 1.5
 _BATCH_CELLS = 4_000_000
 
 
@@ -298,17 +301,17 @@ def _permutation_p(ref: Counts, cur: Counts, ordered: bool, observed: float, pi:
 def _rare_exact_p(ref: Counts, cur: Counts, rare: int) -> float:
     """Exact two-sided p of the rare level's current count, requests landing at random.
 
-    Each request holding the rare level is in the current sample with probability
-    R_cur / (R_ref + R_cur); the count is the sum of the landed requests' counts (a
-    binomial when each holds one such row). Two-sided as scipy's binomtest: the total
-    probability of counts no more likely than the observed one.
+    Each request holding the rare level is in the current sample with the current's share
+    of rows; the count is the sum of the landed requests' counts (a binomial when each
+    holds one such row). Two-sided as scipy's binomtest: the total probability of counts
+    no more likely than the observed one.
     """
     from scipy import stats
 
     held = np.concatenate([ref.multi[:, rare], cur.multi[:, rare]])
     held = held[held > 0].astype(np.int64)
     ones = int(ref.single[rare] + cur.single[rare])
-    share = cur.requests / (ref.requests + cur.requests)
+    share = cur.rows / (ref.rows + cur.rows)
     pmf = stats.binom.pmf(np.arange(ones + 1), ones, share)
     for size, k in zip(*np.unique(held, return_counts=True), strict=True):
         part = np.zeros(int(size) * int(k) + 1)
@@ -323,6 +326,13 @@ def seed_for(name: str, seed: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**32
 
 
+def alike(ref: Counts, cur: Counts) -> bool:
+    """Whether the two samples come in requests of similar size (mean rows per request
+    within a factor 1.5): only then are their requests interchangeable under no change."""
+    a, b = ref.rows / ref.requests, cur.rows / cur.requests
+    return max(a, b) <= SIZE_RATIO * min(a, b)
+
+
 def share_test(ref: Counts, cur: Counts, *, ordered: bool, seed: int,
                permutations: int = PERMUTATIONS, permutation_below: int = PERMUTATION_BELOW
                ) -> ShareTest | None:
@@ -333,7 +343,7 @@ def share_test(ref: Counts, cur: Counts, *, ordered: bool, seed: int,
     if keep.sum() < 2 or ref.rows == 0 or cur.rows == 0:
         return None
     sizes = (ref.requests, cur.requests)
-    few = min(sizes) < permutation_below
+    few = min(sizes) < permutation_below and alike(ref, cur)
     rng = np.random.default_rng(seed)
     note = ""
     if few and max(sizes) > THIN_RATIO * min(sizes):
