@@ -35,6 +35,7 @@ from dataclasses import dataclass  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 
 import numpy as np  # noqa: E402
+import scipy  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from shadowproxy.compare.drift import DriftPolicy, Sample, window_drift  # noqa: E402
@@ -43,6 +44,9 @@ from shadowproxy.compare.paired import PairedPolicy, flip_test, mean_shift  # no
 N_VALUES = (100, 300, 1000, 1001, 3000, 10_000, 100_000)
 WINDOWS = {100: 400, 300: 400, 1000: 400, 1001: 400, 3000: 200, 10_000: 100, 100_000: 20}
 QUICK = {100: 40, 300: 40, 1000: 40, 1001: 40, 3000: 20, 10_000: 10, 100_000: 3}
+# the paired tests cost little: as many windows at every n, fewer only at 100,000
+PAIRED_WINDOWS = {100_000: 100}
+PAIRED_QUICK = {100_000: 10}
 SHARES = np.array([0.4, 0.3, 0.2, 0.095, 0.005])
 LEVELS = np.array(["a", "b", "c", "d", "rare"], dtype=object)
 POISSON = stats.poisson.cdf(np.arange(80), 3)
@@ -131,31 +135,42 @@ def paired_flips(one_way: float) -> Callable[[np.random.Generator, int], bool]:
     return run
 
 
-FALSE_ALARMS: list[tuple[str, Callable[[np.random.Generator, int], bool]]] = [
-    ("drift: no change, rows independent", drift_window(Change(), None)),
-    ("drift: no change, 5-row requests, ρ = 0.2", drift_window(Change(), None, 5, 0.2)),
-    ("drift: no change, 5-row requests, ρ = 0.5", drift_window(Change(), None, 5, 0.5)),
-    ("predictions: regression, no offset", paired_regression(0.0)),
-    ("predictions: regression, no offset, 5-row requests, ρ = 0.5",
+Scenario = Callable[[np.random.Generator, int], bool]
+FALSE_ALARMS: list[tuple[str, str, Scenario]] = [
+    ("drift", "no change, rows independent", drift_window(Change(), None)),
+    ("drift", "no change, 5-row requests, ρ = 0.2", drift_window(Change(), None, 5, 0.2)),
+    ("drift", "no change, 5-row requests, ρ = 0.5", drift_window(Change(), None, 5, 0.5)),
+    ("paired", "regression, no offset", paired_regression(0.0)),
+    ("paired", "regression, no offset, 5-row requests, ρ = 0.5",
      paired_regression(0.0, 5, 0.5)),
-    ("predictions: classes, 6% flips both ways", paired_flips(0.0)),
+    ("paired", "classes, 6% flips, as many each way", paired_flips(0.0)),
 ]
-DETECTIONS: list[tuple[str, Callable[[np.random.Generator, int], bool]]] = [
-    ("mean shift 0.25 SD (x)", drift_window(Change(mean=0.25), "x")),
-    ("scale change ×1.5 (x)", drift_window(Change(scale=1.5), "x")),
-    ("share of a 40% → 50% (c)", drift_window(Change(share_a=0.5), "c")),
-    ("unseen category at 6% (c)", drift_window(Change(unseen=0.06), "c")),
-    ("mean shift 0.25 SD, 5-row requests, ρ = 0.5 (x)",
+DETECTIONS: list[tuple[str, str, Scenario]] = [
+    ("drift", "mean shift 0.25 SD (x)", drift_window(Change(mean=0.25), "x")),
+    ("drift", "scale change ×1.5 (x)", drift_window(Change(scale=1.5), "x")),
+    ("drift", "share of a 40% → 50% (c)", drift_window(Change(share_a=0.5), "c")),
+    ("drift", "unseen category at 6% (c)", drift_window(Change(unseen=0.06), "c")),
+    ("drift", "mean shift 0.25 SD, 5-row requests, ρ = 0.5 (x)",
      drift_window(Change(mean=0.25), "x", 5, 0.5)),
-    ("negligible: mean shift 0.05 SD (x; should fall)", drift_window(Change(mean=0.05), "x")),
-    ("paired offset +0.02 (noise SD 0.1)", paired_regression(0.02)),
-    ("paired offset +0.02, 5-row requests, ρ = 0.5", paired_regression(0.02, 5, 0.5)),
-    ("one-way flips 0 → 1 in 2% of pairs", paired_flips(0.02)),
+    ("drift", "negligible: mean shift 0.05 SD (x; should fall)",
+     drift_window(Change(mean=0.05), "x")),
+    ("paired", "offset +0.02 (noise SD 0.1)", paired_regression(0.02)),
+    ("paired", "offset +0.02, 5-row requests, ρ = 0.5", paired_regression(0.02, 5, 0.5)),
+    ("paired", "one-way flips 0 → 1 in 2% of pairs", paired_flips(0.02)),
 ]
 
 
-def rate(run: Callable[[np.random.Generator, int], bool], n: int, windows: int, seed: int
-         ) -> float:
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def rate(run: Scenario, n: int, windows: int, seed: int) -> float:
     rng = np.random.default_rng([seed, n])
     return sum(run(rng, n) for _ in range(windows)) / windows
 
@@ -167,24 +182,27 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="*", default=list(N_VALUES), help="sample sizes")
     args = ap.parse_args()
     plan = QUICK if args.quick else WINDOWS
-    started = time.perf_counter()
+    paired_plan = PAIRED_QUICK if args.quick else PAIRED_WINDOWS
+    small = plan[min(plan)]
+    started, cpu = time.perf_counter(), time.process_time()
     print(f"# bench/statistics.py{' --quick' if args.quick else ''} — "
-          f"{datetime.now(UTC):%Y-%m-%d}, {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}, numpy {np.__version__}")
-    windows = [plan.get(n, 100) for n in args.n]
+          f"{datetime.now(UTC):%Y-%m-%d}, {_machine()}, Python "
+          f"{platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}")
     header = "| | " + " | ".join(f"n = {n:,}" for n in args.n) + " |"
     rule = "|---|" + "---:|" * len(args.n)
     for title, rows, share in (
             ("False alarms (no change; target ≤ 5%)", FALSE_ALARMS, 1.0),
             ("Detections (a change; the changed feature or test flagged)", DETECTIONS, 0.5)):
-        used = [max(2, int(w * share)) for w in windows]
-        counts = "| windows | " + " | ".join(str(w) for w in used) + " |"
-        print(f"\n{title}\n\n{header}\n{rule}\n{counts}")
-        for name, run in rows:
-            cells = [f"{100 * rate(run, n, w, args.seed):.1f}%"
-                     for n, w in zip(args.n, used, strict=True)]
-            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\n{time.perf_counter() - started:.0f} s")
+        print(f"\n{title}\n\n{header}\n{rule}")
+        for kind, windows_at in (("drift", plan), ("paired", paired_plan)):
+            windows = [max(2, int(share * windows_at.get(n, small))) for n in args.n]
+            print(f"| **{kind}** (windows) | " + " | ".join(str(w) for w in windows) + " |")
+            for _, name, run in (r for r in rows if r[0] == kind):
+                cells = [f"{100 * rate(run, n, w, args.seed):.1f}%"
+                         for n, w in zip(args.n, windows, strict=True)]
+                print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\n{time.perf_counter() - started:.0f} s elapsed, "
+          f"{time.process_time() - cpu:.0f} s of CPU")
 
 
 if __name__ == "__main__":
