@@ -73,6 +73,11 @@ def _json(obj: Any) -> dict[str, Any]:
     return dict(clean(asdict(obj)))
 
 
+def _check(n: int, other: NDArray[Any] | None, what: str) -> None:
+    if other is not None and len(other) != n:
+        raise ValueError(f"{n} primary predictions but {len(other)} {what}")
+
+
 def _request_index(requests: NDArray[Any] | None, n: int) -> tuple[NDArray[np.int64], int]:
     if requests is None:
         return np.arange(n), n
@@ -112,6 +117,8 @@ def mean_shift(primary: NDArray[np.float64], shadow: NDArray[np.float64],
     """Wilcoxon signed-rank on per-request mean differences; the mean shift with its CI."""
     p = np.asarray(primary, dtype=np.float64)
     s = np.asarray(shadow, dtype=np.float64)
+    _check(p.size, s, "shadow predictions")
+    _check(p.size, requests, "request ids")
     keep = np.isfinite(p) & np.isfinite(s)
     req = None if requests is None else np.asarray(requests)[keep]
     p, s = p[keep], s[keep]
@@ -206,7 +213,7 @@ def _sign_flip_exact(magnitudes: NDArray[np.int64], observed: int) -> float:
                else np.clip(_fftconvolve(pmf, part), 0, None))
     span = (pmf.size - 1) // 2
     grid = np.arange(-span, span + 1)
-    return float(min(1.0, pmf[np.abs(grid) >= abs(observed)].sum() * (1 + 1e-12)))
+    return float(min(1.0, pmf[np.abs(grid) >= abs(observed)].sum()))
 
 
 def _fftconvolve(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -218,9 +225,11 @@ def _fftconvolve(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.f
 def flip_test(primary: NDArray[Any], shadow: NDArray[Any], requests: NDArray[Any] | None,
               policy: PairedPolicy) -> FlipTest:
     """Exact McNemar (two classes) or Bowker (more), by request; the largest one-way flip."""
-    p = np.array([str(x) for x in primary], dtype=object)
-    s = np.array([str(x) for x in shadow], dtype=object)
-    classes, codes = np.unique(np.concatenate([p, s]).astype(str), return_inverse=True)
+    p = np.asarray(primary).astype(str)
+    s = np.asarray(shadow).astype(str)
+    _check(p.size, s, "shadow predictions")
+    _check(p.size, requests, "request ids")
+    classes, codes = np.unique(np.concatenate([p, s]), return_inverse=True)
     k = classes.size
     pc, sc = codes[: p.size], codes[p.size:]
     inv, r = _request_index(requests, p.size)

@@ -61,6 +61,10 @@ def test_identical_predictions_and_empty_input_are_no_difference() -> None:
     assert mean_shift(p, p.copy(), None, POLICY).explanation == (
         "every pair of predictions is identical")
     assert mean_shift(np.array([np.nan]), np.array([1.0]), None, POLICY).n == 0
+    with pytest.raises(ValueError, match="3 primary predictions but 2 request ids"):
+        mean_shift(np.zeros(3), np.zeros(3), np.zeros(2), POLICY)
+    with pytest.raises(ValueError, match="3 primary predictions but 2 shadow predictions"):
+        flip_test(np.zeros(3), np.zeros(2), None, POLICY)
 
 
 def _batched_pairs(rng: np.random.Generator, requests: int, rho: float, offset: float
