@@ -230,9 +230,11 @@ def _missing_check(name: str, ref: Sample, cur: Sample, ref_present: NDArray[np.
     test = share_test(r, c, ordered=False, seed=seed_for(f"{name}/missing", policy.seed),
                       permutations=policy.permutations,
                       permutation_below=policy.permutation_below)
+    none = r.totals[1] + c.totals[1] == 0
     return Check(name, "missing_share", test, "missing_share_change", change,
                  policy.max_missing_share_change,
-                 explanation="" if test else "no missing values on either side")
+                 explanation="" if test else ("no missing values on either side" if none
+                                              else "every value missing on both sides"))
 
 
 def feature_tests(name: str, kind: Kind, ref: Sample, cur: Sample, policy: DriftPolicy
