@@ -132,10 +132,11 @@ def _batched(rng: np.random.Generator, requests: int, rho: float, shift: float =
 def test_correlated_batch_rows_do_not_raise_false_alarms(rho: float) -> None:
     """5-row requests correlated 0.2 or 0.5: false alarms stay ≤ 5% (request as the unit)."""
     def flagged(rng: np.random.Generator, by_request: bool) -> bool:
-        x, req = _batched(rng, 200, rho)
-        y, req2 = _batched(rng, 200, rho)
-        cats = np.array(["a", "b", "c"], dtype=object)[np.digitize(x, [-0.4, 0.4])]
-        cats2 = np.array(["a", "b", "c"], dtype=object)[np.digitize(y, [-0.4, 0.4])]
+        x, req = _batched(rng, 100, rho)
+        y, req2 = _batched(rng, 100, rho)
+        levels = np.array(["a", "b", "c"], dtype=object)
+        cats = levels[np.digitize(_batched(rng, 100, rho)[0], [-0.4, 0.4])]
+        cats2 = levels[np.digitize(_batched(rng, 100, rho)[0], [-0.4, 0.4])]
         r1, r2 = (req, req2 + 1000) if by_request else (None, None)
         res = window_drift({"x": ("numeric", Sample(x, r1), Sample(y, r2)),
                             "c": ("categorical", Sample(cats, r1), Sample(cats2, r2))},
