@@ -27,6 +27,9 @@ REQUEST_REWRITTEN = HOP_BY_HOP | {
 # Response headers the proxy rewrites: framing is its own, and X-Request-Id is always its.
 RESPONSE_REWRITTEN = HOP_BY_HOP | {b"x-request-id"}
 
+# Responses that never have a body, whatever their headers say (RFC 9110 §15.3.5, §15.4.5).
+NO_BODY_STATUS = frozenset({204, 304})
+
 CRLF = b"\r\n"
 CHUNKED_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"

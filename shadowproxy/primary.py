@@ -108,7 +108,7 @@ class PrimaryCall(UpstreamCall):
                 skip = skip | http1.connection_tokens(headers)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason), http1.header_lines(headers, skip),
                  b"X-Request-Id: ", self.exchange.request_id.encode("ascii"), b"\r\n"]
-        no_body = self.expect_no_body or status in (204, 304)
+        no_body = self.expect_no_body or status in http1.NO_BODY_STATUS
         if not no_body and not has_length:
             if req.http10:
                 req.keep_alive = False  # an HTTP/1.0 client reads to the end of the connection
@@ -185,6 +185,5 @@ class PrimaryCall(UpstreamCall):
             conn = self.conn
             self.conn = None
             if conn is not None:
-                conn.call = None
-                conn.abort()
+                conn.detach()
             self.fail(ErrorKind.CLOSED, "closed: client disconnected")

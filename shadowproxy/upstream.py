@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from typing import Final
 from urllib.parse import urlsplit
 
 import httptools
@@ -26,10 +27,19 @@ from shadowproxy.failures import ErrorKind
 from shadowproxy.models import Headers
 from shadowproxy.tasks import spawn
 
-_NO_BODY_STATUS = frozenset({204, 304})
-
 MAX_IDLE_PER_UPSTREAM = 512
 _WRITE_JOIN_LIMIT = 65_536
+
+
+# Where a connection is in the exchange of its current call.
+_IDLE: Final = 0
+"""No call: any byte received is unsolicited and closes the connection."""
+_AWAITING: Final = 1
+"""The request is (being) sent; no final response head yet (1xx interim heads are skipped)."""
+_BODY: Final = 2
+"""The final head arrived; its body is being read."""
+_DONE: Final = 3
+"""The response ended during the current ``data_received``; settled when it returns."""
 
 
 class UpstreamCall:
@@ -102,36 +112,46 @@ class UpstreamCall:
         if self.done:
             return
         conn = self.conn
-        if conn is not None and conn.head_received and conn.progress != self._progress:
+        if conn is not None and conn.state == _BODY and conn.progress != self._progress:
             # A streaming body that still flows is not timed out: re-arm for another period.
             self._progress = conn.progress
             assert self.pool is not None
             self.timer = self.pool.loop.call_later(self.timeout, self._timed_out)
             return
         if conn is not None:
-            conn.call = None
-            conn.abort()
+            conn.detach()
         self.fail(ErrorKind.TIMEOUT, "timeout")
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to an upstream, carrying one call at a time."""
+    """One TCP connection to an upstream, carrying one call at a time.
 
-    __slots__ = ("body_until_close", "call", "closed", "head_received", "headers",
-                 "keep_alive", "parser", "pool", "progress", "reason", "received",
-                 "reused", "transport")
+    A response ends inside the parser's callbacks, but the connection is settled only once
+    the bytes of that read have all been parsed: anything after the end of the response
+    (a second, unsolicited response; a body after a 204 or to a HEAD) marks the connection
+    ``dirty`` and it is closed instead of going back to the pool. A connection returns to
+    the pool exactly once per response, in ``_settle``.
+    """
+
+    __slots__ = ("body_until_close", "call", "closed", "dirty", "head_only", "headers",
+                 "keep_alive", "parser", "pool", "progress", "reason", "received", "reused",
+                 "state", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.call: UpstreamCall | None = None
+        self.state = _IDLE
         self.headers: Headers = []
         self.reason = b""
         self.keep_alive = True
         self.closed = False
         self.received = False
-        self.head_received = False
+        self.dirty = False
+        """Bytes arrived that belong to no request: the connection must not be reused."""
+        self.head_only = False
+        """The current request is a HEAD: its response has no body, whatever it says."""
         self.body_until_close = False
         self.reused = False
         self.progress = 0
@@ -141,19 +161,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.call is None:
-            # Bytes nobody asked for (or after a timeout): the connection is unusable.
+        if self.state == _IDLE:
+            # Bytes nobody asked for (or after the call was cut): the connection is unusable.
             self.abort()
             return
         self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            call = self.call
-            self.call = None
-            self.abort()
-            if call is not None:
-                call.fail(ErrorKind.PROTOCOL, f"malformed response: {exc}")
+            if self.state == _DONE:
+                self.dirty = True  # garbage after a complete response: closed when settled
+            else:
+                self._fail(ErrorKind.PROTOCOL, f"malformed response: {exc}")
+                return
+        if self.state == _DONE:
+            self._settle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -164,10 +186,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = http1.CLOSED_PARSER  # type: ignore[assignment]
         self.transport = None
         call = self.call
+        state = self.state
+        self.state = _IDLE
         if call is None:
             return
         self.call = None
-        if self.body_until_close and exc is None:
+        if self.body_until_close and state == _BODY and exc is None:
             call.end()  # a response delimited by the end of the connection
         elif self.reused and not self.received and not call.retried:
             # The upstream closed an idle keep-alive connection just as we reused it: the
@@ -191,56 +215,72 @@ class UpstreamConnection(asyncio.Protocol):
             self.call.on_upstream_resume()
 
     # --- httptools callbacks ---
+    def on_message_begin(self) -> None:
+        if self.state != _AWAITING:
+            self.dirty = True  # a second message after the response: nobody asked for it
+
     def on_status(self, reason: bytes) -> None:
         self.reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if self.state == _AWAITING:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.state != _AWAITING:
+            return
         parser = self.parser
         status = parser.get_status_code()
         call = self.call
-        if status < 200 or call is None:
+        assert call is not None
+        if status < 200:
             self.headers = []  # 1xx interim response: wait for the final one
             return
         self.keep_alive = parser.should_keep_alive()
-        self.head_received = True
         headers = self.headers
-        if call.expect_no_body or status in _NO_BODY_STATUS:
+        if self.head_only:
+            # The parser cannot be told that a HEAD response has no body: the response ends
+            # here, and a fresh parser takes the next one (see _settle).
+            self.state = _DONE
             call.on_response_head(status, self.reason, headers, self)
-            # The parser cannot be told that a HEAD response has no body; start a fresh one.
-            self.parser = httptools.HttpResponseParser(self)
-            self._complete()
             return
-        framed = False
-        for name, _ in headers:
-            lname = name.lower()
-            if lname == b"content-length" or lname == b"transfer-encoding":
-                framed = True
-                break
-        self.body_until_close = not framed
-        if not framed:
-            self.keep_alive = False
+        self.state = _BODY
+        if status not in http1.NO_BODY_STATUS:  # the parser itself ends 204 and 304 here
+            framed = False
+            for name, _ in headers:
+                lname = name.lower()
+                if lname == b"content-length" or lname == b"transfer-encoding":
+                    framed = True
+                    break
+            if not framed:
+                self.body_until_close = True
+                self.keep_alive = False
         call.on_response_head(status, self.reason, headers, self)
 
     def on_body(self, body: bytes) -> None:
+        if self.state != _BODY:
+            self.dirty = True  # a body after a HEAD response: nobody asked for it
+            return
         call = self.call
         if call is not None:
             self.progress += 1
             call.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if self.head_received:
-            self._complete()
+        if self.state == _BODY:
+            self.state = _DONE
+        # Otherwise the end of a 1xx interim response (still _AWAITING), or of a HEAD
+        # response already ended at its head (_DONE).
 
     # --- used by the pool and the calls ---
     def send(self, call: UpstreamCall, reused: bool) -> None:
         self.call = call
         call.conn = self
+        self.state = _AWAITING
+        self.head_only = call.expect_no_body
         self.reused = reused
         self.received = False
-        self.head_received = False
+        self.dirty = False
         self.body_until_close = False
         self.headers = []
         transport = self.transport
@@ -253,15 +293,34 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             transport.writelines((call.head, body))
 
-    def _complete(self) -> None:
+    def _settle(self) -> None:
+        """The response is complete and this read fully parsed: pool or close, then end."""
         call = self.call
         self.call = None
-        if self.keep_alive and not self.closed:
+        self.state = _IDLE
+        if self.keep_alive and not self.dirty and not self.closed:
+            if self.head_only:
+                # The old parser may be waiting for the body the headers announced.
+                self.parser = httptools.HttpResponseParser(self)
             self.pool.release(self)
         else:
             self.abort()
         if call is not None:
             call.end()
+
+    def _fail(self, kind: ErrorKind, detail: str) -> None:
+        call = self.call
+        self.call = None
+        self.state = _IDLE
+        self.abort()
+        if call is not None:
+            call.fail(kind, detail)
+
+    def detach(self) -> None:
+        """Cut the current call loose (it timed out, or its client left) and close."""
+        self.call = None
+        self.state = _IDLE
+        self.abort()
 
     def abort(self) -> None:
         transport = self.transport
@@ -364,7 +423,6 @@ class UpstreamPool:
         for call in list(self.active):
             conn = call.conn
             if conn is not None:
-                conn.call = None
-                conn.abort()
+                conn.detach()
             call.fail(ErrorKind.SHUTDOWN,
                       "shutdown: the call outlived limits.shutdown_grace_s")
