@@ -2,9 +2,10 @@
 
 One ``ClientConnection`` (an asyncio protocol, parsed by httptools) per client socket. For
 each request it writes the primary's request first, then fires the shadows (``mirror``),
-and streams the primary's response to the client as it arrives. Nothing on this path waits
-for a shadow, the recorder or the database: the exchange is handed to the recorder by the
-last upstream call to finish, with a non-blocking ``submit``.
+and the primary's call (``primary.PrimaryCall``) streams the response to the client through
+the connection's ``ClientChannel`` as it arrives. Nothing on this path waits for a shadow,
+the recorder or the database: the exchange is handed to the recorder by the last upstream
+call to finish, with a non-blocking ``submit``.
 """
 
 from __future__ import annotations
@@ -18,25 +19,36 @@ import httptools
 
 from shadowproxy import http1
 from shadowproxy.metrics import RouteCounters
-from shadowproxy.mirror import ShadowTarget, start_shadows
+from shadowproxy.mirror import CompiledShadow, start_shadows
 from shadowproxy.models import Exchange, Headers, RecordSink
-from shadowproxy.primary import PrimaryCall, capture_request_body
-from shadowproxy.routing import Router, split_target
+from shadowproxy.primary import (
+    READ_CLOSING,
+    READ_PIPELINE,
+    READ_UPSTREAM,
+    ClientChannel,
+    PrimaryCall,
+)
+from shadowproxy.routing import Router, split_url
 from shadowproxy.upstream import UpstreamPool
 
 log = logging.getLogger("shadowproxy")
 
 _MAX_PIPELINED = 16
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# What is left of a request body after its answer (an early 413 or 504) is read and dropped,
+# so that the client reads the answer rather than a reset, up to these bounds (aiohttp's
+# lingering_time is 10 s); then the connection closes.
+_DISCARD_MAX_BYTES = 64 * 1024 * 1024
+_DISCARD_S = 10.0
 
 
-class RouteTarget:
+class CompiledRoute:
     """A route compiled for the data path: its pools, shadows and counters."""
 
     __slots__ = ("counters", "name", "preserve_host", "primary", "primary_timeout", "shadows")
 
     def __init__(self, name: str, primary: UpstreamPool, primary_timeout: float,
-                 shadows: list[ShadowTarget], preserve_host: bool,
+                 shadows: list[CompiledShadow], preserve_host: bool,
                  counters: RouteCounters) -> None:
         self.name = name
         self.primary = primary
@@ -49,7 +61,7 @@ class RouteTarget:
 class ProxyContext:
     """What every client connection of one process shares."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, router: Router[RouteTarget],
+    def __init__(self, loop: asyncio.AbstractEventLoop, router: Router[CompiledRoute],
                  recorder: RecordSink, *, max_mirror_body: int, capture_cap: int,
                  max_header_bytes: int, client_timeout: float) -> None:
         self.loop = loop
@@ -65,9 +77,10 @@ class ProxyContext:
 
     def sweep(self) -> None:
         """Close connections idle too long and requests received too slowly (slowloris)."""
-        deadline = self.loop.time() - self.client_timeout
+        now = self.loop.time()
+        deadline = now - self.client_timeout
         for conn in list(self.connections):
-            conn.check_timeout(deadline)
+            conn.check_timeout(deadline, now)
 
     def idle_connections(self) -> list[ClientConnection]:
         return [c for c in self.connections if c.is_idle()]
@@ -77,10 +90,11 @@ class ClientRequest:
     """One request as parsed from the client, until its response is complete."""
 
     __slots__ = (
+        "answered",
         "body_size",
         "call",
+        "captured",
         "chunks",
-        "complete",
         "error",
         "exchange",
         "header_bytes",
@@ -95,13 +109,14 @@ class ClientRequest:
         "route",
         "started",
         "streaming",
-        "target",
+        "url",
     )
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.received_at = time.time()
-        self.target = b""
+        self.url = b""
+        """The request-target as received (origin-form, or absolute-form)."""
         self.headers: Headers = []
         self.noted: dict[bytes, bytes] = {}
         """The first value of each header in ``http1.NOTED_REQUEST_HEADERS``, by lower name."""
@@ -111,43 +126,62 @@ class ClientRequest:
         self.query = b""
         self.keep_alive = True
         self.http10 = False
-        self.route: RouteTarget | None = None
+        self.route: CompiledRoute | None = None
         self.chunks: list[bytes] = []
+        """The body, held until it is complete (unless it is streamed)."""
         self.body_size = 0
-        self.complete = False
         self.streaming = False
+        """The body goes to the primary as it arrives (it is over the mirror limit)."""
+        self.captured: list[bytes] | None = None
+        """A streamed body's pieces kept for the record; None once the record has it."""
+        self.answered = False
+        """The response was complete before the request: the rest of the body is dropped."""
         self.exchange: Exchange | None = None
         self.call: PrimaryCall | None = None
         self.error: tuple[int, str] | None = None
         """An answer decided while parsing (status, message): sent instead of forwarding."""
 
 
-class _HeaderTooLarge(Exception):
-    pass
+class _Refusal(Exception):
+    """Raised in a parser callback: the request is refused with ``status`` (parsing stops)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _StopReading(Exception):
+    """Raised in a parser callback: stop reading from this client and close."""
 
 
 class ClientConnection(asyncio.Protocol):
     """One client socket: requests are served one at a time, in order (pipelining kept)."""
 
-    __slots__ = ("active", "client_addr", "close_after", "ctx", "gone", "last_active",
-                 "parser", "paused", "req", "transport", "waiting")
+    __slots__ = ("active", "channel", "client_addr", "close_after", "ctx", "discard_left",
+                 "discard_until", "gone", "last_active", "parser", "req", "transport",
+                 "waiting")
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.channel = ClientChannel(self.response_done)
         self.client_addr: str | None = None
         self.req: ClientRequest | None = None
+        """The request being parsed."""
         self.active: ClientRequest | None = None
+        """The request being answered (the same as ``req`` while its body streams)."""
         self.waiting: deque[ClientRequest] = deque()
         self.gone = False
-        self.paused = False
         self.close_after = False
         self.last_active = ctx.loop.time()
+        self.discard_left = 0
+        self.discard_until = 0.0
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = self.channel.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_addr = peer[0] if isinstance(peer, tuple) else None
         self.ctx.connections.add(self)
@@ -159,11 +193,13 @@ class ClientConnection(asyncio.Protocol):
             # The upgrade request itself was answered 501 (see on_headers_complete); what
             # follows it on this connection is not HTTP: stop reading, close after answering.
             self.close_after = True
-            if self.transport is not None:
-                self.transport.pause_reading()
+            self.channel.pause_reading(READ_CLOSING)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeaderTooLarge):
-                self._reject(431, f"request head larger than {self.ctx.max_header_bytes} bytes")
+            cause = exc.__context__
+            if isinstance(cause, _Refusal):
+                self._reject(cause.status, cause.message)
+            elif isinstance(cause, _StopReading):
+                self._close()
             else:
                 log.exception("internal error while reading a request")
                 self._reject(500, "internal error while reading the request")
@@ -173,22 +209,27 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.ctx.connections.discard(self)
-        # Transport and parser refer back to this protocol: let refcounting free them all.
+        # Transport, parser and channel refer back to this protocol: let refcounting free
+        # them all.
         self.transport = None
+        self.channel.gone()
         self.parser = http1.CLOSED_PARSER  # type: ignore[assignment]
+        req = self.req
+        if req is not None:
+            self._finish_capture(req)  # a streamed request cut short is still recorded
         active = self.active
         if active is not None and active.call is not None:
             active.call.client_gone()
 
     def pause_writing(self) -> None:
         call = self.active.call if self.active is not None else None
-        if call is not None and call.conn is not None:
-            call.conn.pause_reading()
+        if call is not None:
+            call.pause_response()
 
     def resume_writing(self) -> None:
         call = self.active.call if self.active is not None else None
-        if call is not None and call.conn is not None:
-            call.conn.resume_reading()
+        if call is not None:
+            call.resume_response()
 
     # --- httptools callbacks ---
     def on_message_begin(self) -> None:
@@ -197,10 +238,10 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         req = self.req
         assert req is not None
-        req.target += url
+        req.url += url
         req.header_bytes += len(url)
         if req.header_bytes > self.ctx.max_header_bytes:
-            raise _HeaderTooLarge
+            raise self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
@@ -215,7 +256,10 @@ class ClientConnection(asyncio.Protocol):
                 noted[lname] += b", " + value
         req.header_bytes += len(name) + len(value) + 4
         if req.header_bytes > self.ctx.max_header_bytes:
-            raise _HeaderTooLarge
+            raise self._head_too_large()
+
+    def _head_too_large(self) -> _Refusal:
+        return _Refusal(431, f"request head larger than {self.ctx.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -224,7 +268,7 @@ class ClientConnection(asyncio.Protocol):
         req.method = method = parser.get_method()
         req.keep_alive = parser.should_keep_alive()
         req.http10 = parser.get_http_version() == "1.0"
-        req.path, req.query = split_target(req.target)
+        req.path, req.query = split_url(req.url)
         if parser.should_upgrade():
             req.error = (501, "protocol upgrades (WebSocket, h2c) are not proxied")
             req.keep_alive = False
@@ -238,53 +282,67 @@ class ClientConnection(asyncio.Protocol):
             self._start_streaming(req, int(length))
         expect = req.noted.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not pipelined:
-            self._write(http1.CONTINUE_100)
+            self.channel.write(http1.CONTINUE_100)
 
     def on_body(self, body: bytes) -> None:
         req = self.req
         assert req is not None
         if req.route is None:
             return  # not routed: the body is read and dropped
+        if req.answered:
+            self.discard_left -= len(body)
+            if self.discard_left < 0:
+                raise _StopReading
+            return
         req.body_size += len(body)
         if req.streaming:
-            assert req.call is not None and req.exchange is not None
+            self._capture(req, body)
+            assert req.call is not None
             req.call.send_body(body)
-            capture_request_body(req.exchange, body, self.ctx.capture_cap)
             return
         req.chunks.append(body)
         if req.body_size > self.ctx.max_mirror_body:
             if self.active is not None:
                 # Only the request being served can stream; a pipelined one this large is
                 # refused rather than buffered without bound.
-                self._reject(413, "a pipelined request body over "
-                                  "limits.max_mirror_body_bytes cannot be buffered")
-                return
+                raise _Refusal(413, "a pipelined request body over "
+                                    "limits.max_mirror_body_bytes cannot be buffered")
             buffered = b"".join(req.chunks)
             req.chunks = []
             self._start_streaming(req, None)
-            assert req.call is not None and req.exchange is not None
+            self._capture(req, buffered)
+            assert req.call is not None
             req.call.send_body(buffered)
-            capture_request_body(req.exchange, buffered, self.ctx.capture_cap)
 
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
         self.req = None
-        req.complete = True
+        if req.answered:
+            # The rest of a body whose answer is out: the answer said the connection closes.
+            self._close()
+            return
         if req.streaming:
+            self._finish_capture(req)
             assert req.call is not None
             req.call.end_body()
+            channel = self.channel
+            if not channel.started():
+                # The whole request arrived before the answer began: keep-alive is possible.
+                channel.keep_alive = self._keep_alive(req)
             return
         if self.active is None:
             self._serve(req)
         else:
             self.waiting.append(req)
-            if len(self.waiting) >= _MAX_PIPELINED and self.transport is not None:
-                self.transport.pause_reading()
-                self.paused = True
+            if len(self.waiting) >= _MAX_PIPELINED:
+                self.channel.pause_reading(READ_PIPELINE)
 
     # --- serving ---
-    def _new_exchange(self, req: ClientRequest, route: RouteTarget) -> Exchange:
+    def _keep_alive(self, req: ClientRequest) -> bool:
+        return req.keep_alive and not self.close_after and not self.ctx.draining
+
+    def _new_exchange(self, req: ClientRequest, route: CompiledRoute) -> Exchange:
         request_id = req.noted.get(b"x-request-id")
         rid = None
         if request_id is not None and 0 < len(request_id) <= 200 and request_id.isascii():
@@ -298,7 +356,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _head_parts(self, req: ClientRequest, exchange: Exchange, content_length: int | None,
                     chunked: bool) -> tuple[bytes, bytes, bytes]:
-        """(request target, common header lines, tail lines) shared by every upstream."""
+        """(path and query, common header lines, tail lines) shared by every upstream."""
         headers = req.headers
         noted = req.noted
         skip = http1.REQUEST_REWRITTEN
@@ -318,19 +376,20 @@ class ClientConnection(asyncio.Protocol):
             tail.append(b"Transfer-Encoding: chunked\r\n")
         elif content_length is not None:
             tail.append(b"Content-Length: %d\r\n" % content_length)
-        target = req.path + b"?" + req.query if req.query else req.path
-        return target, common, b"".join(tail)
+        path_query = req.path + b"?" + req.query if req.query else req.path
+        return path_query, common, b"".join(tail)
 
-    def _primary_head(self, req: ClientRequest, route: RouteTarget, target: bytes,
+    def _primary_head(self, req: ClientRequest, route: CompiledRoute, path_query: bytes,
                       common: bytes, tail: bytes) -> bytes:
         host = req.noted.get(b"host") if route.preserve_host else None
         pool = route.primary
         return http1.request_head(
-            req.method, pool.base_path + target,
+            req.method, pool.base_path + path_query,
             b"Host: " + (host or pool.host_header) + b"\r\n" + common + tail)
 
     def _serve(self, req: ClientRequest) -> None:
         self.active = req
+        self.channel.begin(self._keep_alive(req), req.http10)
         if req.error is not None:
             self._respond_error(req, *req.error)
             return
@@ -342,7 +401,10 @@ class ClientConnection(asyncio.Protocol):
         exchange = self._new_exchange(req, route)
         body = b"".join(req.chunks) if len(req.chunks) != 1 else req.chunks[0]
         req.chunks = []
-        capture_request_body(exchange, body, self.ctx.capture_cap)
+        cap = self.ctx.capture_cap
+        exchange.body = body if len(body) <= cap else body[:cap]
+        exchange.body_size = len(body)
+        exchange.body_truncated = len(body) > cap
         length = len(body) if body or req.method in _BODY_METHODS else None
         self._forward(req, route, exchange, body, length, skip_reason=None)
 
@@ -352,78 +414,125 @@ class ClientConnection(asyncio.Protocol):
         assert route is not None
         self.active = req
         req.streaming = True
+        req.captured = []
+        # Connection: close, unless the whole request arrives before the answer begins.
+        self.channel.begin(False, req.http10)
         exchange = self._new_exchange(req, route)
+        exchange.hold()  # the record waits for the body (_finish_capture)
         self._forward(req, route, exchange, b"", length, skip_reason="body_too_large")
 
-    def _forward(self, req: ClientRequest, route: RouteTarget, exchange: Exchange,
+    def _capture(self, req: ClientRequest, data: bytes) -> None:
+        captured = req.captured
+        if captured is not None and req.exchange is not None:
+            req.exchange.capture(captured, data, self.ctx.capture_cap)
+
+    def _finish_capture(self, req: ClientRequest) -> None:
+        """A streamed body ended (or was given up): the record gets what was kept of it."""
+        captured = req.captured
+        exchange = req.exchange
+        if captured is None or exchange is None:
+            return
+        req.captured = None
+        exchange.body = captured[0] if len(captured) == 1 else b"".join(captured)
+        exchange.finish_call()
+
+    def _forward(self, req: ClientRequest, route: CompiledRoute, exchange: Exchange,
                  body: bytes, length: int | None, skip_reason: str | None) -> None:
         """Start the primary's call, then the shadows'. A body being streamed (skip_reason
         set) goes with Content-Length when known, else chunked, and to the primary only."""
         streaming = skip_reason is not None
         chunked = streaming and length is None
-        target, common, tail = self._head_parts(req, exchange, length, chunked=chunked)
-        head = self._primary_head(req, route, target, common, tail)
-        call = req.call = PrimaryCall(self, req, route, exchange, head, body)
+        path_query, common, tail = self._head_parts(req, exchange, length, chunked=chunked)
+        head = self._primary_head(req, route, path_query, common, tail)
+        call = req.call = PrimaryCall(self.channel, route, exchange, head, body,
+                                      req.method == b"HEAD", self.ctx.capture_cap)
         if streaming:
             call.stream_request(chunked=chunked)
         route.primary.start(call)
         if route.shadows:
-            start_shadows(route.shadows, exchange, req.method, target, req.headers, common,
-                          tail, body, skip_reason, self.ctx.capture_cap)
+            start_shadows(route.shadows, exchange, req.method, path_query, req.headers,
+                          common, tail, body, skip_reason, self.ctx.capture_cap)
 
-    def response_done(self, req: ClientRequest) -> None:
-        """The response to ``req`` is fully written: serve the next request, or close."""
+    def response_done(self) -> None:
+        """The completion callback: the active request's response is complete (or given
+        up). Serve the next request, drop the rest of an answered body, or close."""
+        req = self.active
+        if req is None:
+            return
         self.active = None
         req.call = None  # call and request refer to each other: let plain refcounting free them
-        self.last_active = self.ctx.loop.time()
+        self.last_active = now = self.ctx.loop.time()
         if self.gone:
             return
-        if not req.keep_alive or self.close_after or self.ctx.draining:
-            assert self.transport is not None
-            self.transport.close()
+        channel = self.channel
+        channel.resume_reading(READ_UPSTREAM)
+        if self.req is req:
+            # Answered before the whole request arrived (an early 413, a 504): the record
+            # keeps what was forwarded, the rest is read and dropped up to a bound and a
+            # deadline, then the connection closes (the answer said so).
+            req.answered = True
+            self._finish_capture(req)
+            self.discard_left = _DISCARD_MAX_BYTES
+            self.discard_until = now + _DISCARD_S
+            return
+        if not channel.keep_alive or self.close_after or self.ctx.draining:
+            self._close()
             return
         if self.waiting:
             nxt = self.waiting.popleft()
-            if self.paused and len(self.waiting) < _MAX_PIPELINED // 2:
-                assert self.transport is not None
-                self.transport.resume_reading()
-                self.paused = False
+            if len(self.waiting) < _MAX_PIPELINED // 2:
+                channel.resume_reading(READ_PIPELINE)
             self._serve(nxt)
 
     def _respond_error(self, req: ClientRequest, status: int, message: str) -> None:
         route = req.route
         if route is not None:
             route.counters.count(status)
-        keep_alive = req.keep_alive and not self.ctx.draining
         rid = req.exchange.request_id if req.exchange is not None else None
-        self._write(http1.json_error(status, message, rid, keep_alive=keep_alive))
-        self.response_done(req)
+        self.channel.answer(status, message, rid)
+        self.response_done()
 
     def _reject(self, status: int, message: str) -> None:
         """A request that cannot be parsed or accepted: answer it and close the connection."""
+        req = self.req
         self.req = None
         if self.transport is None or self.gone:
             return
-        self.transport.pause_reading()
-        if self.active is None:
-            self._write(http1.json_error(status, message, None, keep_alive=False))
-            self.transport.close()
-        else:
-            self.close_after = True  # answer what was accepted first, then close
+        channel = self.channel
+        channel.pause_reading(READ_CLOSING)
+        if req is not None and req.answered:
+            self._close()  # its answer is out already
+            return
+        active = self.active
+        if active is None:
+            channel.begin(False, False)
+            channel.answer(status, message, None)
+            self._close()
+            return
+        self.close_after = True  # answer what was accepted first, then close
+        if active is req:
+            # The request being streamed to the primary can never be completed.
+            self._finish_capture(req)
+            if req.call is not None:
+                req.call.refuse(status, message)
 
-    def _write(self, data: bytes) -> None:
-        if not self.gone and self.transport is not None:
-            self.transport.write(data)
+    def _close(self) -> None:
+        """Close once what was written has been sent."""
+        if self.transport is not None:
+            self.transport.close()
 
     # --- housekeeping ---
     def is_idle(self) -> bool:
         return self.active is None and self.req is None and not self.waiting
 
-    def check_timeout(self, deadline: float) -> None:
+    def check_timeout(self, deadline: float, now: float) -> None:
         if self.gone or self.transport is None:
             return
         req = self.req
-        if req is not None and self.active is None and req.started < deadline:
+        if req is not None and req.answered:
+            if now > self.discard_until:
+                self._close()
+        elif req is not None and self.active is None and req.started < deadline:
             self._reject(408, "request not received in time (limits.client_timeout_s)")
         elif self.is_idle() and self.last_active < deadline:
             self.transport.close()

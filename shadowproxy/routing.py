@@ -36,8 +36,10 @@ class Router(Generic[T]):
         return None
 
 
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """(path, query) of a request target; absolute-form URLs are reduced to their path."""
+def split_url(url: bytes) -> tuple[bytes, bytes]:
+    """(path, query) of a request's URL (its request-target); absolute-form URLs are
+    reduced to their path."""
+    target = url
     if not target.startswith(b"/"):
         # absolute-form ("http://host/p?q") or authority/asterisk form: drop scheme and host;
         # the proxy only ever forwards to configured upstreams.

@@ -3,7 +3,7 @@
 Socket and HTTP-parser errors on the upstream side are handled here: they become a failure
 of the call (an ``ErrorKind`` and a detail such as ``connect: Connection refused``), never an
 exception. A call (``UpstreamCall``) is a small state object; subclasses in
-``proxy.py`` (the primary, streamed back to the client) and ``mirror.py`` (shadows,
+``primary.py`` (the primary, streamed back to the client) and ``mirror.py`` (shadows,
 captured for the record) react to its events.
 
 Why raw protocols instead of ``aiohttp.ClientSession``: a shadow proxy makes two or more
@@ -24,7 +24,7 @@ import httptools
 
 from shadowproxy import http1
 from shadowproxy.failures import ErrorKind
-from shadowproxy.models import Headers
+from shadowproxy.models import CapturedResponse, Exchange, Headers
 from shadowproxy.tasks import spawn
 
 MAX_IDLE_PER_UPSTREAM = 512
@@ -43,20 +43,36 @@ _DONE: Final = 3
 
 
 class UpstreamCall:
-    """One request to one upstream. Subclasses override the ``on_*`` events.
+    """One request to one upstream, and its outcome on the exchange's record.
 
-    Exactly one of ``on_response_end`` or ``on_failure`` is called, once.
+    Subclasses (``primary.PrimaryCall``, ``mirror.ShadowCall``) react to the ``on_*``
+    events; exactly one of ``on_response_end`` or ``on_failure`` is called, once. A request
+    body too large to hold is streamed: ``stream_body``, then ``write_body`` as pieces
+    arrive and ``finish_body``.
     """
 
-    __slots__ = ("_progress", "body", "conn", "done", "expect_no_body", "head", "pool",
-                 "retried", "sent_at", "timeout", "timer")
+    __slots__ = ("_progress", "body", "body_done", "capture_cap", "chunks", "conn", "done",
+                 "exchange", "head", "head_only", "pending", "pool", "record", "retried",
+                 "sent_at", "streaming", "timeout", "timer")
 
-    def __init__(self, head: bytes, body: bytes, timeout: float, expect_no_body: bool) -> None:
+    def __init__(self, exchange: Exchange, record: CapturedResponse, head: bytes, body: bytes,
+                 timeout: float, head_only: bool, capture_cap: int) -> None:
+        self.exchange = exchange
+        self.record = record
+        exchange.start_call(record)
         self.head = head
         self.body = body
         self.timeout = timeout
-        self.expect_no_body = expect_no_body
+        self.head_only = head_only
         """True for HEAD requests: the response has headers only, whatever they say."""
+        self.capture_cap = capture_cap
+        self.chunks: list[bytes] = []
+        """The response body captured for the record, up to ``capture_cap`` bytes."""
+        self.streaming = False
+        self.body_done = False
+        """A streamed body has been written to its end."""
+        self.pending: list[bytes] = []
+        """Pieces of a streamed body that arrived before the connection was made."""
         self.conn: UpstreamConnection | None = None
         self.pool: UpstreamPool | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -66,8 +82,7 @@ class UpstreamCall:
         self._progress = 0
 
     # --- events, overridden by subclasses ---
-    def on_response_head(self, status: int, reason: bytes, headers: Headers,
-                         conn: UpstreamConnection) -> None:
+    def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
         """The status line and headers arrived."""
 
     def on_response_body(self, data: bytes) -> None:
@@ -79,15 +94,64 @@ class UpstreamCall:
     def on_failure(self, kind: ErrorKind, detail: str) -> None:
         """No complete response: ``kind`` says why, ``detail`` in words."""
 
+    def on_body_paused(self) -> None:
+        """The upstream takes no more of a streamed body for now (no connection yet, or it
+        reads more slowly than we write)."""
+
+    def on_body_resumed(self) -> None:
+        """The upstream takes the streamed body again."""
+
+    # --- the request body ---
+    def stream_body(self) -> None:
+        """The body is not all here: it follows the head in pieces (``write_body``)."""
+        self.streaming = True
+        self.retried = True  # a half-sent body cannot be sent again
+
+    def write_body(self, data: bytes) -> None:
+        """Send the next piece of a streamed body (framed as it goes on the wire)."""
+        if self.done:
+            return
+        conn = self.conn
+        if conn is None:
+            self.pending.append(data)
+            if len(self.pending) == 1:
+                self.on_body_paused()  # until the connection is made and takes it
+        else:
+            conn.write(data)
+
+    def finish_body(self) -> None:
+        """The streamed body has been written to its end."""
+        self.body_done = True
+        conn = self.conn
+        if conn is not None:
+            conn.request_sent = True
+
     def take_body(self) -> bytes:
-        """The request body to send with the head once a connection is attached."""
-        return self.body
+        """The body to send with the head, now that a connection is attached."""
+        if not self.streaming:
+            return self.body
+        pending = self.pending
+        if not pending:
+            return b""
+        self.pending = []
+        self.on_body_resumed()
+        return pending[0] if len(pending) == 1 else b"".join(pending)
 
-    def on_upstream_pause(self) -> None:
-        """The upstream reads our request more slowly than we write it."""
+    # --- the record ---
+    def capture(self, data: bytes) -> None:
+        """Count a piece of the response body, keeping it for the record up to the cap."""
+        self.record.capture(self.chunks, data, self.capture_cap)
 
-    def on_upstream_resume(self) -> None:
-        """The upstream caught up with our writes."""
+    def close_record(self) -> float:
+        """Latency and body onto the record, and tell the exchange this call ended.
+
+        Returns the latency in milliseconds."""
+        record = self.record
+        record.latency_ms = latency = (time.perf_counter() - self.sent_at) * 1000.0
+        chunks = self.chunks
+        record.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.exchange.finish_call()
+        return latency
 
     # --- driven by the pool and the connection ---
     def _finish(self) -> None:
@@ -108,6 +172,15 @@ class UpstreamCall:
             self._finish()
             self.on_response_end()
 
+    def cancel(self, kind: ErrorKind, detail: str) -> None:
+        """End the call now, whatever it waits for: its connection is closed."""
+        if self.done:
+            return
+        conn = self.conn
+        if conn is not None:
+            conn.detach()
+        self.fail(kind, detail)
+
     def _timed_out(self) -> None:
         if self.done:
             return
@@ -118,9 +191,7 @@ class UpstreamCall:
             assert self.pool is not None
             self.timer = self.pool.loop.call_later(self.timeout, self._timed_out)
             return
-        if conn is not None:
-            conn.detach()
-        self.fail(ErrorKind.TIMEOUT, "timeout")
+        self.cancel(ErrorKind.TIMEOUT, "timeout")
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -134,8 +205,8 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = ("body_until_close", "call", "closed", "dirty", "head_only", "headers",
-                 "keep_alive", "parser", "pool", "progress", "reason", "received", "reused",
-                 "state", "transport")
+                 "keep_alive", "parser", "pool", "progress", "reading_paused", "reason",
+                 "received", "request_sent", "reused", "state", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -153,6 +224,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = False
         """The current request is a HEAD: its response has no body, whatever it says."""
         self.body_until_close = False
+        self.request_sent = False
+        """The whole request has been written: only then may the connection be reused."""
+        self.reading_paused = False
+        """Reading stopped because the client does not take the response as fast."""
         self.reused = False
         self.progress = 0
 
@@ -191,6 +266,7 @@ class UpstreamConnection(asyncio.Protocol):
         if call is None:
             return
         self.call = None
+        call.conn = None
         if self.body_until_close and state == _BODY and exc is None:
             call.end()  # a response delimited by the end of the connection
         elif self.reused and not self.received and not call.retried:
@@ -207,12 +283,14 @@ class UpstreamConnection(asyncio.Protocol):
                       "closed: upstream closed the connection before the response ended")
 
     def pause_writing(self) -> None:
-        if self.call is not None:
-            self.call.on_upstream_pause()
+        call = self.call
+        if call is not None and call.streaming:
+            call.on_body_paused()
 
     def resume_writing(self) -> None:
-        if self.call is not None:
-            self.call.on_upstream_resume()
+        call = self.call
+        if call is not None and call.streaming:
+            call.on_body_resumed()
 
     # --- httptools callbacks ---
     def on_message_begin(self) -> None:
@@ -236,13 +314,15 @@ class UpstreamConnection(asyncio.Protocol):
         if status < 200:
             self.headers = []  # 1xx interim response: wait for the final one
             return
-        self.keep_alive = parser.should_keep_alive()
+        # A response that starts before the whole request was written (an early 413, say)
+        # leaves the connection in an unknown state: it is never reused.
+        self.keep_alive = parser.should_keep_alive() and self.request_sent
         headers = self.headers
         if self.head_only:
             # The parser cannot be told that a HEAD response has no body: the response ends
             # here, and a fresh parser takes the next one (see _settle).
             self.state = _DONE
-            call.on_response_head(status, self.reason, headers, self)
+            call.on_response_head(status, self.reason, headers)
             return
         self.state = _BODY
         if status not in http1.NO_BODY_STATUS:  # the parser itself ends 204 and 304 here
@@ -255,7 +335,7 @@ class UpstreamConnection(asyncio.Protocol):
             if not framed:
                 self.body_until_close = True
                 self.keep_alive = False
-        call.on_response_head(status, self.reason, headers, self)
+        call.on_response_head(status, self.reason, headers)
 
     def on_body(self, body: bytes) -> None:
         if self.state != _BODY:
@@ -277,7 +357,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.call = call
         call.conn = self
         self.state = _AWAITING
-        self.head_only = call.expect_no_body
+        self.head_only = call.head_only
+        self.request_sent = not call.streaming or call.body_done
         self.reused = reused
         self.received = False
         self.dirty = False
@@ -293,32 +374,43 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             transport.writelines((call.head, body))
 
+    def write(self, data: bytes) -> None:
+        """More of the current request (a streamed body)."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
     def _settle(self) -> None:
         """The response is complete and this read fully parsed: pool or close, then end."""
         call = self.call
         self.call = None
         self.state = _IDLE
-        if self.keep_alive and not self.dirty and not self.closed:
+        if self.keep_alive and self.request_sent and not self.dirty and not self.closed:
             if self.head_only:
                 # The old parser may be waiting for the body the headers announced.
                 self.parser = httptools.HttpResponseParser(self)
+            if self.reading_paused:
+                self.resume_reading()
             self.pool.release(self)
         else:
             self.abort()
         if call is not None:
+            call.conn = None
             call.end()
 
     def _fail(self, kind: ErrorKind, detail: str) -> None:
         call = self.call
-        self.call = None
-        self.state = _IDLE
-        self.abort()
+        self.detach()
         if call is not None:
             call.fail(kind, detail)
 
     def detach(self) -> None:
-        """Cut the current call loose (it timed out, or its client left) and close."""
-        self.call = None
+        """Let go of the current call (it failed, timed out, or its client left), and close:
+        what the upstream still sends for it must never reach another call."""
+        call = self.call
+        if call is not None:
+            self.call = None
+            call.conn = None
         self.state = _IDLE
         self.abort()
 
@@ -330,10 +422,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
 
     def pause_reading(self) -> None:
+        self.reading_paused = True
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        self.reading_paused = False
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
@@ -421,8 +515,4 @@ class UpstreamPool:
     def abort_active(self) -> None:
         """End every call still in flight (the shutdown grace is over)."""
         for call in list(self.active):
-            conn = call.conn
-            if conn is not None:
-                conn.detach()
-            call.fail(ErrorKind.SHUTDOWN,
-                      "shutdown: the call outlived limits.shutdown_grace_s")
+            call.cancel(ErrorKind.SHUTDOWN, "shutdown: the call outlived limits.shutdown_grace_s")
