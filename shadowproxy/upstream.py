@@ -51,9 +51,9 @@ class UpstreamCall:
     arrive and ``finish_body``.
     """
 
-    __slots__ = ("_progress", "body", "body_done", "capture_cap", "chunks", "conn", "done",
-                 "exchange", "head", "head_only", "pending", "pool", "record", "retried",
-                 "sent_at", "streaming", "timeout", "timer")
+    __slots__ = ("_progress", "body", "body_done", "cancel_reason", "capture_cap", "chunks",
+                 "conn", "connecting", "done", "exchange", "head", "head_only", "pending",
+                 "pool", "record", "retried", "sent_at", "streaming", "timeout", "timer")
 
     def __init__(self, exchange: Exchange, record: CapturedResponse, head: bytes, body: bytes,
                  timeout: float, head_only: bool, capture_cap: int) -> None:
@@ -74,6 +74,9 @@ class UpstreamCall:
         self.pending: list[bytes] = []
         """Pieces of a streamed body that arrived before the connection was made."""
         self.conn: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        """The attempt to make this call's connection, while it runs."""
+        self.cancel_reason: tuple[ErrorKind, str] | None = None
         self.pool: UpstreamPool | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
@@ -173,8 +176,18 @@ class UpstreamCall:
             self.on_response_end()
 
     def cancel(self, kind: ErrorKind, detail: str) -> None:
-        """End the call now, whatever it waits for: its connection is closed."""
+        """End the call now, whatever it waits for: its connection is closed.
+
+        A connection still being made is cancelled, which closes its socket, and the call
+        fails once that is done: until then it is in flight (``max_in_flight``), so that a
+        host that drops connection attempts cannot pile up half-open sockets."""
         if self.done:
+            return
+        connecting = self.connecting
+        if connecting is not None:
+            if self.cancel_reason is None:
+                self.cancel_reason = (kind, detail)
+                connecting.cancel()
             return
         conn = self.conn
         if conn is not None:
@@ -452,8 +465,8 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self.active: set[UpstreamCall] = set()
         """Calls in flight, so that shutdown can end the ones that outlive the grace period."""
-        self._connecting = 0
         self._closing = False
+        self._task_name = f"connect-{name}"
 
     def start(self, call: UpstreamCall) -> None:
         """Send ``call`` on an idle connection, or on a new one; never blocks."""
@@ -476,20 +489,31 @@ class UpstreamPool:
         if self._closing:
             call.fail(ErrorKind.SHUTDOWN, "shutdown: the proxy is stopping")
             return
-        spawn(self._connect_and_send(call), name=f"connect-{self.name}")
+        call.connecting = spawn(self._connect_and_send(call), name=self._task_name)
+
+    def _new_connection(self) -> UpstreamConnection:
+        return UpstreamConnection(self)
 
     async def _connect_and_send(self, call: UpstreamCall) -> None:
-        self._connecting += 1
         try:
             _, conn = await self.loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl)
-        except (OSError, ssl.SSLError, asyncio.CancelledError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            call.fail(ErrorKind.CONNECT, f"connect: {reason}")
+                self._new_connection, self.host, self.port, ssl=self.ssl)
+        except asyncio.CancelledError:
+            # The socket is closed by now (create_connection closes it when cancelled).
+            call.connecting = None
+            reason = call.cancel_reason
+            if reason is None:  # cancelled from outside: the event loop is closing
+                call.fail(ErrorKind.SHUTDOWN, "shutdown: the proxy is stopping")
+                raise
+            call.fail(reason[0], reason[1])
             return
-        finally:
-            self._connecting -= 1
-        if call.done:  # timed out while connecting
+        except (OSError, ssl.SSLError) as exc:
+            call.connecting = None
+            reason_text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            call.fail(ErrorKind.CONNECT, f"connect: {reason_text}")
+            return
+        call.connecting = None
+        if call.done:
             conn.abort()
             return
         conn.send(call, reused=False)
