@@ -110,7 +110,7 @@ def compile_routes(settings: Settings, loop: asyncio.AbstractEventLoop, metrics:
 
     def pool(url: str, name: str) -> UpstreamPool:
         if url not in pools:
-            pools[url] = UpstreamPool(loop, url, name)
+            pools[url] = UpstreamPool(loop, url, name, settings.limits)
         return pools[url]
 
     entries = []

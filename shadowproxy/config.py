@@ -182,6 +182,7 @@ class Limits(_Frozen):
 
     max_mirror_body_bytes: int = Field(default=16_777_216, ge=0)
     max_header_bytes: int = Field(default=65_536, ge=1024)
+    max_response_header_bytes: int = Field(default=65_536, ge=1024)
     client_timeout_s: PositiveSeconds = 60.0
     shutdown_grace_s: PositiveSeconds = 10.0
 

@@ -196,14 +196,15 @@ class PrimaryCall(UpstreamCall):
         if self.conn is not None:
             self.conn.resume_reading()
 
-    def client_gone(self) -> None:
-        """The client disconnected: stop a response that is streaming to it, or a request
-        whose body will never end. A call that only waits for its answer runs on, so that
-        the primary's answer is recorded."""
+    def client_gone(self, reason: str) -> None:
+        """The client disconnected (``reason`` as recorded): stop a response that is
+        streaming to it, or a request whose body will never end. A call that only waits for
+        its answer runs on, so that the primary's answer is recorded."""
         if self.done:
             return
-        if self.client.head_sent or (self.streaming and not self.body_done):
-            self.cancel(ErrorKind.CLOSED, "closed: client disconnected")
+        if self.client.head_sent or self.client.writing_paused or (
+                self.streaming and not self.body_done):
+            self.cancel(ErrorKind.CLOSED, reason)
 
     def refuse(self, status: int, message: str) -> None:
         """The client's request turned out to be unacceptable after it was forwarded (in

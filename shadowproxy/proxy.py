@@ -33,7 +33,13 @@ from shadowproxy.upstream import UpstreamPool
 
 log = logging.getLogger("shadowproxy")
 
+# Requests read ahead of the one being answered (pipelining): reading pauses at 16 of them
+# or 1 MiB of their bodies, so a client that sends without reading is held back. What one
+# read already holds is still parsed; past 128 requests the connection answers those and
+# closes rather than holding more.
 _MAX_PIPELINED = 16
+_MAX_PIPELINED_BYTES = 1024 * 1024
+_MAX_PIPELINED_PARSED = 128
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 # What is left of a request body after its answer (an early 413 or 504) is read and dropped,
 # so that the client reads the answer rather than a reset, up to these bounds (aiohttp's
@@ -104,6 +110,7 @@ class ClientRequest:
         "method",
         "noted",
         "path",
+        "pipelined",
         "query",
         "received_at",
         "route",
@@ -136,6 +143,8 @@ class ClientRequest:
         """A streamed body's pieces kept for the record; None once the record has it."""
         self.answered = False
         """The response was complete before the request: the rest of the body is dropped."""
+        self.pipelined = False
+        """Read while another request was being answered: its body counts as buffered."""
         self.exchange: Exchange | None = None
         self.call: PrimaryCall | None = None
         self.error: tuple[int, str] | None = None
@@ -158,9 +167,9 @@ class _StopReading(Exception):
 class ClientConnection(asyncio.Protocol):
     """One client socket: requests are served one at a time, in order (pipelining kept)."""
 
-    __slots__ = ("active", "channel", "client_addr", "close_after", "ctx", "discard_left",
-                 "discard_until", "gone", "last_active", "parser", "req", "transport",
-                 "waiting")
+    __slots__ = ("active", "buffered", "channel", "client_addr", "close_after", "ctx",
+                 "discard_left", "discard_until", "gone", "gone_reason", "last_active",
+                 "parser", "req", "transport", "waiting")
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
@@ -173,7 +182,11 @@ class ClientConnection(asyncio.Protocol):
         self.active: ClientRequest | None = None
         """The request being answered (the same as ``req`` while its body streams)."""
         self.waiting: deque[ClientRequest] = deque()
+        """Requests read and waiting for their turn."""
+        self.buffered = 0
+        """Body bytes held for pipelined requests (``ClientRequest.pipelined``)."""
         self.gone = False
+        self.gone_reason = "closed: client disconnected"
         self.close_after = False
         self.last_active = ctx.loop.time()
         self.discard_left = 0
@@ -219,20 +232,32 @@ class ClientConnection(asyncio.Protocol):
             self._finish_capture(req)  # a streamed request cut short is still recorded
         active = self.active
         if active is not None and active.call is not None:
-            active.call.client_gone()
+            active.call.client_gone(self.gone_reason)
 
     def pause_writing(self) -> None:
+        # The client reads more slowly than it is answered: the primary's response is not
+        # read further, and no other request is started until it catches up (or, after
+        # limits.client_timeout_s without progress, is disconnected: check_timeout).
+        channel = self.channel
+        channel.writing_paused = True
+        channel.stalled_since = self.ctx.loop.time()
         call = self.active.call if self.active is not None else None
         if call is not None:
             call.pause_response()
 
     def resume_writing(self) -> None:
-        call = self.active.call if self.active is not None else None
-        if call is not None:
-            call.resume_response()
+        self.channel.writing_paused = False
+        active = self.active
+        if active is not None:
+            if active.call is not None:
+                active.call.resume_response()
+        elif self.waiting and not self.gone:
+            self._serve_next()
 
     # --- httptools callbacks ---
     def on_message_begin(self) -> None:
+        if len(self.waiting) >= _MAX_PIPELINED_PARSED:
+            raise _Refusal(429, "too many pipelined requests")  # the ones read are answered
         self.req = ClientRequest(self.ctx.loop.time())
 
     def on_url(self, url: bytes) -> None:
@@ -277,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
         if route is None:
             return
         length = req.noted.get(b"content-length")
-        pipelined = self.active is not None
+        pipelined = req.pipelined = self.active is not None or bool(self.waiting)
         if not pipelined and length is not None and int(length) > self.ctx.max_mirror_body:
             self._start_streaming(req, int(length))
         expect = req.noted.get(b"expect")
@@ -301,12 +326,17 @@ class ClientConnection(asyncio.Protocol):
             req.call.send_body(body)
             return
         req.chunks.append(body)
+        if req.pipelined:
+            self.buffered += len(body)
+            if self.buffered >= _MAX_PIPELINED_BYTES:
+                self.channel.pause_reading(READ_PIPELINE)
         if req.body_size > self.ctx.max_mirror_body:
-            if self.active is not None:
+            if self.active is not None or self.waiting:
                 # Only the request being served can stream; a pipelined one this large is
                 # refused rather than buffered without bound.
                 raise _Refusal(413, "a pipelined request body over "
                                     "limits.max_mirror_body_bytes cannot be buffered")
+            self._unbuffer(req)
             buffered = b"".join(req.chunks)
             req.chunks = []
             self._start_streaming(req, None)
@@ -331,16 +361,21 @@ class ClientConnection(asyncio.Protocol):
                 # The whole request arrived before the answer began: keep-alive is possible.
                 channel.keep_alive = self._keep_alive(req)
             return
-        if self.active is None:
+        if self.active is None and not self.waiting and not self.channel.writing_paused:
             self._serve(req)
         else:
             self.waiting.append(req)
+            if not req.pipelined:
+                req.pipelined = True
+                self.buffered += req.body_size
             if len(self.waiting) >= _MAX_PIPELINED:
                 self.channel.pause_reading(READ_PIPELINE)
 
     # --- serving ---
     def _keep_alive(self, req: ClientRequest) -> bool:
-        return req.keep_alive and not self.close_after and not self.ctx.draining
+        """Whether the connection stays open after answering ``req`` (so far)."""
+        return req.keep_alive and not self.ctx.draining and not (
+            self.close_after and not self.waiting)
 
     def _new_exchange(self, req: ClientRequest, route: CompiledRoute) -> Exchange:
         request_id = req.noted.get(b"x-request-id")
@@ -387,8 +422,27 @@ class ClientConnection(asyncio.Protocol):
             req.method, pool.base_path + path_query,
             b"Host: " + (host or pool.host_header) + b"\r\n" + common + tail)
 
+    def _unbuffer(self, req: ClientRequest) -> None:
+        """``req`` leaves the pipeline: its body no longer counts as buffered."""
+        if req.pipelined:
+            req.pipelined = False
+            self.buffered -= req.body_size
+
+    def _serve_next(self) -> None:
+        """Serve the first waiting request; read on once the pipeline has room again."""
+        nxt = self.waiting.popleft()
+        self._unbuffer(nxt)
+        channel = self.channel
+        if channel.read_pauses & READ_PIPELINE and len(self.waiting) < _MAX_PIPELINED // 2 \
+                and self.buffered < _MAX_PIPELINED_BYTES // 2:
+            channel.resume_reading(READ_PIPELINE)
+            if self.req is not None:
+                self.req.started = self.ctx.loop.time()  # it was held back, not slow
+        self._serve(nxt)
+
     def _serve(self, req: ClientRequest) -> None:
         self.active = req
+        self._unbuffer(req)
         self.channel.begin(self._keep_alive(req), req.http10)
         if req.error is not None:
             self._respond_error(req, *req.error)
@@ -475,14 +529,20 @@ class ClientConnection(asyncio.Protocol):
             self.discard_left = _DISCARD_MAX_BYTES
             self.discard_until = now + _DISCARD_S
             return
-        if not channel.keep_alive or self.close_after or self.ctx.draining:
+        if not channel.keep_alive or self.ctx.draining or (self.close_after and not self.waiting):
             self._close()
             return
         if self.waiting:
-            nxt = self.waiting.popleft()
-            if len(self.waiting) < _MAX_PIPELINED // 2:
-                channel.resume_reading(READ_PIPELINE)
-            self._serve(nxt)
+            if not channel.writing_paused:
+                self._serve_next()
+            return
+        # Nothing waits: a request still being read is next in line, no longer held back.
+        nxt = self.req
+        if nxt is not None:
+            self._unbuffer(nxt)
+            if channel.read_pauses & READ_PIPELINE:
+                nxt.started = now
+        channel.resume_reading(READ_PIPELINE)
 
     def _respond_error(self, req: ClientRequest, status: int, message: str) -> None:
         route = req.route
@@ -504,13 +564,13 @@ class ClientConnection(asyncio.Protocol):
             self._close()  # its answer is out already
             return
         active = self.active
-        if active is None:
+        if active is None and not self.waiting:
             channel.begin(False, False)
             channel.answer(status, message, None)
             self._close()
             return
         self.close_after = True  # answer what was accepted first, then close
-        if active is req:
+        if req is not None and active is req:
             # The request being streamed to the primary can never be completed.
             self._finish_capture(req)
             if req.call is not None:
@@ -527,6 +587,13 @@ class ClientConnection(asyncio.Protocol):
 
     def check_timeout(self, deadline: float, now: float) -> None:
         if self.gone or self.transport is None:
+            return
+        channel = self.channel
+        if channel.writing_paused and channel.stalled_since < deadline:
+            # The client has taken nothing for limits.client_timeout_s: let it go, and
+            # with it everything held for it.
+            self.gone_reason = "closed: the client stopped reading (limits.client_timeout_s)"
+            self.transport.abort()
             return
         req = self.req
         if req is not None and req.answered:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from shadowproxy import http1
+from shadowproxy.config import Limits
 from shadowproxy.failures import ErrorKind
 from shadowproxy.models import CapturedResponse, Exchange, Headers
 from shadowproxy.tasks import spawn
@@ -198,13 +199,19 @@ class UpstreamCall:
         if self.done:
             return
         conn = self.conn
-        if conn is not None and conn.state == _BODY and conn.progress != self._progress:
-            # A streaming body that still flows is not timed out: re-arm for another period.
+        if conn is not None and conn.state == _BODY and (
+                conn.reading_paused or conn.progress != self._progress):
+            # A streaming body that still flows is not timed out, nor one held back because
+            # the client reads slowly (the client side bounds that): re-arm.
             self._progress = conn.progress
             assert self.pool is not None
             self.timer = self.pool.loop.call_later(self.timeout, self._timed_out)
             return
         self.cancel(ErrorKind.TIMEOUT, "timeout")
+
+
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback: the response head is over the pool's cap."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -217,9 +224,9 @@ class UpstreamConnection(asyncio.Protocol):
     the pool exactly once per response, in ``_settle``.
     """
 
-    __slots__ = ("body_until_close", "call", "closed", "dirty", "head_only", "headers",
-                 "keep_alive", "parser", "pool", "progress", "reading_paused", "reason",
-                 "received", "request_sent", "reused", "state", "transport")
+    __slots__ = ("body_until_close", "call", "closed", "dirty", "head_bytes", "head_only",
+                 "headers", "keep_alive", "parser", "pool", "progress", "reading_paused",
+                 "reason", "received", "request_sent", "reused", "state", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -228,6 +235,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.call: UpstreamCall | None = None
         self.state = _IDLE
         self.headers: Headers = []
+        self.head_bytes = 0
+        """Bytes of status lines and header fields in the current response (capped)."""
         self.reason = b""
         self.keep_alive = True
         self.closed = False
@@ -259,6 +268,10 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if self.state == _DONE:
                 self.dirty = True  # garbage after a complete response: closed when settled
+            elif isinstance(exc.__context__, _HeadTooLarge):
+                self._fail(ErrorKind.PROTOCOL, f"response head larger than "
+                           f"{self.pool.max_head_bytes} bytes (limits.max_response_header_bytes)")
+                return
             else:
                 self._fail(ErrorKind.PROTOCOL, f"malformed response: {exc}")
                 return
@@ -312,10 +325,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self.reason = reason
+        self._count_head(len(reason) + 15)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
         if self.state == _AWAITING:
             self.headers.append((name, value))
+        # Otherwise a trailer of a chunked body, or part of a message nobody asked for:
+        # never merged into the head (it was relayed and recorded already).
+
+    def _count_head(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > self.pool.max_head_bytes:
+            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         if self.state != _AWAITING:
@@ -377,6 +399,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.dirty = False
         self.body_until_close = False
         self.headers = []
+        self.head_bytes = 0
         transport = self.transport
         assert transport is not None
         body = call.take_body()
@@ -448,10 +471,14 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one upstream, reused LIFO; new ones made on demand."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, name: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, name: str,
+                 limits: Limits) -> None:
         parts = urlsplit(url)
         self.loop = loop
         self.name = name
+        self.max_head_bytes = limits.max_response_header_bytes
+        """Status line and headers of a response (trailers included) are capped here: an
+        upstream that sends header lines without end is a protocol failure, not memory."""
         self.host = parts.hostname or "127.0.0.1"
         self.ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if parts.scheme == "https" else None)

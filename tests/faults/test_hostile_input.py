@@ -4,10 +4,13 @@ process keeps serving, and nothing already accepted is lost."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
+import socket
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import StartProxy, route
@@ -211,3 +214,79 @@ async def test_websocket_upgrade_is_refused_clearly(start_proxy: StartProxy) -> 
                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 501")
         await still_serving(proxy.port)
+
+
+async def test_client_pipelining_without_reading_is_held_back(start_proxy: StartProxy) -> None:
+    """A client that pipelines 3,000 requests and never reads: only the requests its socket
+    buffers make room for run (backpressure holds past the primary's timeout_s), and after
+    limits.client_timeout_s without progress the connection is dropped; others are served."""
+    answer = b"a" * 65536
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=answer)
+
+    async with serve(big) as primary, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url, "timeout_s": 0.5}}],
+                        limits={"client_timeout_s": 2}) as proxy:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 3000)
+        await asyncio.sleep(1.5)  # three times the primary's timeout_s
+        held = len(primary.seen)
+        assert held <= 100, held
+        await still_serving(proxy.port)
+        await asyncio.sleep(1.5)  # past client_timeout_s: the stalled client is let go
+        assert len(primary.seen) <= held + 2
+        try:
+            with pytest.raises(ConnectionError):
+                for _ in range(1000):  # what the buffers hold, then the end
+                    if not await reader.read(1 << 20):
+                        raise ConnectionResetError
+        finally:
+            writer.close()
+
+
+async def test_upstream_response_heads_are_capped(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A primary sending 10,000 response headers gives the client a 502; a shadow that
+    keeps sending header lines fails at the cap long before its timeout_s; both are
+    recorded as protocol errors."""
+    async def many_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
+                b"X-Header-%d: some value\r\n" % i for i in range(10_000))
+                         + b"Content-Length: 2\r\n\r\n{}")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\n")
+            with contextlib.suppress(ConnectionError):
+                for i in range(1_000_000):
+                    writer.write(b"X-More-%d: %s\r\n" % (i, b"v" * 100))
+                    await writer.drain()
+                    await asyncio.sleep(0.0005)
+        finally:
+            writer.close()
+
+    async with raw_server(many_headers) as primary, raw_server(endless_head) as shadow, \
+            start_proxy([{"name": "r", "primary": {"url": primary},
+                          "shadows": [{"name": "s1", "url": shadow, "timeout_s": 3}]}]
+                        ) as proxy, aiohttp.ClientSession() as http:
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/x")
+        assert resp.status == 502
+        assert "larger than 65536 bytes" in (await resp.json())["error"]
+        await wait_for_rows(database_url, "responses", 2)
+    rows = await fetch(database_url, "SELECT role, status, error_kind, latency_ms "
+                                     "FROM shadowproxy.responses ORDER BY role")
+    assert [(r["role"], r["status"], r["error_kind"]) for r in rows] == [
+        ("primary", None, "protocol"), ("shadow", None, "protocol")]
+    assert rows[1]["latency_ms"] < 2000

@@ -71,6 +71,8 @@ async def test_early_413_reaches_the_client_and_the_connection_is_not_reused(
                 # A server that keeps its connection reads the body it refused.
                 await reader.readexactly(content_length(head))
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
             writer.close()
 
     caplog.set_level(logging.ERROR, logger="shadowproxy")
@@ -94,10 +96,12 @@ async def test_timeout_while_the_body_arrives_gives_504(
     the 504, the rest of its body is dropped, and the connection then closes."""
     async def never_answers(reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                pass
-        writer.close()
+        try:
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass
+        finally:
+            writer.close()
 
     caplog.set_level(logging.ERROR, logger="shadowproxy")
     async with raw_server(never_answers) as primary, \

@@ -90,6 +90,8 @@ async def test_unsolicited_bytes_close_the_upstream_connection(start_proxy: Star
                     writer.write(extra)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
             writer.close()
 
     async with raw_server(extra_response) as upstream, \
