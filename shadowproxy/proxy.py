@@ -103,6 +103,7 @@ class ClientRequest:
         "chunks",
         "error",
         "exchange",
+        "head_done",
         "header_bytes",
         "headers",
         "http10",
@@ -128,6 +129,8 @@ class ClientRequest:
         self.noted: dict[bytes, bytes] = {}
         """The first value of each header in ``http1.NOTED_REQUEST_HEADERS``, by lower name."""
         self.header_bytes = 0
+        self.head_done = False
+        """The head is parsed: header fields from now on are trailers of a chunked body."""
         self.method = b""
         self.path = b""
         self.query = b""
@@ -271,6 +274,13 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
+        req.header_bytes += len(name) + len(value) + 4
+        if req.header_bytes > self.ctx.max_header_bytes:
+            raise self._head_too_large()
+        if req.head_done:
+            # A trailer of a chunked body: dropped, never merged into the head (it would
+            # reach the upstreams as a header, and could choose the recorded request id).
+            return
         req.headers.append((name, value))
         lname = name.lower()
         if lname in http1.NOTED_REQUEST_HEADERS:
@@ -279,9 +289,6 @@ class ClientConnection(asyncio.Protocol):
                 noted[lname] = value
             elif lname == b"connection":  # repeated Connection headers list tokens together
                 noted[lname] += b", " + value
-        req.header_bytes += len(name) + len(value) + 4
-        if req.header_bytes > self.ctx.max_header_bytes:
-            raise self._head_too_large()
 
     def _head_too_large(self) -> _Refusal:
         return _Refusal(431, f"request head larger than {self.ctx.max_header_bytes} bytes")
@@ -289,6 +296,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self.req
         assert req is not None
+        req.head_done = True
         parser = self.parser
         req.method = method = parser.get_method()
         req.keep_alive = parser.should_keep_alive()

@@ -290,3 +290,43 @@ async def test_upstream_response_heads_are_capped(
     assert [(r["role"], r["status"], r["error_kind"]) for r in rows] == [
         ("primary", None, "protocol"), ("shadow", None, "protocol")]
     assert rows[1]["latency_ms"] < 2000
+
+
+async def test_request_trailers_never_become_headers(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Trailers of a chunked request (Authorization, X-Injected, X-Request-Id) reach no
+    upstream as headers and are not recorded, whether the body is held or streamed."""
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=await request.read())
+
+    trailers = (b"0\r\nAuthorization: Bearer from-trailer\r\nX-Injected: yes\r\n"
+                b"X-Request-Id: from-trailer\r\n\r\n")
+    small = b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" \
+            b"5\r\nhello\r\n" + trailers
+    large = b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" \
+            b"%x\r\n%s\r\n" % (2000, b"L" * 2000) + trailers
+    async with serve(echo) as primary, serve(echo) as shadow, \
+            start_proxy([route(primary.url, shadow.url)],
+                        limits={"max_mirror_body_bytes": 1000}) as proxy:
+        for request, body in ((small, b"hello"), (large, b"L" * 2000)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            try:
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                assert b"from-trailer" not in head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                assert await reader.readexactly(length) == body
+            finally:
+                writer.close()
+        await wait_for_rows(database_url, "responses", 4)  # the skipped shadow has a row
+    for seen in (*primary.seen, *shadow.seen):
+        assert "authorization" not in seen.headers and "x-injected" not in seen.headers
+        assert seen.headers["x-request-id"] != "from-trailer"
+    assert len(primary.seen) == 2 and len(shadow.seen) == 1
+    rows = await fetch(database_url, "SELECT request_id, headers::text AS h "
+                                     "FROM shadowproxy.requests")
+    assert len(rows) == 2
+    for row in rows:
+        assert row["request_id"] != "from-trailer"
+        assert "x-injected" not in row["h"] and "authorization" not in row["h"]
