@@ -117,9 +117,8 @@ def compile_routes(settings: Settings, loop: asyncio.AbstractEventLoop, metrics:
     for route in settings.routes:
         shadows = [CompiledShadow(route.name, s, pool(s.url, s.name), metrics)
                    for s in route.shadows]
-        target = CompiledRoute(route.name, pool(route.primary.url, f"{route.name}-primary"),
-                               route.primary.timeout_s, shadows, route.preserve_host,
-                               metrics.route(route.name))
+        target = CompiledRoute(route, pool(route.primary.url, f"{route.name}-primary"),
+                               shadows, metrics.route(route.name))
         entries.append((route.match.path_prefix, route.match.methods, target))
     return Router(entries), list(pools.values())
 

@@ -27,6 +27,9 @@ REQUEST_REWRITTEN = HOP_BY_HOP | {
 # Response headers the proxy rewrites: framing is its own, and X-Request-Id is always its.
 RESPONSE_REWRITTEN = HOP_BY_HOP | {b"x-request-id"}
 
+# RFC 9110 §9.2.2: repeating one of these has the same effect as sending it once.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
 # Responses that never have a body, whatever their headers say (RFC 9110 §15.3.5, §15.4.5).
 NO_BODY_STATUS = frozenset({204, 304})
 

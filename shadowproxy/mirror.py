@@ -63,8 +63,10 @@ class ShadowCall(UpstreamCall):
     __slots__ = ("shadow",)
 
     def __init__(self, shadow: CompiledShadow, exchange: Exchange, record: CapturedResponse,
-                 head: bytes, body: bytes, head_only: bool, capture_cap: int) -> None:
-        super().__init__(exchange, record, head, body, shadow.timeout, head_only, capture_cap)
+                 head: bytes, body: bytes, head_only: bool, may_resend: bool,
+                 capture_cap: int) -> None:
+        super().__init__(exchange, record, head, body, shadow.timeout, head_only, may_resend,
+                         capture_cap)
         self.shadow = shadow
 
     def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
@@ -93,7 +95,7 @@ class ShadowCall(UpstreamCall):
 def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: bytes,
                   path_query: bytes, request_headers: Headers, common_lines: bytes,
                   tail_lines: bytes, body: bytes, skip_reason: str | None,
-                  capture_cap: int) -> None:
+                  may_resend: bool, capture_cap: int) -> None:
     """Fire the exchange's request at every sampled shadow; returns at once.
 
     ``path_query``: the request's path and query as forwarded (origin-form), which each
@@ -123,4 +125,5 @@ def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: byt
             method, pool.base_path + path_query,
             b"Host: " + pool.host_header + b"\r\n" + lines + shadow.extra_lines + tail_lines)
         shadow.in_flight += 1
-        pool.start(ShadowCall(shadow, exchange, record, head, body, head_only, capture_cap))
+        pool.start(ShadowCall(shadow, exchange, record, head, body, head_only, may_resend,
+                              capture_cap))

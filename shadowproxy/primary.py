@@ -164,9 +164,10 @@ class PrimaryCall(UpstreamCall):
     __slots__ = ("chunked_request", "client", "counters", "refusal")
 
     def __init__(self, client: ClientChannel, route: CompiledRoute, exchange: Exchange,
-                 head: bytes, body: bytes, head_only: bool, capture_cap: int) -> None:
+                 head: bytes, body: bytes, head_only: bool, may_resend: bool,
+                 capture_cap: int) -> None:
         super().__init__(exchange, CapturedResponse("primary", "primary", time.time()), head,
-                         body, route.primary_timeout, head_only, capture_cap)
+                         body, route.primary_timeout, head_only, may_resend, capture_cap)
         self.client = client
         self.counters = route.counters
         self.chunked_request = False

@@ -18,6 +18,7 @@ from collections import deque
 import httptools
 
 from shadowproxy import http1
+from shadowproxy.config import Route
 from shadowproxy.metrics import RouteCounters
 from shadowproxy.mirror import CompiledShadow, start_shadows
 from shadowproxy.models import Exchange, Headers, RecordSink
@@ -51,17 +52,21 @@ _DISCARD_S = 10.0
 class CompiledRoute:
     """A route compiled for the data path: its pools, shadows and counters."""
 
-    __slots__ = ("counters", "name", "preserve_host", "primary", "primary_timeout", "shadows")
+    __slots__ = ("counters", "name", "preserve_host", "primary", "primary_timeout",
+                 "retry_non_idempotent", "shadows")
 
-    def __init__(self, name: str, primary: UpstreamPool, primary_timeout: float,
-                 shadows: list[CompiledShadow], preserve_host: bool,
+    def __init__(self, route: Route, primary: UpstreamPool, shadows: list[CompiledShadow],
                  counters: RouteCounters) -> None:
-        self.name = name
+        self.name = route.name
         self.primary = primary
-        self.primary_timeout = primary_timeout
+        self.primary_timeout = route.primary.timeout_s
         self.shadows = shadows
-        self.preserve_host = preserve_host
+        self.preserve_host = route.preserve_host
+        self.retry_non_idempotent = route.retry_non_idempotent
         self.counters = counters
+
+    def pools(self) -> list[UpstreamPool]:
+        return [self.primary, *(shadow.pool for shadow in self.shadows)]
 
 
 class ProxyContext:
@@ -78,15 +83,21 @@ class ProxyContext:
         self.max_header_bytes = max_header_bytes
         self.client_timeout = client_timeout
         self.connections: set[ClientConnection] = set()
+        self.pools: list[UpstreamPool] = []
+        for route in router.values():
+            self.pools += [pool for pool in route.pools() if pool not in self.pools]
         self.draining = False
         """Set at shutdown: answer in-flight requests, then close instead of keeping alive."""
 
     def sweep(self) -> None:
-        """Close connections idle too long and requests received too slowly (slowloris)."""
+        """Close connections idle too long and requests received too slowly (slowloris),
+        and upstream connections idle longer than limits.upstream_idle_s."""
         now = self.loop.time()
         deadline = now - self.client_timeout
         for conn in list(self.connections):
             conn.check_timeout(deadline, now)
+        for pool in self.pools:
+            pool.expire_idle()
 
     def idle_connections(self) -> list[ClientConnection]:
         return [c for c in self.connections if c.is_idle()]
@@ -506,14 +517,17 @@ class ClientConnection(asyncio.Protocol):
         chunked = streaming and length is None
         path_query, common, tail = self._head_parts(req, exchange, length, chunked=chunked)
         head = self._primary_head(req, route, path_query, common, tail)
+        method = req.method
+        # Sent again on a stale keep-alive connection only when a repeat is harmless.
+        may_resend = method in http1.IDEMPOTENT_METHODS or route.retry_non_idempotent
         call = req.call = PrimaryCall(self.channel, route, exchange, head, body,
-                                      req.method == b"HEAD", self.ctx.capture_cap)
+                                      method == b"HEAD", may_resend, self.ctx.capture_cap)
         if streaming:
             call.stream_request(chunked=chunked)
         route.primary.start(call)
         if route.shadows:
-            start_shadows(route.shadows, exchange, req.method, path_query, req.headers,
-                          common, tail, body, skip_reason, self.ctx.capture_cap)
+            start_shadows(route.shadows, exchange, method, path_query, req.headers, common,
+                          tail, body, skip_reason, may_resend, self.ctx.capture_cap)
 
     def response_done(self) -> None:
         """The completion callback: the active request's response is complete (or given

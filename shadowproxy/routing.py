@@ -29,6 +29,10 @@ class Router(Generic[T]):
         compiled.sort(key=lambda e: -len(e[0]))
         self._entries = compiled
 
+    def values(self) -> list[T]:
+        """Every route's value, longest prefix first."""
+        return [value for _, _, value in self._entries]
+
     def match(self, method: bytes, path: bytes) -> T | None:
         for prefix, methods, value in self._entries:
             if path.startswith(prefix) and (methods is None or method in methods):

@@ -53,11 +53,11 @@ class UpstreamCall:
     """
 
     __slots__ = ("_progress", "body", "body_done", "cancel_reason", "capture_cap", "chunks",
-                 "conn", "connecting", "done", "exchange", "head", "head_only", "pending",
-                 "pool", "record", "retried", "sent_at", "streaming", "timeout", "timer")
+                 "conn", "connecting", "done", "exchange", "head", "head_only", "may_resend",
+                 "pending", "pool", "record", "sent_at", "streaming", "timeout", "timer")
 
     def __init__(self, exchange: Exchange, record: CapturedResponse, head: bytes, body: bytes,
-                 timeout: float, head_only: bool, capture_cap: int) -> None:
+                 timeout: float, head_only: bool, may_resend: bool, capture_cap: int) -> None:
         self.exchange = exchange
         self.record = record
         exchange.start_call(record)
@@ -82,7 +82,10 @@ class UpstreamCall:
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
         self.done = False
-        self.retried = False
+        self.may_resend = may_resend
+        """The request may be sent once more if a reused keep-alive connection turns out
+        to be closed before any byte of the response: idempotent methods, or a route that
+        opted in (``retry_non_idempotent``); never a streamed body; at most once."""
         self._progress = 0
 
     # --- events, overridden by subclasses ---
@@ -109,7 +112,7 @@ class UpstreamCall:
     def stream_body(self) -> None:
         """The body is not all here: it follows the head in pieces (``write_body``)."""
         self.streaming = True
-        self.retried = True  # a half-sent body cannot be sent again
+        self.may_resend = False  # a body sent as it arrives cannot be sent again
 
     def write_body(self, data: bytes) -> None:
         """Send the next piece of a streamed body (framed as it goes on the wire)."""
@@ -225,8 +228,9 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = ("body_until_close", "call", "closed", "dirty", "head_bytes", "head_only",
-                 "headers", "keep_alive", "parser", "pool", "progress", "reading_paused",
-                 "reason", "received", "request_sent", "reused", "state", "transport")
+                 "headers", "idle_since", "keep_alive", "parser", "pool", "pooled", "progress",
+                 "reading_paused", "reason", "received", "request_sent", "reused", "state",
+                 "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -251,6 +255,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         """Reading stopped because the client does not take the response as fast."""
         self.reused = False
+        self.pooled = False
+        """In the pool's idle list."""
+        self.idle_since = 0.0
+        """When it went back to the pool (``time.perf_counter``)."""
         self.progress = 0
 
     # --- asyncio.Protocol ---
@@ -295,10 +303,11 @@ class UpstreamConnection(asyncio.Protocol):
         call.conn = None
         if self.body_until_close and state == _BODY and exc is None:
             call.end()  # a response delimited by the end of the connection
-        elif self.reused and not self.received and not call.retried:
-            # The upstream closed an idle keep-alive connection just as we reused it: the
-            # request was not processed, so sending it once more on a new connection is safe.
-            call.retried = True
+        elif self.reused and not self.received and call.may_resend:
+            # The upstream closed an idle keep-alive connection just as we reused it. The
+            # request was most likely not processed, but that cannot be known: it is sent
+            # once more only when a repeat is harmless (see UpstreamCall.may_resend).
+            call.may_resend = False
             self.pool.connect(call)
         elif isinstance(exc, ConnectionResetError | BrokenPipeError):
             call.fail(ErrorKind.RESET, f"reset: {exc}")
@@ -489,6 +498,10 @@ class UpstreamPool:
                             else f"{host}:{self.port}").encode("idna")
         self.base_path = parts.path.rstrip("/").encode()
         """A path prefix from the upstream's URL, put before the request's path."""
+        self.idle_s = limits.upstream_idle_s
+        """Idle connections older than this are closed, not reused: servers close theirs
+        after a keep-alive timeout of their own, and a request sent on a connection the
+        server is closing fails."""
         self._idle: list[UpstreamConnection] = []
         self.active: set[UpstreamCall] = set()
         """Calls in flight, so that shutdown can end the ones that outlive the grace period."""
@@ -504,11 +517,18 @@ class UpstreamPool:
         call.sent_at = time.perf_counter()
         call.timer = loop.call_later(call.timeout, call._timed_out)
         idle = self._idle
-        while idle:
+        if idle:
             conn = idle.pop()
-            if not conn.closed:
+            conn.pooled = False
+            if call.sent_at - conn.idle_since < self.idle_s:
                 conn.send(call, reused=True)
                 return
+            # The most recently used connection idled too long: so did all the others.
+            conn.abort()
+            self._idle = []
+            for old in idle:
+                old.pooled = False
+                old.abort()
         self.connect(call)
 
     def connect(self, call: UpstreamCall) -> None:
@@ -549,18 +569,34 @@ class UpstreamPool:
         if self._closing or len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
             conn.abort()
         else:
+            conn.idle_since = time.perf_counter()
+            conn.pooled = True
             self._idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
+        if conn.pooled:
+            conn.pooled = False
+            self._idle.remove(conn)
+
+    def expire_idle(self) -> None:
+        """Close idle connections older than ``idle_s`` (the oldest are first in line)."""
         idle = self._idle
-        if idle and conn in idle:
-            idle.remove(conn)
+        deadline = time.perf_counter() - self.idle_s
+        n = 0
+        while n < len(idle) and idle[n].idle_since < deadline:
+            n += 1
+        if n:
+            expired, self._idle = idle[:n], idle[n:]
+            for conn in expired:
+                conn.pooled = False
+                conn.abort()
 
     def close(self) -> None:
         """Close idle connections; calls in flight finish on their own connections."""
         self._closing = True
         idle, self._idle = self._idle, []
         for conn in idle:
+            conn.pooled = False
             conn.abort()
 
     def abort_active(self) -> None:

@@ -4,9 +4,12 @@ and never after bytes that nobody asked for, so that no client gets another's an
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import StartProxy, route
@@ -105,3 +108,128 @@ async def test_unsolicited_bytes_close_the_upstream_connection(start_proxy: Star
             assert [await a.read() for a in answers] == [p.encode() for p in paths]
     # Every answer was followed by an extra response, so no connection carried two requests.
     assert connections == 10
+
+
+async def test_idle_upstream_connections_expire(start_proxy: StartProxy) -> None:
+    """An upstream connection idle longer than limits.upstream_idle_s is not reused; one
+    idle for less is."""
+    connections = 0
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async with raw_server(keep_alive) as upstream, \
+            start_proxy([route(upstream)], limits={"upstream_idle_s": 0.3}) as proxy, \
+            aiohttp.ClientSession() as http:
+        for pause in (0, 0.05, 0.5, 0.05):
+            await asyncio.sleep(pause)
+            assert await (await http.get(f"http://127.0.0.1:{proxy.port}/")).read() == b"ok"
+    assert connections == 2
+
+
+async def test_requests_resent_on_a_closed_keep_alive_connection_only_when_safe(
+        start_proxy: StartProxy) -> None:
+    """A reused connection that closes before any byte of the response: a GET is sent
+    again on a new connection, a POST is not (502) unless its route opts in."""
+    seen: list[str] = []
+
+    async def one_answer_per_connection(reader: asyncio.StreamReader,
+                                        writer: asyncio.StreamWriter) -> None:
+        # Answers the first request of each connection, then closes on reading the second,
+        # as a server does when its keep-alive timeout and the next request cross.
+        try:
+            for answered in (True, False):
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, path = head.split(b" ")[:2]
+                seen.append(f"{method.decode()} {path.decode()}")
+                length = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0]
+                             or 0)
+                await reader.readexactly(length)
+                if answered:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async with raw_server(one_answer_per_connection) as upstream, \
+            start_proxy([route(upstream, name="plain", match={"path_prefix": "/plain"}),
+                         route(upstream, name="opted", match={"path_prefix": "/opted"},
+                               retry_non_idempotent=True)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{proxy.port}"
+
+        async def status(method: str, path: str) -> int:
+            async with http.request(method, base + path, data=b"{}") as resp:
+                await resp.read()
+                return resp.status
+
+        assert await status("GET", "/plain/1") == 200
+        assert await status("POST", "/plain/2") == 502
+        assert await status("GET", "/plain/3") == 200
+        assert await status("GET", "/plain/4") == 200
+        assert await status("GET", "/opted/5") == 200
+        assert await status("POST", "/opted/6") == 200
+    # Both routes share the upstream's pool: each request after the first on a connection
+    # meets the closing server.
+    assert seen == ["GET /plain/1", "POST /plain/2", "GET /plain/3", "GET /plain/4",
+                    "GET /plain/4", "GET /opted/5", "GET /opted/5", "POST /opted/6",
+                    "POST /opted/6"]
+
+
+async def test_uvicorn_keep_alive_timeout_never_meets_a_reused_connection(
+        start_proxy: StartProxy) -> None:
+    """Against a real uvicorn upstream (keep-alive timeout 1 s), POSTs after pauses on
+    either side of limits.upstream_idle_s (0.5 s) all succeed and each reaches the upstream
+    once; after the longer pauses a new connection carries them."""
+    uvicorn = pytest.importorskip("uvicorn")
+    seen: list[tuple[str, int]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen.append((json.loads(body)["id"], scope["client"][1]))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, timeout_keep_alive=1,
+                            log_level="warning", lifespan="off", ws="none",
+                            http="httptools", proxy_headers=False)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        pauses = (0, 0.05, 0.7, 0.05, 1.3, 0.05, 0.7)
+        async with start_proxy([route(f"http://127.0.0.1:{port}")],
+                               limits={"upstream_idle_s": 0.5}) as proxy, \
+                aiohttp.ClientSession() as http:
+            for i, pause in enumerate(pauses):
+                await asyncio.sleep(pause)
+                resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"id": str(i)})
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+    finally:
+        server.should_exit = True
+        await serving
+    assert [rid for rid, _ in seen] == [str(i) for i in range(len(pauses))]
+    ports = [port for _, port in seen]  # the proxy's end of each upstream connection
+    new_connection = [i == 0 or ports[i] != ports[i - 1] for i in range(len(ports))]
+    assert new_connection == [pause == 0 or pause > 0.5 for pause in pauses]
