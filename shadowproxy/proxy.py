@@ -115,6 +115,7 @@ class ClientRequest:
         "error",
         "exchange",
         "head_done",
+        "head_read",
         "header_bytes",
         "headers",
         "http10",
@@ -142,6 +143,8 @@ class ClientRequest:
         self.header_bytes = 0
         self.head_done = False
         """The head is parsed: header fields from now on are trailers of a chunked body."""
+        self.head_read = 0
+        """Bytes of reads that were all head (see ClientConnection.data_received)."""
         self.method = b""
         self.path = b""
         self.query = b""
@@ -214,6 +217,7 @@ class ClientConnection(asyncio.Protocol):
         self.ctx.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        req = self.req
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -232,6 +236,14 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(500, "internal error while reading the request")
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed HTTP request: {exc}")
+        else:
+            if req is not None and req is self.req and not req.head_done:
+                # A read that neither started nor ended a head is all head: counted here
+                # too, since the parser holds a header line it has not finished unseen.
+                req.head_read += len(data)
+                if req.head_read > self.ctx.max_header_bytes:
+                    refusal = self._head_too_large()
+                    self._reject(refusal.status, refusal.message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True

@@ -228,9 +228,9 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = ("body_until_close", "call", "closed", "dirty", "head_bytes", "head_only",
-                 "headers", "idle_since", "keep_alive", "parser", "pool", "pooled", "progress",
-                 "reading_paused", "reason", "received", "request_sent", "reused", "state",
-                 "transport")
+                 "head_read", "headers", "idle_since", "keep_alive", "parser", "pool",
+                 "pooled", "progress", "reading_paused", "reason", "received", "request_sent",
+                 "reused", "state", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -241,6 +241,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: Headers = []
         self.head_bytes = 0
         """Bytes of status lines and header fields in the current response (capped)."""
+        self.head_read = 0
+        """Bytes of reads that were all head (capped: see data_received)."""
         self.reason = b""
         self.keep_alive = True
         self.closed = False
@@ -271,20 +273,31 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.received = True
+        awaiting = self.state == _AWAITING
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self.state == _DONE:
                 self.dirty = True  # garbage after a complete response: closed when settled
             elif isinstance(exc.__context__, _HeadTooLarge):
-                self._fail(ErrorKind.PROTOCOL, f"response head larger than "
-                           f"{self.pool.max_head_bytes} bytes (limits.max_response_header_bytes)")
+                self._head_too_large()
                 return
             else:
                 self._fail(ErrorKind.PROTOCOL, f"malformed response: {exc}")
                 return
-        if self.state == _DONE:
+        state = self.state
+        if state == _DONE:
             self._settle()
+        elif awaiting and state == _AWAITING:
+            # A read that neither started nor ended a head is all head: counted here too,
+            # since the parser holds a header line it has not finished without telling.
+            self.head_read += len(data)
+            if self.head_read > self.pool.max_head_bytes:
+                self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        self._fail(ErrorKind.PROTOCOL, f"response head larger than {self.pool.max_head_bytes} "
+                                       "bytes (limits.max_response_header_bytes)")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -331,10 +344,12 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.state != _AWAITING:
             self.dirty = True  # a second message after the response: nobody asked for it
+        self.reason = b""
+        self.head_bytes += 17  # "HTTP/1.1 200 " and CRLF, roughly
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason
-        self._count_head(len(reason) + 15)
+        self.reason += reason  # the parser hands it over in pieces when a read splits it
+        self._count_head(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_head(len(name) + len(value) + 4)
@@ -408,7 +423,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.dirty = False
         self.body_until_close = False
         self.headers = []
-        self.head_bytes = 0
+        self.head_bytes = self.head_read = 0
         transport = self.transport
         assert transport is not None
         body = call.take_body()

@@ -330,3 +330,32 @@ async def test_request_trailers_never_become_headers(
     for row in rows:
         assert row["request_id"] != "from-trailer"
         assert "x-injected" not in row["h"] and "authorization" not in row["h"]
+
+
+async def test_one_endless_header_line_gets_431(start_proxy: StartProxy) -> None:
+    """A request head that never ends, in a single header line sent piece by piece, gets
+    431 once it passes limits.max_header_bytes (the parser holds an unfinished line)."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)], limits={"max_header_bytes": 4096}) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+
+        async def answer() -> bytes:
+            out = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := await reader.read(65536):
+                    out += chunk
+            return out
+
+        answered = asyncio.create_task(answer())
+        try:
+            writer.write(b"GET /p HTTP/1.1\r\nHost: x\r\nX-Long: ")
+            with contextlib.suppress(ConnectionError):
+                for _ in range(100):
+                    writer.write(b"a" * 1024)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+            assert (await asyncio.wait_for(answered, 5)).startswith(b"HTTP/1.1 431")
+        finally:
+            answered.cancel()
+            writer.close()
+        await still_serving(proxy.port)
