@@ -41,7 +41,10 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Request headers the client side notes while parsing, so the data path never rescans.
 NOTED_REQUEST_HEADERS = frozenset({
     b"content-length", b"expect", b"x-request-id", b"x-forwarded-for", b"host", b"connection",
+    b"transfer-encoding",
 })
+# Of those, the ones whose repeated fields make one list (RFC 9110 §5.3).
+LISTED_REQUEST_HEADERS = frozenset({b"connection", b"transfer-encoding"})
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 
 

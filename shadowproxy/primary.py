@@ -265,6 +265,8 @@ class PrimaryCall(UpstreamCall):
             status, message = refusal
         elif kind is ErrorKind.TIMEOUT:
             status, message = 504, "the primary did not answer in time"
+        elif kind is ErrorKind.PROTOCOL:
+            status, message = 502, f"the primary's response cannot be relayed: {detail}"
         else:
             status, message = 502, f"the primary could not be reached: {detail}"
         self._close(status)

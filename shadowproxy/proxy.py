@@ -310,8 +310,10 @@ class ClientConnection(asyncio.Protocol):
             noted = req.noted
             if lname not in noted:
                 noted[lname] = value
-            elif lname == b"connection":  # repeated Connection headers list tokens together
+            elif lname in http1.LISTED_REQUEST_HEADERS:
                 noted[lname] += b", " + value
+            elif lname == b"host":
+                raise _Refusal(400, "more than one Host header")
 
     def _head_too_large(self) -> _Refusal:
         return _Refusal(431, f"request head larger than {self.ctx.max_header_bytes} bytes")
@@ -321,9 +323,22 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         req.head_done = True
         parser = self.parser
+        version = parser.get_http_version()
+        req.http10 = version == "1.0"
+        if not req.http10 and version != "1.1":
+            # HTTP/0.9 has no head to forward (the parser accepts one anyway), and an
+            # HTTP/2.0 request line is not HTTP/2: neither is proxied as if it were 1.1.
+            raise _Refusal(400, f"HTTP/{version} requests are not accepted: send HTTP/1.1")
+        noted = req.noted
+        if b"host" not in noted and not req.http10:
+            raise _Refusal(400, "an HTTP/1.1 request needs a Host header")
+        coding = noted.get(b"transfer-encoding")
+        if coding is not None and coding.strip().lower() != b"chunked":
+            # The parser reads "gzip, chunked" as chunked and drops the gzip silently.
+            raise _Refusal(400, f"Transfer-Encoding {coding.decode('latin-1')!r} is not "
+                                "accepted: only chunked")
         req.method = method = parser.get_method()
         req.keep_alive = parser.should_keep_alive()
-        req.http10 = parser.get_http_version() == "1.0"
         req.path, req.query = split_url(req.url)
         if parser.should_upgrade():
             req.error = (501, "protocol upgrades (WebSocket, h2c) are not proxied")
@@ -332,11 +347,11 @@ class ClientConnection(asyncio.Protocol):
         route = req.route = self.ctx.router.match(method, req.path)
         if route is None:
             return
-        length = req.noted.get(b"content-length")
+        length = noted.get(b"content-length")
         pipelined = req.pipelined = self.active is not None or bool(self.waiting)
         if not pipelined and length is not None and int(length) > self.ctx.max_mirror_body:
             self._start_streaming(req, int(length))
-        expect = req.noted.get(b"expect")
+        expect = noted.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not pipelined:
             self.channel.write(http1.CONTINUE_100)
 

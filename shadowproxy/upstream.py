@@ -276,6 +276,12 @@ class UpstreamConnection(asyncio.Protocol):
         awaiting = self.state == _AWAITING
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self.state != _DONE:
+                self._fail(ErrorKind.PROTOCOL, "upstream answered 101 Switching Protocols: "
+                                               "protocol upgrades are not proxied")
+                return
+            self.dirty = True
         except httptools.HttpParserError as exc:
             if self.state == _DONE:
                 self.dirty = True  # garbage after a complete response: closed when settled

@@ -155,10 +155,10 @@ async def test_malformed_or_truncated_upstream_responses_give_502(
                          route(closing, name="closing", match={"path_prefix": "/closing"}),
                          route(cut, name="cut", match={"path_prefix": "/cut"})]) as proxy, \
             aiohttp.ClientSession() as http:
-        for path in ("/bad", "/closing"):
+        for path, says in (("/bad", "cannot be relayed"), ("/closing", "could not be reached")):
             resp = await http.get(f"http://127.0.0.1:{proxy.port}{path}")
             assert resp.status == 502
-            assert "could not be reached" in (await resp.json())["error"]
+            assert says in (await resp.json())["error"]
         # Cut after the head was sent: the only signal left is closing the connection.
         try:
             resp = await http.get(f"http://127.0.0.1:{proxy.port}/cut")
@@ -359,3 +359,55 @@ async def test_one_endless_header_line_gets_431(start_proxy: StartProxy) -> None
             answered.cancel()
             writer.close()
         await still_serving(proxy.port)
+
+
+async def test_lenient_request_framing_is_refused(start_proxy: StartProxy) -> None:
+    """Requests the parser would take but that are not clean HTTP/1.1 get 400 and a close,
+    and nothing reaches the primary: no Host or two Host headers on HTTP/1.1, a transfer
+    coding before chunked, an HTTP/0.9 line followed by headers, an HTTP/2.0 request line."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy:
+        for request, says in (
+                (b"GET /p HTTP/1.1\r\n\r\n", b"needs a Host header"),
+                (b"GET /p HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"more than one Host"),
+                (b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                 b"0\r\n\r\n", b"only chunked"),
+                (b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"only chunked"),
+                (b"GET /p\r\nHost: x\r\n\r\n", b"HTTP/0.9"),
+                (b"GET /p HTTP/2.0\r\nHost: x\r\n\r\n", b"HTTP/2.0")):
+            answer = await exchange_raw(proxy.port, request)
+            assert answer.startswith(b"HTTP/1.1 400"), (request, answer[:80])
+            assert b"Connection: close" in answer and says in answer, answer
+        await still_serving(proxy.port)
+        answer = await exchange_raw(proxy.port, b"GET /p HTTP/1.0\r\n\r\n")  # 1.0: no Host
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    assert len(primary.seen) == 2
+
+
+async def test_upstream_switching_protocols_is_a_protocol_failure(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A primary or shadow answering 101: the client gets a 502, and both calls are
+    recorded as protocol failures that say why."""
+    async def switching(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\n\r\n\x81\x05hello")
+            await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async with raw_server(switching) as upstream, \
+            start_proxy([route(upstream, upstream)]) as proxy, aiohttp.ClientSession() as http:
+        resp = await http.get(f"http://127.0.0.1:{proxy.port}/x")
+        assert resp.status == 502
+        assert "101 Switching Protocols" in (await resp.json())["error"]
+        await wait_for_rows(database_url, "responses", 2)
+    rows = await fetch(database_url, "SELECT role, status, error_kind, error "
+                                     "FROM shadowproxy.responses ORDER BY role")
+    assert [(r["role"], r["status"], r["error_kind"]) for r in rows] == [
+        ("primary", None, "protocol"), ("shadow", None, "protocol")]
+    assert all("101 Switching Protocols" in r["error"] for r in rows)

@@ -158,3 +158,17 @@ async def test_one_endless_response_header_line_is_capped() -> None:
     record = exchange.responses[0]
     assert record.error_kind == ErrorKind.PROTOCOL and "larger than 2048 bytes" in record.error
     assert upstream.aborted
+
+
+async def test_switching_protocols_is_a_protocol_failure() -> None:
+    """A 101 answer (and the bytes of another protocol after it) fails the call as
+    protocol, and the connection is closed."""
+    h = Harness()
+    up, upstream = h.upstream()
+    call, exchange, _ = shadow_call(h)
+    h.pool.start(call)
+    up.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                     b"Connection: Upgrade\r\n\r\n\x00\x00\x12\x04")
+    record = exchange.responses[0]
+    assert record.error_kind == ErrorKind.PROTOCOL and "101" in record.error
+    assert upstream.aborted and h.idle() == 0
