@@ -26,7 +26,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from localhost import free_port, wait_for_port  # bench/localhost.py
 
 
 def serve(port: int, keep_alive: float) -> None:
@@ -69,24 +69,6 @@ def serve(port: int, keep_alive: float) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, timeout_keep_alive=keep_alive,
                 http="httptools", ws="none", lifespan="off", proxy_headers=False,
                 log_level="warning", access_log=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, seconds: float, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with status {proc.returncode} before listening")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {seconds:.0f} s")
 
 
 async def load(port: int, args: argparse.Namespace, label: str) -> Counter[str]:

@@ -1,8 +1,8 @@
 """HTTP/1.1 wire format: hop-by-hop rules, request and response heads, error bodies.
 
-Pure functions over bytes, shared by the client side (``proxy.py``) and the upstream side
-(``upstream.py``). Heads are built as one ``bytes`` object so that each message leaves in a
-single write.
+Pure functions and constants over bytes, shared by the client side (``proxy.py``,
+``primary.py``) and the upstream side (``upstream.py``, ``mirror.py``). Heads are built as
+one ``bytes`` object so that each message leaves in a single write.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def header_lines(headers: Headers, skip: frozenset[bytes]) -> bytes:
     return b"".join([n + b": " + v + CRLF for n, v in headers if n.lower() not in skip])
 
 
-def request_head(method: bytes, target: bytes, lines: bytes) -> bytes:
+def request_head(method: bytes, path_query: bytes, lines: bytes) -> bytes:
     """An HTTP/1.1 request head from the request line parts and ready header lines."""
-    return method + b" " + target + b" HTTP/1.1\r\n" + lines + CRLF
+    return method + b" " + path_query + b" HTTP/1.1\r\n" + lines + CRLF
 
 
 def chunk(data: bytes) -> bytes:

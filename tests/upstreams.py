@@ -135,3 +135,21 @@ def unaccepting_listener() -> Iterator[str]:
     finally:
         for sock in (*fillers, server):
             sock.close()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def closing(respond: RawHandler) -> RawHandler:
+    """``respond`` for ``raw_server``, ended quietly when the proxy hangs up, and its
+    connection always closed (so that no stream outlives the test's event loop)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await respond(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return handler

@@ -16,7 +16,7 @@ from aiohttp import web
 from tests.conftest import StartProxy, route
 from tests.db import fetch, fetchrow
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import model, raw_server, serve
+from tests.upstreams import closing, model, raw_server, serve
 
 
 async def exchange_raw(port: int, data: bytes, timeout: float = 5) -> bytes:
@@ -254,28 +254,22 @@ async def test_upstream_response_heads_are_capped(
     """A primary sending 10,000 response headers gives the client a 502; a shadow that
     keeps sending header lines fails at the cap long before its timeout_s; both are
     recorded as protocol errors."""
+    @closing
     async def many_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
-                b"X-Header-%d: some value\r\n" % i for i in range(10_000))
-                         + b"Content-Length: 2\r\n\r\n{}")
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        finally:
-            writer.close()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
+            b"X-Header-%d: some value\r\n" % i for i in range(10_000))
+                     + b"Content-Length: 2\r\n\r\n{}")
+        await writer.drain()
 
+    @closing
     async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\n")
-            with contextlib.suppress(ConnectionError):
-                for i in range(1_000_000):
-                    writer.write(b"X-More-%d: %s\r\n" % (i, b"v" * 100))
-                    await writer.drain()
-                    await asyncio.sleep(0.0005)
-        finally:
-            writer.close()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(1_000_000):
+            writer.write(b"X-More-%d: %s\r\n" % (i, b"v" * 100))
+            await writer.drain()
+            await asyncio.sleep(0.0005)
 
     async with raw_server(many_headers) as primary, raw_server(endless_head) as shadow, \
             start_proxy([{"name": "r", "primary": {"url": primary},
@@ -388,17 +382,13 @@ async def test_upstream_switching_protocols_is_a_protocol_failure(
         start_proxy: StartProxy, database_url: str) -> None:
     """A primary or shadow answering 101: the client gets a 502, and both calls are
     recorded as protocol failures that say why."""
+    @closing
     async def switching(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\n\r\n\x81\x05hello")
-            await writer.drain()
-            await reader.read()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n\x81\x05hello")
+        await writer.drain()
+        await reader.read()
 
     async with raw_server(switching) as upstream, \
             start_proxy([route(upstream, upstream)]) as proxy, aiohttp.ClientSession() as http:

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import StartProxy, route
 from tests.db import fetch
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import raw_server, unaccepting_listener
+from tests.upstreams import closing, raw_server, unaccepting_listener
 
 BODY = 200_000
 LIMITS = {"max_mirror_body_bytes": 100_000}
@@ -57,23 +57,19 @@ async def test_early_413_reaches_the_client_and_the_connection_is_not_reused(
     logged, and no upstream connection carries a second request."""
     heads: list[int] = []  # request heads read on each upstream connection
 
+    @closing
     async def early_413(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index = len(heads)
         heads.append(0)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                heads[index] += 1
-                writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: "
-                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(TOO_LARGE), TOO_LARGE))
-                await writer.drain()
-                # A server that keeps its connection reads the body it refused.
-                await reader.readexactly(content_length(head))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads[index] += 1
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(TOO_LARGE), TOO_LARGE))
+            await writer.drain()
+            # A server that keeps its connection reads the body it refused.
+            await reader.readexactly(content_length(head))
 
     caplog.set_level(logging.ERROR, logger="shadowproxy")
     async with raw_server(early_413) as primary, \
@@ -94,14 +90,11 @@ async def test_timeout_while_the_body_arrives_gives_504(
         start_proxy: StartProxy, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """A primary that times out while the client still sends its body: the client reads
     the 504, the rest of its body is dropped, and the connection then closes."""
+    @closing
     async def never_answers(reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
-        try:
-            with contextlib.suppress(ConnectionError):
-                while await reader.read(65536):
-                    pass
-        finally:
-            writer.close()
+        while await reader.read(65536):
+            pass
 
     caplog.set_level(logging.ERROR, logger="shadowproxy")
     async with raw_server(never_answers) as primary, \

@@ -15,7 +15,7 @@ from aiohttp import web
 from tests.conftest import StartProxy, route
 from tests.db import fetch
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import raw_server, serve
+from tests.upstreams import closing, raw_server, serve
 
 KINDS = ("json", "204", "304", "head", "json", "204", "head", "304")
 
@@ -74,28 +74,24 @@ async def test_unsolicited_bytes_close_the_upstream_connection(start_proxy: Star
     connection: the next requests get their own answers on other connections."""
     connections = 0
 
+    @closing
     async def extra_response(reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ")[1]
-                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
-                extra = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"
-                if path.startswith(b"/glued"):
-                    writer.write(answer + extra)
-                else:
-                    writer.write(answer)
-                    await writer.drain()
-                    await asyncio.sleep(0.05)
-                    writer.write(extra)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ")[1]
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
+            extra = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"
+            if path.startswith(b"/glued"):
+                writer.write(answer + extra)
+            else:
+                writer.write(answer)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+                await asyncio.sleep(0.05)
+                writer.write(extra)
+            await writer.drain()
 
     async with raw_server(extra_response) as upstream, \
             start_proxy([route(upstream)]) as proxy, aiohttp.ClientSession() as http:
@@ -115,18 +111,14 @@ async def test_idle_upstream_connections_expire(start_proxy: StartProxy) -> None
     idle for less is."""
     connections = 0
 
+    @closing
     async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
 
     async with raw_server(keep_alive) as upstream, \
             start_proxy([route(upstream)], limits={"upstream_idle_s": 0.3}) as proxy, \
@@ -143,25 +135,21 @@ async def test_requests_resent_on_a_closed_keep_alive_connection_only_when_safe(
     again on a new connection, a POST is not (502) unless its route opts in."""
     seen: list[str] = []
 
+    @closing
     async def one_answer_per_connection(reader: asyncio.StreamReader,
                                         writer: asyncio.StreamWriter) -> None:
         # Answers the first request of each connection, then closes on reading the second,
         # as a server does when its keep-alive timeout and the next request cross.
-        try:
-            for answered in (True, False):
-                head = await reader.readuntil(b"\r\n\r\n")
-                method, path = head.split(b" ")[:2]
-                seen.append(f"{method.decode()} {path.decode()}")
-                length = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0]
-                             or 0)
-                await reader.readexactly(length)
-                if answered:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        for answered in (True, False):
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, path = head.split(b" ")[:2]
+            seen.append(f"{method.decode()} {path.decode()}")
+            length = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0]
+                         or 0)
+            await reader.readexactly(length)
+            if answered:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
 
     async with raw_server(one_answer_per_connection) as upstream, \
             start_proxy([route(upstream, name="plain", match={"path_prefix": "/plain"}),
