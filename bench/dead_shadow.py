@@ -26,7 +26,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from localhost import free_port, wait_for_port  # bench/localhost.py
+from localhost import free_port, stop, wait_for_port  # bench/localhost.py
 
 BODY = ('{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(80)) + "}}")[:1024]
 ANSWER = b'{"prediction": 1.0, "model": "fast"}'
@@ -155,12 +154,7 @@ routes:
         result.update(fd_first=fds[0], fd_min=min(fds), fd_max=max(fds), fd_last=fds[-1])
         return result
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(60)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        stop(proxy)
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """What the benchmark scripts that start their own processes share: a free port on
-127.0.0.1, and waiting for a started process to listen on one."""
+127.0.0.1, waiting for a started process to listen on one, and stopping it."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -25,3 +26,13 @@ def wait_for_port(port: int, seconds: float, proc: subprocess.Popen[bytes]) -> N
                 return
         time.sleep(0.1)
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {seconds:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes], seconds: float = 60) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it outlasts ``seconds``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

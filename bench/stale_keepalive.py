@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from localhost import free_port, wait_for_port  # bench/localhost.py
+from localhost import free_port, stop, wait_for_port  # bench/localhost.py
 
 
 def serve(port: int, keep_alive: float) -> None:
@@ -118,12 +117,7 @@ routes:
         outcomes = asyncio.run(load(port, args, f"idle-{idle}"))
         elapsed = time.monotonic() - started
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(60)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        stop(proxy)
     return {"outcomes": outcomes, "seconds": elapsed}
 
 
