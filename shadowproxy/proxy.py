@@ -277,8 +277,12 @@ class ClientConnection(asyncio.Protocol):
         if active is not None:
             if active.call is not None:
                 active.call.resume_response()
-        elif self.waiting and not self.gone:
+        elif self.gone or self.transport is None or self.transport.is_closing():
+            return
+        elif self.waiting:
             self._serve_next()
+        else:
+            self._next_in_line()
 
     # --- httptools callbacks ---
     def on_message_begin(self) -> None:
@@ -348,7 +352,9 @@ class ClientConnection(asyncio.Protocol):
         if route is None:
             return
         length = noted.get(b"content-length")
-        pipelined = req.pipelined = self.active is not None or bool(self.waiting)
+        # Behind another request, or behind an answer the client is not reading: held.
+        pipelined = req.pipelined = (self.active is not None or bool(self.waiting)
+                                     or self.channel.writing_paused)
         if not pipelined and length is not None and int(length) > self.ctx.max_mirror_body:
             self._start_streaming(req, int(length))
         expect = noted.get(b"expect")
@@ -382,6 +388,14 @@ class ClientConnection(asyncio.Protocol):
                 # refused rather than buffered without bound.
                 raise _Refusal(413, "a pipelined request body over "
                                     "limits.max_mirror_body_bytes cannot be buffered")
+            if self.channel.writing_paused:
+                # Nothing starts while the client reads none of its last answer: the body
+                # waits, and so does reading it (resume_writing).
+                if not req.pipelined:
+                    req.pipelined = True
+                    self.buffered += req.body_size
+                self.channel.pause_reading(READ_PIPELINE)
+                return
             self._unbuffer(req)
             buffered = b"".join(req.chunks)
             req.chunks = []
@@ -506,7 +520,9 @@ class ClientConnection(asyncio.Protocol):
         exchange.body_size = len(body)
         exchange.body_truncated = len(body) > cap
         length = len(body) if body or req.method in _BODY_METHODS else None
-        self._forward(req, route, exchange, body, length, skip_reason=None)
+        # A body held past the mirror limit (while the client read nothing) is not mirrored.
+        skip = "body_too_large" if len(body) > self.ctx.max_mirror_body else None
+        self._forward(req, route, exchange, body, length, streaming=False, skip_reason=skip)
 
     def _start_streaming(self, req: ClientRequest, length: int | None) -> None:
         """Send a body too large to mirror straight to the primary; shadows are skipped."""
@@ -519,7 +535,8 @@ class ClientConnection(asyncio.Protocol):
         self.channel.begin(False, req.http10)
         exchange = self._new_exchange(req, route)
         exchange.hold()  # the record waits for the body (_finish_capture)
-        self._forward(req, route, exchange, b"", length, skip_reason="body_too_large")
+        self._forward(req, route, exchange, b"", length, streaming=True,
+                      skip_reason="body_too_large")
 
     def _capture(self, req: ClientRequest, data: bytes) -> None:
         captured = req.captured
@@ -537,10 +554,10 @@ class ClientConnection(asyncio.Protocol):
         exchange.finish_call()
 
     def _forward(self, req: ClientRequest, route: CompiledRoute, exchange: Exchange,
-                 body: bytes, length: int | None, skip_reason: str | None) -> None:
-        """Start the primary's call, then the shadows'. A body being streamed (skip_reason
-        set) goes with Content-Length when known, else chunked, and to the primary only."""
-        streaming = skip_reason is not None
+                 body: bytes, length: int | None, streaming: bool,
+                 skip_reason: str | None) -> None:
+        """Start the primary's call, then the shadows' (unless ``skip_reason``). A body
+        being streamed goes with Content-Length when known, else chunked."""
         chunked = streaming and length is None
         path_query, common, tail = self._head_parts(req, exchange, length, chunked=chunked)
         head = self._primary_head(req, route, path_query, common, tail)
@@ -581,16 +598,21 @@ class ClientConnection(asyncio.Protocol):
         if not channel.keep_alive or self.ctx.draining or (self.close_after and not self.waiting):
             self._close()
             return
+        if channel.writing_paused:
+            return  # resume_writing moves on
         if self.waiting:
-            if not channel.writing_paused:
-                self._serve_next()
-            return
-        # Nothing waits: a request still being read is next in line, no longer held back.
+            self._serve_next()
+        else:
+            self._next_in_line()
+
+    def _next_in_line(self) -> None:
+        """Nothing waits: a request still being read is next, no longer held back."""
+        channel = self.channel
         nxt = self.req
         if nxt is not None:
             self._unbuffer(nxt)
             if channel.read_pauses & READ_PIPELINE:
-                nxt.started = now
+                nxt.started = self.ctx.loop.time()
         channel.resume_reading(READ_PIPELINE)
 
     def _respond_error(self, req: ClientRequest, status: int, message: str) -> None:

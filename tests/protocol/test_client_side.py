@@ -234,3 +234,25 @@ async def test_an_early_answer_ends_the_upload() -> None:
     assert client.closed
     exchange = h.sink.exchanges[0]
     assert exchange.body == b"0123456789" and exchange.responses[0].status == 413
+
+
+async def test_nothing_starts_while_the_client_reads_none_of_its_answer() -> None:
+    """While the client's socket buffer is full, the primary's answer is not read on and no
+    next request starts; they go on once the client reads."""
+    h = Harness()
+    up, upstream = h.upstream()
+    conn, client = h.client()
+    conn.data_received(GET)
+    assert upstream.take().startswith(b"GET /p")
+    conn.pause_writing()  # the transport says the client is not reading
+    assert up.reading_paused
+    up.data_received(response(200, b"first"))
+    assert not up.reading_paused  # resumed as it went back to the pool
+    conn.data_received(b"POST /next HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nnext")
+    assert upstream.take() == b""
+    conn.resume_writing()
+    head, body = forwarded(upstream)
+    assert head.startswith(b"POST /next") and body == b"next"
+    up.data_received(response(200, b"second"))
+    out = client.take()
+    assert out.index(b"first") < out.index(b"second")
