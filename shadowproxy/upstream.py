@@ -72,7 +72,7 @@ class UpstreamCall:
         self.streaming = False
         self.body_done = False
         """A streamed body has been written to its end."""
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | None = None
         """Pieces of a streamed body that arrived before the connection was made."""
         self.conn: UpstreamConnection | None = None
         self.connecting: asyncio.Task[None] | None = None
@@ -119,12 +119,15 @@ class UpstreamCall:
         if self.done:
             return
         conn = self.conn
-        if conn is None:
-            self.pending.append(data)
-            if len(self.pending) == 1:
-                self.on_body_paused()  # until the connection is made and takes it
-        else:
+        if conn is not None:
             conn.write(data)
+            return
+        pending = self.pending
+        if pending is None:
+            self.pending = pending = []
+        pending.append(data)
+        if len(pending) == 1:
+            self.on_body_paused()  # until the connection is made and takes it
 
     def finish_body(self) -> None:
         """The streamed body has been written to its end."""
@@ -140,7 +143,7 @@ class UpstreamCall:
         pending = self.pending
         if not pending:
             return b""
-        self.pending = []
+        self.pending = None
         self.on_body_resumed()
         return pending[0] if len(pending) == 1 else b"".join(pending)
 
@@ -355,19 +358,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason  # the parser hands it over in pieces when a read splits it
-        self._count_head(len(reason))
+        self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.pool.max_head_bytes:
+            raise _HeadTooLarge
         if self.state == _AWAITING:
             self.headers.append((name, value))
         # Otherwise a trailer of a chunked body, or part of a message nobody asked for:
         # never merged into the head (it was relayed and recorded already).
-
-    def _count_head(self, size: int) -> None:
-        self.head_bytes += size
-        if self.head_bytes > self.pool.max_head_bytes:
-            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         if self.state != _AWAITING:
