@@ -298,8 +298,8 @@ class UpstreamConnection(asyncio.Protocol):
         if state == _DONE:
             self._settle()
         elif awaiting and state == _AWAITING:
-            # A read that neither started nor ended a head is all head: counted here too,
-            # since the parser holds a header line it has not finished without telling.
+            # A read in which no final head ended was all head (or interim responses):
+            # counted too, since the parser holds an unfinished header line unreported.
             self.head_read += len(data)
             if self.head_read > self.pool.max_head_bytes:
                 self._head_too_large()
