@@ -28,8 +28,8 @@ from shadowproxy.admin import build_admin_app, start_admin
 from shadowproxy.config import Settings, split_listen
 from shadowproxy.errors import ListenError
 from shadowproxy.metrics import Metrics
-from shadowproxy.mirror import ShadowTarget
-from shadowproxy.proxy import ClientConnection, ProxyContext, RouteTarget
+from shadowproxy.mirror import CompiledShadow
+from shadowproxy.proxy import ClientConnection, CompiledRoute, ProxyContext
 from shadowproxy.recorder.recorder import Recorder
 from shadowproxy.routing import Router
 from shadowproxy.tasks import spawn
@@ -166,22 +166,21 @@ class Proxy:
 
 
 def compile_routes(settings: Settings, loop: asyncio.AbstractEventLoop, metrics: Metrics
-                   ) -> tuple[Router[RouteTarget], list[UpstreamPool]]:
+                   ) -> tuple[Router[CompiledRoute], list[UpstreamPool]]:
     """One pool per upstream URL, routes compiled for matching."""
     pools: dict[str, UpstreamPool] = {}
 
     def pool(url: str, name: str) -> UpstreamPool:
         if url not in pools:
-            pools[url] = UpstreamPool(loop, url, name)
+            pools[url] = UpstreamPool(loop, url, name, settings.limits)
         return pools[url]
 
     entries = []
     for route in settings.routes:
-        shadows = [ShadowTarget(route.name, s, pool(s.url, s.name), metrics)
+        shadows = [CompiledShadow(route.name, s, pool(s.url, s.name), metrics)
                    for s in route.shadows]
-        target = RouteTarget(route.name, pool(route.primary.url, f"{route.name}-primary"),
-                             route.primary.timeout_s, shadows, route.preserve_host,
-                             metrics.route(route.name))
+        target = CompiledRoute(route, pool(route.primary.url, f"{route.name}-primary"),
+                               shadows, metrics.route(route.name))
         entries.append((route.match.path_prefix, route.match.methods, target))
     return Router(entries), list(pools.values())
 

@@ -169,6 +169,7 @@ class Route(_Frozen):
     name: str = Field(pattern=_NAME)
     match: Match = Field(default_factory=Match)
     preserve_host: bool = False
+    retry_non_idempotent: bool = False
     primary: Upstream
     shadows: list[Shadow] = Field(default_factory=list)
     compare: CompareConfig | None = None
@@ -232,6 +233,8 @@ class Limits(_Frozen):
 
     max_mirror_body_bytes: int = Field(default=16_777_216, ge=0)
     max_header_bytes: int = Field(default=65_536, ge=1024)
+    max_response_header_bytes: int = Field(default=65_536, ge=1024)
+    upstream_idle_s: PositiveSeconds = 1.5
     client_timeout_s: PositiveSeconds = 60.0
     shutdown_grace_s: PositiveSeconds = 10.0
 
