@@ -117,12 +117,7 @@ def _predictions(r: dict[str, Any]) -> Section:
                 ["Spearman ρ", fmt(p["spearman"]["r"])],
                 ["within tolerance", pct(p["within_tolerance"])
                  + f" (abs {p['tolerance']['abs']}, rel {p['tolerance']['rel']})"],
-                ["Wilcoxon signed-rank p", pval(p["wilcoxon"])],
-                [f"distribution: {p['distribution_test'].get('test')}",
-                 fmt(p["distribution_test"].get("statistic"))
-                 + (f", p = {pval(p['distribution_test'])}"
-                    if p["distribution_test"].get("p_value") is not None else "")
-                 + (" — differs" if p["distribution_test"].get("drift") else "")]]
+                *_paired_rows(p), _columns_row(p)]
         s.tables.append(Table(["", "value"], rows))
         side_rows = [[side] + [fmt(p[side][k]) for k in ("mean", "sd", "min", "median", "max")]
                      for side in ("primary", "shadow")]
@@ -138,6 +133,7 @@ def _predictions(r: dict[str, Any]) -> Section:
             pr = p["positive_rate"]
             rows.append([f"positive rate ({p['positive_class']})",
                          f"{pct(pr['primary'])} → {pct(pr['shadow'])} ({pct(pr['diff'])})"])
+        rows += [*_paired_rows(p), _columns_row(p)]
         s.tables.append(Table(["", "value"], rows))
         fm = p["flip_matrix"]
         s.tables.append(Table(["primary \\ shadow", *fm["classes"]],
@@ -151,6 +147,31 @@ def _predictions(r: dict[str, Any]) -> Section:
         s.notes.append(f"noise floor (primary vs baseline {b['shadow']}): n {fmt(b['n'])}, "
                        + detail)
     return s
+
+
+def _paired_rows(p: dict[str, Any]) -> list[list[str]]:
+    """The paired test that decides: its effect, its p-value and what it concluded."""
+    t = p.get("paired")
+    if not t:
+        return []
+    if p["task"] == "regression":
+        ci = (f" (95% CI {fmt(t['ci_low'])} to {fmt(t['ci_high'])})"
+              if t.get("ci_low") is not None else "")
+        effect = ["mean shift, by request", fmt(t["mean_shift"]) + ci]
+    else:
+        f = t.get("largest")
+        effect = ["largest one-way flip", "–" if not f else
+                  f"{f['a']} → {f['b']} {fmt(f['a_to_b'])}, back {fmt(f['b_to_a'])} "
+                  f"(net {pct(f['net_share'])})"]
+    return [effect, [f"paired test ({t['test']}, {fmt(t['requests'])} requests)",
+                     f"p = {pval(t)}" + (" — DIFFERS" if t.get("decision") else "")]]
+
+
+def _columns_row(p: dict[str, Any]) -> list[str]:
+    d = p.get("distribution_test") or {}
+    return [f"columns as distributions ({d.get('test') or '–'}, information)",
+            fmt(d.get("statistic")) + (f", p = {pval(d)}" if d.get("p_value") is not None
+                                       else "")]
 
 
 def _performance(r: dict[str, Any]) -> Section:

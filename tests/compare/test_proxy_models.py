@@ -101,7 +101,7 @@ async def test_report_on_two_real_models_through_the_proxy(
     assert pred["rmse"] == pytest.approx(np.sqrt(np.mean((s - p) ** 2)))
     assert pred["pearson"]["r"] == pytest.approx(sps.pearsonr(p, s).statistic)
     assert pred["spearman"]["r"] == pytest.approx(sps.spearmanr(p, s).statistic)
-    assert pred["wilcoxon"]["p_value"] == pytest.approx(sps.wilcoxon(s - p).pvalue)
+    assert pred["paired"]["p_value"] == pytest.approx(sps.wilcoxon(s - p).pvalue)
     assert pred["distribution_test"]["p_value"] == pytest.approx(sps.ks_2samp(p, s).pvalue)
     assert report["diff"]["identical"] == 0  # the models really differ
 

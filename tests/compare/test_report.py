@@ -104,7 +104,9 @@ async def test_regression_report_matches_independent_computation(database_url: s
     assert pr["pearson"]["r"] == pytest.approx(pearson.statistic)
     assert pr["pearson"]["p_value"] == pytest.approx(pearson.pvalue, rel=1e-6)
     assert pr["spearman"]["r"] == pytest.approx(sps.spearmanr(p[ok], s[ok]).statistic)
-    assert pr["wilcoxon"]["p_value"] == pytest.approx(sps.wilcoxon(d).pvalue)
+    assert pr["paired"]["test"] == "wilcoxon_signed_rank" and pr["paired"]["requests"] == 282
+    assert pr["paired"]["p_value"] == pytest.approx(sps.wilcoxon(d).pvalue)
+    assert pr["paired"]["mean_shift"] == pytest.approx(np.mean(d))
     assert pr["distribution_test"]["test"] == "ks"
     assert pr["distribution_test"]["p_value"] == pytest.approx(sps.ks_2samp(p[ok], s[ok]).pvalue)
     assert pr["within_tolerance"] == pytest.approx(np.mean(np.abs(d) <= 5000))
@@ -387,7 +389,8 @@ async def test_tests_run_on_a_seeded_sample_above_sample_max(database_url: str) 
     assert sample["sampled"] is True and 800 < sample["n"] < 1200
     assert first["predictions"]["mae"] == pytest.approx(np.mean(np.abs(s - p)))
     assert first["predictions"]["spearman"] == again["predictions"]["spearman"]
-    assert first["predictions"]["wilcoxon"]["n"] == sample["n"]  # no zero differences
+    assert first["predictions"]["paired"] == again["predictions"]["paired"]
+    assert first["predictions"]["paired"]["n"] == sample["n"]
     diff = first["diff"]
     assert diff["sampled"] is True and 800 < diff["compared_pairs"] < 1200
     assert diff["fields"][0]["n_present"] == diff["compared_pairs"]
