@@ -238,18 +238,33 @@ def _data_checks(r: dict[str, Any]) -> Section:
                                     f"the earlier window {ref['start']} → {ref['end']}"))
     rows = []
     for f in d["features"]:
-        dist = f["distribution"]
+        dist, miss = f.get("distribution") or {}, f.get("missing") or {}
         cur, refs = f["current"], f["reference"] or {}
-        checks = f["checks"]
-        failed = "; ".join(checks["failed"]) or "ok"
-        rows.append([f["name"], f["type"], fmt(cur["n"]), pct(cur["missing_share"]),
-                     f"{fmt(refs.get('mean'))} → {fmt(cur['mean'])}",
-                     str(dist.get("test") or "–"), fmt(dist.get("statistic")), pval(dist),
-                     fmt(dist.get("p_value_adjusted"), 3), "DRIFT" if f["drift"] else "–",
-                     failed])
-    s.tables.append(Table(["feature", "type", "n", "missing", "mean ref → cur", "test", "stat",
-                           "p", "p adj (BH)", "drift", "value checks"], rows))
+        failed = "; ".join(f["checks"]["failed"]) or "ok"
+        effect = "–"
+        if dist.get("size") is not None:
+            short = _EFFECTS.get(dist["effect"], dist["effect"])
+            effect = f"{short} {fmt(dist['size'], 3)} (max {fmt(dist['threshold'])})"
+        rows.append([f["name"], f["type"], fmt(cur["n"]),
+                     f"{pct(refs.get('missing_share'))} → {pct(cur['missing_share'])}",
+                     f"{fmt(refs.get('mean'))} → {fmt(cur['mean'])}", f.get("levels") or "–",
+                     effect, fmt(dist.get("p_adjusted"), 3), fmt(miss.get("p_adjusted"), 3),
+                     "DRIFT" if f.get("drift") else "–", failed])
+    correction = d.get("correction", "holm").title()
+    s.tables.append(Table(["feature", "type", "n", "missing ref → cur", "mean ref → cur",
+                           "levels", "effect", f"p ({correction})",
+                           f"missing p ({correction})", "drift", "value checks"], rows))
+    s.notes.append(f"drift: an effect over its maximum and a p-value under {d.get('alpha')} "
+                   f"after {correction}'s correction over {d.get('tests')} tests; "
+                   "W: normalised Wasserstein distance, TV: total variation distance")
+    for f in d["features"]:
+        for check in (f.get("distribution") or {}, f.get("missing") or {}):
+            if check.get("drift"):
+                s.notes.append(f"{f['name']}: {check.get('explanation')}")
     return s
+
+
+_EFFECTS = {"wasserstein_normed": "W", "total_variation": "TV"}
 
 
 def _slices(r: dict[str, Any]) -> Section:

@@ -65,39 +65,6 @@ def test_two_by_two_switches_to_fisher_for_small_expected_counts() -> None:
     assert big["p_value"] == pytest.approx(sps.chi2_contingency([[30, 70], [55, 45]]).pvalue)
 
 
-def test_numeric_drift_uses_ks_when_small_and_wasserstein_when_large(
-        rng: np.random.Generator) -> None:
-    """KS p-value up to large_sample values; normalised Wasserstein distance above."""
-    a, b = rng.normal(0, 1, 300), rng.normal(0.4, 1, 300)
-    small = stats.numeric_drift(a, b, alpha=0.05, large_sample=1000, max_distance=0.1)
-    assert small["test"] == "ks"
-    assert small["p_value"] == pytest.approx(sps.ks_2samp(a, b).pvalue)
-    a, b = rng.normal(0, 2, 3000), rng.normal(0.5, 2, 3000)
-    large = stats.numeric_drift(a, b, alpha=0.05, large_sample=1000, max_distance=0.1)
-    assert large["test"] == "wasserstein_normed"
-    assert large["statistic"] == pytest.approx(sps.wasserstein_distance(a, b) / np.std(a))
-    assert large["drift"] is True
-
-
-def test_categorical_drift_uses_chi2_contingency_then_jensen_shannon() -> None:
-    """χ² on the 2×k table (unseen categories included) when small, JS base 2 when large."""
-    ref, cur = {"a": 50, "b": 30, "c": 20}, {"a": 30, "b": 30, "c": 30, "d": 10}
-    res = stats.categorical_drift(ref, cur, alpha=0.05, large_sample=1000, max_js_distance=0.12)
-    table = [[50, 30, 20, 0], [30, 30, 30, 10]]
-    assert res["test"] == "chi2"
-    assert res["p_value"] == pytest.approx(sps.chi2_contingency(table).pvalue)
-    big_ref = {k: v * 100 for k, v in ref.items()}
-    big_cur = {k: v * 100 for k, v in cur.items()}
-    res = stats.categorical_drift(big_ref, big_cur, alpha=0.05, large_sample=1000,
-                                  max_js_distance=0.12)
-    p = np.array([5000, 3000, 2000, 0]) / 10000
-    q = np.array([3000, 3000, 3000, 1000]) / 10000
-    m = (p + q) / 2
-    kl = lambda x, y: np.sum(np.where(x > 0, x * np.log2(np.where(x > 0, x, 1) / y), 0))  # noqa: E731
-    assert res["test"] == "jensen_shannon"
-    assert res["statistic"] == pytest.approx(np.sqrt((kl(p, m) + kl(q, m)) / 2))
-
-
 def test_location_test_picks_welch_for_normal_samples_and_kruskal_otherwise(
         rng: np.random.Generator) -> None:
     """Both normal: Welch's t (scipy's equal_var=False); a skewed sample: Kruskal-Wallis."""
