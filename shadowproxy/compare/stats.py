@@ -52,28 +52,6 @@ def normality(x: Array, alpha: float) -> dict[str, Any]:
     return {"test": test, "p_value": num(p), "normal": bool(p >= alpha)}
 
 
-def location_test(ref: Array, cur: Array, alpha: float) -> dict[str, Any]:
-    """Welch's t-test when both samples look normal, else Kruskal-Wallis; with effect sizes."""
-    if ref.size < 3 or cur.size < 3:
-        return {"test": None, "why": "fewer than 3 values on a side"}
-    n_ref, n_cur = normality(ref, alpha), normality(cur, alpha)
-    both_normal = n_ref["normal"] and n_cur["normal"]
-    if np.ptp(np.concatenate([ref, cur])) == 0:
-        return {"test": None, "why": "every value is the same"}
-    if both_normal:
-        res = stats.ttest_ind(ref, cur, equal_var=False)
-        test, why = "welch_t", "both samples pass the normality test"
-    else:
-        res = stats.kruskal(ref, cur)
-        test, why = "kruskal", "a sample fails the normality test"
-    sd = math.sqrt((np.var(ref, ddof=1) + np.var(cur, ddof=1)) / 2)
-    return {"test": test, "why": why, "statistic": num(res.statistic), "p_value": num(res.pvalue),
-            "normality": {"reference": n_ref, "current": n_cur},
-            "mean_diff": num(np.mean(cur) - np.mean(ref)),
-            "median_diff": num(np.median(cur) - np.median(ref)),
-            "cohen_d": num((np.mean(cur) - np.mean(ref)) / sd) if sd > 0 else None}
-
-
 def groups_test(groups: Sequence[Array], alpha: float) -> dict[str, Any]:
     """One-way ANOVA when every group looks normal, else Kruskal-Wallis (k ≥ 2 groups)."""
     groups = [g for g in groups if g.size >= 3]
@@ -86,20 +64,6 @@ def groups_test(groups: Sequence[Array], alpha: float) -> dict[str, Any]:
     res = stats.kruskal(*groups)
     return {"test": "kruskal", "why": "a group fails the normality test",
             "statistic": num(res.statistic), "p_value": num(res.pvalue)}
-
-
-def two_by_two(table: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """A 2×2 homogeneity test: Fisher's exact test if an expected count is under 5."""
-    t = np.asarray(table, dtype=np.int64)
-    if (t.sum(axis=0) == 0).any() or (t.sum(axis=1) == 0).any():
-        return {"test": None, "p_value": None, "why": "a row or column of the table is empty"}
-    expected = stats.contingency.expected_freq(t)
-    if (expected < 5).any():
-        return {"test": "fisher_exact", "p_value": num(stats.fisher_exact(t).pvalue),
-                "why": "an expected count is under 5"}
-    res = stats.chi2_contingency(t)
-    return {"test": "chi2", "statistic": num(res.statistic), "p_value": num(res.pvalue),
-            "why": "every expected count is 5 or more"}
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -155,13 +119,6 @@ def weighted_chi2_sf(x: float, weights: Array) -> float:
         return float(stats.chi2.sf(x / scale, float(np.sum(w)) / scale))
     p = float(stats.norm.sf(r) + stats.norm.pdf(r) * (1 / v - 1 / r))
     return min(max(p, 0.0), 1.0)
-
-
-def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
-    """Benjamini-Hochberg adjusted p-values, in the input order."""
-    if not p_values:
-        return []
-    return [float(p) for p in stats.false_discovery_control(np.asarray(p_values), method="bh")]
 
 
 def kappa(matrix: Array) -> float | None:

@@ -281,7 +281,8 @@ def _slices(r: dict[str, Any]) -> Section:
                      fmt(x["test"].get("p_value_adjusted"), 3),
                      "FLAG" if x.get("flagged") else
                      ("" if x["test"].get("test") else x["test"].get("why") or "")])
-    s.tables.append(Table(["slice", "n", metric, "p", "p adj (BH)", ""], rows))
+    method = d.get("multiple_testing", {}).get("method", "holm").title()
+    s.tables.append(Table(["slice", "n", metric, "p", f"p adj ({method})", ""], rows))
     for family, t in d.get("families", {}).items():
         if t.get("test"):
             s.notes.append(f"{family}: {t['test']} across bins, p = {pval(t)}")

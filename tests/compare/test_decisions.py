@@ -220,3 +220,32 @@ async def test_integer_valued_features_are_tested_as_discrete(database_url: str,
     distinct = len(set(ref) | set(cur))
     assert visits["type"] == "numeric" and visits["levels"] == f"{distinct} distinct values"
     assert visits["distribution"]["test"]["statistic"] == "anderson_darling"
+
+
+async def test_a_slice_is_not_flagged_for_requests_whose_rows_err_together(
+        database_url: str) -> None:
+    """60 batch requests whose rows err together, a slice unrelated to the errors: no flag."""
+    rng = np.random.default_rng(12)
+    north = rng.random(60) < 0.5
+    effect = rng.normal(0, 1, 60)
+    p = rng.normal(0, 1, (60, 10))
+    s = p + effect[:, None] + rng.normal(0, 0.1, (60, 10))
+    await insert(database_url, [
+        Exchange({"region": "north" if north[i] else "south", "instances": [[0]] * 10},
+                 Call({"predictions": list(p[i])}),
+                 {"candidate": Call({"predictions": list(s[i])})})
+        for i in range(60)])
+    err, rows = np.abs(s - p), np.repeat(north, 10)
+    assert sps.kruskal(err[~north].ravel(), err[north].ravel()).pvalue < 0.001  # rows as units
+    r = await report(database_url, {"prediction": "$.predictions[*]", "task": "regression",
+                                    "slices": {"north": "request_body_json ->> 'region' = 'north'"},
+                                    "thresholds": {"min_pairs": 50}})
+    north_slice = r["slices"]["slices"][0]
+    assert north_slice["n"] == rows.sum() and north_slice["mae"] == pytest.approx(
+        err[north].mean())
+    assert north_slice.get("flagged") is None and reasons(r, "slices") == []
+    test = north_slice["test"]
+    assert test["method"] == "permutation_by_request"
+    assert test["requests"] == [north.sum(), 60 - north.sum()]
+    assert test["diff"] == pytest.approx(err[north].mean() - err[~north].mean())
+    assert test["p_value"] > 0.2

@@ -373,8 +373,13 @@ async def test_slices_by_sql_and_by_feature_bins(database_url: str) -> None:
     err = np.abs(s - p)
     assert sl["big"]["n"] == int(big.sum())
     assert sl["big"]["mae"] == pytest.approx(np.mean(err[big]))
-    assert sl["big"]["test"]["p_value"] == pytest.approx(sps.kruskal(err[~big], err[big]).pvalue)
-    assert sl["big"]["flagged"] is True
+    test = sl["big"]["test"]
+    assert test["method"] == "permutation_by_request"
+    assert test["requests"] == [int(big.sum()), int((~big).sum())]
+    assert test["diff"] == pytest.approx(np.mean(err[big]) - np.mean(err[~big]))
+    assert test["p_value"] < 0.001  # the smallest of the 3 slices' p-values: Holm's 3 × p
+    assert test["p_value_adjusted"] == pytest.approx(3 * test["p_value"])
+    assert sl["big"]["flagged"] is True and r["slices"]["multiple_testing"]["method"] == "holm"
     assert sl["tiny"]["test"]["test"] is None  # under min_size
     low = sqft < 2000
     assert sl["sqft in [0, 2000)"]["n"] == int(low.sum())

@@ -43,42 +43,6 @@ def test_mcnemar_is_the_exact_binomial_test() -> None:
         assert stats.mcnemar(b, c)["p_value"] == pytest.approx(expected)
 
 
-def test_benjamini_hochberg_matches_the_step_up_definition() -> None:
-    """Adjusted p-values equal min over k ≥ i of p_(k)·m/k, capped at 1, in input order."""
-    p = [0.01, 0.04, 0.03, 0.2, 0.005]
-    order = np.argsort(p)
-    m = len(p)
-    ranked = np.array(p)[order] * m / np.arange(1, m + 1)
-    adjusted = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1)
-    expected = np.empty(m)
-    expected[order] = adjusted
-    assert stats.benjamini_hochberg(p) == pytest.approx(list(expected))
-
-
-def test_two_by_two_switches_to_fisher_for_small_expected_counts() -> None:
-    """Fisher's exact test when an expected count is under 5; χ² contingency otherwise."""
-    small = stats.two_by_two([[1, 20], [6, 15]])
-    assert small["test"] == "fisher_exact"
-    assert small["p_value"] == pytest.approx(sps.fisher_exact([[1, 20], [6, 15]]).pvalue)
-    big = stats.two_by_two([[30, 70], [55, 45]])
-    assert big["test"] == "chi2"
-    assert big["p_value"] == pytest.approx(sps.chi2_contingency([[30, 70], [55, 45]]).pvalue)
-
-
-def test_location_test_picks_welch_for_normal_samples_and_kruskal_otherwise(
-        rng: np.random.Generator) -> None:
-    """Both normal: Welch's t (scipy's equal_var=False); a skewed sample: Kruskal-Wallis."""
-    a, b = rng.normal(0, 1, 200), rng.normal(0.3, 2, 200)
-    res = stats.location_test(a, b, 0.05)
-    assert res["test"] == "welch_t"
-    assert res["p_value"] == pytest.approx(sps.ttest_ind(a, b, equal_var=False).pvalue)
-    c = rng.exponential(1, 200)
-    res = stats.location_test(a, c, 0.05)
-    assert res["test"] == "kruskal"
-    assert res["p_value"] == pytest.approx(sps.kruskal(a, c).pvalue)
-    assert res["p_value"] == pytest.approx(sps.mannwhitneyu(a, c).pvalue, rel=1e-6)
-
-
 def test_groups_test_is_anova_for_normal_groups(rng: np.random.Generator) -> None:
     """Several normal groups: one-way ANOVA equal to scipy's f_oneway."""
     groups = [rng.normal(m, 1, 100) for m in (0, 0.2, 0.5)]
