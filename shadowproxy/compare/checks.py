@@ -1,11 +1,12 @@
-"""Data checks of the live inputs: value checks first, then one distribution test per feature.
+"""Data checks of the live inputs: value checks, the feature's type, then the drift finding.
 
-Pure functions over ``FeatureData`` (see ``reference.py``). The order follows the policy in
-``docs/report.md``: deterministic value checks (allowed values, range, missing values) that
-fail the report when a configured constraint is broken; the missing-share test; the
-distribution test chosen by the feature's type and the sample size; a location test
-(Welch's t or Kruskal-Wallis, by a normality gate) for numeric features; Benjamini-Hochberg
-across the features' p-values; and a drift flag per feature.
+Pure functions over ``FeatureData`` (see ``reference.py``): deterministic value checks
+(allowed values, range, missing values) that fail the report when a configured constraint
+is broken; the feature's type, which says how ``drift.py`` tests it (``drift_kind``:
+categories as categories, numbers — sparse ones included — on their distinct values or
+quantile bins); and ``finish``, which puts each feature's drift finding beside its checks.
+Drift itself is decided in one place, ``drift.window_drift`` (Holm across every feature's
+tests, and an effect above its threshold), with the request as the unit.
 """
 
 from __future__ import annotations
@@ -14,15 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from shadowproxy.compare.config import FeatureConfig, Thresholds
+from shadowproxy.compare.config import FeatureConfig
+from shadowproxy.compare.drift import DriftResult, Kind
 from shadowproxy.compare.reference import FeatureData
-from shadowproxy.compare.stats import (
-    benjamini_hochberg,
-    categorical_drift,
-    location_test,
-    numeric_drift,
-    two_by_two,
-)
 
 SPARSE_ZERO_SHARE = 0.5
 DISCRETE_MAX_UNIQUE = 5
@@ -90,82 +85,40 @@ def value_checks(cfg: FeatureConfig, cur: FeatureData, ref: FeatureData | None, 
     return out
 
 
+def drift_kind(ftype: str) -> Kind:
+    """How the drift rule tests a feature of this type: sparse features are numbers."""
+    return "categorical" if ftype == "categorical" else "numeric"
+
+
 def feature_check(name: str, cfg: FeatureConfig, cur: FeatureData, ref: FeatureData | None,
-                  th: Thresholds, *, n_not_allowed: int = 0, n_out_of_range: int = 0,
+                  *, n_not_allowed: int = 0, n_out_of_range: int = 0,
                   n_outside_reference_range: int | None = None) -> dict[str, Any]:
-    """Everything the report says about one feature; p-values are adjusted by ``finish``."""
+    """Everything the report says about one feature but drift (``finish`` adds it)."""
     ftype, type_source = infer_type(cfg, cur, ref)
-    out: dict[str, Any] = {
+    return {
         "name": name, "type": ftype, "type_source": type_source,
         "current": _side(cur), "reference": _side(ref) if ref is not None else None,
         "checks": value_checks(cfg, cur, ref, n_not_allowed=n_not_allowed,
                                n_out_of_range=n_out_of_range,
                                n_outside_reference_range=n_outside_reference_range),
     }
-    tests: list[dict[str, Any]] = []
-    if ref is None or not ref.n_rows or not cur.n_rows:
-        out["distribution"] = {"test": None, "why": "no reference values", "drift": False}
-        out["tests"] = tests
-        return out
-    miss = two_by_two([[ref.n_missing, ref.n_present], [cur.n_missing, cur.n_present]])
-    miss["share_diff"] = cur.n_missing / cur.n_rows - ref.n_missing / ref.n_rows
-    out["checks"]["missing_share_test"] = miss
-    if miss.get("p_value") is not None:
-        tests.append(miss)
-    if ftype == "categorical":
-        dist = categorical_drift(ref.counts, cur.counts, max_js_distance=th.max_js_distance,
-                                 alpha=th.alpha, large_sample=th.large_sample)
-    elif ftype == "sparse":
-        rz, cz = ref.n_zero, cur.n_zero
-        dist = two_by_two([[rz, ref.n_numeric - rz], [cz, cur.n_numeric - cz]])
-        dist["test"] = f"zero_share_{dist['test']}" if dist["test"] else None
-        dist["why"] = "sparse: compare the share of zeros, then the non-zero values"
-        dist["zero_share"] = {"reference": rz / ref.n_numeric if ref.n_numeric else None,
-                              "current": cz / cur.n_numeric if cur.n_numeric else None}
-        nonzero = numeric_drift(ref.sample[ref.sample != 0], cur.sample[cur.sample != 0],
-                                max_distance=th.max_distance, alpha=th.alpha,
-                                large_sample=th.large_sample)
-        dist["nonzero"] = nonzero
-        if nonzero.get("p_value") is not None and nonzero["test"]:
-            tests.append(nonzero)
-    else:
-        dist = numeric_drift(ref.sample, cur.sample, max_distance=th.max_distance,
-                             alpha=th.alpha, large_sample=th.large_sample)
-        out["location"] = location_test(ref.sample, cur.sample, th.alpha)
-    out["distribution"] = dist
-    if dist.get("p_value") is not None and dist.get("test"):
-        tests.insert(0, dist)
-    out["tests"] = tests
-    return out
 
 
-def finish(features: list[dict[str, Any]], th: Thresholds) -> dict[str, Any]:
-    """Benjamini-Hochberg across every feature test's p-value; drift flags; the summary."""
-    family = [t for f in features for t in f.pop("tests", [])]
-    adjusted = benjamini_hochberg([t["p_value"] for t in family])
-    for test, p_adj in zip(family, adjusted, strict=True):
-        test["p_value_adjusted"] = p_adj
-        test["drift"] = bool(p_adj < th.alpha)
-    for f in features:
-        dist = f["distribution"]
-        drift = bool(dist.get("drift"))
-        nonzero = dist.get("nonzero")
-        if nonzero is not None:
-            drift = drift or bool(nonzero.get("drift"))
-        miss = f["checks"].get("missing_share_test") or {}
-        missing_drift = bool(miss.get("drift")) and abs(miss.get("share_diff", 0)) >= 0.01
-        miss["drift"] = missing_drift
-        f["drift"] = drift or missing_drift
-    n_tested = sum(1 for f in features if f["distribution"].get("test"))
-    drifted = [f["name"] for f in features if f["drift"]]
+def finish(features: list[dict[str, Any]], drift: DriftResult) -> dict[str, Any]:
+    """Each feature's drift finding beside its checks; the window's drift summary.
+
+    ``drift`` holds the features in the order of ``features``; each gets its ``kind``,
+    ``levels``, the ``distribution`` and ``missing`` checks (test, effect, threshold,
+    Holm-adjusted p-value, decision, explanation), ``info`` and ``drift``.
+    """
+    found = drift.to_json()
+    for f, d in zip(features, found.pop("features"), strict=True):
+        if f["name"] != d["name"]:
+            raise ValueError(f"drift findings out of order: {d['name']} for {f['name']}")
+        f.update({k: v for k, v in d.items() if k != "name"})
     failed = {f["name"]: f["checks"]["failed"] for f in features if f["checks"]["failed"]}
-    return {"features": features, "n_features": len(features), "n_tested": n_tested,
-            "drifted": drifted,
-            "drift_share": len(drifted) / n_tested if n_tested else None,
-            "dataset_drift": bool(n_tested and len(drifted) / n_tested >= th.max_drift_share),
-            "value_check_failures": failed,
-            "multiple_testing": {"method": "benjamini-hochberg", "tests": len(family),
-                                 "alpha": th.alpha}}
+    return {"features": features, "n_features": len(features), **found,
+            "value_check_failures": failed}
 
 
 def histogram_edges(cur: FeatureData, ref: FeatureData | None, bins: int = 30) -> list[float]:

@@ -3,10 +3,11 @@
 ``load`` extracts every configured feature of the window's requests (and, without a
 reference file, of the window of the same length just before) into a scratch table and
 returns a ``Features`` handle, which the slices section takes for its feature slices.
-``build`` assembles the section: per feature, counts and value checks in SQL, a seeded
-sample of the numeric values, the category counts, then the pure tests and drift
-decisions of ``checks.py`` (``feature_check`` per feature, ``finish`` across them: the one
-place where drift is decided), and the histograms and quantiles for the plots.
+``build`` assembles the section: per feature, counts and value checks in SQL, the category
+counts, the value checks of ``checks.py``, and every row's value with its request (a
+seeded sample of whole requests, about ``sample_max`` rows; a reference file's whole
+column, each row its own unit), which go to ``drift.window_drift`` together: the one place
+where drift is decided. Then the histograms and quantiles for the plots.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import numpy as np
 
 from shadowproxy.compare import checks
 from shadowproxy.compare.config import FeatureConfig
+from shadowproxy.compare.drift import DriftPolicy, Kind, Sample, window_drift
 from shadowproxy.compare.extract import feature_rows_sql
 from shadowproxy.compare.operational import HIST_BINS
-from shadowproxy.compare.reference import FeatureData, from_summary, read_reference
+from shadowproxy.compare.reference import FeatureData, column, from_summary, read_reference
 from shadowproxy.compare.snapshot import Scratch, Snapshot
 from shadowproxy.compare.window import Window
 
@@ -62,9 +64,11 @@ class DataChecksSection(TypedDict, total=False):
     drifted: Required[list[str]]
     why: str
     n_tested: int
+    tests: int
     drift_share: float | None
     dataset_drift: bool
-    multiple_testing: dict[str, Any]
+    alpha: float
+    correction: str
 
 
 async def validate(db: Snapshot) -> None:
@@ -128,16 +132,35 @@ async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
 
 
 async def _data(db: Snapshot, name: str, tag: str, summary: dict[str, Any]) -> FeatureData:
-    """One feature's values under ``tag``: the summary, category counts, a numeric sample."""
+    """One feature's values under ``tag``: the summary and the category counts."""
     data = from_summary(summary)
     data.counts = {r[0]: int(r[1]) for r in await db.fetch(
         f"SELECT txt, count(*) FROM {FEATURES} WHERE name = $1 AND tag = $2 "
         "AND txt IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1000", name, tag)}
-    sample = db.sample_clause(data.n_numeric, "id::text || ':' || ord")
-    rows = await db.fetch(f"SELECT num FROM {FEATURES} WHERE name = $1 AND tag = $2 "
-                          f"AND num IS NOT NULL AND {sample}", name, tag)
-    data.sample = np.array([r[0] for r in rows], dtype=np.float64)
     return data
+
+
+async def _rows(db: Snapshot, name: str, tag: str, data: FeatureData, kind: Kind) -> Sample:
+    """Every row of a seeded sample of whole requests: its value and its request.
+
+    Missing values are rows too (NaN, or None for categories), so that the missing share is
+    tested; whole requests are drawn so that the tests can take the request as the unit.
+    The numeric sample for the plots is the present values among them.
+    """
+    value = "num" if kind == "numeric" else "txt"
+    rows = await db.fetch(f"SELECT id::text, {value} FROM {FEATURES} WHERE name = $1 AND "
+                          f"tag = $2 AND {db.sample_clause(data.n_rows, 'id::text')}",
+                          name, tag)
+    requests = np.array([r[0] for r in rows], dtype=object)
+    if kind == "numeric":
+        values = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
+        data.sample = values[np.isfinite(values)]
+        return Sample(values, requests)
+    return Sample(np.array([r[1] for r in rows], dtype=object), requests)
+
+
+def _empty(kind: Kind) -> Sample:
+    return Sample(np.zeros(0, dtype=np.float64 if kind == "numeric" else object))
 
 
 async def _histogram(db: Snapshot, name: str, tag: str, edges: list[float]) -> list[int]:
@@ -169,6 +192,7 @@ async def build(db: Snapshot, reference: Path | None) -> tuple[Features, DataChe
         ref_info = ReferenceInfo(kind="earlier_window", start=earlier.start.isoformat(),
                                  end=earlier.end.isoformat())
     results = []
+    rows: dict[str, tuple[Kind, Sample, Sample]] = {}
     for name, cfg in compare.features.items():
         summary = await _summary(db, name, CURRENT, cfg)
         cur = await _data(db, name, CURRENT, summary)
@@ -186,12 +210,22 @@ async def build(db: Snapshot, reference: Path | None) -> tuple[Features, DataChe
                 "AND (num < $3 OR num > $4)", name, CURRENT, ref.stats["min"], ref.stats["max"])
             outside = int(row[0])
         check = checks.feature_check(
-            name, cfg, cur, ref, th, n_not_allowed=int(summary["n_not_allowed"]),
+            name, cfg, cur, ref, n_not_allowed=int(summary["n_not_allowed"]),
             n_out_of_range=int(summary["n_out_of_range"]), n_outside_reference_range=outside)
+        kind = checks.drift_kind(check["type"])
+        current = await _rows(db, name, CURRENT, cur, kind)
+        if ref is None:
+            earlier_rows = _empty(kind)
+        elif ref.values is not None:
+            earlier_rows = Sample(column(ref.values, kind == "numeric"))
+        else:
+            earlier_rows = await _rows(db, name, REFERENCE, ref, kind)
+        rows[name] = (kind, earlier_rows, current)
         if check["type"] in ("numeric", "sparse") and cur.n_numeric:
             await _plots(db, check, cur, ref, from_file=ref_file is not None)
         results.append(check)
-    out = cast(DataChecksSection, checks.finish(results, th))
+    drift = window_drift(rows, DriftPolicy.from_thresholds(th, db.scope.seed))
+    out = cast(DataChecksSection, checks.finish(results, drift))
     out["reference"] = ref_info
     return features, out
 
@@ -213,6 +247,7 @@ async def _plots(db: Snapshot, check: dict[str, Any], cur: FeatureData,
     levels = np.linspace(0, 1, 101)
     check["quantiles"] = {
         "levels": [float(x) for x in levels],
-        "current": [float(x) for x in np.quantile(cur.sample, levels)],
+        "current": ([float(x) for x in np.quantile(cur.sample, levels)]
+                    if cur.sample.size else None),
         "reference": ([float(x) for x in np.quantile(ref.sample, levels)]
                       if ref is not None and ref.sample.size else None)}

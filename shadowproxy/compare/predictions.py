@@ -5,11 +5,15 @@ batches) into a scratch table and returns a ``Predictions`` handle; the sections
 predictions with labels or slices take that handle, so they cannot run before it exists.
 ``build`` does both and assembles the section: exact aggregates in SQL (errors, quantiles,
 histograms, the binned scatter, the flip matrix), then the statistical tests on a seeded
-sample of at most ``sample_max`` pairs.
+sample of whole requests (about ``sample_max`` prediction rows).
 
-The tests and the drift decision of the section are made in one place each:
-``regression_tests`` (paired numeric samples) and ``classification_tests`` (the paired class
-counts). They are pure: what goes in is the sample, what comes out is JSON-ready.
+The decision of the section is made in one place per task: ``regression_tests`` and
+``classification_tests`` take the sampled rows (primary's and shadow's value or class, and
+the request each row came from: a batch request gives several rows) and run the paired
+test of ``paired.py`` (``mean_shift`` or ``flip_test``, the request as the unit), whose
+result is ``paired`` and decides the verdict. The comparison of the two columns as
+distributions (``distribution_test``) is information only. Both functions are pure: what
+goes in is the sample, what comes out is JSON-ready.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import numpy as np
 
 from shadowproxy.compare import stats
 from shadowproxy.compare.config import CompareConfig, Thresholds
+from shadowproxy.compare.drift import cdf_distances
 from shadowproxy.compare.extract import literal
+from shadowproxy.compare.paired import PairedPolicy, flip_test, mean_shift
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
 
 Task = Literal["regression", "classification"]
@@ -152,8 +158,13 @@ class Rates(TypedDict):
 class RegressionTests(TypedDict):
     pearson: dict[str, Any]
     spearman: dict[str, Any]
-    wilcoxon: dict[str, Any]
     distribution_test: dict[str, Any]
+    paired: dict[str, Any]
+
+
+class ClassificationTests(TypedDict):
+    distribution_test: dict[str, Any]
+    paired: dict[str, Any]
 
 
 class NoiseSummary(TypedDict):
@@ -191,9 +202,7 @@ class PredictionsSection(TypedDict, total=False):
     scatter: Scatter
     pearson: dict[str, Any]
     spearman: dict[str, Any]
-    wilcoxon: dict[str, Any]
     tolerance: Tolerance
-    sample: Sample
     # classification
     agreement: float
     kappa: float | None
@@ -203,19 +212,21 @@ class PredictionsSection(TypedDict, total=False):
     positive_class: str | None
     positive_rate: Rates
     # both
+    paired: dict[str, Any]
     distribution_test: dict[str, Any]
+    sample: Sample
     worst: list[dict[str, Any]]
     baseline_noise: NotRequired[NoiseSummary]
 
 
 # -- the decisions -------------------------------------------------------------------------
 
-def regression_tests(p: np.ndarray, s: np.ndarray, *, n: int, pearson_r: float | None,
-                     th: Thresholds) -> RegressionTests:
-    """Correlations, the paired test and the distribution test of paired numeric predictions.
+def regression_tests(p: np.ndarray, s: np.ndarray, requests: np.ndarray, *, n: int,
+                     pearson_r: float | None, th: Thresholds, seed: int) -> RegressionTests:
+    """The paired test (decides), correlations and the two columns' distributions (information).
 
-    ``p``/``s`` are the paired sample (at most ``sample_max`` pairs); ``n`` and
-    ``pearson_r`` are exact, computed in SQL over every pair.
+    ``p``/``s`` are the sampled rows and ``requests`` the request of each (rows of a batch
+    share one); ``n`` and ``pearson_r`` are exact, computed in SQL over every pair.
     """
     pearson: dict[str, Any] = {"r": pearson_r, "p_value": None}
     if pearson_r is not None and n > 2:
@@ -226,29 +237,56 @@ def regression_tests(p: np.ndarray, s: np.ndarray, *, n: int, pearson_r: float |
         else:
             t = pearson_r * math.sqrt((n - 2) / (1 - pearson_r * pearson_r))
             pearson["p_value"] = stats.num(2 * sps.t.sf(abs(t), n - 2))
-    dist = stats.numeric_drift(p, s, alpha=th.alpha, large_sample=th.large_sample,
-                               max_distance=th.max_distance)
-    if dist.get("p_value") is not None:
-        dist["drift"] = bool(dist["p_value"] < th.alpha)
+    paired = mean_shift(p, s, requests, PairedPolicy.from_thresholds(th, seed))
     return RegressionTests(pearson=pearson, spearman=stats.correlation(p, s, "spearman"),
-                           wilcoxon=stats.wilcoxon(s - p), distribution_test=dist)
+                           distribution_test=_columns_numeric(p, s),
+                           paired=paired.to_json())
 
 
-def classification_tests(classes: list[str], matrix: np.ndarray, th: Thresholds
-                         ) -> dict[str, Any]:
-    """The distribution test of the predicted classes, from the paired flip matrix.
+def _columns_numeric(p: np.ndarray, s: np.ndarray) -> dict[str, Any]:
+    """KS and the normalised Wasserstein distance of the two columns (information)."""
+    if p.size == 0:
+        return {"test": None, "why": "no paired numeric predictions", "decides": False}
+    from scipy import stats as sps
+
+    ks = sps.ks_2samp(p, s)
+    distance, _ = cdf_distances(p, s)
+    return {"test": "ks", "statistic": stats.num(ks.statistic), "p_value": stats.num(ks.pvalue),
+            "wasserstein_normed": stats.num(distance), "decides": False,
+            "why": "information: the two columns compared as if they were independent "
+                   "samples; the paired test decides"}
+
+
+def classification_tests(classes: list[str], matrix: np.ndarray, primary: np.ndarray,
+                         shadow: np.ndarray, requests: np.ndarray, *, th: Thresholds,
+                         seed: int) -> ClassificationTests:
+    """The paired flip test (decides) and the predicted classes' distributions (information).
 
     ``matrix[i, j]`` counts the pairs where the primary predicted ``classes[i]`` and the
-    shadow ``classes[j]`` (every pair: the matrix is exact).
+    shadow ``classes[j]`` (every pair: the matrix is exact); ``primary``/``shadow`` are the
+    sampled rows' classes and ``requests`` the request of each.
     """
-    p_counts, s_counts = matrix.sum(axis=1), matrix.sum(axis=0)
-    dist = stats.categorical_drift(
-        {c: int(p_counts[i]) for i, c in enumerate(classes)},
-        {c: int(s_counts[i]) for i, c in enumerate(classes)},
-        alpha=th.alpha, large_sample=th.large_sample, max_js_distance=th.max_js_distance)
-    if dist.get("p_value") is not None:
-        dist["drift"] = bool(dist["p_value"] < th.alpha)
-    return dist
+    paired = flip_test(primary, shadow, requests, PairedPolicy.from_thresholds(th, seed))
+    return ClassificationTests(distribution_test=_columns_classes(classes, matrix),
+                               paired=paired.to_json())
+
+
+def _columns_classes(classes: list[str], matrix: np.ndarray) -> dict[str, Any]:
+    """χ² on the two columns' class counts and their total variation distance (information)."""
+    counts = np.vstack([matrix.sum(axis=1), matrix.sum(axis=0)])
+    counts = counts[:, counts.sum(axis=0) > 0]
+    if counts.shape[1] < 2:
+        return {"test": None, "why": "a single class on both sides", "decides": False}
+    from scipy import stats as sps
+
+    chi = sps.chi2_contingency(counts)
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    return {"test": "chi2", "statistic": stats.num(chi.statistic),
+            "p_value": stats.num(chi.pvalue),
+            "total_variation": float(np.abs(shares[1] - shares[0]).sum() / 2),
+            "decides": False,
+            "why": "information: the class counts compared as if they were independent "
+                   "samples; the paired flip test decides"}
 
 
 # -- task ----------------------------------------------------------------------------------
@@ -410,18 +448,27 @@ async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection)
             SELECT request_id, ord, pn, sn, abs(sn - pn) AS d FROM {t}
             WHERE pn IS NOT NULL AND sn IS NOT NULL
             ORDER BY abs(sn - pn) DESC, request_id LIMIT 10""")]
-    sample = db.sample_clause(n, "id::text || ':' || ord")
-    rows = await db.fetch(
-        f"SELECT pn, sn FROM {t} WHERE pn IS NOT NULL AND sn IS NOT NULL AND {sample}")
-    pairs = np.array([(r[0], r[1]) for r in rows], dtype=np.float64).reshape(-1, 2)
-    p, s = pairs[:, 0], pairs[:, 1]
-    out.update(regression_tests(p, s, n=n, pearson_r=_opt(row["pearson"]),
-                                th=db.thresholds))
+    rows = await _sample(db, t, "pn, sn", "pn IS NOT NULL AND sn IS NOT NULL", n)
+    p = np.array([r[1] for r in rows], dtype=np.float64)
+    s = np.array([r[2] for r in rows], dtype=np.float64)
+    out.update(regression_tests(p, s, np.array([r[0] for r in rows]), n=n,
+                                pearson_r=_opt(row["pearson"]), th=db.thresholds,
+                                seed=db.scope.seed))
     out["tolerance"] = Tolerance(abs=compare.abs_tolerance, rel=compare.rel_tolerance,
                                  configured=bool(compare.abs_tolerance
                                                  or compare.rel_tolerance))
     out["sample"] = Sample(n=int(p.size), of=n, sampled=bool(p.size < n), seed=db.scope.seed,
-                           used_for=["spearman", "wilcoxon", "distribution_test"])
+                           used_for=["paired", "spearman", "distribution_test"])
+
+
+async def _sample(db: Snapshot, table: str, columns: str, where: str, n: int) -> list[Any]:
+    """The request id and ``columns`` of the rows of a seeded sample of whole requests.
+
+    Requests, not rows, are drawn (all the rows of a batch request, or none), so that the
+    paired tests can treat the request as the unit; about ``sample_max`` rows are kept.
+    """
+    return await db.fetch(f"SELECT id::text, {columns} FROM {table} "
+                          f"WHERE {where} AND {db.sample_clause(n, 'id::text')}")
 
 
 def _distribution(q: list[float | None], mean: Any, sd: Any) -> Distribution:
@@ -486,7 +533,13 @@ async def _classification(db: Snapshot, preds: Predictions, out: PredictionsSect
                                    diff=float((s_counts[i] - p_counts[i]) / total))
                           for c, i in index.items()}
     out["positive_class"] = pc
-    out["distribution_test"] = classification_tests(classes, matrix, db.thresholds)
+    rows = await _sample(db, t, "pt, st", "pt IS NOT NULL AND st IS NOT NULL", total)
+    out.update(classification_tests(
+        classes, matrix, np.array([r[1] for r in rows], dtype=object),
+        np.array([r[2] for r in rows], dtype=object), np.array([r[0] for r in rows]),
+        th=db.thresholds, seed=db.scope.seed))
+    out["sample"] = Sample(n=len(rows), of=total, sampled=len(rows) < total,
+                           seed=db.scope.seed, used_for=["paired"])
     out["worst"] = [{"request_id": r[0], "index": r[1], "primary": r[2], "shadow": r[3]}
                     for r in await db.fetch(
                         f"SELECT request_id, ord, pt, st FROM {t} WHERE pt <> st "

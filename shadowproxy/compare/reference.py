@@ -1,7 +1,9 @@
 """The reference sample of each feature: a training-data file, or an earlier window.
 
 Both sources are reduced to the same ``FeatureData``: counts, basic statistics, category
-counts and a numeric sample (at most ``sample_max`` values) for the tests. A file's columns
+counts and a numeric sample (at most ``sample_max`` values) for the plots; a file's
+``FeatureData`` also keeps the whole column (``values``), which the drift tests take row by
+row (``column``), so that shares and the missing share are the file's own. A file's columns
 are named like the features; a CSV file is read with the csv module (column types inferred
 as pyarrow infers them), a Parquet file with pyarrow (from the ``report`` extra).
 """
@@ -35,6 +37,7 @@ class FeatureData:
     counts: dict[str, int] = field(default_factory=dict)
     sample: np.ndarray = field(default_factory=lambda: np.zeros(0))
     histogram: list[int] | None = None
+    values: list[Any] | None = None
 
     @property
     def n_present(self) -> int:
@@ -58,6 +61,22 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and np.isnan(value))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def column(values: list[Any], numeric: bool) -> np.ndarray:
+    """A file's column, one entry per row, as the drift tests take it: a float (NaN where
+    the value is missing or not a number), or the value's text (None where missing)."""
+    if numeric:
+        return np.array([float(v) if _number(v) else np.nan for v in values], dtype=np.float64)
+    return np.array([None if _missing(v) else _text(v) for v in values], dtype=object)
 
 
 def _parquet_columns(path: Path) -> dict[str, list[Any]]:
@@ -155,11 +174,8 @@ def read_reference(path: Path, features: dict[str, FeatureConfig], *, sample_max
     out = {}
     for name in features:
         values = columns[name]
-        present = [v for v in values if v is not None and v != "" and not (
-            isinstance(v, float) and np.isnan(v))]
-        numeric = np.array([float(v) for v in present
-                            if isinstance(v, int | float) and not isinstance(v, bool)],
-                           dtype=np.float64)
+        present = [v for v in values if not _missing(v)]
+        numeric = np.array([float(v) for v in present if _number(v)], dtype=np.float64)
         counts: dict[str, int] = {}
         for v in present:
             key = _text(v)
@@ -169,7 +185,7 @@ def read_reference(path: Path, features: dict[str, FeatureConfig], *, sample_max
         out[name] = FeatureData(
             n_rows=len(values), n_missing=len(values) - len(present), n_numeric=int(numeric.size),
             n_unique=len(counts), n_zero=int(np.sum(numeric == 0)),
-            stats=_numeric_stats(numeric), counts=counts, sample=sample)
+            stats=_numeric_stats(numeric), counts=counts, sample=sample, values=values)
     return out
 
 

@@ -1,22 +1,22 @@
-"""Statistical tests on numbers already brought out of PostgreSQL (pure functions, no I/O).
+"""Statistics on numbers already brought out of PostgreSQL (pure functions, no I/O).
 
-The test-selection policy follows ``docs/report.md`` (section "Which test, and why"):
-p-values while the smaller sample has at most ``large_sample`` values, distances above it,
-a normality gate before choosing Welch's t-test or Kruskal-Wallis, a 2×2 test that switches to
-Fisher's exact test when an expected count is under 5, and Benjamini-Hochberg across a family.
+The building blocks the report's sections share: descriptive statistics, correlations,
+Cohen's κ, the paired tests on labelled rows (Wilcoxon signed-rank, exact McNemar),
+bootstrap intervals, the tests of the slices, Holm's correction and the tail of a weighted
+sum of χ² variables that ``shares.py`` uses. The report's decisions on predictions and on
+input drift are made in ``paired.py`` and ``drift.py`` (docs/report.md, "Deciding").
 Every result is a plain dict of JSON-ready numbers; ``None`` stands for "not computable".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy import stats
-from scipy.spatial import distance
 
 Array = NDArray[np.float64]
 
@@ -52,28 +52,6 @@ def normality(x: Array, alpha: float) -> dict[str, Any]:
     return {"test": test, "p_value": num(p), "normal": bool(p >= alpha)}
 
 
-def location_test(ref: Array, cur: Array, alpha: float) -> dict[str, Any]:
-    """Welch's t-test when both samples look normal, else Kruskal-Wallis; with effect sizes."""
-    if ref.size < 3 or cur.size < 3:
-        return {"test": None, "why": "fewer than 3 values on a side"}
-    n_ref, n_cur = normality(ref, alpha), normality(cur, alpha)
-    both_normal = n_ref["normal"] and n_cur["normal"]
-    if np.ptp(np.concatenate([ref, cur])) == 0:
-        return {"test": None, "why": "every value is the same"}
-    if both_normal:
-        res = stats.ttest_ind(ref, cur, equal_var=False)
-        test, why = "welch_t", "both samples pass the normality test"
-    else:
-        res = stats.kruskal(ref, cur)
-        test, why = "kruskal", "a sample fails the normality test"
-    sd = math.sqrt((np.var(ref, ddof=1) + np.var(cur, ddof=1)) / 2)
-    return {"test": test, "why": why, "statistic": num(res.statistic), "p_value": num(res.pvalue),
-            "normality": {"reference": n_ref, "current": n_cur},
-            "mean_diff": num(np.mean(cur) - np.mean(ref)),
-            "median_diff": num(np.median(cur) - np.median(ref)),
-            "cohen_d": num((np.mean(cur) - np.mean(ref)) / sd) if sd > 0 else None}
-
-
 def groups_test(groups: Sequence[Array], alpha: float) -> dict[str, Any]:
     """One-way ANOVA when every group looks normal, else Kruskal-Wallis (k ≥ 2 groups)."""
     groups = [g for g in groups if g.size >= 3]
@@ -86,70 +64,6 @@ def groups_test(groups: Sequence[Array], alpha: float) -> dict[str, Any]:
     res = stats.kruskal(*groups)
     return {"test": "kruskal", "why": "a group fails the normality test",
             "statistic": num(res.statistic), "p_value": num(res.pvalue)}
-
-
-def wasserstein_normed(ref: Array, cur: Array) -> float:
-    """Wasserstein-1 distance divided by the reference's SD (floored at 0.001, as Evidently)."""
-    return float(stats.wasserstein_distance(ref, cur) / max(float(np.std(ref)), 1e-3))
-
-
-def numeric_drift(ref: Array, cur: Array, *, alpha: float, large_sample: int,
-                  max_distance: float) -> dict[str, Any]:
-    """KS p-value for small samples, normalised Wasserstein distance for large ones."""
-    n = min(ref.size, cur.size)
-    if n == 0:
-        return {"test": None, "why": "no values on one side", "drift": False}
-    ks = stats.ks_2samp(ref, cur)
-    if n <= large_sample:
-        return {"test": "ks", "why": f"n = {n} ≤ {large_sample}: a p-value test",
-                "statistic": num(ks.statistic), "p_value": num(ks.pvalue), "threshold": alpha}
-    d = wasserstein_normed(ref, cur)
-    return {"test": "wasserstein_normed",
-            "why": f"n = {n} > {large_sample}: p-values flag trivial shifts, use a distance",
-            "statistic": num(d), "p_value": None, "threshold": max_distance,
-            "drift": bool(d >= max_distance),
-            "info": {"ks_statistic": num(ks.statistic), "ks_p_value": num(ks.pvalue)}}
-
-
-def two_by_two(table: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """A 2×2 homogeneity test: Fisher's exact test if an expected count is under 5."""
-    t = np.asarray(table, dtype=np.int64)
-    if (t.sum(axis=0) == 0).any() or (t.sum(axis=1) == 0).any():
-        return {"test": None, "p_value": None, "why": "a row or column of the table is empty"}
-    expected = stats.contingency.expected_freq(t)
-    if (expected < 5).any():
-        return {"test": "fisher_exact", "p_value": num(stats.fisher_exact(t).pvalue),
-                "why": "an expected count is under 5"}
-    res = stats.chi2_contingency(t)
-    return {"test": "chi2", "statistic": num(res.statistic), "p_value": num(res.pvalue),
-            "why": "every expected count is 5 or more"}
-
-
-def categorical_drift(ref: Mapping[str, int], cur: Mapping[str, int], *, alpha: float,
-                      large_sample: int, max_js_distance: float) -> dict[str, Any]:
-    """χ² on the 2×k table (unseen categories as columns) small, Jensen-Shannon (base 2) large."""
-    categories = sorted(set(ref) | set(cur))
-    r = np.array([ref.get(c, 0) for c in categories], dtype=np.float64)
-    c = np.array([cur.get(k, 0) for k in categories], dtype=np.float64)
-    n = int(min(r.sum(), c.sum()))
-    if n == 0:
-        return {"test": None, "why": "no values on one side", "drift": False}
-    js = float(distance.jensenshannon(r / r.sum(), c / c.sum(), base=2))
-    if len(categories) == 1:
-        return {"test": None, "why": "a single category on both sides", "drift": False,
-                "info": {"js_distance": 0.0}}
-    if n <= large_sample:
-        if len(categories) == 2:
-            res = two_by_two(np.vstack([r, c]).astype(np.int64).tolist())
-        else:
-            chi = stats.chi2_contingency(np.vstack([r, c]))
-            res = {"test": "chi2", "statistic": num(chi.statistic), "p_value": num(chi.pvalue)}
-        return {**res, "why": f"n = {n} ≤ {large_sample}: a p-value test "
-                              + (f"({res['why']})" if "why" in res else "on the 2×k table"),
-                "threshold": alpha, "info": {"js_distance": num(js)}}
-    return {"test": "jensen_shannon", "statistic": num(js), "p_value": None,
-            "why": f"n = {n} > {large_sample}: p-values flag trivial shifts, use a distance",
-            "threshold": max_js_distance, "drift": bool(js >= max_js_distance)}
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -205,13 +119,6 @@ def weighted_chi2_sf(x: float, weights: Array) -> float:
         return float(stats.chi2.sf(x / scale, float(np.sum(w)) / scale))
     p = float(stats.norm.sf(r) + stats.norm.pdf(r) * (1 / v - 1 / r))
     return min(max(p, 0.0), 1.0)
-
-
-def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
-    """Benjamini-Hochberg adjusted p-values, in the input order."""
-    if not p_values:
-        return []
-    return [float(p) for p in stats.false_discovery_control(np.asarray(p_values), method="bh")]
 
 
 def kappa(matrix: Array) -> float | None:

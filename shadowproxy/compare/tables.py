@@ -117,12 +117,7 @@ def _predictions(r: dict[str, Any]) -> Section:
                 ["Spearman ρ", fmt(p["spearman"]["r"])],
                 ["within tolerance", pct(p["within_tolerance"])
                  + f" (abs {p['tolerance']['abs']}, rel {p['tolerance']['rel']})"],
-                ["Wilcoxon signed-rank p", pval(p["wilcoxon"])],
-                [f"distribution: {p['distribution_test'].get('test')}",
-                 fmt(p["distribution_test"].get("statistic"))
-                 + (f", p = {pval(p['distribution_test'])}"
-                    if p["distribution_test"].get("p_value") is not None else "")
-                 + (" — differs" if p["distribution_test"].get("drift") else "")]]
+                *_paired_rows(p), _columns_row(p)]
         s.tables.append(Table(["", "value"], rows))
         side_rows = [[side] + [fmt(p[side][k]) for k in ("mean", "sd", "min", "median", "max")]
                      for side in ("primary", "shadow")]
@@ -138,6 +133,7 @@ def _predictions(r: dict[str, Any]) -> Section:
             pr = p["positive_rate"]
             rows.append([f"positive rate ({p['positive_class']})",
                          f"{pct(pr['primary'])} → {pct(pr['shadow'])} ({pct(pr['diff'])})"])
+        rows += [*_paired_rows(p), _columns_row(p)]
         s.tables.append(Table(["", "value"], rows))
         fm = p["flip_matrix"]
         s.tables.append(Table(["primary \\ shadow", *fm["classes"]],
@@ -151,6 +147,31 @@ def _predictions(r: dict[str, Any]) -> Section:
         s.notes.append(f"noise floor (primary vs baseline {b['shadow']}): n {fmt(b['n'])}, "
                        + detail)
     return s
+
+
+def _paired_rows(p: dict[str, Any]) -> list[list[str]]:
+    """The paired test that decides: its effect, its p-value and what it concluded."""
+    t = p.get("paired")
+    if not t:
+        return []
+    if p["task"] == "regression":
+        ci = (f" (95% CI {fmt(t['ci_low'])} to {fmt(t['ci_high'])})"
+              if t.get("ci_low") is not None else "")
+        effect = ["mean shift, by request", fmt(t["mean_shift"]) + ci]
+    else:
+        f = t.get("largest")
+        effect = ["largest one-way flip", "–" if not f else
+                  f"{f['a']} → {f['b']} {fmt(f['a_to_b'])}, back {fmt(f['b_to_a'])} "
+                  f"(net {pct(f['net_share'])})"]
+    return [effect, [f"paired test ({t['test']}, {fmt(t['requests'])} requests)",
+                     f"p = {pval(t)}" + (" — DIFFERS" if t.get("decision") else "")]]
+
+
+def _columns_row(p: dict[str, Any]) -> list[str]:
+    d = p.get("distribution_test") or {}
+    return [f"columns as distributions ({d.get('test') or '–'}, information)",
+            fmt(d.get("statistic")) + (f", p = {pval(d)}" if d.get("p_value") is not None
+                                       else "")]
 
 
 def _performance(r: dict[str, Any]) -> Section:
@@ -217,18 +238,33 @@ def _data_checks(r: dict[str, Any]) -> Section:
                                     f"the earlier window {ref['start']} → {ref['end']}"))
     rows = []
     for f in d["features"]:
-        dist = f["distribution"]
+        dist, miss = f.get("distribution") or {}, f.get("missing") or {}
         cur, refs = f["current"], f["reference"] or {}
-        checks = f["checks"]
-        failed = "; ".join(checks["failed"]) or "ok"
-        rows.append([f["name"], f["type"], fmt(cur["n"]), pct(cur["missing_share"]),
-                     f"{fmt(refs.get('mean'))} → {fmt(cur['mean'])}",
-                     str(dist.get("test") or "–"), fmt(dist.get("statistic")), pval(dist),
-                     fmt(dist.get("p_value_adjusted"), 3), "DRIFT" if f["drift"] else "–",
-                     failed])
-    s.tables.append(Table(["feature", "type", "n", "missing", "mean ref → cur", "test", "stat",
-                           "p", "p adj (BH)", "drift", "value checks"], rows))
+        failed = "; ".join(f["checks"]["failed"]) or "ok"
+        effect = "–"
+        if dist.get("size") is not None:
+            short = _EFFECTS.get(dist["effect"], dist["effect"])
+            effect = f"{short} {fmt(dist['size'], 3)} (max {fmt(dist['threshold'])})"
+        rows.append([f["name"], f["type"], fmt(cur["n"]),
+                     f"{pct(refs.get('missing_share'))} → {pct(cur['missing_share'])}",
+                     f"{fmt(refs.get('mean'))} → {fmt(cur['mean'])}", f.get("levels") or "–",
+                     effect, fmt(dist.get("p_adjusted"), 3), fmt(miss.get("p_adjusted"), 3),
+                     "DRIFT" if f.get("drift") else "–", failed])
+    correction = d.get("correction", "holm").title()
+    s.tables.append(Table(["feature", "type", "n", "missing ref → cur", "mean ref → cur",
+                           "levels", "effect", f"p ({correction})",
+                           f"missing p ({correction})", "drift", "value checks"], rows))
+    s.notes.append(f"drift: an effect over its maximum and a p-value under {d.get('alpha')} "
+                   f"after {correction}'s correction over {d.get('tests')} tests; "
+                   "W: normalised Wasserstein distance, TV: total variation distance")
+    for f in d["features"]:
+        for check in (f.get("distribution") or {}, f.get("missing") or {}):
+            if check.get("drift"):
+                s.notes.append(f"{f['name']}: {check.get('explanation')}")
     return s
+
+
+_EFFECTS = {"wasserstein_normed": "W", "total_variation": "TV"}
 
 
 def _slices(r: dict[str, Any]) -> Section:
@@ -245,7 +281,8 @@ def _slices(r: dict[str, Any]) -> Section:
                      fmt(x["test"].get("p_value_adjusted"), 3),
                      "FLAG" if x.get("flagged") else
                      ("" if x["test"].get("test") else x["test"].get("why") or "")])
-    s.tables.append(Table(["slice", "n", metric, "p", "p adj (BH)", ""], rows))
+    method = d.get("multiple_testing", {}).get("method", "holm").title()
+    s.tables.append(Table(["slice", "n", metric, "p", f"p adj ({method})", ""], rows))
     for family, t in d.get("families", {}).items():
         if t.get("test"):
             s.notes.append(f"{family}: {t['test']} across bins, p = {pval(t)}")

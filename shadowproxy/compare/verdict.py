@@ -82,8 +82,8 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
 
     pred = report["predictions"]
     # The paired test (compare/paired.py) decides; the distribution comparison of the two
-    # prediction columns is information, and only decides for reports without it.
-    paired = pred.get("paired")
+    # prediction columns (distribution_test) is information only.
+    paired = pred.get("paired") or {}
     if pred.get("n", 0) == 0 and counts.get("comparable_pairs"):
         add("warn", "predictions", "compare.prediction matched no paired values: check the "
                                    "jsonpath against a recorded response")
@@ -92,19 +92,15 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
                 and pred["within_tolerance"] < th.min_within_tolerance:
             add("warn", "predictions", f"{_pct(pred['within_tolerance'])} of predictions "
                                        f"within tolerance (< {_pct(th.min_within_tolerance)})")
-        if paired is not None:
-            if paired.get("decision"):
-                add("warn", "predictions", paired["explanation"])
-        elif pred["distribution_test"].get("drift"):
-            add("warn", "predictions", "the shadow's predictions are distributed differently "
-                                       f"({pred['distribution_test']['test']})")
+        if paired.get("decision"):
+            add("warn", "predictions", paired["explanation"])
     elif pred.get("task") == "classification" and pred.get("n"):
         if pred["agreement"] < th.min_agreement:
             add("warn", "predictions", f"agreement {_pct(pred['agreement'])} < "
                                        f"{_pct(th.min_agreement)}")
         if pred["kappa"] is not None and pred["kappa"] < th.min_kappa:
             add("warn", "predictions", f"Cohen's kappa {pred['kappa']:.3f} < {th.min_kappa}")
-        if paired is not None and paired.get("decision"):
+        if paired.get("decision"):
             add("warn", "predictions", paired["explanation"])
 
     perf = report["performance"]

@@ -1,13 +1,13 @@
-"""Type inference, value checks and the multiple-testing step of the data checks."""
+"""Type inference, value checks and where the drift findings land in the data checks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats as sps
 
-from shadowproxy.compare.checks import feature_check, finish, infer_type
-from shadowproxy.compare.config import FeatureConfig, Thresholds
+from shadowproxy.compare.checks import drift_kind, feature_check, finish, infer_type
+from shadowproxy.compare.config import FeatureConfig
+from shadowproxy.compare.drift import DriftPolicy, Sample, window_drift
 from shadowproxy.compare.reference import FeatureData
 
 
@@ -37,30 +37,38 @@ def test_types_are_inferred_from_the_values() -> None:
         "numeric", "config")
 
 
-def test_sparse_features_test_the_zero_share_then_the_non_zero_values() -> None:
-    """Sparse: a 2×2 test on zero vs non-zero, and KS on the non-zero values."""
+def test_finish_puts_each_drift_finding_beside_the_features_checks() -> None:
+    """Sparse features are tested as numbers; each finding lands on its own feature."""
     rng = np.random.default_rng(1)
     ref = [0.0] * 300 + list(rng.exponential(1, 200))
     cur = [0.0] * 200 + list(rng.exponential(1.5, 300))
-    out = feature_check("x", FeatureConfig(path="$.x", type="sparse"), data(cur), data(ref),
-                        Thresholds())
-    dist = out["distribution"]
-    assert dist["test"] == "zero_share_chi2"
-    assert dist["p_value"] == pytest.approx(
-        sps.chi2_contingency([[300, 200], [200, 300]]).pvalue)
-    nz_ref, nz_cur = np.array(ref[300:]), np.array(cur[200:])
-    assert dist["nonzero"]["p_value"] == pytest.approx(sps.ks_2samp(nz_ref, nz_cur).pvalue)
-    summary = finish([out], Thresholds())
-    assert summary["drifted"] == ["x"] and summary["multiple_testing"]["tests"] == 2
+    cfg = FeatureConfig(path="$.x", type="sparse")
+    found = [feature_check("x", cfg, data(cur), data(ref)),
+             feature_check("c", FeatureConfig(path="$.c"), data(["a", "b"] * 100),
+                           data(["a", "b"] * 100))]
+    kinds = [drift_kind(f["type"]) for f in found]
+    assert kinds == ["numeric", "categorical"]
+    drift = window_drift({"x": ("numeric", Sample(np.array(ref)), Sample(np.array(cur))),
+                          "c": ("categorical", Sample(np.array(["a", "b"] * 100, dtype=object)),
+                                Sample(np.array(["a", "b"] * 100, dtype=object)))},
+                         DriftPolicy())
+    summary = finish(found, drift)
+    assert summary["drifted"] == ["x"] and summary["correction"] == "holm"
+    x, c = summary["features"]
+    assert x["drift"] is True and x["distribution"]["explanation"].startswith("drift: ")
+    assert x["info"]["zero_share_reference"] == 0.6 and x["checks"]["failed"] == []
+    assert c["drift"] is False and c["distribution"]["test"]["p_value"] == 1.0
+    with pytest.raises(ValueError, match="out of order"):
+        finish(list(reversed(found)), drift)
 
 
 def test_value_checks_list_the_broken_constraints() -> None:
     """Configured allowed values, range and na_allowed each produce a failure line."""
     cfg = FeatureConfig(path="$.x", allowed=["a"], na_allowed=False)
-    out = feature_check("x", cfg, data(["a", "b", None]), None, Thresholds(), n_not_allowed=1)
+    out = feature_check("x", cfg, data(["a", "b", None]), None, n_not_allowed=1)
     assert out["checks"]["failed"] == ["1 values outside the allowed list",
                                        "1 missing values where none are allowed"]
-    assert out["distribution"]["why"] == "no reference values"
+    assert out["reference"] is None
     cfg = FeatureConfig(path="$.x", min=0, max=10)
-    out = feature_check("x", cfg, data([1.0, 11.0]), None, Thresholds(), n_out_of_range=1)
+    out = feature_check("x", cfg, data([1.0, 11.0]), None, n_out_of_range=1)
     assert out["checks"]["failed"] == ["1 values outside [0.0, 10.0]"]

@@ -104,7 +104,9 @@ async def test_regression_report_matches_independent_computation(database_url: s
     assert pr["pearson"]["r"] == pytest.approx(pearson.statistic)
     assert pr["pearson"]["p_value"] == pytest.approx(pearson.pvalue, rel=1e-6)
     assert pr["spearman"]["r"] == pytest.approx(sps.spearmanr(p[ok], s[ok]).statistic)
-    assert pr["wilcoxon"]["p_value"] == pytest.approx(sps.wilcoxon(d).pvalue)
+    assert pr["paired"]["test"] == "wilcoxon_signed_rank" and pr["paired"]["requests"] == 282
+    assert pr["paired"]["p_value"] == pytest.approx(sps.wilcoxon(d).pvalue)
+    assert pr["paired"]["mean_shift"] == pytest.approx(np.mean(d))
     assert pr["distribution_test"]["test"] == "ks"
     assert pr["distribution_test"]["p_value"] == pytest.approx(sps.ks_2samp(p[ok], s[ok]).pvalue)
     assert pr["within_tolerance"] == pytest.approx(np.mean(np.abs(d) <= 5000))
@@ -251,7 +253,7 @@ FEATURES = {"sqft": {"path": "$.features.sqft"}, "city": {"path": "$.features.ci
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 async def test_data_checks_against_a_reference_file(database_url: str, tmp_path: Path,
                                                     suffix: str) -> None:
-    """Live inputs vs training data: KS and χ² on the same numbers, BH-adjusted, drift flags."""
+    """Live inputs vs training data: effects and levels on the same numbers, Holm, flags."""
     import pyarrow as pa
 
     rng = np.random.default_rng(13)
@@ -282,26 +284,35 @@ async def test_data_checks_against_a_reference_file(database_url: str, tmp_path:
     assert f["sqft"]["current"]["mean"] == pytest.approx(np.mean(live))
     assert f["sqft"]["current"]["sd"] == pytest.approx(np.std(live, ddof=1))
     assert f["sqft"]["reference"]["median"] == pytest.approx(np.median(ref_sqft))
-    ks = sps.ks_2samp(ref_sqft, live)
-    assert f["sqft"]["distribution"]["test"] == "ks"
-    assert f["sqft"]["distribution"]["p_value"] == pytest.approx(ks.pvalue)
-    assert f["sqft"]["location"]["test"] == "welch_t"
-    assert f["sqft"]["location"]["p_value"] == pytest.approx(
-        sps.ttest_ind(ref_sqft, live, equal_var=False).pvalue)
+    dist = f["sqft"]["distribution"]
+    assert dist["effect"] == "wasserstein_normed"
+    assert dist["size"] == pytest.approx(
+        sps.wasserstein_distance(ref_sqft, live) / np.std(ref_sqft))
+    assert f["sqft"]["levels"] == "20 bins at the pooled quantiles"
+    assert dist["test"]["statistic"] == "anderson_darling"
+    assert dist["test"]["method"] == "permutation_by_request"
+    assert dist["test"]["requests"] == [600, 399]
+    assert f["sqft"]["info"]["mean_diff"] == pytest.approx(np.mean(live) - np.mean(ref_sqft))
+    assert f["sqft"]["missing"]["size"] == pytest.approx(1 / 400)
     cats = ["east", "north", "south", "west"]
-    table2 = [[int(np.sum(ref_city == c)) for c in cats], [city.count(c) for c in cats]]
-    chi = sps.chi2_contingency(table2)
-    assert f["city"]["type"] == "categorical"
-    assert f["city"]["distribution"]["p_value"] == pytest.approx(chi.pvalue)
+    ref_share = np.array([np.mean(ref_city == c) for c in cats])
+    cur_share = np.array([city.count(c) / 400 for c in cats])
+    assert f["city"]["type"] == "categorical" and f["city"]["levels"] == "4 categories"
+    assert f["city"]["distribution"]["size"] == pytest.approx(
+        np.abs(cur_share - ref_share).sum() / 2)
+    assert f["city"]["info"]["unseen_share"] == pytest.approx(1 / 400)
     assert f["city"]["checks"]["allowed"] == {"source": "reference", "violations": 1,
                                               "share": pytest.approx(1 / 400),
                                               "examples": ["west"]}
-    assert f["city"]["checks"]["missing_share_test"]["p_value"] is None  # none missing
-    ps = [f["sqft"]["distribution"]["p_value"], f["city"]["distribution"]["p_value"],
-          f["sqft"]["checks"]["missing_share_test"]["p_value"]]
-    adjusted = sps.false_discovery_control(ps)
-    assert f["sqft"]["distribution"]["p_value_adjusted"] == pytest.approx(adjusted[0])
-    assert f["sqft"]["drift"] is True and "sqft" in dc["drifted"]
+    assert f["city"]["missing"]["test"] is None  # none missing on either side
+    family = [f["sqft"]["distribution"], f["sqft"]["missing"], f["city"]["distribution"]]
+    assert dc["tests"] == 3 and dc["correction"] == "holm"
+    ps = np.array([c["test"]["p_value"] for c in family])
+    order = np.argsort(ps)
+    holm = np.maximum.accumulate(np.minimum(1, (3 - np.arange(3)) * ps[order]))
+    for c, p_adj in zip([family[i] for i in order], holm, strict=True):
+        assert c["p_adjusted"] == pytest.approx(p_adj)
+    assert f["sqft"]["drift"] is True and dc["drifted"] == ["sqft"]
     assert r["verdict"]["status"] == "warn"
 
 
@@ -325,7 +336,7 @@ async def test_configured_value_checks_fail_the_report(database_url: str) -> Non
 
 
 async def test_without_reference_the_earlier_window_is_the_reference(database_url: str) -> None:
-    """No --reference: the same-length window just before is compared, KS on its values."""
+    """No --reference: the same-length window just before is compared, on its values."""
     rng = np.random.default_rng(15)
     now_ex, now_sqft, _ = _feature_exchanges(rng, 200, shift=0, minutes_ago=10)
     old_ex, old_sqft, _ = _feature_exchanges(rng, 200, shift=400, minutes_ago=80)
@@ -335,8 +346,10 @@ async def test_without_reference_the_earlier_window_is_the_reference(database_ur
     assert dc["reference"]["kind"] == "earlier_window"
     sqft = next(x for x in dc["features"] if x["name"] == "sqft")
     assert sqft["reference"]["n"] == 200 and sqft["current"]["n"] == 200
-    assert sqft["distribution"]["p_value"] == pytest.approx(
-        sps.ks_2samp(old_sqft, now_sqft).pvalue)
+    assert sqft["distribution"]["size"] == pytest.approx(
+        sps.wasserstein_distance(old_sqft, now_sqft) / np.std(old_sqft))
+    assert sqft["distribution"]["test"]["requests"] == [200, 200]
+    assert sqft["drift"] is True
     assert sum(sqft["histogram"]["reference"]) == 200
     assert r["counts"]["pairs"] == 200
 
@@ -360,8 +373,13 @@ async def test_slices_by_sql_and_by_feature_bins(database_url: str) -> None:
     err = np.abs(s - p)
     assert sl["big"]["n"] == int(big.sum())
     assert sl["big"]["mae"] == pytest.approx(np.mean(err[big]))
-    assert sl["big"]["test"]["p_value"] == pytest.approx(sps.kruskal(err[~big], err[big]).pvalue)
-    assert sl["big"]["flagged"] is True
+    test = sl["big"]["test"]
+    assert test["method"] == "permutation_by_request"
+    assert test["requests"] == [int(big.sum()), int((~big).sum())]
+    assert test["diff"] == pytest.approx(np.mean(err[big]) - np.mean(err[~big]))
+    assert test["p_value"] < 0.001  # the smallest of the 3 slices' p-values: Holm's 3 × p
+    assert test["p_value_adjusted"] == pytest.approx(3 * test["p_value"])
+    assert sl["big"]["flagged"] is True and r["slices"]["multiple_testing"]["method"] == "holm"
     assert sl["tiny"]["test"]["test"] is None  # under min_size
     low = sqft < 2000
     assert sl["sqft in [0, 2000)"]["n"] == int(low.sum())
@@ -387,7 +405,8 @@ async def test_tests_run_on_a_seeded_sample_above_sample_max(database_url: str) 
     assert sample["sampled"] is True and 800 < sample["n"] < 1200
     assert first["predictions"]["mae"] == pytest.approx(np.mean(np.abs(s - p)))
     assert first["predictions"]["spearman"] == again["predictions"]["spearman"]
-    assert first["predictions"]["wilcoxon"]["n"] == sample["n"]  # no zero differences
+    assert first["predictions"]["paired"] == again["predictions"]["paired"]
+    assert first["predictions"]["paired"]["n"] == sample["n"]
     diff = first["diff"]
     assert diff["sampled"] is True and 800 < diff["compared_pairs"] < 1200
     assert diff["fields"][0]["n_present"] == diff["compared_pairs"]

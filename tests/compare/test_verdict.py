@@ -71,13 +71,12 @@ def test_too_little_evidence_fails() -> None:
     assert verdict(r, Thresholds(min_pairs=99))["status"] == "pass"
 
 
-def regression(paired: dict[str, Any] | None) -> dict[str, Any]:
+def regression(paired: dict[str, Any]) -> dict[str, Any]:
     r = base()
     r["predictions"] = {"task": "regression", "n": 500, "within_tolerance": None,
-                        "tolerance": {"configured": False},
-                        "distribution_test": {"test": "ks", "p_value": 0.001, "drift": True}}
-    if paired is not None:
-        r["predictions"]["paired"] = paired
+                        "tolerance": {"configured": False}, "paired": paired,
+                        "distribution_test": {"test": "ks", "p_value": 0.001,
+                                              "decides": False}}
     return r
 
 
