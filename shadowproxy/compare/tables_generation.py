@@ -80,7 +80,7 @@ def _texts(g: dict[str, Any]) -> Section:
         k = len(hist)
         s.tables.append(Table(["similarity", "pairs"], [
             [f"[{i / k:.1f}, {(i + 1) / k:.1f}{']' if i == k - 1 else ')'}", fmt(n)]
-            for i, n in enumerate(hist)], title="similarity distribution"))
+            for i, n in enumerate(hist)]))
     labels = g.get("labels")
     if labels:
         s.tables.append(Table(["side", "exact match", "normalized match", "similarity mean"], [
@@ -159,10 +159,12 @@ def _slices(g: dict[str, Any]) -> Section:
                      pct(x["normalized_match"]), fmt(x["similarity_mean"]),
                      pct(x["finish_reason_agreement"]), pval(test),
                      fmt(test.get("p_value_adjusted"), 3),
-                     "FLAG" if x.get("flagged") else
-                     ("" if test.get("test") else test.get("why") or "")])
+                     "FLAG" if x.get("flagged") else ("" if test.get("test") else "not tested")])
     s.tables.append(Table(["slice", "n", "exact", "normalized", "similarity", "finish agree",
                            "p", "p adj (BH)", ""], rows))
+    s.notes.append(f"each slice's normalized match is tested against the rest of the pairs "
+                   f"when both have at least {fmt(part['min_size'])} pairs compared on text "
+                   "(thresholds.min_slice_size); FLAG: significantly lower in the slice")
     return s
 
 
