@@ -579,3 +579,110 @@ def test_generation_settings_are_validated() -> None:
             CompareConfig.model_validate({"generation": bad})
     with pytest.raises(ValidationError, match="min_normalized_match"):
         CompareConfig.model_validate({"thresholds": {"min_normalized_match": 2}})
+
+
+def completion(text: str, finish: str = "stop") -> dict[str, Any]:
+    """A legacy text completion (``/v1/completions``)."""
+    return {"object": "text_completion", "choices": [{"index": 0, "text": text,
+                                                      "logprobs": None,
+                                                      "finish_reason": finish}]}
+
+
+async def test_legacy_completions_content_parts_and_feature_slices(
+        database_url: str) -> None:
+    """Text completions are compared like chat; a prompt's length counts every message's text
+    (strings and text parts) or the legacy prompt; a feature slice bins the request's
+    value."""
+    exchanges, chars, temperature, same = [], [], [], []
+    for i in range(40):
+        words = " ".join(["word"] * (i + 1))
+        if i % 3 == 0:
+            request: dict[str, Any] = {"prompt": words}
+            length = len(words)
+        elif i % 3 == 1:
+            request = {"messages": [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": words}]}
+            length = len("Be brief.") + len(words)
+        else:
+            request = {"messages": [{"role": "user", "content": [
+                {"type": "text", "text": words}, {"type": "image_url", "image_url": {
+                    "url": "data:,"}}, {"type": "text", "text": "?"}]}]}
+            length = len(words) + 1
+        request["temperature"] = (i % 4) / 2
+        answer_p, answer_s = f"answer {i}", f"answer {i}" if i % 4 else f"Answer  {i}!"
+        exchanges.append(Exchange(request, Call(completion(answer_p)),
+                                  {SHADOW: Call(completion(answer_s))}, route=ROUTE))
+        chars.append(length)
+        temperature.append(request["temperature"])
+        same.append(answer_p == answer_s)
+    await insert(database_url, exchanges)
+    r = await report(database_url, {
+        "features": {"temperature": {"path": "$.temperature"}},
+        "slices": {"temp": {"feature": "temperature", "bins": [0, 0.75, 2]}},
+        "generation": {"builtin_slices": ["prompt_length"]}})
+    g = r["generation"]
+    assert g["task_source"].startswith("inferred: 40 of the first 40")
+    assert g["text"]["exact_match"]["count"] == sum(same) == 30
+    assert g["text"]["normalized_match"]["count"] == 30  # "!" is punctuation, not stripped
+    got = {s["slice"]: s["n"] for s in g["slices"]["slices"]}
+    edges = sorted({float(min(chars)), *(float(round(q)) for q in statistics.quantiles(
+        chars, n=4, method="inclusive")), float(max(chars))})
+    expected = {"temperature in [0, 0.75)": sum(t < 0.75 for t in temperature),
+                "temperature in [0.75, 2]": sum(t >= 0.75 for t in temperature)}
+    for k in range(len(edges) - 1):
+        a, b = edges[k], edges[k + 1]
+        last = k == len(edges) - 2
+        expected[f"prompt_length in [{a:g}, {b:g}{']' if last else ')'}"] = sum(
+            a <= c and (c <= b if last else c < b) for c in chars)
+    assert got == expected
+    stripped = await report(database_url, {"generation": {"strip_punctuation": True,
+                                                          "builtin_slices": []}})
+    assert stripped["generation"]["text"]["normalized_match"]["count"] == 40
+    assert stripped["generation"]["slices"]["slices"] == []
+
+
+async def test_above_sample_max_a_seeded_sample_is_compared(database_url: str) -> None:
+    """More comparable pairs than thresholds.sample_max: a seeded sample of about that many,
+    the same on every run, and the section says so."""
+    await insert(database_url, [
+        Exchange({"prompt": f"p{i}"}, Call(completion(f"a{i}")),
+                 {SHADOW: Call(completion(f"a{i}" if i % 2 else f"b{i}"))}, route=ROUTE)
+        for i in range(1500)])
+    compare = {"thresholds": {"sample_max": 1000}}
+    first_run, second_run = (await report(database_url, compare))["generation"], \
+        (await report(database_url, compare))["generation"]
+    sample = first_run["sample"]
+    assert sample["of"] == 1500 and sample["sampled"] and 850 < sample["n"] < 1150
+    assert first_run["n_pairs"] == sample["n"]
+    assert first_run["text"] == second_run["text"]
+    assert first_run["text"]["exact_match"]["rate"] == pytest.approx(0.5, abs=0.06)
+
+
+def test_ttft_of_a_replayed_target_is_not_compared() -> None:
+    """A replayed target's time to first token is information, not a warning; without
+    streamed answers on both sides there is no TTFT rule at all."""
+    from shadowproxy.compare.config import Thresholds
+    from shadowproxy.compare.verdict import verdict
+
+    def dist(n: int, p99: float | None) -> dict[str, Any]:
+        return {"n": n, "p99": p99}
+
+    def gen(shadow_ttft: dict[str, Any]) -> dict[str, Any]:
+        rate = {"count": 10, "n": 10, "rate": 1.0}
+        return {"text": {"normalized_match": rate, "similarity": {"mean": 1.0}},
+                "finish_reason": {"agreement": rate, "pairs": {}},
+                "tool_calls": {"same_calls": {"count": 0, "n": 0, "rate": None}},
+                "json": {"n_asked": 0}, "labels": None, "semantic": None,
+                "streamed_unassembled": {"primary": 0, "shadow": 0}, "slices": {},
+                "timing": {"primary": {"ttft_ms": dist(10, 50.0)},
+                           "shadow": {"ttft_ms": shadow_ttft}}}
+
+    side = {"error_rate": 0.0, "latency_ms": {"p99": 10.0}}
+    counts = {"pairs": 200, "comparable_pairs": 200, "pair_completeness": 1.0}
+    for latency_compared, shadow_ttft, expected in (
+            (True, dist(10, 500.0), ["warn"]), (False, dist(10, 500.0), ["info"]),
+            (True, dist(0, None), [])):
+        op = {"primary": side, "shadow": side, "latency_compared": latency_compared}
+        v = verdict({"counts": counts, "operational": op, "data_checks": {},
+                     "generation": gen(shadow_ttft)}, Thresholds())
+        assert [r["level"] for r in v["reasons"] if r["section"] == "generation"] == expected
