@@ -521,19 +521,7 @@ async def test_the_task_is_inferred_from_chat_completions(database_url: str,
     assert r["generation"]["task_source"].startswith("inferred: 50 of the first 50")
     assert "predictions" not in r
     assert r["generation"]["n_compared"] == N
-    assert "generation" not in r["meta"]["compare"] or r["meta"]["compare"]["generation"]
-
-
-async def test_numeric_routes_keep_their_sections(database_url: str) -> None:
-    """A route of numeric predictions still gets predictions, performance and slices."""
-    rng = np.random.default_rng(2)
-    p, s = rng.normal(size=30), rng.normal(size=30)
-    await insert(database_url, [Exchange({"x": i}, Call({"prediction": p[i]}),
-                                         {SHADOW: Call({"prediction": s[i]})},
-                                         route=ROUTE) for i in range(30)])
-    r = await report(database_url, {"prediction": "$.prediction"})
-    assert {"predictions", "performance", "slices"} <= set(r) and "generation" not in r
-    assert "generation" not in r["meta"]["compare"]
+    assert r["meta"]["compare"]["generation"]["most_different"] == 10  # the settings used
 
 
 async def test_the_report_renders_as_text_markdown_html_and_json(
