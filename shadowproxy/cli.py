@@ -87,6 +87,16 @@ def _lazy(module: str, func: str) -> Handler:
     return handler
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.generative:
+        args.requests = 300 if args.requests is None else args.requests
+        args.data_dir = args.data_dir or ".shadowproxy-demo-generative"
+        return _lazy("shadowproxy.demo_generative", "run_demo_generative")(args)
+    args.requests = 2000 if args.requests is None else args.requests
+    args.data_dir = args.data_dir or ".shadowproxy-demo"
+    return _lazy("shadowproxy.demo", "run_demo")(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shadowproxy",
@@ -147,12 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
     p.add_argument("--batch-size", type=int, default=5000)
 
-    p = command("demo", _lazy("shadowproxy.demo", "run_demo"),
+    p = command("demo", _cmd_demo,
                 "the whole story on one machine: two models, the proxy, traffic, a report",
                 config=False)
-    p.add_argument("--requests", type=int, default=2000, help="how many requests to send")
-    p.add_argument("--data-dir", default=".shadowproxy-demo",
-                   help="where the demo's database and reports go")
+    p.add_argument("--generative", action="store_true",
+                   help="two OpenAI-compatible chat models (streamed and not) and the "
+                        "generation report instead of two regression models")
+    p.add_argument("--requests", type=int,
+                   help="how many requests to send (default 2000; 300 with --generative)")
+    p.add_argument("--data-dir", help="where the demo's database and reports go (default "
+                                      ".shadowproxy-demo; .shadowproxy-demo-generative with "
+                                      "--generative)")
     return parser
 
 

@@ -12,6 +12,11 @@ Inputs come in three request shapes (``request_format``):
 - ``v2`` (Open Inference Protocol): ``{"inputs": [{"name", "shape", "datatype", "data"}]}``;
   a feature names the tensor (``input``, default the first) and, for a 2-D tensor, the
   ``column``; flat and nested ``data`` both work, rows follow ``shape``.
+
+A route serving a generative model (OpenAI-compatible chat or text completions) is compared
+as ``task: generation`` (inferred from the responses when ``task`` is absent), with the
+settings of ``generation:`` (prices, an embeddings endpoint, text normalization, how many of
+the most different pairs to show, built-in slices); docs/generative.md has the figures.
 """
 
 from __future__ import annotations
@@ -87,6 +92,55 @@ class Thresholds(_Frozen):
     # Loaded so that older configurations keep working; no rule switches at a sample size.
     large_sample: int = Field(default=1000, ge=10)
     sample_max: int = Field(default=100_000, ge=1000)
+    # compare.task: generation
+    min_normalized_match: float = Field(default=0.9, ge=0, le=1)
+    min_finish_reason_agreement: float = Field(default=0.95, ge=0, le=1)
+    min_tool_call_agreement: float = Field(default=0.95, ge=0, le=1)
+    max_json_validity_drop: float = Field(default=0.01, ge=0, le=1)
+    max_reference_match_drop: float = Field(default=0.05, ge=0, le=1)
+    max_ttft_p99_ratio: float = Field(default=1.5, gt=0)
+
+
+class PriceConfig(_Frozen):
+    """What a model costs, per million tokens of input (prompt) and output (completion)."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+
+
+class EmbeddingsConfig(_Frozen):
+    """An OpenAI-compatible embeddings endpoint for the semantic similarity of answers."""
+
+    url: str
+    model: str | None = None
+    api_key_env: str | None = None
+    """The environment variable holding the endpoint's API key (sent as a bearer token)."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_pairs: int = Field(default=1000, ge=1)
+    """At most this many pairs are embedded (a seeded sample of the compared ones)."""
+
+    @model_validator(mode="after")
+    def _http(self) -> EmbeddingsConfig:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url: expected an http:// or https:// URL such as "
+                             f"http://127.0.0.1:8000/v1/embeddings (got {self.url!r})")
+        return self
+
+
+BuiltinSlice = Literal["prompt_length", "model", "stream"]
+BUILTIN_SLICES: tuple[BuiltinSlice, ...] = ("prompt_length", "model", "stream")
+"""Slice families every generation report can make from the request itself."""
+
+
+class GenerationConfig(_Frozen):
+    """How ``task: generation`` compares answers (see docs/generative.md)."""
+
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    """Per target: ``primary``, or a shadow's (or replayed target's) name."""
+    embeddings: EmbeddingsConfig | None = None
+    strip_punctuation: bool = False
+    most_different: int = Field(default=10, ge=0, le=100)
+    builtin_slices: list[BuiltinSlice] = Field(default_factory=lambda: list(BUILTIN_SLICES))
 
 
 class CompareConfig(_Frozen):
@@ -94,7 +148,7 @@ class CompareConfig(_Frozen):
 
     prediction: str = "$"
     score: str | None = None
-    task: Literal["regression", "classification"] | None = None
+    task: Literal["regression", "classification", "generation"] | None = None
     positive_class: str | int | float | bool | None = None
     ignore: list[str] = Field(default_factory=list)
     abs_tolerance: float = Field(default=0.0, ge=0)
@@ -103,6 +157,7 @@ class CompareConfig(_Frozen):
     features: dict[str, FeatureConfig] = Field(default_factory=dict)
     slices: dict[str, str | SliceConfig] = Field(default_factory=dict)
     baseline_shadow: str | None = None
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
     @model_validator(mode="after")

@@ -1,6 +1,8 @@
 """What ``shadowproxy report`` needs beyond the proxy's install, and a clear word when missing.
 
-numpy and scipy compute every report and rich prints it; matplotlib draws the HTML report's
+numpy and scipy compute every report and rich prints it; rapidfuzz compares the texts of a
+generation route (which a route may turn out to be only once its answers are read, so it is
+checked for every report); matplotlib draws the HTML report's
 plots; pyarrow reads a Parquet reference (a CSV reference needs nothing more). They come with
 the ``report`` extra. The command checks what this report needs before it reads anything,
 so that a missing package is a usage error naming the extra, not a traceback halfway.
@@ -15,7 +17,7 @@ from pathlib import Path
 from shadowproxy.errors import UsageError
 
 INSTALL = "pip install 'shadowproxy[report]'"
-REPORT = ("numpy", "scipy", "rich")
+REPORT = ("numpy", "scipy", "rich", "rapidfuzz")
 
 
 def is_parquet(path: Path) -> bool:

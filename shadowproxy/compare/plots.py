@@ -126,6 +126,28 @@ def bars(categories: list[str], series: dict[str, list[float]], title: str) -> s
     return _svg(draw)
 
 
+def generation_plots(g: dict[str, Any]) -> dict[str, list[str]]:
+    """The generation section's plots: the similarity of the pairs' texts; latency, time to
+    first token and tokens per second per side (quantile curves of the answers)."""
+    out: dict[str, list[str]] = {}
+    hist = g["text"]["similarity_histogram"]
+    if any(hist):
+        k = len(hist)
+        out["generation"] = [histogram([i / k for i in range(k + 1)], {"pairs": list(hist)},
+                                       "Similarity of the two texts", "similarity (Indel)")]
+    curves = g["timing_curves"]
+    plots = []
+    for key, title, xlabel in (("ttft_ms", "Time to first token", "ms"),
+                               ("tokens_per_s", "Tokens per second", "tokens/s"),
+                               ("latency_ms", "Total latency", "ms")):
+        series = curves[key]
+        if any(series.values()):
+            plots.append(ecdf(curves["levels"], series, f"{title} (ECDF)", xlabel))
+    if plots:
+        out["generation_timing"] = plots
+    return out
+
+
 def report_plots(report: dict[str, Any]) -> dict[str, list[str]]:
     """Every plot of a report, as SVG strings keyed by the section they illustrate."""
     out: dict[str, list[str]] = {}
@@ -138,7 +160,9 @@ def report_plots(report: dict[str, Any]) -> dict[str, list[str]]:
                             "shadow (under replay)" if replayed else "shadow": hist["shadow"]},
             "Latency" + (": the shadow measured under replay" if replayed else ""),
             "ms (log scale)", log_x=True)]
-    p = report["predictions"]
+    if "generation" in report:
+        out.update(generation_plots(report["generation"]))
+    p = report.get("predictions", {})
     if p.get("n") and p["task"] == "regression":
         q = p["quantiles"]
         out["predictions"] = [

@@ -293,7 +293,7 @@ def _columns_classes(classes: list[str], matrix: np.ndarray) -> dict[str, Any]:
 
 def infer_task(compare: CompareConfig, shape: Shape) -> tuple[Task, str]:
     """regression or classification: from the config, else from the predictions' values."""
-    if compare.task is not None:
+    if compare.task in ("regression", "classification"):
         return compare.task, "config"
     if shape.n and shape.n_numeric == shape.n:
         if shape.integral and shape.distinct_primary <= CLASSIFICATION_MAX_CLASSES:

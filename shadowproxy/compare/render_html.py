@@ -7,8 +7,9 @@ import html
 import json
 from typing import Any
 
+from shadowproxy.compare.generation import DiffSegment, diff_html
 from shadowproxy.compare.plots import report_plots
-from shadowproxy.compare.tables import Table, sections
+from shadowproxy.compare.tables import Table, TextComparison, sections
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
@@ -23,6 +24,9 @@ caption{text-align:left;font-style:italic;padding:.3rem 0}
 font-weight:bold}.pass{background:#2e7d32}.warn{background:#ed6c02}.fail{background:#c62828}
 .plots{display:flex;flex-wrap:wrap;gap:1rem}.plots svg{max-width:100%;height:auto}
 details{margin-top:2rem}pre{font-size:.75rem;overflow:auto;background:#f6f6f6;padding:1rem}
+.pair{width:100%;table-layout:fixed}.pair td{text-align:left;vertical-align:top;
+white-space:pre-wrap;word-wrap:break-word}.pair th{text-align:left}
+del{background:#fbe9e7;color:#b71c1c}ins{background:#e8f5e9;color:#1b5e20;text-decoration:none}
 """
 
 
@@ -32,6 +36,15 @@ def _table(table: Table) -> str:
                    for row in table.rows)
     caption = f"<caption>{html.escape(table.title)}</caption>" if table.title else ""
     return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _comparison(c: TextComparison) -> str:
+    """Both texts in two columns, and the word diff across both below them."""
+    diff = diff_html([DiffSegment(op, a, b) for op, a, b in c.diff])
+    return (f'<table class="pair"><caption>{html.escape(c.title)}</caption><thead><tr>'
+            "<th>primary</th><th>shadow</th></tr></thead><tbody><tr>"
+            f"<td>{html.escape(c.primary)}</td><td>{html.escape(c.shadow)}</td></tr>"
+            f'<tr><td colspan="2">{diff}</td></tr></tbody></table>')
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -51,6 +64,7 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>')
         parts += [f"<p>{html.escape(note)}</p>" for note in section.notes]
         parts += [_table(t) for t in section.tables]
+        parts += [_comparison(c) for c in section.comparisons]
         if plots.get(section.key):
             parts.append('<div class="plots">' + "".join(plots[section.key]) + "</div>")
         parts.append("</section>")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
-from shadowproxy.compare.tables import Table, sections
+from shadowproxy.compare.tables import Table, TextComparison, sections
+from shadowproxy.compare.tables_generation import shorten
 
 
 def _cell(text: str) -> str:
@@ -20,6 +22,22 @@ def _table(table: Table) -> list[str]:
     return lines + [""]
 
 
+def _comparison(c: TextComparison) -> list[str]:
+    """Both texts side by side, then the diff with GitHub's ``<del>``/``<ins>`` tags."""
+    diff = []
+    for op, a, b in c.diff:
+        if op == "equal":
+            diff.append(html.escape(a))
+            continue
+        if a:
+            diff.append(f"<del>{html.escape(a)}</del>")
+        if b:
+            diff.append(f"<ins>{html.escape(b)}</ins>")
+    return [f"**{_cell(c.title)}**", "", "| primary | shadow |", "|---|---|",
+            f"| {_cell(shorten(c.primary))} | {_cell(shorten(c.shadow))} |", "",
+            "diff: " + "".join(diff).replace("\n", "<br>"), ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A Markdown document: a heading per section, notes as paragraphs, tables."""
     meta = report["meta"]
@@ -30,6 +48,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [_cell(note), ""]
         for table in section.tables:
             lines += _table(table)
+        for comparison in section.comparisons:
+            lines += _comparison(comparison)
     lines.append(f"_generated {meta['generated_at']} by shadowproxy "
                  f"{meta['versions']['shadowproxy']}_")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from shadowproxy.compare.tables import sections
+from shadowproxy.compare.tables import TextComparison, sections
+from shadowproxy.compare.tables_generation import plain_diff, shorten
 
 _STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
 
@@ -33,5 +34,18 @@ def render_text(report: dict[str, Any], *, color: bool = False, width: int = 120
             for row in table.rows:
                 rich_table.add_row(*row)
             console.print(rich_table)
+        for comparison in section.comparisons:
+            _comparison(console, comparison)
         console.print()
     return buffer.getvalue()
+
+
+def _comparison(console: Console, c: TextComparison) -> None:
+    """Both texts side by side, then the word diff in wdiff's marks."""
+    console.print(c.title, markup=False, style="bold")
+    table = RichTable(show_edge=False, header_style="bold", expand=True)
+    table.add_column("primary", ratio=1, overflow="fold")
+    table.add_column("shadow", ratio=1, overflow="fold")
+    table.add_row(shorten(c.primary), shorten(c.shadow))
+    console.print(table)
+    console.print("diff: " + shorten(plain_diff(c.diff), 1200), markup=False)

@@ -5,7 +5,11 @@ key): ``operational`` (counts, latency, errors), ``predictions``, ``performance`
 ``diff`` (response fields), ``features`` (data checks) and ``slices``. A section that needs
 another's extraction takes its handle as an argument (``Predictions``, ``Features``), so the
 order below is the only one that type-checks. ``progress(step)`` is called before each of
-the ``STEPS`` so that the command can show a progress bar.
+the ``STEPS`` a report takes, in their order, so that the command can show a progress bar.
+
+A generation route (``compare.task: generation``, or inferred from the primary's answers:
+see ``generation_section``) gets the ``generation`` section instead of ``predictions``,
+``performance`` and ``slices``, which compare numbers and classes.
 """
 
 from __future__ import annotations
@@ -13,19 +17,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict, cast
 
 import asyncpg
 
 from shadowproxy import __version__
-from shadowproxy.compare import diff, features, operational, performance, predictions, slices
+from shadowproxy.compare import (
+    diff,
+    features,
+    generation_section,
+    operational,
+    performance,
+    predictions,
+    slices,
+)
 from shadowproxy.compare.config import CompareConfig
 from shadowproxy.compare.snapshot import Scope, snapshot
 from shadowproxy.compare.verdict import Verdict, verdict
 from shadowproxy.compare.window import Window
 
-STEPS = ("counts and latency", "predictions", "labels", "field diff", "data checks", "slices",
-         "verdict")
+STEPS = ("counts and latency", "predictions", "labels", "field diff", "data checks",
+         "generation", "slices", "verdict")
 Progress = Callable[[str], None]
 SEED = 20240601
 SCRATCH = predictions.SCRATCH + diff.SCRATCH + features.SCRATCH + slices.SCRATCH
@@ -45,14 +57,18 @@ class Meta(TypedDict):
 
 
 class Report(TypedDict):
+    """The report; a generation route has ``generation`` instead of ``predictions``,
+    ``performance`` and ``slices``."""
+
     meta: Meta
     counts: operational.Counts
     operational: operational.Operational
     diff: diff.DiffSection
-    predictions: predictions.PredictionsSection
-    performance: performance.PerformanceSection
+    predictions: NotRequired[predictions.PredictionsSection]
+    performance: NotRequired[performance.PerformanceSection]
     data_checks: features.DataChecksSection
-    slices: slices.SlicesSection
+    slices: NotRequired[slices.SlicesSection]
+    generation: NotRequired[generation_section.GenerationSection]
     verdict: Verdict
 
 
@@ -75,20 +91,30 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
                          slices.validate):
             await validate(db)
         await operational.check_replayed(db, unlisted or {})
-        step(STEPS[0])
+        step("counts and latency")
         counts = await operational.counts(db)
         health = await operational.operational(db, counts)
-        step(STEPS[1])
-        preds, pred_section = await predictions.build(db)
-        step(STEPS[2])
-        perf = await performance.build(db, preds)
-        step(STEPS[3])
-        field_diff = await diff.build(db, counts["comparable_pairs"])
-        step(STEPS[4])
-        feats, data_checks = await features.build(db, reference)
-        step(STEPS[5])
-        slice_section = await slices.build(db, preds, pred_section, feats)
-        step(STEPS[6])
+        comparable = counts["comparable_pairs"]
+        source = await generation_section.task_source(db, comparable)
+        sections: dict[str, Any] = {"counts": counts, "operational": health}
+        preds = None
+        if source is None:
+            step("predictions")
+            preds, sections["predictions"] = await predictions.build(db)
+            step("labels")
+            sections["performance"] = await performance.build(db, preds)
+        step("field diff")
+        sections["diff"] = await diff.build(db, comparable)
+        step("data checks")
+        feats, sections["data_checks"] = await features.build(db, reference)
+        if preds is not None:
+            step("slices")
+            sections["slices"] = await slices.build(db, preds, sections["predictions"], feats)
+        elif source is not None:
+            step("generation")
+            sections["generation"] = await generation_section.build(db, comparable, source,
+                                                                    feats)
+        step("verdict")
         server = (await db.fetchrow("SHOW server_version"))[0]
     th = compare.thresholds
     meta = Meta(
@@ -99,10 +125,10 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
         versions={"shadowproxy": __version__, "numpy": np.__version__,
                   "scipy": scipy.__version__, "postgresql": server},
         seed=SEED, thresholds=th.model_dump(),
-        compare=compare.model_dump(mode="json", exclude={"thresholds"}))
-    decided = verdict({"counts": counts, "operational": health, "predictions": pred_section,
-                       "performance": perf, "data_checks": data_checks,
-                       "slices": slice_section}, th)
-    return Report(meta=meta, counts=counts, operational=health, diff=field_diff,
-                  predictions=pred_section, performance=perf, data_checks=data_checks,
-                  slices=slice_section, verdict=decided)
+        compare=compare.model_dump(mode="json", exclude={"thresholds"} if source else
+                                   {"thresholds", "generation"}))
+    decided = verdict(sections, th)
+    order = ("counts", "operational", "diff", "predictions", "performance", "data_checks",
+             "slices", "generation")
+    return cast(Report, {"meta": meta, **{k: sections[k] for k in order if k in sections},
+                         "verdict": decided})

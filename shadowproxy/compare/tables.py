@@ -19,11 +19,23 @@ class Table:
 
 
 @dataclass
+class TextComparison:
+    """Two texts side by side and their word-level diff: ``(op, primary, shadow)`` runs,
+    ``op`` one of equal, delete, insert, replace (``generation.DiffSegment``)."""
+
+    title: str
+    primary: str
+    shadow: str
+    diff: list[tuple[str, str, str]]
+
+
+@dataclass
 class Section:
     key: str
     title: str
     notes: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
+    comparisons: list[TextComparison] = field(default_factory=list)
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -290,6 +302,13 @@ def _slices(r: dict[str, Any]) -> Section:
 
 
 def sections(report: dict[str, Any]) -> list[Section]:
-    """Every section of the report, verdict first."""
+    """Every section of the report, verdict first (a generation route's own sections
+    instead of predictions, performance and slices)."""
+    if "generation" in report:
+        from shadowproxy.compare.tables_generation import generation_sections
+
+        return [_header(report), _counts(report), _operational(report),
+                *generation_sections(report["generation"]), _diff(report),
+                _data_checks(report)]
     return [_header(report), _counts(report), _operational(report), _predictions(report),
             _performance(report), _diff(report), _data_checks(report), _slices(report)]

@@ -10,7 +10,7 @@ incomplete pairs, slow shadow); ``info`` reasons never change the status.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
 from shadowproxy.compare.config import Thresholds
@@ -43,6 +43,68 @@ def _drift_details(data: dict[str, Any]) -> list[str]:
                if isinstance(c, dict) and c.get("drift") and c.get("explanation")]
         out.append(f"{name} ({'; '.join(why)})" if why else name)
     return out
+
+
+Add = Callable[[str, str, str], None]
+
+
+def _generation(gen: Mapping[str, Any], op: Mapping[str, Any], th: Thresholds, add: Add
+                ) -> None:
+    """The rules of a generation route (``compare.task: generation``), all warnings."""
+    norm = gen["text"]["normalized_match"]
+    if norm["n"] and norm["rate"] < th.min_normalized_match:
+        add("warn", "generation", f"the shadow's text matches the primary's after "
+                                  f"normalization on {_pct(norm['rate'])} of {norm['n']} "
+                                  f"pairs (< {_pct(th.min_normalized_match)}); mean "
+                                  f"similarity {gen['text']['similarity']['mean']:.3f}")
+    finish = gen["finish_reason"]
+    agree = finish["agreement"]
+    if agree["n"] and agree["rate"] < th.min_finish_reason_agreement:
+        moves = sorted(((n, p, s) for p, row in finish["pairs"].items()
+                        for s, n in row.items() if p != s), reverse=True)
+        top = ", ".join(f"{p} → {s}: {n}" for n, p, s in moves[:3])
+        add("warn", "generation", f"finish_reason agrees on {_pct(agree['rate'])} of pairs "
+                                  f"(< {_pct(th.min_finish_reason_agreement)}): {top}")
+    calls = gen["tool_calls"]
+    same = calls["same_calls"]
+    if same["n"] and same["rate"] < th.min_tool_call_agreement:
+        add("warn", "generation", f"the same tool calls (functions and arguments) in "
+                                  f"{_pct(same['rate'])} of the {same['n']} pairs where a "
+                                  f"side called a tool (< {_pct(th.min_tool_call_agreement)})")
+    js = gen["json"]
+    if js["n_asked"] and js["primary"]["rate"] - js["shadow"]["rate"] > th.max_json_validity_drop:
+        add("warn", "generation", f"valid JSON in {_pct(js['shadow']['rate'])} of the shadow's "
+                                  f"answers to the {js['n_asked']} requests that asked for "
+                                  f"JSON, against {_pct(js['primary']['rate'])} of the "
+                                  "primary's")
+    labels = gen.get("labels")
+    if labels:
+        p_ref, s_ref = (labels["normalized_match"][side]["rate"] for side in ("primary",
+                                                                             "shadow"))
+        if p_ref - s_ref > th.max_reference_match_drop:
+            add("warn", "generation", f"against the {labels['n']} reference answers the "
+                                      f"shadow matches {_pct(s_ref)}, the primary "
+                                      f"{_pct(p_ref)} (normalized)")
+    ttft = {side: gen["timing"][side]["ttft_ms"] for side in ("primary", "shadow")}
+    if ttft["primary"]["n"] and ttft["shadow"]["n"]:
+        p99p, p99s = ttft["primary"]["p99"], ttft["shadow"]["p99"]
+        if not op.get("latency_compared", True):
+            add("info", "generation", "time to first token of a replayed target is not "
+                                      "compared (measured under replay load)")
+        elif p99p and p99s / p99p > th.max_ttft_p99_ratio:
+            add("warn", "generation", f"shadow p99 time to first token {p99s:.1f} ms is "
+                                      f"{p99s / p99p:.2f}× the primary's {p99p:.1f} ms")
+    semantic = gen.get("semantic")
+    if semantic and not semantic["available"]:
+        add("info", "generation", f"no semantic similarity: {semantic['why']}")
+    unassembled = gen.get("streamed_unassembled", {})
+    if any(unassembled.values()):
+        add("info", "generation", f"streamed answers stored without an assembled body_json "
+                                  f"(primary {unassembled['primary']}, shadow "
+                                  f"{unassembled['shadow']}) are not compared")
+    for s in gen["slices"].get("slices", []):
+        if s.get("flagged"):
+            add("warn", "generation", f"slice {s['slice']}: {s['flag_reason']}")
 
 
 def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
@@ -80,11 +142,13 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
     if agree is not None and agree < th.min_status_agreement:
         add("warn", "operational", f"status codes agree on {_pct(agree)} of pairs")
 
-    pred = report["predictions"]
+    if "generation" in report:
+        _generation(report["generation"], op, th, add)
+    pred = report.get("predictions", {})
     # The paired test (compare/paired.py) decides; the distribution comparison of the two
     # prediction columns (distribution_test) is information only.
     paired = pred.get("paired") or {}
-    if pred.get("n", 0) == 0 and counts.get("comparable_pairs"):
+    if "predictions" in report and pred.get("n", 0) == 0 and counts.get("comparable_pairs"):
         add("warn", "predictions", "compare.prediction matched no paired values: check the "
                                    "jsonpath against a recorded response")
     elif pred.get("task") == "regression" and pred.get("n"):
@@ -103,7 +167,7 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
         if paired.get("decision"):
             add("warn", "predictions", paired["explanation"])
 
-    perf = report["performance"]
+    perf = report.get("performance", {})
     test = perf.get("paired_test") or {}
     if test.get("p_value") is not None and test["p_value"] < th.alpha:
         if perf.get("shadow_better"):
@@ -120,7 +184,7 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
         add("warn", "data_checks", f"input drift in {', '.join(_drift_details(data))}"
                                    + (" (dataset drift)" if data.get("dataset_drift") else ""))
 
-    flagged = [s for s in report["slices"].get("slices", []) if s.get("flagged")]
+    flagged = [s for s in report.get("slices", {}).get("slices", []) if s.get("flagged")]
     for s in flagged:
         add("warn", "slices", f"slice {s['slice']}: {s['flag_reason']}")
 

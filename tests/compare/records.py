@@ -3,7 +3,10 @@
 One ``shadowproxy.requests`` row per exchange, a ``responses`` row for the primary (target
 and role 'primary'), one per shadow (role 'shadow') and one per replayed target (role
 'replay', as ``shadowproxy replay`` stores them); ``body_json`` holds the JSON and ``body``
-its bytes, as the recorder stores them.
+its bytes, as the recorder stores them. A streamed answer is a ``Call`` with the assembled
+``body`` (what ``shadowproxy.streams.assemble`` gives) and its ``stream`` timing (the
+``responses.stream`` column), or, as stored before streams were assembled, ``raw`` bytes
+with no JSON and an event-stream ``headers``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class Call:
     latency_ms: float | None = 10.0
     error: str | None = None
     kind: str | None = None
+    stream: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
+    raw: bytes | None = None
+    """The stored bytes when they are not ``body``'s JSON (``body_json`` stays NULL)."""
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Exchange:
     received_at: datetime = field(
         default_factory=lambda: datetime.now(UTC) - timedelta(minutes=5))
     route: str = "house-prices"
+    path: str = "/predict"
 
 
 def _body(value: Any) -> tuple[bytes | None, str | None]:
@@ -56,27 +64,38 @@ def _body(value: Any) -> tuple[bytes | None, str | None]:
     return text.encode(), text
 
 
+# The stream column goes with the recorder's columns, whether or not the recorder writes it.
+COLUMNS = RESPONSE_COLUMNS if "stream" in RESPONSE_COLUMNS else (*RESPONSE_COLUMNS, "stream")
+
+
 async def insert(url: str, exchanges: list[Exchange]) -> None:
     """COPY the exchanges into requests and responses."""
     requests, responses = [], []
     for ex in exchanges:
         rid = uuid.uuid4()
         body, text = _body(ex.request)
-        requests.append((rid, ex.request_id, ex.route, ex.received_at, "POST", "/predict", "",
+        requests.append((rid, ex.request_id, ex.route, ex.received_at, "POST", ex.path, "",
                          "{}", body, text, len(body or b""), False, "127.0.0.1"))
         for target, role, call in [("primary", "primary", ex.primary)] + [
                 (name, "shadow", c) for name, c in ex.shadows.items()] + [
                 (name, "replay", c) for name, c in ex.replays.items()]:
             rbody, rtext = _body(call.body)
-            responses.append((rid, target, role, call.status, "{}", rbody, rtext,
-                              len(rbody or b""), False, call.latency_ms, call.error,
-                              ex.received_at, call.kind or kind_of_legacy_error(call.error)))
+            if call.raw is not None:
+                rbody, rtext = call.raw, None
+            row = {"request": rid, "target": target, "role": role, "status": call.status,
+                   "headers": json.dumps(call.headers or {}), "body": rbody, "body_json": rtext,
+                   "body_size": len(rbody or b""), "body_truncated": False,
+                   "latency_ms": call.latency_ms, "error": call.error,
+                   "started_at": ex.received_at,
+                   "error_kind": call.kind or kind_of_legacy_error(call.error),
+                   "stream": None if call.stream is None else json.dumps(call.stream)}
+            responses.append(tuple(row[c] for c in COLUMNS))
     conn = await asyncpg.connect(url)
     try:
         await conn.copy_records_to_table("requests", schema_name="shadowproxy",
                                          records=requests, columns=REQUEST_COLUMNS)
         await conn.copy_records_to_table("responses", schema_name="shadowproxy",
-                                         records=responses, columns=RESPONSE_COLUMNS)
+                                         records=responses, columns=COLUMNS)
     finally:
         await conn.close()
 

@@ -171,12 +171,14 @@ def test_report_on_replayed_targets_named_outside_the_config(
 @pytest.mark.parametrize(("blocked", "extra", "named"), [
     (["numpy"], [], "numpy"),
     (["scipy"], [], "scipy"),
+    (["rapidfuzz"], [], "rapidfuzz"),
     (["matplotlib"], ["--format", "html", "-o", "r.html"], "matplotlib"),
     (["pyarrow"], ["--reference", "train.parquet"], "pyarrow"),
 ])
 def test_a_report_without_its_extra_says_what_to_install(
         config: Path, tmp_path: Path, blocked: list[str], extra: list[str], named: str) -> None:
-    """numpy, scipy, matplotlib (HTML) or pyarrow (Parquet) missing: exit 2 naming the extra."""
+    """numpy, scipy, rapidfuzz, matplotlib (HTML) or pyarrow (Parquet) missing: exit 2
+    naming the extra."""
     (tmp_path / "train.parquet").write_bytes(b"PAR1")
     args = ["report", "-c", str(config), "--route", "house-prices",
             *[str(tmp_path / a) if a.startswith(("r.", "train.")) else a for a in extra]]

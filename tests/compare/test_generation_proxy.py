@@ -1,0 +1,134 @@
+"""The generation report on traffic recorded through the real proxy from two chat services.
+
+Two example chat services (``examples/chat_service.py``) run on 127.0.0.1, "small" as the
+primary and "large" as the shadow; the example chat traffic (``examples/chat_traffic.py``,
+unstreamed) goes through a real proxy, which records every pair in PostgreSQL; the reference
+answers are imported as labels. The report's figures are then recomputed from the models
+themselves: what each one answers to each recorded request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from examples.chat_service import Answer, Speed, answer, build_app, wants_json
+from examples.chat_traffic import Mix, send
+from shadowproxy.compare.config import CompareConfig
+from shadowproxy.compare.labels import import_labels, read_labels
+from shadowproxy.compare.report import build_report
+from shadowproxy.compare.window import Window
+from tests.compare.test_generation import ref_normalize
+from tests.compare.test_generation_report import check_distribution, is_json, similarity
+from tests.conftest import StartProxy
+from tests.proxy.test_data_path import wait_for_rows
+
+N = 120
+
+
+@asynccontextmanager
+async def chat_service(model: str) -> AsyncIterator[str]:
+    """One model of the example service on a free port (a few ms to the first token)."""
+    runner = web.AppRunner(build_app((model,), Speed(0.002, 0.0002)), access_log=None,
+                           handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def model_answer(model: str, request: dict[str, Any]) -> Answer:
+    prompt = request["messages"][-1]["content"]
+    return answer(model, prompt, tool="get_weather" if request.get("tools") else None,
+                  json_mode=wants_json(request))
+
+
+@pytest.mark.slow
+async def test_generation_report_through_the_proxy(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """small vs large through the proxy, unstreamed: the task is inferred, and the texts,
+    finish reasons, tool calls, JSON validity, usage, labels and latency of the report are
+    those of the two models' answers to the recorded requests."""
+    async with chat_service("small") as primary, chat_service("large") as shadow, start_proxy(
+            [{"name": "chat", "match": {"path_prefix": "/v1/", "methods": ["POST"]},
+              "primary": {"url": primary}, "shadows": [{"name": "large", "url": shadow}]}]
+    ) as proxy:
+        labels = tmp_path / "labels.csv"
+        result = await send(f"http://127.0.0.1:{proxy.port}/v1/chat/completions", N,
+                            mix=Mix(stream=0.0, weather=0.2, long=0.1, json=0.15),
+                            concurrency=8, seed=7, labels=labels)
+        assert result.ok == N
+        await wait_for_rows(database_url, "responses", 2 * N)
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await import_labels(conn, *read_labels(labels))
+        recorded = await conn.fetch("""
+            SELECT q.request_id, q.body_json::text AS request, p.latency_ms AS pl,
+                   s.latency_ms AS sl, s.stream IS NULL AND p.stream IS NULL AS no_stream
+            FROM shadowproxy.requests q
+            JOIN shadowproxy.responses p ON p.request = q.id AND p.role = 'primary'
+            JOIN shadowproxy.responses s ON s.request = q.id AND s.role = 'shadow'""")
+        now = datetime.now(UTC)
+        r = await build_report(conn, route="chat", shadow="large",
+                               window=Window(now - timedelta(hours=1), now),
+                               compare=CompareConfig())
+    finally:
+        await conn.close()
+    assert all(row["no_stream"] for row in recorded) and len(recorded) == N
+
+    g = r["generation"]
+    assert g["task_source"].startswith("inferred: ")
+    assert (g["n_pairs"], g["n_compared"]) == (N, N)
+    requests = {row["request_id"]: json.loads(row["request"]) for row in recorded}
+    answers = {rid: (model_answer("small", body), model_answer("large", body))
+               for rid, body in requests.items()}
+    texts = [(a.text or "", b.text or "") for a, b in answers.values()
+             if a.text is not None or b.text is not None]
+    t = g["text"]
+    assert t["exact_match"]["count"] == sum(a == b for a, b in texts)
+    assert t["exact_match"]["n"] == len(texts)
+    assert t["normalized_match"]["count"] == sum(ref_normalize(a) == ref_normalize(b)
+                                                 for a, b in texts)
+    check_distribution(t["similarity"], [similarity(a, b) for a, b in texts])
+    assert g["finish_reason"]["agreement"]["count"] == sum(
+        a.finish_reason == b.finish_reason for a, b in answers.values())
+    either = [(a, b) for a, b in answers.values() if a.tool_call or b.tool_call]
+    assert g["tool_calls"]["n_either"] == len(either) > 0
+    assert g["tool_calls"]["same_calls"]["count"] == sum(
+        bool(a.tool_call and b.tool_call and a.tool_call.name == b.tool_call.name
+             and json.loads(a.tool_call.arguments) == json.loads(b.tool_call.arguments))
+        for a, b in either)
+    asked = [(a, b) for rid, (a, b) in answers.items() if wants_json(requests[rid])]
+    assert g["json"]["n_asked"] == len(asked) > 0
+    assert g["json"]["primary"]["count"] == sum(is_json(a.text) for a, _ in asked)
+    assert g["json"]["shadow"]["count"] == sum(is_json(b.text) for _, b in asked)
+    for k, side in enumerate(("primary", "shadow")):
+        assert g["usage"][side]["completion_tokens"] == sum(
+            pair[k].completion_tokens for pair in answers.values())
+        # Unstreamed: the timing is the whole call's latency, as recorded.
+        timing = g["timing"][side]
+        check_distribution(timing["latency_ms"],
+                           [row["pl" if side == "primary" else "sl"] for row in recorded])
+        assert timing["streamed"] == timing["ttft_ms"]["n"] == 0
+    references = read_labels(labels)[0]
+    labelled = [(answers[rid][0].text, answers[rid][1].text, json.loads(ref))
+                for rid, ref in references.items()]
+    assert g["labels"]["n"] == len(labelled) > 0
+    assert g["labels"]["exact_match"]["shadow"]["count"] == len(labelled)  # large's texts
+    assert g["labels"]["exact_match"]["primary"]["count"] == sum(a == ref
+                                                                 for a, _, ref in labelled)
+    reasons = " ".join(x["message"] for x in r["verdict"]["reasons"])
+    assert r["verdict"]["status"] == "warn"
+    assert "finish_reason agrees on" in reasons and "the same tool calls" in reasons
