@@ -22,7 +22,8 @@ values of a configured feature) and the built-in ones of ``generation.builtin_sl
 (prompt length in quartiles, requested model, streamed or not). Each slice is compared like
 the whole; its normalized-match rate is tested against the rest of the pairs
 (``subgroup.slice_test``, the numeric slices' test: each pair is a request of its own; Holm
-across slices), and a slice where the shadow agrees significantly less often than elsewhere is flagged.
+across slices), and a slice where the shadow agrees significantly less often than elsewhere
+is flagged.
 """
 
 from __future__ import annotations
