@@ -25,8 +25,8 @@ import asyncpg
 import numpy as np
 
 from shadowproxy.compare.config import CompareConfig
-from shadowproxy.compare.query import Window
 from shadowproxy.compare.report import build_report
+from shadowproxy.compare.window import Window
 from shadowproxy.store.migrate import migrate
 
 GENERATE = """
@@ -48,14 +48,15 @@ SELECT md5('bench' || g)::uuid, 'primary', 'primary', 200,
 FROM generate_series(1::bigint, $1) g;
 
 INSERT INTO shadowproxy.responses (request, target, role, status, body_json, body_size,
-                                   latency_ms, error, started_at)
+                                   latency_ms, error, started_at, error_kind)
 SELECT md5('bench' || g)::uuid, 'candidate', 'shadow',
        CASE WHEN g % 1000 = 0 THEN NULL ELSE 200 END,
        CASE WHEN g % 1000 = 0 THEN NULL ELSE jsonb_build_object(
            'prediction', 52.0 * (400 + (g * 7919) % 3600) + (random() - 0.5) * 12000,
            'model_version', 'v2') END,
        45, CASE WHEN g % 1000 = 0 THEN NULL ELSE 5 + random() * 15 END,
-       CASE WHEN g % 1000 = 0 THEN 'timeout' END, now()
+       CASE WHEN g % 1000 = 0 THEN 'timeout' END, now(),
+       CASE WHEN g % 1000 = 0 THEN 'timeout' END
 FROM generate_series(1::bigint, $1) g;
 ANALYZE shadowproxy.requests;
 ANALYZE shadowproxy.responses;

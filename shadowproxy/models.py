@@ -133,6 +133,7 @@ class Exchange:
         "received_at",
         "recorder",
         "request_id",
+        "request_stored",
         "responses",
         "route",
     )
@@ -158,6 +159,9 @@ class Exchange:
         """Upstream calls not finished yet; the record is handed on when it reaches 0."""
         self.recorder: RecordSink | None = None
         """Where ``finish_call`` submits the finished exchange."""
+        self.request_stored = False
+        """True when the request row is in the database already (``id`` is its key) and
+        only ``responses`` are to be stored: ``shadowproxy replay``'s answers."""
 
     def start_call(self, response: CapturedResponse) -> None:
         """Count one more upstream call that must finish before the record is complete."""

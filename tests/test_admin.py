@@ -46,15 +46,28 @@ async def test_health_ready_and_metrics(start_proxy: StartProxy) -> None:
     assert ("shadowproxy_recorder_queue_records", ()) in m
 
 
-async def test_admin_token_is_required_when_set(start_proxy: StartProxy) -> None:
-    """With admin_token, /metrics and /readyz need the bearer token; /healthz does not."""
+async def test_admin_token_protects_data_and_leaves_probes_open(
+        start_proxy: StartProxy) -> None:
+    """With admin_token, /healthz and /readyz answer probes without it (status only), while
+    /metrics and the readiness details need it; a 401 carries WWW-Authenticate: Bearer."""
     async with serve(model("v1")) as primary, \
             start_proxy([route(primary.url)], admin_token="t0ken") as proxy, \
             aiohttp.ClientSession() as http:
         admin = f"http://127.0.0.1:{proxy.admin_port}"
-        assert (await http.get(f"{admin}/healthz")).status == 200
-        assert (await http.get(f"{admin}/metrics")).status == 401
-        assert (await http.get(f"{admin}/readyz",
-                               headers={"Authorization": "Bearer wrong"})).status == 401
-        ok = await http.get(f"{admin}/metrics", headers={"Authorization": "Bearer t0ken"})
-        assert ok.status == 200
+        good = {"Authorization": "Bearer t0ken"}
+        health = await http.get(f"{admin}/healthz")
+        assert health.status == 200 and await health.json() == {"status": "ok"}
+        ready = await http.get(f"{admin}/readyz")
+        assert ready.status == 200 and await ready.json() == {"status": "ready"}
+        ready = await http.get(f"{admin}/readyz", headers=good)
+        assert ready.status == 200 and (await ready.json())["database"] == "ok"
+
+        missing = await http.get(f"{admin}/metrics")
+        assert missing.status == 401
+        assert missing.headers["WWW-Authenticate"] == 'Bearer realm="shadowproxy admin"'
+        wrong = await http.get(f"{admin}/metrics", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status == 401
+        assert wrong.headers["WWW-Authenticate"] == \
+            'Bearer realm="shadowproxy admin", error="invalid_token"'
+        ok = await http.get(f"{admin}/metrics", headers=good)
+        assert ok.status == 200 and "shadowproxy_requests_total" in await ok.text()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shadowproxy.app import listen_socket
 from shadowproxy.cli import main
 from shadowproxy.config import load_config
 from shadowproxy.errors import ConfigError
@@ -123,3 +124,58 @@ def test_an_unset_variable_is_reported_once(tmp_path: Path,
         load_config(write(tmp_path, text))
     assert len(info.value.problems) == 1
     assert "environment variable NOPE_URL is not set" in info.value.problems[0]
+
+
+def test_a_shadow_at_the_primary_and_unknown_methods_are_refused(tmp_path: Path) -> None:
+    """A shadow URL naming the primary (however spelled) and method names that are not HTTP
+    methods are reported at their own lines."""
+    bad = """\
+routes:
+  - name: a
+    match: {methods: [post, PSOT]}
+    primary: {url: "http://127.0.0.1:9001/v1"}
+    shadows:
+      - name: s
+        url: "HTTP://127.0.0.1:9001/v1/"
+      - name: t
+        url: "http://127.0.0.1:9002/v1"
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, bad))
+    text = "\n".join(info.value.problems)
+    assert ":3: routes[0].match.methods: not an HTTP method: 'PSOT' (expected some of GET" \
+        in text
+    assert ":7: routes[0].shadows[0].url: the shadow's URL is the primary's" in text
+    assert "shadows[1]" not in text
+
+
+def test_listen_forms_and_an_admin_listener_on_the_proxy_address(tmp_path: Path) -> None:
+    """`:PORT` means every interface; admin_listen on listen's address is reported at the
+    admin_listen line, also when one side is every interface."""
+    ok = load_config(write(tmp_path, 'listen: ":8080"\nadmin_listen: ":9090"\n'
+                                     'routes: [{name: a, primary: {url: "http://h"}}]\n'))
+    assert (ok.listen, ok.admin_listen) == (":8080", ":9090")
+    sock = listen_socket(":0")
+    try:
+        assert sock.getsockname()[0] == "0.0.0.0"
+    finally:
+        sock.close()
+    for listen, admin in ((":8080", "127.0.0.1:8080"), ("127.0.0.1:8080", "127.0.0.1:8080")):
+        text = (f'listen: "{listen}"\nroutes: [{{name: a, primary: {{url: "http://h"}}}}]\n'
+                f'admin_listen: "{admin}"\n')
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text))
+        assert info.value.problems == [
+            f"{tmp_path / 'c.yaml'}:3: admin_listen: admin_listen must differ from listen "
+            "(the same port on the same or on every interface); give the admin endpoints "
+            "their own port, e.g. :9090"]
+
+
+def test_a_tab_is_explained_at_its_line(tmp_path: Path) -> None:
+    """A tab in the indentation gives FILE:LINE and what to do, not PyYAML's raw message."""
+    path = write(tmp_path, "routes:\n  - name: a\n\tprimary: {url: 'http://h'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:3: (YAML): a tab character (column 1): YAML indents with spaces only; "
+        "replace the tab with spaces"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,14 +66,19 @@ def demo_dir() -> Iterator[Path]:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_demo_runs_the_whole_story_and_cleans_up(demo_dir: Path) -> None:
-    """From any directory, the demo serves, records, reports, stops everything and exits 0."""
+    """From any directory, the demo serves, records, reports, replays the traffic to a third
+    model and prints both verdicts, stops everything and exits 0."""
     data_dir = demo_dir
     started = time.monotonic()
     proc = _demo("--requests", "150", "--data-dir", str(data_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert time.monotonic() - started < 90
+    assert time.monotonic() - started < 120
     assert "Verdict" in proc.stdout  # the text report went to the terminal
     assert "150 answered 2xx" in proc.stdout
+    # The third model got the recorded traffic by replay, and both verdicts are printed.
+    assert "stored    150 answers as 'knn'" in proc.stdout
+    assert re.search(r"candidate\s+live shadow\s+(PASS|WARN|FAIL)", proc.stdout)
+    assert re.search(r"knn\s+replayed\s+(PASS|WARN|FAIL)", proc.stdout)
     html = (data_dir / "report.html").read_text()
     assert "<html" in html.lower() and "candidate" in html
     assert f"shadowproxy db-url -c {data_dir / 'shadowproxy.yaml'}" in proc.stdout
@@ -81,7 +87,8 @@ def test_demo_runs_the_whole_story_and_cleans_up(demo_dir: Path) -> None:
     config = yaml.safe_load((data_dir / "shadowproxy.yaml").read_text())
     ports = [int(config[k].rsplit(":", 1)[1]) for k in ("listen", "admin_listen")]
     ports += [int(u.rsplit(":", 1)[1]) for u in
-              [config["routes"][0]["primary"]["url"], config["routes"][0]["shadows"][0]["url"]]]
+              [config["routes"][0]["primary"]["url"],
+               *(s["url"] for s in config["routes"][0]["shadows"])]]
     assert not [p for p in ports if _listening(p)]
     leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"])
                  if str(data_dir) in " ".join(p.info["cmdline"] or [])]
@@ -91,8 +98,8 @@ def test_demo_runs_the_whole_story_and_cleans_up(demo_dir: Path) -> None:
     url = start_embedded(data_dir, cleanup="stop")
     try:
         assert asyncio.run(_recorded(url)) == {
-            "requests": 150, "answered pairs": 150, "versions": {("linear-v1", "gbm-v2")},
-            "labels": 150}
+            "requests": 150, "answered pairs": 300,
+            "versions": {("linear-v1", "gbm-v2"), ("linear-v1", "knn-v3")}, "labels": 150}
     finally:
         _stop_embedded(data_dir)
 

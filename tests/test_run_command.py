@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -155,3 +157,37 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path, sync_database_url: str,
             assert main(["run", "-c", str(config)]) == 1
         err = capsys.readouterr().err
         assert f"cannot listen on 127.0.0.1:{taken}" in err and key in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("key", ["listen", "admin_listen"])
+async def test_a_taken_port_exits_promptly_with_one_json_line(
+        tmp_path: Path, database_url: str, workers: int, key: str) -> None:
+    """A taken `listen` or `admin_listen` ends `run` within seconds with exit status 1 and one
+    JSON log line naming the address, in single and worker mode, without starting workers."""
+    config, port, admin = write_config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2",
+                                       database_url, workers=workers)
+    taken = port if key == "listen" else admin
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shadowproxy", "run", "-c", str(config),
+            "--log-format", "json", stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "SHADOWPROXY_DATABASE_URL": ""})
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 15)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 5)
+    assert proc.returncode == 1
+    lines = err.decode().splitlines()
+    assert len(lines) == 1, lines
+    event = json.loads(lines[0])
+    assert event["level"] == "error"
+    assert event["message"].startswith(f"cannot listen on 127.0.0.1:{taken} ({key})")
+    assert f"change `{key}`" in event["message"]
+    assert not list((tmp_path / "data").glob("run/worker-*"))  # no worker was started

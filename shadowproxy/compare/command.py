@@ -12,14 +12,18 @@ import asyncio
 import json
 import math
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shadowproxy.compare.config import CompareConfig
-from shadowproxy.compare.query import Window, parse_duration
+from shadowproxy.compare.window import Window, parse_duration
 from shadowproxy.config import Route, Settings
 from shadowproxy.errors import UsageError
+
+if TYPE_CHECKING:
+    from shadowproxy.compare.report import Report
 
 DEFAULT_SINCE = "24h"
 FAIL_ON_STATUS = 3
@@ -49,32 +53,45 @@ def resolve_window(since: str | None, from_: str | None, to: str | None,
     return Window(start, end)
 
 
-def resolve_target(settings: Settings, route_name: str, shadow: str | None
-                   ) -> tuple[Route, str, CompareConfig]:
-    """The route, the shadow to compare, and its compare settings; UsageError if unknown."""
+@dataclass(frozen=True)
+class Target:
+    """What to compare: the route, the shadow, its compare settings, and the names (shadow,
+    baseline) that are no shadow of the route in the configuration, each with where it came
+    from: those must be targets replayed into the window (checked by the report)."""
+
+    route: Route
+    shadow: str
+    compare: CompareConfig
+    unlisted: dict[str, str]
+
+
+def resolve_target(settings: Settings, route_name: str, shadow: str | None) -> Target:
+    """The route, the shadow to compare and its compare settings; UsageError if unknown."""
     try:
         route = settings.route(route_name)
     except KeyError as exc:
         raise UsageError(f"--route: {exc.args[0]}") from exc
     names = [s.name for s in route.shadows]
-    if not names:
-        raise UsageError(f"--route {route_name}: the route has no shadows to compare")
     compare = route.compare or CompareConfig()
+    unlisted: dict[str, str] = {}
     if shadow is None:
+        if not names:
+            raise UsageError(f"--route {route_name}: the route has no shadows to compare; give "
+                             "--shadow NAME of a target replayed with `shadowproxy replay`")
         candidates = [n for n in names if n != compare.baseline_shadow] or names
         shadow = candidates[0]
     elif shadow not in names:
-        raise UsageError(f"--shadow: route {route_name!r} has no shadow named {shadow!r}; "
-                         f"its shadows are {names}")
-    if compare.baseline_shadow is not None:
-        if compare.baseline_shadow not in names:
-            raise UsageError(f"routes.{route_name}.compare.baseline_shadow: "
-                             f"{compare.baseline_shadow!r} is not one of the route's shadows "
-                             f"{names}")
-        if compare.baseline_shadow == shadow:
+        unlisted[shadow] = (f"--shadow: route {route_name!r} has no shadow named {shadow!r} "
+                            f"(its shadows are {names})")
+    baseline = compare.baseline_shadow
+    if baseline is not None:
+        if baseline == shadow:
             raise UsageError(f"--shadow {shadow} is the baseline shadow; compare another shadow "
                              "against the primary, or remove compare.baseline_shadow")
-    return route, shadow, compare
+        if baseline not in names:
+            unlisted[baseline] = (f"routes.{route_name}.compare.baseline_shadow: {baseline!r} "
+                                  f"is not one of the route's shadows {names}")
+    return Target(route, shadow, compare, unlisted)
 
 
 def clean(value: Any) -> Any:
@@ -107,8 +124,7 @@ def render(report: dict[str, Any], fmt: str, *, color: bool = False) -> str:
     return render_text(report, color=color)
 
 
-async def _build(url: str, route: str, shadow: str, window: Window, compare: CompareConfig,
-                 reference: Path | None) -> dict[str, Any]:
+async def _build(url: str, target: Target, window: Window, reference: Path | None) -> Report:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -125,27 +141,31 @@ async def _build(url: str, route: str, shadow: str, window: Window, compare: Com
             progress.update(task, description=name, completed=STEPS.index(name))
 
         async with connection(url) as conn:
-            report = await build_report(conn, route=route, shadow=shadow, window=window,
-                                        compare=compare, reference=reference, progress=step)
+            report = await build_report(
+                conn, route=target.route.name, shadow=target.shadow, window=window,
+                compare=target.compare, reference=reference, progress=step,
+                unlisted=target.unlisted)
         progress.update(task, completed=len(STEPS))
     return report
 
 
 def run_report(args: argparse.Namespace) -> int:
     """The CLI command; returns 0, or 3 when the verdict reaches ``--fail-on``."""
+    from shadowproxy.compare.extras import require_for
     from shadowproxy.compare.verdict import reaches
     from shadowproxy.config import load_config
     from shadowproxy.store.database import database_url
 
+    reference = Path(args.reference) if args.reference else None
+    require_for(args.format, reference)
     settings = load_config(args.config)
     window = resolve_window(args.since, args.from_, args.to)
-    route, shadow, compare = resolve_target(settings, args.route, args.shadow)
-    reference = Path(args.reference) if args.reference else None
+    target = resolve_target(settings, args.route, args.shadow)
     if reference is not None and not reference.is_file():
         raise UsageError(f"--reference {reference}: no such file; give a CSV or Parquet file "
                          "of training data whose columns are named like compare.features")
     url = database_url(settings)
-    report = clean(asyncio.run(_build(url, route.name, shadow, window, compare, reference)))
+    report = clean(asyncio.run(_build(url, target, window, reference)))
     text = render(report, args.format,
                   color=args.format == "text" and not args.output and sys.stdout.isatty())
     if args.output:

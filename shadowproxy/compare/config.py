@@ -65,6 +65,7 @@ class Thresholds(_Frozen):
     """Where the verdict turns to warn or fail; the defaults are documented in docs/report.md."""
 
     alpha: float = Field(default=0.05, gt=0, lt=1)
+    min_pairs: int = Field(default=100, ge=1)
     min_pair_completeness: float = Field(default=0.99, ge=0, le=1)
     max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
     max_latency_p99_ratio: float = Field(default=1.5, gt=0)

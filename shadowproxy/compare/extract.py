@@ -3,8 +3,8 @@
 Every feature becomes a set-returning SQL expression over a request body ``b``: one row
 ``(v jsonb, ord bigint)`` per input row of the request, so that a batch request (several
 rows) lines up with its batch of predictions by ``ord``. jsonpaths go into the SQL as quoted
-literals, so PostgreSQL itself parses them; ``query.py`` asks it to validate them first and
-reports a rejected one by its configuration key.
+literals, so PostgreSQL itself parses them; each section of the report asks it to validate
+its own first and reports a rejected one by its configuration key.
 
 ``ignore`` jsonpaths are matched against the flattened field paths of a response, so they
 support the path subset that names fields: ``.key``, ``."key"``, ``[3]``, ``[*]``, ``.*``.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from shadowproxy.compare.config import CompareConfig, FeatureConfig
+from shadowproxy.compare.config import FeatureConfig
 from shadowproxy.errors import UsageError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -70,19 +70,6 @@ def feature_rows_sql(feature: FeatureConfig, request_format: str, body: str) -> 
         " ELSE 1 END AS ncol) x, "
         f"jsonb_path_query({body}, {data}::jsonpath) WITH ORDINALITY AS d(v, k) "
         f"WHERE (d.k - 1) % x.ncol = {column})")
-
-
-def configured_jsonpaths(compare: CompareConfig) -> dict[str, str]:
-    """Every jsonpath the configuration hands to PostgreSQL, by its configuration key."""
-    paths = {"compare.prediction": compare.prediction}
-    if compare.score is not None:
-        paths["compare.score"] = compare.score
-    for name, feature in compare.features.items():
-        if feature.path is not None:
-            paths[f"compare.features.{name}.path"] = feature.path
-    for i, path in enumerate(compare.ignore):
-        paths[f"compare.ignore[{i}]"] = path
-    return paths
 
 
 _TOKEN = re.compile(

@@ -5,6 +5,11 @@ earlier labels. A label is stored as JSON: ``1``, ``0.5``, ``true`` and ``[1, 0,
 request, one label per prediction) keep their JSON type; anything else is a string. Ids that
 match no recorded request are stored anyway (their records may still be in the proxy's spool)
 and reported, with examples, so that a file with the wrong ids is noticed at once.
+
+A file is refused as a whole (exit status 2, nothing imported), with the line of each
+problem, when a label is ``NaN`` or ``Infinity`` (JSON has no such numbers), when one id is
+given two different labels, or when a request of a route with ``compare.task: regression``
+gets a label that is not a number (the report could not use it).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import asyncio
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,15 +39,37 @@ class LabelImport:
     duplicates_in_file: int = 0
     unknown_ids: int = 0
     unknown_examples: list[str] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)
+    """The file line of each request id's first label."""
+
+
+_SHOWN = 10
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _refuse(constant: str) -> float:
+    raise _NotFinite(constant)
 
 
 def _label_json(text: str) -> str:
-    """The label as JSON text: JSON values are kept, anything else becomes a JSON string."""
+    """The label as JSON text: JSON values are kept, anything else becomes a JSON string;
+    ValueError for NaN and Infinity, which PostgreSQL's jsonb (like JSON) has no room for."""
     try:
-        json.loads(text)
+        json.loads(text, parse_constant=_refuse)
+    except _NotFinite:
+        raise
     except ValueError:
         return json.dumps(text)
     return text
+
+
+def _problems(path: Path, found: list[str]) -> UsageError:
+    shown = found[:_SHOWN]
+    more = f"\n... and {len(found) - _SHOWN} more" if len(found) > _SHOWN else ""
+    return UsageError(f"{path}: nothing was imported:\n" + "\n".join(shown) + more)
 
 
 def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
@@ -57,16 +85,34 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
                     f"{path}: expected a header row with the columns request_id,label "
                     f"(found {reader.fieldnames or 'no header'})")
             id_col, label_col = columns["request_id"], columns["label"]
+            found: list[str] = []
             for row in reader:
                 result.rows += 1
+                line = reader.line_num
                 request_id = (row.get(id_col) or "").strip()
                 label = (row.get(label_col) or "").strip()
                 if not request_id or not label:
                     result.skipped_empty += 1
                     continue
+                try:
+                    value = _label_json(label)
+                except _NotFinite:
+                    found.append(f"{path}:{line}: the label {label!r} of {request_id!r} is "
+                                 "not a finite number (JSON has no NaN or Infinity); "
+                                 "correct it, or leave it empty to skip the row")
+                    continue
                 if request_id in labels:
+                    if labels[request_id] != value:
+                        found.append(f"{path}:{line}: request id {request_id!r} has the label "
+                                     f"{label!r} here and {labels[request_id]} on line "
+                                     f"{result.lines[request_id]}; keep one of the two rows")
+                        continue
                     result.duplicates_in_file += 1
-                labels[request_id] = _label_json(label)
+                else:
+                    result.lines[request_id] = line
+                labels[request_id] = value
+            if found:
+                raise _problems(path, found)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the labels file: {exc.strerror}") from exc
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -74,14 +120,35 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
     return labels, result
 
 
+_NOT_NUMBERS = """
+    SELECT DISTINCT i.request_id, i.label, q.route FROM _labels_in i
+    JOIN shadowproxy.requests q ON q.request_id = i.request_id
+    WHERE q.route = ANY($1::text[])
+      AND NOT (jsonb_typeof(i.label::jsonb) = 'number'
+               OR (jsonb_typeof(i.label::jsonb) = 'array'
+                   AND NOT jsonb_path_exists(i.label::jsonb, '$[*] ? (@.type() != "number")')))
+    ORDER BY i.request_id LIMIT $2"""
+
+
 async def import_labels(conn: asyncpg.Connection, labels: dict[str, str],
-                        result: LabelImport) -> LabelImport:
-    """Upsert ``labels`` in one transaction and count what changed."""
+                        result: LabelImport, *, regression_routes: Sequence[str] = (),
+                        path: Path = Path("labels")) -> LabelImport:
+    """Upsert ``labels`` in one transaction and count what changed; UsageError (and nothing
+    imported) when a request of one of ``regression_routes`` gets a label that is not a
+    number."""
     try:
         async with conn.transaction():
             await conn.execute("CREATE TEMP TABLE _labels_in (request_id text, label text) "
                                "ON COMMIT DROP")
             await conn.copy_records_to_table("_labels_in", records=list(labels.items()))
+            if regression_routes:
+                wrong = await conn.fetch(_NOT_NUMBERS, list(regression_routes), _SHOWN + 1)
+                if wrong:
+                    raise _problems(path, [
+                        f"{path}:{result.lines.get(r['request_id'], '?')}: the label "
+                        f"{r['label']} of {r['request_id']!r} is not a number, but route "
+                        f"{r['route']!r} has compare.task: regression (the report could "
+                        "not use it)" for r in wrong])
             rows = await conn.fetch("""
                 INSERT INTO shadowproxy.labels AS l (request_id, label)
                 SELECT request_id, label::jsonb FROM _labels_in
@@ -114,10 +181,13 @@ def run_labels_import(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
     labels, result = read_labels(Path(args.file))
     url = database_url(settings)
+    regression = [r.name for r in settings.routes
+                  if r.compare is not None and r.compare.task == "regression"]
 
     async def go() -> LabelImport:
         async with connection(url) as conn:
-            return await import_labels(conn, labels, result)
+            return await import_labels(conn, labels, result, regression_routes=regression,
+                                       path=Path(args.file))
 
     result = asyncio.run(go())
     print(f"{args.file}: {result.rows} rows; {result.inserted} new labels, {result.updated} "

@@ -36,7 +36,8 @@ def _shares(counts: list[int]) -> list[float]:
 def histogram(edges: list[float], series: dict[str, list[int]], title: str, xlabel: str,
               *, log_x: bool = False) -> str:
     """Overlaid step histograms (as shares, so samples of different size compare)."""
-    colors = {"primary": PRIMARY, "shadow": SHADOW, "reference": REFERENCE, "current": SHADOW}
+    colors = {"primary": PRIMARY, "shadow": SHADOW, "reference": REFERENCE, "current": SHADOW,
+              "shadow (under replay)": SHADOW}
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()
@@ -130,9 +131,13 @@ def report_plots(report: dict[str, Any]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     hist = report["operational"].get("latency_histogram")
     if hist:
-        out["operational"] = [histogram(hist["edges"], {"primary": hist["primary"],
-                                                        "shadow": hist["shadow"]},
-                                        "Latency", "ms (log scale)", log_x=True)]
+        # A replayed target's latency was measured under replay load: say so on the plot.
+        replayed = not report["operational"].get("latency_compared", True)
+        out["operational"] = [histogram(
+            hist["edges"], {"primary": hist["primary"],
+                            "shadow (under replay)" if replayed else "shadow": hist["shadow"]},
+            "Latency" + (": the shadow measured under replay" if replayed else ""),
+            "ms (log scale)", log_x=True)]
     p = report["predictions"]
     if p.get("n") and p["task"] == "regression":
         q = p["quantiles"]

@@ -1,12 +1,16 @@
 """The reference sample of each feature: a training-data file, or an earlier window.
 
 Both sources are reduced to the same ``FeatureData``: counts, basic statistics, category
-counts and a numeric sample (at most ``sample_max`` values) for the tests. A file is read
-with pyarrow (CSV or Parquet, chosen by suffix); its columns are named like the features.
+counts and a numeric sample (at most ``sample_max`` values) for the tests. A file's columns
+are named like the features; a CSV file is read with the csv module (column types inferred
+as pyarrow infers them), a Parquet file with pyarrow (from the ``report`` extra).
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from shadowproxy.compare.config import FeatureConfig
+from shadowproxy.compare.extras import is_parquet
 from shadowproxy.errors import UsageError
 
 
@@ -36,8 +41,8 @@ class FeatureData:
         return self.n_rows - self.n_missing
 
 
-def from_summary(row: dict[str, Any]) -> FeatureData:
-    """FeatureData from ``ReportQuery.feature_summary`` (the sample and counts come later)."""
+def from_summary(row: Mapping[str, Any]) -> FeatureData:
+    """FeatureData from a feature's summary row (the sample and counts come later)."""
     def f(key: str) -> float | None:
         return None if row[key] is None else float(row[key])
 
@@ -55,35 +60,101 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def read_reference(path: Path, features: dict[str, FeatureConfig], *, sample_max: int,
-                   seed: int) -> dict[str, FeatureData]:
-    """Each feature's column of a CSV or Parquet file; UsageError names what is wrong."""
+def _parquet_columns(path: Path) -> dict[str, list[Any]]:
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    suffix = "".join(path.suffixes[-2:]).lower()
     try:
-        if suffix.endswith(".parquet") or suffix.endswith(".pq"):
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-        elif suffix.endswith(".csv") or suffix.endswith(".csv.gz"):
-            import pyarrow.csv as pcsv
-
-            table = pcsv.read_csv(path)
-        else:
-            raise UsageError(f"--reference {path}: expected a .csv, .csv.gz or .parquet file")
+        table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"--reference {path}: cannot read it: {exc}") from exc
-    missing = [name for name in features if name not in table.column_names]
+    return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+# Cells read as missing in a column of numbers or booleans (pyarrow's defaults); in a column of
+# text only the empty cell is missing.
+_NULLS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                    "1.#IND", "1.#QNAN", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"})
+_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False,
+          "FALSE": False}
+
+
+def _parses(cells: list[str], kind: type) -> bool:
+    try:
+        for cell in cells:
+            kind(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _typed(cells: list[str]) -> list[Any]:
+    """A CSV column as values of one type, inferred over its cells as pyarrow does: whole
+    numbers, else numbers, else booleans, else text."""
+    given = [c for c in cells if c not in _NULLS]
+    if not given:
+        return [None] * len(cells)
+    for kind in (int, float):
+        if _parses(given, kind):
+            return [None if c in _NULLS else kind(c) for c in cells]
+    if all(c in _BOOLS for c in given):
+        return [None if c in _NULLS else _BOOLS[c] for c in cells]
+    return list(cells)
+
+
+def _csv_columns(path: Path, wanted: list[str]) -> dict[str, list[Any]]:
+    """The ``wanted`` columns of a CSV file (gzip-compressed if it ends in .gz), typed."""
+    try:
+        with (gzip.open(path, "rt", newline="", encoding="utf-8-sig")
+              if path.suffix.lower() == ".gz"
+              else path.open(newline="", encoding="utf-8-sig")) as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                raise UsageError(f"--reference {path}: cannot read it: the file is empty; "
+                                 "expected a header row naming the columns")
+            index = {name: i for i, name in enumerate(header)}
+            keep = [(name, index[name]) for name in wanted if name in index]
+            cells: dict[str, list[str]] = {name: [] for name, _ in keep}
+            for row in reader:
+                if len(row) != len(header):
+                    if not row:
+                        continue
+                    raise UsageError(
+                        f"--reference {path}: cannot read it: line {reader.line_num} has "
+                        f"{len(row)} cells, the header {len(header)}")
+                for name, i in keep:
+                    cells[name].append(row[i])
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"--reference {path}: cannot read it: {exc}") from exc
+    columns: dict[str, list[Any]] = {name: [] for name in header}
+    columns.update({name: _typed(values) for name, values in cells.items()})
+    return columns
+
+
+def read_reference(path: Path, features: dict[str, FeatureConfig], *, sample_max: int,
+                   seed: int) -> dict[str, FeatureData]:
+    """Each feature's column of a CSV or Parquet file; UsageError names what is wrong.
+
+    CSV files (``.csv``, ``.csv.gz``) are read with the csv module; Parquet needs pyarrow.
+    """
+    name = path.name.lower()
+    if is_parquet(path):
+        columns = _parquet_columns(path)
+    elif name.endswith(".csv") or name.endswith(".csv.gz"):
+        columns = _csv_columns(path, list(features))
+    else:
+        raise UsageError(f"--reference {path}: expected a .csv, .csv.gz or .parquet file")
+    missing = [name for name in features if name not in columns]
     if missing:
         raise UsageError(
             f"--reference {path}: no column for the features {missing}; the file has the "
-            f"columns {table.column_names[:30]}; name the columns like the features in "
+            f"columns {list(columns)[:30]}; name the columns like the features in "
             "compare.features")
     rng = np.random.default_rng(seed)
     out = {}
     for name in features:
-        values = table.column(name).to_pylist()
+        values = columns[name]
         present = [v for v in values if v is not None and v != "" and not (
             isinstance(v, float) and np.isnan(v))]
         numeric = np.array([float(v) for v in present

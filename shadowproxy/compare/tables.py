@@ -55,7 +55,9 @@ def _header(r: dict[str, Any]) -> Section:
     m = r["meta"]
     v = r["verdict"]
     s = Section("verdict", f"Verdict: {v['status'].upper()}")
+    replayed = m.get("shadow_role") in ("replay", "mixed")
     s.notes.append(f"route {m['route']}, shadow {m['shadow']}"
+                   + (" (replayed with shadowproxy replay)" if replayed else "")
                    + (f", baseline {m['baseline_shadow']}" if m.get("baseline_shadow") else "")
                    + f"; window {m['window']['start']} → {m['window']['end']}")
     if v["reasons"]:
@@ -72,20 +74,31 @@ def _counts(r: dict[str, Any]) -> Section:
             for k in ("requests", "pairs", "complete_pairs", "comparable_pairs",
                       "pair_completeness", "requests_without_pair", "shadow_timeouts",
                       "shadow_drops", "shadow_skips", "shadow_errors", "shadow_5xx",
-                      "primary_failures")]
+                      "primary_failures", "replayed_pairs") if k in c]
     return Section("counts", "Counts", tables=[Table(["", "value"], rows)])
 
 
 def _operational(r: dict[str, Any]) -> Section:
     o = r["operational"]
+    compared = o.get("latency_compared", True)
     rows = []
     for side in ("primary", "shadow"):
         lat = o[side]["latency_ms"]
-        rows.append([side, fmt(o[side]["n"]), fmt(lat["p50"]), fmt(lat["p95"]), fmt(lat["p99"]),
-                     fmt(lat["max"]), pct(o[side]["error_rate"])])
+        label = side if compared or side == "primary" else "shadow (under replay)"
+        rows.append([label, fmt(o[side]["n"]), fmt(lat["p50"]), fmt(lat["p95"]),
+                     fmt(lat["p99"]), fmt(lat["max"]), pct(o[side]["error_rate"])])
     s = Section("operational", "Operational", tables=[Table(
         ["side", "n", "p50 ms", "p95 ms", "p99 ms", "max ms", "error rate"], rows)])
+    if not compared:
+        s.notes.append(o.get("latency_note", "latency not compared"))
     s.notes.append(f"status codes agree on {pct(o['status_agreement'])} of complete pairs")
+    outcomes = o.get("outcomes")
+    if outcomes:
+        words = list(outcomes["shadow"])
+        s.tables.append(Table(["side", *words],
+                              [[side, *[fmt(outcomes[side].get(w, 0)) for w in words]]
+                               for side in ("primary", "shadow")],
+                              title="calls by outcome (ok, or the kind of failure)"))
     return s
 
 

@@ -2,35 +2,55 @@
 
 Rules read the finished sections of the report; thresholds come from
 ``compare.thresholds``. ``fail`` is for evidence that the shadow must not be promoted as is
-(broken input constraints, more errors, significantly worse on labels); ``warn`` for what a
-person should look at (drift, disagreement, incomplete pairs, slow shadow); ``info`` reasons
-never change the status.
+(broken input constraints, more errors, significantly worse on labels) and for too little
+evidence to promote it (fewer than ``min_pairs`` comparable pairs: a gate must not pass on
+an empty window); ``warn`` for what a person should look at (drift, disagreement,
+incomplete pairs, slow shadow); ``info`` reasons never change the status.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 from shadowproxy.compare.config import Thresholds
 
 LEVELS = ("pass", "warn", "fail")
 
 
+class Reason(TypedDict):
+    level: str
+    section: str
+    message: str
+
+
+class Verdict(TypedDict):
+    status: str
+    reasons: list[Reason]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def verdict(report: dict[str, Any], th: Thresholds) -> dict[str, Any]:
-    """``{"status", "reasons": [{"level", "section", "message"}]}`` for a finished report."""
-    reasons: list[dict[str, str]] = []
+def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
+    """The status and one reason per rule that fired, from the report's sections."""
+    reasons: list[Reason] = []
 
     def add(level: str, section: str, message: str) -> None:
-        reasons.append({"level": level, "section": section, "message": message})
+        reasons.append(Reason(level=level, section=section, message=message))
 
     counts, op = report["counts"], report["operational"]
+    comparable = counts.get("comparable_pairs", 0)
     if not counts["pairs"]:
-        add("warn", "counts", "no pairs in the window: nothing was compared")
-    elif counts["pair_completeness"] is not None and \
+        add("fail", "counts", f"no pairs in the window, fewer than thresholds.min_pairs "
+                              f"({th.min_pairs}): nothing was compared, and a gate must not "
+                              "pass on no evidence")
+    elif comparable < th.min_pairs:
+        add("fail", "counts", f"{comparable} comparable pairs (both answered 2xx with JSON), "
+                              f"fewer than thresholds.min_pairs ({th.min_pairs}): too little "
+                              "evidence to pass")
+    if counts["pairs"] and counts["pair_completeness"] is not None and \
             counts["pair_completeness"] < th.min_pair_completeness:
         add("warn", "counts", f"pair completeness {_pct(counts['pair_completeness'])} < "
                               f"{_pct(th.min_pair_completeness)}: missing pairs bias every "
@@ -39,7 +59,9 @@ def verdict(report: dict[str, Any], th: Thresholds) -> dict[str, Any]:
     if p_err is not None and s_err is not None and s_err - p_err > th.max_error_rate_increase:
         add("fail", "operational", f"shadow error rate {_pct(s_err)} vs primary {_pct(p_err)}")
     p99p, p99s = op["primary"]["latency_ms"]["p99"], op["shadow"]["latency_ms"]["p99"]
-    if p99p and p99s and p99s / p99p > th.max_latency_p99_ratio:
+    if not op.get("latency_compared", True):
+        add("info", "operational", op.get("latency_note", "latency not compared"))
+    elif p99p and p99s and p99s / p99p > th.max_latency_p99_ratio:
         add("warn", "operational", f"shadow p99 latency {p99s:.1f} ms is {p99s / p99p:.2f}× "
                                    f"the primary's {p99p:.1f} ms")
     agree = op.get("status_agreement")
@@ -90,7 +112,7 @@ def verdict(report: dict[str, Any], th: Thresholds) -> dict[str, Any]:
     for r in reasons:
         if r["level"] in LEVELS and LEVELS.index(r["level"]) > LEVELS.index(status):
             status = r["level"]
-    return {"status": status, "reasons": reasons}
+    return Verdict(status=status, reasons=reasons)
 
 
 def reaches(status: str, level: str) -> bool:

@@ -78,11 +78,12 @@ class RowEncoder:
         requests: list[Row] = []
         responses: list[Row] = []
         for ex in exchanges:
-            body, text = self.body(ex.body, ex.headers)
-            requests.append((
-                ex.id, ex.request_id, ex.route, ex.received_at,
-                ex.method, ex.path, ex.query, self.headers(ex.headers) or "{}", body, text,
-                ex.body_size, ex.body_truncated, ex.client_addr))
+            if not ex.request_stored:
+                body, text = self.body(ex.body, ex.headers)
+                requests.append((
+                    ex.id, ex.request_id, ex.route, ex.received_at,
+                    ex.method, ex.path, ex.query, self.headers(ex.headers) or "{}", body, text,
+                    ex.body_size, ex.body_truncated, ex.client_addr))
             for r in ex.responses:
                 rbody, rtext = self.body(r.body, r.headers)
                 responses.append((

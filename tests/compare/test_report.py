@@ -18,8 +18,8 @@ from sklearn import metrics as skm
 
 from shadowproxy.compare.config import CompareConfig
 from shadowproxy.compare.labels import import_labels, read_labels
-from shadowproxy.compare.query import Window
 from shadowproxy.compare.report import build_report
+from shadowproxy.compare.window import Window
 from tests.compare.records import Call, Exchange, insert
 
 

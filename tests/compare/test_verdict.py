@@ -47,3 +47,25 @@ def test_fail_on_levels() -> None:
     """--fail-on warn fires on warn and fail; --fail-on fail only on fail."""
     assert reaches("warn", "warn") and reaches("fail", "warn")
     assert not reaches("warn", "fail") and not reaches("pass", "warn")
+
+
+def test_a_replayed_latency_is_information_not_a_warning() -> None:
+    """A slow p99 warns for a live shadow; measured under replay it is only shown."""
+    r = base()
+    r["operational"]["shadow"] = {"error_rate": 0.0, "latency_ms": {"p99": 50.0}}
+    assert verdict(r, Thresholds())["status"] == "warn"
+    r["operational"]["latency_compared"] = False
+    r["operational"]["latency_note"] = "measured under replay load"
+    assert verdict(r, Thresholds()) == {"status": "pass", "reasons": [
+        {"level": "info", "section": "operational", "message": "measured under replay load"}]}
+
+
+def test_too_little_evidence_fails() -> None:
+    """No pairs, or fewer comparable pairs than min_pairs, is a fail: no gate passes on it."""
+    r = base()
+    r["counts"] = {"pairs": 0, "pair_completeness": None, "comparable_pairs": 0}
+    assert verdict(r, Thresholds())["status"] == "fail"
+    r["counts"] = {"pairs": 100, "pair_completeness": 1.0, "comparable_pairs": 99}
+    out = verdict(r, Thresholds())
+    assert out["status"] == "fail" and "min_pairs (100)" in out["reasons"][0]["message"]
+    assert verdict(r, Thresholds(min_pairs=99))["status"] == "pass"

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from examples.model_service import parse_args as model_service_args
+from shadowproxy.admin import PROBE_PATHS
 from shadowproxy.cli import build_parser
 from tests.deploy.files import (
     ROOT,
@@ -168,10 +169,29 @@ def test_healthchecks_probe_pg_isready_and_healthz(
     url = urlsplit(_healthcheck_url(services["shadowproxy"]))
     assert url.path == "/healthz"
     assert url.port == host_port(proxy_settings.admin_listen)[1]
+    assert url.path in PROBE_PATHS, "the healthcheck must use a path open without the token"
+    assert "Authorization" not in " ".join(services["shadowproxy"]["healthcheck"]["test"])
     for name in ("primary", "candidate"):
         url = urlsplit(_healthcheck_url(services[name]))
         assert url.path == "/healthz"
         assert url.port == model_service_args(services[name]["command"]).port
+
+
+def test_admin_token_is_optional_from_the_environment(
+        services: dict[str, dict[str, Any]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """admin_token comes from SHADOWPROXY_ADMIN_TOKEN when set (then /metrics needs it) and
+    is off when it is not; the healthcheck's path stays open either way."""
+    source = _proxy_config_source(services)
+    raw = load_yaml(source)["admin_token"]
+    m = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-\}", raw)
+    assert m, f"expected ${{VAR:-}} (optional), got {raw!r}"
+    proxy = services["shadowproxy"]
+    assert proxy["environment"][m.group(1)] == f"${{{m.group(1)}:-}}"
+    env = _environment(proxy)
+    assert write_config(source.read_text(), tmp_path, env, monkeypatch).admin_token is None
+    env[m.group(1)] = "s3cret"
+    assert write_config(source.read_text(), tmp_path, env, monkeypatch).admin_token == "s3cret"
 
 
 def test_proxy_starts_after_healthy_dependencies(services: dict[str, dict[str, Any]]) -> None:
@@ -227,3 +247,18 @@ def test_proxy_command_is_a_valid_shadowproxy_run(services: dict[str, dict[str, 
     args = build_parser().parse_args(entrypoint[1:] + proxy["command"])
     assert args.command == "run"
     assert args.config == _config_path(proxy)
+
+
+def test_the_compose_image_can_run_the_report_it_documents(
+        services: dict[str, dict[str, Any]]) -> None:
+    """The image installs no extra by default; compose, whose comments run `shadowproxy
+    report` in the container, builds it with the report extra that pyproject.toml defines."""
+    import tomllib
+
+    proxy = services["shadowproxy"]
+    stage = parse_dockerfile(ROOT / proxy["build"]["context"] / proxy["build"]["dockerfile"])[1][0]
+    assert {'EXTRAS=""', "EXTRAS="} & set(stage.all("ARG")), "the image installs no extra"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert proxy["build"]["args"]["EXTRAS"] == "report" and "report" in extras
+    assert "shadowproxy report" in COMPOSE.read_text()

@@ -144,7 +144,8 @@ def test_examples_image_installs_what_the_examples_import() -> None:
     for module in _third_party_imports(ROOT / "examples"):
         assert DISTRIBUTIONS.get(module, module) in specs, f"{module} is not installed"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = pyproject["dependencies"] + pyproject["optional-dependencies"]["examples"]
+    declared = pyproject["dependencies"] + [
+        r for extra in pyproject["optional-dependencies"].values() for r in extra]
     bounds: dict[str, str] = {}
     for requirement in declared:
         m = re.match(r"([A-Za-z0-9_.-]+)(>=[^;,\s]+)", requirement)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 
 from examples.model_service import parse_args as model_service_args
+from shadowproxy.admin import PROBE_PATHS
 from tests.deploy.files import (
     ROOT,
     env_name,
@@ -123,6 +125,22 @@ def test_readiness_is_readyz_on_admin_listen(sidecar: dict[str, Any], settings: 
     live = sidecar["livenessProbe"]["httpGet"]
     assert ready["path"] == "/readyz" and live["path"] == "/healthz"
     assert _port(sidecar, ready["port"]) == _port(sidecar, live["port"]) == admin_port
+    for probe in (ready, live):
+        assert probe["path"] in PROBE_PATHS, "probes must use paths open without the token"
+        assert not probe.get("httpHeaders"), "probes carry no token"
+
+
+def test_admin_token_comes_from_an_optional_secret(sidecar: dict[str, Any],
+                                                   objects: list[dict[str, Any]]) -> None:
+    """admin_token is read from a variable that an optional Secret fills: with the Secret
+    /metrics needs the token, without it the admin endpoints are open; never inline."""
+    configmap = _one(objects, "ConfigMap", "shadowproxy-config")
+    raw = load_yaml_text(configmap["data"]["config.yaml"])["admin_token"]
+    m = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-\}", raw)
+    assert m, f"expected ${{VAR:-}} (optional), got {raw!r}"
+    env = {e["name"]: e for e in sidecar["env"]}
+    ref = env[m.group(1)]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"] and ref["optional"] is True
 
 
 def test_service_targets_the_proxy_port(objects: list[dict[str, Any]], deployment: dict[str, Any],

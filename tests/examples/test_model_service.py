@@ -60,6 +60,17 @@ def test_models_differ_and_both_learn(models: dict[str, Model]) -> None:
     assert models["linear"].version != models["gbm"].version
 
 
+def test_the_third_model_learns_and_disagrees_with_the_primary() -> None:
+    """knn (replayed in the demo) predicts unseen patients better than the mean and differs
+    from the primary."""
+    data = load()
+    knn = train("knn")
+    linear = train("linear").regressor.predict(data.x_test)
+    assert knn.version == "knn-v3"
+    assert _r2(data.y_test, knn.regressor.predict(data.x_test)) > 0.3
+    assert np.mean(np.abs(knn.regressor.predict(data.x_test) - linear)) > 5
+
+
 def test_boosting_fits_training_rows_closer_but_generalises_worse(
         models: dict[str, Model]) -> None:
     """The candidate beats the primary on its training rows and loses on held-out ones."""

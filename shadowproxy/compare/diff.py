@@ -1,0 +1,177 @@
+"""The report's ``diff`` section: which response fields differ between primary and shadow.
+
+Both JSON responses of each comparable pair are flattened into leaf fields in PostgreSQL
+(``extract.flatten_cte``), the ``ignore`` paths are dropped, numbers are compared within the
+tolerance, and one row per pair and field says whether it differs. Above ``sample_max``
+comparable pairs a seeded hash sample of them is compared (flattening JSON is the report's
+most expensive step). With a ``baseline_shadow`` the same is done for the baseline, and a
+field the baseline changes about as often is noise (Diffy's rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+from shadowproxy.compare.extract import flatten_cte, ignore_regex
+from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
+
+SCRATCH = (Scratch("_fd", "tag text, id uuid, field text, d boolean", indexes=("(tag, id)",)),)
+
+
+class Field(TypedDict):
+    field: str
+    n_present: int
+    n_differ: int
+    rate: float
+    examples: list[str]
+    noise_rate: NotRequired[float]
+    noise: NotRequired[bool]
+
+
+class WorstPair(TypedDict):
+    request_id: str
+    fields_differing: int
+    fields: list[str]
+
+
+class Tolerance(TypedDict):
+    abs: float
+    rel: float
+
+
+class DiffSection(TypedDict):
+    comparable_pairs: int
+    compared_pairs: int
+    sampled: bool
+    identical: int
+    identical_share: float | None
+    ignore: list[str]
+    tolerance: Tolerance
+    fields: list[Field]
+    n_fields: int
+    worst: list[WorstPair]
+    baseline_shadow: NotRequired[str]
+    noise_fields: NotRequired[list[str]]
+    identical_excluding_noise: NotRequired[int]
+    identical_share_excluding_noise: NotRequired[float | None]
+
+
+async def validate(db: Snapshot) -> None:
+    """UsageError if an ``ignore`` path is not a jsonpath, or not a plain field path."""
+    for i, path in enumerate(db.compare.ignore):
+        await db.check_jsonpath(f"compare.ignore[{i}]", path)
+    for i, path in enumerate(db.compare.ignore):
+        ignore_regex(path, f"compare.ignore[{i}]")
+
+
+async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None) -> int:
+    """Compare the fields of ``shadow``'s comparable pairs (a sample above sample_max) into
+    _fd under ``tag``; return how many pairs were compared."""
+    compare = db.compare
+    regexes = [ignore_regex(p) for p in compare.ignore]
+    sample = db.sample_clause(n, "id::text")
+    await db.execute(f"""
+        WITH RECURSIVE
+        base AS (SELECT id, primary_body_json AS pj, shadow_body_json AS sj
+                 FROM shadowproxy.pairs
+                 WHERE {PAIR_FILTER} AND {COMPARABLE} AND {sample}),
+        src AS (SELECT id, 'p' AS side, pj AS doc FROM base
+                UNION ALL SELECT id, 's', sj FROM base),
+        {flatten_cte("src")},
+        kept AS (SELECT * FROM leaves WHERE NOT (path ~ ANY($5::text[]))),
+        cmp AS (
+            SELECT coalesce(a.id, b.id) AS id, coalesce(a.field, b.field) AS field,
+              CASE WHEN a.v IS NULL OR b.v IS NULL THEN true
+                   WHEN jsonb_typeof(a.v) = 'number' AND jsonb_typeof(b.v) = 'number' THEN
+                     abs((a.v #>> '{{}}')::numeric - (b.v #>> '{{}}')::numeric)
+                     > greatest($6::numeric, $7::numeric * greatest(
+                         abs((a.v #>> '{{}}')::numeric), abs((b.v #>> '{{}}')::numeric)))
+                   ELSE a.v <> b.v END AS differs
+            FROM (SELECT * FROM kept WHERE side = 'p') a
+            FULL JOIN (SELECT * FROM kept WHERE side = 's') b
+              ON a.id = b.id AND a.path = b.path)
+        INSERT INTO _fd SELECT $8, id, field, bool_or(differs) FROM cmp GROUP BY id, field
+        """, *db.pair_args(shadow), regexes, compare.abs_tolerance, compare.rel_tolerance, tag)
+    if n <= db.thresholds.sample_max:
+        return n
+    row = await db.fetchrow(
+        f"SELECT count(*) FROM shadowproxy.pairs WHERE {PAIR_FILTER} AND {COMPARABLE} "
+        f"AND {sample}", *db.pair_args(shadow))
+    return int(row[0])
+
+
+async def _fields(db: Snapshot, tag: str) -> list[Any]:
+    """Per field: pairs where it is present, pairs where it differs, example request ids."""
+    return await db.fetch("""
+        SELECT f.field, count(*) AS n_present, count(*) FILTER (WHERE f.d) AS n_differ,
+               (array_agg(q.request_id ORDER BY q.received_at, q.request_id)
+                  FILTER (WHERE f.d))[1:3] AS examples
+        FROM _fd f JOIN shadowproxy.requests q ON q.id = f.id
+        WHERE f.tag = $1 GROUP BY 1 ORDER BY 3 DESC, 1""", tag)
+
+
+def _beyond_noise(rate: float, noise_rate: float) -> bool:
+    """Diffy's rule: a difference counts only if it clearly exceeds the noise."""
+    return (rate > noise_rate and abs(rate - noise_rate) / (rate + noise_rate) * 100 > 20
+            and abs(rate - noise_rate) * 100 > 0.03)
+
+
+async def build(db: Snapshot, comparable: int) -> DiffSection:
+    """The field diff of the ``comparable`` pairs (``counts.comparable_pairs``)."""
+    compare = db.compare
+    baseline = compare.baseline_shadow
+    compared = await _load(db, "shadow", comparable)
+    if baseline:
+        await _load(db, "baseline", comparable, baseline)
+    await db.execute("ANALYZE _fd")
+    noise = {r["field"]: r for r in await _fields(db, "baseline")} if baseline else {}
+    fields: list[Field] = []
+    noise_fields: list[str] = []
+    for r in await _fields(db, "shadow"):
+        rate = r["n_differ"] / r["n_present"] if r["n_present"] else 0.0
+        entry = Field(field=r["field"], n_present=r["n_present"], n_differ=r["n_differ"],
+                      rate=rate, examples=list(r["examples"] or []))
+        if baseline:
+            nr = noise.get(r["field"])
+            n_rate = nr["n_differ"] / nr["n_present"] if nr and nr["n_present"] else 0.0
+            entry["noise_rate"] = n_rate
+            entry["noise"] = bool(n_rate > 0 and not _beyond_noise(rate, n_rate))
+            if entry["noise"]:
+                noise_fields.append(r["field"])
+        fields.append(entry)
+    differing, differing_real = await _pairs_differing(db, noise_fields)
+    out = DiffSection(
+        comparable_pairs=comparable, compared_pairs=compared, sampled=compared < comparable,
+        identical=compared - differing,
+        identical_share=(compared - differing) / compared if compared else None,
+        ignore=list(compare.ignore),
+        tolerance=Tolerance(abs=compare.abs_tolerance, rel=compare.rel_tolerance),
+        fields=fields[:200], n_fields=len(fields),
+        worst=await _worst(db, noise_fields))
+    if baseline:
+        out["baseline_shadow"] = baseline
+        out["noise_fields"] = noise_fields
+        out["identical_excluding_noise"] = compared - differing_real
+        out["identical_share_excluding_noise"] = ((compared - differing_real) / compared
+                                                  if compared else None)
+    return out
+
+
+async def _pairs_differing(db: Snapshot, noise_fields: list[str]) -> tuple[int, int]:
+    """Pairs with any differing field, and with any outside the noise fields."""
+    row = await db.fetchrow("""
+        SELECT count(DISTINCT id) FILTER (WHERE d),
+               count(DISTINCT id) FILTER (WHERE d AND field <> ALL($1::text[]))
+        FROM _fd WHERE tag = 'shadow'""", noise_fields)
+    return int(row[0]), int(row[1])
+
+
+async def _worst(db: Snapshot, noise_fields: list[str], limit: int = 5) -> list[WorstPair]:
+    """The pairs with the most differing fields (noise fields aside)."""
+    rows = await db.fetch(f"""
+        SELECT q.request_id, count(*) AS n, array_agg(f.field ORDER BY f.field) AS fields
+        FROM _fd f JOIN shadowproxy.requests q ON q.id = f.id
+        WHERE f.tag = 'shadow' AND f.d AND f.field <> ALL($1::text[])
+        GROUP BY q.request_id, q.id ORDER BY 2 DESC, 1 LIMIT {int(limit)}""", noise_fields)
+    return [WorstPair(request_id=r[0], fields_differing=int(r[1]), fields=list(r[2])[:20])
+            for r in rows]

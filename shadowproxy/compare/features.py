@@ -1,0 +1,218 @@
+"""The report's ``data_checks`` section: the live inputs against a reference.
+
+``load`` extracts every configured feature of the window's requests (and, without a
+reference file, of the window of the same length just before) into a scratch table and
+returns a ``Features`` handle, which the slices section takes for its feature slices.
+``build`` assembles the section: per feature, counts and value checks in SQL, a seeded
+sample of the numeric values, the category counts, then the pure tests and drift
+decisions of ``checks.py`` (``feature_check`` per feature, ``finish`` across them: the one
+place where drift is decided), and the histograms and quantiles for the plots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NotRequired, Required, TypedDict, cast
+
+import numpy as np
+
+from shadowproxy.compare import checks
+from shadowproxy.compare.config import FeatureConfig
+from shadowproxy.compare.extract import feature_rows_sql
+from shadowproxy.compare.operational import HIST_BINS
+from shadowproxy.compare.reference import FeatureData, from_summary, read_reference
+from shadowproxy.compare.snapshot import Scratch, Snapshot
+from shadowproxy.compare.window import Window
+
+FEATURES = "_feat"
+CURRENT, REFERENCE = "current", "reference"
+SCRATCH = (Scratch(FEATURES, "tag text, id uuid, ord bigint, name text, v jsonb, num float8, "
+                             "txt text", indexes=("(name, tag)",)),)
+
+
+@dataclass(frozen=True)
+class Features:
+    """The configured features, loaded in the scratch table ``table``.
+
+    One row per value: ``tag`` (``current``, or ``reference`` for the earlier window),
+    ``id`` (the request), ``ord`` (the row of a batch request, from 1), ``name``, ``v``
+    (jsonb), ``num`` (a number, else NULL) and ``txt`` (the value as text, NULL if missing).
+    """
+
+    table: str
+    names: tuple[str, ...]
+
+
+class ReferenceInfo(TypedDict):
+    kind: str
+    path: NotRequired[str]
+    start: NotRequired[str]
+    end: NotRequired[str]
+
+
+class DataChecksSection(TypedDict, total=False):
+    """The JSON ``data_checks`` section; without features only ``why`` explains."""
+
+    features: Required[list[dict[str, Any]]]
+    n_features: Required[int]
+    reference: Required[ReferenceInfo | None]
+    value_check_failures: Required[dict[str, list[str]]]
+    drifted: Required[list[str]]
+    why: str
+    n_tested: int
+    drift_share: float | None
+    dataset_drift: bool
+    multiple_testing: dict[str, Any]
+
+
+async def validate(db: Snapshot) -> None:
+    """UsageError if PostgreSQL cannot parse a feature's jsonpath."""
+    for name, feature in db.compare.features.items():
+        if feature.path is not None:
+            await db.check_jsonpath(f"compare.features.{name}.path", feature.path)
+
+
+async def _load(db: Snapshot, window: Window, tag: str) -> None:
+    """Extract every configured feature of the route's requests in ``window`` under ``tag``."""
+    fmt = db.compare.request_format
+    for name, feature in db.compare.features.items():
+        rows_sql = feature_rows_sql(feature, fmt, "q.body_json")
+        await db.execute(f"""
+            INSERT INTO {FEATURES}
+            SELECT $4, q.id, coalesce(f.ord, 1), $5, f.v,
+                   CASE WHEN jsonb_typeof(f.v) = 'number' THEN (f.v #>> '{{}}')::float8 END,
+                   CASE WHEN f.v IS NOT NULL AND f.v <> 'null'::jsonb THEN f.v #>> '{{}}' END
+            FROM shadowproxy.requests q LEFT JOIN LATERAL {rows_sql} f ON true
+            WHERE q.route = $1 AND q.received_at >= $2 AND q.received_at < $3""",
+                         db.scope.route, window.start, window.end, tag, name)
+
+
+async def load(db: Snapshot, *, earlier: bool) -> Features:
+    """The window's features (and the earlier window's, as the reference, if ``earlier``)."""
+    await _load(db, db.scope.window, CURRENT)
+    if earlier:
+        await _load(db, db.scope.window.earlier(), REFERENCE)
+    await db.execute(f"ANALYZE {FEATURES}")
+    return Features(FEATURES, tuple(db.compare.features))
+
+
+async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
+                   ) -> dict[str, Any]:
+    """Counts, missing values, basic statistics and (with ``cfg``) value-check counts."""
+    allowed = allowed_num = None
+    lo, hi = -math.inf, math.inf
+    if cfg is not None:
+        if cfg.allowed is not None:
+            allowed = [str(a).lower() if isinstance(a, bool) else str(a) for a in cfg.allowed]
+        if cfg.allowed and all(isinstance(a, int | float) and not isinstance(a, bool)
+                               for a in cfg.allowed):
+            allowed_num = [float(a) for a in cfg.allowed]
+        lo = cfg.min if cfg.min is not None else -math.inf
+        hi = cfg.max if cfg.max is not None else math.inf
+    row = await db.fetchrow(f"""
+        SELECT count(*) AS n_rows, count(*) FILTER (WHERE txt IS NULL) AS n_missing,
+               count(num) AS n_numeric, count(DISTINCT txt) AS n_unique,
+               avg(num) AS mean, percentile_cont(0.5) WITHIN GROUP (ORDER BY num) AS median,
+               stddev_samp(num) AS sd, min(num) AS min, max(num) AS max,
+               count(*) FILTER (WHERE num = 0) AS n_zero,
+               count(*) FILTER (WHERE num < $3 OR num > $4) AS n_out_of_range,
+               count(*) FILTER (WHERE txt IS NOT NULL AND $5::text[] IS NOT NULL
+                                AND ($6::float8[] IS NULL OR num IS NULL
+                                     OR num <> ALL($6::float8[]))
+                                AND txt <> ALL($5::text[])) AS n_not_allowed
+        FROM {FEATURES} WHERE name = $1 AND tag = $2""",
+                            name, tag, lo, hi, allowed, allowed_num)
+    return dict(row)
+
+
+async def _data(db: Snapshot, name: str, tag: str, summary: dict[str, Any]) -> FeatureData:
+    """One feature's values under ``tag``: the summary, category counts, a numeric sample."""
+    data = from_summary(summary)
+    data.counts = {r[0]: int(r[1]) for r in await db.fetch(
+        f"SELECT txt, count(*) FROM {FEATURES} WHERE name = $1 AND tag = $2 "
+        "AND txt IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1000", name, tag)}
+    sample = db.sample_clause(data.n_numeric, "id::text || ':' || ord")
+    rows = await db.fetch(f"SELECT num FROM {FEATURES} WHERE name = $1 AND tag = $2 "
+                          f"AND num IS NOT NULL AND {sample}", name, tag)
+    data.sample = np.array([r[0] for r in rows], dtype=np.float64)
+    return data
+
+
+async def _histogram(db: Snapshot, name: str, tag: str, edges: list[float]) -> list[int]:
+    k = len(edges) - 1
+    counts = [0] * k
+    for b, n in await db.fetch(f"""
+            SELECT least(greatest(width_bucket(num, $3, $4, {k}), 1), {k}), count(*)
+            FROM {FEATURES} WHERE name = $1 AND tag = $2 AND num IS NOT NULL GROUP BY 1""",
+                               name, tag, edges[0], edges[-1]):
+        counts[b - 1] += n
+    return counts
+
+
+async def build(db: Snapshot, reference: Path | None) -> tuple[Features, DataChecksSection]:
+    """Load the features and check each against the reference file or the earlier window."""
+    compare, th = db.compare, db.thresholds
+    if not compare.features:
+        return Features(FEATURES, ()), DataChecksSection(
+            features=[], n_features=0, reference=None, why="no compare.features configured",
+            value_check_failures={}, drifted=[])
+    features = await load(db, earlier=reference is None)
+    ref_file: dict[str, FeatureData] | None = None
+    if reference is not None:
+        ref_file = read_reference(reference, compare.features, sample_max=th.sample_max,
+                                  seed=db.scope.seed)
+        ref_info = ReferenceInfo(kind="file", path=str(reference))
+    else:
+        earlier = db.scope.window.earlier()
+        ref_info = ReferenceInfo(kind="earlier_window", start=earlier.start.isoformat(),
+                                 end=earlier.end.isoformat())
+    results = []
+    for name, cfg in compare.features.items():
+        summary = await _summary(db, name, CURRENT, cfg)
+        cur = await _data(db, name, CURRENT, summary)
+        ref: FeatureData | None
+        if ref_file is not None:
+            ref = ref_file[name]
+        else:
+            ref = await _data(db, name, REFERENCE, await _summary(db, name, REFERENCE, None))
+            if not ref.n_rows:
+                ref = None
+        outside = None
+        if ref is not None and ref.stats["min"] is not None and cur.n_numeric:
+            row = await db.fetchrow(
+                f"SELECT count(*) FROM {FEATURES} WHERE name = $1 AND tag = $2 "
+                "AND (num < $3 OR num > $4)", name, CURRENT, ref.stats["min"], ref.stats["max"])
+            outside = int(row[0])
+        check = checks.feature_check(
+            name, cfg, cur, ref, th, n_not_allowed=int(summary["n_not_allowed"]),
+            n_out_of_range=int(summary["n_out_of_range"]), n_outside_reference_range=outside)
+        if check["type"] in ("numeric", "sparse") and cur.n_numeric:
+            await _plots(db, check, cur, ref, from_file=ref_file is not None)
+        results.append(check)
+    out = cast(DataChecksSection, checks.finish(results, th))
+    out["reference"] = ref_info
+    return features, out
+
+
+async def _plots(db: Snapshot, check: dict[str, Any], cur: FeatureData,
+                 ref: FeatureData | None, *, from_file: bool) -> None:
+    """The histogram (exact counts in SQL) and the quantiles (of the samples) of a feature."""
+    name = check["name"]
+    edges = checks.histogram_edges(cur, ref, HIST_BINS)
+    hist: dict[str, Any] = {"edges": edges,
+                            "current": await _histogram(db, name, CURRENT, edges)}
+    if ref is not None and from_file:
+        counts, _ = np.histogram(np.clip(ref.sample, edges[0], edges[-1]), bins=edges)
+        hist["reference"] = [int(c) for c in counts]
+        hist["reference_from"] = "sample" if ref.sample.size < ref.n_numeric else "all"
+    elif ref is not None:
+        hist["reference"] = await _histogram(db, name, REFERENCE, edges)
+    check["histogram"] = hist
+    levels = np.linspace(0, 1, 101)
+    check["quantiles"] = {
+        "levels": [float(x) for x in levels],
+        "current": [float(x) for x in np.quantile(cur.sample, levels)],
+        "reference": ([float(x) for x in np.quantile(ref.sample, levels)]
+                      if ref is not None and ref.sample.size else None)}

@@ -1,0 +1,242 @@
+"""The report's ``counts`` and ``operational`` sections: how many pairs, how each side did.
+
+Everything here is an exact aggregate over every pair of the window (no sampling): counts
+of requests and pairs, how the calls failed (by ``error_kind``), latency percentiles, error
+rates, status-code agreement and a log-scale latency histogram. The shadow may be a live
+shadow or a target replayed with ``shadowproxy replay`` (``shadow_role = 'replay'``): it is
+reported alike, except that a replayed latency is not compared with the primary's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NotRequired, TypedDict
+
+import numpy as np
+
+from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Snapshot
+from shadowproxy.errors import UsageError
+from shadowproxy.failures import ERROR_KINDS
+
+HIST_BINS = 30
+OUTCOMES = ("ok", *ERROR_KINDS)
+"""What became of a call, in the words of the ``outcome`` label of the shadow metrics."""
+CALLED = "coalesce(shadow_error_kind, 'ok') NOT IN ('dropped', 'skipped')"
+"""Pairs whose shadow call was made (dropped and skipped calls were not)."""
+
+
+class Counts(TypedDict):
+    requests: int
+    pairs: int
+    complete_pairs: int
+    comparable_pairs: int
+    shadow_timeouts: int
+    shadow_drops: int
+    shadow_skips: int
+    shadow_errors: int
+    shadow_5xx: int
+    primary_failures: int
+    requests_without_pair: int
+    pair_completeness: float | None
+    replayed_pairs: int
+
+
+class Latency(TypedDict):
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    mean: float | None
+    max: float | None
+
+
+class Side(TypedDict):
+    n: int
+    latency_ms: Latency
+    error_rate: float | None
+
+
+class StatusPair(TypedDict):
+    primary: int | None
+    shadow: int | None
+    n: int
+
+
+class LatencyHistogram(TypedDict):
+    edges: list[float]
+    primary: list[int]
+    shadow: list[int]
+    scale: str
+
+
+class Outcomes(TypedDict):
+    """Calls by outcome per side: ``ok`` or the kind of failure, every word listed."""
+
+    primary: dict[str, int]
+    shadow: dict[str, int]
+
+
+class Operational(TypedDict):
+    primary: Side
+    shadow: Side
+    status_agreement: float | None
+    status_pairs: list[StatusPair]
+    outcomes: Outcomes
+    latency_compared: bool
+    latency_note: NotRequired[str]
+    latency_histogram: NotRequired[LatencyHistogram]
+
+
+def shadow_role(counts: Counts) -> str:
+    """``shadow`` (live traffic), ``replay`` (every pair from ``shadowproxy replay``) or
+    ``mixed``."""
+    if not counts["replayed_pairs"]:
+        return "shadow"
+    return "replay" if counts["replayed_pairs"] == counts["pairs"] else "mixed"
+
+
+async def check_replayed(db: Snapshot, unlisted: Mapping[str, str]) -> None:
+    """UsageError unless each name of ``unlisted`` (not a shadow in the configuration) was
+    replayed into the window; its value says where the name came from."""
+    if not unlisted:
+        return
+    s = db.scope
+    found = [r[0] for r in await db.fetch(
+        "SELECT DISTINCT shadow_name FROM shadowproxy.pairs WHERE route = $1 "
+        "AND received_at >= $2 AND received_at < $3 AND shadow_role = 'replay' ORDER BY 1",
+        s.route, s.window.start, s.window.end)]
+    for name, where in unlisted.items():
+        if name not in found:
+            raise UsageError(
+                f"{where}, and no target was replayed as {name!r} into the window "
+                f"{s.window.start.isoformat()} → {s.window.end.isoformat()} (targets "
+                f"replayed into it: {found or 'none'}); name a shadow of the route, or "
+                f"replay the window first with `shadowproxy replay ... --as {name}`")
+
+
+async def counts(db: Snapshot) -> Counts:
+    """How many requests, pairs and complete pairs; how the shadow calls failed."""
+    row = await db.fetchrow(f"""
+        SELECT
+          (SELECT count(*) FROM shadowproxy.requests
+            WHERE route = $1 AND received_at >= $3 AND received_at < $4) AS requests,
+          count(*) AS pairs,
+          count(*) FILTER (WHERE primary_status IS NOT NULL AND shadow_status IS NOT NULL)
+            AS complete_pairs,
+          count(*) FILTER (WHERE {COMPARABLE}) AS comparable_pairs,
+          count(*) FILTER (WHERE shadow_error_kind = 'timeout') AS shadow_timeouts,
+          count(*) FILTER (WHERE shadow_error_kind = 'dropped') AS shadow_drops,
+          count(*) FILTER (WHERE shadow_error_kind = 'skipped') AS shadow_skips,
+          count(*) FILTER (WHERE shadow_error_kind NOT IN ('timeout', 'dropped', 'skipped'))
+            AS shadow_errors,
+          count(*) FILTER (WHERE shadow_status >= 500) AS shadow_5xx,
+          count(*) FILTER (WHERE primary_status IS NULL) AS primary_failures,
+          count(*) FILTER (WHERE shadow_role = 'replay') AS replayed
+        FROM shadowproxy.pairs WHERE {PAIR_FILTER}""", *db.pair_args())
+    pairs, complete = int(row["pairs"]), int(row["complete_pairs"])
+    return Counts(
+        requests=int(row["requests"]), pairs=pairs, complete_pairs=complete,
+        comparable_pairs=int(row["comparable_pairs"]),
+        shadow_timeouts=int(row["shadow_timeouts"]), shadow_drops=int(row["shadow_drops"]),
+        shadow_skips=int(row["shadow_skips"]), shadow_errors=int(row["shadow_errors"]),
+        shadow_5xx=int(row["shadow_5xx"]), primary_failures=int(row["primary_failures"]),
+        requests_without_pair=max(int(row["requests"]) - pairs, 0),
+        pair_completeness=complete / pairs if pairs else None,
+        replayed_pairs=int(row["replayed"]))
+
+
+def _opt(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _side(q: list[float | None] | None, mean: Any, mx: Any, n: int,
+          error_rate: float | None) -> Side:
+    p = q or [None, None, None]
+    return Side(n=n, latency_ms=Latency(p50=p[0], p95=p[1], p99=p[2], mean=_opt(mean),
+                                        max=_opt(mx)),
+                error_rate=error_rate)
+
+
+async def operational(db: Snapshot, counts: Counts) -> Operational:
+    """Latency percentiles and error rates per side; status-code agreement; histograms.
+
+    A replayed target's latency is given but not compared with the primary's: it was
+    measured under replay load, not under the production traffic the primary answered.
+    """
+    row = await db.fetchrow(f"""
+        SELECT
+          percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY primary_latency_ms)
+            AS pq,
+          percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY shadow_latency_ms)
+            AS sq,
+          avg(primary_latency_ms) AS pmean, avg(shadow_latency_ms) AS smean,
+          max(primary_latency_ms) AS pmax, max(shadow_latency_ms) AS smax,
+          count(primary_latency_ms) AS pn, count(shadow_latency_ms) AS sn,
+          min(least(primary_latency_ms, shadow_latency_ms)) AS lo,
+          max(greatest(primary_latency_ms, shadow_latency_ms)) AS hi,
+          avg((primary_status IS NULL OR primary_status >= 500)::int) AS perr,
+          count(*) FILTER (WHERE {CALLED}) AS s_called,
+          count(*) FILTER (WHERE (shadow_status IS NULL OR shadow_status >= 500)
+                           AND {CALLED}) AS s_failed,
+          avg((primary_status = shadow_status)::int)
+            FILTER (WHERE primary_status IS NOT NULL AND shadow_status IS NOT NULL)
+            AS status_agreement
+        FROM shadowproxy.pairs WHERE {PAIR_FILTER}""", *db.pair_args())
+    s_err = row["s_failed"] / row["s_called"] if row["s_called"] else None
+    out = Operational(
+        primary=_side(row["pq"], row["pmean"], row["pmax"], row["pn"], _opt(row["perr"])),
+        shadow=_side(row["sq"], row["smean"], row["smax"], row["sn"], s_err),
+        status_agreement=_opt(row["status_agreement"]),
+        status_pairs=[StatusPair(primary=r[0], shadow=r[1], n=r[2]) for r in await db.fetch(
+            f"SELECT primary_status, shadow_status, count(*) FROM shadowproxy.pairs "
+            f"WHERE {PAIR_FILTER} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 20",
+            *db.pair_args())],
+        outcomes=await _outcomes(db), latency_compared=True)
+    role = shadow_role(counts)
+    if role != "shadow":
+        out["latency_compared"] = False
+        out["latency_note"] = (
+            f"{'every' if role == 'replay' else str(counts['replayed_pairs'])} of the "
+            f"{counts['pairs']} pairs of {db.scope.shadow} came from `shadowproxy replay`: "
+            "its latency was measured under replay load, not production load, and is not "
+            "compared with the primary's")
+    if row["lo"] is not None and row["hi"] is not None:
+        out["latency_histogram"] = await _latency_histogram(db, float(row["lo"]),
+                                                            float(row["hi"]))
+    return out
+
+
+async def _outcomes(db: Snapshot) -> Outcomes:
+    """Each side's calls by outcome: ``ok`` (an answer came) or the ``error_kind``."""
+    out = Outcomes(primary=dict.fromkeys(OUTCOMES, 0), shadow=dict.fromkeys(OUTCOMES, 0))
+    for primary, shadow, n in await db.fetch(f"""
+            SELECT coalesce(primary_error_kind,
+                            CASE WHEN primary_status IS NOT NULL THEN 'ok' END),
+                   coalesce(shadow_error_kind,
+                            CASE WHEN shadow_status IS NOT NULL THEN 'ok' END),
+                   count(*)
+            FROM shadowproxy.pairs WHERE {PAIR_FILTER} GROUP BY 1, 2""", *db.pair_args()):
+        if primary is not None:
+            out["primary"][primary] = out["primary"].get(primary, 0) + int(n)
+        if shadow is not None:
+            out["shadow"][shadow] = out["shadow"].get(shadow, 0) + int(n)
+    return out
+
+
+async def _latency_histogram(db: Snapshot, lo: float, hi: float) -> LatencyHistogram:
+    lo, hi = max(lo, 0.01), max(hi, 0.01)
+    edges = [float(e) for e in np.geomspace(lo, hi * 1.000001 if hi > lo else lo * 1.01,
+                                            HIST_BINS + 1)]
+    rows = await db.fetch(f"""
+        SELECT side, least(width_bucket(ln(greatest(v, 0.01)), ln($5), ln($6), {HIST_BINS}),
+                           {HIST_BINS}) AS b, count(*)
+        FROM (SELECT 'primary' AS side, primary_latency_ms AS v FROM shadowproxy.pairs
+              WHERE {PAIR_FILTER}
+              UNION ALL
+              SELECT 'shadow', shadow_latency_ms FROM shadowproxy.pairs
+              WHERE {PAIR_FILTER}) x
+        WHERE v IS NOT NULL GROUP BY 1, 2""", *db.pair_args(), edges[0], edges[-1])
+    series: dict[str, list[int]] = {"primary": [0] * HIST_BINS, "shadow": [0] * HIST_BINS}
+    for side, b, n in rows:
+        series[side][max(b, 1) - 1] += n
+    return LatencyHistogram(edges=edges, primary=series["primary"], shadow=series["shadow"],
+                            scale="log")

@@ -1,0 +1,147 @@
+"""The report's one door to PostgreSQL: one connection, the report's scope, scratch tables.
+
+Every section of the report reads the store through a ``Snapshot``: ``fetch``/``execute``
+translate asyncpg errors (a ``DatabaseError``, or the section's own ``UsageError`` when
+PostgreSQL rejects something the configuration wrote), ``pair_args`` and ``PAIR_FILTER``
+select the pairs of the report's route, shadow and window, and ``sample_clause`` keeps a
+seeded hash sample of rows (at most ``thresholds.sample_max``), so that a report is
+reproducible.
+
+A report is one snapshot: ``snapshot()`` runs every statement in one read-only REPEATABLE
+READ transaction, so counts and samples agree however many records land meanwhile.
+Sections extract what they aggregate into temporary tables. Each section declares its tables
+as ``Scratch`` values; ``snapshot()`` creates them all, empty, before the first read, so
+that a section only ever inserts into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+
+import asyncpg
+
+from shadowproxy.compare.config import CompareConfig, Thresholds
+from shadowproxy.compare.window import Window
+from shadowproxy.errors import DatabaseError, ShadowProxyError, UsageError
+
+PAIR_FILTER = "route = $1 AND shadow_name = $2 AND received_at >= $3 AND received_at < $4"
+"""The pairs of the report: ``shadowproxy.pairs`` filtered with ``Snapshot.pair_args()``."""
+
+COMPARABLE = ("primary_status BETWEEN 200 AND 299 AND shadow_status BETWEEN 200 AND 299 "
+              "AND primary_body_json IS NOT NULL AND shadow_body_json IS NOT NULL")
+"""Pairs whose responses can be compared: both 2xx with JSON bodies."""
+
+_SAMPLE_BASE = 1_000_000
+
+Explain = Callable[[asyncpg.PostgresError], ShadowProxyError]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one report is about: a route, a shadow, a window, how to compare, a seed."""
+
+    route: str
+    shadow: str
+    window: Window
+    compare: CompareConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """A temporary table a section fills: its name, column definitions and indexes."""
+
+    name: str
+    columns: str
+    indexes: tuple[str, ...] = ()
+
+
+class Snapshot:
+    """Statements of one report on one connection, over one scope."""
+
+    def __init__(self, conn: asyncpg.Connection, scope: Scope) -> None:
+        self._conn = conn
+        self.scope = scope
+
+    @property
+    def compare(self) -> CompareConfig:
+        return self.scope.compare
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.scope.compare.thresholds
+
+    def pair_args(self, shadow: str | None = None) -> tuple[object, ...]:
+        """The arguments $1-$4 of ``PAIR_FILTER`` (another shadow's pairs with ``shadow``)."""
+        s = self.scope
+        return (s.route, shadow or s.shadow, s.window.start, s.window.end)
+
+    async def fetch(self, sql: str, *args: object, explain: Explain | None = None
+                    ) -> list[asyncpg.Record]:
+        try:
+            return list(await self._conn.fetch(sql, *args))
+        except asyncpg.PostgresError as exc:
+            raise _translate(exc, explain) from exc
+
+    async def fetchrow(self, sql: str, *args: object) -> asyncpg.Record:
+        """The one row of an aggregate query."""
+        return (await self.fetch(sql, *args))[0]
+
+    async def execute(self, sql: str, *args: object, explain: Explain | None = None) -> None:
+        try:
+            await self._conn.execute(sql, *args)
+        except asyncpg.PostgresError as exc:
+            raise _translate(exc, explain) from exc
+
+    async def check_jsonpath(self, key: str, path: str) -> None:
+        """UsageError naming the configuration ``key`` if PostgreSQL cannot parse ``path``."""
+        await self.fetch("SELECT $1::text::jsonpath", path, explain=lambda exc: UsageError(
+            f"{key}: PostgreSQL rejects the jsonpath {path!r}: {exc}; write it in "
+            "PostgreSQL's SQL/JSON path syntax, e.g. '$.prediction' or '$.predictions[*]'"))
+
+    def sample_clause(self, n: int, key: str) -> str:
+        """A WHERE fragment keeping about sample_max of n rows, by a seeded hash of ``key``."""
+        sample_max = self.thresholds.sample_max
+        if n <= sample_max:
+            return "true"
+        keep = int(_SAMPLE_BASE * sample_max / n)
+        return f"abs(hashtextextended({key}, {int(self.scope.seed)}) % {_SAMPLE_BASE}) < {keep}"
+
+
+def _translate(exc: asyncpg.PostgresError, explain: Explain | None) -> ShadowProxyError:
+    if explain is not None:
+        return explain(exc)
+    return DatabaseError(f"a report query failed: {exc}")
+
+
+@asynccontextmanager
+async def snapshot(conn: asyncpg.Connection, scope: Scope, scratch: Sequence[Scratch]
+                   ) -> AsyncIterator[Snapshot]:
+    """A ``Snapshot`` on ``conn`` in one read-only REPEATABLE READ transaction.
+
+    Every statement of the report sees the same committed data, while proxies keep
+    inserting and spools replay into its window. The ``scratch`` tables are created first,
+    in the same transaction (``ON COMMIT DROP``), because a read-only transaction may
+    insert into temporary tables but not create them; it turns read-only before the first
+    section reads.
+    """
+    db = Snapshot(conn, scope)
+    try:
+        transaction = conn.transaction(isolation="repeatable_read")
+        await transaction.start()
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"the report could not start its transaction: {exc}") from exc
+    try:
+        for table in scratch:
+            await db.execute(f"CREATE TEMP TABLE {table.name} ({table.columns}) ON COMMIT DROP")
+            for columns in table.indexes:
+                await db.execute(f"CREATE INDEX ON {table.name} {columns}")
+        await db.execute("SET TRANSACTION READ ONLY")
+        yield db
+    finally:
+        # Nothing to keep (the scratch tables go with the transaction); a connection lost
+        # meanwhile has ended the transaction already.
+        with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await transaction.rollback()

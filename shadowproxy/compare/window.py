@@ -1,0 +1,37 @@
+"""The report's time window and the durations that name one (``--since 15m``).
+
+No numpy or database here: the command resolves the window before anything heavy is
+imported, so that a bad ``--since`` is answered at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from shadowproxy.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Window:
+    """A half-open time window [start, end) of recorded requests."""
+
+    start: datetime
+    end: datetime
+
+    def earlier(self) -> Window:
+        """The window of the same length just before this one."""
+        return Window(self.start - (self.end - self.start), self.start)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``15m``, ``1h``, ``7d``; UsageError otherwise."""
+    m = _DURATION.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"expected a duration such as 30s, 15m, 1h, 7d or 2w (got {text!r})")
+    return float(m.group(1)) * _UNITS[m.group(2)]

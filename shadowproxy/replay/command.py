@@ -1,0 +1,151 @@
+"""``shadowproxy replay``: check, say what will happen, replay, say what happened.
+
+Exit status: 0 when every handled request's answer is in the database; 2 for bad usage
+(an unknown route, a --where PostgreSQL rejects, bad options); 1 for a runtime failure (the
+database, another replay of the same route and name running, answers left out of the
+database); 130 when interrupted (what was handled is stored; the next run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from shadowproxy.config import Route, Settings
+from shadowproxy.errors import ShadowProxyError, UsageError
+from shadowproxy.replay.options import ReplayOptions, from_args
+from shadowproxy.replay.pacing import pacer_for
+from shadowproxy.replay.progress import TICK_S, preflight_lines, progress_bar, summary_lines
+from shadowproxy.replay.replayer import Replayer, Tally
+from shadowproxy.replay.source import RequestStream, Selection, lock_target
+from shadowproxy.store.database import connect, connection, describe
+from shadowproxy.store.migrate import apply as apply_migrations
+from shadowproxy.tasks import spawn
+
+INTERRUPTED_STATUS = 130
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """The CLI command."""
+    from shadowproxy.config import load_config
+    from shadowproxy.store.database import database_url
+
+    options = from_args(args)
+    settings = load_config(args.config)
+    route = _route(settings, options)
+    url = database_url(settings)
+    return _run(_replay(settings, route, options, url))
+
+
+def _route(settings: Settings, options: ReplayOptions) -> Route:
+    try:
+        route = settings.route(options.route)
+    except KeyError as exc:
+        raise UsageError(f"--route: {exc.args[0]}") from exc
+    for shadow in route.shadows:
+        if shadow.name == options.name and shadow.sample_rate > 0:
+            print(f"note: {options.name!r} is also a live shadow of route {route.name!r}: "
+                  "requests it answered live count as answered", file=sys.stderr)
+    return route
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run ``coro`` on uvloop when it is installed, else on asyncio's default loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+async def _replay(settings: Settings, route: Route, options: ReplayOptions, url: str) -> int:
+    conn = await connect(url)
+    force_conn = None
+    try:
+        await apply_migrations(conn)  # role 'replay' needs migration 004
+        if not await lock_target(conn, route.name, options.name):
+            raise ShadowProxyError(
+                f"another `shadowproxy replay` of route {route.name!r} as {options.name!r} is "
+                f"running on {describe(url)}; wait for it to end, or stop it (Ctrl-C) first")
+        selection = Selection(options)
+        await selection.check(conn)
+        await selection.find_bound(conn)
+        pre = await selection.preflight(conn)
+        pacer = pacer_for(options.rate, options.speed)
+        print("\n".join(preflight_lines(options, pre, pacer)), flush=True)
+        if pre.pending == 0:
+            print("nothing to replay")
+            return 0
+        await _reachable(options.url, options.timeout_s)
+        if options.force:
+            force_conn = await connect(url)
+        replayer = Replayer(options, settings.recording, settings.data_dir, url,
+                            RequestStream(conn, selection), pacer, force_conn)
+        started = datetime.fromtimestamp(time.time(), UTC)
+        clock = time.monotonic()
+        with progress_bar(pre.pending, options.name) as update:
+            ticker: list[asyncio.Task[None]] = []
+
+            def start_ticking(tally: Tally) -> None:
+                ticker.append(spawn(_tick(update, tally), name="replay-progress"))
+
+            try:
+                tally = await replayer.run(start_ticking)
+            finally:
+                for task in ticker:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            update(tally, final=True)
+        elapsed = time.monotonic() - clock
+        # A fresh connection: an interrupted read may have left the first one mid-query.
+        async with connection(url) as counting:
+            stored = await selection.stored_since(counting, started)
+        recorder = replayer.recorder
+        spooled = recorder is not None and recorder.spool.has_pending()
+        print("\n".join(summary_lines(options, tally, stored, elapsed,
+                                      interrupted=replayer.stopping, spooled=spooled)))
+        if replayer.stopping:
+            return INTERRUPTED_STATUS
+        return 1 if stored < tally.recorded else 0
+    finally:
+        for c in (force_conn, conn):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(c.close(), 5.0)
+
+
+async def _reachable(url: str, timeout_s: float) -> None:
+    """Fail before sending anything when the target cannot be connected to at all (not
+    started, wrong port): otherwise every request would be stored as a connect failure."""
+    import ssl
+
+    parts = urlsplit(url)
+    tls = ssl.create_default_context() if parts.scheme == "https" else None
+    port = parts.port or (443 if tls else 80)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, port, ssl=tls), min(timeout_s, 10.0))
+    except (OSError, ssl.SSLError, TimeoutError) as exc:
+        raise ShadowProxyError(f"--to {url}: cannot connect ({exc or type(exc).__name__}); "
+                               "nothing was sent: start the target or fix the URL") from exc
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+
+
+async def _tick(update: Callable[[Tally], None], tally: Tally) -> None:
+    while True:
+        update(tally)
+        await asyncio.sleep(TICK_S)

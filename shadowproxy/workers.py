@@ -1,0 +1,369 @@
+"""``workers: N``: a supervisor process that starts, watches and replaces N worker processes.
+
+Each worker runs a whole proxy (``app.running``) and binds ``listen`` with SO_REUSEPORT, so
+the kernel spreads connections over them; the supervisor serves the admin endpoints from
+the snapshots the workers publish every second in ``data_dir/run/worker-PID.pickle``. It
+fails safe in four ways:
+
+- **Counters never go backwards.** When a worker exits, its last snapshot (written at a
+  graceful stop, or up to a second old after a crash) is folded into a retained total that
+  /metrics keeps adding, as prometheus_client's multiprocess mode keeps a dead process's
+  files; a replacement starts from zero beside it.
+- **No restart loop.** A worker that exits before its snapshot says it listens failed to
+  start (a taken port, say): it is retried after 0.5, 1 and 2 s, with one log line each
+  naming the cause; at the fourth failure in a row the supervisor logs one line, stops the
+  other workers and exits 1. Meanwhile /healthz answers 503. A worker that had listened for
+  ``STABLE_S`` is replaced at once; one that dies sooner counts as a failed start, so that
+  a worker that crashes right after starting is not restarted forever either.
+- **Workers die with the supervisor.** On Linux each worker asks the kernel for SIGTERM
+  when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and every worker also checks its
+  parent's pid twice a second (other systems, and the moment before the prctl call): a
+  worker whose supervisor is gone drains and exits.
+- **Ready means listening.** /readyz says ready only when every slot's current process has
+  published a snapshot in the last 3 s saying that it listens and is ready.
+
+A stop (SIGTERM/SIGINT) passes SIGTERM on to every worker, waits for each to drain, and
+closes the admin listener last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from shadowproxy.config import Settings
+from shadowproxy.cycles import collected_in_the_background
+from shadowproxy.errors import ShadowProxyError
+from shadowproxy.logs import setup_logging
+from shadowproxy.tasks import spawn
+
+log = logging.getLogger("shadowproxy")
+
+SNAPSHOT_INTERVAL_S = 1.0
+FRESH_S = 3.0
+"""A snapshot older than this no longer counts as the worker's word."""
+MAX_START_FAILURES = 4
+"""Consecutive failed starts of one worker after which the supervisor gives up."""
+FIRST_RETRY_S = 0.5
+"""Wait before the first retry of a failed start; doubled for each one after."""
+STABLE_S = 10.0
+"""A worker that dies after listening this long is replaced at once, failures forgotten."""
+_PARENT_CHECK_S = 0.5
+_POLL_S = 0.1
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+# --- the worker process -------------------------------------------------------------------
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM from the kernel when the supervisor dies (Linux); exit if it already has."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        raise SystemExit(0)
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(data))
+    tmp.replace(path)  # atomic, so the supervisor never reads half a file
+
+
+def worker_main(settings: Settings, url: str, log_format: str, index: int, parent: int,
+                directory: Path) -> None:
+    """A worker process's entry point (``multiprocessing`` spawn target)."""
+    _die_with_parent(parent)
+    setup_logging(log_format)
+    os.environ["SHADOWPROXY_WORKER"] = str(index)
+    from shadowproxy.runner import run_loop
+
+    status = 1
+    try:
+        status = run_loop(_worker(settings, url, parent, directory))
+    except ShadowProxyError as exc:
+        # The supervisor reports it, with its retry, as one line in the log format.
+        (directory / f"worker-{os.getpid()}.error").write_text(str(exc))
+    except Exception as exc:
+        log.exception("worker %d failed", index)
+        (directory / f"worker-{os.getpid()}.error").write_text(repr(exc))
+    raise SystemExit(status)
+
+
+async def _worker(settings: Settings, url: str, parent: int, directory: Path) -> int:
+    from shadowproxy.app import running
+    from shadowproxy.runner import stop_event
+
+    stop = stop_event()
+    path = directory / f"worker-{os.getpid()}.pickle"
+    async with (running(settings, url, serve_admin=False, reuse_port=True) as proxy,
+                collected_in_the_background()):
+
+        async def publish() -> None:
+            while True:
+                ready, detail = await proxy.readiness()
+                _write(path, {"metrics": proxy.metrics.snapshot(), "listening": True,
+                              "ready": ready, "detail": detail, "pid": os.getpid(),
+                              "time": time.time()})
+                await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+
+        async def watch_parent() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(_PARENT_CHECK_S)
+            log.warning("the supervisor (pid %d) is gone: stopping", parent)
+            stop.set()
+
+        publisher = spawn(publish(), name="metrics-publisher")
+        watcher = spawn(watch_parent(), name="parent-watch")
+        await stop.wait()
+        publisher.cancel()
+        watcher.cancel()
+    # The final counts, for the supervisor's retained total.
+    _write(path, {"metrics": proxy.metrics.snapshot(), "listening": False, "ready": False,
+                  "detail": {}, "pid": os.getpid(), "time": time.time()})
+    return 0
+
+
+# --- counters of workers that are gone ----------------------------------------------------
+
+def empty_snapshot() -> dict[str, Any]:
+    return {"requests": [], "latency": [], "shadow": [], "records": {}, "queue": 0}
+
+
+def fold(total: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
+    """``total`` plus the counters of ``snap`` (a ``Metrics.snapshot``); gauges are dropped,
+    since a worker that is gone holds nothing in its queue any more."""
+    requests: dict[tuple[str, int], int] = {}
+    for route, code, n in (*total["requests"], *snap["requests"]):
+        requests[(route, code)] = requests.get((route, code), 0) + n
+    latency: dict[tuple[str, str], tuple[list[int], float]] = {}
+    for route, target, counts, sum_ms in (*total["latency"], *snap["latency"]):
+        old = latency.get((route, target))
+        latency[(route, target)] = (list(counts), sum_ms) if old is None else (
+            [a + b for a, b in zip(old[0], counts, strict=True)], old[1] + sum_ms)
+    shadow: dict[tuple[str, str], dict[str, int]] = {}
+    for route, name, outcomes in (*total["shadow"], *snap["shadow"]):
+        acc = shadow.setdefault((route, name), {})
+        for outcome, n in outcomes.items():
+            acc[outcome] = acc.get(outcome, 0) + n
+    records = dict(total["records"])
+    for outcome, n in snap["records"].items():
+        records[outcome] = records.get(outcome, 0) + n
+    return {"requests": [(r, c, n) for (r, c), n in requests.items()],
+            "latency": [(r, t, c, s) for (r, t), (c, s) in latency.items()],
+            "shadow": [(r, s, o) for (r, s), o in shadow.items()],
+            "records": records, "queue": 0}
+
+
+# --- the supervisor -----------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    """One of the N workers, across its replacements."""
+
+    index: int
+    proc: BaseProcess | None = None
+    listening: bool = False
+    """The current process has published a snapshot saying that it listens."""
+    listening_since: float = 0.0
+    failures: int = 0
+    """Starts in a row that ended before listening, or within ``STABLE_S`` of it."""
+    error: str = ""
+    next_start: float = 0.0
+
+
+class Supervisor:
+    """Starts the workers and keeps them running; the admin endpoints read it."""
+
+    def __init__(self, settings: Settings, url: str, log_format: str) -> None:
+        self.settings = settings
+        self.url = url
+        self.log_format = log_format
+        self.directory = settings.data_dir / "run"
+        self.slots = [_Slot(i) for i in range(settings.workers)]
+        self.retained = empty_snapshot()
+        self.stopping = False
+        self.gave_up = False
+        self._ctx = multiprocessing.get_context("spawn")
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for old in self.directory.glob("worker-*"):
+            old.unlink()
+
+    # --- what the admin endpoints show ---
+    def _snapshot(self, pid: int | None) -> dict[str, Any] | None:
+        if pid is None:
+            return None
+        try:
+            snap: dict[str, Any] = pickle.loads(
+                (self.directory / f"worker-{pid}.pickle").read_bytes())
+        except (FileNotFoundError, EOFError, pickle.UnpicklingError):
+            return None
+        return snap
+
+    def _live(self) -> list[tuple[_Slot, dict[str, Any] | None]]:
+        return [(slot, self._snapshot(slot.proc.pid) if slot.proc is not None else None)
+                for slot in self.slots]
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The retained total of workers that are gone, and each live worker's counters."""
+        return [self.retained] + [snap["metrics"] for _, snap in self._live()
+                                  if snap is not None]
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        now = time.time()
+        fresh = []
+        for slot, snap in self._live():
+            alive = slot.proc is not None and slot.proc.is_alive()
+            if alive and snap is not None and snap["listening"] and \
+                    now - snap["time"] < FRESH_S:
+                fresh.append(snap)
+        ready = (not self.stopping and len(fresh) == len(self.slots)
+                 and all(s["ready"] for s in fresh))
+        detail = {"workers": sum(1 for s in self.slots
+                                 if s.proc is not None and s.proc.is_alive()),
+                  "workers_listening": len(fresh),
+                  "workers_configured": len(self.slots),
+                  "database": sorted({str(s["detail"].get("database")) for s in fresh})}
+        if self.stopping:
+            detail["state"] = "stopping"
+        return ready, detail
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        failing = [{"worker": s.index, "failed_starts": s.failures, "error": s.error}
+                   for s in self.slots if s.failures and not s.listening]
+        return not failing and not self.gave_up, (
+            {"workers_failing": failing} if failing else {})
+
+    # --- keeping the workers running ---
+    def _start(self, slot: _Slot) -> None:
+        proc = self._ctx.Process(
+            target=worker_main, name=f"shadowproxy-worker-{slot.index}", daemon=True,
+            args=(self.settings, self.url, self.log_format, slot.index, os.getpid(),
+                  self.directory))
+        proc.start()
+        slot.proc = proc
+        slot.listening = False
+
+    def _retire(self, slot: _Slot, proc: BaseProcess) -> str:
+        """Fold a worker that is gone into the retained total; return why it failed."""
+        snap = self._snapshot(proc.pid)
+        if snap is not None:
+            self.retained = fold(self.retained, snap["metrics"])
+        error = self.directory / f"worker-{proc.pid}.error"
+        reason = error.read_text().strip() if error.exists() else ""
+        for leftover in (error, self.directory / f"worker-{proc.pid}.pickle"):
+            leftover.unlink(missing_ok=True)
+        slot.proc, slot.listening = None, False
+        return reason or f"exited with status {proc.exitcode}"
+
+    def check(self) -> bool:
+        """One round: retire and replace workers that are gone; False once it gave up."""
+        now = time.monotonic()
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is not None and not proc.is_alive():
+                listened = now - slot.listening_since if slot.listening else None
+                reason = self._retire(slot, proc)
+                if self.stopping:
+                    continue
+                if listened is not None and listened >= STABLE_S:
+                    log.error("worker %d (pid %s) %s; replacing it", slot.index, proc.pid,
+                              reason)
+                    slot.failures, slot.next_start = 0, now
+                else:
+                    if listened is not None:
+                        reason += f" {listened:.1f} s after it started listening"
+                    slot.failures += 1
+                    slot.error = reason
+                    if slot.failures >= MAX_START_FAILURES:
+                        log.error("worker %d could not start %d times in a row (%s); "
+                                  "giving up", slot.index, slot.failures, reason)
+                        self.gave_up = True
+                        return False
+                    delay = FIRST_RETRY_S * 2 ** (slot.failures - 1)
+                    log.error("worker %d could not start (%s); retrying in %.1f s "
+                              "(attempt %d of %d)", slot.index, reason, delay,
+                              slot.failures + 1, MAX_START_FAILURES)
+                    slot.next_start = now + delay
+            if slot.proc is None and not self.stopping and now >= slot.next_start:
+                self._start(slot)
+            elif slot.proc is not None and not slot.listening:
+                snap = self._snapshot(slot.proc.pid)
+                if snap is not None and snap["listening"]:
+                    slot.listening, slot.listening_since = True, now
+            elif slot.proc is not None and slot.failures and \
+                    now - slot.listening_since >= STABLE_S:
+                slot.failures, slot.error = 0, ""  # it has kept running: healthy again
+        return True
+
+    async def stop_all(self) -> int:
+        """SIGTERM every worker and wait for it to drain; 0 if each exited 0."""
+        self.stopping = True
+        status = 0
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.is_alive() and slot.proc.pid is not None:
+                os.kill(slot.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.limits.shutdown_grace_s + 15
+        while True:
+            waiting = [s.proc for s in self.slots if s.proc is not None and s.proc.is_alive()]
+            if not waiting or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(_POLL_S)
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is None:
+                continue
+            if proc.is_alive():
+                log.error("worker %d (pid %s) did not stop in time; killing it", slot.index,
+                          proc.pid)
+                proc.kill()
+                proc.join(5)
+                status = 1
+            elif proc.exitcode != 0:
+                status = 1
+            self._retire(slot, proc)
+        return status
+
+
+async def supervise(settings: Settings, url: str, log_format: str) -> int:
+    """Run ``settings.workers`` workers until SIGTERM/SIGINT, or until one cannot start."""
+    from shadowproxy.admin import build_admin_app, start_admin
+    from shadowproxy.runner import stop_event
+
+    supervisor = Supervisor(settings, url, log_format)
+    supervisor.prepare()
+    admin = None
+    if settings.admin_listen is not None:
+        # Bound before any worker starts: a taken admin port leaves nothing to stop.
+        app = build_admin_app(supervisor.readiness, supervisor.snapshots,
+                              settings.admin_token, health=supervisor.health)
+        admin = await start_admin(app, settings.admin_listen)
+    stop = stop_event()
+    status = 0
+    try:
+        log.info("supervising %d workers on %s", settings.workers, settings.listen)
+        while not stop.is_set():
+            if not supervisor.check():
+                status = 1
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _POLL_S)
+    finally:
+        status = max(status, await supervisor.stop_all())
+        if admin is not None:
+            await admin.cleanup()
+    return status

@@ -1,0 +1,84 @@
+"""What the recording could not keep: redacted headers and truncated bodies, recorded
+through a real proxy, replayed honestly and counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import StartProxy, route
+from tests.db import fetch
+from tests.proxy.test_data_path import wait_for_rows
+from tests.replay.helpers import ROUTE, replay, write_config
+from tests.upstreams import model, serve
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_redacted_headers_are_left_out_unless_set_header_gives_them(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """Headers stored as "[redacted]" are not sent as that text: the command says how many
+    requests lack them before it starts, and --set-header sends a value instead."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url, name=ROUTE)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        for i in range(4):
+            headers = {"X-Tenant": "acme", "Authorization": "Bearer live-secret"}
+            if i < 2:
+                headers["X-Api-Key"] = "key-secret"
+            await http.post(f"http://127.0.0.1:{proxy.port}/predict",
+                            json={"features": {"x": i}}, headers=headers)
+        await wait_for_rows(database_url, "requests", 4)
+    config = write_config(tmp_path, database_url)
+    async with serve(model("c")) as target:
+        plain = await replay(config, to=target.url, name="plain")
+        assert plain.status == 0, plain.err
+        given = await replay(config, "--set-header", "Authorization=Bearer replay-token",
+                             to=target.url, name="given")
+        assert given.status == 0, given.err
+    first, second = target.seen[:4], target.seen[4:]
+    assert {s.headers["x-tenant"] for s in target.seen} == {"acme"}
+    for seen in first:
+        assert "authorization" not in seen.headers and "x-api-key" not in seen.headers
+    assert {s.headers["authorization"] for s in second} == {"Bearer replay-token"}
+    assert sum("x-api-key" in s.headers for s in second) == 0
+    assert ('4 requests have headers stored as "[redacted]" (authorization 4, x-api-key 2): '
+            "sent without them") in plain.out
+    assert '2 requests have headers stored as "[redacted]" (x-api-key 2)' in given.out
+    assert '4 sent without their "[redacted]" headers' in plain.out
+    assert '2 sent without their "[redacted]" headers' in given.out
+
+
+async def test_bodies_truncated_at_recording_are_not_sent_but_stored_as_skipped(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """A request whose body was cut at recording.max_body_bytes cannot be replayed: it is
+    announced, not sent, stored as kind 'skipped' (done for the next run) and counted."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url, name=ROUTE)],
+                        recording={"max_body_bytes": 64}) as proxy, \
+            aiohttp.ClientSession() as http:
+        for i in range(5):
+            pad = "x" * (100 if i < 2 else 0)
+            await http.post(f"http://127.0.0.1:{proxy.port}/predict",
+                            json={"features": {"x": i}, "note": pad})
+        await wait_for_rows(database_url, "requests", 5)
+    config = write_config(tmp_path, database_url)
+    async with serve(model("c")) as target:
+        result = await replay(config, to=target.url)
+        assert result.status == 0, result.err
+        assert len(target.seen) == 3
+        assert all(len(json.loads(s.body)["note"]) == 0 for s in target.seen)
+        again = await replay(config, to=target.url)
+        assert len(target.seen) == 3
+    assert "2 bodies were truncated at recording" in result.out
+    assert "skipped   2 (body truncated at recording 2)" in result.out
+    assert "stored    5 answers" in result.out
+    assert "nothing to replay" in again.out
+    rows = await fetch(database_url, """
+        SELECT shadow_error_kind, shadow_error, count(*) FROM shadowproxy.pairs
+        WHERE shadow_name = 'cand' GROUP BY 1, 2 ORDER BY 3""")
+    assert [tuple(r) for r in rows] == [
+        ("skipped", "skipped: body truncated at recording", 2), (None, None, 3)]

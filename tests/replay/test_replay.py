@@ -1,0 +1,229 @@
+"""``shadowproxy replay`` end to end: what is sent, what is stored, exactly once, --where."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.db import fetch, fetchval
+from tests.replay.helpers import ROUTE, answers, replay, request, store, write_config
+from tests.upstreams import model, serve
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_each_request_is_sent_as_recorded_and_its_answer_stored(
+        database_url: str, tmp_path: Path) -> None:
+    """The target gets method, path, query, headers (minus hop-by-hop, Host its own) and
+    body; each answer is stored once as target 'cand', role 'replay', like a shadow's."""
+    headers = [(b"Content-Type", b"application/json"), (b"Host", b"models.example"),
+               (b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"),
+               (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"),
+               (b"X-Forwarded-For", b"192.0.2.1"), (b"X-Tenant", b"acme"),
+               (b"Content-Length", b"999")]
+    await store(database_url, [request(i, query=f"v={i}", headers=headers) for i in range(20)])
+    config = write_config(tmp_path, database_url)
+    async with serve(model("cand-v3", scale=3.0)) as target:
+        result = await replay(config, to=target.url)
+        assert result.status == 0, result.err
+        assert len(target.seen) == 20
+    seen = sorted(target.seen, key=lambda s: s.query)[0]
+    assert (seen.method, seen.path, seen.query) == ("POST", "/predict", "v=0")
+    assert json.loads(seen.body) == {"features": {"x": 0}}
+    assert seen.headers["host"] == target.url.removeprefix("http://")
+    assert seen.headers["x-tenant"] == "acme"
+    assert seen.headers["x-request-id"] == "req-00000"
+    assert seen.headers["x-forwarded-for"] == "192.0.2.1, 10.0.0.7"
+    assert seen.headers["x-forwarded-host"] == "models.example"
+    assert seen.headers["content-length"] == str(len(seen.body))
+    for hop in ("x-hop", "keep-alive", "te"):
+        assert hop not in seen.headers
+    rows = await fetch(database_url, """
+        SELECT request_id, shadow_name, shadow_role, shadow_status, shadow_body_json,
+               shadow_latency_ms, shadow_error_kind
+        FROM shadowproxy.pairs WHERE shadow_name = 'cand' ORDER BY request_id""")
+    assert len(rows) == 20
+    assert {(r["shadow_role"], r["shadow_status"], r["shadow_error_kind"]) for r in rows} == {
+        ("replay", 200, None)}
+    assert json.loads(rows[3]["shadow_body_json"]) == {"prediction": 9.0,
+                                                       "model_version": "cand-v3"}
+    assert all(r["shadow_latency_ms"] > 0 for r in rows)
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.requests") == 20
+    assert "20 sent" in result.out and "stored    20 answers as 'cand'" in result.out
+
+
+async def test_a_rerun_sends_nothing_and_force_replaces_each_answer(
+        database_url: str, tmp_path: Path) -> None:
+    """A second run with the same --as skips every answered request; --force sends them
+    again and leaves one answer per request, the new one."""
+    await store(database_url, [request(i) for i in range(10)])
+    config = write_config(tmp_path, database_url)
+    async with serve(model("v1")) as first, serve(model("v2")) as second:
+        assert (await replay(config, to=first.url)).status == 0
+        again = await replay(config, to=second.url)
+        assert again.status == 0, again.err
+        assert "10 already answered by 'cand': skipped" in again.out
+        assert "nothing to replay" in again.out
+        assert second.seen == []
+        forced = await replay(config, "--force", to=second.url)
+        assert forced.status == 0, forced.err
+        assert len(second.seen) == 10
+    assert "10 earlier answers replaced (--force)" in forced.out
+    versions = await fetch(database_url, "SELECT body_json->>'model_version' AS v, count(*) "
+                                         "FROM shadowproxy.responses WHERE target = 'cand' "
+                                         "GROUP BY 1")
+    assert [tuple(r) for r in versions] == [("v2", 10)]
+
+
+async def test_where_selects_requests_by_their_pairs_columns(
+        database_url: str, tmp_path: Path) -> None:
+    """--where filters over the pairs columns, once per request however many shadows it
+    has, and also matches requests that have no shadow answer at all."""
+    with_shadows = [request(i, primary_status=200 if i % 2 else 500, shadows=("a", "b"))
+                    for i in range(10)]
+    without = [request(100 + i, primary_status=200) for i in range(3)]
+    await store(database_url, with_shadows + without)
+    config = write_config(tmp_path, database_url)
+    async with serve(model("c")) as target:
+        result = await replay(config, "--where", "primary_status = 200 -- only the good ones",
+                              to=target.url)
+        assert result.status == 0, result.err
+        assert len(target.seen) == 5 + 3
+    stored = await fetch(database_url, """
+        SELECT q.request_id FROM shadowproxy.responses r
+        JOIN shadowproxy.requests q ON q.id = r.request WHERE r.target = 'cand'
+        ORDER BY 1""")
+    assert [r[0] for r in stored] == [f"req-{i:05d}" for i in (1, 3, 5, 7, 9, 100, 101, 102)]
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    ("primary_stauts = 200", 'column "primary_stauts" does not exist'),
+    ("primary_status", "must be type boolean"),
+    ("true; DELETE FROM shadowproxy.requests", "syntax error"),
+    ("nextval('sp_test_seq') > 0", "READ ONLY transaction"),
+])
+async def test_a_where_postgresql_rejects_is_a_usage_error_and_changes_nothing(
+        database_url: str, tmp_path: Path, where: str, message: str) -> None:
+    """A bad --where exits 2 naming the problem; a second statement or a write inside it is
+    refused (one prepared statement, a READ ONLY transaction), and nothing is sent."""
+    await store(database_url, [request(i) for i in range(3)])
+    await fetchval(database_url, "CREATE SEQUENCE sp_test_seq")
+    config = write_config(tmp_path, database_url)
+    async with serve(model("c")) as target:
+        result = await replay(config, "--where", where, to=target.url)
+        assert target.seen == []
+    assert result.status == 2, result.out + result.err
+    assert "--where: PostgreSQL rejects" in result.err and message in result.err
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.requests") == 3
+    assert await fetchval(database_url, "SELECT last_value FROM sp_test_seq") == 1
+    assert await fetchval(database_url, "SELECT is_called FROM sp_test_seq") is False
+
+
+async def test_usage_errors_exit_2_before_anything_is_sent(
+        database_url: str, tmp_path: Path) -> None:
+    """An unknown route, --as primary, or --rate with --speed exit 2 with what to do."""
+    config = write_config(tmp_path, database_url)
+    base = ["replay", "-c", str(config), "--to", "http://127.0.0.1:9"]
+    from tests.replay.helpers import cli
+
+    cases = [
+        (["--route", "nope", "--as", "c"], "--route: no route named 'nope'"),
+        (["--route", ROUTE, "--as", "primary"], "--as primary"),
+        (["--route", ROUTE, "--as", "c", "--rate", "5", "--speed", "2"], "not allowed with"),
+        (["--route", ROUTE, "--as", "c", "--set-header", "bad header"], "--set-header"),
+        (["--route", ROUTE, "--as", "c", "--set-json", "features.x=1"], "--set-json"),
+        (["--route", ROUTE, "--as", "c", "--to", "http://127.0.0.1:8"], "--to URL"),
+    ]
+    for extra, message in cases:
+        result = await cli(*base, *extra)
+        assert result.status == 2, (extra, result.err)
+        assert message in result.err, (extra, result.err)
+
+
+async def test_limit_takes_the_first_n_and_a_rerun_resumes_the_same_n(
+        database_url: str, tmp_path: Path) -> None:
+    """--limit N selects the oldest N; a rerun with the same --limit completes those N
+    (here the one whose answer is missing) instead of taking N more."""
+    await store(database_url, [request(i, received_at=1_000 + i) for i in range(10)])
+    config = write_config(tmp_path, database_url)
+    window = ["--from", "1970-01-01T00:00:00Z", "--to", "1970-01-02T00:00:00Z"]
+    async with serve(model("c")) as target:
+        first = await replay(config, *window, "--limit", "3", to=target.url)
+        assert first.status == 0, first.err
+        assert sorted(s.headers["x-request-id"] for s in target.seen) == [
+            "req-00000", "req-00001", "req-00002"]
+    await fetchval(database_url, "DELETE FROM shadowproxy.responses r USING "
+                                 "shadowproxy.requests q WHERE q.id = r.request "
+                                 "AND r.target = 'cand' AND q.request_id = 'req-00001'")
+    async with serve(model("c")) as target:
+        again = await replay(config, *window, "--limit", "3", to=target.url)
+        assert again.status == 0, again.err
+        assert [s.headers["x-request-id"] for s in target.seen] == ["req-00001"]
+    assert await answers(database_url) == 3
+
+
+async def test_the_recorder_stores_answers_under_the_recording_rules(
+        database_url: str, tmp_path: Path) -> None:
+    """Replayed answers go through the recorder: the response headers and JSON fields that
+    recording redacts are stored as "[redacted]"."""
+    async def secretive(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"prediction": 1, "user": {"email": "a@example.com"},
+                                          },
+                                 headers={"Set-Cookie": "s=cookie-secret"})
+
+    await store(database_url, [request(i) for i in range(2)])
+    config = write_config(tmp_path, database_url, recording={"redact_json": ["$.user.email"]})
+    async with serve(secretive) as target:
+        assert (await replay(config, to=target.url)).status == 0
+    row = (await fetch(database_url, "SELECT headers, body_json, body FROM shadowproxy.responses"
+                                     " WHERE target = 'cand' LIMIT 1"))[0]
+    assert json.loads(row["headers"])["set-cookie"] == "[redacted]"
+    assert json.loads(row["body_json"])["user"]["email"] == "[redacted]"
+    assert b"a@example.com" not in row["body"]
+
+
+async def test_errors_are_counted_by_kind_and_force_with_where_redoes_only_them(
+        database_url: str, tmp_path: Path) -> None:
+    """Calls that time out are stored with their kind and counted in the summary; --force
+    with a --where over the target's own rows redoes exactly those."""
+    async def slow_on_odd(req: web.Request) -> web.StreamResponse:
+        body = await req.json()
+        if body["features"]["x"] in (3, 7):
+            await asyncio.sleep(5)
+        return web.json_response({"prediction": 1})
+
+    await store(database_url, [request(i) for i in range(10)])
+    config = write_config(tmp_path, database_url)
+    async with serve(slow_on_odd) as flaky, serve(model("c")) as healthy:
+        first = await replay(config, "--timeout", "0.5", to=flaky.url)
+        assert first.status == 0, first.err
+        redo = await replay(config, "--force", "--where",
+                            "shadow_name = 'cand' AND shadow_error_kind = 'timeout'",
+                            to=healthy.url)
+        assert redo.status == 0, redo.err
+        assert sorted(s.headers["x-request-id"] for s in healthy.seen) == [
+            "req-00003", "req-00007"]
+    assert "errors    2 (timeout 2)" in first.out and "answered  8 (2xx 8)" in first.out
+    assert "replay cand: 10/10 handled, 2 errors" in first.err
+    assert "2 earlier answers replaced (--force)" in redo.out
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.responses "
+                                        "WHERE target = 'cand' AND error_kind IS NULL") == 10
+
+
+async def test_a_target_that_cannot_be_reached_fails_before_anything_is_stored(
+        database_url: str, tmp_path: Path) -> None:
+    """A --to nothing listens on exits 1 saying so, and stores no connect failures that a
+    rerun would then skip."""
+    from shadowproxy.demo import free_port
+
+    await store(database_url, [request(i) for i in range(3)])
+    config = write_config(tmp_path, database_url)
+    result = await replay(config, to=f"http://127.0.0.1:{free_port()}")
+    assert result.status == 1
+    assert "cannot connect" in result.err and "nothing was sent" in result.err
+    assert await answers(database_url) == 0

@@ -1,0 +1,83 @@
+"""The replay's SQL: the --where relation has the pairs columns, and the pending filter is
+an index probe per request of the window, however large the tables."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from shadowproxy.compare.window import Window
+from shadowproxy.replay.options import ReplayOptions
+from shadowproxy.replay.source import PAIRS_ROWS, RequestStream, Selection
+from shadowproxy.store.database import connection
+from tests.replay.helpers import request, store
+
+
+async def _columns(conn: asyncpg.Connection, sql: str) -> list[str]:
+    stmt = await conn.prepare(sql)
+    return [a.name for a in stmt.get_attributes()]
+
+
+async def test_the_where_relation_has_exactly_the_pairs_view_columns(database_url: str) -> None:
+    """--where sees the columns of shadowproxy.pairs, in its order: a column added to the
+    view must be added to source.PAIRS_ROWS too."""
+    async with connection(database_url) as conn:
+        assert await _columns(conn, PAIRS_ROWS) == await _columns(
+            conn, "SELECT * FROM shadowproxy.pairs")
+
+
+def _options(hours: float, **extra: object) -> ReplayOptions:
+    end = datetime.now(UTC)
+    return ReplayOptions(route="r", url="http://127.0.0.1:9", name="cand",
+                         window=Window(end - timedelta(hours=hours), end), **extra)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(90)
+async def test_the_pending_filter_probes_the_primary_key_on_a_large_table(
+        database_url: str) -> None:
+    """With 200,000 requests over 20 days, half answered by the target, the last hour's
+    pending requests are found through the received_at index and one probe of the
+    responses primary key each: no scan of responses."""
+    async with connection(database_url) as conn:
+        await conn.execute("""
+            INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, path)
+            SELECT gen_random_uuid(), 'r' || i, 'r',
+                   now() - make_interval(secs => i * 8.64), 'POST', '/predict'
+            FROM generate_series(1, 200000) i;
+            INSERT INTO shadowproxy.responses (request, target, role, status)
+            SELECT id, 'primary', 'primary', 200 FROM shadowproxy.requests;
+            INSERT INTO shadowproxy.responses (request, target, role, status)
+            SELECT id, 'cand', 'replay', 200 FROM shadowproxy.requests
+            WHERE request_id::text LIKE '%0' OR request_id::text LIKE '%2'
+               OR request_id::text LIKE '%4' OR request_id::text LIKE '%6'
+               OR request_id::text LIKE '%8';
+            ANALYZE shadowproxy.requests; ANALYZE shadowproxy.responses;""")
+        for options in (_options(1), _options(1, where="primary_status = 200")):
+            sql, args = Selection(options).stream_sql(None)
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
+            assert "Seq Scan on responses" not in plan, plan
+            assert "Seq Scan on requests" not in plan, plan
+            assert "responses_pkey" in plan, plan
+            rows = await conn.fetch(sql, *args)
+            assert 190 <= len(rows) <= 230  # half of the ~417 requests of the last hour
+
+
+async def test_the_stream_renews_its_transaction_and_continues_in_order(
+        database_url: str) -> None:
+    """Read in small fetches with a renewal after every one, the stream still yields each
+    pending request once, oldest first, and holds no transaction once it ends."""
+    base = datetime.now(UTC).timestamp() - 600
+    await store(database_url, [request(i, received_at=base + i // 3) for i in range(50)])
+    async with connection(database_url) as conn:
+        stream = RequestStream(conn, Selection(_options(1)), read_ahead_bytes=1,
+                               renew_after_s=0.0)
+        seen = []
+        while rows := await stream.next_rows():
+            assert len(rows) == 1  # the byte budget allows one row per fetch
+            seen += [r["request_id"] for r in rows]
+        assert not conn.is_in_transaction()
+        expected = [r[0] for r in await conn.fetch(
+            "SELECT request_id FROM shadowproxy.requests ORDER BY received_at, id")]
+    assert seen == expected and len(set(seen)) == 50

@@ -1,0 +1,65 @@
+"""Stop order of one proxy process: accepting, requests, shadow calls, records, pools, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from shadowproxy.app import STOP_STEPS
+from tests.conftest import StartProxy
+from tests.db import fetchval
+from tests.upstreams import model, serve, sleeping
+
+
+async def test_stop_runs_in_order_and_admin_answers_until_the_end(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A stop answers the in-flight request and waits for its shadow call, flushes the record,
+    then closes pools and the admin listener last: /healthz answers 200 throughout the drain
+    and /readyz says 503 from its first step."""
+    polls: list[tuple[float, str, int | str]] = []
+    answered_at = 0.0
+    async with serve(sleeping(0.6, model("v1"))) as primary, \
+            serve(sleeping(1.2, model("v2"))) as shadow, aiohttp.ClientSession() as http:
+        routes = [{"name": "r", "primary": {"url": primary.url},
+                   "shadows": [{"name": "s", "url": shadow.url}]}]
+        async with start_proxy(routes, limits={"shutdown_grace_s": 5}) as proxy:
+            admin = f"http://127.0.0.1:{proxy.admin_port}"
+
+            async def client() -> int:
+                nonlocal answered_at
+                resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})
+                await resp.read()
+                answered_at = time.monotonic()
+                return resp.status
+
+            async def poll() -> None:
+                while True:
+                    for path in ("/healthz", "/readyz"):
+                        try:
+                            async with aiohttp.ClientSession() as fresh:
+                                got = await fresh.get(admin + path)
+                                polls.append((time.monotonic(), path, got.status))
+                        except aiohttp.ClientError as exc:
+                            polls.append((time.monotonic(), path, type(exc).__name__))
+                    await asyncio.sleep(0.05)
+
+            request = asyncio.ensure_future(client())
+            await asyncio.sleep(0.2)  # the request is at the primary
+            poller = asyncio.ensure_future(poll())
+            stop_at = time.monotonic()
+        # The block exited: the stop has run to its end.
+        poller.cancel()
+        status = await request
+        steps = proxy.stopped
+    assert status == 200
+    assert steps == list(STOP_STEPS)
+    assert answered_at > stop_at
+    # Until the shadow call ended (about 1 s after the stop began), admin kept answering.
+    during = [(path, got) for t, path, got in polls if stop_at < t < stop_at + 0.9]
+    assert {got for path, got in during if path == "/healthz"} == {200}
+    assert {got for path, got in during if path == "/readyz"} == {503}
+    # The shadow's answer was waited for and flushed before the pools closed.
+    assert int(await fetchval(database_url, "SELECT count(*) FROM shadowproxy.responses "
+                                            "WHERE target = 's' AND status = 200")) == 1

@@ -1,0 +1,232 @@
+"""`workers: N` as real processes: counters kept across replacements, no restart loop,
+workers that die with their supervisor, and readiness that means listening."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.test_admin import samples
+from tests.test_run_command import wait_ready, write_config
+from tests.upstreams import model, serve
+
+pytestmark = pytest.mark.slow
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    """The live worker processes (multiprocessing spawn children) of ``supervisor``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == supervisor and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[0] \
+            != "Z"
+    except OSError:
+        return False
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:``port`` (each worker has its own)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if r[1] == want and r[3] == "0A")
+
+
+async def total_requests(http: aiohttp.ClientSession, admin: int) -> float:
+    text = await (await http.get(f"http://127.0.0.1:{admin}/metrics")).text()
+    return samples(text).get(("shadowproxy_requests_total", (("code", "200"), ("route", "r"))),
+                             0.0)
+
+
+async def send(port: int, n: int) -> None:
+    for _ in range(n):
+        # A new connection each time, so that the kernel spreads them over the workers.
+        async with aiohttp.ClientSession() as fresh:
+            resp = await fresh.post(f"http://127.0.0.1:{port}/p", json={})
+            assert resp.status == 200
+            await resp.read()
+
+
+@contextlib.asynccontextmanager
+async def supervisor(config: Path, *, log_format: str = "text"
+                     ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`shadowproxy run` with workers; afterwards every process it started is ended."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "run", "-c", str(config),
+        "--log-format", log_format, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "SHADOWPROXY_DATABASE_URL": ""})
+    assert proc.pid is not None
+    seen: set[int] = set()
+    try:
+        yield proc
+    finally:
+        seen |= worker_pids(proc.pid)
+        if proc.returncode is None:
+            proc.kill()
+        for pid in seen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 10)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_counters_never_go_backwards_when_workers_are_replaced(
+        tmp_path: Path, database_url: str) -> None:
+    """Each worker killed in turn is replaced, and the summed request counter never drops
+    below what was answered: a dead worker's counts are kept."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
+        config, port, admin = write_config(tmp_path, primary.url, shadow.url, database_url,
+                                           workers=2)
+        async with supervisor(config) as proc, aiohttp.ClientSession() as http:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            await send(port, 30)
+            deadline = time.monotonic() + 5
+            while await total_requests(http, admin) < 30 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            seen = [await total_requests(http, admin)]
+            for victim in sorted(worker_pids(proc.pid)):
+                os.kill(victim, signal.SIGKILL)
+                await wait_for(lambda v=victim: not alive(v), 5, "the worker to die")
+                deadline = time.monotonic() + 20
+                replaced = False
+                while time.monotonic() < deadline and not replaced:
+                    seen.append(await total_requests(http, admin))
+                    ready = await http.get(f"http://127.0.0.1:{admin}/readyz")
+                    replaced = ready.status == 200 and victim not in worker_pids(proc.pid)
+                    await asyncio.sleep(0.1)
+                assert replaced, "the worker was not replaced"
+                await asyncio.sleep(1.5)  # the replacement has published its own counters
+                seen.append(await total_requests(http, admin))
+            await send(port, 10)
+            deadline = time.monotonic() + 10  # each worker publishes its counts every second
+            seen.append(await total_requests(http, admin))
+            while seen[-1] < 40 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                seen.append(await total_requests(http, admin))
+    assert seen[0] == 30
+    assert all(b >= a for a, b in itertools.pairwise(seen)), seen
+    assert seen[-1] == 40
+
+
+async def test_a_worker_that_cannot_listen_is_retried_then_given_up(
+        tmp_path: Path, database_url: str) -> None:
+    """With the port taken from under the workers, they are retried with a growing wait and
+    then given up: /healthz answers 503 meanwhile, the supervisor exits 1, and every line of
+    its log is JSON, without a traceback, ending with one line that names the cause."""
+    async with serve(model("v1")) as primary:
+        config, port, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                           database_url, workers=2)
+        async with supervisor(config, log_format="json") as proc, \
+                aiohttp.ClientSession() as http:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            workers = worker_pids(proc.pid)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            with socket.socket() as blocker:
+                blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                deadline = time.monotonic() + 5
+                while True:  # take the port the moment the workers let it go
+                    try:
+                        blocker.bind(("127.0.0.1", port))
+                        break
+                    except OSError:
+                        assert time.monotonic() < deadline, "the port was never released"
+                        await asyncio.sleep(0.002)
+                blocker.listen()
+                health: set[int] = set()
+                started = time.monotonic()
+                while proc.returncode is None and time.monotonic() - started < 30:
+                    with contextlib.suppress(aiohttp.ClientError):
+                        health.add((await http.get(f"http://127.0.0.1:{admin}/healthz")).status)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.wait(), 0.2)
+                took = time.monotonic() - started
+                assert proc.stderr is not None
+                err = (await asyncio.wait_for(proc.stderr.read(), 10)).decode()
+    assert proc.returncode == 1
+    assert 503 in health
+    assert 2 < took < 20  # backed off (0.5 + 1 + 2 s), then gave up
+    events = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    assert "Traceback" not in err
+    retries = [e for e in events if "retrying in" in e["message"]]
+    assert 2 <= len(retries) <= 6
+    final = [e for e in events if "giving up" in e["message"]]
+    assert len(final) == 1
+    assert f"cannot listen on 127.0.0.1:{port} (listen)" in final[0]["message"]
+
+
+async def test_workers_die_with_their_supervisor(tmp_path: Path, database_url: str) -> None:
+    """A supervisor killed with SIGKILL takes its workers with it: they stop within seconds
+    and the port no longer accepts connections."""
+    async with serve(model("v1")) as primary:
+        config, port, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                           database_url, workers=2)
+        async with supervisor(config) as proc:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            workers = worker_pids(proc.pid)
+            assert len(workers) == 2
+            proc.kill()
+            await wait_for(lambda: not any(alive(p) for p in workers), 10,
+                           "the workers to stop")
+    assert listeners(port) == 0
+
+
+async def test_readyz_waits_for_the_replacement_to_listen(
+        tmp_path: Path, database_url: str) -> None:
+    """After a worker dies, /readyz says 200 again only once its replacement listens."""
+    async with serve(model("v1")) as primary:
+        config, port, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                           database_url, workers=2)
+        async with supervisor(config) as proc, aiohttp.ClientSession() as http:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            assert listeners(port) == 2
+            victim = min(worker_pids(proc.pid))
+            os.kill(victim, signal.SIGKILL)
+            await wait_for(lambda: listeners(port) == 1, 5, "the socket to close")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if (await http.get(f"http://127.0.0.1:{admin}/readyz")).status == 200:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("never ready again")
+            assert listeners(port) == 2, "ready before the replacement listened"
