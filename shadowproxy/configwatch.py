@@ -8,7 +8,9 @@ always see (traefik/traefik#5589). Reading the file through its path on every po
 both: the path is resolved anew each time, and the content itself is compared.
 
 A change is reported once the new content has been the same for two polls in a row, so that a
-file caught half-written is not offered for a reload (and rejected) on the way.
+file caught half-written is not offered for a reload (and rejected) on the way. An empty file
+is taken for one being rewritten (an in-place edit truncates it first, and a busy machine can
+leave it empty for longer than a poll): it is never a configuration, so it is not reported.
 """
 
 from __future__ import annotations
@@ -23,27 +25,29 @@ log = logging.getLogger("shadowproxy")
 
 
 def content_digest(path: Path) -> str | None:
-    """SHA-256 of the file's bytes, or None when it cannot be read right now."""
+    """SHA-256 of the file's bytes, or None when it cannot be read right now (or is empty)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        data = path.read_bytes()
     except OSError:
         return None  # mid-swap or removed for a moment: look again at the next poll
+    return hashlib.sha256(data).hexdigest() if data else None
 
 
 class ConfigWatcher:
     """Calls ``on_change`` when the file at ``path`` settles on new content."""
 
     def __init__(self, path: Path, on_change: Callable[[], Awaitable[object]], *,
-                 interval_s: float = 1.0) -> None:
+                 interval_s: float = 1.0, known: str | None = None) -> None:
         self.path = path
         self.interval_s = interval_s
         self._on_change = on_change
-        self._known = content_digest(path)
+        self._known = known if known is not None else content_digest(path)
         """The content the running configuration was loaded from."""
 
-    def loaded(self) -> None:
-        """The file was (re)loaded by another trigger: its current content is known."""
-        self._known = content_digest(self.path)
+    def loaded(self, digest: str | None) -> None:
+        """The file was (re)loaded by another trigger, with content ``digest`` (taken
+        before it was read, so that an edit made meanwhile is still seen)."""
+        self._known = digest
 
     async def run(self) -> None:
         """Poll until cancelled."""

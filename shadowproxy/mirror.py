@@ -23,7 +23,7 @@ from shadowproxy.upstream import UpstreamCall, UpstreamConnection, UpstreamPool
 class ShadowTarget:
     """One configured shadow of one route, compiled for the data path."""
 
-    __slots__ = ("counters", "custom_skip", "extra_lines", "in_flight", "max_in_flight",
+    __slots__ = ("counters", "custom_skip", "extra_lines", "max_in_flight",
                  "name", "pool", "sample_header", "sample_rate", "timeout")
 
     def __init__(self, route: str, shadow: Shadow, pool: UpstreamPool, metrics: Metrics) -> None:
@@ -31,7 +31,6 @@ class ShadowTarget:
         self.pool = pool
         self.timeout = shadow.timeout_s
         self.max_in_flight = shadow.max_in_flight
-        self.in_flight = 0
         self.sample_rate = shadow.sample_rate
         self.sample_header = (shadow.sample_key.partition(":")[2].lower().encode()
                               if shadow.sample_key else None)
@@ -84,9 +83,9 @@ class ShadowCall(UpstreamCall):
         assert self.pool is not None
         record.latency_ms = (time.perf_counter() - self.sent_at) * 1000.0
         record.body = b"".join(self.chunks) if self.chunks else b""
-        target = self.target
-        target.in_flight -= 1
-        target.counters.finish(kind, record.latency_ms)
+        counters = self.target.counters
+        counters.in_flight -= 1
+        counters.finish(kind, record.latency_ms)
         self.exchange.finish_call()
 
     def on_response_end(self) -> None:
@@ -116,7 +115,9 @@ def start_shadows(shadows: list[ShadowTarget], exchange: Exchange, method: bytes
             exchange.responses.append(record)
             shadow.counters.not_called(ErrorKind.SKIPPED)
             continue
-        if shadow.in_flight >= shadow.max_in_flight:
+        # The calls in flight of every configuration version count (the counters outlive
+        # reloads), so that a reload never lets more than max_in_flight through.
+        if shadow.counters.in_flight >= shadow.max_in_flight:
             record.error_kind = ErrorKind.DROPPED
             record.error = "dropped: overload"
             exchange.responses.append(record)
@@ -128,7 +129,7 @@ def start_shadows(shadows: list[ShadowTarget], exchange: Exchange, method: bytes
         head = http1.request_head(
             method, pool.base_path + target,
             b"Host: " + pool.host_header + b"\r\n" + lines + shadow.extra_lines + tail_lines)
-        shadow.in_flight += 1
+        shadow.counters.in_flight += 1
         exchange.start_call(record)
         pool.start(ShadowCall(shadow, exchange, record, head, body, expect_no_body,
                               capture_cap))

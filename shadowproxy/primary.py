@@ -123,7 +123,7 @@ class PrimaryCall(UpstreamCall):
         self.pending_head = b"".join(lines)
 
     def on_response_body(self, data: bytes) -> None:
-        self.record.capture(self.chunks, data, self.client.ctx.capture_cap)
+        self.record.capture(self.chunks, data, self.route.capture_cap)
         out = http1.chunk(data) if self.rechunk else data
         head = self.pending_head
         if head is not None:

@@ -31,32 +31,47 @@ _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
 class RouteTarget:
-    """A route compiled for the data path: its pools, shadows and counters."""
+    """A route compiled for the data path: its pools, shadows and counters.
 
-    __slots__ = ("counters", "name", "preserve_host", "primary", "primary_timeout", "shadows")
+    A request takes its route when its head is parsed, and with it everything of the
+    configuration that it is served under (``version``, the capture and mirror limits): a
+    reload swaps the router, never a compiled route, so a request is served, mirrored and
+    recorded entirely under the configuration it arrived under.
+    """
+
+    __slots__ = ("capture_cap", "counters", "max_mirror_body", "name", "preserve_host",
+                 "primary", "primary_timeout", "shadows", "version")
 
     def __init__(self, name: str, primary: UpstreamPool, primary_timeout: float,
                  shadows: list[ShadowTarget], preserve_host: bool,
-                 counters: RouteCounters) -> None:
+                 counters: RouteCounters, *, version: str, capture_cap: int,
+                 max_mirror_body: int) -> None:
         self.name = name
         self.primary = primary
         self.primary_timeout = primary_timeout
         self.shadows = shadows
         self.preserve_host = preserve_host
         self.counters = counters
+        self.version = version
+        self.capture_cap = capture_cap
+        """recording.max_body_bytes"""
+        self.max_mirror_body = max_mirror_body
+        """limits.max_mirror_body_bytes"""
 
 
 class ProxyContext:
-    """What every client connection of one process shares."""
+    """What every client connection of one process shares.
+
+    ``router`` is replaced whole by a reload (``live.py``), in one synchronous step; the
+    connection-level limits beside it are read per connection event.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, router: Router[RouteTarget],
-                 recorder: RecordSink, *, max_mirror_body: int, capture_cap: int,
-                 max_header_bytes: int, client_timeout: float) -> None:
+                 recorder: RecordSink, *, max_header_bytes: int, client_timeout: float
+                 ) -> None:
         self.loop = loop
         self.router = router
         self.recorder = recorder
-        self.max_mirror_body = max_mirror_body
-        self.capture_cap = capture_cap
         self.max_header_bytes = max_header_bytes
         self.client_timeout = client_timeout
         self.connections: set[ClientConnection] = set()
@@ -234,7 +249,7 @@ class ClientConnection(asyncio.Protocol):
             return
         length = req.noted.get(b"content-length")
         pipelined = self.active is not None
-        if not pipelined and length is not None and int(length) > self.ctx.max_mirror_body:
+        if not pipelined and length is not None and int(length) > route.max_mirror_body:
             self._start_streaming(req, int(length))
         expect = req.noted.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not pipelined:
@@ -243,16 +258,17 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.req
         assert req is not None
-        if req.route is None:
+        route = req.route
+        if route is None:
             return  # not routed: the body is read and dropped
         req.body_size += len(body)
         if req.streaming:
             assert req.call is not None and req.exchange is not None
             req.call.send_body(body)
-            capture_request_body(req.exchange, body, self.ctx.capture_cap)
+            capture_request_body(req.exchange, body, route.capture_cap)
             return
         req.chunks.append(body)
-        if req.body_size > self.ctx.max_mirror_body:
+        if req.body_size > route.max_mirror_body:
             if self.active is not None:
                 # Only the request being served can stream; a pipelined one this large is
                 # refused rather than buffered without bound.
@@ -264,7 +280,7 @@ class ClientConnection(asyncio.Protocol):
             self._start_streaming(req, None)
             assert req.call is not None and req.exchange is not None
             req.call.send_body(buffered)
-            capture_request_body(req.exchange, buffered, self.ctx.capture_cap)
+            capture_request_body(req.exchange, buffered, route.capture_cap)
 
     def on_message_complete(self) -> None:
         req = self.req
@@ -293,6 +309,7 @@ class ClientConnection(asyncio.Protocol):
                             req.path.decode("latin-1"), req.query.decode("latin-1"),
                             req.headers, self.client_addr, rid)
         exchange.recorder = self.ctx.recorder
+        exchange.config_version = route.version
         req.exchange = exchange
         return exchange
 
@@ -342,7 +359,7 @@ class ClientConnection(asyncio.Protocol):
         exchange = self._new_exchange(req, route)
         body = b"".join(req.chunks) if len(req.chunks) != 1 else req.chunks[0]
         req.chunks = []
-        capture_request_body(exchange, body, self.ctx.capture_cap)
+        capture_request_body(exchange, body, route.capture_cap)
         length = len(body) if body or req.method in _BODY_METHODS else None
         self._forward(req, route, exchange, body, length, skip_reason=None)
 
@@ -369,7 +386,7 @@ class ClientConnection(asyncio.Protocol):
         route.primary.start(call)
         if route.shadows:
             start_shadows(route.shadows, exchange, req.method, target, req.headers, common,
-                          tail, body, skip_reason, self.ctx.capture_cap)
+                          tail, body, skip_reason, route.capture_cap)
 
     def response_done(self, req: ClientRequest) -> None:
         """The response to ``req`` is fully written: serve the next request, or close."""

@@ -301,6 +301,8 @@ class UpstreamPool:
         """Calls in flight, so that shutdown can end the ones that outlive the grace period."""
         self._connecting = 0
         self._closing = False
+        self.retired = False
+        """No longer in the running configuration (``retire``)."""
 
     def start(self, call: UpstreamCall) -> None:
         """Send ``call`` on an idle connection, or on a new one; never blocks."""
@@ -342,7 +344,7 @@ class UpstreamPool:
         conn.send(call, reused=False)
 
     def release(self, conn: UpstreamConnection) -> None:
-        if self._closing or len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
+        if self._closing or self.retired or len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
             conn.abort()
         else:
             self._idle.append(conn)
@@ -351,6 +353,19 @@ class UpstreamPool:
         idle = self._idle
         if idle and conn in idle:
             idle.remove(conn)
+
+    def retire(self) -> None:
+        """The running configuration no longer names this upstream: close the idle
+        connections now and each busy one when its call ends. Calls of requests that
+        arrived under an earlier configuration are still made (``revive`` undoes it)."""
+        self.retired = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.abort()
+
+    def revive(self) -> None:
+        """A reloaded configuration names this upstream again."""
+        self.retired = False
 
     def close(self) -> None:
         """Close idle connections; calls in flight finish on their own connections."""

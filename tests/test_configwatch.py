@@ -86,3 +86,17 @@ async def test_a_file_missing_for_a_moment_is_not_a_change(tmp_path: Path) -> No
     await _watch(path, changes, remove)
     path.write_text("a: 1\n")
     assert changes == []
+
+
+async def test_a_file_caught_empty_is_not_a_change(tmp_path: Path) -> None:
+    """A file left empty for a while by an in-place rewrite (truncated, not yet written) is
+    not offered for a reload; the content written after it is."""
+    path = tmp_path / "shadowproxy.yaml"
+    path.write_text("a: 1\n")
+    changes: list[int] = []
+
+    def truncate() -> None:
+        path.write_text("")
+
+    await _watch(path, changes, truncate)
+    assert changes == []

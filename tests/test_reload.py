@@ -52,3 +52,18 @@ def test_live_settings_pass_through_unchanged(tmp_path: Path) -> None:
     new = _load(tmp_path, BASE.replace("0.5", "0.0"), "b.yaml")
     applied, pinned = effective_settings(running, new)
     assert applied is new and pinned == []
+
+
+def test_settings_handed_to_workers_as_json_keep_their_version(tmp_path: Path) -> None:
+    """The configuration a supervisor writes for its workers as JSON reads back with the
+    same version (compare settings included)."""
+    import json
+
+    from shadowproxy.config import Settings
+
+    settings = _load(tmp_path, BASE + """\
+    compare: {prediction: "$.prediction", task: regression, abs_tolerance: 0.1,
+              features: {age: {path: "$.features.age", type: numeric, min: 0, max: 120}}}
+""")
+    again = Settings.model_validate(json.loads(json.dumps(settings.model_dump(mode="json"))))
+    assert config_version(again) == config_version(settings)

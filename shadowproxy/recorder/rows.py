@@ -22,7 +22,8 @@ from shadowproxy.models import Exchange, Headers
 from shadowproxy.recorder.bodies import json_text, parse_json_path, redact_json
 
 REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path", "query",
-                   "headers", "body", "body_json", "body_size", "body_truncated", "client_addr")
+                   "headers", "body", "body_json", "body_size", "body_truncated", "client_addr",
+                   "config_version")
 RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "body_json",
                     "body_size", "body_truncated", "latency_ms", "error", "started_at",
                     "error_kind")
@@ -83,7 +84,7 @@ class RowEncoder:
                 requests.append((
                     ex.id, ex.request_id, ex.route, ex.received_at,
                     ex.method, ex.path, ex.query, self.headers(ex.headers) or "{}", body, text,
-                    ex.body_size, ex.body_truncated, ex.client_addr))
+                    ex.body_size, ex.body_truncated, ex.client_addr, ex.config_version))
             for r in ex.responses:
                 rbody, rtext = self.body(r.body, r.headers)
                 responses.append((
@@ -95,6 +96,8 @@ class RowEncoder:
 
 def upgrade_rows(requests: list[Row], responses: list[Row]) -> tuple[list[Row], list[Row]]:
     """Rows of a spool file written by an earlier version, in today's column layout."""
+    if requests and len(requests[0]) == len(REQUEST_COLUMNS) - 1:
+        requests = [(*row, None) for row in requests]  # before config versions
     if responses and len(responses[0]) == len(RESPONSE_COLUMNS) - 1:
         # Before error kinds: the kind is read from the error text, as the migration does.
         responses = [(*row, kind_of_legacy_error(row[10])) for row in responses]

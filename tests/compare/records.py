@@ -47,6 +47,7 @@ class Exchange:
     received_at: datetime = field(
         default_factory=lambda: datetime.now(UTC) - timedelta(minutes=5))
     route: str = "house-prices"
+    config_version: str | None = None
 
 
 def _body(value: Any) -> tuple[bytes | None, str | None]:
@@ -63,7 +64,8 @@ async def insert(url: str, exchanges: list[Exchange]) -> None:
         rid = uuid.uuid4()
         body, text = _body(ex.request)
         requests.append((rid, ex.request_id, ex.route, ex.received_at, "POST", "/predict", "",
-                         "{}", body, text, len(body or b""), False, "127.0.0.1"))
+                         "{}", body, text, len(body or b""), False, "127.0.0.1",
+                         ex.config_version))
         for target, role, call in [("primary", "primary", ex.primary)] + [
                 (name, "shadow", c) for name, c in ex.shadows.items()] + [
                 (name, "replay", c) for name, c in ex.replays.items()]:
