@@ -28,21 +28,33 @@ from typing import Any
 import yaml
 
 from shadowproxy.errors import ConfigError, ShadowProxyError, UsageError
-from shadowproxy.reload import OUTCOME_FILE
 
 PROCESS_FILE = "shadowproxy.json"
+"""In ``data_dir/run``: where the running proxy (or supervisor) is."""
+OUTCOME_FILE = "reload.json"
+"""In ``data_dir/run``: the last reload's outcome, with a sequence number."""
 DEFAULT_TIMEOUT_S = 30.0
 
 
 # --- the running process's side ---------------------------------------------------------
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a reader never sees half of it), readable by
+    this user only: these files may name the configuration's values."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
 def write_process_file(run_dir: Path, config: Path, admin: str | None) -> None:
-    """Say where this process is, for ``shadowproxy reload``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Say where this process is, for ``shadowproxy reload`` (and forget the outcome of an
+    earlier process's last reload)."""
+    (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
     data = {"pid": os.getpid(), "config": os.path.abspath(config), "admin": admin}
-    tmp = run_dir / f"{PROCESS_FILE}.tmp"
-    tmp.write_text(json.dumps(data))
-    tmp.replace(run_dir / PROCESS_FILE)
+    write_private(run_dir / PROCESS_FILE, json.dumps(data))
 
 
 def remove_process_file(run_dir: Path) -> None:
@@ -97,10 +109,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _seq(run_dir: Path) -> int:
+def _seq(run_dir: Path, pid: int) -> int:
+    """The sequence number of process ``pid``'s last reload outcome (-1: none yet)."""
     try:
-        return int(json.loads((run_dir / OUTCOME_FILE).read_text())["seq"])
-    except (OSError, ValueError, KeyError, TypeError):
+        outcome = json.loads((run_dir / OUTCOME_FILE).read_text())
+        return int(outcome["seq"]) if outcome.get("pid") == pid else -1
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return -1
 
 
@@ -140,7 +154,7 @@ def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[s
         raise UsageError(f"the shadowproxy running with data_dir {data_dir} (pid {pid}) runs "
                          f"{process.get('config')}, not {config}: edit that file and reload "
                          f"it, or give its path to -c")
-    before = _seq(run_dir)
+    before = _seq(run_dir, pid)
     try:
         os.kill(pid, signal.SIGHUP)
     except PermissionError as exc:
@@ -148,7 +162,7 @@ def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[s
                                "`shadowproxy reload` as the user that runs it") from exc
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if _seq(run_dir) > before:
+        if _seq(run_dir, pid) > before:
             try:
                 outcome: dict[str, Any] = json.loads((run_dir / OUTCOME_FILE).read_text())
                 return outcome

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from shadowproxy import control
 from shadowproxy.config import Settings, load_config
 from shadowproxy.configwatch import ConfigWatcher, content_digest
 from shadowproxy.errors import ConfigError
@@ -151,10 +152,6 @@ Apply = Callable[[Settings, str], Awaitable[list[dict[str, Any]] | None]]
 """Makes a validated configuration the running one (a proxy process swaps its router; a
 supervisor passes it on to its workers and returns each worker's version)."""
 
-OUTCOME_FILE = "reload.json"
-"""In ``data_dir/run``: the last reload's outcome, for ``shadowproxy reload``."""
-
-
 class Reloader:
     """The one path of every trigger (SIGHUP, ``POST /-/reload``, ``shadowproxy reload``,
     ``watch``): read and validate the whole file, keep the restart-only settings, apply,
@@ -232,12 +229,9 @@ class Reloader:
     def _write_outcome(self, outcome: ReloadOutcome) -> None:
         data = {"seq": self._seq, "pid": os.getpid(), **outcome.as_dict()}
         try:
-            self._run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._run_dir / f"{OUTCOME_FILE}.tmp"
-            tmp.write_text(json.dumps(data))
-            tmp.replace(self._run_dir / OUTCOME_FILE)
+            control.write_private(self._run_dir / control.OUTCOME_FILE, json.dumps(data))
         except OSError as exc:
-            log.warning("cannot write %s: %s", self._run_dir / OUTCOME_FILE, exc)
+            log.warning("cannot write %s: %s", self._run_dir / control.OUTCOME_FILE, exc)
 
     # --- watch: true ---
     def start(self) -> None:

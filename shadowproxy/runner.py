@@ -64,6 +64,9 @@ def serve(settings: Settings, *, log_format: str = "text",
     from shadowproxy.app import ensure_free
 
     setup_logging(log_format)
+    # Ignored until the proxy runs and reloads on it: a SIGHUP while the embedded database
+    # starts must not end the process (its default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         # Before the embedded database or any worker starts, which can take seconds.
         ensure_free(settings.listen, "listen")

@@ -105,6 +105,9 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 def worker_main(settings: Settings, url: str, log_format: str, index: int, parent: int,
                 directory: Path) -> None:
     """A worker process's entry point (``multiprocessing`` spawn target)."""
+    # Until its handler is installed, a SIGHUP (a terminal's hangup reaches the whole
+    # process group) must not end a starting worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent(parent)
     setup_logging(log_format)
     os.environ["SHADOWPROXY_WORKER"] = str(index)
@@ -122,9 +125,21 @@ def worker_main(settings: Settings, url: str, log_format: str, index: int, paren
     raise SystemExit(status)
 
 
-def _read_config(directory: Path) -> tuple[Settings, str]:
-    data = json.loads((directory / CONFIG_FILE).read_text())
-    return Settings.model_validate(data["settings"]), str(data["version"])
+PASSED_ON = {"database", "admin_token"}
+"""Restart-only settings that may hold secrets: never written to the hand-off file (a
+worker keeps its own, which are the same)."""
+
+
+def _read_config(directory: Path, running: Settings) -> tuple[Settings, str] | None:
+    """The configuration the supervisor handed on, with this worker's own values of
+    ``PASSED_ON``; None if there is none (a SIGHUP that was not the supervisor's)."""
+    try:
+        text = (directory / CONFIG_FILE).read_text()
+    except FileNotFoundError:
+        return None
+    data = json.loads(text)
+    own = running.model_dump(mode="json", include=PASSED_ON)
+    return Settings.model_validate({**data["settings"], **own}), str(data["version"])
 
 
 async def _worker(settings: Settings, url: str, parent: int, directory: Path) -> int:
@@ -154,11 +169,17 @@ async def _worker(settings: Settings, url: str, parent: int, directory: Path) ->
             """SIGHUP from the supervisor: run the configuration it wrote."""
             async with following:
                 try:
-                    new, version = await loop.run_in_executor(None, _read_config, directory)
+                    handed = await loop.run_in_executor(None, _read_config, directory,
+                                                        proxy.settings)
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     log.error("cannot read the configuration to reload from %s: %s",
                               directory / CONFIG_FILE, exc)
                     return
+                if handed is None:
+                    log.info("SIGHUP: no configuration handed on by the supervisor; a "
+                             "reload is the supervisor's (signal pid %d)", parent)
+                    return
+                new, version = handed
                 if version != proxy.version:
                     previous = proxy.version
                     proxy.apply(new, version)
@@ -315,10 +336,9 @@ class Supervisor:
     async def apply(self, settings: Settings, version: str) -> list[dict[str, Any]]:
         """Pass a validated configuration on to every worker; each one's version once every
         listening worker runs it (or ``RELOAD_WAIT_S`` passed)."""
-        data = {"version": version, "settings": settings.model_dump(mode="json")}
-        tmp = self.directory / f"{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.directory / CONFIG_FILE)  # atomic: a worker never reads half
+        data = {"version": version,
+                "settings": settings.model_dump(mode="json", exclude=PASSED_ON)}
+        control.write_private(self.directory / CONFIG_FILE, json.dumps(data))
         self.settings, self.version = settings, version
         self._signalled.clear()
         self._signal_stale()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import signal
@@ -208,6 +209,8 @@ async def _run(tmp_path: Path, database_url: str, triggers: list[str], *, worker
             client.stop.set()
             await sending
             metrics = await _metrics(http, admin)
+            if workers > 1:
+                _check_handed_on(tmp_path / "data" / "run" / "config.json", version)
             os.kill(proc.pid, signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert client.errors == []
@@ -215,6 +218,15 @@ async def _run(tmp_path: Path, database_url: str, triggers: list[str], *, worker
     assert metrics[("shadowproxy_config_reloads_total", (("result", "applied"),))] == RELOADS
     assert metrics[("shadowproxy_config_reloads_total", (("result", "rejected"),))] == 1
     await _check_records(database_url, client.answered, versions, s1, s2)
+
+
+def _check_handed_on(path: Path, version: str) -> None:
+    """The configuration handed to the workers is private to the user and holds neither the
+    database URL nor the admin token."""
+    assert path.stat().st_mode & 0o777 == 0o600
+    handed = json.loads(path.read_text())
+    assert handed["version"] == version
+    assert "database" not in handed["settings"] and "admin_token" not in handed["settings"]
 
 
 async def _check_records(database_url: str, answered: list[str],

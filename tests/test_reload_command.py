@@ -80,3 +80,26 @@ def test_data_dir_is_found_in_a_file_yaml_cannot_read(tmp_path: Path) -> None:
     data_dir, problems = _data_dir(path)
     assert data_dir == tmp_path / "d"
     assert problems and "(YAML)" in problems[0]
+
+
+def test_an_earlier_process_s_outcome_is_not_taken_for_an_answer(tmp_path: Path) -> None:
+    """The last outcome written by another process (an earlier run) does not count as the
+    running one's answer, whatever its sequence number."""
+    from shadowproxy.control import OUTCOME_FILE, _seq
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / OUTCOME_FILE).write_text(json.dumps({"seq": 7, "pid": 1}))
+    assert _seq(run, os.getpid()) == -1
+    (run / OUTCOME_FILE).write_text(json.dumps({"seq": 7, "pid": os.getpid()}))
+    assert _seq(run, os.getpid()) == 7
+
+
+def test_a_worker_signalled_without_a_handed_on_configuration_keeps_running(
+        tmp_path: Path) -> None:
+    """A SIGHUP that reaches a worker without a configuration from its supervisor (a
+    terminal's hangup reaches the whole process group) is nothing to apply."""
+    from shadowproxy.config import load_config
+    from shadowproxy.workers import _read_config
+
+    assert _read_config(tmp_path, load_config(_write(tmp_path))) is None
