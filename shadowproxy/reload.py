@@ -173,11 +173,15 @@ class Reloader:
         self._watch_task: asyncio.Task[None] | None = None
         self._digest = content_digest(path)
         """The file's content when it was last read by a reload (or at start)."""
+        self._closed = False
 
     # --- triggers ---
     async def reload(self, trigger: str) -> ReloadOutcome:
         """Reload the file; never raises for a bad file (the outcome says what was wrong)."""
         async with self._lock:
+            if self._closed:
+                log.info("config reload (%s) ignored: stopping", trigger)
+                return ReloadOutcome("unchanged", self.version, self.version)
             outcome = await self._reload(trigger)
             self._seq += 1
             self._write_outcome(outcome)
@@ -263,11 +267,12 @@ class Reloader:
         self._watcher = self._watch_task = None
 
     async def close(self) -> None:
-        """Stop watching; wait for a reload under way."""
+        """Stop watching; wait for a reload under way; ignore any later one."""
         task = self._watch_task
         self._stop_watch()
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         async with self._lock:
-            pass
+            self._closed = True
+            self._stop_watch()  # in case the reload under way started one

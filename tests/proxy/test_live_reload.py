@@ -417,3 +417,19 @@ async def test_the_access_log_names_each_request_s_config_version(
     lines = [r for r in caplog.records if r.name == "shadowproxy.access"]
     assert [getattr(r, "config_version", None) for r in lines] == [first, second]
     assert lines[1].getMessage().endswith(f"config={second}")
+
+
+async def test_a_reload_after_the_stop_began_changes_nothing(
+        tmp_path: Path, database_url: str) -> None:
+    """A reload that comes once the proxy is stopping (a SIGHUP after SIGTERM) is ignored:
+    the draining proxy keeps its configuration and no watcher starts again."""
+    async with serve(model("v1")) as primary:
+        config = base_config(tmp_path, primary.url)
+        async with live_proxy(tmp_path, database_url, config) as (proxy, path):
+            version = proxy.version
+            assert proxy.reloader is not None
+            await proxy.reloader.close()
+            outcome = await reload_with(proxy, path, {**config, "watch": True,
+                                                      "access_log": True})
+            assert outcome.result == "unchanged" and proxy.version == version
+            assert proxy.reloader._watch_task is None
