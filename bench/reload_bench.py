@@ -220,11 +220,11 @@ def main() -> int:
         for up in upstreams:
             up.kill()
 
-    from shadowproxy import build
-
+    # The proxy's own start line says which build it runs (PYTHONPATH may be a compiled tree).
+    build = re.search(r"routes: .* \((pure Python|compiled with mypyc)\)", err)
     print(f"# reload_bench: {datetime.now(UTC).isoformat(timespec='seconds')}, "
           f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"shadowproxy {build.describe()}, workers {args.workers}")
+          f"shadowproxy {build.group(1) if build else '?'}, workers {args.workers}")
     print(f"# {' '.join(sys.argv)}")
     print(f"{'phase':<10} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
           f"{'errors':>7}")
