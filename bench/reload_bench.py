@@ -208,7 +208,12 @@ def main() -> int:
                 next_at += args.interval
             runner.join()
             results["reloading"].append(box["result"])
-        applied = _metric(admin, "shadowproxy_config_reloads_total", 'result="applied"')
+        deadline = time.monotonic() + 10  # the last reload may still be under way
+        while True:
+            applied = _metric(admin, "shadowproxy_config_reloads_total", 'result="applied"')
+            if applied >= reloads or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         rejected = _metric(admin, "shadowproxy_config_reloads_total", 'result="rejected"')
         proxy.send_signal(signal.SIGTERM)
         _, err = proxy.communicate(timeout=60)
