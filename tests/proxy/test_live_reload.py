@@ -150,13 +150,14 @@ class CountingUpstream:
 
 async def test_unchanged_upstreams_keep_their_connections_across_reloads(
         tmp_path: Path, database_url: str) -> None:
-    """Ten reloads that change a shadow's sample rate and add and remove another shadow
-    leave the primary's and the kept shadow's keep-alive connection in place: one connection
-    each for all requests, and the client's connection is never closed."""
+    """Ten reloads that change a shadow's timeout and headers and add and remove another
+    shadow leave the primary's and the kept shadow's keep-alive connection in place: one
+    connection each for all requests, and the client's connection is never closed."""
     async with CountingUpstream() as primary, CountingUpstream() as kept, \
             CountingUpstream() as other:
         def config(i: int) -> dict[str, Any]:
-            shadows = [{"name": "kept", "url": kept.url, "sample_rate": 1.0 - (i % 2) * 0.5}]
+            shadows = [{"name": "kept", "url": kept.url, "timeout_s": 2 + i % 2,
+                        "set_headers": {"X-Config": str(i)}}]
             if i % 2:
                 shadows.append({"name": "other", "url": other.url})
             return base_config(tmp_path, primary.url, shadows)
@@ -172,13 +173,22 @@ async def test_unchanged_upstreams_keep_their_connections_across_reloads(
         async with live_proxy(tmp_path, database_url, config(0)) as (proxy, path), \
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
                                       trace_configs=[trace]) as http:
+            kept_calls = proxy.metrics.shadow("r", "kept").outcomes
+            sent = 0
             for i in range(1, 11):
                 assert (await reload_with(proxy, path, config(i))).result == "applied"
                 for _ in range(3):
-                    resp = await http.post(f"http://127.0.0.1:{proxy.port}/p",
-                                           headers={"X-Shadow-Key": "k"}, json={})
+                    resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})
                     assert resp.status == 200
                     await resp.read()
+                    sent += 1
+                    # The shadow call outlives the client's answer: let it end (its
+                    # connection back in the pool) so that the next one can reuse it.
+                    for _ in range(200):
+                        if kept_calls["ok"] == sent:
+                            break
+                        await asyncio.sleep(0.005)
+                    assert kept_calls["ok"] == sent
             await asyncio.sleep(0.2)
             assert other.open == 0, "the retired shadow's idle connection stayed open"
     assert primary.opened == 1
