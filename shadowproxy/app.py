@@ -112,19 +112,33 @@ class Proxy:
         """The port clients connect to (useful with ``listen: 127.0.0.1:0``)."""
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready while records have somewhere to go: the database, or the spool during an
+        outage. Not ready while the database refuses the proxy for good (a wrong password
+        or database name, a server demanding TLS): that needs the operator, and an instance
+        that can only spool should not take traffic for hours unnoticed."""
         recorder = self.recorder
         spool_room = recorder.spool.max_bytes - recorder.spool.total_bytes()
+        problem = None if recorder.database_ok else recorder.problem
+        permanent = problem is not None and problem.permanent
         if recorder.database_ok and recorder.overflowing:
             database = "ok, behind the traffic: the excess is spooled and stored as it catches up"
         elif recorder.database_ok:
             database = "ok"
+        elif permanent:
+            database = ("refused by the database (a permanent error, see database_error): "
+                        "spooling until it is fixed")
         elif recorder.spool_full or spool_room <= 0:
             database = "unreachable, spool full: records are dropped"
         else:
             database = "unreachable, spooling"
-        ready = recorder.database_ok or (spool_room > 0 and not recorder.spool_full)
-        detail = {"database": database, "spool_bytes_free": spool_room,
-                  "routes": len(self.settings.routes), "config_version": self.version}
+        ready = not permanent and (
+            recorder.database_ok or (spool_room > 0 and not recorder.spool_full))
+        detail: dict[str, Any] = {"database": database, "spool_bytes_free": spool_room,
+                                  "routes": len(self.settings.routes),
+                                  "config_version": self.version}
+        if problem is not None:
+            detail["database_error"] = {"class": problem.kind, "cause": problem.cause,
+                                        **({"fix": problem.fix} if problem.fix else {})}
         if self.reloader is not None:
             detail.update(self.reloader.describe())
         return ready, detail
@@ -147,6 +161,7 @@ class Proxy:
         ctx.max_header_bytes = settings.limits.max_header_bytes
         ctx.client_timeout = settings.limits.client_timeout_s
         self.registry.keep_only(used)
+        ctx.pools = self.registry.all()  # swept for idle connections past upstream_idle_s
         self.settings = settings
         self.version = self.metrics.config_version = version
 
@@ -277,16 +292,13 @@ async def running(settings: Settings, database_url: str, *,
                             log_exchanges=settings.access_log,
                             replay_grace_s=settings.limits.shutdown_grace_s,
                             config_version=metrics.config_version)
-        await recorder.start()
+        await recorder.start()  # logs why, if the database cannot be used
 
         async def flush_records() -> None:
             stopping.step("flush records")
             await recorder.close()
 
         stack.push_async_callback(flush_records)
-        if not recorder.database_ok:
-            log.warning("database not reachable at start-up; records go to the spool in %s "
-                        "until it is", settings.data_dir / "spool")
         ctx = ProxyContext(loop, router, recorder,
                            max_header_bytes=settings.limits.max_header_bytes,
                            client_timeout=settings.limits.client_timeout_s)

@@ -29,6 +29,13 @@ from shadowproxy.errors import ConfigError
 DATABASE_URL_ENV = "SHADOWPROXY_DATABASE_URL"
 DEFAULT_REDACT_HEADERS = ("authorization", "cookie", "set-cookie", "proxy-authorization",
                           "x-api-key")
+DEFAULT_REDACT_QUERY = ("api_key", "apikey", "api-key", "x-api-key", "key", "token",
+                        "access_token", "refresh_token", "id_token", "auth", "authorization",
+                        "password", "passwd", "pwd", "secret", "client_secret", "signature",
+                        "sig", "session", "session_id", "sessionid", "jwt", "x-amz-signature",
+                        "x-amz-security-token", "x-goog-signature")
+"""Query parameters whose values are secrets by custom: API keys, OAuth tokens, passwords,
+the signatures of presigned URLs (AWS SigV4, Google Cloud Storage, Azure SAS ``sig``)."""
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 """RFC 9110 §9 and PATCH (RFC 5789): what ``match.methods`` accepts."""
@@ -164,6 +171,7 @@ class Route(_Frozen):
     name: str = Field(pattern=_NAME)
     match: Match = Field(default_factory=Match)
     preserve_host: bool = False
+    retry_non_idempotent: bool = False
     primary: Upstream
     shadows: list[Shadow] = Field(default_factory=list)
     compare: CompareConfig | None = None
@@ -199,6 +207,7 @@ class RecordingConfig(_Frozen):
     max_decompressed_bytes: int = Field(default=8_388_608, ge=0)
     redact_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
     redact_json: list[str] = Field(default_factory=list)
+    redact_query: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_QUERY))
     queue_max_records: int = Field(default=50_000, ge=1)
     queue_max_bytes: int = Field(default=134_217_728, ge=1)
     batch_max_records: int = Field(default=1_000, ge=1)
@@ -206,7 +215,7 @@ class RecordingConfig(_Frozen):
     flush_interval_ms: int = Field(default=200, ge=1)
     spool_max_bytes: int = Field(default=1_073_741_824, ge=0)
 
-    @field_validator("redact_headers")
+    @field_validator("redact_headers", "redact_query")
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
         return [v.lower() for v in value]
@@ -226,6 +235,8 @@ class Limits(_Frozen):
 
     max_mirror_body_bytes: int = Field(default=16_777_216, ge=0)
     max_header_bytes: int = Field(default=65_536, ge=1024)
+    max_response_header_bytes: int = Field(default=65_536, ge=1024)
+    upstream_idle_s: PositiveSeconds = 1.5
     client_timeout_s: PositiveSeconds = 60.0
     shutdown_grace_s: PositiveSeconds = 10.0
 

@@ -1,8 +1,8 @@
 """HTTP/1.1 wire format: hop-by-hop rules, request and response heads, error bodies.
 
-Pure functions over bytes, shared by the client side (``proxy.py``) and the upstream side
-(``upstream.py``). Heads are built as one ``bytes`` object so that each message leaves in a
-single write.
+Pure functions and constants over bytes, shared by the client side (``proxy.py``,
+``primary.py``) and the upstream side (``upstream.py``, ``mirror.py``). Heads are built as
+one ``bytes`` object so that each message leaves in a single write.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ REQUEST_REWRITTEN = HOP_BY_HOP | {
 # Response headers the proxy rewrites: framing is its own, and X-Request-Id is always its.
 RESPONSE_REWRITTEN = HOP_BY_HOP | {b"x-request-id"}
 
+# RFC 9110 §9.2.2: repeating one of these has the same effect as sending it once.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# Responses that never have a body, whatever their headers say (RFC 9110 §15.3.5, §15.4.5).
+NO_BODY_STATUS = frozenset({204, 304})
+
 CRLF = b"\r\n"
 CHUNKED_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -35,7 +41,10 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Request headers the client side notes while parsing, so the data path never rescans.
 NOTED_REQUEST_HEADERS = frozenset({
     b"content-length", b"expect", b"x-request-id", b"x-forwarded-for", b"host", b"connection",
+    b"transfer-encoding",
 })
+# Of those, the ones whose repeated fields make one list (RFC 9110 §5.3).
+LISTED_REQUEST_HEADERS = frozenset({b"connection", b"transfer-encoding"})
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 
 
@@ -69,9 +78,9 @@ def header_lines(headers: Headers, skip: frozenset[bytes]) -> bytes:
     return b"".join([n + b": " + v + CRLF for n, v in headers if n.lower() not in skip])
 
 
-def request_head(method: bytes, target: bytes, lines: bytes) -> bytes:
+def request_head(method: bytes, path_query: bytes, lines: bytes) -> bytes:
     """An HTTP/1.1 request head from the request line parts and ready header lines."""
-    return method + b" " + target + b" HTTP/1.1\r\n" + lines + CRLF
+    return method + b" " + path_query + b" HTTP/1.1\r\n" + lines + CRLF
 
 
 def chunk(data: bytes) -> bytes:

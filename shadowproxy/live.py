@@ -7,6 +7,10 @@ keep-alive connections, so a reload causes no reconnect storm. A pool the new co
 no longer names is retired (``UpstreamPool.retire``): its idle connections close at once,
 each busy one when its call ends, and calls of requests that arrived under the earlier
 configuration are still made on it. A later configuration naming the URL again revives it.
+
+What a pool does with its connections follows the running configuration's ``limits``
+(``upstream_idle_s``, ``max_response_header_bytes``): a reload hands a kept pool the new
+values (``UpstreamPool.use_limits``), as it hands a new pool its first ones.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from shadowproxy.config import Settings
+from shadowproxy.config import Limits, Settings
 from shadowproxy.metrics import Metrics
-from shadowproxy.mirror import ShadowTarget
-from shadowproxy.proxy import RouteTarget
+from shadowproxy.mirror import CompiledShadow
+from shadowproxy.proxy import CompiledRoute
 from shadowproxy.routing import Router
 from shadowproxy.upstream import UpstreamPool
 
@@ -29,12 +33,15 @@ class PoolRegistry:
         self.loop = loop
         self._pools: dict[str, UpstreamPool] = {}
 
-    def pool(self, url: str, name: str) -> UpstreamPool:
-        """The pool of ``url`` (made on first use; revived if it was retired)."""
+    def pool(self, url: str, name: str, limits: Limits) -> UpstreamPool:
+        """The pool of ``url`` (made on first use; revived if it was retired), working to
+        ``limits``."""
         pool = self._pools.get(url)
         if pool is None:
-            pool = self._pools[url] = UpstreamPool(self.loop, url, name)
-        elif pool.retired:
+            pool = self._pools[url] = UpstreamPool(self.loop, url, name, limits)
+            return pool
+        pool.use_limits(limits)
+        if pool.retired:
             pool.revive()
         return pool
 
@@ -63,7 +70,7 @@ class PoolRegistry:
 
 
 def compile_routes(settings: Settings, version: str, registry: PoolRegistry,
-                   metrics: Metrics) -> tuple[Router[RouteTarget], list[UpstreamPool]]:
+                   metrics: Metrics) -> tuple[Router[CompiledRoute], list[UpstreamPool]]:
     """The router for ``settings`` (stamped with ``version``) and the pools it uses.
 
     Counters are looked up by route and shadow name, so they carry on across reloads; a
@@ -72,18 +79,17 @@ def compile_routes(settings: Settings, version: str, registry: PoolRegistry,
     used: dict[int, UpstreamPool] = {}
 
     def pool(url: str, name: str) -> UpstreamPool:
-        found = registry.pool(url, name)
+        found = registry.pool(url, name, settings.limits)
         used[id(found)] = found
         return found
 
     entries = []
     for route in settings.routes:
-        shadows = [ShadowTarget(route.name, s, pool(s.url, s.name), metrics)
+        shadows = [CompiledShadow(route.name, s, pool(s.url, s.name), metrics)
                    for s in route.shadows if s.enabled]
-        target = RouteTarget(route.name, pool(route.primary.url, f"{route.name}-primary"),
-                             route.primary.timeout_s, shadows, route.preserve_host,
-                             metrics.route(route.name), version=version,
-                             capture_cap=settings.recording.max_body_bytes,
-                             max_mirror_body=settings.limits.max_mirror_body_bytes)
+        target = CompiledRoute(route, pool(route.primary.url, f"{route.name}-primary"),
+                               shadows, metrics.route(route.name), version=version,
+                               capture_cap=settings.recording.max_body_bytes,
+                               max_mirror_body=settings.limits.max_mirror_body_bytes)
         entries.append((route.match.path_prefix, route.match.methods, target))
     return Router(entries), list(used.values())

@@ -1,4 +1,10 @@
-"""Logging set-up: human-readable text, or one JSON object per line for log shippers."""
+"""Logging set-up: human-readable text, or one JSON object per line for log shippers.
+
+Lines about a request carry its id (``extra={"request_id": ...}``), never its content:
+no body, header or query value is ever formatted into a log line (THREAT_MODEL.md). Events
+a client can cause at will are logged through a ``Throttle``, so that no client can fill
+the log.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import UTC, datetime
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
@@ -37,6 +44,31 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         request_id = getattr(record, "request_id", None)
         return f"{line} request_id={request_id}" if request_id else line
+
+
+class Throttle:
+    """At most ``limit`` lines per ``period_s`` for one kind of event; the lines held back
+    are counted, and the next line let through says how many there were."""
+
+    def __init__(self, limit: int = 10, period_s: float = 60.0) -> None:
+        self.limit = limit
+        self.period_s = period_s
+        self._window_start = -period_s
+        self._in_window = 0
+        self._held_back = 0
+
+    def allow(self, now: float | None = None) -> tuple[bool, int]:
+        """(log this event?, events held back since the last one logged)."""
+        now = time.monotonic() if now is None else now
+        if now - self._window_start >= self.period_s:
+            self._window_start = now
+            self._in_window = 0
+        if self._in_window >= self.limit:
+            self._held_back += 1
+            return False, 0
+        self._in_window += 1
+        held, self._held_back = self._held_back, 0
+        return True, held
 
 
 def setup_logging(log_format: str = "text", level: str | None = None) -> None:

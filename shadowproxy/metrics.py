@@ -8,7 +8,10 @@ Metric names (the public interface, see DESIGN.md):
 ``shadowproxy_requests_total{route,code}``,
 ``shadowproxy_upstream_latency_seconds{route,target}`` (histogram),
 ``shadowproxy_shadow_requests_total{route,shadow,outcome}``,
-``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``,
+``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``; and
+``shadowproxy_bodies_withheld_total{reason}`` (bodies not stored because they could not be
+redacted); ``shadowproxy_database_up`` and ``shadowproxy_database_error{class}`` (why records
+go to the spool: a transient outage, or a permanent problem only the operator can fix);
 ``shadowproxy_config_info{version}`` (1 for each configuration version a process runs),
 ``shadowproxy_config_reloads_total{result}`` (``applied`` or ``rejected``).
 
@@ -38,6 +41,8 @@ SHADOW_OUTCOMES = ("ok", *ERROR_KINDS)
 """``outcome`` of a shadow call: ok, or the kind of its failure (``failures.ErrorKind``)."""
 RECORD_OUTCOMES = ("written", "spooled", "dropped")
 RELOAD_RESULTS = ("applied", "rejected")
+DATABASE_ERROR_CLASSES = ("transient", "permanent")
+"""``class`` of ``shadowproxy_database_error``: see ``store.database.classify``."""
 
 
 class Histogram:
@@ -102,6 +107,13 @@ class Metrics:
         self.config_version = ""
         """The configuration this process runs ("" for none: a supervisor's own counters)."""
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
+        self.bodies_withheld: dict[str, int] = {}
+        self.database_state: Callable[[], str] = lambda: "up"
+        """'up', or the class of the problem that keeps the database from being used."""
+        """Bodies not stored, by reason (``recorder.bodies.WITHHELD_REASONS`` and others)."""
+
+    def withheld(self, reason: str) -> None:
+        self.bodies_withheld[reason] = self.bodies_withheld.get(reason, 0) + 1
 
     def route(self, name: str) -> RouteCounters:
         return self.routes.setdefault(name, RouteCounters())
@@ -122,6 +134,8 @@ class Metrics:
             "queue": self.queue_depth(),
             "config_version": self.config_version,
             "reloads": dict(self.reloads),
+            "bodies_withheld": dict(self.bodies_withheld),
+            "database": self.database_state(),
         }
 
 
@@ -134,6 +148,8 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     queue = 0
     versions: set[str] = set()
     reloads = dict.fromkeys(RELOAD_RESULTS, 0)
+    withheld: dict[str, int] = {}
+    database = dict.fromkeys(("up", *DATABASE_ERROR_CLASSES), 0)
     for snap in snapshots:
         for route, code, n in snap["requests"]:
             key = (route, str(code))
@@ -152,6 +168,11 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
             versions.add(snap["config_version"])
         for result, n in snap.get("reloads", {}).items():
             reloads[result] = reloads.get(result, 0) + n
+        for reason, n in snap.get("bodies_withheld", {}).items():
+            withheld[reason] = withheld.get(reason, 0) + n
+        state = snap.get("database")
+        if state in database:
+            database[state] += 1
 
     fam = CounterMetricFamily("shadowproxy_requests", "Client requests answered, by route "
                               "and status code.", labels=["route", "code"])
@@ -197,6 +218,26 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     for result, n in reloads.items():
         fam.add_metric([result], n)
     yield fam
+
+    fam = CounterMetricFamily("shadowproxy_bodies_withheld", "Bodies not stored because "
+                              "they could not be redacted (recording.redact_json) or PostgreSQL "
+                              "refused their record, by reason.",
+                              labels=["reason"])
+    for reason, n in sorted(withheld.items()):
+        fam.add_metric([reason], n)
+    yield fam
+
+    yield GaugeMetricFamily("shadowproxy_database_up", "1 while records go straight to "
+                            "PostgreSQL, 0 while they go to the spool because it cannot be "
+                            "used (summed over workers).", value=database["up"])
+    errors = GaugeMetricFamily("shadowproxy_database_error", "1 while the database cannot "
+                               "be used, by class: transient (an outage: it passes) or "
+                               "permanent (a wrong password, database name or TLS setting: "
+                               "the operator must fix it); summed over workers.",
+                               labels=["class"])
+    for kind in DATABASE_ERROR_CLASSES:
+        errors.add_metric([kind], database[kind])
+    yield errors
 
 
 class SnapshotCollector:

@@ -17,10 +17,10 @@ from shadowproxy.config import Shadow
 from shadowproxy.failures import ErrorKind
 from shadowproxy.metrics import Metrics, ShadowCounters
 from shadowproxy.models import CapturedResponse, Exchange, Headers
-from shadowproxy.upstream import UpstreamCall, UpstreamConnection, UpstreamPool
+from shadowproxy.upstream import UpstreamCall, UpstreamPool
 
 
-class ShadowTarget:
+class CompiledShadow:
     """One configured shadow of one route, compiled for the data path."""
 
     __slots__ = ("counters", "custom_skip", "extra_lines", "max_in_flight",
@@ -59,34 +59,21 @@ class ShadowTarget:
 class ShadowCall(UpstreamCall):
     """A call to a shadow: its response is captured for the record, never returned."""
 
-    __slots__ = ("capture_cap", "chunks", "exchange", "record", "target")
+    __slots__ = ("shadow",)
 
-    def __init__(self, target: ShadowTarget, exchange: Exchange, record: CapturedResponse,
-                 head: bytes, body: bytes, expect_no_body: bool, capture_cap: int) -> None:
-        super().__init__(head, body, target.timeout, expect_no_body)
-        self.target = target
-        self.exchange = exchange
-        self.record = record
-        self.capture_cap = capture_cap
-        self.chunks: list[bytes] = []
+    def __init__(self, shadow: CompiledShadow, exchange: Exchange, record: CapturedResponse,
+                 head: bytes, body: bytes, head_only: bool, may_resend: bool,
+                 capture_cap: int) -> None:
+        super().__init__(exchange, record, head, body, shadow.timeout, head_only, may_resend,
+                         capture_cap)
+        self.shadow = shadow
 
-    def on_response_head(self, status: int, reason: bytes, headers: Headers,
-                         conn: UpstreamConnection) -> None:
+    def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
         self.record.status = status
         self.record.headers = headers
 
     def on_response_body(self, data: bytes) -> None:
-        self.record.capture(self.chunks, data, self.capture_cap)
-
-    def _close(self, kind: ErrorKind | None) -> None:
-        record = self.record
-        assert self.pool is not None
-        record.latency_ms = (time.perf_counter() - self.sent_at) * 1000.0
-        record.body = b"".join(self.chunks) if self.chunks else b""
-        counters = self.target.counters
-        counters.in_flight -= 1
-        counters.finish(kind, record.latency_ms)
-        self.exchange.finish_call()
+        self.capture(data)
 
     def on_response_end(self) -> None:
         self._close(None)
@@ -97,13 +84,22 @@ class ShadowCall(UpstreamCall):
         record.error = detail
         self._close(kind)
 
+    def _close(self, kind: ErrorKind | None) -> None:
+        latency = self.close_record()
+        counters = self.shadow.counters
+        counters.in_flight -= 1
+        counters.finish(kind, latency)
 
-def start_shadows(shadows: list[ShadowTarget], exchange: Exchange, method: bytes,
-                  target: bytes, request_headers: Headers, common_lines: bytes,
+
+def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: bytes,
+                  path_query: bytes, request_headers: Headers, common_lines: bytes,
                   tail_lines: bytes, body: bytes, skip_reason: str | None,
-                  capture_cap: int) -> None:
-    """Fire the exchange's request at every sampled shadow; returns at once."""
-    expect_no_body = method == b"HEAD"
+                  may_resend: bool, capture_cap: int) -> None:
+    """Fire the exchange's request at every sampled shadow; returns at once.
+
+    ``path_query``: the request's path and query as forwarded (origin-form), which each
+    shadow's URL path prefixes."""
+    head_only = method == b"HEAD"
     now = time.time()
     for shadow in shadows:
         if not shadow.sampled(request_headers):
@@ -127,9 +123,8 @@ def start_shadows(shadows: list[ShadowTarget], exchange: Exchange, method: bytes
             request_headers, shadow.custom_skip)
         pool = shadow.pool
         head = http1.request_head(
-            method, pool.base_path + target,
+            method, pool.base_path + path_query,
             b"Host: " + pool.host_header + b"\r\n" + lines + shadow.extra_lines + tail_lines)
         shadow.counters.in_flight += 1
-        exchange.start_call(record)
-        pool.start(ShadowCall(shadow, exchange, record, head, body, expect_no_body,
+        pool.start(ShadowCall(shadow, exchange, record, head, body, head_only, may_resend,
                               capture_cap))

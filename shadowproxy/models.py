@@ -58,6 +58,16 @@ class _TimeOrderedIds:
 record_ids = _TimeOrderedIds()
 
 
+def keep_piece(chunks: list[bytes], data: bytes, room: int) -> bool:
+    """Append ``data`` to ``chunks``, cut to ``room`` bytes; True when some of it was cut."""
+    if room >= len(data):
+        chunks.append(data)
+        return False
+    if room > 0:
+        chunks.append(data[:room])
+    return True
+
+
 class RecordSink(Protocol):
     """Where finished exchanges go (the recorder)."""
 
@@ -108,11 +118,7 @@ class CapturedResponse:
         """Count a piece of body, and keep it in ``chunks`` up to ``cap`` bytes in all."""
         room = cap - self.body_size
         self.body_size += len(data)
-        if room >= len(data):
-            chunks.append(data)
-        else:
-            if room > 0:
-                chunks.append(data[:room])
+        if keep_piece(chunks, data, room):
             self.body_truncated = True
 
 
@@ -166,6 +172,19 @@ class Exchange:
         self.request_stored = False
         """True when the request row is in the database already (``id`` is its key) and
         only ``responses`` are to be stored: ``shadowproxy replay``'s answers."""
+
+    def capture(self, chunks: list[bytes], data: bytes, cap: int) -> None:
+        """Count a piece of a request body that arrives in pieces, and keep it in ``chunks``
+        up to ``cap`` bytes in all (``body`` is set from them when the body ends)."""
+        room = cap - self.body_size
+        self.body_size += len(data)
+        if keep_piece(chunks, data, room):
+            self.body_truncated = True
+
+    def hold(self) -> None:
+        """Count the request itself as unfinished (its body still arrives): the record is
+        handed on only after a matching ``finish_call``."""
+        self.pending += 1
 
     def start_call(self, response: CapturedResponse) -> None:
         """Count one more upstream call that must finish before the record is complete."""

@@ -1,103 +1,229 @@
-"""The call to the primary: its response is streamed to the client as it arrives.
+"""The call to the primary, and ``ClientChannel``: all that call knows of its client.
 
-A ``PrimaryCall`` is the primary side of one client request (``proxy.py``): it sends the
-request (streaming a body too large to mirror), relays the response head and body to the
-client with its own framing, and turns a failure into a JSON 502/504, or into a cut
-connection once part of the response has been relayed. The response is captured for the
-record up to ``recording.max_body_bytes``.
+A ``PrimaryCall`` is the primary side of one client request (``proxy.py`` starts it): it
+sends the request (streaming a body too large to mirror), relays the response head and
+body to the client, and turns a failure into a JSON 502/504, or into a cut connection once
+part of the response has been relayed. The response is captured for the record up to
+``recording.max_body_bytes``.
+
+The two sides meet through narrow interfaces, so that each can be read and tested alone:
+
+- the call sees the client as a ``ClientChannel``: a writer that owns the client's response
+  framing (chunked or close-delimited bodies, the ``Connection`` header), flow control of
+  the client's reading, the keep-alive decision (the connection makes it; a call can only
+  lower it, for a body delimited by closing), and a completion callback;
+- the connection drives the call through ``send_body``/``end_body`` (a streamed request
+  body), ``pause_response``/``resume_response`` (the client reads more slowly than the
+  primary answers), ``client_gone`` and ``refuse``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from shadowproxy import http1
 from shadowproxy.failures import ErrorKind
 from shadowproxy.models import CapturedResponse, Exchange, Headers
-from shadowproxy.upstream import UpstreamCall, UpstreamConnection
+from shadowproxy.upstream import UpstreamCall
 
 if TYPE_CHECKING:
-    from shadowproxy.proxy import ClientConnection, ClientRequest, RouteTarget
+    from shadowproxy.proxy import CompiledRoute
+
+# Why reading from the client is paused; it resumes when no reason is left.
+READ_PIPELINE: Final = 1
+"""Enough requests wait behind the one being served."""
+READ_UPSTREAM: Final = 2
+"""The primary takes no more of the request body for now."""
+READ_CLOSING: Final = 4
+"""Nothing more will be read: the connection closes once it has answered."""
 
 
-def capture_request_body(exchange: Exchange, data: bytes, cap: int) -> None:
-    room = cap - len(exchange.body)
-    exchange.body_size += len(data)
-    if room >= len(data):
-        exchange.body += data
-    else:
-        if room > 0:
-            exchange.body += data[:room]
-        exchange.body_truncated = True
+def _nothing() -> None:
+    """The completion callback of a channel whose client is gone."""
+
+
+class ClientChannel:
+    """The client connection as the primary call sees it: one per client connection, set up
+    by the connection for each response (``begin``)."""
+
+    __slots__ = ("head_sent", "http10", "keep_alive", "on_complete", "pending_head",
+                 "read_pauses", "rechunk", "stalled_since", "transport", "writing_paused")
+
+    def __init__(self, on_complete: Callable[[], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.on_complete = on_complete
+        """Called once the response is complete (or given up): the connection moves on."""
+        self.keep_alive = True
+        """The connection's decision: the connection stays open after this response."""
+        self.http10 = False
+        self.read_pauses = 0
+        """The ``READ_*`` reasons reading from the client is paused for (a bit set)."""
+        self.writing_paused = False
+        """The client's socket buffer is full: it reads more slowly than we answer."""
+        self.stalled_since = 0.0
+        self.head_sent = False
+        """Part of the response has been written: an error can no longer be answered."""
+        self.rechunk = False
+        self.pending_head: bytes | None = None
+
+    # --- used by the connection ---
+    def begin(self, keep_alive: bool, http10: bool) -> None:
+        """A new response starts; ``keep_alive`` is the connection's decision so far."""
+        self.keep_alive = keep_alive
+        self.http10 = http10
+        self.head_sent = False
+        self.rechunk = False
+        self.pending_head = None
+
+    def started(self) -> bool:
+        """The response head has been decided (its Connection header is fixed)."""
+        return self.head_sent or self.pending_head is not None
+
+    def gone(self) -> None:
+        """The client disconnected: writes go nowhere, completion does nothing."""
+        self.transport = None
+        self.on_complete = _nothing  # also breaks the connection → channel → connection cycle
+
+    # --- used by the call ---
+    def start_response(self, lines: list[bytes], has_length: bool, no_body: bool) -> None:
+        """The status line and header lines; the channel adds framing and Connection. The
+        head is written with the first piece of body, or at the end."""
+        if not no_body and not has_length:
+            if self.http10:
+                self.keep_alive = False  # an HTTP/1.0 client reads to the end of the connection
+            else:
+                self.rechunk = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+        if not self.keep_alive:
+            lines.append(b"Connection: close\r\n")
+        elif self.http10:
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(http1.CRLF)
+        self.pending_head = b"".join(lines)
+
+    def send(self, data: bytes) -> None:
+        """A piece of the response body."""
+        out = http1.chunk(data) if self.rechunk else data
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            self.head_sent = True
+            out = head + out
+        self.write(out)
+
+    def end_response(self) -> None:
+        """The body is complete: write what is left of the response."""
+        tail = http1.CHUNKED_END if self.rechunk else b""
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            self.head_sent = True
+            tail = head + tail
+        if tail:
+            self.write(tail)
+
+    def answer(self, status: int, message: str, request_id: str | None) -> None:
+        """A whole JSON error response instead of the upstream's (none of it was sent)."""
+        self.pending_head = None
+        self.write(http1.json_error(status, message, request_id, keep_alive=self.keep_alive))
+
+    def cut(self) -> None:
+        """End the connection abruptly: the response started and cannot be completed."""
+        transport = self.transport
+        if transport is not None:
+            self.transport = None
+            transport.abort()
+
+    def complete(self) -> None:
+        """The response is done with (written, answered or cut)."""
+        self.on_complete()
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.read_pauses and self.transport is not None:
+            self.transport.pause_reading()
+        self.read_pauses |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self.read_pauses & reason:
+            self.read_pauses &= ~reason
+            if not self.read_pauses and self.transport is not None:
+                self.transport.resume_reading()
 
 
 class PrimaryCall(UpstreamCall):
     """The call to the primary: its response is streamed to the client as it arrives."""
 
-    __slots__ = ("chunks", "client", "exchange", "head_sent", "pending_head", "pending_out",
-                 "rechunk", "record", "req", "route", "stream_chunked", "streaming_body")
+    __slots__ = ("chunked_request", "client", "counters", "refusal")
 
-    def __init__(self, client: ClientConnection, req: ClientRequest, route: RouteTarget,
-                 exchange: Exchange, head: bytes, body: bytes) -> None:
-        super().__init__(head, body, route.primary_timeout, req.method == b"HEAD")
+    def __init__(self, client: ClientChannel, route: CompiledRoute, exchange: Exchange,
+                 head: bytes, body: bytes, head_only: bool, may_resend: bool,
+                 capture_cap: int) -> None:
+        super().__init__(exchange, CapturedResponse("primary", "primary", time.time()), head,
+                         body, route.primary_timeout, head_only, may_resend, capture_cap)
         self.client = client
-        self.req = req
-        self.route = route
-        self.exchange = exchange
-        self.record = CapturedResponse("primary", "primary", time.time())
-        exchange.start_call(self.record)
-        self.chunks: list[bytes] = []
-        self.pending_head: bytes | None = None
-        self.head_sent = False
-        self.rechunk = False
-        self.streaming_body = False
-        self.stream_chunked = False
-        self.pending_out: list[bytes] = []
+        self.counters = route.counters
+        self.chunked_request = False
+        self.refusal: tuple[int, str] | None = None
+        """The answer the client gets instead of a 502, when its own request was refused."""
 
-    # --- request body streaming (bodies over limits.max_mirror_body_bytes) ---
+    # --- driven by the client connection ---
     def stream_request(self, chunked: bool) -> None:
-        self.streaming_body = True
-        self.stream_chunked = chunked
-        self.retried = True  # a half-sent body cannot be sent again
+        """The body follows in pieces; ``chunked`` when its length is not known."""
+        self.stream_body()
+        self.chunked_request = chunked
 
     def send_body(self, data: bytes) -> None:
-        if self.done:
-            return
-        out = http1.chunk(data) if self.stream_chunked else data
-        conn = self.conn
-        if conn is None:
-            self.pending_out.append(out)
-        elif conn.transport is not None and not conn.closed:
-            conn.transport.write(out)
-
-    def take_body(self) -> bytes:
-        if not self.streaming_body:
-            return self.body
-        out, self.pending_out = b"".join(self.pending_out), []
-        return out
-
-    def on_upstream_pause(self) -> None:
-        transport = self.client.transport
-        if self.streaming_body and transport is not None and not self.client.gone:
-            transport.pause_reading()
-
-    def on_upstream_resume(self) -> None:
-        transport = self.client.transport
-        if self.streaming_body and transport is not None and not self.client.gone:
-            transport.resume_reading()
+        self.write_body(http1.chunk(data) if self.chunked_request else data)
 
     def end_body(self) -> None:
-        if self.stream_chunked:
-            self.send_body(b"")  # the zero-length chunk ends a chunked body
+        if self.chunked_request:
+            self.write_body(http1.CHUNKED_END)
+        self.finish_body()
 
-    # --- response events ---
-    def on_response_head(self, status: int, reason: bytes, headers: Headers,
-                         conn: UpstreamConnection) -> None:
+    def pause_response(self) -> None:
+        """The client does not take the response as fast as it comes: stop reading it."""
+        if self.conn is not None:
+            self.conn.pause_reading()
+
+    def resume_response(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_reading()
+
+    def client_gone(self, reason: str) -> None:
+        """The client disconnected (``reason`` as recorded): stop a response that is
+        streaming to it, or a request whose body will never end. A call that only waits for
+        its answer runs on, so that the primary's answer is recorded."""
+        if self.done:
+            return
+        if self.client.head_sent or self.client.writing_paused or (
+                self.streaming and not self.body_done):
+            self.cancel(ErrorKind.CLOSED, reason)
+
+    def refuse(self, status: int, message: str) -> None:
+        """The client's request turned out to be unacceptable after it was forwarded (in
+        its body): end the call; the client gets ``status`` if nothing was sent yet."""
+        self.refusal = (status, message)
+        self.cancel(ErrorKind.CLOSED, f"closed: the client's request was refused: {message}")
+
+    # --- upstream events ---
+    def on_body_paused(self) -> None:
+        self.client.pause_reading(READ_UPSTREAM)
+
+    def on_body_resumed(self) -> None:
+        self.client.resume_reading(READ_UPSTREAM)
+
+    def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
         record = self.record
         record.status = status
         record.headers = headers
-        req = self.req
         skip = http1.RESPONSE_REWRITTEN
         has_length = False
         for name, value in headers:
@@ -107,84 +233,48 @@ class PrimaryCall(UpstreamCall):
             elif lname == b"connection" and http1.lists_extra_tokens(value):
                 skip = skip | http1.connection_tokens(headers)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason), http1.header_lines(headers, skip),
-                 b"X-Request-Id: ", self.exchange.request_id.encode("ascii"), b"\r\n"]
-        no_body = self.expect_no_body or status in (204, 304)
-        if not no_body and not has_length:
-            if req.http10:
-                req.keep_alive = False  # an HTTP/1.0 client reads to the end of the connection
-            else:
-                self.rechunk = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-        if not req.keep_alive or self.client.ctx.draining:
-            lines.append(b"Connection: close\r\n")
-        elif req.http10:
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        self.pending_head = b"".join(lines)
+                 b"X-Request-Id: ", self.exchange.request_id.encode("ascii"), http1.CRLF]
+        self.client.start_response(lines, has_length,
+                                   self.head_only or status in http1.NO_BODY_STATUS)
 
     def on_response_body(self, data: bytes) -> None:
-        self.record.capture(self.chunks, data, self.route.capture_cap)
-        out = http1.chunk(data) if self.rechunk else data
-        head = self.pending_head
-        if head is not None:
-            self.pending_head = None
-            self.head_sent = True
-            out = head + out
-        self.client._write(out)
+        self.capture(data)
+        self.client.send(data)
 
     def on_response_end(self) -> None:
-        tail = http1.CHUNKED_END if self.rechunk else b""
-        head = self.pending_head
-        if head is not None:
-            self.pending_head = None
-            self.head_sent = True
-            tail = head + tail
-        if tail:
-            self.client._write(tail)
+        client = self.client
+        client.end_response()
         status = self.record.status
         self._close(status if status is not None else 502)
-        self.client.response_done(self.req)
+        client.complete()
 
     def on_failure(self, kind: ErrorKind, detail: str) -> None:
         record = self.record
         record.error_kind = kind
         record.error = detail
-        self.pending_head = None
-        if self.head_sent:
+        client = self.client
+        if client.head_sent:
             # Part of the response is already with the client: the only honest signal left
             # is to cut the connection.
-            self._close(self.record.status or 502)
-            transport = self.client.transport
-            if transport is not None and not self.client.gone:
-                transport.abort()
-            self.client.response_done(self.req)
+            self._close(record.status or 502)
+            client.cut()
+            client.complete()
             return
-        status = 504 if kind is ErrorKind.TIMEOUT else 502
+        refusal = self.refusal
+        if refusal is not None:
+            status, message = refusal
+        elif kind is ErrorKind.TIMEOUT:
+            status, message = 504, "the primary did not answer in time"
+        elif kind is ErrorKind.PROTOCOL:
+            status, message = 502, f"the primary's response cannot be relayed: {detail}"
+        else:
+            status, message = 502, f"the primary could not be reached: {detail}"
         self._close(status)
-        message = ("the primary did not answer in time" if status == 504
-                   else f"the primary could not be reached: {detail}")
-        client = self.client
-        keep_alive = self.req.keep_alive and not client.ctx.draining
-        client._write(http1.json_error(status, message, self.exchange.request_id,
-                                       keep_alive=keep_alive))
-        client.response_done(self.req)
+        client.answer(status, message, self.exchange.request_id)
+        client.complete()
 
     def _close(self, status: int) -> None:
-        record = self.record
-        assert self.pool is not None
-        record.latency_ms = latency = (time.perf_counter() - self.sent_at) * 1000.0
-        record.body = b"".join(self.chunks) if self.chunks else b""
-        counters = self.route.counters
+        latency = self.close_record()
+        counters = self.counters
         counters.count(status)
         counters.primary_latency.observe(latency)
-        self.exchange.finish_call()
-
-    def client_gone(self) -> None:
-        """The client disconnected: stop a response that is still streaming to it."""
-        if self.head_sent and not self.done:
-            conn = self.conn
-            self.conn = None
-            if conn is not None:
-                conn.call = None
-                conn.abort()
-            self.fail(ErrorKind.CLOSED, "closed: client disconnected")

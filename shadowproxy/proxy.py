@@ -2,9 +2,10 @@
 
 One ``ClientConnection`` (an asyncio protocol, parsed by httptools) per client socket. For
 each request it writes the primary's request first, then fires the shadows (``mirror``),
-and streams the primary's response to the client as it arrives. Nothing on this path waits
-for a shadow, the recorder or the database: the exchange is handed to the recorder by the
-last upstream call to finish, with a non-blocking ``submit``.
+and the primary's call (``primary.PrimaryCall``) streams the response to the client through
+the connection's ``ClientChannel`` as it arrives. Nothing on this path waits for a shadow,
+the recorder or the database: the exchange is handed to the recorder by the last upstream
+call to finish, with a non-blocking ``submit``.
 """
 
 from __future__ import annotations
@@ -17,20 +18,38 @@ from collections import deque
 import httptools
 
 from shadowproxy import http1
+from shadowproxy.config import Route
 from shadowproxy.metrics import RouteCounters
-from shadowproxy.mirror import ShadowTarget, start_shadows
+from shadowproxy.mirror import CompiledShadow, start_shadows
 from shadowproxy.models import Exchange, Headers, RecordSink
-from shadowproxy.primary import PrimaryCall, capture_request_body
-from shadowproxy.routing import Router, split_target
+from shadowproxy.primary import (
+    READ_CLOSING,
+    READ_PIPELINE,
+    READ_UPSTREAM,
+    ClientChannel,
+    PrimaryCall,
+)
+from shadowproxy.routing import Router, split_url
 from shadowproxy.upstream import UpstreamPool
 
 log = logging.getLogger("shadowproxy")
 
+# Requests read ahead of the one being answered (pipelining): reading pauses at 16 of them
+# or 1 MiB of their bodies, so a client that sends without reading is held back. What one
+# read already holds is still parsed; past 128 requests the connection answers those and
+# closes rather than holding more.
 _MAX_PIPELINED = 16
+_MAX_PIPELINED_BYTES = 1024 * 1024
+_MAX_PIPELINED_PARSED = 128
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# What is left of a request body after its answer (an early 413 or 504) is read and dropped,
+# so that the client reads the answer rather than a reset, up to these bounds (aiohttp's
+# lingering_time is 10 s); then the connection closes.
+_DISCARD_MAX_BYTES = 64 * 1024 * 1024
+_DISCARD_S = 10.0
 
 
-class RouteTarget:
+class CompiledRoute:
     """A route compiled for the data path: its pools, shadows and counters.
 
     A request takes its route when its head is parsed, and with it everything of the
@@ -40,17 +59,17 @@ class RouteTarget:
     """
 
     __slots__ = ("capture_cap", "counters", "max_mirror_body", "name", "preserve_host",
-                 "primary", "primary_timeout", "shadows", "version")
+                 "primary", "primary_timeout", "retry_non_idempotent", "shadows", "version")
 
-    def __init__(self, name: str, primary: UpstreamPool, primary_timeout: float,
-                 shadows: list[ShadowTarget], preserve_host: bool,
+    def __init__(self, route: Route, primary: UpstreamPool, shadows: list[CompiledShadow],
                  counters: RouteCounters, *, version: str, capture_cap: int,
                  max_mirror_body: int) -> None:
-        self.name = name
+        self.name = route.name
         self.primary = primary
-        self.primary_timeout = primary_timeout
+        self.primary_timeout = route.primary.timeout_s
         self.shadows = shadows
-        self.preserve_host = preserve_host
+        self.preserve_host = route.preserve_host
+        self.retry_non_idempotent = route.retry_non_idempotent
         self.counters = counters
         self.version = version
         self.capture_cap = capture_cap
@@ -58,15 +77,18 @@ class RouteTarget:
         self.max_mirror_body = max_mirror_body
         """limits.max_mirror_body_bytes"""
 
+    def pools(self) -> list[UpstreamPool]:
+        return [self.primary, *(shadow.pool for shadow in self.shadows)]
+
 
 class ProxyContext:
     """What every client connection of one process shares.
 
-    ``router`` is replaced whole by a reload (``live.py``), in one synchronous step; the
-    connection-level limits beside it are read per connection event.
+    ``router`` is replaced whole by a reload (``live.py``), in one synchronous step, and
+    ``pools`` with it; the connection-level limits beside it are read per connection event.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, router: Router[RouteTarget],
+    def __init__(self, loop: asyncio.AbstractEventLoop, router: Router[CompiledRoute],
                  recorder: RecordSink, *, max_header_bytes: int, client_timeout: float
                  ) -> None:
         self.loop = loop
@@ -75,14 +97,21 @@ class ProxyContext:
         self.max_header_bytes = max_header_bytes
         self.client_timeout = client_timeout
         self.connections: set[ClientConnection] = set()
+        self.pools: list[UpstreamPool] = []
+        for route in router.values():
+            self.pools += [pool for pool in route.pools() if pool not in self.pools]
         self.draining = False
         """Set at shutdown: answer in-flight requests, then close instead of keeping alive."""
 
     def sweep(self) -> None:
-        """Close connections idle too long and requests received too slowly (slowloris)."""
-        deadline = self.loop.time() - self.client_timeout
+        """Close connections idle too long and requests received too slowly (slowloris),
+        and upstream connections idle longer than limits.upstream_idle_s."""
+        now = self.loop.time()
+        deadline = now - self.client_timeout
         for conn in list(self.connections):
-            conn.check_timeout(deadline)
+            conn.check_timeout(deadline, now)
+        for pool in self.pools:
+            pool.expire_idle()
 
     def idle_connections(self) -> list[ClientConnection]:
         return [c for c in self.connections if c.is_idle()]
@@ -92,12 +121,15 @@ class ClientRequest:
     """One request as parsed from the client, until its response is complete."""
 
     __slots__ = (
+        "answered",
         "body_size",
         "call",
+        "captured",
         "chunks",
-        "complete",
         "error",
         "exchange",
+        "head_done",
+        "head_read",
         "header_bytes",
         "headers",
         "http10",
@@ -105,141 +137,227 @@ class ClientRequest:
         "method",
         "noted",
         "path",
+        "pipelined",
         "query",
         "received_at",
         "route",
         "started",
         "streaming",
-        "target",
+        "url",
     )
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.received_at = time.time()
-        self.target = b""
+        self.url = b""
+        """The request-target as received (origin-form, or absolute-form)."""
         self.headers: Headers = []
         self.noted: dict[bytes, bytes] = {}
         """The first value of each header in ``http1.NOTED_REQUEST_HEADERS``, by lower name."""
         self.header_bytes = 0
+        self.head_done = False
+        """The head is parsed: header fields from now on are trailers of a chunked body."""
+        self.head_read = 0
+        """Bytes of reads that were all head (see ClientConnection.data_received)."""
         self.method = b""
         self.path = b""
         self.query = b""
         self.keep_alive = True
         self.http10 = False
-        self.route: RouteTarget | None = None
+        self.route: CompiledRoute | None = None
         self.chunks: list[bytes] = []
+        """The body, held until it is complete (unless it is streamed)."""
         self.body_size = 0
-        self.complete = False
         self.streaming = False
+        """The body goes to the primary as it arrives (it is over the mirror limit)."""
+        self.captured: list[bytes] | None = None
+        """A streamed body's pieces kept for the record; None once the record has it."""
+        self.answered = False
+        """The response was complete before the request: the rest of the body is dropped."""
+        self.pipelined = False
+        """Read while another request was being answered: its body counts as buffered."""
         self.exchange: Exchange | None = None
         self.call: PrimaryCall | None = None
         self.error: tuple[int, str] | None = None
         """An answer decided while parsing (status, message): sent instead of forwarding."""
 
 
-class _HeaderTooLarge(Exception):
-    pass
+class _Refusal(Exception):
+    """Raised in a parser callback: the request is refused with ``status`` (parsing stops)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _StopReading(Exception):
+    """Raised in a parser callback: stop reading from this client and close."""
 
 
 class ClientConnection(asyncio.Protocol):
     """One client socket: requests are served one at a time, in order (pipelining kept)."""
 
-    __slots__ = ("active", "client_addr", "close_after", "ctx", "gone", "last_active",
-                 "parser", "paused", "req", "transport", "waiting")
+    __slots__ = ("active", "buffered", "channel", "client_addr", "close_after", "ctx",
+                 "discard_left", "discard_until", "gone", "gone_reason", "last_active",
+                 "parser", "req", "transport", "waiting")
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.channel = ClientChannel(self.response_done)
         self.client_addr: str | None = None
         self.req: ClientRequest | None = None
+        """The request being parsed."""
         self.active: ClientRequest | None = None
+        """The request being answered (the same as ``req`` while its body streams)."""
         self.waiting: deque[ClientRequest] = deque()
+        """Requests read and waiting for their turn."""
+        self.buffered = 0
+        """Body bytes held for pipelined requests (``ClientRequest.pipelined``)."""
         self.gone = False
-        self.paused = False
+        self.gone_reason = "closed: client disconnected"
         self.close_after = False
         self.last_active = ctx.loop.time()
+        self.discard_left = 0
+        self.discard_until = 0.0
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = self.channel.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_addr = peer[0] if isinstance(peer, tuple) else None
         self.ctx.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        req = self.req
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # The upgrade request itself was answered 501 (see on_headers_complete); what
             # follows it on this connection is not HTTP: stop reading, close after answering.
             self.close_after = True
-            if self.transport is not None:
-                self.transport.pause_reading()
+            self.channel.pause_reading(READ_CLOSING)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeaderTooLarge):
-                self._reject(431, f"request head larger than {self.ctx.max_header_bytes} bytes")
+            cause = exc.__context__
+            if isinstance(cause, _Refusal):
+                self._reject(cause.status, cause.message)
+            elif isinstance(cause, _StopReading):
+                self._close()
             else:
                 log.exception("internal error while reading a request")
                 self._reject(500, "internal error while reading the request")
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed HTTP request: {exc}")
+        else:
+            if req is not None and req is self.req and not req.head_done:
+                # A read that neither started nor ended a head is all head: counted here
+                # too, since the parser holds a header line it has not finished unseen.
+                req.head_read += len(data)
+                if req.head_read > self.ctx.max_header_bytes:
+                    refusal = self._head_too_large()
+                    self._reject(refusal.status, refusal.message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.ctx.connections.discard(self)
-        # Transport and parser refer back to this protocol: let refcounting free them all.
+        # Transport, parser and channel refer back to this protocol: let refcounting free
+        # them all.
         self.transport = None
+        self.channel.gone()
         self.parser = http1.CLOSED_PARSER  # type: ignore[assignment]
+        req = self.req
+        if req is not None:
+            self._finish_capture(req)  # a streamed request cut short is still recorded
         active = self.active
         if active is not None and active.call is not None:
-            active.call.client_gone()
+            active.call.client_gone(self.gone_reason)
 
     def pause_writing(self) -> None:
+        # The client reads more slowly than it is answered: the primary's response is not
+        # read further, and no other request is started until it catches up (or, after
+        # limits.client_timeout_s without progress, is disconnected: check_timeout).
+        channel = self.channel
+        channel.writing_paused = True
+        channel.stalled_since = self.ctx.loop.time()
         call = self.active.call if self.active is not None else None
-        if call is not None and call.conn is not None:
-            call.conn.pause_reading()
+        if call is not None:
+            call.pause_response()
 
     def resume_writing(self) -> None:
-        call = self.active.call if self.active is not None else None
-        if call is not None and call.conn is not None:
-            call.conn.resume_reading()
+        self.channel.writing_paused = False
+        active = self.active
+        if active is not None:
+            if active.call is not None:
+                active.call.resume_response()
+        elif self.gone or self.transport is None or self.transport.is_closing():
+            return
+        elif self.waiting:
+            self._serve_next()
+        else:
+            self._next_in_line()
 
     # --- httptools callbacks ---
     def on_message_begin(self) -> None:
+        if len(self.waiting) >= _MAX_PIPELINED_PARSED:
+            raise _Refusal(429, "too many pipelined requests")  # the ones read are answered
         self.req = ClientRequest(self.ctx.loop.time())
 
     def on_url(self, url: bytes) -> None:
         req = self.req
         assert req is not None
-        req.target += url
+        req.url += url
         req.header_bytes += len(url)
         if req.header_bytes > self.ctx.max_header_bytes:
-            raise _HeaderTooLarge
+            raise self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
+        req.header_bytes += len(name) + len(value) + 4
+        if req.header_bytes > self.ctx.max_header_bytes:
+            raise self._head_too_large()
+        if req.head_done:
+            # A trailer of a chunked body: dropped, never merged into the head (it would
+            # reach the upstreams as a header, and could choose the recorded request id).
+            return
         req.headers.append((name, value))
         lname = name.lower()
         if lname in http1.NOTED_REQUEST_HEADERS:
             noted = req.noted
             if lname not in noted:
                 noted[lname] = value
-            elif lname == b"connection":  # repeated Connection headers list tokens together
+            elif lname in http1.LISTED_REQUEST_HEADERS:
                 noted[lname] += b", " + value
-        req.header_bytes += len(name) + len(value) + 4
-        if req.header_bytes > self.ctx.max_header_bytes:
-            raise _HeaderTooLarge
+            elif lname == b"host":
+                raise _Refusal(400, "more than one Host header")
+
+    def _head_too_large(self) -> _Refusal:
+        return _Refusal(431, f"request head larger than {self.ctx.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         req = self.req
         assert req is not None
+        req.head_done = True
         parser = self.parser
+        version = parser.get_http_version()
+        req.http10 = version == "1.0"
+        if not req.http10 and version != "1.1":
+            # HTTP/0.9 has no head to forward (the parser accepts one anyway), and an
+            # HTTP/2.0 request line is not HTTP/2: neither is proxied as if it were 1.1.
+            raise _Refusal(400, f"HTTP/{version} requests are not accepted: send HTTP/1.1")
+        noted = req.noted
+        if b"host" not in noted and not req.http10:
+            raise _Refusal(400, "an HTTP/1.1 request needs a Host header")
+        coding = noted.get(b"transfer-encoding")
+        if coding is not None and coding.strip().lower() != b"chunked":
+            # The parser reads "gzip, chunked" as chunked and drops the gzip silently.
+            raise _Refusal(400, f"Transfer-Encoding {coding.decode('latin-1')!r} is not "
+                                "accepted: only chunked")
         req.method = method = parser.get_method()
         req.keep_alive = parser.should_keep_alive()
-        req.http10 = parser.get_http_version() == "1.0"
-        req.path, req.query = split_target(req.target)
+        req.path, req.query = split_url(req.url)
         if parser.should_upgrade():
             req.error = (501, "protocol upgrades (WebSocket, h2c) are not proxied")
             req.keep_alive = False
@@ -247,13 +365,15 @@ class ClientConnection(asyncio.Protocol):
         route = req.route = self.ctx.router.match(method, req.path)
         if route is None:
             return
-        length = req.noted.get(b"content-length")
-        pipelined = self.active is not None
+        length = noted.get(b"content-length")
+        # Behind another request, or behind an answer the client is not reading: held.
+        pipelined = req.pipelined = (self.active is not None or bool(self.waiting)
+                                     or self.channel.writing_paused)
         if not pipelined and length is not None and int(length) > route.max_mirror_body:
             self._start_streaming(req, int(length))
-        expect = req.noted.get(b"expect")
+        expect = noted.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not pipelined:
-            self._write(http1.CONTINUE_100)
+            self.channel.write(http1.CONTINUE_100)
 
     def on_body(self, body: bytes) -> None:
         req = self.req
@@ -261,46 +381,78 @@ class ClientConnection(asyncio.Protocol):
         route = req.route
         if route is None:
             return  # not routed: the body is read and dropped
+        if req.answered:
+            self.discard_left -= len(body)
+            if self.discard_left < 0:
+                raise _StopReading
+            return
         req.body_size += len(body)
         if req.streaming:
-            assert req.call is not None and req.exchange is not None
+            self._capture(req, body)
+            assert req.call is not None
             req.call.send_body(body)
-            capture_request_body(req.exchange, body, route.capture_cap)
             return
         req.chunks.append(body)
+        if req.pipelined:
+            self.buffered += len(body)
+            if self.buffered >= _MAX_PIPELINED_BYTES:
+                self.channel.pause_reading(READ_PIPELINE)
         if req.body_size > route.max_mirror_body:
-            if self.active is not None:
+            if self.active is not None or self.waiting:
                 # Only the request being served can stream; a pipelined one this large is
                 # refused rather than buffered without bound.
-                self._reject(413, "a pipelined request body over "
-                                  "limits.max_mirror_body_bytes cannot be buffered")
+                raise _Refusal(413, "a pipelined request body over "
+                                    "limits.max_mirror_body_bytes cannot be buffered")
+            if self.channel.writing_paused:
+                # Nothing starts while the client reads none of its last answer: the body
+                # waits, and so does reading it (resume_writing).
+                if not req.pipelined:
+                    req.pipelined = True
+                    self.buffered += req.body_size
+                self.channel.pause_reading(READ_PIPELINE)
                 return
+            self._unbuffer(req)
             buffered = b"".join(req.chunks)
             req.chunks = []
             self._start_streaming(req, None)
-            assert req.call is not None and req.exchange is not None
+            self._capture(req, buffered)
+            assert req.call is not None
             req.call.send_body(buffered)
-            capture_request_body(req.exchange, buffered, route.capture_cap)
 
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
         self.req = None
-        req.complete = True
+        if req.answered:
+            # The rest of a body whose answer is out: the answer said the connection closes.
+            self._close()
+            return
         if req.streaming:
+            self._finish_capture(req)
             assert req.call is not None
             req.call.end_body()
+            channel = self.channel
+            if not channel.started():
+                # The whole request arrived before the answer began: keep-alive is possible.
+                channel.keep_alive = self._keep_alive(req)
             return
-        if self.active is None:
+        if self.active is None and not self.waiting and not self.channel.writing_paused:
             self._serve(req)
         else:
             self.waiting.append(req)
-            if len(self.waiting) >= _MAX_PIPELINED and self.transport is not None:
-                self.transport.pause_reading()
-                self.paused = True
+            if not req.pipelined:
+                req.pipelined = True
+                self.buffered += req.body_size
+            if len(self.waiting) >= _MAX_PIPELINED:
+                self.channel.pause_reading(READ_PIPELINE)
 
     # --- serving ---
-    def _new_exchange(self, req: ClientRequest, route: RouteTarget) -> Exchange:
+    def _keep_alive(self, req: ClientRequest) -> bool:
+        """Whether the connection stays open after answering ``req`` (so far)."""
+        return req.keep_alive and not self.ctx.draining and not (
+            self.close_after and not self.waiting)
+
+    def _new_exchange(self, req: ClientRequest, route: CompiledRoute) -> Exchange:
         request_id = req.noted.get(b"x-request-id")
         rid = None
         if request_id is not None and 0 < len(request_id) <= 200 and request_id.isascii():
@@ -315,7 +467,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _head_parts(self, req: ClientRequest, exchange: Exchange, content_length: int | None,
                     chunked: bool) -> tuple[bytes, bytes, bytes]:
-        """(request target, common header lines, tail lines) shared by every upstream."""
+        """(path and query, common header lines, tail lines) shared by every upstream."""
         headers = req.headers
         noted = req.noted
         skip = http1.REQUEST_REWRITTEN
@@ -335,19 +487,39 @@ class ClientConnection(asyncio.Protocol):
             tail.append(b"Transfer-Encoding: chunked\r\n")
         elif content_length is not None:
             tail.append(b"Content-Length: %d\r\n" % content_length)
-        target = req.path + b"?" + req.query if req.query else req.path
-        return target, common, b"".join(tail)
+        path_query = req.path + b"?" + req.query if req.query else req.path
+        return path_query, common, b"".join(tail)
 
-    def _primary_head(self, req: ClientRequest, route: RouteTarget, target: bytes,
+    def _primary_head(self, req: ClientRequest, route: CompiledRoute, path_query: bytes,
                       common: bytes, tail: bytes) -> bytes:
         host = req.noted.get(b"host") if route.preserve_host else None
         pool = route.primary
         return http1.request_head(
-            req.method, pool.base_path + target,
+            req.method, pool.base_path + path_query,
             b"Host: " + (host or pool.host_header) + b"\r\n" + common + tail)
+
+    def _unbuffer(self, req: ClientRequest) -> None:
+        """``req`` leaves the pipeline: its body no longer counts as buffered."""
+        if req.pipelined:
+            req.pipelined = False
+            self.buffered -= req.body_size
+
+    def _serve_next(self) -> None:
+        """Serve the first waiting request; read on once the pipeline has room again."""
+        nxt = self.waiting.popleft()
+        self._unbuffer(nxt)
+        channel = self.channel
+        if channel.read_pauses & READ_PIPELINE and len(self.waiting) < _MAX_PIPELINED // 2 \
+                and self.buffered < _MAX_PIPELINED_BYTES // 2:
+            channel.resume_reading(READ_PIPELINE)
+            if self.req is not None:
+                self.req.started = self.ctx.loop.time()  # it was held back, not slow
+        self._serve(nxt)
 
     def _serve(self, req: ClientRequest) -> None:
         self.active = req
+        self._unbuffer(req)
+        self.channel.begin(self._keep_alive(req), req.http10)
         if req.error is not None:
             self._respond_error(req, *req.error)
             return
@@ -359,9 +531,14 @@ class ClientConnection(asyncio.Protocol):
         exchange = self._new_exchange(req, route)
         body = b"".join(req.chunks) if len(req.chunks) != 1 else req.chunks[0]
         req.chunks = []
-        capture_request_body(exchange, body, route.capture_cap)
+        cap = route.capture_cap
+        exchange.body = body if len(body) <= cap else body[:cap]
+        exchange.body_size = len(body)
+        exchange.body_truncated = len(body) > cap
         length = len(body) if body or req.method in _BODY_METHODS else None
-        self._forward(req, route, exchange, body, length, skip_reason=None)
+        # A body held past the mirror limit (while the client read nothing) is not mirrored.
+        skip = "body_too_large" if len(body) > route.max_mirror_body else None
+        self._forward(req, route, exchange, body, length, streaming=False, skip_reason=skip)
 
     def _start_streaming(self, req: ClientRequest, length: int | None) -> None:
         """Send a body too large to mirror straight to the primary; shadows are skipped."""
@@ -369,78 +546,148 @@ class ClientConnection(asyncio.Protocol):
         assert route is not None
         self.active = req
         req.streaming = True
+        req.captured = []
+        # Connection: close, unless the whole request arrives before the answer begins.
+        self.channel.begin(False, req.http10)
         exchange = self._new_exchange(req, route)
-        self._forward(req, route, exchange, b"", length, skip_reason="body_too_large")
+        exchange.hold()  # the record waits for the body (_finish_capture)
+        self._forward(req, route, exchange, b"", length, streaming=True,
+                      skip_reason="body_too_large")
 
-    def _forward(self, req: ClientRequest, route: RouteTarget, exchange: Exchange,
-                 body: bytes, length: int | None, skip_reason: str | None) -> None:
-        """Start the primary's call, then the shadows'. A body being streamed (skip_reason
-        set) goes with Content-Length when known, else chunked, and to the primary only."""
-        streaming = skip_reason is not None
+    def _capture(self, req: ClientRequest, data: bytes) -> None:
+        captured = req.captured
+        route = req.route
+        if captured is not None and req.exchange is not None and route is not None:
+            req.exchange.capture(captured, data, route.capture_cap)
+
+    def _finish_capture(self, req: ClientRequest) -> None:
+        """A streamed body ended (or was given up): the record gets what was kept of it."""
+        captured = req.captured
+        exchange = req.exchange
+        if captured is None or exchange is None:
+            return
+        req.captured = None
+        exchange.body = captured[0] if len(captured) == 1 else b"".join(captured)
+        exchange.finish_call()
+
+    def _forward(self, req: ClientRequest, route: CompiledRoute, exchange: Exchange,
+                 body: bytes, length: int | None, streaming: bool,
+                 skip_reason: str | None) -> None:
+        """Start the primary's call, then the shadows' (unless ``skip_reason``). A body
+        being streamed goes with Content-Length when known, else chunked."""
         chunked = streaming and length is None
-        target, common, tail = self._head_parts(req, exchange, length, chunked=chunked)
-        head = self._primary_head(req, route, target, common, tail)
-        call = req.call = PrimaryCall(self, req, route, exchange, head, body)
+        path_query, common, tail = self._head_parts(req, exchange, length, chunked=chunked)
+        head = self._primary_head(req, route, path_query, common, tail)
+        method = req.method
+        # Sent again on a stale keep-alive connection only when a repeat is harmless.
+        may_resend = method in http1.IDEMPOTENT_METHODS or route.retry_non_idempotent
+        call = req.call = PrimaryCall(self.channel, route, exchange, head, body,
+                                      method == b"HEAD", may_resend, route.capture_cap)
         if streaming:
             call.stream_request(chunked=chunked)
         route.primary.start(call)
         if route.shadows:
-            start_shadows(route.shadows, exchange, req.method, target, req.headers, common,
-                          tail, body, skip_reason, route.capture_cap)
+            start_shadows(route.shadows, exchange, method, path_query, req.headers, common,
+                          tail, body, skip_reason, may_resend, route.capture_cap)
 
-    def response_done(self, req: ClientRequest) -> None:
-        """The response to ``req`` is fully written: serve the next request, or close."""
+    def response_done(self) -> None:
+        """The completion callback: the active request's response is complete (or given
+        up). Serve the next request, drop the rest of an answered body, or close."""
+        req = self.active
+        if req is None:
+            return
         self.active = None
         req.call = None  # call and request refer to each other: let plain refcounting free them
-        self.last_active = self.ctx.loop.time()
+        self.last_active = now = self.ctx.loop.time()
         if self.gone:
             return
-        if not req.keep_alive or self.close_after or self.ctx.draining:
-            assert self.transport is not None
-            self.transport.close()
+        channel = self.channel
+        channel.resume_reading(READ_UPSTREAM)
+        if self.req is req:
+            # Answered before the whole request arrived (an early 413, a 504): the record
+            # keeps what was forwarded, the rest is read and dropped up to a bound and a
+            # deadline, then the connection closes (the answer said so).
+            req.answered = True
+            self._finish_capture(req)
+            self.discard_left = _DISCARD_MAX_BYTES
+            self.discard_until = now + _DISCARD_S
             return
+        if not channel.keep_alive or self.ctx.draining or (self.close_after and not self.waiting):
+            self._close()
+            return
+        if channel.writing_paused:
+            return  # resume_writing moves on
         if self.waiting:
-            nxt = self.waiting.popleft()
-            if self.paused and len(self.waiting) < _MAX_PIPELINED // 2:
-                assert self.transport is not None
-                self.transport.resume_reading()
-                self.paused = False
-            self._serve(nxt)
+            self._serve_next()
+        else:
+            self._next_in_line()
+
+    def _next_in_line(self) -> None:
+        """Nothing waits: a request still being read is next, no longer held back."""
+        channel = self.channel
+        nxt = self.req
+        if nxt is not None:
+            self._unbuffer(nxt)
+            if channel.read_pauses & READ_PIPELINE:
+                nxt.started = self.ctx.loop.time()
+        channel.resume_reading(READ_PIPELINE)
 
     def _respond_error(self, req: ClientRequest, status: int, message: str) -> None:
         route = req.route
         if route is not None:
             route.counters.count(status)
-        keep_alive = req.keep_alive and not self.ctx.draining
         rid = req.exchange.request_id if req.exchange is not None else None
-        self._write(http1.json_error(status, message, rid, keep_alive=keep_alive))
-        self.response_done(req)
+        self.channel.answer(status, message, rid)
+        self.response_done()
 
     def _reject(self, status: int, message: str) -> None:
         """A request that cannot be parsed or accepted: answer it and close the connection."""
+        req = self.req
         self.req = None
         if self.transport is None or self.gone:
             return
-        self.transport.pause_reading()
-        if self.active is None:
-            self._write(http1.json_error(status, message, None, keep_alive=False))
-            self.transport.close()
-        else:
-            self.close_after = True  # answer what was accepted first, then close
+        channel = self.channel
+        channel.pause_reading(READ_CLOSING)
+        if req is not None and req.answered:
+            self._close()  # its answer is out already
+            return
+        active = self.active
+        if active is None and not self.waiting:
+            channel.begin(False, False)
+            channel.answer(status, message, None)
+            self._close()
+            return
+        self.close_after = True  # answer what was accepted first, then close
+        if req is not None and active is req:
+            # The request being streamed to the primary can never be completed.
+            self._finish_capture(req)
+            if req.call is not None:
+                req.call.refuse(status, message)
 
-    def _write(self, data: bytes) -> None:
-        if not self.gone and self.transport is not None:
-            self.transport.write(data)
+    def _close(self) -> None:
+        """Close once what was written has been sent."""
+        if self.transport is not None:
+            self.transport.close()
 
     # --- housekeeping ---
     def is_idle(self) -> bool:
         return self.active is None and self.req is None and not self.waiting
 
-    def check_timeout(self, deadline: float) -> None:
+    def check_timeout(self, deadline: float, now: float) -> None:
         if self.gone or self.transport is None:
             return
+        channel = self.channel
+        if channel.writing_paused and channel.stalled_since < deadline:
+            # The client has taken nothing for limits.client_timeout_s: let it go, and
+            # with it everything held for it.
+            self.gone_reason = "closed: the client stopped reading (limits.client_timeout_s)"
+            self.transport.abort()
+            return
         req = self.req
-        if req is not None and self.active is None and req.started < deadline:
+        if req is not None and req.answered:
+            if now > self.discard_until:
+                self._close()
+        elif req is not None and self.active is None and req.started < deadline:
             self._reject(408, "request not received in time (limits.client_timeout_s)")
         elif self.is_idle() and self.last_active < deadline:
             self.transport.close()

@@ -29,6 +29,10 @@ class Router(Generic[T]):
         compiled.sort(key=lambda e: -len(e[0]))
         self._entries = compiled
 
+    def values(self) -> list[T]:
+        """Every route's value, longest prefix first."""
+        return [value for _, _, value in self._entries]
+
     def match(self, method: bytes, path: bytes) -> T | None:
         for prefix, methods, value in self._entries:
             if path.startswith(prefix) and (methods is None or method in methods):
@@ -36,22 +40,23 @@ class Router(Generic[T]):
         return None
 
 
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """(path, query) of a request target; absolute-form URLs are reduced to their path."""
-    if not target.startswith(b"/"):
+def split_url(url: bytes) -> tuple[bytes, bytes]:
+    """(path, query) of a request's URL (its request-target); absolute-form URLs are
+    reduced to their path."""
+    if not url.startswith(b"/"):
         # absolute-form ("http://host/p?q") or authority/asterisk form: drop scheme and host;
         # the proxy only ever forwards to configured upstreams.
-        scheme_end = target.find(b"://")
+        scheme_end = url.find(b"://")
         if scheme_end >= 0:
-            slash = target.find(b"/", scheme_end + 3)
-            query_mark = target.find(b"?", scheme_end + 3)
+            slash = url.find(b"/", scheme_end + 3)
+            query_mark = url.find(b"?", scheme_end + 3)
             if slash < 0 or (0 <= query_mark < slash):
-                target = b"/" + (target[query_mark:] if query_mark >= 0 else b"")
+                url = b"/" + (url[query_mark:] if query_mark >= 0 else b"")
             else:
-                target = target[slash:]
+                url = url[slash:]
         else:
-            target = b"/" + target.lstrip(b"*")
-    path, _, query = target.partition(b"?")
+            url = b"/" + url.lstrip(b"*")
+    path, _, query = url.partition(b"?")
     fragment = query.find(b"#")
     if fragment >= 0:
         query = query[:fragment]

@@ -3,7 +3,7 @@
 Socket and HTTP-parser errors on the upstream side are handled here: they become a failure
 of the call (an ``ErrorKind`` and a detail such as ``connect: Connection refused``), never an
 exception. A call (``UpstreamCall``) is a small state object; subclasses in
-``proxy.py`` (the primary, streamed back to the client) and ``mirror.py`` (shadows,
+``primary.py`` (the primary, streamed back to the client) and ``mirror.py`` (shadows,
 captured for the record) react to its events.
 
 Why raw protocols instead of ``aiohttp.ClientSession``: a shadow proxy makes two or more
@@ -17,47 +17,79 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from typing import Final
 from urllib.parse import urlsplit
 
 import httptools
 
 from shadowproxy import http1
+from shadowproxy.config import Limits
 from shadowproxy.failures import ErrorKind
-from shadowproxy.models import Headers
+from shadowproxy.models import CapturedResponse, Exchange, Headers
 from shadowproxy.tasks import spawn
-
-_NO_BODY_STATUS = frozenset({204, 304})
 
 MAX_IDLE_PER_UPSTREAM = 512
 _WRITE_JOIN_LIMIT = 65_536
 
 
-class UpstreamCall:
-    """One request to one upstream. Subclasses override the ``on_*`` events.
+# Where a connection is in the exchange of its current call.
+_IDLE: Final = 0
+"""No call: any byte received is unsolicited and closes the connection."""
+_AWAITING: Final = 1
+"""The request is (being) sent; no final response head yet (1xx interim heads are skipped)."""
+_BODY: Final = 2
+"""The final head arrived; its body is being read."""
+_DONE: Final = 3
+"""The response ended during the current ``data_received``; settled when it returns."""
 
-    Exactly one of ``on_response_end`` or ``on_failure`` is called, once.
+
+class UpstreamCall:
+    """One request to one upstream, and its outcome on the exchange's record.
+
+    Subclasses (``primary.PrimaryCall``, ``mirror.ShadowCall``) react to the ``on_*``
+    events; exactly one of ``on_response_end`` or ``on_failure`` is called, once. A request
+    body too large to hold is streamed: ``stream_body``, then ``write_body`` as pieces
+    arrive and ``finish_body``.
     """
 
-    __slots__ = ("_progress", "body", "conn", "done", "expect_no_body", "head", "pool",
-                 "retried", "sent_at", "timeout", "timer")
+    __slots__ = ("_progress", "body", "body_done", "cancel_reason", "capture_cap", "chunks",
+                 "conn", "connecting", "done", "exchange", "head", "head_only", "may_resend",
+                 "pending", "pool", "record", "sent_at", "streaming", "timeout", "timer")
 
-    def __init__(self, head: bytes, body: bytes, timeout: float, expect_no_body: bool) -> None:
+    def __init__(self, exchange: Exchange, record: CapturedResponse, head: bytes, body: bytes,
+                 timeout: float, head_only: bool, may_resend: bool, capture_cap: int) -> None:
+        self.exchange = exchange
+        self.record = record
+        exchange.start_call(record)
         self.head = head
         self.body = body
         self.timeout = timeout
-        self.expect_no_body = expect_no_body
+        self.head_only = head_only
         """True for HEAD requests: the response has headers only, whatever they say."""
+        self.capture_cap = capture_cap
+        self.chunks: list[bytes] = []
+        """The response body captured for the record, up to ``capture_cap`` bytes."""
+        self.streaming = False
+        self.body_done = False
+        """A streamed body has been written to its end."""
+        self.pending: list[bytes] | None = None
+        """Pieces of a streamed body that arrived before the connection was made."""
         self.conn: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        """The attempt to make this call's connection, while it runs."""
+        self.cancel_reason: tuple[ErrorKind, str] | None = None
         self.pool: UpstreamPool | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
         self.done = False
-        self.retried = False
+        self.may_resend = may_resend
+        """The request may be sent once more if a reused keep-alive connection turns out
+        to be closed before any byte of the response: idempotent methods, or a route that
+        opted in (``retry_non_idempotent``); never a streamed body; at most once."""
         self._progress = 0
 
     # --- events, overridden by subclasses ---
-    def on_response_head(self, status: int, reason: bytes, headers: Headers,
-                         conn: UpstreamConnection) -> None:
+    def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
         """The status line and headers arrived."""
 
     def on_response_body(self, data: bytes) -> None:
@@ -69,15 +101,67 @@ class UpstreamCall:
     def on_failure(self, kind: ErrorKind, detail: str) -> None:
         """No complete response: ``kind`` says why, ``detail`` in words."""
 
+    def on_body_paused(self) -> None:
+        """The upstream takes no more of a streamed body for now (no connection yet, or it
+        reads more slowly than we write)."""
+
+    def on_body_resumed(self) -> None:
+        """The upstream takes the streamed body again."""
+
+    # --- the request body ---
+    def stream_body(self) -> None:
+        """The body is not all here: it follows the head in pieces (``write_body``)."""
+        self.streaming = True
+        self.may_resend = False  # a body sent as it arrives cannot be sent again
+
+    def write_body(self, data: bytes) -> None:
+        """Send the next piece of a streamed body (framed as it goes on the wire)."""
+        if self.done:
+            return
+        conn = self.conn
+        if conn is not None:
+            conn.write(data)
+            return
+        pending = self.pending
+        if pending is None:
+            self.pending = pending = []
+        pending.append(data)
+        if len(pending) == 1:
+            self.on_body_paused()  # until the connection is made and takes it
+
+    def finish_body(self) -> None:
+        """The streamed body has been written to its end."""
+        self.body_done = True
+        conn = self.conn
+        if conn is not None:
+            conn.request_sent = True
+
     def take_body(self) -> bytes:
-        """The request body to send with the head once a connection is attached."""
-        return self.body
+        """The body to send with the head, now that a connection is attached."""
+        if not self.streaming:
+            return self.body
+        pending = self.pending
+        if not pending:
+            return b""
+        self.pending = None
+        self.on_body_resumed()
+        return pending[0] if len(pending) == 1 else b"".join(pending)
 
-    def on_upstream_pause(self) -> None:
-        """The upstream reads our request more slowly than we write it."""
+    # --- the record ---
+    def capture(self, data: bytes) -> None:
+        """Count a piece of the response body, keeping it for the record up to the cap."""
+        self.record.capture(self.chunks, data, self.capture_cap)
 
-    def on_upstream_resume(self) -> None:
-        """The upstream caught up with our writes."""
+    def close_record(self) -> float:
+        """Latency and body onto the record, and tell the exchange this call ended.
+
+        Returns the latency in milliseconds."""
+        record = self.record
+        record.latency_ms = latency = (time.perf_counter() - self.sent_at) * 1000.0
+        chunks = self.chunks
+        record.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.exchange.finish_call()
+        return latency
 
     # --- driven by the pool and the connection ---
     def _finish(self) -> None:
@@ -98,42 +182,88 @@ class UpstreamCall:
             self._finish()
             self.on_response_end()
 
+    def cancel(self, kind: ErrorKind, detail: str) -> None:
+        """End the call now, whatever it waits for: its connection is closed.
+
+        A connection still being made is cancelled, which closes its socket, and the call
+        fails once that is done: until then it is in flight (``max_in_flight``), so that a
+        host that drops connection attempts cannot pile up half-open sockets."""
+        if self.done:
+            return
+        connecting = self.connecting
+        if connecting is not None:
+            if self.cancel_reason is None:
+                self.cancel_reason = (kind, detail)
+                connecting.cancel()
+            return
+        conn = self.conn
+        if conn is not None:
+            conn.detach()
+        self.fail(kind, detail)
+
     def _timed_out(self) -> None:
         if self.done:
             return
         conn = self.conn
-        if conn is not None and conn.head_received and conn.progress != self._progress:
-            # A streaming body that still flows is not timed out: re-arm for another period.
+        if conn is not None and conn.state == _BODY and (
+                conn.reading_paused or conn.progress != self._progress):
+            # A streaming body that still flows is not timed out, nor one held back because
+            # the client reads slowly (the client side bounds that): re-arm.
             self._progress = conn.progress
             assert self.pool is not None
             self.timer = self.pool.loop.call_later(self.timeout, self._timed_out)
             return
-        if conn is not None:
-            conn.call = None
-            conn.abort()
-        self.fail(ErrorKind.TIMEOUT, "timeout")
+        self.cancel(ErrorKind.TIMEOUT, "timeout")
+
+
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback: the response head is over the pool's cap."""
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to an upstream, carrying one call at a time."""
+    """One TCP connection to an upstream, carrying one call at a time.
 
-    __slots__ = ("body_until_close", "call", "closed", "head_received", "headers",
-                 "keep_alive", "parser", "pool", "progress", "reason", "received",
-                 "reused", "transport")
+    A response ends inside the parser's callbacks, but the connection is settled only once
+    the bytes of that read have all been parsed: anything after the end of the response
+    (a second, unsolicited response; a body after a 204 or to a HEAD) marks the connection
+    ``dirty`` and it is closed instead of going back to the pool. A connection returns to
+    the pool exactly once per response, in ``_settle``.
+    """
+
+    __slots__ = ("body_until_close", "call", "closed", "dirty", "head_bytes", "head_only",
+                 "head_read", "headers", "idle_since", "keep_alive", "parser", "pool",
+                 "pooled", "progress", "reading_paused", "reason", "received", "request_sent",
+                 "reused", "state", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.call: UpstreamCall | None = None
+        self.state = _IDLE
         self.headers: Headers = []
+        self.head_bytes = 0
+        """Bytes of status lines and header fields in the current response (capped)."""
+        self.head_read = 0
+        """Bytes of reads that were all head (capped: see data_received)."""
         self.reason = b""
         self.keep_alive = True
         self.closed = False
         self.received = False
-        self.head_received = False
+        self.dirty = False
+        """Bytes arrived that belong to no request: the connection must not be reused."""
+        self.head_only = False
+        """The current request is a HEAD: its response has no body, whatever it says."""
         self.body_until_close = False
+        self.request_sent = False
+        """The whole request has been written: only then may the connection be reused."""
+        self.reading_paused = False
+        """Reading stopped because the client does not take the response as fast."""
         self.reused = False
+        self.pooled = False
+        """In the pool's idle list."""
+        self.idle_since = 0.0
+        """When it went back to the pool (``time.perf_counter``)."""
         self.progress = 0
 
     # --- asyncio.Protocol ---
@@ -141,19 +271,42 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.call is None:
-            # Bytes nobody asked for (or after a timeout): the connection is unusable.
+        if self.state == _IDLE:
+            # Bytes nobody asked for (or after the call was cut): the connection is unusable.
             self.abort()
             return
         self.received = True
+        awaiting = self.state == _AWAITING
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self.state != _DONE:
+                self._fail(ErrorKind.PROTOCOL, "upstream answered 101 Switching Protocols: "
+                                               "protocol upgrades are not proxied")
+                return
+            self.dirty = True
         except httptools.HttpParserError as exc:
-            call = self.call
-            self.call = None
-            self.abort()
-            if call is not None:
-                call.fail(ErrorKind.PROTOCOL, f"malformed response: {exc}")
+            if self.state == _DONE:
+                self.dirty = True  # garbage after a complete response: closed when settled
+            elif isinstance(exc.__context__, _HeadTooLarge):
+                self._head_too_large()
+                return
+            else:
+                self._fail(ErrorKind.PROTOCOL, f"malformed response: {exc}")
+                return
+        state = self.state
+        if state == _DONE:
+            self._settle()
+        elif awaiting and state == _AWAITING:
+            # A read in which no final head ended was all head (or interim responses):
+            # counted too, since the parser holds an unfinished header line unreported.
+            self.head_read += len(data)
+            if self.head_read > self.pool.max_head_bytes:
+                self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        self._fail(ErrorKind.PROTOCOL, f"response head larger than {self.pool.max_head_bytes} "
+                                       "bytes (limits.max_response_header_bytes)")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -164,15 +317,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = http1.CLOSED_PARSER  # type: ignore[assignment]
         self.transport = None
         call = self.call
+        state = self.state
+        self.state = _IDLE
         if call is None:
             return
         self.call = None
-        if self.body_until_close and exc is None:
+        call.conn = None
+        if self.body_until_close and state == _BODY and exc is None:
             call.end()  # a response delimited by the end of the connection
-        elif self.reused and not self.received and not call.retried:
-            # The upstream closed an idle keep-alive connection just as we reused it: the
-            # request was not processed, so sending it once more on a new connection is safe.
-            call.retried = True
+        elif self.reused and not self.received and call.may_resend:
+            # The upstream closed an idle keep-alive connection just as we reused it. The
+            # request was most likely not processed, but that cannot be known: it is sent
+            # once more only when a repeat is harmless (see UpstreamCall.may_resend).
+            call.may_resend = False
             self.pool.connect(call)
         elif isinstance(exc, ConnectionResetError | BrokenPipeError):
             call.fail(ErrorKind.RESET, f"reset: {exc}")
@@ -183,66 +340,96 @@ class UpstreamConnection(asyncio.Protocol):
                       "closed: upstream closed the connection before the response ended")
 
     def pause_writing(self) -> None:
-        if self.call is not None:
-            self.call.on_upstream_pause()
+        call = self.call
+        if call is not None and call.streaming:
+            call.on_body_paused()
 
     def resume_writing(self) -> None:
-        if self.call is not None:
-            self.call.on_upstream_resume()
+        call = self.call
+        if call is not None and call.streaming:
+            call.on_body_resumed()
 
     # --- httptools callbacks ---
+    def on_message_begin(self) -> None:
+        if self.state != _AWAITING:
+            self.dirty = True  # a second message after the response: nobody asked for it
+        self.reason = b""
+        self.head_bytes += 17  # "HTTP/1.1 200 " and CRLF, roughly
+
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason
+        self.reason += reason  # the parser hands it over in pieces when a read splits it
+        self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.pool.max_head_bytes:
+            raise _HeadTooLarge
+        if self.state == _AWAITING:
+            self.headers.append((name, value))
+        # Otherwise a trailer of a chunked body, or part of a message nobody asked for:
+        # never merged into the head (it was relayed and recorded already).
 
     def on_headers_complete(self) -> None:
+        if self.state != _AWAITING:
+            return
         parser = self.parser
         status = parser.get_status_code()
         call = self.call
-        if status < 200 or call is None:
+        assert call is not None
+        if status < 200:
             self.headers = []  # 1xx interim response: wait for the final one
             return
-        self.keep_alive = parser.should_keep_alive()
-        self.head_received = True
+        # A response that starts before the whole request was written (an early 413, say)
+        # leaves the connection in an unknown state: it is never reused.
+        self.keep_alive = parser.should_keep_alive() and self.request_sent
         headers = self.headers
-        if call.expect_no_body or status in _NO_BODY_STATUS:
-            call.on_response_head(status, self.reason, headers, self)
-            # The parser cannot be told that a HEAD response has no body; start a fresh one.
-            self.parser = httptools.HttpResponseParser(self)
-            self._complete()
+        if self.head_only:
+            # The parser cannot be told that a HEAD response has no body: the response ends
+            # here, and a fresh parser takes the next one (see _settle).
+            self.state = _DONE
+            call.on_response_head(status, self.reason, headers)
             return
-        framed = False
-        for name, _ in headers:
-            lname = name.lower()
-            if lname == b"content-length" or lname == b"transfer-encoding":
-                framed = True
-                break
-        self.body_until_close = not framed
-        if not framed:
-            self.keep_alive = False
-        call.on_response_head(status, self.reason, headers, self)
+        self.state = _BODY
+        if status not in http1.NO_BODY_STATUS:  # the parser itself ends 204 and 304 here
+            framed = False
+            for name, _ in headers:
+                lname = name.lower()
+                if lname == b"content-length" or lname == b"transfer-encoding":
+                    framed = True
+                    break
+            if not framed:
+                self.body_until_close = True
+                self.keep_alive = False
+        call.on_response_head(status, self.reason, headers)
 
     def on_body(self, body: bytes) -> None:
+        if self.state != _BODY:
+            self.dirty = True  # a body after a HEAD response: nobody asked for it
+            return
         call = self.call
         if call is not None:
             self.progress += 1
             call.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if self.head_received:
-            self._complete()
+        if self.state == _BODY:
+            self.state = _DONE
+        # Otherwise the end of a 1xx interim response (still _AWAITING), or of a HEAD
+        # response already ended at its head (_DONE).
 
     # --- used by the pool and the calls ---
     def send(self, call: UpstreamCall, reused: bool) -> None:
         self.call = call
         call.conn = self
+        self.state = _AWAITING
+        self.head_only = call.head_only
+        self.request_sent = not call.streaming or call.body_done
         self.reused = reused
         self.received = False
-        self.head_received = False
+        self.dirty = False
         self.body_until_close = False
         self.headers = []
+        self.head_bytes = self.head_read = 0
         transport = self.transport
         assert transport is not None
         body = call.take_body()
@@ -253,15 +440,45 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             transport.writelines((call.head, body))
 
-    def _complete(self) -> None:
+    def write(self, data: bytes) -> None:
+        """More of the current request (a streamed body)."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def _settle(self) -> None:
+        """The response is complete and this read fully parsed: pool or close, then end."""
         call = self.call
         self.call = None
-        if self.keep_alive and not self.closed:
+        self.state = _IDLE
+        if self.keep_alive and self.request_sent and not self.dirty and not self.closed:
+            if self.head_only:
+                # The old parser may be waiting for the body the headers announced.
+                self.parser = httptools.HttpResponseParser(self)
+            if self.reading_paused:
+                self.resume_reading()
             self.pool.release(self)
         else:
             self.abort()
         if call is not None:
+            call.conn = None
             call.end()
+
+    def _fail(self, kind: ErrorKind, detail: str) -> None:
+        call = self.call
+        self.detach()
+        if call is not None:
+            call.fail(kind, detail)
+
+    def detach(self) -> None:
+        """Let go of the current call (it failed, timed out, or its client left), and close:
+        what the upstream still sends for it must never reach another call."""
+        call = self.call
+        if call is not None:
+            self.call = None
+            call.conn = None
+        self.state = _IDLE
+        self.abort()
 
     def abort(self) -> None:
         transport = self.transport
@@ -271,10 +488,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
 
     def pause_reading(self) -> None:
+        self.reading_paused = True
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        self.reading_paused = False
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
@@ -282,10 +501,14 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one upstream, reused LIFO; new ones made on demand."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, name: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, name: str,
+                 limits: Limits) -> None:
         parts = urlsplit(url)
         self.loop = loop
         self.name = name
+        self.max_head_bytes = limits.max_response_header_bytes
+        """Status line and headers of a response (trailers included) are capped here: an
+        upstream that sends header lines without end is a protocol failure, not memory."""
         self.host = parts.hostname or "127.0.0.1"
         self.ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if parts.scheme == "https" else None)
@@ -296,11 +519,15 @@ class UpstreamPool:
                             else f"{host}:{self.port}").encode("idna")
         self.base_path = parts.path.rstrip("/").encode()
         """A path prefix from the upstream's URL, put before the request's path."""
+        self.idle_s = limits.upstream_idle_s
+        """Idle connections older than this are closed, not reused: servers close theirs
+        after a keep-alive timeout of their own, and a request sent on a connection the
+        server is closing fails."""
         self._idle: list[UpstreamConnection] = []
         self.active: set[UpstreamCall] = set()
         """Calls in flight, so that shutdown can end the ones that outlive the grace period."""
-        self._connecting = 0
         self._closing = False
+        self._task_name = f"connect-{name}"
         self.retired = False
         """No longer in the running configuration (``retire``)."""
 
@@ -313,11 +540,18 @@ class UpstreamPool:
         call.sent_at = time.perf_counter()
         call.timer = loop.call_later(call.timeout, call._timed_out)
         idle = self._idle
-        while idle:
+        if idle:
             conn = idle.pop()
-            if not conn.closed:
+            conn.pooled = False
+            if call.sent_at - conn.idle_since < self.idle_s:
                 conn.send(call, reused=True)
                 return
+            # The most recently used connection idled too long: so did all the others.
+            conn.abort()
+            self._idle = []
+            for old in idle:
+                old.pooled = False
+                old.abort()
         self.connect(call)
 
     def connect(self, call: UpstreamCall) -> None:
@@ -325,20 +559,31 @@ class UpstreamPool:
         if self._closing:
             call.fail(ErrorKind.SHUTDOWN, "shutdown: the proxy is stopping")
             return
-        spawn(self._connect_and_send(call), name=f"connect-{self.name}")
+        call.connecting = spawn(self._connect_and_send(call), name=self._task_name)
+
+    def _new_connection(self) -> UpstreamConnection:
+        return UpstreamConnection(self)
 
     async def _connect_and_send(self, call: UpstreamCall) -> None:
-        self._connecting += 1
         try:
             _, conn = await self.loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl)
-        except (OSError, ssl.SSLError, asyncio.CancelledError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            call.fail(ErrorKind.CONNECT, f"connect: {reason}")
+                self._new_connection, self.host, self.port, ssl=self.ssl)
+        except asyncio.CancelledError:
+            # The socket is closed by now (create_connection closes it when cancelled).
+            call.connecting = None
+            reason = call.cancel_reason
+            if reason is None:  # cancelled from outside: the event loop is closing
+                call.fail(ErrorKind.SHUTDOWN, "shutdown: the proxy is stopping")
+                raise
+            call.fail(reason[0], reason[1])
             return
-        finally:
-            self._connecting -= 1
-        if call.done:  # timed out while connecting
+        except (OSError, ssl.SSLError) as exc:
+            call.connecting = None
+            reason_text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            call.fail(ErrorKind.CONNECT, f"connect: {reason_text}")
+            return
+        call.connecting = None
+        if call.done:
             conn.abort()
             return
         conn.send(call, reused=False)
@@ -347,12 +592,27 @@ class UpstreamPool:
         if self._closing or self.retired or len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
             conn.abort()
         else:
+            conn.idle_since = time.perf_counter()
+            conn.pooled = True
             self._idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
+        if conn.pooled:
+            conn.pooled = False
+            self._idle.remove(conn)
+
+    def expire_idle(self) -> None:
+        """Close idle connections older than ``idle_s`` (the oldest are first in line)."""
         idle = self._idle
-        if idle and conn in idle:
-            idle.remove(conn)
+        deadline = time.perf_counter() - self.idle_s
+        n = 0
+        while n < len(idle) and idle[n].idle_since < deadline:
+            n += 1
+        if n:
+            expired, self._idle = idle[:n], idle[n:]
+            for conn in expired:
+                conn.pooled = False
+                conn.abort()
 
     def retire(self) -> None:
         """The running configuration no longer names this upstream: close the idle
@@ -361,7 +621,14 @@ class UpstreamPool:
         self.retired = True
         idle, self._idle = self._idle, []
         for conn in idle:
+            conn.pooled = False
             conn.abort()
+
+    def use_limits(self, limits: Limits) -> None:
+        """A reload's limits: what a connection may send as a response head, and how long
+        an idle one is kept (the next sweep or call applies it to those idle now)."""
+        self.max_head_bytes = limits.max_response_header_bytes
+        self.idle_s = limits.upstream_idle_s
 
     def revive(self) -> None:
         """A reloaded configuration names this upstream again."""
@@ -372,14 +639,10 @@ class UpstreamPool:
         self._closing = True
         idle, self._idle = self._idle, []
         for conn in idle:
+            conn.pooled = False
             conn.abort()
 
     def abort_active(self) -> None:
         """End every call still in flight (the shutdown grace is over)."""
         for call in list(self.active):
-            conn = call.conn
-            if conn is not None:
-                conn.call = None
-                conn.abort()
-            call.fail(ErrorKind.SHUTDOWN,
-                      "shutdown: the call outlived limits.shutdown_grace_s")
+            call.cancel(ErrorKind.SHUTDOWN, "shutdown: the call outlived limits.shutdown_grace_s")

@@ -232,10 +232,13 @@ def fold(total: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
     records = dict(total["records"])
     for outcome, n in snap["records"].items():
         records[outcome] = records.get(outcome, 0) + n
+    withheld = dict(total.get("bodies_withheld", {}))
+    for reason, n in snap.get("bodies_withheld", {}).items():
+        withheld[reason] = withheld.get(reason, 0) + n
     return {"requests": [(r, c, n) for (r, c), n in requests.items()],
             "latency": [(r, t, c, s) for (r, t), (c, s) in latency.items()],
             "shadow": [(r, s, o) for (r, s), o in shadow.items()],
-            "records": records, "queue": 0}
+            "records": records, "queue": 0, "bodies_withheld": withheld}
 
 
 # --- the supervisor -----------------------------------------------------------------------
@@ -298,8 +301,11 @@ class Supervisor:
                 for slot in self.slots]
 
     def snapshots(self) -> list[dict[str, Any]]:
-        """The retained total of workers that are gone, and each live worker's counters."""
-        return [self.retained, self.metrics.snapshot()] + [
+        """The retained total of workers that are gone, the supervisor's own counters (its
+        reloads) and each live worker's counters."""
+        own = self.metrics.snapshot()
+        del own["database"]  # the workers hold the database connections, not the supervisor
+        return [self.retained, own] + [
             snap["metrics"] for _, snap in self._live() if snap is not None]
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:

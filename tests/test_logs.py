@@ -6,47 +6,115 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from shadowproxy.logs import JsonFormatter, TextFormatter
-from tests.test_run_command import wait_ready, write_config
-from tests.upstreams import model, serve
+from shadowproxy.logs import JsonFormatter, TextFormatter, Throttle
+from tests.conftest import StartProxy
+from tests.test_run_command import free_port, wait_ready, write_config
+from tests.upstreams import hanging, model, serve
 
 
-async def test_json_access_log_carries_the_request_id(tmp_path: Path, database_url: str) -> None:
-    """With access_log and --log-format json, every line parses and each request has a line
-    with its X-Request-Id, route and every call's outcome."""
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_access_log_carries_each_exchange_in_either_format(
+        tmp_path: Path, database_url: str, log_format: str) -> None:
+    """With access_log, `shadowproxy run --log-format json|text` writes one line per request
+    with its X-Request-Id, method, path with the query redacted, route, the client's status,
+    duration, bytes in and out, and every call's status and latency; JSON lines parse."""
     async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
         config, port, admin = write_config(tmp_path, primary.url, shadow.url, database_url,
                                            access_log=True)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "shadowproxy", "run", "-c", str(config), "--log-format",
-            "json", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            log_format, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "SHADOWPROXY_DATABASE_URL": ""})
         await wait_ready(admin, proc)
         ids = []
         async with aiohttp.ClientSession() as http:
             for i in range(3):
-                resp = await http.post(f"http://127.0.0.1:{port}/p?i={i}", json={})
+                resp = await http.post(f"http://127.0.0.1:{port}/p?i={i}&token=SECRET{i}",
+                                       json={"features": {"a": i}})
                 ids.append(resp.headers["X-Request-Id"])
         assert proc.pid is not None
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.stderr is not None
         err = await asyncio.wait_for(proc.stderr.read(), 20)
         assert await proc.wait() == 0
-    events = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
-    access = [e for e in events if e["logger"] == "shadowproxy.access"]
-    assert sorted(e["request_id"] for e in access) == sorted(ids)
-    for event in access:
-        assert event["route"] == "r"
-        assert event["calls"]["primary"]["status"] == 200
-        assert event["calls"]["c"]["status"] == 200
-        assert event["message"].startswith("POST /p?i=")
-    assert any(e["message"].startswith("stopped:") for e in events)
+    assert "SECRET" not in err.decode()
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    if log_format == "json":
+        events = [json.loads(line) for line in lines]
+        access = [e for e in events if e["logger"] == "shadowproxy.access"]
+        assert sorted(e["request_id"] for e in access) == sorted(ids)
+        for event in access:
+            assert event["message"].startswith("POST /p?i=")
+            assert (event["route"], event["method"], event["path"]) == ("r", "POST", "/p")
+            assert re.fullmatch(r"[0-9a-f]{12}", event["config_version"])
+            assert event["query"].endswith("&token=[redacted]")
+            assert event["status"] == 200 and event["bytes_in"] == len('{"features": {"a": 0}}')
+            assert event["bytes_out"] > 0 and event["duration_ms"] > 0
+            for target in ("primary", "c"):
+                call = event["calls"][target]
+                assert call["status"] == 200 and call["latency_ms"] > 0
+                assert call["error_kind"] is None
+            assert event["duration_ms"] >= event["calls"]["primary"]["latency_ms"]
+        assert any(e["message"].startswith("stopped:") for e in events)
+    else:
+        access = [line for line in lines if " shadowproxy.access[" in line]
+        assert sorted(line.rsplit("request_id=", 1)[1] for line in access) == sorted(ids)
+        for line in access:
+            assert re.search(r": POST /p\?i=\d&token=\[redacted\] -> 200 route=r "
+                             r"config=[0-9a-f]{12} duration_ms=[\d.]+ bytes_in=22 bytes_out=\d+ "
+                             r"primary=200:[\d.]+ms c=200:[\d.]+ms request_id=\S+$", line), line
+
+
+async def test_access_log_says_what_the_client_got_and_why_each_call_failed(
+        start_proxy: StartProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """A shadow timing out, a primary that cannot be reached (502) and one that does not
+    answer in time (504): each line has the client's status and every call's error kind, in
+    the text and the JSON format alike."""
+    caplog.set_level(logging.INFO, logger="shadowproxy.access")
+    closed_port = free_port()
+    async with serve(model("v1")) as primary, serve(hanging()) as stuck, \
+            start_proxy([
+                {"name": "r", "match": {"path_prefix": "/ok"}, "primary": {"url": primary.url},
+                 "shadows": [{"name": "slow", "url": stuck.url, "timeout_s": 0.2}]},
+                {"name": "down", "match": {"path_prefix": "/down"},
+                 "primary": {"url": f"http://127.0.0.1:{closed_port}"}},
+                {"name": "late", "match": {"path_prefix": "/late"},
+                 "primary": {"url": stuck.url, "timeout_s": 0.2}},
+            ], access_log=True) as proxy, aiohttp.ClientSession() as http:
+        for path, status in (("/ok", 200), ("/down", 502), ("/late", 504)):
+            resp = await http.get(f"http://127.0.0.1:{proxy.port}{path}",
+                                  headers={"X-Request-Id": path[1:]})
+            assert resp.status == status
+            await resp.read()
+        await asyncio.sleep(0.3)
+        await proxy.recorder.drained()
+    records = {r.request_id: r for r in caplog.records  # type: ignore[attr-defined]
+               if r.name == "shadowproxy.access"}
+    ok, down, late = records["ok"], records["down"], records["late"]
+    assert ok.status == 200 and ok.calls["slow"]["error_kind"] == "timeout"
+    assert ok.calls["slow"]["status"] is None and ok.calls["slow"]["latency_ms"] >= 200
+    assert down.status == 502 and down.calls["primary"]["error_kind"] == "connect"
+    assert down.bytes_out is None
+    assert late.status == 504 and late.calls["primary"]["error_kind"] == "timeout"
+    assert late.duration_ms >= 200
+    text = TextFormatter("%(message)s")
+    assert re.fullmatch(r"GET /ok -> 200 route=r config=[0-9a-f]{12} duration_ms=[\d.]+ "
+                        r"bytes_in=0 bytes_out=\d+ primary=200:[\d.]+ms "
+                        r"slow=-/timeout:[\d.]+ms request_id=ok", text.format(ok))
+    assert re.fullmatch(r"GET /down -> 502 route=down config=[0-9a-f]{12} "
+                        r"duration_ms=[\d.]+ bytes_in=0 bytes_out=- "
+                        r"primary=-/connect:[\d.]+ms request_id=down", text.format(down))
+    event = json.loads(JsonFormatter().format(late))
+    assert (event["status"], event["route"], event["request_id"]) == (504, "late", "late")
+    assert event["calls"]["primary"]["error_kind"] == "timeout"
 
 
 def test_text_lines_end_with_the_request_id() -> None:
@@ -56,3 +124,13 @@ def test_text_lines_end_with_the_request_id() -> None:
     record.request_id = "abc"
     assert TextFormatter("%(message)s").format(record) == "GET / -> 200 request_id=abc"
     assert json.loads(JsonFormatter().format(record))["request_id"] == "abc"
+
+
+def test_throttle_lets_a_few_lines_through_per_period_and_counts_the_rest() -> None:
+    """An event a client can cause at will is logged at most `limit` times a period; the
+    next line let through says how many were held back."""
+    throttle = Throttle(limit=3, period_s=60.0)
+    assert [throttle.allow(now=t) for t in (0.0, 1.0, 2.0)] == [(True, 0)] * 3
+    assert [throttle.allow(now=t) for t in (3.0, 4.0, 59.0)] == [(False, 0)] * 3
+    assert throttle.allow(now=60.0) == (True, 3)
+    assert throttle.allow(now=61.0) == (True, 0)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,3 +112,44 @@ async def raw_server(respond: Callable[[asyncio.StreamReader, asyncio.StreamWrit
     finally:
         server.close()
         # Handlers may still be sleeping; don't wait for them.
+
+
+@contextmanager
+def unaccepting_listener() -> Iterator[str]:
+    """The URL of a port whose accept queue is full and that never accepts: connection
+    attempts hang (the kernel drops the SYNs) until the caller gives up, as with a dead
+    host or a firewall that drops packets."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # the first fills the queue, the others hang
+        filler = socket.socket()
+        filler.setblocking(False)
+        with suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for sock in (*fillers, server):
+            sock.close()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def closing(respond: RawHandler) -> RawHandler:
+    """``respond`` for ``raw_server``, ended quietly when the proxy hangs up, and its
+    connection always closed (so that no stream outlives the test's event loop)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await respond(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return handler

@@ -152,6 +152,61 @@ def categorical_drift(ref: Mapping[str, int], cur: Mapping[str, int], *, alpha: 
             "threshold": max_js_distance, "drift": bool(js >= max_js_distance)}
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order (valid under any dependence).
+
+    Sorted p_(1) ≤ … ≤ p_(m) become max over j ≤ i of min(1, (m − j + 1)·p_(j)); a test is
+    significant at level α after the correction when its adjusted p-value is below α.
+    """
+    if not p_values:
+        return []
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(stepped)
+    return [float(a) for a in adjusted]
+
+
+def weighted_chi2_sf(x: float, weights: Array) -> float:
+    """P(Σ wᵢ·χ²₁ > x) for independent χ²₁ variables and weights wᵢ ≥ 0.
+
+    One distinct weight is a scaled χ² (exact); otherwise the Lugannani-Rice saddlepoint
+    approximation (Kuonen 1999, Biometrika 86:929), accurate to a few per cent of the
+    p-value far into the tail. Near the mean, where the formula is singular, the two-moment
+    (Satterthwaite) scaled χ² is used instead: there p-values are large and never decide.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w[w > 0]
+    if w.size == 0:
+        return 1.0 if x <= 0 else 0.0
+    if x <= 0:
+        return 1.0
+    if np.ptp(w) <= 1e-9 * w.max():
+        return float(stats.chi2.sf(x / w.mean(), w.size))
+    from scipy.optimize import brentq
+
+    def k1(t: float) -> float:
+        return float(np.sum(w / (1 - 2 * w * t)))
+
+    w_max = float(w.max())
+    if x > w.sum():
+        lo, hi = 0.0, (1 - 0.5 * w_max / (x + float(w.sum()))) / (2 * w_max)
+    else:
+        lo, hi = -w.size / x, 0.0
+    t = float(brentq(lambda s: k1(s) - x, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=500))
+    cgf = float(-0.5 * np.sum(np.log1p(-2 * w * t)))
+    k2 = float(np.sum(2 * w**2 / (1 - 2 * w * t) ** 2))
+    r = math.copysign(math.sqrt(max(2 * (t * x - cgf), 0.0)), t)
+    v = t * math.sqrt(k2)
+    if abs(r) < 1e-2 or abs(v) < 1e-2:
+        scale = float(np.sum(w**2) / np.sum(w))
+        return float(stats.chi2.sf(x / scale, float(np.sum(w)) / scale))
+    p = float(stats.norm.sf(r) + stats.norm.pdf(r) * (1 / v - 1 / r))
+    return min(max(p, 0.0), 1.0)
+
+
 def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
     """Benjamini-Hochberg adjusted p-values, in the input order."""
     if not p_values:

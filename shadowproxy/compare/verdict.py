@@ -33,6 +33,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _drift_details(data: dict[str, Any]) -> list[str]:
+    """Each drifted feature's name, with why when the drift rule explained it."""
+    found = {f.get("name"): f for f in data.get("features", []) if f.get("drift")}
+    out = []
+    for name in data["drifted"]:
+        f = found.get(name, {})
+        why = [c["explanation"] for c in (f.get("distribution"), f.get("missing"))
+               if isinstance(c, dict) and c.get("drift") and c.get("explanation")]
+        out.append(f"{name} ({'; '.join(why)})" if why else name)
+    return out
+
+
 def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
     """The status and one reason per rule that fired, from the report's sections."""
     reasons: list[Reason] = []
@@ -69,6 +81,9 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
         add("warn", "operational", f"status codes agree on {_pct(agree)} of pairs")
 
     pred = report["predictions"]
+    # The paired test (compare/paired.py) decides; the distribution comparison of the two
+    # prediction columns is information, and only decides for reports without it.
+    paired = pred.get("paired")
     if pred.get("n", 0) == 0 and counts.get("comparable_pairs"):
         add("warn", "predictions", "compare.prediction matched no paired values: check the "
                                    "jsonpath against a recorded response")
@@ -77,7 +92,10 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
                 and pred["within_tolerance"] < th.min_within_tolerance:
             add("warn", "predictions", f"{_pct(pred['within_tolerance'])} of predictions "
                                        f"within tolerance (< {_pct(th.min_within_tolerance)})")
-        if pred["distribution_test"].get("drift"):
+        if paired is not None:
+            if paired.get("decision"):
+                add("warn", "predictions", paired["explanation"])
+        elif pred["distribution_test"].get("drift"):
             add("warn", "predictions", "the shadow's predictions are distributed differently "
                                        f"({pred['distribution_test']['test']})")
     elif pred.get("task") == "classification" and pred.get("n"):
@@ -86,6 +104,8 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
                                        f"{_pct(th.min_agreement)}")
         if pred["kappa"] is not None and pred["kappa"] < th.min_kappa:
             add("warn", "predictions", f"Cohen's kappa {pred['kappa']:.3f} < {th.min_kappa}")
+        if paired is not None and paired.get("decision"):
+            add("warn", "predictions", paired["explanation"])
 
     perf = report["performance"]
     test = perf.get("paired_test") or {}
@@ -101,7 +121,7 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
     for name, problems in data.get("value_check_failures", {}).items():
         add("fail", "data_checks", f"feature {name}: " + "; ".join(problems))
     if data.get("drifted"):
-        add("warn", "data_checks", f"input drift in {', '.join(data['drifted'])}"
+        add("warn", "data_checks", f"input drift in {', '.join(_drift_details(data))}"
                                    + (" (dataset drift)" if data.get("dataset_drift") else ""))
 
     flagged = [s for s in report["slices"].get("slices", []) if s.get("flagged")]

@@ -2,6 +2,11 @@
 
 Runs in the recorder, never on the client's path. The decompressed size is capped, so a
 compression bomb in a response costs at most ``max_decompressed_bytes`` of memory.
+
+Redaction parses only a body that could hold a configured field (a substring test first),
+with orjson, and falls back to the standard library for what orjson refuses; neither
+recurses without bound. A body that claims or looks like JSON and still cannot be read
+raises ``Unredactable``: its secret could be anywhere in it, so the recorder withholds it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import zlib
 from typing import Any
 
 import brotli
+import orjson
 
 
 class BodyTooLarge(Exception):
@@ -47,10 +53,26 @@ def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
     return None
 
 
-def json_text(body: bytes, headers: list[tuple[bytes, bytes]], cap: int) -> str | None:
-    """The body as text if it may be JSON (PostgreSQL makes the final call), else None."""
+# What made a body that claims or looks like JSON unreadable (``inspect_json``,
+# ``Unredactable``): with redaction rules, such a body is withheld, since its secrets could
+# not be found. The words appear in logs and in ``shadowproxy_bodies_withheld_total``.
+ENCODING = "encoding"
+"""Its content-encoding is unknown or corrupt, or undoing it passes the cap."""
+NOT_UTF8 = "not_utf8"
+"""Not UTF-8 text (or it holds a NUL character, which no JSON text can)."""
+INVALID_JSON = "invalid_json"
+"""Not a JSON document (malformed, or cut at ``max_body_bytes``)."""
+TOO_DEEP = "too_deep"
+"""Nested deeper than the JSON readers' limit (about a thousand levels)."""
+WITHHELD_REASONS = (ENCODING, NOT_UTF8, INVALID_JSON, TOO_DEEP)
+
+
+def inspect_json(body: bytes, headers: list[tuple[bytes, bytes]],
+                 cap: int) -> tuple[str | None, str | None]:
+    """(the body as text if it may be JSON, else None; why a body that claims or looks like
+    JSON cannot be read as text, else None). PostgreSQL makes the final call on JSON."""
     if not body:
-        return None
+        return None, None
     content_type = b""
     encoding = b""
     for name, value in headers:
@@ -59,25 +81,31 @@ def json_text(body: bytes, headers: list[tuple[bytes, bytes]], cap: int) -> str 
             content_type = value.lower()
         elif lname == b"content-encoding":
             encoding = value
+    declared = b"json" in content_type
     if encoding:
         try:
             decoded = decompress(body, encoding, cap)
         except BodyTooLarge:
-            return None
+            decoded = None
         if decoded is None:
-            return None
+            return None, ENCODING if declared else None
         body = decoded
-    if b"json" not in content_type:
+    if not declared:
         first = body.lstrip()[:1]
         if first not in (b"{", b"["):
-            return None
+            return None, None
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        return None
-    if "\x00" in text:  # PostgreSQL text cannot hold NUL
-        return None
-    return text
+        return None, NOT_UTF8
+    if "\x00" in text:  # PostgreSQL text cannot hold NUL, and JSON text never does
+        return None, NOT_UTF8
+    return text, None
+
+
+def json_text(body: bytes, headers: list[tuple[bytes, bytes]], cap: int) -> str | None:
+    """The body as text if it may be JSON (PostgreSQL makes the final call), else None."""
+    return inspect_json(body, headers, cap)[0]
 
 
 # --- JSON redaction -------------------------------------------------------------------------
@@ -135,13 +163,92 @@ def _redact(node: Any, steps: list[str | int | None]) -> bool:
     return changed
 
 
-def redact_json(text: str, paths: list[list[str | int | None]]) -> str | None:
-    """``text`` with every value at ``paths`` replaced by "[redacted]"; None if unchanged."""
+class Unredactable(Exception):
+    """A body that looks like JSON could not be read, so the values to redact could not be
+    found; ``reason`` is one of ``WITHHELD_REASONS``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# A run of 20 digits may be an integer past 64 bits, which orjson would read as a float.
+_LONG_NUMBER = re.compile(r"[0-9]{20}")
+
+
+def _parse(text: str) -> tuple[Any, bool]:
+    """(the document, True if the standard library read it). orjson is about ten times as
+    fast and refuses nesting past 1024 levels instead of recursing; what it refuses
+    (``1e999``, escaped lone surrogates, ``NaN``, malformed text) goes to the standard
+    library, whose recursion is bounded by the interpreter's limit."""
+    if _LONG_NUMBER.search(text) is None:
+        try:
+            return orjson.loads(text), False
+        except orjson.JSONDecodeError:
+            pass
     try:
-        doc = json.loads(text)
+        return json.loads(text), True
+    except RecursionError:
+        raise Unredactable(TOO_DEEP) from None
     except ValueError:
-        return None
-    changed = False
-    for steps in paths:
-        changed |= _redact(doc, steps)
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")) if changed else None
+        raise Unredactable(INVALID_JSON) from None
+
+
+def _serialize(doc: Any, standard: bool) -> tuple[bytes, str]:
+    """(UTF-8 bytes, text) of a redacted document. A document the standard library read is
+    written by it too, so that what orjson cannot write the same (``Infinity``, integers
+    past 64 bits) is kept as read; an escaped lone surrogate stays escaped."""
+    if not standard:
+        try:
+            data = orjson.dumps(doc)
+            return data, data.decode("utf-8")
+        except orjson.JSONEncodeError:
+            pass  # nested past orjson's writing limit (254 levels)
+    try:
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise Unredactable(TOO_DEEP) from None
+    try:
+        return text.encode("utf-8"), text
+    except UnicodeEncodeError:  # a lone surrogate, read from a \ud800 escape
+        text = json.dumps(doc, separators=(",", ":"))
+        return text.encode("ascii"), text
+
+
+class JsonRedactor:
+    """Replaces the values at ``recording.redact_json`` paths by "[redacted]"."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = [parse_json_path(p) for p in paths]
+        # A path can only match a text that holds each of its field names as a JSON key,
+        # quotes included, unless the text has escapes (a key can be spelled with them).
+        self._keys = [[f'"{step}"' for step in steps if isinstance(step, str)]
+                      for steps in self.paths]
+
+    def may_match(self, text: str) -> bool:
+        """False when no path can match ``text``: the common case costs a substring search."""
+        if "\\" in text:
+            return True
+        return any(all(key in text for key in keys) for keys in self._keys)
+
+    def redact(self, text: str) -> tuple[bytes, str] | None:
+        """``text`` re-written with the values at the paths redacted, as (bytes, text); None
+        when no path can match it (store it as it is). Raises Unredactable.
+
+        A text that may match is always re-written, also when no value was found: of a key
+        given twice the parsed document keeps only the last, and the first must not survive
+        in the stored bytes.
+        """
+        if not self.may_match(text):
+            return None
+        doc, standard = _parse(text)
+        for steps in self.paths:
+            _redact(doc, steps)
+        return _serialize(doc, standard)
+
+
+def redact_json(text: str, paths: list[str]) -> str | None:
+    """``text`` with every value at ``paths`` replaced by "[redacted]", or None when no path
+    can match it; raises Unredactable for a text that cannot be read as JSON."""
+    out = JsonRedactor(paths).redact(text)
+    return None if out is None else out[1]

@@ -4,8 +4,15 @@ Normal path: one COPY per table straight into ``shadowproxy.requests`` and ``res
 (JSON was validated by the encoder, so PostgreSQL parses each body once). Safe path, for
 spool replays and for a batch the normal path refused: COPY into temporary tables, then
 ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` that re-checks every JSON text, so a
-record already stored is skipped and one odd value cannot block a batch. One connection,
-owned by the recorder's writer task.
+record already stored is skipped and one odd value cannot block a batch. Last resort, for a
+batch that even the checking path refuses for a value in it (a text PostgreSQL cannot hold,
+a value a constraint forbids): each record on its own, and one still refused is stored again
+without its bodies and headers (``rows.without_bodies``), so that a bad record costs at
+most itself, never its batch, and a spooled batch can never block the replay. One
+connection, owned by the recorder's writer task.
+
+Nothing a record holds reaches the log: PostgreSQL's errors are described by
+``describe_error``, which leaves out the values it would quote.
 """
 
 from __future__ import annotations
@@ -14,13 +21,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import asyncpg
 
 from shadowproxy.errors import DatabaseError
-from shadowproxy.recorder.rows import REQUEST_COLUMNS, RESPONSE_COLUMNS, Row
-from shadowproxy.store.database import describe
+from shadowproxy.recorder.rows import (
+    REQUEST_COLUMNS,
+    RESPONSE_COLUMNS,
+    Row,
+    Withheld,
+    without_bodies,
+)
+from shadowproxy.store.database import ConnectionProblem, classify, describe, describe_error
 from shadowproxy.store.migrate import apply as apply_migrations
 
 log = logging.getLogger("shadowproxy.recorder")
@@ -62,6 +75,15 @@ ON CONFLICT (request, target) DO NOTHING
 
 
 _YIELD_EVERY = 32
+
+# What PostgreSQL or the driver raise for a value in a record (not for the connection):
+# data exceptions (22), constraint violations (23), program limits (54), and the driver's
+# own encoding errors (ValueError, TypeError, UnicodeEncodeError).
+_VALUE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError, ValueError, TypeError)
+REFUSED = "refused"
+"""Why a record was stored without its bodies: PostgreSQL refused a value in it."""
 
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _PG_EPOCH_UNIX_S = 946_684_800.0
@@ -109,6 +131,10 @@ class PostgresWriter:
         self._conn: asyncpg.Connection | None = None
         self._insert_requests = ""
         self._insert_responses = ""
+        self.withheld: list[Withheld] = []
+        """Records stored without their bodies, since the caller last emptied the list."""
+        self.unstorable: list[str] = []
+        """Request ids of records refused even without their bodies (not stored)."""
 
     async def _connection(self) -> asyncpg.Connection:
         conn = self._conn
@@ -135,31 +161,67 @@ class PostgresWriter:
         """Store one batch in one transaction; DatabaseError if it could not be stored.
 
         ``replay=True`` (spooled batches) takes the idempotent path directly. Whatever goes
-        wrong surfaces as DatabaseError with the connection dropped: the recorder then spools
-        the batch, so an unexpected driver state can delay a record but never lose it.
+        wrong with the database surfaces as DatabaseError with the connection dropped: the
+        recorder then spools the batch, so an unexpected driver state can delay a record but
+        never lose it. A value PostgreSQL refuses costs only its own record's bodies
+        (``withheld``), or, refused even without them, that record (``unstorable``).
         """
         if not replay:
             try:
                 await asyncio.wait_for(self._copy(requests, responses), self.timeout)
                 return
-            except asyncpg.DataError as exc:
-                # A value the encoder let through and PostgreSQL refused: keep the batch,
-                # with that value's JSON left NULL, through the checking path.
-                log.warning("batch refused by COPY (%s); storing it through the checking "
-                            "path", exc)
             except asyncpg.UniqueViolationError:
                 pass  # part of the batch is there already: the idempotent path skips it
+            except _VALUE_ERRORS as exc:
+                # A JSON text PostgreSQL refused (a client's malformed body, say): keep the
+                # batch, with that value's JSON left NULL, through the checking path. Not
+                # an operator's concern, and a client could send one with every request.
+                log.debug("a batch of %d records was refused by COPY (%s); storing it "
+                          "through the checking path", len(requests), describe_error(exc))
             except Exception as exc:  # every failure means: spool the batch
                 await self._failed(exc)
         try:
             await asyncio.wait_for(self._insert_checked(requests, responses), self.timeout)
+            return
+        except _VALUE_ERRORS as exc:
+            log.debug("a batch of %d records was refused by the checking path (%s); storing "
+                      "its records one by one", len(requests), describe_error(exc))
         except Exception as exc:  # every failure means: spool the batch
             await self._failed(exc)
+        try:
+            await self._insert_each(requests, responses)
+        except Exception as exc:  # every failure means: spool the batch (stored rows skip)
+            await self._failed(exc)
+
+    async def _insert_each(self, requests: list[Row], responses: list[Row]) -> None:
+        """Each record in its own transaction; one still refused goes in without its bodies
+        and headers, and one refused even so is given up (its request id is logged)."""
+        answers: dict[Any, list[Row]] = {}
+        for row in responses:
+            answers.setdefault(row[0], []).append(row)
+        for request in requests:
+            mine = answers.get(request[0], [])
+            try:
+                await asyncio.wait_for(self._insert_checked([request], mine), self.timeout)
+                continue
+            except _VALUE_ERRORS:
+                pass
+            bare = without_bodies(request, REQUEST_COLUMNS)
+            bare_answers = [without_bodies(row, RESPONSE_COLUMNS) for row in mine]
+            request_id = str(bare[REQUEST_COLUMNS.index("request_id")])
+            try:
+                await asyncio.wait_for(self._insert_checked([bare], bare_answers),
+                                       self.timeout)
+                self.withheld.append(Withheld(request_id, "request", REFUSED))
+            except _VALUE_ERRORS as exc:
+                log.error("a record refused by PostgreSQL even without its bodies was not "
+                          "stored (%s)", describe_error(exc), extra={"request_id": request_id})
+                self.unstorable.append(request_id)
 
     async def _failed(self, exc: BaseException) -> NoReturn:
         await self._drop_connection()
         raise DatabaseError(f"could not write to {describe(self.url)}: "
-                            f"{exc or type(exc).__name__}") from exc
+                            f"{describe_error(exc)}") from exc
 
     async def _copy(self, requests: list[Row], responses: list[Row]) -> None:
         conn = await self._connection()
@@ -184,15 +246,15 @@ class PostgresWriter:
             if responses:
                 await conn.execute(self._insert_responses)
 
-    async def ping(self) -> bool:
-        """True if the database answers now."""
+    async def check(self) -> ConnectionProblem | None:
+        """None if the database answers now (connected and migrated), else why not."""
         try:
             conn = await asyncio.wait_for(self._connection(), self.timeout)
             await asyncio.wait_for(conn.fetchval("SELECT 1"), self.timeout)
-            return True
-        except Exception:  # any failure: not reachable now, try again later
+            return None
+        except Exception as exc:  # any failure: not usable now; the kind says if it may pass
             await self._drop_connection()
-            return False
+            return classify(exc)
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

@@ -30,17 +30,34 @@ from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.errors import DatabaseError, SpoolError
+from shadowproxy.logs import Throttle
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import Exchange
-from shadowproxy.recorder.postgres import PostgresWriter
-from shadowproxy.recorder.rows import Row, RowEncoder, upgrade_rows
+from shadowproxy.recorder import bodies
+from shadowproxy.recorder.access import log_exchanges
+from shadowproxy.recorder.postgres import REFUSED, PostgresWriter
+from shadowproxy.recorder.rows import UNEXPECTED, Row, RowEncoder, Withheld, upgrade_rows
 from shadowproxy.recorder.spool import Spool
+from shadowproxy.store.database import TRANSIENT, ConnectionProblem, classify
 from shadowproxy.tasks import spawn
 
 log = logging.getLogger("shadowproxy.recorder")
-access_log = logging.getLogger("shadowproxy.access")
 
 _REPLAY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+_PERMANENT_RETRY_S = 60.0
+"""How often a database refusing the proxy for good (a wrong password, say) is tried again:
+seldom, as it only passes when the operator fixes it, and then it is picked up within this."""
+_CANNOT_REDACT = ", so the fields of recording.redact_json could not be found in it"
+_WHY = {
+    bodies.ENCODING: "its content-encoding could not be undone" + _CANNOT_REDACT,
+    bodies.NOT_UTF8: "it is not UTF-8 text" + _CANNOT_REDACT,
+    bodies.INVALID_JSON: "it is not valid JSON" + _CANNOT_REDACT,
+    bodies.TOO_DEEP: "it is nested too deeply to read" + _CANNOT_REDACT,
+    REFUSED: "PostgreSQL refused a value of the record, which is stored without its bodies "
+             "and headers",
+    UNEXPECTED: "encoding the record failed unexpectedly; it is stored without its bodies "
+                "and headers",
+}
 _ENCODE_SLICE = 32
 KEPT_VERSIONS = 16
 """Configuration versions whose recording rules are kept for exchanges still in flight."""
@@ -68,6 +85,10 @@ class Recorder:
         self.database_ok = False
         """True while batches go straight to PostgreSQL; False while it is unreachable and
         every batch is spooled."""
+        self.problem: ConnectionProblem | None = None
+        """Why the database cannot be used, while it cannot: transient (an outage) or
+        permanent (a configuration only the operator can fix)."""
+        metrics.database_state = self.database_state
         self.spool_full = False
         """True when the last batch found the spool at its cap (and was dropped)."""
         self.overflowing = False
@@ -99,6 +120,8 @@ class Recorder:
         """Batches taken from the queue and not yet in the database or the spool."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self._withheld_log = Throttle()
+        """Clients choose their bodies: a flood of unreadable ones must not flood the log."""
 
     # --- the data path's entry ---
     def submit(self, exchange: Exchange) -> None:
@@ -151,9 +174,17 @@ class Recorder:
         return runs
 
     # --- lifecycle ---
+    def database_state(self) -> str:
+        """'up', or the kind of the problem that keeps records in the spool."""
+        if self.database_ok:
+            return "up"
+        return self.problem.kind if self.problem is not None else TRANSIENT
+
     async def start(self) -> None:
         """Connect (or start spooling) and start the writer and, if needed, the replayer."""
-        self.database_ok = await self.writer.ping()
+        problem = await self.writer.check()
+        self.database_ok = problem is None
+        self._note_problem(problem, starting=True)
         if not self.database_ok or self.spool.has_pending():
             self._start_replay()
         self._writer_task = spawn(self._run(), name="recorder-writer")
@@ -239,13 +270,21 @@ class Recorder:
 
     async def _spool_excess(self, rows: tuple[list[Row], list[Row]]) -> None:
         """Append a batch the database has no room for now to the spool (a sequential write),
-        rather than let the queue fill up and drop records; the write in flight goes on."""
-        if self.database_ok and not self.overflowing:  # (down, not behind, if not ok)
+        rather than let the queue fill up and drop records; the write in flight goes on.
+
+        While the database is up and only behind, the append does not wait for the disk
+        (fsync): the spool then stands in for memory, and data written to the kernel
+        outlives a crash of this process as the queue would not. Waiting for the disk would
+        make the spool's throughput that of fsync: on a busy disk one fsync can take most of
+        a second, long enough for the queue to reach its bound while the database is merely
+        slow, and records would be dropped."""
+        behind = self.database_ok  # (down, not behind, if not ok)
+        if behind and not self.overflowing:
             self.overflowing = True
             log.warning("the database is behind (%d records queued): spooling the excess and "
                         "storing it as the database catches up", len(self.queue))
         try:
-            await self._spool(*rows)
+            await self._spool(*rows, durable=not behind)
         finally:
             self._batch_done()
 
@@ -257,10 +296,11 @@ class Recorder:
     async def _store_batch(self, rows: tuple[list[Row], list[Row]]) -> None:
         try:
             await self._store(*rows)
-        except Exception:  # the writer must outlive any one bad batch: keep it on disk
+        except Exception as exc:  # the writer must outlive any one bad batch: keep it on disk
             log.exception("storing a batch of %d records failed; spooling it", len(rows[0]))
             # Route what follows through the spool too; the replayer brings it all back.
             self.database_ok = False
+            self._note_problem(classify(exc))
             await self._spool(*rows)
         finally:
             self._batch_done()
@@ -272,36 +312,93 @@ class Recorder:
         responses: list[Row] = []
         for start in range(0, len(batch), _ENCODE_SLICE):
             part = batch[start:start + _ENCODE_SLICE]
-            if self.log_exchanges:
-                _log_exchanges(part)
             for encoder, run in self._by_version(part):
+                if self.log_exchanges:
+                    log_exchanges(run, encoder.query)
                 req, resp = encoder.encode(run)
                 requests += req
                 responses += resp
+                if encoder.withheld:
+                    self._note_withheld(encoder.withheld)
+                    encoder.withheld = []
             await asyncio.sleep(0)
         return requests, responses
+
+    async def _write(self, requests: list[Row], responses: list[Row]) -> None:
+        """One batch into the database (the caller holds ``_db_lock``), and what became of
+        it counted: a record PostgreSQL refused even without its bodies is dropped."""
+        writer = self.writer
+        await writer.write(requests, responses)
+        if writer.withheld:
+            self._note_withheld(writer.withheld)
+            writer.withheld = []
+        lost = len(writer.unstorable)
+        writer.unstorable = []
+        self.metrics.records["written"] += len(requests) - lost
+        self.metrics.records["dropped"] += lost
+
+    def _note_problem(self, problem: ConnectionProblem | None, *,
+                      starting: bool = False) -> None:
+        """Remember why the database cannot be used, and log it when that changes: an outage
+        once, a permanent problem with its cause and what to fix. No password is logged:
+        the cause is the server's or the socket's message, the URL is never part of it."""
+        old, self.problem = self.problem, problem
+        if problem is None:
+            if old is not None:
+                log.info("database reachable again: writing to it directly, replaying the "
+                         "spool")
+            return
+        if problem.permanent:
+            if old is not None and old.permanent and old.cause == problem.cause:
+                return
+            log.error("the database refuses the proxy%s: %s. This is not an outage and will "
+                      "not pass by itself: %s. Until then records go to the spool in %s "
+                      "(nothing is lost while it has room, recording.spool_max_bytes), "
+                      "/readyz answers 503, and the connection is tried again every %g s",
+                      " at start-up" if starting else "", problem.cause, problem.fix,
+                      self.spool.directory, _PERMANENT_RETRY_S)
+        elif old is None or old.permanent:
+            log.warning("database not reachable%s (%s); records go to the spool in %s and are "
+                        "stored when it is back", " at start-up" if starting else "",
+                        problem.cause, self.spool.directory)
+
+    def _note_withheld(self, notes: list[Withheld]) -> None:
+        """Count the bodies withheld, and log them: which request, which body, why; never
+        anything of the body itself."""
+        for note in notes:
+            self.metrics.withheld(note.reason)
+            allowed, held_back = self._withheld_log.allow()
+            if not allowed:
+                continue
+            body = ("request body" if note.where == "request"
+                    else f"response body of {note.where!r}")
+            log.warning("%s not stored: %s (%s); the row keeps its size, with body NULL and "
+                        "body_truncated true%s", body, _WHY.get(note.reason, note.reason),
+                        note.reason,
+                        f"; {held_back} more such lines held back" if held_back else "",
+                        extra={"request_id": note.request_id})
 
     async def _store(self, requests: list[Row], responses: list[Row]) -> None:
         if self.database_ok:
             async with self._db_lock:
                 try:
-                    await self.writer.write(requests, responses)
-                    self.metrics.records["written"] += len(requests)
+                    await self._write(requests, responses)
                     return
                 except DatabaseError as exc:
-                    if self.database_ok:
-                        log.warning("database unavailable, spooling records: %s", exc)
                     self.database_ok = False
+                    self._note_problem(classify(exc))
         await self._spool(requests, responses)
 
-    async def _spool(self, requests: list[Row], responses: list[Row]) -> None:
-        """Append a batch to the spool, in a thread (the fsync must not hold up the data
-        path), and make sure the replay task will bring it in."""
+    async def _spool(self, requests: list[Row], responses: list[Row], *,
+                     durable: bool = True) -> None:
+        """Append a batch to the spool, in a thread (the write and fsync must not hold up the
+        data path), and make sure the replay task will bring it in. ``durable=False``: do
+        not wait for the disk (see ``_spool_excess``)."""
         loop = asyncio.get_running_loop()
         try:
             async with self._spool_lock:
                 stored = await loop.run_in_executor(None, self.spool.append,
-                                                    (requests, responses))
+                                                    (requests, responses), durable)
                 if stored:
                     self._start_replay()
             if not stored and not self.spool_full:
@@ -328,7 +425,11 @@ class Recorder:
         attempt = 0
         try:
             while not await self._replay_once():
-                await asyncio.sleep(_REPLAY_BACKOFF_S[min(attempt, len(_REPLAY_BACKOFF_S) - 1)])
+                if self.problem is not None and self.problem.permanent:
+                    await asyncio.sleep(_PERMANENT_RETRY_S)
+                else:
+                    await asyncio.sleep(
+                        _REPLAY_BACKOFF_S[min(attempt, len(_REPLAY_BACKOFF_S) - 1)])
                 attempt += 1
         except BaseException:
             self._replaying = False  # cancelled at close, or a bug: the next append restarts it
@@ -337,12 +438,13 @@ class Recorder:
     async def _replay_once(self) -> bool:
         """Move spooled batches into the database; True once the spool is empty."""
         async with self._db_lock:
-            reachable = await self.writer.ping()
-        if not reachable:
+            problem = await self.writer.check()
+        if problem is not None:
+            self._note_problem(problem)
             return False
         if not self.database_ok:
-            log.info("database reachable again: writing to it directly, replaying the spool")
             self.database_ok = True  # live batches go straight in again; the spool follows
+        self._note_problem(None)
         try:
             while True:
                 for segment in self.spool.closed_segments():
@@ -358,8 +460,8 @@ class Recorder:
                         return True
                     self.spool.rotate()
         except DatabaseError as exc:
-            log.warning("replay paused, database unavailable: %s", exc)
             self.database_ok = False
+            self._note_problem(classify(exc))
             return False
 
     async def _replay_segment(self, segment: Path) -> None:
@@ -367,8 +469,7 @@ class Recorder:
             requests, responses = upgrade_rows(*frame)
             await self._database_has_room()
             async with self._db_lock:
-                await self.writer.write(requests, responses)
-            self.metrics.records["written"] += len(requests)
+                await self._write(requests, responses)
         self.spool.remove(segment)
 
     async def _database_has_room(self) -> None:
@@ -386,18 +487,3 @@ def _captured_bytes(exchange: Exchange) -> int:
         if response.body is not None:
             size += len(response.body)
     return size
-
-
-def _log_exchanges(exchanges: list[Exchange]) -> None:
-    """One access-log line per exchange, carrying its request id and every call's outcome."""
-    for ex in exchanges:
-        calls = {r.target: {"status": r.status, "latency_ms": None if r.latency_ms is None
-                            else round(r.latency_ms, 3), "error": r.error}
-                 for r in ex.responses}
-        primary = calls.get("primary", {})
-        access_log.info("%s %s%s -> %s config=%s", ex.method, ex.path,
-                        "?" + ex.query if ex.query else "",
-                        primary.get("status") or primary.get("error"), ex.config_version,
-                        extra={"request_id": ex.request_id, "route": ex.route,
-                               "client_addr": ex.client_addr, "calls": calls,
-                               "config_version": ex.config_version})

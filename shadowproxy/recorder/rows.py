@@ -7,6 +7,12 @@ parsed here: the normal path COPYs the text straight into the jsonb column, so P
 parses each body exactly once, and the rare batch with a body that is not valid JSON after
 all is refused as a whole and stored through the checking path (``postgres.py``). Only
 redaction needs the parsed document.
+
+With ``recording.redact_json`` set, a body that claims or looks like JSON but cannot be read
+(``bodies.WITHHELD_REASONS``) may hold a value to redact that cannot be found: it is
+withheld, stored as ``body`` and ``body_json`` NULL with ``body_truncated`` true (the row and
+its ``body_size`` are kept). Encoding is per record: whatever goes wrong with one exchange
+costs that exchange's bodies, never the other records of its batch.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import orjson
 from shadowproxy.config import RecordingConfig
 from shadowproxy.failures import kind_of_legacy_error
 from shadowproxy.models import Exchange, Headers
-from shadowproxy.recorder.bodies import json_text, parse_json_path, redact_json
+from shadowproxy.recorder.bodies import JsonRedactor, Unredactable, inspect_json
+from shadowproxy.recorder.query import QueryRedactor
 
 REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path", "query",
                    "headers", "body", "body_json", "body_size", "body_truncated", "client_addr",
@@ -30,6 +37,21 @@ RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "b
 
 Row = tuple[Any, ...]
 REDACTED = "[redacted]"
+UNEXPECTED = "unexpected"
+"""Why bodies were withheld when encoding an exchange failed in a way no check foresaw."""
+
+
+class Withheld:
+    """A body the encoder did not store, and why (for the recorder's log and metrics)."""
+
+    __slots__ = ("reason", "request_id", "where")
+
+    def __init__(self, request_id: str, where: str, reason: str) -> None:
+        self.request_id = request_id
+        self.where = where
+        """'request', or the target whose response body it was."""
+        self.reason = reason
+        """One of ``bodies.WITHHELD_REASONS``, or ``UNEXPECTED``."""
 
 
 class RowEncoder:
@@ -37,10 +59,14 @@ class RowEncoder:
 
     def __init__(self, recording: RecordingConfig) -> None:
         self._redact = frozenset(h.encode() for h in recording.redact_headers)
-        self._json_paths = [parse_json_path(p) for p in recording.redact_json]
+        self._redactor = JsonRedactor(recording.redact_json) if recording.redact_json else None
         self._cap = recording.max_decompressed_bytes
+        self.query = QueryRedactor(recording.redact_query)
+        """The query string as stored and logged: secret parameters' values redacted."""
         self._names: dict[bytes, tuple[str, bool]] = {}
         """Header name as sent → (JSON key, redact?): names repeat on nearly every request."""
+        self.withheld: list[Withheld] = []
+        """Bodies withheld since the caller last emptied this list."""
 
     def headers(self, headers: Headers | None) -> str | None:
         """Headers as a JSON object text: names lower-cased, repeats joined with ", "."""
@@ -60,38 +86,96 @@ class RowEncoder:
             merged[key] = merged[key] + ", " + text if key in merged else text
         return orjson.dumps(merged).decode()
 
-    def body(self, body: bytes | None, headers: Headers | None) -> tuple[bytes | None,
-                                                                        str | None]:
-        """(bytes to store, JSON text or None), with configured JSON fields redacted."""
+    def body(self, body: bytes | None, headers: Headers | None
+             ) -> tuple[bytes | None, str | None, str | None]:
+        """(bytes to store, JSON text or None, None), with configured JSON fields redacted;
+        or (None, None, reason) for a body withheld because it could not be redacted."""
         if not body:
-            return body, None
-        text = json_text(body, headers or [], self._cap)
+            return body, None, None
+        text, unreadable = inspect_json(body, headers or [], self._cap)
+        redactor = self._redactor
+        if redactor is None:
+            return body, text, None
+        if unreadable is not None:
+            return None, None, unreadable
         if text is None:
-            return body, None
-        if self._json_paths:
-            redacted = redact_json(text, self._json_paths)
-            if redacted is not None:
-                # The stored bytes must not keep the secret either: store the redacted JSON.
-                return redacted.encode("utf-8"), redacted
-        return body, text
+            return body, None, None  # not JSON: redact_json does not apply
+        try:
+            redacted = redactor.redact(text)
+        except Unredactable as exc:
+            return None, None, exc.reason
+        if redacted is None:
+            return body, text, None
+        # The stored bytes must not keep the secret either: store the redacted JSON.
+        return redacted[0], redacted[1], None
 
     def encode(self, exchanges: Iterable[Exchange]) -> tuple[list[Row], list[Row]]:
         requests: list[Row] = []
         responses: list[Row] = []
         for ex in exchanges:
-            if not ex.request_stored:
-                body, text = self.body(ex.body, ex.headers)
-                requests.append((
-                    ex.id, ex.request_id, ex.route, ex.received_at,
-                    ex.method, ex.path, ex.query, self.headers(ex.headers) or "{}", body, text,
-                    ex.body_size, ex.body_truncated, ex.client_addr, ex.config_version))
-            for r in ex.responses:
-                rbody, rtext = self.body(r.body, r.headers)
-                responses.append((
-                    ex.id, r.target, r.role, r.status, self.headers(r.headers), rbody, rtext,
-                    r.body_size if r.status is not None else None, r.body_truncated,
-                    r.latency_ms, r.error, r.started_at, r.error_kind))
+            try:
+                request, answers = self._exchange(ex)
+            except Exception:  # one exchange's surprise must not cost the batch
+                request, answers = self._without_bodies(ex)
+            if request is not None:
+                requests.append(request)
+            responses += answers
         return requests, responses
+
+    def _exchange(self, ex: Exchange) -> tuple[Row | None, list[Row]]:
+        """(request row, response rows); no request row for an exchange whose request is
+        stored already (a replayed answer)."""
+        request: Row | None = None
+        if not ex.request_stored:
+            body, text, reason = self.body(ex.body, ex.headers)
+            if reason is not None:
+                self.withheld.append(Withheld(ex.request_id, "request", reason))
+            query = ex.query
+            if query:  # (most model calls have none: spare them the call)
+                query = self.query(query)
+            request = (ex.id, ex.request_id, ex.route, ex.received_at, ex.method, ex.path,
+                       query, self.headers(ex.headers) or "{}", body, text, ex.body_size,
+                       ex.body_truncated or reason is not None, ex.client_addr,
+                       ex.config_version)
+        answers: list[Row] = []
+        for r in ex.responses:
+            rbody, rtext, rreason = self.body(r.body, r.headers)
+            if rreason is not None:
+                self.withheld.append(Withheld(ex.request_id, r.target, rreason))
+            answers.append((
+                ex.id, r.target, r.role, r.status, self.headers(r.headers), rbody, rtext,
+                r.body_size if r.status is not None else None,
+                r.body_truncated or rreason is not None, r.latency_ms, r.error, r.started_at,
+                r.error_kind))
+        return request, answers
+
+    def _without_bodies(self, ex: Exchange) -> tuple[Row | None, list[Row]]:
+        """The exchange's rows with every body and header withheld: what is left to store
+        of an exchange whose encoding failed unexpectedly."""
+        self.withheld.append(Withheld(ex.request_id, "request", UNEXPECTED))
+        request = None if ex.request_stored else (
+            ex.id, ex.request_id, ex.route, ex.received_at, ex.method, ex.path,
+            self.query(ex.query), "{}", None, None, ex.body_size, True, ex.client_addr,
+            ex.config_version)
+        answers = [(ex.id, r.target, r.role, r.status, None, None, None,
+                    r.body_size if r.status is not None else None, True, r.latency_ms,
+                    r.error, r.started_at, r.error_kind) for r in ex.responses]
+        return request, answers
+
+
+def without_bodies(row: Row, columns: tuple[str, ...]) -> Row:
+    """``row`` without bodies and headers, flagged truncated, with its texts made storable
+    (invalid UTF-8 and NUL replaced): what is left of a record PostgreSQL refused."""
+    out: list[Any] = []
+    for name, value in zip(columns, row, strict=True):
+        if name in ("body", "body_json", "headers"):
+            value = None
+        elif name == "body_truncated":
+            value = True
+        elif isinstance(value, str):
+            value = value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+        out.append(value)
+    return tuple(out)
 
 
 def upgrade_rows(requests: list[Row], responses: list[Row]) -> tuple[list[Row], list[Row]]:

@@ -1,7 +1,8 @@
 """Append-only spool files: where batches wait while PostgreSQL is unreachable.
 
 Layout: ``data_dir/spool/seg-<pid>-<ns>.spool``, each a sequence of frames
-``[length u32][crc32 u32][pickled (request rows, response rows)]``, fsynced per batch. A
+``[length u32][crc32 u32][pickled (request rows, response rows)]``, fsynced per batch (but
+for the excess of a database that is up and only behind, see ``Recorder._spool_excess``). A
 frame cut short by a crash fails its length or CRC check and is skipped. Replay COPYs each
 frame like a live batch, and a batch partly stored already goes through the idempotent
 INSERT (the record id is the key); then the segment is deleted, so a replay interrupted
@@ -87,8 +88,11 @@ class Spool:
     def has_pending(self) -> bool:
         return bool(self._segments(self.pid))
 
-    def append(self, payload: tuple[list[Any], list[Any]]) -> bool:
-        """Write one batch durably; False (nothing written) when the spool is full."""
+    def append(self, payload: tuple[list[Any], list[Any]], durable: bool = True) -> bool:
+        """Write one batch, and with ``durable`` wait until it is on disk (fsync); False
+        (nothing written) when the spool is full. Without ``durable`` the batch is with the
+        kernel, which keeps it across a crash of this process, not across a power cut; a
+        later durable append to the same segment flushes it to disk too."""
         data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         frame = _FRAME.pack(len(data), zlib.crc32(data)) + data
         if self.total_bytes() + len(frame) > self.max_bytes:
@@ -101,7 +105,8 @@ class Spool:
                 self._active_size = 0
             self._active_file.write(frame)
             self._active_file.flush()
-            os.fsync(self._active_file.fileno())
+            if durable:
+                os.fsync(self._active_file.fileno())
             self._active_size += len(frame)
         except OSError as exc:
             raise SpoolError(f"cannot write to the spool {self.directory}: {exc}") from exc

@@ -7,48 +7,38 @@ can only be subclassed by compiled code.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from shadowproxy.failures import ErrorKind
 from shadowproxy.models import CapturedResponse, Exchange, Headers
-from shadowproxy.upstream import UpstreamCall, UpstreamConnection
+from shadowproxy.upstream import UpstreamCall
 
 
 class ReplayCall(UpstreamCall):
     """One replayed request; ``on_done(call)`` runs once when the answer (or failure) is in."""
 
-    __slots__ = ("capture_cap", "chunks", "exchange", "on_done", "record")
+    __slots__ = ("on_done",)
 
-    def __init__(self, head: bytes, body: bytes, timeout: float, expect_no_body: bool,
-                 exchange: Exchange, record: CapturedResponse, capture_cap: int,
+    def __init__(self, exchange: Exchange, record: CapturedResponse, head: bytes, body: bytes,
+                 timeout: float, head_only: bool, may_resend: bool, capture_cap: int,
                  on_done: Callable[[ReplayCall], None]) -> None:
-        super().__init__(head, body, timeout, expect_no_body)
-        self.exchange = exchange
-        self.record = record
-        self.capture_cap = capture_cap
+        super().__init__(exchange, record, head, body, timeout, head_only, may_resend,
+                         capture_cap)
         self.on_done = on_done
-        self.chunks: list[bytes] = []
 
-    def on_response_head(self, status: int, reason: bytes, headers: Headers,
-                         conn: UpstreamConnection) -> None:
+    def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
         self.record.status = status
         self.record.headers = headers
 
     def on_response_body(self, data: bytes) -> None:
-        self.record.capture(self.chunks, data, self.capture_cap)
-
-    def _close(self) -> None:
-        record = self.record
-        record.latency_ms = (time.perf_counter() - self.sent_at) * 1000.0
-        record.body = b"".join(self.chunks) if self.chunks else b""
-        self.chunks = []
-        self.on_done(self)
+        self.capture(data)
 
     def on_response_end(self) -> None:
-        self._close()
+        self.close_record()
+        self.on_done(self)
 
     def on_failure(self, kind: ErrorKind, detail: str) -> None:
         self.record.error_kind = kind
         self.record.error = detail
-        self._close()
+        self.close_record()
+        self.on_done(self)

@@ -91,7 +91,8 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
         if options.force:
             force_conn = await connect(url)
         replayer = Replayer(options, settings.recording, settings.data_dir, url,
-                            RequestStream(conn, selection), pacer, force_conn)
+                            RequestStream(conn, selection), pacer, force_conn,
+                            limits=settings.limits)
         started = datetime.fromtimestamp(time.time(), UTC)
         clock = time.monotonic()
         with progress_bar(pre.pending, options.name) as update:

@@ -33,9 +33,10 @@ from typing import Any
 
 import asyncpg
 
-from shadowproxy.config import RecordingConfig
+from shadowproxy.config import Limits, RecordingConfig
 from shadowproxy.errors import ShadowProxyError
 from shadowproxy.failures import ErrorKind
+from shadowproxy.http1 import IDEMPOTENT_METHODS
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.recorder.recorder import Recorder
@@ -91,9 +92,11 @@ class Replayer:
 
     def __init__(self, options: ReplayOptions, recording: RecordingConfig, data_dir: Path,
                  database_url: str, stream: RequestStream, pacer: Pacer,
-                 force_conn: asyncpg.Connection | None = None) -> None:
+                 force_conn: asyncpg.Connection | None = None,
+                 limits: Limits | None = None) -> None:
         self.options = options
         self.recording = recording
+        self.limits = limits or Limits()
         self.data_dir = data_dir
         self.database_url = database_url
         self.stream = stream
@@ -144,7 +147,7 @@ class Replayer:
         recorder = self.recorder = Recorder(self.recording, self.database_url, self.data_dir,
                                             Metrics())
         await recorder.start()
-        self._pool = UpstreamPool(loop, self.options.url, self.options.name)
+        self._pool = UpstreamPool(loop, self.options.url, self.options.name, self.limits)
         pages: asyncio.Queue[list[Any] | None] = asyncio.Queue(READ_AHEAD_PAGES)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.interrupt)
@@ -245,10 +248,10 @@ class Replayer:
         exchange.id = row["id"]
         exchange.request_stored = True
         record = CapturedResponse(options.name, "replay", time.time())
-        exchange.responses.append(record)
         built = builder.build(row)
         tally = self.tally
         if isinstance(built, Skip):
+            exchange.responses.append(record)
             record.error_kind = ErrorKind.SKIPPED
             record.error = f"skipped: {built.reason}"
             tally.skipped[built.reason] += 1
@@ -259,8 +262,12 @@ class Replayer:
         tally.sent += 1
         self._in_flight += 1
         assert self._pool is not None
-        self._pool.start(ReplayCall(built.head, built.body, options.timeout_s,
-                                    built.expect_no_body, exchange, record,
+        # Sent once more on a keep-alive connection found closed only when that is safe,
+        # as the proxy does (a replay may still reach the target twice; it is stored once).
+        method = row["method"].encode("latin-1")
+        self._pool.start(ReplayCall(exchange, record, built.head, built.body,
+                                    options.timeout_s, built.expect_no_body,
+                                    method in IDEMPOTENT_METHODS,
                                     self.recording.max_body_bytes, self._finished))
 
     def _finished(self, call: ReplayCall) -> None:

@@ -1,10 +1,19 @@
-"""Connecting to PostgreSQL: the one place that turns asyncpg and socket errors into ours."""
+"""Connecting to PostgreSQL: the one place that turns asyncpg and socket errors into ours.
+
+``classify`` tells a permanent connection problem (a database that does not exist, a wrong
+password, a server that wants TLS: only the operator can fix those) from a transient one (a
+server down, restarting or overloaded), from the exception's type and SQLSTATE, never from
+its text.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -24,6 +33,60 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+PERMANENT = "permanent"
+TRANSIENT = "transient"
+
+
+@dataclass(frozen=True)
+class ConnectionProblem:
+    """Why the database cannot be used now, fit for logs, /readyz and metrics."""
+
+    kind: str
+    """``PERMANENT`` (retrying alone will not help) or ``TRANSIENT``."""
+    cause: str
+    """What the server or the socket said (``describe_error``: no password, no value)."""
+    fix: str
+    """What the operator must do; empty for a transient problem."""
+
+    @property
+    def permanent(self) -> bool:
+        return self.kind == PERMANENT
+
+
+_URL = "database.url (or SHADOWPROXY_DATABASE_URL)"
+# (exception type, what to fix), most specific first. A TLS requirement of the server shows
+# as 28000 ("no pg_hba.conf entry ... no encryption").
+_PERMANENT: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncpg.InvalidPasswordError,
+     f"correct the password in {_URL}, or the role's password on the server"),
+    (asyncpg.InvalidAuthorizationSpecificationError,
+     f"the server refuses this user from this host: check the user name in {_URL}, "
+     "the role on the server, and its pg_hba.conf (a server that requires TLS needs "
+     "sslmode=require in the URL)"),
+    (asyncpg.InvalidCatalogNameError,
+     f"create the database on the server, or correct its name in {_URL}"),
+    (asyncpg.InsufficientPrivilegeError,
+     "grant the proxy's role CONNECT on the database and, for the migrations, CREATE "
+     "(see THREAT_MODEL.md, 'Who can read it')"),
+    (ssl.SSLError, f"the TLS handshake failed: check sslmode and the certificates in {_URL}"),
+    (asyncpg.ClientConfigurationError, f"correct {_URL}"),
+)
+
+
+def classify(exc: BaseException) -> ConnectionProblem:
+    """The problem an exception from connecting (or migrating) shows; anything not known to
+    be permanent is transient, so that a server that comes back is always used again."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        for kind, fix in _PERMANENT:
+            if isinstance(seen, kind):
+                return ConnectionProblem(PERMANENT, describe_error(seen), fix)
+        if isinstance(seen, asyncpg.PostgresError | OSError | TimeoutError):
+            return ConnectionProblem(TRANSIENT, describe_error(seen), "")
+        seen = seen.__cause__  # DatabaseError and MigrationError wrap the driver's error
+    return ConnectionProblem(TRANSIENT, describe_error(exc), "")
+
+
 def database_url(settings: Settings, *, embedded_cleanup: CleanupMode = "stop") -> str:
     """The configured URL, or that of the embedded server (started if needed)."""
     if settings.database.url:
@@ -32,14 +95,33 @@ def database_url(settings: Settings, *, embedded_cleanup: CleanupMode = "stop") 
 
 
 def describe(url: str) -> str:
-    """A URL safe to print: the password is hidden."""
-    from urllib.parse import urlsplit, urlunsplit
-
+    """A URL safe to print: the password is hidden (also one given as a query parameter)."""
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = [(k, "***" if k.lower() in ("password", "sslpassword") else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="/:*"))
+    return urlunsplit(parts)
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong, fit for a log line: never a value from a record.
+
+    PostgreSQL's messages about data (SQLSTATE classes 22 and 23) can quote the value, and
+    a DETAIL can quote a body (``Token "4111…" is invalid``); the driver's own messages
+    about a value it could not encode quote it too. For those only the condition is named.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        code = exc.sqlstate or "?"
+        if code.startswith(("22", "23")) or not exc.args:
+            return f"{type(exc).__name__} (SQLSTATE {code})"
+        return f"{exc.args[0]} (SQLSTATE {code})"
+    if isinstance(exc, ValueError | TypeError):
+        return type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:

@@ -140,3 +140,25 @@ def test_bootstrap_ci_matches_a_numpy_bootstrap(rng: np.random.Generator) -> Non
     means = x[own.integers(0, x.size, (4000, x.size))].mean(axis=1)
     assert low == pytest.approx(np.percentile(means, 2.5), rel=0.02)
     assert high == pytest.approx(np.percentile(means, 97.5), rel=0.02)
+
+
+def test_holm_matches_the_step_down_definition() -> None:
+    """Holm: sorted p_(i)·(m − i + 1), made non-decreasing, capped at 1, in input order."""
+    p = [0.01, 0.04, 0.03, 0.2, 0.005]
+    assert stats.holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.2, 0.025])
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([]) == []
+
+
+def test_weighted_chi2_tail_is_a_chi2_for_equal_weights_and_matches_simulation() -> None:
+    """Σ wᵢχ²₁: equal weights give scipy's scaled χ²; unequal ones agree with a simulation."""
+    assert stats.weighted_chi2_sf(9.0, np.full(3, 2.0)) == pytest.approx(
+        sps.chi2.sf(4.5, 3), rel=1e-12)
+    assert stats.weighted_chi2_sf(0.0, np.array([1.0, 2.0])) == 1.0
+    assert stats.weighted_chi2_sf(1.0, np.zeros(0)) == 0.0
+    rng = np.random.default_rng(3)
+    for w in (np.array([0.5, 1 / 6, 1 / 12, 1 / 20]), np.array([4.0, 1.0, 0.3])):
+        draws = (rng.chisquare(1, (400_000, w.size)) * w).sum(axis=1)
+        for tail in (0.2, 0.05, 0.01, 0.002):
+            x = float(np.quantile(draws, 1 - tail))
+            assert stats.weighted_chi2_sf(x, w) == pytest.approx(tail, rel=0.1)

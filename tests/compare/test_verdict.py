@@ -69,3 +69,48 @@ def test_too_little_evidence_fails() -> None:
     out = verdict(r, Thresholds())
     assert out["status"] == "fail" and "min_pairs (100)" in out["reasons"][0]["message"]
     assert verdict(r, Thresholds(min_pairs=99))["status"] == "pass"
+
+
+def regression(paired: dict[str, Any] | None) -> dict[str, Any]:
+    r = base()
+    r["predictions"] = {"task": "regression", "n": 500, "within_tolerance": None,
+                        "tolerance": {"configured": False},
+                        "distribution_test": {"test": "ks", "p_value": 0.001, "drift": True}}
+    if paired is not None:
+        r["predictions"]["paired"] = paired
+    return r
+
+
+def test_the_paired_test_decides_the_predictions_not_the_distribution_test() -> None:
+    """A systematic paired shift warns; a column distribution difference alone does not."""
+    shift = {"decision": True, "explanation": "the shadow is systematically higher: …"}
+    out = verdict(regression(shift), Thresholds())
+    assert out["status"] == "warn"
+    assert out["reasons"] == [{"level": "warn", "section": "predictions",
+                               "message": "the shadow is systematically higher: …"}]
+    out = verdict(regression({"decision": False, "explanation": "no systematic difference"}),
+                  Thresholds())
+    assert out == {"status": "pass", "reasons": []}
+
+
+def test_one_way_flips_warn_for_classifiers() -> None:
+    """A classifier with high agreement but significant one-way flips warns."""
+    r = base()
+    r["predictions"]["paired"] = {"decision": True,
+                                  "explanation": "the shadow flips predictions one way: …"}
+    out = verdict(r, Thresholds())
+    assert out["status"] == "warn" and out["reasons"][0]["message"].startswith(
+        "the shadow flips predictions one way")
+
+
+def test_drift_reasons_name_each_feature_and_why() -> None:
+    """Input drift names the features, with the drift rule's explanation when given."""
+    r = base()
+    r["data_checks"] = {"drifted": ["x", "y"], "features": [
+        {"name": "x", "drift": True,
+         "distribution": {"drift": True, "explanation": "drift: wasserstein_normed 0.3 > 0.1"},
+         "missing": {"drift": False, "explanation": "no significant change"}},
+        {"name": "y", "drift": True, "distribution": {"drift": True}}]}
+    out = verdict(r, Thresholds())
+    assert out["reasons"][0]["message"] == (
+        "input drift in x (drift: wasserstein_normed 0.3 > 0.1), y")

@@ -76,14 +76,19 @@ async def test_database_outage_in_the_middle_of_a_load_loses_nothing(
         await asyncio.sleep(0.3)  # let at least one flush hit the outage
         ready = await http.get(f"{admin}/readyz")
         assert ready.status == 200
-        assert (await ready.json())["database"] == "unreachable, spooling"
+        detail = await ready.json()
+        assert detail["database"] == "unreachable, spooling"
+        assert detail["database_error"]["class"] == "transient"  # an outage: stay ready
         m = samples(await (await http.get(f"{admin}/metrics")).text())
         assert m[("shadowproxy_records_total", (("outcome", "spooled"),))] > 0
+        assert m[("shadowproxy_database_up", ())] == 0
+        assert m[("shadowproxy_database_error", (("class", "transient"),))] == 1
         await asyncio.to_thread(own_pg.start)
         await load
         assert statuses == [200] * n
         await eventually(own_pg.url, (n, 2 * n))
         assert proxy.recorder.database_ok
+        assert "database_error" not in await (await http.get(f"{admin}/readyz")).json()
     assert not list((proxy.settings.data_dir / "spool").glob("*.spool"))
 
 

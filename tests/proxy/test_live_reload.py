@@ -107,10 +107,12 @@ async def test_a_request_keeps_the_configuration_its_head_arrived_under(
 
 class CountingUpstream:
     """An HTTP/1.1 upstream that counts the connections made to it and those still open;
-    answers after ``delay`` seconds, keeping the connection alive."""
+    answers after ``delay`` seconds, keeping the connection alive; ``pad`` bytes of an extra
+    header make its response head that much larger."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, pad: int = 0) -> None:
         self.delay = delay
+        self.pad = b"X-Pad: %s\r\n" % (b"a" * pad) if pad else b""
         self.opened = 0
         self.open = 0
         self.url = ""
@@ -130,7 +132,7 @@ class CountingUpstream:
                 await asyncio.sleep(self.delay)
                 body = b'{"prediction": 1}'
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                             + self.pad + b"Content-Length: %d\r\n\r\n" % len(body) + body)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -219,6 +221,59 @@ async def test_a_removed_upstream_finishes_its_call_then_closes(
     rows = await fetch(database_url, "SELECT shadow_status, shadow_error_kind FROM "
                                      "shadowproxy.pairs")
     assert [(r["shadow_status"], r["shadow_error_kind"]) for r in rows] == [(200, None)]
+
+
+async def wait_closed(upstream: CountingUpstream, seconds: float) -> None:
+    """Until every connection to ``upstream`` is closed, or ``seconds`` passed."""
+    for _ in range(int(seconds / 0.05)):
+        if upstream.open == 0:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_a_reload_s_limits_reach_the_pools_it_keeps(
+        tmp_path: Path, database_url: str) -> None:
+    """A reload that lowers limits.upstream_idle_s and limits.max_response_header_bytes
+    applies them to the pool it keeps: the connection idle since before the reload expires
+    on the new schedule, and a response head over the new cap is a 502."""
+    async with CountingUpstream(pad=2000) as primary:
+        def config(limits: dict[str, Any]) -> dict[str, Any]:
+            return base_config(tmp_path, primary.url,
+                               limits={"shutdown_grace_s": 2, **limits})
+
+        async with live_proxy(tmp_path, database_url, config({"upstream_idle_s": 60})) as (
+                proxy, path), aiohttp.ClientSession() as http:
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})
+            assert resp.status == 200
+            await resp.read()
+            (pool,) = proxy.pools
+            outcome = await reload_with(proxy, path, config(
+                {"upstream_idle_s": 0.2, "max_response_header_bytes": 1024}))
+            assert outcome.result == "applied" and proxy.pools == [pool]
+            await wait_closed(primary, 3.0)  # the sweep runs every second
+            assert primary.open == 0, "the kept pool kept its idle connection for 60 s"
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})
+            assert resp.status == 502
+            assert "limits.max_response_header_bytes" in await resp.text()
+    assert primary.opened == 2
+
+
+async def test_a_pool_a_reload_adds_has_its_idle_connections_expired(
+        tmp_path: Path, database_url: str) -> None:
+    """The upstream a reload introduces is swept like those of the start: its connection
+    idle longer than limits.upstream_idle_s is closed without waiting for another call."""
+    async with CountingUpstream() as first, CountingUpstream() as second:
+        limits = {"limits": {"shutdown_grace_s": 2, "upstream_idle_s": 0.2}}
+        async with live_proxy(tmp_path, database_url,
+                              base_config(tmp_path, first.url, **limits)) as (proxy, path), \
+                aiohttp.ClientSession() as http:
+            await reload_with(proxy, path, base_config(tmp_path, second.url, **limits))
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})
+            assert resp.status == 200
+            await resp.read()
+            assert second.open == 1
+            await wait_closed(second, 3.0)
+            assert second.open == 0, "the new pool's idle connection was never expired"
 
 
 async def test_enabled_false_stops_mirroring_and_keeps_the_counters(
@@ -426,7 +481,7 @@ async def test_the_access_log_names_each_request_s_config_version(
                 await wait_for_rows(database_url, "requests", 2)
     lines = [r for r in caplog.records if r.name == "shadowproxy.access"]
     assert [getattr(r, "config_version", None) for r in lines] == [first, second]
-    assert lines[1].getMessage().endswith(f"config={second}")
+    assert f" route=r config={second} " in lines[1].getMessage()
 
 
 async def test_a_reload_after_the_stop_began_changes_nothing(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import aiohttp
@@ -12,7 +13,7 @@ from aiohttp import web
 from tests.conftest import StartProxy, route
 from tests.db import fetch
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import hanging, model, serve, sleeping
+from tests.upstreams import hanging, model, serve, sleeping, unaccepting_listener
 
 
 async def test_response_arrives_while_shadow_still_hangs(
@@ -192,3 +193,39 @@ async def test_two_shadows_each_get_a_row(start_proxy: StartProxy, database_url:
                                          "FROM shadowproxy.pairs ORDER BY shadow_name")
     assert [(r["shadow_name"], json.loads(r["shadow_body_json"])["prediction"])
             for r in rows] == [("s1", 2.0), ("s2", 3.0)]
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_shadow_that_drops_connection_attempts_leaves_no_sockets_behind(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A shadow whose host drops connection attempts: each timed-out attempt is cancelled
+    and its socket closed, and attempts still connecting count against max_in_flight, so
+    open descriptors stay within max_in_flight of where they were."""
+    with unaccepting_listener() as dead:
+        async with serve(model("v1")) as primary, \
+                start_proxy([{"name": "r", "primary": {"url": primary.url},
+                              "shadows": [{"name": "dead", "url": dead, "timeout_s": 0.2,
+                                           "max_in_flight": 4}]}]) as proxy, \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+            url = f"http://127.0.0.1:{proxy.port}/p"
+            await (await http.post(url, json={})).read()
+            await asyncio.sleep(0.3)
+            baseline = open_descriptors()
+            peak = baseline
+            for _ in range(60):  # 1.5 s: about 7 timeouts of 4 attempts each
+                await (await http.post(url, json={})).read()
+                peak = max(peak, open_descriptors())
+                await asyncio.sleep(0.025)
+            await asyncio.sleep(0.4)
+            after = open_descriptors()
+            await wait_for_rows(database_url, "responses", 122)
+    assert peak - baseline <= 4 + 2, (baseline, peak)
+    assert after - baseline <= 2, (baseline, after)
+    rows = await fetch(database_url, "SELECT shadow_error, count(*) AS n "
+                                     "FROM shadowproxy.pairs GROUP BY 1")
+    outcomes = {r["shadow_error"]: r["n"] for r in rows}
+    assert set(outcomes) == {"timeout", "dropped: overload"}, outcomes
+    assert outcomes["timeout"] >= 16

@@ -9,13 +9,20 @@ import zlib
 import brotli
 import pytest
 
+from shadowproxy.config import RecordingConfig
 from shadowproxy.recorder.bodies import (
+    INVALID_JSON,
+    TOO_DEEP,
     BodyTooLarge,
+    JsonRedactor,
+    Unredactable,
     decompress,
+    inspect_json,
     json_text,
     parse_json_path,
     redact_json,
 )
+from shadowproxy.recorder.rows import RowEncoder
 
 JSON = [(b"Content-Type", b"application/json")]
 
@@ -62,13 +69,58 @@ def test_redact_json_replaces_values_at_paths() -> None:
     """Values at the configured paths become "[redacted]", wherever the lists go."""
     doc = {"customer": {"email": "a@b.c", "name": "A"},
            "items": [{"ssn": "1"}, {"ssn": "2", "k": 3}], "n": 1}
-    paths = [parse_json_path("$.customer.email"), parse_json_path("$.items[*].ssn"),
-             parse_json_path("$.missing.field")]
+    paths = ["$.customer.email", "$.items[*].ssn", "$.missing.field"]
     out = json.loads(redact_json(json.dumps(doc), paths) or "null")
     assert out == {"customer": {"email": "[redacted]", "name": "A"},
                    "items": [{"ssn": "[redacted]"}, {"ssn": "[redacted]", "k": 3}], "n": 1}
-    assert redact_json('{"n": 1}', paths) is None
-    assert redact_json("not json", paths) is None
+    assert redact_json('{"n": 1}', paths) is None  # no key of any path: stored as sent
+    with pytest.raises(Unredactable) as caught:
+        redact_json('{"customer": {"email": ', paths)
+    assert caught.value.reason == INVALID_JSON
+
+
+def test_redaction_reads_what_orjson_refuses_and_gives_up_on_depth_without_recursing() -> None:
+    """An escaped lone surrogate, 1e999 and integers past 64 bits are redacted and kept as
+    read; nesting 10,000 deep is refused as too deep, not a RecursionError."""
+    redactor = JsonRedactor(["$.secret"])
+    out = redactor.redact('{"secret": "s", "x": "\\ud800", "big": 123456789012345678901234567890,'
+                          ' "inf": 1e999}')
+    assert out is not None
+    data, text = out
+    assert data == text.encode("ascii")
+    assert '"secret":"[redacted]"' in text and "\\ud800" in text
+    assert "123456789012345678901234567890" in text and "Infinity" in text
+    deep = '{"secret": 1, "x": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    with pytest.raises(Unredactable) as caught:
+        redactor.redact(deep)
+    assert caught.value.reason == TOO_DEEP
+
+
+def test_a_duplicated_key_cannot_hide_a_secret_in_the_stored_bytes() -> None:
+    """Of a key given twice the parsed document keeps the last; the first occurrence's value
+    is not left in the stored bytes either."""
+    text = '{"customer": {"email": "jane@example.com"}, "customer": {"name": "J"}}'
+    out = JsonRedactor(["$.customer.email"]).redact(text)
+    assert out is not None and b"jane@example.com" not in out[0]
+
+
+def test_with_redaction_rules_an_unreadable_json_body_is_withheld() -> None:
+    """A body that claims or looks like JSON but cannot be read is not stored when redaction
+    rules are set (its secret could not be found), and is stored as sent when none are."""
+    secret = b'{"secret": "s", "cut": "' + b"x" * 50  # cut at max_body_bytes, say
+    bodies = [secret, b'{"secret": "s\xff"}', b"not gzip at all"]
+    headers = [JSON, JSON, [*JSON, (b"Content-Encoding", b"gzip")]]
+    redacting = RowEncoder(RecordingConfig(redact_json=["$.secret"]))
+    plain = RowEncoder(RecordingConfig())
+    for body, head in zip(bodies, headers, strict=True):
+        assert redacting.body(body, head)[:2] == (None, None)
+        assert plain.body(body, head)[0] == body
+    assert [r[2] for r in (redacting.body(b, h) for b, h in zip(bodies, headers, strict=True))
+            ] == ["invalid_json", "not_utf8", "encoding"]
+    # Not JSON at all (a form post): outside what redact_json covers, stored as sent.
+    form = [(b"Content-Type", b"application/x-www-form-urlencoded")]
+    assert redacting.body(b"secret=s", form) == (b"secret=s", None, None)
+    assert inspect_json(b"secret=s", form, 100) == (None, None)
 
 
 @pytest.mark.parametrize("path", ["customer.email", "$..x", "$", "$.a[", "$[?(@.a)]"])

@@ -116,3 +116,34 @@ async def test_rows_of_an_old_spool_file_are_stored_with_their_error_kind(
         await conn.close()
     assert [tuple(r) for r in rows] == [("timeout", "timeout"),
                                         ("connect: Connection refused", "connect")]
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["live", "replay"])
+async def test_a_record_postgres_refuses_anywhere_costs_only_its_own_bodies(
+        database_url: str, replay: bool) -> None:
+    """A row with a value no path can store (a NUL in a text column, a lone surrogate the
+    driver cannot encode) is stored without its bodies and flagged; its batch lands whole,
+    live or replayed from the spool."""
+    batch = exchanges(20)
+    batch[4].path = "/p\x00nul"
+    batch[11].responses[0].error = "closed: \udc80"
+    requests, responses = RowEncoder(RecordingConfig()).encode(batch)
+    writer = PostgresWriter(database_url)
+    try:
+        await writer.write(requests, responses, replay=replay)
+    finally:
+        await writer.close()
+    assert await counts(database_url) == (20, 20, 18)
+    assert sorted(w.request_id for w in writer.withheld) == sorted(
+        [batch[4].request_id, batch[11].request_id])
+    assert writer.unstorable == []
+    conn = await asyncpg.connect(database_url)
+    try:
+        bare = await conn.fetch("SELECT q.path, q.body, q.body_truncated, r.error, r.body "
+                                "FROM shadowproxy.requests q JOIN shadowproxy.responses r "
+                                "ON r.request = q.id WHERE q.body IS NULL ORDER BY q.path")
+    finally:
+        await conn.close()
+    assert [(r["path"], r["body_truncated"], r["body"]) for r in bare] == [
+        ("/p", True, None), ("/p\ufffdnul", True, None)]
+    assert sorted(r["error"] or "" for r in bare) == ["", "closed: ?"]

@@ -1,0 +1,120 @@
+"""Hostile bodies among good ones, through a real proxy: every record is stored, none of a
+body reaches the logs, and with redaction rules no secret reaches the database."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from shadowproxy.logs import JsonFormatter, TextFormatter
+from tests.conftest import StartProxy, route
+from tests.db import fetch, fetchval
+from tests.proxy.test_recording import dump_database
+from tests.upstreams import serve
+
+MARK = "MARK4111111111111111x"
+"""Planted in every hostile body (a card-number-like token, as in the report that found the
+leak); it must never appear in a log line, nor, with redaction rules, in the database."""
+
+HOSTILE: dict[str, bytes] = {
+    "nul escape": b'{"secret": "%s", "x": "\\u0000"}' % MARK.encode(),
+    "nul byte": b'{"secret": "%s\x00"}' % MARK.encode(),
+    "invalid utf-8": b'{"secret": "%s", "x": "\xff\xfe"}' % MARK.encode(),
+    "lone surrogate": b'{"secret": "%s", "x": "\\ud800"}' % MARK.encode(),
+    "10,000 deep": b'{"secret": "%s", "x": ' % MARK.encode() + b"[" * 10_000 + b"]" * 10_000
+                   + b"}",
+    "1e999": b'{"secret": "%s", "x": 1e999}' % MARK.encode(),
+    "duplicate keys": b'{"secret": "%s", "secret": "%s"}' % (MARK.encode(), MARK.encode()),
+    "invalid token": b'{"secret": %s}' % MARK.encode(),
+    "long invalid token": b'{"secret": "s", "x": ' + MARK.encode() * 5_000 + b"}",
+    "cut at max_body_bytes": b'{"secret": "%s", "pad": "' % MARK.encode() + b"p" * 80_000
+                             + b'"}',
+}
+# With `redact_json: [$.secret]`, the bodies that cannot be read are withheld; the others are
+# stored redacted (PostgreSQL then refuses some as jsonb: \u0000, \ud800, Infinity).
+WITHHELD = {"nul byte", "invalid utf-8", "10,000 deep", "invalid token", "long invalid token",
+            "cut at max_body_bytes"}
+GOOD = 100
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=await request.read(), content_type="application/json")
+
+
+@pytest.mark.parametrize("redact", [False, True], ids=["no rules", "redact_json"])
+async def test_hostile_bodies_cost_no_other_record_and_leave_nothing_in_the_logs(
+        start_proxy: StartProxy, database_url: str, caplog: pytest.LogCaptureFixture,
+        redact: bool) -> None:
+    """Ten hostile bodies spread among 100 good ones, each echoed by the primary and a
+    shadow: every record and response is stored, the good ones with their JSON, and no log
+    line (the access log included) holds anything of a body, nor the api_key of its query."""
+    caplog.set_level(logging.DEBUG)
+    recording = {"max_body_bytes": 65_536, "flush_interval_ms": 20}
+    if redact:
+        recording["redact_json"] = ["$.secret"]
+    hostile = list(HOSTILE.items())
+    sent: list[tuple[str, bytes]] = []
+    async with serve(echo) as primary, serve(echo) as shadow, \
+            start_proxy([route(primary.url, shadow.url)], recording=recording,
+                        access_log=True) as proxy, aiohttp.ClientSession() as http:
+        for i in range(GOOD):
+            body = b'{"features": {"i": %d}, "secret": "good-%d"}' % (i, i)
+            batch = [(f"good-{i}", body)]
+            if i % 10 == 5:
+                batch.append(hostile[i // 10])
+            for name, payload in batch:
+                query = "" if name.startswith("good-") else f"?api_key={MARK}"
+                resp = await http.post(f"http://127.0.0.1:{proxy.port}/p{query}", data=payload,
+                                       headers={"Content-Type": "application/json",
+                                                "X-Request-Id": name.replace(" ", "-")})
+                assert resp.status == 200 and await resp.read() == payload
+                sent.append((name.replace(" ", "-"), payload))
+    assert len(sent) == GOOD + len(HOSTILE)
+
+    records = GOOD + len(HOSTILE)
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.requests") == records
+    assert await fetchval(database_url,
+                          "SELECT count(*) FROM shadowproxy.responses") == 2 * records
+    good_json = await fetchval(
+        database_url, "SELECT count(*) FROM shadowproxy.requests q "
+        "JOIN shadowproxy.responses r ON r.request = q.id "
+        "WHERE q.request_id LIKE 'good-%' AND q.body_json IS NOT NULL "
+        "AND r.body_json IS NOT NULL AND (q.body_json ->> 'secret') = $1 "
+        "AND (r.body_json ->> 'secret') = $1", "[redacted]" if redact else None)
+    if redact:
+        assert good_json == 2 * GOOD
+    else:
+        assert await fetchval(
+            database_url, "SELECT count(*) FROM shadowproxy.requests q "
+            "JOIN shadowproxy.responses r ON r.request = q.id "
+            "WHERE q.request_id LIKE 'good-%' AND q.body_json ->> 'secret' LIKE 'good-%' "
+            "AND r.body_json ->> 'secret' LIKE 'good-%'") == 2 * GOOD
+
+    rows = await fetch(database_url, "SELECT request_id, body, body_size, body_truncated "
+                       "FROM shadowproxy.requests WHERE request_id NOT LIKE 'good-%'")
+    by_id = {r["request_id"]: r for r in rows}
+    for name, payload in sent:
+        if name.startswith("good-"):
+            continue
+        row = by_id[name]
+        assert row["body_size"] == len(payload), name
+        if redact and name.replace("-", " ") in WITHHELD:
+            assert row["body"] is None and row["body_truncated"], name
+        elif not redact:
+            assert row["body"] == payload[:65_536], name
+    if redact:
+        withheld = await fetchval(
+            database_url, "SELECT count(*) FROM shadowproxy.responses "
+            "WHERE body IS NULL AND body_truncated AND body_size > 0")
+        assert withheld == 2 * len(WITHHELD)
+        assert sum(proxy.metrics.bodies_withheld.values()) == 3 * len(WITHHELD)
+        assert MARK not in await dump_database(database_url)
+
+    formatters = [JsonFormatter(), TextFormatter("%(asctime)s %(name)s %(message)s")]
+    lines = [f.format(record) for record in caplog.records for f in formatters]
+    assert any(r.name == "shadowproxy.access" for r in caplog.records)
+    assert not [line for line in lines if MARK in line or "MARK4111" in line]
+    assert max(len(line) for line in lines) < 2000
