@@ -127,8 +127,9 @@ def describe_changes(old: Settings, new: Settings) -> list[str]:
         before, after = old_routes[name], new_routes[name]
         if before == after:
             continue
-        parts = [f"{key} changed" for key in ("match", "primary", "preserve_host", "compare")
-                 if getattr(before, key) != getattr(after, key)]
+        parts = [f"{key} changed" for key in type(after).model_fields
+                 if key not in ("name", "shadows")
+                 and getattr(before, key) != getattr(after, key)]
         old_shadows = {s.name: s for s in before.shadows}
         new_shadows = {s.name: s for s in after.shadows}
         for shadow in after.shadows:

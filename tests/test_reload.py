@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shadowproxy.config import load_config
-from shadowproxy.reload import config_version, effective_settings
+from shadowproxy.reload import config_version, describe_changes, effective_settings
 
 BASE = """\
 listen: 127.0.0.1:8080
@@ -67,3 +67,12 @@ def test_settings_handed_to_workers_as_json_keep_their_version(tmp_path: Path) -
 """)
     again = Settings.model_validate(json.loads(json.dumps(settings.model_dump(mode="json"))))
     assert config_version(again) == config_version(settings)
+
+
+def test_a_change_of_any_route_setting_is_named(tmp_path: Path) -> None:
+    """The outcome of a reload names each route setting it changes, retry_non_idempotent
+    included."""
+    running = _load(tmp_path, BASE)
+    new = _load(tmp_path, BASE.replace("  - name: r\n",
+                                       "  - name: r\n    retry_non_idempotent: true\n"), "b.yaml")
+    assert describe_changes(running, new) == ["route r: retry_non_idempotent changed"]
