@@ -64,17 +64,19 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 async def test_a_request_keeps_the_configuration_its_head_arrived_under(
         tmp_path: Path, database_url: str) -> None:
     """A request whose head arrived before a reload and whose body after it is mirrored,
-    redacted and recorded under the old configuration (and its version); the next request
-    under the new one."""
+    redacted (body and query) and recorded under the old configuration (and its version);
+    the next request under the new one."""
     async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
-        old = base_config(tmp_path, primary.url, [{"name": "s", "url": shadow.url}])
+        old = base_config(tmp_path, primary.url, [{"name": "s", "url": shadow.url}],
+                          recording={"flush_interval_ms": 50, "redact_query": []})
         new = base_config(tmp_path, primary.url, [],
-                          recording={"flush_interval_ms": 50, "redact_json": ["$.secret"]})
+                          recording={"flush_interval_ms": 50, "redact_json": ["$.secret"],
+                                     "redact_query": ["token"]})
         async with live_proxy(tmp_path, database_url, old) as (proxy, path):
             old_version = proxy.version
             body = json.dumps({"features": {"a": 1}, "secret": "s3cret"}).encode()
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nX-Request-Id: before\r\n"
+            writer.write(b"POST /p?token=t0k HTTP/1.1\r\nHost: x\r\nX-Request-Id: before\r\n"
                          b"Content-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
             await writer.drain()
@@ -84,7 +86,7 @@ async def test_a_request_keeps_the_configuration_its_head_arrived_under(
             writer.write(body[10:])
             status, _ = await read_response(reader)
             assert status == 200
-            writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nX-Request-Id: after\r\n"
+            writer.write(b"POST /p?token=t0k HTTP/1.1\r\nHost: x\r\nX-Request-Id: after\r\n"
                          b"Content-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
             status, _ = await read_response(reader)
@@ -94,14 +96,16 @@ async def test_a_request_keeps_the_configuration_its_head_arrived_under(
             await proxy.recorder.drained()
     rows = {r["request_id"]: r for r in await fetch(
         database_url, "SELECT q.request_id, q.config_version, q.body_json->>'secret' AS secret, "
-        "array_agg(s.target ORDER BY s.target) AS targets FROM shadowproxy.requests q "
-        "JOIN shadowproxy.responses s ON s.request = q.id GROUP BY 1, 2, 3")}
+        "q.query, array_agg(s.target ORDER BY s.target) AS targets FROM shadowproxy.requests q "
+        "JOIN shadowproxy.responses s ON s.request = q.id GROUP BY 1, 2, 3, 4")}
     assert len(shadow.seen) == 1 and shadow.seen[0].headers["x-request-id"] == "before"
     assert rows["before"]["config_version"] == old_version
     assert rows["before"]["secret"] == "s3cret"
+    assert rows["before"]["query"] == "token=t0k"
     assert rows["before"]["targets"] == ["primary", "s"]
     assert rows["after"]["config_version"] == outcome.version != old_version
     assert rows["after"]["secret"] == "[redacted]"
+    assert rows["after"]["query"] == "token=[redacted]"
     assert rows["after"]["targets"] == ["primary"]
 
 
