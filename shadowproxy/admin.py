@@ -1,11 +1,16 @@
-"""The admin listener: /healthz, /readyz and /metrics, as a small aiohttp application.
+"""The admin listener: /healthz, /readyz, /metrics and POST /-/reload, as a small aiohttp app.
 
 Bound to ``admin_listen`` (127.0.0.1 by default). With ``admin_token`` set, probes stay
 open, as Envoy's ``/ready`` and Traefik's ``/ping`` are, so that a Kubernetes or Compose
 probe needs no secret: ``/healthz`` and ``/readyz`` answer their status code and
 ``{"status": ...}`` to anyone. What reveals data needs ``Authorization: Bearer <token>``:
-``/metrics``, and the details of ``/readyz`` (database state, spool, workers). A refused
-request gets 401 with ``WWW-Authenticate: Bearer`` (RFC 6750).
+``/metrics``, the details of ``/readyz`` (database state, spool, workers, config version)
+and ``POST /-/reload``. A refused request gets 401 with ``WWW-Authenticate: Bearer``
+(RFC 6750).
+
+``POST /-/reload`` reloads the config file and answers the outcome as JSON
+(``reload.ReloadOutcome``): 200 when applied (or unchanged), 422 with every problem when the
+file is invalid (nothing changed), 503 while the proxy starts or stops.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from prometheus_client.registry import CollectorRegistry
 from shadowproxy.config import split_listen
 from shadowproxy.errors import ListenError
 from shadowproxy.metrics import SnapshotCollector
+from shadowproxy.reload import ReloadOutcome
 
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+Reload = Callable[[], Awaitable[ReloadOutcome | None]]
+"""Reloads the config file; None when it cannot now (starting or stopping)."""
 Health = Callable[[], tuple[bool, dict[str, Any]]]
 Snapshots = Callable[[], list[dict[str, Any]]]
 
@@ -31,6 +39,7 @@ PROBE_PATHS = ("/healthz", "/readyz")
 
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 HEALTH: web.AppKey[Health] = web.AppKey("health")
+RELOAD: web.AppKey[Reload] = web.AppKey("reload")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 TOKEN = web.AppKey("token", str)
 _REALM = 'Bearer realm="shadowproxy admin"'
@@ -80,14 +89,25 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _reload(request: web.Request) -> web.Response:
+    outcome = await request.app[RELOAD]()
+    if outcome is None:
+        return web.json_response({"error": "the proxy is starting or stopping; try again"},
+                                 status=503)
+    return web.json_response(outcome.as_dict(),
+                             status=422 if outcome.result == "rejected" else 200)
+
+
 def _always_healthy() -> tuple[bool, dict[str, Any]]:
     return True, {}
 
 
 def build_admin_app(readiness: Readiness, snapshots: Snapshots, token: str | None,
-                    health: Health = _always_healthy) -> web.Application:
+                    health: Health = _always_healthy, reload: Reload | None = None
+                    ) -> web.Application:
     """The admin application; ``health`` is for /healthz (a single process that answers
-    is healthy; a supervisor whose workers cannot start is not)."""
+    is healthy; a supervisor whose workers cannot start is not); ``reload``, if given,
+    serves ``POST /-/reload``."""
     app = web.Application(middlewares=[_require_token])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshots))
@@ -99,6 +119,9 @@ def build_admin_app(readiness: Readiness, snapshots: Snapshots, token: str | Non
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    if reload is not None:
+        app[RELOAD] = reload
+        app.router.add_post("/-/reload", _reload)
     return app
 
 

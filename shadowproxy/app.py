@@ -7,6 +7,10 @@ Start: bind the client socket, then the admin listener (so that a taken port of 
 fails before anything else starts; /readyz says "starting" meanwhile) → the upstream
 pools → the recorder (database or spool) → accept clients.
 
+Reload (``reload.Reloader``, from SIGHUP, ``POST /-/reload``, ``shadowproxy reload`` or
+``watch: true``): ``Proxy.apply`` compiles the new routes against the same upstream pools
+(``live.py``) and swaps the router in one synchronous step; nothing else is restarted.
+
 Stop, the reverse (``STOP_STEPS``): stop accepting → finish the in-flight requests →
 shadow calls up to ``limits.shutdown_grace_s``, then end what outlives it → flush the
 recorder to the database or the spool → close the upstream pools → close the admin
@@ -21,17 +25,18 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
-from shadowproxy import build
+from shadowproxy import build, control
 from shadowproxy.admin import build_admin_app, start_admin
 from shadowproxy.config import Settings, split_listen
 from shadowproxy.errors import ListenError
+from shadowproxy.live import PoolRegistry, compile_routes
 from shadowproxy.metrics import Metrics
-from shadowproxy.mirror import CompiledShadow
-from shadowproxy.proxy import ClientConnection, CompiledRoute, ProxyContext
+from shadowproxy.proxy import ClientConnection, ProxyContext
 from shadowproxy.recorder.recorder import Recorder
-from shadowproxy.routing import Router
+from shadowproxy.reload import Reloader, ReloadOutcome, config_version
 from shadowproxy.tasks import spawn
 from shadowproxy.upstream import UpstreamPool
 
@@ -89,13 +94,17 @@ class Proxy:
     """Handles to a running proxy process's parts (for the runner, the admin and tests)."""
 
     def __init__(self, settings: Settings, metrics: Metrics, recorder: Recorder,
-                 ctx: ProxyContext, pools: list[UpstreamPool], server: asyncio.Server) -> None:
+                 ctx: ProxyContext, registry: PoolRegistry, server: asyncio.Server) -> None:
         self.settings = settings
+        """The running configuration (restart-only settings as at start)."""
+        self.version = config_version(settings)
         self.metrics = metrics
         self.recorder = recorder
         self.ctx = ctx
-        self.pools = pools
+        self.registry = registry
         self.server = server
+        self.reloader: Reloader | None = None
+        """With a config file (``running(config_path=...)``): reloads it."""
         self.admin_port: int | None = None
         self.stopped: list[str] = []
         """The steps of ``STOP_STEPS`` done so far, in the order they ran."""
@@ -125,11 +134,41 @@ class Proxy:
         ready = not permanent and (
             recorder.database_ok or (spool_room > 0 and not recorder.spool_full))
         detail: dict[str, Any] = {"database": database, "spool_bytes_free": spool_room,
-                                  "routes": len(self.settings.routes)}
+                                  "routes": len(self.settings.routes),
+                                  "config_version": self.version}
         if problem is not None:
             detail["database_error"] = {"class": problem.kind, "cause": problem.cause,
                                         **({"fix": problem.fix} if problem.fix else {})}
+        if self.reloader is not None:
+            detail.update(self.reloader.describe())
         return ready, detail
+
+    @property
+    def pools(self) -> list[UpstreamPool]:
+        """Every upstream pool that may carry a call (retired ones with calls left too)."""
+        return self.registry.all()
+
+    def apply(self, settings: Settings, version: str) -> None:
+        """Make ``settings`` (validated, restart-only settings as running) the running
+        configuration: requests whose head is parsed from now on take its routes; those
+        before finish under theirs. One synchronous step, so no request sees half of it."""
+        router, used = compile_routes(settings, version, self.registry, self.metrics)
+        recorder = self.recorder
+        recorder.use_rules(version, settings.recording)
+        recorder.log_exchanges = settings.access_log
+        ctx = self.ctx
+        ctx.router = router
+        ctx.max_header_bytes = settings.limits.max_header_bytes
+        ctx.client_timeout = settings.limits.client_timeout_s
+        self.registry.keep_only(used)
+        ctx.pools = self.registry.all()  # swept for idle connections past upstream_idle_s
+        self.settings = settings
+        self.version = self.metrics.config_version = version
+
+    async def reload(self, trigger: str) -> ReloadOutcome:
+        """Reload the config file (``running`` was given one)."""
+        assert self.reloader is not None, "running() was started without a config path"
+        return await self.reloader.reload(trigger)
 
     def stop_accepting(self) -> None:
         """Close the listener; idle keep-alive connections close, busy ones after their
@@ -165,26 +204,6 @@ class Proxy:
         await self.finish_upstream_calls(deadline)
 
 
-def compile_routes(settings: Settings, loop: asyncio.AbstractEventLoop, metrics: Metrics
-                   ) -> tuple[Router[CompiledRoute], list[UpstreamPool]]:
-    """One pool per upstream URL, routes compiled for matching."""
-    pools: dict[str, UpstreamPool] = {}
-
-    def pool(url: str, name: str) -> UpstreamPool:
-        if url not in pools:
-            pools[url] = UpstreamPool(loop, url, name, settings.limits)
-        return pools[url]
-
-    entries = []
-    for route in settings.routes:
-        shadows = [CompiledShadow(route.name, s, pool(s.url, s.name), metrics)
-                   for s in route.shadows]
-        target = CompiledRoute(route, pool(route.primary.url, f"{route.name}-primary"),
-                               shadows, metrics.route(route.name))
-        entries.append((route.match.path_prefix, route.match.methods, target))
-    return Router(entries), list(pools.values())
-
-
 async def _sweep(ctx: ProxyContext) -> None:
     while True:
         await asyncio.sleep(1.0)
@@ -214,15 +233,21 @@ class _Stopping:
 async def running(settings: Settings, database_url: str, *,
                   reuse_port: bool = False,
                   snapshots: Callable[[], list[dict[str, Any]]] | None = None,
-                  serve_admin: bool = True) -> AsyncIterator[Proxy]:
+                  serve_admin: bool = True,
+                  config_path: Path | None = None) -> AsyncIterator[Proxy]:
     """Run one proxy process until the block exits, then shut it down gracefully.
 
     Each resource is registered on the exit stack as soon as it is open, so the stack
     unwinds in the reverse of the start order (the module docstring gives both), and a
     failure half-way through start-up (a port in use, say) closes what was already open.
+
+    With ``config_path`` (the file ``settings`` came from) the proxy can reload it:
+    ``Proxy.reload``, ``POST /-/reload``, ``watch: true``, and ``shadowproxy reload``
+    (which finds this process through ``data_dir/run``).
     """
     loop = asyncio.get_running_loop()
     metrics = Metrics()
+    metrics.config_version = config_version(settings)
     stopping = _Stopping()
     proxy: Proxy | None = None
 
@@ -233,6 +258,11 @@ async def running(settings: Settings, database_url: str, *,
             return False, {"state": "stopping"}
         return await proxy.readiness()
 
+    async def reload() -> ReloadOutcome | None:
+        if proxy is None or stopping.started:
+            return None
+        return await proxy.reload("POST /-/reload")
+
     async with contextlib.AsyncExitStack() as stack:
         # Both ports first: a port in use fails before anything else is started.
         sock = listen_socket(settings.listen, reuse_port=reuse_port)
@@ -240,7 +270,8 @@ async def running(settings: Settings, database_url: str, *,
         admin_port: int | None = None
         if serve_admin and settings.admin_listen is not None:
             app = build_admin_app(readiness, snapshots or (lambda: [metrics.snapshot()]),
-                                  settings.admin_token)
+                                  settings.admin_token,
+                                  reload=reload if config_path is not None else None)
             admin = await start_admin(app, settings.admin_listen)
             admin_port = admin.addresses[0][1]
 
@@ -249,17 +280,18 @@ async def running(settings: Settings, database_url: str, *,
                 await admin.cleanup()
 
             stack.push_async_callback(close_admin)
-        router, pools = compile_routes(settings, loop, metrics)
+        registry = PoolRegistry(loop)
+        router, _ = compile_routes(settings, metrics.config_version, registry, metrics)
 
         def close_pools() -> None:
             stopping.step("close pools")
-            for pool in pools:
-                pool.close()
+            registry.close()
 
         stack.callback(close_pools)
         recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics,
                             log_exchanges=settings.access_log,
-                            replay_grace_s=settings.limits.shutdown_grace_s)
+                            replay_grace_s=settings.limits.shutdown_grace_s,
+                            config_version=metrics.config_version)
         await recorder.start()  # logs why, if the database cannot be used
 
         async def flush_records() -> None:
@@ -268,17 +300,16 @@ async def running(settings: Settings, database_url: str, *,
 
         stack.push_async_callback(flush_records)
         ctx = ProxyContext(loop, router, recorder,
-                           max_mirror_body=settings.limits.max_mirror_body_bytes,
-                           capture_cap=settings.recording.max_body_bytes,
                            max_header_bytes=settings.limits.max_header_bytes,
                            client_timeout=settings.limits.client_timeout_s)
         server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock)
-        started = Proxy(settings, metrics, recorder, ctx, pools, server)
+        started = Proxy(settings, metrics, recorder, ctx, registry, server)
         started.admin_port = admin_port
         started.stopped = stopping.done
 
         async def drain() -> None:
-            deadline = loop.time() + settings.limits.shutdown_grace_s
+            # The running configuration's grace: a reload may have changed it.
+            deadline = loop.time() + started.settings.limits.shutdown_grace_s
             stopping.step("stop accepting")
             started.stop_accepting()
             stopping.step("finish requests")
@@ -289,6 +320,20 @@ async def running(settings: Settings, database_url: str, *,
         stack.push_async_callback(drain)
         sweeper = spawn(_sweep(ctx), name="sweeper")
         stack.callback(sweeper.cancel)
+        if config_path is not None:
+            run_dir = settings.data_dir / "run"
+
+            async def apply(new: Settings, version: str) -> None:
+                started.apply(new, version)
+
+            reloader = started.reloader = Reloader(config_path, settings, apply, metrics,
+                                                   run_dir)
+            admin_address = (None if admin_port is None or settings.admin_listen is None
+                             else f"{split_listen(settings.admin_listen)[0]}:{admin_port}")
+            control.write_process_file(run_dir, config_path, admin_address)
+            stack.callback(control.remove_process_file, run_dir)
+            stack.push_async_callback(reloader.close)  # first thing at a stop
+            reloader.start()
         proxy = started
         log.info("listening on %s, routes: %s (%s)", settings.listen,
                  ", ".join(r.name for r in settings.routes), build.describe())

@@ -29,11 +29,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from shadowproxy.config import load_config
     from shadowproxy.runner import serve
 
     settings = load_config(args.config)
-    return serve(settings, log_format=args.log_format)
+    return serve(settings, log_format=args.log_format, config_path=Path(args.config))
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="log lines as text (default) or one JSON object per line")
     command("check-config", _cmd_check_config, "validate the configuration file and exit")
+    p = command("reload", _lazy("shadowproxy.control", "run_reload"),
+                "make the running proxy reload its configuration file, and print the outcome")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the proxy's answer (default 30)")
     command("migrate", _cmd_migrate, "apply pending database schema migrations")
     command("db-url", _cmd_db_url,
             "print the database URL (starting the embedded PostgreSQL if needed)")
@@ -132,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     window.add_argument("--from", dest="from_", metavar="T",
                         help="window start (ISO 8601); use with --to")
     p.add_argument("--to", metavar="T", help="window end (ISO 8601)")
+    p.add_argument("--config-version", metavar="V",
+                   help="only requests handled under this configuration version "
+                        "(requests.config_version; the report lists those in the window)")
     p.add_argument("--reference", metavar="FILE",
                    help="training data (CSV or Parquet) to check live inputs against")
     p.add_argument("--format", choices=["text", "json", "html", "markdown"], default="text")

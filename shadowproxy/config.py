@@ -118,6 +118,8 @@ class Shadow(_Frozen):
 
     name: str = Field(pattern=_NAME)
     url: str
+    enabled: bool = True
+    """False: not mirrored to (its counters and records stay), until a reload enables it."""
     sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     sample_key: str | None = None
     timeout_s: PositiveSeconds = 30.0
@@ -246,6 +248,9 @@ class Settings(_Frozen):
     admin_listen: str | None = "127.0.0.1:9090"
     access_log: bool = False
     admin_token: str | None = None
+    watch: bool = False
+    """Reload when the file's content changes (polled; see ``configwatch.py``)."""
+    watch_interval_s: PositiveSeconds = 1.0
     workers: int = Field(default=1, ge=1, le=64)
     data_dir: Path = Path(".shadowproxy")
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)

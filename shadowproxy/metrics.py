@@ -11,7 +11,11 @@ Metric names (the public interface, see DESIGN.md):
 ``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``; and
 ``shadowproxy_bodies_withheld_total{reason}`` (bodies not stored because they could not be
 redacted); ``shadowproxy_database_up`` and ``shadowproxy_database_error{class}`` (why records
-go to the spool: a transient outage, or a permanent problem only the operator can fix).
+go to the spool: a transient outage, or a permanent problem only the operator can fix);
+``shadowproxy_config_info{version}`` (1 for each configuration version a process runs),
+``shadowproxy_config_reloads_total{result}`` (``applied`` or ``rejected``).
+
+Counters are kept by route and shadow name, so they survive reloads of the configuration.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ _BUCKETS_MS = tuple(b * 1000.0 for b in LATENCY_BUCKETS_S)
 SHADOW_OUTCOMES = ("ok", *ERROR_KINDS)
 """``outcome`` of a shadow call: ok, or the kind of its failure (``failures.ErrorKind``)."""
 RECORD_OUTCOMES = ("written", "spooled", "dropped")
+RELOAD_RESULTS = ("applied", "rejected")
 DATABASE_ERROR_CLASSES = ("transient", "permanent")
 """``class`` of ``shadowproxy_database_error``: see ``store.database.classify``."""
 
@@ -57,12 +62,15 @@ class Histogram:
 class ShadowCounters:
     """Outcomes and latency of one shadow of one route."""
 
-    __slots__ = ("latency", "outcomes")
+    __slots__ = ("in_flight", "latency", "outcomes")
 
     def __init__(self) -> None:
         self.outcomes: dict[str, int] = dict.fromkeys(SHADOW_OUTCOMES, 0)
         """Calls by outcome: "ok" or an error kind."""
         self.latency = Histogram()
+        self.in_flight = 0
+        """Calls to this shadow not finished yet, under every configuration version: what
+        ``max_in_flight`` bounds, also across a reload."""
 
     def finish(self, kind: str | None, latency_ms: float) -> None:
         """A call made ended: ``kind`` None when it succeeded."""
@@ -96,6 +104,9 @@ class Metrics:
         self.shadows: dict[tuple[str, str], ShadowCounters] = {}
         self.records = dict.fromkeys(RECORD_OUTCOMES, 0)
         self.queue_depth: Callable[[], int] = lambda: 0
+        self.config_version = ""
+        """The configuration this process runs ("" for none: a supervisor's own counters)."""
+        self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
         self.bodies_withheld: dict[str, int] = {}
         self.database_state: Callable[[], str] = lambda: "up"
         """'up', or the class of the problem that keeps the database from being used."""
@@ -121,6 +132,8 @@ class Metrics:
             "shadow": [(r, s, dict(c.outcomes)) for (r, s), c in self.shadows.items()],
             "records": dict(self.records),
             "queue": self.queue_depth(),
+            "config_version": self.config_version,
+            "reloads": dict(self.reloads),
             "bodies_withheld": dict(self.bodies_withheld),
             "database": self.database_state(),
         }
@@ -133,6 +146,8 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     shadow: dict[tuple[str, str, str], int] = {}
     records = dict.fromkeys(RECORD_OUTCOMES, 0)
     queue = 0
+    versions: set[str] = set()
+    reloads = dict.fromkeys(RELOAD_RESULTS, 0)
     withheld: dict[str, int] = {}
     database = dict.fromkeys(("up", *DATABASE_ERROR_CLASSES), 0)
     for snap in snapshots:
@@ -149,6 +164,10 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
         for outcome, n in snap["records"].items():
             records[outcome] += n
         queue += snap["queue"]
+        if snap.get("config_version"):
+            versions.add(snap["config_version"])
+        for result, n in snap.get("reloads", {}).items():
+            reloads[result] = reloads.get(result, 0) + n
         for reason, n in snap.get("bodies_withheld", {}).items():
             withheld[reason] = withheld.get(reason, 0) + n
         state = snap.get("database")
@@ -186,6 +205,19 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
 
     yield GaugeMetricFamily("shadowproxy_recorder_queue_records",
                             "Records waiting in memory for the database writer.", value=queue)
+
+    info = GaugeMetricFamily("shadowproxy_config_info", "The configuration version running "
+                             "(a short hash of its normalized content).", labels=["version"])
+    for version in sorted(versions):
+        info.add_metric([version], 1)
+    yield info
+
+    fam = CounterMetricFamily("shadowproxy_config_reloads", "Configuration reloads, by "
+                              "result: applied, or rejected (the file was invalid).",
+                              labels=["result"])
+    for result, n in reloads.items():
+        fam.add_metric([result], n)
+    yield fam
 
     fam = CounterMetricFamily("shadowproxy_bodies_withheld", "Bodies not stored because "
                               "they could not be redacted (recording.redact_json) or PostgreSQL "

@@ -23,7 +23,7 @@ from shadowproxy.upstream import UpstreamCall, UpstreamPool
 class CompiledShadow:
     """One configured shadow of one route, compiled for the data path."""
 
-    __slots__ = ("counters", "custom_skip", "extra_lines", "in_flight", "max_in_flight",
+    __slots__ = ("counters", "custom_skip", "extra_lines", "max_in_flight",
                  "name", "pool", "sample_header", "sample_rate", "timeout")
 
     def __init__(self, route: str, shadow: Shadow, pool: UpstreamPool, metrics: Metrics) -> None:
@@ -31,7 +31,6 @@ class CompiledShadow:
         self.pool = pool
         self.timeout = shadow.timeout_s
         self.max_in_flight = shadow.max_in_flight
-        self.in_flight = 0
         self.sample_rate = shadow.sample_rate
         self.sample_header = (shadow.sample_key.partition(":")[2].lower().encode()
                               if shadow.sample_key else None)
@@ -87,9 +86,9 @@ class ShadowCall(UpstreamCall):
 
     def _close(self, kind: ErrorKind | None) -> None:
         latency = self.close_record()
-        shadow = self.shadow
-        shadow.in_flight -= 1
-        shadow.counters.finish(kind, latency)
+        counters = self.shadow.counters
+        counters.in_flight -= 1
+        counters.finish(kind, latency)
 
 
 def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: bytes,
@@ -112,7 +111,9 @@ def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: byt
             exchange.responses.append(record)
             shadow.counters.not_called(ErrorKind.SKIPPED)
             continue
-        if shadow.in_flight >= shadow.max_in_flight:
+        # The calls in flight of every configuration version count (the counters outlive
+        # reloads), so that a reload never lets more than max_in_flight through.
+        if shadow.counters.in_flight >= shadow.max_in_flight:
             record.error_kind = ErrorKind.DROPPED
             record.error = "dropped: overload"
             exchange.responses.append(record)
@@ -124,6 +125,6 @@ def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: byt
         head = http1.request_head(
             method, pool.base_path + path_query,
             b"Host: " + pool.host_header + b"\r\n" + lines + shadow.extra_lines + tail_lines)
-        shadow.in_flight += 1
+        shadow.counters.in_flight += 1
         pool.start(ShadowCall(shadow, exchange, record, head, body, head_only, may_resend,
                               capture_cap))

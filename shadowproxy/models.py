@@ -130,6 +130,7 @@ class Exchange:
         "body_size",
         "body_truncated",
         "client_addr",
+        "config_version",
         "headers",
         "id",
         "method",
@@ -165,6 +166,9 @@ class Exchange:
         """Upstream calls not finished yet; the record is handed on when it reaches 0."""
         self.recorder: RecordSink | None = None
         """Where ``finish_call`` submits the finished exchange."""
+        self.config_version: str | None = None
+        """The configuration the request arrived under (``reload.config_version``); the
+        recorder stores it and applies that version's recording rules."""
         self.request_stored = False
         """True when the request row is in the database already (``id`` is its key) and
         only ``responses`` are to be stored: ``shadowproxy replay``'s answers."""

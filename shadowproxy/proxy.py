@@ -50,13 +50,20 @@ _DISCARD_S = 10.0
 
 
 class CompiledRoute:
-    """A route compiled for the data path: its pools, shadows and counters."""
+    """A route compiled for the data path: its pools, shadows and counters.
 
-    __slots__ = ("counters", "name", "preserve_host", "primary", "primary_timeout",
-                 "retry_non_idempotent", "shadows")
+    A request takes its route when its head is parsed, and with it everything of the
+    configuration that it is served under (``version``, the capture and mirror limits): a
+    reload swaps the router, never a compiled route, so a request is served, mirrored and
+    recorded entirely under the configuration it arrived under.
+    """
+
+    __slots__ = ("capture_cap", "counters", "max_mirror_body", "name", "preserve_host",
+                 "primary", "primary_timeout", "retry_non_idempotent", "shadows", "version")
 
     def __init__(self, route: Route, primary: UpstreamPool, shadows: list[CompiledShadow],
-                 counters: RouteCounters) -> None:
+                 counters: RouteCounters, *, version: str, capture_cap: int,
+                 max_mirror_body: int) -> None:
         self.name = route.name
         self.primary = primary
         self.primary_timeout = route.primary.timeout_s
@@ -64,22 +71,29 @@ class CompiledRoute:
         self.preserve_host = route.preserve_host
         self.retry_non_idempotent = route.retry_non_idempotent
         self.counters = counters
+        self.version = version
+        self.capture_cap = capture_cap
+        """recording.max_body_bytes"""
+        self.max_mirror_body = max_mirror_body
+        """limits.max_mirror_body_bytes"""
 
     def pools(self) -> list[UpstreamPool]:
         return [self.primary, *(shadow.pool for shadow in self.shadows)]
 
 
 class ProxyContext:
-    """What every client connection of one process shares."""
+    """What every client connection of one process shares.
+
+    ``router`` is replaced whole by a reload (``live.py``), in one synchronous step, and
+    ``pools`` with it; the connection-level limits beside it are read per connection event.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, router: Router[CompiledRoute],
-                 recorder: RecordSink, *, max_mirror_body: int, capture_cap: int,
-                 max_header_bytes: int, client_timeout: float) -> None:
+                 recorder: RecordSink, *, max_header_bytes: int, client_timeout: float
+                 ) -> None:
         self.loop = loop
         self.router = router
         self.recorder = recorder
-        self.max_mirror_body = max_mirror_body
-        self.capture_cap = capture_cap
         self.max_header_bytes = max_header_bytes
         self.client_timeout = client_timeout
         self.connections: set[ClientConnection] = set()
@@ -355,7 +369,7 @@ class ClientConnection(asyncio.Protocol):
         # Behind another request, or behind an answer the client is not reading: held.
         pipelined = req.pipelined = (self.active is not None or bool(self.waiting)
                                      or self.channel.writing_paused)
-        if not pipelined and length is not None and int(length) > self.ctx.max_mirror_body:
+        if not pipelined and length is not None and int(length) > route.max_mirror_body:
             self._start_streaming(req, int(length))
         expect = noted.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not pipelined:
@@ -364,7 +378,8 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.req
         assert req is not None
-        if req.route is None:
+        route = req.route
+        if route is None:
             return  # not routed: the body is read and dropped
         if req.answered:
             self.discard_left -= len(body)
@@ -382,7 +397,7 @@ class ClientConnection(asyncio.Protocol):
             self.buffered += len(body)
             if self.buffered >= _MAX_PIPELINED_BYTES:
                 self.channel.pause_reading(READ_PIPELINE)
-        if req.body_size > self.ctx.max_mirror_body:
+        if req.body_size > route.max_mirror_body:
             if self.active is not None or self.waiting:
                 # Only the request being served can stream; a pipelined one this large is
                 # refused rather than buffered without bound.
@@ -446,6 +461,7 @@ class ClientConnection(asyncio.Protocol):
                             req.path.decode("latin-1"), req.query.decode("latin-1"),
                             req.headers, self.client_addr, rid)
         exchange.recorder = self.ctx.recorder
+        exchange.config_version = route.version
         req.exchange = exchange
         return exchange
 
@@ -515,13 +531,13 @@ class ClientConnection(asyncio.Protocol):
         exchange = self._new_exchange(req, route)
         body = b"".join(req.chunks) if len(req.chunks) != 1 else req.chunks[0]
         req.chunks = []
-        cap = self.ctx.capture_cap
+        cap = route.capture_cap
         exchange.body = body if len(body) <= cap else body[:cap]
         exchange.body_size = len(body)
         exchange.body_truncated = len(body) > cap
         length = len(body) if body or req.method in _BODY_METHODS else None
         # A body held past the mirror limit (while the client read nothing) is not mirrored.
-        skip = "body_too_large" if len(body) > self.ctx.max_mirror_body else None
+        skip = "body_too_large" if len(body) > route.max_mirror_body else None
         self._forward(req, route, exchange, body, length, streaming=False, skip_reason=skip)
 
     def _start_streaming(self, req: ClientRequest, length: int | None) -> None:
@@ -540,8 +556,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _capture(self, req: ClientRequest, data: bytes) -> None:
         captured = req.captured
-        if captured is not None and req.exchange is not None:
-            req.exchange.capture(captured, data, self.ctx.capture_cap)
+        route = req.route
+        if captured is not None and req.exchange is not None and route is not None:
+            req.exchange.capture(captured, data, route.capture_cap)
 
     def _finish_capture(self, req: ClientRequest) -> None:
         """A streamed body ended (or was given up): the record gets what was kept of it."""
@@ -565,13 +582,13 @@ class ClientConnection(asyncio.Protocol):
         # Sent again on a stale keep-alive connection only when a repeat is harmless.
         may_resend = method in http1.IDEMPOTENT_METHODS or route.retry_non_idempotent
         call = req.call = PrimaryCall(self.channel, route, exchange, head, body,
-                                      method == b"HEAD", may_resend, self.ctx.capture_cap)
+                                      method == b"HEAD", may_resend, route.capture_cap)
         if streaming:
             call.stream_request(chunked=chunked)
         route.primary.start(call)
         if route.shadows:
             start_shadows(route.shadows, exchange, method, path_query, req.headers, common,
-                          tail, body, skip_reason, may_resend, self.ctx.capture_cap)
+                          tail, body, skip_reason, may_resend, route.capture_cap)
 
     def response_done(self) -> None:
         """The completion callback: the active request's response is complete (or given

@@ -1,5 +1,7 @@
 """``shadowproxy run``: the event loop, signals, and which process model runs.
 
+SIGTERM and SIGINT stop the proxy gracefully; SIGHUP reloads its configuration file.
+
 With ``workers: 1`` the proxy runs in this process. With ``workers: N`` this process is a
 supervisor of N worker processes that share ``listen`` (``shadowproxy/workers.py``).
 """
@@ -10,6 +12,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from shadowproxy.config import Settings
@@ -43,7 +46,16 @@ def stop_event() -> asyncio.Event:
     return stop
 
 
-def serve(settings: Settings, *, log_format: str = "text") -> int:
+def on_sighup(reload: Callable[[str], Coroutine[Any, Any, object]]) -> None:
+    """Reload on SIGHUP (``docker compose kill -s HUP``, ``shadowproxy reload``)."""
+    from shadowproxy.tasks import spawn
+
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, lambda: spawn(reload("SIGHUP"), name="config-reload"))
+
+
+def serve(settings: Settings, *, log_format: str = "text",
+          config_path: Path | None = None) -> int:
     """Run the proxy until SIGTERM/SIGINT; return the exit status.
 
     A failure to start (a taken port, the embedded database) is logged as one line in the
@@ -52,6 +64,9 @@ def serve(settings: Settings, *, log_format: str = "text") -> int:
     from shadowproxy.app import ensure_free
 
     setup_logging(log_format)
+    # Ignored until the proxy runs and reloads on it: a SIGHUP while the embedded database
+    # starts must not end the process (its default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         # Before the embedded database or any worker starts, which can take seconds.
         ensure_free(settings.listen, "listen")
@@ -59,20 +74,23 @@ def serve(settings: Settings, *, log_format: str = "text") -> int:
             ensure_free(settings.admin_listen, "admin_listen")
         url = database_url(settings)
         if settings.workers == 1:
-            return run_loop(_single(settings, url))
+            return run_loop(_single(settings, url, config_path))
         from shadowproxy.workers import supervise
 
-        return run_loop(supervise(settings, url, log_format))
+        return run_loop(supervise(settings, url, log_format, config_path))
     except ShadowProxyError as exc:
         log.error("%s", exc)
         return exc.exit_status
 
 
-async def _single(settings: Settings, url: str) -> int:
+async def _single(settings: Settings, url: str, config_path: Path | None) -> int:
     from shadowproxy.app import running
 
     stop = stop_event()
-    async with running(settings, url), collected_in_the_background():
+    async with running(settings, url, config_path=config_path) as proxy, \
+            collected_in_the_background():
+        if config_path is not None:
+            on_sighup(proxy.reload)
         await stop.wait()
         log.info("signal received: draining (grace %.0fs)", settings.limits.shutdown_grace_s)
     return 0

@@ -528,6 +528,8 @@ class UpstreamPool:
         """Calls in flight, so that shutdown can end the ones that outlive the grace period."""
         self._closing = False
         self._task_name = f"connect-{name}"
+        self.retired = False
+        """No longer in the running configuration (``retire``)."""
 
     def start(self, call: UpstreamCall) -> None:
         """Send ``call`` on an idle connection, or on a new one; never blocks."""
@@ -587,7 +589,7 @@ class UpstreamPool:
         conn.send(call, reused=False)
 
     def release(self, conn: UpstreamConnection) -> None:
-        if self._closing or len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
+        if self._closing or self.retired or len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
             conn.abort()
         else:
             conn.idle_since = time.perf_counter()
@@ -611,6 +613,26 @@ class UpstreamPool:
             for conn in expired:
                 conn.pooled = False
                 conn.abort()
+
+    def retire(self) -> None:
+        """The running configuration no longer names this upstream: close the idle
+        connections now and each busy one when its call ends. Calls of requests that
+        arrived under an earlier configuration are still made (``revive`` undoes it)."""
+        self.retired = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.pooled = False
+            conn.abort()
+
+    def use_limits(self, limits: Limits) -> None:
+        """A reload's limits: what a connection may send as a response head, and how long
+        an idle one is kept (the next sweep or call applies it to those idle now)."""
+        self.max_head_bytes = limits.max_response_header_bytes
+        self.idle_s = limits.upstream_idle_s
+
+    def revive(self) -> None:
+        """A reloaded configuration names this upstream again."""
+        self.retired = False
 
     def close(self) -> None:
         """Close idle connections; calls in flight finish on their own connections."""

@@ -24,6 +24,16 @@ fails safe in four ways:
 
 A stop (SIGTERM/SIGINT) passes SIGTERM on to every worker, waits for each to drain, and
 closes the admin listener last.
+
+A reload (SIGHUP, ``POST /-/reload``, ``shadowproxy reload``, ``watch: true``) is the
+supervisor's: it validates the file once (``reload.Reloader``), writes the configuration to
+apply to ``data_dir/run/config.json`` and sends each worker SIGHUP; a worker reads that file
+(never the config file itself, which may have changed again meanwhile), applies it as a
+single proxy does and publishes its snapshot at once. Each snapshot names the worker's
+version: the reload answers when every listening worker runs it, /readyz lists each
+worker's version, and a worker that runs another version (one that was starting during the
+reload) is signalled again, once a second, until it does. A replacement starts with the
+current configuration.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
@@ -43,10 +54,13 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from shadowproxy import control
 from shadowproxy.config import Settings
 from shadowproxy.cycles import collected_in_the_background
 from shadowproxy.errors import ShadowProxyError
 from shadowproxy.logs import setup_logging
+from shadowproxy.metrics import Metrics
+from shadowproxy.reload import Reloader, ReloadOutcome, config_version
 from shadowproxy.tasks import spawn
 
 log = logging.getLogger("shadowproxy")
@@ -63,6 +77,12 @@ STABLE_S = 10.0
 _PARENT_CHECK_S = 0.5
 _POLL_S = 0.1
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+CONFIG_FILE = "config.json"
+"""In ``data_dir/run``: the configuration the workers are to run, written by a reload."""
+RESIGNAL_S = 1.0
+"""A worker still on another version is sent SIGHUP again after this long."""
+RELOAD_WAIT_S = 10.0
+"""How long a reload waits for every listening worker to report the new version."""
 
 
 # --- the worker process -------------------------------------------------------------------
@@ -85,6 +105,9 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 def worker_main(settings: Settings, url: str, log_format: str, index: int, parent: int,
                 directory: Path) -> None:
     """A worker process's entry point (``multiprocessing`` spawn target)."""
+    # Until its handler is installed, a SIGHUP (a terminal's hangup reaches the whole
+    # process group) must not end a starting worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent(parent)
     setup_logging(log_format)
     os.environ["SHADOWPROXY_WORKER"] = str(index)
@@ -102,22 +125,69 @@ def worker_main(settings: Settings, url: str, log_format: str, index: int, paren
     raise SystemExit(status)
 
 
+PASSED_ON = {"database", "admin_token"}
+"""Restart-only settings that may hold secrets: never written to the hand-off file (a
+worker keeps its own, which are the same)."""
+
+
+def _read_config(directory: Path, running: Settings) -> tuple[Settings, str] | None:
+    """The configuration the supervisor handed on, with this worker's own values of
+    ``PASSED_ON``; None if there is none (a SIGHUP that was not the supervisor's)."""
+    try:
+        text = (directory / CONFIG_FILE).read_text()
+    except FileNotFoundError:
+        return None
+    data = json.loads(text)
+    own = running.model_dump(mode="json", include=PASSED_ON)
+    return Settings.model_validate({**data["settings"], **own}), str(data["version"])
+
+
 async def _worker(settings: Settings, url: str, parent: int, directory: Path) -> int:
     from shadowproxy.app import running
     from shadowproxy.runner import stop_event
 
     stop = stop_event()
+    loop = asyncio.get_running_loop()
     path = directory / f"worker-{os.getpid()}.pickle"
     async with (running(settings, url, serve_admin=False, reuse_port=True) as proxy,
                 collected_in_the_background()):
 
+        async def publish_once() -> None:
+            ready, detail = await proxy.readiness()
+            _write(path, {"metrics": proxy.metrics.snapshot(), "listening": True,
+                          "ready": ready, "detail": detail, "pid": os.getpid(),
+                          "time": time.time(), "config_version": proxy.version})
+
         async def publish() -> None:
             while True:
-                ready, detail = await proxy.readiness()
-                _write(path, {"metrics": proxy.metrics.snapshot(), "listening": True,
-                              "ready": ready, "detail": detail, "pid": os.getpid(),
-                              "time": time.time()})
+                await publish_once()
                 await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+
+        following = asyncio.Lock()
+
+        async def follow() -> None:
+            """SIGHUP from the supervisor: run the configuration it wrote."""
+            async with following:
+                try:
+                    handed = await loop.run_in_executor(None, _read_config, directory,
+                                                        proxy.settings)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.error("cannot read the configuration to reload from %s: %s",
+                              directory / CONFIG_FILE, exc)
+                    return
+                if handed is None:
+                    log.info("SIGHUP: no configuration handed on by the supervisor; a "
+                             "reload is the supervisor's (signal pid %d)", parent)
+                    return
+                new, version = handed
+                if version != proxy.version:
+                    previous = proxy.version
+                    proxy.apply(new, version)
+                    log.info("config reloaded: version %s -> %s", previous, version)
+                await publish_once()  # tell the supervisor at once
+
+        # Before the first snapshot: a worker that says it listens can take a SIGHUP.
+        loop.add_signal_handler(signal.SIGHUP, lambda: spawn(follow(), name="config-follow"))
 
         async def watch_parent() -> None:
             while os.getppid() == parent:
@@ -132,7 +202,8 @@ async def _worker(settings: Settings, url: str, parent: int, directory: Path) ->
         watcher.cancel()
     # The final counts, for the supervisor's retained total.
     _write(path, {"metrics": proxy.metrics.snapshot(), "listening": False, "ready": False,
-                  "detail": {}, "pid": os.getpid(), "time": time.time()})
+                  "detail": {}, "pid": os.getpid(), "time": time.time(),
+                  "config_version": proxy.version})
     return 0
 
 
@@ -192,6 +263,13 @@ class Supervisor:
 
     def __init__(self, settings: Settings, url: str, log_format: str) -> None:
         self.settings = settings
+        """The running configuration: what a replacement worker starts with."""
+        self.version = config_version(settings)
+        self.metrics = Metrics()
+        """The supervisor's own counters (reloads); the workers count the traffic."""
+        self.reloader: Reloader | None = None
+        self._signalled: dict[int, float] = {}
+        """When each worker was last sent SIGHUP, by pid."""
         self.url = url
         self.log_format = log_format
         self.directory = settings.data_dir / "run"
@@ -205,6 +283,7 @@ class Supervisor:
         self.directory.mkdir(parents=True, exist_ok=True)
         for old in self.directory.glob("worker-*"):
             old.unlink()
+        (self.directory / CONFIG_FILE).unlink(missing_ok=True)
 
     # --- what the admin endpoints show ---
     def _snapshot(self, pid: int | None) -> dict[str, Any] | None:
@@ -222,9 +301,12 @@ class Supervisor:
                 for slot in self.slots]
 
     def snapshots(self) -> list[dict[str, Any]]:
-        """The retained total of workers that are gone, and each live worker's counters."""
-        return [self.retained] + [snap["metrics"] for _, snap in self._live()
-                                  if snap is not None]
+        """The retained total of workers that are gone, the supervisor's own counters (its
+        reloads) and each live worker's counters."""
+        own = self.metrics.snapshot()
+        del own["database"]  # the workers hold the database connections, not the supervisor
+        return [self.retained, own] + [
+            snap["metrics"] for _, snap in self._live() if snap is not None]
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         now = time.time()
@@ -240,10 +322,56 @@ class Supervisor:
                                  if s.proc is not None and s.proc.is_alive()),
                   "workers_listening": len(fresh),
                   "workers_configured": len(self.slots),
-                  "database": sorted({str(s["detail"].get("database")) for s in fresh})}
+                  "database": sorted({str(s["detail"].get("database")) for s in fresh}),
+                  "config_version": self.version,
+                  "workers_config": self.worker_versions()}
+        if self.reloader is not None and self.reloader.restart_needed:
+            detail["restart_needed"] = self.reloader.restart_needed
         if self.stopping:
             detail["state"] = "stopping"
         return ready, detail
+
+    def worker_versions(self) -> list[dict[str, Any]]:
+        """Each live worker's configuration version, as its last snapshot says."""
+        return [{"worker": slot.index, "pid": snap["pid"],
+                 "config_version": snap.get("config_version")}
+                for slot, snap in self._live()
+                if snap is not None and slot.proc is not None and slot.proc.is_alive()]
+
+    # --- reloads ---
+    async def apply(self, settings: Settings, version: str) -> list[dict[str, Any]]:
+        """Pass a validated configuration on to every worker; each one's version once every
+        listening worker runs it (or ``RELOAD_WAIT_S`` passed)."""
+        data = {"version": version,
+                "settings": settings.model_dump(mode="json", exclude=PASSED_ON)}
+        control.write_private(self.directory / CONFIG_FILE, json.dumps(data))
+        self.settings, self.version = settings, version
+        self._signalled.clear()
+        self._signal_stale()
+        deadline = time.monotonic() + RELOAD_WAIT_S
+        while time.monotonic() < deadline:
+            if all(snap is None or snap.get("config_version") == version
+                   for slot, snap in self._live() if slot.listening):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            log.warning("not every worker reported version %s within %.0f s; they are "
+                        "signalled again until they do", version, RELOAD_WAIT_S)
+        return self.worker_versions()
+
+    def _signal_stale(self) -> None:
+        """SIGHUP each listening worker whose snapshot names another version (at most once
+        per ``RESIGNAL_S``). A worker not listening yet has no handler for it yet."""
+        now = time.monotonic()
+        for slot, snap in self._live():
+            proc = slot.proc
+            if (proc is None or proc.pid is None or snap is None or not snap["listening"]
+                    or snap.get("config_version") == self.version
+                    or now - self._signalled.get(proc.pid, -RESIGNAL_S) < RESIGNAL_S):
+                continue
+            self._signalled[proc.pid] = now
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGHUP)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         failing = [{"worker": s.index, "failed_starts": s.failures, "error": s.error}
@@ -311,6 +439,8 @@ class Supervisor:
             elif slot.proc is not None and slot.failures and \
                     now - slot.listening_since >= STABLE_S:
                 slot.failures, slot.error = 0, ""  # it has kept running: healthy again
+        if not self.stopping:
+            self._signal_stale()
         return True
 
     async def stop_all(self) -> int:
@@ -342,22 +472,41 @@ class Supervisor:
         return status
 
 
-async def supervise(settings: Settings, url: str, log_format: str) -> int:
+async def supervise(settings: Settings, url: str, log_format: str,
+                    config_path: Path | None = None) -> int:
     """Run ``settings.workers`` workers until SIGTERM/SIGINT, or until one cannot start."""
     from shadowproxy.admin import build_admin_app, start_admin
-    from shadowproxy.runner import stop_event
+    from shadowproxy.config import split_listen
+    from shadowproxy.runner import on_sighup, stop_event
 
     supervisor = Supervisor(settings, url, log_format)
     supervisor.prepare()
+    stop = stop_event()
+    reloader = None
+    if config_path is not None:
+        reloader = supervisor.reloader = Reloader(config_path, settings, supervisor.apply,
+                                                  supervisor.metrics, supervisor.directory)
+
+    async def reload() -> ReloadOutcome | None:
+        if reloader is None or stop.is_set() or supervisor.stopping:
+            return None
+        return await reloader.reload("POST /-/reload")
+
     admin = None
+    admin_address = None
     if settings.admin_listen is not None:
         # Bound before any worker starts: a taken admin port leaves nothing to stop.
         app = build_admin_app(supervisor.readiness, supervisor.snapshots,
-                              settings.admin_token, health=supervisor.health)
+                              settings.admin_token, health=supervisor.health,
+                              reload=reload if reloader is not None else None)
         admin = await start_admin(app, settings.admin_listen)
-    stop = stop_event()
+        admin_address = f"{split_listen(settings.admin_listen)[0]}:{admin.addresses[0][1]}"
     status = 0
     try:
+        if reloader is not None and config_path is not None:
+            control.write_process_file(supervisor.directory, config_path, admin_address)
+            on_sighup(reloader.reload)
+            reloader.start()
         log.info("supervising %d workers on %s", settings.workers, settings.listen)
         while not stop.is_set():
             if not supervisor.check():
@@ -366,6 +515,9 @@ async def supervise(settings: Settings, url: str, log_format: str) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), _POLL_S)
     finally:
+        if reloader is not None:
+            await reloader.close()
+            control.remove_process_file(supervisor.directory)
         status = max(status, await supervisor.stop_all())
         if admin is not None:
             await admin.cleanup()

@@ -54,6 +54,7 @@ async def test_access_log_carries_each_exchange_in_either_format(
         for event in access:
             assert event["message"].startswith("POST /p?i=")
             assert (event["route"], event["method"], event["path"]) == ("r", "POST", "/p")
+            assert re.fullmatch(r"[0-9a-f]{12}", event["config_version"])
             assert event["query"].endswith("&token=[redacted]")
             assert event["status"] == 200 and event["bytes_in"] == len('{"features": {"a": 0}}')
             assert event["bytes_out"] > 0 and event["duration_ms"] > 0
@@ -68,7 +69,7 @@ async def test_access_log_carries_each_exchange_in_either_format(
         assert sorted(line.rsplit("request_id=", 1)[1] for line in access) == sorted(ids)
         for line in access:
             assert re.search(r": POST /p\?i=\d&token=\[redacted\] -> 200 route=r "
-                             r"duration_ms=[\d.]+ bytes_in=22 bytes_out=\d+ "
+                             r"config=[0-9a-f]{12} duration_ms=[\d.]+ bytes_in=22 bytes_out=\d+ "
                              r"primary=200:[\d.]+ms c=200:[\d.]+ms request_id=\S+$", line), line
 
 
@@ -105,12 +106,12 @@ async def test_access_log_says_what_the_client_got_and_why_each_call_failed(
     assert late.status == 504 and late.calls["primary"]["error_kind"] == "timeout"
     assert late.duration_ms >= 200
     text = TextFormatter("%(message)s")
-    assert re.fullmatch(r"GET /ok -> 200 route=r duration_ms=[\d.]+ bytes_in=0 "
-                        r"bytes_out=\d+ primary=200:[\d.]+ms slow=-/timeout:[\d.]+ms "
-                        r"request_id=ok", text.format(ok))
-    assert re.fullmatch(r"GET /down -> 502 route=down duration_ms=[\d.]+ bytes_in=0 "
-                        r"bytes_out=- primary=-/connect:[\d.]+ms request_id=down",
-                        text.format(down))
+    assert re.fullmatch(r"GET /ok -> 200 route=r config=[0-9a-f]{12} duration_ms=[\d.]+ "
+                        r"bytes_in=0 bytes_out=\d+ primary=200:[\d.]+ms "
+                        r"slow=-/timeout:[\d.]+ms request_id=ok", text.format(ok))
+    assert re.fullmatch(r"GET /down -> 502 route=down config=[0-9a-f]{12} "
+                        r"duration_ms=[\d.]+ bytes_in=0 bytes_out=- "
+                        r"primary=-/connect:[\d.]+ms request_id=down", text.format(down))
     event = json.loads(JsonFormatter().format(late))
     assert (event["status"], event["route"], event["request_id"]) == (504, "late", "late")
     assert event["calls"]["primary"]["error_kind"] == "timeout"

@@ -250,3 +250,22 @@ def test_a_dead_workers_counters_are_kept_and_its_gauges_dropped() -> None:
     assert total["bodies_withheld"] == {"too_deep": 4}
     assert dict(total["shadow"][0][2])["ok"] == 2
     assert total["queue"] == 0 and "database" not in total
+
+
+def test_the_supervisor_adds_no_database_state_of_its_own(tmp_path: Path) -> None:
+    """shadowproxy_database_up sums the workers' states only: the supervisor, whose own
+    counters (its reloads) are exposed too, holds no database connection to count."""
+    from shadowproxy.config import Settings
+    from shadowproxy.metrics import families
+    from shadowproxy.workers import Supervisor
+
+    settings = Settings.model_validate({
+        "workers": 2, "data_dir": str(tmp_path),
+        "routes": [{"name": "r", "primary": {"url": "http://127.0.0.1:9"}}]})
+    supervisor = Supervisor(settings, "postgresql://unused", "text")
+    supervisor.metrics.reloads["applied"] += 1
+    exposed = {sample.name: sample.value for family in families(supervisor.snapshots())
+               for sample in family.samples if not sample.labels or
+               sample.labels == {"result": "applied"}}
+    assert exposed["shadowproxy_config_reloads_total"] == 1
+    assert exposed["shadowproxy_database_up"] == 0

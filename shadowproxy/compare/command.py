@@ -124,7 +124,8 @@ def render(report: dict[str, Any], fmt: str, *, color: bool = False) -> str:
     return render_text(report, color=color)
 
 
-async def _build(url: str, target: Target, window: Window, reference: Path | None) -> Report:
+async def _build(url: str, target: Target, window: Window, reference: Path | None,
+                 config_version: str | None = None) -> Report:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -144,7 +145,7 @@ async def _build(url: str, target: Target, window: Window, reference: Path | Non
             report = await build_report(
                 conn, route=target.route.name, shadow=target.shadow, window=window,
                 compare=target.compare, reference=reference, progress=step,
-                unlisted=target.unlisted)
+                unlisted=target.unlisted, config_version=config_version)
         progress.update(task, completed=len(STEPS))
     return report
 
@@ -165,7 +166,8 @@ def run_report(args: argparse.Namespace) -> int:
         raise UsageError(f"--reference {reference}: no such file; give a CSV or Parquet file "
                          "of training data whose columns are named like compare.features")
     url = database_url(settings)
-    report = clean(asyncio.run(_build(url, target, window, reference)))
+    report = clean(asyncio.run(_build(url, target, window, reference,
+                                      getattr(args, "config_version", None))))
     text = render(report, args.format,
                   color=args.format == "text" and not args.output and sys.stdout.isatty())
     if args.output:

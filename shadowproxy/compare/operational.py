@@ -14,7 +14,7 @@ from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
-from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Snapshot
+from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, VERSION_FILTER, Snapshot
 from shadowproxy.errors import UsageError
 from shadowproxy.failures import ERROR_KINDS
 
@@ -113,12 +113,43 @@ async def check_replayed(db: Snapshot, unlisted: Mapping[str, str]) -> None:
                 f"replay the window first with `shadowproxy replay ... --as {name}`")
 
 
+class ConfigVersion(TypedDict):
+    """One configuration version that handled requests of the route in the window."""
+
+    version: str | None
+    requests: int
+    first: str
+    last: str
+
+
+async def config_versions(db: Snapshot) -> list[ConfigVersion]:
+    """The configuration versions of the route's requests in the window, first used first
+    (whatever ``--config-version`` selects); UsageError if the selected one is not among
+    them."""
+    s = db.scope
+    found = [ConfigVersion(version=r[0], requests=int(r[1]), first=r[2].isoformat(),
+                           last=r[3].isoformat())
+             for r in await db.fetch(
+                 "SELECT config_version, count(*), min(received_at), max(received_at) "
+                 "FROM shadowproxy.requests WHERE route = $1 AND received_at >= $2 "
+                 "AND received_at < $3 GROUP BY 1 ORDER BY 3, 1",
+                 s.route, s.window.start, s.window.end)]
+    if s.config_version is not None and s.config_version not in [v["version"] for v in found]:
+        raise UsageError(
+            f"--config-version {s.config_version}: no request of route {s.route!r} in the "
+            f"window {s.window.start.isoformat()} → {s.window.end.isoformat()} was handled "
+            f"under it (versions in the window: "
+            f"{[v['version'] for v in found] or 'none'}); see requests.config_version")
+    return found
+
+
 async def counts(db: Snapshot) -> Counts:
     """How many requests, pairs and complete pairs; how the shadow calls failed."""
     row = await db.fetchrow(f"""
         SELECT
           (SELECT count(*) FROM shadowproxy.requests
-            WHERE route = $1 AND received_at >= $3 AND received_at < $4) AS requests,
+            WHERE route = $1 AND received_at >= $3 AND received_at < $4
+              AND {VERSION_FILTER}) AS requests,
           count(*) AS pairs,
           count(*) FILTER (WHERE primary_status IS NOT NULL AND shadow_status IS NOT NULL)
             AS complete_pairs,

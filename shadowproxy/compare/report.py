@@ -49,6 +49,10 @@ class Meta(TypedDict):
     shadow_role: str
     baseline_shadow: str | None
     window: dict[str, str]
+    config_version: str | None
+    """``--config-version``: the only version reported on (None: every version)."""
+    config_versions: list[operational.ConfigVersion]
+    """Every configuration version of the route's requests in the window."""
     generated_at: str
     versions: dict[str, str]
     seed: int
@@ -75,18 +79,22 @@ class Report(TypedDict):
 async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, window: Window,
                        compare: CompareConfig, reference: Path | None = None,
                        progress: Progress | None = None,
-                       unlisted: Mapping[str, str] | None = None) -> Report:
+                       unlisted: Mapping[str, str] | None = None,
+                       config_version: str | None = None) -> Report:
     """The whole report as a JSON-ready dict.
 
     ``unlisted`` names the targets (the shadow, the baseline) that are not shadows of the
     route in the configuration, each with where the name came from: they must have been
     replayed into the window (``shadowproxy replay --as NAME``), else UsageError.
+    ``config_version`` keeps the requests handled under that configuration version only.
     """
     import numpy as np
     import scipy
 
     step = progress or (lambda _: None)
-    async with snapshot(conn, Scope(route, shadow, window, compare, SEED), SCRATCH) as db:
+    scope = Scope(route, shadow, window, compare, SEED, config_version)
+    async with snapshot(conn, scope, SCRATCH) as db:
+        versions = await operational.config_versions(db)
         for validate in (predictions.validate, features.validate, diff.validate,
                          slices.validate):
             await validate(db)
@@ -121,6 +129,7 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
         route=route, shadow=shadow, shadow_role=operational.shadow_role(counts),
         baseline_shadow=compare.baseline_shadow,
         window={"start": window.start.isoformat(), "end": window.end.isoformat()},
+        config_version=config_version, config_versions=versions,
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         versions={"shadowproxy": __version__, "numpy": np.__version__,
                   "scipy": scipy.__version__, "postgresql": server},

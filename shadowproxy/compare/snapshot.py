@@ -26,8 +26,17 @@ from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.window import Window
 from shadowproxy.errors import DatabaseError, ShadowProxyError, UsageError
 
-PAIR_FILTER = "route = $1 AND shadow_name = $2 AND received_at >= $3 AND received_at < $4"
-"""The pairs of the report: ``shadowproxy.pairs`` filtered with ``Snapshot.pair_args()``."""
+SELECTED_VERSION = "nullif(current_setting('shadowproxy.config_version', true), '')"
+"""The ``--config-version`` of the report (NULL for all), set for the snapshot's transaction."""
+
+VERSION_FILTER = (f"coalesce({SELECTED_VERSION}, config_version) "
+                  "IS NOT DISTINCT FROM config_version")
+"""True for a row of the selected configuration version, or for every row without one."""
+
+PAIR_FILTER = ("route = $1 AND shadow_name = $2 AND received_at >= $3 AND received_at < $4 "
+               f"AND {VERSION_FILTER}")
+"""The pairs of the report: ``shadowproxy.pairs`` filtered with ``Snapshot.pair_args()``
+(and by ``--config-version``, which every section so honours without an argument)."""
 
 COMPARABLE = ("primary_status BETWEEN 200 AND 299 AND shadow_status BETWEEN 200 AND 299 "
               "AND primary_body_json IS NOT NULL AND shadow_body_json IS NOT NULL")
@@ -47,6 +56,8 @@ class Scope:
     window: Window
     compare: CompareConfig
     seed: int
+    config_version: str | None = None
+    """Only requests handled under this configuration version (``--config-version``)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,9 @@ async def snapshot(conn: asyncpg.Connection, scope: Scope, scratch: Sequence[Scr
             await db.execute(f"CREATE TEMP TABLE {table.name} ({table.columns}) ON COMMIT DROP")
             for columns in table.indexes:
                 await db.execute(f"CREATE INDEX ON {table.name} {columns}")
+        # Transaction-local: read by VERSION_FILTER in every section's statements.
+        await db.execute("SELECT set_config('shadowproxy.config_version', $1, true)",
+                         scope.config_version or "")
         await db.execute("SET TRANSACTION READ ONLY")
         yield db
     finally:

@@ -63,6 +63,21 @@ def pval(test: dict[str, Any] | None) -> str:
     return fmt(test["p_value"], 3)
 
 
+def config_version_notes(m: dict[str, Any]) -> list[str]:
+    """What the report says about the configuration versions in its window."""
+    versions = m.get("config_versions") or []
+    listed = ", ".join(f"{v['version'] or '(none)'} ({v['requests']:,} requests, "
+                       f"{v['first']} → {v['last']})" for v in versions)
+    if m.get("config_version"):
+        return [f"configuration version {m['config_version']} only"
+                + (f", of {len(versions)} in the window: {listed}" if len(versions) > 1
+                   else "")]
+    if len(versions) > 1:
+        return [f"the window spans {len(versions)} configuration versions, reported together: "
+                f"{listed}; --config-version V reports on one"]
+    return []
+
+
 def _header(r: dict[str, Any]) -> Section:
     m = r["meta"]
     v = r["verdict"]
@@ -72,6 +87,7 @@ def _header(r: dict[str, Any]) -> Section:
                    + (" (replayed with shadowproxy replay)" if replayed else "")
                    + (f", baseline {m['baseline_shadow']}" if m.get("baseline_shadow") else "")
                    + f"; window {m['window']['start']} → {m['window']['end']}")
+    s.notes += config_version_notes(m)
     if v["reasons"]:
         s.tables.append(Table(["level", "section", "reason"],
                               [[x["level"], x["section"], x["message"]] for x in v["reasons"]]))

@@ -1,11 +1,12 @@
 """The access log: one line per exchange, written by the recorder, off the client's path.
 
 Each line carries the request id, method, path and query (``recording.redact_query``
-applied), route, the status the client got, the total duration, the body bytes in and out,
-and every upstream call's target, status, latency and failure kind. In text logs the
-message says it all (``POST /p?x=1 -> 200 route=r duration_ms=3.21 bytes_in=12
-bytes_out=40 primary=200:2.90ms c=-/timeout:200.13ms request_id=…``); in JSON logs the same
-values are fields of the event as well. Nothing of a body or a header is logged.
+applied), route, the configuration version the request was served under, the status the
+client got, the total duration, the body bytes in and out, and every upstream call's
+target, status, latency and failure kind. In text logs the message says it all (``POST
+/p?x=1 -> 200 route=r config=3f2a9c01b7e4 duration_ms=3.21 bytes_in=12 bytes_out=40
+primary=200:2.90ms c=-/timeout:200.13ms request_id=…``); in JSON logs the same values are
+fields of the event as well (``config_version``). Nothing of a body or a header is logged.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def fields(ex: Exchange, query: str) -> dict[str, Any]:
         if status is not None and status == primary.status:
             bytes_out = primary.body_size  # a proxy-made 502/504 is not the primary's body
     return {
-        "route": ex.route, "method": ex.method, "path": ex.path, "query": query,
+        "route": ex.route, "config_version": ex.config_version, "method": ex.method,
+        "path": ex.path, "query": query,
         "status": status, "duration_ms": _ms(duration), "bytes_in": ex.body_size,
         "bytes_out": bytes_out, "client_addr": ex.client_addr,
         "calls": {r.target: {"status": r.status, "latency_ms": _ms(r.latency_ms),
@@ -76,9 +78,10 @@ def log_exchanges(exchanges: list[Exchange], redact_query: Callable[[str], str])
         query = redact_query(ex.query)
         event = fields(ex, query)
         access_log.info(
-            "%s %s%s -> %s route=%s duration_ms=%s bytes_in=%s bytes_out=%s %s",
+            "%s %s%s -> %s route=%s config=%s duration_ms=%s bytes_in=%s bytes_out=%s %s",
             ex.method, ex.path, "?" + query if query else "", _value(event["status"]),
-            ex.route, _value(event["duration_ms"]), event["bytes_in"],
+            ex.route, _value(ex.config_version), _value(event["duration_ms"]),
+            event["bytes_in"],
             _value(event["bytes_out"]),
             " ".join(_call(target, call) for target, call in event["calls"].items()),
             extra={"request_id": ex.request_id, **event})

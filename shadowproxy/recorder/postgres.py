@@ -42,7 +42,7 @@ _TEMP_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS _sp_requests (
     id uuid, request_id text, route text, received_at timestamptz, method text, path text,
     query text, headers text, body bytea, body_json text, body_size bigint,
-    body_truncated boolean, client_addr text
+    body_truncated boolean, client_addr text, config_version text
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS _sp_responses (
     request uuid, target text, role text, status int, headers text, body bytea,
@@ -60,7 +60,7 @@ _INSERT_REQUESTS = """
 INSERT INTO shadowproxy.requests ({columns})
 SELECT id, request_id, route, received_at, method, path, query,
        COALESCE({headers}, '{{}}'::jsonb), body, {body_json}, body_size, body_truncated,
-       client_addr
+       client_addr, config_version
 FROM _sp_requests
 ON CONFLICT (id) DO NOTHING
 """

@@ -13,6 +13,11 @@ only the excess goes to the spool: a batch taken while the queue is half full (i
 in bytes) and the previous write still runs is appended to the spool instead of waiting.
 The replay task brings spooled batches in when the live writes leave the database room, so
 the spool costs only what the database could not take.
+
+Recording rules (redaction, body limits) are those of the configuration each exchange
+arrived under (``Exchange.config_version``): a reload registers its rules with ``use_rules``,
+and the recorder keeps the encoders of the last ``KEPT_VERSIONS`` versions, so that the
+exchanges still in flight across a reload are stored as their own configuration says.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
@@ -54,6 +59,8 @@ _WHY = {
                 "and headers",
 }
 _ENCODE_SLICE = 32
+KEPT_VERSIONS = 16
+"""Configuration versions whose recording rules are kept for exchanges still in flight."""
 
 
 class Recorder:
@@ -61,12 +68,16 @@ class Recorder:
 
     def __init__(self, recording: RecordingConfig, database_url: str, data_dir: Path,
                  metrics: Metrics, *, log_exchanges: bool = False,
-                 replay_grace_s: float = 10.0) -> None:
+                 replay_grace_s: float = 10.0, config_version: str | None = None) -> None:
         self.config = recording
         self.queue: deque[Exchange] = deque()
         self.metrics = metrics
         metrics.queue_depth = lambda: len(self.queue)
         self.encoder = RowEncoder(recording)
+        """The rules of the running configuration (and of exchanges without a version)."""
+        self._encoders: OrderedDict[str | None, RowEncoder] = OrderedDict(
+            [(config_version, self.encoder)])
+        self._missed: set[str | None] = set()
         self.log_exchanges = log_exchanges
         """Log one line per exchange (``access_log``), written here, off the client's path."""
         self.writer = PostgresWriter(database_url)
@@ -130,6 +141,37 @@ class Recorder:
         if (waiting == self._write_after or waiting == self._overflow_at
                 or queued - size < self._overflow_bytes <= queued):
             self._wake.set()
+
+    def use_rules(self, version: str, recording: RecordingConfig) -> None:
+        """From now on, ``recording``'s rules are the running ones, for exchanges of
+        ``version``; those of the last ``KEPT_VERSIONS`` versions stay for theirs."""
+        encoder = self._encoders.get(version)
+        if encoder is None:
+            encoder = self._encoders[version] = RowEncoder(recording)
+        self._encoders.move_to_end(version)
+        while len(self._encoders) > KEPT_VERSIONS:
+            self._encoders.popitem(last=False)
+        self.encoder = encoder
+
+    def _by_version(self, part: list[Exchange]) -> list[tuple[RowEncoder, list[Exchange]]]:
+        """``part`` in runs of one configuration version, each with that version's encoder."""
+        runs: list[tuple[RowEncoder, list[Exchange]]] = []
+        last: str | None = None
+        for ex in part:
+            version = ex.config_version
+            if not runs or version != last:
+                encoder = self._encoders.get(version)
+                if encoder is None:
+                    encoder = self.encoder
+                    if version not in self._missed:
+                        self._missed.add(version)
+                        log.warning("exchanges of configuration %s arrived after %d newer "
+                                    "versions were loaded; they are stored under the "
+                                    "running recording rules", version, KEPT_VERSIONS)
+                runs.append((encoder, []))
+                last = version
+            runs[-1][1].append(ex)
+        return runs
 
     # --- lifecycle ---
     def database_state(self) -> str:
@@ -270,14 +312,15 @@ class Recorder:
         responses: list[Row] = []
         for start in range(0, len(batch), _ENCODE_SLICE):
             part = batch[start:start + _ENCODE_SLICE]
-            if self.log_exchanges:
-                log_exchanges(part, self.encoder.query)
-            req, resp = self.encoder.encode(part)
-            requests += req
-            responses += resp
-            if self.encoder.withheld:
-                self._note_withheld(self.encoder.withheld)
-                self.encoder.withheld = []
+            for encoder, run in self._by_version(part):
+                if self.log_exchanges:
+                    log_exchanges(run, encoder.query)
+                req, resp = encoder.encode(run)
+                requests += req
+                responses += resp
+                if encoder.withheld:
+                    self._note_withheld(encoder.withheld)
+                    encoder.withheld = []
             await asyncio.sleep(0)
         return requests, responses
 

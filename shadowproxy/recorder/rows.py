@@ -29,7 +29,8 @@ from shadowproxy.recorder.bodies import JsonRedactor, Unredactable, inspect_json
 from shadowproxy.recorder.query import QueryRedactor
 
 REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path", "query",
-                   "headers", "body", "body_json", "body_size", "body_truncated", "client_addr")
+                   "headers", "body", "body_json", "body_size", "body_truncated", "client_addr",
+                   "config_version")
 RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "body_json",
                     "body_size", "body_truncated", "latency_ms", "error", "started_at",
                     "error_kind")
@@ -134,7 +135,8 @@ class RowEncoder:
                 query = self.query(query)
             request = (ex.id, ex.request_id, ex.route, ex.received_at, ex.method, ex.path,
                        query, self.headers(ex.headers) or "{}", body, text, ex.body_size,
-                       ex.body_truncated or reason is not None, ex.client_addr)
+                       ex.body_truncated or reason is not None, ex.client_addr,
+                       ex.config_version)
         answers: list[Row] = []
         for r in ex.responses:
             rbody, rtext, rreason = self.body(r.body, r.headers)
@@ -153,7 +155,8 @@ class RowEncoder:
         self.withheld.append(Withheld(ex.request_id, "request", UNEXPECTED))
         request = None if ex.request_stored else (
             ex.id, ex.request_id, ex.route, ex.received_at, ex.method, ex.path,
-            self.query(ex.query), "{}", None, None, ex.body_size, True, ex.client_addr)
+            self.query(ex.query), "{}", None, None, ex.body_size, True, ex.client_addr,
+            ex.config_version)
         answers = [(ex.id, r.target, r.role, r.status, None, None, None,
                     r.body_size if r.status is not None else None, True, r.latency_ms,
                     r.error, r.started_at, r.error_kind) for r in ex.responses]
@@ -177,6 +180,8 @@ def without_bodies(row: Row, columns: tuple[str, ...]) -> Row:
 
 def upgrade_rows(requests: list[Row], responses: list[Row]) -> tuple[list[Row], list[Row]]:
     """Rows of a spool file written by an earlier version, in today's column layout."""
+    if requests and len(requests[0]) == len(REQUEST_COLUMNS) - 1:
+        requests = [(*row, None) for row in requests]  # before config versions
     if responses and len(responses[0]) == len(RESPONSE_COLUMNS) - 1:
         # Before error kinds: the kind is read from the error text, as the migration does.
         responses = [(*row, kind_of_legacy_error(row[10])) for row in responses]

@@ -55,6 +55,7 @@ class Exchange:
         default_factory=lambda: datetime.now(UTC) - timedelta(minutes=5))
     route: str = "house-prices"
     path: str = "/predict"
+    config_version: str | None = None
 
 
 def _body(value: Any) -> tuple[bytes | None, str | None]:
@@ -75,7 +76,8 @@ async def insert(url: str, exchanges: list[Exchange]) -> None:
         rid = uuid.uuid4()
         body, text = _body(ex.request)
         requests.append((rid, ex.request_id, ex.route, ex.received_at, "POST", ex.path, "",
-                         "{}", body, text, len(body or b""), False, "127.0.0.1"))
+                         "{}", body, text, len(body or b""), False, "127.0.0.1",
+                         ex.config_version))
         for target, role, call in [("primary", "primary", ex.primary)] + [
                 (name, "shadow", c) for name, c in ex.shadows.items()] + [
                 (name, "replay", c) for name, c in ex.replays.items()]:

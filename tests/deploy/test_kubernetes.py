@@ -105,6 +105,16 @@ def test_config_map_holds_a_valid_config(settings: Any) -> None:
     assert [r.name for r in settings.routes] == ["diabetes"]
 
 
+def test_config_map_changes_reach_the_proxy_without_a_restart(
+        settings: Any, sidecar: dict[str, Any]) -> None:
+    """The config is watched, and mounted as the ConfigMap's folder: a subPath mount would
+    never see an update (the kubelet swaps the folder's ..data symlink)."""
+    assert settings.watch is True
+    config_dir = str(PurePosixPath(flag(sidecar["args"], "-c")).parent)
+    mount = next(m for m in sidecar["volumeMounts"] if m["mountPath"] == config_dir)
+    assert "subPath" not in mount and "subPathExpr" not in mount
+
+
 def test_database_url_comes_from_a_secret(sidecar: dict[str, Any], objects: list[dict[str, Any]],
                                           settings: Any) -> None:
     """The variable the config reads is set on the sidecar from a Secret, never inline."""

@@ -15,6 +15,7 @@ from shadowproxy.config import Settings
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import Exchange
 from shadowproxy.proxy import ClientConnection, CompiledRoute, ProxyContext
+from shadowproxy.reload import config_version
 from shadowproxy.routing import Router
 from shadowproxy.upstream import UpstreamConnection, UpstreamPool
 
@@ -86,12 +87,13 @@ class Harness:
         loop = asyncio.get_running_loop()
         self.metrics = Metrics()
         self.pool = UpstreamPool(loop, "http://model.test:8000", "r-primary", settings.limits)
-        compiled = CompiledRoute(settings.routes[0], self.pool, [], self.metrics.route("r"))
+        compiled = CompiledRoute(settings.routes[0], self.pool, [], self.metrics.route("r"),
+                                 version=config_version(settings),
+                                 capture_cap=settings.recording.max_body_bytes,
+                                 max_mirror_body=settings.limits.max_mirror_body_bytes)
         self.sink = Sink()
         self.ctx = ProxyContext(
             loop, Router([("/", None, compiled)]), self.sink,
-            max_mirror_body=settings.limits.max_mirror_body_bytes,
-            capture_cap=settings.recording.max_body_bytes,
             max_header_bytes=settings.limits.max_header_bytes,
             client_timeout=settings.limits.client_timeout_s)
 

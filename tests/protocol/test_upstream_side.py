@@ -24,7 +24,7 @@ def shadow_call(h: Harness, method: bytes = b"GET") -> tuple[ShadowCall, Exchang
     record = CapturedResponse("s", "shadow", time.time())
     call = ShadowCall(shadow, exchange, record, method + b" /p HTTP/1.1\r\n\r\n", b"",
                       method == b"HEAD", True, 1000)
-    shadow.in_flight += 1
+    shadow.counters.in_flight += 1
     return call, exchange, sink
 
 

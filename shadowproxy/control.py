@@ -1,0 +1,201 @@
+"""``shadowproxy reload -c FILE``: find the running proxy, make it reload, print the outcome.
+
+A running proxy (or, with ``workers: N``, its supervisor) writes ``data_dir/run/
+shadowproxy.json`` at start (its pid, the config file it runs, its admin address) and
+removes it at a clean stop; after every reload it writes the outcome to ``data_dir/run/
+reload.json`` with a sequence number. The command reads the first, sends the process
+SIGHUP (the permission to signal it is the permission to reload it: no token is needed,
+and the admin listener may be off), and waits for the sequence number to move. The running
+process validates the file itself, with its own environment: the outcome it writes is the
+one that counts.
+
+Exit status: 0 applied or unchanged; 2 the file is invalid (every problem printed, nothing
+changed), or the process runs another file; 1 no running proxy found, or no answer in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shadowproxy.errors import ConfigError, ShadowProxyError, UsageError
+
+PROCESS_FILE = "shadowproxy.json"
+"""In ``data_dir/run``: where the running proxy (or supervisor) is."""
+OUTCOME_FILE = "reload.json"
+"""In ``data_dir/run``: the last reload's outcome, with a sequence number."""
+DEFAULT_TIMEOUT_S = 30.0
+
+
+# --- the running process's side ---------------------------------------------------------
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a reader never sees half of it), readable by
+    this user only: these files may name the configuration's values."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
+def write_process_file(run_dir: Path, config: Path, admin: str | None) -> None:
+    """Say where this process is, for ``shadowproxy reload`` (and forget the outcome of an
+    earlier process's last reload)."""
+    (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
+    data = {"pid": os.getpid(), "config": os.path.abspath(config), "admin": admin}
+    write_private(run_dir / PROCESS_FILE, json.dumps(data))
+
+
+def remove_process_file(run_dir: Path) -> None:
+    """At a stop: remove the file if it is still this process's."""
+    path = run_dir / PROCESS_FILE
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+# --- the command --------------------------------------------------------------------------
+
+_DATA_DIR_LINE = re.compile(r"""^data_dir:[ \t]*["']?([^"'#\r\n]*?)["']?[ \t]*(?:#.*)?$""",
+                            re.MULTILINE)
+
+
+def _data_dir(config: Path) -> tuple[Path, list[str]]:
+    """The data_dir the file names, and its problems if it is invalid (the directory is then
+    read from the raw YAML, or from its top-level ``data_dir:`` line if YAML cannot read it,
+    so that the running process can still be asked and say what is wrong)."""
+    from shadowproxy.config import load_config
+
+    try:
+        return load_config(config).data_dir, []
+    except ConfigError as exc:
+        problems = exc.problems
+    value: object = None
+    try:
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    try:
+        raw = yaml.safe_load(text)
+        value = raw.get("data_dir") if isinstance(raw, dict) else None
+    except yaml.YAMLError:
+        line = _DATA_DIR_LINE.search(text)
+        value = line.group(1) if line else None
+    if not isinstance(value, str) or not value or "${" in value:
+        value = ".shadowproxy"
+    return Path(value).resolve(), problems
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _seq(run_dir: Path, pid: int) -> int:
+    """The sequence number of process ``pid``'s last reload outcome (-1: none yet)."""
+    try:
+        outcome = json.loads((run_dir / OUTCOME_FILE).read_text())
+        return int(outcome["seq"]) if outcome.get("pid") == pid else -1
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return -1
+
+
+def _same_file(a: str, b: Path) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Make the proxy running ``config`` reload it; its outcome (``ReloadOutcome.as_dict``).
+
+    Raises ConfigError when no proxy runs and the file is invalid, ShadowProxyError when no
+    proxy runs or none answers in time, UsageError when the proxy runs another file.
+    """
+    data_dir, problems = _data_dir(config)
+    run_dir = data_dir / "run"
+    try:
+        process = json.loads((run_dir / PROCESS_FILE).read_text())
+        pid = int(process["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        if problems:
+            raise ConfigError(problems) from None
+        raise ShadowProxyError(
+            f"no running shadowproxy found for {config}: {run_dir / PROCESS_FILE} is missing "
+            f"(a proxy started with `shadowproxy run -c {config}` writes it; data_dir is "
+            f"{data_dir})") from None
+    if not _alive(pid):
+        if problems:
+            raise ConfigError(problems)
+        raise ShadowProxyError(f"no running shadowproxy found for {config}: process {pid} "
+                               f"of {run_dir / PROCESS_FILE} is gone")
+    if not _same_file(process.get("config", ""), config):
+        raise UsageError(f"the shadowproxy running with data_dir {data_dir} (pid {pid}) runs "
+                         f"{process.get('config')}, not {config}: edit that file and reload "
+                         f"it, or give its path to -c")
+    before = _seq(run_dir, pid)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError as exc:
+        raise ShadowProxyError(f"not allowed to signal shadowproxy (pid {pid}): run "
+                               "`shadowproxy reload` as the user that runs it") from exc
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _seq(run_dir, pid) > before:
+            try:
+                outcome: dict[str, Any] = json.loads((run_dir / OUTCOME_FILE).read_text())
+                return outcome
+            except (OSError, ValueError):
+                pass  # being replaced: read it again
+        time.sleep(0.02)
+    raise ShadowProxyError(f"shadowproxy (pid {pid}) did not report the reload within "
+                           f"{timeout_s:g} s; see its log")
+
+
+def print_outcome(outcome: dict[str, Any]) -> int:
+    """Print what a reload did; the exit status for it."""
+    result = outcome["result"]
+    if result == "rejected":
+        print(f"rejected: the file is invalid, nothing changed (version "
+              f"{outcome['version']} runs)", file=sys.stderr)
+        for problem in outcome["errors"]:
+            print(problem, file=sys.stderr)
+        return ConfigError.exit_status
+    if result == "unchanged":
+        print(f"unchanged: version {outcome['version']} runs")
+    else:
+        print(f"applied: version {outcome['previous_version']} -> {outcome['version']}")
+    for change in outcome.get("changes", []):
+        print(f"  {change}")
+    for worker in outcome.get("workers") or []:
+        print(f"  worker {worker['worker']} (pid {worker['pid']}): version "
+              f"{worker['config_version']}")
+    for line in outcome.get("restart_needed", []):
+        print(f"needs a restart: {line}", file=sys.stderr)
+    return 0
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    """The CLI command."""
+    return print_outcome(request_reload(Path(args.config), args.timeout))

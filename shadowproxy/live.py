@@ -1,0 +1,95 @@
+"""One process's running configuration: routes compiled against pools that outlive reloads.
+
+``compile_routes`` turns settings into the router the data path matches against. The
+upstream pools come from a ``PoolRegistry`` kept for the process's whole life, keyed by the
+upstream's URL: a reload that keeps an upstream keeps its pool and with it the pool's
+keep-alive connections, so a reload causes no reconnect storm. A pool the new configuration
+no longer names is retired (``UpstreamPool.retire``): its idle connections close at once,
+each busy one when its call ends, and calls of requests that arrived under the earlier
+configuration are still made on it. A later configuration naming the URL again revives it.
+
+What a pool does with its connections follows the running configuration's ``limits``
+(``upstream_idle_s``, ``max_response_header_bytes``): a reload hands a kept pool the new
+values (``UpstreamPool.use_limits``), as it hands a new pool its first ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from shadowproxy.config import Limits, Settings
+from shadowproxy.metrics import Metrics
+from shadowproxy.mirror import CompiledShadow
+from shadowproxy.proxy import CompiledRoute
+from shadowproxy.routing import Router
+from shadowproxy.upstream import UpstreamPool
+
+
+class PoolRegistry:
+    """The upstream pools of one process, by URL, across reloads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pools: dict[str, UpstreamPool] = {}
+
+    def pool(self, url: str, name: str, limits: Limits) -> UpstreamPool:
+        """The pool of ``url`` (made on first use; revived if it was retired), working to
+        ``limits``."""
+        pool = self._pools.get(url)
+        if pool is None:
+            pool = self._pools[url] = UpstreamPool(self.loop, url, name, limits)
+            return pool
+        pool.use_limits(limits)
+        if pool.retired:
+            pool.revive()
+        return pool
+
+    def keep_only(self, used: Iterable[UpstreamPool]) -> list[UpstreamPool]:
+        """Retire every pool not in ``used``; forget retired pools with no call left.
+        Returns the pools retired now."""
+        keep = {id(p) for p in used}
+        retired = []
+        for url, pool in list(self._pools.items()):
+            if id(pool) in keep:
+                continue
+            if not pool.retired:
+                pool.retire()
+                retired.append(pool)
+            elif not pool.active:
+                del self._pools[url]  # its last call ended and it holds no connection
+        return retired
+
+    def all(self) -> list[UpstreamPool]:
+        """Every pool that may still carry a call: in use, or retired with calls left."""
+        return list(self._pools.values())
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
+def compile_routes(settings: Settings, version: str, registry: PoolRegistry,
+                   metrics: Metrics) -> tuple[Router[CompiledRoute], list[UpstreamPool]]:
+    """The router for ``settings`` (stamped with ``version``) and the pools it uses.
+
+    Counters are looked up by route and shadow name, so they carry on across reloads; a
+    shadow with ``enabled: false`` is left out of its route (not mirrored to).
+    """
+    used: dict[int, UpstreamPool] = {}
+
+    def pool(url: str, name: str) -> UpstreamPool:
+        found = registry.pool(url, name, settings.limits)
+        used[id(found)] = found
+        return found
+
+    entries = []
+    for route in settings.routes:
+        shadows = [CompiledShadow(route.name, s, pool(s.url, s.name), metrics)
+                   for s in route.shadows if s.enabled]
+        target = CompiledRoute(route, pool(route.primary.url, f"{route.name}-primary"),
+                               shadows, metrics.route(route.name), version=version,
+                               capture_cap=settings.recording.max_body_bytes,
+                               max_mirror_body=settings.limits.max_mirror_body_bytes)
+        entries.append((route.match.path_prefix, route.match.methods, target))
+    return Router(entries), list(used.values())

@@ -1,0 +1,279 @@
+"""Reloading the configuration while serving: versions, and what can change live.
+
+Every loaded configuration has a ``config_version``: a short hash of its normalized
+content, stamped on each recorded request, shown by ``/readyz`` and
+``shadowproxy_config_info``. A reload validates the whole new file first; an invalid file
+changes nothing. A valid one is applied except for the settings below, which are bound to
+resources made once at start-up (a listening socket, the worker processes, the database
+connection and its spool, the recorder's queue): those keep their running values until the
+next restart, and the reload says so. The version always names what actually runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from shadowproxy import control
+from shadowproxy.config import Settings, load_config
+from shadowproxy.configwatch import ConfigWatcher, content_digest
+from shadowproxy.errors import ConfigError
+from shadowproxy.metrics import Metrics
+from shadowproxy.tasks import spawn
+
+log = logging.getLogger("shadowproxy")
+
+RESTART_ONLY: dict[tuple[str, ...], str] = {
+    ("listen",): "the client listener is bound once; rebinding would drop connections",
+    ("admin_listen",): "the admin listener is bound once",
+    ("workers",): "worker processes are started once",
+    ("data_dir",): "the spool and the embedded database live there",
+    ("database",): "the recorder holds its connection and spool for this database",
+    ("admin_token",): "the admin listener is built once",
+    ("recording", "queue_max_records"): "the recorder's queue is sized once",
+    ("recording", "queue_max_bytes"): "the recorder's queue is sized once",
+    ("recording", "batch_max_records"): "the recorder's writer is set up once",
+    ("recording", "write_after_records"): "the recorder's writer is set up once",
+    ("recording", "flush_interval_ms"): "the recorder's writer is set up once",
+    ("recording", "spool_max_bytes"): "the spool is sized once",
+}
+"""Settings a reload cannot change, and why; everything else applies to the next request."""
+
+
+def config_version(settings: Settings) -> str:
+    """A short, stable hash of the configuration's normalized content (12 hex digits).
+
+    Normalized: the validated settings with every default filled in, keys sorted, so that
+    reformatting the file, reordering keys or spelling out a default keeps the version.
+    """
+    data = settings.model_dump(mode="json")
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _get(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        data = data[key]
+    return data
+
+
+def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        data = data[key]
+    data[path[-1]] = value
+
+
+def effective_settings(running: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """``new`` with the restart-only settings kept at their running values, and one line for
+    each such setting that the new file changes."""
+    old_data = running.model_dump()
+    new_data = new.model_dump()
+    pinned = []
+    for path, why in RESTART_ONLY.items():
+        old_value = _get(old_data, path)
+        if _get(new_data, path) != old_value:
+            pinned.append(f"{'.'.join(path)}: changed in the file, kept as it runs until a "
+                          f"restart ({why})")
+            _set(new_data, path, old_value)
+    if not pinned:
+        return new, []
+    return Settings.model_validate(new_data), pinned
+
+
+@dataclass
+class ReloadOutcome:
+    """What a reload did, for the log, the admin endpoint and ``shadowproxy reload``."""
+
+    result: Literal["applied", "unchanged", "rejected"]
+    version: str
+    """The configuration running after the reload."""
+    previous_version: str
+    errors: list[str] = field(default_factory=list)
+    """Every problem of a rejected file, as FILE:LINE: key.path: message."""
+    restart_needed: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    """What the reload changed, in words (``describe_changes``)."""
+    workers: list[dict[str, Any]] | None = None
+    """With ``workers: N``: each worker's version once the reload reached it."""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"result": self.result, "version": self.version,
+               "previous_version": self.previous_version, "errors": self.errors,
+               "restart_needed": self.restart_needed, "changes": self.changes}
+        if self.workers is not None:
+            out["workers"] = self.workers
+        return out
+
+
+def describe_changes(old: Settings, new: Settings) -> list[str]:
+    """What differs between two configurations, one short line per route (and one for the
+    rest): ``route r: shadow s2 added, shadow s1 changed``."""
+    lines = []
+    old_routes = {r.name: r for r in old.routes}
+    new_routes = {r.name: r for r in new.routes}
+    for name in new_routes.keys() - old_routes.keys():
+        lines.append(f"route {name}: added")
+    for name in old_routes.keys() - new_routes.keys():
+        lines.append(f"route {name}: removed")
+    for name in sorted(old_routes.keys() & new_routes.keys()):
+        before, after = old_routes[name], new_routes[name]
+        if before == after:
+            continue
+        parts = [f"{key} changed" for key in type(after).model_fields
+                 if key not in ("name", "shadows")
+                 and getattr(before, key) != getattr(after, key)]
+        old_shadows = {s.name: s for s in before.shadows}
+        new_shadows = {s.name: s for s in after.shadows}
+        for shadow in after.shadows:
+            if shadow.name not in old_shadows:
+                parts.append(f"shadow {shadow.name} added")
+            elif old_shadows[shadow.name] != shadow:
+                was = old_shadows[shadow.name]
+                keys = [k for k in type(shadow).model_fields
+                        if getattr(was, k) != getattr(shadow, k)]
+                parts.append(f"shadow {shadow.name} changed ({', '.join(keys)})")
+        parts += [f"shadow {n} removed" for n in old_shadows if n not in new_shadows]
+        lines.append(f"route {name}: " + (", ".join(parts) or "shadow order changed"))
+    rest = [key for key in type(new).model_fields
+            if key != "routes" and getattr(old, key) != getattr(new, key)]
+    if rest:
+        lines.append(f"changed: {', '.join(rest)}")
+    return lines
+
+
+Apply = Callable[[Settings, str], Awaitable[list[dict[str, Any]] | None]]
+"""Makes a validated configuration the running one (a proxy process swaps its router; a
+supervisor passes it on to its workers and returns each worker's version)."""
+
+class Reloader:
+    """The one path of every trigger (SIGHUP, ``POST /-/reload``, ``shadowproxy reload``,
+    ``watch``): read and validate the whole file, keep the restart-only settings, apply,
+    count, log, and tell the caller. Reloads run one at a time."""
+
+    def __init__(self, path: Path, running: Settings, apply: Apply, metrics: Metrics,
+                 run_dir: Path) -> None:
+        self.path = path
+        self.settings = running
+        self.version = config_version(running)
+        self.restart_needed: list[str] = []
+        """Settings the file changes that keep their running values until a restart."""
+        self._apply = apply
+        self._metrics = metrics
+        self._run_dir = run_dir
+        self._lock = asyncio.Lock()
+        self._seq = 0
+        self._watcher: ConfigWatcher | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._digest = content_digest(path)
+        """The file's content when it was last read by a reload (or at start)."""
+        self._closed = False
+
+    # --- triggers ---
+    async def reload(self, trigger: str) -> ReloadOutcome:
+        """Reload the file; never raises for a bad file (the outcome says what was wrong)."""
+        async with self._lock:
+            if self._closed:
+                log.info("config reload (%s) ignored: stopping", trigger)
+                return ReloadOutcome("unchanged", self.version, self.version)
+            outcome = await self._reload(trigger)
+            self._seq += 1
+            self._write_outcome(outcome)
+            self._update_watch()
+            return outcome
+
+    async def _reload(self, trigger: str) -> ReloadOutcome:
+        loop = asyncio.get_running_loop()
+        previous = self.version
+        # Read before loading: an edit made while loading is then seen by the watcher.
+        digest = self._digest = content_digest(self.path)
+        if self._watcher is not None:
+            self._watcher.loaded(digest)
+        try:
+            # Off the event loop: parsing and validating must not hold up client requests.
+            new = await loop.run_in_executor(None, load_config, self.path)
+        except ConfigError as exc:
+            self._metrics.reloads["rejected"] += 1
+            log.error("config reload (%s) rejected, nothing changed: %d problem(s) in %s",
+                      trigger, len(exc.problems), self.path)
+            for problem in exc.problems:
+                log.error("%s", problem)
+            return ReloadOutcome("rejected", previous, previous, errors=list(exc.problems),
+                                 restart_needed=self.restart_needed)
+        applied, pinned = effective_settings(self.settings, new)
+        for line in pinned:
+            log.warning("config reload (%s): %s", trigger, line)
+        self.restart_needed = pinned
+        version = config_version(applied)
+        self._metrics.reloads["applied"] += 1
+        if version == previous:
+            log.info("config reload (%s): version %s unchanged", trigger, version)
+            return ReloadOutcome("unchanged", version, previous, restart_needed=pinned)
+        changes = describe_changes(self.settings, applied)
+        workers = await self._apply(applied, version)
+        self.settings, self.version = applied, version
+        log.info("config reloaded (%s): version %s -> %s%s", trigger, previous, version,
+                 "".join(f"; {c}" for c in changes))
+        return ReloadOutcome("applied", version, previous, restart_needed=pinned,
+                             changes=changes, workers=workers)
+
+    def describe(self) -> dict[str, Any]:
+        """For /readyz: the running version, and what waits for a restart."""
+        out: dict[str, Any] = {"config_version": self.version}
+        if self.restart_needed:
+            out["restart_needed"] = self.restart_needed
+        return out
+
+    def _write_outcome(self, outcome: ReloadOutcome) -> None:
+        data = {"seq": self._seq, "pid": os.getpid(), **outcome.as_dict()}
+        try:
+            control.write_private(self._run_dir / control.OUTCOME_FILE, json.dumps(data))
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self._run_dir / control.OUTCOME_FILE, exc)
+
+    # --- watch: true ---
+    def start(self) -> None:
+        """Start watching the file if the configuration says so."""
+        self._update_watch()
+
+    def _update_watch(self) -> None:
+        settings = self.settings
+        watcher = self._watcher
+        if watcher is not None and (not settings.watch
+                                    or watcher.interval_s != settings.watch_interval_s):
+            self._stop_watch()
+            watcher = None
+        if settings.watch and watcher is None:
+            self._watcher = ConfigWatcher(self.path, self._watched_change,
+                                          interval_s=settings.watch_interval_s,
+                                          known=self._digest)
+            self._watch_task = spawn(self._watcher.run(), name="config-watch")
+            log.info("watching %s for changes (every %g s)", self.path,
+                     settings.watch_interval_s)
+
+    async def _watched_change(self) -> None:
+        # A task of its own: the reload may stop this very watcher (watch: false).
+        await asyncio.shield(spawn(self.reload("watch"), name="config-reload"))
+
+    def _stop_watch(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        self._watcher = self._watch_task = None
+
+    async def close(self) -> None:
+        """Stop watching; wait for a reload under way; ignore any later one."""
+        task = self._watch_task
+        self._stop_watch()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        async with self._lock:
+            self._closed = True
+            self._stop_watch()  # in case the reload under way started one

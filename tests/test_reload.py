@@ -1,0 +1,78 @@
+"""Config versions and the split between settings that reload live and those that wait."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shadowproxy.config import load_config
+from shadowproxy.reload import config_version, describe_changes, effective_settings
+
+BASE = """\
+listen: 127.0.0.1:8080
+routes:
+  - name: r
+    primary: {url: "http://127.0.0.1:9001"}
+    shadows:
+      - {name: s, url: "http://127.0.0.1:9002", sample_rate: 0.5}
+"""
+
+
+def _load(tmp_path: Path, text: str, name: str = "a.yaml"):  # type: ignore[no-untyped-def]
+    path = tmp_path / name
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_the_version_ignores_formatting_and_spelled_out_defaults(tmp_path: Path) -> None:
+    """Reordered keys, comments and a default written out keep the version; a real change
+    gives a new one."""
+    base = _load(tmp_path, BASE)
+    same = _load(tmp_path, "# the same, reformatted\n" + BASE.replace(
+        "sample_rate: 0.5}", "sample_rate: 0.50, timeout_s: 30}"), "b.yaml")
+    other = _load(tmp_path, BASE.replace("0.5", "0.25"), "c.yaml")
+    assert config_version(base) == config_version(same)
+    assert config_version(base) != config_version(other)
+    assert len(config_version(base)) == 12
+
+
+def test_restart_only_settings_keep_their_running_values(tmp_path: Path) -> None:
+    """A reload that changes `listen` applies its routes but keeps the running listener, and
+    says so."""
+    running = _load(tmp_path, BASE)
+    new = _load(tmp_path, BASE.replace("8080", "8081").replace("0.5", "1.0"), "b.yaml")
+    applied, pinned = effective_settings(running, new)
+    assert applied.listen == "127.0.0.1:8080"
+    assert applied.routes[0].shadows[0].sample_rate == 1.0
+    assert len(pinned) == 1 and pinned[0].startswith("listen: changed in the file")
+
+
+def test_live_settings_pass_through_unchanged(tmp_path: Path) -> None:
+    """A reload of live settings only returns the new settings as they are."""
+    running = _load(tmp_path, BASE)
+    new = _load(tmp_path, BASE.replace("0.5", "0.0"), "b.yaml")
+    applied, pinned = effective_settings(running, new)
+    assert applied is new and pinned == []
+
+
+def test_settings_handed_to_workers_as_json_keep_their_version(tmp_path: Path) -> None:
+    """The configuration a supervisor writes for its workers as JSON reads back with the
+    same version (compare settings included)."""
+    import json
+
+    from shadowproxy.config import Settings
+
+    settings = _load(tmp_path, BASE + """\
+    compare: {prediction: "$.prediction", task: regression, abs_tolerance: 0.1,
+              features: {age: {path: "$.features.age", type: numeric, min: 0, max: 120}}}
+""")
+    again = Settings.model_validate(json.loads(json.dumps(settings.model_dump(mode="json"))))
+    assert config_version(again) == config_version(settings)
+
+
+def test_a_change_of_any_route_setting_is_named(tmp_path: Path) -> None:
+    """The outcome of a reload names each route setting it changes, retry_non_idempotent
+    included."""
+    running = _load(tmp_path, BASE)
+    new = _load(tmp_path, BASE.replace("  - name: r\n",
+                                       "  - name: r\n    retry_non_idempotent: true\n"), "b.yaml")
+    assert describe_changes(running, new) == ["route r: retry_non_idempotent changed"]

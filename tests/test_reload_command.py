@@ -1,0 +1,105 @@
+"""``shadowproxy reload -c FILE`` when there is nothing to reload: clear words and exit
+statuses. (Reloading a running proxy through it is tested under load in test_live_load.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shadowproxy.cli import main
+from shadowproxy.control import PROCESS_FILE, _data_dir
+
+CONFIG = """\
+data_dir: {data_dir}
+routes:
+  - name: r
+    primary: {{url: "http://127.0.0.1:9001"}}
+"""
+
+
+def _write(tmp_path: Path, text: str | None = None) -> Path:
+    path = tmp_path / "shadowproxy.yaml"
+    path.write_text(text or CONFIG.format(data_dir=tmp_path / "data"))
+    return path
+
+
+def test_no_running_proxy_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                    ) -> None:
+    """With no proxy running for the file's data_dir, the command says where it looked."""
+    path = _write(tmp_path)
+    assert main(["reload", "-c", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "no running shadowproxy found" in err
+    assert str(tmp_path / "data" / "run" / PROCESS_FILE) in err
+
+
+def test_a_dead_process_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A process file left by a proxy that is gone is not a running proxy."""
+    path = _write(tmp_path)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    run = tmp_path / "data" / "run"
+    run.mkdir(parents=True)
+    (run / PROCESS_FILE).write_text(json.dumps({"pid": int(done.stdout), "config": str(path)}))
+    assert main(["reload", "-c", str(path)]) == 1
+    assert f"process {int(done.stdout)}" in capsys.readouterr().err
+
+
+def test_an_invalid_file_with_nothing_running_is_exit_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An invalid file is reported as FILE:LINE: key.path: message, exit 2."""
+    path = _write(tmp_path, CONFIG.format(data_dir=tmp_path / "data")
+                  + "    shadows: [{name: s, url: ftp://x}]\n")
+    assert main(["reload", "-c", str(path)]) == 2
+    assert f"{path}:5: routes[0].shadows[0].url: expected an http://" in capsys.readouterr().err
+
+
+def test_a_proxy_running_another_file_is_exit_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The proxy found through data_dir runs another file: the command names it and sends
+    nothing."""
+    path = _write(tmp_path)
+    run = tmp_path / "data" / "run"
+    run.mkdir(parents=True)
+    (run / PROCESS_FILE).write_text(json.dumps({"pid": os.getpid(),
+                                                "config": "/etc/shadowproxy/other.yaml"}))
+    assert main(["reload", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"runs /etc/shadowproxy/other.yaml, not {path}" in err
+
+
+def test_data_dir_is_found_in_a_file_yaml_cannot_read(tmp_path: Path) -> None:
+    """A file broken beyond YAML still names its data_dir on a line of its own, so that the
+    running proxy can be asked (and report the error itself)."""
+    path = _write(tmp_path, f"data_dir: '{tmp_path / 'd'}'  # spool\nroutes: [\n")
+    data_dir, problems = _data_dir(path)
+    assert data_dir == tmp_path / "d"
+    assert problems and "(YAML)" in problems[0]
+
+
+def test_an_earlier_process_s_outcome_is_not_taken_for_an_answer(tmp_path: Path) -> None:
+    """The last outcome written by another process (an earlier run) does not count as the
+    running one's answer, whatever its sequence number."""
+    from shadowproxy.control import OUTCOME_FILE, _seq
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / OUTCOME_FILE).write_text(json.dumps({"seq": 7, "pid": 1}))
+    assert _seq(run, os.getpid()) == -1
+    (run / OUTCOME_FILE).write_text(json.dumps({"seq": 7, "pid": os.getpid()}))
+    assert _seq(run, os.getpid()) == 7
+
+
+def test_a_worker_signalled_without_a_handed_on_configuration_keeps_running(
+        tmp_path: Path) -> None:
+    """A SIGHUP that reaches a worker without a configuration from its supervisor (a
+    terminal's hangup reaches the whole process group) is nothing to apply."""
+    from shadowproxy.config import load_config
+    from shadowproxy.workers import _read_config
+
+    assert _read_config(tmp_path, load_config(_write(tmp_path))) is None
