@@ -164,7 +164,7 @@ async def run(seconds: float, clients: int) -> dict[str, Any]:
         conn = await asyncpg.connect(pg.url)
         try:
             rows = await conn.fetchval("SELECT count(*) FROM shadowproxy.requests")
-            pairs = await conn.fetch("SELECT coalesce(shadow_error, 'ok') AS outcome, "
+            pairs = await conn.fetch("SELECT coalesce(shadow_error_kind, 'ok') AS outcome, "
                                      "count(*) AS n FROM shadowproxy.pairs GROUP BY 1")
             leaked = await conn.fetchval(
                 "SELECT count(*) FROM shadowproxy.requests WHERE headers::text LIKE "

@@ -1,8 +1,8 @@
 """The command line: parses arguments, runs one command, maps errors to exit statuses.
 
-This is the only module that decides an exit status: 0 success, 2 bad usage or config,
-1 runtime failure, 3 a report whose verdict reached ``--fail-on``, 130 an interrupted
-replay (what it handled is stored). Commands are imported
+Commands return their exit status, and errors of the hierarchy in ``errors.py`` become one:
+0 success, 2 bad usage or config, 1 runtime failure, 3 a report whose verdict reached
+``--fail-on``, 130 an interrupted replay (what it handled is stored). Commands are imported
 lazily so that ``shadowproxy run`` never pays for the report's numpy/scipy imports.
 """
 

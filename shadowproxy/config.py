@@ -15,15 +15,14 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from shadowproxy.compare.config import CompareConfig
+from shadowproxy.compare.config import CompareConfig, FrozenModel
 from shadowproxy.errors import ConfigError
 
 DATABASE_URL_ENV = "SHADOWPROXY_DATABASE_URL"
@@ -41,10 +40,6 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRA
 """RFC 9110 §9 and PATCH (RFC 5789): what ``match.methods`` accepts."""
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_http_url(value: str) -> str:
@@ -73,6 +68,10 @@ def _check_listen(value: str) -> str:
 _WILDCARDS = ("0.0.0.0", "::")
 _SAME_ADDRESS = ("admin_listen must differ from listen (the same port on the same or on "
                  "every interface); give the admin endpoints their own port, e.g. :9090")
+CROSS_CHECK = "cross_check"
+"""The error type of the model checks that ``load_config`` also makes on the raw data (see
+``_cross_checks``), where each problem is reported at its own line: a file's errors of this
+type are already listed, a ``Settings`` built in code still gets them."""
 
 
 def same_address(a: str, b: str) -> bool:
@@ -104,7 +103,7 @@ def split_listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-class Upstream(_Frozen):
+class Upstream(FrozenModel):
     """Where the primary model service listens."""
 
     url: str
@@ -113,7 +112,7 @@ class Upstream(_Frozen):
     _url = field_validator("url")(_check_http_url)
 
 
-class Shadow(_Frozen):
+class Shadow(FrozenModel):
     """A shadow model service: it gets a copy of each sampled request; its answer is recorded."""
 
     name: str = Field(pattern=_NAME)
@@ -137,7 +136,7 @@ class Shadow(_Frozen):
         return value
 
 
-class Match(_Frozen):
+class Match(FrozenModel):
     """Which requests a route takes: the longest matching path prefix wins."""
 
     path_prefix: str = "/"
@@ -165,7 +164,7 @@ class Match(_Frozen):
         return methods
 
 
-class Route(_Frozen):
+class Route(FrozenModel):
     """One primary, its shadows, and how the report compares them."""
 
     name: str = Field(pattern=_NAME)
@@ -181,13 +180,15 @@ class Route(_Frozen):
         names = [s.name for s in self.shadows]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"shadow names must be unique within a route (repeated: {dupes})")
+            raise PydanticCustomError(
+                CROSS_CHECK, "shadow names must be unique within a route (repeated: {dupes})",
+                {"dupes": str(dupes)})
         if "primary" in names:
             raise ValueError("a shadow may not be called 'primary': that name is the primary's")
         return self
 
 
-class DatabaseConfig(_Frozen):
+class DatabaseConfig(FrozenModel):
     """Where records go; ``url: null`` starts the embedded PostgreSQL under ``data_dir``."""
 
     url: str | None = None
@@ -200,7 +201,7 @@ class DatabaseConfig(_Frozen):
         return value
 
 
-class RecordingConfig(_Frozen):
+class RecordingConfig(FrozenModel):
     """What is stored, and how records are batched on their way to PostgreSQL."""
 
     max_body_bytes: int = Field(default=1_048_576, ge=0)
@@ -230,7 +231,7 @@ class RecordingConfig(_Frozen):
         return value
 
 
-class Limits(_Frozen):
+class Limits(FrozenModel):
     """Bounds that protect the proxy from large or slow input."""
 
     max_mirror_body_bytes: int = Field(default=16_777_216, ge=0)
@@ -241,7 +242,7 @@ class Limits(_Frozen):
     shutdown_grace_s: PositiveSeconds = 10.0
 
 
-class Settings(_Frozen):
+class Settings(FrozenModel):
     """The whole configuration file."""
 
     listen: str = "127.0.0.1:8080"
@@ -276,9 +277,11 @@ class Settings(_Frozen):
         names = [r.name for r in self.routes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"route names must be unique (repeated: {dupes})")
+            raise PydanticCustomError(CROSS_CHECK,
+                                      "route names must be unique (repeated: {dupes})",
+                                      {"dupes": str(dupes)})
         if self.admin_listen is not None and same_address(self.listen, self.admin_listen):
-            raise ValueError(_SAME_ADDRESS)
+            raise PydanticCustomError(CROSS_CHECK, _SAME_ADDRESS)
         return self
 
     def route(self, name: str) -> Route:
@@ -352,10 +355,6 @@ def _dotted(path: tuple[str | int, ...]) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
-
-
-_UNIQUE_MESSAGES = ("route names must be unique", "shadow names must be unique",
-                    _SAME_ADDRESS)
 
 
 def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
@@ -459,9 +458,9 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             loc = tuple(err["loc"])
             if loc in unset:
                 continue  # an unset ${VAR}: already reported, its placeholder is no value
+            if err["type"] == CROSS_CHECK:
+                continue  # already reported by _cross_checks, at the problem's own line
             msg = err["msg"].removeprefix("Value error, ")
-            if msg.startswith(_UNIQUE_MESSAGES):
-                continue  # already reported, at the repeated name's own line
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check its spelling and the configuration reference)"
             problems.append(f"{file}:{located.line_of(loc)}: {_dotted(loc)}: {msg}")

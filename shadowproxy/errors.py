@@ -2,7 +2,8 @@
 
 Third-party errors (aiohttp, asyncio, asyncpg, OS) are translated into these at the module
 that talks to that library, with ``raise ... from exc``; the command line maps them to exit
-codes (see ``cli.py``), and nothing else in the package exits.
+codes (see ``cli.py``). Besides it, only a worker process ends itself (``workers.py``),
+with the status its supervisor reads.
 
     ShadowProxyError
     ├── ConfigError          invalid configuration file (exit status 2)
@@ -14,9 +15,9 @@ codes (see ``cli.py``), and nothing else in the package exits.
     ├── ListenError          `listen` or `admin_listen` cannot be bound (in use, no such address)
     └── DemoError            a step of `shadowproxy demo` failed (a process, the records)
 
-Failures of upstream calls are not exceptions: they are data on the exchange record
-(``error="timeout"``, ``"connect: ..."``), because a shadow's failure must never reach the
-client.
+Failures of upstream calls are not exceptions: they are data on the exchange record (an
+``ErrorKind`` from ``failures.py`` with a detail, ``connect`` / ``"connect: Connection
+refused"``), because a shadow's failure must never reach the client.
 """
 
 from __future__ import annotations

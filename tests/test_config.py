@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from shadowproxy.app import listen_socket
 from shadowproxy.cli import main
-from shadowproxy.config import load_config
+from shadowproxy.config import Settings, load_config
 from shadowproxy.errors import ConfigError
 
 GOOD = """\
@@ -84,9 +85,18 @@ routes:
 """
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, dup))
-    text = "\n".join(info.value.problems)
-    assert "shadow names must be unique" in text
-    assert "route names must be unique" in text
+    problems = info.value.problems
+    # Each reported once, at the repeated name's own line.
+    assert [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in problems
+            if "must be unique" in p] == ["3", "4"]
+    assert len(problems) == 2
+
+
+def test_settings_built_in_code_check_names_too() -> None:
+    """A Settings made in code, not from a file, refuses repeated route names as well."""
+    route = {"name": "a", "primary": {"url": "http://127.0.0.1:1"}}
+    with pytest.raises(ValidationError, match="route names must be unique"):
+        Settings.model_validate({"routes": [route, route]})
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -26,11 +26,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class _Frozen(BaseModel):
+class FrozenModel(BaseModel):
+    """The base of every configuration model, here and in ``shadowproxy.config``: unknown
+    keys are refused (a misspelt key is an error, not a silent default) and values are
+    frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FeatureConfig(_Frozen):
+class FeatureConfig(FrozenModel):
     """One model input: a jsonpath into the request JSON, or a column of an instances/V2 body."""
 
     path: str | None = None
@@ -53,7 +57,7 @@ class FeatureConfig(_Frozen):
         return self
 
 
-class SliceConfig(_Frozen):
+class SliceConfig(FrozenModel):
     """A slice family from one feature: one slice per bin (numeric) or per value (categorical)."""
 
     feature: str
@@ -66,7 +70,7 @@ class SliceConfig(_Frozen):
         return self
 
 
-class Thresholds(_Frozen):
+class Thresholds(FrozenModel):
     """Where the verdict turns to warn or fail; the defaults are documented in docs/report.md."""
 
     alpha: float = Field(default=0.05, gt=0, lt=1)
@@ -101,14 +105,14 @@ class Thresholds(_Frozen):
     max_ttft_p99_ratio: float = Field(default=1.5, gt=0)
 
 
-class PriceConfig(_Frozen):
+class PriceConfig(FrozenModel):
     """What a model costs, per million tokens of input (prompt) and output (completion)."""
 
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
 
 
-class EmbeddingsConfig(_Frozen):
+class EmbeddingsConfig(FrozenModel):
     """An OpenAI-compatible embeddings endpoint for the semantic similarity of answers."""
 
     url: str
@@ -132,7 +136,7 @@ BUILTIN_SLICES: tuple[BuiltinSlice, ...] = ("prompt_length", "model", "stream")
 """Slice families every generation report can make from the request itself."""
 
 
-class GenerationConfig(_Frozen):
+class GenerationConfig(FrozenModel):
     """How ``task: generation`` compares answers (see docs/generative.md)."""
 
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
@@ -143,7 +147,7 @@ class GenerationConfig(_Frozen):
     builtin_slices: list[BuiltinSlice] = Field(default_factory=lambda: list(BUILTIN_SLICES))
 
 
-class CompareConfig(_Frozen):
+class CompareConfig(FrozenModel):
     """How to pair and compare the primary's and a shadow's responses for one route."""
 
     prediction: str = "$"

@@ -133,7 +133,8 @@ class DriftResult:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN and infinities as None)."""
-        return _clean(asdict(self))
+        out: dict[str, Any] = _clean(asdict(self))
+        return out
 
 
 def _clean(x: Any) -> Any:

@@ -451,9 +451,11 @@ async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection)
     rows = await _sample(db, t, "pn, sn", "pn IS NOT NULL AND sn IS NOT NULL", n)
     p = np.array([r[1] for r in rows], dtype=np.float64)
     s = np.array([r[2] for r in rows], dtype=np.float64)
-    out.update(regression_tests(p, s, np.array([r[0] for r in rows]), n=n,
-                                pearson_r=_opt(row["pearson"]), th=db.thresholds,
-                                seed=db.scope.seed))
+    tests = regression_tests(p, s, np.array([r[0] for r in rows]), n=n,
+                             pearson_r=_opt(row["pearson"]), th=db.thresholds,
+                             seed=db.scope.seed)
+    out["pearson"], out["spearman"] = tests["pearson"], tests["spearman"]
+    out["distribution_test"], out["paired"] = tests["distribution_test"], tests["paired"]
     out["tolerance"] = Tolerance(abs=compare.abs_tolerance, rel=compare.rel_tolerance,
                                  configured=bool(compare.abs_tolerance
                                                  or compare.rel_tolerance))
@@ -534,10 +536,11 @@ async def _classification(db: Snapshot, preds: Predictions, out: PredictionsSect
                           for c, i in index.items()}
     out["positive_class"] = pc
     rows = await _sample(db, t, "pt, st", "pt IS NOT NULL AND st IS NOT NULL", total)
-    out.update(classification_tests(
+    ctests = classification_tests(
         classes, matrix, np.array([r[1] for r in rows], dtype=object),
         np.array([r[2] for r in rows], dtype=object), np.array([r[0] for r in rows]),
-        th=db.thresholds, seed=db.scope.seed))
+        th=db.thresholds, seed=db.scope.seed)
+    out["distribution_test"], out["paired"] = ctests["distribution_test"], ctests["paired"]
     out["sample"] = Sample(n=len(rows), of=total, sampled=len(rows) < total,
                            seed=db.scope.seed, used_for=["paired"])
     out["worst"] = [{"request_id": r[0], "index": r[1], "primary": r[2], "shadow": r[3]}

@@ -42,10 +42,10 @@ def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
             return out
         if enc == b"br":
             b = brotli.Decompressor()
-            out = b.process(data, output_buffer_limit=cap + 1)
-            if len(out) > cap or not b.is_finished():
+            unbrotlied: bytes = b.process(data, output_buffer_limit=cap + 1)
+            if len(unbrotlied) > cap or not b.is_finished():
                 raise BodyTooLarge
-            return out
+            return unbrotlied
         if enc in (b"", b"identity"):
             return data
     except (zlib.error, brotli.error):

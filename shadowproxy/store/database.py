@@ -1,4 +1,4 @@
-"""Connecting to PostgreSQL: the one place that turns asyncpg and socket errors into ours.
+"""Connecting to PostgreSQL: connections, URLs fit for logs, and what a connection error means.
 
 ``classify`` tells a permanent connection problem (a database that does not exist, a wrong
 password, a server that wants TLS: only the operator can fix those) from a transient one (a
