@@ -270,6 +270,7 @@ class Recorder:
         responses: list[Row] = []
         for start in range(0, len(batch), _ENCODE_SLICE):
             part = batch[start:start + _ENCODE_SLICE]
+            await self.encoder.streams.prepare(part)  # yields between streams
             if self.log_exchanges:
                 log_exchanges(part, self.encoder.query)
             req, resp = self.encoder.encode(part)
