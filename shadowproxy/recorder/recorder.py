@@ -438,10 +438,17 @@ class Recorder:
             await asyncio.sleep(self._interval)
 
 
+_ARRIVAL_BYTES = 100
+"""Memory of one noted arrival of a streamed answer's piece (a tuple of an int and a float)."""
+
+
 def _captured_bytes(exchange: Exchange) -> int:
-    """The body bytes an exchange holds (what ``queue_max_bytes`` counts)."""
+    """The body bytes an exchange holds, and its streams' noted arrivals (what
+    ``queue_max_bytes`` counts)."""
     size = len(exchange.body)
     for response in exchange.responses:
         if response.body is not None:
             size += len(response.body)
+        if response.stream is not None:
+            size += _ARRIVAL_BYTES * len(response.stream.arrivals)
     return size

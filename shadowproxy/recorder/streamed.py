@@ -46,14 +46,15 @@ class StreamColumns:
     def __init__(self, redactor: JsonRedactor | None, decompressed_cap: int) -> None:
         self._redactor = redactor
         self._cap = decompressed_cap
-        self._ready: dict[int, Columns | None] = {}
-        """Columns assembled by ``prepare``, by ``id()`` of the response, until ``forget``."""
+        self._ready: dict[int, tuple[CapturedResponse, Columns | None]] = {}
+        """Columns assembled by ``prepare``, by ``id()`` of the response, until ``forget``
+        (the response is kept with them, so that its id cannot be reused meanwhile)."""
 
     def columns(self, r: CapturedResponse) -> Columns | None:
         """The columns of a streamed response; None when it is left to the body path."""
-        key = id(r)
-        if key in self._ready:
-            return self._ready.pop(key)
+        ready = self._ready.pop(id(r), None)
+        if ready is not None and ready[0] is r:
+            return ready[1]
         return self.assemble(r)
 
     async def prepare(self, exchanges: Iterable[Exchange]) -> None:
@@ -64,7 +65,7 @@ class StreamColumns:
                 if r.stream is None:
                     continue
                 try:
-                    self._ready[id(r)] = self.assemble(r)
+                    self._ready[id(r)] = (r, self.assemble(r))
                 except Exception:  # left to the encoder, which guards each record
                     continue
                 await asyncio.sleep(0)
