@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     Field,
     ValidationError,
     field_validator,
@@ -112,6 +113,16 @@ class Upstream(FrozenModel):
     _url = field_validator("url")(_check_http_url)
 
 
+def _check_set_json_path(path: str) -> str:
+    from shadowproxy.bodyedit import parse_path
+
+    parse_path(path)  # raises ValueError saying what a path looks like
+    return path
+
+
+SetJsonPath = Annotated[str, AfterValidator(_check_set_json_path)]
+
+
 class Shadow(FrozenModel):
     """A shadow model service: it gets a copy of each sampled request; its answer is recorded."""
 
@@ -125,8 +136,18 @@ class Shadow(FrozenModel):
     max_in_flight: int = Field(default=100, ge=1)
     set_headers: dict[str, str] = Field(default_factory=dict)
     remove_headers: list[str] = Field(default_factory=list)
+    set_json: dict[SetJsonPath, Any] = Field(default_factory=dict)
+    """Fields set in this shadow's copy of a JSON request body (``bodyedit.JsonEdits``)."""
 
     _url = field_validator("url")(_check_http_url)
+
+    @field_validator("set_json")
+    @classmethod
+    def _set_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from shadowproxy.bodyedit import JsonEdits
+
+        JsonEdits(value)  # raises ValueError naming a value that cannot be written as JSON
+        return value
 
     @field_validator("sample_key")
     @classmethod
@@ -456,6 +477,8 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
         unset = {path for path, _ in located.problems}
         for err in exc.errors(include_url=False):
             loc = tuple(err["loc"])
+            if loc[-1:] == ("[key]",):  # a mapping's key (a set_json path) was refused
+                loc = loc[:-1]
             if loc in unset:
                 continue  # an unset ${VAR}: already reported, its placeholder is no value
             if err["type"] == CROSS_CHECK:

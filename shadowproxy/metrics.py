@@ -8,6 +8,8 @@ Metric names (the public interface, see DESIGN.md):
 ``shadowproxy_requests_total{route,code}``,
 ``shadowproxy_upstream_latency_seconds{route,target}`` (histogram),
 ``shadowproxy_shadow_requests_total{route,shadow,outcome}``,
+``shadowproxy_shadow_set_json_skipped_total{route,shadow}`` (requests sent to a shadow without
+its ``set_json``, their body not a JSON object the edits fit),
 ``shadowproxy_records_total{outcome}``, ``shadowproxy_recorder_queue_records``; and
 ``shadowproxy_bodies_withheld_total{reason}`` (bodies not stored because they could not be
 redacted); ``shadowproxy_database_up`` and ``shadowproxy_database_error{class}`` (why records
@@ -62,7 +64,7 @@ class Histogram:
 class ShadowCounters:
     """Outcomes and latency of one shadow of one route."""
 
-    __slots__ = ("in_flight", "latency", "outcomes")
+    __slots__ = ("in_flight", "latency", "outcomes", "set_json_skipped")
 
     def __init__(self) -> None:
         self.outcomes: dict[str, int] = dict.fromkeys(SHADOW_OUTCOMES, 0)
@@ -71,6 +73,8 @@ class ShadowCounters:
         self.in_flight = 0
         """Calls to this shadow not finished yet, under every configuration version: what
         ``max_in_flight`` bounds, also across a reload."""
+        self.set_json_skipped = 0
+        """Requests sent unedited: the body did not fit the shadow's ``set_json``."""
 
     def finish(self, kind: str | None, latency_ms: float) -> None:
         """A call made ended: ``kind`` None when it succeeded."""
@@ -130,6 +134,8 @@ class Metrics:
                         for r, c in self.routes.items()]
             + [(r, s, c.latency.counts, c.latency.sum_ms) for (r, s), c in self.shadows.items()],
             "shadow": [(r, s, dict(c.outcomes)) for (r, s), c in self.shadows.items()],
+            "set_json_skipped": [(r, s, c.set_json_skipped)
+                                 for (r, s), c in self.shadows.items()],
             "records": dict(self.records),
             "queue": self.queue_depth(),
             "config_version": self.config_version,
@@ -144,6 +150,7 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     requests: dict[tuple[str, str], int] = {}
     latency: dict[tuple[str, str], tuple[list[int], float]] = {}
     shadow: dict[tuple[str, str, str], int] = {}
+    set_json_skipped: dict[tuple[str, str], int] = {}
     records = dict.fromkeys(RECORD_OUTCOMES, 0)
     queue = 0
     versions: set[str] = set()
@@ -161,6 +168,8 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
         for route, name, outcomes in snap["shadow"]:
             for outcome, n in outcomes.items():
                 shadow[(route, name, outcome)] = shadow.get((route, name, outcome), 0) + n
+        for route, name, n in snap.get("set_json_skipped", ()):
+            set_json_skipped[(route, name)] = set_json_skipped.get((route, name), 0) + n
         for outcome, n in snap["records"].items():
             records[outcome] += n
         queue += snap["queue"]
@@ -195,6 +204,13 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
                               labels=["route", "shadow", "outcome"])
     for (route, name, outcome), n in sorted(shadow.items()):
         fam.add_metric([route, name, outcome], n)
+    yield fam
+
+    fam = CounterMetricFamily("shadowproxy_shadow_set_json_skipped", "Requests sent to a "
+                              "shadow without its set_json edits: the body was not a JSON "
+                              "object they fit.", labels=["route", "shadow"])
+    for (route, name), n in sorted(set_json_skipped.items()):
+        fam.add_metric([route, name], n)
     yield fam
 
     fam = CounterMetricFamily("shadowproxy_records", "Exchange records by what became of "

@@ -13,6 +13,7 @@ import time
 import zlib
 
 from shadowproxy import http1
+from shadowproxy.bodyedit import JsonEdits
 from shadowproxy.config import Shadow
 from shadowproxy.failures import ErrorKind
 from shadowproxy.metrics import Metrics, ShadowCounters
@@ -23,7 +24,7 @@ from shadowproxy.upstream import UpstreamCall, UpstreamPool
 class CompiledShadow:
     """One configured shadow of one route, compiled for the data path."""
 
-    __slots__ = ("counters", "custom_skip", "extra_lines", "max_in_flight",
+    __slots__ = ("counters", "custom_skip", "edits", "extra_lines", "max_in_flight",
                  "name", "pool", "sample_header", "sample_rate", "timeout")
 
     def __init__(self, route: str, shadow: Shadow, pool: UpstreamPool, metrics: Metrics) -> None:
@@ -41,6 +42,23 @@ class CompiledShadow:
         self.extra_lines = b"".join(
             f"{k}: {v}\r\n".encode("latin-1") for k, v in shadow.set_headers.items())
         self.counters: ShadowCounters = metrics.shadow(route, shadow.name)
+        self.edits = JsonEdits(shadow.set_json) if shadow.set_json else None
+        """``set_json``: fields set in this shadow's copy of a JSON request body."""
+
+    def edit(self, body: bytes, tail_lines: bytes) -> tuple[bytes, bytes]:
+        """(body, tail lines) for this shadow with its ``set_json`` applied: a new body and
+        its Content-Length. A body the edits do not fit (not a JSON object, a path that
+        cannot be followed) goes unchanged and is counted."""
+        edits = self.edits
+        assert edits is not None
+        edited, applied = edits.apply(body)
+        # The tail ends with the primary's Content-Length (proxy._head_parts); a body that
+        # can be edited always has one, since it is neither empty nor streamed.
+        length = b"Content-Length: %d\r\n" % len(body)
+        if not applied or not tail_lines.endswith(length):
+            self.counters.set_json_skipped += 1
+            return body, tail_lines
+        return edited, tail_lines[:-len(length)] + b"Content-Length: %d\r\n" % len(edited)
 
     def sampled(self, headers: Headers) -> bool:
         rate = self.sample_rate
@@ -121,10 +139,12 @@ def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: byt
             continue
         lines = common_lines if shadow.custom_skip is None else http1.header_lines(
             request_headers, shadow.custom_skip)
+        shadow_body, tail = (body, tail_lines) if shadow.edits is None else shadow.edit(
+            body, tail_lines)
         pool = shadow.pool
         head = http1.request_head(
             method, pool.base_path + path_query,
-            b"Host: " + pool.host_header + b"\r\n" + lines + shadow.extra_lines + tail_lines)
+            b"Host: " + pool.host_header + b"\r\n" + lines + shadow.extra_lines + tail)
         shadow.counters.in_flight += 1
-        pool.start(ShadowCall(shadow, exchange, record, head, body, head_only, may_resend,
-                              capture_cap))
+        pool.start(ShadowCall(shadow, exchange, record, head, shadow_body, head_only,
+                              may_resend, capture_cap))

@@ -74,6 +74,32 @@ class RecordSink(Protocol):
     def submit(self, exchange: Exchange) -> None: ...
 
 
+class StreamArrivals:
+    """When the pieces of a streamed (``text/event-stream``) response body arrived: all the
+    data path records per piece; ``streams.assemble`` reads it in the recorder."""
+
+    __slots__ = ("arrivals", "head_at", "sent_at")
+
+    def __init__(self, sent_at: float, head_at: float) -> None:
+        self.sent_at = sent_at
+        """``time.perf_counter()`` when the request was sent."""
+        self.head_at = head_at
+        """``time.perf_counter()`` when the response head arrived."""
+        self.arrivals: list[tuple[int, float]] = []
+        """Per piece: (body bytes received before it, ``time.perf_counter()``)."""
+
+    def arrived(self, offset: int, cap: int) -> None:
+        """A piece arrived after ``offset`` bytes of body. Past the recording cap ``cap``
+        only the last piece's arrival is kept (the end of the stream): no bytes are kept
+        there to time tokens by, and a long stream must not grow the list without bound."""
+        now = time.perf_counter()
+        arrivals = self.arrivals
+        if offset > cap and arrivals and arrivals[-1][0] >= cap:
+            arrivals[-1] = (offset, now)
+        else:
+            arrivals.append((offset, now))
+
+
 class CapturedResponse:
     """The outcome of one upstream call: a response, or an error stored as data."""
 
@@ -88,6 +114,7 @@ class CapturedResponse:
         "role",
         "started_at",
         "status",
+        "stream",
         "target",
     )
 
@@ -112,7 +139,8 @@ class CapturedResponse:
         """None, or why there is no (complete) response: an ``ErrorKind`` word."""
         self.error: str | None = None
         """The human-readable detail beside ``error_kind`` ('connect: Connection refused')."""
-
+        self.stream: StreamArrivals | None = None
+        """Set when the response head said ``text/event-stream``: its pieces' arrivals."""
 
     def capture(self, chunks: list[bytes], data: bytes, cap: int) -> None:
         """Count a piece of body, and keep it in ``chunks`` up to ``cap`` bytes in all."""

@@ -25,7 +25,7 @@ import httptools
 from shadowproxy import http1
 from shadowproxy.config import Limits
 from shadowproxy.failures import ErrorKind
-from shadowproxy.models import CapturedResponse, Exchange, Headers
+from shadowproxy.models import CapturedResponse, Exchange, Headers, StreamArrivals
 from shadowproxy.tasks import spawn
 
 MAX_IDLE_PER_UPSTREAM = 512
@@ -149,8 +149,22 @@ class UpstreamCall:
 
     # --- the record ---
     def capture(self, data: bytes) -> None:
-        """Count a piece of the response body, keeping it for the record up to the cap."""
-        self.record.capture(self.chunks, data, self.capture_cap)
+        """Count a piece of the response body, keeping it for the record up to the cap; an
+        event stream's piece also gets its time of arrival."""
+        record = self.record
+        stream = record.stream
+        if stream is not None:
+            stream.arrived(record.body_size, self.capture_cap)
+        record.capture(self.chunks, data, self.capture_cap)
+
+    def note_head(self, headers: Headers) -> None:
+        """The final head of a response with a body arrived: an event stream
+        (``text/event-stream``) is timed piece by piece, for ``responses.stream``."""
+        for name, value in headers:
+            if len(name) == 12 and name.lower() == b"content-type":
+                if value.lstrip()[:17].lower() == b"text/event-stream":
+                    self.record.stream = StreamArrivals(self.sent_at, time.perf_counter())
+                return
 
     def close_record(self) -> float:
         """Latency and body onto the record, and tell the exchange this call ended.
@@ -400,6 +414,7 @@ class UpstreamConnection(asyncio.Protocol):
             if not framed:
                 self.body_until_close = True
                 self.keep_alive = False
+            call.note_head(headers)
         call.on_response_head(status, self.reason, headers)
 
     def on_body(self, body: bytes) -> None:

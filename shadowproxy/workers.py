@@ -235,10 +235,15 @@ def fold(total: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
     withheld = dict(total.get("bodies_withheld", {}))
     for reason, n in snap.get("bodies_withheld", {}).items():
         withheld[reason] = withheld.get(reason, 0) + n
+    skipped: dict[tuple[str, str], int] = {}
+    for route, name, n in (*total.get("set_json_skipped", ()),
+                           *snap.get("set_json_skipped", ())):
+        skipped[(route, name)] = skipped.get((route, name), 0) + n
     return {"requests": [(r, c, n) for (r, c), n in requests.items()],
             "latency": [(r, t, c, s) for (r, t), (c, s) in latency.items()],
             "shadow": [(r, s, o) for (r, s), o in shadow.items()],
-            "records": records, "queue": 0, "bodies_withheld": withheld}
+            "records": records, "queue": 0, "bodies_withheld": withheld,
+            "set_json_skipped": [(r, s, n) for (r, s), n in skipped.items()]}
 
 
 # --- the supervisor -----------------------------------------------------------------------

@@ -189,3 +189,35 @@ def test_a_tab_is_explained_at_its_line(tmp_path: Path) -> None:
     assert info.value.problems == [
         f"{path}:3: (YAML): a tab character (column 1): YAML indents with spaces only; "
         "replace the tab with spaces"]
+
+
+def test_set_json_paths_are_checked_at_their_own_lines(tmp_path: Path) -> None:
+    """A shadow's ``set_json`` loads as given; a path that cannot be read is reported at
+    its own line, with the forms a path takes."""
+    text = """\
+routes:
+  - name: a
+    primary: {url: "http://127.0.0.1:9001"}
+    shadows:
+      - name: s
+        url: "http://127.0.0.1:9002"
+        set_json:
+          model: large
+          stream_options: {include_usage: true}
+          messages[0].content: "You are terse."
+      - name: t
+        url: "http://127.0.0.1:9003"
+        set_json:
+          model: large
+          "messages[x]": 1
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems == [
+        f"{tmp_path / 'c.yaml'}:15: routes[0].shadows[1].set_json.messages[x]: set_json: "
+        "cannot read the path 'messages[x]' at '[x]'; use names joined by dots, [n] for a "
+        'list index and ["name"] for a name with dots or brackets']
+    settings = load_config(write(tmp_path, text.replace('"messages[x]"', "n")))
+    assert settings.routes[0].shadows[0].set_json == {
+        "model": "large", "stream_options": {"include_usage": True},
+        "messages[0].content": "You are terse."}

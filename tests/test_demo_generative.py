@@ -41,6 +41,10 @@ async def _recorded(url: str) -> dict[str, object]:
                 "SELECT DISTINCT primary_body_json ->> 'model', shadow_body_json ->> 'model' "
                 "FROM shadowproxy.pairs WHERE primary_body_json IS NOT NULL")},
             "labels": await conn.fetchval("SELECT count(*) FROM shadowproxy.labels") > 0,
+            "streams timed and assembled": {tuple(r) for r in await conn.fetch(
+                "SELECT role, (stream ->> 'ttft_ms')::float > 0 AND body_json IS NOT NULL "
+                "FROM shadowproxy.responses WHERE headers ->> 'content-type' LIKE "
+                "'text/event-stream%' GROUP BY 1, 2")},
         }
     finally:
         await conn.close()
@@ -59,9 +63,9 @@ def data_dir() -> Iterator[Path]:
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_generative_demo_runs_the_whole_story_and_cleans_up(data_dir: Path) -> None:
-    """From any directory: two chat models behind the proxy, chat traffic (some streamed),
-    the reference answers imported, the generation report printed and written as HTML,
-    everything stopped, exit 0."""
+    """From any directory: two chat models behind the proxy, chat traffic (some streamed,
+    each side's streams assembled and timed), the reference answers imported, the generation
+    report printed and written as HTML, everything stopped, exit 0."""
     started = time.monotonic()
     proc = _demo("--requests", str(N), "--data-dir", str(data_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -73,6 +77,8 @@ def test_generative_demo_runs_the_whole_story_and_cleans_up(data_dir: Path) -> N
                    "Generation: timing and usage", "cost per 1,000",
                    "Generation: most different pairs", "→ get_weather("):
         assert phrase in out, phrase
+    assert "stored without an assembled body" not in out
+    assert "streamed answers: primary 0," not in out
     html = (data_dir / "report.html").read_text()
     assert "Generation: most different pairs" in html and "<ins>" in html and "<svg" in html
 
@@ -90,7 +96,8 @@ def test_generative_demo_runs_the_whole_story_and_cleans_up(data_dir: Path) -> N
     try:
         assert asyncio.run(_recorded(url)) == {
             "requests": N, "streamed requests": True, "models": {("small", "large")},
-            "labels": True}
+            "labels": True, "streams timed and assembled": {("primary", True),
+                                                            ("shadow", True)}}
     finally:
         _stop_embedded(data_dir)
 

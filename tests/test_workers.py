@@ -243,11 +243,13 @@ def test_a_dead_workers_counters_are_kept_and_its_gauges_dropped() -> None:
     metrics.shadow("r", "s").finish(None, 2.0)
     metrics.records["written"] += 3
     metrics.bodies_withheld["too_deep"] = 2
+    metrics.shadow("r", "s").set_json_skipped = 1
     snap = metrics.snapshot()
     total = fold(fold({"requests": [], "latency": [], "shadow": [], "records": {}}, snap), snap)
     assert total["requests"] == [("r", 200, 2)]
     assert total["records"]["written"] == 6
     assert total["bodies_withheld"] == {"too_deep": 4}
+    assert total["set_json_skipped"] == [("r", "s", 2)]
     assert dict(total["shadow"][0][2])["ok"] == 2
     assert total["queue"] == 0 and "database" not in total
 

@@ -231,6 +231,14 @@ class JsonRedactor:
             return True
         return any(all(key in text for key in keys) for keys in self._keys)
 
+    def redact_document(self, doc: Any) -> bool:
+        """Redact the values at the paths in a parsed document, in place; True when a value
+        was found (and replaced)."""
+        changed = False
+        for steps in self.paths:
+            changed |= _redact(doc, steps)
+        return changed
+
     def redact(self, text: str) -> tuple[bytes, str] | None:
         """``text`` re-written with the values at the paths redacted, as (bytes, text); None
         when no path can match it (store it as it is). Raises Unredactable.

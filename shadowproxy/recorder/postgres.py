@@ -47,7 +47,7 @@ CREATE TEMP TABLE IF NOT EXISTS _sp_requests (
 CREATE TEMP TABLE IF NOT EXISTS _sp_responses (
     request uuid, target text, role text, status int, headers text, body bytea,
     body_json text, body_size bigint, body_truncated boolean, latency_ms double precision,
-    error text, started_at timestamptz, error_kind text
+    error text, started_at timestamptz, error_kind text, stream text
 ) ON COMMIT DELETE ROWS;
 """
 
@@ -68,7 +68,7 @@ ON CONFLICT (id) DO NOTHING
 _INSERT_RESPONSES = """
 INSERT INTO shadowproxy.responses ({columns})
 SELECT request, target, role, status, {headers}, body, {body_json}, body_size,
-       body_truncated, latency_ms, error, started_at, error_kind
+       body_truncated, latency_ms, error, started_at, error_kind, {stream}
 FROM _sp_responses
 ON CONFLICT (request, target) DO NOTHING
 """
@@ -152,7 +152,7 @@ class PostgresWriter:
                 body_json=check.format("body_json"))
             self._insert_responses = _INSERT_RESPONSES.format(
                 columns=", ".join(RESPONSE_COLUMNS), headers=check.format("headers"),
-                body_json=check.format("body_json"))
+                body_json=check.format("body_json"), stream=check.format("stream"))
             self._conn = conn
         return conn
 

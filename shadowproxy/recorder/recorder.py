@@ -313,6 +313,7 @@ class Recorder:
         for start in range(0, len(batch), _ENCODE_SLICE):
             part = batch[start:start + _ENCODE_SLICE]
             for encoder, run in self._by_version(part):
+                await encoder.streams.prepare(run)  # yields between streams
                 if self.log_exchanges:
                     log_exchanges(run, encoder.query)
                 req, resp = encoder.encode(run)
@@ -480,10 +481,17 @@ class Recorder:
             await asyncio.sleep(self._interval)
 
 
+_ARRIVAL_BYTES = 100
+"""Memory of one noted arrival of a streamed answer's piece (a tuple of an int and a float)."""
+
+
 def _captured_bytes(exchange: Exchange) -> int:
-    """The body bytes an exchange holds (what ``queue_max_bytes`` counts)."""
+    """The body bytes an exchange holds, and its streams' noted arrivals (what
+    ``queue_max_bytes`` counts)."""
     size = len(exchange.body)
     for response in exchange.responses:
         if response.body is not None:
             size += len(response.body)
+        if response.stream is not None:
+            size += _ARRIVAL_BYTES * len(response.stream.arrivals)
     return size

@@ -27,13 +27,14 @@ from shadowproxy.failures import kind_of_legacy_error
 from shadowproxy.models import Exchange, Headers
 from shadowproxy.recorder.bodies import JsonRedactor, Unredactable, inspect_json
 from shadowproxy.recorder.query import QueryRedactor
+from shadowproxy.recorder.streamed import StreamColumns
 
 REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path", "query",
                    "headers", "body", "body_json", "body_size", "body_truncated", "client_addr",
                    "config_version")
 RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "body_json",
                     "body_size", "body_truncated", "latency_ms", "error", "started_at",
-                    "error_kind")
+                    "error_kind", "stream")
 
 Row = tuple[Any, ...]
 REDACTED = "[redacted]"
@@ -67,6 +68,8 @@ class RowEncoder:
         """Header name as sent → (JSON key, redact?): names repeat on nearly every request."""
         self.withheld: list[Withheld] = []
         """Bodies withheld since the caller last emptied this list."""
+        self.streams = StreamColumns(self._redactor, self._cap)
+        """Event streams assembled into ``body_json`` and ``stream`` (``prepare`` ahead)."""
 
     def headers(self, headers: Headers | None) -> str | None:
         """Headers as a JSON object text: names lower-cased, repeats joined with ", "."""
@@ -120,6 +123,7 @@ class RowEncoder:
             if request is not None:
                 requests.append(request)
             responses += answers
+        self.streams.forget()
         return requests, responses
 
     def _exchange(self, ex: Exchange) -> tuple[Row | None, list[Row]]:
@@ -139,14 +143,21 @@ class RowEncoder:
                        ex.config_version)
         answers: list[Row] = []
         for r in ex.responses:
-            rbody, rtext, rreason = self.body(r.body, r.headers)
+            streamed = None if r.stream is None else self.streams.columns(r)
+            stream: str | None = None
+            held = False
+            if streamed is None:
+                rbody, rtext, rreason = self.body(r.body, r.headers)
+            else:
+                rbody, rtext, stream, held = streamed
+                rreason = None
             if rreason is not None:
                 self.withheld.append(Withheld(ex.request_id, r.target, rreason))
             answers.append((
                 ex.id, r.target, r.role, r.status, self.headers(r.headers), rbody, rtext,
                 r.body_size if r.status is not None else None,
-                r.body_truncated or rreason is not None, r.latency_ms, r.error, r.started_at,
-                r.error_kind))
+                r.body_truncated or rreason is not None or held, r.latency_ms, r.error,
+                r.started_at, r.error_kind, stream))
         return request, answers
 
     def _without_bodies(self, ex: Exchange) -> tuple[Row | None, list[Row]]:
@@ -159,7 +170,7 @@ class RowEncoder:
             ex.config_version)
         answers = [(ex.id, r.target, r.role, r.status, None, None, None,
                     r.body_size if r.status is not None else None, True, r.latency_ms,
-                    r.error, r.started_at, r.error_kind) for r in ex.responses]
+                    r.error, r.started_at, r.error_kind, None) for r in ex.responses]
         return request, answers
 
 
@@ -182,7 +193,9 @@ def upgrade_rows(requests: list[Row], responses: list[Row]) -> tuple[list[Row], 
     """Rows of a spool file written by an earlier version, in today's column layout."""
     if requests and len(requests[0]) == len(REQUEST_COLUMNS) - 1:
         requests = [(*row, None) for row in requests]  # before config versions
-    if responses and len(responses[0]) == len(RESPONSE_COLUMNS) - 1:
+    if responses and len(responses[0]) == len(RESPONSE_COLUMNS) - 2:
         # Before error kinds: the kind is read from the error text, as the migration does.
         responses = [(*row, kind_of_legacy_error(row[10])) for row in responses]
+    if responses and len(responses[0]) == len(RESPONSE_COLUMNS) - 1:
+        responses = [(*row, None) for row in responses]  # before stream timing
     return requests, responses

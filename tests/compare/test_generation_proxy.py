@@ -2,9 +2,9 @@
 
 Two example chat services (``examples/chat_service.py``) run on 127.0.0.1, "small" as the
 primary and "large" as the shadow; the example chat traffic (``examples/chat_traffic.py``,
-unstreamed) goes through a real proxy, which records every pair in PostgreSQL; the reference
-answers are imported as labels. The report's figures are then recomputed from the models
-themselves: what each one answers to each recorded request.
+unstreamed, or all streamed) goes through a real proxy, which records every pair in
+PostgreSQL; the reference answers are imported as labels. The report's figures are then
+recomputed from the models themselves: what each one answers to each recorded request.
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ from tests.proxy.test_data_path import wait_for_rows
 N = 120
 
 
+FAST = Speed(0.002, 0.0002)
+
+
 @asynccontextmanager
-async def chat_service(model: str) -> AsyncIterator[str]:
+async def chat_service(model: str, speed: Speed = FAST) -> AsyncIterator[str]:
     """One model of the example service on a free port (a few ms to the first token)."""
-    runner = web.AppRunner(build_app((model,), Speed(0.002, 0.0002)), access_log=None,
+    runner = web.AppRunner(build_app((model,), speed), access_log=None,
                            handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -132,3 +135,62 @@ async def test_generation_report_through_the_proxy(
     reasons = " ".join(x["message"] for x in r["verdict"]["reasons"])
     assert r["verdict"]["status"] == "warn"
     assert "finish_reason agrees on" in reasons and "the same tool calls" in reasons
+
+
+@pytest.mark.slow
+async def test_generation_report_on_streamed_answers_through_the_proxy(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """small vs large through the proxy, every request streamed: both sides' answers are
+    assembled, the text figures are those of the two models' answers, and the timing
+    figures (time to first token, gaps, tokens per second) are the distributions of the
+    stored ``responses.stream``, each at least the delays the services were given."""
+    n = 40
+    speed = Speed(0.02, 0.002)  # small: 20 ms to the first token, 2 ms a token; large 40, 3
+    async with chat_service("small", speed) as primary, chat_service("large", speed) as shadow, \
+            start_proxy([{"name": "chat", "match": {"path_prefix": "/v1/", "methods": ["POST"]},
+                          "primary": {"url": primary},
+                          "shadows": [{"name": "large", "url": shadow}]}]) as proxy:
+        result = await send(f"http://127.0.0.1:{proxy.port}/v1/chat/completions", n,
+                            mix=Mix(stream=1.0, weather=0.2, long=0.1, json=0.1),
+                            concurrency=8, seed=11)
+        assert result.ok == n
+        await wait_for_rows(database_url, "responses", 2 * n)
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        recorded = await conn.fetch("""
+            SELECT q.body_json::text AS request, p.stream::text AS ps, s.stream::text AS ss
+            FROM shadowproxy.requests q
+            JOIN shadowproxy.responses p ON p.request = q.id AND p.role = 'primary'
+            JOIN shadowproxy.responses s ON s.request = q.id AND s.role = 'shadow'""")
+        now = datetime.now(UTC)
+        r = await build_report(conn, route="chat", shadow="large",
+                               window=Window(now - timedelta(hours=1), now),
+                               compare=CompareConfig())
+    finally:
+        await conn.close()
+    assert len(recorded) == n
+    g = r["generation"]
+    assert (g["n_pairs"], g["n_compared"]) == (n, n)
+    assert g["streamed_unassembled"] == {"primary": 0, "shadow": 0}
+    answers = [(model_answer("small", body), model_answer("large", body))
+               for body in (json.loads(row["request"]) for row in recorded)]
+    texts = [(a.text or "", b.text or "") for a, b in answers
+             if a.text is not None or b.text is not None]
+    assert g["text"]["exact_match"]["count"] == sum(a == b for a, b in texts)
+    assert g["finish_reason"]["agreement"]["count"] == sum(
+        a.finish_reason == b.finish_reason for a, b in answers)
+    for k, side in enumerate(("primary", "shadow")):
+        assert g["usage"][side]["completion_tokens"] == sum(
+            pair[k].completion_tokens for pair in answers)
+    for side, column, (ttft_ms, token_ms) in (("primary", "ps", (20.0, 2.0)),
+                                               ("shadow", "ss", (40.0, 3.0))):
+        streams = [json.loads(row[column]) for row in recorded]
+        timing = g["timing"][side]
+        assert timing["streamed"] == n
+        for key in ("ttft_ms", "gap_p50_ms", "gap_p99_ms", "tokens_per_s"):
+            check_distribution(timing[key], [s[key] for s in streams if s[key] is not None])
+        assert timing["ttft_ms"]["n"] == n and timing["ttft_ms"]["min"] >= ttft_ms
+        # (Loose: on a busy machine a late read can bring two chunks at once.)
+        assert timing["gap_p50_ms"]["min"] >= 0.5 * token_ms
+        assert 0 < timing["tokens_per_s"]["max"] <= 1000.0 / (0.5 * token_ms)

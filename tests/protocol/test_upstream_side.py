@@ -172,3 +172,32 @@ async def test_switching_protocols_is_a_protocol_failure() -> None:
     record = exchange.responses[0]
     assert record.error_kind == ErrorKind.PROTOCOL and "101" in record.error
     assert upstream.aborted and h.idle() == 0
+
+
+async def test_an_event_stream_records_each_pieces_arrival_and_nothing_else_does() -> None:
+    """A ``text/event-stream`` answer gets one (bytes before it, time) pair per piece of
+    body and its head's time; past the recording cap only the last piece's pair is kept. A
+    JSON answer gets none."""
+    h = Harness()
+    up, _ = h.upstream()
+    call, exchange, _ = shadow_call(h, b"POST")  # records up to 1000 bytes
+    h.pool.start(call)
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream; charset=utf-8\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+    record = exchange.responses[0]
+    assert record.stream is not None and record.stream.arrivals == []
+    assert record.stream.sent_at == call.sent_at <= record.stream.head_at
+    piece = b"data: " + b"x" * 392 + b"\n\n"  # 400 bytes
+    for _ in range(5):
+        up.data_received(b"%x\r\n%s\r\n" % (len(piece), piece))
+    up.data_received(b"0\r\n\r\n")
+    arrivals = record.stream.arrivals
+    assert [offset for offset, _ in arrivals] == [0, 400, 800, 1600]
+    times = [t for _, t in arrivals]
+    assert record.stream.head_at <= times[0] <= times[1] <= times[2] <= times[3]
+    assert (record.body_size, len(record.body or b""), record.body_truncated) == (2000, 1000,
+                                                                                  True)
+    call, exchange, _ = shadow_call(h, b"POST")
+    h.pool.start(call)
+    up.data_received(response(200, b'{"a": 1}', b"Content-Type: application/json"))
+    assert exchange.responses[0].stream is None and exchange.responses[0].body == b'{"a": 1}'

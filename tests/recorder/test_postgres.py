@@ -102,7 +102,7 @@ async def test_rows_of_an_old_spool_file_are_stored_with_their_error_kind(
         ex.responses[0].status = None
         ex.responses[0].error_kind, ex.responses[0].error = kind, text
     requests, responses = RowEncoder(RecordingConfig()).encode(batch)
-    old_layout = [row[:-1] for row in responses]  # what an earlier version spooled
+    old_layout = [row[:-2] for row in responses]  # what an earlier version spooled
     writer = PostgresWriter(database_url)
     try:
         await writer.write(*upgrade_rows(requests, old_layout), replay=True)

@@ -139,3 +139,24 @@ async def test_while_the_database_is_down_each_spooled_batch_is_fsynced(
         await recorder.close()
     assert metrics.records["spooled"] == 60
     assert len(fsyncs) >= 6
+
+
+async def test_a_streamed_answers_noted_arrivals_count_toward_queue_max_bytes(
+        database_url: str, tmp_path: Path) -> None:
+    """A stream of many tiny pieces holds more in its noted arrivals than in its body:
+    they count toward the byte bound too, so such records cannot pile up past it."""
+    from shadowproxy.models import StreamArrivals
+
+    def tiny_pieces(i: int) -> Exchange:
+        ex = exchange(i)
+        answer = ex.responses[0]
+        answer.stream = StreamArrivals(0.0, 0.0)
+        answer.stream.arrivals = [(n, 0.0) for n in range(1000)]  # 1 byte a piece
+        answer.body = b"x" * 1000
+        return ex
+
+    recorder = Recorder(RecordingConfig(queue_max_bytes=50_000), database_url, tmp_path,
+                        Metrics())  # writer not started
+    for i in range(5):
+        recorder.submit(tiny_pieces(i))
+    assert len(recorder.queue) < 5  # bodies alone (about 1 kB each) would all fit
