@@ -3,7 +3,7 @@
 ``SHADOWPROXY_COMPILE=1 pip install .`` compiles the modules every proxied request runs
 through with mypyc (the compiler mypy ships): the same, type-checked Python source becomes
 C extension modules, with the same behaviour and about a quarter less CPU per request (see
-the README's performance section). The Docker image and ``bench/`` use it. A plain
+docs/performance.md). The Docker image and ``bench/`` use it. A plain
 ``pip install`` (and every editable install, where a stale compiled module would hide edits
 to its source) stays pure Python. The list of modules is ``COMPILED_MODULES`` in
 ``shadowproxy/build.py``.

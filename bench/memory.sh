@@ -5,6 +5,9 @@
 # to show whether it stays flat.
 #
 #   bash bench/memory.sh [SECONDS]          # BENCH_BUILD=pure: the pure-Python build
+#
+# It runs through the side-by-side harness that bench/run.sh uses ($SHADOWPROXY_HARNESS; see
+# the comment there).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"

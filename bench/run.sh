@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The project's benchmark: shadowproxy against nginx's and Envoy's mirrors, in one run, through
-# the shared harness (../shared/bench), with recording to a real PostgreSQL pinned beside the
-# upstreams. Prints the harness's table, then ours with ratios and the record check.
+# a side-by-side harness of those mirrors, with recording to a real PostgreSQL pinned beside
+# the upstreams. Prints the harness's table, then ours with ratios and the record check.
 #
 #   bash bench/run.sh                 # full: 4 scenarios x 3 reps x 10 s (about 15 minutes)
 #   bash bench/run.sh --quick         # 1 rep x 5 s, for a first look
 #   BENCH_SCENARIOS=fast bash bench/run.sh --quick
 #   BENCH_BUILD=pure bash bench/run.sh --quick   # the pure-Python build instead of mypyc's
 #
-# Needs the harness set up once (as root): bash ../shared/bench/setup.sh
+# The harness is not part of this repository. It is a folder holding run_bench.sh, which runs
+# wrk against each target (direct, nginx's mirror, Envoy's mirror, and every
+# --proxy NAME='COMMAND') with the upstreams of each scenario, pinned to CPUs, and writes
+# results.json; and setup.sh, which installs nginx with its echo module, wrk and Envoy (once,
+# as root). This script looks for it at $SHADOWPROXY_HARNESS, by default the folder
+# shared/bench beside the repository.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"

@@ -13,7 +13,7 @@ the ids it receives: an id seen twice is a duplicate.
     python bench/stale_keepalive.py                         # 10,000 POSTs, idle 1.5 s and off
     python bench/stale_keepalive.py --requests 500 --idle 1.5   # a quick look
 
-``--idle off`` keeps idle connections for an hour (as before the setting existed);
+``--idle off`` keeps idle connections for an hour (no expiry, for comparison);
 ``--retry-non-idempotent`` sets the route's opt-in. Everything listens on 127.0.0.1; the
 records go to an embedded PostgreSQL in a scratch folder unless ``--database-url`` names one.
 """

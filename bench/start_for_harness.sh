@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start shadowproxy as a target of ../shared/bench (run_bench.py --proxy NAME='...').
+# Start shadowproxy as a --proxy NAME='...' target of the side-by-side harness (bench/run.sh).
 # Usage: start_for_harness.sh PORT PRIMARY_URL SHADOW_URL WORKDIR [WORKERS]
 # The database is SHADOWPROXY_BENCH_DATABASE_URL (bench/run.sh starts one, pinned to CPU 1).
 # SHADOWPROXY_BENCH_TREE: a compiled tree to run (bench/build.sh). Recording settings for

@@ -1,4 +1,4 @@
-"""Summarise a bench/run.sh result: ratios against the anchors, and the record check.
+"""Summarise a bench/run.sh result: ratios against nginx, Envoy and direct, and the record check.
 
     python bench/summarize.py RESULTS_DIR DATABASE_URL
 

@@ -2,16 +2,15 @@
 
 The data path frees what it allocates by reference counting: requests and connections break
 their reference cycles when they end, and under load nothing is left for the cyclic
-collector to find (gc callbacks in the benchmark counted the same ~2,000 objects in every
-run, from start-up and shutdown, none per request; fast, slow and hung shadows alike). What
-the automatic collector does is then pure cost, and it grows with what is alive: a
-generation-1 pass walks every exchange waiting in the recorder's queue, so with a few
-thousand queued it stopped the event loop for 50-85 ms, twice a second at full load, and
-all collections together took about 8% of the proxy's time (``bench/run.sh``, fast
-upstreams). So once start-up is done the start-up objects are frozen, the automatic
-collector is off, and a background task runs one full collection a minute: a cycle that
-does appear (an odd error path) is freed within a minute, at the cost of one short pause a
-minute instead of a long one twice a second.
+collector to find (gc callbacks under ``bench/run.sh`` find the objects of start-up and
+shutdown, none made per request; fast, slow and hung shadows alike). What the automatic
+collector does is then pure cost, and it grows with what is alive: a generation-1 pass walks
+every exchange waiting in the recorder's queue, so with a few thousand queued it stops the
+event loop for tens of milliseconds, about twice a second at full load
+(docs/performance.md has the figures). So once start-up is done the start-up objects are
+frozen, the automatic collector is off, and a background task runs one full collection a
+minute: a cycle that does appear (an odd error path) is freed within a minute, at the cost
+of one short pause a minute instead of a long one twice a second.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The data path only adds to plain integers (a few tens of nanoseconds each); the 
 metric families are built when ``/metrics`` is scraped. With several workers each process
 writes a snapshot (``Metrics.snapshot``) that the admin process merges.
 
-Metric names (the public interface, see DESIGN.md):
+Metric names (the public interface; docs/operations.md describes each):
 ``shadowproxy_requests_total{route,code}``,
 ``shadowproxy_upstream_latency_seconds{route,target}`` (histogram),
 ``shadowproxy_shadow_requests_total{route,shadow,outcome}``,
@@ -112,9 +112,9 @@ class Metrics:
         """The configuration this process runs ("" for none: a supervisor's own counters)."""
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
         self.bodies_withheld: dict[str, int] = {}
+        """Bodies not stored, by reason (``recorder.bodies.WITHHELD_REASONS`` and others)."""
         self.database_state: Callable[[], str] = lambda: "up"
         """'up', or the class of the problem that keeps the database from being used."""
-        """Bodies not stored, by reason (``recorder.bodies.WITHHELD_REASONS`` and others)."""
 
     def withheld(self, reason: str) -> None:
         self.bodies_withheld[reason] = self.bodies_withheld.get(reason, 0) + 1

@@ -83,8 +83,8 @@ class Thresholds(FrozenModel):
     min_kappa: float = Field(default=0.8, ge=-1, le=1)
     min_within_tolerance: float = Field(default=0.95, ge=0, le=1)
     max_distance: float = Field(default=0.1, ge=0)
-    # Loaded so that older configurations keep working; no rule reads it any more (drift
-    # of categories is judged by max_tv_distance).
+    # Accepted so that files that set it stay valid; no rule reads it (drift of categories
+    # is judged by max_tv_distance).
     max_js_distance: float = Field(default=0.12, gt=0)
     max_drift_share: float = Field(default=0.5, gt=0, le=1)
     max_tv_distance: float = Field(default=0.05, ge=0, le=1)
@@ -93,7 +93,7 @@ class Thresholds(FrozenModel):
     max_rel_mean_shift: float = Field(default=0.0, ge=0)
     max_flip_share: float = Field(default=0.0, ge=0, le=1)
     min_slice_size: int = Field(default=30, ge=2)
-    # Loaded so that older configurations keep working; no rule switches at a sample size.
+    # Accepted so that files that set it stay valid; no rule switches at a sample size.
     large_sample: int = Field(default=1000, ge=10)
     sample_max: int = Field(default=100_000, ge=1000)
     # compare.task: generation

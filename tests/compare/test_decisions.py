@@ -1,8 +1,9 @@
 """The report's decisions on windows with a known answer, end to end on a real PostgreSQL.
 
-Each case of issue 18: the records are written into the fixture database as the proxy
-writes them (records.py), the report is built on them, and its verdict and the decision
-behind it are checked, together with what the rule it replaces would have said.
+Each case is a window where the report's rule and a naive one (the two columns compared as
+distributions, or rows counted as independent) part: the records are written into the
+fixture database as the proxy writes them (records.py), the report is built on them, and
+its verdict and the decision behind it are checked, together with what the naive rule says.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The metric names and labels of DESIGN.md ("Admin endpoints and metrics"): the contract the
-# dashboard is built on. Histograms also expose _bucket (with `le`), _sum and _count.
+# The metric names and labels the dashboard is built on (the public interface:
+# docs/operations.md, "Metrics"). Histograms also expose _bucket (with `le`), _sum and _count.
 DESIGN_METRICS: dict[str, frozenset[str]] = {
     "shadowproxy_requests_total": frozenset({"route", "code"}),
     "shadowproxy_upstream_latency_seconds": frozenset({"route", "target"}),

@@ -61,7 +61,7 @@ def _queries(dashboard: dict[str, Any]) -> list[str]:
 
 
 def test_every_metric_queried_is_a_design_metric(dashboard: dict[str, Any]) -> None:
-    """No query names a metric outside DESIGN.md's list (a typo would chart nothing)."""
+    """No query names a metric outside the public list (a typo would chart nothing)."""
     for query in _queries(dashboard):
         names = METRIC.findall(query)
         assert names, f"query uses no shadowproxy metric: {query}"

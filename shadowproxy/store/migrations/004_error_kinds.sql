@@ -1,4 +1,4 @@
--- Second-round columns: failure kinds, replayed targets, stream timing, config versions.
+-- Failure kinds, replayed targets, stream timing, configuration versions.
 --
 -- responses.error_kind: one word from shadowproxy/failures.py, matched by code and SQL
 -- instead of the free-text `error` (which keeps the detail). Existing rows are mapped from
@@ -29,8 +29,8 @@ ALTER TABLE shadowproxy.responses
 -- The configuration (a short hash of its normalized content) that handled the request.
 ALTER TABLE shadowproxy.requests ADD COLUMN config_version text;
 
--- The pairs view covers replayed targets as it covers live shadows; new columns go last so
--- that queries written against the first version keep working.
+-- The pairs view covers replayed targets as it covers live shadows; the added columns go
+-- last so that queries written against the view's first columns keep working.
 CREATE OR REPLACE VIEW shadowproxy.pairs AS
 SELECT q.id,
        q.request_id,
