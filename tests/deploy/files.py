@@ -20,15 +20,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The metric names and labels the dashboard is built on (the public interface:
 # docs/operations.md, "Metrics"). Histograms also expose _bucket (with `le`), _sum and _count.
-DESIGN_METRICS: dict[str, frozenset[str]] = {
+CONTRACT_METRICS: dict[str, frozenset[str]] = {
     "shadowproxy_requests_total": frozenset({"route", "code"}),
     "shadowproxy_upstream_latency_seconds": frozenset({"route", "target"}),
     "shadowproxy_shadow_requests_total": frozenset({"route", "shadow", "outcome"}),
     "shadowproxy_records_total": frozenset({"outcome"}),
     "shadowproxy_recorder_queue_records": frozenset(),
 }
-DESIGN_HISTOGRAMS = frozenset({"shadowproxy_upstream_latency_seconds"})
-DESIGN_LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
+CONTRACT_HISTOGRAMS = frozenset({"shadowproxy_upstream_latency_seconds"})
+CONTRACT_LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("shadowproxy_shadow_requests_total", "outcome"):
         frozenset({"ok", "timeout", "connect", "reset", "closed", "protocol", "dropped",
                    "skipped", "shutdown"}),

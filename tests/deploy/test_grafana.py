@@ -9,9 +9,9 @@ import pytest
 
 from shadowproxy.metrics import Metrics, families
 from tests.deploy.files import (
-    DESIGN_HISTOGRAMS,
-    DESIGN_LABEL_VALUES,
-    DESIGN_METRICS,
+    CONTRACT_HISTOGRAMS,
+    CONTRACT_LABEL_VALUES,
+    CONTRACT_METRICS,
     ROOT,
     load_json,
 )
@@ -46,7 +46,7 @@ def _targets(dashboard: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def _base(name: str) -> str:
     """The design's name for an exposed series (histograms add _bucket, _sum, _count)."""
-    for histogram in DESIGN_HISTOGRAMS:
+    for histogram in CONTRACT_HISTOGRAMS:
         if name in (f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"):
             return histogram
     return name
@@ -66,7 +66,7 @@ def test_every_metric_queried_is_a_design_metric(dashboard: dict[str, Any]) -> N
         names = METRIC.findall(query)
         assert names, f"query uses no shadowproxy metric: {query}"
         for name in names:
-            assert _base(name) in DESIGN_METRICS, f"{name} is not a design metric: {query}"
+            assert _base(name) in CONTRACT_METRICS, f"{name} is not a public metric: {query}"
             if name.endswith("_bucket"):
                 assert "histogram_quantile" in query, query
 
@@ -74,7 +74,7 @@ def test_every_metric_queried_is_a_design_metric(dashboard: dict[str, Any]) -> N
 def test_every_design_metric_is_charted(dashboard: dict[str, Any]) -> None:
     """Request rate, latency, shadow outcomes, records and queue depth all have panels."""
     charted = {_base(n) for _, t in _targets(dashboard) for n in METRIC.findall(t["expr"])}
-    assert charted == set(DESIGN_METRICS)
+    assert charted == set(CONTRACT_METRICS)
 
 
 def test_selectors_use_the_metrics_own_labels_and_values(dashboard: dict[str, Any]) -> None:
@@ -82,7 +82,7 @@ def test_selectors_use_the_metrics_own_labels_and_values(dashboard: dict[str, An
     for query in _queries(dashboard):
         for name, matchers in SELECTOR.findall(query):
             base = _base(name)
-            allowed = DESIGN_METRICS[base] | TARGET_LABELS
+            allowed = CONTRACT_METRICS[base] | TARGET_LABELS
             if name.endswith("_bucket"):
                 allowed |= {"le"}
             for part in filter(str.strip, matchers.split(",")):
@@ -90,7 +90,7 @@ def test_selectors_use_the_metrics_own_labels_and_values(dashboard: dict[str, An
                 assert m, f"cannot read matcher {part!r} in {query}"
                 label, op, value = m.groups()
                 assert label in allowed, f"{name} has no label {label!r}: {query}"
-                values = DESIGN_LABEL_VALUES.get((base, label))
+                values = CONTRACT_LABEL_VALUES.get((base, label))
                 if op == "=" and values is not None:
                     assert value in values, f"{label}={value!r} never occurs: {query}"
 
@@ -100,7 +100,7 @@ def test_groupings_and_legends_use_labels_the_series_have(dashboard: dict[str, A
     for title, target in _targets(dashboard):
         expr = target["expr"]
         bases = {_base(n) for n in METRIC.findall(expr)}
-        available = set().union(*(DESIGN_METRICS[b] for b in bases)) | TARGET_LABELS
+        available = set().union(*(CONTRACT_METRICS[b] for b in bases)) | TARGET_LABELS
         if any(n.endswith("_bucket") for n in METRIC.findall(expr)):
             available |= {"le"}
         kept: set[str] | None = None

@@ -12,7 +12,7 @@ from shadowproxy.metrics import SHADOW_OUTCOMES, Metrics, families
 from shadowproxy.models import CapturedResponse
 from shadowproxy.recorder.postgres import PostgresWriter
 from shadowproxy.recorder.rows import RowEncoder
-from tests.deploy.files import DESIGN_LABEL_VALUES
+from tests.deploy.files import CONTRACT_LABEL_VALUES
 from tests.recorder.exchanges import exchanges
 
 
@@ -69,5 +69,5 @@ def test_the_shadow_outcome_metric_counts_ok_and_exactly_the_error_kinds() -> No
                 if family.name == "shadowproxy_shadow_requests"
                 for sample in family.samples}
     assert exported == dict.fromkeys(SHADOW_OUTCOMES, 1.0)
-    assert DESIGN_LABEL_VALUES[("shadowproxy_shadow_requests_total", "outcome")] == set(
+    assert CONTRACT_LABEL_VALUES[("shadowproxy_shadow_requests_total", "outcome")] == set(
         SHADOW_OUTCOMES)
