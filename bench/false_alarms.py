@@ -1,7 +1,7 @@
 """Benchmark: false alarms and detections of the report's decision code, against n.
 
-    python bench/statistics.py            # the full table (about 5-10 minutes on one core)
-    python bench/statistics.py --quick    # fewer windows (under a minute)
+    python bench/false_alarms.py            # the full table (about 5-10 minutes on one core)
+    python bench/false_alarms.py --quick    # fewer windows (under a minute)
 
 Windows are generated from known distributions and handed to the decision code the report
 uses (``shadowproxy.compare.drift`` for input drift, ``shadowproxy.compare.paired`` for the
@@ -185,7 +185,7 @@ def main() -> None:
     paired_plan = PAIRED_QUICK if args.quick else PAIRED_WINDOWS
     small = plan[min(plan)]
     started, cpu = time.perf_counter(), time.process_time()
-    print(f"# bench/statistics.py{' --quick' if args.quick else ''} — "
+    print(f"# bench/false_alarms.py{' --quick' if args.quick else ''} — "
           f"{datetime.now(UTC):%Y-%m-%d}, {_machine()}, Python "
           f"{platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}")
     header = "| | " + " | ".join(f"n = {n:,}" for n in args.n) + " |"
