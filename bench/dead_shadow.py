@@ -3,20 +3,21 @@ and does the client notice?
 
 The dead shadow is a listening socket on 127.0.0.1 whose accept queue is full and that
 never accepts, so the kernel drops every SYN (as a dead host or a dropping firewall would)
-and each connection attempt lasts until the proxy gives up on it. Two runs, one after the
-other, with wrk at full load (POST, 1 KB JSON body): the shadow answering at once ("fast"),
-then the dead shadow ("dead"). The proxy's open descriptors are sampled every second from
-/proc. It prints req/s, p50 and p99 of each run, their ratios, and the descriptors seen
-(they should stay flat: attempts that time out are cancelled and their sockets closed, and
-attempts in flight count against the shadow's max_in_flight).
+and each connection attempt lasts until the proxy gives up on it. Runs in pairs, one after
+the other, with wrk at full load (POST, 1 KB JSON body): the shadow answering at once
+("fast"), then the dead shadow ("dead"), ``--reps`` times. The proxy's open descriptors are
+sampled every second from /proc. It prints req/s, p50 and p99 of each run, the medians'
+ratios, and the descriptors seen (they should stay flat: attempts that time out are
+cancelled and their sockets closed, and attempts in flight count against the shadow's
+max_in_flight).
 
-    python bench/dead_shadow.py --seconds 60          # the measurement
+    python bench/dead_shadow.py --seconds 60 --reps 3 # the measurement
     python bench/dead_shadow.py --seconds 5           # a quick check that it runs
     python bench/dead_shadow.py --tree /tmp/compiled  # a tree from tools/compiled-tree.sh
 
 The proxy runs pinned to CPU 0 and wrk and the upstreams to CPU 1 (``--no-pin`` to leave
-them free); the records go to an embedded PostgreSQL in a scratch folder unless
-``--database-url`` names one. Everything listens on 127.0.0.1 and stops by itself.
+them free); the records go to an embedded PostgreSQL in a scratch folder, pinned beside the
+load, unless ``--database-url`` names one. Everything listens on 127.0.0.1 and stops by itself.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from localhost import free_port, stop, wait_for_port  # bench/localhost.py
+from localhost import free_port, pinned_database, stop, wait_for_port  # bench/localhost.py
 
 BODY = ('{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(80)) + "}}")[:1024]
 ANSWER = b'{"prediction": 1.0, "model": "fast"}'
@@ -110,7 +112,7 @@ def wrk(port: int, seconds: int, connections: int, script: Path, cpu: str | None
 def run(name: str, args: argparse.Namespace, work: Path, primary: int, shadow: int,
         script: Path) -> dict[str, float]:
     port = free_port()
-    database = (f'{{url: "{args.database_url}"}}' if args.database_url else "{url: null}")
+    database = f'{{url: "{args.database_url}"}}'
     config = work / f"{name}.yaml"
     config.write_text(f"""listen: "127.0.0.1:{port}"
 admin_listen: null
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--shadow-timeout", type=float, default=1.0)
     parser.add_argument("--max-in-flight", type=int, default=1000)
+    parser.add_argument("--reps", type=int, default=1, help="pairs of runs (medians shown)")
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--tree", default=None, help="run the proxy from this source tree")
     parser.add_argument("--no-pin", action="store_true")
@@ -192,10 +195,12 @@ def main() -> None:
             upstreams.append(proc)
             wait_for_port(port, 10, proc)
             ports.append(port)
-        results = {
-            "fast": run("fast", args, work, ports[0], ports[1], script),
-            "dead": run("dead", args, work, ports[0], dead, script),
-        }
+        if args.database_url is None:
+            args.database_url = pinned_database(work / "pg", args.load_cpu)
+        runs: list[tuple[str, dict[str, float]]] = []
+        for _ in range(args.reps):  # interleaved, so that a noisy minute hits both
+            runs.append(("fast", run("fast", args, work, ports[0], ports[1], script)))
+            runs.append(("dead", run("dead", args, work, ports[0], dead, script)))
     finally:
         for proc in upstreams:
             proc.terminate()
@@ -208,13 +213,16 @@ def main() -> None:
           f"{args.shadow_timeout}, max_in_flight {args.max_in_flight}")
     print("| shadow | req/s | p50 ms | p99 ms | non-2xx | descriptors first / min / max / last |")
     print("|---|---:|---:|---:|---:|---|")
-    for name, r in results.items():
+    for name, r in runs:
         print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
               f"{r['non2xx']:.0f} | {r['fd_first']:.0f} / {r['fd_min']:.0f} / "
               f"{r['fd_max']:.0f} / {r['fd_last']:.0f} |")
-    fast, dead_run = results["fast"], results["dead"]
-    print(f"dead / fast: p50 {dead_run['p50'] / fast['p50']:.2f}x, "
-          f"p99 {dead_run['p99'] / fast['p99']:.2f}x, req/s {dead_run['rps'] / fast['rps']:.2f}x")
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for n, r in runs if n == name)
+
+    print(f"dead / fast, medians of {args.reps}: "
+          + ", ".join(f"{label} {median('dead', key) / median('fast', key):.2f}x"
+                      for key, label in (("p50", "p50"), ("p99", "p99"), ("rps", "req/s"))))
 
 
 if __name__ == "__main__":
