@@ -36,38 +36,15 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from localhost import free_port, pinned_database, stop, wait_for_port  # bench/localhost.py
+from localhost import (  # bench/localhost.py
+    free_port,
+    pinned_database,
+    start_fast_upstream,
+    stop,
+    wait_for_port,
+)
 
 BODY = ('{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(80)) + "}}")[:1024]
-ANSWER = b'{"prediction": 1.0, "model": "fast"}'
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(ANSWER), ANSWER))
-
-
-def serve(port: int) -> None:
-    """A fast upstream: a fixed small JSON answer to every request (uvloop, httptools)."""
-    import httptools
-    import uvloop
-
-    class Answer(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-            self.parser = httptools.HttpRequestParser(self)
-
-        def data_received(self, data: bytes) -> None:
-            self.parser.feed_data(data)
-
-        def on_message_complete(self) -> None:
-            self.transport.write(RESPONSE)  # type: ignore[attr-defined]
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", port,
-                                                                 backlog=4096)
-        await server.serve_forever()
-
-    uvloop.run(main())
-
-
 def dead_listener() -> tuple[socket.socket, list[socket.socket], int]:
     """A port whose accept queue is full and that never accepts."""
     server = socket.socket()
@@ -169,11 +146,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--tree", default=None, help="run the proxy from this source tree")
     parser.add_argument("--no-pin", action="store_true")
-    parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve is not None:
-        serve(args.serve)
-        return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
     pin = not args.no_pin and shutil.which("taskset") is not None and os.cpu_count() != 1
@@ -189,11 +162,8 @@ def main() -> None:
     try:
         ports = []
         for _ in range(2):
-            port = free_port()
-            proc = subprocess.Popen(pinned(args.load_cpu, [sys.executable, __file__,
-                                                           "--serve", str(port)]))
+            proc, port = start_fast_upstream(args.load_cpu)
             upstreams.append(proc)
-            wait_for_port(port, 10, proc)
             ports.append(port)
         if args.database_url is None:
             args.database_url = pinned_database(work / "pg", args.load_cpu)

@@ -1,15 +1,55 @@
 """What the benchmark scripts that start their own processes share: a free port on
-127.0.0.1, waiting for a started process to listen on one, stopping it, and an embedded
-PostgreSQL pinned away from the proxy's CPU."""
+127.0.0.1, waiting for a started process to listen on one, stopping it, an embedded
+PostgreSQL pinned away from the proxy's CPU, and a fast upstream (``python
+bench/localhost.py PORT`` serves one)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+ANSWER = b'{"prediction": 1.0, "model": "fast"}'
+RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(ANSWER), ANSWER))
+
+
+def serve(port: int) -> None:
+    """A fast upstream: a fixed small JSON answer to every request (uvloop, httptools)."""
+    import httptools
+    import uvloop
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            self.transport.write(RESPONSE)  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", port,
+                                                                 backlog=4096)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def start_fast_upstream(cpu: str | None) -> tuple[subprocess.Popen[bytes], int]:
+    """A fast upstream in a process of its own, pinned to ``cpu``; returns it and its port."""
+    port = free_port()
+    argv = [sys.executable, __file__, str(port)]
+    proc = subprocess.Popen(["taskset", "-c", cpu, *argv] if cpu is not None else argv)
+    wait_for_port(port, 10, proc)
+    return proc, port
 
 
 def free_port() -> int:
@@ -55,3 +95,7 @@ def pinned_database(data_dir: Path, cpu: str | None) -> str:
         for pid in (postmaster, *map(int, children)):
             os.sched_setaffinity(pid, {int(c) for c in cpu.split(",")})
     return url
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

@@ -1,0 +1,287 @@
+"""Where the proxy's time goes, per request: CPU, system calls, event-loop iterations and
+wake-ups under wrk at several connection counts; with ``--callgrind N``, instructions,
+allocations and the share of each library, counted (not timed) over N requests.
+
+    python bench/breakdown.py --tree /tmp/compiled                 # 16 and 64 connections
+    python bench/breakdown.py --tree /tmp/compiled --callgrind 2000 --conns 16
+    python bench/breakdown.py --variants mirrored,primary          # the shadow's share
+
+The proxy runs pinned to CPU 0; wrk, two fast upstreams (``bench/localhost.py``) and an
+embedded PostgreSQL pinned to CPU 1. System calls are counted by ``perf stat`` on the
+kernel's syscall tracepoints for the proxy's process (no sampling, little overhead);
+event-loop iterations are the ``epoll_pwait`` calls (libuv polls once per iteration);
+wake-ups are the proxy's voluntary context switches (``/proc/PID/status``). Counts are
+divided by the requests wrk completed in the same window. Variants: ``mirrored`` (one
+shadow, every pair recorded) and ``primary`` (no shadow: the primary's answer recorded).
+
+Counts, unlike seconds, do not move with the machine's load: they are the part of the
+breakdown that holds from one machine to the next. Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from localhost import (  # bench/localhost.py
+    free_port,
+    pinned_database,
+    start_fast_upstream,
+    stop,
+    wait_for_port,
+)
+
+BODY = ('{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(80)) + "}}")[:1024]
+SYSCALLS = ("read", "write", "writev", "recvfrom", "sendto", "sendmsg", "recvmsg",
+            "epoll_pwait", "epoll_wait", "epoll_ctl", "accept4", "connect", "socket",
+            "close", "setsockopt", "getsockopt", "getsockname", "getpeername", "getpid",
+            "futex", "ioctl", "fcntl", "openat", "mmap", "munmap", "brk", "madvise")
+ALLOCATORS = ("PyObject_Malloc", "PyObject_Calloc", "PyObject_Realloc", "malloc")
+
+
+def available_tracepoints() -> list[str]:
+    out = subprocess.run(["perf", "list", "tracepoint"], capture_output=True, text=True).stdout
+    have = set(re.findall(r"syscalls:sys_enter_(\w+)", out))
+    return [name for name in SYSCALLS if name in have]
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of every thread of ``pid``, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def voluntary_switches(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with open(task / "status") as status:
+            for line in status:
+                if line.startswith("voluntary_ctxt_switches"):
+                    total += int(line.split()[1])
+    return total
+
+
+def wrk(port: int, seconds: float, connections: int, script: Path, cpu: str | None) -> int:
+    """Run wrk and return the requests it completed."""
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
+            f"http://127.0.0.1:{port}/predict"]
+    out = subprocess.run((["taskset", "-c", cpu] if cpu else []) + argv,
+                         capture_output=True, text=True, check=True).stdout
+    match = re.search(r"(\d+) requests in", out)
+    if match is None:
+        raise SystemExit(f"could not read wrk's output:\n{out}")
+    return int(match.group(1))
+
+
+def write_config(work: Path, name: str, port: int, primary: int, shadow: int | None,
+                 database_url: str) -> Path:
+    shadows = ("[]" if shadow is None else
+               f'[{{name: shadow, url: "http://127.0.0.1:{shadow}", timeout_s: 1, '
+               f'max_in_flight: 1000}}]')
+    config = work / f"{name}.yaml"
+    config.write_text(f"""listen: "127.0.0.1:{port}"
+admin_listen: null
+data_dir: "{work / 'data'}"
+database: {{url: "{database_url}"}}
+routes:
+  - name: bench
+    primary: {{url: "http://127.0.0.1:{primary}", timeout_s: 30}}
+    shadows: {shadows}
+""")
+    return config
+
+
+def start_proxy(args: argparse.Namespace, config: Path, port: int, log: Path,
+                prefix: list[str], startup_s: float) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if args.tree:
+        env["PYTHONPATH"] = args.tree
+    argv = [*prefix, sys.executable, "-m", "shadowproxy", "run", "-c", str(config)]
+    if args.proxy_cpu is not None:
+        argv = ["taskset", "-c", args.proxy_cpu, *argv]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=config.parent, env=env, stdout=out, stderr=out)
+    wait_for_port(port, startup_s, proc)
+    return proc
+
+
+def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
+            connections: int, script: Path, tracepoints: list[str], work: Path
+            ) -> dict[str, float]:
+    wrk(port, 2, connections, script, args.load_cpu)  # warm-up: pools, caches, the JIT-less
+    perf_out = work / "perf.csv"
+    events = ",".join(["raw_syscalls:sys_enter"]
+                      + [f"syscalls:sys_enter_{name}" for name in tracepoints])
+    perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(perf_out), "-e", events,
+                             "-p", str(proxy.pid)])
+    time.sleep(0.3)  # perf attaches
+    ticks, switches = cpu_ticks(proxy.pid), voluntary_switches(proxy.pid)
+    requests = wrk(port, args.seconds, connections, script, args.load_cpu)
+    ticks = cpu_ticks(proxy.pid) - ticks
+    switches = voluntary_switches(proxy.pid) - switches
+    perf.send_signal(signal.SIGINT)
+    perf.wait(30)
+    counts: dict[str, float] = {}
+    for line in perf_out.read_text().splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[0].strip().isdigit():
+            name = parts[2].split(":")[1].removeprefix("sys_enter_").removeprefix("sys_enter")
+            counts[name or "all"] = int(parts[0])
+    per = {name: value / requests for name, value in counts.items()}
+    per["requests"] = requests
+    per["req/s"] = requests / args.seconds
+    per["cpu_us"] = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / requests
+    per["wakeups"] = switches / requests
+    return per
+
+
+def callgrind(args: argparse.Namespace, config: Path, port: int, work: Path,
+              connections: int) -> None:
+    """Instructions and allocations per request, and their split by library, counted by
+    callgrind over ``args.callgrind`` requests (hey -n), collection switched on after a
+    warm-up."""
+    out_file = work / "callgrind.out"
+    prefix = ["valgrind", "--tool=callgrind", "--collect-atstart=no",
+              f"--callgrind-out-file={out_file}"]
+    proxy = start_proxy(args, config, port, work / "callgrind.log", prefix, 600)
+    try:
+        hey = ["hey", "-m", "POST", "-T", "application/json", "-d", BODY,
+               "-c", str(connections)]
+        url = f"http://127.0.0.1:{port}/predict"
+        subprocess.run([*hey, "-n", "400", url], capture_output=True, check=True)
+        subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)],
+                       capture_output=True, check=True)
+        subprocess.run([*hey, "-n", str(args.callgrind), url], capture_output=True,
+                       check=True)
+        subprocess.run(["callgrind_control", "-i", "off", str(proxy.pid)],
+                       capture_output=True, check=True)
+    finally:
+        stop(proxy, 300)
+    total, by_object, by_function, calls = read_callgrind(out_file)
+    n = args.callgrind
+    print(f"\ncallgrind, {n:,} requests at {connections} connections: "
+          f"{total / n:,.0f} instructions per request")
+    print("allocator calls per request: " + ", ".join(
+        f"{name} {calls[name] / n:,.0f}" for name in ALLOCATORS))
+    print("\n| library | instructions per request | share |\n|---|---:|---:|")
+    for name, cost in by_object.most_common(12):
+        print(f"| {name} | {cost / n:,.0f} | {cost / total:.1%} |")
+    print("\n| function (exclusive) | instructions per request | share |\n|---|---:|---:|")
+    for name, cost in by_function.most_common(25):
+        print(f"| `{name[:90]}` | {cost / n:,.0f} | {cost / total:.1%} |")
+
+
+def read_callgrind(path: Path) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
+    """Exclusive cost by object file and by function, and calls to each callee, from a
+    callgrind output file (names are compressed as ``(id) name`` on first use)."""
+    names: dict[str, dict[str, str]] = {"ob": {}, "fn": {}}
+    by_object: Counter[str] = Counter()
+    by_function: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    obj = fn = callee = ""
+    pending_call = False
+    spec = re.compile(r"^(c?)(ob|fn)=\((\d+)\)(?: (.*))?$")
+    for line in path.read_text(errors="replace").splitlines():
+        match = spec.match(line)
+        if match:
+            called, kind, ident, name = match.groups()
+            table = names[kind]
+            if name is not None:
+                table[ident] = name
+            resolved = table.get(ident, ident)
+            if kind == "fn" and called:
+                callee = resolved
+            elif kind == "fn":
+                fn = resolved
+            elif not called:
+                obj = Path(resolved).name
+            continue
+        if line.startswith("calls="):
+            calls[callee] += int(line[6:].split()[0])
+            pending_call = True  # the next cost line is the call's inclusive cost
+            continue
+        if line and (line[0].isdigit() or line[0] in "+-*"):
+            parts = line.split()
+            if len(parts) >= 2 and not pending_call:
+                cost = int(parts[1])
+                by_object[obj] += cost
+                by_function[fn] += cost
+            pending_call = False
+    return sum(by_object.values()), by_object, by_function, calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", default=None, help="run the proxy from this source tree")
+    parser.add_argument("--conns", default="16,64")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--variants", default="mirrored,primary")
+    parser.add_argument("--callgrind", type=int, default=0,
+                        help="also count instructions over this many requests")
+    parser.add_argument("--no-pin", action="store_true")
+    args = parser.parse_args()
+    for tool in ("wrk", "perf") + (("valgrind", "hey") if args.callgrind else ()):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (Debian: apt-get install "
+                             f"{'linux-perf' if tool == 'perf' else tool})")
+    pin = not args.no_pin and shutil.which("taskset") is not None and os.cpu_count() != 1
+    args.proxy_cpu, args.load_cpu = ("0", "1") if pin else (None, None)
+    tracepoints = available_tracepoints()
+    work = Path(tempfile.mkdtemp(prefix="shadowproxy-breakdown-"))
+    work.chmod(0o755)  # the embedded PostgreSQL may run as its own user
+    script = work / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {BODY!r}\n'
+                      'wrk.headers["Content-Type"] = "application/json"\n')
+    upstreams = []
+    rows: list[tuple[str, int, dict[str, float]]] = []
+    try:
+        for _ in range(2):
+            upstreams.append(start_fast_upstream(args.load_cpu))
+        (_, primary), (_, shadow) = upstreams
+        database_url = pinned_database(work / "pg", args.load_cpu)
+        conns = [int(c) for c in args.conns.split(",")]
+        for variant in args.variants.split(","):
+            port = free_port()
+            config = write_config(work, variant, port, primary,
+                                  shadow if variant == "mirrored" else None, database_url)
+            proxy = start_proxy(args, config, port, work / f"{variant}.log", [], 60)
+            try:
+                for connections in conns:
+                    rows.append((variant, connections, measure(
+                        args, proxy, port, connections, script, tracepoints, work)))
+            finally:
+                stop(proxy)
+        if args.callgrind:
+            port = free_port()
+            config = write_config(work, "callgrind", port, primary, shadow, database_url)
+            callgrind(args, config, port, work, conns[0])
+    finally:
+        for proc, _ in upstreams:
+            stop(proc, 10)
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, tracepoints)
+
+
+def print_table(rows: list[tuple[str, int, dict[str, float]]], tracepoints: list[str]) -> None:
+    seen = [name for name in tracepoints if any(r.get(name, 0) >= 0.005 for _, _, r in rows)]
+    print(f"\n{'':s}Per request (wrk, POST 1 KB; the proxy's process only):\n")
+    print("| variant | conns | req/s | CPU µs | wake-ups | syscalls | "
+          + " | ".join(seen) + " |")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(seen))
+    for variant, connections, r in rows:
+        print(f"| {variant} | {connections} | {r['req/s']:,.0f} | {r['cpu_us']:.1f} | "
+              f"{r['wakeups']:.2f} | {r.get('all', 0):.2f} | "
+              + " | ".join(f"{r.get(name, 0):.2f}" for name in seen) + " |")
+
+
+if __name__ == "__main__":
+    main()
