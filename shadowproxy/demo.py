@@ -219,8 +219,8 @@ async def db_now(url: str) -> datetime:
         return now
 
 
-async def wait_records(url: str, route: str, since: datetime, expected: int, proxy: Child,
-                       timeout_s: float) -> int:
+async def _wait_records(url: str, route: str, since: datetime, expected: int, proxy: Child,
+                        timeout_s: float) -> int:
     """Poll the requests table until ``expected`` records of ``route`` since ``since`` are
     there (or the time is up); DemoError if the proxy exits meanwhile."""
     from shadowproxy.store.database import connection
@@ -313,6 +313,19 @@ class Story:
         db_url = start_embedded(self.data_dir, cleanup="stop")
         asyncio.run(migrate(db_url))
         return db_url
+
+    def wait_recorded(self, db_url: str, route: str, since: datetime, expected: int,
+                      proxy: Child, what: str) -> datetime:
+        """Wait until the ``expected`` exchanges (``what`` they are) since ``since`` are
+        recorded, or fail; the database's time then, which ends the report's window."""
+        recorded = asyncio.run(_wait_records(db_url, route, since, expected, proxy,
+                                             RECORD_TIMEOUT_S))
+        if recorded < expected:
+            raise proxy.failed(f"recorded {recorded} of {expected} {what} "
+                               f"within {RECORD_TIMEOUT_S:.0f}s")
+        window_end = asyncio.run(db_now(db_url))
+        self.console.print(f"    {recorded} exchanges recorded")
+        return window_end
 
     def write_config(self, config: dict[str, Any], command: str) -> Path:
         """DATA_DIR/shadowproxy.yaml, written by ``command``."""
@@ -427,13 +440,8 @@ def _demo(story: Story) -> int:
         raise proxy.failed("answered none of the requests")
 
     story.say("waiting for the records to reach PostgreSQL")
-    recorded = asyncio.run(wait_records(db_url, ROUTE, window_start, answered, proxy,
-                                        RECORD_TIMEOUT_S))
-    if recorded < answered:
-        raise proxy.failed(f"recorded {recorded} of {answered} answered requests "
-                           f"within {RECORD_TIMEOUT_S:.0f}s")
-    window_end = asyncio.run(db_now(db_url))
-    console.print(f"    {recorded} exchanges recorded")
+    window_end = story.wait_recorded(db_url, ROUTE, window_start, answered, proxy,
+                                     "answered requests")
     story.import_labels(config_path, labels, "true outcomes")
 
     story.say("the comparison report")

@@ -23,7 +23,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from shadowproxy.demo import Story, db_now, free_port, run_story, wait_http, wait_records
+from shadowproxy.demo import Story, db_now, free_port, run_story, wait_http
 from shadowproxy.errors import UsageError
 
 ROUTE = "chat"
@@ -38,7 +38,6 @@ PRICES = {"primary": {"input_per_million": 0.15, "output_per_million": 0.60},
           SHADOW: {"input_per_million": 2.50, "output_per_million": 10.00}}
 """Illustrative prices per million tokens of a small and a large hosted model."""
 STEPS = 7
-RECORD_TIMEOUT_S = 60.0
 
 
 def examples_root() -> Path:
@@ -124,13 +123,7 @@ def _demo(story: Story) -> int:
     console.print(f"    {summary}")
 
     story.say("waiting for the records to reach PostgreSQL; importing the reference answers")
-    recorded = asyncio.run(wait_records(db_url, ROUTE, window_start, requests, proxy,
-                                        RECORD_TIMEOUT_S))
-    if recorded < requests:
-        raise proxy.failed(f"recorded {recorded} of {requests} requests within "
-                           f"{RECORD_TIMEOUT_S:.0f}s")
-    window_end = asyncio.run(db_now(db_url))
-    console.print(f"    {recorded} exchanges recorded")
+    window_end = story.wait_recorded(db_url, ROUTE, window_start, requests, proxy, "requests")
     story.import_labels(config_path, labels, "reference answers")
 
     story.say("the generation report")
