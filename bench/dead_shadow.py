@@ -34,7 +34,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from localhost import free_port, stop, wait_for_port  # bench/localhost.py
+from localhost import free_port, serve_fixed, stop, wait_for_port  # bench/localhost.py
 
 BODY = ('{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(80)) + "}}")[:1024]
 ANSWER = b'{"prediction": 1.0, "model": "fast"}'
@@ -44,26 +44,7 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Lengt
 
 def serve(port: int) -> None:
     """A fast upstream: a fixed small JSON answer to every request (uvloop, httptools)."""
-    import httptools
-    import uvloop
-
-    class Answer(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-            self.parser = httptools.HttpRequestParser(self)
-
-        def data_received(self, data: bytes) -> None:
-            self.parser.feed_data(data)
-
-        def on_message_complete(self) -> None:
-            self.transport.write(RESPONSE)  # type: ignore[attr-defined]
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", port,
-                                                                 backlog=4096)
-        await server.serve_forever()
-
-    uvloop.run(main())
+    serve_fixed(port, RESPONSE, backlog=4096)
 
 
 def dead_listener() -> tuple[socket.socket, list[socket.socket], int]:
