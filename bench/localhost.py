@@ -1,7 +1,7 @@
 """What the benchmark scripts that start their own processes share: a free port on
 127.0.0.1, waiting for a started process to listen on one, stopping it, an embedded
-PostgreSQL pinned away from the proxy's CPU, and a fast upstream (``python
-bench/localhost.py PORT`` serves one)."""
+PostgreSQL pinned away from the proxy's CPU, and a fast upstream that gives
+every request the same answer (``python bench/localhost.py PORT`` serves one)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Lengt
             % (len(ANSWER), ANSWER))
 
 
-def serve(port: int) -> None:
-    """A fast upstream: a fixed small JSON answer to every request (uvloop, httptools)."""
+def serve_fixed(port: int, response: bytes = RESPONSE, *, backlog: int = 4096,
+                ready: bool = False) -> None:
+    """Answer every request on 127.0.0.1:``port`` with ``response`` (a whole HTTP/1.1
+    response), on uvloop and httptools, until killed; with ``ready``, print "ready" once
+    listening."""
     import httptools
     import uvloop
 
@@ -33,11 +36,13 @@ def serve(port: int) -> None:
             self.parser.feed_data(data)
 
         def on_message_complete(self) -> None:
-            self.transport.write(RESPONSE)  # type: ignore[attr-defined]
+            self.transport.write(response)  # type: ignore[attr-defined]
 
     async def main() -> None:
         server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", port,
-                                                                 backlog=4096)
+                                                                 backlog=backlog)
+        if ready:
+            print("ready", flush=True)
         await server.serve_forever()
 
     uvloop.run(main())
@@ -98,4 +103,4 @@ def pinned_database(data_dir: Path, cpu: str | None) -> str:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve_fixed(int(sys.argv[1]))

@@ -36,6 +36,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from localhost import serve_fixed  # bench/localhost.py
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = json.dumps({"features": {f"f{i}": i * 1.5 for i in range(80)}})  # 1 KB
@@ -47,27 +48,7 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Lengt
 # --- the fast upstream (run as `replay_bench.py --serve PORT`) ------------------------------
 
 def serve(port: int) -> None:
-    import httptools
-    import uvloop
-
-    class Answer(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-            self.parser = httptools.HttpRequestParser(self)
-
-        def data_received(self, data: bytes) -> None:
-            self.parser.feed_data(data)
-
-        def on_message_complete(self) -> None:
-            self.transport.write(RESPONSE)  # type: ignore[attr-defined]
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", port,
-                                                                backlog=1024)
-        print("ready", flush=True)
-        await server.serve_forever()
-
-    uvloop.run(main())
+    serve_fixed(port, RESPONSE, backlog=1024, ready=True)
 
 
 # --- the plain client (run as `replay_bench.py --aiohttp URL N CONCURRENCY`) ----------------

@@ -47,12 +47,13 @@ def serve(port: int, keep_alive: float) -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
+        pieces = []
         while True:
             message = await receive()
-            body += message.get("body", b"")
+            pieces.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
+        body = b"".join(pieces)
         if scope["path"] == "/stats":
             payload = {"requests": sum(seen.values()), "ids": len(seen),
                        "duplicates": sum(n - 1 for n in seen.values()),

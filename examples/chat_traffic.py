@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 
 from examples.chat_service import answer_text
-from examples.traffic import TrafficError, TrafficResult, check_url
+from examples.traffic import TrafficError, TrafficResult, check_load, post_all
 
 TOPICS = ("caching", "retries", "load balancing", "feature flags", "rate limits", "schemas",
           "canary releases", "connection pools", "timeouts", "observability", "indexes",
@@ -103,55 +100,11 @@ async def send(url: str, count: int, *, mix: Mix | None = None, model: str | Non
                concurrency: int = 8, rate: float | None = None, seed: int = 0,
                labels: Path | None = None, timeout_s: float = 60.0) -> TrafficResult:
     """POST ``count`` chat requests to ``url``; streamed answers are read to their end."""
-    check_url(url)
+    check_load(url, count, concurrency, rate)
     mix = mix or Mix()
     mix.check()
-    if count < 1:
-        raise TrafficError(f"expected at least 1 request (got {count})")
-    if concurrency < 1:
-        raise TrafficError(f"expected a concurrency of at least 1 (got {concurrency})")
-    if rate is not None and not rate > 0:
-        raise TrafficError(f"expected a rate above 0 requests per second (got {rate})")
-    result = TrafficResult()
-    pending = enumerate(requests(count, seed, mix, model))
-    label_rows: list[tuple[str, str]] = []
-    started = time.perf_counter()
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for index, (request_id, body, label) in pending:
-            if rate is not None:
-                delay = started + index / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            t0 = time.perf_counter()
-            try:
-                async with session.post(url, json=body,
-                                        headers={"X-Request-Id": request_id}) as resp:
-                    async for _ in resp.content.iter_any():
-                        pass
-                    result.statuses[resp.status] += 1
-            except TimeoutError:
-                result.failures["timeout"] += 1
-            except aiohttp.ClientError as exc:
-                result.failures[type(exc).__name__] += 1
-            else:
-                result.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                if label is not None:
-                    label_rows.append((request_id, label))
-
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with (aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
-                asyncio.TaskGroup() as group):
-        for n in range(concurrency):
-            group.create_task(worker(session), name=f"chat-traffic-{n}")
-    result.elapsed_s = time.perf_counter() - started
-    if labels is not None:
-        with labels.open("w", newline="", encoding="utf-8") as out:
-            writer = csv.writer(out)
-            writer.writerow(["request_id", "label"])
-            writer.writerows(label_rows)
-    return result
+    return await post_all(url, requests(count, seed, mix, model), concurrency=concurrency,
+                          rate=rate, timeout_s=timeout_s, labels=labels, name="chat-traffic")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,9 +25,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -108,10 +109,8 @@ def _requests(count: int, seed: int) -> Iterator[tuple[str, Body, float]]:
         yield str(uuid.uuid4()), body, float(data.y_test[i])
 
 
-async def send(url: str, count: int, *, concurrency: int = 16, rate: float | None = None,
-               seed: int = 0, labels: Path | None = None, console: Console | None = None,
-               timeout_s: float = 30.0) -> TrafficResult:
-    """POST ``count`` requests to ``url``, at most ``concurrency`` at a time, ``rate`` a second."""
+def check_load(url: str, count: int, concurrency: int, rate: float | None) -> None:
+    """TrafficError unless ``url`` is local and the count, concurrency and rate make sense."""
     check_url(url)
     if count < 1:
         raise TrafficError(f"expected at least 1 request (got {count})")
@@ -119,14 +118,19 @@ async def send(url: str, count: int, *, concurrency: int = 16, rate: float | Non
         raise TrafficError(f"expected a concurrency of at least 1 (got {concurrency})")
     if rate is not None and not rate > 0:
         raise TrafficError(f"expected a rate above 0 requests per second (got {rate})")
+
+
+async def post_all(url: str, requests: Iterator[tuple[str, Any, Any]], *, concurrency: int,
+                   rate: float | None, timeout_s: float, labels: Path | None, name: str,
+                   on_sent: Callable[[TrafficResult, float], None] | None = None
+                   ) -> TrafficResult:
+    """POST each (request id, JSON body, label) of ``requests`` to ``url``, at most
+    ``concurrency`` at a time and ``rate`` a second, reading each answer to its end;
+    ``on_sent(result, seconds since the start)`` after each. The labels of the answered
+    requests (those not None) go to ``labels`` as ``request_id,label`` rows."""
     result = TrafficResult()
-    pending = enumerate(_requests(count, seed))
-    label_rows: list[tuple[str, float]] = []
-    progress = Progress(TextColumn("[bold]sending"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]:>6.0f} req/s"), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=console or Console(stderr=True),
-                        disable=console is None)
-    task = progress.add_task("sending", total=count, rate=0.0)
+    pending = enumerate(requests)
+    label_rows: list[tuple[str, Any]] = []
     started = time.perf_counter()
 
     async def worker(session: aiohttp.ClientSession) -> None:
@@ -141,7 +145,8 @@ async def send(url: str, count: int, *, concurrency: int = 16, rate: float | Non
             try:
                 async with session.post(url, json=body,
                                         headers={"X-Request-Id": request_id}) as resp:
-                    await resp.read()
+                    async for _ in resp.content.iter_any():
+                        pass
                     result.statuses[resp.status] += 1
             except TimeoutError:
                 result.failures["timeout"] += 1
@@ -149,17 +154,17 @@ async def send(url: str, count: int, *, concurrency: int = 16, rate: float | Non
                 result.failures[type(exc).__name__] += 1
             else:
                 result.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                label_rows.append((request_id, label))
-            elapsed = time.perf_counter() - started
-            progress.update(task, advance=1, rate=result.sent / elapsed if elapsed else 0.0)
+                if label is not None:
+                    label_rows.append((request_id, label))
+            if on_sent is not None:
+                on_sent(result, time.perf_counter() - started)
 
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    with progress:
-        async with (aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
-                    asyncio.TaskGroup() as group):
-            for n in range(concurrency):
-                group.create_task(worker(session), name=f"traffic-{n}")
+    async with (aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
+                asyncio.TaskGroup() as group):
+        for n in range(concurrency):
+            group.create_task(worker(session), name=f"{name}-{n}")
     result.elapsed_s = time.perf_counter() - started
     if labels is not None:
         with labels.open("w", newline="", encoding="utf-8") as out:
@@ -167,6 +172,26 @@ async def send(url: str, count: int, *, concurrency: int = 16, rate: float | Non
             writer.writerow(["request_id", "label"])
             writer.writerows(label_rows)
     return result
+
+
+async def send(url: str, count: int, *, concurrency: int = 16, rate: float | None = None,
+               seed: int = 0, labels: Path | None = None, console: Console | None = None,
+               timeout_s: float = 30.0) -> TrafficResult:
+    """POST ``count`` requests to ``url``, at most ``concurrency`` at a time, ``rate`` a second."""
+    check_load(url, count, concurrency, rate)
+    progress = Progress(TextColumn("[bold]sending"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:>6.0f} req/s"), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console or Console(stderr=True),
+                        disable=console is None)
+    task = progress.add_task("sending", total=count, rate=0.0)
+
+    def sent(result: TrafficResult, elapsed: float) -> None:
+        progress.update(task, advance=1, rate=result.sent / elapsed if elapsed else 0.0)
+
+    with progress:
+        return await post_all(url, _requests(count, seed), concurrency=concurrency, rate=rate,
+                              timeout_s=timeout_s, labels=labels, name="traffic",
+                              on_sent=sent)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """One process's proxy: opens its resources in dependency order and closes them in reverse.
 
-``running(settings)`` is the one place where the recorder, the upstream pools, the client
-listener and the admin listener are opened and closed.
+``running(settings)`` opens and closes one proxy process's recorder, upstream pools, client
+listener and admin listener (a ``workers: N`` supervisor serves its own admin listener:
+``workers.py``).
 
 Start: bind the client socket, then the admin listener (so that a taken port of either
 fails before anything else starts; /readyz says "starting" meanwhile) → the upstream
@@ -11,8 +12,10 @@ Reload (``reload.Reloader``, from SIGHUP, ``POST /-/reload``, ``shadowproxy relo
 ``watch: true``): ``Proxy.apply`` compiles the new routes against the same upstream pools
 (``live.py``) and swaps the router in one synchronous step; nothing else is restarted.
 
-Stop, the reverse (``STOP_STEPS``): stop accepting → finish the in-flight requests →
-shadow calls up to ``limits.shutdown_grace_s``, then end what outlives it → flush the
+Stop, the reverse: the reloader stops (and its process file goes) and the sweeper is
+cancelled, then ``STOP_STEPS``: stop accepting → finish the in-flight requests → wait for
+the upstream calls still running (shadows, mostly), all within ``limits.shutdown_grace_s``
+of the first step, then end the calls and client connections that outlive it → flush the
 recorder to the database or the spool → close the upstream pools → close the admin
 listener last, so that probes and /metrics answer until the end (/readyz says 503 from
 the first step on).

@@ -17,9 +17,6 @@ there. The edits apply all or none: when the body is not a JSON object, or a pat
 followed (an index past the end of a list, a name inside a string), the body is returned as
 it was, and the flag says so, for the caller to count. The primary's bytes are never touched:
 the edited body is a new ``bytes`` (its Content-Length is the caller's to set).
-
-``parse_assignment`` reads the command line's ``PATH=VALUE`` form (``--set-json``): VALUE is
-JSON when it parses as JSON (``true``, ``3``, ``{"a": 1}``, ``"quoted"``), else the text.
 """
 
 from __future__ import annotations
@@ -67,20 +64,6 @@ def parse_path(text: str) -> Path:
             steps.append(single)
         pos = m.end()
     return tuple(steps)
-
-
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``PATH=VALUE`` → (PATH, VALUE as JSON if it parses, else as text)."""
-    path, sep, raw = text.partition("=")
-    if not sep or not path.strip():
-        raise ValueError(f"--set-json: expected PATH=VALUE, e.g. model=candidate-model or "
-                         f"stream_options.include_usage=true (got {text!r})")
-    parse_path(path)
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        value = raw
-    return path.strip(), value
 
 
 def _copy(value: Any) -> Any:

@@ -1,8 +1,10 @@
 """Configuration: the YAML file, validated once at the edge into frozen pydantic models.
 
-``load_config(path)`` is the only reader of the file and of the environment (``${VAR}``
+``load_config(path)`` reads the file and what it takes from the environment (``${VAR}``
 interpolation, ``SHADOWPROXY_DATABASE_URL``); everything below it receives these frozen
-values. Every problem in a file is reported at once as ``FILE:LINE: key.path: message``.
+values (only ``control.py`` looks into the raw file, for the ``data_dir`` of one that does
+not validate). Every problem in a file is reported at once as ``FILE:LINE: key.path:
+message``.
 """
 
 from __future__ import annotations

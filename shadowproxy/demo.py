@@ -30,6 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -210,7 +211,7 @@ def wait_http(child: Child, url: str, timeout_s: float = START_TIMEOUT_S) -> Non
         time.sleep(0.2)
 
 
-async def _db_now(url: str) -> datetime:
+async def db_now(url: str) -> datetime:
     from shadowproxy.store.database import connection
 
     async with connection(url) as conn:
@@ -218,9 +219,10 @@ async def _db_now(url: str) -> datetime:
         return now
 
 
-async def _wait_records(url: str, since: datetime, expected: int, proxy: Child,
+async def _wait_records(url: str, route: str, since: datetime, expected: int, proxy: Child,
                         timeout_s: float) -> int:
-    """Poll the requests table until ``expected`` records of this run are there."""
+    """Poll the requests table until ``expected`` records of ``route`` since ``since`` are
+    there (or the time is up); DemoError if the proxy exits meanwhile."""
     from shadowproxy.store.database import connection
 
     async with connection(url) as conn:
@@ -228,7 +230,7 @@ async def _wait_records(url: str, since: datetime, expected: int, proxy: Child,
         while True:
             count: int = await conn.fetchval(
                 "SELECT count(*) FROM shadowproxy.requests "
-                "WHERE route = $1 AND received_at >= $2", ROUTE, since)
+                "WHERE route = $1 AND received_at >= $2", route, since)
             if count >= expected or time.monotonic() > deadline:
                 return count
             if proxy.proc.poll() is not None:
@@ -272,23 +274,133 @@ def _count_lines(path: Path) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The ``demo`` command."""
-    if not 1 <= args.requests <= MAX_REQUESTS:
-        raise UsageError(f"--requests: expected 1 to {MAX_REQUESTS} (got {args.requests})")
-    root = examples_root()
+    return run_story(args, MAX_REQUESTS, examples_root, STEPS, _demo)
+
+
+@dataclass
+class Story:
+    """One run of a demo command: its data directory, terminal, children and numbered steps
+    (``shadowproxy demo`` and ``shadowproxy demo --generative`` tell theirs with it)."""
+
+    requests: int
+    data_dir: Path
+    console: Console
+    env: dict[str, str]
+    root: Path
+    children: Processes
+    steps: int
+    python: str = sys.executable
+    step: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def say(self, text: str) -> None:
+        """Announce the next step."""
+        self.step += 1
+        self.console.print(f"[bold cyan][{self.step}/{self.steps}][/] {text}")
+
+    def run(self, argv: list[str], what: str, *,
+            stdout: IO[str] | int | None = subprocess.PIPE,
+            stderr: IO[str] | int | None = subprocess.PIPE) -> str:
+        """One command to completion (``_run_step``) in the children's environment."""
+        return _run_step(argv, self.env, self.root, what, stdout=stdout, stderr=stderr)
+
+    def start_database(self) -> str:
+        """The embedded PostgreSQL under the data directory, migrated; its URL."""
+        from shadowproxy.store.embedded import start_embedded
+        from shadowproxy.store.migrate import migrate
+
+        self.say(f"PostgreSQL (embedded) in {self.data_dir / 'postgres'}")
+        db_url = start_embedded(self.data_dir, cleanup="stop")
+        asyncio.run(migrate(db_url))
+        return db_url
+
+    def wait_recorded(self, db_url: str, route: str, since: datetime, expected: int,
+                      proxy: Child, what: str) -> datetime:
+        """Wait until the ``expected`` exchanges (``what`` they are) since ``since`` are
+        recorded, or fail; the database's time then, which ends the report's window."""
+        recorded = asyncio.run(_wait_records(db_url, route, since, expected, proxy,
+                                             RECORD_TIMEOUT_S))
+        if recorded < expected:
+            raise proxy.failed(f"recorded {recorded} of {expected} {what} "
+                               f"within {RECORD_TIMEOUT_S:.0f}s")
+        window_end = asyncio.run(db_now(db_url))
+        self.console.print(f"    {recorded} exchanges recorded")
+        return window_end
+
+    def write_config(self, config: dict[str, Any], command: str) -> Path:
+        """DATA_DIR/shadowproxy.yaml, written by ``command``."""
+        path = self.data_dir / "shadowproxy.yaml"
+        path.write_text(
+            f"# Written by `{command}`; ports are chosen afresh on every run.\n"
+            + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return path
+
+    def start_proxy(self, config_path: Path, ports: dict[str, int]) -> Child:
+        """``shadowproxy run`` on the config, once its /readyz says ready."""
+        self.say(f"shadowproxy on 127.0.0.1:{ports['proxy']} (admin :{ports['admin']})")
+        proxy = self.children.start("shadowproxy", [self.python, "-m", "shadowproxy", "run",
+                                                    "-c", str(config_path)])
+        wait_http(proxy, f"http://127.0.0.1:{ports['admin']}/readyz")
+        return proxy
+
+    def import_labels(self, config_path: Path, labels: Path, what: str) -> None:
+        """``shadowproxy labels import`` of the traffic's labels (``what`` they are)."""
+        imported = self.run([self.python, "-m", "shadowproxy", "labels", "import", "-c",
+                             str(config_path), str(labels)], "importing labels").strip()
+        self.console.print(f"    {what} as labels: {imported.splitlines()[0]}"
+                           if imported else f"    {what} imported as labels")
+
+    def report(self, report: list[str]) -> Path:
+        """The report (``report`` is its command) to the terminal, and as HTML; its path."""
+        sys.stdout.flush()
+        self.run(report, "the report", stdout=None)  # to the terminal
+        html = self.data_dir / "report.html"
+        self.run(report + ["--format", "html", "-o", str(html)], "the HTML report")
+        return html
+
+    def finish(self, what: str, html: Path, config_path: Path, psql_query: str) -> int:
+        """Stop the children (``what`` they are) and say where everything is."""
+        self.say(f"stopping {what}")
+        killed = self.children.close()
+        data_dir = self.data_dir
+        if killed:
+            raise DemoError(f"{', '.join(killed)} did not stop within {STOP_TIMEOUT_S:.0f}s "
+                            f"of SIGTERM and was killed; see {data_dir / 'logs'}")
+        elapsed = time.monotonic() - self.started
+        console = self.console
+        console.print(f"\n[bold green]Done in {elapsed:.0f}s.[/] Everything is under {data_dir}:")
+        for label, where in (
+                ("HTML report", str(html)),
+                ("database", f'psql "$(shadowproxy db-url -c {config_path})"'),
+                ("", "(the embedded PostgreSQL stopped with the demo; db-url starts it again)"),
+                ("try in psql", psql_query),
+                ("config", str(config_path)),
+                ("logs", str(data_dir / "logs"))):
+            console.print(f"  [bold]{label:<12}[/] {where}", soft_wrap=True)
+        return 0
+
+
+def run_story(args: argparse.Namespace, max_requests: int, root: Callable[[], Path],
+              steps: int, story: Callable[[Story], int]) -> int:
+    """A demo command: check ``--requests``, find the examples (``root``), make
+    ``--data-dir``, and tell ``story``; every process it started is stopped, whatever
+    happened."""
+    if not 1 <= args.requests <= max_requests:
+        raise UsageError(f"--requests: expected 1 to {max_requests} (got {args.requests})")
+    examples = root()
     data_dir = Path(args.data_dir).resolve()
     try:
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--data-dir {data_dir}: cannot create it: {exc.strerror}") from exc
     console = Console(highlight=False)
-    python = sys.executable
     env = {k: v for k, v in os.environ.items()
            # The demo's own embedded database, never one a variable points at.
            if k not in ("SHADOWPROXY_DATABASE_URL", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(root)
-    children = Processes(data_dir / "logs", env, root)
+    env["PYTHONPATH"] = str(examples)
+    children = Processes(data_dir / "logs", env, examples)
     try:
-        return _demo(args.requests, data_dir, console, python, env, root, children)
+        return story(Story(args.requests, data_dir, console, env, examples, children, steps))
     finally:
         killed = children.close()
         if killed:
@@ -296,92 +408,62 @@ def run_demo(args: argparse.Namespace) -> int:
                           f"{STOP_TIMEOUT_S:.0f}s of SIGTERM)[/]")
 
 
-def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dict[str, str],
-          root: Path, children: Processes) -> int:
-    from shadowproxy.store.embedded import start_embedded
-    from shadowproxy.store.migrate import migrate
-
-    started = time.monotonic()
-    step = 0
-
-    def say(text: str) -> None:
-        nonlocal step
-        step += 1
-        console.print(f"[bold cyan][{step}/{STEPS}][/] {text}")
-
-    say(f"PostgreSQL (embedded) in {data_dir / 'postgres'}")
-    db_url = start_embedded(data_dir, cleanup="stop")
-    asyncio.run(migrate(db_url))
-
+def _demo(story: Story) -> int:
+    python, console, data_dir = story.python, story.console, story.data_dir
+    db_url = story.start_database()
     ports = {name: free_port() for name in ("primary", "candidate", REPLAYED, "proxy", "admin")}
-    config_path = data_dir / "shadowproxy.yaml"
-    config_path.write_text(
-        "# Written by `shadowproxy demo`; ports are chosen afresh on every run.\n"
-        + yaml.safe_dump(demo_config(data_dir, ports), sort_keys=False), encoding="utf-8")
+    config_path = story.write_config(demo_config(data_dir, ports), "shadowproxy demo")
 
-    say(f"model services: primary = linear on :{ports['primary']}, "
-        f"shadow '{SHADOW}' = gradient boosting on :{ports['candidate']} (training...)")
+    story.say(f"model services: primary = linear on :{ports['primary']}, "
+              f"shadow '{SHADOW}' = gradient boosting on :{ports['candidate']} (training...)")
     # The third model trains now too, to save the wait later; nothing calls it until step 7.
-    models = [children.start(name, [python, "-m", "examples.model_service", "--model", kind,
-                                    "--port", str(ports[name])])
+    models = [story.children.start(name, [python, "-m", "examples.model_service", "--model",
+                                          kind, "--port", str(ports[name])])
               for name, kind in (("primary", "linear"), ("candidate", "gbm"),
                                  (REPLAYED, REPLAYED))]
     for child in models[:2]:
         wait_http(child, f"http://127.0.0.1:{ports[child.name]}/healthz")
 
-    say(f"shadowproxy on 127.0.0.1:{ports['proxy']} (admin :{ports['admin']})")
-    proxy = children.start("shadowproxy", [python, "-m", "shadowproxy", "run",
-                                           "-c", str(config_path)])
-    wait_http(proxy, f"http://127.0.0.1:{ports['admin']}/readyz")
+    proxy = story.start_proxy(config_path, ports)
 
-    say(f"sending {requests} requests through the proxy, {DEMO_RATE} a second")
-    window_start = asyncio.run(_db_now(db_url))
+    story.say(f"sending {story.requests} requests through the proxy, {DEMO_RATE} a second")
+    window_start = asyncio.run(db_now(db_url))
     labels = data_dir / "labels.csv"
     sys.stdout.flush()
-    summary = _run_step(  # stderr to the terminal: that is where the progress bar is drawn
+    summary = story.run(  # stderr to the terminal: that is where the progress bar is drawn
         [python, "-m", "examples.traffic", "--url", f"http://127.0.0.1:{ports['proxy']}/predict",
-         "--requests", str(requests), "--rate", str(DEMO_RATE), "--labels", str(labels)],
-        env, root, "sending traffic", stderr=None).strip()
+         "--requests", str(story.requests), "--rate", str(DEMO_RATE), "--labels", str(labels)],
+        "sending traffic", stderr=None).strip()
     console.print(f"    {summary}")
     answered = _count_lines(labels)
     if answered == 0:
         raise proxy.failed("answered none of the requests")
 
-    say("waiting for the records to reach PostgreSQL")
-    recorded = asyncio.run(_wait_records(db_url, window_start, answered, proxy,
-                                         RECORD_TIMEOUT_S))
-    if recorded < answered:
-        raise proxy.failed(f"recorded {recorded} of {answered} answered requests "
-                           f"within {RECORD_TIMEOUT_S:.0f}s")
-    window_end = asyncio.run(_db_now(db_url))
-    console.print(f"    {recorded} exchanges recorded")
-    imported = _run_step([python, "-m", "shadowproxy", "labels", "import", "-c",
-                          str(config_path), str(labels)], env, root, "importing labels")
-    console.print(f"    true outcomes as labels: {imported.strip().splitlines()[0]}"
-                  if imported.strip() else "    true outcomes imported as labels")
+    story.say("waiting for the records to reach PostgreSQL")
+    window_end = story.wait_recorded(db_url, ROUTE, window_start, answered, proxy,
+                                     "answered requests")
+    story.import_labels(config_path, labels, "true outcomes")
 
-    say("the comparison report")
+    story.say("the comparison report")
     reference = data_dir / "training.csv"
-    _run_step([python, "-m", "examples.dataset", "--training-csv", str(reference)],
-              env, root, "writing the training data")
+    story.run([python, "-m", "examples.dataset", "--training-csv", str(reference)],
+              "writing the training data")
     report = [python, "-m", "shadowproxy", "report", "-c", str(config_path), "--route", ROUTE,
               "--shadow", SHADOW, "--from", window_start.isoformat(),
               "--to", window_end.isoformat(), "--reference", str(reference)]
-    sys.stdout.flush()
-    _run_step(report, env, root, "the report", stdout=None)  # to the terminal
-    html = data_dir / "report.html"
-    _run_step(report + ["--format", "html", "-o", str(html)], env, root, "the HTML report")
+    html = story.report(report)
 
-    say(f"a model that did not exist when the traffic came in: '{REPLAYED}' = k-nearest "
-        f"neighbours on :{ports[REPLAYED]}; replaying the recorded traffic to it")
+    story.say(f"a model that did not exist when the traffic came in: '{REPLAYED}' = k-nearest "
+              f"neighbours on :{ports[REPLAYED]}; replaying the recorded traffic to it")
     wait_http(models[2], f"http://127.0.0.1:{ports[REPLAYED]}/healthz")
     sys.stdout.flush()
-    _run_step([python, "-m", "shadowproxy", "replay", "-c", str(config_path), "--route", ROUTE,
+    story.run([python, "-m", "shadowproxy", "replay", "-c", str(config_path), "--route", ROUTE,
                "--to", f"http://127.0.0.1:{ports[REPLAYED]}", "--as", REPLAYED,
                "--from", window_start.isoformat(), "--to", window_end.isoformat(),
                "--concurrency", str(REPLAY_CONCURRENCY)],
-              env, root, "the replay", stdout=None, stderr=None)
-    verdicts = {name: _verdict(report, name, env, root) for name in (SHADOW, REPLAYED)}
+              "the replay", stdout=None, stderr=None)
+    verdicts = {name: _verdict(report, name, story.env, story.root)
+                for name in (SHADOW, REPLAYED)}
     console.print("    verdicts against the primary, over the same requests:")
     for name, how in ((SHADOW, "live shadow"), (REPLAYED, "replayed")):
         status, reasons = verdicts[name]
@@ -389,21 +471,8 @@ def _demo(requests: int, data_dir: Path, console: Console, python: str, env: dic
         console.print(f"      {name:<10} {how:<12} [bold {colour}]{status.upper():<5}[/] "
                       f"{reasons}")
 
-    say("stopping the proxy and the models")
-    killed = children.close()
-    if killed:
-        raise DemoError(f"{', '.join(killed)} did not stop within {STOP_TIMEOUT_S:.0f}s of "
-                        f"SIGTERM and was killed; see {data_dir / 'logs'}")
-    elapsed = time.monotonic() - started
-    console.print(f"\n[bold green]Done in {elapsed:.0f}s.[/] Everything is under {data_dir}:")
-    for label, where in (
-            ("HTML report", str(html)),
-            ("database", f'psql "$(shadowproxy db-url -c {config_path})"'),
-            ("", "(the embedded PostgreSQL stopped with the demo; db-url starts it again)"),
-            ("try in psql", "SELECT shadow_name, count(*), avg(abs((shadow_body_json->>"
-                            "'prediction')::float - (primary_body_json->>'prediction')::float))"
-                            " AS mean_abs_diff FROM shadowproxy.pairs GROUP BY 1;"),
-            ("config", str(config_path)),
-            ("logs", str(data_dir / "logs"))):
-        console.print(f"  [bold]{label:<12}[/] {where}", soft_wrap=True)
-    return 0
+    return story.finish(
+        "the proxy and the models", html, config_path,
+        "SELECT shadow_name, count(*), avg(abs((shadow_body_json->>'prediction')::float - "
+        "(primary_body_json->>'prediction')::float)) AS mean_abs_diff FROM shadowproxy.pairs "
+        "GROUP BY 1;")

@@ -87,9 +87,9 @@ def compile_routes(settings: Settings, version: str, registry: PoolRegistry,
     for route in settings.routes:
         shadows = [CompiledShadow(route.name, s, pool(s.url, s.name), metrics)
                    for s in route.shadows if s.enabled]
-        target = CompiledRoute(route, pool(route.primary.url, f"{route.name}-primary"),
-                               shadows, metrics.route(route.name), version=version,
-                               capture_cap=settings.recording.max_body_bytes,
-                               max_mirror_body=settings.limits.max_mirror_body_bytes)
-        entries.append((route.match.path_prefix, route.match.methods, target))
+        compiled = CompiledRoute(route, pool(route.primary.url, f"{route.name}-primary"),
+                                 shadows, metrics.route(route.name), version=version,
+                                 capture_cap=settings.recording.max_body_bytes,
+                                 max_mirror_body=settings.limits.max_mirror_body_bytes)
+        entries.append((route.match.path_prefix, route.match.methods, compiled))
     return Router(entries), list(used.values())

@@ -86,20 +86,10 @@ class ShadowCall(UpstreamCall):
                          capture_cap)
         self.shadow = shadow
 
-    def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
-        self.record.status = status
-        self.record.headers = headers
-
-    def on_response_body(self, data: bytes) -> None:
-        self.capture(data)
-
     def on_response_end(self) -> None:
         self._close(None)
 
     def on_failure(self, kind: ErrorKind, detail: str) -> None:
-        record = self.record
-        record.error_kind = kind
-        record.error = detail
         self._close(kind)
 
     def _close(self, kind: ErrorKind | None) -> None:

@@ -120,9 +120,10 @@ class CapturedResponse:
 
     def __init__(self, target: str, role: str, started_at: float) -> None:
         self.target = target
-        """'primary', or the shadow's name."""
+        """The name the answer is stored under (``responses.target``, the metric label):
+        'primary', a shadow's name, or a replay's ``--as`` name."""
         self.role = role
-        """'primary' or 'shadow'."""
+        """'primary', 'shadow' or 'replay'."""
         self.started_at = started_at
         """Wall-clock time (epoch seconds) the call started."""
         self.status: int | None = None

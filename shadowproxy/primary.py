@@ -250,8 +250,6 @@ class PrimaryCall(UpstreamCall):
 
     def on_failure(self, kind: ErrorKind, detail: str) -> None:
         record = self.record
-        record.error_kind = kind
-        record.error = detail
         client = self.client
         if client.head_sent:
             # Part of the response is already with the client: the only honest signal left

@@ -46,8 +46,9 @@ _DONE: Final = 3
 class UpstreamCall:
     """One request to one upstream, and its outcome on the exchange's record.
 
-    Subclasses (``primary.PrimaryCall``, ``mirror.ShadowCall``) react to the ``on_*``
-    events; exactly one of ``on_response_end`` or ``on_failure`` is called, once. A request
+    Subclasses (``primary.PrimaryCall``, ``mirror.ShadowCall``, ``replay.call.ReplayCall``)
+    react to the ``on_*`` events; exactly one of ``on_response_end`` or ``on_failure`` is
+    called, once, and a failure is on the record (``error_kind``, ``error``) by then. A request
     body too large to hold is streamed: ``stream_body``, then ``write_body`` as pieces
     arrive and ``finish_body``.
     """
@@ -90,10 +91,14 @@ class UpstreamCall:
 
     # --- events, overridden by subclasses ---
     def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
-        """The status line and headers arrived."""
+        """The status line and headers arrived: onto the record."""
+        record = self.record
+        record.status = status
+        record.headers = headers
 
     def on_response_body(self, data: bytes) -> None:
-        """A piece of the (de-chunked) body arrived."""
+        """A piece of the (de-chunked) body arrived: captured for the record."""
+        self.capture(data)
 
     def on_response_end(self) -> None:
         """The response is complete."""
@@ -189,6 +194,9 @@ class UpstreamCall:
     def fail(self, kind: ErrorKind, detail: str) -> None:
         if not self.done:
             self._finish()
+            record = self.record
+            record.error_kind = kind
+            record.error = detail
             self.on_failure(kind, detail)
 
     def end(self) -> None:

@@ -22,7 +22,8 @@ fails safe in four ways:
 - **Ready means listening.** /readyz says ready only when every slot's current process has
   published a snapshot in the last 3 s saying that it listens and is ready.
 
-A stop (SIGTERM/SIGINT) passes SIGTERM on to every worker, waits for each to drain, and
+A stop (SIGTERM/SIGINT) stops the reloader, passes SIGTERM on to every worker, waits for
+each to drain (one still running ``limits.shutdown_grace_s`` + 15 s later is killed), and
 closes the admin listener last.
 
 A reload (SIGHUP, ``POST /-/reload``, ``shadowproxy reload``, ``watch: true``) is the

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -32,6 +32,26 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+@contextmanager
+def reachable_dir(prefix: str) -> Iterator[Path]:
+    """A new directory for an embedded PostgreSQL, removed afterwards. Not under pytest's
+    tmp_path: that is private to root (0700), and as root the embedded server runs as its
+    own system user, which must be able to reach its data directory."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def demo_dir() -> Iterator[Path]:
+    """A demo's ``--data-dir`` (not created yet), in a ``reachable_dir``."""
+    with reachable_dir("shadowproxy-test-demo-") as parent:
+        yield parent / "demo"
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """URL of a real PostgreSQL server (its maintenance database)."""
@@ -39,12 +59,8 @@ def pg_server_url() -> Iterator[str]:
     if external:
         yield external
         return
-    # Not under pytest's tmp_path: that is private to root (0700), and as root the embedded
-    # server runs as its own system user, which must be able to reach its data directory.
-    data_dir = Path(tempfile.mkdtemp(prefix="shadowproxy-test-pg-"))
-    data_dir.chmod(0o755)
-    yield start_embedded(data_dir, cleanup="delete")
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with reachable_dir("shadowproxy-test-pg-") as data_dir:
+        yield start_embedded(data_dir, cleanup="delete")
 
 
 async def _create_database(server_url: str) -> str:

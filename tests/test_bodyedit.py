@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from shadowproxy.bodyedit import JsonEdits, parse_assignment, parse_path, set_json
+from shadowproxy.bodyedit import JsonEdits, parse_path, set_json
 
 CHAT = {"model": "primary-model", "stream": True,
         "messages": [{"role": "system", "content": "Be brief."},
@@ -124,21 +124,3 @@ def test_unserialisable_values_are_refused() -> None:
     """A value that cannot be JSON is refused when the edits are built."""
     with pytest.raises(ValueError, match="model: the value cannot be written as JSON"):
         JsonEdits({"model": {1, 2}})
-
-
-@pytest.mark.parametrize(("text", "expected"), [
-    ("model=candidate-model", ("model", "candidate-model")),
-    ("stream_options.include_usage=true", ("stream_options.include_usage", True)),
-    ("temperature=0.2", ("temperature", 0.2)), ('tag="true"', ("tag", "true")),
-    ('x={"a": [1]}', ("x", {"a": [1]})), ("note=a=b", ("note", "a=b")), ("empty=", ("empty", "")),
-])
-def test_command_line_assignments(text: str, expected: tuple[str, Any]) -> None:
-    """PATH=VALUE: the value is JSON when it parses as JSON, else the text itself."""
-    assert parse_assignment(text) == expected
-
-
-@pytest.mark.parametrize("text", ["model", "=x", "a..b=1"])
-def test_bad_assignments_are_refused(text: str) -> None:
-    """A missing '=' or path, or an unreadable path, is a ValueError."""
-    with pytest.raises(ValueError):
-        parse_assignment(text)

@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -51,16 +48,6 @@ async def _recorded(url: str) -> dict[str, object]:
         }
     finally:
         await conn.close()
-
-
-@pytest.fixture
-def demo_dir() -> Iterator[Path]:
-    """A data dir outside pytest's tmp_path, which is private to root (0700): as root, the
-    embedded PostgreSQL runs as its own system user, which must reach its data directory."""
-    parent = Path(tempfile.mkdtemp(prefix="shadowproxy-test-demo-"))
-    parent.chmod(0o755)
-    yield parent / "demo"
-    shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -50,24 +47,14 @@ async def _recorded(url: str) -> dict[str, object]:
         await conn.close()
 
 
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    """A data dir outside pytest's tmp_path, which is private to root (0700): as root, the
-    embedded PostgreSQL runs as its own system user, which must reach its data directory."""
-    parent = Path(tempfile.mkdtemp(prefix="shadowproxy-test-gendemo-"))
-    parent.chmod(0o755)
-    yield parent / "demo"
-    shutil.rmtree(parent, ignore_errors=True)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-def test_generative_demo_runs_the_whole_story_and_cleans_up(data_dir: Path) -> None:
+def test_generative_demo_runs_the_whole_story_and_cleans_up(demo_dir: Path) -> None:
     """From any directory: two chat models behind the proxy, chat traffic (some streamed,
     each side's streams assembled and timed), the reference answers imported, the generation
     report printed and written as HTML, everything stopped, exit 0."""
     started = time.monotonic()
-    proc = _demo("--requests", str(N), "--data-dir", str(data_dir))
+    proc = _demo("--requests", str(N), "--data-dir", str(demo_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert time.monotonic() - started < 150
     out = proc.stdout
@@ -79,27 +66,27 @@ def test_generative_demo_runs_the_whole_story_and_cleans_up(data_dir: Path) -> N
         assert phrase in out, phrase
     assert "stored without an assembled body" not in out
     assert "streamed answers: primary 0," not in out
-    html = (data_dir / "report.html").read_text()
+    html = (demo_dir / "report.html").read_text()
     assert "Generation: most different pairs" in html and "<ins>" in html and "<svg" in html
 
-    config = yaml.safe_load((data_dir / "shadowproxy.yaml").read_text())
+    config = yaml.safe_load((demo_dir / "shadowproxy.yaml").read_text())
     route = config["routes"][0]
     ports = [int(config[k].rsplit(":", 1)[1]) for k in ("listen", "admin_listen")]
     ports += [int(u.rsplit(":", 1)[1]) for u in
               [route["primary"]["url"], *(s["url"] for s in route["shadows"])]]
     assert not [p for p in ports if _listening(p)]
     leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"])
-                 if str(data_dir) in " ".join(p.info["cmdline"] or [])]
+                 if str(demo_dir) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
 
-    url = start_embedded(data_dir, cleanup="stop")
+    url = start_embedded(demo_dir, cleanup="stop")
     try:
         assert asyncio.run(_recorded(url)) == {
             "requests": N, "streamed requests": True, "models": {("small", "large")},
             "labels": True, "streams timed and assembled": {("primary", True),
                                                             ("shadow", True)}}
     finally:
-        _stop_embedded(data_dir)
+        _stop_embedded(demo_dir)
 
 
 def test_generative_demo_refuses_a_bad_request_count(tmp_path: Path) -> None:

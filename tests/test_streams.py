@@ -410,8 +410,7 @@ def test_nul_characters_cannot_go_to_jsonb() -> None:
     assert body_json_text({"a": "é"}) == '{"a":"é"}'
 
 
-def _compressed_reads(body: bytes, reads: list[bytes], encoding: str) -> tuple[bytes,
-                                                                              list[Arrival]]:
+def _compressed_reads(reads: list[bytes], encoding: str) -> tuple[bytes, list[Arrival]]:
     out = bytearray()
     arrivals: list[Arrival] = []
     if encoding == "br":
@@ -435,7 +434,7 @@ def test_compressed_streams_are_decoded_read_by_read(encoding: str) -> None:
     """A flushed gzip/deflate/br stream decodes with each read's offset in the plain bytes."""
     events = [_chunk({"role": "assistant", "content": ""})] + [
         _chunk({"content": f" w{i}"}) for i in range(5)] + [b"data: [DONE]\n\n"]
-    raw, arrivals = _compressed_reads(b"".join(events), events, encoding)
+    raw, arrivals = _compressed_reads(events, encoding)
     decoded = decode_arrivals(raw, arrivals, encoding.encode(), 1 << 20)
     assert decoded is not None
     plain_body, moved = decoded
@@ -453,7 +452,7 @@ def test_compressed_streams_are_decoded_read_by_read(encoding: str) -> None:
 def test_decoding_refuses_corrupt_unknown_and_oversized_bodies() -> None:
     """Corrupt or unknown encodings and bodies past the cap give None."""
     events = [_chunk({"content": "x" * 100})] * 20
-    raw, arrivals = _compressed_reads(b"".join(events), events, "gzip")
+    raw, arrivals = _compressed_reads(events, "gzip")
     assert decode_arrivals(raw, arrivals, b"gzip", 100) is None
     assert decode_arrivals(b"not gzip at all", [(0, 1.0)], b"gzip", 1000) is None
     assert decode_arrivals(raw, arrivals, b"zstd", 1 << 20) is None

@@ -32,6 +32,19 @@ class Upstream:
 
 
 @asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free port of 127.0.0.1; its base URL."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
 async def serve(handler: Handler) -> AsyncIterator[Upstream]:
     """Serve ``handler`` for every path on a free port; record what it received."""
     upstream = Upstream(url="")
@@ -44,16 +57,9 @@ async def serve(handler: Handler) -> AsyncIterator[Upstream]:
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", recording)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    upstream.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serve_app(app) as url:
+        upstream.url = url
         yield upstream
-    finally:
-        await runner.cleanup()
 
 
 def model(name: str, scale: float = 1.0) -> Handler:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from shadowproxy.failures import ErrorKind
-from shadowproxy.models import CapturedResponse, Exchange, Headers
+from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.upstream import UpstreamCall
 
 
@@ -26,19 +26,10 @@ class ReplayCall(UpstreamCall):
                          capture_cap)
         self.on_done = on_done
 
-    def on_response_head(self, status: int, reason: bytes, headers: Headers) -> None:
-        self.record.status = status
-        self.record.headers = headers
-
-    def on_response_body(self, data: bytes) -> None:
-        self.capture(data)
-
     def on_response_end(self) -> None:
         self.close_record()
         self.on_done(self)
 
     def on_failure(self, kind: ErrorKind, detail: str) -> None:
-        self.record.error_kind = kind
-        self.record.error = detail
         self.close_record()
         self.on_done(self)

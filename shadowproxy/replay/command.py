@@ -13,9 +13,8 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import urlsplit
 
 from shadowproxy.config import Route, Settings
@@ -25,6 +24,7 @@ from shadowproxy.replay.pacing import pacer_for
 from shadowproxy.replay.progress import TICK_S, preflight_lines, progress_bar, summary_lines
 from shadowproxy.replay.replayer import Replayer, Tally
 from shadowproxy.replay.source import RequestStream, Selection, lock_target
+from shadowproxy.runner import run_loop
 from shadowproxy.store.database import connect, connection, describe
 from shadowproxy.store.migrate import apply as apply_migrations
 from shadowproxy.tasks import spawn
@@ -41,7 +41,7 @@ def run_replay(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
     route = _route(settings, options)
     url = database_url(settings)
-    return _run(_replay(settings, route, options, url))
+    return run_loop(_replay(settings, route, options, url))
 
 
 def _route(settings: Settings, options: ReplayOptions) -> Route:
@@ -54,19 +54,6 @@ def _route(settings: Settings, options: ReplayOptions) -> Route:
             print(f"note: {options.name!r} is also a live shadow of route {route.name!r}: "
                   "requests it answered live count as answered", file=sys.stderr)
     return route
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro`` on uvloop when it is installed, else on asyncio's default loop."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
 
 
 async def _replay(settings: Settings, route: Route, options: ReplayOptions, url: str) -> int:

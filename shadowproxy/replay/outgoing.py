@@ -142,9 +142,9 @@ class RequestBuilder:
         if body or method in _BODY_METHODS:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         query: str = row["query"]
-        target = self._base_path + (row["path"] + ("?" + query if query else "")).encode(
+        path_query = self._base_path + (row["path"] + ("?" + query if query else "")).encode(
             "latin-1")
-        head = http1.request_head(method.encode("ascii"), target, b"".join(lines))
+        head = http1.request_head(method.encode("ascii"), path_query, b"".join(lines))
         return Outgoing(head, body, method == "HEAD", dropped)
 
     def _tail(self, lines: list[bytes], headers: dict[str, str], row: Any) -> None:

@@ -46,8 +46,6 @@ class AsRecorded(Pacer):
         self.max_gap = max_gap_s
         self.previous: float | None = None
         self.at = 0.0
-        self.capped = 0
-        """How many gaps were shortened to ``max_gap_s``."""
         self.description = (f"as recorded, {speed:g}x (gaps over {max_gap_s:g}s "
                             f"shortened to {max_gap_s:g}s)")
 
@@ -58,7 +56,6 @@ class AsRecorded(Pacer):
             gap = max(received_at - previous, 0.0) / self.speed
             if gap > self.max_gap:
                 gap = self.max_gap
-                self.capped += 1
             self.at += gap
         return self.at
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
 
 from examples.chat_service import Answer, Speed, answer, build_app, wants_json
 from examples.chat_traffic import Mix, send
@@ -30,6 +29,7 @@ from tests.compare.test_generation import ref_normalize
 from tests.compare.test_generation_report import check_distribution, is_json, similarity
 from tests.conftest import StartProxy
 from tests.proxy.test_data_path import wait_for_rows
+from tests.upstreams import serve_app
 
 N = 120
 
@@ -40,15 +40,8 @@ FAST = Speed(0.002, 0.0002)
 @asynccontextmanager
 async def chat_service(model: str, speed: Speed = FAST) -> AsyncIterator[str]:
     """One model of the example service on a free port (a few ms to the first token)."""
-    runner = web.AppRunner(build_app((model,), speed), access_log=None,
-                           handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(build_app((model,), speed)) as url:
+        yield url
 
 
 def model_answer(model: str, request: dict[str, Any]) -> Answer:

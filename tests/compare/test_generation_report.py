@@ -27,7 +27,6 @@ from typing import Any
 import asyncpg
 import numpy as np
 import pytest
-from aiohttp import web
 from pydantic import ValidationError
 from scipy import stats as sps
 
@@ -40,6 +39,7 @@ from shadowproxy.compare.report import build_report
 from shadowproxy.compare.window import Window
 from tests.compare.records import Call, Exchange, insert
 from tests.compare.test_generation import lcs, ref_normalize
+from tests.upstreams import serve_app
 
 ROUTE = "chat"
 SHADOW = "candidate"
@@ -368,15 +368,8 @@ async def test_every_figure_matches_an_independent_computation(
 @asynccontextmanager
 async def embeddings_service() -> AsyncIterator[str]:
     """The example service, whose /v1/embeddings gives hashed bag-of-words vectors."""
-    runner = web.AppRunner(build_app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1/embeddings"
-    finally:
-        await runner.cleanup()
+    async with serve_app(build_app()) as url:
+        yield f"{url}/v1/embeddings"
 
 
 async def test_semantic_similarity_from_a_configured_embeddings_endpoint(

@@ -16,7 +16,6 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
-from aiohttp import web
 from scipy import stats as sps
 from sklearn import metrics as skm
 
@@ -29,6 +28,7 @@ from shadowproxy.compare.report import build_report
 from shadowproxy.compare.window import Window
 from tests.conftest import StartProxy
 from tests.proxy.test_data_path import wait_for_rows
+from tests.upstreams import serve_app
 
 N = 240
 COMPARE = {
@@ -43,15 +43,8 @@ COMPARE = {
 
 @asynccontextmanager
 async def serve_model(model: Model) -> AsyncIterator[str]:
-    runner = web.AppRunner(build_app(model), access_log=None, handle_signals=False,
-                           shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(build_app(model)) as url:
+        yield url
 
 
 @pytest.mark.slow

@@ -334,11 +334,11 @@ async def test_one_endless_header_line_gets_431(start_proxy: StartProxy) -> None
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
 
         async def answer() -> bytes:
-            out = b""
+            out = bytearray()
             with contextlib.suppress(ConnectionError):
                 while chunk := await reader.read(65536):
                     out += chunk
-            return out
+            return bytes(out)
 
         answered = asyncio.create_task(answer())
         try:

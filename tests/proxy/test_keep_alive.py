@@ -185,12 +185,13 @@ async def test_uvicorn_keep_alive_timeout_never_meets_a_reused_connection(
     seen: list[tuple[str, int]] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = b""
+        pieces = []
         while True:
             message = await receive()
-            body += message.get("body", b"")
+            pieces.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
+        body = b"".join(pieces)
         seen.append((json.loads(body)["id"], scope["client"][1]))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})

@@ -18,7 +18,7 @@ from examples.chat_service import Speed, build_app
 from tests.conftest import StartProxy, route
 from tests.db import fetch, fetchrow
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import serve
+from tests.upstreams import serve, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,14 +32,8 @@ async def chat_service(*models: str, ttft_s: float = 0.02,
                        token_s: float = 0.002) -> AsyncIterator[str]:
     """The example chat service on a free port, ``created`` fixed so answers repeat."""
     app = build_app(models or ("small",), Speed(ttft_s, token_s), clock=lambda: 1_700_000_000)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 def chat(prompt: str, *, stream: bool, **extra: Any) -> dict[str, Any]:
