@@ -193,12 +193,10 @@ async def operational(db: Snapshot, counts: Counts) -> Operational:
     A replayed target's latency is given but not compared with the primary's: it was
     measured under replay load, not under the production traffic the primary answered.
     """
+    # Means, counts and rates cover every pair; percentiles and the histogram need the
+    # rows sorted or binned, and read the sample on a large window (Snapshot.rows).
     row = await db.fetchrow(f"""
         SELECT
-          percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY primary_latency_ms)
-            AS pq,
-          percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY shadow_latency_ms)
-            AS sq,
           avg(primary_latency_ms) AS pmean, avg(shadow_latency_ms) AS smean,
           max(primary_latency_ms) AS pmax, max(shadow_latency_ms) AS smax,
           count(primary_latency_ms) AS pn, count(shadow_latency_ms) AS sn,
@@ -212,10 +210,17 @@ async def operational(db: Snapshot, counts: Counts) -> Operational:
             FILTER (WHERE primary_status IS NOT NULL AND shadow_status IS NOT NULL)
             AS status_agreement
         FROM shadowproxy.pairs WHERE {PAIR_FILTER}""", *db.pair_args())
+    q = await db.fetchrow(f"""
+        SELECT
+          percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY primary_latency_ms)
+            AS pq,
+          percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY shadow_latency_ms)
+            AS sq
+        FROM {db.rows} WHERE {PAIR_FILTER}""", *db.pair_args())
     s_err = row["s_failed"] / row["s_called"] if row["s_called"] else None
     out = Operational(
-        primary=_side(row["pq"], row["pmean"], row["pmax"], row["pn"], _opt(row["perr"])),
-        shadow=_side(row["sq"], row["smean"], row["smax"], row["sn"], s_err),
+        primary=_side(q["pq"], row["pmean"], row["pmax"], row["pn"], _opt(row["perr"])),
+        shadow=_side(q["sq"], row["smean"], row["smax"], row["sn"], s_err),
         status_agreement=_opt(row["status_agreement"]),
         status_pairs=[StatusPair(primary=r[0], shadow=r[1], n=r[2]) for r in await db.fetch(
             f"SELECT primary_status, shadow_status, count(*) FROM shadowproxy.pairs "
@@ -260,10 +265,10 @@ async def _latency_histogram(db: Snapshot, lo: float, hi: float) -> LatencyHisto
     rows = await db.fetch(f"""
         SELECT side, least(width_bucket(ln(greatest(v, 0.01)), ln($5), ln($6), {HIST_BINS}),
                            {HIST_BINS}) AS b, count(*)
-        FROM (SELECT 'primary' AS side, primary_latency_ms AS v FROM shadowproxy.pairs
+        FROM (SELECT 'primary' AS side, primary_latency_ms AS v FROM {db.rows}
               WHERE {PAIR_FILTER}
               UNION ALL
-              SELECT 'shadow', shadow_latency_ms FROM shadowproxy.pairs
+              SELECT 'shadow', shadow_latency_ms FROM {db.rows}
               WHERE {PAIR_FILTER}) x
         WHERE v IS NOT NULL GROUP BY 1, 2""", *db.pair_args(), edges[0], edges[-1])
     series: dict[str, list[int]] = {"primary": [0] * HIST_BINS, "shadow": [0] * HIST_BINS}
