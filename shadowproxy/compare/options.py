@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from shadowproxy.errors import UsageError
 
-DEFAULT_MAX_PAIRS = 100_000
+DEFAULT_MAX_PAIRS = 50_000
 """The largest window reported on whole; above it, a sample of this many requests. A
 report over this many pairs takes a few seconds on two cores (docs/performance.md)."""
 

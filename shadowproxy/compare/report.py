@@ -109,10 +109,11 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
             await validate(db)
         await operational.check_replayed(db, unlisted or {})
         step("counts and latency")
-        counts = await operational.counts(db)
+        groups = await operational.scan(db)
+        counts = await operational.counts(db, groups)
         sample = await sampling.draw(db, counts["pairs"], counts["comparable_pairs"],
                                      max_pairs)
-        health = await operational.operational(db, counts)
+        health = await operational.operational(db, counts, groups)
         # The row-level sections see the sample's comparable pairs.
         comparable = sample["comparable"]
         source = await generation_section.task_source(db, comparable)
