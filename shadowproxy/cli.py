@@ -147,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write the report here")
     p.add_argument("--fail-on", choices=["warn", "fail"],
                    help="exit with status 3 when the verdict reaches this level")
+    from shadowproxy.compare.options import DEFAULT_MAX_PAIRS, DEFAULT_SEED
+
+    p.add_argument("--max-pairs", metavar="N", default=str(DEFAULT_MAX_PAIRS),
+                   help="above N pairs in the window, tests, percentiles, diffs, data checks "
+                        "and slices read a uniform sample of N requests; counts and rates "
+                        f"cover every pair (default {DEFAULT_MAX_PAIRS})")
+    p.add_argument("--seed", metavar="S", default=str(DEFAULT_SEED),
+                   help=f"seed of the sample and of the tests' resampling (default "
+                        f"{DEFAULT_SEED}): the same seed gives the same report")
 
     labels = sub.add_parser("labels", help="ground-truth labels for recorded requests")
     labels_sub = labels.add_subparsers(dest="labels_command", metavar="ACTION", required=True)

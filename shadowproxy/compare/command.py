@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shadowproxy.compare.config import CompareConfig
+from shadowproxy.compare.options import DEFAULT_MAX_PAIRS, DEFAULT_SEED
+from shadowproxy.compare.options import max_pairs as parse_max_pairs
+from shadowproxy.compare.options import seed as parse_seed
 from shadowproxy.compare.window import Window, parse_duration
 from shadowproxy.config import Route, Settings
 from shadowproxy.errors import UsageError
@@ -125,7 +128,8 @@ def render(report: dict[str, Any], fmt: str, *, color: bool = False) -> str:
 
 
 async def _build(url: str, target: Target, window: Window, reference: Path | None,
-                 config_version: str | None = None) -> Report:
+                 config_version: str | None = None, max_pairs: int = DEFAULT_MAX_PAIRS,
+                 seed: int = DEFAULT_SEED) -> Report:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -145,7 +149,8 @@ async def _build(url: str, target: Target, window: Window, reference: Path | Non
             report = await build_report(
                 conn, route=target.route.name, shadow=target.shadow, window=window,
                 compare=target.compare, reference=reference, progress=step,
-                unlisted=target.unlisted, config_version=config_version)
+                unlisted=target.unlisted, config_version=config_version,
+                max_pairs=max_pairs, seed=seed)
         progress.update(task, completed=len(STEPS))
     return report
 
@@ -158,6 +163,8 @@ def run_report(args: argparse.Namespace) -> int:
     from shadowproxy.store.database import database_url
 
     reference = Path(args.reference) if args.reference else None
+    max_pairs = parse_max_pairs(str(getattr(args, "max_pairs", DEFAULT_MAX_PAIRS)))
+    seed = parse_seed(str(getattr(args, "seed", DEFAULT_SEED)))
     require_for(args.format, reference)
     settings = load_config(args.config)
     window = resolve_window(args.since, args.from_, args.to)
@@ -167,7 +174,8 @@ def run_report(args: argparse.Namespace) -> int:
                          "of training data whose columns are named like compare.features")
     url = database_url(settings)
     report = clean(asyncio.run(_build(url, target, window, reference,
-                                      getattr(args, "config_version", None))))
+                                      getattr(args, "config_version", None), max_pairs,
+                                      seed)))
     text = render(report, args.format,
                   color=args.format == "text" and not args.output and sys.stdout.isatty())
     if args.output:

@@ -73,7 +73,7 @@ async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None) -> in
     await db.execute(f"""
         WITH RECURSIVE
         base AS (SELECT id, primary_body_json AS pj, shadow_body_json AS sj
-                 FROM shadowproxy.pairs
+                 FROM {db.rows}
                  WHERE {PAIR_FILTER} AND {COMPARABLE} AND {sample}),
         src AS (SELECT id, 'p' AS side, pj AS doc FROM base
                 UNION ALL SELECT id, 's', sj FROM base),
@@ -95,7 +95,7 @@ async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None) -> in
     if n <= db.thresholds.sample_max:
         return n
     row = await db.fetchrow(
-        f"SELECT count(*) FROM shadowproxy.pairs WHERE {PAIR_FILTER} AND {COMPARABLE} "
+        f"SELECT count(*) FROM {db.rows} WHERE {PAIR_FILTER} AND {COMPARABLE} "
         f"AND {sample}", *db.pair_args(shadow))
     return int(row[0])
 

@@ -25,6 +25,7 @@ from shadowproxy.compare.drift import DriftPolicy, Kind, Sample, window_drift
 from shadowproxy.compare.extract import feature_rows_sql
 from shadowproxy.compare.operational import HIST_BINS
 from shadowproxy.compare.reference import FeatureData, column, from_summary, read_reference
+from shadowproxy.compare.sampling import requests_filter
 from shadowproxy.compare.snapshot import VERSION_FILTER, Scratch, Snapshot
 from shadowproxy.compare.window import Window
 
@@ -80,9 +81,11 @@ async def validate(db: Snapshot) -> None:
 
 async def _load(db: Snapshot, window: Window, tag: str) -> None:
     """Extract every configured feature of the route's requests in ``window`` under ``tag``
-    (of the ``--config-version`` in the report's window; of any in the earlier one)."""
+    (of the ``--config-version`` in the report's window; of any in the earlier one); of the
+    sampled requests when the report samples (``sampling.requests_filter``)."""
     fmt = db.compare.request_format
     version = VERSION_FILTER if tag == CURRENT else "true"
+    source, sampled = requests_filter(db, tag == CURRENT)
     for name, feature in db.compare.features.items():
         rows_sql = feature_rows_sql(feature, fmt, "q.body_json")
         await db.execute(f"""
@@ -90,9 +93,9 @@ async def _load(db: Snapshot, window: Window, tag: str) -> None:
             SELECT $4, q.id, coalesce(f.ord, 1), $5, f.v,
                    CASE WHEN jsonb_typeof(f.v) = 'number' THEN (f.v #>> '{{}}')::float8 END,
                    CASE WHEN f.v IS NOT NULL AND f.v <> 'null'::jsonb THEN f.v #>> '{{}}' END
-            FROM shadowproxy.requests q LEFT JOIN LATERAL {rows_sql} f ON true
+            FROM {source} LEFT JOIN LATERAL {rows_sql} f ON true
             WHERE q.route = $1 AND q.received_at >= $2 AND q.received_at < $3
-              AND {version}""",
+              AND {version} AND {sampled}""",
                          db.scope.route, window.start, window.end, tag, name)
 
 

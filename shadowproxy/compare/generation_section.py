@@ -208,7 +208,7 @@ async def _load(db: Snapshot, comparable: int) -> list[_Row]:
                  WHEN 'string' THEN p.request_body_json ->> 'model'
                  ELSE (p.request_body_json -> 'model')::text END AS model,
                coalesce(p.request_body_json -> 'stream' = 'true'::jsonb, false) AS streamed
-        FROM (SELECT * FROM shadowproxy.pairs
+        FROM (SELECT * FROM {db.rows}
               WHERE {PAIR_FILTER} AND {COMPARABLE} AND {sample}) p
         LEFT JOIN shadowproxy.responses rp ON rp.request = p.id AND rp.role = 'primary'
         LEFT JOIN shadowproxy.responses rs ON rs.request = p.id AND rs.target = p.shadow_name
@@ -340,7 +340,7 @@ async def _families(db: Snapshot, rows: Sequence[_Row], features: Features
     out: list[tuple[str, dict[str, list[int]]]] = []
     for family, spec in db.compare.slices.items():
         if isinstance(spec, str):
-            ids = await db.fetch(f"SELECT id FROM shadowproxy.pairs WHERE {PAIR_FILTER} "
+            ids = await db.fetch(f"SELECT id FROM {db.rows} WHERE {PAIR_FILTER} "
                                  f"AND {COMPARABLE} AND ({spec})", *db.pair_args(),
                                  explain=_failed(family, spec))
             out.append((family, {family: sorted(index[r[0]] for r in ids if r[0] in index)}))

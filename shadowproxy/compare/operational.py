@@ -9,9 +9,10 @@ reported alike, except that a replayed latency is not compared with the primary'
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NotRequired, TypedDict
 
+import asyncpg
 import numpy as np
 
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, VERSION_FILTER, Snapshot
@@ -143,36 +144,55 @@ async def config_versions(db: Snapshot) -> list[ConfigVersion]:
     return found
 
 
-async def counts(db: Snapshot) -> Counts:
+async def scan(db: Snapshot) -> list[asyncpg.Record]:
+    """Every pair of the window, grouped by what the counts and rates tell apart (statuses,
+    outcomes, replayed, comparable) with each group's latency sums: the one pass over all
+    pairs that ``counts`` and ``operational`` share, however large the window."""
+    return await db.fetch(f"""
+        SELECT primary_status AS ps, shadow_status AS ss,
+               coalesce(primary_error_kind,
+                        CASE WHEN primary_status IS NOT NULL THEN 'ok' END) AS po,
+               coalesce(shadow_error_kind,
+                        CASE WHEN shadow_status IS NOT NULL THEN 'ok' END) AS so,
+               shadow_error_kind AS sek, shadow_role = 'replay' AS replayed,
+               coalesce({COMPARABLE}, false) AS comparable, count(*) AS n,
+               count(primary_latency_ms) AS pn, sum(primary_latency_ms) AS psum,
+               min(primary_latency_ms) AS pmin, max(primary_latency_ms) AS pmax,
+               count(shadow_latency_ms) AS sn, sum(shadow_latency_ms) AS ssum,
+               min(shadow_latency_ms) AS smin, max(shadow_latency_ms) AS smax
+        FROM shadowproxy.pairs WHERE {PAIR_FILTER} GROUP BY 1, 2, 3, 4, 5, 6, 7""",
+                          *db.pair_args())
+
+
+def _sum(groups: list[asyncpg.Record], keep: Callable[[asyncpg.Record], bool]) -> int:
+    return sum(int(g["n"]) for g in groups if keep(g))
+
+
+async def counts(db: Snapshot, groups: list[asyncpg.Record]) -> Counts:
     """How many requests, pairs and complete pairs; how the shadow calls failed."""
-    row = await db.fetchrow(f"""
-        SELECT
-          (SELECT count(*) FROM shadowproxy.requests
-            WHERE route = $1 AND received_at >= $3 AND received_at < $4
-              AND {VERSION_FILTER}) AS requests,
-          count(*) AS pairs,
-          count(*) FILTER (WHERE primary_status IS NOT NULL AND shadow_status IS NOT NULL)
-            AS complete_pairs,
-          count(*) FILTER (WHERE {COMPARABLE}) AS comparable_pairs,
-          count(*) FILTER (WHERE shadow_error_kind = 'timeout') AS shadow_timeouts,
-          count(*) FILTER (WHERE shadow_error_kind = 'dropped') AS shadow_drops,
-          count(*) FILTER (WHERE shadow_error_kind = 'skipped') AS shadow_skips,
-          count(*) FILTER (WHERE shadow_error_kind NOT IN ('timeout', 'dropped', 'skipped'))
-            AS shadow_errors,
-          count(*) FILTER (WHERE shadow_status >= 500) AS shadow_5xx,
-          count(*) FILTER (WHERE primary_status IS NULL) AS primary_failures,
-          count(*) FILTER (WHERE shadow_role = 'replay') AS replayed
-        FROM shadowproxy.pairs WHERE {PAIR_FILTER}""", *db.pair_args())
-    pairs, complete = int(row["pairs"]), int(row["complete_pairs"])
+    requests = int((await db.fetchrow(f"""
+        SELECT count(*) FROM shadowproxy.requests
+        WHERE route = $1 AND received_at >= $2 AND received_at < $3 AND {VERSION_FILTER}""",
+                                      db.scope.route, db.scope.window.start,
+                                      db.scope.window.end))[0])
+    pairs = _sum(groups, lambda g: True)
+    complete = _sum(groups, lambda g: g["ps"] is not None and g["ss"] is not None)
+
+    def kind(k: str) -> int:
+        return _sum(groups, lambda g: g["sek"] == k)
+
     return Counts(
-        requests=int(row["requests"]), pairs=pairs, complete_pairs=complete,
-        comparable_pairs=int(row["comparable_pairs"]),
-        shadow_timeouts=int(row["shadow_timeouts"]), shadow_drops=int(row["shadow_drops"]),
-        shadow_skips=int(row["shadow_skips"]), shadow_errors=int(row["shadow_errors"]),
-        shadow_5xx=int(row["shadow_5xx"]), primary_failures=int(row["primary_failures"]),
-        requests_without_pair=max(int(row["requests"]) - pairs, 0),
+        requests=requests, pairs=pairs, complete_pairs=complete,
+        comparable_pairs=_sum(groups, lambda g: g["comparable"]),
+        shadow_timeouts=kind("timeout"), shadow_drops=kind("dropped"),
+        shadow_skips=kind("skipped"),
+        shadow_errors=_sum(groups, lambda g: g["sek"] not in (None, "timeout", "dropped",
+                                                               "skipped")),
+        shadow_5xx=_sum(groups, lambda g: g["ss"] is not None and g["ss"] >= 500),
+        primary_failures=_sum(groups, lambda g: g["ps"] is None),
+        requests_without_pair=max(requests - pairs, 0),
         pair_completeness=complete / pairs if pairs else None,
-        replayed_pairs=int(row["replayed"]))
+        replayed_pairs=_sum(groups, lambda g: g["replayed"]))
 
 
 def _opt(value: Any) -> float | None:
@@ -187,41 +207,73 @@ def _side(q: list[float | None] | None, mean: Any, mx: Any, n: int,
                 error_rate=error_rate)
 
 
-async def operational(db: Snapshot, counts: Counts) -> Operational:
+def _rates(groups: list[asyncpg.Record]) -> dict[str, Any]:
+    """What the former per-pair aggregates gave, from the groups of ``scan``."""
+    def total(col: str, keep: Callable[[asyncpg.Record], bool] = lambda g: True) -> float:
+        return sum(float(g[col]) for g in groups if keep(g) and g[col] is not None)
+
+    def extreme(cols: tuple[str, ...], pick: Callable[..., Any]) -> float | None:
+        values = [g[c] for g in groups for c in cols if g[c] is not None]
+        return pick(values) if values else None
+
+    pairs = total("n")
+    pn, sn = total("pn"), total("sn")
+    called = total("n", lambda g: g["sek"] not in ("dropped", "skipped"))
+    complete = total("n", lambda g: g["ps"] is not None and g["ss"] is not None)
+    return {
+        "pmean": total("psum") / pn if pn else None, "smean": total("ssum") / sn if sn else None,
+        "pmax": extreme(("pmax",), max), "smax": extreme(("smax",), max),
+        "pn": int(pn), "sn": int(sn),
+        "lo": extreme(("pmin", "smin"), min), "hi": extreme(("pmax", "smax"), max),
+        "perr": total("n", lambda g: g["ps"] is None or g["ps"] >= 500) / pairs if pairs
+        else None,
+        "s_called": int(called),
+        "s_failed": int(total("n", lambda g: (g["ss"] is None or g["ss"] >= 500)
+                              and g["sek"] not in ("dropped", "skipped"))),
+        "status_agreement": total("n", lambda g: g["ps"] is not None and g["ps"] == g["ss"])
+        / complete if complete else None,
+    }
+
+
+def _status_pairs(groups: list[asyncpg.Record]) -> list[StatusPair]:
+    """The 20 most frequent (primary, shadow) status pairs (no status: last)."""
+    n: dict[tuple[int | None, int | None], int] = {}
+    for g in groups:
+        n[(g["ps"], g["ss"])] = n.get((g["ps"], g["ss"]), 0) + int(g["n"])
+
+    def order(item: tuple[tuple[int | None, int | None], int]) -> tuple[Any, ...]:
+        (p, s), count = item
+        return (-count, p is None, p or 0, s is None, s or 0)
+
+    return [StatusPair(primary=p, shadow=s, n=c) for (p, s), c in sorted(n.items(),
+                                                                         key=order)[:20]]
+
+
+async def operational(db: Snapshot, counts: Counts, groups: list[asyncpg.Record]
+                      ) -> Operational:
     """Latency percentiles and error rates per side; status-code agreement; histograms.
 
     A replayed target's latency is given but not compared with the primary's: it was
     measured under replay load, not under the production traffic the primary answered.
     """
-    row = await db.fetchrow(f"""
+    # Means, counts and rates cover every pair (the groups of ``scan``); percentiles and
+    # the histogram need the rows sorted or binned, and read the sample on a large window
+    # (Snapshot.rows).
+    row = _rates(groups)
+    q = await db.fetchrow(f"""
         SELECT
           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY primary_latency_ms)
             AS pq,
           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY shadow_latency_ms)
-            AS sq,
-          avg(primary_latency_ms) AS pmean, avg(shadow_latency_ms) AS smean,
-          max(primary_latency_ms) AS pmax, max(shadow_latency_ms) AS smax,
-          count(primary_latency_ms) AS pn, count(shadow_latency_ms) AS sn,
-          min(least(primary_latency_ms, shadow_latency_ms)) AS lo,
-          max(greatest(primary_latency_ms, shadow_latency_ms)) AS hi,
-          avg((primary_status IS NULL OR primary_status >= 500)::int) AS perr,
-          count(*) FILTER (WHERE {CALLED}) AS s_called,
-          count(*) FILTER (WHERE (shadow_status IS NULL OR shadow_status >= 500)
-                           AND {CALLED}) AS s_failed,
-          avg((primary_status = shadow_status)::int)
-            FILTER (WHERE primary_status IS NOT NULL AND shadow_status IS NOT NULL)
-            AS status_agreement
-        FROM shadowproxy.pairs WHERE {PAIR_FILTER}""", *db.pair_args())
+            AS sq
+        FROM {db.rows} WHERE {PAIR_FILTER}""", *db.pair_args())
     s_err = row["s_failed"] / row["s_called"] if row["s_called"] else None
     out = Operational(
-        primary=_side(row["pq"], row["pmean"], row["pmax"], row["pn"], _opt(row["perr"])),
-        shadow=_side(row["sq"], row["smean"], row["smax"], row["sn"], s_err),
+        primary=_side(q["pq"], row["pmean"], row["pmax"], row["pn"], _opt(row["perr"])),
+        shadow=_side(q["sq"], row["smean"], row["smax"], row["sn"], s_err),
         status_agreement=_opt(row["status_agreement"]),
-        status_pairs=[StatusPair(primary=r[0], shadow=r[1], n=r[2]) for r in await db.fetch(
-            f"SELECT primary_status, shadow_status, count(*) FROM shadowproxy.pairs "
-            f"WHERE {PAIR_FILTER} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 20",
-            *db.pair_args())],
-        outcomes=await _outcomes(db), latency_compared=True)
+        status_pairs=_status_pairs(groups), outcomes=_outcomes(groups),
+        latency_compared=True)
     role = shadow_role(counts)
     if role != "shadow":
         out["latency_compared"] = False
@@ -236,20 +288,14 @@ async def operational(db: Snapshot, counts: Counts) -> Operational:
     return out
 
 
-async def _outcomes(db: Snapshot) -> Outcomes:
+def _outcomes(groups: list[asyncpg.Record]) -> Outcomes:
     """Each side's calls by outcome: ``ok`` (an answer came) or the ``error_kind``."""
     out = Outcomes(primary=dict.fromkeys(OUTCOMES, 0), shadow=dict.fromkeys(OUTCOMES, 0))
-    for primary, shadow, n in await db.fetch(f"""
-            SELECT coalesce(primary_error_kind,
-                            CASE WHEN primary_status IS NOT NULL THEN 'ok' END),
-                   coalesce(shadow_error_kind,
-                            CASE WHEN shadow_status IS NOT NULL THEN 'ok' END),
-                   count(*)
-            FROM shadowproxy.pairs WHERE {PAIR_FILTER} GROUP BY 1, 2""", *db.pair_args()):
-        if primary is not None:
-            out["primary"][primary] = out["primary"].get(primary, 0) + int(n)
-        if shadow is not None:
-            out["shadow"][shadow] = out["shadow"].get(shadow, 0) + int(n)
+    for g in groups:
+        if g["po"] is not None:
+            out["primary"][g["po"]] = out["primary"].get(g["po"], 0) + int(g["n"])
+        if g["so"] is not None:
+            out["shadow"][g["so"]] = out["shadow"].get(g["so"], 0) + int(g["n"])
     return out
 
 
@@ -260,10 +306,10 @@ async def _latency_histogram(db: Snapshot, lo: float, hi: float) -> LatencyHisto
     rows = await db.fetch(f"""
         SELECT side, least(width_bucket(ln(greatest(v, 0.01)), ln($5), ln($6), {HIST_BINS}),
                            {HIST_BINS}) AS b, count(*)
-        FROM (SELECT 'primary' AS side, primary_latency_ms AS v FROM shadowproxy.pairs
+        FROM (SELECT 'primary' AS side, primary_latency_ms AS v FROM {db.rows}
               WHERE {PAIR_FILTER}
               UNION ALL
-              SELECT 'shadow', shadow_latency_ms FROM shadowproxy.pairs
+              SELECT 'shadow', shadow_latency_ms FROM {db.rows}
               WHERE {PAIR_FILTER}) x
         WHERE v IS NOT NULL GROUP BY 1, 2""", *db.pair_args(), edges[0], edges[-1])
     series: dict[str, list[int]] = {"primary": [0] * HIST_BINS, "shadow": [0] * HIST_BINS}

@@ -338,7 +338,7 @@ async def load(db: Snapshot, *, shadow: str | None = None, table: str = PREDICTI
                jsonb_path_query_array(primary_body_json, {path}::jsonpath),
                jsonb_path_query_array(shadow_body_json, {path}::jsonpath)
                {score_cols}
-        FROM shadowproxy.pairs WHERE {PAIR_FILTER} AND {COMPARABLE}""",
+        FROM {db.rows} WHERE {PAIR_FILTER} AND {COMPARABLE}""",
                      *db.pair_args(shadow))
     await db.execute(f"""
         INSERT INTO {table}

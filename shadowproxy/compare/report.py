@@ -29,18 +29,21 @@ from shadowproxy.compare import (
     operational,
     performance,
     predictions,
+    sampling,
     slices,
 )
 from shadowproxy.compare.config import CompareConfig
-from shadowproxy.compare.snapshot import Scope, snapshot
+from shadowproxy.compare.options import DEFAULT_MAX_PAIRS, DEFAULT_SEED
+from shadowproxy.compare.snapshot import Scope, Snapshot, snapshot
 from shadowproxy.compare.verdict import Verdict, verdict
 from shadowproxy.compare.window import Window
 
 STEPS = ("counts and latency", "predictions", "labels", "field diff", "data checks",
          "generation", "slices", "verdict")
 Progress = Callable[[str], None]
-SEED = 20240601
-SCRATCH = predictions.SCRATCH + diff.SCRATCH + features.SCRATCH + slices.SCRATCH
+SEED = DEFAULT_SEED
+SCRATCH = (sampling.SCRATCH + predictions.SCRATCH + diff.SCRATCH + features.SCRATCH
+           + slices.SCRATCH)
 
 
 class Meta(TypedDict):
@@ -56,6 +59,8 @@ class Meta(TypedDict):
     generated_at: str
     versions: dict[str, str]
     seed: int
+    sample: sampling.SampleInfo
+    """What the row-level sections read: every pair, or a sample of whole requests."""
     thresholds: dict[str, Any]
     compare: dict[str, Any]
 
@@ -80,19 +85,23 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
                        compare: CompareConfig, reference: Path | None = None,
                        progress: Progress | None = None,
                        unlisted: Mapping[str, str] | None = None,
-                       config_version: str | None = None) -> Report:
+                       config_version: str | None = None,
+                       max_pairs: int = DEFAULT_MAX_PAIRS,
+                       seed: int = SEED) -> Report:
     """The whole report as a JSON-ready dict.
 
     ``unlisted`` names the targets (the shadow, the baseline) that are not shadows of the
     route in the configuration, each with where the name came from: they must have been
     replayed into the window (``shadowproxy replay --as NAME``), else UsageError.
     ``config_version`` keeps the requests handled under that configuration version only.
+    Above ``max_pairs`` pairs, what needs rows reads a sample of ``max_pairs`` requests drawn
+    with ``seed`` (``sampling``); counts and rates always cover every pair.
     """
     import numpy as np
     import scipy
 
     step = progress or (lambda _: None)
-    scope = Scope(route, shadow, window, compare, SEED, config_version)
+    scope = Scope(route, shadow, window, compare, seed, config_version)
     async with snapshot(conn, scope, SCRATCH) as db:
         versions = await operational.config_versions(db)
         for validate in (predictions.validate, features.validate, diff.validate,
@@ -100,9 +109,13 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
             await validate(db)
         await operational.check_replayed(db, unlisted or {})
         step("counts and latency")
-        counts = await operational.counts(db)
-        health = await operational.operational(db, counts)
-        comparable = counts["comparable_pairs"]
+        groups = await operational.scan(db)
+        counts = await operational.counts(db, groups)
+        sample = await sampling.draw(db, counts["pairs"], counts["comparable_pairs"],
+                                     max_pairs)
+        health = await operational.operational(db, counts, groups)
+        # The row-level sections see the sample's comparable pairs.
+        comparable = sample["comparable"]
         source = await generation_section.task_source(db, comparable)
         sections: dict[str, Any] = {"counts": counts, "operational": health}
         preds = None
@@ -123,6 +136,8 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
             sections["generation"] = await generation_section.build(db, comparable, source,
                                                                     feats)
         step("verdict")
+        if sample["sampled"]:
+            sample["estimates"] = await _estimates(db, sections, sample)
         server = (await db.fetchrow("SHOW server_version"))[0]
     th = compare.thresholds
     meta = Meta(
@@ -133,7 +148,7 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         versions={"shadowproxy": __version__, "numpy": np.__version__,
                   "scipy": scipy.__version__, "postgresql": server},
-        seed=SEED, thresholds=th.model_dump(),
+        seed=seed, sample=sample, thresholds=th.model_dump(),
         compare=compare.model_dump(mode="json", exclude={"thresholds"} if source else
                                    {"thresholds", "generation"}))
     decided = verdict(sections, th)
@@ -141,3 +156,28 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
              "slices", "generation")
     return cast(Report, {"meta": meta, **{k: sections[k] for k in order if k in sections},
                          "verdict": decided})
+
+
+async def _estimates(db: Snapshot, sections: Mapping[str, Any], sample: sampling.SampleInfo
+                     ) -> dict[str, sampling.Estimate]:
+    """Comparable pairs of the window estimated from the sample's, with 95% intervals: those
+    whose responses differ, and those whose predictions disagree (a class flips, or a
+    regression value leaves the tolerance)."""
+    out: dict[str, sampling.Estimate] = {}
+    population = sample["population_comparable"]
+    d = sections["diff"]
+    if d.get("compared_pairs"):
+        out["pairs_differing"] = sampling.estimate(
+            d["compared_pairs"] - d["identical"], d["compared_pairs"], population)
+    if "predictions" in sections and sections["predictions"].get("n"):
+        c = db.compare
+        differs = ("pt IS DISTINCT FROM st" if sections["predictions"]["task"] ==
+                   "classification" else
+                   "abs(sn - pn) > greatest($1::float8, $2::float8 * greatest(abs(pn), abs(sn)))")
+        # Among the sample's comparable pairs: one without a prediction does not disagree.
+        row = await db.fetchrow(f"SELECT count(DISTINCT id) FILTER (WHERE {differs}) "
+                                f"FROM {predictions.PREDICTIONS}",
+                                c.abs_tolerance, c.rel_tolerance)
+        out["pairs_with_disagreeing_predictions"] = sampling.estimate(
+            int(row[0]), sample["comparable"], population)
+    return out

@@ -88,7 +88,7 @@ async def _load(db: Snapshot, features: Features) -> list[tuple[str, str]]:
     for family, spec in db.compare.slices.items():
         if isinstance(spec, str):
             await db.execute(f"""
-                INSERT INTO {SLICES} SELECT id, NULL, $5, $5 FROM shadowproxy.pairs
+                INSERT INTO {SLICES} SELECT id, NULL, $5, $5 FROM {db.rows}
                 WHERE {PAIR_FILTER} AND ({spec})""", *db.pair_args(), family,
                              explain=_failed(family, spec))
         else:

@@ -3,9 +3,10 @@
 Every section of the report reads the store through a ``Snapshot``: ``fetch``/``execute``
 translate asyncpg errors (a ``DatabaseError``, or the section's own ``UsageError`` when
 PostgreSQL rejects something the configuration wrote), ``pair_args`` and ``PAIR_FILTER``
-select the pairs of the report's route, shadow and window, and ``sample_clause`` keeps a
-seeded hash sample of rows (at most ``thresholds.sample_max``), so that a report is
-reproducible.
+select the pairs of the report's route, shadow and window, ``rows`` names the relation that
+holds the pairs the row-level sections read (every pair, or a sample: see ``sampling``), and
+``sample_clause`` keeps a seeded hash sample of rows (at most ``thresholds.sample_max``), so
+that a report is reproducible.
 
 A report is one snapshot: ``snapshot()`` runs every statement in one read-only REPEATABLE
 READ transaction, so counts and samples agree however many records land meanwhile.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -26,12 +28,18 @@ from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.window import Window
 from shadowproxy.errors import DatabaseError, ShadowProxyError, UsageError
 
+if TYPE_CHECKING:
+    from shadowproxy.compare.sampling import SampleInfo
+
 SELECTED_VERSION = "nullif(current_setting('shadowproxy.config_version', true), '')"
 """The ``--config-version`` of the report (NULL for all), set for the snapshot's transaction."""
 
 VERSION_FILTER = (f"coalesce({SELECTED_VERSION}, config_version) "
                   "IS NOT DISTINCT FROM config_version")
 """True for a row of the selected configuration version, or for every row without one."""
+
+PAIRS = "shadowproxy.pairs"
+"""The view of every pair; ``Snapshot.rows`` names where the row-level sections read them."""
 
 PAIR_FILTER = ("route = $1 AND shadow_name = $2 AND received_at >= $3 AND received_at < $4 "
                f"AND {VERSION_FILTER}")
@@ -75,6 +83,11 @@ class Snapshot:
     def __init__(self, conn: asyncpg.Connection, scope: Scope) -> None:
         self._conn = conn
         self.scope = scope
+        self.rows = PAIRS
+        """Where the tests, percentiles, diffs, data checks and slices read pairs (with
+        ``PAIR_FILTER``): ``shadowproxy.pairs``, or the sampled pairs (``sampling.draw``)."""
+        self.sample: SampleInfo | None = None
+        """What ``sampling.draw`` decided (None before it ran)."""
 
     @property
     def compare(self) -> CompareConfig:

@@ -78,6 +78,28 @@ def config_version_notes(m: dict[str, Any]) -> list[str]:
     return []
 
 
+def sample_notes(m: dict[str, Any]) -> list[str]:
+    """What the report says about its sample: population and sample sizes, what is exact,
+    and the counts estimated for the whole window."""
+    sample = m.get("sample")
+    if not sample:
+        return []
+    if not sample["sampled"]:
+        return [f"every pair of the window was read ({sample['population']:,} pairs, at most "
+                f"--max-pairs {sample['max_pairs']:,} are read whole)"]
+    notes = [f"sampled: {sample['size']:,} of {sample['population']:,} pairs "
+             f"({pct(sample['fraction'])}), a uniform sample of whole requests (--max-pairs "
+             f"{sample['max_pairs']:,}, --seed {sample['seed']}); counts, error rates, mean "
+             "latencies and status agreement cover every pair; tests, percentiles, "
+             "histograms, the field diff, data checks and slices read the sample, and their "
+             "p-values and intervals are those of the sample's size"]
+    for name, e in sample.get("estimates", {}).items():
+        notes.append(f"estimated for the window: {name.replace('_', ' ')} {e['estimate']:,} "
+                     f"(95% interval {e['ci_low']:,} to {e['ci_high']:,}; "
+                     f"{e['in_sample']:,} of {e['of_sample']:,} in the sample)")
+    return notes
+
+
 def _header(r: dict[str, Any]) -> Section:
     m = r["meta"]
     v = r["verdict"]
@@ -88,6 +110,7 @@ def _header(r: dict[str, Any]) -> Section:
                    + (f", baseline {m['baseline_shadow']}" if m.get("baseline_shadow") else "")
                    + f"; window {m['window']['start']} → {m['window']['end']}")
     s.notes += config_version_notes(m)
+    s.notes += sample_notes(m)
     if v["reasons"]:
         s.tables.append(Table(["level", "section", "reason"],
                               [[x["level"], x["section"], x["message"]] for x in v["reasons"]]))
