@@ -5,17 +5,18 @@ listener and the admin listener are opened and closed.
 
 Start: bind the client socket, then the admin listener (so that a taken port of either
 fails before anything else starts; /readyz says "starting" meanwhile) → the upstream
-pools → the recorder (database or spool) → accept clients.
+pools → the recorder (database or spool) → the storage maintenance task (partitions ahead,
+retention: ``store/maintenance.py``) → accept clients.
 
 Reload (``reload.Reloader``, from SIGHUP, ``POST /-/reload``, ``shadowproxy reload`` or
 ``watch: true``): ``Proxy.apply`` compiles the new routes against the same upstream pools
 (``live.py``) and swaps the router in one synchronous step; nothing else is restarted.
 
 Stop, the reverse (``STOP_STEPS``): stop accepting → finish the in-flight requests →
-shadow calls up to ``limits.shutdown_grace_s``, then end what outlives it → flush the
-recorder to the database or the spool → close the upstream pools → close the admin
-listener last, so that probes and /metrics answer until the end (/readyz says 503 from
-the first step on).
+shadow calls up to ``limits.shutdown_grace_s``, then end what outlives it → end the
+maintenance task → flush the recorder to the database or the spool → close the upstream
+pools → close the admin listener last, so that probes and /metrics answer until the end
+(/readyz says 503 from the first step on).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from shadowproxy.metrics import Metrics
 from shadowproxy.proxy import ClientConnection, ProxyContext
 from shadowproxy.recorder.recorder import Recorder
 from shadowproxy.reload import Reloader, ReloadOutcome, config_version
+from shadowproxy.store.maintenance import Maintenance
 from shadowproxy.tasks import spawn
 from shadowproxy.upstream import UpstreamPool
 
@@ -104,6 +106,8 @@ class Proxy:
         self.registry = registry
         self.server = server
         self.reloader: Reloader | None = None
+        self.maintenance: Maintenance | None = None
+        """The storage maintenance task (partitions ahead, retention)."""
         """With a config file (``running(config_path=...)``): reloads it."""
         self.admin_port: int | None = None
         self.stopped: list[str] = []
@@ -306,6 +310,13 @@ async def running(settings: Settings, database_url: str, *,
         started = Proxy(settings, metrics, recorder, ctx, registry, server)
         started.admin_port = admin_port
         started.stopped = stopping.done
+        # Partitions ahead and retention, in the background on its own connection; closed
+        # after the drain, before the recorder flushes. It reads the running settings at
+        # each run, so a reload applies.
+        maintenance = started.maintenance = Maintenance(
+            database_url, lambda: started.settings.storage, metrics)
+        maintenance.start()
+        stack.push_async_callback(maintenance.close)
 
         async def drain() -> None:
             # The running configuration's grace: a reload may have changed it.
