@@ -134,8 +134,12 @@ class Selection:
                f"AND _sp_q.received_at < {p(o.window.end)}")
         if o.where is not None:
             # On lines of its own: a trailing "-- comment" must not swallow the query's rest.
+            # The window again, on the pairs' own received_at: it keeps the subquery to the
+            # window's partitions (the outer query's bounds do not carry into it).
             sql += (f"\n  AND EXISTS (SELECT 1 FROM ({PAIRS_ROWS}) AS pairs "
-                    f"WHERE pairs.id = _sp_q.id AND (\n{o.where}\n))\n")
+                    "WHERE pairs.id = _sp_q.id AND pairs.received_at = _sp_q.received_at "
+                    f"AND pairs.received_at >= {p(o.window.start)} "
+                    f"AND pairs.received_at < {p(o.window.end)} AND (\n{o.where}\n))\n")
         if self.bound is not None:
             sql += f" AND (_sp_q.received_at, _sp_q.id) <= ({p(self.bound[0])}, {p(self.bound[1])})"
         if after is not None:
