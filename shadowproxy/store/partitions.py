@@ -115,6 +115,10 @@ async def create(conn: asyncpg.Connection, start: datetime, end: datetime) -> st
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         for table in TABLES:
             part = f"{table}_{name}"
+            # The lock ATTACH takes anyway, taken first: no row of the range can reach the
+            # DEFAULT partition between the move and the attach.
+            await conn.execute(
+                f"LOCK TABLE shadowproxy.{table}_default IN ACCESS EXCLUSIVE MODE")
             await conn.execute(
                 f"CREATE TABLE shadowproxy.{part} (LIKE shadowproxy.{table} "
                 "INCLUDING DEFAULTS INCLUDING CONSTRAINTS) WITH (toast_tuple_target = 8160)")
