@@ -35,8 +35,8 @@ from shadowproxy.tasks import spawn
 
 log = logging.getLogger("shadowproxy.storage")
 
-LEGACY_BATCHES_PER_RUN = 200
-"""Batches of the upgrade's move per run (a million requests at the default batch size):
+LEGACY_BATCHES_PER_RUN = 50
+"""Batches of the upgrade's move per run (250,000 requests at the default batch size):
 the rest waits for the next run, so that one run stays short."""
 
 
