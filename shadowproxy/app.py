@@ -6,7 +6,8 @@ listener and admin listener (a ``workers: N`` supervisor serves its own admin li
 
 Start: bind the client socket, then the admin listener (so that a taken port of either
 fails before anything else starts; /readyz says "starting" meanwhile) → the upstream
-pools → the recorder (database or spool) → accept clients.
+pools → the recorder (database or spool) → the storage maintenance task (partitions ahead,
+retention: ``store/maintenance.py``) → accept clients.
 
 Reload (``reload.Reloader``, from SIGHUP, ``POST /-/reload``, ``shadowproxy reload`` or
 ``watch: true``): ``Proxy.apply`` compiles the new routes against the same upstream pools
@@ -15,10 +16,10 @@ Reload (``reload.Reloader``, from SIGHUP, ``POST /-/reload``, ``shadowproxy relo
 Stop, the reverse: the reloader stops (and its process file goes) and the sweeper is
 cancelled, then ``STOP_STEPS``: stop accepting → finish the in-flight requests → wait for
 the upstream calls still running (shadows, mostly), all within ``limits.shutdown_grace_s``
-of the first step, then end the calls and client connections that outlive it → flush the
-recorder to the database or the spool → close the upstream pools → close the admin
-listener last, so that probes and /metrics answer until the end (/readyz says 503 from
-the first step on).
+of the first step, then end the calls and client connections that outlive it → end the
+storage maintenance task → flush the recorder to the database or the spool → close the
+upstream pools → close the admin listener last, so that probes and /metrics answer until
+the end (/readyz says 503 from the first step on).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from shadowproxy.metrics import Metrics
 from shadowproxy.proxy import ClientConnection, ProxyContext
 from shadowproxy.recorder.recorder import Recorder
 from shadowproxy.reload import Reloader, ReloadOutcome, config_version
+from shadowproxy.store.maintenance import Maintenance
 from shadowproxy.tasks import spawn
 from shadowproxy.upstream import UpstreamPool
 
@@ -107,6 +109,8 @@ class Proxy:
         self.registry = registry
         self.server = server
         self.reloader: Reloader | None = None
+        self.maintenance: Maintenance | None = None
+        """The storage maintenance task (partitions ahead, retention)."""
         """With a config file (``running(config_path=...)``): reloads it."""
         self.admin_port: int | None = None
         self.stopped: list[str] = []
@@ -309,6 +313,13 @@ async def running(settings: Settings, database_url: str, *,
         started = Proxy(settings, metrics, recorder, ctx, registry, server)
         started.admin_port = admin_port
         started.stopped = stopping.done
+        # Partitions ahead and retention, in the background on its own connection; closed
+        # after the drain, before the recorder flushes. It reads the running settings at
+        # each run, so a reload applies.
+        maintenance = started.maintenance = Maintenance(
+            database_url, lambda: started.settings.storage, metrics)
+        maintenance.start()
+        stack.push_async_callback(maintenance.close)
 
         async def drain() -> None:
             # The running configuration's grace: a reload may have changed it.

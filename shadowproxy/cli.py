@@ -41,15 +41,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from shadowproxy.config import load_config
     from shadowproxy.store.database import database_url, describe
-    from shadowproxy.store.migrate import migrate
+    from shadowproxy.store.migrate import migrate_all
 
     settings = load_config(args.config)
     url = database_url(settings)
-    applied = asyncio.run(migrate(url))
-    if applied:
-        for mig in applied:
-            print(f"applied {mig.version:03d}_{mig.name}")
-    else:
+    done = asyncio.run(migrate_all(url, settings.storage.partition))
+    for mig in done.applied:
+        print(f"applied {mig.version:03d}_{mig.name}")
+    if done.created:
+        print(f"created {len(done.created)} partition(s) of requests and responses: "
+              f"{', '.join(done.created)}")
+    if done.moved.requests or done.moved.responses:
+        print(f"moved {done.moved.requests} requests and {done.moved.responses} responses "
+              "into the partitioned tables")
+    if not (done.applied or done.created or done.moved.requests or done.moved.responses):
         print(f"schema is up to date ({describe(url)})")
     return 0
 
@@ -171,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_arguments(p)
 
     p = command("prune", _lazy("shadowproxy.store.prune", "run_prune"),
-                "delete records older than a given age, in batches")
+                "remove records older than a given age: whole time partitions, and the "
+                "rows before the cutoff in the partition across it")
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
     p.add_argument("--batch-size", type=int, default=5000)
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     Field,
+    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
@@ -26,6 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from shadowproxy.compare.config import CompareConfig, FrozenModel
+from shadowproxy.durations import format_age, parse_age
 from shadowproxy.errors import ConfigError
 
 DATABASE_URL_ENV = "SHADOWPROXY_DATABASE_URL"
@@ -254,6 +258,34 @@ class RecordingConfig(FrozenModel):
         return value
 
 
+def _age(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if not isinstance(value, str):
+        # A bare number would leave the unit to guess: 30 seconds or 30 days?
+        return parse_age(repr(value))  # raises, naming what is expected
+    return parse_age(value)
+
+
+Age = Annotated[timedelta, BeforeValidator(_age), PlainSerializer(format_age, when_used="json")]
+"""A duration written as ``30d``, ``12h``, ``90m`` (``durations.parse_age``)."""
+
+PARTITION_PERIODS = ("hour", "day", "week")
+
+
+class StorageConfig(FrozenModel):
+    """How records are laid out in time: partitions and retention (docs/sql.md)."""
+
+    partition: Literal["hour", "day", "week"] = "day"
+    """The time range of each partition of requests and responses, in UTC (a week starts
+    on Monday). A change applies to the partitions created from then on."""
+    retention: Age | None = None
+    """Records older than this are dropped by the running proxy (``null``: kept until
+    ``shadowproxy prune``)."""
+    maintenance_interval_s: PositiveSeconds = 300.0
+    """How often the proxy creates partitions ahead and applies the retention."""
+
+
 class Limits(FrozenModel):
     """Bounds that protect the proxy from large or slow input."""
 
@@ -279,6 +311,7 @@ class Settings(FrozenModel):
     data_dir: Path = Path(".shadowproxy")
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     recording: RecordingConfig = Field(default_factory=RecordingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     limits: Limits = Field(default_factory=Limits)
     routes: list[Route] = Field(min_length=1)
 

@@ -15,7 +15,9 @@ its ``set_json``, their body not a JSON object the edits fit),
 redacted); ``shadowproxy_database_up`` and ``shadowproxy_database_error{class}`` (why records
 go to the spool: a transient outage, or a permanent problem only the operator can fix);
 ``shadowproxy_config_info{version}`` (1 for each configuration version a process runs),
-``shadowproxy_config_reloads_total{result}`` (``applied`` or ``rejected``).
+``shadowproxy_config_reloads_total{result}`` (``applied`` or ``rejected``);
+``shadowproxy_storage_maintenance_total{result}`` (``ok`` or ``failed``: runs of the task
+that creates partitions ahead and applies the retention, ``store/maintenance.py``).
 
 Counters are kept by route and shadow name, so they survive reloads of the configuration.
 """
@@ -43,6 +45,7 @@ SHADOW_OUTCOMES = ("ok", *ERROR_KINDS)
 """``outcome`` of a shadow call: ok, or the kind of its failure (``failures.ErrorKind``)."""
 RECORD_OUTCOMES = ("written", "spooled", "dropped")
 RELOAD_RESULTS = ("applied", "rejected")
+MAINTENANCE_RESULTS = ("ok", "failed")
 DATABASE_ERROR_CLASSES = ("transient", "permanent")
 """``class`` of ``shadowproxy_database_error``: see ``store.database.classify``."""
 
@@ -113,6 +116,8 @@ class Metrics:
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
         self.bodies_withheld: dict[str, int] = {}
         """Bodies not stored, by reason (``recorder.bodies.WITHHELD_REASONS`` and others)."""
+        self.maintenance = dict.fromkeys(MAINTENANCE_RESULTS, 0)
+        """Runs of the storage maintenance task, by result."""
         self.database_state: Callable[[], str] = lambda: "up"
         """'up', or the class of the problem that keeps the database from being used."""
 
@@ -142,6 +147,7 @@ class Metrics:
             "reloads": dict(self.reloads),
             "bodies_withheld": dict(self.bodies_withheld),
             "database": self.database_state(),
+            "maintenance": dict(self.maintenance),
         }
 
 
@@ -157,6 +163,7 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     reloads = dict.fromkeys(RELOAD_RESULTS, 0)
     withheld: dict[str, int] = {}
     database = dict.fromkeys(("up", *DATABASE_ERROR_CLASSES), 0)
+    maintenance = dict.fromkeys(MAINTENANCE_RESULTS, 0)
     for snap in snapshots:
         for route, code, n in snap["requests"]:
             key = (route, str(code))
@@ -179,6 +186,8 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
             reloads[result] = reloads.get(result, 0) + n
         for reason, n in snap.get("bodies_withheld", {}).items():
             withheld[reason] = withheld.get(reason, 0) + n
+        for result, n in snap.get("maintenance", {}).items():
+            maintenance[result] = maintenance.get(result, 0) + n
         state = snap.get("database")
         if state in database:
             database[state] += 1
@@ -254,6 +263,14 @@ def families(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
     for kind in DATABASE_ERROR_CLASSES:
         errors.add_metric([kind], database[kind])
     yield errors
+
+    fam = CounterMetricFamily("shadowproxy_storage_maintenance", "Runs of the storage "
+                              "maintenance (partitions created ahead, retention), by result: "
+                              "ok, or failed (logged; tried again at the next interval).",
+                              labels=["result"])
+    for result, n in maintenance.items():
+        fam.add_metric([result], n)
+    yield fam
 
 
 class SnapshotCollector:

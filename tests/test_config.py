@@ -221,3 +221,36 @@ routes:
     assert settings.routes[0].shadows[0].set_json == {
         "model": "large", "stream_options": {"include_usage": True},
         "messages[0].content": "You are terse."}
+
+
+def test_storage_keys_default_and_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """storage.partition is day and retention unset by default; a retention reads like
+    prune's --older-than."""
+    from datetime import timedelta
+
+    monkeypatch.setenv("TEST_DB_URL", "postgresql://u@h/db")
+    default = load_config(write(tmp_path, GOOD)).storage
+    assert (default.partition, default.retention) == ("day", None)
+    text = GOOD + "storage:\n  partition: hour\n  retention: 30d\n"
+    storage = load_config(write(tmp_path, text)).storage
+    assert (storage.partition, storage.retention) == ("hour", timedelta(days=30))
+    assert storage.model_dump(mode="json")["retention"] == "30d"
+
+
+@pytest.mark.parametrize(("storage", "expected"), [
+    ("partition: month", "storage.partition: Input should be 'hour', 'day' or 'week'"),
+    ("retention: 30 days", "storage.retention: expected a whole number and a unit s, m, h, "
+                           "d or w, e.g. 30d"),
+    ("retention: 30", "storage.retention: expected a whole number and a unit"),
+    ("retention: 0d", "storage.retention: an age of 0 would mean every record"),
+    ("maintenance_interval_s: 0", "storage.maintenance_interval_s: Input should be greater"),
+])
+def test_storage_keys_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  storage: str, expected: str) -> None:
+    """A wrong partition period or retention is reported at its line, saying what fits."""
+    monkeypatch.setenv("TEST_DB_URL", "postgresql://u@h/db")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD + f"storage:\n  {storage}\n"))
+    assert any(p.endswith(expected) or expected in p for p in info.value.problems), \
+        info.value.problems
+    assert any(":11: storage." in p for p in info.value.problems), info.value.problems

@@ -238,8 +238,9 @@ async def _check_records(database_url: str, answered: list[str],
         SELECT q.request_id, q.config_version, q.body_json->>'secret' AS secret,
                array_agg(s.target) FILTER (WHERE s.role = 'shadow') AS shadows,
                bool_and(s.status = 200 AND s.error_kind IS NULL) AS all_ok
-        FROM shadowproxy.requests q JOIN shadowproxy.responses s ON s.request = q.id
-        GROUP BY q.id""")
+        FROM shadowproxy.requests q
+        JOIN shadowproxy.responses s ON s.request = q.id AND s.received_at = q.received_at
+        GROUP BY q.id, q.received_at""")
     assert len(rows) == len(answered) > 1000
     assert {r["request_id"] for r in rows} == set(answered)
     called: dict[str, set[str]] = {"s1": set(), "s2": set()}

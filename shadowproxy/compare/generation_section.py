@@ -211,7 +211,9 @@ async def _load(db: Snapshot, comparable: int) -> list[_Row]:
         FROM (SELECT * FROM {db.rows}
               WHERE {PAIR_FILTER} AND {COMPARABLE} AND {sample}) p
         LEFT JOIN shadowproxy.responses rp ON rp.request = p.id AND rp.role = 'primary'
+                                              AND rp.received_at = p.received_at
         LEFT JOIN shadowproxy.responses rs ON rs.request = p.id AND rs.target = p.shadow_name
+                                              AND rs.received_at = p.received_at
         LEFT JOIN shadowproxy.labels l ON l.request_id = p.request_id
         ORDER BY p.received_at, p.id""", *db.pair_args())
     out = []
@@ -236,13 +238,15 @@ async def _unassembled(db: Snapshot) -> dict[str, int]:
     row = await db.fetchrow(f"""
         SELECT count(*) FILTER (WHERE p.primary_body_json IS NULL AND {sse.format('rp')}),
                count(*) FILTER (WHERE p.shadow_body_json IS NULL AND {sse.format('rs')})
-        FROM (SELECT id, shadow_name, primary_body_json, shadow_body_json
+        FROM (SELECT id, received_at, shadow_name, primary_body_json, shadow_body_json
               FROM shadowproxy.pairs
               WHERE {PAIR_FILTER} AND primary_status BETWEEN 200 AND 299
                 AND shadow_status BETWEEN 200 AND 299
                 AND (primary_body_json IS NULL OR shadow_body_json IS NULL)) p
         LEFT JOIN shadowproxy.responses rp ON rp.request = p.id AND rp.role = 'primary'
+                                              AND rp.received_at = p.received_at
         LEFT JOIN shadowproxy.responses rs ON rs.request = p.id AND rs.target = p.shadow_name
+                                              AND rs.received_at = p.received_at
         """, *db.pair_args())
     return {"primary": int(row[0]), "shadow": int(row[1])}
 

@@ -35,7 +35,7 @@ from shadowproxy.compare.snapshot import (
 )
 
 SAMPLE_TABLE, SAMPLED_PAIRS = "report_sample", "report_pairs"
-SCRATCH = (Scratch(SAMPLE_TABLE, "id uuid PRIMARY KEY, k bigint"),
+SCRATCH = (Scratch(SAMPLE_TABLE, "id uuid PRIMARY KEY, received_at timestamptz, k bigint"),
            Scratch(SAMPLED_PAIRS, f"LIKE {PAIRS}"))
 
 _KEY = "hashtextextended(q.id::text, $5)"
@@ -100,13 +100,14 @@ async def draw(db: Snapshot, population: int, comparable: int, max_pairs: int
     while True:
         await db.execute(f"DELETE FROM {SAMPLE_TABLE}")
         await db.execute(f"""
-            INSERT INTO {SAMPLE_TABLE} (id, k)
-            SELECT id, k FROM (
-                SELECT q.id, {_KEY} AS k FROM shadowproxy.requests q
+            INSERT INTO {SAMPLE_TABLE} (id, received_at, k)
+            SELECT id, received_at, k FROM (
+                SELECT q.id, q.received_at, {_KEY} AS k FROM shadowproxy.requests q
                 WHERE q.route = $1 AND q.received_at >= $3 AND q.received_at < $4
                   AND {VERSION_FILTER} AND {_KEY} <= $6) c
             WHERE EXISTS (SELECT 1 FROM shadowproxy.responses s
-                          WHERE s.request = c.id AND s.target = $2
+                          WHERE s.request = c.id AND s.received_at = c.received_at
+                            AND s.target = $2
                             AND s.role IN ('shadow', 'replay'))
             ORDER BY k, id LIMIT $7""",
                          *db.pair_args(), db.scope.seed, _cutoff(fraction), max_pairs)
@@ -116,7 +117,7 @@ async def draw(db: Snapshot, population: int, comparable: int, max_pairs: int
         fraction *= 2
     await db.execute(f"ANALYZE {SAMPLE_TABLE}")
     await db.execute(f"INSERT INTO {SAMPLED_PAIRS} SELECT p.* FROM {SAMPLE_TABLE} r "
-                     f"JOIN {PAIRS} p ON p.id = r.id")
+                     f"JOIN {PAIRS} p ON p.id = r.id AND p.received_at = r.received_at")
     await db.execute(f"ANALYZE {SAMPLED_PAIRS}")
     db.rows, db.sample = SAMPLED_PAIRS, info
     row = await db.fetchrow(f"SELECT count(*), count(*) FILTER (WHERE {COMPARABLE}) "
@@ -135,7 +136,8 @@ def requests_filter(db: Snapshot, sampled_window: bool) -> tuple[str, str]:
     if info is None or not info["sampled"]:
         return "shadowproxy.requests q", "true"
     if sampled_window:
-        return f"{SAMPLE_TABLE} r JOIN shadowproxy.requests q ON q.id = r.id", "true"
+        return (f"{SAMPLE_TABLE} r JOIN shadowproxy.requests q "
+                "ON q.id = r.id AND q.received_at = r.received_at"), "true"
     key = f"hashtextextended(q.id::text, {int(db.scope.seed)})"
     return "shadowproxy.requests q", f"{key} <= {_cutoff(info['fraction'])}"
 

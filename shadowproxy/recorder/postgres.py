@@ -47,7 +47,7 @@ CREATE TEMP TABLE IF NOT EXISTS _sp_requests (
 CREATE TEMP TABLE IF NOT EXISTS _sp_responses (
     request uuid, target text, role text, status int, headers text, body bytea,
     body_json text, body_size bigint, body_truncated boolean, latency_ms double precision,
-    error text, started_at timestamptz, error_kind text, stream text
+    error text, started_at timestamptz, error_kind text, stream text, received_at timestamptz
 ) ON COMMIT DELETE ROWS;
 """
 
@@ -62,15 +62,21 @@ SELECT id, request_id, route, received_at, method, path, query,
        COALESCE({headers}, '{{}}'::jsonb), body, {body_json}, body_size, body_truncated,
        client_addr, config_version
 FROM _sp_requests
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (id, received_at) DO NOTHING
 """
 
+# A response row of a spool file from before partitioning whose request is not in its
+# batch (a replayed answer) has no received_at: its request's, looked up (one probe of the
+# primary key's leading column per partition); else the call's own start, so that the
+# answer of a request pruned meanwhile is still stored rather than refused.
 _INSERT_RESPONSES = """
 INSERT INTO shadowproxy.responses ({columns})
 SELECT request, target, role, status, {headers}, body, {body_json}, body_size,
-       body_truncated, latency_ms, error, started_at, error_kind, {stream}
-FROM _sp_responses
-ON CONFLICT (request, target) DO NOTHING
+       body_truncated, latency_ms, error, started_at, error_kind, {stream},
+       COALESCE(r.received_at, (SELECT q.received_at FROM shadowproxy.requests q
+                                WHERE q.id = r.request LIMIT 1), r.started_at, now())
+FROM _sp_responses r
+ON CONFLICT (request, target, received_at) DO NOTHING
 """
 
 

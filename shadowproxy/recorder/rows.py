@@ -34,7 +34,8 @@ REQUEST_COLUMNS = ("id", "request_id", "route", "received_at", "method", "path",
                    "config_version")
 RESPONSE_COLUMNS = ("request", "target", "role", "status", "headers", "body", "body_json",
                     "body_size", "body_truncated", "latency_ms", "error", "started_at",
-                    "error_kind", "stream")
+                    "error_kind", "stream", "received_at")
+"""``received_at`` is the request's (responses are partitioned with their request by it)."""
 
 Row = tuple[Any, ...]
 REDACTED = "[redacted]"
@@ -157,7 +158,7 @@ class RowEncoder:
                 ex.id, r.target, r.role, r.status, self.headers(r.headers), rbody, rtext,
                 r.body_size if r.status is not None else None,
                 r.body_truncated or rreason is not None or held, r.latency_ms, r.error,
-                r.started_at, r.error_kind, stream))
+                r.started_at, r.error_kind, stream, ex.received_at))
         return request, answers
 
     def _without_bodies(self, ex: Exchange) -> tuple[Row | None, list[Row]]:
@@ -170,7 +171,8 @@ class RowEncoder:
             ex.config_version)
         answers = [(ex.id, r.target, r.role, r.status, None, None, None,
                     r.body_size if r.status is not None else None, True, r.latency_ms,
-                    r.error, r.started_at, r.error_kind, None) for r in ex.responses]
+                    r.error, r.started_at, r.error_kind, None, ex.received_at)
+                   for r in ex.responses]
         return request, answers
 
 
@@ -190,12 +192,30 @@ def without_bodies(row: Row, columns: tuple[str, ...]) -> Row:
 
 
 def upgrade_rows(requests: list[Row], responses: list[Row]) -> tuple[list[Row], list[Row]]:
-    """Rows of a spool file written by an earlier version, in today's column layout."""
+    """Rows of a spool file written by an earlier version, in today's column layout.
+
+    Response rows before partitioning carry no ``received_at``: it is their request's, taken
+    from the same batch; a replayed answer's request is stored already and not in the batch,
+    so its ``received_at`` stays None for the writer to look up (``postgres.py``).
+    """
     if requests and len(requests[0]) == len(REQUEST_COLUMNS) - 1:
         requests = [(*row, None) for row in requests]  # before config versions
-    if responses and len(responses[0]) == len(RESPONSE_COLUMNS) - 2:
+    if not responses:
+        return requests, responses
+    width = len(responses[0])
+    if width == _BEFORE_ERROR_KINDS:
         # Before error kinds: the kind is read from the error text, as the migration does.
         responses = [(*row, kind_of_legacy_error(row[10])) for row in responses]
-    if responses and len(responses[0]) == len(RESPONSE_COLUMNS) - 1:
+        width += 1
+    if width == _BEFORE_STREAMS:
         responses = [(*row, None) for row in responses]  # before stream timing
+        width += 1
+    if width == _BEFORE_PARTITIONS:
+        received = {row[0]: row[3] for row in requests}
+        responses = [(*row, received.get(row[0])) for row in responses]
     return requests, responses
+
+
+_BEFORE_PARTITIONS = len(RESPONSE_COLUMNS) - 1
+_BEFORE_STREAMS = _BEFORE_PARTITIONS - 1
+_BEFORE_ERROR_KINDS = _BEFORE_STREAMS - 1

@@ -8,11 +8,11 @@ keep-alive pool to the target. Each answer, or failure, becomes a response-only 
 redaction, the spool while the database is away. Sending waits while the recorder is
 behind, so that no record is dropped for the replay's speed.
 
-Exactly once: an answer is stored under the primary key (request, target), and a request
-is pending only while it has none. A run stopped anywhere (Ctrl-C, kill -9) leaves every
-request either stored or pending, and the next run sends the pending ones: a request may
-reach the target twice (sent, then killed before its answer was stored), it is never
-stored twice.
+Exactly once: an answer is stored under the primary key (request, target, received_at: the
+request's), and a request is pending only while it has none. A run stopped anywhere
+(Ctrl-C, kill -9) leaves every request either stored or pending, and the next run sends the
+pending ones: a request may reach the target twice (sent, then killed before its answer
+was stored), it is never stored twice.
 
 Ctrl-C (or SIGTERM) once: nothing more is sent, the calls in flight finish (each within
 ``--timeout``) and are stored. Twice: the calls in flight are abandoned, not stored, and

@@ -17,8 +17,9 @@ Streaming: a server-side cursor in a READ ONLY transaction, fetched a bounded nu
 bytes at a time. The transaction is renewed every ``RENEW_AFTER_S`` seconds, continuing after
 the last row read, so that a replay of days holds no snapshot (and no vacuum) for long.
 
-The pending filter is one probe of the ``responses`` primary key (request, target) per
-request of the window: its cost follows the window, not the table.
+The pending filter is one probe of the ``responses`` primary key (request, target,
+received_at) per request of the window, in the partition of the request's time (responses
+carry their request's ``received_at``): its cost follows the window, not the table.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ MAX_FETCH_ROWS = 1000
 LOCK_WAIT_S = 5.0
 _FIRST_ROW_GUESS = 16 * 1024
 
-# The columns of shadowproxy.pairs (migration 004), with a LEFT JOIN for the shadows so that
+# The columns of shadowproxy.pairs (migration 005), with a LEFT JOIN for the shadows so that
 # a request without any shadow answer has a row too. tests/replay check that the columns
 # are those of the view.
 PAIRS_ROWS = """
@@ -59,8 +60,10 @@ SELECT q.id, q.request_id, q.route, q.received_at, q.method, q.path,
        q.config_version, p.error_kind AS primary_error_kind, s.role AS shadow_role,
        s.error_kind AS shadow_error_kind
 FROM shadowproxy.requests q
-LEFT JOIN shadowproxy.responses s ON s.request = q.id AND s.role IN ('shadow', 'replay')
-LEFT JOIN shadowproxy.responses p ON p.request = q.id AND p.role = 'primary'
+LEFT JOIN shadowproxy.responses s
+    ON s.request = q.id AND s.received_at = q.received_at AND s.role IN ('shadow', 'replay')
+LEFT JOIN shadowproxy.responses p
+    ON p.request = q.id AND p.received_at = q.received_at AND p.role = 'primary'
 """
 
 STREAM_COLUMNS = ("_sp_q.id, _sp_q.request_id, _sp_q.received_at, _sp_q.method, _sp_q.path, "
@@ -131,15 +134,20 @@ class Selection:
                f"AND _sp_q.received_at < {p(o.window.end)}")
         if o.where is not None:
             # On lines of its own: a trailing "-- comment" must not swallow the query's rest.
+            # The window again, on the pairs' own received_at: it keeps the subquery to the
+            # window's partitions (the outer query's bounds do not carry into it).
             sql += (f"\n  AND EXISTS (SELECT 1 FROM ({PAIRS_ROWS}) AS pairs "
-                    f"WHERE pairs.id = _sp_q.id AND (\n{o.where}\n))\n")
+                    "WHERE pairs.id = _sp_q.id AND pairs.received_at = _sp_q.received_at "
+                    f"AND pairs.received_at >= {p(o.window.start)} "
+                    f"AND pairs.received_at < {p(o.window.end)} AND (\n{o.where}\n))\n")
         if self.bound is not None:
             sql += f" AND (_sp_q.received_at, _sp_q.id) <= ({p(self.bound[0])}, {p(self.bound[1])})"
         if after is not None:
             sql += f" AND (_sp_q.received_at, _sp_q.id) > ({p(after[0])}, {p(after[1])})"
         if pending and not o.force:
             sql += (" AND NOT EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d "
-                    f"WHERE _sp_d.request = _sp_q.id AND _sp_d.target = {p(o.name)})")
+                    "WHERE _sp_d.request = _sp_q.id AND _sp_d.received_at = _sp_q.received_at "
+                    f"AND _sp_d.target = {p(o.name)})")
         return sql
 
     def stream_sql(self, after: Key | None) -> tuple[str, list[Any]]:
@@ -185,7 +193,8 @@ WITH sel AS (
            ARRAY(SELECT h.key FROM jsonb_each_text(_sp_q.headers) h
                  WHERE h.value ~ {redacted_re}) AS redacted,
            EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d
-                   WHERE _sp_d.request = _sp_q.id AND _sp_d.target = {name}) AS done
+                   WHERE _sp_d.request = _sp_q.id AND _sp_d.received_at = _sp_q.received_at
+                     AND _sp_d.target = {name}) AS done
     FROM shadowproxy.requests _sp_q
     WHERE {self._conditions(p, pending=False)}
 ), todo AS (
@@ -218,7 +227,8 @@ SELECT (SELECT count(*) FROM sel) AS selected,
         o = self.options
         p = _Params()
         sql = (f"SELECT count(*) FROM shadowproxy.requests _sp_q "
-               f"JOIN shadowproxy.responses _sp_d ON _sp_d.request = _sp_q.id "
+               "JOIN shadowproxy.responses _sp_d ON _sp_d.request = _sp_q.id "
+               "AND _sp_d.received_at = _sp_q.received_at "
                f"AND _sp_d.target = {p(o.name)} AND _sp_d.role = 'replay' "
                f"AND _sp_d.started_at >= {p(since)} "
                f"WHERE _sp_q.route = {p(o.route)} AND _sp_q.received_at >= {p(o.window.start)} "

@@ -3,6 +3,12 @@
 Each ``migrations/NNN_name.sql`` runs once, in its own transaction, and is recorded in
 ``shadowproxy.schema_migrations``. The advisory lock makes concurrent start-ups safe: the
 first process migrates, the others wait and then find nothing to do.
+
+``apply`` is the SQL only, quick, and what the recorder runs when it connects. ``migrate``
+(the ``shadowproxy migrate`` command) also does what SQL alone cannot: it creates the time
+partitions ahead (``partitions.ensure``) and moves the rows of an upgraded database into
+the partitioned tables (``legacy.move``), under the maintenance lock that the proxies'
+maintenance task takes too, while proxies keep writing.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from importlib import resources
 import asyncpg
 
 from shadowproxy.errors import MigrationError
+from shadowproxy.store import legacy, partitions
 from shadowproxy.store.database import connection
+from shadowproxy.store.legacy import Moved
+from shadowproxy.store.partitions import MAINTENANCE_LOCK
 
 # An arbitrary, fixed key for pg_advisory_lock: "shadowproxy" spelled in hex-ish digits.
 _LOCK_KEY = 0x5AD0_0000_0001
@@ -69,7 +78,35 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
     return applied_now
 
 
-async def migrate(url: str) -> list[Migration]:
-    """Connect to ``url`` and apply pending migrations."""
+@dataclass(frozen=True)
+class Migrated:
+    """What ``migrate_all`` did."""
+
+    applied: list[Migration]
+    created: list[str]
+    """Suffixes of the time partitions created (``partitions.suffix``)."""
+    moved: Moved
+    """Rows moved from the legacy tables of an upgraded database."""
+
+
+async def migrate_all(url: str, period: str = "day", *, batch_size: int = 5000) -> Migrated:
+    """Apply pending migrations, create the partitions ahead, move legacy rows over."""
     async with connection(url) as conn:
-        return await apply(conn)
+        try:
+            applied = await apply(conn)
+            await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+            try:
+                created = await partitions.ensure(conn, period)
+                moved = await legacy.move(conn, batch_size=batch_size)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"preparing the partitions failed: {exc}; the migrations "
+                                 "are applied, run `shadowproxy migrate` again") from exc
+    return Migrated(applied, created, moved)
+
+
+async def migrate(url: str, period: str = "day") -> list[Migration]:
+    """Connect to ``url``, apply pending migrations and prepare the partitions (see
+    ``migrate_all``); return the migrations applied now."""
+    return (await migrate_all(url, period)).applied

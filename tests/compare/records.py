@@ -90,7 +90,8 @@ async def insert(url: str, exchanges: list[Exchange]) -> None:
                    "latency_ms": call.latency_ms, "error": call.error,
                    "started_at": ex.received_at,
                    "error_kind": call.kind or kind_of_legacy_error(call.error),
-                   "stream": None if call.stream is None else json.dumps(call.stream)}
+                   "stream": None if call.stream is None else json.dumps(call.stream),
+                   "received_at": ex.received_at}
             responses.append(tuple(row[c] for c in COLUMNS))
     conn = await asyncpg.connect(url)
     try:

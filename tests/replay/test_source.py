@@ -3,6 +3,7 @@ an index probe per request of the window, however large the tables."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -12,6 +13,7 @@ from shadowproxy.compare.window import Window
 from shadowproxy.replay.options import ReplayOptions
 from shadowproxy.replay.source import PAIRS_ROWS, RequestStream, Selection
 from shadowproxy.store.database import connection
+from shadowproxy.store.partitions import ensure
 from tests.replay.helpers import request, store
 
 
@@ -38,28 +40,35 @@ def _options(hours: float, **extra: object) -> ReplayOptions:
 async def test_the_pending_filter_probes_the_primary_key_on_a_large_table(
         database_url: str) -> None:
     """With 200,000 requests over 20 days, half answered by the target, the last hour's
-    pending requests are found through the received_at index and one probe of the
-    responses primary key each: no scan of responses."""
+    pending requests are found in the last hour's partitions of requests and responses
+    only: the cost follows the window, not the table."""
     async with connection(database_url) as conn:
+        # Day partitions over the 20 days, as a proxy running through them would have made.
+        now = await conn.fetchval("SELECT now()")
+        await ensure(conn, "day", now=now - timedelta(days=21), ahead=22)
         await conn.execute("""
             INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, path)
             SELECT gen_random_uuid(), 'r' || i, 'r',
                    now() - make_interval(secs => i * 8.64), 'POST', '/predict'
             FROM generate_series(1, 200000) i;
-            INSERT INTO shadowproxy.responses (request, target, role, status)
-            SELECT id, 'primary', 'primary', 200 FROM shadowproxy.requests;
-            INSERT INTO shadowproxy.responses (request, target, role, status)
-            SELECT id, 'cand', 'replay', 200 FROM shadowproxy.requests
+            INSERT INTO shadowproxy.responses (request, target, role, status, received_at)
+            SELECT id, 'primary', 'primary', 200, received_at FROM shadowproxy.requests;
+            INSERT INTO shadowproxy.responses (request, target, role, status, received_at)
+            SELECT id, 'cand', 'replay', 200, received_at FROM shadowproxy.requests
             WHERE request_id::text LIKE '%0' OR request_id::text LIKE '%2'
                OR request_id::text LIKE '%4' OR request_id::text LIKE '%6'
                OR request_id::text LIKE '%8';
             ANALYZE shadowproxy.requests; ANALYZE shadowproxy.responses;""")
+        today = f"p{now:%Y%m%d}"
         for options in (_options(1), _options(1, where="primary_status = 200")):
             sql, args = Selection(options).stream_sql(None)
             plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
-            assert "Seq Scan on responses" not in plan, plan
-            assert "Seq Scan on requests" not in plan, plan
-            assert "responses_pkey" in plan, plan
+            # Only the last hour's partitions are read, of both tables: today's (and
+            # yesterday's, before 01:00); the 20 days' others not at all.
+            window = {today, f"p{now - timedelta(hours=1):%Y%m%d}"}
+            read = set(re.findall(r" on (?:requests|responses)_(p\d{8})", plan))
+            assert today in read and read <= window, plan
+            assert "_default" not in plan, plan
             rows = await conn.fetch(sql, *args)
             assert 190 <= len(rows) <= 230  # half of the ~417 requests of the last hour
 

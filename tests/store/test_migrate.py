@@ -99,7 +99,7 @@ async def test_error_kinds_are_mapped_from_the_text_of_earlier_rows(
             await conn.execute(
                 "INSERT INTO shadowproxy.responses (request, target, role, error) "
                 "VALUES (gen_random_uuid(), $1, 'shadow', $2)", f"s{i}", text)
-        await apply(conn)
+        await migrate(empty_database_url)
         rows = await conn.fetch("SELECT error, error_kind FROM shadowproxy.responses")
     finally:
         await conn.close()

@@ -19,14 +19,15 @@ from shadowproxy.store.prune import parse_age, prune
 async def _insert(conn: asyncpg.Connection, age: timedelta, shadows: int = 1) -> uuid.UUID:
     """One request received `age` ago, with a primary response and `shadows` shadow ones."""
     rid = uuid.uuid4()
+    when = await conn.fetchval("SELECT now() - $1::interval", age)
     await conn.execute(
         "INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, path) "
-        "VALUES ($1, $2, 'r', now() - $3::interval, 'POST', '/predict')", rid, str(rid), age)
+        "VALUES ($1, $2, 'r', $3, 'POST', '/predict')", rid, str(rid), when)
     targets = [("primary", "primary")] + [(f"s{i}", "shadow") for i in range(shadows)]
     await conn.executemany(
-        "INSERT INTO shadowproxy.responses (request, target, role, status, started_at) "
-        "VALUES ($1, $2, $3, 200, now() - $4::interval)",
-        [(rid, target, role, age) for target, role in targets])
+        "INSERT INTO shadowproxy.responses (request, target, role, status, started_at, "
+        "received_at) VALUES ($1, $2, $3, 200, $4, $4)",
+        [(rid, target, role, when) for target, role in targets])
     return rid
 
 
@@ -179,3 +180,68 @@ def test_prune_command_with_bad_arguments_exits_2(
     proc = _cli("prune", "-c", str(config), *args)
     assert proc.returncode == 2
     assert expected in proc.stderr
+
+
+# --- by partition ---------------------------------------------------------------------------
+
+async def test_prune_drops_whole_partitions_and_deletes_only_across_the_cutoff(
+        database_url: str) -> None:
+    """Partitions that end before the cutoff are detached and dropped (both tables); in the
+    one partition across the cutoff only the rows before it are deleted; later partitions
+    and labels are untouched."""
+    from shadowproxy.store.partitions import ensure, partitions, period_start, suffix
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        now = await conn.fetchval("SELECT now()")
+        await ensure(conn, "day", now=now - timedelta(days=10), ahead=10)
+        # A record at 06:00 of each of the last ten days.
+        for days in range(1, 11):
+            at = period_start(now - timedelta(days=days), "day") + timedelta(hours=6)
+            await _insert(conn, now - at)
+        cut_day = period_start(now - timedelta(days=5), "day")
+        cutoff = cut_day + timedelta(hours=12)
+        early = await _insert(conn, now - (cutoff - timedelta(hours=2)))  # before the cut
+        late = await _insert(conn, now - (cutoff + timedelta(hours=2)))  # after it, same day
+        await conn.execute("INSERT INTO shadowproxy.labels (request_id, label) VALUES "
+                           "($1, '1'), ($2, '2')", str(early), str(late))
+        before = {p.name for p in await partitions(conn, "requests")}
+        result = await prune(database_url, now - cutoff)
+        after = {p.name for p in await partitions(conn, "requests")}
+        answers_after = {p.name for p in await partitions(conn, "responses")}
+        requests, responses = await _ids(conn)
+        labels = await conn.fetchval("SELECT count(*) FROM shadowproxy.labels")
+    finally:
+        await conn.close()
+    gone = {f"requests_{suffix(cut_day - timedelta(days=d))}" for d in range(1, 6)}
+    assert gone <= before
+    assert before - after == gone
+    assert {n.replace("responses_", "requests_") for n in answers_after} == after
+    assert sorted(result.dropped) == sorted(n.removeprefix("requests_") for n in gone)
+    assert early not in requests and early not in responses
+    assert late in requests and late in responses
+    # Five dropped days of one record each (two answers each), and in the day across the
+    # cutoff the record of 06:00 and `early`, deleted in one batch.
+    assert (result.requests, result.responses, result.batches) == (7, 14, 1)
+    assert not result.estimated
+    assert requests == responses
+    assert labels == 2
+
+
+async def test_prune_refuses_a_database_still_being_upgraded(empty_database_url: str) -> None:
+    """While the rows of an upgraded database are not all in the partitioned tables, prune
+    says to run migrate instead of pruning half the records."""
+    from shadowproxy.store.migrate import apply
+    from tests.store.test_migrate import apply_up_to
+
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await apply_up_to(conn, 4)
+        await conn.execute(
+            "INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, "
+            "path) VALUES (gen_random_uuid(), 'x', 'r', now(), 'POST', '/')")
+        await apply(conn)  # the SQL only: the row waits in requests_legacy
+    finally:
+        await conn.close()
+    with pytest.raises(DatabaseError, match="shadowproxy migrate"):
+        await prune(empty_database_url, timedelta(days=1))

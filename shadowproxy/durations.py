@@ -1,0 +1,36 @@
+"""Ages and retention periods written as a whole number and a unit: ``30d``, ``12h``, ``90m``.
+
+One parser for ``prune --older-than`` and the config's ``storage.retention``, so that the
+command line and the file accept the same spellings and say the same thing about the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_AGE = re.compile(r"^(\d+)([smhdw])$")
+EXAMPLE = "a whole number and a unit s, m, h, d or w, e.g. 30d, 12h or 90m"
+
+
+def parse_age(text: str) -> timedelta:
+    """``30d`` → 30 days; ValueError, saying what is expected, for anything else (zero too:
+    an age of 0 would mean everything)."""
+    m = _AGE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"expected {EXAMPLE} (got {text!r})")
+    amount = int(m.group(1))
+    if amount == 0:
+        raise ValueError(f"an age of 0 would mean every record; expected {EXAMPLE} "
+                         f"(got {text!r})")
+    return timedelta(**{_UNITS[m.group(2)]: amount})
+
+
+def format_age(age: timedelta) -> str:
+    """The shortest spelling ``parse_age`` reads back: 30 days → ``30d``."""
+    seconds = int(age.total_seconds())
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

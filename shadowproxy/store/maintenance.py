@@ -1,0 +1,126 @@
+"""The running proxy's storage maintenance: partitions ahead, the upgrade's move, retention.
+
+Every ``storage.maintenance_interval_s`` (and once at start), one background task per
+process connects on its own connection and, if no other process is at it (the
+``MAINTENANCE_LOCK`` advisory lock, tried, never waited for), creates the partitions of the
+coming periods (``partitions.ensure``), moves the rows of an upgraded database out of the
+legacy tables (``legacy.move``), and with ``storage.retention`` set drops the partitions
+whose whole range is older than that (``prune.prune_before``): a record is kept for at
+least the retention and at most one partition period more; ``shadowproxy prune`` cuts
+exactly, deleting inside the partition across the cutoff.
+
+It never touches the request path: the proxy answers clients and the recorder writes
+whatever happens here, every statement gives up on a lock after
+``partitions.LOCK_TIMEOUT``, and a failed run is logged, counted (in
+``shadowproxy_storage_maintenance_total{result="failed"}``) and tried again at the next
+interval, never fatal. The settings are read at each run, so a reload applies to the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shadowproxy.config import StorageConfig
+from shadowproxy.metrics import Metrics
+from shadowproxy.store import legacy, partitions
+from shadowproxy.store.database import connection, describe_error
+from shadowproxy.store.legacy import Moved
+from shadowproxy.store.partitions import MAINTENANCE_LOCK
+from shadowproxy.store.prune import PruneResult, prune_before
+from shadowproxy.tasks import spawn
+
+log = logging.getLogger("shadowproxy.storage")
+
+LEGACY_BATCHES_PER_RUN = 50
+"""Batches of the upgrade's move per run (250,000 requests at the default batch size):
+the rest waits for the next run, so that one run stays short."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one maintenance run did (``skipped``: another process holds the lock)."""
+
+    skipped: bool = False
+    created: list[str] = field(default_factory=list)
+    moved: Moved | None = None
+    pruned: PruneResult | None = None
+
+
+async def run_once(url: str, storage: StorageConfig, *, timeout: float = 300.0) -> Outcome:
+    """One maintenance run; raises whatever went wrong (the task logs and counts it)."""
+    async with connection(url, timeout=min(timeout, 10.0)) as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
+            return Outcome(skipped=True)
+        try:
+            async with asyncio.timeout(timeout):
+                created = await partitions.ensure(conn, storage.partition)
+                moved = await legacy.move(conn, max_batches=LEGACY_BATCHES_PER_RUN)
+                pruned = None
+                if storage.retention is not None and moved.finished:
+                    cutoff = await conn.fetchval("SELECT now() - $1::interval",
+                                                 storage.retention)
+                    pruned = await prune_before(conn, cutoff, whole_partitions=True)
+        finally:
+            if not conn.is_closed():
+                await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
+    return Outcome(created=created, moved=moved, pruned=pruned)
+
+
+class Maintenance:
+    """The periodic task: ``start`` it with the proxy, ``close`` it before the recorder."""
+
+    def __init__(self, url: str, storage: Callable[[], StorageConfig], metrics: Metrics) -> None:
+        self.url = url
+        self._storage = storage
+        """The running configuration's storage settings (read at each run: reloadable)."""
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+        self.runs = 0
+        """Runs finished, done or failed (tests wait on it)."""
+
+    def start(self) -> None:
+        self._task = spawn(self._loop(), name="storage-maintenance")
+
+    async def _loop(self) -> None:
+        while True:
+            storage = self._storage()
+            try:
+                outcome = await run_once(self.url, storage)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: logged, counted, tried again later
+                self._metrics.maintenance["failed"] += 1
+                log.warning("storage maintenance failed (%s); next try in %.0f s",
+                            describe_error(exc), storage.maintenance_interval_s)
+            else:
+                self._metrics.maintenance["ok"] += 1
+                _log(outcome)
+            self.runs += 1
+            await asyncio.sleep(storage.maintenance_interval_s)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _log(outcome: Outcome) -> None:
+    if outcome.created:
+        log.info("created partitions %s", ", ".join(outcome.created))
+    moved = outcome.moved
+    if moved is not None and (moved.requests or moved.responses):
+        log.info("moved %d requests and %d responses into the partitioned tables%s",
+                 moved.requests, moved.responses,
+                 "" if moved.finished else " (more at the next run)")
+    pruned = outcome.pruned
+    if pruned is not None and (pruned.requests or pruned.responses or pruned.dropped):
+        log.info("retention: removed %s%d requests and %d responses received before %s "
+                 "(%d partition(s) dropped)", "about " if pruned.estimated else "",
+                 pruned.requests, pruned.responses,
+                 pruned.cutoff.isoformat(timespec="seconds"), len(pruned.dropped))

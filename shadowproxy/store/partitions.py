@@ -1,0 +1,190 @@
+"""Time partitions of ``requests`` and ``responses``: list them, create them ahead of time.
+
+Both tables are partitioned by range of ``received_at`` (migration 005) and always in step:
+for each range there is ``requests_pYYYYMMDD`` and ``responses_pYYYYMMDD`` (an hourly
+partition, or one that fills a gap, is ``..._pYYYYMMDD_HHMM``, after its start in UTC), plus
+``requests_default`` and ``responses_default`` for rows of a time no partition covers yet.
+
+``ensure`` creates the partitions of the current period and of the next ones
+(``AHEAD``), and one for every period that has rows in a DEFAULT partition or in the legacy
+tables of an upgrade, leaving no gaps and never overlapping a partition that exists (a
+changed ``storage.partition`` applies from the next free range on). PostgreSQL refuses to
+attach a partition whose range has rows in the DEFAULT partition, so each new partition is
+built as a plain table, the DEFAULT partition's rows of its range are moved into it, and it
+is attached, in one transaction per range: ATTACH PARTITION holds SHARE UPDATE EXCLUSIVE on
+the parent table (writers and readers go on) and ACCESS EXCLUSIVE on the DEFAULT partition
+(only writes of rows that would land there wait), for as long as the move takes, which is
+nothing when the partitions were made ahead as intended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+TABLES = ("requests", "responses")
+PERIODS: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1),
+                                 "week": timedelta(weeks=1)}
+AHEAD = {"hour": 48, "day": 7, "week": 4}
+"""Partitions made after the current one: two days of hours, a week of days, a month of
+weeks, so that a proxy whose maintenance fails for that long still writes to partitions."""
+MAINTENANCE_LOCK = 0x5AD0_0000_0002
+"""The advisory lock under which one process at a time creates, moves and drops partitions
+(``shadowproxy migrate``, ``prune``, and the proxies' maintenance task)."""
+LOCK_TIMEOUT = "5s"
+"""How long a maintenance statement waits for a lock before giving up until the next run
+(a long report holds the tables; writers must not queue behind the maintenance)."""
+
+# A range bound as PostgreSQL prints it: FROM ('2026-12-02 00:00:00+00') TO (...), in the
+# session's time zone, so it is read back by PostgreSQL itself (::timestamptz).
+_LIST = r"""
+SELECT c.relname AS name,
+       CASE WHEN m[1] = 'MINVALUE' THEN '-infinity' ELSE btrim(m[1], '''') END::timestamptz
+           AS start,
+       CASE WHEN m[2] = 'MAXVALUE' THEN 'infinity' ELSE btrim(m[2], '''') END::timestamptz
+           AS "end",
+       c.reltuples::bigint AS estimate
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid,
+     regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                  $re$FROM \((MINVALUE|'[^']*')\) TO \((MAXVALUE|'[^']*')\)$re$) m
+WHERE i.inhparent = format('shadowproxy.%I', $1::text)::regclass
+  AND m IS NOT NULL
+ORDER BY 2
+"""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One time partition of a table (DEFAULT excluded), its range half-open."""
+
+    name: str
+    start: datetime
+    end: datetime
+    estimate: int
+    """PostgreSQL's estimate of its rows (-1: never analyzed)."""
+
+
+def period_start(when: datetime, period: str) -> datetime:
+    """The start of the period (UTC hour, day, or week from Monday) holding ``when``."""
+    t = when.astimezone(UTC)
+    if period == "hour":
+        return t.replace(minute=0, second=0, microsecond=0)
+    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day
+    return day - timedelta(days=day.weekday())
+
+
+def suffix(start: datetime) -> str:
+    """The part of a partition's name after ``requests_``: ``p20261202``, ``p20261202_1400``."""
+    t = start.astimezone(UTC)
+    return t.strftime("p%Y%m%d") if t.time() == datetime.min.time() else t.strftime(
+        "p%Y%m%d_%H%M")
+
+
+async def partitions(conn: asyncpg.Connection, table: str = "requests") -> list[Partition]:
+    """The time partitions of ``shadowproxy.<table>``, oldest first."""
+    return [Partition(r["name"], r["start"], r["end"], r["estimate"])
+            for r in await conn.fetch(_LIST, table)]
+
+
+def free_range(when: datetime, period: str, existing: list[Partition]
+               ) -> tuple[datetime, datetime] | None:
+    """The range to create so that ``when`` has a partition: its period, cut short where
+    it would overlap a partition that exists; None if one covers ``when`` already."""
+    start = period_start(when, period)
+    end = start + PERIODS[period]
+    for part in existing:
+        if part.start <= when < part.end:
+            return None
+        if part.end <= when:
+            start = max(start, part.end)
+        elif part.start > when:
+            end = min(end, part.start)
+    return start, end
+
+
+async def create(conn: asyncpg.Connection, start: datetime, end: datetime) -> str:
+    """Create the partitions of [start, end) of both tables, with the rows of that range
+    moved out of the DEFAULT partitions; return the range's name suffix."""
+    name = suffix(start)
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        for table in TABLES:
+            part = f"{table}_{name}"
+            # The lock ATTACH takes anyway, taken first: no row of the range can reach the
+            # DEFAULT partition between the move and the attach.
+            await conn.execute(
+                f"LOCK TABLE shadowproxy.{table}_default IN ACCESS EXCLUSIVE MODE")
+            await conn.execute(
+                f"CREATE TABLE shadowproxy.{part} (LIKE shadowproxy.{table} "
+                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS) WITH (toast_tuple_target = 8160)")
+            await conn.execute(
+                f"WITH moved AS (DELETE FROM shadowproxy.{table}_default "
+                "WHERE received_at >= $1 AND received_at < $2 RETURNING *) "
+                f"INSERT INTO shadowproxy.{part} SELECT * FROM moved", start, end)
+            # A CHECK matching the range lets ATTACH skip its scan of the new table.
+            await conn.execute(
+                f"ALTER TABLE shadowproxy.{part} ADD CONSTRAINT {part}_range CHECK "
+                f"(received_at >= '{start.isoformat()}' AND received_at < '{end.isoformat()}')")
+            await conn.execute(
+                f"ALTER TABLE shadowproxy.{table} ATTACH PARTITION shadowproxy.{part} "
+                f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')")
+            await conn.execute(f"ALTER TABLE shadowproxy.{part} DROP CONSTRAINT {part}_range")
+    return name
+
+
+async def _times_with_rows(conn: asyncpg.Connection, table: str, period: str) -> list[datetime]:
+    """For each period that has rows in ``table``, its earliest ``received_at``: found
+    through the received_at index one period at a time, so a large table is not scanned."""
+    found: list[datetime] = []
+    after = datetime.min.replace(tzinfo=UTC)
+    while True:
+        when = await conn.fetchval(
+            f"SELECT min(received_at) FROM shadowproxy.{table} WHERE received_at >= $1",
+            after)
+        if when is None or when.year in (datetime.min.year, datetime.max.year):
+            return found  # none left, or ±infinity (asyncpg's datetime.min and max)
+        found.append(when)
+        after = period_start(when, period) + PERIODS[period]
+
+
+async def ensure(conn: asyncpg.Connection, period: str, *, now: datetime | None = None,
+                 ahead: int | None = None) -> list[str]:
+    """Create the partitions that are missing: the current period's and ``ahead`` more
+    (default ``AHEAD[period]``), and those for rows waiting in a DEFAULT partition or in
+    the legacy tables of an upgrade. Returns the suffixes created, oldest first."""
+    if period not in PERIODS:
+        raise ValueError(f"unknown partition period {period!r}; expected one of {list(PERIODS)}")
+    if now is None:
+        now = await conn.fetchval("SELECT now()")
+    count = AHEAD[period] if ahead is None else ahead
+    created: list[str] = []
+    existing = await partitions(conn)
+    # From the current period to the end of the last one ahead, every gap is filled (also
+    # the gaps left where partitions of another period end).
+    when = period_start(now, period)
+    horizon = when + PERIODS[period] * (count + 1)
+    while when < horizon:
+        span = free_range(when, period, existing)
+        if span is None:
+            when = next(p.end for p in existing if p.start <= when < p.end)
+            continue
+        created.append(await create(conn, *span))
+        existing = await partitions(conn)
+        when = span[1]
+    sources = ["requests_default", "responses_default"]
+    if await conn.fetchval("SELECT to_regclass('shadowproxy.requests_legacy')") is not None:
+        sources.append("requests_legacy")
+    waiting: list[datetime] = []
+    for table in sources:
+        waiting += await _times_with_rows(conn, table, period)
+    for when in sorted(set(waiting)):
+        span = free_range(when, period, existing)
+        if span is not None:
+            created.append(await create(conn, *span))
+            existing = await partitions(conn)
+    return sorted(created)

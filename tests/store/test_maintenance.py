@@ -1,0 +1,112 @@
+"""The running proxy's storage maintenance: partitions ahead, retention by whole partitions,
+one process at a time, and failures counted, never fatal."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import aiohttp
+import asyncpg
+
+from shadowproxy.config import StorageConfig
+from shadowproxy.metrics import Metrics
+from shadowproxy.store.maintenance import Maintenance, run_once
+from shadowproxy.store.partitions import MAINTENANCE_LOCK, ensure, partitions, period_start
+from tests.conftest import StartProxy, route
+from tests.test_admin import samples
+from tests.upstreams import model, serve
+
+
+async def _old_partitions(conn: asyncpg.Connection, days: int) -> list[str]:
+    """Partitions (and a record in each) for each of the last ``days`` days."""
+    now = await conn.fetchval("SELECT now()")
+    await ensure(conn, "day", now=now - timedelta(days=days), ahead=days)
+    for d in range(1, days + 1):
+        when = period_start(now - timedelta(days=d), "day") + timedelta(hours=1)
+        await conn.execute(
+            "INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, "
+            "path) VALUES (gen_random_uuid(), 'old', 'r', $1, 'POST', '/')", when)
+    return [p.name for p in await partitions(conn)]
+
+
+async def test_retention_drops_whole_partitions_only(database_url: str) -> None:
+    """With retention 3d a run drops the partitions that end more than three days ago and
+    leaves the one across the cutoff whole (kept up to one period longer)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        before = await _old_partitions(conn, 6)
+        now = await conn.fetchval("SELECT now()")
+        outcome = await run_once(database_url, StorageConfig(retention="3d"))
+        after = [p.name for p in await partitions(conn)]
+        oldest_kept = await conn.fetchval("SELECT min(received_at) FROM shadowproxy.requests")
+    finally:
+        await conn.close()
+    assert outcome.pruned is not None and not outcome.skipped
+    cutoff = now - timedelta(days=3)
+    straddle = period_start(cutoff, "day")
+    assert len(outcome.pruned.dropped) == len(set(before) - set(after)) >= 2
+    assert all(name >= f"requests_p{straddle:%Y%m%d}" for name in after)
+    assert outcome.pruned.batches == 0
+    assert oldest_kept < cutoff  # the straddling partition's record is still there
+
+
+async def test_a_run_is_skipped_while_another_process_maintains(database_url: str) -> None:
+    """Only one process at a time: while the maintenance lock is held elsewhere, a run
+    does nothing and says so."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+        outcome = await run_once(database_url, StorageConfig())
+    finally:
+        await holder.close()
+    assert outcome.skipped
+
+
+async def test_a_failing_maintenance_is_counted_and_not_fatal() -> None:
+    """A database that cannot be reached: each run fails, is counted, and the task goes on
+    to the next interval."""
+    metrics = Metrics()
+    task = Maintenance("postgresql://nobody@127.0.0.1:1/none",
+                       lambda: StorageConfig(maintenance_interval_s=0.05), metrics)
+    task.start()
+    try:
+        deadline = time.monotonic() + 20
+        while task.runs < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        await task.close()
+    assert task.runs >= 2
+    assert metrics.maintenance["failed"] >= 2
+    assert metrics.maintenance["ok"] == 0
+
+
+async def test_the_proxy_applies_its_retention_on_its_own(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A proxy with storage.retention drops old partitions while it serves, counts its runs
+    in /metrics, and keeps answering clients."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await _old_partitions(conn, 5)
+        async with serve(model("p")) as primary, start_proxy(
+                [route(primary.url)],
+                storage={"retention": "2d", "maintenance_interval_s": 0.1}) as proxy:
+            assert proxy.maintenance is not None
+            deadline = time.monotonic() + 30
+            while proxy.maintenance.runs < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"http://127.0.0.1:{proxy.port}/p", json={}) as resp:
+                    assert resp.status == 200
+                async with session.get(
+                        f"http://127.0.0.1:{proxy.admin_port}/metrics") as resp:
+                    exposed = samples(await resp.text())
+        oldest = await conn.fetchval("SELECT min(received_at) FROM shadowproxy.requests")
+        now = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+    ok = exposed[("shadowproxy_storage_maintenance_total", (("result", "ok"),))]
+    assert ok >= 2
+    assert exposed[("shadowproxy_storage_maintenance_total", (("result", "failed"),))] == 0
+    assert oldest >= period_start(now - timedelta(days=2), "day")
