@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 
@@ -13,14 +14,15 @@ from shadowproxy.primary import READ_PIPELINE, READ_UPSTREAM, ClientChannel, Pri
 from tests.protocol.harness import FakeTransport, Harness, Sink, response, split_response
 
 
-def shadow_call(h: Harness, method: bytes = b"GET") -> tuple[ShadowCall, Exchange, Sink]:
+def shadow_call(h: Harness, method: bytes = b"GET", timeout_s: float = 30.0
+                ) -> tuple[ShadowCall, Exchange, Sink]:
     """A call to the harness's pool, recorded on its own exchange (a shadow's kind of call:
     it only captures)."""
     sink = Sink()
     exchange = Exchange("r", time.time(), method.decode(), "/p", "", [], None, "rid")
     exchange.recorder = sink
-    shadow = CompiledShadow("r", Shadow(name="s", url="http://model.test:8000"), h.pool,
-                            h.metrics)
+    shadow = CompiledShadow("r", Shadow(name="s", url="http://model.test:8000",
+                                        timeout_s=timeout_s), h.pool, h.metrics)
     record = CapturedResponse("s", "shadow", time.time())
     call = ShadowCall(shadow, exchange, record, method + b" /p HTTP/1.1\r\n\r\n", b"",
                       method == b"HEAD", True, 1000)
@@ -201,3 +203,58 @@ async def test_an_event_stream_records_each_pieces_arrival_and_nothing_else_does
     h.pool.start(call)
     up.data_received(response(200, b'{"a": 1}', b"Content-Type: application/json"))
     assert exchange.responses[0].stream is None and exchange.responses[0].body == b'{"a": 1}'
+
+
+async def test_calls_with_different_timeouts_in_one_pool_each_time_out_on_their_own() -> None:
+    """The pool's one timer is armed for the earliest deadline: a short timeout started
+    after a long one is not held back by it."""
+    h = Harness()
+    h.upstream()
+    h.upstream()
+    long_call, long_exchange, _ = shadow_call(h, timeout_s=5.0)
+    short_call, short_exchange, _ = shadow_call(h, timeout_s=0.1)
+    h.pool.start(long_call)
+    h.pool.start(short_call)
+    await asyncio.sleep(0.3)
+    assert short_call.done and short_exchange.responses[0].error_kind == ErrorKind.TIMEOUT
+    assert not long_call.done and long_exchange.responses[0].error_kind is None
+    long_call.cancel(ErrorKind.SHUTDOWN, "test over")
+
+
+async def test_a_stream_of_hung_calls_times_out_each_call_neither_early_nor_much_late(
+) -> None:
+    """Calls started one after another against an upstream that never answers: each fails
+    as a timeout, none before its deadline, and no timer is left once none is in flight."""
+    h = Harness()
+    calls = []
+    for _ in range(40):
+        h.upstream()
+        call, exchange, _ = shadow_call(h, timeout_s=0.15)
+        h.pool.start(call)
+        calls.append((call, exchange))
+        await asyncio.sleep(0.002)
+    ended: dict[int, float] = {}
+    deadline = time.perf_counter() + 2.0
+    while len(ended) < len(calls) and time.perf_counter() < deadline:
+        for i, (call, _) in enumerate(calls):
+            if call.done and i not in ended:
+                ended[i] = time.perf_counter()
+        await asyncio.sleep(0.001)
+    assert len(ended) == len(calls)
+    for i, (call, exchange) in enumerate(calls):
+        assert exchange.responses[0].error_kind == ErrorKind.TIMEOUT
+        late = ended[i] - call.deadline
+        assert 0.0 <= late < 0.1, (i, late)  # the slack is 10 ms; the rest is the loop
+    assert not h.pool.active and h.pool._timer is None
+
+
+async def test_a_call_that_ends_is_not_timed_out_when_its_deadline_passes() -> None:
+    h = Harness()
+    up, _ = h.upstream()
+    call, exchange, _ = shadow_call(h, timeout_s=0.05)
+    h.pool.start(call)
+    up.data_received(response(200, b"in time"))
+    await asyncio.sleep(0.15)
+    record = exchange.responses[0]
+    assert (record.status, record.body, record.error_kind) == (200, b"in time", None)
+    assert h.idle() == 1 and h.pool._timer is None
