@@ -12,7 +12,9 @@ kernel's syscall tracepoints for the proxy's process (no sampling, little overhe
 event-loop iterations are the ``epoll_pwait`` calls (libuv polls once per iteration);
 wake-ups are the proxy's voluntary context switches (``/proc/PID/status``). Counts are
 divided by the requests wrk completed in the same window. Variants: ``mirrored`` (one
-shadow, every pair recorded) and ``primary`` (no shadow: the primary's answer recorded).
+shadow, every pair recorded), ``primary`` (no shadow: the primary's answer recorded) and
+``nginx`` (nginx's ``mirror`` with keep-alive upstreams, as the side-by-side harness
+configures it, measured the same way for comparison).
 
 Counts, unlike seconds, do not move with the machine's load: they are the part of the
 breakdown that holds from one machine to the next. Everything listens on 127.0.0.1.
@@ -54,23 +56,62 @@ def available_tracepoints() -> list[str]:
     return [name for name in SYSCALLS if name in have]
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of every thread of ``pid``, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+NGINX = """worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx.error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    keepalive_requests 1000000;
+    upstream primary {{ server 127.0.0.1:{primary}; keepalive 128; }}
+    upstream shadow {{ server 127.0.0.1:{shadow}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            mirror /_mirror; mirror_request_body on;
+            proxy_pass http://primary; proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+        location = /_mirror {{
+            internal;
+            proxy_pass http://shadow$request_uri; proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
 
 
-def voluntary_switches(pid: int) -> int:
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) of every thread of ``pids``, in clock ticks."""
+    user = system = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user, system
+
+
+def voluntary_switches(pids: list[int]) -> int:
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with open(task / "status") as status:
-            for line in status:
-                if line.startswith("voluntary_ctxt_switches"):
-                    total += int(line.split()[1])
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with open(task / "status") as status:
+                for line in status:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total += int(line.split()[1])
     return total
 
 
-def wrk(port: int, seconds: float, connections: int, script: Path, cpu: str | None) -> int:
+def process_tree(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                              text=True).stdout.split()
+    return [pid, *map(int, children)]
+
+
+def wrk(port: int, seconds: int, connections: int, script: Path, cpu: str | None) -> int:
     """Run wrk and return the requests it completed."""
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
             f"http://127.0.0.1:{port}/predict"]
@@ -114,20 +155,33 @@ def start_proxy(args: argparse.Namespace, config: Path, port: int, log: Path,
     return proc
 
 
+def start_nginx(args: argparse.Namespace, work: Path, port: int, primary: int, shadow: int
+                ) -> subprocess.Popen[bytes]:
+    config = work / "nginx.conf"
+    config.write_text(NGINX.format(work=work, port=port, primary=primary, shadow=shadow))
+    argv = ["nginx", "-c", str(config), "-p", str(work)]
+    if args.proxy_cpu is not None:
+        argv = ["taskset", "-c", args.proxy_cpu, *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, 10, proc)
+    return proc
+
+
 def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
             connections: int, script: Path, tracepoints: list[str], work: Path
             ) -> dict[str, float]:
-    wrk(port, 2, connections, script, args.load_cpu)  # warm-up: pools, caches, the JIT-less
+    wrk(port, 2, connections, script, args.load_cpu)  # warm-up: pools, caches
+    pids = process_tree(proxy.pid)
     perf_out = work / "perf.csv"
     events = ",".join(["raw_syscalls:sys_enter"]
                       + [f"syscalls:sys_enter_{name}" for name in tracepoints])
     perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(perf_out), "-e", events,
-                             "-p", str(proxy.pid)])
+                             "-p", ",".join(map(str, pids))])
     time.sleep(0.3)  # perf attaches
-    ticks, switches = cpu_ticks(proxy.pid), voluntary_switches(proxy.pid)
+    (user, system), switches = cpu_ticks(pids), voluntary_switches(pids)
     requests = wrk(port, args.seconds, connections, script, args.load_cpu)
-    ticks = cpu_ticks(proxy.pid) - ticks
-    switches = voluntary_switches(proxy.pid) - switches
+    user_after, system_after = cpu_ticks(pids)
+    switches = voluntary_switches(pids) - switches
     perf.send_signal(signal.SIGINT)
     perf.wait(30)
     counts: dict[str, float] = {}
@@ -139,7 +193,10 @@ def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
     per = {name: value / requests for name, value in counts.items()}
     per["requests"] = requests
     per["req/s"] = requests / args.seconds
-    per["cpu_us"] = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / requests
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK") / requests
+    per["user_us"] = (user_after - user) * tick_us
+    per["system_us"] = (system_after - system) * tick_us
+    per["cpu_us"] = per["user_us"] + per["system_us"]
     per["wakeups"] = switches / requests
     return per
 
@@ -147,26 +204,30 @@ def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
 def callgrind(args: argparse.Namespace, config: Path, port: int, work: Path,
               connections: int) -> None:
     """Instructions and allocations per request, and their split by library, counted by
-    callgrind over ``args.callgrind`` requests (hey -n), collection switched on after a
-    warm-up."""
+    callgrind over ``args.callgrind`` requests (hey -n): the counters are zeroed after a
+    warm-up and dumped after the measured requests."""
     out_file = work / "callgrind.out"
-    prefix = ["valgrind", "--tool=callgrind", "--collect-atstart=no",
-              f"--callgrind-out-file={out_file}"]
+    prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
     proxy = start_proxy(args, config, port, work / "callgrind.log", prefix, 600)
     try:
         hey = ["hey", "-m", "POST", "-T", "application/json", "-d", BODY,
                "-c", str(connections)]
         url = f"http://127.0.0.1:{port}/predict"
         subprocess.run([*hey, "-n", "400", url], capture_output=True, check=True)
-        subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)],
+        subprocess.run(["callgrind_control", "-z", str(proxy.pid)],
                        capture_output=True, check=True)
         subprocess.run([*hey, "-n", str(args.callgrind), url], capture_output=True,
                        check=True)
-        subprocess.run(["callgrind_control", "-i", "off", str(proxy.pid)],
+        subprocess.run(["callgrind_control", "-d", str(proxy.pid)],
                        capture_output=True, check=True)
     finally:
         stop(proxy, 300)
-    total, by_object, by_function, calls = read_callgrind(out_file)
+    dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise SystemExit(f"callgrind wrote no dump in {work}")
+    if args.keep:
+        shutil.copy(dumps[-1], args.keep)
+    total, by_object, by_function, calls = read_callgrind(dumps[-1])
     n = args.callgrind
     print(f"\ncallgrind, {n:,} requests at {connections} connections: "
           f"{total / n:,.0f} instructions per request")
@@ -223,10 +284,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", default=None, help="run the proxy from this source tree")
     parser.add_argument("--conns", default="16,64")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--variants", default="mirrored,primary")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--variants", default="mirrored,primary,nginx")
     parser.add_argument("--callgrind", type=int, default=0,
                         help="also count instructions over this many requests")
+    parser.add_argument("--keep", default=None,
+                        help="copy callgrind's dump here (for callgrind_annotate --inclusive)")
     parser.add_argument("--no-pin", action="store_true")
     args = parser.parse_args()
     for tool in ("wrk", "perf") + (("valgrind", "hey") if args.callgrind else ()):
@@ -249,11 +312,15 @@ def main() -> None:
         (_, primary), (_, shadow) = upstreams
         database_url = pinned_database(work / "pg", args.load_cpu)
         conns = [int(c) for c in args.conns.split(",")]
-        for variant in args.variants.split(","):
+        for variant in filter(None, args.variants.split(",")):
             port = free_port()
-            config = write_config(work, variant, port, primary,
-                                  shadow if variant == "mirrored" else None, database_url)
-            proxy = start_proxy(args, config, port, work / f"{variant}.log", [], 60)
+            if variant == "nginx":
+                proxy = start_nginx(args, work, port, primary, shadow)
+            else:
+                config = write_config(work, variant, port, primary,
+                                      shadow if variant == "mirrored" else None,
+                                      database_url)
+                proxy = start_proxy(args, config, port, work / f"{variant}.log", [], 60)
             try:
                 for connections in conns:
                     rows.append((variant, connections, measure(
@@ -274,11 +341,12 @@ def main() -> None:
 def print_table(rows: list[tuple[str, int, dict[str, float]]], tracepoints: list[str]) -> None:
     seen = [name for name in tracepoints if any(r.get(name, 0) >= 0.005 for _, _, r in rows)]
     print(f"\n{'':s}Per request (wrk, POST 1 KB; the proxy's process only):\n")
-    print("| variant | conns | req/s | CPU µs | wake-ups | syscalls | "
+    print("| variant | conns | req/s | CPU µs | of it in the kernel | wake-ups | syscalls | "
           + " | ".join(seen) + " |")
-    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(seen))
+    print("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(seen))
     for variant, connections, r in rows:
         print(f"| {variant} | {connections} | {r['req/s']:,.0f} | {r['cpu_us']:.1f} | "
+              f"{r['system_us']:.1f} | "
               f"{r['wakeups']:.2f} | {r.get('all', 0):.2f} | "
               + " | ".join(f"{r.get(name, 0):.2f}" for name in seen) + " |")
 
