@@ -61,7 +61,10 @@ SELECT md5('bench' || g)::uuid, 'req-' || g, 'bench',
 FROM generate_series(1::bigint, $1) g
 """
 
-RECEIVED_AT = "now() - make_interval(secs => {span} - (g::float8 / $1) * {span})"
+RECEIVED_AT = ("'{anchor}'::timestamptz - make_interval(secs => {span} - (g::float8 / $1) "
+               "* {span})")
+"""A request's time, and its responses': one anchor for the three statements (each is a
+transaction of its own, with its own now())."""
 
 # The primary's value: 50 per square foot plus noise; its class by thresholds on the value.
 PRIMARY = """
@@ -115,7 +118,8 @@ def _with_database(url: str, name: str) -> str:
 async def generate(conn: asyncpg.Connection, pairs: int) -> None:
     """The requests and both sides' responses (``received_at`` on responses if it exists)."""
     n = str(int(pairs))
-    received_at = RECEIVED_AT.format(span=SPAN_S)
+    anchor = (await conn.fetchval("SELECT now()")).isoformat()
+    received_at = RECEIVED_AT.format(anchor=anchor, span=SPAN_S)
     partitioned = await conn.fetchval(
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'shadowproxy' "
         "AND table_name = 'responses' AND column_name = 'received_at'")
