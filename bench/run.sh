@@ -7,6 +7,8 @@
 #   bash bench/run.sh --quick         # 1 rep x 5 s, for a first look
 #   BENCH_SCENARIOS=fast bash bench/run.sh --quick
 #   BENCH_BUILD=pure bash bench/run.sh --quick   # the pure-Python build instead of mypyc's
+#   BENCH_PURE_TOO=1 bash bench/run.sh            # the pure build as a second target beside
+#                                                 # the compiled one, in the same run
 #
 # The harness is not part of this repository. It is a folder holding run_bench.sh, which runs
 # wrk against each target (direct, nginx's mirror, Envoy's mirror, and every
@@ -37,8 +39,12 @@ url="$BENCH_PG_URL"
 export SHADOWPROXY_BENCH_DATABASE_URL="$url"
 
 start="bash $here/start_for_harness.sh {port} {primary_url} {shadow_url} {workdir}"
+proxies=(--proxy shadowproxy="$start")
+if [[ -n ${BENCH_PURE_TOO:-} && $bench_build == compiled ]]; then
+  proxies+=(--proxy shadowproxy-pure="env -u SHADOWPROXY_BENCH_TREE $start")
+fi
 "$harness/run_bench.sh" --scenarios "$scenarios" --targets "$targets" \
-    --proxy shadowproxy="$start" --conns 16 --reps "$reps" --duration "$duration" \
+    "${proxies[@]}" --conns "${BENCH_CONNS:-16}" --reps "$reps" --duration "$duration" \
     --warmup "$warmup" --out "$out" "$@"
 { echo "shadowproxy build: $bench_build"; "$python" "$here/summarize.py" "$out" "$url"; } \
   | tee "$out/summary.md"

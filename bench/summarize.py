@@ -3,9 +3,11 @@
     python bench/summarize.py RESULTS_DIR DATABASE_URL
 
 Reads the harness's results.json and the proxy's log (one ``stopped: served=… written=…``
-line per shadowproxy run), prints a Markdown table of medians with shadowproxy's figures as
-ratios to nginx's mirror, Envoy's mirror, direct, and its own fast-shadow run, and checks
-that every request shadowproxy answered was recorded.
+line per shadowproxy run), prints a Markdown table of medians (with the range over the
+repetitions) with each shadowproxy build's figures as ratios to nginx's mirror, Envoy's
+mirror, direct, and its own fast-shadow run, and checks that every request shadowproxy
+answered was recorded. The targets named ``shadowproxy`` (the compiled build, as
+``bench/run.sh`` starts it) and ``shadowproxy-pure`` (``BENCH_PURE_TOO=1``) are ours.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ from typing import Any
 
 import asyncpg
 
-TARGET = "shadowproxy"
+OURS = ("shadowproxy", "shadowproxy-pure")
 
 
-def medians(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
-    grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+Key = tuple[str, str, int]
+"""(scenario, target, connections)"""
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
+    grouped: dict[Key, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        grouped[(run["scenario"], run["target"])].append(run)
+        grouped[(run["scenario"], run["target"], int(run["conns"]))].append(run)
     out = {}
     for key, group in grouped.items():
         row = {}
@@ -35,9 +41,14 @@ def medians(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float
                       "shadow_ratio"):
             values = [r[field] for r in group if r.get(field) is not None]
             row[field] = statistics.median(values) if values else float("nan")
+            row[field + "_range"] = (min(values), max(values)) if values else None
         row["reps"] = len(group)
         out[key] = row
     return out
+
+
+def spread(bounds: tuple[float, float] | None, fmt: str) -> str:
+    return "–" if bounds is None else f"{fmt.format(bounds[0])}–{fmt.format(bounds[1])}"
 
 
 def ratio(a: float, b: float) -> str:
@@ -49,44 +60,49 @@ def main() -> None:
     url = sys.argv[2] if len(sys.argv) > 2 else "postgresql:///nonexistent"
     data = json.loads((out / "results.json").read_text())
     table = medians(data["runs"])
-    scenarios = sorted({s for s, _ in table}, key=lambda s: ["fast", "echo5ms",
+    connections = sorted({c for _, _, c in table})
+    scenarios = sorted({s for s, _, _ in table}, key=lambda s: ["fast", "echo5ms",
                        "echoslowshadow", "slowshadow", "blackhole"].index(s)
                        if s in ("fast", "echo5ms", "echoslowshadow", "slowshadow",
                                 "blackhole") else 99)
-    print("| scenario | target | req/s | p50 ms | p99 ms | proxy µs/req | "
-          "rps ÷ nginx mirror | rps ÷ Envoy mirror | rps ÷ direct | "
+    print("| scenario | conns | target | req/s (range) | p50 ms | p99 ms (range) | proxy µs/req "
+          "(range) | rps ÷ nginx mirror | rps ÷ Envoy mirror | rps ÷ direct | "
           "p50 ÷ fast | p99 ÷ fast |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    fast = table.get(("fast", TARGET), {})
-    for scenario in scenarios:
-        for target in ("direct", "nginx-mirror", "envoy-mirror", TARGET):
-            row = table.get((scenario, target))
-            if row is None:
-                continue
-            cells = [scenario, target, f"{row['rps']:,.0f}", f"{row['p50_ms']:.2f}",
-                     f"{row['p99_ms']:.2f}",
-                     "–" if row["proxy_cpu_us_per_req"] != row["proxy_cpu_us_per_req"]
-                     else f"{row['proxy_cpu_us_per_req']:.0f}"]
-            if target == TARGET:
-                nginx = table.get((scenario, "nginx-mirror"), {})
-                envoy = table.get((scenario, "envoy-mirror"), {})
-                direct = table.get((scenario, "direct"), {})
-                cells += [ratio(row["rps"], nginx.get("rps", float("nan"))),
-                          ratio(row["rps"], envoy.get("rps", float("nan"))),
-                          ratio(row["rps"], direct.get("rps", float("nan"))),
-                          ratio(row["p50_ms"], fast.get("p50_ms", float("nan"))),
-                          ratio(row["p99_ms"], fast.get("p99_ms", float("nan")))]
-            else:
-                cells += [""] * 5
-            print("| " + " | ".join(cells) + " |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for scenario, conns, target in ((s, c, t) for s in scenarios for c in connections
+                                    for t in ("direct", "nginx-mirror", "envoy-mirror", *OURS)):
+        row = table.get((scenario, target, conns))
+        if row is None:
+            continue
+        cells = [scenario, str(conns), target,
+                 f"{row['rps']:,.0f} ({spread(row['rps_range'], '{:,.0f}')})",
+                 f"{row['p50_ms']:.2f}",
+                 f"{row['p99_ms']:.2f} ({spread(row['p99_ms_range'], '{:.2f}')})",
+                 "–" if row["proxy_cpu_us_per_req"] != row["proxy_cpu_us_per_req"]
+                 else f"{row['proxy_cpu_us_per_req']:.0f} "
+                      f"({spread(row['proxy_cpu_us_per_req_range'], '{:.0f}')})"]
+        if target in OURS:
+            fast = table.get(("fast", target, conns), {})
+            nginx = table.get((scenario, "nginx-mirror", conns), {})
+            envoy = table.get((scenario, "envoy-mirror", conns), {})
+            direct = table.get((scenario, "direct", conns), {})
+            cells += [ratio(row["rps"], nginx.get("rps", float("nan"))),
+                      ratio(row["rps"], envoy.get("rps", float("nan"))),
+                      ratio(row["rps"], direct.get("rps", float("nan"))),
+                      ratio(row["p50_ms"], fast.get("p50_ms", float("nan"))),
+                      ratio(row["p99_ms"], fast.get("p99_ms", float("nan")))]
+        else:
+            cells += [""] * 5
+        print("| " + " | ".join(cells) + " |")
 
-    log = (out / "logs" / f"proxy-{TARGET}.log").read_text(errors="replace")
+    logs = [out / "logs" / f"proxy-{target}.log" for target in OURS]
+    log = "".join(path.read_text(errors="replace") for path in logs if path.exists())
     stops = [tuple(map(int, m.groups())) for m in re.finditer(
         r"stopped: served=(\d+) written=(\d+) spooled=(\d+) dropped=(\d+)", log)]
     served = sum(s[0] for s in stops)
     written = sum(s[1] for s in stops)
     dropped = sum(s[3] for s in stops)
-    completed = sum(r["requests"] for r in data["runs"] if r["target"] == TARGET)
+    completed = sum(r["requests"] for r in data["runs"] if r["target"] in OURS)
 
     async def stored() -> int:
         conn = await asyncpg.connect(url)
