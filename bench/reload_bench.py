@@ -16,8 +16,8 @@ fixed JSON body) and ``shadowproxy run`` in front of them, then alternates phase
 It prints each phase's requests/s, p50, p90 and p99 (wrk's latency distribution), the
 median p99 of each kind and their ratio (the target: reloading within 10% of steady), the
 reloads applied (``shadowproxy_config_reloads_total``), and the proxy's own account at its
-stop (served = written + spooled). The proxy runs on ``--cpu``, the upstreams and wrk on
-``--upstream-cpu`` (``taskset``); PostgreSQL is not pinned.
+stop (served = written + spooled). The proxy runs on ``--cpu``, the upstreams, wrk and the
+embedded PostgreSQL on ``--upstream-cpu`` (``taskset``).
 
     .venv/bin/python bench/reload_bench.py                  # 2 rounds x 2 phases x 10 s
     .venv/bin/python bench/reload_bench.py --seconds 3 --rounds 1   # a first look
@@ -48,6 +48,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import yaml
+from localhost import free_port, pinned_database  # bench/localhost.py
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = json.dumps({"features": {f"f{i}": i * 1.5 for i in range(80)}, "secret": "s3cret"})
@@ -142,12 +143,9 @@ def main() -> int:
     if not shutil.which("wrk"):
         raise SystemExit("reload_bench.py needs wrk (apt-get install wrk)")
 
-    from shadowproxy.demo import free_port
-    from shadowproxy.store.embedded import start_embedded
-
     tmp = Path(tempfile.mkdtemp(prefix="shadowproxy-reload-bench-"))
     tmp.chmod(0o755)  # as root, the embedded server runs as its own user
-    server_url = args.database_url or start_embedded(tmp / "pg", cleanup="delete")
+    server_url = args.database_url or pinned_database(tmp / "pg", str(args.upstream_cpu))
     name = f"sp_reload_bench_{uuid.uuid4().hex[:8]}"
 
     async def create() -> None:
