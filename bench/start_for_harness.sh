@@ -18,6 +18,7 @@ admin_listen: "127.0.0.1:${SHADOWPROXY_BENCH_ADMIN_PORT:-9190}"
 workers: $workers
 data_dir: "$workdir/data"
 database: {url: "$SHADOWPROXY_BENCH_DATABASE_URL"}
+limits: {shutdown_grace_s: ${SHADOWPROXY_BENCH_GRACE_S:-3}}
 recording: {queue_max_records: ${SHADOWPROXY_BENCH_QUEUE:-50000}, flush_interval_ms: ${SHADOWPROXY_BENCH_FLUSH_MS:-200}, write_after_records: ${SHADOWPROXY_BENCH_WRITE_AFTER:-16}}
 routes:
   - name: bench
