@@ -5,7 +5,10 @@
 # SHADOWPROXY_BENCH_TREE: a compiled tree to run (bench/build.sh). Recording settings for
 # experiments: SHADOWPROXY_BENCH_QUEUE, _FLUSH_MS, _WRITE_AFTER (defaults as in the
 # product). The shadow gets timeout_s 1 and max_in_flight 1000 (SHADOWPROXY_BENCH_
-# SHADOW_TIMEOUT, _MAX_IN_FLIGHT).
+# SHADOW_TIMEOUT, _MAX_IN_FLIGHT). limits.shutdown_grace_s is 3 (SHADOWPROXY_BENCH_GRACE_S):
+# the harness kills a proxy 8 s after its SIGTERM, and a stop may spend the grace twice
+# (calls in flight, then storing what went to the spool); records still spooled at a kill
+# are stored by the next start on the same data_dir.
 set -euo pipefail
 port=$1 primary=$2 shadow=$3 workdir=$4 workers=${5:-1}
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
