@@ -44,7 +44,10 @@ from localhost import (  # bench/localhost.py
     wait_for_port,
 )
 
-BODY = ('{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(80)) + "}}")[:1024]
+# 1,021 bytes of valid JSON (a cut one would send every batch down the checking path)
+BODY = '{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(79)) + "}}"
+
+
 def dead_listener() -> tuple[socket.socket, list[socket.socket], int]:
     """A port whose accept queue is full and that never accepts."""
     server = socket.socket()

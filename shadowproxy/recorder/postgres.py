@@ -96,6 +96,20 @@ _PG_EPOCH_UNIX_S = 946_684_800.0
 _MICROSECOND = timedelta(microseconds=1)
 
 
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of a refusal the writer handled. The exception stays referenced
+    by the driver's task that raised it, and its traceback's frames hold that task and the
+    whole batch: a reference cycle per refused batch, which only the cyclic collector frees
+    (``cycles.py`` runs it once a minute, and a minute of such batches made it stop the
+    loop for about a second). Without the frames, reference counting frees it all at once."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+
+
 def timestamptz_to_pg(value: float | datetime) -> tuple[int]:
     """A timestamp for ``timestamptz`` as PostgreSQL stores it: microseconds since 2000-01-01
     UTC. Rows carry Unix seconds (floats): asyncpg's own encoder wants an aware datetime,
@@ -176,14 +190,16 @@ class PostgresWriter:
             try:
                 await asyncio.wait_for(self._copy(requests, responses), self.timeout)
                 return
-            except asyncpg.UniqueViolationError:
-                pass  # part of the batch is there already: the idempotent path skips it
+            except asyncpg.UniqueViolationError as exc:
+                _forget_frames(exc)  # part of the batch is there already: the idempotent
+                # path skips it
             except _VALUE_ERRORS as exc:
                 # A JSON text PostgreSQL refused (a client's malformed body, say): keep the
                 # batch, with that value's JSON left NULL, through the checking path. Not
                 # an operator's concern, and a client could send one with every request.
                 log.debug("a batch of %d records was refused by COPY (%s); storing it "
                           "through the checking path", len(requests), describe_error(exc))
+                _forget_frames(exc)
             except Exception as exc:  # every failure means: spool the batch
                 await self._failed(exc)
         try:
@@ -192,6 +208,7 @@ class PostgresWriter:
         except _VALUE_ERRORS as exc:
             log.debug("a batch of %d records was refused by the checking path (%s); storing "
                       "its records one by one", len(requests), describe_error(exc))
+            _forget_frames(exc)
         except Exception as exc:  # every failure means: spool the batch
             await self._failed(exc)
         try:
@@ -210,8 +227,8 @@ class PostgresWriter:
             try:
                 await asyncio.wait_for(self._insert_checked([request], mine), self.timeout)
                 continue
-            except _VALUE_ERRORS:
-                pass
+            except _VALUE_ERRORS as exc:
+                _forget_frames(exc)
             bare = without_bodies(request, REQUEST_COLUMNS)
             bare_answers = [without_bodies(row, RESPONSE_COLUMNS) for row in mine]
             request_id = str(bare[REQUEST_COLUMNS.index("request_id")])

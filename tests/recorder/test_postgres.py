@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -49,6 +50,35 @@ async def test_a_value_postgres_refuses_does_not_block_the_batch(database_url: s
     finally:
         await writer.close()
     assert await counts(database_url) == (10, 10, 9)
+
+
+async def test_refused_batches_leave_no_reference_cycles(database_url: str) -> None:
+    """A batch COPY refuses (a client's malformed JSON) and whose records are then refused one
+    by one leaves nothing for the cyclic collector: the proxy runs it once a minute, and a
+    minute of such batches, each held in a cycle through its exception's frames, stopped
+    the event loop for about a second."""
+    writer = PostgresWriter(database_url)
+    try:
+        await writer.write(*RowEncoder(RecordingConfig()).encode(exchanges(1)))  # connected
+        for round_ in range(3):
+            requests, responses = RowEncoder(RecordingConfig()).encode(exchanges(20))
+            for i in (2, 11):
+                bad = list(requests[i])
+                bad[9] = '{"nul": "\\u0000"}'  # refused by jsonb, by COPY and by the row
+                requests[i] = tuple(bad)
+            gc.collect()
+            gc.disable()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                await writer.write(requests, responses)
+                assert gc.collect() == 0, f"round {round_}: {len(gc.garbage)} objects in cycles"
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+                gc.enable()
+    finally:
+        await writer.close()
+    assert (await counts(database_url))[:2] == (61, 61)
 
 
 async def test_timestamps_are_stored_to_the_microsecond(database_url: str) -> None:
