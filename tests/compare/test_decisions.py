@@ -84,7 +84,10 @@ async def test_batch_requests_are_sampled_and_tested_whole(database_url: str) ->
     paired = pr["paired"]
     assert paired["n"] == pr["sample"]["n"] == 5 * paired["requests"]
     assert 150 < paired["requests"] < 250
-    assert paired["decision"] is False
+    # No shift: the sample (ids are random, so is the draw) raises a false alarm at the test's
+    # 5% rate, but a request-level test almost never goes below 0.001; rows counted as
+    # independent would (their standard error is about half the true one here).
+    assert paired["p_value"] > 0.001
 
 
 def write_csv(path: Path, columns: dict[str, list[Any]]) -> Path:
