@@ -39,6 +39,7 @@ from localhost import (  # bench/localhost.py
     pinned_database,
     start_fast_upstream,
     stop,
+    stop_database,
     wait_for_port,
 )
 
@@ -335,6 +336,7 @@ def main() -> None:
     finally:
         for proc, _ in upstreams:
             stop(proc, 10)
+        stop_database(work / "pg")
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows, tracepoints)
 

@@ -41,6 +41,7 @@ from localhost import (  # bench/localhost.py
     pinned_database,
     start_fast_upstream,
     stop,
+    stop_database,
     wait_for_port,
 )
 
@@ -180,6 +181,7 @@ def main() -> None:
             proc.wait()
         for sock in (*fillers, listener):
             sock.close()
+        stop_database(work / "pg")
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"{args.seconds} s per run, {args.connections} connections, shadow timeout_s "

@@ -6,6 +6,7 @@ every request the same answer (``python bench/localhost.py PORT`` serves one).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -101,6 +102,18 @@ def pinned_database(data_dir: Path, cpu: str | None) -> str:
             os.sched_setaffinity(pid, {int(c) for c in cpu.split(",")})
     return url
 
+
+
+def stop_database(data_dir: Path) -> None:
+    """Stop the server ``pinned_database`` started under ``data_dir``, if it runs (call it
+    before removing the folder: the server outlives the bench otherwise)."""
+    pid_file = data_dir / "postgres" / "postmaster.pid"
+    if pid_file.exists():
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)  # a fast shutdown
+            deadline = time.monotonic() + 30
+            while pid_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
 
 if __name__ == "__main__":
     serve_fixed(int(sys.argv[1]))
