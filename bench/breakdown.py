@@ -35,16 +35,16 @@ from collections import Counter
 from pathlib import Path
 
 from localhost import (  # bench/localhost.py
+    BODY,
     free_port,
     pinned_database,
+    post_script,
     start_fast_upstream,
     stop,
     stop_database,
     wait_for_port,
 )
 
-# 1,021 bytes of valid JSON (a cut one would send every batch down the checking path)
-BODY = '{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(79)) + "}}"
 SYSCALLS = ("read", "write", "writev", "recvfrom", "sendto", "sendmsg", "recvmsg",
             "epoll_pwait", "epoll_wait", "epoll_ctl", "accept4", "connect", "socket",
             "close", "setsockopt", "getsockopt", "getsockname", "getpeername", "getpid",
@@ -303,9 +303,7 @@ def main() -> None:
     tracepoints = available_tracepoints()
     work = Path(tempfile.mkdtemp(prefix="shadowproxy-breakdown-"))
     work.chmod(0o755)  # the embedded PostgreSQL may run as its own user
-    script = work / "post.lua"
-    script.write_text(f'wrk.method = "POST"\nwrk.body = {BODY!r}\n'
-                      'wrk.headers["Content-Type"] = "application/json"\n')
+    script = post_script(work)
     upstreams = []
     rows: list[tuple[str, int, dict[str, float]]] = []
     try:

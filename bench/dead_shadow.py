@@ -39,14 +39,12 @@ from pathlib import Path
 from localhost import (  # bench/localhost.py
     free_port,
     pinned_database,
+    post_script,
     start_fast_upstream,
     stop,
     stop_database,
     wait_for_port,
 )
-
-# 1,021 bytes of valid JSON (a cut one would send every batch down the checking path)
-BODY = '{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(79)) + "}}"
 
 
 def dead_listener() -> tuple[socket.socket, list[socket.socket], int]:
@@ -158,9 +156,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="shadowproxy-dead-shadow-"))
     work.chmod(0o755)  # the embedded PostgreSQL may run as its own user
-    script = work / "post.lua"
-    script.write_text(f'wrk.method = "POST"\nwrk.body = {BODY!r}\n'
-                      'wrk.headers["Content-Type"] = "application/json"\n')
+    script = post_script(work)
     upstreams = []
     listener, fillers, dead = dead_listener()
     try:

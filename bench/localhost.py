@@ -1,7 +1,8 @@
 """What the benchmark scripts that start their own processes share: a free port on
 127.0.0.1, waiting for a started process to listen on one, stopping it, an embedded
-PostgreSQL pinned away from the proxy's CPU, and a fast upstream that gives
-every request the same answer (``python bench/localhost.py PORT`` serves one)."""
+PostgreSQL pinned away from the proxy's CPU, a fast upstream that gives every request the
+same answer (``python bench/localhost.py PORT`` serves one), and the 1 KB JSON request body
+with the wrk script that POSTs it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+# 1,021 bytes of valid JSON (a cut one would send every batch down the checking path)
+BODY = '{"features": {' + ", ".join(f'"f{i}": {i}.5' for i in range(79)) + "}}"
 ANSWER = b'{"prediction": 1.0, "model": "fast"}'
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (len(ANSWER), ANSWER))
@@ -56,6 +59,14 @@ def start_fast_upstream(cpu: str | None) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(["taskset", "-c", cpu, *argv] if cpu is not None else argv)
     wait_for_port(port, 10, proc)
     return proc, port
+
+
+def post_script(work: Path) -> Path:
+    """A wrk script in ``work`` that POSTs ``BODY`` as JSON."""
+    script = work / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {BODY!r}\n'
+                      'wrk.headers["Content-Type"] = "application/json"\n')
+    return script
 
 
 def free_port() -> int:
