@@ -520,6 +520,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+def _discard(made: list[UpstreamConnection]) -> None:
+    """Free the protocol of a connection attempt that failed or was cut. uvloop makes the
+    protocol before the socket connects and, when the attempt fails, never calls its
+    ``connection_lost``: its parser still refers back to it, a cycle only the cyclic
+    collector would free (against a dead upstream, a thousand a second)."""
+    for conn in made:
+        if not conn.closed:
+            conn.closed = True
+            conn.parser = http1.CLOSED_PARSER  # type: ignore[assignment]
+            conn.transport = None
+    made.clear()
+
+
 class UpstreamPool:
     """Keep-alive connections to one upstream, reused LIFO; new ones made on demand."""
 
@@ -611,15 +624,20 @@ class UpstreamPool:
             return
         call.connecting = spawn(self._connect_and_send(call), name=self._task_name)
 
-    def _new_connection(self) -> UpstreamConnection:
-        return UpstreamConnection(self)
-
     async def _connect_and_send(self, call: UpstreamCall) -> None:
+        made: list[UpstreamConnection] = []
+
+        def new_connection() -> UpstreamConnection:
+            conn = UpstreamConnection(self)
+            made.append(conn)
+            return conn
+
         try:
             _, conn = await self.loop.create_connection(
-                self._new_connection, self.host, self.port, ssl=self.ssl)
+                new_connection, self.host, self.port, ssl=self.ssl)
         except asyncio.CancelledError:
             # The socket is closed by now (create_connection closes it when cancelled).
+            _discard(made)
             call.connecting = None
             reason = call.cancel_reason
             if reason is None:  # cancelled from outside: the event loop is closing
@@ -628,6 +646,7 @@ class UpstreamPool:
             call.fail(reason[0], reason[1])
             return
         except (OSError, ssl.SSLError) as exc:
+            _discard(made)
             call.connecting = None
             reason_text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             call.fail(ErrorKind.CONNECT, f"connect: {reason_text}")
