@@ -11,7 +11,10 @@ one shadow) each, whose JSON bodies carry a numeric ``prediction``, a ``class`` 
 about 3% of requests, is slower (p99 about 1.7× the primary's), times out on 0.1% of
 requests, and the last fifth of the window drifts (``sqft`` grows by 900, ``city`` leans
 north) against a 50,000-row reference file. When ``shadowproxy.responses`` has a
-``received_at`` column (partitioned storage), it is filled with the request's.
+``received_at`` column (partitioned storage), it is filled with the request's. The pairs lie
+in the last hour that has settled, and that hour is summarized for the report's counts
+(``store/rollups.py``, what the proxy's maintenance task does on its own; timed and printed),
+unless ``--no-summaries``.
 
 Then ``report`` runs with the default ``--max-pairs`` (the time of each part is printed),
 and, unless ``--no-check``, once more with ``--max-pairs`` above the window (every pair
@@ -29,7 +32,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -41,10 +44,12 @@ from shadowproxy.compare.config import CompareConfig
 from shadowproxy.compare.options import DEFAULT_MAX_PAIRS
 from shadowproxy.compare.report import build_report
 from shadowproxy.compare.window import Window
+from shadowproxy.store import rollups
 from shadowproxy.store.migrate import migrate
 
 SPAN_S = 3_500
-"""The generated requests spread over this many seconds before now (inside a 1 h window)."""
+"""The generated requests spread over this many seconds of the last settled hour (the
+report's window), so that the maintenance task's summaries cover it."""
 
 # $1: pairs. The features: g-derived so that the data are the same on every run; the last
 # fifth of the requests (the most recent) drift.
@@ -115,10 +120,17 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
-async def generate(conn: asyncpg.Connection, pairs: int) -> None:
-    """The requests and both sides' responses (``received_at`` on responses if it exists)."""
+def settled_hour(now: datetime) -> Window:
+    """The last hour that the maintenance task summarizes at ``now``."""
+    end = rollups.hour_of(now - rollups.SETTLE)
+    return Window(end - rollups.HOUR, end)
+
+
+async def generate(conn: asyncpg.Connection, pairs: int, window: Window) -> None:
+    """The requests and both sides' responses (``received_at`` on responses if it exists),
+    in the last ``SPAN_S`` seconds of ``window`` but the last 50."""
     n = str(int(pairs))
-    anchor = (await conn.fetchval("SELECT now()")).isoformat()
+    anchor = (window.end - timedelta(seconds=50)).isoformat()
     received_at = RECEIVED_AT.format(anchor=anchor, span=SPAN_S)
     partitioned = await conn.fetchval(
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'shadowproxy' "
@@ -141,13 +153,11 @@ def write_reference(path: Path) -> None:
 
 
 async def timed_report(conn: asyncpg.Connection, reference: Path, max_pairs: int,
-                       label: str) -> dict[str, Any]:
+                       label: str, window: Window) -> dict[str, Any]:
     marks: list[tuple[str, float]] = []
-    now = datetime.now(UTC)
     started = time.perf_counter()
     report = await build_report(
-        conn, route="bench", shadow="candidate",
-        window=Window(now - timedelta(hours=1), now + timedelta(seconds=1)),
+        conn, route="bench", shadow="candidate", window=window,
         compare=CompareConfig.model_validate(COMPARE), reference=reference,
         progress=lambda step: marks.append((step, time.perf_counter())), max_pairs=max_pairs)
     total = time.perf_counter() - started
@@ -186,8 +196,8 @@ def check(sampled: dict[str, Any], whole: dict[str, Any]) -> bool:
     return same
 
 
-async def run(server_url: str, pairs: int, workdir: Path, max_pairs: int, do_check: bool
-              ) -> bool:
+async def run(server_url: str, pairs: int, workdir: Path, max_pairs: int, do_check: bool,
+              summarize: bool) -> bool:
     name = f"sp_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(server_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -197,15 +207,22 @@ async def run(server_url: str, pairs: int, workdir: Path, max_pairs: int, do_che
         await migrate(url)
         conn = await asyncpg.connect(url)
         started = time.perf_counter()
-        await generate(conn, pairs)
+        window = settled_hour(await conn.fetchval("SELECT now()"))
+        await generate(conn, pairs, window)
         size = await conn.fetchval("SELECT pg_database_size(current_database())")
         print(f"generated {pairs:,} pairs in {time.perf_counter() - started:.1f} s; "
               f"database {size / 1e9:.2f} GB")
+        if summarize:
+            started = time.perf_counter()
+            rolled = await rollups.roll_up(conn)
+            print(f"summarized {rolled.hours} hour(s) of {rolled.requests:,} requests in "
+                  f"{time.perf_counter() - started:.1f} s (what the proxy's maintenance task "
+                  "does once an hour has settled)")
         reference = workdir / "reference.csv"
         write_reference(reference)
-        sampled = await timed_report(conn, reference, max_pairs, "default")
+        sampled = await timed_report(conn, reference, max_pairs, "default", window)
         if do_check:
-            whole = await timed_report(conn, reference, pairs + 1, "every pair")
+            whole = await timed_report(conn, reference, pairs + 1, "every pair", window)
             ok = check(sampled, whole)
         await conn.close()
     finally:
@@ -221,6 +238,9 @@ def main() -> None:
     parser.add_argument("--max-pairs", type=int, default=DEFAULT_MAX_PAIRS)
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the report over every pair and the verdict check")
+    parser.add_argument("--no-summaries", dest="summarize", action="store_false",
+                        help="leave the window unsummarized (the report reads every pair "
+                             "for its counts)")
     parser.add_argument("--data-dir", type=Path,
                         help="where the embedded PostgreSQL keeps its files (default: a "
                              "temporary folder)")
@@ -231,7 +251,8 @@ def main() -> None:
             from shadowproxy.store.embedded import start_embedded
 
             url = start_embedded(Path(tmp) / "data", cleanup="delete")
-        ok = asyncio.run(run(url, args.pairs, Path(tmp), args.max_pairs, args.check))
+        ok = asyncio.run(run(url, args.pairs, Path(tmp), args.max_pairs, args.check,
+                             args.summarize))
     raise SystemExit(0 if ok else 1)
 
 

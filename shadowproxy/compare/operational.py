@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NotRequired, TypedDict
 
-import asyncpg
 import numpy as np
 
-from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, VERSION_FILTER, Snapshot
+from shadowproxy.compare import summaries
+from shadowproxy.compare.snapshot import PAIR_FILTER, Snapshot
+from shadowproxy.compare.summaries import Group
 from shadowproxy.errors import UsageError
 from shadowproxy.failures import ERROR_KINDS
 
@@ -128,13 +129,11 @@ async def config_versions(db: Snapshot) -> list[ConfigVersion]:
     (whatever ``--config-version`` selects); UsageError if the selected one is not among
     them."""
     s = db.scope
-    found = [ConfigVersion(version=r[0], requests=int(r[1]), first=r[2].isoformat(),
-                           last=r[3].isoformat())
-             for r in await db.fetch(
-                 "SELECT config_version, count(*), min(received_at), max(received_at) "
-                 "FROM shadowproxy.requests WHERE route = $1 AND received_at >= $2 "
-                 "AND received_at < $3 GROUP BY 1 ORDER BY 3, 1",
-                 s.route, s.window.start, s.window.end)]
+    found = [ConfigVersion(version=version, requests=n, first=first.isoformat(),
+                           last=last.isoformat())
+             for version, n, first, last in sorted(
+                 await summaries.requests_by_version(db),
+                 key=lambda v: (v[2], v[0] is None, v[0] or ""))]
     if s.config_version is not None and s.config_version not in [v["version"] for v in found]:
         raise UsageError(
             f"--config-version {s.config_version}: no request of route {s.route!r} in the "
@@ -144,37 +143,23 @@ async def config_versions(db: Snapshot) -> list[ConfigVersion]:
     return found
 
 
-async def scan(db: Snapshot) -> list[asyncpg.Record]:
+async def scan(db: Snapshot) -> list[Group]:
     """Every pair of the window, grouped by what the counts and rates tell apart (statuses,
-    outcomes, replayed, comparable) with each group's latency sums: the one pass over all
-    pairs that ``counts`` and ``operational`` share, however large the window."""
-    return await db.fetch(f"""
-        SELECT primary_status AS ps, shadow_status AS ss,
-               coalesce(primary_error_kind,
-                        CASE WHEN primary_status IS NOT NULL THEN 'ok' END) AS po,
-               coalesce(shadow_error_kind,
-                        CASE WHEN shadow_status IS NOT NULL THEN 'ok' END) AS so,
-               shadow_error_kind AS sek, shadow_role = 'replay' AS replayed,
-               coalesce({COMPARABLE}, false) AS comparable, count(*) AS n,
-               count(primary_latency_ms) AS pn, sum(primary_latency_ms) AS psum,
-               min(primary_latency_ms) AS pmin, max(primary_latency_ms) AS pmax,
-               count(shadow_latency_ms) AS sn, sum(shadow_latency_ms) AS ssum,
-               min(shadow_latency_ms) AS smin, max(shadow_latency_ms) AS smax
-        FROM shadowproxy.pairs WHERE {PAIR_FILTER} GROUP BY 1, 2, 3, 4, 5, 6, 7""",
-                          *db.pair_args())
+    outcomes, replayed, comparable) with each group's latency sums: what ``counts`` and
+    ``operational`` share, from the hourly summaries where they exist and the rows
+    elsewhere (``summaries``), however large the window."""
+    return await summaries.pair_groups(db)
 
 
-def _sum(groups: list[asyncpg.Record], keep: Callable[[asyncpg.Record], bool]) -> int:
+def _sum(groups: list[Group], keep: Callable[[Group], bool]) -> int:
     return sum(int(g["n"]) for g in groups if keep(g))
 
 
-async def counts(db: Snapshot, groups: list[asyncpg.Record]) -> Counts:
+async def counts(db: Snapshot, groups: list[Group]) -> Counts:
     """How many requests, pairs and complete pairs; how the shadow calls failed."""
-    requests = int((await db.fetchrow(f"""
-        SELECT count(*) FROM shadowproxy.requests
-        WHERE route = $1 AND received_at >= $2 AND received_at < $3 AND {VERSION_FILTER}""",
-                                      db.scope.route, db.scope.window.start,
-                                      db.scope.window.end))[0])
+    selected = db.scope.config_version
+    requests = sum(n for version, n, _, _ in await summaries.requests_by_version(db)
+                   if selected is None or version == selected)
     pairs = _sum(groups, lambda g: True)
     complete = _sum(groups, lambda g: g["ps"] is not None and g["ss"] is not None)
 
@@ -207,9 +192,9 @@ def _side(q: list[float | None] | None, mean: Any, mx: Any, n: int,
                 error_rate=error_rate)
 
 
-def _rates(groups: list[asyncpg.Record]) -> dict[str, Any]:
+def _rates(groups: list[Group]) -> dict[str, Any]:
     """What the former per-pair aggregates gave, from the groups of ``scan``."""
-    def total(col: str, keep: Callable[[asyncpg.Record], bool] = lambda g: True) -> float:
+    def total(col: str, keep: Callable[[Group], bool] = lambda g: True) -> float:
         return sum(float(g[col]) for g in groups if keep(g) and g[col] is not None)
 
     def extreme(cols: tuple[str, ...], pick: Callable[..., Any]) -> float | None:
@@ -235,7 +220,7 @@ def _rates(groups: list[asyncpg.Record]) -> dict[str, Any]:
     }
 
 
-def _status_pairs(groups: list[asyncpg.Record]) -> list[StatusPair]:
+def _status_pairs(groups: list[Group]) -> list[StatusPair]:
     """The 20 most frequent (primary, shadow) status pairs (no status: last)."""
     n: dict[tuple[int | None, int | None], int] = {}
     for g in groups:
@@ -249,7 +234,7 @@ def _status_pairs(groups: list[asyncpg.Record]) -> list[StatusPair]:
                                                                          key=order)[:20]]
 
 
-async def operational(db: Snapshot, counts: Counts, groups: list[asyncpg.Record]
+async def operational(db: Snapshot, counts: Counts, groups: list[Group]
                       ) -> Operational:
     """Latency percentiles and error rates per side; status-code agreement; histograms.
 
@@ -288,7 +273,7 @@ async def operational(db: Snapshot, counts: Counts, groups: list[asyncpg.Record]
     return out
 
 
-def _outcomes(groups: list[asyncpg.Record]) -> Outcomes:
+def _outcomes(groups: list[Group]) -> Outcomes:
     """Each side's calls by outcome: ``ok`` (an answer came) or the ``error_kind``."""
     out = Outcomes(primary=dict.fromkeys(OUTCOMES, 0), shadow=dict.fromkeys(OUTCOMES, 0))
     for g in groups:

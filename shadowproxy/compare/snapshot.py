@@ -27,9 +27,11 @@ import asyncpg
 from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.window import Window
 from shadowproxy.errors import DatabaseError, ShadowProxyError, UsageError
+from shadowproxy.store import rollups
 
 if TYPE_CHECKING:
     from shadowproxy.compare.sampling import SampleInfo
+    from shadowproxy.compare.summaries import Parts
 
 SELECTED_VERSION = "nullif(current_setting('shadowproxy.config_version', true), '')"
 """The ``--config-version`` of the report (NULL for all), set for the snapshot's transaction."""
@@ -46,8 +48,7 @@ PAIR_FILTER = ("route = $1 AND shadow_name = $2 AND received_at >= $3 AND receiv
 """The pairs of the report: ``shadowproxy.pairs`` filtered with ``Snapshot.pair_args()``
 (and by ``--config-version``, which every section so honours without an argument)."""
 
-COMPARABLE = ("primary_status BETWEEN 200 AND 299 AND shadow_status BETWEEN 200 AND 299 "
-              "AND primary_body_json IS NOT NULL AND shadow_body_json IS NOT NULL")
+COMPARABLE = rollups.COMPARABLE
 """Pairs whose responses can be compared: both 2xx with JSON bodies."""
 
 _SAMPLE_BASE = 1_000_000
@@ -88,6 +89,8 @@ class Snapshot:
         ``PAIR_FILTER``): ``shadowproxy.pairs``, or the sampled pairs (``sampling.draw``)."""
         self.sample: SampleInfo | None = None
         """What ``sampling.draw`` decided (None before it ran)."""
+        self.parts: Parts | None = None
+        """Which parts of the window are read from summaries (``summaries.parts``)."""
 
     @property
     def compare(self) -> CompareConfig:

@@ -7,7 +7,9 @@ coming periods (``partitions.ensure``), moves the rows of an upgraded database o
 legacy tables (``legacy.move``), and with ``storage.retention`` set drops the partitions
 whose whole range is older than that (``prune.prune_before``): a record is kept for at
 least the retention and at most one partition period more; ``shadowproxy prune`` cuts
-exactly, deleting inside the partition across the cutoff.
+exactly, deleting inside the partition across the cutoff. Last, it summarizes the hours that
+have settled (``rollups.roll_up``, at most ``ROLLUP_HOURS_PER_RUN`` per run), which the
+report reads for its exact counts instead of every pair.
 
 It never touches the request path: the proxy answers clients and the recorder writes
 whatever happens here, every statement gives up on a lock after
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 from shadowproxy.config import StorageConfig
 from shadowproxy.metrics import Metrics
-from shadowproxy.store import legacy, partitions
+from shadowproxy.store import legacy, partitions, rollups
 from shadowproxy.store.database import connection, describe_error
 from shadowproxy.store.legacy import Moved
 from shadowproxy.store.partitions import MAINTENANCE_LOCK
@@ -35,6 +37,9 @@ from shadowproxy.tasks import spawn
 
 log = logging.getLogger("shadowproxy.storage")
 
+ROLLUP_HOURS_PER_RUN = 24
+"""Hours summarized per run (``rollups.roll_up``): a database with a long history not yet
+summarized catches up a day per run."""
 LEGACY_BATCHES_PER_RUN = 50
 """Batches of the upgrade's move per run (250,000 requests at the default batch size):
 the rest waits for the next run, so that one run stays short."""
@@ -48,6 +53,7 @@ class Outcome:
     created: list[str] = field(default_factory=list)
     moved: Moved | None = None
     pruned: PruneResult | None = None
+    rolled: rollups.Rolled | None = None
 
 
 async def run_once(url: str, storage: StorageConfig, *, timeout: float = 300.0) -> Outcome:
@@ -64,10 +70,13 @@ async def run_once(url: str, storage: StorageConfig, *, timeout: float = 300.0) 
                     cutoff = await conn.fetchval("SELECT now() - $1::interval",
                                                  storage.retention)
                     pruned = await prune_before(conn, cutoff, whole_partitions=True)
+                rolled = None
+                if moved.finished:
+                    rolled = await rollups.roll_up(conn, max_hours=ROLLUP_HOURS_PER_RUN)
         finally:
             if not conn.is_closed():
                 await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
-    return Outcome(created=created, moved=moved, pruned=pruned)
+    return Outcome(created=created, moved=moved, pruned=pruned, rolled=rolled)
 
 
 class Maintenance:
@@ -124,3 +133,7 @@ def _log(outcome: Outcome) -> None:
                  "(%d partition(s) dropped)", "about " if pruned.estimated else "",
                  pruned.requests, pruned.responses,
                  pruned.cutoff.isoformat(timespec="seconds"), len(pruned.dropped))
+    rolled = outcome.rolled
+    if rolled is not None and rolled.hours:
+        log.info("summarized %d hour(s) of %d requests for the report%s", rolled.hours,
+                 rolled.requests, " (more at the next run)" if rolled.more else "")

@@ -30,7 +30,7 @@ import asyncpg
 
 from shadowproxy.durations import parse_age as _parse_age
 from shadowproxy.errors import DatabaseError, UsageError
-from shadowproxy.store import legacy
+from shadowproxy.store import legacy, rollups
 from shadowproxy.store.database import CONNECTION_ERRORS, connection, describe
 from shadowproxy.store.partitions import LOCK_TIMEOUT, MAINTENANCE_LOCK, Partition, partitions
 
@@ -172,6 +172,7 @@ async def prune_before(conn: asyncpg.Connection, cutoff: datetime, *,
         if gone == 0:
             break
         responses += gone
+    await rollups.forget_before(conn, cutoff)
     return PruneResult(cutoff=cutoff, requests=requests, responses=responses, batches=batches,
                        dropped=dropped, estimated=estimated)
 

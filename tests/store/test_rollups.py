@@ -1,0 +1,282 @@
+"""The hourly summaries of the report's counts: made for settled hours, read by the report
+with the rows of the rest of its window, removed by whatever writes into or prunes their
+hours. On a real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from shadowproxy.compare.config import CompareConfig
+from shadowproxy.compare.report import build_report
+from shadowproxy.compare.window import Window
+from shadowproxy.config import StorageConfig
+from shadowproxy.recorder.postgres import PostgresWriter
+from shadowproxy.recorder.rows import REQUEST_COLUMNS, RESPONSE_COLUMNS
+from shadowproxy.store import rollups
+from shadowproxy.store.maintenance import run_once
+from shadowproxy.store.prune import prune_before
+from tests.compare.records import Call, Exchange, insert
+
+COMPARE = {"prediction": "$.prediction"}
+
+
+def hours_ago(h: float) -> datetime:
+    return datetime.now(UTC) - timedelta(hours=h)
+
+
+def traffic(n: int, start: datetime, span: timedelta, seed: int) -> list[Exchange]:
+    """``n`` exchanges spread over ``span`` from ``start``: answers, 5xx, timeouts, a
+    replayed target, two configuration versions, so that every count has something."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        at = start + span * float(rng.uniform())
+        if i % 7 == 0:
+            shadow = Call(None, status=None, latency_ms=None, error="timeout", kind="timeout")
+        elif i % 11 == 0:
+            shadow = Call({"error": "boom"}, status=503, latency_ms=float(rng.uniform(1, 9)))
+        else:
+            shadow = Call({"prediction": float(rng.normal())},
+                          latency_ms=float(rng.uniform(5, 50)))
+        primary = (Call(None, status=None, latency_ms=None, error="reset", kind="reset")
+                   if i % 29 == 0 else
+                   Call({"prediction": float(rng.normal())}, latency_ms=float(rng.uniform(2, 40))))
+        replays = {"again": Call({"prediction": 1.0}, latency_ms=3.0)} if i % 13 == 0 else {}
+        out.append(Exchange({"x": i}, primary, {"candidate": shadow}, replays,
+                            received_at=at, config_version="v1" if i % 3 else "v2"))
+    return out
+
+
+async def exact(url: str, win: Window, shadow: str = "candidate",
+                version: str | None = None) -> dict[str, Any]:
+    """The report's exact parts: counts, the operational section, the versions."""
+    conn = await asyncpg.connect(url)
+    try:
+        r = await build_report(conn, route="house-prices", shadow=shadow, window=win,
+                               compare=CompareConfig.model_validate(COMPARE),
+                               config_version=version)
+    finally:
+        await conn.close()
+    return {"counts": r["counts"], "operational": r["operational"],
+            "versions": r["meta"]["config_versions"]}
+
+
+async def summarized_hours(url: str) -> list[datetime]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [r[0] for r in await conn.fetch(
+            "SELECT hour FROM shadowproxy.rollup_hours WHERE requests > 0 ORDER BY 1")]
+    finally:
+        await conn.close()
+
+
+async def roll_up(url: str) -> rollups.Rolled:
+    conn = await asyncpg.connect(url)
+    try:
+        return await rollups.roll_up(conn)
+    finally:
+        await conn.close()
+
+
+async def forget_all(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DELETE FROM shadowproxy.rollup_hours")
+    finally:
+        await conn.close()
+
+
+def close(a: Any, b: Any) -> bool:
+    """Equal, floats to 1e-9 relative (sums added in another order)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
+    return bool(a == b)
+
+
+async def test_the_report_counts_the_same_from_summaries_and_from_rows(
+        database_url: str) -> None:
+    """Windows whose ends fall inside minutes and hours, across summarized hours and the
+    unsummarized last hour: every count, rate, latency extreme and version is what the rows
+    alone give, for every version selection and for the replayed target."""
+    base = hours_ago(5).replace(minute=0, second=0, microsecond=0)
+    await insert(database_url, traffic(1500, base, timedelta(hours=4), seed=1))
+    await insert(database_url, traffic(200, hours_ago(0.5), timedelta(minutes=20), seed=2))
+    rolled = await roll_up(database_url)
+    assert rolled.hours >= 4 and rolled.requests == 1500
+    windows = [Window(base + timedelta(minutes=17, seconds=31), hours_ago(0)),
+               Window(base + timedelta(hours=1, seconds=0.5),
+                      base + timedelta(hours=3, minutes=59, seconds=59.9)),
+               Window(base + timedelta(minutes=61, seconds=7), base + timedelta(minutes=61,
+                                                                               seconds=40))]
+    cases = [(w, s, v) for w in windows for s, v in (("candidate", None), ("candidate", "v2"))]
+    cases.append((windows[0], "candidate", "v1"))
+    from_summaries = [await exact(database_url, w, s, v) for w, s, v in cases]
+    await forget_all(database_url)
+    from_rows = [await exact(database_url, w, s, v) for w, s, v in cases]
+    for (w, s, v), a, b in zip(cases, from_summaries, from_rows, strict=True):
+        assert close(a, b), (w, s, v, a, b)
+    assert from_rows[0]["counts"]["pairs"] > 1000  # the windows hold what was inserted
+    assert from_rows[0]["counts"]["replayed_pairs"] == 0
+
+
+async def test_replayed_targets_are_counted_from_summaries_too(database_url: str) -> None:
+    base = hours_ago(4).replace(minute=0, second=0, microsecond=0)
+    await insert(database_url, traffic(600, base, timedelta(hours=2), seed=3))
+    await roll_up(database_url)
+    win = Window(base + timedelta(seconds=90), base + timedelta(hours=2, seconds=-45))
+    a = await exact(database_url, win, "again")
+    await forget_all(database_url)
+    b = await exact(database_url, win, "again")
+    assert close(a, b) and a["counts"]["replayed_pairs"] == a["counts"]["pairs"] > 20
+    conn = await asyncpg.connect(database_url)
+    try:
+        replayed = await conn.fetchval("SELECT count(*) FROM shadowproxy.pairs "
+                                       "WHERE shadow_role = 'replay'")
+    finally:
+        await conn.close()
+    assert replayed > 0
+
+
+async def test_only_settled_hours_are_summarized_once(database_url: str) -> None:
+    """An hour is summarized once it ended ``SETTLE`` ago; the hour in progress is not;
+    a second run finds nothing left; a summary that is wrong can be told from a test that
+    reads the summary (a count written into the summary shows in the report)."""
+    old = hours_ago(3).replace(minute=10)
+    await insert(database_url, traffic(50, old, timedelta(minutes=30), seed=4))
+    await insert(database_url, traffic(20, hours_ago(0.1), timedelta(minutes=3), seed=5))
+    first = await roll_up(database_url)
+    assert first.requests == 50
+    assert await summarized_hours(database_url) == [rollups.hour_of(old)]
+    second = await roll_up(database_url)
+    assert (second.hours, second.requests) == (0, 0)
+    win = Window(rollups.hour_of(old), rollups.hour_of(old) + timedelta(hours=1))
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE shadowproxy.request_rollups SET requests = requests + 1000 "
+                           "WHERE ctid = (SELECT min(ctid) FROM shadowproxy.request_rollups)")
+    finally:
+        await conn.close()
+    assert (await exact(database_url, win))["counts"]["requests"] == 1050
+
+
+def _rows(received_at: float, *, with_request: bool = True
+          ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """A batch as the recorder writes it: a request and its primary's and shadow's answers
+    (or, without the request, a replayed answer to a stored request)."""
+    rid = uuid.uuid4()
+    request = {"id": rid, "request_id": str(rid), "route": "house-prices",
+               "received_at": received_at, "method": "POST", "path": "/predict", "query": "",
+               "headers": "{}", "body": b"{}", "body_json": "{}", "body_size": 2,
+               "body_truncated": False, "client_addr": None, "config_version": None}
+    answers = []
+    for target, role in ([("primary", "primary"), ("candidate", "shadow")] if with_request
+                         else [("again", "replay")]):
+        answers.append({"request": rid, "target": target, "role": role, "status": 200,
+                        "headers": "{}", "body": b'{"prediction": 1}',
+                        "body_json": '{"prediction": 1}', "body_size": 17,
+                        "body_truncated": False, "latency_ms": 5.0, "error": None,
+                        "started_at": received_at, "error_kind": None, "stream": None,
+                        "received_at": received_at})
+    return ([tuple(request[c] for c in REQUEST_COLUMNS)] if with_request else [],
+            [tuple(a[c] for c in RESPONSE_COLUMNS) for a in answers])
+
+
+async def test_a_late_batch_removes_the_summary_of_its_hour(database_url: str) -> None:
+    """A batch with a record of a summarized hour (a spooled batch, a replayed answer)
+    removes that hour's summary as it is written, through either of the writer's paths;
+    the next run summarizes it again, with the record; a live batch leaves summaries be."""
+    old = hours_ago(3).replace(minute=20)
+    other = hours_ago(5).replace(minute=20)
+    await insert(database_url, traffic(40, old, timedelta(minutes=5), seed=6))
+    await insert(database_url, traffic(40, other, timedelta(minutes=5), seed=7))
+    await roll_up(database_url)
+    hour = rollups.hour_of(old)
+    win = Window(hour, hour + timedelta(hours=1))
+    before = (await exact(database_url, win))["counts"]["requests"]
+    replayed_before = (await exact(database_url, win, "again"))["counts"]["pairs"]
+    writer = PostgresWriter(database_url)
+    try:
+        await writer.write(*_rows(time.time()))  # live: nothing to remove
+        assert len(await summarized_hours(database_url)) == 2
+        await writer.write(*_rows(old.timestamp() + 60))
+        assert await summarized_hours(database_url) == [rollups.hour_of(other)]
+        assert (await exact(database_url, win))["counts"]["requests"] == before + 1
+        await roll_up(database_url)
+        await writer.write(*_rows(old.timestamp() + 61), replay=True)  # the checking path
+        assert await summarized_hours(database_url) == [rollups.hour_of(other)]
+        await roll_up(database_url)
+        stored = await _a_request(database_url, hour)
+        replayed = _rows(stored[1].timestamp(), with_request=False)[1]
+        replayed = [(stored[0], *row[1:]) for row in replayed]
+        await writer.write([], replayed)  # a replayed answer alone
+        assert await summarized_hours(database_url) == [rollups.hour_of(other)]
+    finally:
+        await writer.close()
+    rolled = await roll_up(database_url)
+    assert rolled.hours == 1
+    counts = (await exact(database_url, win, "again"))["counts"]
+    assert counts["pairs"] == counts["replayed_pairs"] == replayed_before + 1
+    assert (await exact(database_url, win))["counts"]["requests"] == before + 2
+
+
+async def _a_request(url: str, hour: datetime) -> tuple[uuid.UUID, datetime]:
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow("SELECT id, received_at FROM shadowproxy.requests "
+                                  "WHERE received_at >= $1 AND received_at < $2 LIMIT 1",
+                                  hour, hour + timedelta(hours=1))
+    finally:
+        await conn.close()
+    assert row is not None
+    return row[0], row[1]
+
+
+async def test_prune_removes_the_summaries_of_what_it_removes(database_url: str) -> None:
+    old = hours_ago(6).replace(minute=30)
+    kept = hours_ago(2).replace(minute=30)
+    await insert(database_url, traffic(30, old, timedelta(minutes=5), seed=8))
+    await insert(database_url, traffic(30, kept, timedelta(minutes=5), seed=9))
+    await roll_up(database_url)
+    assert len(await summarized_hours(database_url)) == 2
+    conn = await asyncpg.connect(database_url)
+    try:
+        await prune_before(conn, hours_ago(4))
+    finally:
+        await conn.close()
+    assert await summarized_hours(database_url) == [rollups.hour_of(kept)]
+    win = Window(hours_ago(8), hours_ago(1))
+    assert (await exact(database_url, win))["counts"]["requests"] == 30
+
+
+async def test_the_maintenance_run_summarizes_settled_hours(database_url: str) -> None:
+    old = hours_ago(3).replace(minute=5)
+    await insert(database_url, traffic(25, old, timedelta(minutes=5), seed=10))
+    outcome = await run_once(database_url, StorageConfig())
+    assert outcome.rolled is not None and outcome.rolled.requests == 25
+    assert await summarized_hours(database_url) == [rollups.hour_of(old)]
+
+
+def test_split_reads_whole_minutes_of_summarized_hours_and_rows_for_the_rest() -> None:
+    from shadowproxy.compare.summaries import split
+
+    h = datetime(2026, 12, 1, 10, tzinfo=UTC)
+    start, end = h + timedelta(minutes=3, seconds=20), h + timedelta(hours=2, minutes=7)
+    p = split(start, end, [h, h + timedelta(hours=1)])
+    assert (p.first_minute, p.end_minute) == (h + timedelta(minutes=4),
+                                              h + timedelta(hours=2, minutes=7))
+    assert p.rows == [(start, h + timedelta(minutes=4)), (h + timedelta(hours=2), end)]
+    p = split(start, end, [h + timedelta(hours=1)])
+    assert p.hours == [h + timedelta(hours=1)]
+    assert p.rows == [(start, h + timedelta(hours=1)), (h + timedelta(hours=2), end)]
+    p = split(start, start + timedelta(seconds=20), [h])
+    assert (p.hours, p.rows) == ([], [(start, start + timedelta(seconds=20))])
