@@ -18,13 +18,24 @@ and scans the whole table, not only the window, and neither can drive the index 
 part, so the keys are first filtered by a cut-off that keeps a little more than ``n`` of
 them: the ``n`` smallest keys under the cut-off are the ``n`` smallest of all (the cut-off is
 doubled and the draw repeated in the rare case it kept fewer than ``n``).
+
+For the default seed the keys need not be computed for every request of the window: each
+summarized hour kept its requests' smallest keys (``store/rollups.py``), and the ``n``
+smallest keys of the window that have a pair are among them as far as every hour that kept
+only some of its keys kept them (the cut-off is lowered to the smallest such last key). The
+draw reads those kept keys for the summarized hours and computes keys only for the rest of
+the window; if they end before ``n`` requests with a pair are found (many requests without
+one), it draws from every request instead. The sample is the same either way.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TypedDict
 
+from shadowproxy.compare import summaries
 from shadowproxy.compare.snapshot import (
     COMPARABLE,
     PAIR_FILTER,
@@ -33,6 +44,7 @@ from shadowproxy.compare.snapshot import (
     Scratch,
     Snapshot,
 )
+from shadowproxy.store import rollups
 
 SAMPLE_TABLE, SAMPLED_PAIRS = "report_sample", "report_pairs"
 SCRATCH = (Scratch(SAMPLE_TABLE, "id uuid PRIMARY KEY, received_at timestamptz, k bigint"),
@@ -97,23 +109,27 @@ async def draw(db: Snapshot, population: int, comparable: int, max_pairs: int
     # Keys are uniform: the number under the cut-off is binomial(population, f); six
     # standard deviations above n leaves a shortfall (and a second pass) practically never.
     fraction = (max_pairs + 6 * math.sqrt(max_pairs) + 50) / population
+    kept = await _kept_keys(db, max_pairs)
     while True:
+        cutoff = _cutoff(fraction)
+        if kept is not None:
+            cutoff = min(cutoff, kept.last_k)
         await db.execute(f"DELETE FROM {SAMPLE_TABLE}")
         await db.execute(f"""
             INSERT INTO {SAMPLE_TABLE} (id, received_at, k)
-            SELECT id, received_at, k FROM (
-                SELECT q.id, q.received_at, {_KEY} AS k FROM shadowproxy.requests q
-                WHERE q.route = $1 AND q.received_at >= $3 AND q.received_at < $4
-                  AND {VERSION_FILTER} AND {_KEY} <= $6) c
+            SELECT id, received_at, k FROM ({_candidates(db, kept)}) c
             WHERE EXISTS (SELECT 1 FROM shadowproxy.responses s
                           WHERE s.request = c.id AND s.received_at = c.received_at
                             AND s.target = $2
                             AND s.role IN ('shadow', 'replay'))
             ORDER BY k, id LIMIT $7""",
-                         *db.pair_args(), db.scope.seed, _cutoff(fraction), max_pairs)
+                         *db.pair_args(), db.scope.seed, cutoff, max_pairs)
         got = (await db.fetchrow(f"SELECT count(*) FROM {SAMPLE_TABLE}"))[0]
-        if got >= max_pairs or fraction >= 1:
+        if got >= max_pairs or (fraction >= 1 and kept is None):
             break
+        if kept is not None and cutoff >= kept.last_k:
+            kept = None  # the kept keys end before n were found: draw from every request
+            continue
         fraction *= 2
     await db.execute(f"ANALYZE {SAMPLE_TABLE}")
     await db.execute(f"INSERT INTO {SAMPLED_PAIRS} SELECT p.* FROM {SAMPLE_TABLE} r "
@@ -125,6 +141,55 @@ async def draw(db: Snapshot, population: int, comparable: int, max_pairs: int
     info["sampled"], info["size"], info["comparable"] = True, int(row[0]), int(row[1])
     info["fraction"] = info["size"] / population
     return info
+
+
+@dataclass(frozen=True)
+class KeptKeys:
+    """The summarized hours whose kept sample keys serve the draw, and where they end."""
+
+    hours: list[datetime]
+    ranges: list[tuple[datetime, datetime]]
+    """The rest of the window, drawn from every request."""
+    last_k: int
+    """Keys up to this one are all kept (for every hour that kept only some)."""
+
+
+async def _kept_keys(db: Snapshot, max_pairs: int) -> KeptKeys | None:
+    """The kept keys that serve this draw, if they do: the default seed, at most
+    ``SAMPLE_KEYS`` requests, and summarized hours in the window."""
+    if db.scope.seed != rollups.SAMPLE_SEED or max_pairs > rollups.SAMPLE_KEYS:
+        return None
+    parts = await summaries.parts(db)
+    if not parts.overlapping:
+        return None
+    limits = await db.fetch(
+        "SELECT hour, complete, last_k FROM shadowproxy.sample_key_limits "
+        "WHERE route = $1 AND hour = ANY($2::timestamptz[])",
+        db.scope.route, parts.overlapping)
+    last_k = min([int(r["last_k"]) for r in limits if not r["complete"]], default=_MAX_KEY)
+    return KeptKeys(parts.overlapping, parts.unsummarized, last_k)
+
+
+def _candidates(db: Snapshot, kept: KeptKeys | None) -> str:
+    """The window's requests of the selected configuration version with their keys, up to
+    the cut-off $6: from the kept keys of summarized hours and the rows elsewhere, or from
+    every request of the window."""
+    rows = (f"SELECT q.id, q.received_at, {_KEY} AS k FROM shadowproxy.requests q "
+            f"WHERE q.route = $1 AND q.received_at >= {{a}} AND q.received_at < {{b}} "
+            f"AND {VERSION_FILTER} AND {_KEY} <= $6")
+    if kept is None:
+        return rows.format(a="$3", b="$4")
+    hours = ", ".join(f"'{h.isoformat()}'::timestamptz" for h in kept.hours)
+    parts = [f"""
+        SELECT s.id, s.received_at, s.k FROM shadowproxy.sample_keys s
+        JOIN shadowproxy.requests q ON q.id = s.id AND q.received_at = s.received_at
+        WHERE s.route = $1 AND s.hour IN ({hours}) AND s.received_at >= $3
+          AND s.received_at < $4 AND s.k <= $6 AND {VERSION_FILTER}
+          AND $5::bigint IS NOT NULL"""]  # (the seed, which the kept keys were made with)
+    for a, b in kept.ranges:
+        parts.append(rows.format(a=f"'{a.isoformat()}'::timestamptz",
+                                 b=f"'{b.isoformat()}'::timestamptz"))
+    return " UNION ALL ".join(parts)
 
 
 def requests_filter(db: Snapshot, sampled_window: bool) -> tuple[str, str]:

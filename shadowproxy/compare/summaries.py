@@ -37,6 +37,10 @@ class Parts:
     """The whole minutes of the window: ``first_minute`` ≤ minute < ``end_minute``."""
     rows: list[tuple[datetime, datetime]]
     """Ranges read from the rows, each [start, end)."""
+    overlapping: list[datetime]
+    """Summarized hours that overlap the window at all (their sample keys serve it)."""
+    unsummarized: list[tuple[datetime, datetime]]
+    """The window outside those hours, in ranges [start, end)."""
 
     @property
     def summarized(self) -> bool:
@@ -64,15 +68,25 @@ def split(start: datetime, end: datetime, hours: list[datetime]) -> Parts:
                 covered[-1] = (covered[-1][0], b)
             else:
                 covered.append((a, b))
-    rows = []
+    overlapping = [h for h in hours if h < end and h + HOUR > start]
+    whole = [(max(h, start), min(h + HOUR, end)) for h in overlapping]
+    return Parts(hours=used, first_minute=first, end_minute=max(last, first),
+                 rows=_outside(start, end, covered), overlapping=overlapping,
+                 unsummarized=_outside(start, end, whole))
+
+
+def _outside(start: datetime, end: datetime, inside: list[tuple[datetime, datetime]]
+             ) -> list[tuple[datetime, datetime]]:
+    """[start, end) less the sorted, disjoint ranges ``inside``, merged into ranges."""
+    out: list[tuple[datetime, datetime]] = []
     at = start
-    for a, b in covered:
+    for a, b in inside:
         if at < a:
-            rows.append((at, a))
-        at = b
+            out.append((at, a))
+        at = max(at, b)
     if at < end:
-        rows.append((at, end))
-    return Parts(hours=used, first_minute=first, end_minute=max(last, first), rows=rows)
+        out.append((at, end))
+    return out
 
 
 async def parts(db: Snapshot) -> Parts:

@@ -17,6 +17,12 @@ summarized again by the next maintenance run. ``ROLLUP_LOCK`` orders the two: a 
 summarizing an hour and one writing late rows into it never overlap, so a summary either
 counts the late rows or is deleted by their writer.
 
+With each hour go its requests' smallest sampling keys for the report's default seed
+(``sample_keys``, at most ``SAMPLE_KEYS`` per route, and ``sample_key_limits``: where they
+end): the report's default sample of a window is the requests with the smallest keys, and
+those of summarized hours are among the kept ones (``compare/sampling.py``), so the draw
+reads them instead of every request of the window.
+
 The report (``compare/operational.py``) reads the summaries for the minutes of summarized
 hours inside its window and the rows for the rest (the window's partial minutes at both
 ends, and hours not summarized yet), with the same grouping (``PAIR_GROUPS``), and adds
@@ -31,6 +37,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+
+from shadowproxy.compare.options import DEFAULT_MAX_PAIRS, DEFAULT_SEED
 
 HOUR = timedelta(hours=1)
 SETTLE = timedelta(minutes=15)
@@ -66,6 +74,14 @@ ROLLED_SUMS = """
     sum(sn) AS sn, sum(ssum) AS ssum, min(smin) AS smin, max(smax) AS smax"""
 """The same, over ``pair_rollups`` rows of one group."""
 
+SAMPLE_SEED = DEFAULT_SEED
+"""The report's default seed: the one whose sample keys are kept (``sample_keys``)."""
+SAMPLE_KEYS = DEFAULT_MAX_PAIRS
+"""Keys kept per hour and route: a default sample (``--max-pairs``) of any window of
+summarized hours is among them."""
+SAMPLE_KEY = "hashtextextended(id::text, {seed})"
+"""A request's sampling key (``compare/sampling.py`` draws the smallest)."""
+
 _MINUTE = "to_timestamp(floor(extract(epoch FROM received_at) / 60) * 60)"
 
 _ROLL_PAIRS = f"""
@@ -83,6 +99,24 @@ SELECT $1::timestamptz, {_MINUTE}, route, config_version,
        count(*), min(received_at), max(received_at)
 FROM shadowproxy.requests WHERE received_at >= $1 AND received_at < $2
 GROUP BY 1, 2, 3, 4"""
+
+
+_KEEP_KEYS = f"""
+INSERT INTO shadowproxy.sample_keys (hour, route, k, id, received_at)
+SELECT $1::timestamptz, route, k, id, received_at FROM (
+    SELECT route, id, received_at, {SAMPLE_KEY.format(seed=SAMPLE_SEED)} AS k,
+           row_number() OVER (PARTITION BY route
+                              ORDER BY {SAMPLE_KEY.format(seed=SAMPLE_SEED)}, id) AS rn
+    FROM shadowproxy.requests WHERE received_at >= $1 AND received_at < $2) r
+WHERE rn <= $3"""
+
+_KEY_LIMITS = """
+INSERT INTO shadowproxy.sample_key_limits (hour, route, kept, complete, last_k)
+SELECT k.hour, k.route, count(*), count(*) = r.requests, max(k.k)
+FROM shadowproxy.sample_keys k
+JOIN (SELECT route, sum(requests) AS requests FROM shadowproxy.request_rollups
+      WHERE hour = $1 GROUP BY route) r ON r.route = k.route
+WHERE k.hour = $1 GROUP BY k.hour, k.route, r.requests"""
 
 
 @dataclass(frozen=True)
@@ -113,6 +147,8 @@ async def roll_up_hour(conn: asyncpg.Connection, hour: datetime) -> int:
         if requests:
             await conn.execute(_ROLL_REQUESTS, hour, hour + HOUR)
             await conn.execute(_ROLL_PAIRS, hour, hour + HOUR)
+            await conn.execute(_KEEP_KEYS, hour, hour + HOUR, SAMPLE_KEYS)
+            await conn.execute(_KEY_LIMITS, hour)
     return int(requests)
 
 

@@ -11,9 +11,12 @@ from typing import Any
 
 import asyncpg
 import numpy as np
+import pytest
 
+from shadowproxy.compare import sampling, summaries
 from shadowproxy.compare.config import CompareConfig
-from shadowproxy.compare.report import build_report
+from shadowproxy.compare.report import SCRATCH, build_report
+from shadowproxy.compare.snapshot import Scope, snapshot
 from shadowproxy.compare.window import Window
 from shadowproxy.config import StorageConfig
 from shadowproxy.recorder.postgres import PostgresWriter
@@ -280,3 +283,92 @@ def test_split_reads_whole_minutes_of_summarized_hours_and_rows_for_the_rest() -
     assert p.rows == [(start, h + timedelta(hours=1)), (h + timedelta(hours=2), end)]
     p = split(start, start + timedelta(seconds=20), [h])
     assert (p.hours, p.rows) == ([], [(start, start + timedelta(seconds=20))])
+
+
+async def drawn(url: str, win: Window, max_pairs: int, seed: int = rollups.SAMPLE_SEED
+                ) -> list[str]:
+    """The request ids of the report's sample of ``win`` (``sampling.draw``)."""
+    conn = await asyncpg.connect(url)
+    try:
+        scope = Scope("house-prices", "candidate", win, CompareConfig.model_validate(COMPARE),
+                      seed)
+        async with snapshot(conn, scope, SCRATCH) as db:
+            groups = await summaries.pair_groups(db)
+            population = sum(int(g["n"]) for g in groups)
+            await sampling.draw(db, population, population, max_pairs)
+            return [str(r[0]) for r in await db.fetch(
+                f"SELECT id FROM {sampling.SAMPLE_TABLE} ORDER BY k, id")]
+    finally:
+        await conn.close()
+
+
+async def test_the_sample_from_kept_keys_is_the_sample_from_every_request(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each summarized hour keeps its smallest sample keys; the default sample of a window is
+    drawn from them (and from the rows of its unsummarized part) and is exactly the sample
+    drawn from every request: when the kept keys suffice, when an hour kept only some of its
+    keys, and when they end before enough requests with a pair were found (half the
+    requests of one hour have no pair with the shadow: the draw then reads every request)."""
+    monkeypatch.setattr(rollups, "SAMPLE_KEYS", 300)
+    base = hours_ago(5).replace(minute=0, second=0, microsecond=0)
+    exchanges = traffic(2400, base, timedelta(hours=3), seed=11)
+    for i, ex in enumerate(exchanges):
+        if ex.received_at < base + timedelta(hours=1) and i % 2:
+            ex.shadows = {}
+    await insert(database_url, exchanges)
+    await insert(database_url, traffic(300, hours_ago(0.4), timedelta(minutes=10), seed=12))
+    await roll_up(database_url)
+    used: list[bool] = []
+    candidates = sampling._candidates
+
+    def spy(db: Any, kept: Any) -> str:
+        used.append(kept is not None)
+        return candidates(db, kept)
+
+    monkeypatch.setattr(sampling, "_candidates", spy)
+    cases = [(Window(base + timedelta(hours=1, minutes=13), hours_ago(0)), 200),
+             (Window(base + timedelta(hours=1), base + timedelta(hours=3)), 250),
+             (Window(base + timedelta(minutes=7), base + timedelta(minutes=50)), 280)]
+    kept = [await drawn(database_url, w, n) for w, n in cases]
+    uses = list(used)
+    await forget_all(database_url)
+    used.clear()
+    every = [await drawn(database_url, w, n) for w, n in cases]
+    assert used == [False] * len(used)
+    for (w, n), a, b in zip(cases, kept, every, strict=True):
+        assert a == b and len(a) == n, (w, n)
+    # The first two from kept keys alone; the third fell back to every request.
+    assert uses == [True, True, True, False]
+    other_seed = await drawn(database_url, cases[0][0], 200, seed=7)
+    assert len(other_seed) == 200 and other_seed != every[0]
+
+
+async def test_kept_keys_are_read_only_as_far_as_each_hour_kept_them(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An hour that kept only its smallest keys, most of whose requests have no pair with
+    the shadow, beside a small hour that kept all: the requests with a pair among the kept
+    keys are too few, and the draw goes to every request rather than take the small hour's
+    larger keys in place of the big hour's keys that were not kept."""
+    monkeypatch.setattr(rollups, "SAMPLE_KEYS", 300)
+    base = hours_ago(5).replace(minute=0, second=0, microsecond=0)
+    big = traffic(2000, base, timedelta(minutes=50), seed=13)
+    for i, ex in enumerate(big):
+        if i % 10:
+            ex.shadows = {}
+    await insert(database_url, big)
+    await insert(database_url, traffic(250, base + timedelta(hours=1), timedelta(minutes=50),
+                                       seed=14))
+    await roll_up(database_url)
+    used: list[bool] = []
+    candidates = sampling._candidates
+
+    def spy(db: Any, kept: Any) -> str:
+        used.append(kept is not None)
+        return candidates(db, kept)
+
+    monkeypatch.setattr(sampling, "_candidates", spy)
+    win = Window(base, base + timedelta(hours=2))
+    kept = await drawn(database_url, win, 200)
+    assert used == [True, False]
+    await forget_all(database_url)
+    assert kept == await drawn(database_url, win, 200)

@@ -58,3 +58,28 @@ CREATE TABLE shadowproxy.pair_rollups (
 CREATE INDEX pair_rollups_route_shadow_minute
     ON shadowproxy.pair_rollups (route, shadow_name, minute);
 CREATE INDEX pair_rollups_hour ON shadowproxy.pair_rollups (hour);
+
+-- The report's sample (compare/sampling.py) is the requests of its window with the smallest
+-- keys hashtextextended(id::text, seed). For the default seed, each summarized hour keeps
+-- the keys of its first requests in key order, per route (at most rollups.SAMPLE_KEYS):
+-- the smallest keys of a window of summarized hours are among them, so the default sample
+-- of a large window is drawn from these rows, not from every request of the window.
+-- sample_key_limits says where each hour's kept keys end: up to `last_k` when the hour had
+-- more requests than were kept (`complete` false), all of them otherwise.
+CREATE TABLE shadowproxy.sample_keys (
+    hour        timestamptz NOT NULL REFERENCES shadowproxy.rollup_hours ON DELETE CASCADE,
+    route       text NOT NULL,
+    k           bigint NOT NULL,
+    id          uuid NOT NULL,
+    received_at timestamptz NOT NULL
+);
+CREATE INDEX sample_keys_route_hour_k ON shadowproxy.sample_keys (route, hour, k);
+
+CREATE TABLE shadowproxy.sample_key_limits (
+    hour     timestamptz NOT NULL REFERENCES shadowproxy.rollup_hours ON DELETE CASCADE,
+    route    text NOT NULL,
+    kept     bigint NOT NULL,
+    complete boolean NOT NULL,
+    last_k   bigint NOT NULL,
+    PRIMARY KEY (hour, route)
+);
