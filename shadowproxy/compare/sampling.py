@@ -180,11 +180,14 @@ def _candidates(db: Snapshot, kept: KeptKeys | None) -> str:
     if kept is None:
         return rows.format(a="$3", b="$4")
     hours = ", ".join(f"'{h.isoformat()}'::timestamptz" for h in kept.hours)
+    # The request row is read only for a --config-version (every version is taken else).
+    version = ("" if db.scope.config_version is None else
+               f"""AND EXISTS (SELECT 1 FROM shadowproxy.requests q WHERE q.id = s.id
+                               AND q.received_at = s.received_at AND {VERSION_FILTER})""")
     parts = [f"""
         SELECT s.id, s.received_at, s.k FROM shadowproxy.sample_keys s
-        JOIN shadowproxy.requests q ON q.id = s.id AND q.received_at = s.received_at
         WHERE s.route = $1 AND s.hour IN ({hours}) AND s.received_at >= $3
-          AND s.received_at < $4 AND s.k <= $6 AND {VERSION_FILTER}
+          AND s.received_at < $4 AND s.k <= $6 {version}
           AND $5::bigint IS NOT NULL"""]  # (the seed, which the kept keys were made with)
     for a, b in kept.ranges:
         parts.append(rows.format(a=f"'{a.isoformat()}'::timestamptz",

@@ -285,13 +285,13 @@ def test_split_reads_whole_minutes_of_summarized_hours_and_rows_for_the_rest() -
     assert (p.hours, p.rows) == ([], [(start, start + timedelta(seconds=20))])
 
 
-async def drawn(url: str, win: Window, max_pairs: int, seed: int = rollups.SAMPLE_SEED
-                ) -> list[str]:
+async def drawn(url: str, win: Window, max_pairs: int, seed: int = rollups.SAMPLE_SEED,
+                version: str | None = None) -> list[str]:
     """The request ids of the report's sample of ``win`` (``sampling.draw``)."""
     conn = await asyncpg.connect(url)
     try:
         scope = Scope("house-prices", "candidate", win, CompareConfig.model_validate(COMPARE),
-                      seed)
+                      seed, version)
         async with snapshot(conn, scope, SCRATCH) as db:
             groups = await summaries.pair_groups(db)
             population = sum(int(g["n"]) for g in groups)
@@ -330,15 +330,17 @@ async def test_the_sample_from_kept_keys_is_the_sample_from_every_request(
              (Window(base + timedelta(hours=1), base + timedelta(hours=3)), 250),
              (Window(base + timedelta(minutes=7), base + timedelta(minutes=50)), 280)]
     kept = [await drawn(database_url, w, n) for w, n in cases]
+    v2 = await drawn(database_url, cases[1][0], 150, version="v2")
     uses = list(used)
     await forget_all(database_url)
     used.clear()
     every = [await drawn(database_url, w, n) for w, n in cases]
+    assert v2 == await drawn(database_url, cases[1][0], 150, version="v2")
     assert used == [False] * len(used)
     for (w, n), a, b in zip(cases, kept, every, strict=True):
         assert a == b and len(a) == n, (w, n)
     # The first two from kept keys alone; the third fell back to every request.
-    assert uses == [True, True, True, False]
+    assert uses == [True, True, True, False, True]
     other_seed = await drawn(database_url, cases[0][0], 200, seed=7)
     assert len(other_seed) == 200 and other_seed != every[0]
 
