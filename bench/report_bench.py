@@ -3,6 +3,8 @@
     python bench/report_bench.py                          # 1M pairs, embedded PostgreSQL
     python bench/report_bench.py --pairs 10000000 --no-check
     python bench/report_bench.py --url postgresql://... --pairs 1000000
+    python bench/report_bench.py --url URL --pairs 10000000 --no-check --keep  # then:
+    python bench/report_bench.py --url URL --reuse sp_bench_1a2b3c4d --no-check
 
 The pairs are generated straight into PostgreSQL with ``INSERT … SELECT generate_series``:
 one request (two input features, ``sqft`` and ``city``) and two responses (the primary and
@@ -197,22 +199,31 @@ def check(sampled: dict[str, Any], whole: dict[str, Any]) -> bool:
 
 
 async def run(server_url: str, pairs: int, workdir: Path, max_pairs: int, do_check: bool,
-              summarize: bool) -> bool:
-    name = f"sp_bench_{uuid.uuid4().hex[:8]}"
+              summarize: bool, keep: bool, reuse: str | None) -> bool:
+    name = reuse or f"sp_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    if reuse is None:
+        await admin.execute(f'CREATE DATABASE "{name}"')
     url = _with_database(server_url, name)
     ok = True
     try:
         await migrate(url)
         conn = await asyncpg.connect(url)
-        started = time.perf_counter()
-        window = settled_hour(await conn.fetchval("SELECT now()"))
-        await generate(conn, pairs, window)
-        size = await conn.fetchval("SELECT pg_database_size(current_database())")
-        print(f"generated {pairs:,} pairs in {time.perf_counter() - started:.1f} s; "
-              f"database {size / 1e9:.2f} GB")
-        if summarize:
+        if reuse is None:
+            started = time.perf_counter()
+            window = settled_hour(await conn.fetchval("SELECT now()"))
+            await generate(conn, pairs, window)
+            await conn.execute("CREATE TABLE bench_window AS SELECT $1::timestamptz AS s, "
+                               "$2::timestamptz AS e", window.start, window.end)
+            size = await conn.fetchval("SELECT pg_database_size(current_database())")
+            print(f"generated {pairs:,} pairs in {time.perf_counter() - started:.1f} s; "
+                  f"database {size / 1e9:.2f} GB")
+        else:
+            row = await conn.fetchrow("SELECT s, e FROM bench_window")
+            window = Window(row["s"], row["e"])
+            pairs = await conn.fetchval("SELECT count(*) FROM shadowproxy.requests")
+            print(f"reusing database {name}: {pairs:,} pairs")
+        if summarize and reuse is None:
             started = time.perf_counter()
             rolled = await rollups.roll_up(conn)
             print(f"summarized {rolled.hours} hour(s) of {rolled.requests:,} requests in "
@@ -226,7 +237,10 @@ async def run(server_url: str, pairs: int, workdir: Path, max_pairs: int, do_che
             ok = check(sampled, whole)
         await conn.close()
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if keep:
+            print(f"kept database {name} (--reuse {name} --url {server_url})")
+        else:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
     return ok
 
@@ -241,6 +255,11 @@ def main() -> None:
     parser.add_argument("--no-summaries", dest="summarize", action="store_false",
                         help="leave the window unsummarized (the report reads every pair "
                              "for its counts)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the generated database (with --url: the default embedded "
+                             "server goes at exit)")
+    parser.add_argument("--reuse", metavar="NAME",
+                        help="report on a database an earlier --keep run generated")
     parser.add_argument("--data-dir", type=Path,
                         help="where the embedded PostgreSQL keeps its files (default: a "
                              "temporary folder)")
@@ -252,7 +271,7 @@ def main() -> None:
 
             url = start_embedded(Path(tmp) / "data", cleanup="delete")
         ok = asyncio.run(run(url, args.pairs, Path(tmp), args.max_pairs, args.check,
-                             args.summarize))
+                             args.summarize, args.keep, args.reuse))
     raise SystemExit(0 if ok else 1)
 
 

@@ -15,7 +15,11 @@ from typing import Any, NotRequired, TypedDict
 from shadowproxy.compare.extract import flatten_cte, ignore_regex
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
 
-SCRATCH = (Scratch("_fd", "tag text, id uuid, field text, d boolean", indexes=("(tag, id)",)),)
+SCRATCH = (Scratch("_fd", "tag text, id uuid, request_id text, received_at timestamptz, "
+                          "field text, d boolean", indexes=("(tag, id)",)),)
+"""The compared fields of each pair, with its request's id and time: the sections below
+read no other table (a join back to ``shadowproxy.requests`` on a window of tens of millions
+of requests read all of them)."""
 
 
 class Field(TypedDict):
@@ -72,7 +76,8 @@ async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None) -> in
     sample = db.sample_clause(n, "id::text")
     await db.execute(f"""
         WITH RECURSIVE
-        base AS (SELECT id, primary_body_json AS pj, shadow_body_json AS sj
+        base AS (SELECT id, request_id, received_at, primary_body_json AS pj,
+                        shadow_body_json AS sj
                  FROM {db.rows}
                  WHERE {PAIR_FILTER} AND {COMPARABLE} AND {sample}),
         src AS (SELECT id, 'p' AS side, pj AS doc FROM base
@@ -90,7 +95,10 @@ async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None) -> in
             FROM (SELECT * FROM kept WHERE side = 'p') a
             FULL JOIN (SELECT * FROM kept WHERE side = 's') b
               ON a.id = b.id AND a.path = b.path)
-        INSERT INTO _fd SELECT $8, id, field, bool_or(differs) FROM cmp GROUP BY id, field
+        INSERT INTO _fd
+        SELECT $8, c.id, b.request_id, b.received_at, c.field, c.d
+        FROM (SELECT id, field, bool_or(differs) AS d FROM cmp GROUP BY id, field) c
+        JOIN base b ON b.id = c.id
         """, *db.pair_args(shadow), regexes, compare.abs_tolerance, compare.rel_tolerance, tag)
     if n <= db.thresholds.sample_max:
         return n
@@ -104,10 +112,9 @@ async def _fields(db: Snapshot, tag: str) -> list[Any]:
     """Per field: pairs where it is present, pairs where it differs, example request ids."""
     return await db.fetch("""
         SELECT f.field, count(*) AS n_present, count(*) FILTER (WHERE f.d) AS n_differ,
-               (array_agg(q.request_id ORDER BY q.received_at, q.request_id)
+               (array_agg(f.request_id ORDER BY f.received_at, f.request_id)
                   FILTER (WHERE f.d))[1:3] AS examples
-        FROM _fd f JOIN shadowproxy.requests q ON q.id = f.id
-        WHERE f.tag = $1 GROUP BY 1 ORDER BY 3 DESC, 1""", tag)
+        FROM _fd f WHERE f.tag = $1 GROUP BY 1 ORDER BY 3 DESC, 1""", tag)
 
 
 def _beyond_noise(rate: float, noise_rate: float) -> bool:
@@ -169,9 +176,8 @@ async def _pairs_differing(db: Snapshot, noise_fields: list[str]) -> tuple[int, 
 async def _worst(db: Snapshot, noise_fields: list[str], limit: int = 5) -> list[WorstPair]:
     """The pairs with the most differing fields (noise fields aside)."""
     rows = await db.fetch(f"""
-        SELECT q.request_id, count(*) AS n, array_agg(f.field ORDER BY f.field) AS fields
-        FROM _fd f JOIN shadowproxy.requests q ON q.id = f.id
-        WHERE f.tag = 'shadow' AND f.d AND f.field <> ALL($1::text[])
-        GROUP BY q.request_id, q.id ORDER BY 2 DESC, 1 LIMIT {int(limit)}""", noise_fields)
+        SELECT f.request_id, count(*) AS n, array_agg(f.field ORDER BY f.field) AS fields
+        FROM _fd f WHERE f.tag = 'shadow' AND f.d AND f.field <> ALL($1::text[])
+        GROUP BY f.request_id, f.id ORDER BY 2 DESC, 1 LIMIT {int(limit)}""", noise_fields)
     return [WorstPair(request_id=r[0], fields_differing=int(r[1]), fields=list(r[2])[:20])
             for r in rows]
