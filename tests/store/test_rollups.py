@@ -30,6 +30,9 @@ COMPARE = {"prediction": "$.prediction"}
 
 
 def hours_ago(h: float) -> datetime:
+    """A time ``h`` hours ago. Records of the last ``SETTLE`` (15 minutes) are never in a
+    summarized hour, whatever the minute of the hour the test runs at: the tests' recent
+    records lie in the last 12 minutes."""
     return datetime.now(UTC) - timedelta(hours=h)
 
 
@@ -113,7 +116,7 @@ async def test_the_report_counts_the_same_from_summaries_and_from_rows(
     alone give, for every version selection and for the replayed target."""
     base = hours_ago(5).replace(minute=0, second=0, microsecond=0)
     await insert(database_url, traffic(1500, base, timedelta(hours=4), seed=1))
-    await insert(database_url, traffic(200, hours_ago(0.5), timedelta(minutes=20), seed=2))
+    await insert(database_url, traffic(200, hours_ago(0.2), timedelta(minutes=10), seed=2))
     rolled = await roll_up(database_url)
     assert rolled.hours >= 4 and rolled.requests == 1500
     windows = [Window(base + timedelta(minutes=17, seconds=31), hours_ago(0)),
@@ -156,7 +159,7 @@ async def test_only_settled_hours_are_summarized_once(database_url: str) -> None
     reads the summary (a count written into the summary shows in the report)."""
     old = hours_ago(3).replace(minute=10)
     await insert(database_url, traffic(50, old, timedelta(minutes=30), seed=4))
-    await insert(database_url, traffic(20, hours_ago(0.1), timedelta(minutes=3), seed=5))
+    await insert(database_url, traffic(20, hours_ago(0.2), timedelta(minutes=10), seed=5))
     first = await roll_up(database_url)
     assert first.requests == 50
     assert await summarized_hours(database_url) == [rollups.hour_of(old)]
@@ -233,11 +236,15 @@ async def test_a_late_batch_removes_the_summary_of_its_hour(database_url: str) -
 
 
 async def _a_request(url: str, hour: datetime) -> tuple[uuid.UUID, datetime]:
+    """A request of ``hour`` that has no answer of the replayed target ``again`` yet."""
     conn = await asyncpg.connect(url)
     try:
-        row = await conn.fetchrow("SELECT id, received_at FROM shadowproxy.requests "
-                                  "WHERE received_at >= $1 AND received_at < $2 LIMIT 1",
-                                  hour, hour + timedelta(hours=1))
+        row = await conn.fetchrow("""
+            SELECT id, received_at FROM shadowproxy.requests q
+            WHERE received_at >= $1 AND received_at < $2
+              AND NOT EXISTS (SELECT 1 FROM shadowproxy.responses r WHERE r.request = q.id
+                              AND r.received_at = q.received_at AND r.target = 'again')
+            LIMIT 1""", hour, hour + timedelta(hours=1))
     finally:
         await conn.close()
     assert row is not None
@@ -316,7 +323,7 @@ async def test_the_sample_from_kept_keys_is_the_sample_from_every_request(
         if ex.received_at < base + timedelta(hours=1) and i % 2:
             ex.shadows = {}
     await insert(database_url, exchanges)
-    await insert(database_url, traffic(300, hours_ago(0.4), timedelta(minutes=10), seed=12))
+    await insert(database_url, traffic(300, hours_ago(0.2), timedelta(minutes=10), seed=12))
     await roll_up(database_url)
     used: list[bool] = []
     candidates = sampling._candidates
