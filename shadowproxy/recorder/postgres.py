@@ -151,9 +151,9 @@ def _records(rows: list[Row]) -> list[Row] | AsyncIterator[Row]:
 
 def _late_hours(requests: list[Row], responses: list[Row]) -> list[datetime]:
     """The hours whose summaries a batch makes wrong (``store/rollups.py``): none for a live
-    batch, whose records were all received within the last seconds; checked with one pass
-    at C speed, the hours themselves found only for a batch that has late records (spooled,
-    replayed). A response row of a spool file from before partitioning may carry no
+    batch, whose hours cannot have been summarized yet; checked on the oldest record with one
+    pass at C speed, the hours themselves found only for a batch that has records of earlier
+    hours (spooled, replayed). A response row of a spool file from before partitioning may carry no
     ``received_at`` (PostgreSQL takes its request's): it is skipped."""
     received = chain(map(_REQUEST_RECEIVED, requests), map(_RESPONSE_RECEIVED, responses))
     try:
@@ -164,7 +164,7 @@ def _late_hours(requests: list[Row], responses: list[Row]) -> list[datetime]:
         if oldest is None:
             return []
         seconds = oldest.timestamp() if isinstance(oldest, datetime) else oldest
-        if seconds >= time.time() - rollups.LATE_S:
+        if not rollups.may_be_summarized(seconds, time.time()):
             return []
     return rollups.late_hours(
         at for at in chain(map(_REQUEST_RECEIVED, requests), map(_RESPONSE_RECEIVED, responses))

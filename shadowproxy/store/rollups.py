@@ -10,12 +10,14 @@ call ends, within the calls' timeouts, and the recorder's batches follow within 
 
 What arrives in an hour after it was summarized makes the summary wrong, so it is removed in
 the transaction that writes it: a spooled batch replayed after an outage, answers stored by
-``shadowproxy replay``, rows moved by the upgrade (``invalidate``, called by the recorder's
-writer for every batch that holds a record older than ``LATE``, and by ``legacy.move``), and
+``shadowproxy replay`` (``invalidate``, called by the recorder's writer for every batch
+that holds a record of an hour that may have been summarized, ``WRITE_MARGIN``), and
 ``prune`` removes the summaries of what it removes (``forget_before``). The hour is then
 summarized again by the next maintenance run. ``ROLLUP_LOCK`` orders the two: a transaction
 summarizing an hour and one writing late rows into it never overlap, so a summary either
-counts the late rows or is deleted by their writer.
+counts the late rows or is deleted by their writer. Only such batches wait for that lock,
+never a live one. No hour is summarized while an upgrade's legacy tables are still being
+moved into the partitioned ones (their rows arrive in old hours without a writer's check).
 
 With each hour go its requests' smallest sampling keys for the report's default seed
 (``sample_keys``, at most ``SAMPLE_KEYS`` per route, and ``sample_key_limits``: where they
@@ -43,10 +45,13 @@ from shadowproxy.compare.options import DEFAULT_MAX_PAIRS, DEFAULT_SEED
 HOUR = timedelta(hours=1)
 SETTLE = timedelta(minutes=15)
 """An hour is summarized once it ended this long ago."""
-LATE_S = 60.0
-"""A record received this long before it is written may fall in a summarized hour: its
-writer invalidates that hour. Far below ``SETTLE``, so that a live record written late by
-less than the difference (a slow batch) is still counted."""
+WRITE_MARGIN = timedelta(minutes=1)
+"""A record whose hour ended at least ``SETTLE - WRITE_MARGIN`` before it is written may fall
+in a summarized hour: its writer removes that hour's summary. Any later hour cannot have
+been summarized yet and is not summarized before the write commits (a write gives up after
+15 s; the rest of the margin covers a proxy's clock running behind the database's). So a
+live batch never looks at the summaries, not even with a record of a long streamed answer,
+and only spooled batches of earlier hours and replayed answers do."""
 ROLLUP_LOCK = 0x5AD0_0000_0003
 """Transaction-level advisory lock taken by whoever summarizes an hour or invalidates one."""
 
@@ -182,16 +187,21 @@ async def roll_up(conn: asyncpg.Connection, *, max_hours: int | None = None) -> 
     return Rolled(hours=min(len(todo), max_hours or len(todo)), requests=requests, more=more)
 
 
+def may_be_summarized(received: float, now: float) -> bool:
+    """Whether the hour of a record received at ``received`` (Unix seconds) may have been
+    summarized by ``now``."""
+    return received - received % 3600 + 3600 <= now - (SETTLE - WRITE_MARGIN).total_seconds()
+
+
 def late_hours(received: Iterable[float | datetime], now: float | None = None
                ) -> list[datetime]:
     """The hours of the records in ``received`` (Unix seconds, or aware datetimes of older
-    spool files) received more than ``LATE_S`` before ``now``: hours that may have been
-    summarized already."""
-    cut = (time.time() if now is None else now) - LATE_S
+    spool files) that may have been summarized already (``WRITE_MARGIN``)."""
+    at_now = time.time() if now is None else now
     hours: set[float] = set()
     for at in received:
         seconds = at.timestamp() if isinstance(at, datetime) else at
-        if seconds < cut:
+        if may_be_summarized(seconds, at_now):
             hours.add(seconds - seconds % 3600)
     return [datetime.fromtimestamp(h, UTC) for h in sorted(hours)]
 

@@ -381,3 +381,18 @@ async def test_kept_keys_are_read_only_as_far_as_each_hour_kept_them(
     assert used == [True, False]
     await forget_all(database_url)
     assert kept == await drawn(database_url, win, 200)
+
+
+def test_only_records_of_hours_that_may_be_summarized_are_late() -> None:
+    """A record of an hour that ended less than 14 minutes before it is written (a long
+    streamed answer, a slow batch) is not late: that hour cannot have been summarized, and
+    is summarized after the write; one of an hour that ended longer ago is."""
+    h = datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
+    now = h + 3600 + 13 * 60  # 10:00-11:00 ended 13 minutes ago
+    assert rollups.late_hours([h + 5, h + 3599, now - 1], now=now) == []
+    now = h + 3600 + 14 * 60
+    assert rollups.late_hours([h + 5, h + 3599, now - 1], now=now) == [
+        datetime(2026, 12, 1, 10, tzinfo=UTC)]
+    assert rollups.late_hours([datetime(2026, 12, 1, 8, 30, tzinfo=UTC)], now=now) == [
+        datetime(2026, 12, 1, 8, tzinfo=UTC)]
+    assert not rollups.may_be_summarized(time.time() - 600, time.time() - 600 + 60)
