@@ -38,8 +38,10 @@ from shadowproxy.tasks import spawn
 log = logging.getLogger("shadowproxy.storage")
 
 ROLLUP_HOURS_PER_RUN = 24
-"""Hours summarized per run (``rollups.roll_up``): a database with a long history not yet
-summarized catches up a day per run."""
+ROLLUP_BUDGET_S = 60.0
+"""Hours summarized per run (``rollups.roll_up``): at most a day of them, and no new one
+after a minute, so that a run stays well inside its timeout; a database with a long history
+not yet summarized catches up over the following runs."""
 LEGACY_BATCHES_PER_RUN = 50
 """Batches of the upgrade's move per run (250,000 requests at the default batch size):
 the rest waits for the next run, so that one run stays short."""
@@ -72,7 +74,8 @@ async def run_once(url: str, storage: StorageConfig, *, timeout: float = 300.0) 
                     pruned = await prune_before(conn, cutoff, whole_partitions=True)
                 rolled = None
                 if moved.finished:
-                    rolled = await rollups.roll_up(conn, max_hours=ROLLUP_HOURS_PER_RUN)
+                    rolled = await rollups.roll_up(conn, max_hours=ROLLUP_HOURS_PER_RUN,
+                                                   budget_s=ROLLUP_BUDGET_S)
         finally:
             if not conn.is_closed():
                 await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)

@@ -157,10 +157,11 @@ async def roll_up_hour(conn: asyncpg.Connection, hour: datetime) -> int:
     return int(requests)
 
 
-async def roll_up(conn: asyncpg.Connection, *, max_hours: int | None = None) -> Rolled:
-    """Summarize the settled hours that are not, oldest first, at most ``max_hours`` of
-    them (the rest at the next call). Hours without a request are marked summarized too,
-    so that they are not looked at again."""
+async def roll_up(conn: asyncpg.Connection, *, max_hours: int | None = None,
+                  budget_s: float | None = None) -> Rolled:
+    """Summarize the settled hours that are not, oldest first: at most ``max_hours`` of
+    them, and no new one once ``budget_s`` have passed (the rest at the next call). Hours
+    without a request are marked summarized too, so that they are not looked at again."""
     if await conn.fetchval("SELECT to_regclass('shadowproxy.requests_legacy') IS NOT NULL"):
         return Rolled(more=True)  # the upgrade's move is not over: hours are still filling
     oldest = await conn.fetchval("SELECT min(received_at) FROM shadowproxy.requests")
@@ -180,11 +181,16 @@ async def roll_up(conn: asyncpg.Connection, *, max_hours: int | None = None) -> 
         if hour not in done:
             todo.append(hour)
         hour += HOUR
-    more = max_hours is not None and len(todo) > max_hours
-    requests = 0
-    for hour in todo[:max_hours]:
+    limit = len(todo) if max_hours is None else max_hours
+    requests = done_hours = 0
+    started = time.monotonic()
+    for hour in todo:
+        over_budget = budget_s is not None and time.monotonic() - started > budget_s
+        if done_hours >= limit or (done_hours and over_budget):
+            return Rolled(hours=done_hours, requests=requests, more=True)
         requests += await roll_up_hour(conn, hour)
-    return Rolled(hours=min(len(todo), max_hours or len(todo)), requests=requests, more=more)
+        done_hours += 1
+    return Rolled(hours=done_hours, requests=requests)
 
 
 def may_be_summarized(received: float, now: float) -> bool:

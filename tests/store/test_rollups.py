@@ -396,3 +396,25 @@ def test_only_records_of_hours_that_may_be_summarized_are_late() -> None:
     assert rollups.late_hours([datetime(2026, 12, 1, 8, 30, tzinfo=UTC)], now=now) == [
         datetime(2026, 12, 1, 8, tzinfo=UTC)]
     assert not rollups.may_be_summarized(time.time() - 600, time.time() - 600 + 60)
+
+
+async def test_a_run_summarizes_within_its_limits_and_the_next_goes_on(
+        database_url: str) -> None:
+    """At most ``max_hours`` per run, and no new hour once the budget is spent (at least
+    one is always done); what is left is said (``more``) and done by the next runs."""
+    for h in (9, 7, 5, 3):
+        await insert(database_url, traffic(10, hours_ago(h).replace(minute=15),
+                                           timedelta(minutes=5), seed=h))
+    conn = await asyncpg.connect(database_url)
+    try:
+        first = await rollups.roll_up(conn, max_hours=2)
+        second = await rollups.roll_up(conn, budget_s=0.0)
+        rest = await rollups.roll_up(conn)
+        again = await rollups.roll_up(conn)
+    finally:
+        await conn.close()
+    assert (first.hours, first.more) == (2, True)  # 9 and 8 hours ago (8: no request)
+    assert (second.hours, second.more) == (1, True)
+    assert not rest.more and first.requests + second.requests + rest.requests == 40
+    assert (again.hours, again.requests, again.more) == (0, 0, False)
+    assert len(await summarized_hours(database_url)) == 4
