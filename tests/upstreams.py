@@ -111,13 +111,23 @@ def hanging() -> Handler:
 async def raw_server(respond: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                        Awaitable[None]]) -> AsyncIterator[str]:
     """A TCP server speaking whatever ``respond`` writes (malformed HTTP, early close)."""
-    server = await asyncio.start_server(respond, "127.0.0.1", 0)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await respond(reader, writer)
+
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.close()
-        # Handlers may still be sleeping; don't wait for them.
+        # Handlers may still be sleeping; don't wait for them, but close their connections
+        # now: one left open outlives the test's loop, and the garbage collector's warning
+        # about its unclosed transport would fail whichever test it happens in.
+        for writer in writers:
+            writer.close()
 
 
 @contextmanager
