@@ -7,8 +7,7 @@ import asyncio
 import gc
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 
 import pytest
 import uvloop
@@ -19,31 +18,10 @@ from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import CompiledShadow, ShadowCall
 from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.upstream import UpstreamPool
+from tests.upstreams import unaccepting_listener
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-
-
-@contextmanager
-def dead_port() -> Iterator[int]:
-    """A listening port whose accept queue is full and that never accepts: the kernel drops
-    every further SYN, as a dead host or a dropping firewall would."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with suppress(BlockingIOError):
-            filler.connect(("127.0.0.1", port))
-        fillers.append(filler)
-    try:
-        yield port
-    finally:
-        for sock in (*fillers, server):
-            sock.close()
 
 
 class Tally:
@@ -98,8 +76,8 @@ def test_failed_connection_attempts_leave_no_reference_cycles(loop: str, upstrea
     once-a-minute collection of what they left stopped the event loop for hundreds of
     milliseconds."""
     expected = ErrorKind.TIMEOUT if upstream == "dead" else ErrorKind.CONNECT
-    with dead_port() as dead, asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        port = dead if upstream == "dead" else refused_port()
+    with unaccepting_listener() as dead, asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        port = int(dead.rsplit(":", 1)[1]) if upstream == "dead" else refused_port()
         runner.run(call_until_done(port, 5))  # the loop's own first-use allocations
         gc.collect()
         gc.disable()

@@ -309,6 +309,19 @@ async def drawn(url: str, win: Window, max_pairs: int, seed: int = rollups.SAMPL
         await conn.close()
 
 
+def draws_from_kept_keys(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """A list that says, for each draw from now on, whether it read the kept keys."""
+    used: list[bool] = []
+    candidates = sampling._candidates
+
+    def spy(db: Any, kept: Any) -> str:
+        used.append(kept is not None)
+        return candidates(db, kept)
+
+    monkeypatch.setattr(sampling, "_candidates", spy)
+    return used
+
+
 async def test_the_sample_from_kept_keys_is_the_sample_from_every_request(
         database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each summarized hour keeps its smallest sample keys; the default sample of a window is
@@ -325,14 +338,7 @@ async def test_the_sample_from_kept_keys_is_the_sample_from_every_request(
     await insert(database_url, exchanges)
     await insert(database_url, traffic(300, hours_ago(0.2), timedelta(minutes=10), seed=12))
     await roll_up(database_url)
-    used: list[bool] = []
-    candidates = sampling._candidates
-
-    def spy(db: Any, kept: Any) -> str:
-        used.append(kept is not None)
-        return candidates(db, kept)
-
-    monkeypatch.setattr(sampling, "_candidates", spy)
+    used = draws_from_kept_keys(monkeypatch)
     cases = [(Window(base + timedelta(hours=1, minutes=13), hours_ago(0)), 200),
              (Window(base + timedelta(hours=1), base + timedelta(hours=3)), 250),
              (Window(base + timedelta(minutes=7), base + timedelta(minutes=50)), 280)]
@@ -368,14 +374,7 @@ async def test_kept_keys_are_read_only_as_far_as_each_hour_kept_them(
     await insert(database_url, traffic(250, base + timedelta(hours=1), timedelta(minutes=50),
                                        seed=14))
     await roll_up(database_url)
-    used: list[bool] = []
-    candidates = sampling._candidates
-
-    def spy(db: Any, kept: Any) -> str:
-        used.append(kept is not None)
-        return candidates(db, kept)
-
-    monkeypatch.setattr(sampling, "_candidates", spy)
+    used = draws_from_kept_keys(monkeypatch)
     win = Window(base, base + timedelta(hours=2))
     kept = await drawn(database_url, win, 200)
     assert used == [True, False]
