@@ -19,6 +19,8 @@ COMPILED_MODULES = (
     "primary",
     "proxy",
     "recorder.bodies",
+    "recorder.copyrows",
+    "recorder.pgtime",
     "recorder.recorder",
     "recorder.rows",
     "replay.call",

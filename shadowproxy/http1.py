@@ -9,43 +9,45 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
+from typing import Final
 
 import httptools
 
 from shadowproxy.models import Headers
 
 # RFC 9110 §7.6.1: never forwarded, in either direction (plus the Connection header's tokens).
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-connection", b"proxy-authorization",
 })
 # Request headers the proxy rewrites itself, so the client's copies are not passed on.
-REQUEST_REWRITTEN = HOP_BY_HOP | {
+REQUEST_REWRITTEN: Final = HOP_BY_HOP | {
     b"host", b"content-length", b"expect", b"x-request-id", b"x-forwarded-for",
     b"x-forwarded-proto", b"x-forwarded-host",
 }
 # Response headers the proxy rewrites: framing is its own, and X-Request-Id is always its.
-RESPONSE_REWRITTEN = HOP_BY_HOP | {b"x-request-id"}
+RESPONSE_REWRITTEN: Final = HOP_BY_HOP | {b"x-request-id"}
+RESPONSE_REWRITTEN_LENGTHS: Final = frozenset(len(name) for name in RESPONSE_REWRITTEN)
 
 # RFC 9110 §9.2.2: repeating one of these has the same effect as sending it once.
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # Responses that never have a body, whatever their headers say (RFC 9110 §15.3.5, §15.4.5).
-NO_BODY_STATUS = frozenset({204, 304})
+NO_BODY_STATUS: Final = frozenset({204, 304})
 
-CRLF = b"\r\n"
-CHUNKED_END = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
+CHUNKED_END: Final = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 # Request headers the client side notes while parsing, so the data path never rescans.
-NOTED_REQUEST_HEADERS = frozenset({
+NOTED_REQUEST_HEADERS: Final = frozenset({
     b"content-length", b"expect", b"x-request-id", b"x-forwarded-for", b"host", b"connection",
     b"transfer-encoding",
 })
 # Of those, the ones whose repeated fields make one list (RFC 9110 §5.3).
-LISTED_REQUEST_HEADERS = frozenset({b"connection", b"transfer-encoding"})
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
+LISTED_REQUEST_HEADERS: Final = frozenset({b"connection", b"transfer-encoding"})
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b""})
 
 
 def lists_extra_tokens(connection: bytes) -> bool:
@@ -73,9 +75,20 @@ def header_value(headers: Headers, lname: bytes) -> bytes | None:
     return None
 
 
-def header_lines(headers: Headers, skip: frozenset[bytes]) -> bytes:
-    """``Name: value\\r\\n`` for every header whose lower-case name is not in ``skip``."""
-    return b"".join([n + b": " + v + CRLF for n, v in headers if n.lower() not in skip])
+def header_lines(headers: Headers, skip: frozenset[bytes],
+                 skip_lengths: frozenset[int] | None = None) -> bytes:
+    """``Name: value\r\n`` for every header whose lower-case name is not in ``skip``.
+    ``skip_lengths``, the lengths of the names in ``skip``, spares lower-casing the names
+    no name in ``skip`` could match."""
+    parts: list[bytes] = []
+    for name, value in headers:  # one join of the pieces: no bytes made per line
+        if (skip_lengths is None or len(name) in skip_lengths) and name.lower() in skip:
+            continue
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(CRLF)
+    return b"".join(parts)
 
 
 def request_head(method: bytes, path_query: bytes, lines: bytes) -> bytes:
@@ -120,4 +133,4 @@ class ClosedParser:
         raise httptools.HttpParserError("the connection is closed")
 
 
-CLOSED_PARSER = ClosedParser()
+CLOSED_PARSER: Final = ClosedParser()

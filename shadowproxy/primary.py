@@ -225,14 +225,19 @@ class PrimaryCall(UpstreamCall):
         record.status = status
         record.headers = headers
         skip = http1.RESPONSE_REWRITTEN
+        skip_lengths: frozenset[int] | None = http1.RESPONSE_REWRITTEN_LENGTHS
         has_length = False
         for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                has_length = True
-            elif lname == b"connection" and http1.lists_extra_tokens(value):
+            size = len(name)  # (lower-casing only the names that may match)
+            if size == 14:
+                if name.lower() == b"content-length":
+                    has_length = True
+            elif size == 10 and name.lower() == b"connection" and (
+                    http1.lists_extra_tokens(value)):
                 skip = skip | http1.connection_tokens(headers)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason), http1.header_lines(headers, skip),
+                skip_lengths = None
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason),
+                 http1.header_lines(headers, skip, skip_lengths),
                  b"X-Request-Id: ", self.exchange.request_id.encode("ascii"), http1.CRLF]
         self.client.start_response(lines, has_length,
                                    self.head_only or status in http1.NO_BODY_STATUS)

@@ -128,6 +128,7 @@ class ClientRequest:
         "chunks",
         "error",
         "exchange",
+        "forwarded_lines",
         "head_done",
         "head_read",
         "header_bytes",
@@ -154,6 +155,10 @@ class ClientRequest:
         self.headers: Headers = []
         self.noted: dict[bytes, bytes] = {}
         """The first value of each header in ``http1.NOTED_REQUEST_HEADERS``, by lower name."""
+        self.forwarded_lines: list[bytes] = []
+        """The pieces of the ``Name: value`` lines passed on to the upstreams (every header
+        not in ``http1.REQUEST_REWRITTEN``), gathered while parsing, when each name is
+        lower-cased anyway."""
         self.header_bytes = 0
         self.head_done = False
         """The head is parsed: header fields from now on are trailers of a chunked body."""
@@ -324,6 +329,12 @@ class ClientConnection(asyncio.Protocol):
             return
         req.headers.append((name, value))
         lname = name.lower()
+        if lname not in http1.REQUEST_REWRITTEN:
+            lines = req.forwarded_lines
+            lines.append(name)
+            lines.append(b": ")
+            lines.append(value)
+            lines.append(http1.CRLF)
         if lname in http1.NOTED_REQUEST_HEADERS:
             noted = req.noted
             if lname not in noted:
@@ -470,11 +481,12 @@ class ClientConnection(asyncio.Protocol):
         """(path and query, common header lines, tail lines) shared by every upstream."""
         headers = req.headers
         noted = req.noted
-        skip = http1.REQUEST_REWRITTEN
         connection = noted.get(b"connection")
         if connection is not None and http1.lists_extra_tokens(connection):
-            skip = skip | http1.connection_tokens(headers)
-        common = http1.header_lines(headers, skip)
+            common = http1.header_lines(
+                headers, http1.REQUEST_REWRITTEN | http1.connection_tokens(headers))
+        else:
+            common = b"".join(req.forwarded_lines)
         client = (self.client_addr or "unknown").encode()
         forwarded = noted.get(b"x-forwarded-for")
         host = noted.get(b"host")

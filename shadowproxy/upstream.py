@@ -414,8 +414,9 @@ class UpstreamConnection(asyncio.Protocol):
         if status not in http1.NO_BODY_STATUS:  # the parser itself ends 204 and 304 here
             framed = False
             for name, _ in headers:
-                lname = name.lower()
-                if lname == b"content-length" or lname == b"transfer-encoding":
+                size = len(name)  # (lower-casing only the names that may match)
+                if (size == 14 and name.lower() == b"content-length") or (
+                        size == 17 and name.lower() == b"transfer-encoding"):
                     framed = True
                     break
             if not framed:

@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from itertools import chain
 from operator import itemgetter
 from typing import Any, NoReturn
@@ -29,6 +28,8 @@ from typing import Any, NoReturn
 import asyncpg
 
 from shadowproxy.errors import DatabaseError
+from shadowproxy.recorder.copyrows import YieldingRows
+from shadowproxy.recorder.pgtime import timestamptz_from_pg, timestamptz_to_pg
 from shadowproxy.recorder.rows import (
     REQUEST_COLUMNS,
     RESPONSE_COLUMNS,
@@ -98,11 +99,6 @@ _VALUE_ERRORS: tuple[type[BaseException], ...] = (
 REFUSED = "refused"
 """Why a record was stored without its bodies: PostgreSQL refused a value in it."""
 
-_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_PG_EPOCH_UNIX_S = 946_684_800.0
-_MICROSECOND = timedelta(microseconds=1)
-
-
 def _forget_frames(exc: BaseException) -> None:
     """Drop the tracebacks of a refusal the writer handled. The exception stays referenced
     by the driver's task that raised it, and its traceback's frames hold that task and the
@@ -117,36 +113,11 @@ def _forget_frames(exc: BaseException) -> None:
         link = link.__cause__ or link.__context__
 
 
-def timestamptz_to_pg(value: float | datetime) -> tuple[int]:
-    """A timestamp for ``timestamptz`` as PostgreSQL stores it: microseconds since 2000-01-01
-    UTC. Rows carry Unix seconds (floats): asyncpg's own encoder wants an aware datetime,
-    and building one, then encoding it, was a quarter of the recorder's CPU. Datetimes
-    still come from spool files written by earlier versions."""
-    if isinstance(value, float | int):
-        return (round((value - _PG_EPOCH_UNIX_S) * 1_000_000),)
-    if value.tzinfo is None:
-        raise ValueError(f"a naive datetime cannot be stored as timestamptz: {value!r}")
-    return ((value - _PG_EPOCH) // _MICROSECOND,)
-
-
-def timestamptz_from_pg(value: tuple[int]) -> datetime:
-    return _PG_EPOCH + timedelta(microseconds=value[0])
-
-
-async def _yielding(rows: list[Row]) -> AsyncIterator[Row]:
-    """The rows, handing the event loop back to the data path every few rows: encoding a
-    whole batch for COPY in one go would hold up client requests for milliseconds."""
-    for i, row in enumerate(rows):
-        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-            await asyncio.sleep(0)
-        yield row
-
-
-def _records(rows: list[Row]) -> list[Row] | AsyncIterator[Row]:
+def _records(rows: list[Row]) -> list[Row] | YieldingRows:
     """What to COPY: a batch of a few slices as it is (asyncpg encodes a list in one go, in
-    well under a millisecond, and an async generator costs about a microsecond a row);
-    a larger one, the backlog after a pause, through ``_yielding``."""
-    return rows if len(rows) <= 4 * _YIELD_EVERY else _yielding(rows)
+    well under a millisecond, and iterating costs more per row);
+    a larger one, the backlog after a pause, a few rows per turn of the loop."""
+    return rows if len(rows) <= 4 * _YIELD_EVERY else YieldingRows(rows, _YIELD_EVERY)
 
 
 def _late_hours(requests: list[Row], responses: list[Row]) -> list[datetime]:

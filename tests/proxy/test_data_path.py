@@ -10,7 +10,7 @@ import aiohttp
 
 from tests.conftest import StartProxy, route
 from tests.db import fetch, fetchrow, fetchval
-from tests.upstreams import model, serve
+from tests.upstreams import model, raw_server, serve
 
 
 async def wait_for_rows(url: str, table: str, n: int, timeout: float = 10.0) -> None:
@@ -138,6 +138,40 @@ async def test_headers_forwarded_rewritten_and_hop_by_hop_removed(
         assert "proxy-authorization" not in h
     assert primary.seen[0].headers["host"] == primary.url.removeprefix("http://")
     assert shadow.seen[0].headers["host"] == shadow.url.removeprefix("http://")
+
+
+async def test_headers_forwarded_without_connection_tokens(start_proxy: StartProxy) -> None:
+    """Without tokens in Connection (the lines gathered while parsing): every header but
+    the hop-by-hop and rewritten ones reaches the upstream as sent, repeats and order kept."""
+    heads: list[bytes] = []
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        heads.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async with raw_server(respond) as primary, start_proxy([route(primary)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        body = b'{"features": {}}'
+        writer.write(b"POST /p HTTP/1.1\r\nHost: example\r\nX-Custom: yes\r\n"
+                     b"Keep-Alive: timeout=5\r\nAccept: a\r\nPROXY-AUTHORIZATION: Basic x\r\n"
+                     b"accept: b\r\nTE: trailers\r\nContent-Type: application/json\r\n"
+                     b"X-Request-Id: r-1\r\nContent-Length: %d\r\n"
+                     b"Connection: keep-alive\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.close()
+    lines = heads[0].split(b"\r\n")[1:-2]
+    client_lines = [line for line in lines
+                    if not line.startswith((b"Host:", b"X-Forwarded-", b"X-Request-Id:",
+                                            b"Content-Length:"))]
+    assert client_lines == [b"X-Custom: yes", b"Accept: a", b"accept: b",
+                            b"Content-Type: application/json"]
+    assert b"X-Request-Id: r-1" in lines and b"X-Forwarded-Host: example" in lines
+    assert b"Content-Length: %d" % len(body) in lines
 
 
 async def test_preserve_host_sends_the_clients_host(start_proxy: StartProxy) -> None:

@@ -65,6 +65,19 @@ def test_json_detection() -> None:
         '{"x":2}'
 
 
+@pytest.mark.parametrize("name", [b"Content-Type", b"content-type", b"CONTENT-TYPE"])
+@pytest.mark.parametrize("value", [b"application/json", b"Application/JSON",
+                                   b"application/problem+json; charset=utf-8"])
+def test_a_json_type_is_read_in_any_case(name: bytes, value: bytes) -> None:
+    """The type is declared whatever the case of the header's name and value: "42" is JSON
+    only when declared (it does not look like an object or a list)."""
+    assert json_text(b"42", [(b"Host", b"h"), (name, value)], 1000) == "42"
+    assert json_text(b"42", [(name, b"text/plain")], 1000) is None
+    assert inspect_json(b"\xff", [(name, value)], 1000) == (None, "not_utf8")
+    encoded = [(name, value), (b"CONTENT-ENCODING", b"gzip")]
+    assert json_text(gzip.compress(b"42"), encoded, 1000) == "42"
+
+
 def test_redact_json_replaces_values_at_paths() -> None:
     """Values at the configured paths become "[redacted]", wherever the lists go."""
     doc = {"customer": {"email": "a@b.c", "name": "A"},

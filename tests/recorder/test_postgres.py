@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gc
+import random
+import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from shadowproxy.config import RecordingConfig
-from shadowproxy.recorder.postgres import PostgresWriter, timestamptz_to_pg
+from shadowproxy.recorder.pgtime import micros_since_pg_epoch, timestamptz_to_pg
+from shadowproxy.recorder.postgres import PostgresWriter
 from shadowproxy.recorder.rows import RowEncoder
 from tests.recorder.exchanges import exchanges
 
@@ -177,3 +180,19 @@ async def test_a_record_postgres_refuses_anywhere_costs_only_its_own_bodies(
     assert [(r["path"], r["body_truncated"], r["body"]) for r in bare] == [
         ("/p", True, None), ("/p\ufffdnul", True, None)]
     assert sorted(r["error"] or "" for r in bare) == ["", "closed: ?"]
+
+
+def test_timestamps_convert_as_round_does() -> None:
+    """The compiled conversion of Unix seconds rounds to the microsecond exactly as
+    ``round`` does, ties to even included."""
+    rng = random.Random(3)
+    base = 946_684_800.0
+    values = [base + rng.uniform(-1e9, 2e9) for _ in range(20_000)]
+    values += [base + (k + 0.5) / 1e6 for k in range(-50, 50)]  # exact ties
+    values += [time.time(), base, 0.0, 1.5, -1.5]
+    for value in values:
+        assert micros_since_pg_epoch(value) == round((value - base) * 1_000_000), value
+        assert timestamptz_to_pg(value) == (round((value - base) * 1_000_000),)
+    assert timestamptz_to_pg(int(base) + 2) == (2_000_000,)
+    with pytest.raises(TypeError):
+        timestamptz_to_pg("2026-01-01")
