@@ -5,6 +5,7 @@ allocations and the share of each library, counted (not timed) over N requests.
     python bench/breakdown.py --tree /tmp/compiled                 # 16 and 64 connections
     python bench/breakdown.py --tree /tmp/compiled --callgrind 2000 --conns 16
     python bench/breakdown.py --variants mirrored,primary          # the shadow's share
+    python bench/breakdown.py --tree /tmp/compiled --upstream-delay-ms 5   # a 5 ms model
 
 The proxy runs pinned to CPU 0; wrk, two fast upstreams (``bench/localhost.py``) and an
 embedded PostgreSQL pinned to CPU 1. System calls are counted by ``perf stat`` on the
@@ -292,6 +293,9 @@ def main() -> None:
                         help="also count instructions over this many requests")
     parser.add_argument("--keep", default=None,
                         help="copy callgrind's dump here (for callgrind_annotate --inclusive)")
+    parser.add_argument("--upstream-delay-ms", type=float, default=0,
+                        help="the upstreams answer this long after each request (a model's "
+                             "time, costing no CPU)")
     parser.add_argument("--no-pin", action="store_true")
     args = parser.parse_args()
     for tool in ("wrk", "perf") + (("valgrind", "hey") if args.callgrind else ()):
@@ -308,7 +312,7 @@ def main() -> None:
     rows: list[tuple[str, int, dict[str, float]]] = []
     try:
         for _ in range(2):
-            upstreams.append(start_fast_upstream(args.load_cpu))
+            upstreams.append(start_fast_upstream(args.load_cpu, args.upstream_delay_ms))
         (_, primary), (_, shadow) = upstreams
         database_url = pinned_database(work / "pg", args.load_cpu)
         conns = [int(c) for c in args.conns.split(",")]

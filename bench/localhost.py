@@ -24,10 +24,10 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Lengt
 
 
 def serve_fixed(port: int, response: bytes = RESPONSE, *, backlog: int = 4096,
-                ready: bool = False) -> None:
+                ready: bool = False, delay_s: float = 0.0) -> None:
     """Answer every request on 127.0.0.1:``port`` with ``response`` (a whole HTTP/1.1
-    response), on uvloop and httptools, until killed; with ``ready``, print "ready" once
-    listening."""
+    response), on uvloop and httptools, until killed, ``delay_s`` after it arrived (a
+    model's time, costing no CPU); with ``ready``, print "ready" once listening."""
     import httptools
     import uvloop
 
@@ -40,7 +40,14 @@ def serve_fixed(port: int, response: bytes = RESPONSE, *, backlog: int = 4096,
             self.parser.feed_data(data)
 
         def on_message_complete(self) -> None:
-            self.transport.write(response)  # type: ignore[attr-defined]
+            if delay_s:
+                asyncio.get_running_loop().call_later(delay_s, self.answer)
+            else:
+                self.answer()
+
+        def answer(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(response)  # type: ignore[attr-defined]
 
     async def main() -> None:
         server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", port,
@@ -52,10 +59,12 @@ def serve_fixed(port: int, response: bytes = RESPONSE, *, backlog: int = 4096,
     uvloop.run(main())
 
 
-def start_fast_upstream(cpu: str | None) -> tuple[subprocess.Popen[bytes], int]:
-    """A fast upstream in a process of its own, pinned to ``cpu``; returns it and its port."""
+def start_fast_upstream(cpu: str | None, delay_ms: float = 0
+                        ) -> tuple[subprocess.Popen[bytes], int]:
+    """A fast upstream in a process of its own, pinned to ``cpu``, answering ``delay_ms``
+    after each request; returns it and its port."""
     port = free_port()
-    argv = [sys.executable, __file__, str(port)]
+    argv = [sys.executable, __file__, str(port), str(delay_ms)]
     proc = subprocess.Popen(["taskset", "-c", cpu, *argv] if cpu is not None else argv)
     wait_for_port(port, 10, proc)
     return proc, port
@@ -127,4 +136,4 @@ def stop_database(data_dir: Path) -> None:
                 time.sleep(0.1)
 
 if __name__ == "__main__":
-    serve_fixed(int(sys.argv[1]))
+    serve_fixed(int(sys.argv[1]), delay_s=float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0)
