@@ -24,4 +24,4 @@ def test_lengths_change_nothing_but_the_work() -> None:
 
 
 def test_the_lengths_are_those_of_the_names() -> None:
-    assert http1.RESPONSE_REWRITTEN_LENGTHS == {len(n) for n in http1.RESPONSE_REWRITTEN}
+    assert {len(n) for n in http1.RESPONSE_REWRITTEN} == http1.RESPONSE_REWRITTEN_LENGTHS
