@@ -37,6 +37,9 @@ bench_build_select
 bench_pg_start "${BENCH_PG_CPUS:-1}"
 url="$BENCH_PG_URL"
 export SHADOWPROXY_BENCH_DATABASE_URL="$url"
+# One data_dir for every run of both builds (they run one at a time): a run's spooled
+# records are stored by the next start, and the last run's by store_spool.py below.
+export SHADOWPROXY_BENCH_DATA_DIR="$out/data"
 
 start="bash $here/start_for_harness.sh {port} {primary_url} {shadow_url} {workdir}"
 proxies=(--proxy shadowproxy="$start")
@@ -46,5 +49,8 @@ fi
 "$harness/run_bench.sh" --scenarios "$scenarios" --targets "$targets" \
     "${proxies[@]}" --conns "${BENCH_CONNS:-16}" --reps "$reps" --duration "$duration" \
     --warmup "$warmup" --out "$out" "$@"
+"$python" "$here/store_spool.py" "$out/data" "$url" \
+  | tee "$out/store_spool.txt"
+rm -rf "$out/data"
 { echo "shadowproxy build: $bench_build"; "$python" "$here/summarize.py" "$out" "$url"; } \
   | tee "$out/summary.md"

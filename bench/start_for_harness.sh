@@ -5,10 +5,12 @@
 # SHADOWPROXY_BENCH_TREE: a compiled tree to run (bench/build.sh). Recording settings for
 # experiments: SHADOWPROXY_BENCH_QUEUE, _FLUSH_MS, _WRITE_AFTER (defaults as in the
 # product). The shadow gets timeout_s 1 and max_in_flight 1000 (SHADOWPROXY_BENCH_
-# SHADOW_TIMEOUT, _MAX_IN_FLIGHT). limits.shutdown_grace_s is 3 (SHADOWPROXY_BENCH_GRACE_S):
+# SHADOW_TIMEOUT, _MAX_IN_FLIGHT). limits.shutdown_grace_s is 2 (SHADOWPROXY_BENCH_GRACE_S):
 # the harness kills a proxy 8 s after its SIGTERM, and a stop may spend the grace twice
-# (calls in flight, then storing what went to the spool); records still spooled at a kill
-# are stored by the next start on the same data_dir.
+# (calls in flight, then storing what went to the spool) plus the time to flush the queue.
+# Records still spooled at a stop are stored by the next start on the same data_dir,
+# SHADOWPROXY_BENCH_DATA_DIR: bench/run.sh sets one folder for every run, outside the
+# harness's scratch folders, and stores what the last stop left with bench/store_spool.py.
 set -euo pipefail
 port=$1 primary=$2 shadow=$3 workdir=$4 workers=${5:-1}
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,9 +21,9 @@ cat > "$workdir/shadowproxy.yaml" <<YAML
 listen: "127.0.0.1:$port"
 admin_listen: "127.0.0.1:${SHADOWPROXY_BENCH_ADMIN_PORT:-9190}"
 workers: $workers
-data_dir: "$workdir/data"
+data_dir: "${SHADOWPROXY_BENCH_DATA_DIR:-$workdir/data}"
 database: {url: "$SHADOWPROXY_BENCH_DATABASE_URL"}
-limits: {shutdown_grace_s: ${SHADOWPROXY_BENCH_GRACE_S:-3}}
+limits: {shutdown_grace_s: ${SHADOWPROXY_BENCH_GRACE_S:-2}}
 recording: {queue_max_records: ${SHADOWPROXY_BENCH_QUEUE:-50000}, flush_interval_ms: ${SHADOWPROXY_BENCH_FLUSH_MS:-200}, write_after_records: ${SHADOWPROXY_BENCH_WRITE_AFTER:-16}}
 routes:
   - name: bench
