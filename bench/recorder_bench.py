@@ -4,8 +4,9 @@ Builds realistic exchanges (a 1 KB JSON request, a primary and a shadow JSON res
 usual headers), submits them as fast as the writer drains them (the queue stays bounded:
 submission waits while it is over a quarter full, below the mark where batches would overflow
 to the spool), and reports records per second stored in PostgreSQL, the
-peak queue depth and the writer's CPU. The database is the one at --database-url, or an
-embedded PostgreSQL in a temporary folder.
+peak queue depth, the writer's CPU and, when the server runs on this machine, the server's
+CPU per record (all its processes, from /proc). The database is the one at --database-url,
+or an embedded PostgreSQL in a temporary folder.
 
     .venv/bin/python bench/recorder_bench.py --records 200000
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import tempfile
 import time
@@ -50,8 +52,39 @@ def exchange(i: int) -> Exchange:
     return ex
 
 
+def server_cpu_seconds(data_directory: str) -> float | None:
+    """User and system CPU of the PostgreSQL server whose data directory this is, summed
+    over the postmaster and its children (the backends, the WAL writer, the checkpointer);
+    None when the server is not on this machine or not readable."""
+    try:
+        postmaster = int(Path(data_directory, "postmaster.pid").read_text().split()[0])
+        pids = [postmaster] + [
+            int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            == str(postmaster)]
+        ticks = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def data_directory(url: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval("SHOW data_directory"))  # superuser or pg_read_all_settings
+    except asyncpg.PostgresError:
+        return ""
+    finally:
+        await conn.close()
+
+
 async def run(url: str, records: int, batch: int) -> dict[str, float]:
     await migrate(url)
+    pgdata = await data_directory(url)
+    server0 = server_cpu_seconds(pgdata) if pgdata else None
     metrics = Metrics()
     config = RecordingConfig(batch_max_records=batch, queue_max_records=50_000,
                              flush_interval_ms=200)
@@ -80,6 +113,7 @@ async def run(url: str, records: int, batch: int) -> dict[str, float]:
             await asyncio.sleep(0.01)  # spooled records count once they are in the database
         elapsed = time.perf_counter() - started
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        server1 = server_cpu_seconds(pgdata) if pgdata else None
         await recorder.close()
     conn = await asyncpg.connect(url)
     try:
@@ -87,10 +121,14 @@ async def run(url: str, records: int, batch: int) -> dict[str, float]:
     finally:
         await conn.close()
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    return {"records": records, "stored": stored, "seconds": elapsed,
-            "records_per_s": records / elapsed, "peak_queue": peak,
-            "writer_cpu_us_per_record": cpu / records * 1e6,
-            "spooled": metrics.records["spooled"], "dropped": metrics.records["dropped"]}
+    result = {"records": records, "stored": stored, "seconds": elapsed,
+              "records_per_s": records / elapsed, "peak_queue": peak,
+              "writer_cpu_us_per_record": cpu / records * 1e6,
+              "spooled": metrics.records["spooled"], "dropped": metrics.records["dropped"]}
+    if server0 is not None and server1 is not None:
+        # A record is one exchange: the request and the primary's and the shadow's answers.
+        result["postgres_cpu_us_per_record"] = (server1 - server0) / records * 1e6
+    return result
 
 
 def main() -> None:
