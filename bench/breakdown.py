@@ -37,9 +37,11 @@ from pathlib import Path
 
 from localhost import (  # bench/localhost.py
     BODY,
+    cpu_ticks,
     free_port,
     pinned_database,
     post_script,
+    process_tree,
     start_fast_upstream,
     stop,
     stop_database,
@@ -88,15 +90,6 @@ http {{
 """
 
 
-def cpu_ticks(pids: list[int]) -> tuple[int, int]:
-    """(utime, stime) of every thread of ``pids``, in clock ticks."""
-    user = system = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        user, system = user + int(fields[11]), system + int(fields[12])
-    return user, system
-
-
 def voluntary_switches(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -106,12 +99,6 @@ def voluntary_switches(pids: list[int]) -> int:
                     if line.startswith("voluntary_ctxt_switches"):
                         total += int(line.split()[1])
     return total
-
-
-def process_tree(pid: int) -> list[int]:
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                              text=True).stdout.split()
-    return [pid, *map(int, children)]
 
 
 def wrk(port: int, seconds: int, connections: int, script: Path, cpu: str | None) -> int:

@@ -1,8 +1,8 @@
 """What the benchmark scripts that start their own processes share: a free port on
-127.0.0.1, waiting for a started process to listen on one, stopping it, an embedded
-PostgreSQL pinned away from the proxy's CPU, a fast upstream that gives every request the
-same answer (``python bench/localhost.py PORT`` serves one), and the 1 KB JSON request body
-with the wrk script that POSTs it."""
+127.0.0.1, waiting for a started process to listen on one, stopping it, a process's
+children and their CPU time, an embedded PostgreSQL pinned away from the proxy's CPU, a
+fast upstream that gives every request the same answer (``python bench/localhost.py PORT``
+serves one), and the 1 KB JSON request body with the wrk script that POSTs it."""
 
 from __future__ import annotations
 
@@ -107,6 +107,26 @@ def stop(proc: subprocess.Popen[bytes], seconds: float = 60) -> None:
         proc.wait()
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its direct children (a postmaster's backends, a proxy's workers)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                              text=True).stdout.split()
+    return [pid, *map(int, children)]
+
+
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) of every thread of ``pids``, in clock ticks; a process that has
+    exited since its pid was taken counts nothing."""
+    user = system = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user, system
+
+
 def pinned_database(data_dir: Path, cpu: str | None) -> str:
     """Start an embedded PostgreSQL under ``data_dir`` (deleted when this process exits),
     pinned to ``cpu`` beside the load: left on the proxy's CPU, its checkpoints and COPYs
@@ -116,9 +136,7 @@ def pinned_database(data_dir: Path, cpu: str | None) -> str:
     url = start_embedded(data_dir, cleanup="delete")
     if cpu is not None:
         postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
-        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
-                                  text=True).stdout.split()
-        for pid in (postmaster, *map(int, children)):
+        for pid in process_tree(postmaster):
             os.sched_setaffinity(pid, {int(c) for c in cpu.split(",")})
     return url
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+from localhost import cpu_ticks, process_tree  # bench/localhost.py
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
@@ -54,19 +55,14 @@ def exchange(i: int) -> Exchange:
 
 def server_cpu_seconds(data_directory: str) -> float | None:
     """User and system CPU of the PostgreSQL server whose data directory this is, summed
-    over the postmaster and its children (the backends, the WAL writer, the checkpointer);
-    None when the server is not on this machine or not readable."""
+    over the postmaster, its children (the backends, the WAL writer, the checkpointer) and
+    the children it has reaped; None when the server is not on this machine or not readable."""
     try:
         postmaster = int(Path(data_directory, "postmaster.pid").read_text().split()[0])
-        pids = [postmaster] + [
-            int(pid) for pid in os.listdir("/proc") if pid.isdigit()
-            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            == str(postmaster)]
-        ticks = 0
-        for pid in pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        return ticks / os.sysconf("SC_CLK_TCK")
+        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        reaped = int(fields[13]) + int(fields[14])  # cutime, cstime: backends that ended
+        running = sum(cpu_ticks(process_tree(postmaster)))
+        return (reaped + running) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
 

@@ -51,6 +51,7 @@ fi
     --warmup "$warmup" --out "$out" "$@"
 "$python" "$here/store_spool.py" "$out/data" "$url" \
   | tee "$out/store_spool.txt"
-rm -rf "$out/data"
+# What could not be stored stays on disk for a look (and a later store_spool.py).
+grep -q -e 'spool empty' -e 'no spool' "$out/store_spool.txt" && rm -rf "$out/data"
 { echo "shadowproxy build: $bench_build"; "$python" "$here/summarize.py" "$out" "$url"; } \
   | tee "$out/summary.md"
