@@ -37,7 +37,7 @@ from shadowproxy.recorder import bodies
 from shadowproxy.recorder.access import log_exchanges
 from shadowproxy.recorder.postgres import REFUSED, PostgresWriter
 from shadowproxy.recorder.rows import UNEXPECTED, Row, RowEncoder, Withheld, upgrade_rows
-from shadowproxy.recorder.spool import Spool
+from shadowproxy.recorder.spool import Spool, frame_bytes, frames
 from shadowproxy.store.database import TRANSIENT, ConnectionProblem, classify
 from shadowproxy.tasks import spawn
 
@@ -392,14 +392,19 @@ class Recorder:
 
     async def _spool(self, requests: list[Row], responses: list[Row], *,
                      durable: bool = True) -> None:
-        """Append a batch to the spool, in a thread (the write and fsync must not hold up the
-        data path), and make sure the replay task will bring it in. ``durable=False``: do
-        not wait for the disk (see ``_spool_excess``)."""
+        """Append a batch to the spool, pickled here a frame at a time and written in a
+        thread (the write and fsync must not hold up the data path), and make sure the
+        replay task will bring it in. ``durable=False``: do not wait for the disk (see
+        ``_spool_excess``)."""
         loop = asyncio.get_running_loop()
         try:
+            framed = []
+            for part in frames(requests, responses):
+                framed.append(frame_bytes(part))
+                await asyncio.sleep(0)  # one small frame at a time (spool.py)
             async with self._spool_lock:
-                stored = await loop.run_in_executor(None, self.spool.append,
-                                                    (requests, responses), durable)
+                stored = await loop.run_in_executor(None, self.spool.append_frames, framed,
+                                                    durable)
                 if stored:
                     self._start_replay()
             if not stored and not self.spool_full:
@@ -466,12 +471,28 @@ class Recorder:
             return False
 
     async def _replay_segment(self, segment: Path) -> None:
+        """Store a segment's frames, gathered into batches of up to ``batch_max_records``
+        requests (a COPY of a few frames costs the database less than one per frame), one
+        frame read at a time between the data path's turns."""
+        requests: list[Row] = []
+        responses: list[Row] = []
         for frame in self.spool.read(segment):
-            requests, responses = upgrade_rows(*frame)
-            await self._database_has_room()
-            async with self._db_lock:
-                await self._write(requests, responses)
-        self.spool.remove(segment)
+            req, resp = upgrade_rows(*frame)  # per frame: an old frame is a whole batch
+            requests += req
+            responses += resp
+            if len(requests) >= self._batch_max or len(responses) >= 2 * self._batch_max:
+                await self._replay_batch(requests, responses)
+                requests, responses = [], []
+            await asyncio.sleep(0)
+        if requests or responses:
+            await self._replay_batch(requests, responses)
+        # In a thread: freeing a segment's blocks can take the file system milliseconds.
+        await asyncio.get_running_loop().run_in_executor(None, self.spool.remove, segment)
+
+    async def _replay_batch(self, requests: list[Row], responses: list[Row]) -> None:
+        await self._database_has_room()
+        async with self._db_lock:
+            await self._write(requests, responses)
 
     async def _database_has_room(self) -> None:
         """Wait while the live writes have a batch waiting: they go first, so that records
