@@ -148,7 +148,10 @@ async def test_a_sampled_report_keeps_counts_exact_and_says_so(database_url: str
         assert sampled["operational"]["shadow"][key] == whole["operational"]["shadow"][key]
     assert sampled["operational"]["status_agreement"] == whole["operational"][
         "status_agreement"]
-    assert sampled["predictions"]["n"] == s["comparable"] < 30
+    # The sampled pairs with the candidate's answer: the 30, less the timeouts the draw
+    # took (the ids are random, so it may take none of the 12).
+    assert sampled["predictions"]["n"] == s["comparable"]
+    assert 30 - N // 10 <= s["comparable"] <= 30
     assert sampled["diff"]["compared_pairs"] == s["comparable"]
     # Every comparable pair differs (the candidate adds 2 per sqft): the estimate for the
     # window is every comparable pair, with an interval that holds it.
