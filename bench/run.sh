@@ -30,7 +30,10 @@ mkdir -p "$out"
 
 source "$here/build.sh"
 source "$here/pg.sh"
-trap 'bench_pg_stop; bench_build_cleanup' EXIT
+# The hypervisor's steal time, sampled once a second, for each run's steal share (steal.py).
+"$python" "$here/steal.py" record "$out/steal.tsv" &
+steal_pid=$!
+trap 'kill "$steal_pid" 2>/dev/null || true; bench_pg_stop; bench_build_cleanup' EXIT
 bench_build_select
 
 # PostgreSQL for the records: embedded, in a scratch folder, on CPU 1 beside the upstreams.
@@ -48,7 +51,7 @@ if [[ -n ${BENCH_PURE_TOO:-} && $bench_build == compiled ]]; then
 fi
 "$harness/run_bench.sh" --scenarios "$scenarios" --targets "$targets" \
     "${proxies[@]}" --conns "${BENCH_CONNS:-16}" --reps "$reps" --duration "$duration" \
-    --warmup "$warmup" --out "$out" "$@"
+    --warmup "$warmup" --out "$out" "$@" 2>&1 | tee "$out/harness.log"
 "$python" "$here/store_spool.py" "$out/data" "$url" \
   | tee "$out/store_spool.txt"
 # What could not be stored stays on disk for a look (and a later store_spool.py).

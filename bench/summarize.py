@@ -5,7 +5,9 @@
 Reads the harness's results.json and the proxy's log (one ``stopped: served=… written=…``
 line per shadowproxy run), prints a Markdown table of medians (with the range over the
 repetitions) with each shadowproxy build's figures as ratios to nginx's mirror, Envoy's
-mirror, direct, and its own fast-shadow run, and checks that every request shadowproxy
+mirror, direct, and its own fast-shadow run, with the hypervisor's steal share of the
+machine's CPU time during the runs when bench/run.sh recorded it (bench/steal.py), and
+checks that every request shadowproxy
 answered was recorded: the database (after ``bench/store_spool.py``) holds as many requests
 as the runs' stop lines say were answered, and every run reached its stop line. The
 targets named ``shadowproxy`` (the compiled build, as ``bench/run.sh`` starts it) and
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import steal  # bench/steal.py
 
 OURS = ("shadowproxy", "shadowproxy-pure")
 
@@ -69,8 +72,10 @@ def main() -> None:
                                 "blackhole") else 99)
     print("| scenario | conns | target | req/s (range) | p50 ms | p99 ms (range) | proxy µs/req "
           "(range) | rps ÷ nginx mirror | rps ÷ Envoy mirror | rps ÷ direct | "
-          "p50 ÷ fast | p99 ÷ fast |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "p50 ÷ fast | p99 ÷ fast | steal % (range) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    steals = (steal.by_run(out / "harness.log", out / "steal.tsv")
+              if (out / "steal.tsv").exists() and (out / "harness.log").exists() else {})
     for scenario, conns, target in ((s, c, t) for s in scenarios for c in connections
                                     for t in ("direct", "nginx-mirror", "envoy-mirror", *OURS)):
         row = table.get((scenario, target, conns))
@@ -95,6 +100,9 @@ def main() -> None:
                       ratio(row["p99_ms"], fast.get("p99_ms", float("nan")))]
         else:
             cells += [""] * 5
+        shares = [100 * x for x in steals.get((scenario, target, conns), [])]
+        cells.append("–" if not shares else f"{statistics.median(shares):.1f} "
+                     f"({spread((min(shares), max(shares)), '{:.1f}')})")
         print("| " + " | ".join(cells) + " |")
 
     logs = [out / "logs" / f"proxy-{target}.log" for target in OURS]
