@@ -53,6 +53,14 @@ def exchange(i: int) -> Exchange:
     return ex
 
 
+def copy_of(src: Exchange) -> Exchange:
+    """A new exchange (its own record id) with the request and answers of ``src``."""
+    ex = Exchange(src.route, src.received_at, src.method, src.path, src.query, src.headers,
+                  src.client_addr, None)
+    ex.body, ex.body_size, ex.responses = src.body, src.body_size, src.responses
+    return ex
+
+
 def server_cpu_seconds(data_directory: str) -> float | None:
     """User and system CPU of the PostgreSQL server whose data directory this is, summed
     over the postmaster, its children (the backends, the WAL writer, the checkpointer) and
@@ -92,11 +100,7 @@ async def run(url: str, records: int, batch: int) -> dict[str, float]:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         for i in range(records):
-            src = template[i % 1000]
-            ex = Exchange(src.route, src.received_at, src.method, src.path, src.query,
-                          src.headers, src.client_addr, None)
-            ex.body, ex.body_size, ex.responses = src.body, src.body_size, src.responses
-            recorder.submit(ex)
+            recorder.submit(copy_of(template[i % 1000]))
             if i % 500 == 0:
                 peak = max(peak, len(recorder.queue))
                 # Stay under the overflow mark (half the queue): this measures the direct

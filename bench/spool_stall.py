@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import uvloop
-from recorder_bench import exchange  # bench/recorder_bench.py
+from recorder_bench import copy_of, exchange  # bench/recorder_bench.py
 
 from shadowproxy import build
 from shadowproxy.config import RecordingConfig
 from shadowproxy.cycles import collected_in_the_background
 from shadowproxy.metrics import Metrics
-from shadowproxy.models import Exchange
 from shadowproxy.recorder.recorder import Recorder
 from shadowproxy.store.embedded import start_embedded
 from shadowproxy.store.migrate import migrate
@@ -61,13 +60,6 @@ class Probe:
         return {"wakeups": len(late), "max_late_ms": round(late[-1], 2),
                 "p99_late_ms": round(late[int(len(late) * 0.99)], 2),
                 "over_2ms": sum(1 for x in late if x > 2.0)}
-
-
-def copy_of(src: Exchange) -> Exchange:
-    ex = Exchange(src.route, src.received_at, src.method, src.path, src.query, src.headers,
-                  src.client_addr, None)
-    ex.body, ex.body_size, ex.responses = src.body, src.body_size, src.responses
-    return ex
 
 
 async def run(url: str, records: int) -> dict[str, object]:

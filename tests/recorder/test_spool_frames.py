@@ -3,8 +3,6 @@ replayed whole: every record once, in batches, whatever the frames' number."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
@@ -15,6 +13,7 @@ from shadowproxy.recorder.rows import RowEncoder
 from shadowproxy.recorder.spool import FRAME_REQUESTS, Spool, frame_bytes, frames
 from tests.recorder.exchanges import exchange
 from tests.recorder.slow_database import stored
+from tests.recorder.spool_replay import replay_spool
 
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"
 
@@ -110,14 +109,6 @@ async def test_a_spooled_batch_is_written_in_frames_and_replayed_once(
 
     # The next recorder on this data_dir (as after a restart) stores them.
     later = Metrics()
-    again = Recorder(config, database_url, tmp_path, later)
-    await again.start()
-    try:
-        deadline = time.monotonic() + 30
-        while list((tmp_path / "spool").glob("*.spool")) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-    finally:
-        await again.close()
-    assert not list((tmp_path / "spool").glob("*.spool")), "the spool was not replayed"
+    await replay_spool(database_url, tmp_path, config, later)
     assert later.records["written"] == total
     assert await stored(database_url) == (total, 2 * total)

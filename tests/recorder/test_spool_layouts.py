@@ -9,8 +9,6 @@ after it), before stream timing (response rows without ``stream``), before parti
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import asyncpg
@@ -18,10 +16,10 @@ import pytest
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
-from shadowproxy.recorder.recorder import Recorder
 from shadowproxy.recorder.rows import REQUEST_COLUMNS, RESPONSE_COLUMNS, RowEncoder
 from shadowproxy.recorder.spool import Spool
 from tests.recorder.exchanges import exchanges
+from tests.recorder.spool_replay import replay_spool
 
 LAYOUTS = {
     # (request columns, response columns) of rows as each earlier version spooled them
@@ -72,16 +70,8 @@ async def test_a_spool_file_of_an_earlier_layout_is_replayed_whole(
 
 async def _replay(database_url: str, tmp_path: Path) -> None:
     """Start a recorder on ``tmp_path``, wait until it has replayed the spool, stop it."""
-    recorder = Recorder(RecordingConfig(), database_url, tmp_path, Metrics(),
-                        config_version="0123456789ab")
-    await recorder.start()
-    try:
-        deadline = time.monotonic() + 20
-        while list((tmp_path / "spool").glob("*.spool")) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-    finally:
-        await recorder.close()
-    assert not list((tmp_path / "spool").glob("*.spool")), "the segment was not replayed"
+    await replay_spool(database_url, tmp_path, RecordingConfig(), Metrics(),
+                       config_version="0123456789ab", within_s=20)
 
 
 async def test_a_spooled_replayed_answer_from_before_partitions_gets_its_requests_time(
