@@ -7,7 +7,7 @@
 # product). The shadow gets timeout_s 1 and max_in_flight 1000 (SHADOWPROXY_BENCH_
 # SHADOW_TIMEOUT, _MAX_IN_FLIGHT). limits.shutdown_grace_s is 2 (SHADOWPROXY_BENCH_GRACE_S):
 # the harness kills a proxy 8 s after its SIGTERM, and a stop may spend the grace twice
-# (calls in flight, then storing what went to the spool) plus the time to flush the queue.
+# (calls in flight, then the queue and the spool into the database) and a batch's write.
 # Records still spooled at a stop are stored by the next start on the same data_dir,
 # SHADOWPROXY_BENCH_DATA_DIR: bench/run.sh sets one folder for every run, outside the
 # harness's scratch folders, and stores what the last stop left with bench/store_spool.py.

@@ -23,9 +23,9 @@ from shadowproxy.recorder.recorder import Recorder
 
 async def store(data_dir: Path, url: str, seconds: float) -> tuple[int, bool]:
     metrics = Metrics()
-    recorder = Recorder(RecordingConfig(), url, data_dir, metrics, replay_grace_s=seconds)
+    recorder = Recorder(RecordingConfig(), url, data_dir, metrics, stop_grace_s=seconds)
     await recorder.start()
-    await recorder.close()  # waits up to replay_grace_s for the replay to finish
+    await recorder.close()  # waits up to stop_grace_s for the replay to finish
     return metrics.records["written"], not recorder.spool.has_pending()
 
 

@@ -17,9 +17,9 @@ Stop, the reverse: the reloader stops (and its process file goes) and the sweepe
 cancelled, then ``STOP_STEPS``: stop accepting → finish the in-flight requests → wait for
 the upstream calls still running (shadows, mostly), all within ``limits.shutdown_grace_s``
 of the first step, then end the calls and client connections that outlive it → end the
-storage maintenance task → flush the recorder to the database or the spool → close the
-upstream pools → close the admin listener last, so that probes and /metrics answer until
-the end (/readyz says 503 from the first step on).
+storage maintenance task → flush the recorder to the database, within the grace again, or
+the spool → close the upstream pools → close the admin listener last, so that probes and
+/metrics answer until the end (/readyz says 503 from the first step on).
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ async def running(settings: Settings, database_url: str, *,
         stack.callback(close_pools)
         recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics,
                             log_exchanges=settings.access_log,
-                            replay_grace_s=settings.limits.shutdown_grace_s,
+                            stop_grace_s=settings.limits.shutdown_grace_s,
                             config_version=metrics.config_version)
         await recorder.start()  # logs why, if the database cannot be used
 

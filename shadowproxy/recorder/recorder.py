@@ -68,7 +68,7 @@ class Recorder:
 
     def __init__(self, recording: RecordingConfig, database_url: str, data_dir: Path,
                  metrics: Metrics, *, log_exchanges: bool = False,
-                 replay_grace_s: float = 10.0, config_version: str | None = None) -> None:
+                 stop_grace_s: float = 10.0, config_version: str | None = None) -> None:
         self.config = recording
         self.queue: deque[Exchange] = deque()
         self.metrics = metrics
@@ -94,7 +94,11 @@ class Recorder:
         self.overflowing = False
         """True from the first batch spooled because the database was behind (up, but slower
         than the traffic) until the replay has brought the spool in."""
-        self._replay_grace = replay_grace_s
+        self._stop_grace = stop_grace_s
+        """At a stop, how long the database gets to take the queue and then the spool."""
+        self._stop_deadline: float | None = None
+        """``loop.time()`` by which a stop stops waiting for the database (set by ``close``):
+        what is still queued then goes to the spool, for the next start to store."""
         self._batch_max = recording.batch_max_records
         self._write_after = min(recording.write_after_records, recording.batch_max_records)
         self._queue_max = recording.queue_max_records
@@ -111,6 +115,7 @@ class Recorder:
         self._db_lock = asyncio.Lock()
         self._spool_lock = asyncio.Lock()
         self._closing = False
+        self._stop_spooling = False
         self._writer_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._replaying = False
@@ -190,24 +195,35 @@ class Recorder:
         self._writer_task = spawn(self._run(), name="recorder-writer")
 
     async def close(self) -> None:
-        """Flush everything queued to the database or the spool, then stop."""
+        """Flush everything queued to the database or the spool, then stop, in about
+        ``stop_grace_s`` (plus a batch already on its way): the database gets that long to
+        take the queue, and what is left of it to take the spool; what it has not taken by
+        then is on disk, and the next start stores it."""
+        loop = asyncio.get_running_loop()
+        self._stop_deadline = loop.time() + self._stop_grace
         self._closing = True
         self._wake.set()
         if self._writer_task is not None:
             await self._writer_task
         replay = self._replay_task
-        if self.database_ok and replay is not None and not replay.done():
-            # The database is up, only behind: give it a moment to take the spooled
-            # batches, so that a restart does not leave the last records waiting there.
-            log.info("storing the spooled records (up to %.0fs)", self._replay_grace)
+        left = self._stop_deadline - loop.time()
+        if self.database_ok and replay is not None and not replay.done() and left > 0:
+            # The database is up, only behind: give it what is left of the grace to take
+            # the spooled batches, so that a restart does not leave the last records there.
+            log.info("storing the spooled records (up to %.1fs)", left)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(replay), self._replay_grace)
+                await asyncio.wait_for(asyncio.shield(replay), left)
         if self._replay_task is not None:
             self._replay_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replay_task
         self.spool.close()
         await self.writer.close()
+
+    def _stop_overdue(self) -> bool:
+        """True once a stop has given the database its grace for the queue."""
+        deadline = self._stop_deadline
+        return deadline is not None and asyncio.get_running_loop().time() >= deadline
 
     async def drained(self) -> None:
         """Wait until every record submitted so far is in the database or the spool."""
@@ -249,21 +265,28 @@ class Recorder:
                 self.metrics.records["dropped"] += len(batch)
                 self._batch_done()
                 continue
-            if storing is not None and not await self._previous_write_done(storing):
+            if self._stop_overdue() or (
+                    storing is not None and not await self._previous_write_done(storing)):
                 await self._spool_excess(rows)
                 continue
             storing = spawn(self._store_batch(rows), name="recorder-store")
 
     async def _previous_write_done(self, storing: asyncio.Task[None]) -> bool:
         """Wait for the batch on its way to the database; False if the queue reaches the
-        overflow mark first (the database is behind, and the batch at hand is excess)."""
+        overflow mark first (the database is behind, and the batch at hand is excess), or a
+        stop's grace for the queue runs out (the rest goes to the spool)."""
         while not storing.done():
-            if len(self.queue) >= self._overflow_at or self._queued_bytes >= self._overflow_bytes:
+            if (len(self.queue) >= self._overflow_at
+                    or self._queued_bytes >= self._overflow_bytes or self._stop_overdue()):
                 return False
             self._wake.clear()
             woken = asyncio.ensure_future(self._wake.wait())
+            deadline = self._stop_deadline
+            timeout = (None if deadline is None
+                       else max(0.0, deadline - asyncio.get_running_loop().time()))
             try:
-                await asyncio.wait((storing, woken), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((storing, woken), timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woken.cancel()
         return True
@@ -279,12 +302,20 @@ class Recorder:
         a second, long enough for the queue to reach its bound while the database is merely
         slow, and records would be dropped."""
         behind = self.database_ok  # (down, not behind, if not ok)
-        if behind and not self.overflowing:
+        if self._stop_overdue():
+            if not self._stop_spooling:
+                self._stop_spooling = True
+                log.warning("the database did not take the queue within the stop's grace "
+                            "(limits.shutdown_grace_s): spooling the %d records left, for "
+                            "the next start to store", len(self.queue) + len(rows[0]))
+        elif behind and not self.overflowing:
             self.overflowing = True
             log.warning("the database is behind (%d records queued): spooling the excess and "
                         "storing it as the database catches up", len(self.queue))
         try:
-            await self._spool(*rows, durable=not behind)
+            # At a stop the spool is the records' last place: on disk, not in the kernel's
+            # cache only.
+            await self._spool(*rows, durable=not behind or self._closing)
         finally:
             self._batch_done()
 

@@ -195,14 +195,16 @@ def test_shadows_are_services_on_their_model_ports(objects: list[dict[str, Any]]
 
 
 def test_model_outlives_the_proxy_drain(deployment: dict[str, Any], settings: Any) -> None:
-    """The model keeps serving until the proxy has drained, all within the grace period."""
+    """The model keeps serving until the proxy has drained, and the proxy's whole stop (the
+    drain, then the same grace again for the records) ends within the pod's grace period."""
     pod = deployment["spec"]["template"]["spec"]
     proxy_wait = _prestop_seconds(_container(deployment, "shadowproxy"))
     model_wait = _prestop_seconds(_container(deployment, "model"))
     drain = proxy_wait + settings.limits.shutdown_grace_s
+    stop = drain + settings.limits.shutdown_grace_s
     assert proxy_wait >= 1, "let endpoint removal spread before the proxy stops accepting"
     assert model_wait > drain
-    assert pod["terminationGracePeriodSeconds"] > max(model_wait, drain)
+    assert pod["terminationGracePeriodSeconds"] > max(model_wait, stop)
 
 
 def test_every_container_requests_resources(objects: list[dict[str, Any]]) -> None:

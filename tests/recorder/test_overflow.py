@@ -7,13 +7,17 @@ one batch per 200 ms.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+
+import asyncpg
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
 from shadowproxy.recorder.recorder import Recorder
 from tests.recorder.exchanges import exchange
 from tests.recorder.slow_database import slow_down_inserts, stored
+from tests.recorder.spool_replay import replay_spool
 
 
 async def test_a_slow_database_gets_every_record_through_the_spool(
@@ -24,7 +28,7 @@ async def test_a_slow_database_gets_every_record_through_the_spool(
     metrics = Metrics()
     config = RecordingConfig(queue_max_records=10_000, batch_max_records=1000,
                              write_after_records=50, flush_interval_ms=20)
-    recorder = Recorder(config, database_url, tmp_path, metrics, replay_grace_s=60)
+    recorder = Recorder(config, database_url, tmp_path, metrics, stop_grace_s=60)
     await recorder.start()
     total, written_before_overflow = 24_000, None
     try:
@@ -51,3 +55,36 @@ async def test_a_slow_database_gets_every_record_through_the_spool(
     requests, answers = await stored(database_url)
     assert requests == answers == total
     assert not list((tmp_path / "spool").glob("*.spool")), "the spool was left behind"
+
+
+async def test_a_stop_gives_a_slow_database_its_grace_and_spools_the_rest(
+        database_url: str, tmp_path: Path) -> None:
+    """A queue the database would need about 20 s to take (100 batches of 20 at 200 ms
+    each) is not waited for: the stop ends within its grace and a batch, every record in
+    the database or the spool, and the next start stores the spooled ones exactly once."""
+    await slow_down_inserts(database_url)
+    metrics = Metrics()
+    config = RecordingConfig(batch_max_records=20, write_after_records=20, flush_interval_ms=20)
+    recorder = Recorder(config, database_url, tmp_path, metrics, stop_grace_s=1.0)
+    await recorder.start()
+    total = 2_000
+    for i in range(total):
+        recorder.submit(exchange(i))
+    started = time.monotonic()
+    await recorder.close()
+    took = time.monotonic() - started
+    assert took < 3.0, f"the stop took {took:.1f}s with a grace of 1s"
+    records = metrics.records
+    assert records["dropped"] == 0
+    assert records["written"] + records["spooled"] >= total  # replayed ones count twice
+    assert records["spooled"] > total // 2
+    assert list((tmp_path / "spool").glob("*.spool")), "nothing was left for the next start"
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DROP TRIGGER slow_down ON shadowproxy.requests")
+    finally:
+        await conn.close()
+    await replay_spool(database_url, tmp_path, config, Metrics())
+    requests, answers = await stored(database_url)
+    assert requests == answers == total

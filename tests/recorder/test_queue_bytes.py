@@ -57,7 +57,7 @@ async def test_a_slow_database_with_large_bodies_spools_the_excess_by_bytes(
     config = RecordingConfig(queue_max_records=100_000, queue_max_bytes=4_000_000,
                              batch_max_records=1000, write_after_records=20,
                              flush_interval_ms=20)
-    recorder = Recorder(config, database_url, tmp_path, metrics, replay_grace_s=60)
+    recorder = Recorder(config, database_url, tmp_path, metrics, stop_grace_s=60)
     await recorder.start()
     total, overflowed, most_queued = 1000, False, 0
     try:
@@ -103,7 +103,7 @@ async def test_a_slow_disk_does_not_make_a_slow_database_drop_records(
     config = RecordingConfig(queue_max_records=100_000, queue_max_bytes=4_000_000,
                              batch_max_records=1000, write_after_records=20,
                              flush_interval_ms=20)
-    recorder = Recorder(config, database_url, tmp_path, metrics, replay_grace_s=60)
+    recorder = Recorder(config, database_url, tmp_path, metrics, stop_grace_s=60)
     await recorder.start()
     total = 600
     try:
