@@ -30,10 +30,13 @@ mkdir -p "$out"
 
 source "$here/build.sh"
 source "$here/pg.sh"
-# The hypervisor's steal time, sampled once a second, for each run's steal share (steal.py).
+# The hypervisor's steal time and each core's speed, sampled once a second, for each run's
+# steal share (steal.py) and the speed of the proxy's core in its minutes (speed.py).
 "$python" "$here/steal.py" record "$out/steal.tsv" &
 steal_pid=$!
-trap 'kill "$steal_pid" 2>/dev/null || true; bench_pg_stop; bench_build_cleanup' EXIT
+"$python" "$here/speed.py" record "$out/speed.tsv" &
+speed_pid=$!
+trap 'kill "$steal_pid" "$speed_pid" 2>/dev/null || true; bench_pg_stop; bench_build_cleanup' EXIT
 bench_build_select
 
 # PostgreSQL for the records: embedded, in a scratch folder, on CPU 1 beside the upstreams.

@@ -64,16 +64,13 @@ def share(samples: list[tuple[float, int, int]], start: float, end: float) -> fl
     return (samples[j][1] - samples[i][1]) / ticks if ticks else None
 
 
-def by_run(harness_log: Path, samples_path: Path) -> dict[Key, list[float]]:
-    """Each run's steal share, by (scenario, target, connections), in the order of the reps."""
-    samples = _samples(samples_path)
-    if not samples:
-        return {}
-    # The log has wall-clock times of day (local time): dated from the first sample, a day
-    # added when the clock goes past midnight.
-    day = datetime.fromtimestamp(samples[0][0]).replace(hour=0, minute=0, second=0,
-                                                         microsecond=0)
-    out: dict[Key, list[float]] = {}
+def spans(harness_log: Path, first_sample: float) -> list[tuple[Key, float, float]]:
+    """Each run's (key, start, end) in epoch seconds, in the order of the log. The log has
+    wall-clock times of day (local time): dated from ``first_sample`` (a sample taken
+    before the first run), a day added when the clock goes past midnight."""
+    day = datetime.fromtimestamp(first_sample).replace(hour=0, minute=0, second=0,
+                                                       microsecond=0)
+    out: list[tuple[Key, float, float]] = []
     previous: float | None = None
     for line in harness_log.read_text().splitlines():
         m = _LINE.match(line)
@@ -86,10 +83,21 @@ def by_run(harness_log: Path, samples_path: Path) -> dict[Key, list[float]]:
             stamp += 86400
         run = _RUN.match(m[4])
         if run and previous is not None:
-            value = share(samples, previous, stamp)
-            if value is not None:
-                out.setdefault((run[1], run[2], int(run[3])), []).append(value)
+            out.append(((run[1], run[2], int(run[3])), previous, stamp))
         previous = stamp
+    return out
+
+
+def by_run(harness_log: Path, samples_path: Path) -> dict[Key, list[float]]:
+    """Each run's steal share, by (scenario, target, connections), in the order of the reps."""
+    samples = _samples(samples_path)
+    if not samples:
+        return {}
+    out: dict[Key, list[float]] = {}
+    for key, start, end in spans(harness_log, samples[0][0]):
+        value = share(samples, start, end)
+        if value is not None:
+            out.setdefault(key, []).append(value)
     return out
 
 

@@ -6,7 +6,8 @@ Reads the harness's results.json and the proxy's log (one ``stopped: served=… 
 line per shadowproxy run), prints a Markdown table of medians (with the range over the
 repetitions) with each shadowproxy build's figures as ratios to nginx's mirror, Envoy's
 mirror, direct, and its own fast-shadow run, with the hypervisor's steal share of the
-machine's CPU time during the runs when bench/run.sh recorded it (bench/steal.py), and
+machine's CPU time during the runs and the proxy's core's speed (the CPU time of fixed
+interpreter and kernel work on CPU 0, bench/speed.py) when bench/run.sh recorded them, and
 checks that every request shadowproxy
 answered was recorded: the database (after ``bench/store_spool.py``) holds as many requests
 as the runs' stop lines say were answered, and every run reached its stop line. The
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import speed  # bench/speed.py
 import steal  # bench/steal.py
 
 OURS = ("shadowproxy", "shadowproxy-pure")
@@ -72,10 +74,13 @@ def main() -> None:
                                 "blackhole") else 99)
     print("| scenario | conns | target | req/s (range) | p50 ms | p99 ms (range) | proxy µs/req "
           "(range) | rps ÷ nginx mirror | rps ÷ Envoy mirror | rps ÷ direct | "
-          "p50 ÷ fast | p99 ÷ fast | steal % (range) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "p50 ÷ fast | p99 ÷ fast | steal % (range) | CPU 0 probe µs: interpreter / kernel |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    logged = (out / "harness.log").exists()
     steals = (steal.by_run(out / "harness.log", out / "steal.tsv")
-              if (out / "steal.tsv").exists() and (out / "harness.log").exists() else {})
+              if (out / "steal.tsv").exists() and logged else {})
+    speeds = (speed.by_run(out / "harness.log", out / "speed.tsv", 0)
+              if (out / "speed.tsv").exists() and logged else {})
     for scenario, conns, target in ((s, c, t) for s in scenarios for c in connections
                                     for t in ("direct", "nginx-mirror", "envoy-mirror", *OURS)):
         row = table.get((scenario, target, conns))
@@ -103,6 +108,10 @@ def main() -> None:
         shares = [100 * x for x in steals.get((scenario, target, conns), [])]
         cells.append("–" if not shares else f"{statistics.median(shares):.1f} "
                      f"({spread((min(shares), max(shares)), '{:.1f}')})")
+        probes = speeds.get((scenario, target, conns), [])
+        cells.append("–" if not probes else
+                     f"{statistics.median(p[0] for p in probes):.0f} / "
+                     f"{statistics.median(p[1] for p in probes):.0f}")
         print("| " + " | ".join(cells) + " |")
 
     logs = [out / "logs" / f"proxy-{target}.log" for target in OURS]
@@ -132,6 +141,12 @@ def main() -> None:
     ok = killed == 0 and dropped == 0 and rows in (None, served) and completed <= served
     unknown = (f"; {killed} killed before their stop line, their count unknown"
                if killed else "")
+    whole = speed.overall(out / "speed.tsv", 0) if (out / "speed.tsv").exists() else None
+    if whole is not None:
+        print()
+        print(f"CPU 0 probes over the whole benchmark (bench/speed.py): interpreter "
+              f"{whole[0]:.0f} µs, kernel {whole[1]:.0f} µs (medians; the same work, so a "
+              f"run's larger figure means a slower core in its minutes).")
     print()
     print(f"Record check over {len(ours)} shadowproxy runs{unknown}: wrk completed "
           f"{completed:,} requests in the measured windows; shadowproxy answered {served:,} "
