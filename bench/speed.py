@@ -13,6 +13,7 @@ in the middle of the probe (which the guest cannot see), does. ``by_run`` gives 
 median on each CPU. The probes take about a millisecond per CPU per second.
 
     python bench/speed.py record OUT.tsv      # until killed
+    python bench/speed.py rest                # the probe back to back and after sleeping
 """
 
 from __future__ import annotations
@@ -102,7 +103,32 @@ def overall(samples_path: Path, cpu: int) -> tuple[float, float] | None:
             statistics.median(s[3] for s in samples) / 1000)
 
 
+def after_rest(cpu: int = 1, rounds: int = 40, rest_s: float = 0.2) -> dict[str, list[float]]:
+    """The interpreter probe on ``cpu`` run back to back, and after ``rest_s`` of sleep
+    (the least of four rounds, as ``record`` takes it): how much slower the core is for a
+    process that comes back from waiting, as a proxy in front of a slow model does."""
+    os.sched_setaffinity(0, {cpu})
+    for _ in range(20):
+        interpreter_probe()  # warm up
+    busy = [interpreter_probe() / 1000 for _ in range(rounds * 4)]
+    rested = []
+    for _ in range(rounds):
+        time.sleep(rest_s)
+        rested.append(min(interpreter_probe() for _ in range(4)) / 1000)
+    return {"back to back": busy, f"after {rest_s * 1000:.0f} ms asleep": rested}
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "record":
+        record(Path(sys.argv[2]))
+    elif len(sys.argv) == 2 and sys.argv[1] == "rest":
+        for name, values in after_rest().items():
+            q = statistics.quantiles(values, n=10)
+            print(f"interpreter probe, {name}: min {min(values):.0f} µs, p10 {q[0]:.0f}, "
+                  f"median {statistics.median(values):.0f}, p90 {q[-1]:.0f}")
+    else:
+        sys.exit("usage: python bench/speed.py record OUT.tsv | rest")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "record":
-        sys.exit("usage: python bench/speed.py record OUT.tsv")
-    record(Path(sys.argv[2]))
+    main()

@@ -8,6 +8,10 @@
 # SHADOW_TIMEOUT, _MAX_IN_FLIGHT). limits.shutdown_grace_s is 2 (SHADOWPROXY_BENCH_GRACE_S):
 # the harness kills a proxy 8 s after its SIGTERM, and a stop may spend the grace twice
 # (calls in flight, then the queue and the spool into the database) and a batch's write.
+# The spool may hold 8 GiB (SHADOWPROXY_BENCH_SPOOL_BYTES): under back-to-back overloads
+# PostgreSQL on the shared core never catches up, the replay yields to the live writes, and
+# the backlog of a full benchmark passes the default 1 GiB; an operator sizes it to the
+# backlog their database can fall behind by in the same way.
 # Records still spooled at a stop are stored by the next start on the same data_dir,
 # SHADOWPROXY_BENCH_DATA_DIR: bench/run.sh sets one folder for every run, outside the
 # harness's scratch folders, and stores what the last stop left with bench/store_spool.py.
@@ -24,7 +28,7 @@ workers: $workers
 data_dir: "${SHADOWPROXY_BENCH_DATA_DIR:-$workdir/data}"
 database: {url: "$SHADOWPROXY_BENCH_DATABASE_URL"}
 limits: {shutdown_grace_s: ${SHADOWPROXY_BENCH_GRACE_S:-2}}
-recording: {queue_max_records: ${SHADOWPROXY_BENCH_QUEUE:-50000}, flush_interval_ms: ${SHADOWPROXY_BENCH_FLUSH_MS:-200}, write_after_records: ${SHADOWPROXY_BENCH_WRITE_AFTER:-16}}
+recording: {queue_max_records: ${SHADOWPROXY_BENCH_QUEUE:-50000}, flush_interval_ms: ${SHADOWPROXY_BENCH_FLUSH_MS:-200}, write_after_records: ${SHADOWPROXY_BENCH_WRITE_AFTER:-16}, spool_max_bytes: ${SHADOWPROXY_BENCH_SPOOL_BYTES:-8589934592}}
 routes:
   - name: bench
     primary: {url: "$primary", timeout_s: 30}
