@@ -313,9 +313,10 @@ class Recorder:
             log.warning("the database is behind (%d records queued): spooling the excess and "
                         "storing it as the database catches up", len(self.queue))
         try:
-            # At a stop the spool is the records' last place: on disk, not in the kernel's
-            # cache only.
-            await self._spool(*rows, durable=not behind or self._closing)
+            # Also at a stop: the kernel keeps what was written after this process exits,
+            # and an fsync per batch on a disk busy with the database's checkpoint could
+            # hold the stop for seconds.
+            await self._spool(*rows, durable=not behind)
         finally:
             self._batch_done()
 
