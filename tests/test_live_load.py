@@ -178,10 +178,12 @@ async def _run(tmp_path: Path, database_url: str, triggers: list[str], *, worker
                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
     watch = triggers == ["watch"]
-    port, admin = free_port(), free_port()
     path = tmp_path / "shadowproxy.yaml"
     async with serve(model("v1")) as primary, serve(model("v2")) as s1, \
             serve(model("v3")) as s2:
+        # Chosen after the upstreams bound theirs: a port just released can be handed to
+        # the next bind to port 0.
+        port, admin = free_port(), free_port()
         def write(i: int) -> str:
             data = config(i, port=port, admin=admin, tmp_path=tmp_path,
                           database_url=database_url, primary=primary.url, s1=s1.url,

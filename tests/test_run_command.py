@@ -46,7 +46,9 @@ async def wait_ready(admin: int, proc: asyncio.subprocess.Process) -> None:
     async with aiohttp.ClientSession() as http:
         for _ in range(300):
             if proc.returncode is not None:
-                raise AssertionError(f"shadowproxy exited early with {proc.returncode}")
+                said = b"" if proc.stderr is None else await proc.stderr.read()
+                raise AssertionError(f"shadowproxy exited early with {proc.returncode}: "
+                                     f"{said.decode(errors='replace')[-2000:]}")
             try:
                 if (await http.get(f"http://127.0.0.1:{admin}/readyz")).status == 200:
                     return
