@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 
 import steal  # bench/steal.py: the runs' spans in the harness's log
-
-Key = tuple[str, str, int]
-"""(scenario, target, connections)"""
+from steal import Key
 
 
 def interpreter_probe() -> int:
@@ -68,39 +66,41 @@ def record(path: Path, interval: float = 1.0) -> None:
             time.sleep(interval)
 
 
-def _samples(path: Path) -> list[tuple[float, int, int, int]]:
+def _samples(path: Path, cpu: int) -> list[tuple[float, int, int, int]]:
+    """(time, cpu, interpreter ns, kernel ns) of each sample taken on ``cpu``."""
     rows = []
     for line in path.read_text().splitlines():
         parts = line.split("\t")
-        if len(parts) == 4:
-            rows.append((float(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])))
+        if len(parts) == 4 and int(parts[1]) == cpu:
+            rows.append((float(parts[0]), cpu, int(parts[2]), int(parts[3])))
     return rows
+
+
+def _medians(samples: list[tuple[float, int, int, int]]) -> tuple[float, float]:
+    """The median (interpreter µs, kernel µs) of ``samples``."""
+    return (statistics.median(s[2] for s in samples) / 1000,
+            statistics.median(s[3] for s in samples) / 1000)
 
 
 def by_run(harness_log: Path, samples_path: Path, cpu: int
            ) -> dict[Key, list[tuple[float, float]]]:
     """Each run's median (interpreter µs, kernel µs) on ``cpu``, by (scenario, target,
     connections), in the order of the reps."""
-    samples = [s for s in _samples(samples_path) if s[1] == cpu]
+    samples = _samples(samples_path, cpu)
     if not samples:
         return {}
     out: dict[Key, list[tuple[float, float]]] = {}
     for key, start, end in steal.spans(harness_log, samples[0][0]):
         during = [s for s in samples if start <= s[0] <= end]
         if during:
-            out.setdefault(key, []).append(
-                (statistics.median(s[2] for s in during) / 1000,
-                 statistics.median(s[3] for s in during) / 1000))
+            out.setdefault(key, []).append(_medians(during))
     return out
 
 
 def overall(samples_path: Path, cpu: int) -> tuple[float, float] | None:
     """The median (interpreter µs, kernel µs) on ``cpu`` over the whole recording."""
-    samples = [s for s in _samples(samples_path) if s[1] == cpu]
-    if not samples:
-        return None
-    return (statistics.median(s[2] for s in samples) / 1000,
-            statistics.median(s[3] for s in samples) / 1000)
+    samples = _samples(samples_path, cpu)
+    return _medians(samples) if samples else None
 
 
 def after_rest(cpu: int = 1, rounds: int = 40, rest_s: float = 0.2) -> dict[str, list[float]]:
