@@ -1,8 +1,9 @@
 """Writing batches to PostgreSQL with COPY.
 
 Normal path: one COPY per table straight into ``shadowproxy.requests`` and ``responses``
-(JSON was validated by the encoder, so PostgreSQL parses each body once). Safe path, for
-spool replays and for a batch the normal path refused: COPY into temporary tables, then
+(JSON was validated by the encoder, so PostgreSQL parses each body once), also for spool
+replays. Safe path, for a batch the normal path refused (a replayed batch part of which is
+stored already, a value PostgreSQL refuses): COPY into temporary tables, then
 ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` that re-checks every JSON text, so a
 record already stored is skipped and one odd value cannot block a batch. Last resort, for a
 batch that even the checking path refuses for a value in it (a text PostgreSQL cannot hold,
@@ -177,16 +178,20 @@ class PostgresWriter:
         return conn
 
     async def write(self, requests: list[Row], responses: list[Row], *,
-                    replay: bool = False) -> None:
+                    checked: bool = False) -> None:
         """Store one batch in one transaction; DatabaseError if it could not be stored.
 
-        ``replay=True`` (spooled batches) takes the idempotent path directly. Whatever goes
+        COPY straight into the tables first; a batch part of which is stored already (a
+        spooled batch replayed twice) or which holds a value PostgreSQL refuses takes the
+        checking path (COPY into temporary tables, then ``INSERT … ON CONFLICT DO NOTHING``).
+        ``checked=True`` takes the checking path directly (the recorder's replays do not:
+        COPY is the cheaper way for a batch none of which is stored yet). Whatever goes
         wrong with the database surfaces as DatabaseError with the connection dropped: the
         recorder then spools the batch, so an unexpected driver state can delay a record but
         never lose it. A value PostgreSQL refuses costs only its own record's bodies
         (``withheld``), or, refused even without them, that record (``unstorable``).
         """
-        if not replay:
+        if not checked:
             try:
                 await asyncio.wait_for(self._copy(requests, responses), self.timeout)
                 return

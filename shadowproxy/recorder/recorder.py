@@ -199,15 +199,14 @@ class Recorder:
         ``stop_grace_s`` (plus a batch already on its way): the database gets that long to
         take the queue, and what is left of it to take the spool; what it has not taken by
         then is on disk, and the next start stores it."""
-        loop = asyncio.get_running_loop()
-        self._stop_deadline = loop.time() + self._stop_grace
+        self._stop_deadline = asyncio.get_running_loop().time() + self._stop_grace
         self._closing = True
         self._wake.set()
         if self._writer_task is not None:
             await self._writer_task
         replay = self._replay_task
-        left = self._stop_deadline - loop.time()
-        if self.database_ok and replay is not None and not replay.done() and left > 0:
+        left = self._stop_left()
+        if self.database_ok and replay is not None and not replay.done() and left:
             # The database is up, only behind: give it what is left of the grace to take
             # the spooled batches, so that a restart does not leave the last records there.
             log.info("storing the spooled records (up to %.1fs)", left)
@@ -220,10 +219,17 @@ class Recorder:
         self.spool.close()
         await self.writer.close()
 
+    def _stop_left(self) -> float | None:
+        """Seconds left of a stop's grace for the database (0 once it is spent); None while
+        no stop is under way."""
+        deadline = self._stop_deadline
+        if deadline is None:
+            return None
+        return max(0.0, deadline - asyncio.get_running_loop().time())
+
     def _stop_overdue(self) -> bool:
         """True once a stop has given the database its grace for the queue."""
-        deadline = self._stop_deadline
-        return deadline is not None and asyncio.get_running_loop().time() >= deadline
+        return self._stop_left() == 0.0
 
     async def drained(self) -> None:
         """Wait until every record submitted so far is in the database or the spool."""
@@ -281,11 +287,8 @@ class Recorder:
                 return False
             self._wake.clear()
             woken = asyncio.ensure_future(self._wake.wait())
-            deadline = self._stop_deadline
-            timeout = (None if deadline is None
-                       else max(0.0, deadline - asyncio.get_running_loop().time()))
             try:
-                await asyncio.wait((storing, woken), timeout=timeout,
+                await asyncio.wait((storing, woken), timeout=self._stop_left(),
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woken.cancel()
@@ -463,6 +466,13 @@ class Recorder:
         attempt = 0
         try:
             while not await self._replay_once():
+                if self._stop_overdue():
+                    # A stop's grace is spent: the next start stores the rest. Checked here
+                    # and before each batch, not left to the cancellation alone, which a
+                    # write finishing in the same turn can swallow (asyncio.wait_for of
+                    # Python 3.11), and the replay would run on to the spool's end.
+                    self._replaying = False
+                    return
                 if self.problem is not None and self.problem.permanent:
                     await asyncio.sleep(_PERMANENT_RETRY_S)
                 else:
@@ -474,7 +484,8 @@ class Recorder:
             raise
 
     async def _replay_once(self) -> bool:
-        """Move spooled batches into the database; True once the spool is empty."""
+        """Move spooled batches into the database; True once the spool is empty, False when
+        the database failed or a stop's grace ran out (what is left stays spooled)."""
         async with self._db_lock:
             problem = await self.writer.check()
         if problem is not None:
@@ -486,7 +497,8 @@ class Recorder:
         try:
             while True:
                 for segment in self.spool.closed_segments():
-                    await self._replay_segment(segment)
+                    if not await self._replay_segment(segment):
+                        return False
                 async with self._spool_lock:
                     # Decided under the lock that appends take: a batch spooled after this
                     # point starts a new replay task.
@@ -502,10 +514,11 @@ class Recorder:
             self._note_problem(classify(exc))
             return False
 
-    async def _replay_segment(self, segment: Path) -> None:
+    async def _replay_segment(self, segment: Path) -> bool:
         """Store a segment's frames, gathered into batches of up to ``batch_max_records``
         requests (a COPY of a few frames costs the database less than one per frame), one
-        frame read at a time between the data path's turns."""
+        frame read at a time between the data path's turns, then delete it; False (the
+        segment kept whole, for the next start) once a stop's grace has run out."""
         requests: list[Row] = []
         responses: list[Row] = []
         for frame in self.spool.read(segment):
@@ -513,18 +526,25 @@ class Recorder:
             requests += req
             responses += resp
             if len(requests) >= self._batch_max or len(responses) >= 2 * self._batch_max:
-                await self._replay_batch(requests, responses)
+                if not await self._replay_batch(requests, responses):
+                    return False
                 requests, responses = [], []
             await asyncio.sleep(0)
-        if requests or responses:
-            await self._replay_batch(requests, responses)
+        if (requests or responses) and not await self._replay_batch(requests, responses):
+            return False
         # In a thread: freeing a segment's blocks can take the file system milliseconds.
         await asyncio.get_running_loop().run_in_executor(None, self.spool.remove, segment)
+        return True
 
-    async def _replay_batch(self, requests: list[Row], responses: list[Row]) -> None:
+    async def _replay_batch(self, requests: list[Row], responses: list[Row]) -> bool:
+        """Store one batch of spooled rows; False (nothing written) once a stop's grace has
+        run out. A segment replayed again after a stop mid-way skips what is stored."""
         await self._database_has_room()
+        if self._stop_overdue():
+            return False
         async with self._db_lock:
             await self._write(requests, responses)
+        return True
 
     async def _database_has_room(self) -> None:
         """Wait while the live writes have a batch waiting: they go first, so that records

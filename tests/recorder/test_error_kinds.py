@@ -16,11 +16,11 @@ from tests.deploy.files import CONTRACT_LABEL_VALUES
 from tests.recorder.exchanges import exchanges
 
 
-@pytest.mark.parametrize("replay", [False, True], ids=["copy", "checking path"])
+@pytest.mark.parametrize("checked", [False, True], ids=["copy", "checking path"])
 async def test_every_error_kind_is_stored_and_read_back(database_url: str,
-                                                        replay: bool) -> None:
+                                                        checked: bool) -> None:
     """Each ErrorKind, as a primary's and as a shadow's failure, is accepted by the database
-    (live COPY and the spool's checking path) and comes back the same word in the pairs view;
+    (by COPY and by the checking path) and comes back the same word in the pairs view;
     the human-readable detail stays beside it in `error`."""
     batch = exchanges(len(ErrorKind))
     for ex, kind in zip(batch, ErrorKind, strict=True):
@@ -32,7 +32,7 @@ async def test_every_error_kind_is_stored_and_read_back(database_url: str,
         ex.responses.append(shadow)
     writer = PostgresWriter(database_url)
     try:
-        await writer.write(*RowEncoder(RecordingConfig()).encode(batch), replay=replay)
+        await writer.write(*RowEncoder(RecordingConfig()).encode(batch), checked=checked)
     finally:
         await writer.close()
     assert writer.withheld == [] and writer.unstorable == []

@@ -14,7 +14,9 @@ import asyncpg
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
+from shadowproxy.recorder.postgres import PostgresWriter
 from shadowproxy.recorder.recorder import Recorder
+from shadowproxy.recorder.rows import Row
 from tests.recorder.exchanges import exchange
 from tests.recorder.slow_database import slow_down_inserts, stored
 from tests.recorder.spool_replay import replay_spool
@@ -78,6 +80,58 @@ async def test_a_stop_gives_a_slow_database_its_grace_and_spools_the_rest(
     assert records["dropped"] == 0
     assert records["written"] + records["spooled"] >= total  # replayed ones count twice
     assert records["spooled"] > total // 2
+    assert list((tmp_path / "spool").glob("*.spool")), "nothing was left for the next start"
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DROP TRIGGER slow_down ON shadowproxy.requests")
+    finally:
+        await conn.close()
+    await replay_spool(database_url, tmp_path, config, Metrics())
+    requests, answers = await stored(database_url)
+    assert requests == answers == total
+
+
+class _FinishingWriter(PostgresWriter):
+    """A writer that finishes a write it is cancelled in the middle of, and swallows the
+    cancellation: what ``asyncio.wait_for`` of Python 3.11 does when the awaited write ends
+    in the same turn as the cancellation (fixed in 3.12)."""
+
+    async def write(self, requests: list[Row], responses: list[Row], *,
+                    checked: bool = False) -> None:
+        inner = asyncio.ensure_future(super().write(requests, responses, checked=checked))
+        try:
+            await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            await inner
+
+
+async def test_a_stop_ends_the_replay_at_its_grace_even_if_the_cancellation_is_lost(
+        database_url: str, tmp_path: Path) -> None:
+    """A spool the database would need about 20 s for (batches of 20 at 200 ms each): a stop
+    with a grace of 1 s ends within the grace and a batch, even when the replay's write
+    swallows the stop's cancellation; the next start stores the rest exactly once."""
+    await slow_down_inserts(database_url)
+    config = RecordingConfig(batch_max_records=20, write_after_records=20, flush_interval_ms=20)
+    first = Recorder(config, database_url, tmp_path, Metrics(), stop_grace_s=0.2)
+    await first.start()
+    total = 2_000
+    for i in range(total):
+        first.submit(exchange(i))
+    await first.close()
+    spooled = list((tmp_path / "spool").glob("*.spool"))
+    assert spooled, "the first stop spooled nothing: nothing for the replay to do"
+
+    metrics = Metrics()
+    recorder = Recorder(config, database_url, tmp_path, metrics, stop_grace_s=1.0)
+    recorder.writer = _FinishingWriter(database_url)
+    await recorder.start()
+    await asyncio.sleep(0.3)  # the replay is under way
+    started = time.monotonic()
+    await recorder.close()
+    took = time.monotonic() - started
+    assert took < 2.5, f"the stop took {took:.1f}s with a grace of 1s"
+    assert 0 < metrics.records["written"] < total
     assert list((tmp_path / "spool").glob("*.spool")), "nothing was left for the next start"
 
     conn = await asyncpg.connect(database_url)

@@ -35,7 +35,7 @@ async def test_a_batch_written_twice_is_stored_once(database_url: str) -> None:
     try:
         await writer.write(*rows)
         await writer.write(*rows)
-        await writer.write(*rows, replay=True)
+        await writer.write(*rows, checked=True)
     finally:
         await writer.close()
     assert await counts(database_url) == (50, 50, 50)
@@ -99,7 +99,7 @@ async def test_timestamps_are_stored_to_the_microsecond(database_url: str) -> No
     writer = PostgresWriter(database_url)
     try:
         await writer.write(requests, responses)
-        await writer.write(old_req, old_resp, replay=True)
+        await writer.write(old_req, old_resp, checked=True)
     finally:
         await writer.close()
     conn = await asyncpg.connect(database_url)
@@ -138,7 +138,7 @@ async def test_rows_of_an_old_spool_file_are_stored_with_their_error_kind(
     old_layout = [row[:-2] for row in responses]  # what an earlier version spooled
     writer = PostgresWriter(database_url)
     try:
-        await writer.write(*upgrade_rows(requests, old_layout), replay=True)
+        await writer.write(*upgrade_rows(requests, old_layout), checked=True)
     finally:
         await writer.close()
     conn = await asyncpg.connect(database_url)
@@ -151,19 +151,19 @@ async def test_rows_of_an_old_spool_file_are_stored_with_their_error_kind(
                                         ("connect: Connection refused", "connect")]
 
 
-@pytest.mark.parametrize("replay", [False, True], ids=["live", "replay"])
+@pytest.mark.parametrize("checked", [False, True], ids=["copy", "checking path"])
 async def test_a_record_postgres_refuses_anywhere_costs_only_its_own_bodies(
-        database_url: str, replay: bool) -> None:
+        database_url: str, checked: bool) -> None:
     """A row with a value no path can store (a NUL in a text column, a lone surrogate the
     driver cannot encode) is stored without its bodies and flagged; its batch lands whole,
-    live or replayed from the spool."""
+    by COPY or by the checking path."""
     batch = exchanges(20)
     batch[4].path = "/p\x00nul"
     batch[11].responses[0].error = "closed: \udc80"
     requests, responses = RowEncoder(RecordingConfig()).encode(batch)
     writer = PostgresWriter(database_url)
     try:
-        await writer.write(requests, responses, replay=replay)
+        await writer.write(requests, responses, checked=checked)
     finally:
         await writer.close()
     assert await counts(database_url) == (20, 20, 18)

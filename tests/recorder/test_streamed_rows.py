@@ -87,15 +87,15 @@ async def test_the_recorder_gives_the_loop_back_between_streams(tmp_path: Path) 
         f"tok{i} " for i in range(TOKENS))
 
 
-@pytest.mark.parametrize("replay", [False, True], ids=["copy", "checked"])
+@pytest.mark.parametrize("checked", [False, True], ids=["copy", "checking path"])
 async def test_stream_rows_are_stored_by_both_write_paths(database_url: str,
-                                                          replay: bool) -> None:
+                                                          checked: bool) -> None:
     """The assembled answer and its timing reach ``body_json`` and ``stream`` by COPY and by
     the checking path; an unstreamed answer's ``stream`` stays NULL."""
     batch = streamed_batch(2) + [exchange(9)]
     writer = PostgresWriter(database_url)
     try:
-        await writer.write(*RowEncoder(RecordingConfig()).encode(batch), replay=replay)
+        await writer.write(*RowEncoder(RecordingConfig()).encode(batch), checked=checked)
     finally:
         await writer.close()
     conn = await asyncpg.connect(database_url)
@@ -120,7 +120,7 @@ async def test_rows_of_a_spool_file_without_stream_timing_are_stored(
     assert [row[RESPONSE_COLUMNS.index("stream")] for row in upgraded] == [None] * 3
     writer = PostgresWriter(database_url)
     try:
-        await writer.write(requests, upgraded, replay=True)
+        await writer.write(requests, upgraded, checked=True)
     finally:
         await writer.close()
     conn = await asyncpg.connect(database_url)

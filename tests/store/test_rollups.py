@@ -218,7 +218,7 @@ async def test_a_late_batch_removes_the_summary_of_its_hour(database_url: str) -
         assert await summarized_hours(database_url) == [rollups.hour_of(other)]
         assert (await exact(database_url, win))["counts"]["requests"] == before + 1
         await roll_up(database_url)
-        await writer.write(*_rows(old.timestamp() + 61), replay=True)  # the checking path
+        await writer.write(*_rows(old.timestamp() + 61), checked=True)  # the checking path
         assert await summarized_hours(database_url) == [rollups.hour_of(other)]
         await roll_up(database_url)
         stored = await _a_request(database_url, hour)
