@@ -12,7 +12,11 @@ embedded PostgreSQL pinned to CPU 1. System calls are counted by ``perf stat`` o
 kernel's syscall tracepoints for the proxy's process (no sampling, little overhead);
 event-loop iterations are the ``epoll_pwait`` calls (libuv polls once per iteration);
 wake-ups are the proxy's voluntary context switches (``/proc/PID/status``). Counts are
-divided by the requests wrk completed in the same window. Variants: ``mirrored`` (one
+divided by the requests wrk completed in the same window. The other core's budget is
+measured beside it: the CPU time of wrk, of the upstreams and of PostgreSQL per request, and
+the share of the window's exchanges stored while it ran (the rest waits in the queue or the
+spool, and is stored when the load allows; each variant has a data_dir of its own, so that
+none replays another's spool). Variants: ``mirrored`` (one
 shadow, every pair recorded), ``primary`` (no shadow: the primary's answer recorded) and
 ``nginx`` (nginx's ``mirror`` with keep-alive upstreams, as the side-by-side harness
 configures it, measured the same way for comparison).
@@ -24,8 +28,10 @@ breakdown that holds from one machine to the next. Everything listens on 127.0.0
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -35,6 +41,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import asyncpg
 from localhost import (  # bench/localhost.py
     BODY,
     cpu_ticks,
@@ -42,6 +49,7 @@ from localhost import (  # bench/localhost.py
     pinned_database,
     post_script,
     process_tree,
+    server_cpu_seconds,
     start_fast_upstream,
     stop,
     stop_database,
@@ -121,7 +129,7 @@ def write_config(work: Path, name: str, port: int, primary: int, shadow: int | N
     config = work / f"{name}.yaml"
     config.write_text(f"""listen: "127.0.0.1:{port}"
 admin_listen: null
-data_dir: "{work / 'data'}"
+data_dir: "{work / f'data-{name}'}"
 database: {{url: "{database_url}"}}
 routes:
   - name: bench
@@ -168,10 +176,15 @@ def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
     perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(perf_out), "-e", events,
                              "-p", ",".join(map(str, pids))])
     time.sleep(0.3)  # perf attaches
+    stored = stored_requests(args.database_url)
+    others, children = other_core_seconds(args), resource.getrusage(resource.RUSAGE_CHILDREN)
     (user, system), switches = cpu_ticks(pids), voluntary_switches(pids)
     requests = wrk(port, args.seconds, connections, script, args.load_cpu)
     user_after, system_after = cpu_ticks(pids)
     switches = voluntary_switches(pids) - switches
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, reaped just now
+    others_after = other_core_seconds(args)
+    stored = stored_requests(args.database_url) - stored
     perf.send_signal(signal.SIGINT)
     perf.wait(30)
     counts: dict[str, float] = {}
@@ -188,7 +201,31 @@ def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
     per["system_us"] = (system_after - system) * tick_us
     per["cpu_us"] = per["user_us"] + per["system_us"]
     per["wakeups"] = switches / requests
+    per["wrk_us"] = ((children_after.ru_utime - children.ru_utime)
+                     + (children_after.ru_stime - children.ru_stime)) * 1e6 / requests
+    per["upstreams_us"] = (others_after[0] - others[0]) * 1e6 / requests
+    per["postgres_us"] = (others_after[1] - others[1]) * 1e6 / requests
+    per["stored_share"] = stored / requests
     return per
+
+
+def other_core_seconds(args: argparse.Namespace) -> tuple[float, float]:
+    """CPU seconds so far of the upstreams and of the PostgreSQL server."""
+    upstreams = sum(cpu_ticks(args.upstream_pids)) / os.sysconf("SC_CLK_TCK")
+    return upstreams, server_cpu_seconds(args.pgdata) or 0.0
+
+
+def stored_requests(database_url: str) -> int:
+    """Requests in the database (a count, outside the measured window)."""
+    async def count() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM shadowproxy.requests"))
+        except asyncpg.UndefinedTableError:
+            return 0  # no proxy has migrated the database yet
+        finally:
+            await conn.close()
+    return asyncio.run(count())
 
 
 def callgrind(args: argparse.Namespace, config: Path, port: int, work: Path,
@@ -302,6 +339,8 @@ def main() -> None:
             upstreams.append(start_fast_upstream(args.load_cpu, args.upstream_delay_ms))
         (_, primary), (_, shadow) = upstreams
         database_url = pinned_database(work / "pg", args.load_cpu)
+        args.database_url, args.pgdata = database_url, str(work / "pg" / "postgres")
+        args.upstream_pids = [proc.pid for proc, _ in upstreams]
         conns = [int(c) for c in args.conns.split(",")]
         for variant in filter(None, args.variants.split(",")):
             port = free_port()
@@ -341,6 +380,15 @@ def print_table(rows: list[tuple[str, int, dict[str, float]]], tracepoints: list
               f"{r['system_us']:.1f} | "
               f"{r['wakeups']:.2f} | {r.get('all', 0):.2f} | "
               + " | ".join(f"{r.get(name, 0):.2f}" for name in seen) + " |")
+    print("\nThe other core, per request (wrk, the two upstreams and PostgreSQL share it):\n")
+    print("| variant | conns | wrk µs | upstreams µs | PostgreSQL µs | sum µs | busy at this "
+          "rate | stored during the window |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for variant, connections, r in rows:
+        other = r["wrk_us"] + r["upstreams_us"] + r["postgres_us"]
+        stored = "–" if variant == "nginx" else f"{r['stored_share']:.0%}"
+        print(f"| {variant} | {connections} | {r['wrk_us']:.1f} | {r['upstreams_us']:.1f} | "
+              f"{r['postgres_us']:.1f} | {other:.1f} | {other * r['req/s'] / 1e6:.0%} | "
+              f"{stored} |")
 
 
 if __name__ == "__main__":

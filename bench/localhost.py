@@ -1,8 +1,9 @@
 """What the benchmark scripts that start their own processes share: a free port on
 127.0.0.1, waiting for a started process to listen on one, stopping it, a process's
-children and their CPU time, an embedded PostgreSQL pinned away from the proxy's CPU, a
-fast upstream that gives every request the same answer (``python bench/localhost.py PORT``
-serves one), and the 1 KB JSON request body with the wrk script that POSTs it."""
+children and their CPU time, a PostgreSQL server's CPU time, an embedded PostgreSQL pinned
+away from the proxy's CPU, a fast upstream that gives every request the same answer
+(``python bench/localhost.py PORT`` serves one), and the 1 KB JSON request body with the
+wrk script that POSTs it."""
 
 from __future__ import annotations
 
@@ -125,6 +126,20 @@ def cpu_ticks(pids: list[int]) -> tuple[int, int]:
             continue
         user, system = user + int(fields[11]), system + int(fields[12])
     return user, system
+
+
+def server_cpu_seconds(data_directory: str) -> float | None:
+    """User and system CPU of the PostgreSQL server whose data directory this is, summed
+    over the postmaster, its children (the backends, the WAL writer, the checkpointer) and
+    the children it has reaped; None when the server is not on this machine or not readable."""
+    try:
+        postmaster = int(Path(data_directory, "postmaster.pid").read_text().split()[0])
+        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        reaped = int(fields[13]) + int(fields[14])  # cutime, cstime: backends that ended
+        running = sum(cpu_ticks(process_tree(postmaster)))
+        return (reaped + running) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pinned_database(data_dir: Path, cpu: str | None) -> str:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import tempfile
 import time
 from pathlib import Path
 
 import asyncpg
-from localhost import cpu_ticks, process_tree  # bench/localhost.py
+from localhost import server_cpu_seconds  # bench/localhost.py
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
@@ -59,20 +58,6 @@ def copy_of(src: Exchange) -> Exchange:
                   src.client_addr, None)
     ex.body, ex.body_size, ex.responses = src.body, src.body_size, src.responses
     return ex
-
-
-def server_cpu_seconds(data_directory: str) -> float | None:
-    """User and system CPU of the PostgreSQL server whose data directory this is, summed
-    over the postmaster, its children (the backends, the WAL writer, the checkpointer) and
-    the children it has reaped; None when the server is not on this machine or not readable."""
-    try:
-        postmaster = int(Path(data_directory, "postmaster.pid").read_text().split()[0])
-        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
-        reaped = int(fields[13]) + int(fields[14])  # cutime, cstime: backends that ended
-        running = sum(cpu_ticks(process_tree(postmaster)))
-        return (reaped + running) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 async def data_directory(url: str) -> str:

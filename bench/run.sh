@@ -27,6 +27,9 @@ scenarios="${BENCH_SCENARIOS:-fast,echo5ms,echoslowshadow,blackhole}"
 targets="${BENCH_TARGETS:-direct,nginx-mirror,envoy-mirror}"
 out="${BENCH_OUT:-$root/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
+# Absolute: the compiled build's proxies run in the harness's scratch folders, and a
+# relative data folder there would be another folder for each of them.
+out="$(cd "$out" && pwd)"
 
 source "$here/build.sh"
 source "$here/pg.sh"
