@@ -24,6 +24,15 @@ async def slow_down_inserts(database_url: str) -> None:
         await conn.close()
 
 
+async def speed_up_inserts(database_url: str) -> None:
+    """The database at its own speed again (``slow_down_inserts`` undone)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DROP TRIGGER slow_down ON shadowproxy.requests")
+    finally:
+        await conn.close()
+
+
 async def stored(database_url: str) -> tuple[int, int]:
     """(distinct requests, responses) in the database."""
     conn = await asyncpg.connect(database_url)
