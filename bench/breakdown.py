@@ -28,7 +28,6 @@ breakdown that holds from one machine to the next. Everything listens on 127.0.0
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import resource
@@ -41,7 +40,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import asyncpg
 from localhost import (  # bench/localhost.py
     BODY,
     cpu_ticks,
@@ -53,6 +51,7 @@ from localhost import (  # bench/localhost.py
     start_fast_upstream,
     stop,
     stop_database,
+    stored_requests,
     wait_for_port,
 )
 
@@ -213,19 +212,6 @@ def other_core_seconds(args: argparse.Namespace) -> tuple[float, float]:
     """CPU seconds so far of the upstreams and of the PostgreSQL server."""
     upstreams = sum(cpu_ticks(args.upstream_pids)) / os.sysconf("SC_CLK_TCK")
     return upstreams, server_cpu_seconds(args.pgdata) or 0.0
-
-
-def stored_requests(database_url: str) -> int:
-    """Requests in the database (a count, outside the measured window)."""
-    async def count() -> int:
-        conn = await asyncpg.connect(database_url)
-        try:
-            return int(await conn.fetchval("SELECT count(*) FROM shadowproxy.requests"))
-        except asyncpg.UndefinedTableError:
-            return 0  # no proxy has migrated the database yet
-        finally:
-            await conn.close()
-    return asyncio.run(count())
 
 
 def callgrind(args: argparse.Namespace, config: Path, port: int, work: Path,

@@ -1,9 +1,9 @@
 """What the benchmark scripts that start their own processes share: a free port on
 127.0.0.1, waiting for a started process to listen on one, stopping it, a process's
-children and their CPU time, a PostgreSQL server's CPU time, an embedded PostgreSQL pinned
-away from the proxy's CPU, a fast upstream that gives every request the same answer
-(``python bench/localhost.py PORT`` serves one), and the 1 KB JSON request body with the
-wrk script that POSTs it."""
+children and their CPU time, a PostgreSQL server's CPU time and its count of stored
+requests, an embedded PostgreSQL pinned away from the proxy's CPU, a fast upstream that
+gives every request the same answer (``python bench/localhost.py PORT`` serves one), and
+the 1 KB JSON request body with the wrk script that POSTs it."""
 
 from __future__ import annotations
 
@@ -140,6 +140,21 @@ def server_cpu_seconds(data_directory: str) -> float | None:
         return (reaped + running) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def stored_requests(database_url: str) -> int:
+    """Requests in the database at ``database_url`` (0 before a proxy has migrated it)."""
+    import asyncpg  # not needed by the upstream this file also serves
+
+    async def count() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM shadowproxy.requests"))
+        except asyncpg.UndefinedTableError:
+            return 0
+        finally:
+            await conn.close()
+    return asyncio.run(count())
 
 
 def pinned_database(data_dir: Path, cpu: str | None) -> str:

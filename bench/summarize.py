@@ -17,7 +17,6 @@ targets named ``shadowproxy`` (the compiled build, as ``bench/run.sh`` starts it
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import statistics
@@ -29,6 +28,7 @@ from typing import Any
 import asyncpg
 import speed  # bench/speed.py
 import steal  # bench/steal.py
+from localhost import stored_requests  # bench/localhost.py
 
 OURS = ("shadowproxy", "shadowproxy-pure")
 SHADOWPROXY_START = re.compile(r" shadowproxy\[\d+\]: listening on ")
@@ -132,15 +132,8 @@ def main() -> None:
     # what it answered is unknown (what it spooled is stored by a later start).
     killed = len(ours) - len(stops)
 
-    async def stored() -> int:
-        conn = await asyncpg.connect(url)
-        try:
-            return int(await conn.fetchval("SELECT count(*) FROM shadowproxy.requests"))
-        finally:
-            await conn.close()
-
     try:
-        rows: int | None = asyncio.run(stored())
+        rows: int | None = stored_requests(url)
     except (OSError, asyncpg.PostgresError):
         rows = None  # the benchmark's database is gone: check the proxy's own counts only
     held = "not reachable any more" if rows is None else f"holds {rows:,} requests"

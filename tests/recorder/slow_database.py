@@ -17,18 +17,18 @@ CREATE TRIGGER slow_down AFTER INSERT ON shadowproxy.requests
 
 
 async def slow_down_inserts(database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(_SLOW_INSERTS)
-    finally:
-        await conn.close()
+    await _execute(database_url, _SLOW_INSERTS)
 
 
 async def speed_up_inserts(database_url: str) -> None:
     """The database at its own speed again (``slow_down_inserts`` undone)."""
+    await _execute(database_url, "DROP TRIGGER slow_down ON shadowproxy.requests")
+
+
+async def _execute(database_url: str, sql: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("DROP TRIGGER slow_down ON shadowproxy.requests")
+        await conn.execute(sql)
     finally:
         await conn.close()
 
