@@ -6,6 +6,7 @@ allocations and the share of each library, counted (not timed) over N requests.
     python bench/breakdown.py --tree /tmp/compiled --callgrind 2000 --conns 16
     python bench/breakdown.py --variants mirrored,primary          # the shadow's share
     python bench/breakdown.py --tree /tmp/compiled --upstream-delay-ms 5   # a 5 ms model
+    python bench/breakdown.py --tree /tmp/compiled --libraries --conns 16  # CPU by library
 
 The proxy runs pinned to CPU 0; wrk, two fast upstreams (``bench/localhost.py``) and an
 embedded PostgreSQL pinned to CPU 1. System calls are counted by ``perf stat`` on the
@@ -16,7 +17,12 @@ divided by the requests wrk completed in the same window. The other core's budge
 measured beside it: the CPU time of wrk, of the upstreams and of PostgreSQL per request, and
 the share of the window's exchanges stored while it ran (the rest waits in the queue or the
 spool, and is stored when the load allows; each variant has a data_dir of its own, so that
-none replays another's spool). Variants: ``mirrored`` (one
+none replays another's spool). ``--libraries`` also samples the proxy's stacks with
+``perf record`` during the window and splits its CPU per request by library (the kernel,
+the interpreter, the compiled modules, uvloop, asyncpg...): unlike callgrind, which slows
+the proxy fiftyfold, this works at a model's pace too, where the cost of a request depends
+on how the load arrives. ``--write-after-records N`` sets ``recording.write_after_records``
+(the size of a batch at a model's pace). Variants: ``mirrored`` (one
 shadow, every pair recorded), ``primary`` (no shadow: the primary's answer recorded) and
 ``nginx`` (nginx's ``mirror`` with keep-alive upstreams, as the side-by-side harness
 configures it, measured the same way for comparison).
@@ -121,7 +127,7 @@ def wrk(port: int, seconds: int, connections: int, script: Path, cpu: str | None
 
 
 def write_config(work: Path, name: str, port: int, primary: int, shadow: int | None,
-                 database_url: str) -> Path:
+                 database_url: str, write_after: int | None = None) -> Path:
     shadows = ("[]" if shadow is None else
                f'[{{name: shadow, url: "http://127.0.0.1:{shadow}", timeout_s: 1, '
                f'max_in_flight: 1000}}]')
@@ -130,6 +136,7 @@ def write_config(work: Path, name: str, port: int, primary: int, shadow: int | N
 admin_listen: null
 data_dir: "{work / f'data-{name}'}"
 database: {{url: "{database_url}"}}
+{"" if write_after is None else f"recording: {{write_after_records: {write_after}}}"}
 routes:
   - name: bench
     primary: {{url: "http://127.0.0.1:{primary}", timeout_s: 30}}
@@ -174,6 +181,11 @@ def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
                       + [f"syscalls:sys_enter_{name}" for name in tracepoints])
     perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(perf_out), "-e", events,
                              "-p", ",".join(map(str, pids))])
+    sampled = work / "perf.data"
+    sampler = (subprocess.Popen(["perf", "record", "-q", "-F", "999", "-o", str(sampled),
+                                 "-p", ",".join(map(str, pids))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               if args.libraries else None)
     time.sleep(0.3)  # perf attaches
     stored = stored_requests(args.database_url)
     others, children = other_core_seconds(args), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -186,6 +198,9 @@ def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
     stored = stored_requests(args.database_url) - stored
     perf.send_signal(signal.SIGINT)
     perf.wait(30)
+    if sampler is not None:
+        sampler.send_signal(signal.SIGINT)
+        sampler.wait(60)
     counts: dict[str, float] = {}
     for line in perf_out.read_text().splitlines():
         parts = line.split(",")
@@ -205,7 +220,33 @@ def measure(args: argparse.Namespace, proxy: subprocess.Popen[bytes], port: int,
     per["upstreams_us"] = (others_after[0] - others[0]) * 1e6 / requests
     per["postgres_us"] = (others_after[1] - others[1]) * 1e6 / requests
     per["stored_share"] = stored / requests
+    if sampler is not None:
+        for library, share in library_shares(sampled).items():
+            per[f"library:{library}"] = share * per["cpu_us"]
     return per
+
+
+def library_shares(sampled: Path) -> dict[str, float]:
+    """Each library's share of the samples ``perf record`` took (``perf report`` by DSO)."""
+    report = subprocess.run(["perf", "report", "-i", str(sampled), "--sort", "dso",
+                             "--stdio", "--no-children"], capture_output=True, text=True,
+                            check=True).stdout
+    shares: dict[str, float] = {}
+    for line in report.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(\S+)", line)
+        if match:
+            name = match.group(2).removeprefix("[").removesuffix("]")
+            name = name.split(".cpython")[0].split(".so")[0]
+            key = LIBRARIES.get(name, name)
+            shares[key] = shares.get(key, 0.0) + float(match.group(1)) / 100
+    return shares
+
+
+LIBRARIES = {"kernel.kallsyms": "kernel", "libpython3.11": "interpreter",
+             "shadowproxy_native__mypyc": "shadowproxy (compiled)", "parser": "httptools",
+             "loop": "uvloop", "protocol": "asyncpg", "pgproto": "asyncpg",
+             "_pickle": "pickle (spool)"}
+"""Friendlier names of the libraries in ``perf report``'s DSO column."""
 
 
 def other_core_seconds(args: argparse.Namespace) -> tuple[float, float]:
@@ -306,6 +347,11 @@ def main() -> None:
     parser.add_argument("--upstream-delay-ms", type=float, default=0,
                         help="the upstreams answer this long after each request (a model's "
                              "time, costing no CPU)")
+    parser.add_argument("--write-after-records", type=int, default=None,
+                        help="recording.write_after_records (default: the product's)")
+    parser.add_argument("--libraries", action="store_true",
+                        help="also split the proxy's CPU per request by library (perf "
+                             "record)")
     parser.add_argument("--no-pin", action="store_true")
     args = parser.parse_args()
     for tool in ("wrk", "perf") + (("valgrind", "hey") if args.callgrind else ()):
@@ -335,7 +381,7 @@ def main() -> None:
             else:
                 config = write_config(work, variant, port, primary,
                                       shadow if variant == "mirrored" else None,
-                                      database_url)
+                                      database_url, args.write_after_records)
                 proxy = start_proxy(args, config, port, work / f"{variant}.log", [], 60)
             try:
                 for connections in conns:
@@ -375,6 +421,22 @@ def print_table(rows: list[tuple[str, int, dict[str, float]]], tracepoints: list
         print(f"| {variant} | {connections} | {r['wrk_us']:.1f} | {r['upstreams_us']:.1f} | "
               f"{r['postgres_us']:.1f} | {other:.1f} | {other * r['req/s'] / 1e6:.0%} | "
               f"{stored} |")
+    libraries: Counter[str] = Counter()
+    for _, _, r in rows:
+        libraries.update({key: value for key, value in r.items() if key.startswith("library:")})
+    if libraries:
+        names = [key for key, _ in libraries.most_common(8)]
+        print("\nThe proxy's CPU µs per request by library (perf record, 999 samples a "
+              "second):\n")
+        print("| variant | conns | " + " | ".join(n.removeprefix("library:") for n in names)
+              + " | the rest |\n|---|---:|" + "---:|" * (len(names) + 1))
+        for variant, connections, r in rows:
+            if variant == "nginx" and not any(k.startswith("library:") for k in r):
+                continue
+            shown = [r.get(name, 0.0) for name in names]
+            rest = sum(v for k, v in r.items() if k.startswith("library:")) - sum(shown)
+            print(f"| {variant} | {connections} | "
+                  + " | ".join(f"{v:.1f}" for v in shown) + f" | {rest:.1f} |")
 
 
 if __name__ == "__main__":
