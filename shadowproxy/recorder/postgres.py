@@ -156,6 +156,10 @@ class PostgresWriter:
         """Records stored without their bodies, since the caller last emptied the list."""
         self.unstorable: list[str] = []
         """Request ids of records refused even without their bodies (not stored)."""
+        self.already_stored = 0
+        """Records of the last batch written that the checking path skipped because the
+        database held them already (a spooled batch replayed again after a stop between
+        its COPY and the deletion of its segment): not stored, nor to be counted, twice."""
 
     async def _connection(self) -> asyncpg.Connection:
         conn = self._conn
@@ -191,6 +195,7 @@ class PostgresWriter:
         never lose it. A value PostgreSQL refuses costs only its own record's bodies
         (``withheld``), or, refused even without them, that record (``unstorable``).
         """
+        self.already_stored = 0
         if not checked:
             try:
                 await asyncio.wait_for(self._copy(requests, responses), self.timeout)
@@ -208,7 +213,8 @@ class PostgresWriter:
             except Exception as exc:  # every failure means: spool the batch
                 await self._failed(exc)
         try:
-            await asyncio.wait_for(self._insert_checked(requests, responses), self.timeout)
+            self.already_stored += await asyncio.wait_for(
+                self._insert_checked(requests, responses), self.timeout)
             return
         except _VALUE_ERRORS as exc:
             log.debug("a batch of %d records was refused by the checking path (%s); storing "
@@ -230,7 +236,8 @@ class PostgresWriter:
         for request in requests:
             mine = answers.get(request[0], [])
             try:
-                await asyncio.wait_for(self._insert_checked([request], mine), self.timeout)
+                self.already_stored += await asyncio.wait_for(
+                    self._insert_checked([request], mine), self.timeout)
                 continue
             except _VALUE_ERRORS as exc:
                 _forget_frames(exc)
@@ -238,9 +245,12 @@ class PostgresWriter:
             bare_answers = [without_bodies(row, RESPONSE_COLUMNS) for row in mine]
             request_id = str(bare[REQUEST_COLUMNS.index("request_id")])
             try:
-                await asyncio.wait_for(self._insert_checked([bare], bare_answers),
-                                       self.timeout)
-                self.withheld.append(Withheld(request_id, "request", REFUSED))
+                skipped = await asyncio.wait_for(
+                    self._insert_checked([bare], bare_answers), self.timeout)
+                if skipped:  # stored so by an earlier replay of its batch: noted then
+                    self.already_stored += skipped
+                else:
+                    self.withheld.append(Withheld(request_id, "request", REFUSED))
             except _VALUE_ERRORS as exc:
                 log.error("a record refused by PostgreSQL even without its bodies was not "
                           "stored (%s)", describe_error(exc), extra={"request_id": request_id})
@@ -263,7 +273,9 @@ class PostgresWriter:
                                                  columns=RESPONSE_COLUMNS)
             await rollups.invalidate(conn, _late_hours(requests, responses))
 
-    async def _insert_checked(self, requests: list[Row], responses: list[Row]) -> None:
+    async def _insert_checked(self, requests: list[Row], responses: list[Row]) -> int:
+        """Store a batch through temporary tables, skipping what is stored already; the
+        number of requests skipped (counted once the transaction has committed)."""
         conn = await self._connection()
         async with conn.transaction():
             await conn.copy_records_to_table("_sp_requests", records=requests,
@@ -271,10 +283,11 @@ class PostgresWriter:
             if responses:
                 await conn.copy_records_to_table("_sp_responses", records=responses,
                                                  columns=RESPONSE_COLUMNS)
-            await conn.execute(self._insert_requests)
+            inserted = await conn.execute(self._insert_requests)  # "INSERT 0 <rows>"
             if responses:
                 await conn.execute(self._insert_responses)
             await rollups.invalidate(conn, _late_hours(requests, responses))
+        return len(requests) - int(inserted.rsplit(" ", 1)[1])
 
     async def check(self) -> ConnectionProblem | None:
         """None if the database answers now (connected and migrated), else why not."""

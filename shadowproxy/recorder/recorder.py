@@ -362,7 +362,8 @@ class Recorder:
 
     async def _write(self, requests: list[Row], responses: list[Row]) -> None:
         """One batch into the database (the caller holds ``_db_lock``), and what became of
-        it counted: a record PostgreSQL refused even without its bodies is dropped."""
+        it counted: a record PostgreSQL refused even without its bodies is dropped, one
+        the database held already (replayed again) was counted when it was stored."""
         writer = self.writer
         await writer.write(requests, responses)
         if writer.withheld:
@@ -370,7 +371,7 @@ class Recorder:
             writer.withheld = []
         lost = len(writer.unstorable)
         writer.unstorable = []
-        self.metrics.records["written"] += len(requests) - lost
+        self.metrics.records["written"] += len(requests) - lost - writer.already_stored
         self.metrics.records["dropped"] += lost
 
     def _note_problem(self, problem: ConnectionProblem | None, *,

@@ -29,16 +29,22 @@ async def counts(url: str) -> tuple[int, int, int]:
 
 
 async def test_a_batch_written_twice_is_stored_once(database_url: str) -> None:
-    """Writing the same batch again (a replay) adds nothing, by either path."""
+    """Writing the same batch again (a replay) adds nothing, by either path, and says so."""
     rows = RowEncoder(RecordingConfig()).encode(exchanges(50))
     writer = PostgresWriter(database_url)
     try:
         await writer.write(*rows)
+        assert writer.already_stored == 0
         await writer.write(*rows)
+        assert writer.already_stored == 50
         await writer.write(*rows, checked=True)
+        assert writer.already_stored == 50
+        fresh = RowEncoder(RecordingConfig()).encode(exchanges(5))
+        await writer.write(fresh[0] + rows[0][:3], fresh[1] + rows[1][:3])
+        assert writer.already_stored == 3
     finally:
         await writer.close()
-    assert await counts(database_url) == (50, 50, 50)
+    assert await counts(database_url) == (55, 55, 55)
 
 
 async def test_a_value_postgres_refuses_does_not_block_the_batch(database_url: str) -> None:

@@ -112,3 +112,40 @@ async def test_a_spooled_batch_is_written_in_frames_and_replayed_once(
     await replay_spool(database_url, tmp_path, config, later)
     assert later.records["written"] == total
     assert await stored(database_url) == (total, 2 * total)
+
+
+async def test_records_replayed_again_are_counted_written_once(
+        database_url: str, tmp_path: Path) -> None:
+    """A segment replayed again (a stop came between its COPY and its deletion) is skipped
+    where the database holds its records, and they do not count as written again; the new
+    records replayed with it do."""
+    config = RecordingConfig(batch_max_records=1000, write_after_records=1000,
+                             flush_interval_ms=50)
+
+    async def outage(first: int, count: int) -> None:
+        recorder = Recorder(config, UNREACHABLE, tmp_path, Metrics())
+        await recorder.start()
+        try:
+            for i in range(first, first + count):
+                recorder.submit(two_answers(i))
+            await recorder.drained()
+        finally:
+            await recorder.close()
+
+    await outage(0, 300)
+    spool = tmp_path / "spool"
+    kept = {segment.name: segment.read_bytes() for segment in spool.glob("*.spool")}
+    assert kept
+    metrics = Metrics()
+    await replay_spool(database_url, tmp_path, config, metrics)
+    assert metrics.records["written"] == 300
+
+    # The stored segments come back, beside a spool of 200 new records.
+    await outage(300, 200)
+    for name, data in kept.items():
+        assert not (spool / name).exists()
+        (spool / name).write_bytes(data)
+    again = Metrics()
+    await replay_spool(database_url, tmp_path, config, again)
+    assert again.records["written"] == 200
+    assert await stored(database_url) == (500, 1000)
