@@ -421,18 +421,18 @@ def print_table(rows: list[tuple[str, int, dict[str, float]]], tracepoints: list
         print(f"| {variant} | {connections} | {r['wrk_us']:.1f} | {r['upstreams_us']:.1f} | "
               f"{r['postgres_us']:.1f} | {other:.1f} | {other * r['req/s'] / 1e6:.0%} | "
               f"{stored} |")
-    libraries: Counter[str] = Counter()
+    totals: dict[str, float] = {}  # (--libraries) each library's µs over all rows
     for _, _, r in rows:
-        libraries.update({key: value for key, value in r.items() if key.startswith("library:")})
-    if libraries:
-        names = [key for key, _ in libraries.most_common(8)]
+        for key, value in r.items():
+            if key.startswith("library:"):
+                totals[key] = totals.get(key, 0.0) + value
+    if totals:
+        names = sorted(totals, key=totals.__getitem__, reverse=True)[:8]
         print("\nThe proxy's CPU µs per request by library (perf record, 999 samples a "
               "second):\n")
         print("| variant | conns | " + " | ".join(n.removeprefix("library:") for n in names)
               + " | the rest |\n|---|---:|" + "---:|" * (len(names) + 1))
         for variant, connections, r in rows:
-            if variant == "nginx" and not any(k.startswith("library:") for k in r):
-                continue
             shown = [r.get(name, 0.0) for name in names]
             rest = sum(v for k, v in r.items() if k.startswith("library:")) - sum(shown)
             print(f"| {variant} | {connections} | "
