@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 
 import uvloop
-from localhost import server_cpu_seconds  # bench/localhost.py
+from localhost import scratch_database, server_cpu_seconds  # bench/localhost.py
 from recorder_bench import data_directory, exchange  # bench/recorder_bench.py
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.recorder.postgres import PostgresWriter
 from shadowproxy.recorder.rows import RowEncoder
-from shadowproxy.store.embedded import start_embedded
 from shadowproxy.store.migrate import migrate
 
 
@@ -68,11 +65,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--database-url", help="an empty database (default: embedded)")
     args = parser.parse_args()
-    url = args.database_url
-    if url is None:
-        folder = Path(tempfile.mkdtemp(prefix="sp-batch-cost-"))
-        folder.chmod(0o755)  # the embedded PostgreSQL may run as its own user
-        url = start_embedded(folder, cleanup="delete")
+    url = args.database_url or scratch_database("sp-batch-cost-")
     uvloop.run(measure(url, [int(size) for size in args.sizes.split(",")], args.batches))
 
 

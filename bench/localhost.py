@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -170,6 +171,14 @@ def pinned_database(data_dir: Path, cpu: str | None) -> str:
             os.sched_setaffinity(pid, {int(c) for c in cpu.split(",")})
     return url
 
+
+
+def scratch_database(prefix: str) -> str:
+    """An embedded PostgreSQL in a new temporary folder (its data deleted when this process
+    exits); its connection URL."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)  # as root, the embedded server runs as its own user
+    return pinned_database(folder, None)
 
 
 def stop_database(data_dir: Path) -> None:

@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import asyncpg
-from localhost import server_cpu_seconds  # bench/localhost.py
+from localhost import scratch_database, server_cpu_seconds  # bench/localhost.py
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.recorder.recorder import Recorder
-from shadowproxy.store.embedded import start_embedded
 from shadowproxy.store.migrate import migrate
 
 BODY = json.dumps({"features": {f"f{i}": i * 1.5 for i in range(60)}}).encode()[:1024]
@@ -122,12 +121,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--database-url", help="an empty database (default: embedded)")
     args = parser.parse_args()
-    url = args.database_url
-    tmp = None
-    if url is None:
-        tmp = Path(tempfile.mkdtemp(prefix="sp-recorder-bench-"))
-        tmp.chmod(0o755)
-        url = start_embedded(tmp, cleanup="delete")
+    url = args.database_url or scratch_database("sp-recorder-bench-")
     result = asyncio.run(run(url, args.records, args.batch))
     print(json.dumps(result, indent=2))
 
