@@ -46,8 +46,9 @@ bench_build_select
 bench_pg_start "${BENCH_PG_CPUS:-1}"
 url="$BENCH_PG_URL"
 export SHADOWPROXY_BENCH_DATABASE_URL="$url"
-# One data_dir for every run of both builds (they run one at a time): a run's spooled
-# records are stored by the next start, and the last run's by store_spool.py below.
+# Each proxy start gets a data folder of its own under this one (start_for_harness.sh), so
+# that no run replays another's spool; store_spool.py below stores what every stop left and
+# measures the CPU that takes, which summarize.py charges to the run that left it.
 export SHADOWPROXY_BENCH_DATA_DIR="$out/data"
 
 start="bash $here/start_for_harness.sh {port} {primary_url} {shadow_url} {workdir}"
@@ -58,7 +59,7 @@ fi
 "$harness/run_bench.sh" --scenarios "$scenarios" --targets "$targets" \
     "${proxies[@]}" --conns "${BENCH_CONNS:-16}" --reps "$reps" --duration "$duration" \
     --warmup "$warmup" --out "$out" "$@" 2>&1 | tee "$out/harness.log"
-"$python" "$here/store_spool.py" "$out/data" "$url" \
+"$python" "$here/store_spool.py" "$out/data" "$url" --json "$out/store_spool.json" \
   | tee "$out/store_spool.txt"
 # What could not be stored stays on disk for a look (and a later store_spool.py).
 grep -q -e 'spool empty' -e 'no spool' "$out/store_spool.txt" && rm -rf "$out/data"

@@ -12,20 +12,24 @@
 # PostgreSQL on the shared core never catches up, the replay yields to the live writes, and
 # the backlog of a full benchmark passes the default 1 GiB; an operator sizes it to the
 # backlog their database can fall behind by in the same way.
-# Records still spooled at a stop are stored by the next start on the same data_dir,
-# SHADOWPROXY_BENCH_DATA_DIR: bench/run.sh sets one folder for every run, outside the
-# harness's scratch folders, and stores what the last stop left with bench/store_spool.py.
+# Every start gets a data folder of its own, run-<start time in ns>-<pid>, under
+# SHADOWPROXY_BENCH_DATA_DIR (bench/run.sh sets one outside the harness's scratch folders):
+# a run must not replay the spool an earlier run left and be charged for it in its measured
+# window (a 5 ms model's runs after the fast ones stored three records for each they
+# answered). bench/run.sh stores what every stop left with bench/store_spool.py, which
+# measures what that costs, and bench/summarize.py charges it to the run it belongs to.
 set -euo pipefail
 port=$1 primary=$2 shadow=$3 workdir=$4 workers=${5:-1}
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${SHADOWPROXY_PYTHON:-$here/../.venv/bin/python}"
 : "${SHADOWPROXY_BENCH_DATABASE_URL:?set it to the benchmark PostgreSQL URL}"
 mkdir -p "$workdir"
+data_dir="${SHADOWPROXY_BENCH_DATA_DIR:-$workdir/data}/run-$(date +%s%N)-$$"
 cat > "$workdir/shadowproxy.yaml" <<YAML
 listen: "127.0.0.1:$port"
 admin_listen: "127.0.0.1:${SHADOWPROXY_BENCH_ADMIN_PORT:-9190}"
 workers: $workers
-data_dir: "${SHADOWPROXY_BENCH_DATA_DIR:-$workdir/data}"
+data_dir: "$data_dir"
 database: {url: "$SHADOWPROXY_BENCH_DATABASE_URL"}
 limits: {shutdown_grace_s: ${SHADOWPROXY_BENCH_GRACE_S:-2}}
 recording: {queue_max_records: ${SHADOWPROXY_BENCH_QUEUE:-50000}, flush_interval_ms: ${SHADOWPROXY_BENCH_FLUSH_MS:-200}, write_after_records: ${SHADOWPROXY_BENCH_WRITE_AFTER:-16}, spool_max_bytes: ${SHADOWPROXY_BENCH_SPOOL_BYTES:-8589934592}}

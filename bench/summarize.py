@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ SHADOWPROXY_START = re.compile(r" shadowproxy\[\d+\]: listening on ")
 
 Key = tuple[str, str, int]
 """(scenario, target, connections)"""
+_STOP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*stopped: served=(\d+) ", re.M)
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
@@ -137,6 +139,21 @@ def main() -> None:
     except (OSError, asyncpg.PostgresError):
         rows = None  # the benchmark's database is gone: check the proxy's own counts only
     held = "not reachable any more" if rows is None else f"holds {rows:,} requests"
+    later = stored_later(out, recording, texts)
+    if any(v[1] for v in later.values()):
+        print()
+        print("Stored after the runs (bench/store_spool.py, one data folder per start): what "
+              "each run's stops left spooled, and the CPU that storing it took afterwards, "
+              "per request the run answered (warm-ups included):")
+        print()
+        print("| scenario | conns | target | answered | left spooled | stored later, "
+              "µs/req |")
+        print("|---|---:|---|---:|---:|---:|")
+        for key in sorted(later, key=lambda k: (scenarios.index(k[0]) if k[0] in scenarios
+                                                 else 99, k[2], k[1])):
+            answered, left, cpu = later[key]
+            per = f"{1e6 * cpu / answered:.1f}" if answered else "–"
+            print(f"| {key[0]} | {key[2]} | {key[1]} | {answered:,.0f} | {left:,.0f} | {per} |")
     ok = killed == 0 and dropped == 0 and rows in (None, served) and completed <= served
     unknown = (f"; {killed} killed before their stop line, their count unknown"
                if killed else "")
@@ -151,6 +168,35 @@ def main() -> None:
           f"{completed:,} requests in the measured windows; shadowproxy answered {served:,} "
           f"(warm-ups included), {dropped:,} records dropped; after the spool left by the "
           f"last stop was stored, the database {held}. {'OK' if ok else 'MISMATCH'}.")
+
+
+def stored_later(out: Path, ours: set[str], texts: dict[str, str]) -> dict[Key, list[float]]:
+    """By run key: [requests answered, records its stops left spooled, CPU seconds that
+    storing those took afterwards]: ``bench/store_spool.py``'s figures for each start's data
+    folder and the runs' stop lines, each placed in its run's span of the harness's log."""
+    figures_path = out / "store_spool.json"
+    if not figures_path.exists() or not (out / "harness.log").exists():
+        return {}
+    figures = json.loads(figures_path.read_text())
+    stops = [(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(m[2]))
+             for target in ours for m in _STOP.finditer(texts[target])]
+    moments = [t for t, _ in stops] + [f["started_ns"] / 1e9 for f in figures]
+    if not moments:
+        return {}
+    runs = [r for r in steal.spans(out / "harness.log", min(moments) - 60) if r[0][1] in ours]
+    # The log's times are whole seconds, each run's line written after its proxy stopped:
+    # a start falls in the last of our runs begun by then, a stop in the first not ended.
+    totals: dict[Key, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for moment, served in stops:
+        key = next((k for k, _, end in runs if moment < end + 1), None)
+        if key is not None:
+            totals[key][0] += served
+    for figure in figures:
+        begun = [k for k, start, _ in runs if start <= figure["started_ns"] / 1e9]
+        if begun:
+            totals[begun[-1]][1] += figure["stored"]
+            totals[begun[-1]][2] += figure["cpu_s"]
+    return dict(totals)
 
 
 if __name__ == "__main__":
