@@ -59,6 +59,12 @@ _WHY = {
                 "and headers",
 }
 _ENCODE_SLICE = 32
+_CATCH_UP = 4
+"""While the queue is past its overflow mark, the writer encodes and pickles this many times
+more per turn of the loop. A saturated core gives the writer one turn between rounds of
+requests, and at 32 records a turn it fell behind a proxy serving 16,000 requests a second
+(the queue reached its bound and records were dropped); longer turns there cost the clients
+a little latency, at a load that already costs them more, and nothing is lost."""
 KEPT_VERSIONS = 16
 """Configuration versions whose recording rules are kept for exchanges still in flight."""
 
@@ -126,6 +132,9 @@ class Recorder:
         self._idle = asyncio.Event()
         self._idle.set()
         self._withheld_log = Throttle()
+        self._dropping = 0
+        """Records dropped because the queue was full, since the writer last found room."""
+        self._dropping_told = False
         """Clients choose their bodies: a flood of unreadable ones must not flood the log."""
 
     # --- the data path's entry ---
@@ -137,6 +146,7 @@ class Recorder:
         # (An exchange larger than the byte bound still gets in when the queue is empty.)
         if len(queue) >= self._queue_max or (queued > self._queue_max_bytes and queue):
             self.metrics.records["dropped"] += 1
+            self._dropping += 1  # (the writer logs it: the data path never logs)
             return
         queue.append(exchange)
         self._queued_bytes = queued
@@ -262,6 +272,8 @@ class Recorder:
                 continue
             batch = [self.queue.popleft() for _ in range(min(self._batch_max, len(self.queue)))]
             self._queued_bytes -= sum(map(_captured_bytes, batch))
+            if self._dropping:
+                self._note_dropping()
             self._batches += 1
             self._idle.clear()
             try:
@@ -282,8 +294,7 @@ class Recorder:
         overflow mark first (the database is behind, and the batch at hand is excess), or a
         stop's grace for the queue runs out (the rest goes to the spool)."""
         while not storing.done():
-            if (len(self.queue) >= self._overflow_at
-                    or self._queued_bytes >= self._overflow_bytes or self._stop_overdue()):
+            if self._behind() or self._stop_overdue():
                 return False
             self._wake.clear()
             woken = asyncio.ensure_future(self._wake.wait())
@@ -323,6 +334,26 @@ class Recorder:
         finally:
             self._batch_done()
 
+    def _note_dropping(self) -> None:
+        """Log a full queue once when the writer finds records dropped, and once more, with
+        their count, when it has room again (not once per record: that is per request)."""
+        if not self._dropping_told:
+            self._dropping_told = True
+            log.warning("the recorder's queue is full (recording.queue_max_records or "
+                        "queue_max_bytes): records are dropped, and counted in "
+                        "shadowproxy_records_total{outcome=\"dropped\"}, until the recorder "
+                        "catches up with the traffic")
+        if not self._behind():
+            log.warning("the recorder's queue has room again; %d records were dropped while "
+                        "it was full", self._dropping)
+            self._dropping = 0
+            self._dropping_told = False
+
+    def _behind(self) -> bool:
+        """True while the queue is past its overflow mark (in records or in bytes)."""
+        return (len(self.queue) >= self._overflow_at
+                or self._queued_bytes >= self._overflow_bytes)
+
     def _batch_done(self) -> None:
         self._batches -= 1
         if self._batches == 0:
@@ -345,8 +376,11 @@ class Recorder:
         between (one long encode would add its whole duration to some client's latency)."""
         requests: list[Row] = []
         responses: list[Row] = []
-        for start in range(0, len(batch), _ENCODE_SLICE):
-            part = batch[start:start + _ENCODE_SLICE]
+        start = 0
+        while start < len(batch):
+            end = start + _ENCODE_SLICE * (_CATCH_UP if self._behind() else 1)
+            part = batch[start:end]
+            start = end
             for encoder, run in self._by_version(part):
                 await encoder.streams.prepare(run)  # yields between streams
                 if self.log_exchanges:
@@ -437,7 +471,8 @@ class Recorder:
             framed = []
             for part in frames(requests, responses):
                 framed.append(frame_bytes(part))
-                await asyncio.sleep(0)  # one small frame at a time (spool.py)
+                if len(framed) % (_CATCH_UP if self._behind() else 1) == 0:
+                    await asyncio.sleep(0)  # a small frame at a time (spool.py)
             async with self._spool_lock:
                 stored = await loop.run_in_executor(None, self.spool.append_frames, framed,
                                                     durable)
