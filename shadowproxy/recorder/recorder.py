@@ -12,7 +12,9 @@ the database is up but slower than the traffic, one batch stays on its way to Po
 only the excess goes to the spool: a batch taken while the queue is half full (in records or
 in bytes) and the previous write still runs is appended to the spool instead of waiting.
 The replay task brings spooled batches in when the live writes leave the database room, so
-the spool costs only what the database could not take.
+the spool costs only what the database could not take. While the queue is past half its
+bound the writer works in longer turns of the loop, so that on a saturated core it keeps up
+with the requests; a full queue is logged by the writer, never by the data path.
 
 Recording rules (redaction, body limits) are those of the configuration each exchange
 arrived under (``Exchange.config_version``): a reload registers its rules with ``use_rules``,
@@ -64,7 +66,7 @@ _CATCH_UP = 4
 more per turn of the loop. A saturated core gives the writer one turn between rounds of
 requests, and at 32 records a turn it fell behind a proxy serving 16,000 requests a second
 (the queue reached its bound and records were dropped); longer turns there cost the clients
-a little latency, at a load that already costs them more, and nothing is lost."""
+some throughput, at a load that already costs them latency, and keep the records."""
 KEPT_VERSIONS = 16
 """Configuration versions whose recording rules are kept for exchanges still in flight."""
 
@@ -132,10 +134,10 @@ class Recorder:
         self._idle = asyncio.Event()
         self._idle.set()
         self._withheld_log = Throttle()
+        """Clients choose their bodies: a flood of unreadable ones must not flood the log."""
         self._dropping = 0
         """Records dropped because the queue was full, since the writer last found room."""
         self._dropping_told = False
-        """Clients choose their bodies: a flood of unreadable ones must not flood the log."""
 
     # --- the data path's entry ---
     def submit(self, exchange: Exchange) -> None:
