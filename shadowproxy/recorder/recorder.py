@@ -356,6 +356,11 @@ class Recorder:
         return (len(self.queue) >= self._overflow_at
                 or self._queued_bytes >= self._overflow_bytes)
 
+    def _per_turn(self) -> int:
+        """How many slices to encode, or frames to pickle, per turn of the loop: more while
+        the writer is behind (``_CATCH_UP``)."""
+        return _CATCH_UP if self._behind() else 1
+
     def _batch_done(self) -> None:
         self._batches -= 1
         if self._batches == 0:
@@ -380,7 +385,7 @@ class Recorder:
         responses: list[Row] = []
         start = 0
         while start < len(batch):
-            end = start + _ENCODE_SLICE * (_CATCH_UP if self._behind() else 1)
+            end = start + _ENCODE_SLICE * self._per_turn()
             part = batch[start:end]
             start = end
             for encoder, run in self._by_version(part):
@@ -473,7 +478,7 @@ class Recorder:
             framed = []
             for part in frames(requests, responses):
                 framed.append(frame_bytes(part))
-                if len(framed) % (_CATCH_UP if self._behind() else 1) == 0:
+                if len(framed) % self._per_turn() == 0:
                     await asyncio.sleep(0)  # a small frame at a time (spool.py)
             async with self._spool_lock:
                 stored = await loop.run_in_executor(None, self.spool.append_frames, framed,
