@@ -38,7 +38,8 @@ SHADOWPROXY_START = re.compile(r" shadowproxy\[\d+\]: listening on ")
 
 Key = tuple[str, str, int]
 """(scenario, target, connections)"""
-_STOP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*stopped: served=(\d+) ", re.M)
+_STOP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*stopped: served=(\d+) "
+                   r"[^\n]*?(?:stop_cpu_s=([\d.]+))?$", re.M)
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
@@ -142,18 +143,22 @@ def main() -> None:
     later = stored_later(out, recording, texts)
     if any(v[1] for v in later.values()):
         print()
-        print("Stored after the runs (bench/store_spool.py, one data folder per start): what "
-              "each run's stops left spooled, and the CPU that storing it took afterwards, "
-              "per request the run answered (warm-ups included):")
+        print("After the measured windows (one data folder per start): the CPU each run's "
+              "stops took (the last calls, the queue's flush and the spool within the grace; "
+              "their stop lines' stop_cpu_s), what they left spooled, and the CPU that "
+              "storing it took afterwards (bench/store_spool.py), per request the run "
+              "answered (warm-ups included):")
         print()
-        print("| scenario | conns | target | answered | left spooled | stored later, "
-              "µs/req |")
-        print("|---|---:|---|---:|---:|---:|")
+        print("| scenario | conns | target | answered | stops, µs/req | left spooled | "
+              "stored later, µs/req |")
+        print("|---|---:|---|---:|---:|---:|---:|")
         for key in sorted(later, key=lambda k: (scenarios.index(k[0]) if k[0] in scenarios
                                                  else 99, k[2], k[1])):
-            answered, left, cpu = later[key]
+            answered, left, cpu, stop_cpu, told = later[key]
             per = f"{1e6 * cpu / answered:.1f}" if answered else "–"
-            print(f"| {key[0]} | {key[2]} | {key[1]} | {answered:,.0f} | {left:,.0f} | {per} |")
+            stop = f"{1e6 * stop_cpu / answered:.1f}" if answered and told else "–"
+            print(f"| {key[0]} | {key[2]} | {key[1]} | {answered:,.0f} | {stop} | "
+                  f"{left:,.0f} | {per} |")
     ok = killed == 0 and dropped == 0 and rows in (None, served) and completed <= served
     unknown = (f"; {killed} killed before their stop line, their count unknown"
                if killed else "")
@@ -172,25 +177,31 @@ def main() -> None:
 
 def stored_later(out: Path, ours: set[str], texts: dict[str, str]) -> dict[Key, list[float]]:
     """By run key: [requests answered, records its stops left spooled, CPU seconds that
-    storing those took afterwards]: ``bench/store_spool.py``'s figures for each start's data
-    folder and the runs' stop lines, each placed in its run's span of the harness's log."""
+    storing those took afterwards, CPU seconds of its stops, stops that said so]:
+    ``bench/store_spool.py``'s figures for each start's data folder and the runs' stop lines
+    (``stop_cpu_s``: what the stop took, after the measured window), each placed in its
+    run's span of the harness's log."""
     figures_path = out / "store_spool.json"
     if not figures_path.exists() or not (out / "harness.log").exists():
         return {}
     figures = json.loads(figures_path.read_text())
-    stops = [(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(m[2]))
+    stops = [(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(m[2]),
+              None if m[3] is None else float(m[3]))
              for target in ours for m in _STOP.finditer(texts[target])]
-    moments = [t for t, _ in stops] + [f["started_ns"] / 1e9 for f in figures]
+    moments = [t for t, _, _ in stops] + [f["started_ns"] / 1e9 for f in figures]
     if not moments:
         return {}
     runs = [r for r in steal.spans(out / "harness.log", min(moments) - 60) if r[0][1] in ours]
     # The log's times are whole seconds, each run's line written after its proxy stopped:
     # a start falls in the last of our runs begun by then, a stop in the first not ended.
-    totals: dict[Key, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
-    for moment, served in stops:
+    totals: dict[Key, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
+    for moment, served, stop_cpu in stops:
         key = next((k for k, _, end in runs if moment < end + 1), None)
         if key is not None:
             totals[key][0] += served
+            if stop_cpu is not None:  # stop lines of versions before stop_cpu_s lack it
+                totals[key][3] += stop_cpu
+                totals[key][4] += 1
     for figure in figures:
         begun = [k for k, start, _ in runs if start <= figure["started_ns"] / 1e9]
         if begun:

@@ -63,7 +63,10 @@ async def test_access_log_carries_each_exchange_in_either_format(
                 assert call["status"] == 200 and call["latency_ms"] > 0
                 assert call["error_kind"] is None
             assert event["duration_ms"] >= event["calls"]["primary"]["latency_ms"]
-        assert any(e["message"].startswith("stopped:") for e in events)
+        stops = [e["message"] for e in events if e["message"].startswith("stopped:")]
+        assert len(stops) == 1
+        assert re.fullmatch(r"stopped: served=\d+ written=\d+ spooled=0 dropped=0 "
+                            r"stop_cpu_s=\d+\.\d{3}", stops[0]), stops[0]
     else:
         access = [line for line in lines if " shadowproxy.access[" in line]
         assert sorted(line.rsplit("request_id=", 1)[1] for line in access) == sorted(ids)
