@@ -39,7 +39,9 @@ SHADOWPROXY_START = re.compile(r" shadowproxy\[\d+\]: listening on ")
 Key = tuple[str, str, int]
 """(scenario, target, connections)"""
 _STOP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*stopped: served=(\d+) "
-                   r"[^\n]*?(?:stop_cpu_s=([\d.]+))?$", re.M)
+                   r"written=(\d+) spooled=(\d+) dropped=(\d+)(?: stop_cpu_s=([\d.]+))?", re.M)
+"""A stop line: its time, served, written, spooled, dropped and (since it is logged) the
+stop's CPU seconds."""
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
@@ -125,8 +127,7 @@ def main() -> None:
              path.read_text(errors="replace") for path in (out / "logs").glob("proxy-*.log")}
     recording = {target for target, text in texts.items() if SHADOWPROXY_START.search(text)}
     log = "".join(texts[target] for target in sorted(recording))
-    stops = [tuple(map(int, m.groups())) for m in re.finditer(
-        r"stopped: served=(\d+) written=(\d+) spooled=(\d+) dropped=(\d+)", log)]
+    stops = [tuple(map(int, m.groups()[1:5])) for m in _STOP.finditer(log)]
     served = sum(s[0] for s in stops)
     dropped = sum(s[3] for s in stops)
     ours = [r for r in data["runs"] if r["target"] in recording]
@@ -186,7 +187,7 @@ def stored_later(out: Path, ours: set[str], texts: dict[str, str]) -> dict[Key, 
         return {}
     figures = json.loads(figures_path.read_text())
     stops = [(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(m[2]),
-              None if m[3] is None else float(m[3]))
+              None if m[6] is None else float(m[6]))
              for target in ours for m in _STOP.finditer(texts[target])]
     moments = [t for t, _, _ in stops] + [f["started_ns"] / 1e9 for f in figures]
     if not moments:
