@@ -234,6 +234,11 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_addr = peer[0] if isinstance(peer, tuple) else None
         self.ctx.connections.add(self)
+        if self.ctx.draining:
+            # Accepted by the kernel before the listener closed and taken by the loop after
+            # (the stop's sweep of idle connections has passed): a stopping proxy serves no
+            # new connection, and this one would stay open past the stop.
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         req = self.req

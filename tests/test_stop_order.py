@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
@@ -51,6 +52,9 @@ async def test_stop_runs_in_order_and_admin_answers_until_the_end(
             stop_at = time.monotonic()
         # The block exited: the stop has run to its end.
         poller.cancel()
+        # Its last poll may be mid-connection: let it close its session within the test.
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
         status = await request
         steps = proxy.stopped
     assert status == 200
@@ -63,3 +67,19 @@ async def test_stop_runs_in_order_and_admin_answers_until_the_end(
     # The shadow's answer was waited for and flushed before the pools closed.
     assert int(await fetchval(database_url, "SELECT count(*) FROM shadowproxy.responses "
                                             "WHERE target = 's' AND status = 200")) == 1
+
+
+async def test_a_connection_taken_while_draining_is_closed_at_once(
+        start_proxy: StartProxy) -> None:
+    """A connection the loop takes after the stop began (the kernel accepted it before the
+    listener closed) is closed at once rather than left open past the stop."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url}}]) as proxy:
+        proxy.ctx.draining = True  # the listener is still open: the late connection's window
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        assert not proxy.ctx.connections
