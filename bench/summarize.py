@@ -69,6 +69,16 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b and b == b and a == a else "–"
 
 
+def all_in(window_us: float, after: list[float] | None) -> str:
+    """A run's CPU per request with what it cost after its measured window: its stops and
+    the later storing of what they left spooled (``stored_later``), per request answered.
+    "–" where either is unknown (not ours, or stop lines from before ``stop_cpu_s``)."""
+    if after is None or window_us != window_us or not after[0] or not after[4]:
+        return "–"
+    answered, _, stored_cpu, stop_cpu, _ = after
+    return f"{window_us + 1e6 * (stop_cpu + stored_cpu) / answered:.0f}"
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     url = sys.argv[2] if len(sys.argv) > 2 else "postgresql:///nonexistent"
@@ -79,10 +89,17 @@ def main() -> None:
                        "echoslowshadow", "slowshadow", "blackhole"].index(s)
                        if s in ("fast", "echo5ms", "echoslowshadow", "slowshadow",
                                 "blackhole") else 99)
+    # Every target that ran shadowproxy (also one given with --proxy beside the two builds):
+    # they all record into the one database the check counts.
+    texts = {path.name.removeprefix("proxy-").removesuffix(".log"):
+             path.read_text(errors="replace") for path in (out / "logs").glob("proxy-*.log")}
+    recording = {target for target, text in texts.items() if SHADOWPROXY_START.search(text)}
+    later = stored_later(out, recording, texts)
     print("| scenario | conns | target | req/s (range) | p50 ms | p99 ms (range) | proxy µs/req "
-          "(range) | rps ÷ nginx mirror | rps ÷ Envoy mirror | rps ÷ direct | "
-          "p50 ÷ fast | p99 ÷ fast | steal % (range) | CPU 0 probe µs: interpreter / kernel |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "(range) | µs/req with stops and stored later | rps ÷ nginx mirror | "
+          "rps ÷ Envoy mirror | rps ÷ direct | p50 ÷ fast | p99 ÷ fast | steal % (range) | "
+          "CPU 0 probe µs: interpreter / kernel |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     logged = (out / "harness.log").exists()
     steals = (steal.by_run(out / "harness.log", out / "steal.tsv")
               if (out / "steal.tsv").exists() and logged else {})
@@ -99,7 +116,8 @@ def main() -> None:
                  f"{row['p99_ms']:.2f} ({spread(row['p99_ms_range'], '{:.2f}')})",
                  "–" if row["proxy_cpu_us_per_req"] != row["proxy_cpu_us_per_req"]
                  else f"{row['proxy_cpu_us_per_req']:.0f} "
-                      f"({spread(row['proxy_cpu_us_per_req_range'], '{:.0f}')})"]
+                      f"({spread(row['proxy_cpu_us_per_req_range'], '{:.0f}')})",
+                 all_in(row["proxy_cpu_us_per_req"], later.get((scenario, target, conns)))]
         if target in OURS:
             fast = table.get(("fast", target, conns), {})
             nginx = table.get((scenario, "nginx-mirror", conns), {})
@@ -121,11 +139,6 @@ def main() -> None:
                      f"{statistics.median(p[1] for p in probes):.0f}")
         print("| " + " | ".join(cells) + " |")
 
-    # Every target that ran shadowproxy (also one given with --proxy beside the two builds):
-    # they all record into the one database the check counts.
-    texts = {path.name.removeprefix("proxy-").removesuffix(".log"):
-             path.read_text(errors="replace") for path in (out / "logs").glob("proxy-*.log")}
-    recording = {target for target, text in texts.items() if SHADOWPROXY_START.search(text)}
     log = "".join(texts[target] for target in sorted(recording))
     stops = [tuple(map(int, m.groups()[1:5])) for m in _STOP.finditer(log)]
     served = sum(s[0] for s in stops)
@@ -141,7 +154,6 @@ def main() -> None:
     except (OSError, asyncpg.PostgresError):
         rows = None  # the benchmark's database is gone: check the proxy's own counts only
     held = "not reachable any more" if rows is None else f"holds {rows:,} requests"
-    later = stored_later(out, recording, texts)
     if any(v[1] for v in later.values()):
         print()
         print("After the measured windows (one data folder per start): the CPU each run's "
