@@ -182,12 +182,12 @@ def main() -> None:
     if args.database_url:
         result = asyncio.run(run(args.database_url, args.requests, args.days, older_than))
     else:
-        from shadowproxy.store.embedded import start_embedded
+        from shadowproxy.store.embedded import embedded_server
 
         with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
             Path(tmp).chmod(0o755)  # as root, the server runs as its own user
-            url = start_embedded(Path(tmp), cleanup="delete")
-            result = asyncio.run(run(url, args.requests, args.days, older_than))
+            with embedded_server(Path(tmp)) as url:
+                result = asyncio.run(run(url, args.requests, args.days, older_than))
     print(json.dumps(result, indent=2))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -146,11 +147,12 @@ def main() -> int:
         return 0
 
     from shadowproxy.demo import free_port
-    from shadowproxy.store.embedded import start_embedded
+    from shadowproxy.store.embedded import embedded_server
 
     tmp = Path(tempfile.mkdtemp(prefix="shadowproxy-replay-bench-"))
     tmp.chmod(0o755)  # as root, the embedded server runs as its own user
-    server_url = args.database_url or start_embedded(tmp / "pg", cleanup="delete")
+    servers = contextlib.ExitStack()
+    server_url = args.database_url or servers.enter_context(embedded_server(tmp / "pg"))
     name = f"sp_replay_bench_{uuid.uuid4().hex[:8]}"
     upstream = None
     try:
@@ -228,6 +230,7 @@ def main() -> int:
             await conn.close()
 
         asyncio.run(drop())
+        servers.close()  # the embedded server stops before its folder goes
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import tempfile
 import time
@@ -264,12 +265,14 @@ def main() -> None:
                         help="where the embedded PostgreSQL keeps its files (default: a "
                              "temporary folder)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="shadowproxy-bench-", dir=args.data_dir) as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="shadowproxy-bench-", dir=args.data_dir))
         url = args.url
         if url is None:
-            from shadowproxy.store.embedded import start_embedded
+            from shadowproxy.store.embedded import embedded_server
 
-            url = start_embedded(Path(tmp) / "data", cleanup="delete")
+            url = stack.enter_context(embedded_server(Path(tmp) / "data"))
         ok = asyncio.run(run(url, args.pairs, Path(tmp), args.max_pairs, args.check,
                              args.summarize, args.keep, args.reuse))
     raise SystemExit(0 if ok else 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import tempfile
 import time
@@ -30,7 +31,7 @@ from shadowproxy.config import RecordingConfig
 from shadowproxy.cycles import collected_in_the_background
 from shadowproxy.metrics import Metrics
 from shadowproxy.recorder.recorder import Recorder
-from shadowproxy.store.embedded import start_embedded
+from shadowproxy.store.embedded import embedded_server
 from shadowproxy.store.migrate import migrate
 
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"
@@ -103,8 +104,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--database-url")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        url = args.database_url or start_embedded(Path(tmp), cleanup="delete")
+    with contextlib.ExitStack() as stack:
+        url = args.database_url
+        if url is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            tmp.chmod(0o755)  # as root, the server runs as its own user
+            url = stack.enter_context(embedded_server(tmp))
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as the proxy
             print(json.dumps(runner.run(run(url, args.records)), indent=2))
 

