@@ -105,8 +105,10 @@ async def _record(url: str, n: int) -> None:
                                    "content-type": "application/json",
                                    "authorization": "[redacted]"}), n)
         await conn.execute("""
-            INSERT INTO shadowproxy.responses (request, target, role, status, body, body_json)
-            SELECT id, 'primary', 'primary', 200, $1, $2::jsonb FROM shadowproxy.requests""",
+            INSERT INTO shadowproxy.responses (request, received_at, target, role, status,
+                                               body, body_json)
+            SELECT id, received_at, 'primary', 'primary', 200, $1, $2::jsonb
+            FROM shadowproxy.requests""",
                            ANSWER, ANSWER.decode())
         await conn.execute("ANALYZE")
     finally:
