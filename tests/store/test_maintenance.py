@@ -23,8 +23,12 @@ async def _old_partitions(conn: asyncpg.Connection, days: int) -> list[str]:
     """Partitions (and a record in each) for each of the last ``days`` days."""
     now = await conn.fetchval("SELECT now()")
     await ensure(conn, "day", now=now - timedelta(days=days), ahead=days)
+    # Each record halfway between its day's start and this time of day: inside the day's
+    # partition and, in the partition across a cutoff of whole days, before the cutoff,
+    # whatever the time of day the test runs.
+    half_today = (now - period_start(now, "day")) / 2
     for d in range(1, days + 1):
-        when = period_start(now - timedelta(days=d), "day") + timedelta(hours=1)
+        when = period_start(now - timedelta(days=d), "day") + half_today
         await conn.execute(
             "INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, "
             "path) VALUES (gen_random_uuid(), 'old', 'r', $1, 'POST', '/')", when)
