@@ -4,8 +4,10 @@ Starts its own PostgreSQL (embedded, in a scratch folder), a primary and a shado
 (aiohttp, in this process), and `shadowproxy run` as a real process in front of them; sends
 mixed traffic (JSON POSTs, GETs with query strings, error statuses, gzip responses, an
 Authorization header) from several clients, and on a schedule makes the shadow hang, restarts
-the shadow, and restarts the database. At the end it stops the proxy with SIGTERM and compares
-the responses the clients saw with the rows in the database: they must be equal.
+the shadow, and restarts the database. At the end it stops the proxy with SIGTERM, stores
+what the stop left in the spool as the proxy's next start would (a database restarted
+shortly before the stop can leave more than the grace stores), and compares the responses
+the clients saw with the rows in the database: they must be equal, and the spool empty.
 
     .venv/bin/python bench/soak.py --seconds 60
 
@@ -34,6 +36,8 @@ import yaml
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from store_spool import store  # bench/store_spool.py: a next start's replay of a spool
+
 from tests.pgcontrol import OwnPostgres  # the test suite's real-outage helper
 
 
@@ -161,6 +165,11 @@ async def run(seconds: float, clients: int) -> dict[str, Any]:
         assert proc.pid is not None
         os.kill(proc.pid, signal.SIGTERM)
         status = await asyncio.wait_for(proc.wait(), 60)
+        # What the stop's grace did not store waits in the spool for the proxy's next start:
+        # store it as that start would (the product's recorder replaying the folder), so
+        # that "recorded" counts it, and say how much it was.
+        left_by_stop = len(list((work / "data" / "spool").glob("*.spool")))
+        stored_after = (await store(work / "data", pg.url, 60))[0] if left_by_stop else 0
         conn = await asyncpg.connect(pg.url)
         try:
             rows = await conn.fetchval("SELECT count(*) FROM shadowproxy.requests")
@@ -183,7 +192,8 @@ async def run(seconds: float, clients: int) -> dict[str, Any]:
         "seconds": seconds, "clients": clients, "events": events,
         "responses_seen_by_clients": len(seen), "client_errors": len(failures),
         "statuses": {str(s): seen.count(s) for s in sorted(set(seen))},
-        "rows_in_database": rows, "spool_files_left": spool_left,
+        "rows_in_database": rows, "spool_files_left_by_the_stop": left_by_stop,
+        "records_stored_from_them_afterwards": stored_after, "spool_files_left": spool_left,
         "shadow_outcomes": {r["outcome"]: r["n"] for r in pairs},
         "secret_in_database": leaked, "proxy_exit_status": status,
         "ok": rows == len(seen) and not failures and status == 0 and spool_left == 0
