@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,40 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b and b == b and a == a else "–"
 
 
-def all_in(window_us: float, after: list[float] | None) -> str:
+@dataclass
+class AfterWindow:
+    """What one run (all its repetitions) cost after its measured windows."""
+
+    answered: float = 0.0
+    """Requests its proxies answered (their stop lines' served=)."""
+    left_spooled: float = 0.0
+    """Records its stops left in the spool."""
+    stored_cpu_s: float = 0.0
+    """CPU seconds that storing them took afterwards (bench/store_spool.py)."""
+    stop_cpu_s: float = 0.0
+    """CPU seconds of its stops (their stop lines' stop_cpu_s)."""
+    stops_told: int = 0
+    """Stop lines that carried stop_cpu_s (those of versions before it do not)."""
+
+    def stop_us(self) -> float | None:
+        """The stops' CPU per request answered, µs; None when unknown."""
+        return 1e6 * self.stop_cpu_s / self.answered if self.answered and self.stops_told \
+            else None
+
+    def stored_us(self) -> float | None:
+        """The later storing's CPU per request answered, µs; None when nothing answered."""
+        return 1e6 * self.stored_cpu_s / self.answered if self.answered else None
+
+
+def all_in(window_us: float, after: AfterWindow | None) -> str:
     """A run's CPU per request with what it cost after its measured window: its stops and
     the later storing of what they left spooled (``stored_later``), per request answered.
     "–" where either is unknown (not ours, or stop lines from before ``stop_cpu_s``)."""
-    if after is None or window_us != window_us or not after[0] or not after[4]:
+    stop = None if after is None else after.stop_us()
+    stored = None if after is None else after.stored_us()
+    if stop is None or stored is None or window_us != window_us:
         return "–"
-    answered, _, stored_cpu, stop_cpu, _ = after
-    return f"{window_us + 1e6 * (stop_cpu + stored_cpu) / answered:.0f}"
+    return f"{window_us + stop + stored:.0f}"
 
 
 def main() -> None:
@@ -154,7 +181,7 @@ def main() -> None:
     except (OSError, asyncpg.PostgresError):
         rows = None  # the benchmark's database is gone: check the proxy's own counts only
     held = "not reachable any more" if rows is None else f"holds {rows:,} requests"
-    if any(v[1] for v in later.values()):
+    if any(v.left_spooled for v in later.values()):
         print()
         print("After the measured windows (one data folder per start): the CPU each run's "
               "stops took (the last calls, the queue's flush and the spool within the grace; "
@@ -167,11 +194,11 @@ def main() -> None:
         print("|---|---:|---|---:|---:|---:|---:|")
         for key in sorted(later, key=lambda k: (scenarios.index(k[0]) if k[0] in scenarios
                                                  else 99, k[2], k[1])):
-            answered, left, cpu, stop_cpu, told = later[key]
-            per = f"{1e6 * cpu / answered:.1f}" if answered else "–"
-            stop = f"{1e6 * stop_cpu / answered:.1f}" if answered and told else "–"
-            print(f"| {key[0]} | {key[2]} | {key[1]} | {answered:,.0f} | {stop} | "
-                  f"{left:,.0f} | {per} |")
+            run = later[key]
+            stored, stop = run.stored_us(), run.stop_us()
+            print(f"| {key[0]} | {key[2]} | {key[1]} | {run.answered:,.0f} | "
+                  f"{'–' if stop is None else f'{stop:.1f}'} | {run.left_spooled:,.0f} | "
+                  f"{'–' if stored is None else f'{stored:.1f}'} |")
     ok = killed == 0 and dropped == 0 and rows in (None, served) and completed <= served
     unknown = (f"; {killed} killed before their stop line, their count unknown"
                if killed else "")
@@ -188,9 +215,8 @@ def main() -> None:
           f"last stop was stored, the database {held}. {'OK' if ok else 'MISMATCH'}.")
 
 
-def stored_later(out: Path, ours: set[str], texts: dict[str, str]) -> dict[Key, list[float]]:
-    """By run key: [requests answered, records its stops left spooled, CPU seconds that
-    storing those took afterwards, CPU seconds of its stops, stops that said so]:
+def stored_later(out: Path, ours: set[str], texts: dict[str, str]) -> dict[Key, AfterWindow]:
+    """By run key, what the run cost after its measured windows (``AfterWindow``):
     ``bench/store_spool.py``'s figures for each start's data folder and the runs' stop lines
     (``stop_cpu_s``: what the stop took, after the measured window), each placed in its
     run's span of the harness's log."""
@@ -207,19 +233,19 @@ def stored_later(out: Path, ours: set[str], texts: dict[str, str]) -> dict[Key, 
     runs = [r for r in steal.spans(out / "harness.log", min(moments) - 60) if r[0][1] in ours]
     # The log's times are whole seconds, each run's line written after its proxy stopped:
     # a start falls in the last of our runs begun by then, a stop in the first not ended.
-    totals: dict[Key, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
+    totals: dict[Key, AfterWindow] = defaultdict(AfterWindow)
     for moment, served, stop_cpu in stops:
         key = next((k for k, _, end in runs if moment < end + 1), None)
         if key is not None:
-            totals[key][0] += served
+            totals[key].answered += served
             if stop_cpu is not None:  # stop lines of versions before stop_cpu_s lack it
-                totals[key][3] += stop_cpu
-                totals[key][4] += 1
+                totals[key].stop_cpu_s += stop_cpu
+                totals[key].stops_told += 1
     for figure in figures:
         begun = [k for k, start, _ in runs if start <= figure["started_ns"] / 1e9]
         if begun:
-            totals[begun[-1]][1] += figure["stored"]
-            totals[begun[-1]][2] += figure["cpu_s"]
+            totals[begun[-1]].left_spooled += figure["stored"]
+            totals[begun[-1]].stored_cpu_s += figure["cpu_s"]
     return dict(totals)
 
 

@@ -26,7 +26,7 @@ def start_embedded(data_dir: Path, *, cleanup: CleanupMode = "stop") -> str:
     ``cleanup="stop"`` stops the server when the last process using it exits; ``None``
     leaves it running (``shadowproxy db-url``, so that psql can connect afterwards).
     """
-    pgdata = Path(data_dir).resolve() / "postgres"
+    pgdata = _cluster(data_dir)
     try:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         # The library logs every command at INFO on its own logger; keep our output clean.
@@ -70,4 +70,9 @@ def embedded_server(data_dir: Path) -> Iterator[str]:
 
             # The handle start_embedded made (kept by the wheel per cluster): the last
             # one in this process stops the server and deletes the cluster.
-            get_server(Path(data_dir).resolve() / "postgres").cleanup()
+            get_server(_cluster(data_dir)).cleanup()
+
+
+def _cluster(data_dir: Path) -> Path:
+    """The embedded server's cluster under ``data_dir``, as the wheel keys its handles."""
+    return Path(data_dir).resolve() / "postgres"
