@@ -12,7 +12,9 @@ checks that every request shadowproxy
 answered was recorded: the database (after ``bench/store_spool.py``) holds as many requests
 as the runs' stop lines say were answered, and every run reached its stop line. The
 targets named ``shadowproxy`` (the compiled build, as ``bench/run.sh`` starts it) and
-``shadowproxy-pure`` (``BENCH_PURE_TOO=1``) are ours.
+``shadowproxy-pure`` (``BENCH_PURE_TOO=1``) are ours. A target named ``unrecorded`` (the tree of
+``bench/unrecorded_tree.py``, given with ``--proxy``) is shown beside them and left out of
+the record check, which it fails by construction.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import steal  # bench/steal.py
 from localhost import stored_requests  # bench/localhost.py
 
 OURS = ("shadowproxy", "shadowproxy-pure")
+MEASURING = ("unrecorded",)
+"""Targets that run shadowproxy recording nothing, to measure what the recording costs."""
 SHADOWPROXY_START = re.compile(r" shadowproxy\[\d+\]: listening on ")
 """The line each shadowproxy process logs when it serves: marks a target's log as ours."""
 
@@ -120,8 +124,9 @@ def main() -> None:
     # they all record into the one database the check counts.
     texts = {path.name.removeprefix("proxy-").removesuffix(".log"):
              path.read_text(errors="replace") for path in (out / "logs").glob("proxy-*.log")}
-    recording = {target for target, text in texts.items() if SHADOWPROXY_START.search(text)}
-    later = stored_later(out, recording, texts)
+    started = {target for target, text in texts.items() if SHADOWPROXY_START.search(text)}
+    recording = started - set(MEASURING)
+    later = stored_later(out, started, texts)
     print("| scenario | conns | target | req/s (range) | p50 ms | p99 ms (range) | proxy µs/req "
           "(range) | µs/req with stops and stored later | rps ÷ nginx mirror | "
           "rps ÷ Envoy mirror | rps ÷ direct | p50 ÷ fast | p99 ÷ fast | steal % (range) | "
@@ -133,7 +138,8 @@ def main() -> None:
     speeds = (speed.by_run(out / "harness.log", out / "speed.tsv", 0)
               if (out / "speed.tsv").exists() and logged else {})
     for scenario, conns, target in ((s, c, t) for s in scenarios for c in connections
-                                    for t in ("direct", "nginx-mirror", "envoy-mirror", *OURS)):
+                                    for t in ("direct", "nginx-mirror", "envoy-mirror", *OURS,
+                                              *MEASURING)):
         row = table.get((scenario, target, conns))
         if row is None:
             continue
@@ -145,7 +151,7 @@ def main() -> None:
                  else f"{row['proxy_cpu_us_per_req']:.0f} "
                       f"({spread(row['proxy_cpu_us_per_req_range'], '{:.0f}')})",
                  all_in(row["proxy_cpu_us_per_req"], later.get((scenario, target, conns)))]
-        if target in OURS:
+        if target in OURS or target in MEASURING:
             fast = table.get(("fast", target, conns), {})
             nginx = table.get((scenario, "nginx-mirror", conns), {})
             envoy = table.get((scenario, "envoy-mirror", conns), {})

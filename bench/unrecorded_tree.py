@@ -10,8 +10,8 @@ stop. docs/performance.md ("What the recording costs") has the figures.
       bash bench/run.sh --reps 3 --proxy unrecorded="env SHADOWPROXY_BENCH_TREE=/tmp/unrecorded \\
       bash $PWD/bench/start_for_harness.sh {port} {primary_url} {shadow_url} {workdir}"
 
-The run's record check then counts that target's exchanges as dropped and reports a
-MISMATCH: it adds up every shadowproxy target of the run.
+Name the target ``unrecorded``: bench/summarize.py then shows it beside the product's rows
+and leaves it out of the record check (its exchanges are all counted as dropped).
 """
 
 from __future__ import annotations
