@@ -183,6 +183,12 @@ class Proxy:
         answer."""
         self.server.close()
         self.ctx.draining = True
+        # The idle ones close two turns of the loop later, after it has read what the
+        # kernel already holds for them: a request a client sent before the stop began is
+        # answered, not reset because its bytes had not been read yet.
+        self.ctx.after_reads(self._close_idle)
+
+    def _close_idle(self) -> None:
         for conn in self.ctx.idle_connections():
             conn.close_if_idle()
 

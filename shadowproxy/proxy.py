@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 
@@ -115,6 +116,13 @@ class ProxyContext:
 
     def idle_connections(self) -> list[ClientConnection]:
         return [c for c in self.connections if c.is_idle()]
+
+    def after_reads(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` after the loop has polled for I/O at least once more: what the
+        kernel holds for a connection now has reached its ``data_received`` by then. (Two
+        turns: asyncio's own loop runs a turn's I/O callbacks after the ones scheduled
+        before its poll; uvloop runs them during the poll.)"""
+        self.loop.call_soon(self.loop.call_soon, callback)
 
 
 class ClientRequest:
@@ -236,9 +244,10 @@ class ClientConnection(asyncio.Protocol):
         self.ctx.connections.add(self)
         if self.ctx.draining:
             # Accepted by the kernel before the listener closed and taken by the loop after
-            # (the stop's sweep of idle connections has passed): a stopping proxy serves no
-            # new connection, and this one would stay open past the stop.
-            transport.close()
+            # (the stop's sweep of idle connections has passed): it would stay open past the
+            # stop. It closes once the loop has read what it already sent: a request sent
+            # before the stop is answered (and the connection closed after it).
+            self.ctx.after_reads(self.close_if_idle)
 
     def data_received(self, data: bytes) -> None:
         req = self.req

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 
 import aiohttp
@@ -69,10 +70,10 @@ async def test_stop_runs_in_order_and_admin_answers_until_the_end(
                                             "WHERE target = 's' AND status = 200")) == 1
 
 
-async def test_a_connection_taken_while_draining_is_closed_at_once(
+async def test_a_connection_taken_while_draining_without_a_request_is_closed(
         start_proxy: StartProxy) -> None:
     """A connection the loop takes after the stop began (the kernel accepted it before the
-    listener closed) is closed at once rather than left open past the stop."""
+    listener closed) and that sends nothing is closed rather than left open past the stop."""
     async with serve(model("v1")) as primary, \
             start_proxy([{"name": "r", "primary": {"url": primary.url}}]) as proxy:
         proxy.ctx.draining = True  # the listener is still open: the late connection's window
@@ -83,3 +84,53 @@ async def test_a_connection_taken_while_draining_is_closed_at_once(
             writer.close()
             await writer.wait_closed()
         assert not proxy.ctx.connections
+
+
+REQUEST = (b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 2\r\n\r\n{}")
+
+
+async def test_a_request_the_kernel_holds_when_the_stop_begins_is_answered(
+        start_proxy: StartProxy) -> None:
+    """A request that reached the proxy's socket before the stop began, on a connection it
+    had accepted, but that its loop had not read yet, is answered: the stop closes the idle
+    connections only once the loop has read what they already sent."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url}}]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            for _ in range(200):  # the proxy's loop takes the connection
+                if proxy.ctx.connections:
+                    break
+                await asyncio.sleep(0.01)
+            # On loopback the bytes are in the proxy's socket when write() returns (an empty
+            # buffer is sent at once); the stop begins before the loop runs again.
+            writer.write(REQUEST)
+            proxy.stop_accepting()
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    assert b'"model_version": "v1"' in answer
+
+
+async def test_a_connection_taken_while_draining_with_its_request_sent_is_answered(
+        start_proxy: StartProxy) -> None:
+    """A connection the kernel accepted before the listener closed, taken by the loop after
+    the stop began, whose request is already there, is answered and then closed."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url}}]) as proxy:
+        proxy.ctx.draining = True  # the listener is still open: the late connection's window
+        # Connected and sent without a turn of the loop: the request is in the socket before
+        # the proxy's loop takes the connection.
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+        sock.sendall(REQUEST)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            answer = await asyncio.wait_for(reader.read(), 5)  # to the close after it
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
