@@ -195,6 +195,16 @@ class Proxy:
     async def finish_requests(self, deadline: float) -> None:
         """Wait (until ``deadline``, loop time) for every accepted request to be answered."""
         loop = asyncio.get_running_loop()
+        # First the turns after which stop_accepting's idle connections close: a request
+        # already in the kernel then has been read, and its connection is busy, not idle.
+        reads_done: asyncio.Future[None] = loop.create_future()
+
+        def read() -> None:
+            if not reads_done.done():  # (the stop's task may have been cancelled meanwhile)
+                reads_done.set_result(None)
+
+        self.ctx.after_reads(read)
+        await reads_done
         while loop.time() < deadline and any(not c.is_idle() for c in self.ctx.connections):
             await asyncio.sleep(0.02)
 
