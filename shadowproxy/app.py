@@ -179,24 +179,16 @@ class Proxy:
         return await self.reloader.reload(trigger)
 
     def stop_accepting(self) -> None:
-        """Close the listener; idle keep-alive connections close, busy ones after their
-        answer."""
+        """Close the listener; from now on connections close after their answer."""
         self.server.close()
         self.ctx.draining = True
-        # The idle ones close two turns of the loop later, after it has read what the
-        # kernel already holds for them: a request a client sent before the stop began is
-        # answered, not reset because its bytes had not been read yet.
-        self.ctx.after_reads(self._close_idle)
-
-    def _close_idle(self) -> None:
-        for conn in self.ctx.idle_connections():
-            conn.close_if_idle()
 
     async def finish_requests(self, deadline: float) -> None:
-        """Wait (until ``deadline``, loop time) for every accepted request to be answered."""
+        """Close the idle connections and wait (until ``deadline``, loop time) for every
+        accepted request to be answered."""
         loop = asyncio.get_running_loop()
-        # First the turns after which stop_accepting's idle connections close: a request
-        # already in the kernel then has been read, and its connection is busy, not idle.
+        # Once the loop has read what the kernel already holds: a request a client sent
+        # before the stop began is then being served, not reset as an idle connection's.
         reads_done: asyncio.Future[None] = loop.create_future()
 
         def read() -> None:
@@ -205,6 +197,8 @@ class Proxy:
 
         self.ctx.after_reads(read)
         await reads_done
+        for conn in self.ctx.idle_connections():
+            conn.close_if_idle()
         while loop.time() < deadline and any(not c.is_idle() for c in self.ctx.connections):
             await asyncio.sleep(0.02)
 
