@@ -46,7 +46,8 @@ NOTED_REQUEST_HEADERS: Final = frozenset({
     b"transfer-encoding",
 })
 # Of those, the ones whose repeated fields make one list (RFC 9110 §5.3).
-LISTED_REQUEST_HEADERS: Final = frozenset({b"connection", b"transfer-encoding"})
+LISTED_REQUEST_HEADERS: Final = frozenset({b"connection", b"transfer-encoding",
+                                           b"x-forwarded-for"})
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b""})
 
 
@@ -109,8 +110,10 @@ def reason_phrase(status: int) -> bytes:
 
 
 def json_error(status: int, message: str, request_id: str | None, *,
-               keep_alive: bool) -> bytes:
-    """A complete response with a JSON error body, for errors the proxy answers itself."""
+               keep_alive: bool, head_only: bool = False) -> bytes:
+    """A complete response with a JSON error body, for errors the proxy answers itself;
+    for a HEAD request (``head_only``) its head alone, with the length the body would have
+    (RFC 9110 §9.3.2: the client reads no body, and would take one for the next answer)."""
     body = json.dumps({"error": message, "status": status,
                        "request_id": request_id}).encode()
     head = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
@@ -119,7 +122,7 @@ def json_error(status: int, message: str, request_id: str | None, *,
     if request_id:
         head.append(b"X-Request-Id: " + request_id.encode("latin-1") + CRLF)
     head.append(b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n")
-    return b"".join(head) + CRLF + body
+    return b"".join(head) + CRLF + (b"" if head_only else body)
 
 
 class ClosedParser:

@@ -49,8 +49,9 @@ class ClientChannel:
     """The client connection as the primary call sees it: one per client connection, set up
     by the connection for each response (``begin``)."""
 
-    __slots__ = ("head_sent", "http10", "keep_alive", "on_complete", "pending_head",
-                 "read_pauses", "rechunk", "stalled_since", "transport", "writing_paused")
+    __slots__ = ("head_only", "head_sent", "http10", "keep_alive", "on_complete",
+                 "pending_head", "read_pauses", "rechunk", "stalled_since", "transport",
+                 "writing_paused")
 
     def __init__(self, on_complete: Callable[[], None]) -> None:
         self.transport: asyncio.Transport | None = None
@@ -59,6 +60,8 @@ class ClientChannel:
         self.keep_alive = True
         """The connection's decision: the connection stays open after this response."""
         self.http10 = False
+        self.head_only = False
+        """The request is a HEAD: an answer of the proxy's own has no body either."""
         self.read_pauses = 0
         """The ``READ_*`` reasons reading from the client is paused for (a bit set)."""
         self.writing_paused = False
@@ -70,10 +73,11 @@ class ClientChannel:
         self.pending_head: bytes | None = None
 
     # --- used by the connection ---
-    def begin(self, keep_alive: bool, http10: bool) -> None:
+    def begin(self, keep_alive: bool, http10: bool, head_only: bool) -> None:
         """A new response starts; ``keep_alive`` is the connection's decision so far."""
         self.keep_alive = keep_alive
         self.http10 = http10
+        self.head_only = head_only
         self.head_sent = False
         self.rechunk = False
         self.pending_head = None
@@ -128,7 +132,8 @@ class ClientChannel:
     def answer(self, status: int, message: str, request_id: str | None) -> None:
         """A whole JSON error response instead of the upstream's (none of it was sent)."""
         self.pending_head = None
-        self.write(http1.json_error(status, message, request_id, keep_alive=self.keep_alive))
+        self.write(http1.json_error(status, message, request_id, keep_alive=self.keep_alive,
+                                    head_only=self.head_only))
 
     def cut(self) -> None:
         """End the connection abruptly: the response started and cannot be completed."""

@@ -293,6 +293,21 @@ class ClientConnection(asyncio.Protocol):
         if active is not None and active.call is not None:
             active.call.client_gone(self.gone_reason)
 
+    def eof_received(self) -> bool:
+        """The client closed its side after sending (``shutdown(SHUT_WR)``, ``nc -N``):
+        what it sent in full is answered, then the connection closes; a request it left
+        incomplete can never be answered."""
+        req = self.req
+        if (req is not None and req is self.active) or (self.active is None and not self.waiting):
+            return False  # nothing left to answer: the transport closes
+        self.req = None  # a request cut short behind those answered is dropped
+        self.close_after = True
+        channel = self.channel
+        if not self.waiting and not channel.started():
+            channel.keep_alive = False  # the last answer says the connection closes
+        channel.pause_reading(READ_CLOSING)
+        return True  # keep the sending side open for the answers
+
     def pause_writing(self) -> None:
         # The client reads more slowly than it is answered: the primary's response is not
         # read further, and no other request is started until it catches up (or, after
@@ -381,23 +396,27 @@ class ClientConnection(asyncio.Protocol):
             raise _Refusal(400, f"Transfer-Encoding {coding.decode('latin-1')!r} is not "
                                 "accepted: only chunked")
         req.method = method = parser.get_method()
-        req.keep_alive = parser.should_keep_alive()
+        # An HTTP/1.0 message with a transfer coding ends the connection (RFC 9112 §6.1).
+        req.keep_alive = parser.should_keep_alive() and not (req.http10 and coding is not None)
         req.path, req.query = split_url(req.url)
         if parser.should_upgrade():
             req.error = (501, "protocol upgrades (WebSocket, h2c) are not proxied")
             req.keep_alive = False
             return
         route = req.route = self.ctx.router.match(method, req.path)
-        if route is None:
-            return
-        length = noted.get(b"content-length")
         # Behind another request, or behind an answer the client is not reading: held.
         pipelined = req.pipelined = (self.active is not None or bool(self.waiting)
                                      or self.channel.writing_paused)
-        if not pipelined and length is not None and int(length) > route.max_mirror_body:
-            self._start_streaming(req, int(length))
+        if route is not None:
+            length = noted.get(b"content-length")
+            if not pipelined and length is not None and int(length) > route.max_mirror_body:
+                self._start_streaming(req, int(length))
         expect = noted.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue" and not pipelined:
+        # A client waiting for 100 Continue sends its body only then, also to a path no
+        # route takes (its 404 comes once the body is read). An HTTP/1.0 client is sent no
+        # interim response (RFC 9110 §15.2): it ignores the expectation and sends anyway.
+        if expect is not None and not pipelined and not req.http10 and (
+                expect.lower() == b"100-continue"):
             self.channel.write(http1.CONTINUE_100)
 
     def on_body(self, body: bytes) -> None:
@@ -545,7 +564,7 @@ class ClientConnection(asyncio.Protocol):
     def _serve(self, req: ClientRequest) -> None:
         self.active = req
         self._unbuffer(req)
-        self.channel.begin(self._keep_alive(req), req.http10)
+        self.channel.begin(self._keep_alive(req), req.http10, req.method == b"HEAD")
         if req.error is not None:
             self._respond_error(req, *req.error)
             return
@@ -574,7 +593,7 @@ class ClientConnection(asyncio.Protocol):
         req.streaming = True
         req.captured = []
         # Connection: close, unless the whole request arrives before the answer begins.
-        self.channel.begin(False, req.http10)
+        self.channel.begin(False, req.http10, req.method == b"HEAD")
         exchange = self._new_exchange(req, route)
         exchange.hold()  # the record waits for the body (_finish_capture)
         self._forward(req, route, exchange, b"", length, streaming=True,
@@ -625,7 +644,10 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         req.call = None  # call and request refer to each other: let plain refcounting free them
         self.last_active = now = self.ctx.loop.time()
-        if self.gone:
+        transport = self.transport
+        if self.gone or transport is None or transport.is_closing():
+            # Cut (the primary's answer broke off) or closing: a request read behind this
+            # one is never forwarded, since no answer to it could reach the client.
             return
         channel = self.channel
         channel.resume_reading(READ_UPSTREAM)
@@ -678,8 +700,9 @@ class ClientConnection(asyncio.Protocol):
             self._close()  # its answer is out already
             return
         active = self.active
+        head_only = req is not None and req.method == b"HEAD"
         if active is None and not self.waiting:
-            channel.begin(False, False)
+            channel.begin(False, False, head_only)
             channel.answer(status, message, None)
             self._close()
             return
@@ -689,6 +712,15 @@ class ClientConnection(asyncio.Protocol):
             self._finish_capture(req)
             if req.call is not None:
                 req.call.refuse(status, message)
+            return
+        # Behind requests still to be answered: its refusal waits for its turn, the last
+        # answer on this connection.
+        refused = ClientRequest(self.ctx.loop.time())
+        refused.error = (status, message)
+        refused.keep_alive = False
+        if head_only:
+            refused.method = b"HEAD"
+        self.waiting.append(refused)
 
     def _close(self) -> None:
         """Close once what was written has been sent."""

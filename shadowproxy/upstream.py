@@ -241,6 +241,12 @@ class _HeadTooLarge(Exception):
     """Raised in a parser callback: the response head is over the pool's cap."""
 
 
+class _UnsupportedCoding(Exception):
+    """Raised in a parser callback: the response's body has a transfer coding besides
+    chunked (``gzip, chunked``). The parser reads the chunks and would hand on the coded
+    bytes as the body, with nothing left to say they are coded."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an upstream, carrying one call at a time.
 
@@ -311,6 +317,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.dirty = True  # garbage after a complete response: closed when settled
             elif isinstance(exc.__context__, _HeadTooLarge):
                 self._head_too_large()
+                return
+            elif isinstance(exc.__context__, _UnsupportedCoding):
+                self._fail(ErrorKind.PROTOCOL, str(exc.__context__))
                 return
             else:
                 self._fail(ErrorKind.PROTOCOL, f"malformed response: {exc}")
@@ -413,10 +422,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = _BODY
         if status not in http1.NO_BODY_STATUS:  # the parser itself ends 204 and 304 here
             framed = False
-            for name, _ in headers:
+            for name, value in headers:
                 size = len(name)  # (lower-casing only the names that may match)
-                if (size == 14 and name.lower() == b"content-length") or (
-                        size == 17 and name.lower() == b"transfer-encoding"):
+                if size == 14 and name.lower() == b"content-length":
+                    framed = True
+                    break
+                if size == 17 and name.lower() == b"transfer-encoding":
+                    if value.strip().lower() != b"chunked":
+                        raise _UnsupportedCoding(
+                            f"response with Transfer-Encoding {value.decode('latin-1')!r}: "
+                            "only chunked is relayed")
                     framed = True
                     break
             if not framed:

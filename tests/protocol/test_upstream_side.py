@@ -81,19 +81,19 @@ async def test_client_channel_frames_responses_for_its_client() -> None:
     channel = ClientChannel(lambda: done.append("complete"))
     channel.transport = transport = FakeTransport()
 
-    channel.begin(True, False)
+    channel.begin(True, False, False)
     channel.start_response([b"HTTP/1.1 200 OK\r\n"], False, False)
     assert transport.take() == b""  # the head waits for the first piece of body
     channel.send(b"abc")
     channel.end_response()
     assert transport.take() == (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                 b"3\r\nabc\r\n0\r\n\r\n")
-    channel.begin(True, True)
+    channel.begin(True, True, False)
     channel.start_response([b"HTTP/1.1 200 OK\r\n"], False, False)
     channel.end_response()
     assert transport.take() == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
     assert not channel.keep_alive
-    channel.begin(False, False)
+    channel.begin(False, False, False)
     channel.start_response([b"HTTP/1.1 204 X\r\n"], False, True)
     channel.answer(502, "no", "rid")  # nothing was sent yet: the error replaces it
     assert transport.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
@@ -126,7 +126,7 @@ async def test_primary_call_relays_through_its_channel_alone() -> None:
         done: list[int] = []
         channel = ClientChannel(functools.partial(done.append, 1))
         channel.transport = client = FakeTransport()
-        channel.begin(True, False)
+        channel.begin(True, False, False)
         exchange = Exchange("r", time.time(), "GET", "/p", "", [], None, "rid")
         call = PrimaryCall(channel, route, exchange, b"GET /p HTTP/1.1\r\n\r\n", b"", False,
                            True, 1000)

@@ -1,0 +1,239 @@
+"""HTTP/1.1 at the edges of the client side: answers of the proxy's own to HEAD requests,
+a request pipelined behind one whose answer broke off, a refusal pipelined behind answers,
+clients that half-close, ``Expect: 100-continue``, an upstream's transfer codings, and
+repeated ``X-Forwarded-For`` lines. Real upstreams on 127.0.0.1, raw client sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+
+from tests.conftest import StartProxy, route
+from tests.db import fetch
+from tests.proxy.test_data_path import wait_for_rows
+from tests.upstreams import closing, raw_server, serve, sleeping
+
+Log = list[tuple[bytes, bytes]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request as the upstream receives it: (head, body); the proxy sends bodies with
+    Content-Length or chunked."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    low = head.lower()
+    body = b""
+    if b"content-length:" in low:
+        body = await reader.readexactly(int(low.split(b"content-length:")[1].split(b"\r\n")[0]))
+    elif b"transfer-encoding: chunked" in low:
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")
+    return head, body
+
+
+def answering(log: Log, body: bytes = b"hello") -> object:
+    """An upstream that answers every request 200 with ``body``, noting (request line, head)."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            log.append((head.split(b"\r\n")[0], head))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    return closing(respond)
+
+
+async def talk(port: int, data: bytes, *, quiet_s: float = 1.0,
+               half_close: bool = False) -> bytes:
+    """Send ``data`` and return what the proxy answers until it closes, or until it has
+    said nothing for ``quiet_s``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    if half_close:
+        writer.write_eof()
+    out = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), quiet_s):
+            out += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+    return out
+
+
+async def test_an_answer_of_the_proxys_own_to_a_head_request_has_no_body(
+        start_proxy: StartProxy) -> None:
+    """RFC 9110 §9.3.2: a keep-alive client takes a body after a HEAD answer for the start
+    of the next answer. The 404 of a path no route takes and the 502 of a dead primary are
+    heads alone, and the connection serves the next request."""
+    log: Log = []
+    async with raw_server(answering(log)) as url, start_proxy([
+            route(url, match={"path_prefix": "/api"}),
+            {"name": "dead", "primary": {"url": "http://127.0.0.1:1", "timeout_s": 1},
+             "match": {"path_prefix": "/dead"}}]) as proxy:
+        unrouted = await talk(proxy.port, b"HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+                                          b"GET /api/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        dead = await talk(proxy.port, b"HEAD /dead HTTP/1.1\r\nHost: x\r\n\r\n"
+                                      b"GET /api/b HTTP/1.1\r\nHost: x\r\n\r\n")
+    for out, status in ((unrouted, b"404"), (dead, b"502")):
+        first, rest = out.split(b"\r\n\r\n", 1)
+        assert first.startswith(b"HTTP/1.1 " + status), out
+        assert b"Content-Length: " in first  # the length a GET's body would have
+        assert rest.startswith(b"HTTP/1.1 200 OK") and rest.endswith(b"hello"), out
+    assert [line for line, _ in log] == [b"GET /api/a HTTP/1.1", b"GET /api/b HTTP/1.1"]
+
+
+async def test_a_request_behind_an_answer_that_broke_off_is_never_forwarded(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """The primary closes in the middle of answer 1: the client's connection is cut, and the
+    POST pipelined behind it never reaches the primary (no client could get its answer, and
+    a client retrying after the reset would repeat its effect) nor the records."""
+    log: Log = []
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            log.append((head.split(b"\r\n")[0], head))
+            if b" /1 " in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                return  # closes in the middle of the body
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\ncreated")
+            await writer.drain()
+
+    async with raw_server(closing(respond)) as url, start_proxy([route(url)]) as proxy:
+        out = await talk(proxy.port, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n"
+                                     b"charge=1")
+        await wait_for_rows(database_url, "responses", 1)
+        await asyncio.sleep(0.2)  # time for a forwarded POST to reach the upstream
+    assert b"created" not in out
+    assert [line for line, _ in log] == [b"GET /1 HTTP/1.1"]
+    rows = await fetch(database_url, "SELECT path FROM shadowproxy.requests")
+    assert [row["path"] for row in rows] == ["/1"]
+
+
+async def test_a_request_behind_an_answer_that_timed_out_is_never_forwarded(
+        start_proxy: StartProxy) -> None:
+    """The same when the primary stalls in the middle of answer 1 until its timeout."""
+    log: Log = []
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            log.append((head.split(b"\r\n")[0], head))
+            if b" /1 " in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+                await writer.drain()
+                await asyncio.sleep(3)
+                return
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with raw_server(closing(respond)) as url, start_proxy(
+            [{**route(url), "primary": {"url": url, "timeout_s": 0.5}}]) as proxy:
+        await talk(proxy.port, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                   quiet_s=2.0)
+        await asyncio.sleep(0.3)
+    assert [line for line, _ in log] == [b"GET /1 HTTP/1.1"]
+
+
+async def test_a_refusal_pipelined_behind_an_answer_is_sent_after_it(
+        start_proxy: StartProxy) -> None:
+    """A smuggling attempt read while request 1 is at the primary: request 1 is answered,
+    then the 400 (RFC 9112 §2.2), and the connection closes."""
+    async with serve(sleeping(0.2)) as up, start_proxy([route(up.url)]) as proxy:
+        out = await talk(proxy.port, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", quiet_s=3.0)
+    first, second = out.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and b"Connection: close" not in first, out
+    assert second.startswith(b"400") and b"Connection: close" in second, out
+    assert [seen.path for seen in up.seen] == ["/1"]
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """``shutdown(SHUT_WR)`` after the request (``nc -N``): the answer is written, then the
+    connection closes; a request left incomplete is not forwarded."""
+    log: Log = []
+    async with raw_server(answering(log)) as url, start_proxy([route(url)]) as proxy:
+        out = await talk(proxy.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n", half_close=True)
+        cut = await talk(proxy.port, b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n"
+                                     b"\r\nabc", half_close=True)
+        await wait_for_rows(database_url, "responses", 2)
+    assert out.count(b"hello") == 2 and out.rstrip().endswith(b"hello"), out
+    assert b"Connection: close" in out.split(b"HTTP/1.1 ")[-1]
+    assert cut == b""
+    assert [line for line, _ in log] == [b"GET /a HTTP/1.1", b"GET /b HTTP/1.1"]
+
+
+async def test_expect_100_continue(start_proxy: StartProxy) -> None:
+    """A 100 Continue also for a path no route takes (then its 404, once the body is read);
+    none for an HTTP/1.0 client, which must not be sent an interim response (RFC 9110
+    §15.2) and sends its body anyway."""
+    log: Log = []
+    async with raw_server(answering(log)) as url, \
+            start_proxy([route(url, match={"path_prefix": "/api"})]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /other HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        writer.write(b"abc")
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        writer.close()
+        http10 = await talk(proxy.port, b"POST /api/x HTTP/1.0\r\nContent-Length: 3\r\n"
+                                        b"Expect: 100-continue\r\n\r\nabc")
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.startswith(b"HTTP/1.1 404")
+    assert http10.startswith(b"HTTP/1.1 200") and http10.endswith(b"hello"), http10
+
+
+async def test_an_http10_request_with_a_transfer_coding_closes_the_connection(
+        start_proxy: StartProxy) -> None:
+    """RFC 9112 §6.1: after an HTTP/1.0 message with Transfer-Encoding the connection closes,
+    whatever its Connection header asks."""
+    log: Log = []
+    async with raw_server(answering(log)) as url, start_proxy([route(url)]) as proxy:
+        out = await talk(proxy.port, b"POST /a HTTP/1.0\r\nConnection: keep-alive\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+                         quiet_s=3.0)
+    assert out.startswith(b"HTTP/1.1 200") and b"Connection: close" in out, out
+
+
+async def test_a_primary_answer_with_a_transfer_coding_besides_chunked_is_a_502(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """``Transfer-Encoding: gzip, chunked``: relaying the de-chunked bytes would hand the
+    client gzip as if it were the body, with nothing saying so. 502, recorded as a protocol
+    error."""
+    payload = gzip.compress(b'{"a": 1}')
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                     b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+        await writer.drain()
+        await reader.read()
+
+    async with raw_server(closing(respond)) as url, start_proxy([route(url)]) as proxy:
+        out = await talk(proxy.port, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for_rows(database_url, "responses", 1)
+    assert out.startswith(b"HTTP/1.1 502") and payload not in out, out
+    rows = await fetch(database_url, "SELECT error, error_kind FROM shadowproxy.responses")
+    assert rows[0]["error_kind"] == "protocol" and "gzip" in rows[0]["error"]
+
+
+async def test_repeated_x_forwarded_for_lines_make_one_list(start_proxy: StartProxy) -> None:
+    """RFC 9110 §5.3: two X-Forwarded-For lines (a load balancer's appended to a client's)
+    are one list; the client's address goes after both."""
+    log: Log = []
+    async with raw_server(answering(log)) as url, start_proxy([route(url)]) as proxy:
+        await talk(proxy.port, b"GET /a HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\n"
+                               b"X-Forwarded-For: 2.2.2.2\r\n\r\n", quiet_s=0.5)
+    assert b"X-Forwarded-For: 1.1.1.1, 2.2.2.2, 127.0.0.1\r\n" in log[0][1]
