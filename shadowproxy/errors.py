@@ -13,6 +13,7 @@ with the status its supervisor reads.
     ├── EmbeddedDatabaseError  the embedded PostgreSQL could not be started
     ├── SpoolError           the on-disk spool could not be written or read
     ├── ListenError          `listen` or `admin_listen` cannot be bound (in use, no such address)
+    ├── MissingExtraError    a command needs an optional extra that is not installed
     └── DemoError            a step of `shadowproxy demo` failed (a process, the records)
 
 Failures of upstream calls are not exceptions: they are data on the exchange record (an
@@ -63,6 +64,12 @@ class ListenError(ShadowProxyError):
 
 class SpoolError(ShadowProxyError):
     """The spool directory could not be written or read."""
+
+
+class MissingExtraError(ShadowProxyError):
+    """A command needs packages of an optional extra (pyproject.toml) that are not
+    installed; the message names the extra and the command that installs it. Exit status 1,
+    as for anything else the machine lacks: the command itself was well formed."""
 
 
 class DemoError(ShadowProxyError):

@@ -181,6 +181,24 @@ def test_listen_forms_and_an_admin_listener_on_the_proxy_address(tmp_path: Path)
             "their own port, e.g. :9090"]
 
 
+def test_a_port_as_a_number_and_a_database_url_as_a_string_say_what_to_write(
+        tmp_path: Path) -> None:
+    """`listen: 8080` (YAML reads a number) and `database: "postgresql://..."` (a URL where
+    a block goes): each message gives the form to write, not the type pydantic expected."""
+    path = write(tmp_path, 'listen: 8080\nadmin_listen: 9090\ndatabase: "postgresql://h/db"\n'
+                           'routes: [{name: a, primary: {url: "http://h"}}]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f'{path}:1: listen: expected "HOST:PORT", e.g. "127.0.0.1:8080", or ":8080" for every '
+        "interface (got the number 8080)",
+        f'{path}:2: admin_listen: expected "HOST:PORT", e.g. "127.0.0.1:9090", or ":9090" for '
+        "every interface (got the number 9090)",
+        f"{path}:3: database: expected a block with the URL under url: (database: {{url: "
+        "postgresql://...}), or url: null for the embedded database; SHADOWPROXY_DATABASE_URL "
+        "also sets it"]
+
+
 def test_a_tab_is_explained_at_its_line(tmp_path: Path) -> None:
     """A tab in the indentation gives FILE:LINE and what to do, not PyYAML's raw message."""
     path = write(tmp_path, "routes:\n  - name: a\n\tprimary: {url: 'http://h'}\n")

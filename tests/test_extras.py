@@ -64,11 +64,20 @@ async def test_the_proxy_installs_and_runs_without_the_extras(
 
 def test_a_command_without_its_extra_names_it(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`shadowproxy demo` without the report's packages exits 1 naming the extra."""
+    """Without rich: `shadowproxy demo` exits 1 naming the extra that brings all it needs
+    (examples, from a checkout), not the extra of the first package found missing;
+    `shadowproxy replay` exits 1 naming the report extra."""
     for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")] + ["rich"]:
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "shadowproxy.demo", raising=False)
+    for module in [m for m in sys.modules if m == "shadowproxy.demo"
+                   or m.startswith("shadowproxy.replay")]:
+        monkeypatch.delitem(sys.modules, module)
     assert main(["demo", "--requests", "1"]) == 1
     err = capsys.readouterr().err
-    assert "`shadowproxy demo` needs the 'report' extra" in err
+    assert "`shadowproxy demo` needs the 'examples' extra" in err
+    assert "pip install -e '.[examples]'" in err
+    assert main(["replay", "-c", "x.yaml", "--route", "r", "--to", "http://127.0.0.1:1",
+                 "--as", "v2", "--since", "1h"]) == 1
+    err = capsys.readouterr().err
+    assert "`shadowproxy replay` needs the 'report' extra" in err
     assert "pip install 'shadowproxy[report]'" in err

@@ -5,7 +5,8 @@ generation route (which a route may turn out to be only once its answers are rea
 checked for every report); matplotlib draws the HTML report's
 plots; pyarrow reads a Parquet reference (a CSV reference needs nothing more). They come with
 the ``report`` extra. The command checks what this report needs before it reads anything,
-so that a missing package is a usage error naming the extra, not a traceback halfway.
+so that a missing package is an error naming the extra (exit status 1), not a traceback
+halfway.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from shadowproxy.errors import UsageError
+from shadowproxy.errors import MissingExtraError
 
 INSTALL = "pip install 'shadowproxy[report]'"
 REPORT = ("numpy", "scipy", "rich", "rapidfuzz")
@@ -26,7 +27,8 @@ def is_parquet(path: Path) -> bool:
 
 
 def require(modules: Sequence[str], what: str) -> None:
-    """UsageError naming the modules of ``modules`` that cannot be imported, and the extra."""
+    """MissingExtraError naming the modules of ``modules`` that cannot be imported, and
+    the extra."""
     missing = []
     for name in modules:
         try:
@@ -34,8 +36,8 @@ def require(modules: Sequence[str], what: str) -> None:
         except ImportError as exc:
             missing.append(f"{name} ({exc})")
     if missing:
-        raise UsageError(f"{what} needs {', '.join(missing)}; it comes with the report extra: "
-                         f"{INSTALL}")
+        raise MissingExtraError(f"{what} needs {', '.join(missing)}; it comes with the "
+                                f"report extra: {INSTALL}")
 
 
 def require_for(fmt: str, reference: Path | None) -> None:
