@@ -422,18 +422,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = _BODY
         if status not in http1.NO_BODY_STATUS:  # the parser itself ends 204 and 304 here
             framed = False
+            codings = 0
             for name, value in headers:
                 size = len(name)  # (lower-casing only the names that may match)
                 if size == 14 and name.lower() == b"content-length":
                     framed = True
-                    break
-                if size == 17 and name.lower() == b"transfer-encoding":
-                    if value.strip().lower() != b"chunked":
+                elif size == 17 and name.lower() == b"transfer-encoding":
+                    # Every line counts: "chunked" then "gzip" on a second line is
+                    # "chunked, gzip", and the parser would read to the close.
+                    codings += 1
+                    if codings > 1 or value.strip().lower() != b"chunked":
                         raise _UnsupportedCoding(
-                            f"response with Transfer-Encoding {value.decode('latin-1')!r}: "
-                            "only chunked is relayed")
+                            f"response with Transfer-Encoding {value.decode('latin-1')!r}"
+                            f"{' on a second line' if codings > 1 else ''}: only chunked "
+                            "is relayed")
                     framed = True
-                    break
             if not framed:
                 self.body_until_close = True
                 self.keep_alive = False

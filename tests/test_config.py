@@ -199,6 +199,31 @@ def test_a_port_as_a_number_and_a_database_url_as_a_string_say_what_to_write(
         "also sets it"]
 
 
+@pytest.mark.parametrize(("headers", "message"), [
+    ('{"X-A": "1\\r\\nX-Injected: yes"}', "X-A: a header value cannot hold a line break"),
+    ('{"Content-Length": "0"}', "Content-Length is written by the proxy itself"),
+    ('{"X-Request-Id": "fixed"}', "X-Request-Id is written by the proxy itself"),
+    ('{"bad name": "x"}', "'bad name' is not a header name"),
+    ('{"X-B": "caf\\u00e9 \\u2713"}', "X-B: HTTP/1.1 header values are Latin-1 text"),
+])
+def test_a_shadows_set_headers_are_checked(tmp_path: Path, headers: str, message: str) -> None:
+    """What set_headers adds goes into the shadow's request head as written: a line break
+    would add a header, a framing or forwarding header the proxy writes would be doubled,
+    and a value that is not Latin-1 cannot be sent. Each is refused at its line."""
+    path = write(tmp_path, 'routes:\n  - name: a\n    primary: {url: "http://h"}\n'
+                           '    shadows:\n      - name: s\n        url: "http://s"\n'
+                           f'        set_headers: {headers}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems[0].startswith(f"{path}:7: routes[0].shadows[0].set_headers: ")
+    assert message in info.value.problems[0]
+    ok = write(tmp_path, 'routes:\n  - name: a\n    primary: {url: "http://h"}\n'
+                         '    shadows:\n      - name: s\n        url: "http://s"\n'
+                         '        set_headers: {Authorization: "Bearer shadow-t0ken"}\n')
+    assert load_config(ok).routes[0].shadows[0].set_headers == {
+        "Authorization": "Bearer shadow-t0ken"}
+
+
 def test_a_tab_is_explained_at_its_line(tmp_path: Path) -> None:
     """A tab in the indentation gives FILE:LINE and what to do, not PyYAML's raw message."""
     path = write(tmp_path, "routes:\n  - name: a\n\tprimary: {url: 'http://h'}\n")

@@ -94,7 +94,10 @@ def inspect_json(body: bytes, headers: list[tuple[bytes, bytes]],
         except BodyTooLarge:
             decoded = None
         if decoded is None:
-            return None, ENCODING if declared else None
+            # Mislabelled (plain JSON said to be gzip) or a coding not undone here: a body
+            # whose bytes look like JSON may hold a field to redact all the same.
+            looks = declared or body.lstrip()[:1] in (b"{", b"[")
+            return None, ENCODING if looks else None
         body = decoded
     if not declared:
         first = body.lstrip()[:1]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 
+import pytest
+
 from tests.conftest import StartProxy, route
 from tests.db import fetch
 from tests.proxy.test_data_path import wait_for_rows
@@ -207,17 +209,20 @@ async def test_an_http10_request_with_a_transfer_coding_closes_the_connection(
     assert out.startswith(b"HTTP/1.1 200") and b"Connection: close" in out, out
 
 
+@pytest.mark.parametrize("codings", [b"Transfer-Encoding: gzip, chunked\r\n",
+                                     b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n"])
 async def test_a_primary_answer_with_a_transfer_coding_besides_chunked_is_a_502(
-        start_proxy: StartProxy, database_url: str) -> None:
+        start_proxy: StartProxy, database_url: str, codings: bytes) -> None:
     """``Transfer-Encoding: gzip, chunked``: relaying the de-chunked bytes would hand the
-    client gzip as if it were the body, with nothing saying so. 502, recorded as a protocol
-    error."""
+    client gzip as if it were the body, with nothing saying so; on two lines ("chunked",
+    then "gzip") the parser would read to the close and relay the chunks' framing. 502,
+    recorded as a protocol error."""
     payload = gzip.compress(b'{"a": 1}')
 
     async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-                     b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+        writer.write(b"HTTP/1.1 200 OK\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                     % (codings, len(payload), payload))
         await writer.drain()
         await reader.read()
 

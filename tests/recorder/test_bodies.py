@@ -136,6 +136,22 @@ def test_with_redaction_rules_an_unreadable_json_body_is_withheld() -> None:
     assert inspect_json(b"secret=s", form, 100) == (None, None)
 
 
+@pytest.mark.parametrize("coding", [b"gzip", b"zstd"])
+def test_a_body_that_looks_like_json_under_a_coding_not_undone_is_withheld(
+        coding: bytes) -> None:
+    """Plain JSON said to be gzip (mislabelled), or under a coding not undone here, with no
+    JSON type: its bytes look like JSON and may hold a redacted field, so with redaction
+    rules it is withheld; without them it is stored as sent. Bytes that do not look like
+    JSON under such a coding are outside what redact_json covers."""
+    headers = [(b"Content-Type", b"text/plain"), (b"Content-Encoding", coding)]
+    body = b' {"patient": {"name": "SECRET"}}'
+    assert inspect_json(body, headers, 1000) == (None, "encoding")
+    redacting = RowEncoder(RecordingConfig(redact_json=["$.patient.name"]))
+    assert redacting.body(body, headers) == (None, None, "encoding")
+    assert RowEncoder(RecordingConfig()).body(body, headers)[0] == body
+    assert inspect_json(b"\x28\xb5\x2f\xfd binary", headers, 1000) == (None, None)
+
+
 @pytest.mark.parametrize("path", ["customer.email", "$..x", "$", "$.a[", "$[?(@.a)]"])
 def test_unsupported_json_paths_are_refused_with_guidance(path: str) -> None:
     """A JSON path outside the supported subset is refused with what to write instead."""
