@@ -99,6 +99,8 @@ def inspect_json(body: bytes, headers: list[tuple[bytes, bytes]],
             looks = declared or body.lstrip()[:1] in (b"{", b"[")
             return None, ENCODING if looks else None
         body = decoded
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]  # a UTF-8 byte-order mark: not part of the JSON text (RFC 8259 §8.1)
     if not declared:
         first = body.lstrip()[:1]
         if first not in (b"{", b"["):

@@ -5,7 +5,9 @@ The data path keeps only the arrival of each piece of a ``text/event-stream`` re
 (``models.StreamArrivals``); here, off the client's path, the captured body (content-encoding
 undone piece by piece) and those arrivals become the answer in the unstreamed shape and its
 timing (``streams.assemble``). A stream that is not OpenAI-compatible, or whose encoding
-cannot be undone, is left to the usual body path (stored as it is).
+cannot be undone, is left to the usual body path (stored as it is), unless redaction rules
+are set and its events may hold a redacted field, or cannot be read to tell: then its bytes
+are withheld.
 
 Assembly costs a few microseconds per event, so a long answer is milliseconds of work on the
 event loop the data path shares: ``prepare`` assembles a batch's streams ahead of encoding,
@@ -29,7 +31,7 @@ from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.recorder.bodies import JsonRedactor
 from shadowproxy.streams import assemble, body_json_text, decode_arrivals
 
-Columns = tuple[bytes | None, str | None, str, bool]
+Columns = tuple[bytes | None, str | None, str | None, bool]
 """(``body``, ``body_json`` text, ``stream`` text, raw bytes withheld for redaction)."""
 
 
@@ -84,14 +86,14 @@ class StreamColumns:
         if encoding:
             decoded = decode_arrivals(body, arrivals, encoding, self._cap)
             if decoded is None:
-                return None
+                return self._unassembled(None)
             text, arrivals = decoded
         else:
             text = body
         out = assemble(text, arrivals, stream.sent_at, head_at=stream.head_at,
                        truncated=r.body_truncated, failed=r.error_kind is not None)
         if out is None:
-            return None
+            return self._unassembled(text)
         answer, timing = out
         raw: bytes | None = body
         redactor = self._redactor
@@ -99,6 +101,18 @@ class StreamColumns:
                                      or redactor.may_match(text.decode("utf-8", "replace"))):
             raw = None
         return raw, body_json_text(answer), _dumps(timing), raw is None
+
+
+    def _unassembled(self, text: bytes | None) -> Columns | None:
+        """A stream left unassembled: None (the body path stores it as it is), or its bytes
+        withheld when redaction rules are set and its events, ``text`` (None: they could
+        not be decoded), may hold a redacted field. The body path would store them: it
+        does not read event-stream text as JSON."""
+        redactor = self._redactor
+        if redactor is None or (
+                text is not None and not redactor.may_match(text.decode("utf-8", "replace"))):
+            return None
+        return None, None, None, True
 
 
 def _dumps(value: Any) -> str:

@@ -130,3 +130,47 @@ async def test_rows_of_a_spool_file_without_stream_timing_are_stored(
     finally:
         await conn.close()
     assert [tuple(r) for r in rows] == [(200, '{"prediction": 1}', None)] * 3
+
+
+def test_a_stream_left_unassembled_is_withheld_when_it_may_hold_a_redacted_field() -> None:
+    """An event stream that is not OpenAI-compatible goes to the body path, which stores it
+    as sent: with redaction rules whose keys its events hold, its bytes are withheld (they
+    cannot be redacted in the events' shape); without such keys, or without rules, stored
+    as sent. A coding that cannot be undone leaves nothing to tell by: withheld."""
+    def stream(events: bytes, coding: bytes | None = None) -> CapturedResponse:
+        r = CapturedResponse("primary", "primary", time.time())
+        r.status, r.headers = 200, [(b"Content-Type", b"text/event-stream")]
+        if coding is not None:
+            r.headers.append((b"Content-Encoding", coding))
+        r.body, r.body_size = events, len(events)
+        now = time.perf_counter()
+        r.stream = StreamArrivals(now, now + 0.01)
+        r.stream.arrivals.append((0, now + 0.02))
+        return r
+
+    secret = b'data: {"patient": {"name": "SECRETSSEZ"}}\n\ndata: [DONE]\n\n'
+    plain = b'data: {"score": 0.5}\n\ndata: [DONE]\n\n'
+    redacting = RowEncoder(RecordingConfig(redact_json=["$.patient.name"]))
+    for r, withheld in ((stream(secret), True), (stream(plain), False),
+                        (stream(b"\x00not gzip", b"gzip"), True)):
+        ex = exchange(0)
+        ex.responses = [r]
+        row = dict(zip(RESPONSE_COLUMNS, redacting.encode([ex])[1][0], strict=True))
+        assert (row["body"] is None) is withheld, row
+        assert row["body_truncated"] is withheld
+        assert row["body_json"] is None
+    ex = exchange(0)
+    ex.responses = [stream(secret)]
+    row = dict(zip(RESPONSE_COLUMNS, RowEncoder(RecordingConfig()).encode([ex])[1][0],
+                   strict=True))
+    assert row["body"] == secret
+
+
+def test_a_json_body_with_a_byte_order_mark_is_read_and_redacted() -> None:
+    """A UTF-8 byte-order mark before a JSON text (RFC 8259 §8.1 lets a parser ignore it) does
+    not make the body "not JSON": its fields are redacted and it is stored as JSON."""
+    encoder = RowEncoder(RecordingConfig(redact_json=["$.name"]))
+    body, text, reason = encoder.body(b'\xef\xbb\xbf{"name": "SECRET"}',
+                                      [(b"Content-Type", b"text/plain")])
+    assert reason is None and body is not None and text is not None
+    assert b"SECRET" not in body and json.loads(text) == {"name": "[redacted]"}
