@@ -64,9 +64,6 @@ def _check_http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
 def _check_listen(value: str) -> str:
     _, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -153,23 +150,19 @@ class Shadow(FrozenModel):
     @field_validator("set_headers")
     @classmethod
     def _set_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        from shadowproxy.http1 import REQUEST_REWRITTEN
+        from shadowproxy.http1 import HEADER_NAME, REQUEST_REWRITTEN, header_value_problem
 
         for name, text in value.items():
-            if not _HEADER_NAME.fullmatch(name):
+            if not HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a header name (letters, digits and "
                                  "!#$%&'*+.^_`|~- only)")
             if name.lower().encode() in REQUEST_REWRITTEN:
                 raise ValueError(f"{name} is written by the proxy itself (framing, the "
                                  "shadow's host, forwarding and request id headers): it "
                                  "cannot be set")
-            if any(c in text for c in "\r\n\0"):
-                raise ValueError(f"{name}: a header value cannot hold a line break or NUL")
-            try:
-                text.encode("latin-1")
-            except UnicodeEncodeError:
-                raise ValueError(f"{name}: HTTP/1.1 header values are Latin-1 text; encode "
-                                 "other characters (percent-encoding, say)") from None
+            problem = header_value_problem(text)
+            if problem is not None:
+                raise ValueError(f"{name}: {problem}")
         return value
 
     @field_validator("set_json")

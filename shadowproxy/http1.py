@@ -8,6 +8,7 @@ one ``bytes`` object so that each message leaves in a single write.
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 from typing import Final
 
@@ -49,6 +50,23 @@ NOTED_REQUEST_HEADERS: Final = frozenset({
 LISTED_REQUEST_HEADERS: Final = frozenset({b"connection", b"transfer-encoding",
                                            b"x-forwarded-for"})
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b""})
+
+
+HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""A header name (a token, RFC 9110 §5.1)."""
+
+
+def header_value_problem(value: str) -> str | None:
+    """What makes ``value`` unfit to be written as a header value, or None: a line break
+    (it would start another header) or NUL, or a character outside Latin-1."""
+    if any(c in value for c in "\r\n\0"):
+        return "the value must not contain line breaks or NUL"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return ("HTTP/1.1 header values are Latin-1 text; encode other characters "
+                "(e.g. percent-encoding)")
+    return None
 
 
 def lists_extra_tokens(connection: bytes) -> bool:

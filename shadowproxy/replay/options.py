@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from shadowproxy.errors import UsageError
+from shadowproxy.http1 import HEADER_NAME, header_value_problem
 from shadowproxy.recorder.bodies import parse_json_path
 
 if TYPE_CHECKING:  # the report's module imports numpy: not for every command line
     from shadowproxy.compare.window import Window
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 DEFAULT_CONCURRENCY = 32
 DEFAULT_TIMEOUT_S = 30.0
 MAX_CONCURRENCY = 10_000
@@ -130,16 +130,12 @@ def parse_set_header(text: str) -> tuple[str, str]:
     """``K=V`` → (K, V); the value may be empty, never a line break."""
     name, sep, value = text.partition("=")
     name = name.strip()
-    if not sep or not _TOKEN.fullmatch(name):
+    if not sep or not HEADER_NAME.fullmatch(name):
         raise UsageError(f"--set-header {text!r}: expected NAME=VALUE with a header name such "
                          "as Authorization, e.g. --set-header 'Authorization=Bearer t0ken'")
-    if any(c in value for c in "\r\n\0"):
-        raise UsageError(f"--set-header {name}: the value must not contain line breaks or NUL")
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        raise UsageError(f"--set-header {name}: HTTP/1.1 header values are Latin-1 text; "
-                         "encode other characters (e.g. percent-encoding)") from None
+    problem = header_value_problem(value)
+    if problem is not None:
+        raise UsageError(f"--set-header {name}: {problem}")
     lname = name.lower()
     if lname in ("host", "content-length", "transfer-encoding", "connection"):
         raise UsageError(f"--set-header {name}: this header is set by the replay itself "
