@@ -626,8 +626,10 @@ class ClientConnection(asyncio.Protocol):
         method = req.method
         # Sent again on a stale keep-alive connection only when a repeat is harmless.
         may_resend = method in http1.IDEMPOTENT_METHODS or route.retry_non_idempotent
-        call = req.call = PrimaryCall(self.channel, route, exchange, head, body,
-                                      method == b"HEAD", may_resend, route.capture_cap)
+        channel = self.channel
+        # (begin has noted whether the request is a HEAD: its answer has no body)
+        call = req.call = PrimaryCall(channel, route, exchange, head, body,
+                                      channel.head_only, may_resend, route.capture_cap)
         if streaming:
             call.stream_request(chunked=chunked)
         route.primary.start(call)

@@ -426,8 +426,9 @@ class UpstreamConnection(asyncio.Protocol):
             for name, value in headers:
                 size = len(name)  # (lower-casing only the names that may match)
                 if size == 14 and name.lower() == b"content-length":
-                    framed = True
-                elif size == 17 and name.lower() == b"transfer-encoding":
+                    framed = True  # with a Transfer-Encoding too, the parser refuses it
+                    break
+                if size == 17 and name.lower() == b"transfer-encoding":
                     # Every line counts: "chunked" then "gzip" on a second line is
                     # "chunked, gzip", and the parser would read to the close.
                     codings += 1

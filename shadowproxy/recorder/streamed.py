@@ -102,7 +102,6 @@ class StreamColumns:
             raw = None
         return raw, body_json_text(answer), _dumps(timing), raw is None
 
-
     def _unassembled(self, text: bytes | None) -> Columns | None:
         """A stream left unassembled: None (the body path stores it as it is), or its bytes
         withheld when redaction rules are set and its events, ``text`` (None: they could
