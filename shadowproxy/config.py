@@ -139,6 +139,10 @@ class Shadow(FrozenModel):
     sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     sample_key: str | None = None
     timeout_s: PositiveSeconds = 30.0
+    max_duration_s: PositiveSeconds = 600.0
+    """The whole call's bound, a body still flowing included (``timeout_s`` is re-armed
+    while it flows): a shadow that streams or trickles without end holds a call in flight
+    and the record of its request."""
     max_in_flight: int = Field(default=100, ge=1)
     set_headers: dict[str, str] = Field(default_factory=dict)
     remove_headers: list[str] = Field(default_factory=list)
@@ -172,6 +176,14 @@ class Shadow(FrozenModel):
 
         JsonEdits(value)  # raises ValueError naming a value that cannot be written as JSON
         return value
+
+    @model_validator(mode="after")
+    def _duration_covers_timeout(self) -> Shadow:
+        if self.max_duration_s < self.timeout_s:
+            raise ValueError(f"max_duration_s ({self.max_duration_s:g}) is shorter than "
+                             f"timeout_s ({self.timeout_s:g}): it bounds the whole call, "
+                             "so it is at least the time allowed to the response head")
+        return self
 
     @field_validator("sample_key")
     @classmethod

@@ -1,7 +1,8 @@
 """Shadow calls: sampling, the in-flight bound, and capturing each shadow's answer.
 
 A shadow never touches the client's response: its call starts after the primary's request
-is written, runs on its own connection pool under its own timeout, and its outcome is only
+is written, runs on its own connection pool under its own timeout (and ``max_duration_s``
+for the whole call, however long its body flows), and its outcome is only
 data on the exchange record. Over ``max_in_flight`` a call is dropped and counted at once,
 never queued.
 """
@@ -24,13 +25,14 @@ from shadowproxy.upstream import UpstreamCall, UpstreamPool
 class CompiledShadow:
     """One configured shadow of one route, compiled for the data path."""
 
-    __slots__ = ("counters", "custom_skip", "edits", "extra_lines", "max_in_flight",
-                 "name", "pool", "sample_header", "sample_rate", "timeout")
+    __slots__ = ("counters", "custom_skip", "edits", "extra_lines", "max_duration",
+                 "max_in_flight", "name", "pool", "sample_header", "sample_rate", "timeout")
 
     def __init__(self, route: str, shadow: Shadow, pool: UpstreamPool, metrics: Metrics) -> None:
         self.name = shadow.name
         self.pool = pool
         self.timeout = shadow.timeout_s
+        self.max_duration = shadow.max_duration_s
         self.max_in_flight = shadow.max_in_flight
         self.sample_rate = shadow.sample_rate
         self.sample_header = (shadow.sample_key.partition(":")[2].lower().encode()
@@ -84,6 +86,7 @@ class ShadowCall(UpstreamCall):
                  capture_cap: int) -> None:
         super().__init__(exchange, record, head, body, shadow.timeout, head_only, may_resend,
                          capture_cap)
+        self.max_duration = shadow.max_duration
         self.shadow = shadow
 
     def on_response_end(self) -> None:

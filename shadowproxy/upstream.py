@@ -15,6 +15,7 @@ mirrored request. Here a call is one write and parser callbacks.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 import time
 from typing import Final
@@ -57,7 +58,8 @@ class UpstreamCall:
 
     __slots__ = ("_progress", "body", "body_done", "cancel_reason", "capture_cap", "chunks",
                  "conn", "connecting", "deadline", "done", "exchange", "head", "head_only",
-                 "may_resend", "pending", "pool", "record", "sent_at", "streaming", "timeout")
+                 "max_duration", "may_resend", "pending", "pool", "record", "sent_at",
+                 "streaming", "timeout")
 
     def __init__(self, exchange: Exchange, record: CapturedResponse, head: bytes, body: bytes,
                  timeout: float, head_only: bool, may_resend: bool, capture_cap: int) -> None:
@@ -67,6 +69,9 @@ class UpstreamCall:
         self.head = head
         self.body = body
         self.timeout = timeout
+        self.max_duration = math.inf
+        """The whole call's bound, a body still flowing included (a shadow's
+        ``max_duration_s``); the primary's stream is bounded by its client instead."""
         self.head_only = head_only
         """True for HEAD requests: the response has headers only, whatever they say."""
         self.capture_cap = capture_cap
@@ -226,15 +231,19 @@ class UpstreamCall:
     def _timed_out(self) -> None:
         if self.done:
             return
+        now = time.perf_counter()
+        end = self.sent_at + self.max_duration
         conn = self.conn
-        if conn is not None and conn.state == _BODY and (
+        if conn is not None and conn.state == _BODY and now < end and (
                 conn.reading_paused or conn.progress != self._progress):
             # A streaming body that still flows is not timed out, nor one held back because
-            # the client reads slowly (the client side bounds that): re-arm.
+            # the client reads slowly (the client side bounds that): re-arm, up to the
+            # call's whole bound.
             self._progress = conn.progress
-            self.deadline = time.perf_counter() + self.timeout  # the pool's next scan sees it
+            self.deadline = min(now + self.timeout, end)  # the pool's next scan sees it
             return
-        self.cancel(ErrorKind.TIMEOUT, "timeout")
+        self.cancel(ErrorKind.TIMEOUT, "timeout" if now < end else
+                    f"timeout: still answering after max_duration_s ({self.max_duration:g} s)")
 
 
 class _HeadTooLarge(Exception):

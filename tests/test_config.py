@@ -224,6 +224,23 @@ def test_a_shadows_set_headers_are_checked(tmp_path: Path, headers: str, message
         "Authorization": "Bearer shadow-t0ken"}
 
 
+def test_a_shadows_max_duration_covers_its_timeout(tmp_path: Path) -> None:
+    """max_duration_s bounds the whole shadow call, so one shorter than timeout_s (the time
+    allowed to the head) is refused at the shadow's line, saying why."""
+    path = write(tmp_path, 'routes:\n  - name: a\n    primary: {url: "http://h"}\n'
+                           '    shadows:\n      - name: s\n        url: "http://s"\n'
+                           '        timeout_s: 30\n        max_duration_s: 10\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:5: routes[0].shadows[0]: max_duration_s (10) is shorter than timeout_s (30): "
+        "it bounds the whole call, so it is at least the time allowed to the response head"]
+    shadow = load_config(write(tmp_path, 'routes:\n  - name: a\n    primary: {url: "http://h"}\n'
+                                         '    shadows: [{name: s, url: "http://s"}]\n')
+                         ).routes[0].shadows[0]
+    assert (shadow.timeout_s, shadow.max_duration_s) == (30.0, 600.0)
+
+
 def test_a_tab_is_explained_at_its_line(tmp_path: Path) -> None:
     """A tab in the indentation gives FILE:LINE and what to do, not PyYAML's raw message."""
     path = write(tmp_path, "routes:\n  - name: a\n\tprimary: {url: 'http://h'}\n")

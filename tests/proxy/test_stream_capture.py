@@ -18,7 +18,7 @@ from examples.chat_service import Speed, build_app
 from tests.conftest import StartProxy, route
 from tests.db import fetch, fetchrow
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import serve, serve_app
+from tests.upstreams import model, serve, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,3 +277,39 @@ async def test_redaction_applies_to_the_assembled_answer_and_drops_the_raw_event
     assert row["body_json"]["choices"][0]["message"]["content"] == "[redacted]"
     assert row["body"] is None and row["truncated"]
     assert row["stream"]["token_chunks"] > 0 and row["stream"]["interrupted"] is False
+
+
+async def test_a_shadow_streaming_without_end_is_cut_at_max_duration_s(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A shadow whose stream never ends (an event every 0.1 s, well within its
+    ``timeout_s``) is cut at ``max_duration_s``: the request's record is stored with what
+    the shadow sent by then, instead of waiting for the stream as long as it goes on."""
+    sent: list[int] = []
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(300):  # 30 s: the test's bound, far past the shadow's
+                await resp.write(_events([f" w{i}"])[0])
+                sent.append(i)
+                await asyncio.sleep(0.1)
+        except (ConnectionError, RuntimeError):
+            pass  # the proxy cut the call
+        return resp
+
+    async with serve(model("v1")) as primary, serve(endless) as shadow:
+        routes = [{**route(primary.url), "shadows": [
+            {"name": "s1", "url": shadow.url, "timeout_s": 0.5, "max_duration_s": 1.5}]}]
+        async with start_proxy(routes) as proxy, aiohttp.ClientSession() as http:
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"features": {"a": 3}})
+            assert (await resp.json())["prediction"] == 3
+            await wait_for_rows(database_url, "responses", 2, timeout=8.0)
+            row = await fetchrow(database_url, """
+                SELECT error_kind, error, latency_ms, body, stream ->> 'interrupted' AS cut
+                FROM shadowproxy.responses WHERE role = 'shadow'""")
+    assert row["error_kind"] == "timeout"
+    assert row["error"] == "timeout: still answering after max_duration_s (1.5 s)"
+    assert 1500 <= row["latency_ms"] < 3000
+    assert row["body"].startswith(b"data: ") and row["cut"] == "true"
+    assert 10 <= len(sent) < 50  # it streamed past timeout_s, and stopped once cut
