@@ -21,9 +21,10 @@ class ReplayCall(UpstreamCall):
 
     def __init__(self, exchange: Exchange, record: CapturedResponse, head: bytes, body: bytes,
                  timeout: float, head_only: bool, may_resend: bool, capture_cap: int,
-                 on_done: Callable[[ReplayCall], None]) -> None:
+                 max_duration: float, on_done: Callable[[ReplayCall], None]) -> None:
         super().__init__(exchange, record, head, body, timeout, head_only, may_resend,
                          capture_cap)
+        self.max_duration = max_duration
         self.on_done = on_done
 
     def on_response_end(self) -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the report's module imports numpy: not for every command li
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_CONCURRENCY = 32
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_DURATION_S = 600.0
 MAX_CONCURRENCY = 10_000
 
 
@@ -51,6 +52,9 @@ class ReplayOptions:
     speed: float | None = None
     concurrency: int = DEFAULT_CONCURRENCY
     timeout_s: float = DEFAULT_TIMEOUT_S
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
+    """A call's whole bound, however its body flows (``timeout_s`` is re-armed while a
+    streamed answer goes on), as a shadow's ``max_duration_s``."""
     set_headers: tuple[tuple[str, str], ...] = ()
     """(name as given, value), in the order given; a later one replaces an earlier one."""
     set_json: tuple[JsonEdit, ...] = ()
@@ -84,7 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                    help="calls in flight at most (default 32); unpaced, as fast as this allows")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                   help="each call's timeout in seconds (default 30)")
+                   help="each call's timeout in seconds, to the answer's head and between "
+                        "pieces of a streamed answer (default 30)")
+    p.add_argument("--max-duration", type=float, default=DEFAULT_MAX_DURATION_S, metavar="S",
+                   help="each call's whole bound in seconds, however its answer flows "
+                        "(default 600)")
     p.add_argument("--set-header", action="append", metavar="K=V",
                    help="add or replace a header (also gives redacted headers a value)")
     p.add_argument("--set-json", action="append", metavar="PATH=VALUE",
@@ -212,6 +220,10 @@ def from_args(args: argparse.Namespace) -> ReplayOptions:
     _positive(args.rate, "--rate")
     _positive(args.speed, "--speed")
     _positive(args.timeout, "--timeout")
+    if args.max_duration < args.timeout:
+        raise UsageError(f"--max-duration ({args.max_duration:g}) is shorter than --timeout "
+                         f"({args.timeout:g}): it bounds each whole call, so it is at least "
+                         "the time allowed to the answer's head")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: expected 1 or more (got {args.limit})")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
@@ -225,6 +237,7 @@ def from_args(args: argparse.Namespace) -> ReplayOptions:
         route=args.route, url=check_url(url), name=check_name(args.as_name),
         window=window, where=where, limit=args.limit, rate=args.rate, speed=args.speed,
         concurrency=args.concurrency, timeout_s=args.timeout,
+        max_duration_s=args.max_duration,
         set_headers=tuple(parse_set_header(h) for h in args.set_header or ()),
         set_json=tuple(parse_set_json(j) for j in args.set_json or ()),
         force=args.force)

@@ -268,7 +268,8 @@ class Replayer:
         self._pool.start(ReplayCall(exchange, record, built.head, built.body,
                                     options.timeout_s, built.expect_no_body,
                                     method in IDEMPOTENT_METHODS,
-                                    self.recording.max_body_bytes, self._finished))
+                                    self.recording.max_body_bytes,
+                                    options.max_duration_s, self._finished))
 
     def _finished(self, call: ReplayCall) -> None:
         self._in_flight -= 1

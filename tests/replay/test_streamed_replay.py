@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from tests.db import fetch
 from tests.proxy.test_stream_capture import chat, chat_service
 from tests.replay.helpers import replay, request, store, write_config
+from tests.upstreams import serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,3 +44,42 @@ async def test_a_replayed_streamed_answer_is_assembled_and_timed(
         assert answer["choices"][0]["finish_reason"] == "stop"
         assert timing["token_chunks"] == answer["usage"]["completion_tokens"] > 0
         assert timing["ttft_ms"] >= 20.0 and timing["interrupted"] is False
+
+
+async def test_a_target_streaming_without_end_is_cut_at_max_duration(
+        database_url: str, tmp_path: Path) -> None:
+    """A target whose stream never ends (a piece every 0.1 s, within ``--timeout``) is cut
+    at ``--max-duration``: the replay ends with the answer stored as a timeout, instead of
+    waiting as long as the stream goes on."""
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):  # cut by the replay
+            for i in range(300):  # 30 s: the test's bound, far past the replay's
+                await resp.write(b'data: {"i": %d}\n\n' % i)
+                await asyncio.sleep(0.1)
+        return resp
+
+    await store(database_url, [request(0)])
+    config = write_config(tmp_path, database_url)
+    async with serve(endless) as target:
+        started = time.monotonic()
+        result = await replay(config, "--timeout", "0.5", "--max-duration", "1.5",
+                              to=target.url, timeout=20.0)
+        assert result.status == 0, result.err
+        assert time.monotonic() - started < 15
+    rows = await fetch(database_url, "SELECT error_kind, error, body FROM shadowproxy.responses"
+                                     " WHERE target = 'cand'")
+    assert [(r["error_kind"], r["error"]) for r in rows] == [
+        ("timeout", "timeout: still answering after max_duration_s (1.5 s)")]
+    assert rows[0]["body"].startswith(b'data: {"i": 0}')
+
+
+async def test_max_duration_shorter_than_timeout_is_refused(
+        database_url: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path, database_url)
+    result = await replay(config, "--timeout", "30", "--max-duration", "10",
+                          to="http://127.0.0.1:9")
+    assert result.status == 2
+    assert ("--max-duration (10) is shorter than --timeout (30): it bounds each whole call, "
+            "so it is at least the time allowed to the answer's head") in result.err
