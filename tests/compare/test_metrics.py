@@ -64,6 +64,33 @@ def test_regression_performance_pairs_the_absolute_errors() -> None:
     assert "why" in few["confidence_intervals"]
 
 
+def test_a_shadow_worse_on_most_rows_is_not_called_better_for_a_lower_mse() -> None:
+    """The direction of a significant Wilcoxon is the test's: a shadow whose absolute error
+    is larger on most rows (and whose MAE is larger) is worse, and the verdict fails, even
+    when a few large errors of the primary's give the primary the larger MSE."""
+    from shadowproxy.compare.config import Thresholds
+    from shadowproxy.compare.verdict import verdict
+
+    rng = np.random.default_rng(1)
+    y = rng.normal(0, 1, 300)
+    s = y + rng.normal(0, 1.0, 300)
+    p = y + rng.normal(0, 0.5, 300)
+    p[:3] += 10
+    out = metrics.regression_performance(y, p, s, seed=1)
+    d = np.abs(s - y) - np.abs(p - y)
+    assert sps.wilcoxon(d, alternative="greater").pvalue < 1e-10
+    assert out["shadow"]["mae"] > out["primary"]["mae"]
+    assert out["shadow"]["mse"] < out["primary"]["mse"]
+    assert out["shadow_better"] is False
+    side = {"error_rate": 0.0, "latency_ms": {"p99": 10.0}}
+    report = {"counts": {"pairs": 300, "pair_completeness": 1.0, "comparable_pairs": 300},
+              "operational": {"primary": side, "shadow": side, "status_agreement": 1.0},
+              "performance": out, "data_checks": {}, "slices": {}}
+    assert verdict(report, Thresholds())["status"] == "fail"
+    better = metrics.regression_performance(y, s, p, seed=1)
+    assert better["shadow_better"] is True
+
+
 def test_classification_performance_uses_mcnemar_on_correctness() -> None:
     """McNemar counts primary-only-correct (b) and shadow-only-correct (c) rows."""
     y = np.array(["1", "0", "1", "1", "0", "1"] * 40)
