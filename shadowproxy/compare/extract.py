@@ -25,6 +25,20 @@ def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def float8_sql(value: str) -> str:
+    """SQL: the jsonb ``value`` as a float8 when it is a number, else NULL.
+
+    JSON numbers have no range and float8 has one: a cast of ``1e400`` (or ``1e-400``) fails
+    the whole statement, so one such value in one request stopped the report. A number too
+    large for float8 is not one the statistics can take (NULL, like a value that is not a
+    number); one too small for it (under about 1e-323 in magnitude) is 0.
+    """
+    n = f"({value} #>> '{{}}')::numeric"
+    return (f"CASE WHEN jsonb_typeof({value}) = 'number' THEN CASE "
+            f"WHEN abs({n}) > 1.7976931348623157e308 THEN NULL "
+            f"WHEN abs({n}) < 1e-320 THEN 0 ELSE {n}::float8 END END")
+
+
 def jsonpath_key(key: str) -> str:
     """``key`` as a jsonpath member accessor: ``.name`` or ``."odd key"``."""
     if _IDENT.match(key):

@@ -22,7 +22,7 @@ import numpy as np
 from shadowproxy.compare import checks
 from shadowproxy.compare.config import FeatureConfig
 from shadowproxy.compare.drift import DriftPolicy, Kind, Sample, window_drift
-from shadowproxy.compare.extract import feature_rows_sql
+from shadowproxy.compare.extract import feature_rows_sql, float8_sql
 from shadowproxy.compare.operational import HIST_BINS
 from shadowproxy.compare.reference import FeatureData, column, from_summary, read_reference
 from shadowproxy.compare.sampling import requests_filter
@@ -91,7 +91,7 @@ async def _load(db: Snapshot, window: Window, tag: str) -> None:
         await db.execute(f"""
             INSERT INTO {FEATURES}
             SELECT $4, q.id, coalesce(f.ord, 1), $5, f.v,
-                   CASE WHEN jsonb_typeof(f.v) = 'number' THEN (f.v #>> '{{}}')::float8 END,
+                   {float8_sql('f.v')},
                    CASE WHEN f.v IS NOT NULL AND f.v <> 'null'::jsonb THEN f.v #>> '{{}}' END
             FROM {source} LEFT JOIN LATERAL {rows_sql} f ON true
             WHERE q.route = $1 AND q.received_at >= $2 AND q.received_at < $3

@@ -27,7 +27,7 @@ import numpy as np
 from shadowproxy.compare import stats
 from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.drift import cdf_distances
-from shadowproxy.compare.extract import literal
+from shadowproxy.compare.extract import float8_sql, literal
 from shadowproxy.compare.paired import PairedPolicy, flip_test, mean_shift
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
 
@@ -343,11 +343,11 @@ async def load(db: Snapshot, *, shadow: str | None = None, table: str = PREDICTI
     await db.execute(f"""
         INSERT INTO {table}
         SELECT id, request_id, received_at, i + 1, pa -> i, sa -> i,
-               CASE WHEN jsonb_typeof(pa -> i) = 'number' THEN (pa ->> i)::float8 END,
-               CASE WHEN jsonb_typeof(sa -> i) = 'number' THEN (sa ->> i)::float8 END,
+               {float8_sql('(pa -> i)')},
+               {float8_sql('(sa -> i)')},
                pa ->> i, sa ->> i,
-               CASE WHEN jsonb_typeof(psa -> i) = 'number' THEN (psa ->> i)::float8 END,
-               CASE WHEN jsonb_typeof(ssa -> i) = 'number' THEN (ssa ->> i)::float8 END
+               {float8_sql('(psa -> i)')},
+               {float8_sql('(ssa -> i)')}
         FROM {table}_src,
              generate_series(0, greatest(jsonb_array_length(pa), jsonb_array_length(sa)) - 1)
              AS i;

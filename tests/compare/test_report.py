@@ -335,6 +335,34 @@ async def test_configured_value_checks_fail_the_report(database_url: str) -> Non
     assert sorted(r["data_checks"]["value_check_failures"]) == ["city", "sqft"]
 
 
+async def test_numbers_beyond_float8_do_not_stop_the_report(database_url: str) -> None:
+    """JSON numbers float8 cannot hold (1e400 in a feature and a prediction, 1e-400 in a
+    feature) are legal JSON: a number too large is left out of the statistics like a value
+    that is not a number, one too small is 0, and the report is produced."""
+    rng = np.random.default_rng(16)
+    exchanges, sqft, _ = _feature_exchanges(rng, 150, shift=0)
+    exchanges[0].request["features"]["sqft"] = 10**400
+    exchanges[1].shadows["candidate"] = Call({"prediction": -(10**400)})
+    await insert(database_url, exchanges)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("""UPDATE shadowproxy.requests
+                              SET body_json = '{"features": {"sqft": 1e-400}}'
+                              WHERE request_id = $1""", exchanges[2].request_id)
+    finally:
+        await conn.close()
+    features = {"sqft": {"path": "$.features.sqft", "type": "numeric"}}
+    r = await report(database_url, {"prediction": "$.prediction", "task": "regression",
+                                    "features": features})
+    f = r["data_checks"]["features"][0]
+    assert f["current"]["n"] == 150 and f["current"]["missing"] == 0
+    assert f["current"]["min"] == 0.0
+    assert f["current"]["mean"] == pytest.approx(np.mean([sqft[1], *sqft[3:], 0.0]))
+    assert r["predictions"]["n"] == 149
+    assert r["predictions"]["mae"] == pytest.approx(np.mean(np.abs(
+        np.delete(sqft * 0.01, 1))))
+
+
 async def test_without_reference_the_earlier_window_is_the_reference(database_url: str) -> None:
     """No --reference: the same-length window just before is compared, on its values."""
     rng = np.random.default_rng(15)
