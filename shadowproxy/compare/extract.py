@@ -39,6 +39,17 @@ def float8_sql(value: str) -> str:
             f"WHEN abs({n}) < 1e-320 THEN 0 ELSE {n}::float8 END END")
 
 
+def category_sql(value: str) -> str:
+    """SQL: the jsonb ``value`` as a category's text (NULL when missing), whole numbers
+    without a fractional part: ``1.0`` is ``1``, as ``reference.category_text`` writes a
+    file's values, so that a category is the same whether a client or a training file wrote
+    it as ``1`` or ``1.0``."""
+    n = f"({value} #>> '{{}}')::numeric"
+    return (f"CASE WHEN jsonb_typeof({value}) = 'number' AND {n} = trunc({n}) "
+            f"THEN trunc({n})::text "
+            f"WHEN {value} IS NOT NULL AND {value} <> 'null'::jsonb THEN {value} #>> '{{}}' END")
+
+
 def jsonpath_key(key: str) -> str:
     """``key`` as a jsonpath member accessor: ``.name`` or ``."odd key"``."""
     if _IDENT.match(key):

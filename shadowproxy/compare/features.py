@@ -22,9 +22,15 @@ import numpy as np
 from shadowproxy.compare import checks
 from shadowproxy.compare.config import FeatureConfig
 from shadowproxy.compare.drift import DriftPolicy, Kind, Sample, window_drift
-from shadowproxy.compare.extract import feature_rows_sql, float8_sql
+from shadowproxy.compare.extract import category_sql, feature_rows_sql, float8_sql
 from shadowproxy.compare.operational import HIST_BINS
-from shadowproxy.compare.reference import FeatureData, column, from_summary, read_reference
+from shadowproxy.compare.reference import (
+    FeatureData,
+    category_text,
+    column,
+    from_summary,
+    read_reference,
+)
 from shadowproxy.compare.sampling import requests_filter
 from shadowproxy.compare.snapshot import VERSION_FILTER, Scratch, Snapshot
 from shadowproxy.compare.window import Window
@@ -92,7 +98,7 @@ async def _load(db: Snapshot, window: Window, tag: str) -> None:
             INSERT INTO {FEATURES}
             SELECT $4, q.id, coalesce(f.ord, 1), $5, f.v,
                    {float8_sql('f.v')},
-                   CASE WHEN f.v IS NOT NULL AND f.v <> 'null'::jsonb THEN f.v #>> '{{}}' END
+                   {category_sql('f.v')}
             FROM {source} LEFT JOIN LATERAL {rows_sql} f ON true
             WHERE q.route = $1 AND q.received_at >= $2 AND q.received_at < $3
               AND {version} AND {sampled}""",
@@ -115,7 +121,7 @@ async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
     lo, hi = -math.inf, math.inf
     if cfg is not None:
         if cfg.allowed is not None:
-            allowed = [str(a).lower() if isinstance(a, bool) else str(a) for a in cfg.allowed]
+            allowed = [category_text(a) for a in cfg.allowed]
         if cfg.allowed and all(isinstance(a, int | float) and not isinstance(a, bool)
                                for a in cfg.allowed):
             allowed_num = [float(a) for a in cfg.allowed]

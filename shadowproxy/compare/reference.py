@@ -57,9 +57,14 @@ def from_summary(row: Mapping[str, Any]) -> FeatureData:
                "max": f("max")})
 
 
-def _text(value: Any) -> str:
+def category_text(value: Any) -> str:
+    """A value's text as a category: booleans as JSON writes them, whole numbers without a
+    fractional part (a float column's ``1.0`` is the category a client's ``1`` is; the live
+    side's text comes from ``extract.category_sql``, which writes them alike)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
 
 
@@ -76,7 +81,7 @@ def column(values: list[Any], numeric: bool) -> np.ndarray:
     the value is missing or not a number), or the value's text (None where missing)."""
     if numeric:
         return np.array([float(v) if _number(v) else np.nan for v in values], dtype=np.float64)
-    return np.array([None if _missing(v) else _text(v) for v in values], dtype=object)
+    return np.array([None if _missing(v) else category_text(v) for v in values], dtype=object)
 
 
 def _parquet_columns(path: Path) -> dict[str, list[Any]]:
@@ -178,7 +183,7 @@ def read_reference(path: Path, features: dict[str, FeatureConfig], *, sample_max
         numeric = np.array([float(v) for v in present if _number(v)], dtype=np.float64)
         counts: dict[str, int] = {}
         for v in present:
-            key = _text(v)
+            key = category_text(v)
             counts[key] = counts.get(key, 0) + 1
         sample = numeric if numeric.size <= sample_max else rng.choice(
             numeric, sample_max, replace=False)

@@ -70,7 +70,7 @@ def test_a_csv_reference_is_read_without_pyarrow_as_pyarrow_reads_it(tmp_path: P
     for name in FEATURES:
         assert ours[name] == fields(theirs[name]), name
     assert ours["whole"]["counts"] == {"1": 1, "2": 1, "-7": 1, "0": 1}
-    assert ours["real"]["counts"]["1000.0"] == 1 and ours["real"]["n_missing"] == 2
+    assert ours["real"]["counts"]["1000"] == 1 and ours["real"]["n_missing"] == 2
     assert ours["text"]["counts"] == {"north": 2, "NA": 1, "1": 1, "south, west": 1}
     assert ours["flag"]["counts"] == {"true": 2, "false": 3}
     assert ours["mixed"]["n_numeric"] == 0 and ours["empty"]["n_missing"] == 6

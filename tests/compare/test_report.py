@@ -316,6 +316,34 @@ async def test_data_checks_against_a_reference_file(database_url: str, tmp_path:
     assert r["verdict"]["status"] == "warn"
 
 
+async def test_whole_numbers_are_one_category_however_written(database_url: str,
+                                                             tmp_path: Path) -> None:
+    """A rating sent as 1, 2, 3, 4 by the clients and written 1.0, 2.0, 3.0, 4.0 in the
+    training file (a float column) has the same four categories on both sides: no unseen
+    values, and the drift test compares the shares of the same levels."""
+    rng = np.random.default_rng(17)
+    rating = rng.choice([1, 2, 3, 4], 400)
+    exchanges = [Exchange({"features": {"rating": int(v)}}, Call({"prediction": 1.0}),
+                          {"candidate": Call({"prediction": 1.0})}) for v in rating]
+    exchanges[0].request["features"]["rating"] = 2.0  # a client that writes floats
+    rating[0] = 2
+    await insert(database_url, exchanges)
+    ref = rng.choice([1, 2, 3, 4], 600)
+    path = tmp_path / "train.csv"
+    path.write_text("rating\n" + "".join(f"{float(v)}\n" for v in ref))
+    r = await report(database_url, {"prediction": "$.prediction", "features": {
+        "rating": {"path": "$.features.rating", "allowed": [1, 2, 3, 4.0]}}}, reference=path)
+    f = r["data_checks"]["features"][0]
+    assert f["type"] == "categorical" and f["levels"] == "4 categories"
+    assert f["current"]["n_unique"] == 4
+    assert {t["value"] for t in f["current"]["top"]} == {"1", "2", "3", "4"}
+    assert {t["value"] for t in f["reference"]["top"]} == {"1", "2", "3", "4"}
+    assert f["checks"]["failed"] == [] and f["info"]["unseen_share"] == 0.0
+    shares = [(np.mean(ref == c), np.mean(rating == c)) for c in (1, 2, 3, 4)]
+    assert f["distribution"]["size"] == pytest.approx(sum(abs(a - b) for a, b in shares) / 2)
+    assert r["data_checks"]["drifted"] == []
+
+
 async def test_configured_value_checks_fail_the_report(database_url: str) -> None:
     """Values outside allowed/min/max, or missing where not allowed, give a fail verdict."""
     rng = np.random.default_rng(14)
