@@ -49,10 +49,14 @@ def preflight_lines(options: ReplayOptions, pre: Preflight, pacer: Pacer) -> lis
              + (f", first {options.limit}" if options.limit else "")
              + (f", where {options.where}" if options.where else ""),
              f"  {pre.selected} requests selected"]
-    if pre.answered:
-        lines.append(f"  {pre.answered} already answered by {options.name!r}: "
+    answered = pre.answered - pre.live if options.force else pre.answered
+    if answered:
+        lines.append(f"  {answered} already answered by {options.name!r}: "
                      + ("redone, each earlier answer replaced (--force)" if options.force
                         else "skipped (--force redoes them)"))
+    if options.force and pre.live:
+        lines.append(f"  {pre.live} answered by the live shadow {options.name!r}: kept and "
+                     "skipped (--force redoes replayed answers only)")
     if pre.truncated:
         lines.append(f"  {pre.truncated} bodies were truncated at recording "
                      "(recording.max_body_bytes): they cannot be replayed and are stored as "

@@ -92,8 +92,10 @@ class Preflight:
     selected: int
     answered: int
     """Requests of the selection that already have an answer from the target."""
+    live: int
+    """Of those, requests answered by a live shadow of that name: never redone."""
     pending: int
-    """Requests this run will handle (not answered yet; all of them with --force)."""
+    """Requests this run will handle (not answered yet; with --force all but ``live``)."""
     truncated: int
     """Pending requests whose body was truncated at recording: they cannot be replayed."""
     no_json: int
@@ -144,10 +146,13 @@ class Selection:
             sql += f" AND (_sp_q.received_at, _sp_q.id) <= ({p(self.bound[0])}, {p(self.bound[1])})"
         if after is not None:
             sql += f" AND (_sp_q.received_at, _sp_q.id) > ({p(after[0])}, {p(after[1])})"
-        if pending and not o.force:
+        if pending:
+            # --force redoes replayed answers only: an answer a live shadow of that name
+            # recorded is never replaced (nor deleted, see delete_answers).
             sql += (" AND NOT EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d "
                     "WHERE _sp_d.request = _sp_q.id AND _sp_d.received_at = _sp_q.received_at "
-                    f"AND _sp_d.target = {p(o.name)})")
+                    f"AND _sp_d.target = {p(o.name)}"
+                    + (" AND _sp_d.role <> 'replay'" if o.force else "") + ")")
         return sql
 
     def stream_sql(self, after: Key | None) -> tuple[str, list[Any]]:
@@ -194,14 +199,18 @@ WITH sel AS (
                  WHERE h.value ~ {redacted_re}) AS redacted,
            EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d
                    WHERE _sp_d.request = _sp_q.id AND _sp_d.received_at = _sp_q.received_at
-                     AND _sp_d.target = {name}) AS done
+                     AND _sp_d.target = {name}) AS done,
+           EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d
+                   WHERE _sp_d.request = _sp_q.id AND _sp_d.received_at = _sp_q.received_at
+                     AND _sp_d.target = {name} AND _sp_d.role <> 'replay') AS live
     FROM shadowproxy.requests _sp_q
     WHERE {self._conditions(p, pending=False)}
 ), todo AS (
-    SELECT * FROM sel WHERE {p(o.force)}::boolean OR NOT done
+    SELECT * FROM sel WHERE ({p(o.force)}::boolean AND NOT live) OR NOT done
 )
 SELECT (SELECT count(*) FROM sel) AS selected,
        (SELECT count(*) FROM sel WHERE done) AS answered,
+       (SELECT count(*) FROM sel WHERE live) AS live,
        (SELECT count(*) FROM todo) AS pending,
        (SELECT count(*) FROM todo WHERE truncated) AS truncated,
        (SELECT count(*) FROM todo WHERE NOT truncated AND no_json) AS no_json,
@@ -216,7 +225,8 @@ SELECT (SELECT count(*) FROM sel) AS selected,
         row = await self._fetchrow(conn, sql, p.values, "counting the selection")
         assert row is not None  # aggregates always return one row
         return Preflight(
-            selected=row["selected"], answered=row["answered"], pending=row["pending"],
+            selected=row["selected"], answered=row["answered"], live=row["live"],
+            pending=row["pending"],
             truncated=row["truncated"], no_json=row["no_json"],
             redacted_json=row["redacted_json"], redacted_requests=row["redacted_requests"],
             redacted_headers=dict(sorted(orjson.loads(row["redacted_headers"]).items())))
@@ -269,11 +279,13 @@ async def lock_target(conn: asyncpg.Connection, route: str, name: str,
 
 
 async def delete_answers(conn: asyncpg.Connection, name: str, ids: list[UUID]) -> int:
-    """--force: remove the target's earlier answers to these requests; how many there were."""
+    """--force: remove the target's earlier replayed answers to these requests; how many
+    there were. A live shadow's answers under the same name are recorded traffic, not the
+    replay's to redo: they stay (and their requests are not sent, ``Selection``)."""
     try:
         result: str = await conn.execute(
-            "DELETE FROM shadowproxy.responses WHERE target = $1 AND request = ANY($2::uuid[])",
-            name, ids)
+            "DELETE FROM shadowproxy.responses WHERE target = $1 AND role = 'replay' "
+            "AND request = ANY($2::uuid[])", name, ids)
     except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
         raise DatabaseError(f"removing earlier answers (--force) failed: {exc}") from exc
     return int(result.rsplit(" ", 1)[1])

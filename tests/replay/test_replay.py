@@ -79,6 +79,34 @@ async def test_a_rerun_sends_nothing_and_force_replaces_each_answer(
     assert [tuple(r) for r in versions] == [("v2", 10)]
 
 
+async def test_force_as_a_live_shadows_name_keeps_its_recorded_answers(
+        database_url: str, tmp_path: Path) -> None:
+    """--force redoes replayed answers only: replayed under the name of a live shadow, the
+    answers that shadow recorded stay as they are and their requests are not sent; the
+    requests it did not answer are replayed (and a second --force redoes just those)."""
+    await store(database_url, [request(i, shadows=["cand"] if i < 6 else [])
+                               for i in range(10)])
+    config = write_config(tmp_path, database_url,
+                          shadows=[{"name": "cand", "url": "http://127.0.0.1:8"}])
+    async with serve(model("v9")) as target:
+        first = await replay(config, "--force", to=target.url)
+        assert first.status == 0, first.err
+        assert len(target.seen) == 4
+        assert "6 answered by the live shadow 'cand': kept" in first.out
+        again = await replay(config, "--force", to=target.url)
+        assert again.status == 0, again.err
+        assert len(target.seen) == 8
+        assert "4 already answered by 'cand': redone" in again.out
+    assert "4 earlier answers replaced (--force)" in again.out
+    rows = await fetch(database_url, "SELECT role, count(*) FROM shadowproxy.responses "
+                                     "WHERE target = 'cand' GROUP BY 1 ORDER BY 1")
+    assert [tuple(r) for r in rows] == [("replay", 4), ("shadow", 6)]
+    live = await fetch(database_url, "SELECT body_json->>'prediction' AS p FROM "
+                                     "shadowproxy.responses WHERE role = 'shadow' "
+                                     "ORDER BY (body_json->>'prediction')::int")
+    assert [r["p"] for r in live] == [str(2 * i) for i in range(6)]
+
+
 async def test_where_selects_requests_by_their_pairs_columns(
         database_url: str, tmp_path: Path) -> None:
     """--where filters over the pairs columns, once per request however many shadows it
