@@ -31,22 +31,24 @@ def float8_sql(value: str) -> str:
     JSON numbers have no range and float8 has one: a cast of ``1e400`` (or ``1e-400``) fails
     the whole statement, so one such value in one request stopped the report. A number too
     large for float8 is not one the statistics can take (NULL, like a value that is not a
-    number); one too small for it (under about 1e-323 in magnitude) is 0.
+    number); one too small for it (under about 1e-320 in magnitude) is 0. jsonb holds a
+    number as a numeric: the bounds are checked on it, with no text in between.
     """
-    n = f"({value} #>> '{{}}')::numeric"
+    n = f"{value}::numeric"
     return (f"CASE WHEN jsonb_typeof({value}) = 'number' THEN CASE "
             f"WHEN abs({n}) > 1.7976931348623157e308 THEN NULL "
-            f"WHEN abs({n}) < 1e-320 THEN 0 ELSE {n}::float8 END END")
+            f"WHEN abs({n}) < 1e-320 THEN 0 ELSE {value}::float8 END END")
 
 
 def category_sql(value: str) -> str:
     """SQL: the jsonb ``value`` as a category's text (NULL when missing), whole numbers
     without a fractional part: ``1.0`` is ``1``, as ``reference.category_text`` writes a
     file's values, so that a category is the same whether a client or a training file wrote
-    it as ``1`` or ``1.0``."""
-    n = f"({value} #>> '{{}}')::numeric"
-    return (f"CASE WHEN jsonb_typeof({value}) = 'number' AND {n} = trunc({n}) "
-            f"THEN trunc({n})::text "
+    it as ``1`` or ``1.0``. A number written without a fraction (``scale`` 0, the common
+    case) is taken as it is, without the comparison."""
+    n = f"{value}::numeric"
+    return (f"CASE WHEN jsonb_typeof({value}) = 'number' AND scale({n}) > 0 "
+            f"AND {n} = trunc({n}) THEN trunc({n})::text "
             f"WHEN {value} IS NOT NULL AND {value} <> 'null'::jsonb THEN {value} #>> '{{}}' END")
 
 
