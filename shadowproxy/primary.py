@@ -94,7 +94,8 @@ class ClientChannel:
     # --- used by the call ---
     def start_response(self, lines: list[bytes], has_length: bool, no_body: bool) -> None:
         """The status line and header lines; the channel adds framing and Connection. The
-        head is written with the first piece of body, or at the end."""
+        head is written with the first piece of body, at the end, or once the read that
+        brought it is parsed (``send_head``), whichever comes first."""
         if not no_body and not has_length:
             if self.http10:
                 self.keep_alive = False  # an HTTP/1.0 client reads to the end of the connection
@@ -117,6 +118,14 @@ class ClientChannel:
             self.head_sent = True
             out = head + out
         self.write(out)
+
+    def send_head(self) -> None:
+        """Write the head now if it still waits for the first piece of body."""
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            self.head_sent = True
+            self.write(head)
 
     def end_response(self) -> None:
         """The body is complete: write what is left of the response."""
@@ -246,6 +255,12 @@ class PrimaryCall(UpstreamCall):
                  b"X-Request-Id: ", self.exchange.request_id.encode("ascii"), http1.CRLF]
         self.client.start_response(lines, has_length,
                                    self.head_only or status in http1.NO_BODY_STATUS)
+
+    def on_head_read(self) -> None:
+        # The head waits for the first piece of body so that both go in one write; when
+        # the body is not in the same read it may be seconds away (a model's first token,
+        # the next event of a stream): the client gets the head as it arrived.
+        self.client.send_head()
 
     def on_response_body(self, data: bytes) -> None:
         self.capture(data)

@@ -108,6 +108,10 @@ class UpstreamCall:
         """A piece of the (de-chunked) body arrived: captured for the record."""
         self.capture(data)
 
+    def on_head_read(self) -> None:
+        """The read that brought the final response head is parsed, and the response goes
+        on in later reads (called once per response, and only then)."""
+
     def on_response_end(self) -> None:
         """The response is complete."""
 
@@ -336,6 +340,10 @@ class UpstreamConnection(asyncio.Protocol):
         state = self.state
         if state == _DONE:
             self._settle()
+        elif awaiting and state == _BODY:
+            call = self.call
+            if call is not None:
+                call.on_head_read()  # the body follows in later reads
         elif awaiting and state == _AWAITING:
             # A read in which no final head ended was all head (or interim responses):
             # counted too, since the parser holds an unfinished header line unreported.

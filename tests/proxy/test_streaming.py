@@ -11,7 +11,7 @@ from aiohttp import web
 from tests.conftest import StartProxy, route
 from tests.db import fetchrow, fetchval
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import serve
+from tests.upstreams import closing, raw_server, serve
 
 
 async def test_server_sent_events_reach_the_client_as_they_are_sent(
@@ -40,6 +40,38 @@ async def test_server_sent_events_reach_the_client_as_they_are_sent(
         await wait_for_rows(database_url, "responses", 1)
     body = await fetchval(database_url, "SELECT body FROM shadowproxy.responses")
     assert body == b"data: first\n\ndata: second\n\n"
+
+
+async def test_the_head_of_a_stream_reaches_the_client_before_its_first_event(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A primary that sends its head at once and its first event later (a model working on
+    its first token): the client has the head while the event is still to come."""
+    release = asyncio.Event()
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(release.wait(), 5)
+        writer.write(b"d\r\ndata: first\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # until the proxy closes
+
+    async with raw_server(closing(respond)) as primary, \
+            start_proxy([route(primary)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Transfer-Encoding: chunked\r\n" in head
+        release.set()
+        body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 3)
+        assert body == b"d\r\ndata: first\n\n\r\n0\r\n\r\n"
+        writer.close()
+        await wait_for_rows(database_url, "responses", 1)
+    body = await fetchval(database_url, "SELECT body FROM shadowproxy.responses")
+    assert body == b"data: first\n\n"
 
 
 async def test_large_chunked_response_is_streamed_and_capture_is_capped(
