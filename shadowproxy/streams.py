@@ -44,6 +44,7 @@ _SSE_START = frozenset(b"d:eir")  # data:, a comment, event:, id:, retry:
 _BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _LINE = re.compile(rb"\r\n|\r|\n")
 _DONE = b"[DONE]"
+_BOM = b"\xef\xbb\xbf"
 
 
 class _Choice:
@@ -66,6 +67,16 @@ class _Choice:
 def _events(body: bytes) -> tuple[list[tuple[bytes, int]], bool]:
     """The data of each dispatched event with the offset of its last byte; and whether the
     body ends inside an event (cut before the event's blank line)."""
+    if body.startswith(_BOM):
+        # The standard drops a byte-order mark before the first line: it is no part of the
+        # first field's name, and a `data:` line after it is the first event's data.
+        events, cut = _framed(body[len(_BOM):])
+        return [(data, end + len(_BOM)) for data, end in events], cut
+    return _framed(body)
+
+
+def _framed(body: bytes) -> tuple[list[tuple[bytes, int]], bool]:
+    """``_events`` of a body without a byte-order mark."""
     out: list[tuple[bytes, int]] = []
     crs = body.count(b"\r")
     if not crs:

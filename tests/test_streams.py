@@ -262,6 +262,7 @@ async def test_line_endings_comments_and_multiline_data_are_read_as_the_standard
         "multiline": rebuild(multiline, b"\n"), "multiline_crlf": rebuild(multiline, b"\r\n"),
         "comments": b": hello\n\n" + rebuild(commented, b"\n"), "mixed": mixed,
         "bom_and_blank_lines": b"\xef\xbb\xbf\n\n" + body.replace(b"\n\n", b"\n\n\n"),
+        "bom": b"\xef\xbb\xbf" + body, "bom_crlf": b"\xef\xbb\xbf" + rebuild(events, b"\r\n"),
         "no_space_after_colon": body.replace(b"data: ", b"data:"),
     }
     assert any(b"\ndata: " in e for e in multiline)
@@ -390,6 +391,20 @@ def test_truncated_capture_is_interrupted_only_if_the_call_failed() -> None:
         assert result[1]["truncated"] is True
         assert result[1]["interrupted"] is failed
         assert result[1]["duration_ms"] == 1500.0  # reads past the cap still count
+
+
+def test_a_byte_order_mark_before_the_first_event_is_dropped() -> None:
+    """A stream that starts with a UTF-8 byte-order mark: its first event is read (the mark
+    is no part of the `data:` line), and it is timed by its own read."""
+    first = _chunk({"role": "assistant", "content": "Hello"})
+    body = b"\xef\xbb\xbf" + first + _chunk({"content": " world"}, finish_reason="stop") \
+        + b"data: [DONE]\n\n"
+    # The first read ends one byte before the first event's blank line: it arrived later.
+    result = assemble(body, [(0, 1.0), (len(first) + 2, 2.0), (len(first) + 3, 3.0)], 0.0)
+    assert result is not None
+    assert result[0]["choices"][0]["message"]["content"] == "Hello world"
+    assert (result[1]["chunks"], result[1]["token_chunks"]) == (2, 2)
+    assert (result[1]["ttft_ms"], result[1]["gap_max_ms"]) == (2000.0, 1000.0)
 
 
 def test_times_are_none_without_arrivals() -> None:
