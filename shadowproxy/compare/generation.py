@@ -454,13 +454,28 @@ def _parsed(arguments: str) -> Any:
         return _INVALID
 
 
+def _same_json(a: Any, b: Any) -> bool:
+    """Equality of parsed JSON values. Python's ``==`` takes ``true`` for ``1`` and
+    ``false`` for ``0`` (a bool is an int), which JSON does not; numbers compare by value
+    (``1`` and ``1.0`` are the same number)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same_json(v, b[k]) for k, v in a.items()))
+    if isinstance(a, list):
+        return (isinstance(b, list) and len(a) == len(b)
+                and all(_same_json(x, y) for x, y in zip(a, b, strict=True)))
+    return bool(a == b)
+
+
 def _same_call(a: ToolCall, b: ToolCall) -> bool:
     if a.name != b.name:
         return False
     pa, pb = _parsed(a.arguments), _parsed(b.arguments)
     if pa is _INVALID or pb is _INVALID:
         return a.arguments == b.arguments
-    return bool(pa == pb)
+    return _same_json(pa, pb)
 
 
 def _tool_calls(primary: list[Generation], shadow: list[Generation]) -> ToolCallAgreement:

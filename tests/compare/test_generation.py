@@ -207,6 +207,21 @@ def test_tool_call_agreement_compares_arguments_as_json() -> None:
     assert result.same_calls.count == 3 + 1 + 1  # weather ×3, "i" (same raw text), "two"
 
 
+def test_tool_call_arguments_differing_in_a_boolean_are_other_calls() -> None:
+    """`true` is not `1` nor `false` `0` in JSON (Python's == says they are); the same
+    number written `1` or `1.0` is the same argument."""
+    pairs = [
+        _call_pair("b1", [("f", '{"urgent": true}')], [("f", '{"urgent": 1}')]),
+        _call_pair("b0", [("f", '{"a": [false, {"b": null}]}')],
+                   [("f", '{"a": [0, {"b": null}]}')]),
+        _call_pair("top", [("f", "true")], [("f", "1")]),
+        _call_pair("num", [("f", '{"n": 1, "m": [2]}')], [("f", '{"m": [2.0], "n": 1.0}')]),
+        _call_pair("same", [("f", '{"a": true, "b": "x"}')], [("f", '{"b": "x", "a": true}')]),
+    ]
+    result = compare_generations(pairs).tool_calls
+    assert (result.same_names.count, result.same_calls.count) == (5, 2)
+
+
 def test_json_validity_counts_only_requests_that_asked_for_json() -> None:
     """Each side's share of valid JSON among the requests that asked, as json.loads says."""
     pairs = []
