@@ -161,7 +161,7 @@ def _slices(g: dict[str, Any]) -> Section:
                      fmt(test.get("p_value_adjusted"), 3),
                      "FLAG" if x.get("flagged") else ("" if test.get("test") else "not tested")])
     s.tables.append(Table(["slice", "n", "exact", "normalized", "similarity", "finish agree",
-                           "p", "p adj (BH)", ""], rows))
+                           "p", "p adj (Holm)", ""], rows))
     s.notes.append(f"each slice's normalized match is tested against the rest of the pairs "
                    f"when both have at least {fmt(part['min_size'])} pairs compared on text "
                    "(thresholds.min_slice_size); FLAG: significantly lower in the slice")

@@ -533,6 +533,9 @@ async def test_the_report_renders_as_text_markdown_html_and_json(
                    "Generation: most different pairs", "cost per 1,000", "[-", "{+",
                    "Generation: slices", top["request_id"], "→ get_weather({"):
         assert phrase in text, phrase
+    # The slices' p-values are adjusted by Holm's method, and the table says so.
+    assert r["generation"]["slices"]["multiple_testing"]["method"] == "holm"
+    assert "p adj (Holm)" in text and "(BH)" not in text
     markdown = render(r, "markdown")
     assert "| primary | shadow |" in markdown and "<del>" in markdown
     html = render(r, "html")
