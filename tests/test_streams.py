@@ -8,7 +8,9 @@ unstreamed answers to the same requests.
 from __future__ import annotations
 
 import gzip
+import re
 import time
+import tomllib
 import zlib
 from collections.abc import AsyncIterator
 from itertools import pairwise
@@ -23,6 +25,7 @@ from aiohttp import web
 
 from examples.chat_service import Speed, build_app, differs
 from shadowproxy.streams import Arrival, assemble, body_json_text, decode_arrivals
+from tests.deploy.files import ROOT
 
 CREATED = 1_700_000_000
 WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
@@ -462,6 +465,17 @@ def test_compressed_streams_are_decoded_read_by_read(encoding: str) -> None:
     assert result is not None
     assert result[1]["ttft_ms"] == 1000.0  # the first token was in read 1
     assert result[0]["choices"][0]["message"]["content"] == " w0 w1 w2 w3 w4"
+
+
+def test_the_declared_brotli_can_decode_within_a_cap() -> None:
+    """Brotli bodies and streams are decoded with ``output_buffer_limit``, which brotli has
+    from 1.2.0: the floor in pyproject.toml has it (under 1.1, every exchange with a br
+    answer lost all its bodies to a TypeError in the recorder)."""
+    brotli.Decompressor().process(brotli.compress(b"x"), output_buffer_limit=2)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = [m.group(1) for d in deps if (m := re.fullmatch(r"brotli>=([\d.]+)", d))]
+    assert len(floors) == 1
+    assert tuple(int(x) for x in floors[0].split(".")) >= (1, 2)
 
 
 def test_decoding_refuses_corrupt_unknown_and_oversized_bodies() -> None:
