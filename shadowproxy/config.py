@@ -414,7 +414,7 @@ class _Located:
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = self._scalar(key_node)
+                key = self._scalar(key_node, path + (str(getattr(key_node, "value", "")),))
                 if not isinstance(key, str):
                     key = str(key)
                 if key in out:
@@ -424,16 +424,30 @@ class _Located:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        value = self._scalar(node)
+        value = self._scalar(node, path)
         if isinstance(value, str):
             value = self._interpolate(value, path)
         return value
 
-    def _scalar(self, node: yaml.Node) -> Any:
+    def _scalar(self, node: yaml.Node, path: tuple[str | int, ...]) -> Any:
+        """The value of a scalar at ``path``; one YAML cannot construct (a tag it does not
+        know, a date that is none) is a problem at its line, and its text stands in for it."""
         if not isinstance(node, yaml.ScalarNode):
             self.problems.append(((), f"line {node.start_mark.line + 1}: expected a plain key"))
             return str(node.start_mark)
-        return self._constructor.construct_object(node)
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if node.tag not in self._constructor.yaml_constructors:
+            self.problems.append((path, f"the tag {node.tag} is not supported (the file is "
+                                        "plain YAML; ${VAR} reads the environment)"))
+            return node.value
+        try:
+            return self._constructor.construct_object(node)
+        except Exception as exc:  # PyYAML's constructors raise what their parsing raises
+            kind = node.tag.rsplit(":", 1)[-1]
+            reason = f" ({exc})" if isinstance(exc, ValueError) else ""
+            self.problems.append((path, f"cannot read {node.value!r} as a YAML {kind}"
+                                        f"{reason}; quote it if it is text"))
+            return node.value
 
     def _interpolate(self, value: str, path: tuple[str | int, ...]) -> str:
         def replace(m: re.Match[str]) -> str:
@@ -539,11 +553,17 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
             reason = (f"a tab character (column {mark.column + 1}): YAML indents with "
                       "spaces only; replace the tab with spaces")
         raise ConfigError([f"{file}:{line}: (YAML): {reason}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{file}:1: (YAML): nested too deeply"]) from exc
     if node is None:
         raise ConfigError([f"{file}:1: (top level): the file is empty; "
                            "it needs at least a 'routes:' list"])
     located = _Located()
-    data = located.build(node, ())
+    try:
+        data = located.build(node, ())
+    except RecursionError as exc:  # nested too deeply, or an alias inside itself (&a [*a])
+        raise ConfigError([f"{file}:1: (YAML): nested too deeply, or an alias refers to "
+                           "the block it is in"]) from exc
     if not isinstance(data, dict):
         raise ConfigError([f"{file}:1: (top level): expected a mapping of settings"])
     env_url = os.environ.get(DATABASE_URL_ENV)

@@ -91,7 +91,7 @@ def _data_dir(config: Path) -> tuple[Path, list[str]]:
     try:
         raw = yaml.safe_load(text)
         value = raw.get("data_dir") if isinstance(raw, dict) else None
-    except yaml.YAMLError:
+    except Exception:  # PyYAML raises more than YAMLError (a bad date: ValueError)
         line = _DATA_DIR_LINE.search(text)
         value = line.group(1) if line else None
     if not isinstance(value, str) or not value or "${" in value:

@@ -111,6 +111,26 @@ def test_unusable_files_are_explained(tmp_path: Path, text: str, expected: str) 
         load_config(write(tmp_path, text))
 
 
+@pytest.mark.parametrize("line, expected", [
+    ("admin_token: !ENV ADMIN_TOKEN", "admin_token: the tag !ENV is not supported"),
+    ("data_dir: 2026-02-30", "data_dir: cannot read '2026-02-30' as a YAML timestamp"),
+    ("watch: !!bool maybe", "watch: cannot read 'maybe' as a YAML bool"),
+    ("access_log: !!int x", "access_log: cannot read 'x' as a YAML int"),
+    ("routes_x: &loop [*loop]", "an alias refers to the block it is in"),
+    ("x: " + "[" * 3000 + "]" * 3000, "nested too deeply"),
+])
+def test_values_yaml_cannot_construct_are_explained(tmp_path: Path, line: str,
+                                                    expected: str) -> None:
+    """A tag YAML does not know, a date that is none, a value that is not of its explicit
+    type, an alias inside itself: each is a problem of the file at its line (a ConfigError,
+    which a reload reports), not an exception of the YAML library."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD + line + "\n"))
+    assert any(expected in problem for problem in info.value.problems), info.value.problems
+    if "[" not in line:
+        assert f"c.yaml:10: {expected}" in str(info.value)
+
+
 def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
     """check-config exits 0 for a good file and 2 with the problems for a bad one."""

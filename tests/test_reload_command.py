@@ -82,6 +82,17 @@ def test_data_dir_is_found_in_a_file_yaml_cannot_read(tmp_path: Path) -> None:
     assert problems and "(YAML)" in problems[0]
 
 
+def test_data_dir_is_found_in_a_file_with_a_value_yaml_cannot_read(tmp_path: Path) -> None:
+    """A file whose YAML parses but holds a value YAML cannot construct (a date that is
+    none) still names its data_dir, and its problem is the file's, at its line."""
+    path = _write(tmp_path, f"data_dir: '{tmp_path / 'd'}'\nwatch: 2026-02-30\n"
+                            "routes: [{name: r, primary: {url: 'http://127.0.0.1:9001'}}]\n")
+    data_dir, problems = _data_dir(path)
+    assert data_dir == tmp_path / "d"
+    assert problems == [f"{path}:2: watch: cannot read '2026-02-30' as a YAML timestamp "
+                        "(day is out of range for month); quote it if it is text"]
+
+
 def test_an_earlier_process_s_outcome_is_not_taken_for_an_answer(tmp_path: Path) -> None:
     """The last outcome written by another process (an earlier run) does not count as the
     running one's answer, whatever its sequence number."""

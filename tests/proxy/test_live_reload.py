@@ -468,6 +468,40 @@ async def test_watch_reloads_edits_and_can_be_turned_on_by_a_reload(
             assert proxy.settings.routes[0].shadows[0].sample_rate == 0.25
 
 
+async def test_a_value_yaml_cannot_read_is_rejected_and_watching_goes_on(
+        tmp_path: Path, database_url: str) -> None:
+    """A file with a tag YAML does not know (`!ENV`) or a date that is none is rejected like
+    any invalid file, by every trigger (POST /-/reload: 422 with the problem at its line,
+    counted as rejected); the watcher lives on and applies the next valid edit."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow, \
+            aiohttp.ClientSession() as http:
+        def config(rate: float) -> dict[str, Any]:
+            return base_config(tmp_path, primary.url,
+                               [{"name": "s", "url": shadow.url, "sample_rate": rate}],
+                               watch=True, watch_interval_s=0.05)
+
+        async with live_proxy(tmp_path, database_url, config(1.0)) as (proxy, path):
+            version = proxy.version
+            admin = f"http://127.0.0.1:{proxy.admin_port}"
+            for bad in ("sample_rate: !ENV RATE", "sample_rate: 2026-02-30"):
+                path.write_text(yaml.safe_dump(config(1.0)).replace("sample_rate: 1.0", bad))
+                resp = await http.post(f"{admin}/-/reload")
+                assert resp.status == 422
+                outcome = await resp.json()
+                assert outcome["version"] == version
+                assert any(".shadows[0].sample_rate: " in e for e in outcome["errors"])
+                await asyncio.sleep(0.3)  # the watcher sees the same file
+            assert proxy.version == version
+            write(path, config(0.5))
+            for _ in range(100):
+                if proxy.version != version:
+                    break
+                await asyncio.sleep(0.02)
+            assert proxy.settings.routes[0].shadows[0].sample_rate == 0.5
+            metrics = samples(await (await http.get(f"{admin}/metrics")).text())
+    assert metrics[("shadowproxy_config_reloads_total", (("result", "rejected"),))] >= 2
+
+
 async def test_the_access_log_names_each_request_s_config_version(
         tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Each access-log line carries the version its request was served under, before and
