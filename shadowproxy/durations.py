@@ -24,7 +24,10 @@ def parse_age(text: str) -> timedelta:
     if amount == 0:
         raise ValueError(f"an age of 0 would mean every record; expected {EXAMPLE} "
                          f"(got {text!r})")
-    return timedelta(**{_UNITS[m.group(2)]: amount})
+    try:
+        return timedelta(**{_UNITS[m.group(2)]: amount})
+    except OverflowError:  # past timedelta's 999,999,999 days: not an age a record can have
+        raise ValueError(f"too large an age; expected {EXAMPLE} (got {text!r})") from None
 
 
 def format_age(age: timedelta) -> str:

@@ -323,6 +323,7 @@ def test_storage_keys_default_and_parse(tmp_path: Path, monkeypatch: pytest.Monk
                            "d or w, e.g. 30d"),
     ("retention: 30", "storage.retention: expected a whole number and a unit"),
     ("retention: 0d", "storage.retention: an age of 0 would mean every record"),
+    ("retention: 99999999999d", "storage.retention: too large an age"),
     ("maintenance_interval_s: 0", "storage.maintenance_interval_s: Input should be greater"),
 ])
 def test_storage_keys_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
