@@ -110,13 +110,15 @@ async def _size(conn: asyncpg.Connection, part: Partition | None) -> tuple[int, 
 
 
 async def drop_partitions(conn: asyncpg.Connection, cutoff: datetime
-                          ) -> tuple[list[str], int, int, bool]:
+                          ) -> tuple[list[str], int, int, bool, datetime | None]:
     """Detach and drop the partitions (of both tables) that end at or before ``cutoff``:
-    (suffixes dropped, requests, responses, estimated)."""
+    (suffixes dropped, requests, responses, estimated, the latest end of a dropped range or
+    None)."""
     answers = {p.name.removeprefix("responses_"): p for p in await partitions(conn, "responses")}
     dropped: list[str] = []
     requests = responses = 0
     estimated = False
+    through: datetime | None = None
     for part in await partitions(conn, "requests"):
         if part.end > cutoff:
             break
@@ -134,6 +136,7 @@ async def drop_partitions(conn: asyncpg.Connection, cutoff: datetime
                                    f"shadowproxy.{twin.name}")
                 await conn.execute(f"DROP TABLE shadowproxy.{twin.name}")
         dropped.append(name)
+        through = part.end if through is None else max(through, part.end)
         requests += n_requests
         responses += n_responses
         estimated = estimated or est_q or est_r
@@ -148,7 +151,8 @@ async def drop_partitions(conn: asyncpg.Connection, cutoff: datetime
                 await conn.execute(f"DROP TABLE shadowproxy.{twin.name}")
             responses += n_responses
             estimated = estimated or est_r
-    return dropped, requests, responses, estimated
+            through = twin.end if through is None else max(through, twin.end)
+    return dropped, requests, responses, estimated, through
 
 
 async def prune_before(conn: asyncpg.Connection, cutoff: datetime, *,
@@ -156,7 +160,7 @@ async def prune_before(conn: asyncpg.Connection, cutoff: datetime, *,
     """Remove every record received before ``cutoff``: whole partitions, then what is left
     in the partition that straddles the cutoff and in DEFAULT, in batches (with
     ``whole_partitions``, the partitions only). The caller holds ``MAINTENANCE_LOCK``."""
-    dropped, requests, responses, estimated = await drop_partitions(conn, cutoff)
+    dropped, requests, responses, estimated, through = await drop_partitions(conn, cutoff)
     batches = 0
     while not whole_partitions:
         row = await conn.fetchrow(_DELETE_BATCH, cutoff, batch_size)
@@ -172,7 +176,13 @@ async def prune_before(conn: asyncpg.Connection, cutoff: datetime, *,
         if gone == 0:
             break
         responses += gone
-    await rollups.forget_before(conn, cutoff)
+    # The summaries of what is gone go with it: every hour before the cutoff, or with
+    # whole partitions only the hours of those dropped. The hours of the partition across
+    # the cutoff keep their records, so they keep their summaries (forgotten, they would be
+    # summarized again at every run, ahead of the new hours).
+    forget = through if whole_partitions else cutoff
+    if forget is not None:
+        await rollups.forget_before(conn, forget)
     return PruneResult(cutoff=cutoff, requests=requests, responses=responses, batches=batches,
                        dropped=dropped, estimated=estimated)
 

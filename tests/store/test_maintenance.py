@@ -56,6 +56,30 @@ async def test_retention_drops_whole_partitions_only(database_url: str) -> None:
     assert oldest_kept < cutoff  # the straddling partition's record is still there
 
 
+async def test_retention_keeps_the_summaries_of_the_records_it_keeps(
+        database_url: str) -> None:
+    """The partition across the retention's cutoff keeps its records, and with them the
+    summaries of their hours: once the runs have caught up with the history, a run
+    summarizes no request again (forgotten at each run, those hours took the runs' budget
+    of hours ahead of the new ones)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await _old_partitions(conn, 6)
+        storage = StorageConfig(retention="3d")
+        runs = [await run_once(database_url, storage)]
+        while runs[-1].rolled is not None and runs[-1].rolled.more and len(runs) < 10:
+            runs.append(await run_once(database_url, storage))
+        kept = await conn.fetchval("SELECT count(*) FROM shadowproxy.requests")
+        again = await run_once(database_url, storage)
+        summarized = await conn.fetchval(
+            "SELECT coalesce(sum(requests), 0) FROM shadowproxy.rollup_hours")
+    finally:
+        await conn.close()
+    assert runs[0].pruned is not None and len(runs[0].pruned.dropped) >= 2
+    assert again.rolled is not None and again.rolled.requests == 0, again.rolled
+    assert summarized == kept == 3  # the straddling partition's record is summarized once
+
+
 async def test_a_run_is_skipped_while_another_process_maintains(database_url: str) -> None:
     """Only one process at a time: while the maintenance lock is held elsewhere, a run
     does nothing and says so."""
