@@ -32,7 +32,7 @@ from shadowproxy.store import legacy, partitions, rollups
 from shadowproxy.store.database import connection, describe_error
 from shadowproxy.store.legacy import Moved
 from shadowproxy.store.partitions import MAINTENANCE_LOCK
-from shadowproxy.store.prune import PruneResult, prune_before
+from shadowproxy.store.prune import PruneResult, cutoff_before, prune_before
 from shadowproxy.tasks import spawn
 
 log = logging.getLogger("shadowproxy.storage")
@@ -69,8 +69,7 @@ async def run_once(url: str, storage: StorageConfig, *, timeout: float = 300.0) 
                 moved = await legacy.move(conn, max_batches=LEGACY_BATCHES_PER_RUN)
                 pruned = None
                 if storage.retention is not None and moved.finished:
-                    cutoff = await conn.fetchval("SELECT now() - $1::interval",
-                                                 storage.retention)
+                    cutoff = await cutoff_before(conn, storage.retention)
                     pruned = await prune_before(conn, cutoff, whole_partitions=True)
                 rolled = None
                 if moved.finished:

@@ -74,6 +74,16 @@ WHERE r.received_at < $1 AND r.request = d.request AND r.target = d.target
 """
 
 
+async def cutoff_before(conn: asyncpg.Connection, age: timedelta) -> datetime:
+    """``age`` before now, on the database's clock, counted in seconds: a day of an age is
+    24 hours. (``now() - interval '30 days'`` counts calendar days of the session's time
+    zone, an hour more or less across a change of its clocks; a timedelta of hours is sent
+    as days too.)"""
+    cutoff: datetime = await conn.fetchval("SELECT now() - make_interval(secs => $1)",
+                                           age.total_seconds())
+    return cutoff
+
+
 def parse_age(text: str) -> timedelta:
     """``--older-than 30d`` → 30 days; UsageError, with an example, for anything else."""
     try:
@@ -203,7 +213,7 @@ async def prune(url: str, older_than: timedelta, *, batch_size: int = 5000) -> P
                 raise DatabaseError(
                     f"the database at {describe(url)} is not fully upgraded to partitioned "
                     "tables; run `shadowproxy migrate -c FILE` first")
-            cutoff: datetime = await conn.fetchval("SELECT now() - $1::interval", older_than)
+            cutoff = await cutoff_before(conn, older_than)
             await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
             try:
                 return await prune_before(conn, cutoff, batch_size=batch_size)

@@ -183,6 +183,54 @@ def test_prune_command_with_bad_arguments_exits_2(
     assert expected in proc.stderr
 
 
+def _clock_moved_forward() -> tuple[str, int]:
+    """A time zone with daylight saving time and a number of days such that its clocks were
+    put forward between that many days ago and now (Berlin's summer time and Sydney's
+    cover the whole year between them)."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    now = datetime.now(UTC)
+    for name in ("Europe/Berlin", "Australia/Sydney"):
+        zone = ZoneInfo(name)
+        offset = now.astimezone(zone).utcoffset()
+        for days in range(1, 400):
+            before = (now - timedelta(days=days)).astimezone(zone).utcoffset()
+            if offset is not None and before is not None and before < offset:
+                return name, days
+    raise AssertionError("no clock change found")
+
+
+async def test_an_age_in_days_is_exact_in_a_time_zone_with_summer_time(
+        database_url: str) -> None:
+    """A day of an age is 24 hours, also when the database's time zone put its clocks
+    forward within the age (calendar days there are an hour shorter): prune keeps a record
+    received 20 minutes less than the age ago and removes one 20 minutes more; the
+    retention cuts at the same time."""
+    from shadowproxy.config import StorageConfig
+    from shadowproxy.store.maintenance import run_once
+
+    zone, days = _clock_moved_forward()
+    age = timedelta(days=days)
+    conn = await asyncpg.connect(database_url)
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        # For the sessions to come: this one keeps UTC, so the records' times are exact.
+        await conn.execute(f"ALTER DATABASE \"{name}\" SET TimeZone = '{zone}'")
+        keep = await _insert(conn, age - timedelta(minutes=20))
+        await _insert(conn, age + timedelta(minutes=20))
+        result = await prune(database_url, age)
+        assert await _ids(conn) == ({keep}, {keep})
+        assert result.requests == 1
+        before = await conn.fetchval("SELECT now()")
+        outcome = await run_once(database_url, StorageConfig(retention=f"{days}d"))
+        after = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+    assert outcome.pruned is not None
+    assert before - age <= outcome.pruned.cutoff <= after - age  # the same cutoff
+
+
 # --- by partition ---------------------------------------------------------------------------
 
 async def test_prune_drops_whole_partitions_and_deletes_only_across_the_cutoff(
