@@ -240,11 +240,16 @@ def fold(total: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
     for route, name, n in (*total.get("set_json_skipped", ()),
                            *snap.get("set_json_skipped", ())):
         skipped[(route, name)] = skipped.get((route, name), 0) + n
+    # Each worker runs its own storage maintenance task and counts its runs.
+    maintenance = dict(total.get("maintenance", {}))
+    for result, n in snap.get("maintenance", {}).items():
+        maintenance[result] = maintenance.get(result, 0) + n
     return {"requests": [(r, c, n) for (r, c), n in requests.items()],
             "latency": [(r, t, c, s) for (r, t), (c, s) in latency.items()],
             "shadow": [(r, s, o) for (r, s), o in shadow.items()],
             "records": records, "queue": 0, "bodies_withheld": withheld,
-            "set_json_skipped": [(r, s, n) for (r, s), n in skipped.items()]}
+            "set_json_skipped": [(r, s, n) for (r, s), n in skipped.items()],
+            "maintenance": maintenance}
 
 
 # --- the supervisor -----------------------------------------------------------------------

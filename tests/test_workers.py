@@ -64,6 +64,12 @@ async def total_requests(http: aiohttp.ClientSession, admin: int) -> float:
                              0.0)
 
 
+async def maintenance_runs(http: aiohttp.ClientSession, admin: int) -> float:
+    text = await (await http.get(f"http://127.0.0.1:{admin}/metrics")).text()
+    return samples(text).get(("shadowproxy_storage_maintenance_total", (("result", "ok"),)),
+                             0.0)
+
+
 async def send(port: int, n: int) -> None:
     for _ in range(n):
         # A new connection each time, so that the kernel spreads them over the workers.
@@ -108,10 +114,12 @@ async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> 
 async def test_counters_never_go_backwards_when_workers_are_replaced(
         tmp_path: Path, database_url: str) -> None:
     """Each worker killed in turn is replaced, and the summed request counter never drops
-    below what was answered: a dead worker's counts are kept."""
+    below what was answered: a dead worker's counts are kept (its storage maintenance
+    runs too)."""
     async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
         config, port, admin = write_config(tmp_path, primary.url, shadow.url, database_url,
-                                           workers=2)
+                                           workers=2,
+                                           storage={"maintenance_interval_s": 0.2})
         async with supervisor(config) as proc, aiohttp.ClientSession() as http:
             await wait_ready(admin, proc)
             assert proc.pid is not None
@@ -120,6 +128,7 @@ async def test_counters_never_go_backwards_when_workers_are_replaced(
             while await total_requests(http, admin) < 30 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             seen = [await total_requests(http, admin)]
+            runs = [await maintenance_runs(http, admin)]
             for victim in sorted(worker_pids(proc.pid)):
                 os.kill(victim, signal.SIGKILL)
                 await wait_for(lambda v=victim: not alive(v), 5, "the worker to die")
@@ -127,6 +136,7 @@ async def test_counters_never_go_backwards_when_workers_are_replaced(
                 replaced = False
                 while time.monotonic() < deadline and not replaced:
                     seen.append(await total_requests(http, admin))
+                    runs.append(await maintenance_runs(http, admin))
                     ready = await http.get(f"http://127.0.0.1:{admin}/readyz")
                     replaced = ready.status == 200 and victim not in worker_pids(proc.pid)
                     await asyncio.sleep(0.1)
@@ -142,6 +152,8 @@ async def test_counters_never_go_backwards_when_workers_are_replaced(
     assert seen[0] == 30
     assert all(b >= a for a, b in itertools.pairwise(seen)), seen
     assert seen[-1] == 40
+    assert runs[0] > 0
+    assert all(b >= a for a, b in itertools.pairwise(runs)), runs
 
 
 async def test_a_worker_that_cannot_listen_is_retried_then_given_up(
@@ -234,7 +246,7 @@ async def test_readyz_waits_for_the_replacement_to_listen(
 
 def test_a_dead_workers_counters_are_kept_and_its_gauges_dropped() -> None:
     """Folding a worker's last snapshot into the retained total adds every counter (bodies
-    withheld included) and keeps none of its gauges."""
+    withheld and storage maintenance runs included) and keeps none of its gauges."""
     from shadowproxy.metrics import Metrics
     from shadowproxy.workers import fold
 
@@ -244,12 +256,15 @@ def test_a_dead_workers_counters_are_kept_and_its_gauges_dropped() -> None:
     metrics.records["written"] += 3
     metrics.bodies_withheld["too_deep"] = 2
     metrics.shadow("r", "s").set_json_skipped = 1
+    metrics.maintenance["ok"] += 5
+    metrics.maintenance["failed"] += 1
     snap = metrics.snapshot()
     total = fold(fold({"requests": [], "latency": [], "shadow": [], "records": {}}, snap), snap)
     assert total["requests"] == [("r", 200, 2)]
     assert total["records"]["written"] == 6
     assert total["bodies_withheld"] == {"too_deep": 4}
     assert total["set_json_skipped"] == [("r", "s", 2)]
+    assert total["maintenance"] == {"ok": 10, "failed": 2}
     assert dict(total["shadow"][0][2])["ok"] == 2
     assert total["queue"] == 0 and "database" not in total
 
