@@ -99,7 +99,10 @@ def _same_url(a: str, b: str) -> bool:
             port = None
         return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
 
-    return key(a) == key(b)
+    try:
+        return key(a) == key(b)
+    except ValueError:  # a malformed URL ("http://[::1"): reported by its own field's check
+        return False
 
 
 def split_listen(value: str) -> tuple[str, int]:

@@ -156,6 +156,30 @@ def test_an_unset_variable_is_reported_once(tmp_path: Path,
     assert "environment variable NOPE_URL is not set" in info.value.problems[0]
 
 
+@pytest.mark.parametrize("primary, shadow", [
+    ("http://127.0.0.1:9001", "http://[::1:9002"),
+    ("http://[::1:9001", "http://127.0.0.1:9002"),
+])
+def test_an_ipv6_url_without_its_bracket_is_reported_at_its_line(
+        tmp_path: Path, primary: str, shadow: str) -> None:
+    """An IPv6 upstream URL whose closing bracket is missing, on a route with a shadow, is a
+    problem of that URL at its line (the check that a shadow is not its primary leaves it
+    to the URL's own check), not an exception."""
+    text = f"""\
+routes:
+  - name: a
+    primary: {{url: "{primary}"}}
+    shadows:
+      - {{name: s, url: "{shadow}"}}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    line = 3 if "[" in primary else 5
+    where = "primary.url" if "[" in primary else "shadows[0].url"
+    assert info.value.problems == [
+        f"{tmp_path / 'c.yaml'}:{line}: routes[0].{where}: Invalid IPv6 URL"]
+
+
 def test_a_shadow_at_the_primary_and_unknown_methods_are_refused(tmp_path: Path) -> None:
     """A shadow URL naming the primary (however spelled) and method names that are not HTTP
     methods are reported at their own lines."""
