@@ -22,6 +22,7 @@ the edited body is a new ``bytes`` (its Content-Length is the caller's to set).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -121,6 +122,17 @@ def _apply(doc: dict[str, Any], path: Path, value: Any) -> None:
             node = node[step]
 
 
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` holds a float that is NaN or infinite (YAML's ``.nan``, ``.inf``)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
 class JsonEdits:
     """Validated ``set_json`` edits, applied in the order given."""
 
@@ -138,6 +150,10 @@ class JsonEdits:
             except orjson.JSONEncodeError as exc:
                 raise ValueError(f"set_json: {key}: the value cannot be written as JSON "
                                  f"({exc})") from exc
+            if _non_finite(value):
+                # orjson would write null in its place, not what the operator asked for.
+                raise ValueError(f"set_json: {key}: NaN and infinities are not JSON numbers; "
+                                 "give a number, or null")
             parsed.append((path, _copy(value)))
         self.edits = tuple(parsed)
 

@@ -124,3 +124,11 @@ def test_unserialisable_values_are_refused() -> None:
     """A value that cannot be JSON is refused when the edits are built."""
     with pytest.raises(ValueError, match="model: the value cannot be written as JSON"):
         JsonEdits({"model": {1, 2}})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), {"a": [1.0, float("-inf")]}])
+def test_nan_and_infinities_are_refused(value: Any) -> None:
+    """YAML's .nan and .inf are not JSON numbers: refused when the edits are built, rather
+    than sent to the shadow as null."""
+    with pytest.raises(ValueError, match="t: NaN and infinities are not JSON numbers"):
+        JsonEdits({"t": value})

@@ -183,10 +183,16 @@ def parse_set_json(text: str) -> JsonEdit:
     except ValueError as exc:
         raise UsageError(f"--set-json {text!r}: {exc}") from exc
     try:
-        value: Any = json.loads(raw)
+        # NaN and Infinity are not JSON (Python's reader takes them): text, like any other
+        # value that is not JSON, not a float written out as null.
+        value: Any = json.loads(raw, parse_constant=_not_json)
     except ValueError:
         value = raw
     return JsonEdit(path.strip(), steps, value)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _positive(value: float | None, flag: str) -> None:

@@ -56,6 +56,15 @@ def test_set_json_sets_nested_fields_and_reads_values_as_json_else_text() -> Non
     assert headers["content-length"] == str(len(sent))
 
 
+def test_set_json_reads_nan_and_infinity_as_text() -> None:
+    """NaN and Infinity are not JSON, though Python's reader takes them: as any value that
+    is not JSON, they go in as strings (not as floats, which would be written as null)."""
+    out = _build(_row(b'{"model": "gpt"}', {"content-type": "application/json"}),
+                 json_edits=("$.a=NaN", "$.b=-Infinity", "$.c=1.5"))
+    assert json.loads(_split(out)[2]) == {"model": "gpt", "a": "NaN", "b": "-Infinity",
+                                          "c": 1.5}
+
+
 def test_set_json_skips_requests_it_cannot_edit() -> None:
     """No JSON body, or a path the body has no place for: the request is skipped, saying why."""
     assert _build(_row(b"plain text", {}), json_edits=("$.a=1",)) == Skip(NO_JSON_BODY)
