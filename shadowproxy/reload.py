@@ -200,29 +200,44 @@ class Reloader:
             # Off the event loop: parsing and validating must not hold up client requests.
             new = await loop.run_in_executor(None, load_config, self.path)
         except ConfigError as exc:
-            self._metrics.reloads["rejected"] += 1
-            log.error("config reload (%s) rejected, nothing changed: %d problem(s) in %s",
-                      trigger, len(exc.problems), self.path)
-            for problem in exc.problems:
-                log.error("%s", problem)
-            return ReloadOutcome("rejected", previous, previous, errors=list(exc.problems),
-                                 restart_needed=self.restart_needed)
+            return self._rejected(trigger, previous, list(exc.problems))
+        except Exception as exc:  # a file the checks did not foresee: still only rejected
+            log.exception("config reload (%s): reading %s failed", trigger, self.path)
+            return self._rejected(trigger, previous, [
+                f"{self.path}: cannot be read ({type(exc).__name__}: {exc}); "
+                "see the log for where it failed"])
         applied, pinned = effective_settings(self.settings, new)
         for line in pinned:
             log.warning("config reload (%s): %s", trigger, line)
         self.restart_needed = pinned
         version = config_version(applied)
-        self._metrics.reloads["applied"] += 1
         if version == previous:
+            self._metrics.reloads["applied"] += 1
             log.info("config reload (%s): version %s unchanged", trigger, version)
             return ReloadOutcome("unchanged", version, previous, restart_needed=pinned)
         changes = describe_changes(self.settings, applied)
-        workers = await self._apply(applied, version)
+        try:
+            workers = await self._apply(applied, version)
+        except Exception as exc:  # e.g. the workers' file not written (a full disk)
+            log.exception("config reload (%s): applying version %s failed", trigger, version)
+            return self._rejected(trigger, previous, [
+                f"{self.path}: version {version} could not be applied ({type(exc).__name__}: "
+                f"{exc}); version {previous} keeps running"])
+        self._metrics.reloads["applied"] += 1
         self.settings, self.version = applied, version
         log.info("config reloaded (%s): version %s -> %s%s", trigger, previous, version,
                  "".join(f"; {c}" for c in changes))
         return ReloadOutcome("applied", version, previous, restart_needed=pinned,
                              changes=changes, workers=workers)
+
+    def _rejected(self, trigger: str, previous: str, problems: list[str]) -> ReloadOutcome:
+        self._metrics.reloads["rejected"] += 1
+        log.error("config reload (%s) rejected, nothing changed: %d problem(s) in %s",
+                  trigger, len(problems), self.path)
+        for problem in problems:
+            log.error("%s", problem)
+        return ReloadOutcome("rejected", previous, previous, errors=problems,
+                             restart_needed=self.restart_needed)
 
     def describe(self) -> dict[str, Any]:
         """For /readyz: the running version, and what waits for a restart."""

@@ -76,3 +76,34 @@ def test_a_change_of_any_route_setting_is_named(tmp_path: Path) -> None:
     new = _load(tmp_path, BASE.replace("  - name: r\n",
                                        "  - name: r\n    retry_non_idempotent: true\n"), "b.yaml")
     assert describe_changes(running, new) == ["route r: retry_non_idempotent changed"]
+
+
+async def test_a_reload_that_cannot_be_applied_is_rejected_and_changes_nothing(
+        tmp_path: Path) -> None:
+    """Applying a valid file can still fail (a supervisor cannot write its workers' file on
+    a full disk): the reload is rejected, saying why, the running version stays, and the
+    next reload applies. The apply step is the Reloader's seam; here it fails once."""
+    from shadowproxy.metrics import Metrics
+    from shadowproxy.reload import Reloader
+
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE)
+    running = load_config(path)
+    metrics = Metrics()
+    failures = [OSError(28, "No space left on device")]
+
+    async def apply(settings: object, version: str) -> None:
+        if failures:
+            raise failures.pop()
+
+    reloader = Reloader(path, running, apply, metrics, tmp_path / "run")
+    path.write_text(BASE.replace("0.5", "0.25"))
+    first = await reloader.reload("test")
+    assert (first.result, first.version) == ("rejected", config_version(running))
+    assert first.errors == [
+        f"{path}: version {config_version(load_config(path))} could not be applied "
+        f"(OSError: [Errno 28] No space left on device); version {first.version} keeps running"]
+    assert reloader.version == config_version(running)
+    second = await reloader.reload("test")
+    assert (second.result, second.previous_version) == ("applied", config_version(running))
+    assert metrics.reloads == {"applied": 1, "rejected": 1}
