@@ -10,6 +10,11 @@ import re
 from datetime import timedelta
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DAYS = 36_525
+"""A hundred years: longer than any record can be old. The cutoff is computed by
+PostgreSQL, whose timestamps end some 6,700 years back: a larger age would fail every
+retention run, not be refused here."""
 _AGE = re.compile(r"^(\d+)([smhdw])$")
 EXAMPLE = "a whole number and a unit s, m, h, d or w, e.g. 30d, 12h or 90m"
 
@@ -24,10 +29,10 @@ def parse_age(text: str) -> timedelta:
     if amount == 0:
         raise ValueError(f"an age of 0 would mean every record; expected {EXAMPLE} "
                          f"(got {text!r})")
-    try:
-        return timedelta(**{_UNITS[m.group(2)]: amount})
-    except OverflowError:  # past timedelta's 999,999,999 days: not an age a record can have
-        raise ValueError(f"too large an age; expected {EXAMPLE} (got {text!r})") from None
+    if amount * _SECONDS[m.group(2)] > MAX_DAYS * 86400:
+        raise ValueError(f"too large an age: at most {MAX_DAYS}d (a hundred years); "
+                         f"expected {EXAMPLE} (got {text!r})")
+    return timedelta(**{_UNITS[m.group(2)]: amount})
 
 
 def format_age(age: timedelta) -> str:

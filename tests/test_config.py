@@ -348,6 +348,8 @@ def test_storage_keys_default_and_parse(tmp_path: Path, monkeypatch: pytest.Monk
     ("retention: 30", "storage.retention: expected a whole number and a unit"),
     ("retention: 0d", "storage.retention: an age of 0 would mean every record"),
     ("retention: 99999999999d", "storage.retention: too large an age"),
+    ("retention: 36526d", "storage.retention: too large an age: at most 36525d"),
+    ("retention: 5300w", "storage.retention: too large an age: at most 36525d"),
     ("maintenance_interval_s: 0", "storage.maintenance_interval_s: Input should be greater"),
 ])
 def test_storage_keys_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -173,6 +173,7 @@ def test_prune_command_says_how_many_it_removed(sync_database_url: str, tmp_path
     (["--older-than", "30 days"], "e.g. 30d"),
     (["--older-than", "30d", "--batch-size", "0"], "--batch-size: expected 1 or more"),
     (["--older-than", "99999999999d"], "--older-than: too large an age"),
+    (["--older-than", "3000000d"], "--older-than: too large an age: at most 36525d"),
 ])
 def test_prune_command_with_bad_arguments_exits_2(
         tmp_path: Path, args: list[str], expected: str) -> None:
