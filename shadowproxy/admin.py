@@ -51,7 +51,10 @@ def _authorized(request: web.Request) -> bool:
     if not token:
         return True
     given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates: encoded back the same
+    # way, such a header is a wrong token, not an exception (a 500 and a logged traceback).
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                               f"Bearer {token}".encode())
 
 
 @web.middleware

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartProxy, route
@@ -71,3 +73,29 @@ async def test_admin_token_protects_data_and_leaves_probes_open(
             'Bearer realm="shadowproxy admin", error="invalid_token"'
         ok = await http.get(f"{admin}/metrics", headers=good)
         assert ok.status == 200 and "shadowproxy_requests_total" in await ok.text()
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_a_wrong_token(
+        start_proxy: StartProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """`Authorization: Bearer \\xff` (bytes that are not UTF-8) gets the 401 of a wrong token,
+    with nothing logged; the right token still works on the same listener."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)], admin_token="t0ken") as proxy:
+        for path in (b"/metrics", b"/readyz"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.admin_port)
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
+                         b"Authorization: Bearer t0k\xffen\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            status = answer.split(b"\r\n", 1)[0]
+            if path == b"/metrics":
+                assert status == b"HTTP/1.1 401 Unauthorized", answer[:200]
+                assert b'error="invalid_token"' in answer
+            else:  # a probe: open, without the details
+                assert status == b"HTTP/1.1 200 OK", answer[:200]
+                assert answer.endswith(b'{"status": "ready"}'), answer[-200:]
+        async with aiohttp.ClientSession() as http:
+            ok = await http.get(f"http://127.0.0.1:{proxy.admin_port}/metrics",
+                                headers={"Authorization": "Bearer t0ken"})
+            assert ok.status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
