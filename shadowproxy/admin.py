@@ -50,11 +50,15 @@ def _authorized(request: web.Request) -> bool:
     token = request.app.get(TOKEN)
     if not token:
         return True
-    given = request.headers.get("Authorization", "")
+    # RFC 9110 §11.1: the scheme is case-insensitive; RFC 6750 §2.1: one or more spaces
+    # before the token. Only the token is secret, so only it is compared in constant time.
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
     # aiohttp decodes header bytes that are not UTF-8 as surrogates: encoded back the same
     # way, such a header is a wrong token, not an exception (a 500 and a logged traceback).
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
-                               f"Bearer {token}".encode())
+    return hmac.compare_digest(given.lstrip(" ").encode("utf-8", "surrogateescape"),
+                               token.encode())
 
 
 @web.middleware

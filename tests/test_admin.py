@@ -99,3 +99,19 @@ async def test_an_authorization_header_that_is_not_utf8_is_a_wrong_token(
                                 headers={"Authorization": "Bearer t0ken"})
             assert ok.status == 200
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_the_bearer_scheme_is_case_insensitive(start_proxy: StartProxy) -> None:
+    """`bearer t0ken`, `BEARER t0ken` and `Bearer  t0ken` carry the token (RFC 9110 §11.1:
+    the scheme is case-insensitive; RFC 6750 §2.1: one or more spaces before it); another
+    scheme, another token or no space between them does not."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)], admin_token="t0ken") as proxy, \
+            aiohttp.ClientSession() as http:
+        metrics = f"http://127.0.0.1:{proxy.admin_port}/metrics"
+        for given, status in [("bearer t0ken", 200), ("BEARER t0ken", 200),
+                              ("Bearer  t0ken", 200), ("Basic t0ken", 401),
+                              ("Bearer t0ke", 401), ("Bearer t0ken2", 401),
+                              ("Bearert0ken", 401), ("t0ken", 401), ("Bearer ", 401)]:
+            answer = await http.get(metrics, headers={"Authorization": given})
+            assert answer.status == status, given
