@@ -43,7 +43,16 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         request_id = getattr(record, "request_id", None)
-        return f"{line} request_id={request_id}" if request_id else line
+        return f"{line} request_id={_text_value(str(request_id))}" if request_id else line
+
+
+def _text_value(value: str) -> str:
+    """``value`` as is, or JSON-quoted if it holds a space, a quote, a backslash, ``=`` or a
+    character that is not printable: the client chooses its X-Request-Id, and bare it could
+    add fields of its own to the line (``X-Request-Id: a status=200 request_id=b``)."""
+    if value.isprintable() and not any(c in value for c in ' "\\='):
+        return value
+    return json.dumps(value)
 
 
 class Throttle:

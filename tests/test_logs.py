@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from shadowproxy.logs import JsonFormatter, TextFormatter, Throttle
-from tests.conftest import StartProxy
+from tests.conftest import StartProxy, route
 from tests.test_run_command import free_port, wait_ready, write_config
 from tests.upstreams import hanging, model, serve
 
@@ -127,6 +127,38 @@ def test_text_lines_end_with_the_request_id() -> None:
     record.request_id = "abc"
     assert TextFormatter("%(message)s").format(record) == "GET / -> 200 request_id=abc"
     assert json.loads(JsonFormatter().format(record))["request_id"] == "abc"
+
+
+async def test_a_request_id_cannot_add_fields_to_a_text_line(
+        start_proxy: StartProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """An X-Request-Id with spaces, `=` or quotes (the client chooses it) ends the text line
+    JSON-quoted: the line has one request_id, the client's whole value, and no field of the
+    client's making; an id without them stays bare."""
+    caplog.set_level(logging.INFO, logger="shadowproxy.access")
+    forged = ['mine status=200 request_id=victim', 'x"y', 'a\\b', 'k=v', 'tab\there']
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)], access_log=True) as proxy, \
+            aiohttp.ClientSession() as http:
+        for request_id in [*forged, "plain-id"]:
+            resp = await http.get(f"http://127.0.0.1:{proxy.port}/p",
+                                  headers={"X-Request-Id": request_id})
+            assert resp.status == 200 and resp.headers["X-Request-Id"] == request_id
+            await resp.read()
+        await asyncio.sleep(0.2)
+        await proxy.recorder.drained()
+    text = TextFormatter("%(message)s")
+    lines = {r.request_id: text.format(r) for r in caplog.records  # type: ignore[attr-defined]
+             if r.name == "shadowproxy.access"}
+    assert set(lines) == {*forged, "plain-id"}
+    field = re.compile(r'(?:^| )([a-z_]+)=("(?:[^"\\]|\\.)*"|\S*)')
+    for request_id in forged:
+        line = lines[request_id]
+        fields = field.findall(line)
+        assert [k for k, _ in fields].count("request_id") == 1, line
+        assert "status" not in dict(fields), line
+        assert json.loads(dict(fields)["request_id"]) == request_id, line
+        assert "\n" not in line and "\t" not in line
+    assert lines["plain-id"].endswith(" request_id=plain-id")
 
 
 def test_throttle_lets_a_few_lines_through_per_period_and_counts_the_rest() -> None:
