@@ -51,7 +51,23 @@ def _ext_modules() -> list[object]:
                     group_name="shadowproxy_native")
 
 
+def _dependencies() -> list[str]:
+    """The package's dependencies (pyproject.toml), for the build environment of a compiled
+    build: mypyc type-checks the compiled modules against the types of pydantic, orjson,
+    aiohttp and the rest, and pip's isolated build environment holds only what this build
+    asks for. Without them the check sees those modules as Any and fails ("Class cannot
+    subclass BaseModel") in a virtualenv that has nothing installed yet, as the Docker
+    image's; only an invoking virtualenv that has them hides that, since mypy also searches
+    its site-packages."""
+    import tomllib
+
+    project = tomllib.loads(Path(__file__).with_name("pyproject.toml").read_text())["project"]
+    dependencies = project["dependencies"]
+    assert isinstance(dependencies, list)
+    return [str(d) for d in dependencies]
+
+
 setup(
     ext_modules=_ext_modules(),
-    setup_requires=["mypy>=1.10"] if COMPILE else [],
+    setup_requires=["mypy>=1.10", *_dependencies()] if COMPILE else [],
 )
