@@ -46,6 +46,19 @@ log = logging.getLogger("shadowproxy.recorder")
 
 _REQUEST_RECEIVED = itemgetter(REQUEST_COLUMNS.index("received_at"))
 _RESPONSE_RECEIVED = itemgetter(RESPONSE_COLUMNS.index("received_at"))
+_ROLE = RESPONSE_COLUMNS.index("role")
+_TARGET = RESPONSE_COLUMNS.index("target")
+
+# A replayed answer replaces the target's earlier replayed answer to the same request, in
+# the transaction that stores it (``replay --force``): an earlier answer deleted ahead of
+# its request's sending was lost when the run was stopped before the new one was stored.
+# A live shadow's answers are never replaced. $3/$4 bound the partitions searched.
+_REPLACE_REPLAYED = """
+DELETE FROM shadowproxy.responses r
+USING unnest($1::uuid[], $2::text[]) AS d(request, target)
+WHERE r.request = d.request AND r.target = d.target AND r.role = 'replay'
+  AND r.received_at BETWEEN $3 AND $4
+"""
 
 _TEMP_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS _sp_requests (
@@ -143,6 +156,21 @@ def _late_hours(requests: list[Row], responses: list[Row]) -> list[datetime]:
         if at is not None)
 
 
+async def _replace_replayed(conn: asyncpg.Connection, responses: list[Row]) -> int:
+    """Delete the earlier replayed answers the batch's replayed answers replace; how many.
+    A batch without replayed answers (every live one) costs a scan of its roles."""
+    replays = [row for row in responses if row[_ROLE] == "replay"]
+    if not replays:
+        return 0
+    times = [t for t in map(_RESPONSE_RECEIVED, replays) if t is not None]
+    if not times:  # rows of a spool file from before partitioning: nothing to bound by
+        return 0
+    result: str = await conn.execute(
+        _REPLACE_REPLAYED, [row[0] for row in replays], [row[_TARGET] for row in replays],
+        min(times), max(times))
+    return int(result.rsplit(" ", 1)[1])
+
+
 class PostgresWriter:
     """Writes (request rows, response rows) batches over one connection, reconnecting."""
 
@@ -156,6 +184,9 @@ class PostgresWriter:
         """Records stored without their bodies, since the caller last emptied the list."""
         self.unstorable: list[str] = []
         """Request ids of records refused even without their bodies (not stored)."""
+        self.replaced = 0
+        """Earlier replayed answers replaced by the replayed answers written (``replay
+        --force``), since this writer began."""
         self.already_stored = 0
         """Records of the last batch written that the checking path skipped because the
         database held them already (a spooled batch replayed again after a stop between
@@ -268,10 +299,13 @@ class PostgresWriter:
                                              records=_records(requests),
                                              columns=REQUEST_COLUMNS)
             if responses:
+                replaced = await _replace_replayed(conn, responses)
                 await conn.copy_records_to_table("responses", schema_name="shadowproxy",
                                                  records=_records(responses),
                                                  columns=RESPONSE_COLUMNS)
             await rollups.invalidate(conn, _late_hours(requests, responses))
+        if responses:
+            self.replaced += replaced
 
     async def _insert_checked(self, requests: list[Row], responses: list[Row]) -> int:
         """Store a batch through temporary tables, skipping what is stored already; the
@@ -284,9 +318,12 @@ class PostgresWriter:
                 await conn.copy_records_to_table("_sp_responses", records=responses,
                                                  columns=RESPONSE_COLUMNS)
             inserted = await conn.execute(self._insert_requests)  # "INSERT 0 <rows>"
+            replaced = 0
             if responses:
+                replaced = await _replace_replayed(conn, responses)
                 await conn.execute(self._insert_responses)
             await rollups.invalidate(conn, _late_hours(requests, responses))
+        self.replaced += replaced
         return len(requests) - int(inserted.rsplit(" ", 1)[1])
 
     async def check(self) -> ConnectionProblem | None:

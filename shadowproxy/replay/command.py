@@ -58,7 +58,6 @@ def _route(settings: Settings, options: ReplayOptions) -> Route:
 
 async def _replay(settings: Settings, route: Route, options: ReplayOptions, url: str) -> int:
     conn = await connect(url)
-    force_conn = None
     try:
         await apply_migrations(conn)  # role 'replay' needs migration 004
         if not await lock_target(conn, route.name, options.name):
@@ -75,11 +74,8 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
             print("nothing to replay")
             return 0
         await _reachable(options.url, options.timeout_s)
-        if options.force:
-            force_conn = await connect(url)
         replayer = Replayer(options, settings.recording, settings.data_dir, url,
-                            RequestStream(conn, selection), pacer, force_conn,
-                            limits=settings.limits)
+                            RequestStream(conn, selection), pacer, limits=settings.limits)
         started = datetime.fromtimestamp(time.time(), UTC)
         clock = time.monotonic()
         with progress_bar(pre.pending, options.name) as update:
@@ -108,10 +104,8 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
             return INTERRUPTED_STATUS
         return 1 if stored < tally.recorded else 0
     finally:
-        for c in (force_conn, conn):
-            if c is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(c.close(), 5.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 5.0)
 
 
 async def _reachable(url: str, timeout_s: float) -> None:

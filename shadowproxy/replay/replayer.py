@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from shadowproxy.config import Limits, RecordingConfig
 from shadowproxy.errors import ShadowProxyError
 from shadowproxy.failures import ErrorKind
@@ -44,7 +42,7 @@ from shadowproxy.replay.call import ReplayCall
 from shadowproxy.replay.options import ReplayOptions
 from shadowproxy.replay.outgoing import RequestBuilder, Skip
 from shadowproxy.replay.pacing import Pacer
-from shadowproxy.replay.source import RequestStream, delete_answers
+from shadowproxy.replay.source import RequestStream
 from shadowproxy.tasks import spawn
 from shadowproxy.upstream import UpstreamPool
 
@@ -92,7 +90,6 @@ class Replayer:
 
     def __init__(self, options: ReplayOptions, recording: RecordingConfig, data_dir: Path,
                  database_url: str, stream: RequestStream, pacer: Pacer,
-                 force_conn: asyncpg.Connection | None = None,
                  limits: Limits | None = None) -> None:
         self.options = options
         self.recording = recording
@@ -101,7 +98,6 @@ class Replayer:
         self.database_url = database_url
         self.stream = stream
         self.pacer = pacer
-        self.force_conn = force_conn
         self.tally = Tally()
         self.stopping = False
         self.aborting = False
@@ -169,6 +165,8 @@ class Replayer:
                 loop.remove_signal_handler(sig)
             self._pool.close()
             await recorder.close()
+            # Replaced as each new answer was stored (PostgresWriter, ``replay --force``).
+            self.tally.replaced = recorder.writer.replaced
         return self.tally
 
     async def _read(self, pages: asyncio.Queue[list[Any] | None]) -> None:
@@ -177,9 +175,6 @@ class Replayer:
         try:
             while True:
                 rows = await self.stream.next_rows()
-                if rows and self.force_conn is not None:
-                    self.tally.replaced += await delete_answers(
-                        self.force_conn, self.options.name, [r["id"] for r in rows])
                 if not rows:
                     break
                 await pages.put(rows)

@@ -148,7 +148,7 @@ class Selection:
             sql += f" AND (_sp_q.received_at, _sp_q.id) > ({p(after[0])}, {p(after[1])})"
         if pending:
             # --force redoes replayed answers only: an answer a live shadow of that name
-            # recorded is never replaced (nor deleted, see delete_answers).
+            # recorded is never replaced (PostgresWriter replaces replayed answers only).
             sql += (" AND NOT EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d "
                     "WHERE _sp_d.request = _sp_q.id AND _sp_d.received_at = _sp_q.received_at "
                     f"AND _sp_d.target = {p(o.name)}"
@@ -276,19 +276,6 @@ async def lock_target(conn: asyncpg.Connection, route: str, name: str,
             await asyncio.sleep(0.2)
     except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
         raise DatabaseError(f"taking the replay lock failed: {exc}") from exc
-
-
-async def delete_answers(conn: asyncpg.Connection, name: str, ids: list[UUID]) -> int:
-    """--force: remove the target's earlier replayed answers to these requests; how many
-    there were. A live shadow's answers under the same name are recorded traffic, not the
-    replay's to redo: they stay (and their requests are not sent, ``Selection``)."""
-    try:
-        result: str = await conn.execute(
-            "DELETE FROM shadowproxy.responses WHERE target = $1 AND role = 'replay' "
-            "AND request = ANY($2::uuid[])", name, ids)
-    except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
-        raise DatabaseError(f"removing earlier answers (--force) failed: {exc}") from exc
-    return int(result.rsplit(" ", 1)[1])
 
 
 class RequestStream:

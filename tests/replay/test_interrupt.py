@@ -6,6 +6,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -136,3 +137,44 @@ async def test_a_second_replay_of_the_same_target_is_refused_while_one_runs(
         await finish(first)
     assert second.status == 1
     assert "another `shadowproxy replay` of route 'r' as 'cand' is running" in second.err
+
+
+async def test_an_interrupted_force_redo_keeps_every_answer_and_runs_again_to_the_end(
+        database_url: str, tmp_path: Path) -> None:
+    """--force replaces an earlier answer in the transaction that stores the new one: Ctrl-C
+    in the middle of redoing the failed answers (docs/replay.md's --where) leaves every
+    request with one answer, new or as it was, and the same command run again redoes the
+    rest. Deleted ahead of the send, the answers of the requests not yet sent were lost,
+    and the rerun's --where, which reads them, found nothing."""
+    await store(database_url, [request(i) for i in range(N)])
+    config = write_config(tmp_path, database_url)
+    redo = ("--force", "--where", "shadow_name = 'cand' AND shadow_error_kind IS NOT NULL")
+    failed = ("SELECT count(*) FROM shadowproxy.responses "
+              "WHERE target = 'cand' AND error_kind = 'timeout'")
+    async with serve(model("c")) as target:
+        first = await replay(config, to=target.url)
+        assert first.status == 0, first.err
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("UPDATE shadowproxy.responses SET error_kind = 'timeout', "
+                               "error = 'timeout', status = NULL WHERE target = 'cand'")
+        finally:
+            await conn.close()
+        proc = await _started_replay(config, target.url, "--rate", "150", *redo)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while await fetchval(database_url, failed) > N - 30:
+            assert proc.returncode is None and loop.time() < deadline
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        result = await finish(proc)
+        assert result.status == 130, result.err
+        await _stored_once_each(database_url)
+        left = await fetchval(database_url, failed)
+        assert 0 < left <= N - 30
+        assert f"{N - left} earlier answers replaced (--force)" in result.out
+        rerun = await replay(config, *redo, to=target.url)
+        assert rerun.status == 0, rerun.err
+    assert f"{left} requests selected" in rerun.out
+    await _stored_once_each(database_url)
+    assert await fetchval(database_url, failed) == 0
