@@ -15,6 +15,7 @@ it is sent uncompressed.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,14 @@ _REDACTED = re.compile(r"^\[redacted\](, \[redacted\])*$")
 _SKIP = frozenset(name.decode() for name in http1.REQUEST_REWRITTEN) | {"content-encoding"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _DECODE_CAP = 64 * 1024 * 1024
+# 19 digits or more may be an integer past 64 bits (-9223372036854775809), which orjson reads
+# as a float: such a document is read and written by the standard library, which keeps it.
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 TRUNCATED = "body truncated at recording"
 NO_JSON_BODY = "--set-json needs a JSON body"
+NOT_WRITABLE = ("--set-json: the edited body cannot be written as JSON (a number out of range, "
+                "or nested too deeply)")
 
 
 @dataclass(frozen=True)
@@ -111,13 +117,17 @@ class RequestBuilder:
         body: bytes = row["body"] or b""
         encoding = headers.get("content-encoding")
         if self._edits:
-            doc = _json_document(body, encoding, row["body_json"])
-            if doc is _NOT_JSON:
+            read = _json_document(body, encoding, row["body_json"])
+            if read is None:
                 return Skip(NO_JSON_BODY)
+            doc, exact = read
             failed = edit_json(doc, self._edits)
             if failed is not None:
                 return Skip(f"--set-json {failed}: the body has no place for it")
-            body = orjson.dumps(doc)
+            try:
+                body = _dump(doc, exact)
+            except (ValueError, RecursionError):  # 1e400 or NaN, read as a float
+                return Skip(NOT_WRITABLE)
             encoding = None
         elif encoding is not None and _stored_plain(body, encoding):
             encoding = None
@@ -164,20 +174,40 @@ class RequestBuilder:
             lines.append(f"X-Request-Id: {row['request_id']}\r\n".encode("latin-1"))
 
 
-_NOT_JSON = object()
-
-
-def _json_document(body: bytes, encoding: str | None, stored_json: str | None) -> Any:
-    """The request's JSON document, parsed from the bytes as sent when possible (keeping
-    the client's key order), else from the recorder's ``body_json``; ``_NOT_JSON`` if none."""
-    if encoding is None and body:
+def _json_document(body: bytes, encoding: str | None,
+                   stored_json: str | None) -> tuple[Any, bool] | None:
+    """(the request's JSON document, True if the standard library read it), parsed from the
+    bytes as sent when possible (keeping the client's key order), else from the recorder's
+    ``body_json``; None if there is none."""
+    texts = [body] if encoding is None and body else []
+    if stored_json is not None:
+        texts.append(stored_json.encode("utf-8"))
+    for text in texts:
+        if _LONG_NUMBER.search(text) is None:
+            try:
+                return orjson.loads(text), False
+            except orjson.JSONDecodeError:
+                pass  # 1e400, NaN: the standard library reads them, _dump refuses them
         try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-    if stored_json is None:
-        return _NOT_JSON
-    return orjson.loads(stored_json)
+            return json.loads(text), True
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
+            continue
+    return None
+
+
+def _dump(doc: Any, exact: bool) -> bytes:
+    """The edited document's bytes; ValueError for a number JSON cannot hold (what the
+    standard library read from 1e400 or NaN), RecursionError past its nesting limit."""
+    if not exact:
+        try:
+            return orjson.dumps(doc)
+        except orjson.JSONEncodeError:
+            pass  # an integer past 64 bits from --set-json, or nested past 254 levels
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, read from a \ud800 escape
+        return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
 def _stored_plain(body: bytes, encoding: str) -> bool:

@@ -255,3 +255,26 @@ async def test_a_target_that_cannot_be_reached_fails_before_anything_is_stored(
     assert result.status == 1
     assert "cannot connect" in result.err and "nothing was sent" in result.err
     assert await answers(database_url) == 0
+
+
+async def test_set_json_keeps_long_integers_and_skips_bodies_it_cannot_write_back(
+        database_url: str, tmp_path: Path) -> None:
+    """An integer past 64 bits goes out as recorded, not as a float; a body holding a number
+    JSON cannot write back (1e400), or an integer past 64 bits given by --set-json, does not
+    stop the replay: the first is skipped saying why, the second sent."""
+    bodies = [b'{"features": {"x": 0}, "id": 18446744073709551616, "n": -9223372036854775809}',
+              b'{"features": {"x": 1}, "scale": 1e400}']
+    exchanges = [request(i) for i in range(len(bodies))]
+    for ex, body in zip(exchanges, bodies, strict=True):
+        ex.body, ex.body_size = body, len(body)
+    await store(database_url, exchanges)
+    config = write_config(tmp_path, database_url)
+    async with serve(model("c")) as target:
+        result = await replay(config, "--set-json", "$.trace=123456789012345678901234",
+                              to=target.url)
+        assert result.status == 0, result.err
+        assert [s.body for s in target.seen] == [
+            b'{"features":{"x":0},"id":18446744073709551616,"n":-9223372036854775809,'
+            b'"trace":123456789012345678901234}']
+    assert "skipped   1 (--set-json: the edited body cannot be written as JSON" in result.out
+    assert "stored    2 answers" in result.out
