@@ -40,7 +40,7 @@ from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.recorder.recorder import Recorder
 from shadowproxy.replay.call import ReplayCall
 from shadowproxy.replay.options import ReplayOptions
-from shadowproxy.replay.outgoing import RequestBuilder, Skip
+from shadowproxy.replay.outgoing import Outgoing, RequestBuilder, Skip
 from shadowproxy.replay.pacing import Pacer
 from shadowproxy.replay.source import RequestStream
 from shadowproxy.tasks import spawn
@@ -199,21 +199,32 @@ class Replayer:
             if rows is None:
                 return
             for row in rows:
-                due = pacer.due(row["received_at"].timestamp())
-                if started is None:
-                    started = time.perf_counter()
-                # Woken early by an answer: wait on until the request is due.
-                while (wait := started + due - time.perf_counter()) > _MIN_WAIT_S \
-                        and not self.stopping:
-                    await self._wait(wait)
-                    since_yield = 0
-                while (self._in_flight >= concurrency or len(recorder.queue) >= RECORDER_BACKLOG) \
-                        and not self.stopping:
-                    await self._wait(0.05 if self._in_flight < concurrency else None)
-                    since_yield = 0
-                if self.stopping:
-                    return
-                self._send(row, builder)
+                built = builder.build(row)
+                if isinstance(built, Skip):
+                    # Not sent: it takes no place in the schedule (--rate is the rate of the
+                    # requests sent) and no call slot; only the recorder's backlog holds it.
+                    while len(recorder.queue) >= RECORDER_BACKLOG and not self.stopping:
+                        await self._wait(0.05)
+                        since_yield = 0
+                    if self.stopping:
+                        return
+                    self._skip(row, built)
+                else:
+                    due = pacer.due(row["received_at"].timestamp())
+                    if started is None:
+                        started = time.perf_counter()
+                    # Woken early by an answer: wait on until the request is due.
+                    while (wait := started + due - time.perf_counter()) > _MIN_WAIT_S \
+                            and not self.stopping:
+                        await self._wait(wait)
+                        since_yield = 0
+                    while (self._in_flight >= concurrency
+                           or len(recorder.queue) >= RECORDER_BACKLOG) and not self.stopping:
+                        await self._wait(0.05 if self._in_flight < concurrency else None)
+                        since_yield = 0
+                    if self.stopping:
+                        return
+                    self._send(row, built)
                 since_yield += 1
                 if since_yield >= _YIELD_EVERY:  # let the answers in between sends
                     since_yield = 0
@@ -235,23 +246,28 @@ class Replayer:
         finally:
             getter.cancel()
 
-    def _send(self, row: Any, builder: RequestBuilder) -> None:
+    def _exchange(self, row: Any) -> tuple[Exchange, CapturedResponse]:
+        """The stored request of ``row`` (not written again), and the target's record."""
         options = self.options
         exchange = Exchange(options.route, row["received_at"].timestamp(), row["method"],
                             row["path"], row["query"], [], row["client_addr"],
                             row["request_id"])
         exchange.id = row["id"]
         exchange.request_stored = True
-        record = CapturedResponse(options.name, "replay", time.time())
-        built = builder.build(row)
+        return exchange, CapturedResponse(options.name, "replay", time.time())
+
+    def _skip(self, row: Any, skip: Skip) -> None:
+        exchange, record = self._exchange(row)
+        exchange.responses.append(record)
+        record.error_kind = ErrorKind.SKIPPED
+        record.error = f"skipped: {skip.reason}"
+        self.tally.skipped[skip.reason] += 1
+        self._record(exchange)
+
+    def _send(self, row: Any, built: Outgoing) -> None:
+        options = self.options
+        exchange, record = self._exchange(row)
         tally = self.tally
-        if isinstance(built, Skip):
-            exchange.responses.append(record)
-            record.error_kind = ErrorKind.SKIPPED
-            record.error = f"skipped: {built.reason}"
-            tally.skipped[built.reason] += 1
-            self._record(exchange)
-            return
         if built.dropped_redacted:
             tally.without_redacted += 1
         tally.sent += 1

@@ -42,6 +42,25 @@ async def test_a_fixed_rate_is_held_within_ten_percent(database_url: str,
     assert 45 <= rate <= 55, rate
 
 
+async def test_skipped_requests_take_no_place_in_the_rate(database_url: str,
+                                                          tmp_path: Path) -> None:
+    """Requests that are not sent (bodies truncated at recording) do not slow the others:
+    with every other one skipped, --rate 50 still sends at 50 a second."""
+    exchanges = [request(i) for i in range(120)]
+    for ex in exchanges[::2]:
+        ex.body_truncated = True
+    await store(database_url, exchanges)
+    config = write_config(tmp_path, database_url)
+    times, handler = _arrivals()
+    async with serve(handler) as target:
+        result = await replay(config, "--rate", "50", to=target.url)
+    assert result.status == 0, result.err
+    assert "skipped   60 (body truncated at recording 60)" in result.out
+    assert len(times) == 60
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 45 <= rate <= 55, rate
+
+
 async def test_speed_keeps_the_recorded_spacing_divided(database_url: str,
                                                         tmp_path: Path) -> None:
     """--speed 2 sends requests recorded 0.3 s apart 0.15 s apart (the span within 10%)."""
