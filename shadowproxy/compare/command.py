@@ -49,7 +49,13 @@ def resolve_window(since: str | None, from_: str | None, to: str | None,
     if from_ is not None:
         start = _timestamp(from_, "--from")
     else:
-        start = end - timedelta(seconds=parse_duration(since or DEFAULT_SINCE))
+        since = since or DEFAULT_SINCE
+        try:
+            start = end - timedelta(seconds=parse_duration(since))
+        except OverflowError:  # before year 1: no record is that old
+            raise UsageError(f"--since {since}: the window would start before year 1; to "
+                             "take every record give --from with an early date, e.g. "
+                             "--from 2000-01-01") from None
     if start >= end:
         raise UsageError(f"the window is empty: it starts at {start.isoformat()} and ends at "
                          f"{end.isoformat()}; give --from earlier than --to")

@@ -153,7 +153,8 @@ async def test_a_where_postgresql_rejects_is_a_usage_error_and_changes_nothing(
 
 async def test_usage_errors_exit_2_before_anything_is_sent(
         database_url: str, tmp_path: Path) -> None:
-    """An unknown route, --as primary, or --rate with --speed exit 2 with what to do."""
+    """An unknown route, --as primary, --rate with --speed, or a --since longer than a
+    date can go back exit 2 with what to do."""
     config = write_config(tmp_path, database_url)
     base = ["replay", "-c", str(config), "--to", "http://127.0.0.1:9"]
     from tests.replay.helpers import cli
@@ -165,6 +166,8 @@ async def test_usage_errors_exit_2_before_anything_is_sent(
         (["--route", ROUTE, "--as", "c", "--set-header", "bad header"], "--set-header"),
         (["--route", ROUTE, "--as", "c", "--set-json", "features.x=1"], "--set-json"),
         (["--route", ROUTE, "--as", "c", "--to", "http://127.0.0.1:8"], "--to URL"),
+        (["--route", ROUTE, "--as", "c", "--since", "999999d"],
+         "--since 999999d: the window would start before year 1"),
     ]
     for extra, message in cases:
         result = await cli(*base, *extra)
