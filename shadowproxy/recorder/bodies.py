@@ -183,8 +183,9 @@ class Unredactable(Exception):
         self.reason = reason
 
 
-# A run of 20 digits may be an integer past 64 bits, which orjson would read as a float.
-_LONG_NUMBER = re.compile(r"[0-9]{20}")
+# A run of 19 digits may be an integer past 64 bits, which orjson would read as a float:
+# 20 for the unsigned ones, 19 for those below -2**63 (-9223372036854775809).
+_LONG_NUMBER = re.compile(r"[0-9]{19}")
 
 
 def _parse(text: str) -> tuple[Any, bool]:

@@ -103,6 +103,8 @@ def test_redaction_reads_what_orjson_refuses_and_gives_up_on_depth_without_recur
     assert data == text.encode("ascii")
     assert '"secret":"[redacted]"' in text and "\\ud800" in text
     assert "123456789012345678901234567890" in text and "Infinity" in text
+    out = redactor.redact('{"secret": "s", "low": -9223372036854775809}')
+    assert out is not None and out[1] == '{"secret":"[redacted]","low":-9223372036854775809}'
     deep = '{"secret": 1, "x": ' + "[" * 10_000 + "]" * 10_000 + "}"
     with pytest.raises(Unredactable) as caught:
         redactor.redact(deep)
