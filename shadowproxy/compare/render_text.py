@@ -7,11 +7,18 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table as RichTable
+from rich.text import Text
 
 from shadowproxy.compare.tables import TextComparison, sections
 from shadowproxy.compare.tables_generation import plain_diff, shorten
 
 _STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
+
+
+def _plain(text: str) -> Text:
+    """``text`` shown as it is: rich reads a ``str`` cell or title as markup, so a recorded
+    value such as ``[/b]`` stopped the report and ``[red]`` restyled it."""
+    return Text(text)
 
 
 def render_text(report: dict[str, Any], *, color: bool = False, width: int = 120) -> str:
@@ -26,13 +33,14 @@ def render_text(report: dict[str, Any], *, color: bool = False, width: int = 120
         for note in section.notes:
             console.print(note, markup=False)
         for table in section.tables:
-            rich_table = RichTable(title=table.title or None, title_justify="left",
+            rich_table = RichTable(title=_plain(table.title) if table.title else None,
+                                   title_justify="left",
                                    show_edge=False, header_style="bold")
             for i, header in enumerate(table.headers):
-                rich_table.add_column(header, justify="left" if i == 0 else "right",
+                rich_table.add_column(_plain(header), justify="left" if i == 0 else "right",
                                       overflow="fold")
             for row in table.rows:
-                rich_table.add_row(*row)
+                rich_table.add_row(*map(_plain, row))
             console.print(rich_table)
         for comparison in section.comparisons:
             _comparison(console, comparison)
@@ -46,6 +54,6 @@ def _comparison(console: Console, c: TextComparison) -> None:
     table = RichTable(show_edge=False, header_style="bold", expand=True)
     table.add_column("primary", ratio=1, overflow="fold")
     table.add_column("shadow", ratio=1, overflow="fold")
-    table.add_row(shorten(c.primary), shorten(c.shadow))
+    table.add_row(_plain(shorten(c.primary)), _plain(shorten(c.shadow)))
     console.print(table)
     console.print("diff: " + shorten(plain_diff(c.diff), 1200), markup=False)

@@ -220,3 +220,28 @@ def test_a_report_on_too_little_evidence_does_not_pass_a_gate(
     assert verdict["status"] == "fail"
     assert [r["section"] for r in verdict["reasons"] if r["level"] == "fail"] == ["counts"]
     assert "min_pairs (100)" in verdict["reasons"][0]["message"]
+
+
+def _hostile_config(url: str, tmp_path: Path, values: list[str]) -> Path:
+    """A config over 200 exchanges whose recorded category and request ids are ``values``
+    (a categorical feature, a slice family by it, the largest differences by request id)."""
+    rng = np.random.default_rng(23)
+    exchanges = [Exchange({"features": {"kind": values[i % len(values)]}},
+                          Call({"prediction": float(rng.normal())}),
+                          {"candidate": Call({"prediction": float(rng.normal())})},
+                          request_id=f"{values[i % len(values)]}-{i}")
+                 for i in range(200)]
+    asyncio.run(insert(url, exchanges))
+    return write_config(tmp_path, url, 'prediction: "$.prediction"\nfeatures:\n'
+                        '  kind: {path: "$.features.kind", type: categorical}\n'
+                        'slices:\n  kinds: {feature: kind}')
+
+
+def test_recorded_values_are_text_not_markup_in_the_text_report(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recorded value with rich's markup brackets is shown as recorded, and the text
+    report is written."""
+    config = _hostile_config(sync_database_url, tmp_path, ["[/bold]", "[red]hot[/red]"])
+    assert main(["report", "-c", str(config), "--route", "house-prices"]) == 0
+    text = capsys.readouterr().out
+    assert "kind = [/bold]" in text and "kind = [red]hot[/red]" in text
