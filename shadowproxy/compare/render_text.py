@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from rich.console import Console
@@ -15,10 +16,16 @@ from shadowproxy.compare.tables_generation import plain_diff, shorten
 _STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
 
 
+# C0 controls but tab and newline, DEL and C1 controls: rich passes ESC and CSI through,
+# so a recorded value could move the cursor, retitle or clear the terminal reading the report.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def _plain(text: str) -> Text:
     """``text`` shown as it is: rich reads a ``str`` cell or title as markup, so a recorded
-    value such as ``[/b]`` stopped the report and ``[red]`` restyled it."""
-    return Text(text)
+    value such as ``[/b]`` stopped the report and ``[red]`` restyled it. Control characters
+    are shown as their escapes (``\\x1b``), never sent to the terminal."""
+    return Text(_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
 def render_text(report: dict[str, Any], *, color: bool = False, width: int = 120) -> str:
@@ -31,7 +38,7 @@ def render_text(report: dict[str, Any], *, color: bool = False, width: int = 120
         style = _STYLE.get(status, "bold") if section.key == "verdict" else "bold"
         console.rule(f"[{style}]{section.title}[/]", align="left")
         for note in section.notes:
-            console.print(note, markup=False)
+            console.print(_plain(note))
         for table in section.tables:
             rich_table = RichTable(title=_plain(table.title) if table.title else None,
                                    title_justify="left",
@@ -50,10 +57,10 @@ def render_text(report: dict[str, Any], *, color: bool = False, width: int = 120
 
 def _comparison(console: Console, c: TextComparison) -> None:
     """Both texts side by side, then the word diff in wdiff's marks."""
-    console.print(c.title, markup=False, style="bold")
+    console.print(_plain(c.title), style="bold")
     table = RichTable(show_edge=False, header_style="bold", expand=True)
     table.add_column("primary", ratio=1, overflow="fold")
     table.add_column("shadow", ratio=1, overflow="fold")
     table.add_row(_plain(shorten(c.primary)), _plain(shorten(c.shadow)))
     console.print(table)
-    console.print("diff: " + shorten(plain_diff(c.diff), 1200), markup=False)
+    console.print(_plain("diff: " + shorten(plain_diff(c.diff), 1200)))

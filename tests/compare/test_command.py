@@ -245,3 +245,15 @@ def test_recorded_values_are_text_not_markup_in_the_text_report(
     assert main(["report", "-c", str(config), "--route", "house-prices"]) == 0
     text = capsys.readouterr().out
     assert "kind = [/bold]" in text and "kind = [red]hot[/red]" in text
+
+
+def test_control_characters_in_recorded_values_do_not_reach_the_terminal(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ESC and CSI sequences in a recorded value are shown as escapes in the text report;
+    no control character but newline reaches the terminal."""
+    config = _hostile_config(sync_database_url, tmp_path,
+                             ["\x1b[2J\x1b]0;owned\x07", "\x9b31mred"])
+    assert main(["report", "-c", str(config), "--route", "house-prices"]) == 0
+    text = capsys.readouterr().out
+    assert not {c for c in text if (ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f}
+    assert "kind = \\x1b[2J\\x1b]0;owned\\x07" in text and "kind = \\x9b31mred" in text
