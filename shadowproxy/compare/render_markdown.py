@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 from shadowproxy.compare.tables import Table, TextComparison, sections
@@ -10,7 +11,9 @@ from shadowproxy.compare.tables_generation import shorten
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """``text`` on one line of a table row: Markdown ends a line at CR as at LF, so a
+    recorded value with a CR split its row in two."""
+    return re.sub("\r\n?|\n", " ", text).replace("|", "\\|")
 
 
 def _table(table: Table) -> list[str]:
@@ -35,7 +38,7 @@ def _comparison(c: TextComparison) -> list[str]:
             diff.append(f"<ins>{html.escape(b)}</ins>")
     return [f"**{_cell(c.title)}**", "", "| primary | shadow |", "|---|---|",
             f"| {_cell(shorten(c.primary))} | {_cell(shorten(c.shadow))} |", "",
-            "diff: " + "".join(diff).replace("\n", "<br>"), ""]
+            "diff: " + re.sub("\r\n?|\n", "<br>", "".join(diff)), ""]
 
 
 def render_markdown(report: dict[str, Any]) -> str:

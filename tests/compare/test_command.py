@@ -257,3 +257,35 @@ def test_control_characters_in_recorded_values_do_not_reach_the_terminal(
     text = capsys.readouterr().out
     assert not {c for c in text if (ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f}
     assert "kind = \\x1b[2J\\x1b]0;owned\\x07" in text and "kind = \\x9b31mred" in text
+
+
+def _markdown_tables(path: Path) -> list[list[list[str]]]:
+    """Every table of a Markdown file as a CommonMark parser with GFM tables reads it:
+    rows of cell texts."""
+    from markdown_it import MarkdownIt
+
+    tables: list[list[list[str]]] = []
+    in_table = False
+    for token in MarkdownIt("commonmark").enable("table").parse(
+            path.read_bytes().decode()):
+        if token.type in ("table_open", "table_close"):
+            in_table = token.type == "table_open"
+            tables += [[]] if in_table else []
+        elif in_table and token.type == "tr_open":
+            tables[-1].append([])
+        elif in_table and token.type == "inline":
+            tables[-1][-1].append(token.content)
+    return tables
+
+
+def test_line_breaks_in_recorded_values_keep_markdown_rows_whole(
+        sync_database_url: str, tmp_path: Path) -> None:
+    """A recorded value with CR, CRLF or LF stays within its row of a Markdown table."""
+    config = _hostile_config(sync_database_url, tmp_path, ["a\rb", "c\r\nd", "e\nf"])
+    md = tmp_path / "r.md"
+    assert main(["report", "-c", str(config), "--route", "house-prices",
+                 "--format", "markdown", "-o", str(md)]) == 0
+    slices = next(t for t in _markdown_tables(md) if t[0][0] == "slice")
+    assert [row[0] for row in slices[1:]] == ["(whole)", "kind = a b", "kind = c d",
+                                              "kind = e f"]
+    assert {len(row) for row in slices} == {6}
