@@ -12,8 +12,10 @@ from shadowproxy.compare.tables_generation import shorten
 
 def _cell(text: str) -> str:
     """``text`` on one line of a table row: Markdown ends a line at CR as at LF, so a
-    recorded value with a CR split its row in two."""
-    return re.sub("\r\n?|\n", " ", text).replace("|", "\\|")
+    recorded value with a CR split its row in two. Escaped as HTML, as the diff is: Markdown
+    passes tags through, so a recorded ``<script>`` or ``<img onerror=...>`` would reach
+    the page a Markdown viewer renders."""
+    return html.escape(re.sub("\r\n?|\n", " ", text), quote=False).replace("|", "\\|")
 
 
 def _table(table: Table) -> list[str]:

@@ -289,3 +289,21 @@ def test_line_breaks_in_recorded_values_keep_markdown_rows_whole(
     assert [row[0] for row in slices[1:]] == ["(whole)", "kind = a b", "kind = c d",
                                               "kind = e f"]
     assert {len(row) for row in slices} == {6}
+
+
+def test_tags_in_recorded_values_are_text_in_the_markdown_report(
+        sync_database_url: str, tmp_path: Path) -> None:
+    """A recorded value with HTML tags is text in the page a Markdown viewer makes of the
+    report (CommonMark passes raw HTML through): no script, no image, the value readable."""
+    from markdown_it import MarkdownIt
+
+    config = _hostile_config(sync_database_url, tmp_path, [
+        "<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "AT&amp;T"])
+    md = tmp_path / "r.md"
+    assert main(["report", "-c", str(config), "--route", "house-prices",
+                 "--format", "markdown", "-o", str(md)]) == 0
+    page = MarkdownIt("commonmark").enable("table").render(md.read_text())
+    assert "<script" not in page and "<img" not in page
+    assert "<td>kind = &lt;script&gt;alert(1)&lt;/script&gt;</td>" in page
+    assert "<td>kind = &quot;&gt;&lt;img src=x onerror=alert(1)&gt;</td>" in page
+    assert "<td>kind = AT&amp;amp;T</td>" in page
