@@ -13,6 +13,12 @@ from typing import Any
 
 PRIMARY, SHADOW, REFERENCE = "#1f77b4", "#d62728", "#7f7f7f"
 
+# For texts that come from the records or the configuration (feature names, categories,
+# classes): matplotlib reads text between two dollar signs as mathtext, so a category such
+# as "$$" or "$x^$" stopped the HTML report and "$5 or $10" was drawn as a formula. The
+# axes' own tick labels keep mathtext (a log axis writes 10² with it).
+LITERAL = {"parse_math": False}
+
 
 def _svg(draw: Callable[[Any], None], *, width: float = 5.2, height: float = 3.0) -> str:
     import matplotlib
@@ -45,8 +51,8 @@ def histogram(edges: list[float], series: dict[str, list[int]], title: str, xlab
             ax.stairs(_shares(counts), edges, label=name, color=colors.get(name), linewidth=1.5)
         if log_x:
             ax.set_xscale("log")
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
+        ax.set_title(title, **LITERAL)
+        ax.set_xlabel(xlabel, **LITERAL)
         ax.set_ylabel("share")
         ax.legend(frameon=False)
 
@@ -63,8 +69,8 @@ def ecdf(levels: list[float], series: dict[str, list[float] | None], title: str,
         for name, q in series.items():
             if q:
                 ax.step(q, levels, where="post", label=name, color=colors.get(name))
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
+        ax.set_title(title, **LITERAL)
+        ax.set_xlabel(xlabel, **LITERAL)
         ax.set_ylabel("cumulative share")
         ax.legend(frameon=False)
 
@@ -82,7 +88,7 @@ def binned_scatter(scatter: dict[str, Any], title: str) -> str:
                              cmap="viridis")
         lo, hi = scatter["x_edges"][0], scatter["x_edges"][-1]
         ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, linestyle="--")
-        ax.set_title(title)
+        ax.set_title(title, **LITERAL)
         ax.set_xlabel("primary")
         ax.set_ylabel("shadow")
         fig.colorbar(mesh, ax=ax, label="pairs")
@@ -95,14 +101,14 @@ def matrix(classes: list[str], counts: list[list[int]], title: str) -> str:
     def draw(fig: Any) -> None:
         ax = fig.subplots()
         ax.imshow(counts, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes)
-        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xticks(range(len(classes)), classes, **LITERAL)
+        ax.set_yticks(range(len(classes)), classes, **LITERAL)
         for i, row in enumerate(counts):
             for j, n in enumerate(row):
                 ax.text(j, i, str(n), ha="center", va="center", fontsize=8)
         ax.set_xlabel("shadow")
         ax.set_ylabel("primary")
-        ax.set_title(title)
+        ax.set_title(title, **LITERAL)
 
     return _svg(draw, width=4.2, height=3.6)
 
@@ -118,9 +124,9 @@ def bars(categories: list[str], series: dict[str, list[float]], title: str) -> s
             ax.bar([i + k * width for i in range(len(categories))], values, width=width,
                    label=name, color=colors.get(name))
         ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(categories))],
-                      categories, rotation=30, ha="right")
+                      categories, rotation=30, ha="right", **LITERAL)
         ax.set_ylabel("share")
-        ax.set_title(title)
+        ax.set_title(title, **LITERAL)
         ax.legend(frameon=False)
 
     return _svg(draw)

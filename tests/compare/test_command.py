@@ -307,3 +307,15 @@ def test_tags_in_recorded_values_are_text_in_the_markdown_report(
     assert "<td>kind = &lt;script&gt;alert(1)&lt;/script&gt;</td>" in page
     assert "<td>kind = &quot;&gt;&lt;img src=x onerror=alert(1)&gt;</td>" in page
     assert "<td>kind = AT&amp;amp;T</td>" in page
+
+
+def test_dollar_signs_in_recorded_values_are_drawn_as_text_in_html_plots(
+        sync_database_url: str, tmp_path: Path) -> None:
+    """Categories with dollar signs (mathtext to matplotlib) are drawn as written in the
+    HTML report's plots; "$$" or "$x^$" stopped the report with a traceback."""
+    config = _hostile_config(sync_database_url, tmp_path, ["$$", "$x^$", "$5 or $10"])
+    page = tmp_path / "r.html"
+    assert main(["report", "-c", str(config), "--route", "house-prices",
+                 "--format", "html", "-o", str(page)]) == 0
+    svg = page.read_text().split('<div class="plots">')[-1]
+    assert all(f">{value}</text>" in svg for value in ("$$", "$x^$", "$5 or $10"))
