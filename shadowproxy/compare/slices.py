@@ -144,13 +144,15 @@ async def _summary(db: Snapshot, preds: Predictions, regression: bool) -> list[A
 
 async def _rows(db: Snapshot, preds: Predictions, regression: bool) -> list[Any]:
     """Prediction rows of a seeded sample of whole requests, each with its request, its
-    label and the slices it belongs to."""
+    label and the slices it belongs to, as ``[family, slice]`` pairs: a slice's name is
+    unique only in its family (a SQL slice may be named as another family's bin or value),
+    and a row of one must not count as a row of the other."""
     value = "pn, sn" if regression else "pt, st"
     paired = ("pn IS NOT NULL AND sn IS NOT NULL" if regression
               else "pt IS NOT NULL AND st IS NOT NULL")
     return await db.fetch(f"""
         SELECT p.id::text AS request, {value}, {LABEL_SQL} AS y,
-               coalesce((SELECT array_agg(DISTINCT s.slice) FROM {SLICES} s
+               coalesce((SELECT array_agg(DISTINCT ARRAY[s.family, s.slice]) FROM {SLICES} s
                          WHERE s.id = p.id AND (s.ord IS NULL OR s.ord = p.ord)),
                         '{{}}') AS slices
         FROM {preds.table} p LEFT JOIN shadowproxy.labels l ON l.request_id = p.request_id
@@ -179,7 +181,7 @@ async def build(db: Snapshot, preds: Predictions, pred: PredictionsSection,
         err = np.array([abs(r["sn"] - r["pn"]) for r in rows], dtype=np.float64)
     else:
         err = np.array([float(r["pt"] != r["st"]) for r in rows], dtype=np.float64)
-    members = [set(r["slices"]) for r in rows]
+    members = [{(f, name) for f, name in r["slices"]} for r in rows]
     requests = np.array([r["request"] for r in rows], dtype=object)
     labels = [r["y"] for r in rows]
     whole = _whole(pred, regression)
@@ -191,7 +193,7 @@ async def build(db: Snapshot, preds: Predictions, pred: PredictionsSection,
         entry = cast(SliceEntry, {"family": family, "slice": name, "n": int(agg["n"] or 0),
                                   **{k: stats.num(v) for k, v in agg.items()
                                      if k not in ("family", "slice", "n")}})
-        mask = np.array([name in m for m in members], dtype=bool)
+        mask = np.array([(family, name) in m for m in members], dtype=bool)
         if entry["n"] < th.min_slice_size or mask.sum() < th.min_slice_size \
                 or (~mask).sum() < th.min_slice_size:
             entry["test"] = {"test": None,

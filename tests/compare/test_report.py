@@ -467,3 +467,30 @@ async def test_tests_run_on_a_seeded_sample_above_sample_max(database_url: str) 
     assert diff["sampled"] is True and 800 < diff["compared_pairs"] < 1200
     assert diff["fields"][0]["n_present"] == diff["compared_pairs"]
     assert diff["identical"] == 0
+
+
+async def test_a_slice_named_as_another_familys_slice_is_tested_on_its_own_rows(
+        database_url: str) -> None:
+    """A SQL slice named as a bin of a feature slice family: each slice's test compares its
+    own rows with the rest (a slice name is unique only in its family)."""
+    rng = np.random.default_rng(18)
+    requests, p, s = house(rng, 400)
+    await insert(database_url, [
+        Exchange(requests[i], Call({"prediction": p[i]}), {"candidate": Call({"prediction": s[i]})})
+        for i in range(400)])
+    sqft = np.array([r["features"]["sqft"] for r in requests])
+    compare = {"prediction": "$.prediction",
+               "features": {"sqft": {"path": "$.features.sqft"}},
+               "slices": {"sqft in [0, 2000)":
+                          "(request_body_json #>> '{features,sqft}')::float > 3000",
+                          "size": {"feature": "sqft", "bins": [0, 2000, 4000]}}}
+    r = await report(database_url, compare)
+    sl = {(x["family"], x["slice"]): x for x in r["slices"]["slices"]}
+    err = np.abs(s - p)
+    for key, rows in [(("sqft in [0, 2000)", "sqft in [0, 2000)"), sqft > 3000),
+                      (("size", "sqft in [0, 2000)"), sqft < 2000)]:
+        test = sl[key]["test"]
+        assert sl[key]["n"] == int(rows.sum())
+        assert test["requests"] == [int(rows.sum()), int((~rows).sum())]
+        assert test["diff"] == pytest.approx(np.mean(err[rows]) - np.mean(err[~rows]))
+    assert sl[("sqft in [0, 2000)", "sqft in [0, 2000)")]["flagged"] is True
