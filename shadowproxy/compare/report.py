@@ -151,7 +151,8 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
         seed=seed, sample=sample, thresholds=th.model_dump(),
         compare=compare.model_dump(mode="json", exclude={"thresholds"} if source else
                                    {"thresholds", "generation"}))
-    decided = verdict(sections, th)
+    decided = verdict(sections, th,
+                      sample_comparable=sample["comparable"] if sample["sampled"] else None)
     order = ("counts", "operational", "diff", "predictions", "performance", "data_checks",
              "slices", "generation")
     return cast(Report, {"meta": meta, **{k: sections[k] for k in order if k in sections},

@@ -107,8 +107,12 @@ def _generation(gen: Mapping[str, Any], op: Mapping[str, Any], th: Thresholds, a
             add("warn", "generation", f"slice {s['slice']}: {s['flag_reason']}")
 
 
-def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
-    """The status and one reason per rule that fired, from the report's sections."""
+def verdict(report: Mapping[str, Any], th: Thresholds, *,
+            sample_comparable: int | None = None) -> Verdict:
+    """The status and one reason per rule that fired, from the report's sections.
+
+    ``sample_comparable``: the comparable pairs of the sample the row-level sections read,
+    when the window was sampled (``--max-pairs``); the evidence rule holds for it too."""
     reasons: list[Reason] = []
 
     def add(level: str, section: str, message: str) -> None:
@@ -124,6 +128,11 @@ def verdict(report: Mapping[str, Any], th: Thresholds) -> Verdict:
         add("fail", "counts", f"{comparable} comparable pairs (both answered 2xx with JSON), "
                               f"fewer than thresholds.min_pairs ({th.min_pairs}): too little "
                               "evidence to pass")
+    elif sample_comparable is not None and sample_comparable < th.min_pairs:
+        # The tests, the differences and the slices read the sample, not the window.
+        add("fail", "counts", f"the sample holds {sample_comparable} comparable pairs, fewer "
+                              f"than thresholds.min_pairs ({th.min_pairs}): the comparisons "
+                              "read the sample; raise --max-pairs")
     if counts["pairs"] and counts["pair_completeness"] is not None and \
             counts["pair_completeness"] < th.min_pair_completeness:
         add("warn", "counts", f"pair completeness {_pct(counts['pair_completeness'])} < "

@@ -206,3 +206,25 @@ def test_cli_max_pairs_and_seed(sync_database_url: str, tmp_path: Path,
     sample = json.loads(out.read_text())["meta"]["sample"]
     assert (sample["sampled"], sample["size"], sample["population"], sample["seed"]) == (
         True, 25, 60, 9)
+
+
+async def test_a_sample_below_min_pairs_is_too_little_evidence(database_url: str) -> None:
+    """The window holds enough comparable pairs, but the comparisons read a sample of 30:
+    with thresholds.min_pairs 100 the gate fails on the sample's evidence, as it would on
+    the window's; a sample of at least min_pairs does not."""
+    await insert(database_url, exchanges())
+    win = window()
+    whole = await report(database_url, win)
+    sampled = await report(database_url, win, max_pairs=30, seed=3)
+    comparable = sampled["meta"]["sample"]["comparable"]
+    assert whole["counts"]["comparable_pairs"] >= 100 > comparable
+    message = (f"the sample holds {comparable} comparable pairs, fewer than "
+               "thresholds.min_pairs (100): the comparisons read the sample; raise --max-pairs")
+    assert not any(r["message"] == message for r in whole["verdict"]["reasons"])
+    assert {"level": "fail", "section": "counts", "message": message} in [
+        dict(r) for r in sampled["verdict"]["reasons"]]
+    assert sampled["verdict"]["status"] == "fail"
+    enough = await report(database_url, win, max_pairs=118, seed=3)  # >= 106 comparable
+    assert enough["meta"]["sample"]["sampled"] is True
+    assert enough["meta"]["sample"]["comparable"] >= 100
+    assert not any("the sample holds" in r["message"] for r in enough["verdict"]["reasons"])
