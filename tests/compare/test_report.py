@@ -410,14 +410,19 @@ async def test_without_reference_the_earlier_window_is_the_reference(database_ur
     assert r["counts"]["pairs"] == 200
 
 
+async def _stored_houses(url: str, *, seed: int, n: int = 400
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` house-price exchanges stored: (sqft, primary's, candidate's predictions)."""
+    requests, p, s = house(np.random.default_rng(seed), n)
+    await insert(url, [
+        Exchange(requests[i], Call({"prediction": p[i]}), {"candidate": Call({"prediction": s[i]})})
+        for i in range(n)])
+    return np.array([r["features"]["sqft"] for r in requests]), p, s
+
+
 async def test_slices_by_sql_and_by_feature_bins(database_url: str) -> None:
     """Per-slice metrics equal numpy's on the slice; the departing slice is flagged."""
-    rng = np.random.default_rng(16)
-    requests, p, s = house(rng, 400)
-    await insert(database_url, [
-        Exchange(requests[i], Call({"prediction": p[i]}), {"candidate": Call({"prediction": s[i]})})
-        for i in range(400)])
-    sqft = np.array([r["features"]["sqft"] for r in requests])
+    sqft, p, s = await _stored_houses(database_url, seed=16)
     compare = {"prediction": "$.prediction",
                "features": {"sqft": {"path": "$.features.sqft"}},
                "slices": {"big": "(request_body_json #>> '{features,sqft}')::float > 3000",
@@ -473,12 +478,7 @@ async def test_a_slice_named_as_another_familys_slice_is_tested_on_its_own_rows(
         database_url: str) -> None:
     """A SQL slice named as a bin of a feature slice family: each slice's test compares its
     own rows with the rest (a slice name is unique only in its family)."""
-    rng = np.random.default_rng(18)
-    requests, p, s = house(rng, 400)
-    await insert(database_url, [
-        Exchange(requests[i], Call({"prediction": p[i]}), {"candidate": Call({"prediction": s[i]})})
-        for i in range(400)])
-    sqft = np.array([r["features"]["sqft"] for r in requests])
+    sqft, p, s = await _stored_houses(database_url, seed=18)
     compare = {"prediction": "$.prediction",
                "features": {"sqft": {"path": "$.features.sqft"}},
                "slices": {"sqft in [0, 2000)":
