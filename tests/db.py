@@ -22,4 +22,11 @@ async def fetchval(url: str, query: str, *args: Any) -> Any:
         return await conn.fetchval(query, *args)
 
 
-__all__ = ["fetch", "fetchrow", "fetchval"]
+async def execute(url: str, query: str, *args: Any) -> str:
+    """Run one statement (a test's change to stored records); its status line."""
+    async with connection(url) as conn:
+        status: str = await conn.execute(query, *args)
+        return status
+
+
+__all__ = ["execute", "fetch", "fetchrow", "fetchval"]

@@ -6,11 +6,10 @@ import asyncio
 import signal
 from pathlib import Path
 
-import asyncpg
 import pytest
 from aiohttp import web
 
-from tests.db import fetchval
+from tests.db import execute, fetchval
 from tests.replay.helpers import (
     ROUTE,
     answers,
@@ -154,12 +153,8 @@ async def test_an_interrupted_force_redo_keeps_every_answer_and_runs_again_to_th
     async with serve(model("c")) as target:
         first = await replay(config, to=target.url)
         assert first.status == 0, first.err
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute("UPDATE shadowproxy.responses SET error_kind = 'timeout', "
-                               "error = 'timeout', status = NULL WHERE target = 'cand'")
-        finally:
-            await conn.close()
+        await execute(database_url, "UPDATE shadowproxy.responses SET error_kind = 'timeout', "
+                                    "error = 'timeout', status = NULL WHERE target = 'cand'")
         proc = await _started_replay(config, target.url, "--rate", "150", *redo)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30

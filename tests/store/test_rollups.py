@@ -25,6 +25,7 @@ from shadowproxy.store import rollups
 from shadowproxy.store.maintenance import run_once
 from shadowproxy.store.prune import prune_before
 from tests.compare.records import Call, Exchange, insert
+from tests.db import execute
 
 COMPARE = {"prediction": "$.prediction"}
 
@@ -166,12 +167,9 @@ async def test_only_settled_hours_are_summarized_once(database_url: str) -> None
     second = await roll_up(database_url)
     assert (second.hours, second.requests) == (0, 0)
     win = Window(rollups.hour_of(old), rollups.hour_of(old) + timedelta(hours=1))
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute("UPDATE shadowproxy.request_rollups SET requests = requests + 1000 "
-                           "WHERE ctid = (SELECT min(ctid) FROM shadowproxy.request_rollups)")
-    finally:
-        await conn.close()
+    await execute(database_url, "UPDATE shadowproxy.request_rollups SET requests = "
+                                "requests + 1000 WHERE ctid = (SELECT min(ctid) FROM "
+                                "shadowproxy.request_rollups)")
     assert (await exact(database_url, win))["counts"]["requests"] == 1050
 
 
