@@ -92,8 +92,11 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot create the spool directory {directory}: {exc}") from exc
         self._active: Path | None = None
-        self._active_file: Any = None
+        self._active_fd: int | None = None
+        """The segment being appended to, written with ``os.write``: a buffered file kept
+        what a failed write left over and wrote it at its next flush, after a torn frame."""
         self._active_size = 0
+        """Bytes of whole frames in the segment being appended to."""
         self.adopt_orphans()
 
     def _segments(self, pid: int | None = None) -> list[Path]:
@@ -137,35 +140,58 @@ class Spool:
         they are on disk (fsync); False (nothing written) when the spool is full. Without
         ``durable`` the batch is with the kernel, which keeps it across a crash of this
         process, not across a power cut; a later durable append to the same segment flushes
-        it to disk too. Only system calls: run in a thread, it leaves the GIL to the loop."""
+        it to disk too. Only system calls: run in a thread, it leaves the GIL to the loop.
+
+        A write that fails (a full disk) raises SpoolError with nothing of the batch left in
+        the segment: the reader stops at a torn frame, so the batches appended after one
+        would be lost though they were written."""
         size = sum(map(len, framed))
         if self.total_bytes() + size > self.max_bytes:
             return False
         try:
-            if self._active_file is None or self._active_size > _SEGMENT_MAX_BYTES:
+            if self._active_fd is None or self._active_size > _SEGMENT_MAX_BYTES:
                 self.rotate()
                 self._active = self.directory / f"seg-{self.pid}-{time.time_ns()}.spool"
-                self._active_file = open(self._active, "ab")  # noqa: SIM115 (kept open)
+                self._active_fd = os.open(self._active,
+                                          os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
                 self._active_size = 0
-            self._active_file.writelines(framed)
-            self._active_file.flush()
+            for data in framed:
+                _write_all(self._active_fd, data)
             if durable:
-                os.fsync(self._active_file.fileno())
-            self._active_size += size
+                os.fsync(self._active_fd)
         except OSError as exc:
+            self._cut_back()
             raise SpoolError(f"cannot write to the spool {self.directory}: {exc}") from exc
+        self._active_size += size
         return True
+
+    def _cut_back(self) -> None:
+        """After a failed append: the segment back to its whole frames, or, when even that
+        fails, closed, so that its torn tail is its end and the next append starts a new
+        one."""
+        fd = self._active_fd
+        if fd is None:
+            self._active = None  # (creating it failed)
+            return
+        try:
+            os.ftruncate(fd, self._active_size)
+        except OSError:
+            self.rotate()
 
     def active_bytes(self) -> int:
         """Bytes in the segment being appended to (0 when there is none)."""
-        return self._active_size if self._active_file is not None else 0
+        return self._active_size if self._active_fd is not None else 0
 
     def rotate(self) -> None:
         """Close the segment being appended to, so that it can be replayed."""
-        if self._active_file is not None:
-            self._active_file.close()
-            self._active_file = None
+        fd = self._active_fd
+        if fd is not None:
+            self._active_fd = None
             self._active = None
+            # Nothing is buffered here: a close that reports an error has closed the
+            # descriptor all the same (Linux), and must not fail a stop or the replay.
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def closed_segments(self) -> list[Path]:
         """This process's segments that are no longer appended to, oldest first."""
@@ -196,3 +222,10 @@ class Spool:
 
     def close(self) -> None:
         self.rotate()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (a write to a filling disk can take part of it, then fail)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
