@@ -23,6 +23,11 @@ import orjson
 class BodyTooLarge(Exception):
     """Decompressing would exceed the cap."""
 
+    def __init__(self, head: bytes = b"") -> None:
+        super().__init__()
+        self.head = head
+        """The first bytes of the output (what the body looks like, decompressed)."""
+
 
 def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
     """``data`` with ``encoding`` (gzip, deflate, br) undone; None if unknown or corrupt.
@@ -38,19 +43,32 @@ def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
                 d = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib or gzip header
             out = d.decompress(data, cap + 1)
             if len(out) > cap or d.unconsumed_tail:
-                raise BodyTooLarge
+                raise BodyTooLarge(out[:_HEAD])
             return out
         if enc == b"br":
             b = brotli.Decompressor()
             unbrotlied: bytes = b.process(data, output_buffer_limit=cap + 1)
             if len(unbrotlied) > cap or not b.is_finished():
-                raise BodyTooLarge
+                raise BodyTooLarge(unbrotlied[:_HEAD])
             return unbrotlied
         if enc in (b"", b"identity"):
             return data
     except (zlib.error, brotli.error):
         return None
     return None
+
+
+_HEAD = 64
+"""Bytes of a body past the decompression cap kept to tell whether it looks like JSON."""
+
+
+def _looks_like_json(data: bytes) -> bool:
+    """True for bytes that begin (after white space and a UTF-8 byte-order mark) as a JSON
+    object or array does."""
+    data = data.lstrip()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data[:1] in (b"{", b"[")
 
 
 # What made a body that claims or looks like JSON unreadable (``inspect_json``,
@@ -89,14 +107,17 @@ def inspect_json(body: bytes, headers: list[tuple[bytes, bytes]],
     declared = content_type.find(b"json") >= 0 or (
         bool(content_type) and content_type.lower().find(b"json") >= 0)
     if encoding:
+        head = b""
         try:
             decoded = decompress(body, encoding, cap)
-        except BodyTooLarge:
-            decoded = None
+        except BodyTooLarge as exc:
+            decoded, head = None, exc.head
         if decoded is None:
             # Mislabelled (plain JSON said to be gzip) or a coding not undone here: a body
-            # whose bytes look like JSON may hold a field to redact all the same.
-            looks = declared or body.lstrip()[:1] in (b"{", b"[")
+            # whose bytes look like JSON may hold a field to redact all the same. Past the
+            # cap, so may one whose decompressed text begins as JSON does; its stored bytes
+            # are a decompression away from the field.
+            looks = declared or _looks_like_json(body) or _looks_like_json(head)
             return None, ENCODING if looks else None
         body = decoded
     if body.startswith(b"\xef\xbb\xbf"):

@@ -3,6 +3,7 @@ body reaches the logs, and with redaction rules no secret reaches the database."
 
 from __future__ import annotations
 
+import gzip
 import logging
 
 import aiohttp
@@ -118,3 +119,37 @@ async def test_hostile_bodies_cost_no_other_record_and_leave_nothing_in_the_logs
     assert any(r.name == "shadowproxy.access" for r in caplog.records)
     assert not [line for line in lines if MARK in line or "MARK4111" in line]
     assert max(len(line) for line in lines) < 2000
+
+
+async def test_a_compressed_json_body_past_the_decompression_cap_is_withheld(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A gzip JSON body that says no JSON type and inflates past max_decompressed_bytes
+    cannot be searched for the fields to redact: with redaction rules it is withheld (its
+    inflated text looks like JSON), in the request and in the response; the upstream and
+    the client still get it whole."""
+    payload = b'{"secret": "%s", "pad": "%s"}' % (MARK.encode(), b"p" * 5_000)
+    body = gzip.compress(payload)
+
+    async def answer_gzip(request: web.Request) -> web.StreamResponse:
+        assert await request.read() == payload  # (aiohttp inflates a request body)
+        return web.Response(body=body, headers={"Content-Encoding": "gzip",
+                                                "Content-Type": "application/octet-stream"})
+
+    recording = {"redact_json": ["$.secret"], "max_decompressed_bytes": 1024}
+    async with serve(answer_gzip) as primary, \
+            start_proxy([route(primary.url)], recording=recording) as proxy, \
+            aiohttp.ClientSession(auto_decompress=False) as http:
+        resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", data=body,
+                               headers={"Content-Encoding": "gzip",
+                                        "Content-Type": "application/octet-stream"})
+        assert resp.status == 200 and await resp.read() == body
+    rows = await fetch(database_url, "SELECT body, body_truncated, body_size "
+                       "FROM shadowproxy.requests UNION ALL SELECT body, body_truncated, "
+                       "body_size FROM shadowproxy.responses")
+    assert len(rows) == 2
+    for row in rows:
+        stored = b"" if row["body"] is None else gzip.decompress(row["body"])
+        assert MARK.encode() not in stored
+        assert row["body"] is None and row["body_truncated"]
+        assert row["body_size"] == len(body)
+    assert sum(proxy.metrics.bodies_withheld.values()) == 2
