@@ -128,6 +128,10 @@ async def build(db: Snapshot, preds: Predictions) -> PerformanceSection:
     p_t = np.array([class_text(r["pt"]) for r in rows])
     s_t = np.array([class_text(r["st"]) for r in rows])
     pc = positive_class(db.compare, set(y_t) | set(p_t) | set(s_t))
+    # The classes here are compared as class_text writes them (1.0 and 1 are class "1"), so
+    # the positive class is too: a configured "1.0" is class "1", not a class of its own
+    # that no label or prediction holds (precision, recall and F1 0, no ROC-AUC).
+    pc = class_text(pc) if pc is not None else None
     scored = bool(rows) and all(r["ps"] is not None and r["ss"] is not None for r in rows)
     ps = np.array([r["ps"] for r in rows], dtype=np.float64) if scored else None
     ss = np.array([r["ss"] for r in rows], dtype=np.float64) if scored else None

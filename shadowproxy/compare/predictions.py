@@ -304,10 +304,18 @@ def infer_task(compare: CompareConfig, shape: Shape) -> tuple[Task, str]:
 
 
 def positive_class(compare: CompareConfig, classes: set[str]) -> str | None:
-    """The configured positive class, else "1" or "true" when the classes are binary."""
+    """The configured positive class, else "1" or "true" when the classes are binary.
+
+    A whole number configured as a float (``positive_class: 1.0`` in YAML) names class "1",
+    as the number 1 is written in the predictions and labels; its Python text "1.0" named
+    no class."""
     if compare.positive_class is not None:
         pc = compare.positive_class
-        return ("true" if pc else "false") if isinstance(pc, bool) else str(pc)
+        if isinstance(pc, bool):
+            return "true" if pc else "false"
+        if isinstance(pc, float) and pc.is_integer():
+            return str(int(pc))
+        return str(pc)
     if classes <= {"0", "1"}:
         return "1"
     if classes <= {"false", "true"}:

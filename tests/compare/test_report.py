@@ -185,6 +185,45 @@ async def test_classification_report_and_labels_match_scikit_learn(
     assert perf["confidence_intervals"]["accuracy_diff"][1] > 0
 
 
+async def test_a_positive_class_written_as_a_float_names_the_class_of_that_number(
+        database_url: str, tmp_path: Path) -> None:
+    """positive_class: 1.0 (a YAML float) or "1.0" is class 1: precision, recall, F1 and
+    ROC-AUC of the labels equal sklearn's, and the predictions give the positive rate."""
+    rng = np.random.default_rng(21)
+    n = 300
+    y = rng.integers(0, 2, n)
+    p = np.where(rng.random(n) < 0.8, y, 1 - y)
+    s = np.where(rng.random(n) < 0.9, y, 1 - y)
+    score = np.clip(s * 0.6 + rng.random(n) * 0.4, 0, 1)
+    exchanges = [Exchange({"features": {"x": float(i)}},
+                          Call({"label": int(p[i]), "proba": float(p[i])}),
+                          {"candidate": Call({"label": int(s[i]), "proba": float(score[i])})})
+                 for i in range(n)]
+    await insert(database_url, exchanges)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("request_id,label\n" + "".join(
+        f"{ex.request_id},{y[i]}\n" for i, ex in enumerate(exchanges)))
+    conn = await asyncpg.connect(database_url)
+    try:
+        await import_labels(conn, *read_labels(csv))
+    finally:
+        await conn.close()
+    for positive in (1.0, "1.0"):
+        r = await report(database_url, {"prediction": "$.label", "score": "$.proba",
+                                        "task": "classification",
+                                        "positive_class": positive})
+        perf = r["performance"]
+        assert perf["positive_class"] == "1"
+        assert perf["shadow"]["precision"] == pytest.approx(skm.precision_score(y, s))
+        assert perf["shadow"]["recall"] == pytest.approx(skm.recall_score(y, s))
+        assert perf["primary"]["f1"] == pytest.approx(skm.f1_score(y, p))
+        assert perf["shadow"]["roc_auc"] == pytest.approx(skm.roc_auc_score(y, score))
+    r = await report(database_url, {"prediction": "$.label", "task": "classification",
+                                    "positive_class": 1.0})
+    assert r["predictions"]["positive_class"] == "1"
+    assert r["predictions"]["positive_rate"]["shadow"] == pytest.approx(np.mean(s))
+
+
 async def test_diff_counts_differing_fields_after_ignore_and_tolerance(database_url: str) -> None:
     """Per field how often it differs, Diffy-style; ignored paths and tolerated numbers aside."""
     def body(pred: float, ts: str, extra: bool) -> dict[str, Any]:
