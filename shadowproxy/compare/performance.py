@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any, Required, TypedDict, cast
 
 import numpy as np
@@ -69,15 +70,27 @@ def is_number(text: Any) -> bool:
         return False
 
 
+_CLASS_DIGITS = 4000
+"""Whole numbers of at most this many digits are written out as one class; longer ones
+(``1e999999``) stay as written rather than become a number of that many digits."""
+
+
 def class_text(text: str | None) -> str:
-    """Class labels compare as text; 1.0 and 1 name the same class."""
+    """Class labels compare as text; 1.0 and 1 name the same class.
+
+    A whole number is read exactly (``Decimal``): read as a float, two classes past 2^53
+    such as item ids 9007199254740992 and 9007199254740993 were one, and a wrong prediction
+    of one for the other counted as right.
+    """
     if text is None:
         return ""
     try:
-        f = float(text)
-    except ValueError:
+        d = Decimal(text)
+    except InvalidOperation:
         return text
-    return str(int(f)) if f.is_integer() and math.isfinite(f) else text
+    if d.is_finite() and d == d.to_integral_value() and d.adjusted() < _CLASS_DIGITS:
+        return str(int(d))
+    return text
 
 
 async def label_counts(db: Snapshot, preds: Predictions) -> LabelCounts:

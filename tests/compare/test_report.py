@@ -224,6 +224,39 @@ async def test_a_positive_class_written_as_a_float_names_the_class_of_that_numbe
     assert r["predictions"]["positive_rate"]["shadow"] == pytest.approx(np.mean(s))
 
 
+async def test_whole_number_classes_past_2_53_stay_apart_on_labels(
+        database_url: str, tmp_path: Path) -> None:
+    """Item ids 2^53, 2^53 + 1 and 2^53 + 2 as classes: each prediction is right only for
+    its own id, so the accuracy and McNemar's counts are sklearn's and scipy's."""
+    base = 2**53
+    rng = np.random.default_rng(22)
+    n = 200
+    y = rng.integers(0, 3, n)
+    p = np.where(rng.random(n) < 0.6, y, (y + 1) % 3)
+    s = np.where(rng.random(n) < 0.9, y, (y + 2) % 3)
+    exchanges = [Exchange({"features": {"x": float(i)}}, Call({"item": base + int(p[i])}),
+                          {"candidate": Call({"item": base + int(s[i])})})
+                 for i in range(n)]
+    await insert(database_url, exchanges)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("request_id,label\n" + "".join(
+        f"{ex.request_id},{base + int(y[i])}\n" for i, ex in enumerate(exchanges)))
+    conn = await asyncpg.connect(database_url)
+    try:
+        await import_labels(conn, *read_labels(csv))
+    finally:
+        await conn.close()
+    perf = (await report(database_url, {"prediction": "$.item",
+                                        "task": "classification"}))["performance"]
+    assert perf["primary"]["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    assert perf["shadow"]["accuracy"] == pytest.approx(skm.accuracy_score(y, s))
+    assert perf["primary"]["f1"] == pytest.approx(skm.f1_score(y, p, average="macro"))
+    b = int(np.sum((p == y) & (s != y)))
+    c = int(np.sum((p != y) & (s == y)))
+    assert (perf["paired_test"]["b"], perf["paired_test"]["c"]) == (b, c)
+    assert perf["paired_test"]["p_value"] == pytest.approx(sps.binomtest(b, b + c).pvalue)
+
+
 async def test_diff_counts_differing_fields_after_ignore_and_tolerance(database_url: str) -> None:
     """Per field how often it differs, Diffy-style; ignored paths and tolerated numbers aside."""
     def body(pred: float, ts: str, extra: bool) -> dict[str, Any]:
