@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import html
+import json
 import math
 import re
 import unicodedata
@@ -445,12 +446,27 @@ def _finish_reasons(primary: list[Generation], shadow: list[Generation]) -> Fini
 
 
 _INVALID = object()
+# A run of 19 digits may be an integer past 64 bits, which orjson reads as a float: two
+# order ids that differ by one were the same argument. The standard library keeps it exact.
+_LONG_NUMBER = re.compile(r"[0-9]{19}")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _parsed(arguments: str) -> Any:
+    """The JSON value of a text, or ``_INVALID``. orjson is the fast path; what it reads
+    inexactly (integers past 64 bits) or refuses although it is JSON (``1e999``) goes to
+    the standard library, told to refuse ``NaN`` and ``Infinity`` as orjson does."""
+    if _LONG_NUMBER.search(arguments) is None:
+        try:
+            return orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            pass
     try:
-        return orjson.loads(arguments)
-    except orjson.JSONDecodeError:
+        return json.loads(arguments, parse_constant=_not_json)
+    except (ValueError, RecursionError):
         return _INVALID
 
 

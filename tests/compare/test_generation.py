@@ -222,6 +222,24 @@ def test_tool_call_arguments_differing_in_a_boolean_are_other_calls() -> None:
     assert (result.same_names.count, result.same_calls.count) == (5, 2)
 
 
+def test_tool_call_arguments_with_integers_past_64_bits_are_compared_exactly() -> None:
+    """Order ids past 2^64 that differ by one are other calls (read as floats they were
+    equal); the same id is the same call; 1e999, valid JSON, is no invalid argument."""
+    pairs = [
+        _call_pair("other", [("refund", '{"order": 18446744073709551616}')],
+                   [("refund", '{"order": 18446744073709551617}')]),
+        _call_pair("negative", [("refund", '{"order": -9223372036854775809}')],
+                   [("refund", '{"order": -9223372036854775810}')]),
+        _call_pair("same", [("refund", '{"order": 18446744073709551617, "n": 1}')],
+                   [("refund", '{"n": 1.0, "order": 18446744073709551617}')]),
+        _call_pair("huge", [("f", '{"x": 1e999}')], [("f", '{"x": 1e999}')]),
+    ]
+    result = compare_generations(pairs).tool_calls
+    assert [_same_calls_ref(p) for p in pairs] == [False, False, True, True]
+    assert (result.same_names.count, result.same_calls.count) == (4, 2)
+    assert result.invalid_arguments == {"primary": 0, "shadow": 0}
+
+
 def test_json_validity_counts_only_requests_that_asked_for_json() -> None:
     """Each side's share of valid JSON among the requests that asked, as json.loads says."""
     pairs = []
