@@ -27,7 +27,7 @@ import numpy as np
 from shadowproxy.compare import stats
 from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.drift import cdf_distances
-from shadowproxy.compare.extract import float8_sql, literal
+from shadowproxy.compare.extract import category_sql, float8_sql, literal
 from shadowproxy.compare.paired import PairedPolicy, flip_test, mean_shift
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
 
@@ -76,7 +76,8 @@ class Predictions:
     """The paired predictions, loaded in the scratch table ``table`` (one row per element).
 
     Columns: ``id``, ``request_id``, ``received_at``, ``ord`` (1-based position in a batch),
-    ``p``/``s`` (jsonb), ``pn``/``sn`` (numbers), ``pt``/``st`` (text), ``ps``/``ss`` (scores).
+    ``p``/``s`` (jsonb), ``pn``/``sn`` (numbers), ``pt``/``st`` (text: the class, a whole
+    number without a fraction), ``ps``/``ss`` (scores).
     """
 
     table: str
@@ -353,7 +354,7 @@ async def load(db: Snapshot, *, shadow: str | None = None, table: str = PREDICTI
         SELECT id, request_id, received_at, i + 1, pa -> i, sa -> i,
                {float8_sql('(pa -> i)')},
                {float8_sql('(sa -> i)')},
-               pa ->> i, sa ->> i,
+               {category_sql('(pa -> i)')}, {category_sql('(sa -> i)')},
                {float8_sql('(psa -> i)')},
                {float8_sql('(ssa -> i)')}
         FROM {table}_src,

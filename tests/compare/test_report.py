@@ -137,6 +137,24 @@ async def test_batch_predictions_pair_element_by_element(database_url: str) -> N
     assert pr["worst"][0]["index"] == 3
 
 
+async def test_a_class_written_1_or_1_0_is_one_class_in_the_predictions(
+        database_url: str) -> None:
+    """A candidate that writes its classes as floats (1.0, as numpy does) agrees with a
+    primary that writes 1 where the numbers are equal: agreement and flips compare classes
+    by value, as the labels' classes and the features' categories are."""
+    rng = np.random.default_rng(21)
+    n = 200
+    p = rng.integers(0, 3, n)
+    s = np.where(rng.random(n) < 0.85, p, (p + 1) % 3)
+    await insert(database_url, [
+        Exchange({"features": {"x": float(i)}}, Call({"label": int(p[i])}),
+                 {"candidate": Call({"label": float(s[i])})}) for i in range(n)])
+    r = await report(database_url, {"prediction": "$.label", "task": "classification"})
+    pr = r["predictions"]
+    assert pr["agreement"] == pytest.approx(np.mean(p == s))
+    assert pr["flip_matrix"]["counts"] == skm.confusion_matrix(p, s).tolist()
+
+
 async def test_classification_report_and_labels_match_scikit_learn(
         database_url: str, tmp_path: Path) -> None:
     """Agreement, kappa, flips and, once labels arrive, metrics and McNemar equal sklearn's."""
