@@ -24,7 +24,8 @@ fails safe in four ways:
 
 A stop (SIGTERM/SIGINT) stops the reloader, passes SIGTERM on to every worker, waits for
 each to drain (one still running ``limits.shutdown_grace_s`` + 15 s later is killed), and
-closes the admin listener last.
+closes the admin listener last. A worker still starting up then exits 0 before it serves:
+it holds SIGTERM and SIGINT blocked until it handles them.
 
 A reload (SIGHUP, ``POST /-/reload``, ``shadowproxy reload``, ``watch: true``) is the
 supervisor's: it validates the file once (``reload.Reloader``), writes the configuration to
@@ -51,6 +52,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,8 @@ RESIGNAL_S = 1.0
 """A worker still on another version is sent SIGHUP again after this long."""
 RELOAD_WAIT_S = 10.0
 """How long a reload waits for every listening worker to report the new version."""
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+"""Blocked in a worker from its first instruction until it handles them (``_start``)."""
 
 
 # --- the worker process -------------------------------------------------------------------
@@ -148,6 +152,12 @@ async def _worker(settings: Settings, url: str, parent: int, directory: Path) ->
     from shadowproxy.runner import stop_event
 
     stop = stop_event()
+    # The supervisor started this process with STOP_SIGNALS blocked (``Supervisor._start``):
+    # one that came while it started up (the supervisor's stop, Ctrl-C in a terminal, the
+    # kernel's SIGTERM for a dead supervisor) waits here, and means stop before serving.
+    if signal.sigpending() & STOP_SIGNALS:
+        return 0
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     loop = asyncio.get_running_loop()
     path = directory / f"worker-{os.getpid()}.pickle"
     async with (running(settings, url, serve_admin=False, reuse_port=True) as proxy,
@@ -396,7 +406,18 @@ class Supervisor:
             target=worker_main, name=f"shadowproxy-worker-{slot.index}", daemon=True,
             args=(self.settings, self.url, self.log_format, slot.index, os.getpid(),
                   self.directory))
-        proc.start()
+        # A worker takes a second to import before it can handle a signal; until then a
+        # SIGTERM (this supervisor's stop) or SIGINT (Ctrl-C reaches the process group)
+        # would end it by the default action, with a traceback and a failed exit status
+        # for a stop that lost nothing. The child inherits the mask across exec and
+        # unblocks the signals once it handles them (``_worker``). The resource tracker is
+        # started first: starting it unblocks these signals in this thread.
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         slot.proc = proc
         slot.listening = False
 
@@ -477,9 +498,14 @@ class Supervisor:
                 proc.kill()
                 proc.join(5)
                 status = 1
+                self._retire(slot, proc)
             elif proc.exitcode != 0:
+                # Said, so that the supervisor's failed exit status has a reason in the log.
+                log.error("worker %d (pid %s) %s during the stop", slot.index, proc.pid,
+                          self._retire(slot, proc))
                 status = 1
-            self._retire(slot, proc)
+            else:
+                self._retire(slot, proc)
         return status
 
 

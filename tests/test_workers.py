@@ -79,14 +79,23 @@ async def send(port: int, n: int) -> None:
             await resp.read()
 
 
+def _as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT's default action, as a shell in a terminal gives its
+    commands (a test run in the background may have it ignored, which exec keeps)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.asynccontextmanager
-async def supervisor(config: Path, *, log_format: str = "text"
+async def supervisor(config: Path, *, log_format: str = "text", own_group: bool = False
                      ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`shadowproxy run` with workers; afterwards every process it started is ended."""
+    """`shadowproxy run` with workers; afterwards every process it started is ended. With
+    ``own_group`` it leads a process group of its own, as a command run in a terminal does
+    (Ctrl-C signals the whole group)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "shadowproxy", "run", "-c", str(config),
         "--log-format", log_format, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "SHADOWPROXY_DATABASE_URL": ""})
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "SHADOWPROXY_DATABASE_URL": ""},
+        start_new_session=own_group, preexec_fn=_as_in_a_terminal if own_group else None)
     assert proc.pid is not None
     seen: set[int] = set()
     try:
@@ -218,6 +227,39 @@ async def test_workers_die_with_their_supervisor(tmp_path: Path, database_url: s
             proc.kill()
             await wait_for(lambda: not any(alive(p) for p in workers), 10,
                            "the workers to stop")
+    assert listeners(port) == 0
+
+
+@pytest.mark.parametrize("signal_to", ["supervisor", "process group"])
+async def test_a_stop_while_the_workers_start_exits_0_without_a_traceback(
+        tmp_path: Path, database_url: str, signal_to: str) -> None:
+    """SIGTERM to the supervisor, or Ctrl-C's SIGINT to the whole process group, while the
+    workers are still starting up (importing, for about a second): every worker stops
+    before it serves, none prints a traceback, and the supervisor logs no error and exits
+    0. The workers died of the signal's default action, and the supervisor exited 1."""
+    async with serve(model("v1")) as primary:
+        config, port, _ = write_config(tmp_path, primary.url, primary.url + "/s",
+                                       database_url, workers=2)
+        async with supervisor(config, log_format="json",
+                              own_group=signal_to == "process group") as proc:
+            assert proc.pid is not None
+            pid = proc.pid
+            await wait_for(lambda: len(worker_pids(pid)) == 2, 10, "the workers to start")
+            workers = worker_pids(pid)
+            assert not list((tmp_path / "data" / "run").glob("worker-*.pickle")), \
+                "a worker listened already: the stop did not come while it started"
+            if signal_to == "supervisor":
+                os.kill(pid, signal.SIGTERM)
+            else:
+                os.killpg(pid, signal.SIGINT)
+            status = await asyncio.wait_for(proc.wait(), 30)
+            assert proc.stderr is not None
+            err = (await proc.stderr.read()).decode()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    events = [json.loads(line) for line in err.splitlines()]
+    assert [e["message"] for e in events if e["level"] == "error"] == []
+    assert status == 0
+    assert not any(alive(p) for p in workers)
     assert listeners(port) == 0
 
 
