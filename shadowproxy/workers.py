@@ -23,9 +23,9 @@ fails safe in four ways:
   published a snapshot in the last 3 s saying that it listens and is ready.
 
 A stop (SIGTERM/SIGINT) stops the reloader, passes SIGTERM on to every worker, waits for
-each to drain (one still running ``limits.shutdown_grace_s`` + 15 s later is killed), and
-closes the admin listener last. A worker still starting up then exits 0 before it serves:
-it holds SIGTERM and SIGINT blocked until it handles them.
+each to drain (one still running ``stop_timeout_s``, twice ``limits.shutdown_grace_s`` and
+15 s, later is killed), and closes the admin listener last. A worker still starting up
+then exits 0 before it serves: it holds SIGTERM and SIGINT blocked until it handles them.
 
 A reload (SIGHUP, ``POST /-/reload``, ``shadowproxy reload``, ``watch: true``) is the
 supervisor's: it validates the file once (``reload.Reloader``), writes the configuration to
@@ -86,6 +86,13 @@ RESIGNAL_S = 1.0
 """A worker still on another version is sent SIGHUP again after this long."""
 RELOAD_WAIT_S = 10.0
 """How long a reload waits for every listening worker to report the new version."""
+
+
+def stop_timeout_s(grace_s: float) -> float:
+    """How long a stop waits for a worker before killing it: a worker's own stop takes up
+    to twice the grace (requests and shadow calls, then the database taking its queue and
+    spool; docs/operations.md), and a killed worker loses what is still in memory."""
+    return 2 * grace_s + 15
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 """Blocked in a worker from its first instruction until it handles them (``_start``)."""
 
@@ -482,7 +489,7 @@ class Supervisor:
         for slot in self.slots:
             if slot.proc is not None and slot.proc.is_alive() and slot.proc.pid is not None:
                 os.kill(slot.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.limits.shutdown_grace_s + 15
+        deadline = time.monotonic() + stop_timeout_s(self.settings.limits.shutdown_grace_s)
         while True:
             waiting = [s.proc for s in self.slots if s.proc is not None and s.proc.is_alive()]
             if not waiting or time.monotonic() > deadline:

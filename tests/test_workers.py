@@ -328,3 +328,13 @@ def test_the_supervisor_adds_no_database_state_of_its_own(tmp_path: Path) -> Non
                sample.labels == {"result": "applied"}}
     assert exposed["shadowproxy_config_reloads_total"] == 1
     assert exposed["shadowproxy_database_up"] == 0
+
+
+def test_a_stop_waits_for_a_worker_as_long_as_its_own_stop_can_take() -> None:
+    """A worker's stop takes up to twice limits.shutdown_grace_s (docs/operations.md): the
+    supervisor kills one only after that and a margin, since a killed worker loses what is
+    still in memory."""
+    from shadowproxy.workers import stop_timeout_s
+
+    for grace in (1.0, 10.0, 20.0, 60.0):
+        assert stop_timeout_s(grace) >= 2 * grace + 10
