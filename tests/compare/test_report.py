@@ -155,11 +155,11 @@ async def test_a_class_written_1_or_1_0_is_one_class_in_the_predictions(
     assert pr["flip_matrix"]["counts"] == skm.confusion_matrix(p, s).tolist()
 
 
-async def test_classification_report_and_labels_match_scikit_learn(
-        database_url: str, tmp_path: Path) -> None:
-    """Agreement, kappa, flips and, once labels arrive, metrics and McNemar equal sklearn's."""
-    rng = np.random.default_rng(12)
-    n = 400
+async def _stored_binary_classes(url: str, rng: np.random.Generator, n: int
+                                 ) -> tuple[list[Exchange], np.ndarray, np.ndarray,
+                                            np.ndarray, np.ndarray]:
+    """``n`` stored exchanges of a two-class model: (exchanges, truth, primary's classes,
+    candidate's classes, candidate's scores); the candidate is right more often."""
     y = rng.integers(0, 2, n)
     p = np.where(rng.random(n) < 0.8, y, 1 - y)
     s = np.where(rng.random(n) < 0.9, y, 1 - y)
@@ -168,7 +168,27 @@ async def test_classification_report_and_labels_match_scikit_learn(
                           Call({"label": int(p[i]), "proba": float(p[i])}),
                           {"candidate": Call({"label": int(s[i]), "proba": float(score[i])})})
                  for i in range(n)]
-    await insert(database_url, exchanges)
+    await insert(url, exchanges)
+    return exchanges, y, p, s, score
+
+
+async def _labels(url: str, tmp_path: Path, labels: list[tuple[str, Any]]) -> None:
+    """Import (request id, label) pairs through a CSV file, as `labels import` does."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text("request_id,label\n" + "".join(f"{rid},{label}\n" for rid, label in labels))
+    conn = await asyncpg.connect(url)
+    try:
+        await import_labels(conn, *read_labels(csv))
+    finally:
+        await conn.close()
+
+
+async def test_classification_report_and_labels_match_scikit_learn(
+        database_url: str, tmp_path: Path) -> None:
+    """Agreement, kappa, flips and, once labels arrive, metrics and McNemar equal sklearn's."""
+    rng = np.random.default_rng(12)
+    n = 400
+    exchanges, y, p, s, score = await _stored_binary_classes(database_url, rng, n)
     compare = {"prediction": "$.label", "score": "$.proba"}
     r = await report(database_url, compare)
     pr = r["predictions"]
@@ -180,14 +200,7 @@ async def test_classification_report_and_labels_match_scikit_learn(
     assert "why" in r["performance"]
 
     labelled = rng.permutation(n)[:300]
-    csv = tmp_path / "labels.csv"
-    csv.write_text("request_id,label\n" + "".join(
-        f"{exchanges[i].request_id},{y[i]}\n" for i in labelled))
-    conn = await asyncpg.connect(database_url)
-    try:
-        await import_labels(conn, *read_labels(csv))
-    finally:
-        await conn.close()
+    await _labels(database_url, tmp_path, [(exchanges[i].request_id, y[i]) for i in labelled])
     r = await report(database_url, compare)
     perf = r["performance"]
     yl, pl, sl = y[labelled], p[labelled], s[labelled]
@@ -207,25 +220,9 @@ async def test_a_positive_class_written_as_a_float_names_the_class_of_that_numbe
         database_url: str, tmp_path: Path) -> None:
     """positive_class: 1.0 (a YAML float) or "1.0" is class 1: precision, recall, F1 and
     ROC-AUC of the labels equal sklearn's, and the predictions give the positive rate."""
-    rng = np.random.default_rng(21)
-    n = 300
-    y = rng.integers(0, 2, n)
-    p = np.where(rng.random(n) < 0.8, y, 1 - y)
-    s = np.where(rng.random(n) < 0.9, y, 1 - y)
-    score = np.clip(s * 0.6 + rng.random(n) * 0.4, 0, 1)
-    exchanges = [Exchange({"features": {"x": float(i)}},
-                          Call({"label": int(p[i]), "proba": float(p[i])}),
-                          {"candidate": Call({"label": int(s[i]), "proba": float(score[i])})})
-                 for i in range(n)]
-    await insert(database_url, exchanges)
-    csv = tmp_path / "labels.csv"
-    csv.write_text("request_id,label\n" + "".join(
-        f"{ex.request_id},{y[i]}\n" for i, ex in enumerate(exchanges)))
-    conn = await asyncpg.connect(database_url)
-    try:
-        await import_labels(conn, *read_labels(csv))
-    finally:
-        await conn.close()
+    exchanges, y, p, s, score = await _stored_binary_classes(
+        database_url, np.random.default_rng(21), 300)
+    await _labels(database_url, tmp_path, [(ex.request_id, y[i]) for i, ex in enumerate(exchanges)])
     for positive in (1.0, "1.0"):
         r = await report(database_url, {"prediction": "$.label", "score": "$.proba",
                                         "task": "classification",
@@ -256,14 +253,8 @@ async def test_whole_number_classes_past_2_53_stay_apart_on_labels(
                           {"candidate": Call({"item": base + int(s[i])})})
                  for i in range(n)]
     await insert(database_url, exchanges)
-    csv = tmp_path / "labels.csv"
-    csv.write_text("request_id,label\n" + "".join(
-        f"{ex.request_id},{base + int(y[i])}\n" for i, ex in enumerate(exchanges)))
-    conn = await asyncpg.connect(database_url)
-    try:
-        await import_labels(conn, *read_labels(csv))
-    finally:
-        await conn.close()
+    await _labels(database_url, tmp_path,
+                  [(ex.request_id, base + int(y[i])) for i, ex in enumerate(exchanges)])
     perf = (await report(database_url, {"prediction": "$.item",
                                         "task": "classification"}))["performance"]
     assert perf["primary"]["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
