@@ -29,7 +29,8 @@ from typing import Any
 
 import orjson
 
-_LONG_NUMBER = re.compile(rb"\d{19}")
+from shadowproxy.jsonexact import loads_exact
+
 Step = str | int
 Path = tuple[Step, ...]
 
@@ -161,11 +162,9 @@ class JsonEdits:
         """(the edited body, True), or (``body`` itself, False) when it cannot be edited."""
         if not self.edits:
             return body, True
-        # orjson reads an integer past 64 bits as a float; the standard library keeps it.
-        exact = _LONG_NUMBER.search(body) is not None
         try:
-            doc = json.loads(body) if exact else orjson.loads(body)
-        except ValueError:  # orjson's and json's decode errors, and bad UTF-8
+            doc, exact = loads_exact(body)
+        except ValueError:  # not JSON, bad UTF-8, or nested too deeply
             return body, False
         if not isinstance(doc, dict):
             return body, False

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import difflib
 import html
-import json
 import math
 import re
 import unicodedata
@@ -49,6 +48,7 @@ import numpy as np
 import orjson
 
 from shadowproxy.errors import UsageError
+from shadowproxy.jsonexact import loads_exact
 
 SIMILARITY_BINS = 10
 _WORDS = re.compile(r"\s+|[^\s]+")
@@ -446,27 +446,14 @@ def _finish_reasons(primary: list[Generation], shadow: list[Generation]) -> Fini
 
 
 _INVALID = object()
-# A run of 19 digits may be an integer past 64 bits, which orjson reads as a float: two
-# order ids that differ by one were the same argument. The standard library keeps it exact.
-_LONG_NUMBER = re.compile(r"[0-9]{19}")
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
 
 
 def _parsed(arguments: str) -> Any:
-    """The JSON value of a text, or ``_INVALID``. orjson is the fast path; what it reads
-    inexactly (integers past 64 bits) or refuses although it is JSON (``1e999``) goes to
-    the standard library, told to refuse ``NaN`` and ``Infinity`` as orjson does."""
-    if _LONG_NUMBER.search(arguments) is None:
-        try:
-            return orjson.loads(arguments)
-        except orjson.JSONDecodeError:
-            pass
+    """The JSON value of a text, or ``_INVALID``: read exactly (integers past 64 bits stay
+    apart, ``1e999`` is JSON), refusing ``NaN`` and ``Infinity``, which are not JSON."""
     try:
-        return json.loads(arguments, parse_constant=_not_json)
-    except (ValueError, RecursionError):
+        return loads_exact(arguments, allow_nan=False)[0]
+    except ValueError:
         return _INVALID
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import asyncpg
 
 from shadowproxy.errors import DatabaseError, UsageError
+from shadowproxy.jsonexact import NotFiniteNumber, TooDeep, loads_exact
 
 
 @dataclass
@@ -46,20 +47,13 @@ class LabelImport:
 _SHOWN = 10
 
 
-class _NotFinite(ValueError):
-    pass
-
-
-def _refuse(constant: str) -> float:
-    raise _NotFinite(constant)
-
-
 def _label_json(text: str) -> str:
     """The label as JSON text: JSON values are kept, anything else becomes a JSON string;
-    ValueError for NaN and Infinity, which PostgreSQL's jsonb (like JSON) has no room for."""
+    ``NotFiniteNumber`` for NaN and Infinity, which PostgreSQL's jsonb (like JSON) has no
+    room for, ``TooDeep`` for a value nested too deeply to read."""
     try:
-        json.loads(text, parse_constant=_refuse)
-    except _NotFinite:
+        loads_exact(text, allow_nan=False)
+    except (NotFiniteNumber, TooDeep):
         raise
     except ValueError:
         return json.dumps(text)
@@ -96,10 +90,15 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
                     continue
                 try:
                     value = _label_json(label)
-                except _NotFinite:
+                except NotFiniteNumber:
                     found.append(f"{path}:{line}: the label {label!r} of {request_id!r} is "
                                  "not a finite number (JSON has no NaN or Infinity); "
                                  "correct it, or leave it empty to skip the row")
+                    continue
+                except TooDeep:
+                    found.append(f"{path}:{line}: the label of {request_id!r} is nested too "
+                                 "deeply to read (about a thousand levels at most); correct "
+                                 "it, or leave it empty to skip the row")
                     continue
                 if request_id in labels:
                     if labels[request_id] != value:

@@ -19,6 +19,8 @@ from typing import Any
 import brotli
 import orjson
 
+from shadowproxy.jsonexact import TooDeep, loads_exact
+
 
 class BodyTooLarge(Exception):
     """Decompressing would exceed the cap."""
@@ -63,12 +65,11 @@ _HEAD = 64
 
 
 def _looks_like_json(data: bytes) -> bool:
-    """True for bytes that begin (after white space and a UTF-8 byte-order mark) as a JSON
+    """True for bytes that begin (after a UTF-8 byte-order mark and white space) as a JSON
     object or array does."""
-    data = data.lstrip()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    return data[:1] in (b"{", b"[")
+    return data.lstrip()[:1] in (b"{", b"[")
 
 
 # What made a body that claims or looks like JSON unreadable (``inspect_json``,
@@ -122,10 +123,8 @@ def inspect_json(body: bytes, headers: list[tuple[bytes, bytes]],
         body = decoded
     if body.startswith(b"\xef\xbb\xbf"):
         body = body[3:]  # a UTF-8 byte-order mark: not part of the JSON text (RFC 8259 §8.1)
-    if not declared:
-        first = body.lstrip()[:1]
-        if first not in (b"{", b"["):
-            return None, None
+    if not declared and not _looks_like_json(body):
+        return None, None
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -204,24 +203,13 @@ class Unredactable(Exception):
         self.reason = reason
 
 
-# A run of 19 digits may be an integer past 64 bits, which orjson would read as a float:
-# 20 for the unsigned ones, 19 for those below -2**63 (-9223372036854775809).
-_LONG_NUMBER = re.compile(r"[0-9]{19}")
-
-
 def _parse(text: str) -> tuple[Any, bool]:
-    """(the document, True if the standard library read it). orjson is about ten times as
-    fast and refuses nesting past 1024 levels instead of recursing; what it refuses
-    (``1e999``, escaped lone surrogates, ``NaN``, malformed text) goes to the standard
-    library, whose recursion is bounded by the interpreter's limit."""
-    if _LONG_NUMBER.search(text) is None:
-        try:
-            return orjson.loads(text), False
-        except orjson.JSONDecodeError:
-            pass
+    """(the document, True if the standard library read it; see ``jsonexact``). orjson also
+    refuses nesting past 1024 levels instead of recursing; the standard library's recursion
+    is bounded by the interpreter's limit."""
     try:
-        return json.loads(text), True
-    except RecursionError:
+        return loads_exact(text)
+    except TooDeep:
         raise Unredactable(TOO_DEEP) from None
     except ValueError:
         raise Unredactable(INVALID_JSON) from None

@@ -9,7 +9,6 @@ instead, before anything connects or sends.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 
 from shadowproxy.errors import UsageError
 from shadowproxy.http1 import HEADER_NAME, header_value_problem
+from shadowproxy.jsonexact import loads_exact
 from shadowproxy.recorder.bodies import parse_json_path
 
 if TYPE_CHECKING:  # the report's module imports numpy: not for every command line
@@ -185,14 +185,10 @@ def parse_set_json(text: str) -> JsonEdit:
     try:
         # NaN and Infinity are not JSON (Python's reader takes them): text, like any other
         # value that is not JSON, not a float written out as null.
-        value: Any = json.loads(raw, parse_constant=_not_json)
+        value: Any = loads_exact(raw, allow_nan=False)[0]
     except ValueError:
         value = raw
     return JsonEdit(path.strip(), steps, value)
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _positive(value: float | None, flag: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from shadowproxy import http1
+from shadowproxy.jsonexact import loads_exact
 from shadowproxy.recorder.bodies import BodyTooLarge, decompress
 from shadowproxy.replay.options import JsonEdit, ReplayOptions
 
@@ -30,9 +31,6 @@ _REDACTED = re.compile(r"^\[redacted\](, \[redacted\])*$")
 _SKIP = frozenset(name.decode() for name in http1.REQUEST_REWRITTEN) | {"content-encoding"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _DECODE_CAP = 64 * 1024 * 1024
-# 19 digits or more may be an integer past 64 bits (-9223372036854775809), which orjson reads
-# as a float: such a document is read and written by the standard library, which keeps it.
-_LONG_NUMBER = re.compile(rb"\d{19}")
 
 TRUNCATED = "body truncated at recording"
 NO_JSON_BODY = "--set-json needs a JSON body"
@@ -183,14 +181,10 @@ def _json_document(body: bytes, encoding: str | None,
     if stored_json is not None:
         texts.append(stored_json.encode("utf-8"))
     for text in texts:
-        if _LONG_NUMBER.search(text) is None:
-            try:
-                return orjson.loads(text), False
-            except orjson.JSONDecodeError:
-                pass  # 1e400, NaN: the standard library reads them, _dump refuses them
         try:
-            return json.loads(text), True
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
+            # 1e400 and NaN are read (by the standard library); _dump refuses them.
+            return loads_exact(text)
+        except ValueError:  # not JSON, not UTF-8, or nested too deeply
             continue
     return None
 

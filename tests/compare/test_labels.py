@@ -61,18 +61,21 @@ def test_a_file_without_the_columns_is_refused(
 
 def test_nan_and_conflicting_duplicates_are_refused_with_their_lines(
         sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """NaN or Infinity labels, and one id given two different labels, refuse the whole file
-    (exit 2, nothing imported) naming the line of each problem and both rows of a conflict."""
+    """NaN or Infinity labels, a label nested too deeply to read, and one id given two
+    different labels, refuse the whole file (exit 2, nothing imported) naming the line of
+    each problem and both rows of a conflict."""
     config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
     labels = tmp_path / "labels.csv"
+    deep = "[" * 5000 + "]" * 5000
     labels.write_text("request_id,label\nreq-0,1\nreq-1,NaN\nreq-2,-Infinity\nreq-3,\"[1, NaN]\"\n"
-                      "req-0,1\nreq-0,2\n")
+                      f"req-0,1\nreq-0,2\nreq-4,{deep}\n")
     assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
     err = capsys.readouterr().err
     assert f"{labels}:3: the label 'NaN' of 'req-1' is not a finite number" in err
     assert f"{labels}:4: the label '-Infinity' of 'req-2'" in err
     assert f"{labels}:5: the label '[1, NaN]' of 'req-3'" in err
     assert f"{labels}:7: request id 'req-0' has the label '2' here and 1 on line 2" in err
+    assert f"{labels}:8: the label of 'req-4' is nested too deeply to read" in err
     assert ":6:" not in err  # a repeated row with the same label is no problem
     assert asyncio.run(_labels(sync_database_url)) == {}
 
