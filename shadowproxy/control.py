@@ -16,6 +16,7 @@ changed), or the process runs another file; 1 no running proxy found, or no answ
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -27,8 +28,10 @@ from typing import Any
 
 import yaml
 
-from shadowproxy.errors import ConfigError, ShadowProxyError, UsageError
+from shadowproxy.errors import ConfigError, DataDirInUse, ShadowProxyError, UsageError
 
+LOCK_FILE = "lock"
+"""In ``data_dir/run``: locked by the running proxy (or supervisor) while it runs."""
 PROCESS_FILE = "shadowproxy.json"
 """In ``data_dir/run``: where the running proxy (or supervisor) is."""
 OUTCOME_FILE = "reload.json"
@@ -47,6 +50,36 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     tmp.replace(path)
+
+
+def claim(run_dir: Path) -> int:
+    """Claim ``run_dir`` for this process until it closes the returned descriptor or exits
+    (``kill -9`` included: the kernel releases the lock); DataDirInUse when another process
+    holds it. Two proxies on one data_dir would take each other's place in the process file
+    (``shadowproxy reload`` of one reaches the other, and finds none once the other stops)
+    and in the configuration a supervisor hands its workers at a reload."""
+    data_dir = run_dir.parent
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise DataDirInUse(f"data_dir {data_dir}: cannot create {run_dir / LOCK_FILE}: "
+                           f"{exc.strerror}; make the directory writable by this user, "
+                           "or set data_dir to one that is") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "another process"
+        raise DataDirInUse(
+            f"data_dir {data_dir} is in use by another `shadowproxy run` ({who}): two "
+            "proxies cannot share one (`shadowproxy reload` finds its proxy there); give "
+            "this one a data_dir of its own (the `data_dir` key), or stop the other "
+            "first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    return fd
 
 
 def write_process_file(run_dir: Path, config: Path, admin: str | None) -> None:

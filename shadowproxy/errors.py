@@ -62,6 +62,10 @@ class ListenError(ShadowProxyError):
     """A listening address could not be bound."""
 
 
+class DataDirInUse(ShadowProxyError):
+    """Another ``shadowproxy run`` holds ``data_dir`` (or it cannot be claimed)."""
+
+
 class SpoolError(ShadowProxyError):
     """The spool directory could not be written or read."""
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from shadowproxy import control
 from shadowproxy.config import Settings
 from shadowproxy.cycles import collected_in_the_background
 from shadowproxy.errors import ShadowProxyError
@@ -58,8 +60,8 @@ def serve(settings: Settings, *, log_format: str = "text",
           config_path: Path | None = None) -> int:
     """Run the proxy until SIGTERM/SIGINT; return the exit status.
 
-    A failure to start (a taken port, the embedded database) is logged as one line in the
-    log format and gives exit status 1.
+    A failure to start (a data_dir another proxy holds, a taken port, the embedded
+    database) is logged as one line in the log format and gives exit status 1.
     """
     from shadowproxy.app import ensure_free
 
@@ -67,8 +69,10 @@ def serve(settings: Settings, *, log_format: str = "text",
     # Ignored until the proxy runs and reloads on it: a SIGHUP while the embedded database
     # starts must not end the process (its default action).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    claimed: int | None = None
     try:
         # Before the embedded database or any worker starts, which can take seconds.
+        claimed = control.claim(settings.data_dir / "run")
         ensure_free(settings.listen, "listen")
         if settings.admin_listen is not None:
             ensure_free(settings.admin_listen, "admin_listen")
@@ -81,6 +85,9 @@ def serve(settings: Settings, *, log_format: str = "text",
     except ShadowProxyError as exc:
         log.error("%s", exc)
         return exc.exit_status
+    finally:
+        if claimed is not None:
+            os.close(claimed)
 
 
 async def _single(settings: Settings, url: str, config_path: Path | None) -> int:

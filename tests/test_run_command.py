@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
+from shadowproxy import control
 from shadowproxy.cli import main
 from tests.db import fetchval
 from tests.upstreams import model, serve, sleeping
@@ -124,6 +125,36 @@ async def test_two_workers_share_the_port_and_the_metrics(
     assert await count(database_url, "requests") == 40
     pids = {p.name for p in (tmp_path / "data" / "spool").glob("*")}
     assert pids == set()  # nothing left spooled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_second_proxy_on_the_same_data_dir_is_refused(
+        tmp_path: Path, database_url: str, workers: int,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second `shadowproxy run` on a data_dir in use (other ports) stops at once, exit
+    status 1, naming the running one; it would have taken its place in the run files, so
+    that `shadowproxy reload` of the first reached the second. The first still reloads, and
+    once it stops the data_dir is free."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
+        first, _, admin = write_config(tmp_path, primary.url, shadow.url, database_url,
+                                       workers=workers)
+        proc = await start(first)
+        await wait_ready(admin, proc)
+        other = tmp_path / "other"
+        other.mkdir()
+        second, _, _ = write_config(other, primary.url, shadow.url, database_url,
+                                    data_dir=str(tmp_path / "data"))
+        assert main(["run", "-c", str(second)]) == 1
+        err = capsys.readouterr().err
+        assert f"data_dir {tmp_path / 'data'} is in use by another `shadowproxy run` " \
+               f"(pid {proc.pid})" in err
+        assert main(["reload", "-c", str(first)]) == 0
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    os.close(control.claim(tmp_path / "data" / "run"))
 
 
 def test_migrate_and_db_url_commands(tmp_path: Path, sync_database_url: str,
