@@ -132,6 +132,7 @@ class SlicesPart(TypedDict, total=False):
     families: list[str]
     multiple_testing: dict[str, Any]
     why: str
+    empty: list[str]
 
 
 class GenerationSection(TypedDict, total=False):
@@ -388,6 +389,8 @@ def _slices(db: Snapshot, rows: Sequence[_Row],
     th, g = db.thresholds, db.compare.generation
     kept = [(f, s) for f, s in families if len([k for k in s.values() if k]) >= 2
             or f in db.compare.slices]
+    # Configured families no compared pair falls in are named (see slices.build).
+    empty = [f for f, s in families if f in db.compare.slices and not any(s.values())]
     if not kept:
         return SlicesPart(slices=[], why="no slice family with two or more slices in the "
                                          "window (compare.slices, generation.builtin_slices)")
@@ -412,7 +415,7 @@ def _slices(db: Snapshot, rows: Sequence[_Row],
                                 f"{100 * outside:.1f}% elsewhere (adjusted p = {p_adj:.3g})")
     return SlicesPart(slices=entries, min_size=th.min_slice_size,
                       families=[f for f, _ in kept],
-                      multiple_testing={"method": "holm", "tests": len(tested)})
+                      multiple_testing={"method": "holm", "tests": len(tested)}, empty=empty)
 
 
 def _normalized_match(pair: GenerationPair, strip_punctuation: bool) -> bool | None:

@@ -57,6 +57,7 @@ class SlicesSection(TypedDict):
     whole: NotRequired[dict[str, Any]]
     families: NotRequired[dict[str, dict[str, Any]]]
     multiple_testing: NotRequired[dict[str, Any]]
+    empty: NotRequired[list[str]]
 
 
 def _rejected(family: str, spec: str) -> Explain:
@@ -221,9 +222,13 @@ async def build(db: Snapshot, preds: Predictions, pred: PredictionsSection,
                                 f"({what} {s['test']['diff']:+.4g} against the rest, "
                                 f"Holm-adjusted p = {p_adj:.3g})")
     families = {f: stats.groups_test(g, th.alpha) for f, g in family_groups.items()}
+    # A configured family no pair falls in (a condition with a typo, a feature's name not
+    # among the features) is named, not left out as if it had nothing to say.
+    seen = {family for family, _ in found}
     return SlicesSection(min_size=th.min_slice_size, whole=whole, slices=out_slices,
                          families=families,
-                         multiple_testing={"method": "holm", "tests": len(tested)})
+                         multiple_testing={"method": "holm", "tests": len(tested)},
+                         empty=[f for f in compare.slices if f not in seen])
 
 
 def _performance(rows: list[Any], mask: np.ndarray, labels: list[Any], regression: bool

@@ -318,9 +318,17 @@ def _data_checks(r: dict[str, Any]) -> Section:
 _EFFECTS = {"wasserstein_normed": "W", "total_variation": "TV"}
 
 
+def empty_slices_note(families: list[str]) -> str:
+    """The note naming the configured slices no pair of the window falls in."""
+    return (f"no pair in the window falls in {', '.join(families)} (compare.slices): check "
+            "the condition, or the feature's name and bins")
+
+
 def _slices(r: dict[str, Any]) -> Section:
     d = r["slices"]
     s = Section("slices", "Slices")
+    if d.get("empty"):
+        s.notes.append(empty_slices_note(d["empty"]))
     if not d.get("slices"):
         s.notes.append(d.get("why", "no slices with data"))
         return s

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from shadowproxy.compare.tables import Section, Table, TextComparison, fmt, pct, pval
+from shadowproxy.compare.tables import (
+    Section,
+    Table,
+    TextComparison,
+    empty_slices_note,
+    fmt,
+    pct,
+    pval,
+)
 
 SIDES = ("primary", "shadow")
 TIMING = (("latency_ms", "total latency ms"), ("ttft_ms", "time to first token ms"),
@@ -146,6 +154,8 @@ def _shown(text: str, calls: list[dict[str, str]]) -> str:
 def _slices(g: dict[str, Any]) -> Section:
     part = g["slices"]
     s = Section("generation_slices", "Generation: slices")
+    if part.get("empty"):
+        s.notes.append(empty_slices_note(part["empty"]))
     if not part.get("slices"):
         s.notes.append(part.get("why", "no slices"))
         return s

@@ -414,9 +414,13 @@ async def test_slices_compare_each_subset_and_test_it_against_the_rest(
         database_url: str, data: Data) -> None:
     """A SQL slice and the built-in families (prompt length in quartiles, requested model,
     streamed or not): each slice's figures, its test against the rest, and BH."""
-    r = await report(database_url, COMPARE)
+    r = await report(database_url, {**COMPARE, "slices": {
+        **COMPARE["slices"], "nothing": "request_body_json ? 'no-such-key'"}})
     part = r["generation"]["slices"]
-    assert part["families"] == ["tools", "prompt_length", "model", "stream"]
+    assert part["families"] == ["tools", "nothing", "prompt_length", "model", "stream"]
+    # A configured slice no pair falls in is named, in the JSON and in the rendered report.
+    assert part["empty"] == ["nothing"]
+    assert "no pair in the window falls in nothing (compare.slices)" in render(r, "text")
     ex = data.comparable
     chars = [prompt_chars(e.request) for e in ex]
     edges = sorted({float(min(chars)), *(float(round(q)) for q in statistics.quantiles(

@@ -16,6 +16,7 @@ import pytest
 from scipy import stats as sps
 from sklearn import metrics as skm
 
+from shadowproxy.compare.command import render
 from shadowproxy.compare.config import CompareConfig
 from shadowproxy.compare.labels import import_labels, read_labels
 from shadowproxy.compare.report import build_report
@@ -508,9 +509,15 @@ async def test_slices_by_sql_and_by_feature_bins(database_url: str) -> None:
                "features": {"sqft": {"path": "$.features.sqft"}},
                "slices": {"big": "(request_body_json #>> '{features,sqft}')::float > 3000",
                           "tiny": "(request_body_json #>> '{features,sqft}')::float < 420",
-                          "size": {"feature": "sqft", "bins": [0, 2000, 4000]}}}
+                          "size": {"feature": "sqft", "bins": [0, 2000, 4000]},
+                          "huge": "(request_body_json #>> '{features,sqft}')::float > 1e6",
+                          "far": {"feature": "sqft", "bins": [1e6, 2e6]}}}
     r = await report(database_url, compare)
     sl = {x["slice"]: x for x in r["slices"]["slices"]}
+    # Configured slices no pair falls in are named, in the JSON and in the rendered report.
+    assert r["slices"]["empty"] == ["huge", "far"]
+    assert {x["family"] for x in r["slices"]["slices"]} == {"big", "tiny", "size"}
+    assert "no pair in the window falls in huge, far (compare.slices)" in render(r, "text")
     big = sqft > 3000
     err = np.abs(s - p)
     assert sl["big"]["n"] == int(big.sum())
