@@ -59,3 +59,17 @@ def test_a_bare_name_or_a_name_inside_a_value_is_left_alone() -> None:
     assert redact("token") == "token"
     assert redact("q=token&mytoken=1&token_type=x") == "q=token&mytoken=1&token_type=x"
     assert redact("a=1&TOKEN=&token=x=y") == "a=1&TOKEN=[redacted]&token=[redacted]"
+
+
+def test_semicolon_separators_and_bracket_names_are_redacted() -> None:
+    """A parameter after ``;`` (a separator to some servers) and the bracket notation of
+    Rack, PHP and Rails (``name[]``, ``name[0]``, ``outer[name]``, also percent-encoded)
+    are redacted; the separators and the other parameters are kept byte for byte."""
+    redact = QueryRedactor(["api_key", "password"])
+    assert redact("a=1;api_key=S1;b=2&c=3") == "a=1;api_key=[redacted];b=2&c=3"
+    assert redact("api_key[]=S1&api_key[]=S2&x[]=1") == (
+        "api_key[]=[redacted]&api_key[]=[redacted]&x[]=1")
+    assert redact("API_KEY[0]=S&user[name]=ann&user[password]=S") == (
+        "API_KEY[0]=[redacted]&user[name]=ann&user[password]=[redacted]")
+    assert redact("user%5Bpassword%5D=S;q=a[b]") == "user%5Bpassword%5D=[redacted];q=a[b]"
+    assert redact("api_keys[]=1&my[api_key_x]=2;;") == "api_keys[]=1&my[api_key_x]=2;;"
