@@ -2,9 +2,9 @@
 
 A shadow never touches the client's response: its call starts after the primary's request
 is written, runs on its own connection pool under its own timeout (and ``max_duration_s``
-for the whole call, however long its body flows), and its outcome is only
-data on the exchange record. Over ``max_in_flight`` a call is dropped and counted at once,
-never queued.
+for the whole call, however long its body flows), and its outcome is only data on the
+exchange record. Over ``max_in_flight`` a call is dropped and counted at once, never
+queued.
 """
 
 from __future__ import annotations
