@@ -91,7 +91,10 @@ async def test_unrouted_request_gets_404_json_and_is_not_recorded(
             aiohttp.ClientSession() as http:
         resp = await http.get(f"http://127.0.0.1:{proxy.port}/other")
         assert resp.status == 404
-        assert "no route" in (await resp.json())["error"]
+        body = await resp.json()
+        assert "no route" in body["error"] and body["status"] == 404
+        # No record, so no id to look it up by (docs/reliability.md).
+        assert body["request_id"] is None and "X-Request-Id" not in resp.headers
         resp = await http.get(f"http://127.0.0.1:{proxy.port}/api/x")
         assert resp.status == 404
         await asyncio.sleep(0.2)
@@ -197,6 +200,9 @@ async def test_primary_down_gives_502_and_is_recorded(
         await wait_for_rows(database_url, "responses", 1)
     row = await fetchrow(database_url, "SELECT status, error FROM shadowproxy.responses")
     assert row["status"] is None and row["error"].startswith("connect:")
+    # The id in the answer is the one the record is stored under.
+    assert await fetchrow(database_url, "SELECT 1 FROM shadowproxy.requests "
+                                        "WHERE request_id = $1", body["request_id"])
 
 
 async def test_primary_timeout_gives_504_and_is_recorded(
