@@ -119,6 +119,12 @@ async def _reachable(url: str, timeout_s: float) -> None:
     try:
         _, writer = await asyncio.wait_for(
             asyncio.open_connection(parts.hostname, port, ssl=tls), min(timeout_s, 10.0))
+    except ssl.SSLCertVerificationError as exc:
+        raise ShadowProxyError(
+            f"--to {url}: the target's TLS certificate is not trusted "
+            f"({exc.verify_message}); nothing was sent: add the certificate of the CA that "
+            "signed it to this machine's trust store, or name a PEM file holding it in "
+            "SSL_CERT_FILE") from exc
     except (OSError, ssl.SSLError, TimeoutError) as exc:
         raise ShadowProxyError(f"--to {url}: cannot connect ({exc or type(exc).__name__}); "
                                "nothing was sent: start the target or fix the URL") from exc

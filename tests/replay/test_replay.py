@@ -260,6 +260,27 @@ async def test_a_target_that_cannot_be_reached_fails_before_anything_is_stored(
     assert await answers(database_url) == 0
 
 
+async def test_a_target_whose_certificate_is_not_trusted_is_named_so(
+        database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https:// target whose certificate the trust store does not accept exits 1 saying
+    that, and how to trust it, before anything is sent; trusted (SSL_CERT_FILE), it is
+    replayed to."""
+    from tests.proxy.test_tls_upstream import https_model, self_signed
+
+    await store(database_url, [request(i) for i in range(3)])
+    config = write_config(tmp_path, database_url)
+    cert, key = self_signed(tmp_path)
+    async with https_model(cert, key) as url:
+        refused = await replay(config, to=url)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusted = await replay(config, to=url)
+    assert refused.status == 1
+    assert "the target's TLS certificate is not trusted" in refused.err
+    assert "SSL_CERT_FILE" in refused.err and "nothing was sent" in refused.err
+    assert trusted.status == 0, trusted.err
+    assert await answers(database_url) == 3
+
+
 async def test_set_json_keeps_long_integers_and_skips_bodies_it_cannot_write_back(
         database_url: str, tmp_path: Path) -> None:
     """An integer past 64 bits goes out as recorded, not as a float; a body holding a number
