@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from shadowproxy.config import StorageConfig
 from shadowproxy.metrics import Metrics
 from shadowproxy.store import legacy, partitions, rollups
-from shadowproxy.store.database import connection, describe_error
+from shadowproxy.store.database import connect, describe_error
 from shadowproxy.store.legacy import Moved
 from shadowproxy.store.partitions import MAINTENANCE_LOCK
 from shadowproxy.store.prune import PruneResult, cutoff_before, prune_before
@@ -42,6 +42,8 @@ ROLLUP_BUDGET_S = 60.0
 """Hours summarized per run (``rollups.roll_up``): at most a day of them, and no new one
 after a minute, so that a run stays well inside its timeout; a database with a long history
 not yet summarized catches up over the following runs."""
+CLOSE_TIMEOUT_S = 10.0
+"""How long a run's close waits for the database (which ends the session and its lock)."""
 LEGACY_BATCHES_PER_RUN = 50
 """Batches of the upgrade's move per run (250,000 requests at the default batch size):
 the rest waits for the next run, so that one run stays short."""
@@ -59,25 +61,33 @@ class Outcome:
 
 
 async def run_once(url: str, storage: StorageConfig, *, timeout: float = 300.0) -> Outcome:
-    """One maintenance run; raises whatever went wrong (the task logs and counts it)."""
-    async with connection(url, timeout=min(timeout, 10.0)) as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
-            return Outcome(skipped=True)
-        try:
-            async with asyncio.timeout(timeout):
-                created = await partitions.ensure(conn, storage.partition)
-                moved = await legacy.move(conn, max_batches=LEGACY_BATCHES_PER_RUN)
-                pruned = None
-                if storage.retention is not None and moved.finished:
-                    cutoff = await cutoff_before(conn, storage.retention)
-                    pruned = await prune_before(conn, cutoff, whole_partitions=True)
-                rolled = None
-                if moved.finished:
-                    rolled = await rollups.roll_up(conn, max_hours=ROLLUP_HOURS_PER_RUN,
-                                                   budget_s=ROLLUP_BUDGET_S)
-        finally:
-            if not conn.is_closed():
-                await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
+    """One maintenance run; raises whatever went wrong (the task logs and counts it).
+
+    The run has its own connection, and the lock lives as long as the connection's session:
+    closing it releases the lock. Everything the run waits for on the database, the lock
+    included, is bounded by ``timeout``, and the close by ``CLOSE_TIMEOUT_S``, after which
+    the connection is dropped: a database that stops answering (a network partition) fails
+    the run, to be tried again at the next interval, instead of holding the task for good.
+    """
+    conn = await connect(url, timeout=min(timeout, 10.0))
+    try:
+        async with asyncio.timeout(timeout):
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
+                return Outcome(skipped=True)
+            created = await partitions.ensure(conn, storage.partition)
+            moved = await legacy.move(conn, max_batches=LEGACY_BATCHES_PER_RUN)
+            pruned = None
+            if storage.retention is not None and moved.finished:
+                cutoff = await cutoff_before(conn, storage.retention)
+                pruned = await prune_before(conn, cutoff, whole_partitions=True)
+            rolled = None
+            if moved.finished:
+                rolled = await rollups.roll_up(conn, max_hours=ROLLUP_HOURS_PER_RUN,
+                                               budget_s=ROLLUP_BUDGET_S)
+    finally:
+        # asyncpg drops the connection itself when a close fails or times out.
+        with contextlib.suppress(Exception):
+            await conn.close(timeout=CLOSE_TIMEOUT_S)
     return Outcome(created=created, moved=moved, pruned=pruned, rolled=rolled)
 
 

@@ -9,12 +9,15 @@ from datetime import timedelta
 
 import aiohttp
 import asyncpg
+import pytest
 
 from shadowproxy.config import StorageConfig
 from shadowproxy.metrics import Metrics
+from shadowproxy.store import maintenance
 from shadowproxy.store.maintenance import Maintenance, run_once
 from shadowproxy.store.partitions import MAINTENANCE_LOCK, ensure, partitions, period_start
 from tests.conftest import StartProxy, route
+from tests.dblink import DatabaseLink
 from tests.test_admin import samples
 from tests.upstreams import model, serve
 
@@ -138,3 +141,22 @@ async def test_the_proxy_applies_its_retention_on_its_own(
     assert ok >= 2
     assert exposed[("shadowproxy_storage_maintenance_total", (("result", "failed"),))] == 0
     assert oldest >= period_start(now - timedelta(days=2), "day")
+
+
+@pytest.mark.parametrize("silent_from", [b"pg_try_advisory_lock", b"pg_inherits"],
+                         ids=["taking the lock", "listing partitions"])
+async def test_a_database_that_stops_answering_fails_the_run_instead_of_hanging(
+        database_url: str, monkeypatch: pytest.MonkeyPatch, silent_from: bytes) -> None:
+    """A database that goes silent mid-run (a partition: the connection stays open, nothing
+    comes back) fails the run at its timeout, the connection dropped, for the next interval
+    to try again; the run waited for ever, and maintenance never ran again. Once the
+    connection is gone, the lock is free for the next run."""
+    monkeypatch.setattr(maintenance, "CLOSE_TIMEOUT_S", 0.5)
+    async with DatabaseLink(database_url) as link:
+        assert not (await run_once(link.url, StorageConfig(), timeout=10.0)).skipped
+        link.freeze_on(silent_from)
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(run_once(link.url, StorageConfig(), timeout=1.0), 15.0)
+        assert link.frozen.is_set() and time.monotonic() - began < 5.0
+    assert not (await run_once(database_url, StorageConfig())).skipped

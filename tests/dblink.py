@@ -1,0 +1,89 @@
+"""A real TCP link on 127.0.0.1 to the test PostgreSQL that can go silent, for tests of a
+database that stops answering mid-conversation (a network partition, a hung server).
+
+``DatabaseLink(url)`` forwards bytes both ways between its clients and the server (a Unix
+socket of the embedded server or a TCP address); ``freeze_on(marker)`` makes it swallow the
+first client message holding ``marker`` and everything after it, both ways, on every
+connection, while keeping the sockets open: the client waits for an answer that never
+comes, as it would behind a partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+
+class DatabaseLink:
+    def __init__(self, url: str) -> None:
+        self._target_url = url
+        self._marker: bytes | None = None
+        self.frozen = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self.url = ""
+
+    def freeze_on(self, marker: bytes) -> None:
+        """Go silent from the first client message that holds ``marker``."""
+        self._marker = marker
+
+    async def _open_target(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        parts = urlsplit(self._target_url)
+        query = dict(parse_qsl(parts.query))
+        host = query.get("host") or parts.hostname or "127.0.0.1"
+        port = int(query.get("port") or parts.port or 5432)
+        if host.startswith("/"):
+            return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(host, port)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    from_client: bool) -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            marker = self._marker
+            if from_client and marker is not None and marker in data:
+                self.frozen.set()
+            if self.frozen.is_set():
+                continue  # swallowed: the other side waits for ever
+            writer.write(data)
+            await writer.drain()
+        if not self.frozen.is_set():
+            writer.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader,
+                     client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await self._open_target()
+        self._writers += [client_w, server_w]
+        pumps = [asyncio.create_task(self._pump(client_r, server_w, True)),
+                 asyncio.create_task(self._pump(server_r, client_w, False))]
+        self._tasks.update(pumps)
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def __aenter__(self) -> DatabaseLink:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(self._target_url)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")]
+        user = parts.username or "postgres"
+        auth = f"{user}:{parts.password}" if parts.password else user
+        self.url = urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{port}",
+                                             query=urlencode(query)))
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        for writer in self._writers:
+            writer.close()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task
+        await self._server.wait_closed()
