@@ -537,6 +537,93 @@ def _duplicate_names(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], 
     return found
 
 
+_TYPE_WORDS = {"string_type": "text", "int_type": "a whole number",
+               "int_parsing": "a whole number", "int_from_float": "a whole number",
+               "float_type": "a number", "float_parsing": "a number",
+               "bool_type": "true/false", "bool_parsing": "true/false",
+               "model_type": "a mapping", "dict_type": "a mapping",
+               "model_attributes_type": "a mapping", "list_type": "a list"}
+"""What a value of a union's member is, by the error pydantic gives a value of another type."""
+
+
+def _key_path(loc: tuple[str | int, ...], data: Any,
+              kind: str) -> tuple[tuple[str | int, ...], int | None]:
+    """A pydantic error's location as the file's key path, and where a union's member label
+    was left out of it (None: no union on the way).
+
+    Pydantic names the member of a union (``positive_class: str | int``, a slice as SQL text
+    or ``{feature: F}``) in the location (``positive_class.int``, ``slices.s.function-after
+    [_sorted(), SliceConfig].bins``): those labels are no key of the file. A step of the
+    location that the file's data does not hold is such a label, but for the last step of
+    a key that is missing."""
+    path: list[str | int] = []
+    union_at: int | None = None
+    node = data
+    for i, step in enumerate(loc):
+        held = (step in node if isinstance(node, dict) else
+                isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node))
+        if held:
+            node = node[step]
+        elif not (i == len(loc) - 1 and kind == "missing"):
+            if union_at is None:
+                union_at = len(path)
+            continue
+        path.append(step)
+    return tuple(path), union_at
+
+
+def _value_problems(exc: ValidationError,
+                    data: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    """Each value problem pydantic found, as (key path, message), in its order: one problem
+    per value of a union (the member the value was meant for, or what it may be)."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    unions: dict[tuple[str | int, ...], list[tuple[tuple[str | int, ...], dict[str, Any]]]] = {}
+    for err in exc.errors(include_url=False):
+        if err["type"] == CROSS_CHECK:
+            continue  # already reported by _cross_checks, at the problem's own line
+        loc = tuple(err["loc"])
+        if loc[-1:] == ("[key]",):  # a mapping's key (a set_json path) was refused
+            loc = loc[:-1]
+        path, union_at = _key_path(loc, data, err["type"])
+        if union_at is None:
+            problems.append((path, _message(err)))
+            continue
+        at = path[:union_at]
+        if at not in unions:
+            unions[at] = []
+            problems.append((at, ""))  # filled in below, in the order found
+        unions[at].append((path, dict(err)))
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    for path, msg in problems:
+        if msg or path not in unions:
+            out.append((path, msg))
+            continue
+        members = unions[path]
+        # A value of the right type for one member failed on its content there (a slice's
+        # bins, a misspelt key in it): that is the problem; the other members' "not text"
+        # would only mislead.
+        meant = [(p, e) for p, e in members if p != path or e["type"] not in _TYPE_WORDS]
+        if meant:
+            out.extend((p, _message(e)) for p, e in meant)
+            continue
+        words = list(dict.fromkeys(_TYPE_WORDS[e["type"]] for _, e in members))
+        if "a number" in words and "a whole number" in words:
+            words.remove("a whole number")
+        expected = words[0] if len(words) == 1 else (
+            f"{', '.join(words[:-1])} or {words[-1]}")
+        got = repr(members[0][1].get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        out.append((path, f"expected {expected} (got {got})"))
+    return out
+
+
+def _message(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key (check its spelling and the configuration reference)"
+    msg: str = err["msg"].removeprefix("Value error, ")
+    return msg
+
+
 def load_config(path: str | os.PathLike[str]) -> Settings:
     """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
     file = Path(path)
@@ -581,17 +668,9 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         unset = {path for path, _ in located.problems}
-        for err in exc.errors(include_url=False):
-            loc = tuple(err["loc"])
-            if loc[-1:] == ("[key]",):  # a mapping's key (a set_json path) was refused
-                loc = loc[:-1]
+        for loc, msg in _value_problems(exc, data):
             if loc in unset:
                 continue  # an unset ${VAR}: already reported, its placeholder is no value
-            if err["type"] == CROSS_CHECK:
-                continue  # already reported by _cross_checks, at the problem's own line
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check its spelling and the configuration reference)"
             problems.append(f"{file}:{located.line_of(loc)}: {_dotted(loc)}: {msg}")
         raise ConfigError(problems) from exc
     if problems:

@@ -75,6 +75,37 @@ routes:
     assert ":9: routes[0].shadows[0].colour: unknown key" in text
 
 
+def test_a_value_of_several_forms_gets_one_problem_at_its_key(tmp_path: Path) -> None:
+    """A key that takes values of several forms (a slice as SQL text or {feature: F}, a
+    positive class, a column) is reported once, at the file's key path: the form the value
+    was meant as when it has that form, else the forms it may take."""
+    bad = """\
+routes:
+  - name: a
+    primary: {url: "http://127.0.0.1:9001"}
+    compare:
+      positive_class: [1]
+      request_format: instances
+      features:
+        f: {column: 1.5}
+      slices:
+        by_f: {feature: f, bin: [0, 1, 2]}
+        order: {feature: f, bins: [3, 1]}
+        nothing: 5
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, bad))
+    problems = [p.split(":", 1)[1] for p in info.value.problems]
+    assert problems == [
+        "5: routes[0].compare.positive_class: expected text, a number or true/false (got [1])",
+        "8: routes[0].compare.features.f.column: expected a whole number or text (got 1.5)",
+        "10: routes[0].compare.slices.by_f.bin: unknown key (check its spelling and the "
+        "configuration reference)",
+        "11: routes[0].compare.slices.order: bins: expected increasing edges (got [3.0, 1.0])",
+        "12: routes[0].compare.slices.nothing: expected text or a mapping (got 5)",
+    ]
+
+
 def test_duplicate_names_are_refused(tmp_path: Path) -> None:
     """Route names, and shadow names within a route, must be unique."""
     dup = """\
