@@ -148,16 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route", required=True, help="the route to report on")
     p.add_argument("--shadow", help="the shadow to compare (default: the route's first)")
     window = p.add_mutually_exclusive_group()
-    window.add_argument("--since", help="a window ending now, e.g. 15m, 1h, 7d")
+    window.add_argument("--since", help="a window ending now (or at --to), e.g. 15m, 1h, "
+                                        "7d (default 24h)")
     window.add_argument("--from", dest="from_", metavar="T",
-                        help="window start (ISO 8601); use with --to")
-    p.add_argument("--to", metavar="T", help="window end (ISO 8601)")
+                        help="window start (ISO 8601; a time without zone is UTC)")
+    p.add_argument("--to", metavar="T", help="window end (ISO 8601; default: now)")
     p.add_argument("--config-version", metavar="V",
                    help="only requests handled under this configuration version "
                         "(requests.config_version; the report lists those in the window)")
     p.add_argument("--reference", metavar="FILE",
                    help="training data (CSV or Parquet) to check live inputs against")
-    p.add_argument("--format", choices=["text", "json", "html", "markdown"], default="text")
+    p.add_argument("--format", choices=["text", "json", "html", "markdown"], default="text",
+                   help="terminal tables (default), the JSON document, Markdown, or one "
+                        "self-contained HTML file with plots")
     p.add_argument("-o", "--output", metavar="FILE", help="write the report here")
     p.add_argument("--fail-on", choices=["warn", "fail"],
                    help="exit with status 3 when the verdict reaches this level")
@@ -174,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     labels = sub.add_parser("labels", help="ground-truth labels for recorded requests")
     labels_sub = labels.add_subparsers(dest="labels_command", metavar="ACTION", required=True)
     p = labels_sub.add_parser("import", help="load request_id,label rows from a CSV file")
-    p.add_argument("-c", "--config", required=True, metavar="FILE")
-    p.add_argument("file", metavar="LABELS.csv")
+    p.add_argument("-c", "--config", required=True, metavar="FILE",
+                   help="the YAML configuration file")
+    p.add_argument("file", metavar="LABELS.csv",
+                   help="a CSV file with the header request_id,label")
     p.set_defaults(handler=_lazy("shadowproxy.compare.labels", "run_labels_import"))
 
     p = command("replay", _lazy("shadowproxy.replay.command", "run_replay"),
@@ -188,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "remove records older than a given age: whole time partitions, and the "
                 "rows before the cutoff in the partition across it")
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
-    p.add_argument("--batch-size", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=5000, metavar="N",
+                   help="rows deleted per transaction where a whole partition cannot be "
+                        "dropped (default 5000)")
 
     p = command("demo", _cmd_demo,
                 "the whole story on one machine: two models, the proxy, traffic, a report",
