@@ -182,6 +182,30 @@ def test_unreachable_database_is_a_clear_runtime_error(
         capsys.readouterr().err
 
 
+def test_a_database_url_that_fails_says_what_to_do_and_where_it_came_from(
+        tmp_path: Path, sync_database_url: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that cannot connect says what to check; a URL from SHADOWPROXY_DATABASE_URL
+    (which the file does not show) is said to come from there."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    nowhere = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    config, _, _ = write_config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2", nowhere)
+    assert main(["prune", "-c", str(config), "--older-than", "30d"]) == 1
+    err = capsys.readouterr().err
+    assert "check that PostgreSQL runs at that host and port and accepts connections, or " \
+           "correct database.url (or SHADOWPROXY_DATABASE_URL)" in err
+    assert "from SHADOWPROXY_DATABASE_URL" not in err
+    missing = sync_database_url.rsplit("/", 1)[0] + "/no_such_database"
+    if "?" in sync_database_url:  # a Unix socket's URL: the host is in the query
+        path, _, query = sync_database_url.partition("?")
+        missing = f"{path.rsplit('/', 1)[0]}/no_such_database?{query}"
+    monkeypatch.setenv("SHADOWPROXY_DATABASE_URL", missing)
+    assert main(["migrate", "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "(from SHADOWPROXY_DATABASE_URL, which overrides database.url)" in err
+    assert "create the database on the server, or correct its name in database.url" in err
+
+
 def test_a_port_in_use_is_a_clear_error(tmp_path: Path, sync_database_url: str,
                                         capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ its text.
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from shadowproxy.config import Settings
+from shadowproxy.config import DATABASE_URL_ENV, Settings
 from shadowproxy.errors import DatabaseError
 from shadowproxy.store.embedded import CleanupMode, start_embedded
 
@@ -129,7 +130,13 @@ async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(url, timeout=timeout)
     except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {exc}") from exc
+        # A URL from the environment is not the one the file shows: say so.
+        source = (f" (from {DATABASE_URL_ENV}, which overrides database.url)"
+                  if os.environ.get(DATABASE_URL_ENV) == url else "")
+        fix = classify(exc).fix or (f"check that PostgreSQL runs at that host and port and "
+                                    f"accepts connections, or correct {_URL}")
+        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}{source}: {exc}; "
+                            f"{fix}") from exc
 
 
 @contextlib.asynccontextmanager
