@@ -262,11 +262,12 @@ async def operational(db: Snapshot, counts: Counts, groups: list[Group]
     role = shadow_role(counts)
     if role != "shadow":
         out["latency_compared"] = False
+        which = (f"all {counts['pairs']} pairs" if role == "replay" else
+                 f"{counts['replayed_pairs']} of the {counts['pairs']} pairs")
         out["latency_note"] = (
-            f"{'every' if role == 'replay' else str(counts['replayed_pairs'])} of the "
-            f"{counts['pairs']} pairs of {db.scope.shadow} came from `shadowproxy replay`: "
-            "its latency was measured under replay load, not production load, and is not "
-            "compared with the primary's")
+            f"{which} of {db.scope.shadow} came from `shadowproxy replay`: its latency was "
+            "measured under replay load, not production load, and is not compared with the "
+            "primary's")
     if row["lo"] is not None and row["hi"] is not None:
         out["latency_histogram"] = await _latency_histogram(db, float(row["lo"]),
                                                             float(row["hi"]))

@@ -99,6 +99,8 @@ async def test_a_replayed_target_is_reported_with_its_latency_labelled(database_
     op = r["operational"]
     assert op["shadow"]["latency_ms"]["p50"] == pytest.approx(122.0)  # shown as measured
     assert op["latency_compared"] is False and "measured under replay load" in op["latency_note"]
+    assert op["latency_note"].startswith(
+        "all 60 pairs of candidate-replay came from `shadowproxy replay`: its latency")
     reasons = r["verdict"]["reasons"]
     assert not any("p99" in x["message"] for x in reasons)  # 10x the primary: not a warning
     assert {"level": "info", "section": "operational", "message": op["latency_note"]} in reasons
