@@ -7,9 +7,11 @@ match no recorded request are stored anyway (their records may still be in the p
 and reported, with examples, so that a file with the wrong ids is noticed at once.
 
 A file is refused as a whole (exit status 2, nothing imported), with the line of each
-problem, when a label is ``NaN`` or ``Infinity`` (JSON has no such numbers), when one id is
-given two different labels, or when a request of a route with ``compare.task: regression``
-gets a label that is not a number (the report could not use it).
+problem, when a label is ``NaN`` or ``Infinity`` (JSON has no such numbers), when an id or a
+label holds a character PostgreSQL cannot store (a NUL, or half of a surrogate pair written
+as a JSON escape), when one id is given two different labels, or when a request of a route
+with ``compare.task: regression`` gets a label that is not a number (the report could not
+use it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import csv
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +50,49 @@ class LabelImport:
 _SHOWN = 10
 
 
+class _Unstorable(ValueError):
+    pass
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""What PostgreSQL's text and jsonb refuse: NUL, and a lone surrogate. In a JSON label
+either can only come from an escape (``\\u0000``, ``\\ud800``): JSON refuses a raw control
+character, and UTF-8 text cannot hold a surrogate."""
+
+
+def _storable(value: object) -> bool:
+    """Whether every string of a parsed JSON value (keys too) is one PostgreSQL can hold
+    (walked without recursion: a label may nest as deep as the parser allows)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _UNSTORABLE.search(v) is not None:
+                return False
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+    return True
+
+
 def _label_json(text: str) -> str:
-    """The label as JSON text: JSON values are kept, anything else becomes a JSON string;
+    """The label as JSON text: JSON values are kept, anything else becomes a JSON string.
     ``NotFiniteNumber`` for NaN and Infinity, which PostgreSQL's jsonb (like JSON) has no
-    room for, ``TooDeep`` for a value nested too deeply to read."""
+    room for, ``TooDeep`` for a value nested too deeply to read, and ``_Unstorable`` for
+    what its text cannot hold: checked here, so that the file's line is named, not a
+    database error for the whole import."""
     try:
-        loads_exact(text, allow_nan=False)
+        value = loads_exact(text, allow_nan=False)[0]
     except (NotFiniteNumber, TooDeep):
         raise
     except ValueError:
+        if "\x00" in text:
+            raise _Unstorable(text) from None
         return json.dumps(text)
+    if "\\u" in text and not _storable(value):
+        raise _Unstorable(text)
     return text
 
 
@@ -88,6 +124,11 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
                 if not request_id or not label:
                     result.skipped_empty += 1
                     continue
+                if "\x00" in request_id:
+                    found.append(f"{path}:{line}: the request id {request_id!r} holds a NUL "
+                                 "character, which PostgreSQL cannot store (no request has "
+                                 "such an id); correct or remove the row")
+                    continue
                 try:
                     value = _label_json(label)
                 except NotFiniteNumber:
@@ -99,6 +140,12 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
                     found.append(f"{path}:{line}: the label of {request_id!r} is nested too "
                                  "deeply to read (about a thousand levels at most); correct "
                                  "it, or leave it empty to skip the row")
+                    continue
+                except _Unstorable:
+                    found.append(f"{path}:{line}: the label {label!r} of {request_id!r} "
+                                 "holds a NUL character or half of a surrogate pair "
+                                 "(\\u0000, \\ud800), which PostgreSQL cannot store; "
+                                 "remove it, or leave the label empty to skip the row")
                     continue
                 if request_id in labels:
                     if labels[request_id] != value:

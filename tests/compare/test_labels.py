@@ -98,3 +98,30 @@ def test_a_text_label_on_a_regression_route_is_refused(
     labels.write_text("request_id,label\nreq-0,1.5\nreq-1,2\nreq-2,\"[1, 2]\"\n")
     assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
     assert len(asyncio.run(_labels(sync_database_url))) == 3
+
+
+def test_characters_postgresql_cannot_store_are_refused_with_their_lines(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A NUL (raw, or the JSON escape \\u0000) or a lone surrogate escape in a label, or a NUL
+    in an id, refuses the file with the line of each (exit 2, nothing imported): PostgreSQL's
+    text and jsonb cannot hold them, and the whole import failed as a database error (exit 1)
+    naming no row. An escaped backslash before "u0000" is text like any other."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b'request_id,label\nreq-0,1\nreq-1,"""a\\u0000b"""\nreq-2,a\x00b\n'
+                       b'req-3,"{""k"": [""\\ud800""]}"\nre\x00q-4,1\n'
+                       b'req-5,"""a\\\\u0000"""\nreq-6,"""\\ud83d\\ude00"""\n')
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert "importing labels failed" not in err
+    assert f"{labels}:3: the label '\"a\\\\u0000b\"' of 'req-1' holds a NUL character" in err
+    assert f"{labels}:4: the label 'a\\x00b' of 'req-2' holds a NUL character" in err
+    assert f"{labels}:5: the label " in err and "of 'req-3' holds a NUL" in err
+    assert f"{labels}:6: the request id 're\\x00q-4' holds a NUL character" in err
+    assert ":2:" not in err and ":7:" not in err and ":8:" not in err
+    assert asyncio.run(_labels(sync_database_url)) == {}
+
+    labels.write_bytes(b'request_id,label\nreq-5,"""a\\\\u0000"""\nreq-6,"""\\ud83d\\ude00"""\n')
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    assert asyncio.run(_labels(sync_database_url)) == {"req-5": '"a\\\\u0000"',
+                                                        "req-6": '"\U0001f600"'}
