@@ -102,10 +102,19 @@ def _problems(path: Path, found: list[str]) -> UsageError:
     return UsageError(f"{path}: nothing was imported:\n" + "\n".join(shown) + more)
 
 
+_FIELD_LIMIT = 16 << 20
+"""The longest field read, 16 MiB: past any answer the proxy records (bodies are cut at
+``recording.max_body_bytes``, 1 MiB by default). The csv module's own default, 128 KiB, is
+shorter than a long reference answer of a generation route; a field is built in memory
+several times its size, so the limit is not PostgreSQL's 1 GiB."""
+
+
 def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
     """Read the CSV into {request_id: label JSON}; UsageError says what is wrong with it."""
     result = LabelImport()
     labels: dict[str, str] = {}
+    reader: csv.DictReader[str] | None = None
+    default_limit = csv.field_size_limit(_FIELD_LIMIT)
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -161,8 +170,15 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
                 raise _problems(path, found)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the labels file: {exc.strerror}") from exc
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not a UTF-8 CSV file ({exc})") from exc
+    except csv.Error as exc:
+        # The line being read: DictReader's own line_num moves only after a whole row.
+        where = f"{path}:{reader.reader.line_num}" if reader is not None else str(path)
+        raise UsageError(f"{where}: cannot be read as CSV ({exc}); a field is read up to "
+                         f"{_FIELD_LIMIT:,} characters") from exc
+    finally:
+        csv.field_size_limit(default_limit)
     return labels, result
 
 

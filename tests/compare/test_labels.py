@@ -125,3 +125,23 @@ def test_characters_postgresql_cannot_store_are_refused_with_their_lines(
     assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
     assert asyncio.run(_labels(sync_database_url)) == {"req-5": '"a\\\\u0000"',
                                                         "req-6": '"\U0001f600"'}
+
+
+def test_a_long_reference_answer_is_imported_and_a_field_past_the_limit_names_its_line(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A label of 200,000 characters (a long reference answer) is imported: the csv module's
+    default limit of 131,072 refused the file as "not a UTF-8 CSV file". A field past the
+    import's own limit is refused with its line."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    labels = tmp_path / "labels.csv"
+    answer = "word " * 39_999 + "end"
+    labels.write_text(f'request_id,label\nreq-0,1\nreq-1,"{answer}"\n')
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    assert asyncio.run(_labels(sync_database_url))["req-1"] == f'"{answer}"'
+    capsys.readouterr()
+
+    labels.write_text(f'request_id,label\nreq-0,1\nreq-2,"{"a" * ((16 << 20) + 1)}"\n')
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert f"{labels}:3: cannot be read as CSV (field larger than field limit" in err
+    assert "a field is read up to 16,777,216 characters" in err
