@@ -29,7 +29,8 @@ bit-parallel C++ core (MIT licence, maintained since 2020, wheels for every plat
 Only the first choice of each answer is compared. A pair counts once both sides answered
 (a body with ``choices``); the others are counted as missing per side. Text figures cover
 the pairs where at least one side wrote text (a missing text is compared as ""); two
-answers that only call tools are compared by their tool calls alone.
+answers that only call tools (their content null or "") are compared by their tool calls
+alone.
 """
 
 from __future__ import annotations
@@ -330,6 +331,11 @@ def generation_from(body_json: Any, stream: Mapping[str, Any] | None = None,
         fc = message.get("function_call")
         if isinstance(fc, dict):
             calls.append(ToolCall(str(fc.get("name") or ""), _arguments(fc)))
+        if calls and not text:
+            # An answer that only calls tools wrote no text. Streamed, its content is often
+            # "" (vLLM's first chunk is {"role": "assistant", "content": ""}) where the same
+            # answer unstreamed has null: both are compared by their tool calls alone.
+            text = None
     else:
         text = first.get("text") if isinstance(first.get("text"), str) else None
     usage = body_json.get("usage")

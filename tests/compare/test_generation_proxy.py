@@ -16,8 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from examples.chat_service import Answer, Speed, answer, build_app, wants_json
 from examples.chat_traffic import Mix, send
@@ -187,3 +189,83 @@ async def test_generation_report_on_streamed_answers_through_the_proxy(
         # (Loose: on a busy machine a late read can bring two chunks at once.)
         assert timing["gap_p50_ms"]["min"] >= 0.5 * token_ms
         assert 0 < timing["tokens_per_s"]["max"] <= 1000.0 / (0.5 * token_ms)
+
+
+def _vllm_style(model: str) -> web.Application:
+    """A chat service that streams as vLLM does: the first chunk is ``{"role": "assistant",
+    "content": ""}`` whatever follows, and a tool call comes in ``tool_calls`` deltas; its
+    unstreamed answer to a tool call has ``content: null``. A request with ``tools`` is
+    answered with a call, any other with a text."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        call = {"id": "call_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        tool = bool(body.get("tools"))
+        text = None if tool else f"It is sunny ({model})."
+        finish = "tool_calls" if tool else "stop"
+        head = {"id": "chatcmpl-1", "created": 1, "model": model}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": text}
+            if tool:
+                message["tool_calls"] = [call]
+            return web.json_response({**head, "object": "chat.completion", "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]})
+        deltas = [{"role": "assistant", "content": ""},
+                  {"tool_calls": [{"index": 0, **call}]} if tool else {"content": text}, {}]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, delta in enumerate(deltas):
+            chunk = {**head, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": delta, "logprobs": None,
+                 "finish_reason": finish if i == len(deltas) - 1 else None}]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    return app
+
+
+async def test_streamed_answers_that_only_call_a_tool_are_not_compared_on_text(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Through the proxy, a vLLM-style stream that only calls a tool assembles to content ""
+    (its role chunk's), where the same answer unstreamed has content null: either way the
+    pair is compared by its tool calls alone, not counted as two equal texts."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    async with serve_app(_vllm_style("small")) as primary, \
+            serve_app(_vllm_style("large")) as shadow, \
+            start_proxy([{"name": "chat", "match": {"path_prefix": "/v1/"},
+                          "primary": {"url": primary},
+                          "shadows": [{"name": "large", "url": shadow}]}]) as proxy, \
+            aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            for body in ({"tools": tools}, {}):
+                async with session.post(
+                        f"http://127.0.0.1:{proxy.port}/v1/chat/completions",
+                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "stream": stream, **body}) as response:
+                    assert response.status == 200
+                    await response.read()
+        await wait_for_rows(database_url, "responses", 8)
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM shadowproxy.responses "
+                                   "WHERE body_json #>> '{choices,0,message,content}' = ''"
+                                   " AND stream IS NOT NULL") == 2  # both sides, streamed
+        now = datetime.now(UTC)
+        r = await build_report(conn, route="chat", shadow="large",
+                               window=Window(now - timedelta(hours=1), now),
+                               compare=CompareConfig(task="generation"))
+    finally:
+        await conn.close()
+    g = r["generation"]
+    assert g["n_compared"] == 4
+    # The two text answers differ; the two tool-call pairs are compared by their calls.
+    assert g["text"]["exact_match"] == {"count": 0, "n": 2, "rate": 0.0}
+    assert g["text"]["similarity"]["n"] == 2 and g["text"]["similarity"]["max"] < 1.0
+    assert g["tool_calls"]["n_either"] == 2
+    assert g["tool_calls"]["same_calls"]["count"] == 2
