@@ -360,9 +360,12 @@ def assemble(body: bytes, arrivals: Sequence[Arrival] = (), sent_at: float | Non
             waiting = []
             for key in pending:
                 value = obj.get(key)
-                if value is None:
-                    if key in obj:
-                        top[key] = None
+                if value is None or value == "" or value == 0:
+                    # Not known yet: null, or the placeholders ("" and 0) of a chunk that
+                    # carries no answer, such as Azure OpenAI's first (its prompt's filter
+                    # results): kept only if no chunk says more.
+                    if key in obj and top.get(key) is None:
+                        top[key] = value
                     waiting.append(key)
                 else:
                     top[key] = value

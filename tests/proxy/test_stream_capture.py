@@ -313,3 +313,42 @@ async def test_a_shadow_streaming_without_end_is_cut_at_max_duration_s(
     assert 1500 <= row["latency_ms"] < 3000
     assert row["body"].startswith(b"data: ") and row["cut"] == "true"
     assert 10 <= len(sent) < 50  # it streamed past timeout_s, and stopped once cut
+
+
+async def test_a_first_chunk_of_placeholders_leaves_the_answers_id_and_model(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Azure OpenAI opens a stream with a chunk that carries only the prompt's filter
+    results, its id, model and object "" and created 0; the answer's id, model and created
+    are those of the chunks that follow, as in the answer unstreamed."""
+    head = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1_717_000_000,
+            "model": "gpt-4o-2024-05-13", "system_fingerprint": "fp_1"}
+    events = [{"id": "", "object": "", "created": 0, "model": "", "choices": [],
+               "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]},
+              {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]},
+              {**head, "choices": [{"index": 0, "delta": {"content": "Hi"},
+                                    "finish_reason": None}]},
+              {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    raw += b"data: [DONE]\n\n"
+
+    async def azure(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(raw)
+        await resp.write_eof()
+        return resp
+
+    async with serve(azure) as primary, start_proxy([route(primary.url)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        got = await post(http, f"http://127.0.0.1:{proxy.port}/v1/chat/completions",
+                         chat("hi", stream=True), "azure")
+        assert got == raw
+        await wait_for_rows(database_url, "responses", 1)
+    answer = (await stored(database_url))["azure"]["body_json"]
+    assert {k: answer.get(k) for k in ("id", "created", "model", "system_fingerprint")} == {
+        "id": "chatcmpl-9", "created": 1_717_000_000, "model": "gpt-4o-2024-05-13",
+        "system_fingerprint": "fp_1"}
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "Hi"}
