@@ -72,6 +72,12 @@ def claim(run_dir: Path) -> int:
         holder = os.read(fd, 32).decode("ascii", "replace").strip()
         os.close(fd)
         who = f"pid {holder}" if holder.isdigit() else "another process"
+        try:  # the file it runs, when it has written where it is
+            running = json.loads((run_dir / PROCESS_FILE).read_text())
+            if str(running.get("pid")) == holder:
+                who = f"{running['config']}, {who}"
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
         raise DataDirInUse(
             f"data_dir {data_dir} is in use by another `shadowproxy run` ({who}): two "
             "proxies cannot share one (`shadowproxy reload` finds its proxy there); give "

@@ -149,7 +149,7 @@ async def test_a_second_proxy_on_the_same_data_dir_is_refused(
         assert main(["run", "-c", str(second)]) == 1
         err = capsys.readouterr().err
         assert f"data_dir {tmp_path / 'data'} is in use by another `shadowproxy run` " \
-               f"(pid {proc.pid})" in err
+               f"({first}, pid {proc.pid})" in err
         assert main(["reload", "-c", str(first)]) == 0
         assert proc.pid is not None
         os.kill(proc.pid, signal.SIGTERM)
