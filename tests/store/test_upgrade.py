@@ -182,3 +182,29 @@ async def test_records_spooled_before_the_upgrade_replay_into_the_new_tables(
         await conn.close()
     assert (copies, total) == (1, 10)
     assert uuid.UUID(str(row["id"]))
+
+
+async def test_the_pairs_view_keeps_its_grants_and_the_views_built_on_it(
+        empty_database_url: str) -> None:
+    """A role that was granted the pairs view only (THREAT_MODEL.md's analysts) reads it after
+    the upgrade, and a view of the user's own over pairs does not stop the upgrade."""
+    await seed_legacy(empty_database_url, 50)
+    role = f"analyst_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(f"""
+            CREATE ROLE {role};
+            GRANT USAGE ON SCHEMA shadowproxy TO {role};
+            GRANT SELECT ON shadowproxy.pairs TO {role};
+            CREATE VIEW public.pairs_per_route AS
+                SELECT route, count(*) AS n FROM shadowproxy.pairs GROUP BY route;""")
+        done = await migrate_all(empty_database_url, "day")
+        assert done.moved.finished
+        assert await conn.fetchval("SELECT n FROM public.pairs_per_route") == 50
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {role}")
+            assert await conn.fetchval("SELECT count(*) FROM shadowproxy.pairs") == 50
+    finally:
+        # Roles belong to the server, which other tests' databases share.
+        await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        await conn.close()

@@ -22,8 +22,7 @@ ALTER INDEX shadowproxy.requests_received_at RENAME TO requests_legacy_received_
 ALTER INDEX shadowproxy.requests_request_id RENAME TO requests_legacy_request_id;
 ALTER TABLE shadowproxy.responses RENAME TO responses_legacy;
 ALTER INDEX shadowproxy.responses_pkey RENAME TO responses_legacy_pkey;
--- The view follows the renamed tables; it is made again over the new ones below.
-DROP VIEW shadowproxy.pairs;
+-- The pairs view follows the renamed tables until it is pointed at the new ones below.
 
 CREATE TABLE shadowproxy.requests (
     id             uuid NOT NULL,
@@ -99,21 +98,15 @@ BEGIN
     END LOOP;
 END $$;
 
--- A fresh database has nothing to move: its empty legacy tables go at once.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM shadowproxy.requests_legacy)
-       AND NOT EXISTS (SELECT 1 FROM shadowproxy.responses_legacy) THEN
-        DROP TABLE shadowproxy.requests_legacy, shadowproxy.responses_legacy;
-    END IF;
-END $$;
-
 -- The pairs view, its columns as in migration 004. The joins match received_at too, so that
 -- a condition on received_at selects the partitions of both tables (partition pruning): of
 -- requests from the condition, of responses through the join, which PostgreSQL does
 -- partition by partition (the two tables have the same bounds) with
--- enable_partitionwise_join, set below for the database's new sessions.
-CREATE VIEW shadowproxy.pairs AS
+-- enable_partitionwise_join, set below for the database's new sessions. Replaced, not
+-- dropped and made again, so that the privileges granted on it (a role of analysts that
+-- reads only the view, as THREAT_MODEL.md advises), its owner, and views built on it stay
+-- as they are: a DROP would lose the grants, and is refused while such a view exists.
+CREATE OR REPLACE VIEW shadowproxy.pairs AS
 SELECT q.id,
        q.request_id,
        q.route,
@@ -139,6 +132,15 @@ JOIN shadowproxy.responses s
     ON s.request = q.id AND s.received_at = q.received_at AND s.role IN ('shadow', 'replay')
 LEFT JOIN shadowproxy.responses p
     ON p.request = q.id AND p.received_at = q.received_at AND p.role = 'primary';
+
+-- A fresh database has nothing to move: its empty legacy tables go at once.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM shadowproxy.requests_legacy)
+       AND NOT EXISTS (SELECT 1 FROM shadowproxy.responses_legacy) THEN
+        DROP TABLE shadowproxy.requests_legacy, shadowproxy.responses_legacy;
+    END IF;
+END $$;
 
 -- Off by default because it costs planning time on tables that are not co-partitioned;
 -- here it lets a query over a window of `pairs` read that window's partitions of both tables
