@@ -21,6 +21,7 @@ from uuid import UUID
 
 import asyncpg
 
+from shadowproxy.errors import MigrationError
 from shadowproxy.recorder.rows import REQUEST_COLUMNS, RESPONSE_COLUMNS
 from shadowproxy.store.partitions import LOCK_TIMEOUT
 
@@ -120,5 +121,19 @@ async def move(conn: asyncpg.Connection, *, batch_size: int = 5000,
             " + (SELECT count(*) FROM (SELECT 1 FROM shadowproxy.responses_legacy LIMIT 1) b)")
         if left:
             return Moved(requests, responses, False)
-        await conn.execute("DROP TABLE shadowproxy.requests_legacy, shadowproxy.responses_legacy")
+        try:
+            await conn.execute(
+                "DROP TABLE shadowproxy.requests_legacy, shadowproxy.responses_legacy")
+        except asyncpg.DependentObjectsStillExistError as exc:
+            # A view (or other object) of the user's over the old tables followed their
+            # rename in migration 005: it reads the emptied legacy tables now. Dropping it
+            # is the user's call (PostgreSQL's own hint is DROP ... CASCADE), so say which.
+            raise MigrationError(
+                f"every record is in the partitioned tables, but the emptied "
+                f"requests_legacy and responses_legacy cannot be dropped: {exc.detail}. "
+                "Such objects followed the tables' rename in migration 005 and read the "
+                "empty legacy tables now: create them again over shadowproxy.requests and "
+                "shadowproxy.responses (or drop them), then run `shadowproxy migrate`; "
+                "until then the hourly summaries, storage.retention and `shadowproxy "
+                "prune` wait for the upgrade to end") from exc
     return Moved(requests, responses, True)

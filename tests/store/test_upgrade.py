@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from shadowproxy.app import running
+from shadowproxy.errors import MigrationError
 from shadowproxy.store.migrate import migrate_all
 from tests.conftest import make_settings, route
 from tests.store.test_migrate import apply_up_to
@@ -208,3 +209,35 @@ async def test_the_pairs_view_keeps_its_grants_and_the_views_built_on_it(
         # Roles belong to the server, which other tests' databases share.
         await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
         await conn.close()
+
+
+@pytest.mark.parametrize("records", [0, 30])
+async def test_a_view_over_the_old_tables_is_named_and_the_upgrade_ends_once_it_is_gone(
+        empty_database_url: str, records: int) -> None:
+    """A view of the user's over `requests` follows the rename to `requests_legacy`: every row
+    is still moved, and the legacy tables stay until the view is gone, with an error that
+    names it and says what to do (not PostgreSQL's DROP ... CASCADE, nor to run migrate again
+    as it is); the migrations themselves apply, also to an empty database."""
+    if records:
+        await seed_legacy(empty_database_url, records)
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        if not records:
+            await apply_up_to(conn, 4)
+        await conn.execute("CREATE VIEW public.my_requests AS "
+                           "SELECT route, received_at FROM shadowproxy.requests")
+        with pytest.raises(MigrationError) as caught:
+            await migrate_all(empty_database_url, "day")
+        message = str(caught.value)
+        assert "view my_requests depends on table shadowproxy.requests_legacy" in message
+        assert "create them again over shadowproxy.requests" in message
+        assert await conn.fetchval(
+            "SELECT count(*) FROM shadowproxy.requests WHERE request_id LIKE 'legacy-%'"
+        ) == records
+        await conn.execute("DROP VIEW public.my_requests")
+    finally:
+        await conn.close()
+    done = await migrate_all(empty_database_url, "day")
+    assert done.applied == [] and done.moved.finished
+    if records:
+        await check_moved(empty_database_url, records)
