@@ -164,6 +164,10 @@ class Proxy:
         recorder = self.recorder
         recorder.use_rules(version, settings.recording)
         recorder.log_exchanges = settings.access_log
+        # The stop's second grace, the database's, is the running one too: kept at its
+        # value from the start, a lowered grace let a stop outlast twice the new one (and a
+        # supervisor's kill timeout, which follows the reload).
+        recorder.stop_grace_s = settings.limits.shutdown_grace_s
         ctx = self.ctx
         ctx.router = router
         ctx.max_header_bytes = settings.limits.max_header_bytes

@@ -102,8 +102,9 @@ class Recorder:
         self.overflowing = False
         """True from the first batch spooled because the database was behind (up, but slower
         than the traffic) until the replay has brought the spool in."""
-        self._stop_grace = stop_grace_s
-        """At a stop, how long the database gets to take the queue and then the spool."""
+        self.stop_grace_s = stop_grace_s
+        """At a stop, how long the database gets to take the queue and then the spool
+        (``limits.shutdown_grace_s``, which a reload changes: ``Proxy.apply``)."""
         self._stop_deadline: float | None = None
         """``loop.time()`` by which a stop stops waiting for the database (set by ``close``):
         what is still queued then goes to the spool, for the next start to store."""
@@ -211,7 +212,7 @@ class Recorder:
         ``stop_grace_s`` (plus a batch already on its way): the database gets that long to
         take the queue, and what is left of it to take the spool; what it has not taken by
         then is on disk, and the next start stores it."""
-        self._stop_deadline = asyncio.get_running_loop().time() + self._stop_grace
+        self._stop_deadline = asyncio.get_running_loop().time() + self.stop_grace_s
         self._closing = True
         self._wake.set()
         if self._writer_task is not None:

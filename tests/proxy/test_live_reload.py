@@ -18,7 +18,7 @@ import yaml
 from shadowproxy.app import Proxy, running
 from shadowproxy.config import load_config
 from shadowproxy.reload import config_version
-from tests.db import fetch
+from tests.db import execute, fetch
 from tests.proxy.test_data_path import wait_for_rows
 from tests.test_admin import samples
 from tests.upstreams import hanging, model, serve
@@ -431,6 +431,41 @@ async def test_max_in_flight_holds_across_a_reload(tmp_path: Path, database_url:
             assert len(stuck.seen) == 2
             snap = proxy.metrics.snapshot()["shadow"]
     assert snap[0][2]["dropped"] == 3
+
+
+async def test_a_lowered_grace_bounds_the_stop_s_wait_for_the_database(
+        tmp_path: Path, database_url: str) -> None:
+    """limits.shutdown_grace_s lowered by a reload bounds the stop's wait for a slow database
+    as well as its wait for requests: what the database has not taken by then is spooled,
+    nothing is lost, and the stop takes about twice the new grace, as a supervisor's kill
+    timeout (which follows the reload) expects, not the grace the proxy started with."""
+    # A slow database: every batch's statement takes a second.
+    await execute(database_url, """
+        CREATE FUNCTION public.slow_batch() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+        CREATE TRIGGER slow_batch AFTER INSERT ON shadowproxy.requests
+            FOR EACH STATEMENT EXECUTE FUNCTION public.slow_batch();""")
+    sent = 40
+    async with serve(model("v1")) as primary, aiohttp.ClientSession() as http:
+        config = base_config(tmp_path, primary.url, limits={"shutdown_grace_s": 60},
+                             recording={"flush_interval_ms": 50, "batch_max_records": 5,
+                                        "write_after_records": 5})
+        async with live_proxy(tmp_path, database_url, config) as (proxy, path):
+            outcome = await reload_with(proxy, path, {**config,
+                                                      "limits": {"shutdown_grace_s": 0.5}})
+            assert outcome.result == "applied"
+            for i in range(sent):
+                resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"i": i})
+                assert resp.status == 200
+            stop_began = asyncio.get_running_loop().time()
+        took = asyncio.get_running_loop().time() - stop_began
+    records = proxy.metrics.records
+    assert records["dropped"] == 0
+    assert records["written"] + records["spooled"] == sent
+    assert records["spooled"] > 0, "the database took every batch: not slow enough to tell"
+    # Two graces of 0.5 s, a batch on its way (1 s) and the spool's write; the queue at
+    # the grace it started with would take about 7 s (35 records in batches of 5).
+    assert took < 4.0, f"the stop took {took:.1f} s"
 
 
 async def test_watch_reloads_edits_and_can_be_turned_on_by_a_reload(
