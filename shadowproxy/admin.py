@@ -75,6 +75,29 @@ async def _require_token(request: web.Request,
         headers={"WWW-Authenticate": _REALM + (', error="invalid_token"' if given else "")})
 
 
+@web.middleware
+async def _json_errors(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> web.StreamResponse:
+    """aiohttp's own refusals (no such endpoint, a wrong method) as JSON that says what the
+    admin listener serves, like every other answer of it: a script reading the JSON of
+    ``/-/reload`` (``| jq .result``) got the text ``405: Method Not Allowed``."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = " or ".join(sorted(m for m in exc.allowed_methods if m != "HEAD"))
+        return web.json_response(
+            {"error": f"{request.path} does not take {request.method}: use {allowed}"},
+            status=exc.status, headers={"Allow": ",".join(sorted(exc.allowed_methods))})
+    except web.HTTPNotFound as exc:
+        served = ", ".join(f"{r.method} {r.resource.canonical}"
+                           for r in request.app.router.routes()
+                           if r.method != "HEAD" and r.resource is not None)
+        return web.json_response(
+            {"error": f"no admin endpoint at {request.path}; this listener serves {served}"},
+            status=exc.status)
+
+
 def _status(request: web.Request, ok: bool, word: str, detail: dict[str, Any]
             ) -> web.Response:
     body = {"status": word, **detail} if _authorized(request) else {"status": word}
@@ -115,7 +138,7 @@ def build_admin_app(readiness: Readiness, snapshots: Snapshots, token: str | Non
     """The admin application; ``health`` is for /healthz (a single process that answers
     is healthy; a supervisor whose workers cannot start is not); ``reload``, if given,
     serves ``POST /-/reload``."""
-    app = web.Application(middlewares=[_require_token])
+    app = web.Application(middlewares=[_json_errors, _require_token])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshots))
     app[READINESS] = readiness

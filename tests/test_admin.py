@@ -115,3 +115,20 @@ async def test_the_bearer_scheme_is_case_insensitive(start_proxy: StartProxy) ->
                               ("Bearert0ken", 401), ("t0ken", 401), ("Bearer ", 401)]:
             answer = await http.get(metrics, headers={"Authorization": given})
             assert answer.status == status, given
+
+
+async def test_a_wrong_path_or_method_is_answered_in_json_saying_what_is_served(
+        start_proxy: StartProxy) -> None:
+    """No such endpoint (404) and a wrong method (405, with Allow) are JSON like the
+    listener's other answers, naming what it serves and which method to use."""
+    async with serve(model("v1")) as primary, start_proxy([route(primary.url)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        admin = f"http://127.0.0.1:{proxy.admin_port}"
+        missing = await http.get(f"{admin}/-/relaod")
+        wrong = await http.post(f"{admin}/metrics")
+        assert missing.status == 404
+        assert (await missing.json())["error"] == (
+            "no admin endpoint at /-/relaod; this listener serves GET /healthz, GET /readyz, "
+            "GET /metrics")
+        assert wrong.status == 405 and wrong.headers["Allow"] == "GET,HEAD"
+        assert (await wrong.json())["error"] == "/metrics does not take POST: use GET"
