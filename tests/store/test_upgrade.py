@@ -241,3 +241,47 @@ async def test_a_view_over_the_old_tables_is_named_and_the_upgrade_ends_once_it_
     assert done.applied == [] and done.moved.finished
     if records:
         await check_moved(empty_database_url, records)
+
+
+async def test_every_privilege_on_the_old_tables_carries_over(empty_database_url: str) -> None:
+    """Grants on the old tables reach the partitioned ones: to a role whose name needs quotes
+    (the migration failed on it), on single columns, and with their grant option."""
+    await seed_legacy(empty_database_url, 10)
+    tag = uuid.uuid4().hex[:8]
+    quoted, columns = f'"Report Reader {tag}"', f"columns_{tag}"
+    expected = [  # role, table, column (None: the table), privilege, held after the upgrade
+        (quoted, "requests", None, "SELECT", True),
+        (quoted, "responses", None, "SELECT", True),
+        (columns, "requests", "route", "SELECT", True),
+        (columns, "requests", "received_at", "SELECT", True),
+        (columns, "requests", "body", "SELECT", False),
+        (columns, "responses", "status", "UPDATE", True),
+        (columns, "responses", "body", "SELECT", False),
+        (columns, "requests", None, "INSERT WITH GRANT OPTION", True),
+    ]
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(f"""
+            CREATE ROLE {quoted};
+            CREATE ROLE {columns};
+            GRANT SELECT ON shadowproxy.requests, shadowproxy.responses TO {quoted};
+            GRANT SELECT (route, received_at) ON shadowproxy.requests TO {columns};
+            GRANT SELECT (target, status), UPDATE (status) ON shadowproxy.responses
+                TO {columns};
+            GRANT INSERT ON shadowproxy.requests TO {columns} WITH GRANT OPTION;""")
+        await migrate_all(empty_database_url, "day")
+        held = []
+        for role, table, column, privilege, _ in expected:
+            role = role.strip('"')  # a name here, not an identifier
+            if column is None:
+                held.append(await conn.fetchval("SELECT has_table_privilege($1, $2, $3)",
+                                                role, f"shadowproxy.{table}", privilege))
+            else:
+                held.append(await conn.fetchval(
+                    "SELECT has_column_privilege($1, $2, $3, $4)",
+                    role, f"shadowproxy.{table}", column, privilege))
+    finally:
+        # Roles belong to the server, which other tests' databases share.
+        await conn.execute(f"DROP OWNED BY {quoted}, {columns}; DROP ROLE {quoted}, {columns}")
+        await conn.close()
+    assert held == [e[-1] for e in expected], list(zip(expected, held, strict=True))

@@ -77,7 +77,10 @@ CREATE TABLE shadowproxy.requests_default PARTITION OF shadowproxy.requests DEFA
 CREATE TABLE shadowproxy.responses_default PARTITION OF shadowproxy.responses DEFAULT
     WITH (toast_tuple_target = 8160);
 
--- Privileges granted on the old tables (a read-only role for reports, say) carry over.
+-- Privileges granted on the old tables (a read-only role for reports, say) carry over: on
+-- the table and on single columns (a role that may read some columns only), with their
+-- grant option. A role's name as regrole prints it is already quoted where it needs to be
+-- ("ReportReader"): quoting it again named a role that does not exist.
 DO $$
 DECLARE
     pair text[];
@@ -86,14 +89,23 @@ BEGIN
     FOREACH pair SLICE 1 IN ARRAY ARRAY[['requests_legacy', 'requests'],
                                         ['responses_legacy', 'responses']] LOOP
         FOR acl IN
-            SELECT a.privilege_type, a.grantee
+            SELECT a.privilege_type, a.grantee, a.is_grantable, NULL::name AS col
             FROM pg_class c, aclexplode(c.relacl) a
             WHERE c.oid = format('shadowproxy.%I', pair[1])::regclass
               AND a.grantee <> c.relowner
+            UNION ALL
+            SELECT a.privilege_type, a.grantee, a.is_grantable, t.attname
+            FROM pg_class c JOIN pg_attribute t ON t.attrelid = c.oid,
+                 aclexplode(t.attacl) a
+            WHERE c.oid = format('shadowproxy.%I', pair[1])::regclass
+              AND t.attnum > 0 AND NOT t.attisdropped AND a.grantee <> c.relowner
         LOOP
-            EXECUTE format('GRANT %s ON shadowproxy.%I TO %s', acl.privilege_type, pair[2],
+            EXECUTE format('GRANT %s%s ON shadowproxy.%I TO %s%s', acl.privilege_type,
+                           CASE WHEN acl.col IS NULL THEN '' ELSE format(' (%I)', acl.col) END,
+                           pair[2],
                            CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
-                                ELSE quote_ident(acl.grantee::regrole::text) END);
+                                ELSE acl.grantee::regrole::text END,
+                           CASE WHEN acl.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
         END LOOP;
     END LOOP;
 END $$;
