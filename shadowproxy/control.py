@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from shadowproxy.errors import ConfigError, DataDirInUse, ShadowProxyError, UsageError
+from shadowproxy.private import open_private, private_directory
 
 LOCK_FILE = "lock"
 """In ``data_dir/run``: locked by the running proxy (or supervisor) while it runs."""
@@ -44,9 +45,9 @@ DEFAULT_TIMEOUT_S = 30.0
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a reader never sees half of it), readable by
     this user only: these files may name the configuration's values."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(path.parent)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     tmp.replace(path)
@@ -60,8 +61,8 @@ def claim(run_dir: Path) -> int:
     and in the configuration a supervisor hands its workers at a reload."""
     data_dir = run_dir.parent
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        private_directory(run_dir)
+        fd = open_private(run_dir / LOCK_FILE, os.O_RDWR)
     except OSError as exc:
         raise DataDirInUse(f"data_dir {data_dir}: cannot create {run_dir / LOCK_FILE}: "
                            f"{exc.strerror}; make the directory writable by this user, "

@@ -63,6 +63,7 @@ from shadowproxy.cycles import collected_in_the_background
 from shadowproxy.errors import ShadowProxyError
 from shadowproxy.logs import setup_logging
 from shadowproxy.metrics import Metrics
+from shadowproxy.private import open_private, private_directory
 from shadowproxy.reload import Reloader, ReloadOutcome, config_version
 from shadowproxy.tasks import spawn
 
@@ -110,7 +111,9 @@ def _die_with_parent(parent: int) -> None:
 
 def _write(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps(data))
+    # The supervisor unpickles it: this user's alone (private.py).
+    with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+        f.write(pickle.dumps(data))
     tmp.replace(path)  # atomic, so the supervisor never reads half a file
 
 
@@ -308,7 +311,7 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("spawn")
 
     def prepare(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         for old in self.directory.glob("worker-*"):
             old.unlink()
         (self.directory / CONFIG_FILE).unlink(missing_ok=True)

@@ -255,3 +255,43 @@ async def test_a_taken_port_exits_promptly_with_one_json_line(
     assert event["message"].startswith(f"cannot listen on 127.0.0.1:{taken} ({key})")
     assert f"change `{key}`" in event["message"]
     assert not list((tmp_path / "data").glob("run/worker-*"))  # no worker was started
+
+
+@pytest.mark.slow
+async def test_data_dir_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Under umask 000 (some container images and init systems start processes with it),
+    the spool directory was made 0777 and its segments 0666: anyone on the host could read
+    the records, or plant a pickle that the proxy loads when it replays the spool. The
+    directories shadowproxy makes are 0700 and its files 0600, with workers too."""
+    with socket.socket() as closed:  # a port nothing listens on: every record is spooled
+        closed.bind(("127.0.0.1", 0))
+        down = f"postgresql://u:pw@127.0.0.1:{closed.getsockname()[1]}/db"
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
+        config, port, admin = write_config(tmp_path, primary.url, shadow.url, down,
+                                           workers=2)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shadowproxy", "run", "-c", str(config),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "SHADOWPROXY_DATABASE_URL": ""},
+            preexec_fn=lambda: os.umask(0))
+        try:
+            await wait_ready(admin, proc)
+            async with aiohttp.ClientSession() as http:
+                for _ in range(4):
+                    async with aiohttp.ClientSession() as fresh:
+                        await (await fresh.post(f"http://127.0.0.1:{port}/p", json={})).read()
+                deadline = time.monotonic() + 10
+                while not list((tmp_path / "data" / "spool").glob("*.spool")):
+                    assert time.monotonic() < deadline, "nothing spooled"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.5)  # the workers' snapshots, written every second
+                assert (await http.get(f"http://127.0.0.1:{admin}/metrics")).status == 200
+            modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+                     for p in [tmp_path / "data", *(tmp_path / "data").rglob("*")]}
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 30)
+    assert any(name.endswith(".pickle") for name in modes), modes
+    assert {name: mode for name, mode in modes.items() if mode != (
+        "0o700" if (tmp_path / name).is_dir() else "0o600")} == {}

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from shadowproxy.errors import SpoolError
+from shadowproxy.private import open_private, private_directory
 
 _FRAME = struct.Struct("<II")
 _SEGMENT_MAX_BYTES = 8 * 1024 * 1024  # rotated often, so that the replay can start on it
@@ -88,7 +89,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.pid = os.getpid()
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            private_directory(directory)  # pickles: never another user's to write
         except OSError as exc:
             raise SpoolError(f"cannot create the spool directory {directory}: {exc}") from exc
         self._active: Path | None = None
@@ -152,8 +153,7 @@ class Spool:
             if self._active_fd is None or self._active_size > _SEGMENT_MAX_BYTES:
                 self.rotate()
                 self._active = self.directory / f"seg-{self.pid}-{time.time_ns()}.spool"
-                self._active_fd = os.open(self._active,
-                                          os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                self._active_fd = open_private(self._active, os.O_WRONLY | os.O_APPEND)
                 self._active_size = 0
             for data in framed:
                 _write_all(self._active_fd, data)

