@@ -1,8 +1,8 @@
 """The recorder: a bounded queue, one writer task, the database or the spool.
 
 ``submit`` is called by the data path for every finished exchange and never blocks: over
-``queue_max_records`` records, or ``queue_max_bytes`` of captured bodies, the record is
-dropped and counted. The writer task writes what has gathered as soon as
+``queue_max_records`` records, or ``queue_max_bytes`` of captured heads and bodies, the
+record is dropped and counted. The writer task writes what has gathered as soon as
 ``write_after_records`` are waiting, or after ``flush_interval_ms``; what arrives during a
 write goes in the next batch, up to ``batch_max_records`` (a natural group commit). Small,
 frequent batches keep the database's work steady instead of bursty. When a write fails the
@@ -28,13 +28,14 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
+from itertools import chain
 from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.errors import DatabaseError, SpoolError
 from shadowproxy.logs import Throttle
 from shadowproxy.metrics import Metrics
-from shadowproxy.models import Exchange
+from shadowproxy.models import Exchange, Headers
 from shadowproxy.recorder import bodies
 from shadowproxy.recorder.access import log_exchanges
 from shadowproxy.recorder.postgres import REFUSED, PostgresWriter
@@ -600,15 +601,28 @@ class Recorder:
 
 _ARRIVAL_BYTES = 100
 """Memory of one noted arrival of a streamed answer's piece (a tuple of an int and a float)."""
+_HEADER_BYTES = 120
+"""Memory of one header besides its name and value (a tuple of two bytes objects). A head
+of ``limits.max_header_bytes`` in the smallest headers a client can send holds ten times
+its size in them."""
+
+
+def _head_bytes(headers: Headers | None) -> int:
+    if not headers:
+        return 0
+    return sum(map(len, chain.from_iterable(headers))) + _HEADER_BYTES * len(headers)
 
 
 def _captured_bytes(exchange: Exchange) -> int:
-    """The body bytes an exchange holds, and its streams' noted arrivals (what
-    ``queue_max_bytes`` counts)."""
-    size = len(exchange.body)
+    """The memory an exchange holds in its heads, bodies and streams' noted arrivals (what
+    ``queue_max_bytes`` counts): a client's heads alone, without a body, can hold 600 KiB a
+    record."""
+    size = (len(exchange.body) + len(exchange.path) + len(exchange.query)
+            + _head_bytes(exchange.headers))
     for response in exchange.responses:
         if response.body is not None:
             size += len(response.body)
+        size += _head_bytes(response.headers)
         if response.stream is not None:
             size += _ARRIVAL_BYTES * len(response.stream.arrivals)
     return size

@@ -160,3 +160,38 @@ async def test_a_streamed_answers_noted_arrivals_count_toward_queue_max_bytes(
     for i in range(5):
         recorder.submit(tiny_pieces(i))
     assert len(recorder.queue) < 5  # bodies alone (about 1 kB each) would all fit
+
+
+def heavy_head(i: int, head_bytes: int) -> Exchange:
+    """A request without a body whose head is ``head_bytes`` of the smallest headers a
+    client can send (as the proxy keeps them: a tuple of two bytes objects each)."""
+    ex = exchange(i)
+    ex.body, ex.body_size = b"", 0
+    ex.headers = [(b"h%d" % n, b"v") for n in range(head_bytes // 10)]
+    return ex
+
+
+async def test_request_heads_count_toward_queue_max_bytes(
+        database_url: str, tmp_path: Path) -> None:
+    """A client's head of up to limits.max_header_bytes (64 KiB) of tiny headers holds ten
+    times that in memory, and no body: counted by their bodies alone, 50,000 such records
+    (queue_max_records) were let into the queue, tens of gigabytes for a 128 MiB bound. The
+    memory such records hold stays within queue_max_bytes."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        one = heavy_head(0, 60_000)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held > 500_000  # what the proxy holds for such a head
+    config = RecordingConfig(queue_max_records=50_000, queue_max_bytes=5_000_000)
+    metrics = Metrics()
+    recorder = Recorder(config, database_url, tmp_path, metrics)  # writer not started
+    recorder.submit(one)
+    for i in range(1, 100):
+        recorder.submit(heavy_head(i, 60_000))
+    assert len(recorder.queue) * held <= config.queue_max_bytes
+    assert metrics.records["dropped"] == 100 - len(recorder.queue)
