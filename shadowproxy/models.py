@@ -109,6 +109,7 @@ class CapturedResponse:
         "body_truncated",
         "error",
         "error_kind",
+        "head_bytes",
         "headers",
         "latency_ms",
         "role",
@@ -129,6 +130,10 @@ class CapturedResponse:
         self.status: int | None = None
         """HTTP status, or None when no response arrived."""
         self.headers: Headers | None = None
+        self.head_bytes = 0
+        """Bytes of the response head as read (its status line and headers), counted by the
+        connection while it parses them: the recorder's queue counts it without a pass over
+        the headers."""
         self.body: bytes | None = None
         """The body as received (content-encoding not undone), up to the recording cap."""
         self.body_size = 0
@@ -160,6 +165,7 @@ class Exchange:
         "body_truncated",
         "client_addr",
         "config_version",
+        "head_bytes",
         "headers",
         "id",
         "method",
@@ -186,6 +192,9 @@ class Exchange:
         self.path = path
         self.query = query
         self.headers = headers
+        self.head_bytes = 0
+        """Bytes of the request head as read (the target and the headers), counted while
+        it was parsed (see ``CapturedResponse.head_bytes``)."""
         self.body = b""
         self.body_size = 0
         self.body_truncated = False

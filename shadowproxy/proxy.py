@@ -506,6 +506,7 @@ class ClientConnection(asyncio.Protocol):
                             req.headers, self.client_addr, rid)
         exchange.recorder = self.ctx.recorder
         exchange.config_version = route.version
+        exchange.head_bytes = req.header_bytes
         req.exchange = exchange
         return exchange
 

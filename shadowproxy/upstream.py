@@ -430,6 +430,7 @@ class UpstreamConnection(asyncio.Protocol):
         # leaves the connection in an unknown state: it is never reused.
         self.keep_alive = parser.should_keep_alive() and self.request_sent
         headers = self.headers
+        call.record.head_bytes = self.head_bytes
         if self.head_only:
             # The parser cannot be told that a HEAD response has no body: the response ends
             # here, and a fresh parser takes the next one (see _settle).

@@ -28,14 +28,13 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from itertools import chain
 from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.errors import DatabaseError, SpoolError
 from shadowproxy.logs import Throttle
 from shadowproxy.metrics import Metrics
-from shadowproxy.models import Exchange, Headers
+from shadowproxy.models import Exchange
 from shadowproxy.recorder import bodies
 from shadowproxy.recorder.access import log_exchanges
 from shadowproxy.recorder.postgres import REFUSED, PostgresWriter
@@ -601,28 +600,24 @@ class Recorder:
 
 _ARRIVAL_BYTES = 100
 """Memory of one noted arrival of a streamed answer's piece (a tuple of an int and a float)."""
-_HEADER_BYTES = 120
-"""Memory of one header besides its name and value (a tuple of two bytes objects). A head
-of ``limits.max_header_bytes`` in the smallest headers a client can send holds ten times
-its size in them."""
-
-
-def _head_bytes(headers: Headers | None) -> int:
-    if not headers:
-        return 0
-    return sum(map(len, chain.from_iterable(headers))) + _HEADER_BYTES * len(headers)
+_HEADER_BYTES = 124
+"""Memory of one header (a tuple of two bytes objects, in a list) beyond what the head's
+byte count gives it (its name's and value's bytes, and 4 for ": " and CRLF): a head of
+``limits.max_header_bytes`` in the smallest headers a client can send holds ten times its
+size in them."""
 
 
 def _captured_bytes(exchange: Exchange) -> int:
     """The memory an exchange holds in its heads, bodies and streams' noted arrivals (what
     ``queue_max_bytes`` counts): a client's heads alone, without a body, can hold 600 KiB a
-    record."""
-    size = (len(exchange.body) + len(exchange.path) + len(exchange.query)
-            + _head_bytes(exchange.headers))
+    record. A head's bytes were counted as it was parsed: no pass over its headers here."""
+    size = len(exchange.body) + exchange.head_bytes + _HEADER_BYTES * len(exchange.headers)
     for response in exchange.responses:
         if response.body is not None:
             size += len(response.body)
-        size += _head_bytes(response.headers)
+        headers = response.headers
+        if headers:
+            size += response.head_bytes + _HEADER_BYTES * len(headers)
         if response.stream is not None:
             size += _ARRIVAL_BYTES * len(response.stream.arrivals)
     return size
