@@ -5,7 +5,9 @@ database that stops answering mid-conversation (a network partition, a hung serv
 socket of the embedded server or a TCP address); ``freeze_on(marker)`` makes it swallow the
 first client message holding ``marker`` and everything after it, both ways, on every
 connection, while keeping the sockets open: the client waits for an answer that never
-comes, as it would behind a partition.
+comes, as it would behind a partition. ``thaw()`` ends the partition for connections made
+from then on (the silent ones stay silent, as a peer's lost TCP state would leave them), so
+a client that gives up on its connection and opens a new one is answered again.
 """
 
 from __future__ import annotations
@@ -21,14 +23,32 @@ class DatabaseLink:
         self._target_url = url
         self._marker: bytes | None = None
         self.frozen = asyncio.Event()
+        """Set once the link went silent (it stays set after ``thaw``)."""
+        self._silent = False
+        self._silenced: list[asyncio.Event] = []
+        """One per connection: set when that connection went silent (for good)."""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
+        self.connections = 0
+        """Connections the link has accepted so far."""
         self.url = ""
 
     def freeze_on(self, marker: bytes) -> None:
         """Go silent from the first client message that holds ``marker``."""
         self._marker = marker
+
+    def freeze(self) -> None:
+        """Go silent now, on every open connection and every new one."""
+        self._silent = True
+        self.frozen.set()
+        for silenced in self._silenced:
+            silenced.set()
+
+    def thaw(self) -> None:
+        """Answer connections made from now on; those that went silent stay silent."""
+        self._marker = None
+        self._silent = False
 
     async def _open_target(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         parts = urlsplit(self._target_url)
@@ -40,29 +60,46 @@ class DatabaseLink:
         return await asyncio.open_connection(host, port)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    from_client: bool) -> None:
+                    from_client: bool, silenced: asyncio.Event) -> None:
         while True:
             data = await reader.read(65536)
             if not data:
                 break
             marker = self._marker
             if from_client and marker is not None and marker in data:
-                self.frozen.set()
-            if self.frozen.is_set():
+                self.freeze()
+            if silenced.is_set():
                 continue  # swallowed: the other side waits for ever
             writer.write(data)
             await writer.drain()
-        if not self.frozen.is_set():
+        if not silenced.is_set():
             writer.close()
 
     async def _serve(self, client_r: asyncio.StreamReader,
                      client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await self._open_target()
-        self._writers += [client_w, server_w]
-        pumps = [asyncio.create_task(self._pump(client_r, server_w, True)),
-                 asyncio.create_task(self._pump(server_r, client_w, False))]
+        self.connections += 1
+        silenced = asyncio.Event()
+        if self._silent:
+            silenced.set()
+        self._silenced.append(silenced)
+        self._writers.append(client_w)
+        if silenced.is_set():  # a new connection behind the partition: never answered
+            server_r, server_w = asyncio.StreamReader(), None
+        else:
+            server_r, server_w = await self._open_target()
+            self._writers.append(server_w)
+        pumps = [asyncio.create_task(self._pump(server_r, client_w, False, silenced))]
+        if server_w is not None:
+            pumps.append(asyncio.create_task(self._pump(client_r, server_w, True, silenced)))
+        else:
+            pumps.append(asyncio.create_task(self._swallow(client_r)))
         self._tasks.update(pumps)
         await asyncio.gather(*pumps, return_exceptions=True)
+
+    @staticmethod
+    async def _swallow(reader: asyncio.StreamReader) -> None:
+        while await reader.read(65536):
+            pass
 
     async def __aenter__(self) -> DatabaseLink:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)

@@ -19,8 +19,10 @@ Nothing a record holds reaches the log: PostgreSQL's errors are described by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from itertools import chain
 from operator import itemgetter
@@ -192,25 +194,59 @@ class PostgresWriter:
         database held them already (a spooled batch replayed again after a stop between
         its COPY and the deletion of its segment): not stored, nor to be counted, twice."""
 
+    @contextlib.contextmanager
+    def _deadline(self, conn: asyncpg.Connection) -> Iterator[None]:
+        """Bound the work of the block on ``conn`` by ``timeout``: past it the connection is
+        cut (terminated), which fails whatever waits on it at once, and the block raises
+        TimeoutError. Not a cancellation (``asyncio.wait_for``): a write cancelled inside
+        its transaction rolls it back on the same connection, and a database that stopped
+        answering (a network partition: the socket open, nothing coming back) never answers
+        the ROLLBACK, so the cancelled write, and every batch behind it, waited for ever."""
+        cut: list[bool] = []
+
+        def expire() -> None:
+            cut.append(True)
+            conn.terminate()
+
+        timer = asyncio.get_running_loop().call_later(self.timeout, expire)
+        try:
+            yield
+        except Exception as exc:
+            if cut:
+                raise TimeoutError(f"no answer from the database within {self.timeout:g} s"
+                                   ) from exc
+            raise
+        finally:
+            timer.cancel()
+
     async def _connection(self) -> asyncpg.Connection:
         conn = self._conn
         if conn is None or conn.is_closed():
             conn = await asyncpg.connect(self.url, timeout=self.timeout)
-            # A database that was down at start-up may never have been migrated.
-            await apply_migrations(conn)
-            await conn.set_type_codec("timestamptz", schema="pg_catalog", format="tuple",
-                                      encoder=timestamptz_to_pg, decoder=timestamptz_from_pg)
-            await conn.execute(_TEMP_TABLES)
-            check = (_JSON_INLINE if conn.get_server_version().major >= 16
-                     else _JSON_FUNCTION)
-            self._insert_requests = _INSERT_REQUESTS.format(
-                columns=", ".join(REQUEST_COLUMNS), headers=check.format("headers"),
-                body_json=check.format("body_json"))
-            self._insert_responses = _INSERT_RESPONSES.format(
-                columns=", ".join(RESPONSE_COLUMNS), headers=check.format("headers"),
-                body_json=check.format("body_json"), stream=check.format("stream"))
+            try:
+                with self._deadline(conn):
+                    await self._prepare(conn)
+            except BaseException:
+                conn.terminate()  # not kept, so never closed otherwise
+                raise
             self._conn = conn
         return conn
+
+    async def _prepare(self, conn: asyncpg.Connection) -> None:
+        """Make a new connection ready to write: the schema, codecs, temporary tables."""
+        # A database that was down at start-up may never have been migrated.
+        await apply_migrations(conn)
+        await conn.set_type_codec("timestamptz", schema="pg_catalog", format="tuple",
+                                  encoder=timestamptz_to_pg, decoder=timestamptz_from_pg)
+        await conn.execute(_TEMP_TABLES)
+        check = (_JSON_INLINE if conn.get_server_version().major >= 16
+                 else _JSON_FUNCTION)
+        self._insert_requests = _INSERT_REQUESTS.format(
+            columns=", ".join(REQUEST_COLUMNS), headers=check.format("headers"),
+            body_json=check.format("body_json"))
+        self._insert_responses = _INSERT_RESPONSES.format(
+            columns=", ".join(RESPONSE_COLUMNS), headers=check.format("headers"),
+            body_json=check.format("body_json"), stream=check.format("stream"))
 
     async def write(self, requests: list[Row], responses: list[Row], *,
                     checked: bool = False) -> None:
@@ -229,7 +265,7 @@ class PostgresWriter:
         self.already_stored = 0
         if not checked:
             try:
-                await asyncio.wait_for(self._copy(requests, responses), self.timeout)
+                await self._copy(requests, responses)
                 return
             except asyncpg.UniqueViolationError as exc:
                 _forget_frames(exc)  # part of the batch is there already: the idempotent
@@ -244,8 +280,7 @@ class PostgresWriter:
             except Exception as exc:  # every failure means: spool the batch
                 await self._failed(exc)
         try:
-            self.already_stored += await asyncio.wait_for(
-                self._insert_checked(requests, responses), self.timeout)
+            self.already_stored += await self._insert_checked(requests, responses)
             return
         except _VALUE_ERRORS as exc:
             log.debug("a batch of %d records was refused by the checking path (%s); storing "
@@ -267,8 +302,7 @@ class PostgresWriter:
         for request in requests:
             mine = answers.get(request[0], [])
             try:
-                self.already_stored += await asyncio.wait_for(
-                    self._insert_checked([request], mine), self.timeout)
+                self.already_stored += await self._insert_checked([request], mine)
                 continue
             except _VALUE_ERRORS as exc:
                 _forget_frames(exc)
@@ -276,8 +310,7 @@ class PostgresWriter:
             bare_answers = [without_bodies(row, RESPONSE_COLUMNS) for row in mine]
             request_id = str(bare[REQUEST_COLUMNS.index("request_id")])
             try:
-                skipped = await asyncio.wait_for(
-                    self._insert_checked([bare], bare_answers), self.timeout)
+                skipped = await self._insert_checked([bare], bare_answers)
                 if skipped:  # stored so by an earlier replay of its batch: noted then
                     self.already_stored += skipped
                 else:
@@ -294,6 +327,11 @@ class PostgresWriter:
 
     async def _copy(self, requests: list[Row], responses: list[Row]) -> None:
         conn = await self._connection()
+        with self._deadline(conn):
+            await self._copy_on(conn, requests, responses)
+
+    async def _copy_on(self, conn: asyncpg.Connection, requests: list[Row],
+                       responses: list[Row]) -> None:
         async with conn.transaction():
             await conn.copy_records_to_table("requests", schema_name="shadowproxy",
                                              records=_records(requests),
@@ -311,6 +349,11 @@ class PostgresWriter:
         """Store a batch through temporary tables, skipping what is stored already; the
         number of requests skipped (counted once the transaction has committed)."""
         conn = await self._connection()
+        with self._deadline(conn):
+            return await self._insert_checked_on(conn, requests, responses)
+
+    async def _insert_checked_on(self, conn: asyncpg.Connection, requests: list[Row],
+                                 responses: list[Row]) -> int:
         async with conn.transaction():
             await conn.copy_records_to_table("_sp_requests", records=requests,
                                              columns=REQUEST_COLUMNS)
@@ -329,8 +372,9 @@ class PostgresWriter:
     async def check(self) -> ConnectionProblem | None:
         """None if the database answers now (connected and migrated), else why not."""
         try:
-            conn = await asyncio.wait_for(self._connection(), self.timeout)
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), self.timeout)
+            conn = await self._connection()
+            with self._deadline(conn):
+                await conn.fetchval("SELECT 1")
             return None
         except Exception as exc:  # any failure: not usable now; the kind says if it may pass
             await self._drop_connection()
@@ -344,7 +388,5 @@ class PostgresWriter:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), 5.0)
-            except Exception:  # closing politely failed: cut it
-                conn.terminate()
+            with contextlib.suppress(Exception):  # asyncpg cuts it if closing politely fails
+                await conn.close(timeout=5.0)

@@ -1,0 +1,91 @@
+"""A database that stops answering (a network partition: the connection stays open, nothing
+comes back), injected for real with ``tests/dblink.py``: clients are served as usual, the
+records go to the spool after the writer's timeout and are stored, each once, when the
+database answers again. Every wait is bounded, so that a regression fails, never hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from shadowproxy.app import Proxy
+from tests.conftest import StartProxy, route
+from tests.dblink import DatabaseLink
+from tests.faults.test_outage import count
+from tests.test_admin import samples
+from tests.upstreams import model, serve
+
+WRITER_TIMEOUT_S = 1.0
+
+
+async def _until(check: object, timeout: float) -> None:
+    async def poll() -> None:
+        while not await check():  # type: ignore[operator]
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def _send(http: aiohttp.ClientSession, proxy: Proxy, n: int) -> float:
+    """``n`` requests, one after another; the slowest answer's seconds."""
+    slowest = 0.0
+    for i in range(n):
+        began = time.monotonic()
+        resp = await asyncio.wait_for(
+            http.post(f"http://127.0.0.1:{proxy.port}/p", json={"i": i}), 5)
+        assert resp.status == 200
+        await resp.read()
+        slowest = max(slowest, time.monotonic() - began)
+    return slowest
+
+
+async def test_a_silent_database_spools_after_the_timeout_and_stores_each_record_once(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """The database goes silent in the middle of a COPY. The write gave up at its timeout
+    by cancelling it, and the cancelled COPY's ROLLBACK waited for an answer for ever: the
+    recorder stored nothing more, the queue filled up, /readyz said "ok", and a stop hung.
+    Now the connection is cut at the timeout: the batch and those after it go to the spool,
+    /readyz and /metrics say the database is away, and once the database answers a new
+    connection the spool is stored, every record exactly once."""
+    await asyncio.wait_for(_silent_then_back(start_proxy, database_url), 30)
+
+
+async def _silent_then_back(start_proxy: StartProxy, database_url: str) -> None:
+    async with DatabaseLink(database_url) as link, serve(model("v1")) as primary, \
+            serve(model("v2")) as shadow, \
+            start_proxy([route(primary.url, shadow.url)], url=link.url) as proxy, \
+            aiohttp.ClientSession() as http:
+        proxy.recorder.writer.timeout = WRITER_TIMEOUT_S
+        admin = f"http://127.0.0.1:{proxy.admin_port}"
+        await _send(http, proxy, 10)
+        await _until(lambda: _stored(database_url, 10), 5)
+        link.freeze_on(b"COPY")
+        slowest = await _send(http, proxy, 40)
+        assert slowest < 1.0  # the clients never wait for the database
+
+        async def reported_away() -> bool:
+            ready = await asyncio.wait_for(http.get(f"{admin}/readyz"), 2)
+            return (ready.status == 200
+                    and (await ready.json())["database"] == "unreachable, spooling")
+
+        await _until(reported_away, 10 * WRITER_TIMEOUT_S)
+        assert link.frozen.is_set()
+        await asyncio.wait_for(proxy.recorder.drained(), 5)
+        metrics = samples(await (await asyncio.wait_for(http.get(f"{admin}/metrics"), 2)).text())
+        assert metrics[("shadowproxy_database_up", ())] == 0
+        assert metrics[("shadowproxy_records_total", (("outcome", "spooled"),))] > 0
+        assert metrics[("shadowproxy_records_total", (("outcome", "dropped"),))] == 0
+
+        link.thaw()
+        await _send(http, proxy, 10)
+        await _until(lambda: _stored(database_url, 60), 10 * WRITER_TIMEOUT_S)
+        assert await count(database_url) == (60, 120)
+        assert proxy.recorder.database_ok
+        assert proxy.metrics.records["written"] == 60
+    assert await count(database_url) == (60, 120)
+    assert not list((proxy.settings.data_dir / "spool").glob("*.spool"))
+
+
+async def _stored(url: str, n: int) -> bool:
+    return (await count(url))[0] == n
