@@ -135,7 +135,11 @@ async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
                   if os.environ.get(DATABASE_URL_ENV) == url else "")
         fix = classify(exc).fix or (f"check that PostgreSQL runs at that host and port and "
                                     f"accepts connections, or correct {_URL}")
-        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}{source}: {exc}; "
+        # A server that never answers (a firewall dropping packets, a network partition)
+        # times out, and a TimeoutError has no text of its own.
+        why = (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError)
+               else str(exc) or type(exc).__name__)
+        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}{source}: {why}; "
                             f"{fix}") from exc
 
 

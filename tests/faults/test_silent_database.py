@@ -9,8 +9,11 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
 from shadowproxy.app import Proxy
+from shadowproxy.errors import DatabaseError
+from shadowproxy.store.database import connect
 from tests.conftest import StartProxy, route
 from tests.dblink import DatabaseLink
 from tests.faults.test_outage import count
@@ -89,3 +92,15 @@ async def _silent_then_back(start_proxy: StartProxy, database_url: str) -> None:
 
 async def _stored(url: str, n: int) -> bool:
     return (await count(url))[0] == n
+
+
+async def test_a_database_that_never_answers_the_connection_is_named_so(
+        database_url: str) -> None:
+    """Behind a partition, connecting times out; the commands said `cannot connect to
+    PostgreSQL at URL: ; check that ...`, the cause left blank."""
+    async with DatabaseLink(database_url) as link:
+        link.freeze()
+        with pytest.raises(DatabaseError) as failed:
+            await asyncio.wait_for(connect(link.url, timeout=0.5), 5)
+    assert f"cannot connect to PostgreSQL at {link.url}: no answer within 0.5 s; check " \
+           "that PostgreSQL runs" in str(failed.value)
