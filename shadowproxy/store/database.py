@@ -8,6 +8,7 @@ its text.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
@@ -33,6 +34,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.ConnectionDoesNotExistError,
 )
 
+
+_CANCEL_POLL_S = 0.1
+"""How often an open command connection checks whether its command was interrupted."""
 
 PERMANENT = "permanent"
 TRANSIENT = "transient"
@@ -145,12 +149,40 @@ async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
 
 @contextlib.asynccontextmanager
 async def connection(url: str, *, timeout: float = 10.0) -> AsyncIterator[asyncpg.Connection]:
-    """``async with connection(url) as conn``: connect, and always close."""
+    """``async with connection(url) as conn``: connect, and always close.
+
+    A command interrupted (Ctrl-C cancels its task) drops the connection at once, rather
+    than close it politely: PostgreSQL then ends the session and rolls back what it had
+    open. Behind a database that stopped answering (a network partition) the polite way
+    never ends: a transaction cancelled mid-query sends ROLLBACK and waits for its answer,
+    so Ctrl-C left the command hanging. A close waits ``timeout`` at most, then drops it."""
     conn = await connect(url, timeout=timeout)
+    owner = asyncio.current_task()
+    watch = (asyncio.ensure_future(_drop_when_cancelled(owner, conn))
+             if owner is not None else None)
     try:
         yield conn
+    except BaseException as exc:
+        if owner is not None and owner.cancelling():
+            conn.terminate()
+            if not isinstance(exc, asyncio.CancelledError):
+                # What the drop broke (a ROLLBACK on the closed connection) is not the
+                # news: the interruption is (exit status 130, no traceback).
+                raise asyncio.CancelledError() from exc
+        raise
     finally:
-        await conn.close()
+        if watch is not None:
+            watch.cancel()
+        with contextlib.suppress(Exception):  # asyncpg drops it when closing fails
+            await conn.close(timeout=timeout)
+
+
+async def _drop_when_cancelled(owner: asyncio.Task[Any], conn: asyncpg.Connection) -> None:
+    """Drop ``conn`` as soon as ``owner`` is asked to stop (a Ctrl-C), whatever it waits
+    for on the connection then: the wait fails at once instead of holding the stop."""
+    while not owner.cancelling():
+        await asyncio.sleep(_CANCEL_POLL_S)
+    conn.terminate()
 
 
 async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:

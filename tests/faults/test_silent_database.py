@@ -6,7 +6,9 @@ database answers again. Every wait is bounded, so that a regression fails, never
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,6 +19,7 @@ from shadowproxy.store.database import connect
 from tests.conftest import StartProxy, route
 from tests.dblink import DatabaseLink
 from tests.faults.test_outage import count
+from tests.replay.helpers import ROUTE, finish, request, start_cli, store, write_config
 from tests.test_admin import samples
 from tests.upstreams import model, serve
 
@@ -104,3 +107,38 @@ async def test_a_database_that_never_answers_the_connection_is_named_so(
             await asyncio.wait_for(connect(link.url, timeout=0.5), 5)
     assert f"cannot connect to PostgreSQL at {link.url}: no answer within 0.5 s; check " \
            "that PostgreSQL runs" in str(failed.value)
+
+
+@pytest.mark.parametrize("command", [
+    ["report", "--route", ROUTE, "--shadow", "s"],
+    ["labels", "import", "LABELS"],
+    ["prune", "--older-than", "1d"],
+    ["migrate"],
+])
+async def test_ctrl_c_ends_a_command_whose_database_went_silent(
+        database_url: str, tmp_path: Path, command: list[str]) -> None:
+    """A command whose database stops answering mid-way waits for it (a query may take
+    long); Ctrl-C ends it at once with exit status 130, the connection dropped so that
+    PostgreSQL rolls back what was open. It hung, even after a second Ctrl-C for report
+    and labels import: the cancelled transaction's ROLLBACK waited for an answer."""
+    await store(database_url, [request(i, shadows=["s"]) for i in range(5)])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nreq-00001,1\n", encoding="utf-8")
+    args = [str(labels) if arg == "LABELS" else arg for arg in command]
+    async with DatabaseLink(database_url) as link:
+        config = write_config(tmp_path, link.url,
+                              shadows=[{"name": "s", "url": "http://127.0.0.1:8"}])
+        link.freeze_on(b"SELECT")
+        proc = await start_cli(*args, "-c", str(config))
+        try:
+            await asyncio.wait_for(link.frozen.wait(), 20)
+            await asyncio.sleep(0.3)
+            assert proc.returncode is None  # waiting for the database
+            proc.send_signal(signal.SIGINT)
+            result = await finish(proc, timeout=5)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert result.status == 130, result.err
+    assert "Traceback" not in result.err
