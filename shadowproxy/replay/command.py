@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from shadowproxy.config import Route, Settings
-from shadowproxy.errors import ShadowProxyError, UsageError
+from shadowproxy.errors import DatabaseError, ShadowProxyError, UsageError
 from shadowproxy.replay.options import ReplayOptions, from_args
 from shadowproxy.replay.pacing import pacer_for
 from shadowproxy.replay.progress import TICK_S, preflight_lines, progress_bar, summary_lines
@@ -94,15 +94,21 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
             update(tally, final=True)
         elapsed = time.monotonic() - clock
         # A fresh connection: an interrupted read may have left the first one mid-query.
-        async with connection(url) as counting:
-            stored = await selection.stored_since(counting, started)
+        stored: int | None = None
+        try:
+            async with connection(url) as counting:
+                stored = await selection.stored_since(counting, started)
+        except DatabaseError as exc:
+            # A database gone silent (the usual reason for a Ctrl-C here): the summary
+            # still says what was sent and where the answers are.
+            print(f"shadowproxy: {exc}", file=sys.stderr)
         recorder = replayer.recorder
         spooled = recorder is not None and recorder.spool.has_pending()
         print("\n".join(summary_lines(options, tally, stored, elapsed,
                                       interrupted=replayer.stopping, spooled=spooled)))
         if replayer.stopping:
             return INTERRUPTED_STATUS
-        return 1 if stored < tally.recorded else 0
+        return 1 if stored is None or stored < tally.recorded else 0
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(conn.close(), 5.0)

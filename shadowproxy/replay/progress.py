@@ -78,9 +78,10 @@ def preflight_lines(options: ReplayOptions, pre: Preflight, pacer: Pacer) -> lis
     return lines
 
 
-def summary_lines(options: ReplayOptions, tally: Tally, stored: int, elapsed_s: float,
+def summary_lines(options: ReplayOptions, tally: Tally, stored: int | None, elapsed_s: float,
                   *, interrupted: bool, spooled: bool) -> list[str]:
-    """The end: sent, answered, errors by kind, skipped and why, stored."""
+    """The end: sent, answered, errors by kind, skipped and why, stored (None: the
+    database did not answer the count)."""
     rate = tally.sent / elapsed_s if elapsed_s > 0 else 0.0
     lines = [("interrupted" if interrupted else "done")
              + f" in {elapsed_s:.1f}s: {tally.sent} sent ({rate:.0f}/s)"]
@@ -97,9 +98,18 @@ def summary_lines(options: ReplayOptions, tally: Tally, stored: int, elapsed_s: 
     if tally.abandoned:
         lines.append(f"  {tally.abandoned} calls abandoned at the second Ctrl-C: not stored, "
                      "sent again by the next run")
-    lines.append(f"  stored    {stored} answers as {options.name!r} (role 'replay')")
-    missing = tally.recorded - stored
-    if missing > 0:
+    if stored is None:
+        lines.append(f"  stored    not known: the database did not answer the count of "
+                     f"{options.name!r}'s answers")
+    else:
+        lines.append(f"  stored    {stored} answers as {options.name!r} (role 'replay')")
+    missing = tally.recorded - (stored or 0)
+    if stored is None and tally.recorded:
+        lines.append("  answers not in the database"
+                     + (": they wait in the spool and are stored by the next shadowproxy "
+                        "process on this data_dir" if spooled else
+                        ": the next run sends those requests again"))
+    elif missing > 0:
         lines.append(f"  {missing} answers not in the database"
                      + (": they wait in the spool and are stored by the next shadowproxy "
                         "process on this data_dir" if spooled else

@@ -17,11 +17,12 @@ from shadowproxy.app import Proxy
 from shadowproxy.errors import DatabaseError
 from shadowproxy.store.database import connect
 from tests.conftest import StartProxy, route
+from tests.db import fetchval
 from tests.dblink import DatabaseLink
 from tests.faults.test_outage import count
 from tests.replay.helpers import ROUTE, finish, request, start_cli, store, write_config
 from tests.test_admin import samples
-from tests.upstreams import model, serve
+from tests.upstreams import model, serve, sleeping
 
 WRITER_TIMEOUT_S = 1.0
 
@@ -142,3 +143,37 @@ async def test_ctrl_c_ends_a_command_whose_database_went_silent(
                 await proc.wait()
     assert result.status == 130, result.err
     assert "Traceback" not in result.err
+
+
+async def test_ctrl_c_ends_a_replay_whose_database_went_silent_with_its_summary(
+        database_url: str, tmp_path: Path) -> None:
+    """A replay whose database stops answering mid-read waits for it; Ctrl-C ends it in a
+    bounded time with exit status 130 and the summary, which says that the answers the
+    database did not take wait in the spool. The count of the stored answers that the
+    summary needs failed, and the replay ended with exit status 1 and that error alone."""
+    await store(database_url, [request(i) for i in range(3000)])
+    async with DatabaseLink(database_url) as link, \
+            serve(sleeping(0.002, model("c"))) as target:
+        config = write_config(tmp_path, link.url)
+        proc = await start_cli("replay", "-c", str(config), "--route", ROUTE, "--to",
+                               target.url, "--as", "cand", "--since", "1h",
+                               "--concurrency", "4", "--rate", "500")
+        try:
+            while await fetchval(database_url, "SELECT count(*) FROM shadowproxy.responses "
+                                               "WHERE target = 'cand'") < 20:
+                assert proc.returncode is None
+                await asyncio.sleep(0.05)
+            link.freeze()
+            await asyncio.sleep(1.0)
+            assert proc.returncode is None  # waiting for the rest of the requests
+            proc.send_signal(signal.SIGINT)
+            result = await finish(proc, timeout=40)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert result.status == 130, result.err
+    assert "interrupted in" in result.out
+    assert "stored    not known: the database did not answer" in result.out
+    assert "answers not in the database: they wait in the spool" in result.out
+    assert "no answer within 10 s" in result.err
