@@ -195,36 +195,43 @@ class PostgresWriter:
         its COPY and the deletion of its segment): not stored, nor to be counted, twice."""
 
     @contextlib.contextmanager
-    def _deadline(self, conn: asyncpg.Connection) -> Iterator[None]:
-        """Bound the work of the block on ``conn`` by ``timeout``: past it the connection is
+    def _deadline(self, conn: asyncpg.Connection, timeout: float | None = None
+                  ) -> Iterator[None]:
+        """Bound the work of the block on ``conn`` by ``timeout`` (the writer's unless
+        given): past it the connection is
         cut (terminated), which fails whatever waits on it at once, and the block raises
         TimeoutError. Not a cancellation (``asyncio.wait_for``): a write cancelled inside
         its transaction rolls it back on the same connection, and a database that stopped
         answering (a network partition: the socket open, nothing coming back) never answers
         the ROLLBACK, so the cancelled write, and every batch behind it, waited for ever."""
         cut: list[bool] = []
+        timeout = self.timeout if timeout is None else timeout
 
         def expire() -> None:
             cut.append(True)
             conn.terminate()
 
-        timer = asyncio.get_running_loop().call_later(self.timeout, expire)
+        timer = asyncio.get_running_loop().call_later(timeout, expire)
         try:
             yield
         except Exception as exc:
             if cut:
-                raise TimeoutError(f"no answer from the database within {self.timeout:g} s"
+                raise TimeoutError(f"no answer from the database within {timeout:g} s"
                                    ) from exc
             raise
         finally:
             timer.cancel()
 
-    async def _connection(self) -> asyncpg.Connection:
+    async def _connection(self, timeout: float | None = None) -> asyncpg.Connection:
         conn = self._conn
         if conn is None or conn.is_closed():
-            conn = await asyncpg.connect(self.url, timeout=self.timeout)
             try:
-                with self._deadline(conn):
+                conn = await asyncpg.connect(self.url, timeout=timeout or self.timeout)
+            except TimeoutError as exc:  # (which says nothing of its own)
+                raise TimeoutError("no answer from the database within "
+                                   f"{timeout or self.timeout:g} s") from exc
+            try:
+                with self._deadline(conn, timeout):
                     await self._prepare(conn)
             except BaseException:
                 conn.terminate()  # not kept, so never closed otherwise
@@ -369,11 +376,12 @@ class PostgresWriter:
         self.replaced += replaced
         return len(requests) - int(inserted.rsplit(" ", 1)[1])
 
-    async def check(self) -> ConnectionProblem | None:
-        """None if the database answers now (connected and migrated), else why not."""
+    async def check(self, timeout: float | None = None) -> ConnectionProblem | None:
+        """None if the database answers now (connected and migrated), else why not;
+        within ``timeout`` for each step (the writer's unless given)."""
         try:
-            conn = await self._connection()
-            with self._deadline(conn):
+            conn = await self._connection(timeout)
+            with self._deadline(conn, timeout):
                 await conn.fetchval("SELECT 1")
             return None
         except Exception as exc:  # any failure: not usable now; the kind says if it may pass

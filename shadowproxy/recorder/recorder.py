@@ -67,6 +67,8 @@ more per turn of the loop. A saturated core gives the writer one turn between ro
 requests, and at 32 records a turn it fell behind a proxy serving 16,000 requests a second
 (the queue reached its bound and records were dropped); longer turns there cost the clients
 some throughput, at a load that already costs them latency, and keep the records."""
+START_CHECK_S = 3.0
+"""How long the start waits for the database to answer before it serves and spools."""
 KEPT_VERSIONS = 16
 """Configuration versions whose recording rules are kept for exchanges still in flight."""
 
@@ -199,8 +201,11 @@ class Recorder:
         return self.problem.kind if self.problem is not None else TRANSIENT
 
     async def start(self) -> None:
-        """Connect (or start spooling) and start the writer and, if needed, the replayer."""
-        problem = await self.writer.check()
+        """Connect (or start spooling) and start the writer and, if needed, the replayer.
+        A database that does not answer within ``START_CHECK_S`` is treated as down: the
+        proxy serves at once and spools, and the replayer goes on trying with the writer's
+        whole timeout (a database that went silent held the start for that long)."""
+        problem = await self.writer.check(START_CHECK_S)
         self.database_ok = problem is None
         self._note_problem(problem, starting=True)
         if not self.database_ok or self.spool.has_pending():

@@ -15,6 +15,7 @@ import pytest
 
 from shadowproxy.app import Proxy
 from shadowproxy.errors import DatabaseError
+from shadowproxy.recorder.recorder import START_CHECK_S
 from shadowproxy.store.database import connect
 from tests.conftest import StartProxy, route
 from tests.db import fetchval
@@ -177,3 +178,29 @@ async def test_ctrl_c_ends_a_replay_whose_database_went_silent_with_its_summary(
     assert "stored    not known: the database did not answer" in result.out
     assert "answers not in the database: they wait in the spool" in result.out
     assert "no answer within 10 s" in result.err
+
+
+async def test_a_proxy_started_while_the_database_is_silent_serves_at_once(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A database that accepts no connection and says nothing (a partition) held the start
+    for the writer's 15 s timeout, with clients waiting in the listener's queue and
+    /readyz saying "starting"; it said `TimeoutError` then. The start now waits
+    START_CHECK_S at most, then serves and spools, as for a database that is down."""
+    await asyncio.wait_for(_started_while_silent(start_proxy, database_url), 30)
+
+
+async def _started_while_silent(start_proxy: StartProxy, database_url: str) -> None:
+    async with DatabaseLink(database_url) as link, serve(model("v1")) as primary:
+        link.freeze()
+        began = time.monotonic()
+        async with start_proxy([route(primary.url)], url=link.url) as proxy, \
+                aiohttp.ClientSession() as http:
+            assert time.monotonic() - began < START_CHECK_S + 2.0
+            assert await _send(http, proxy, 5) < 1.0
+            ready = await http.get(f"http://127.0.0.1:{proxy.admin_port}/readyz")
+            detail = await ready.json()
+            assert ready.status == 200 and detail["database"] == "unreachable, spooling"
+            assert detail["database_error"]["cause"] == \
+                f"no answer from the database within {START_CHECK_S:g} s"
+            await asyncio.wait_for(proxy.recorder.drained(), 5)
+            assert proxy.metrics.records["spooled"] == 5
