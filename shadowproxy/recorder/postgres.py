@@ -189,6 +189,10 @@ class PostgresWriter:
         self.replaced = 0
         """Earlier replayed answers replaced by the replayed answers written (``replay
         --force``), since this writer began."""
+        self._busy: asyncpg.Connection | None = None
+        """The connection a bounded piece of work (``_deadline``) waits on, if any."""
+        self._cut_why: str | None = None
+        """Why that work's connection was cut, once it was."""
         self.already_stored = 0
         """Records of the last batch written that the checking path skipped because the
         database held them already (a spooled batch replayed again after a stop between
@@ -198,29 +202,33 @@ class PostgresWriter:
     def _deadline(self, conn: asyncpg.Connection, timeout: float | None = None
                   ) -> Iterator[None]:
         """Bound the work of the block on ``conn`` by ``timeout`` (the writer's unless
-        given): past it the connection is
-        cut (terminated), which fails whatever waits on it at once, and the block raises
-        TimeoutError. Not a cancellation (``asyncio.wait_for``): a write cancelled inside
-        its transaction rolls it back on the same connection, and a database that stopped
-        answering (a network partition: the socket open, nothing coming back) never answers
-        the ROLLBACK, so the cancelled write, and every batch behind it, waited for ever."""
-        cut: list[bool] = []
+        given): past it the connection is cut (``cut``), which fails whatever waits on it
+        at once, and the block raises TimeoutError. Not a cancellation
+        (``asyncio.wait_for``): a write cancelled inside its transaction rolls it back on
+        the same connection, and a database that stopped answering (a network partition:
+        the socket open, nothing coming back) never answers the ROLLBACK, so the cancelled
+        write, and every batch behind it, waited for ever."""
         timeout = self.timeout if timeout is None else timeout
-
-        def expire() -> None:
-            cut.append(True)
-            conn.terminate()
-
-        timer = asyncio.get_running_loop().call_later(timeout, expire)
+        self._busy, self._cut_why = conn, None
+        timer = asyncio.get_running_loop().call_later(
+            timeout, self.cut, f"no answer from the database within {timeout:g} s")
         try:
             yield
         except Exception as exc:
-            if cut:
-                raise TimeoutError(f"no answer from the database within {timeout:g} s"
-                                   ) from exc
+            if self._cut_why is not None:
+                raise TimeoutError(self._cut_why) from exc
             raise
         finally:
             timer.cancel()
+            self._busy = None
+
+    def cut(self, why: str) -> None:
+        """Drop the connection now: the work on it fails with TimeoutError(``why``) (a
+        timeout, or a stop's grace that ran out), and the next use connects anew."""
+        self._cut_why = why
+        for conn in (self._busy, self._conn):
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
 
     async def _connection(self, timeout: float | None = None) -> asyncpg.Connection:
         conn = self._conn

@@ -214,10 +214,24 @@ class Recorder:
 
     async def close(self) -> None:
         """Flush everything queued to the database or the spool, then stop, in about
-        ``stop_grace_s`` (plus a batch already on its way): the database gets that long to
-        take the queue, and what is left of it to take the spool; what it has not taken by
-        then is on disk, and the next start stores it."""
-        self._stop_deadline = asyncio.get_running_loop().time() + self.stop_grace_s
+        ``stop_grace_s``: the database gets that long to take the queue, and what is left
+        of it to take the spool; what it has not taken by then is on disk, and the next
+        start stores it. A write still waiting for the database then is cut and its batch
+        spooled too: a database gone silent held it for the writer's whole timeout (15 s),
+        past a supervisor's kill."""
+        loop = asyncio.get_running_loop()
+        self._stop_deadline = loop.time() + self.stop_grace_s
+        give_up = loop.call_at(self._stop_deadline, self.writer.cut,
+                               "no answer from the database within the stop's grace "
+                               "(limits.shutdown_grace_s)")
+        try:
+            await self._flush_at_close()
+        finally:
+            give_up.cancel()
+        self.spool.close()
+        await self.writer.close()
+
+    async def _flush_at_close(self) -> None:
         self._closing = True
         self._wake.set()
         if self._writer_task is not None:
@@ -234,8 +248,6 @@ class Recorder:
             self._replay_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replay_task
-        self.spool.close()
-        await self.writer.close()
 
     def _stop_left(self) -> float | None:
         """Seconds left of a stop's grace for the database (0 once it is spent); None while

@@ -23,6 +23,9 @@ from tests.dblink import DatabaseLink
 from tests.faults.test_outage import count
 from tests.replay.helpers import ROUTE, finish, request, start_cli, store, write_config
 from tests.test_admin import samples
+from tests.test_run_command import start as start_run
+from tests.test_run_command import wait_ready
+from tests.test_run_command import write_config as write_run_config
 from tests.upstreams import model, serve, sleeping
 
 WRITER_TIMEOUT_S = 1.0
@@ -204,3 +207,45 @@ async def _started_while_silent(start_proxy: StartProxy, database_url: str) -> N
                 f"no answer from the database within {START_CHECK_S:g} s"
             await asyncio.wait_for(proxy.recorder.drained(), 5)
             assert proxy.metrics.records["spooled"] == 5
+
+
+async def test_a_stop_while_the_database_is_silent_ends_within_its_grace(
+        tmp_path: Path, database_url: str) -> None:
+    """SIGTERM while a write waits for a database gone silent: the write is cut at the
+    stop's grace and its batch spooled, and the next start stores every record. The stop
+    waited for the writer's whole timeout (15 s with a grace of 2 s), past the kill
+    timeout a supervisor is told to give (twice the grace and a few seconds)."""
+    async with DatabaseLink(database_url) as link, serve(model("v1")) as primary, \
+            serve(model("v2")) as shadow, aiohttp.ClientSession() as http:
+        config, port, admin = write_run_config(tmp_path, primary.url, shadow.url, link.url,
+                                               limits={"shutdown_grace_s": 2})
+        proc = await start_run(config)
+        try:
+            await wait_ready(admin, proc)
+            for i in range(10):
+                if i == 5:
+                    await asyncio.sleep(0.5)  # the first five stored
+                    link.freeze()
+                resp = await http.post(f"http://127.0.0.1:{port}/p", json={"i": i})
+                assert resp.status == 200
+            await asyncio.sleep(0.3)  # their batch on its way to the silent database
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            took = time.monotonic() - began
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert took < 2 * 2 + 2, took
+        assert await count(database_url) == (5, 10)
+        config, port, admin = write_run_config(tmp_path, primary.url, shadow.url,
+                                               database_url)
+        proc = await start_run(config)
+        try:
+            await wait_ready(admin, proc)
+            await _until(lambda: _stored(database_url, 10), 15)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert await count(database_url) == (10, 20)
