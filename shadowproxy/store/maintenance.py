@@ -84,6 +84,9 @@ async def run_once(url: str, storage: StorageConfig, *, timeout: float = 300.0) 
             if moved.finished:
                 rolled = await rollups.roll_up(conn, max_hours=ROLLUP_HOURS_PER_RUN,
                                                budget_s=ROLLUP_BUDGET_S)
+    except asyncio.CancelledError:
+        conn.terminate()  # a stop: it does not wait on a database that may not answer
+        raise
     finally:
         # asyncpg drops the connection itself when a close fails or times out.
         with contextlib.suppress(Exception):

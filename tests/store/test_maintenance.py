@@ -4,6 +4,7 @@ one process at a time, and failures counted, never fatal."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import timedelta
 
@@ -160,3 +161,20 @@ async def test_a_database_that_stops_answering_fails_the_run_instead_of_hanging(
             await asyncio.wait_for(run_once(link.url, StorageConfig(), timeout=1.0), 15.0)
         assert link.frozen.is_set() and time.monotonic() - began < 5.0
     assert not (await run_once(database_url, StorageConfig())).skipped
+
+
+async def test_a_stop_during_a_run_on_a_silent_database_ends_at_once(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop (the task cancelled) while a run waits on a silent database drops the
+    connection at once: it waited for a polite close, up to CLOSE_TIMEOUT_S."""
+    monkeypatch.setattr(maintenance, "CLOSE_TIMEOUT_S", 30.0)
+    async with DatabaseLink(database_url) as link:
+        link.freeze_on(b"pg_inherits")
+        run = asyncio.create_task(run_once(link.url, StorageConfig(), timeout=60.0))
+        while not link.frozen.is_set():
+            await asyncio.sleep(0.01)
+        run.cancel()
+        began = time.monotonic()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(run, 10.0)
+        assert run.cancelled() and time.monotonic() - began < 2.0
