@@ -231,6 +231,10 @@ class PostgresWriter:
                 conn.terminate()
 
     async def _connection(self, timeout: float | None = None) -> asyncpg.Connection:
+        """The writer's connection, connected within ``timeout`` (the writer's unless given)
+        when there is none. Making it ready (the migrations, on a new database) has the
+        writer's whole timeout: a database that answered the connection is up, and a first
+        migration on a slow disk can take a few seconds."""
         conn = self._conn
         if conn is None or conn.is_closed():
             try:
@@ -239,7 +243,7 @@ class PostgresWriter:
                 raise TimeoutError("no answer from the database within "
                                    f"{timeout or self.timeout:g} s") from exc
             try:
-                with self._deadline(conn, timeout):
+                with self._deadline(conn):
                     await self._prepare(conn)
             except BaseException:
                 conn.terminate()  # not kept, so never closed otherwise

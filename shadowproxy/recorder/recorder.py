@@ -68,7 +68,8 @@ requests, and at 32 records a turn it fell behind a proxy serving 16,000 request
 (the queue reached its bound and records were dropped); longer turns there cost the clients
 some throughput, at a load that already costs them latency, and keep the records."""
 START_CHECK_S = 3.0
-"""How long the start waits for the database to answer before it serves and spools."""
+"""How long the start waits for the database to answer its connection before it serves and
+spools."""
 KEPT_VERSIONS = 16
 """Configuration versions whose recording rules are kept for exchanges still in flight."""
 
