@@ -96,7 +96,10 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
         # A fresh connection: an interrupted read may have left the first one mid-query.
         stored: int | None = None
         try:
-            async with connection(url) as counting:
+            # Interrupted, the operator wants out: a database that does not answer at once
+            # (the usual reason for a Ctrl-C here) gets a few seconds, not the usual ten.
+            async with connection(url, timeout=3.0 if replayer.stopping else 10.0) \
+                    as counting:
                 stored = await selection.stored_since(counting, started)
         except DatabaseError as exc:
             # A database gone silent (the usual reason for a Ctrl-C here): the summary
