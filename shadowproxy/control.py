@@ -16,6 +16,7 @@ changed), or the process runs another file; 1 no running proxy found, or no answ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -73,12 +74,9 @@ def claim(run_dir: Path) -> int:
         holder = os.read(fd, 32).decode("ascii", "replace").strip()
         os.close(fd)
         who = f"pid {holder}" if holder.isdigit() else "another process"
-        try:  # the file it runs, when it has written where it is
-            running = json.loads((run_dir / PROCESS_FILE).read_text())
-            if str(running.get("pid")) == holder:
-                who = f"{running['config']}, {who}"
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass
+        running = _process_file(run_dir)  # the file it runs, when it has said where it is
+        if running is not None and str(running.get("pid")) == holder and "config" in running:
+            who = f"{running['config']}, {who}"
         raise DataDirInUse(
             f"data_dir {data_dir} is in use by another `shadowproxy run` ({who}): two "
             "proxies cannot share one (`shadowproxy reload` finds its proxy there); give "
@@ -97,14 +95,22 @@ def write_process_file(run_dir: Path, config: Path, admin: str | None) -> None:
     write_private(run_dir / PROCESS_FILE, json.dumps(data))
 
 
+def _process_file(run_dir: Path) -> dict[str, Any] | None:
+    """What the running proxy wrote in ``run_dir/shadowproxy.json``; None when the file is
+    missing or unreadable."""
+    try:
+        data = json.loads((run_dir / PROCESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def remove_process_file(run_dir: Path) -> None:
     """At a stop: remove the file if it is still this process's."""
-    path = run_dir / PROCESS_FILE
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
+    process = _process_file(run_dir)
+    if process is not None and process.get("pid") == os.getpid():
+        with contextlib.suppress(OSError):
+            (run_dir / PROCESS_FILE).unlink()
 
 
 # --- the command --------------------------------------------------------------------------
@@ -175,10 +181,10 @@ def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[s
     """
     data_dir, problems = _data_dir(config)
     run_dir = data_dir / "run"
+    process = _process_file(run_dir) or {}
     try:
-        process = json.loads((run_dir / PROCESS_FILE).read_text())
         pid = int(process["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         if problems:
             raise ConfigError(problems) from None
         raise ShadowProxyError(
