@@ -80,8 +80,13 @@ async def validate(db: Snapshot) -> None:
     """UsageError if PostgreSQL cannot use a SQL slice as a condition on the pairs."""
     for name, spec in db.compare.slices.items():
         if isinstance(spec, str):
-            await db.fetch(f"SELECT ({spec})::boolean FROM shadowproxy.pairs LIMIT 0",
-                           explain=_rejected(name, spec))
+            sql = f"SELECT ({spec})::boolean FROM shadowproxy.pairs LIMIT 0"
+            # A "$1" would take one of the report's own values (PostgreSQL infers its type).
+            if await db.parameters(sql, explain=_rejected(name, spec)):
+                raise UsageError(
+                    f"compare.slices.{name}: the condition {spec!r} has a parameter "
+                    "placeholder ($1, $2, …); a slice takes no parameters: write the values "
+                    "into the condition, e.g. \"request_body_json #>> '{model}' = 'gpt-4o'\"")
 
 
 async def _load(db: Snapshot, features: Features) -> list[tuple[str, str]]:

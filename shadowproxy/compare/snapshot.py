@@ -122,6 +122,15 @@ class Snapshot:
         except asyncpg.PostgresError as exc:
             raise _translate(exc, explain) from exc
 
+    async def parameters(self, sql: str, explain: Explain | None = None) -> int:
+        """How many parameters ($1, $2, …) PostgreSQL finds in ``sql``, which it parses and
+        plans without running it."""
+        try:
+            statement = await self._conn.prepare(sql)
+        except asyncpg.PostgresError as exc:
+            raise _translate(exc, explain) from exc
+        return len(statement.get_parameters())
+
     async def check_jsonpath(self, key: str, path: str) -> None:
         """UsageError naming the configuration ``key`` if PostgreSQL cannot parse ``path``."""
         await self.fetch("SELECT $1::text::jsonpath", path, explain=lambda exc: UsageError(

@@ -137,11 +137,17 @@ def _most_different(g: dict[str, Any]) -> Section:
     for p in g["most_different"]:
         s.comparisons.append(TextComparison(
             title=f"{p['request_id']}: similarity {fmt(p['similarity'], 3)}, finish_reason "
-                  f"{p['primary_finish_reason']} / {p['shadow_finish_reason']}",
+                  f"{_reason(p['primary_finish_reason'])} / "
+                  f"{_reason(p['shadow_finish_reason'])}",
             primary=_shown(p["primary_text"], p.get("primary_tool_calls", [])),
             shadow=_shown(p["shadow_text"], p.get("shadow_tool_calls", [])),
             diff=[(d["op"], d["primary"], d["shadow"]) for d in p["diff"]]))
     return s
+
+
+def _reason(reason: str | None) -> str:
+    """A finish_reason as written; "–" for an answer that gave none (a stream cut short)."""
+    return reason if reason else "–"
 
 
 def _shown(text: str, calls: list[dict[str, str]]) -> str:

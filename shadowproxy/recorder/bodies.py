@@ -32,10 +32,25 @@ class BodyTooLarge(Exception):
 
 
 def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
-    """``data`` with ``encoding`` (gzip, deflate, br) undone; None if unknown or corrupt.
+    """``data`` with ``encoding`` (gzip, deflate, br, or a list of them such as
+    ``gzip, br``) undone; None if one is unknown or corrupt.
 
-    Raises BodyTooLarge when the output would exceed ``cap`` bytes.
+    Raises BodyTooLarge when an output would exceed ``cap`` bytes.
     """
+    if encoding.find(b",") < 0:
+        return _undo(data, encoding, cap)
+    # A list names the codings in the order they were applied (RFC 9110, 8.4): undo the
+    # last first. Each step is capped, so layers cannot multiply a bomb's output.
+    out: bytes | None = data
+    for coding in reversed(encoding.split(b",")):
+        if out is None:
+            return None
+        out = _undo(out, coding, cap)
+    return out
+
+
+def _undo(data: bytes, encoding: bytes, cap: int) -> bytes | None:
+    """``data`` with one content-coding undone (see ``decompress``)."""
     enc = encoding.strip().lower()
     try:
         if enc in (b"gzip", b"x-gzip", b"deflate"):

@@ -58,6 +58,7 @@ def _route(settings: Settings, options: ReplayOptions) -> Route:
 
 async def _replay(settings: Settings, route: Route, options: ReplayOptions, url: str) -> int:
     conn = await connect(url)
+    replayer: Replayer | None = None
     try:
         await apply_migrations(conn)  # role 'replay' needs migration 004
         if not await lock_target(conn, route.name, options.name):
@@ -113,8 +114,13 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
             return INTERRUPTED_STATUS
         return 1 if stored is None or stored < tally.recorded else 0
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), 5.0)
+        if replayer is not None and replayer.stopping:
+            # Interrupted, often because the database stopped answering: a polite close
+            # would wait for it; the server rolls the read-only transaction back anyway.
+            conn.terminate()
+        else:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5.0)
 
 
 async def _reachable(url: str, timeout_s: float) -> None:

@@ -140,8 +140,11 @@ class Replayer:
     # --- the run ---
     async def run(self, on_start: Callable[[Tally], None] | None = None) -> Tally:
         loop = self._loop = asyncio.get_running_loop()
+        # The end waits for the database as a proxy's stop does: ``limits.shutdown_grace_s``,
+        # then what is left goes to the spool.
         recorder = self.recorder = Recorder(self.recording, self.database_url, self.data_dir,
-                                            Metrics())
+                                            Metrics(),
+                                            stop_grace_s=self.limits.shutdown_grace_s)
         await recorder.start()
         self._pool = UpstreamPool(loop, self.options.url, self.options.name, self.limits)
         pages: asyncio.Queue[list[Any] | None] = asyncio.Queue(READ_AHEAD_PAGES)

@@ -117,6 +117,7 @@ def _translate(exc: BaseException, where: str | None, what: str) -> Exception:
             f"--where: PostgreSQL rejects {where!r}: {exc}"
             + ("; --where runs in a READ ONLY transaction and cannot change anything"
                if readonly else "")
+
             + "; give a boolean SQL condition over the columns of shadowproxy.pairs, e.g. "
               "--where \"primary_status = 200 AND request_body_json ? 'features'\"")
     return DatabaseError(f"{what}: {exc}")
@@ -168,6 +169,16 @@ class Selection:
         sql, _ = self.stream_sql(None)
         try:
             async with conn.transaction(readonly=True):
+                if self.options.where is not None:
+                    # On its own first: inside the stream's query a "$1" would silently
+                    # take one of the replay's own values (PostgreSQL infers its type).
+                    alone = await conn.prepare(f"SELECT 1 FROM ({PAIRS_ROWS}) AS pairs "
+                                               f"WHERE (\n{self.options.where}\n)")
+                    if alone.get_parameters():
+                        raise UsageError(
+                            f"--where: {self.options.where!r} has a parameter placeholder "
+                            "($1, $2, …); --where takes no parameters: write the values "
+                            "into the condition, e.g. --where \"route = 'scoring'\"")
                 await conn.prepare(sql)
         except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             raise _translate(exc, self.options.where, "checking the selection failed") from exc

@@ -148,18 +148,25 @@ async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
 
 
 @contextlib.asynccontextmanager
-async def connection(url: str, *, timeout: float = 10.0) -> AsyncIterator[asyncpg.Connection]:
+async def connection(url: str, *, timeout: float = 10.0, close_timeout: float | None = None,
+                     watch: bool = True) -> AsyncIterator[asyncpg.Connection]:
     """``async with connection(url) as conn``: connect, and always close.
 
     A command interrupted (Ctrl-C cancels its task) drops the connection at once, rather
     than close it politely: PostgreSQL then ends the session and rolls back what it had
     open. Behind a database that stopped answering (a network partition) the polite way
     never ends: a transaction cancelled mid-query sends ROLLBACK and waits for its answer,
-    so Ctrl-C left the command hanging. A close waits ``timeout`` at most, then drops it."""
+    so Ctrl-C left the command hanging. A close waits ``close_timeout`` (by default
+    ``timeout``) at most, then drops it.
+
+    ``watch``: a task polls for the cancellation and drops the connection under whatever
+    waits on it then (a command's Ctrl-C); a task of the proxy's own, whose waits are
+    bounded otherwise, passes False and is dropped when the cancellation reaches the
+    ``async with``."""
     conn = await connect(url, timeout=timeout)
     owner = asyncio.current_task()
-    watch = (asyncio.ensure_future(_drop_when_cancelled(owner, conn))
-             if owner is not None else None)
+    watcher = (asyncio.ensure_future(_drop_when_cancelled(owner, conn))
+               if watch and owner is not None else None)
     try:
         yield conn
     except BaseException as exc:
@@ -171,10 +178,10 @@ async def connection(url: str, *, timeout: float = 10.0) -> AsyncIterator[asyncp
                 raise asyncio.CancelledError() from exc
         raise
     finally:
-        if watch is not None:
-            watch.cancel()
+        if watcher is not None:
+            watcher.cancel()
         with contextlib.suppress(Exception):  # asyncpg drops it when closing fails
-            await conn.close(timeout=timeout)
+            await conn.close(timeout=timeout if close_timeout is None else close_timeout)
 
 
 async def _drop_when_cancelled(owner: asyncio.Task[Any], conn: asyncpg.Connection) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from shadowproxy.config import StorageConfig
 from shadowproxy.metrics import Metrics
 from shadowproxy.store import legacy, partitions, rollups
-from shadowproxy.store.database import connect, describe_error
+from shadowproxy.store.database import connection, describe_error
 from shadowproxy.store.legacy import Moved
 from shadowproxy.store.partitions import MAINTENANCE_LOCK
 from shadowproxy.store.prune import PruneResult, cutoff_before, prune_before
@@ -69,28 +69,22 @@ async def run_once(url: str, storage: StorageConfig, *, timeout: float = 300.0) 
     the connection is dropped: a database that stops answering (a network partition) fails
     the run, to be tried again at the next interval, instead of holding the task for good.
     """
-    conn = await connect(url, timeout=min(timeout, 10.0))
-    try:
-        async with asyncio.timeout(timeout):
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
-                return Outcome(skipped=True)
-            created = await partitions.ensure(conn, storage.partition)
-            moved = await legacy.move(conn, max_batches=LEGACY_BATCHES_PER_RUN)
-            pruned = None
-            if storage.retention is not None and moved.finished:
-                cutoff = await cutoff_before(conn, storage.retention)
-                pruned = await prune_before(conn, cutoff, whole_partitions=True)
-            rolled = None
-            if moved.finished:
-                rolled = await rollups.roll_up(conn, max_hours=ROLLUP_HOURS_PER_RUN,
-                                               budget_s=ROLLUP_BUDGET_S)
-    except asyncio.CancelledError:
-        conn.terminate()  # a stop: it does not wait on a database that may not answer
-        raise
-    finally:
-        # asyncpg drops the connection itself when a close fails or times out.
-        with contextlib.suppress(Exception):
-            await conn.close(timeout=CLOSE_TIMEOUT_S)
+    # A stop (the task cancelled) drops the connection instead of waiting on a database
+    # that may not answer; asyncpg drops it too when the close fails or times out.
+    async with connection(url, timeout=min(timeout, 10.0), close_timeout=CLOSE_TIMEOUT_S,
+                          watch=False) as conn, asyncio.timeout(timeout):
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
+            return Outcome(skipped=True)
+        created = await partitions.ensure(conn, storage.partition)
+        moved = await legacy.move(conn, max_batches=LEGACY_BATCHES_PER_RUN)
+        pruned = None
+        if storage.retention is not None and moved.finished:
+            cutoff = await cutoff_before(conn, storage.retention)
+            pruned = await prune_before(conn, cutoff, whole_partitions=True)
+        rolled = None
+        if moved.finished:
+            rolled = await rollups.roll_up(conn, max_hours=ROLLUP_HOURS_PER_RUN,
+                                           budget_s=ROLLUP_BUDGET_S)
     return Outcome(created=created, moved=moved, pruned=pruned, rolled=rolled)
 
 

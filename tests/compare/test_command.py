@@ -101,6 +101,9 @@ def test_bad_arguments_exit_2_with_what_to_do(config: Path, capsys: pytest.Captu
     ('prediction: "$.pred[[["', "compare.prediction: PostgreSQL rejects the jsonpath"),
     ('prediction: "$.p"\nslices:\n  bad: "no_such_column > 1"',
      "compare.slices.bad: PostgreSQL rejects the condition"),
+    # A placeholder would take one of the report's own values (the route's name, the window).
+    ('prediction: "$.p"\nslices:\n  bad: "route = $1"',
+     "compare.slices.bad: the condition 'route = $1' has a parameter placeholder"),
     ('prediction: "$.p"\nignore: ["$.a ? (@ > 1)"]', "ignore supports"),
 ])
 def test_configuration_postgresql_rejects_exits_2(sync_database_url: str, tmp_path: Path,

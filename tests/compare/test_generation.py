@@ -40,6 +40,7 @@ from shadowproxy.compare.generation import (
     similarities,
     word_diff,
 )
+from shadowproxy.compare.tables_generation import _most_different
 from shadowproxy.streams import assemble
 
 PROMPTS = [f"Question {i}: how do I tune a {w} cache?"
@@ -332,6 +333,18 @@ def test_most_different_pairs_come_with_a_word_diff() -> None:
         assert all(s.primary == s.shadow for s in d.diff if s.op == "equal")
         assert any(s.op != "equal" for s in d.diff)
     assert len(compare_generations(pairs, most_different=100).most_different) == len(ranked)
+
+
+def test_a_pair_without_a_finish_reason_shows_a_dash_in_its_title() -> None:
+    """An answer that gave no finish_reason (a stream cut short) is "–" in the most
+    different pair's title, as elsewhere in the report, not Python's ``None``."""
+    pair = {"request_id": "r1", "similarity": 0.25, "primary_text": "a b",
+            "shadow_text": "a c", "primary_finish_reason": "stop",
+            "shadow_finish_reason": None,
+            "diff": [{"op": "equal", "primary": "a ", "shadow": "a "},
+                     {"op": "replace", "primary": "b", "shadow": "c"}]}
+    section = _most_different({"most_different": [pair]})
+    assert section.comparisons[0].title == "r1: similarity 0.25, finish_reason stop / –"
 
 
 def test_word_diff_of_a_known_edit_and_its_html() -> None:

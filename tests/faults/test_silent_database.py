@@ -164,11 +164,12 @@ async def test_ctrl_c_ends_a_replay_whose_database_went_silent_with_its_summary(
     """A replay whose database stops answering mid-read waits for it; Ctrl-C ends it in a
     bounded time with exit status 130 and the summary, which says that the answers the
     database did not take wait in the spool. The count of the stored answers that the
-    summary needs failed, and the replay ended with exit status 1 and that error alone."""
+    summary needs failed, and the replay ended with exit status 1 and that error alone.
+    The end waits ``limits.shutdown_grace_s`` for the database, as a proxy's stop does."""
     await store(database_url, [request(i) for i in range(3000)])
     async with DatabaseLink(database_url) as link, \
             serve(sleeping(0.002, model("c"))) as target:
-        config = write_config(tmp_path, link.url)
+        config = write_config(tmp_path, link.url, limits={"shutdown_grace_s": 1})
         proc = await start_cli("replay", "-c", str(config), "--route", ROUTE, "--to",
                                target.url, "--as", "cand", "--since", "1h",
                                "--concurrency", "4", "--rate", "500")
@@ -181,12 +182,15 @@ async def test_ctrl_c_ends_a_replay_whose_database_went_silent_with_its_summary(
             await asyncio.sleep(1.0)
             assert proc.returncode is None  # waiting for the rest of the requests
             proc.send_signal(signal.SIGINT)
+            began = time.monotonic()
             result = await finish(proc, timeout=40)
+            ended_in = time.monotonic() - began
     assert result.status == 130, result.err
     assert "interrupted in" in result.out
     assert "stored    not known: the database did not answer" in result.out
     assert "answers not in the database: they wait in the spool" in result.out
     assert "no answer within 3 s" in result.err  # interrupted: the count waits 3 s, not 10
+    assert ended_in < 10  # a grace of 1 s and the count's 3 s (the default grace is 10 s)
 
 
 async def test_a_proxy_started_while_the_database_is_silent_serves_at_once(

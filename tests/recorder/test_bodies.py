@@ -37,6 +37,23 @@ def test_gzip_deflate_and_brotli_are_undone() -> None:
     assert decompress(brotli.compress(data), b"br", 1000) == data
 
 
+def test_a_list_of_codings_is_undone_last_first() -> None:
+    """``Content-Encoding: gzip, br`` (gzip applied, then br) is undone br first; with
+    redaction rules, such a JSON body is redacted, not stored as its compressed bytes."""
+    data = b'{"user": {"ssn": "078-05-1120"}, "x": 1}'
+    assert decompress(brotli.compress(gzip.compress(data)), b"gzip, br", 1000) == data
+    assert decompress(gzip.compress(gzip.compress(data)), b"gzip,gzip", 1000) == data
+    assert decompress(gzip.compress(data), b"identity, gzip", 1000) == data
+    assert decompress(gzip.compress(data), b"gzip, zstd", 1000) is None
+    with pytest.raises(BodyTooLarge):  # each layer is capped
+        decompress(gzip.compress(gzip.compress(b"\0" * 5_000_000)), b"gzip, gzip", 1_000_000)
+    headers = [(b"Content-Type", b"application/octet-stream"),
+               (b"Content-Encoding", b"gzip, gzip")]
+    text = json_text(gzip.compress(gzip.compress(data)), headers, 1000)
+    assert text == data.decode()
+    assert redact_json(text, ["$.user.ssn"]) == '{"user":{"ssn":"[redacted]"},"x":1}'
+
+
 def test_decompression_bomb_stops_at_the_cap() -> None:
     """A small body that inflates past the cap raises instead of using the memory."""
     bomb = gzip.compress(b"\0" * 50_000_000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterable
@@ -67,7 +68,8 @@ async def store(url: str, exchanges: list[Exchange],
 def write_config(tmp_path: Path, database_url: str, primary_url: str = "http://127.0.0.1:9",
                  *, shadows: list[dict[str, Any]] | None = None,
                  compare: dict[str, Any] | None = None,
-                 recording: dict[str, Any] | None = None) -> Path:
+                 recording: dict[str, Any] | None = None,
+                 limits: dict[str, Any] | None = None) -> Path:
     """A config for route ``r`` recording to the test database."""
     route: dict[str, Any] = {"name": ROUTE, "primary": {"url": primary_url},
                              "shadows": shadows or []}
@@ -77,6 +79,8 @@ def write_config(tmp_path: Path, database_url: str, primary_url: str = "http://1
                             "database": {"url": database_url}, "routes": [route]}
     if recording is not None:
         data["recording"] = recording
+    if limits is not None:
+        data["limits"] = limits
     path = tmp_path / "shadowproxy.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
@@ -95,11 +99,19 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT back to its default in the child: a shell starts a background job (pytest
+    run with ``&``) with SIGINT ignored, its children inherit that, and Python then leaves
+    Ctrl-C ignored, as a command run in the background should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def start_cli(*args: str) -> asyncio.subprocess.Process:
     """``python -m shadowproxy ARGS`` as a child process (the test's loop keeps serving)."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "shadowproxy", *args, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=ROOT)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=ROOT,
+        preexec_fn=_as_from_a_terminal)
 
 
 async def finish(proc: asyncio.subprocess.Process, timeout: float = 60.0) -> Result:
