@@ -88,8 +88,9 @@ PROMPT_CHARS = " + ".join(_text_length(path) for path in (
 the text parts of a list of parts), or the legacy completions ``prompt``."""
 
 LABEL_TEXT = ("CASE jsonb_typeof(l.label) WHEN 'string' THEN l.label #>> '{}' "
-              "ELSE l.label::text END")
-"""SQL: the reference answer of a pair; a label stored as other JSON, as its text."""
+              "WHEN 'null' THEN NULL ELSE l.label::text END")
+"""SQL: the reference answer of a pair; a label stored as other JSON, as its text; a JSON
+null is no label, as in the predictions' sections (``performance.LABEL_SQL``)."""
 
 
 # -- types ---------------------------------------------------------------------------------

@@ -143,6 +143,10 @@ async def data(database_url: str, tmp_path: Path) -> Data:
         writer = csv.writer(f)
         writer.writerow(["request_id", "label"])
         writer.writerows(d.labels.items())
+        # A JSON null label is no reference answer, as in the predictions' sections (it
+        # was compared as the text "null"): not in ``d.labels``, so not counted.
+        unlabelled = next(e.request_id for e in d.compared if e.request_id not in d.labels)
+        writer.writerow([unlabelled, "null"])
     conn = await asyncpg.connect(database_url)
     try:
         await import_labels(conn, *read_labels(path))
