@@ -130,6 +130,18 @@ def test_similarity_of_known_texts() -> None:
     assert similarities([], []) == []
 
 
+def test_a_similarity_of_a_whole_tenth_falls_in_its_own_bin() -> None:
+    """2·LCS/(|a|+|b|) = 2/10 and 1/10 exactly: the similarity is the fraction rounded
+    once (not 1 − 8/10 = 0.19999999999999996), and the histogram counts it in [0.2, 0.3)."""
+    pairs = [GenerationPair("r1", Generation(text="a"), Generation(text="aaaabaaaa")),
+             GenerationPair("r2", Generation(text="a"), Generation(text="bbbbbbbbbbbbbbbbbba")),
+             GenerationPair("r3", Generation(text="abcde"), Generation(text="abxyz"))]
+    result = compare_generations(pairs)
+    assert list(result.similarities) == [0.2, 0.1, 0.4]
+    assert result.text.similarity_histogram == (0, 1, 1, 0, 1, 0, 0, 0, 0, 0)
+    assert result.most_different[0].similarity == 0.1
+
+
 def test_normalization_folds_case_and_whitespace_and_optionally_punctuation() -> None:
     """Case and whitespace runs never count; punctuation only when asked."""
     assert normalize("  Hello,\n\tWORLD!  ") == "hello, world!"
