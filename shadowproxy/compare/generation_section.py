@@ -15,7 +15,8 @@ prompt's length, the requested ``model``, whether the request asked for a stream
 come back trimmed to the first choice without its ``logprobs``, the only part compared, so
 that large answers cost no memory here. Every figure is then computed by the pure functions
 of ``compare/generation.py``; semantic similarity by ``compare/embeddings.py`` when an
-embeddings endpoint is configured.
+embeddings endpoint is configured. A pair where either call failed (``error_kind``: a
+stream cut short, assembled as far as it went) is left out and counted (``cut_short``).
 
 Slices: the families of ``compare.slices`` (SQL conditions over the pairs, or bins and
 values of a configured feature) and the built-in ones of ``generation.builtin_slices``
@@ -144,6 +145,7 @@ class GenerationSection(TypedDict, total=False):
     sample: Sample
     prices: dict[str, dict[str, float] | None]
     streamed_unassembled: dict[str, int]
+    cut_short: dict[str, int]
     n_pairs: int
     n_compared: int
     missing: dict[str, int]
@@ -169,6 +171,9 @@ class _Row:
     prompt_chars: int
     model: str | None
     streamed_request: bool
+    failed: tuple[bool, bool]
+    """Whether the primary's, the shadow's call failed (``error_kind``): the answer is what
+    came before the failure, a stream assembled as far as it went."""
 
 
 # -- task ----------------------------------------------------------------------------------
@@ -202,6 +207,7 @@ async def _load(db: Snapshot, comparable: int) -> list[_Row]:
     sample = db.sample_clause(comparable, "id::text")
     rows = await db.fetch(f"""
         SELECT p.id, p.request_id, p.primary_latency_ms, p.shadow_latency_ms,
+               p.primary_error_kind IS NOT NULL AS pf, p.shadow_error_kind IS NOT NULL AS sf,
                {_trimmed('p.primary_body_json')} AS pb, {_trimmed('p.shadow_body_json')} AS sb,
                rp.stream::text AS ps, rs.stream::text AS ss,
                (p.request_body_json -> 'response_format')::text AS fmt,
@@ -228,8 +234,22 @@ async def _load(db: Snapshot, comparable: int) -> list[_Row]:
             shadow=generation_from(orjson.loads(r["sb"]), _loads(r["ss"]),
                                    r["shadow_latency_ms"]),
             wants_json=asks_for_json({"response_format": fmt}), label=r["label"])
-        out.append(_Row(r["id"], pair, int(r["prompt_chars"]), r["model"], bool(r["streamed"])))
+        out.append(_Row(r["id"], pair, int(r["prompt_chars"]), r["model"], bool(r["streamed"]),
+                        (bool(r["pf"]), bool(r["sf"]))))
     return out
+
+
+def _complete(rows: list[_Row]) -> tuple[list[_Row], dict[str, int]]:
+    """The rows whose two calls both ended well; and per side, how many answers were cut
+    short. A stream whose call failed mid-way (the client left, a timeout, a reset) is
+    stored assembled as far as it went, 2xx with a ``body_json``: compared, its cut text and
+    missing ``finish_reason`` would count against the other side. An answer sent in one
+    piece and cut has no JSON and is not comparable at all, which the streamed one now
+    matches."""
+    cut = {"primary": sum(r.failed[0] for r in rows), "shadow": sum(r.failed[1] for r in rows)}
+    if not cut["primary"] and not cut["shadow"]:
+        return rows, cut
+    return [r for r in rows if not any(r.failed)], cut
 
 
 async def _unassembled(db: Snapshot) -> dict[str, int]:
@@ -492,7 +512,8 @@ async def build(db: Snapshot, comparable: int, source: str, features: Features
                 ) -> GenerationSection:
     """The section over the ``comparable`` pairs (``counts.comparable_pairs``)."""
     g = db.compare.generation
-    rows = await _load(db, comparable)
+    loaded = await _load(db, comparable)
+    rows, cut = _complete(loaded)
     pairs = [r.pair for r in rows]
     prices = _prices(db)
     semantic = await _semantic(g.embeddings, pairs, db.scope.seed)
@@ -501,12 +522,12 @@ async def build(db: Snapshot, comparable: int, source: str, features: Features
                                      most_different=g.most_different, semantic=semantic)
     section = GenerationSection(
         task_source=source,
-        sample=Sample(n=len(rows), of=comparable, sampled=len(rows) < comparable,
+        sample=Sample(n=len(loaded), of=comparable, sampled=len(loaded) < comparable,
                       seed=db.scope.seed),
         prices={side: ({"input_per_million": p.input_per_million,
                         "output_per_million": p.output_per_million}
                        if (p := prices.get(side)) else None) for side in ("primary", "shadow")},
-        streamed_unassembled=await _unassembled(db))
+        streamed_unassembled=await _unassembled(db), cut_short=cut)
     section.update(cast(GenerationSection, comparison.to_dict()))
     _with_tool_calls(section["most_different"], pairs)
     section["timing_curves"] = _curves(pairs)

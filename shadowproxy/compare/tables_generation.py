@@ -46,6 +46,11 @@ def _texts(g: dict[str, Any]) -> Section:
     if any(un.values()):
         s.notes.append(f"streamed answers stored without an assembled body (not compared): "
                        f"primary {fmt(un['primary'])}, shadow {fmt(un['shadow'])}")
+    cut = g.get("cut_short") or {}
+    if any(cut.values()):
+        s.notes.append(f"answers cut short by a failed call (the client left, a timeout, a "
+                       f"reset), their pairs not compared: primary {fmt(cut['primary'])}, "
+                       f"shadow {fmt(cut['shadow'])}")
     t, f, calls, js = g["text"], g["finish_reason"], g["tool_calls"], g["json"]
     sim, ratio = t["similarity"], t["length_ratio"]
     rows = [["exact match", rate(t["exact_match"])],

@@ -9,6 +9,7 @@ recomputed from the models themselves: what each one answers to each recorded re
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -269,3 +270,55 @@ async def test_streamed_answers_that_only_call_a_tool_are_not_compared_on_text(
     assert g["text"]["similarity"]["n"] == 2 and g["text"]["similarity"]["max"] < 1.0
     assert g["tool_calls"]["n_either"] == 2
     assert g["tool_calls"]["same_calls"]["count"] == 2
+
+
+async def test_streams_the_client_left_are_not_compared(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """The same model as primary and shadow, every request streamed; on some the client
+    stops reading after a few tokens (a "stop" button) and the proxy cuts the primary's
+    stream. Those pairs are counted in ``cut_short`` and left out: the shadow is not blamed
+    for the text and the finish_reason the primary never finished, and the rest agree."""
+    n, left = 10, {0, 4, 7}
+    speed = Speed(0.005, 0.01)
+    async with chat_service("small", speed) as primary, chat_service("small", speed) as shadow, \
+            start_proxy([{"name": "chat", "match": {"path_prefix": "/v1/", "methods": ["POST"]},
+                          "primary": {"url": primary},
+                          "shadows": [{"name": "twin", "url": shadow}]}]) as proxy:
+        async def one(i: int) -> None:
+            body = json.dumps({"model": "small", "stream": True, "messages": [
+                {"role": "user", "content": f"Tell me one useful thing about topic {i}."}]})
+            async with aiohttp.ClientSession() as http, http.post(
+                    f"http://127.0.0.1:{proxy.port}/v1/chat/completions", data=body,
+                    headers={"Content-Type": "application/json"}) as resp:
+                if i not in left:
+                    assert b"data: [DONE]" in await resp.read()
+                    return
+                tokens = 0
+                async for line in resp.content:
+                    tokens += b'"content": "' in line or b'"content":"' in line
+                    if tokens == 3:
+                        break
+                resp.close()  # the client leaves mid-stream
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        await wait_for_rows(database_url, "responses", 2 * n)
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        cut = await conn.fetchval("SELECT count(*) FROM shadowproxy.responses WHERE role = "
+                                  "'primary' AND error_kind = 'closed' AND body_json IS NOT NULL"
+                                  " AND (stream ->> 'interrupted')::bool")
+        now = datetime.now(UTC)
+        r = await build_report(conn, route="chat", shadow="twin",
+                               window=Window(now - timedelta(hours=1), now),
+                               compare=CompareConfig())
+    finally:
+        await conn.close()
+    assert cut == len(left)
+    g = r["generation"]
+    assert not [x for x in r["verdict"]["reasons"] if x["section"] == "generation"]
+    assert g["finish_reason"]["pairs"] == {"stop": {"stop": n - len(left)}}
+    assert (g["n_pairs"], g["n_compared"]) == (n - len(left), n - len(left))
+    assert g["text"]["exact_match"]["count"] == n - len(left)
+    assert g["cut_short"] == {"primary": len(left), "shadow": 0}
+    assert g["sample"] == {"n": n, "of": n, "sampled": False, "seed": g["sample"]["seed"]}
