@@ -469,8 +469,16 @@ def decode_arrivals(body: bytes, arrivals: Sequence[Arrival], encoding: bytes, c
     the decoded body would exceed ``cap`` bytes.
 
     Each read is decoded as it came, so an event gets the time of the read that completed
-    it (as far as the server flushed its compressor between events).
+    it (as far as the server flushed its compressor between events). A list of codings
+    (``gzip, br``) is undone last first (RFC 9110, 8.4), each step moving the arrivals on.
     """
+    if encoding.find(b",") >= 0:
+        decoded: tuple[bytes, list[Arrival]] | None = (body, list(arrivals))
+        for coding in reversed(encoding.split(b",")):
+            if decoded is None:
+                return None
+            decoded = decode_arrivals(decoded[0], decoded[1], coding, cap)
+        return decoded
     enc = encoding.strip().lower()
     if enc in (b"", b"identity"):
         return body, list(arrivals)

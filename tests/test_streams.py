@@ -8,6 +8,7 @@ unstreamed answers to the same requests.
 from __future__ import annotations
 
 import gzip
+import itertools
 import re
 import time
 import tomllib
@@ -465,6 +466,28 @@ def test_compressed_streams_are_decoded_read_by_read(encoding: str) -> None:
     assert result is not None
     assert result[1]["ttft_ms"] == 1000.0  # the first token was in read 1
     assert result[0]["choices"][0]["message"]["content"] == " w0 w1 w2 w3 w4"
+
+
+def test_a_stream_with_a_list_of_codings_is_decoded_read_by_read() -> None:
+    """``Content-Encoding: gzip, br`` (gzip applied, then br, read by read): undone br
+    first, each read keeping its offset in the plain bytes; an unknown coding in the list
+    gives None."""
+    events = [_chunk({"role": "assistant", "content": ""})] + [
+        _chunk({"content": f" w{i}"}) for i in range(4)] + [b"data: [DONE]\n\n"]
+    gzipped, gzip_arrivals = _compressed_reads(events, "gzip")
+    bounds = [a[0] for a in gzip_arrivals] + [len(gzipped)]
+    pieces = [gzipped[a:b] for a, b in itertools.pairwise(bounds)]
+    raw, arrivals = _compressed_reads(pieces, "br")
+    decoded = decode_arrivals(raw, arrivals, b"gzip, br", 1 << 20)
+    assert decoded is not None
+    plain_body, moved = decoded
+    assert plain_body == b"".join(events)
+    offsets = [0]
+    for e in events[:-1]:
+        offsets.append(offsets[-1] + len(e))
+    assert moved == [(o, float(i)) for i, o in enumerate(offsets)]
+    assert decode_arrivals(raw, arrivals, b"gzip, zstd", 1 << 20) is None
+    assert decode_arrivals(raw, arrivals, b"gzip, br", 100) is None  # past the cap
 
 
 def test_the_declared_brotli_can_decode_within_a_cap() -> None:
