@@ -312,7 +312,11 @@ def decide(features: Sequence[FeatureDrift], policy: DriftPolicy) -> DriftResult
         out[i] = (replace(out[i], distribution=ch) if which == "distribution"
                   else replace(out[i], missing=ch))
     out = [replace(f, drift=f.distribution.drift or f.missing.drift) for f in out]
-    n_tested = sum(1 for f in out if f.distribution.test is not None)
+    # A feature with a test of either kind is tested: one whose values all went missing
+    # has no distribution test but drifts by its missing share, and counting it in
+    # ``drifted`` but not here made the share exceed 1.
+    n_tested = sum(1 for f in out
+                   if f.distribution.test is not None or f.missing.test is not None)
     drifted = [f.name for f in out if f.drift]
     share = len(drifted) / n_tested if n_tested else None
     return DriftResult(out, drifted, n_tested, len(family), share,

@@ -492,6 +492,24 @@ async def test_without_reference_the_earlier_window_is_the_reference(database_ur
     assert r["counts"]["pairs"] == 200
 
 
+async def test_a_feature_gone_missing_counts_among_the_tested(database_url: str) -> None:
+    """A feature whose values all went missing is tested (its missing share) and drifts:
+    it counts among the tested features, so the drift share stays a share of them. It was
+    left out of n_tested while counted in drifted: 2 drifted of 1 tested, a share of 2.0."""
+    rng = np.random.default_rng(17)
+    now_ex, _, _ = _feature_exchanges(rng, 200, shift=600, minutes_ago=10)
+    old_ex, _, _ = _feature_exchanges(rng, 200, shift=0, minutes_ago=80)
+    for ex in now_ex:
+        del ex.request["features"]["city"]
+    await insert(database_url, now_ex + old_ex)
+    r = await report(database_url, {"prediction": "$.prediction", "features": FEATURES})
+    dc = r["data_checks"]
+    city = next(x for x in dc["features"] if x["name"] == "city")
+    assert city["distribution"]["test"] is None and city["missing"]["drift"] is True
+    assert dc["drifted"] == ["sqft", "city"]
+    assert (dc["n_tested"], dc["drift_share"], dc["dataset_drift"]) == (2, 1.0, True)
+
+
 async def _stored_houses(url: str, *, seed: int, n: int = 400
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` house-price exchanges stored: (sqft, primary's, candidate's predictions)."""
