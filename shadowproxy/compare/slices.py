@@ -113,7 +113,10 @@ async def _feature_slices(db: Snapshot, features: Features, family: str, spec: S
             last = i == len(edges) - 2
             op = "<=" if last else "<"
             label = f"{spec.feature} in [{a:g}, {b:g}{']' if last else ')'}"
-            cases.append(f"WHEN num >= {float(a)!r} AND num {op} {float(b)!r} "
+            # As float8 literals: an open-ended bin's edge is 'inf' or '-inf', which bare
+            # would be read as a column name.
+            cases.append(f"WHEN num >= {literal(repr(float(a)))}::float8 "
+                         f"AND num {op} {literal(repr(float(b)))}::float8 "
                          f"THEN {literal(label)}")
         expr = "CASE " + " ".join(cases) + " END"
         await db.execute(f"""
