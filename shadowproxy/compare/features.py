@@ -116,7 +116,10 @@ async def load(db: Snapshot, *, earlier: bool) -> Features:
 
 async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
                    ) -> dict[str, Any]:
-    """Counts, missing values, basic statistics and (with ``cfg``) value-check counts."""
+    """Counts, missing values, basic statistics and (with ``cfg``) value-check counts.
+
+    A number beyond float8 (``num`` NULL: 1e400) is outside any finite configured bound on
+    its side, so the range check counts it rather than letting it pass as no number."""
     allowed = allowed_num = None
     lo, hi = -math.inf, math.inf
     if cfg is not None:
@@ -133,7 +136,11 @@ async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
                avg(num) AS mean, percentile_cont(0.5) WITHIN GROUP (ORDER BY num) AS median,
                stddev_samp(num) AS sd, min(num) AS min, max(num) AS max,
                count(*) FILTER (WHERE num = 0) AS n_zero,
-               count(*) FILTER (WHERE num < $3 OR num > $4) AS n_out_of_range,
+               count(*) FILTER (WHERE num < $3 OR num > $4
+                                OR num IS NULL AND jsonb_typeof(v) = 'number'
+                                   AND (v::numeric > 0 AND $4 < 'Infinity'::float8
+                                        OR v::numeric < 0 AND $3 > '-Infinity'::float8))
+                 AS n_out_of_range,
                count(*) FILTER (WHERE txt IS NOT NULL AND $5::text[] IS NOT NULL
                                 AND ($6::float8[] IS NULL OR num IS NULL
                                      OR num <> ALL($6::float8[]))

@@ -445,6 +445,26 @@ async def test_configured_value_checks_fail_the_report(database_url: str) -> Non
     assert sorted(r["data_checks"]["value_check_failures"]) == ["city", "sqft"]
 
 
+async def test_numbers_beyond_float8_break_a_configured_range(database_url: str) -> None:
+    """A number too large for float8 (1e400, -1e400) is outside a configured finite min or
+    max: the range check counts it and the report fails. It was not counted (its float8 is
+    NULL), and the verdict passed; a bound of .inf is no bound, and it stays within it."""
+    rng = np.random.default_rng(19)
+    exchanges, _, _ = _feature_exchanges(rng, 50, shift=0)
+    exchanges[0].request["features"]["sqft"] = 10**400
+    exchanges[1].request["features"]["sqft"] = -(10**400)
+    await insert(database_url, exchanges)
+    features = {"sqft": {"path": "$.features.sqft", "min": 0, "max": 100_000},
+                "open": {"path": "$.features.sqft", "max": float("inf")}}
+    r = await report(database_url, {"prediction": "$.prediction", "features": features})
+    f = {x["name"]: x for x in r["data_checks"]["features"]}
+    assert f["sqft"]["checks"]["range"]["violations"] == 2
+    assert f["open"]["checks"]["range"]["violations"] == 0
+    assert r["data_checks"]["value_check_failures"] == {
+        "sqft": ["2 values outside [0.0, 100000.0]"]}
+    assert r["verdict"]["status"] == "fail"
+
+
 async def test_numbers_beyond_float8_do_not_stop_the_report(database_url: str) -> None:
     """JSON numbers float8 cannot hold (1e400 in a feature and a prediction, 1e-400 in a
     feature) are legal JSON: a number too large is left out of the statistics like a value
