@@ -40,6 +40,15 @@ def float8_sql(value: str) -> str:
             f"WHEN abs({n}) < 1e-320 THEN 0 ELSE {value}::float8 END END")
 
 
+def square_sql(value: str) -> str:
+    """SQL: the float8 ``value`` squared, 0 where the square is below float8's smallest
+    number. PostgreSQL raises ``value out of range: underflow`` rather than round such a
+    square to 0 as float arithmetic does, so one pair of predictions 1e-200 apart (tiny
+    probabilities from an ``exp``) stopped the report. Squares of under 1e-160 (under
+    1e-320) are what float8 can no longer tell from 0."""
+    return f"CASE WHEN abs({value}) < 1e-160 THEN 0 ELSE ({value}) ^ 2 END"
+
+
 def category_sql(value: str) -> str:
     """SQL: the jsonb ``value`` as a category's text (NULL when missing), whole numbers
     without a fractional part: ``1.0`` is ``1``, as ``reference.category_text`` writes a

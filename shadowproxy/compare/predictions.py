@@ -27,7 +27,7 @@ import numpy as np
 from shadowproxy.compare import stats
 from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.drift import cdf_distances
-from shadowproxy.compare.extract import category_sql, float8_sql, literal
+from shadowproxy.compare.extract import category_sql, float8_sql, literal, square_sql
 from shadowproxy.compare.paired import PairedPolicy, flip_test, mean_shift
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
 
@@ -417,7 +417,8 @@ def _opt(value: Any) -> float | None:
 async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection) -> None:
     compare, t = db.compare, preds.table
     row = await db.fetchrow(f"""
-        SELECT count(*) AS n, avg(abs(sn - pn)) AS mae, sqrt(avg((sn - pn) ^ 2)) AS rmse,
+        SELECT count(*) AS n, avg(abs(sn - pn)) AS mae,
+               sqrt(avg({square_sql('sn - pn')})) AS rmse,
                max(abs(sn - pn)) AS max_abs_diff, avg(sn - pn) AS mean_diff,
                stddev_samp(sn - pn) AS sd_diff, corr(pn, sn) AS pearson,
                avg((abs(sn - pn) <= greatest($1, $2 * greatest(abs(pn), abs(sn))))::int)
@@ -566,7 +567,7 @@ async def _noise(db: Snapshot, shadow: str, table: str) -> NoiseSummary:
     row = await db.fetchrow(f"""
         SELECT count(*) FILTER (WHERE pt IS NOT NULL AND st IS NOT NULL) AS n,
                avg((pt = st)::int) AS agreement, avg(abs(sn - pn)) AS mae,
-               sqrt(avg((sn - pn) ^ 2)) AS rmse, max(abs(sn - pn)) AS max_abs_diff
+               sqrt(avg({square_sql('sn - pn')})) AS rmse, max(abs(sn - pn)) AS max_abs_diff
         FROM {table}""")
     return NoiseSummary(shadow=shadow, n=int(row["n"]), agreement=_opt(row["agreement"]),
                         mae=_opt(row["mae"]), rmse=_opt(row["rmse"]),

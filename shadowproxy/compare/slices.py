@@ -21,7 +21,7 @@ import numpy as np
 
 from shadowproxy.compare import stats
 from shadowproxy.compare.config import SliceConfig
-from shadowproxy.compare.extract import literal
+from shadowproxy.compare.extract import literal, square_sql
 from shadowproxy.compare.features import CURRENT, Features
 from shadowproxy.compare.performance import LABEL_SQL, class_text, is_number
 from shadowproxy.compare.predictions import Predictions, PredictionsSection
@@ -141,7 +141,7 @@ async def _summary(db: Snapshot, preds: Predictions, regression: bool) -> list[A
     if regression:
         return await db.fetch(f"""
             SELECT s.family, s.slice, count(*) AS n, avg(abs(sn - pn)) AS mae,
-                   sqrt(avg((sn - pn) ^ 2)) AS rmse, avg(sn - pn) AS mean_diff,
+                   sqrt(avg({square_sql('sn - pn')})) AS rmse, avg(sn - pn) AS mean_diff,
                    avg((abs(sn - pn) <= greatest($1, $2 * greatest(abs(pn), abs(sn))))::int)
                      AS within_tolerance
             {join} WHERE pn IS NOT NULL AND sn IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2""",

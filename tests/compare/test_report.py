@@ -493,6 +493,31 @@ async def test_numbers_beyond_float8_do_not_stop_the_report(database_url: str) -
         np.delete(sqft * 0.01, 1))))
 
 
+async def test_tiny_predictions_do_not_stop_the_report(database_url: str) -> None:
+    """Predictions 1e-200 apart (probabilities from an exp that went that far): their
+    squared difference is below float8's smallest number, and PostgreSQL raised
+    "value out of range: underflow" for it, so the report stopped (exit status 1). It
+    counts as 0 in the RMSE, as in numpy's float64, in every section that squares."""
+    rng = np.random.default_rng(20)
+    p, s = rng.uniform(0, 1, 150), rng.uniform(0, 1, 150)
+    p[:20], s[:20] = 1e-200, 3e-200
+    await insert(database_url, [
+        Exchange({"features": {"sqft": float(i)}}, Call({"prediction": p[i]}),
+                 {"candidate": Call({"prediction": s[i]}), "base": Call({"prediction": s[i]})})
+        for i in range(150)])
+    r = await report(database_url, {
+        "prediction": "$.prediction", "task": "regression", "baseline_shadow": "base",
+        "features": {"sqft": {"path": "$.features.sqft"}},
+        "slices": {"first": {"feature": "sqft", "bins": [0, 50, 150]}}})
+    pred = r["predictions"]
+    assert pred["n"] == 150
+    assert pred["mae"] == pytest.approx(np.mean(np.abs(s - p)))
+    assert pred["rmse"] == pytest.approx(np.sqrt(np.mean((s - p) ** 2)))
+    assert pred["baseline_noise"]["rmse"] == pytest.approx(pred["rmse"])
+    first = next(x for x in r["slices"]["slices"] if x["slice"] == "sqft in [0, 50)")
+    assert first["rmse"] == pytest.approx(np.sqrt(np.mean((s - p)[:50] ** 2)))
+
+
 async def test_without_reference_the_earlier_window_is_the_reference(database_url: str) -> None:
     """No --reference: the same-length window just before is compared, on its values."""
     rng = np.random.default_rng(15)
