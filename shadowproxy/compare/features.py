@@ -137,9 +137,11 @@ async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
                stddev_samp(num) AS sd, min(num) AS min, max(num) AS max,
                count(*) FILTER (WHERE num = 0) AS n_zero,
                count(*) FILTER (WHERE num < $3 OR num > $4
-                                OR num IS NULL AND jsonb_typeof(v) = 'number'
-                                   AND (v::numeric > 0 AND $4 < 'Infinity'::float8
-                                        OR v::numeric < 0 AND $3 > '-Infinity'::float8))
+                                OR CASE WHEN num IS NULL AND jsonb_typeof(v) = 'number'
+                                        -- CASE: the cast only ever sees a number
+                                        THEN v::numeric > 0 AND $4 < 'Infinity'::float8
+                                             OR v::numeric < 0 AND $3 > '-Infinity'::float8
+                                        ELSE false END)
                  AS n_out_of_range,
                count(*) FILTER (WHERE txt IS NOT NULL AND $5::text[] IS NOT NULL
                                 AND ($6::float8[] IS NULL OR num IS NULL
