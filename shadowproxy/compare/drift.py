@@ -31,6 +31,7 @@ be). Holm is valid under any dependence.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -202,6 +203,7 @@ def cdf_distances(ref: NDArray[np.float64], cur: NDArray[np.float64]) -> tuple[f
     """
     r, c = np.sort(ref), np.sort(cur)
     pooled = np.sort(np.concatenate([r, c]))
+    r, c, pooled = (r, c, pooled) if pooled.size == 0 else _within_squares(r, c, pooled)
     gap = (np.searchsorted(r, pooled[:-1], side="right") / r.size
            - np.searchsorted(c, pooled[:-1], side="right") / c.size)
     w1 = float(np.sum(np.abs(gap) * np.diff(pooled)))
@@ -210,6 +212,17 @@ def cdf_distances(ref: NDArray[np.float64], cur: NDArray[np.float64]) -> tuple[f
     if scale <= 0:
         scale = float(np.std(pooled))
     return (w1 / scale if scale > 0 else 0.0), ks
+
+
+def _within_squares(*values: NDArray[np.float64]) -> tuple[NDArray[np.float64], ...]:
+    """``values`` scaled by one power of two (exact) when their largest magnitude is past
+    1e150, where a variance's squares overflow (a diverged model's 1e200); a ratio of their
+    spreads is unchanged."""
+    top = max(float(np.max(np.abs(v))) if v.size else 0.0 for v in values)
+    if not top > 1e150 or math.isinf(top):
+        return values
+    factor = 2.0 ** -math.frexp(top)[1]
+    return tuple(v * factor for v in values)
 
 
 def total_variation(ref: Counts, cur: Counts) -> float:
@@ -260,9 +273,10 @@ def feature_tests(name: str, kind: Kind, ref: Sample, cur: Sample, policy: Drift
         rl, cl, n_levels, described = numeric_levels(r, c)
         size, ks = cdf_distances(r, c)
         effect, threshold = "wasserstein_normed", policy.max_distance
+        r_sd, c_sd = (float(np.std(v)) for v in _within_squares(r, c))
         info = {"ks_statistic": ks,
                 "mean_diff": num(np.mean(c) - np.mean(r)),
-                "sd_ratio": num(np.std(c) / np.std(r)) if np.std(r) > 0 else None,
+                "sd_ratio": num(c_sd / r_sd) if r_sd > 0 else None,
                 "zero_share_reference": float(np.mean(r == 0)),
                 "zero_share_current": float(np.mean(c == 0))}
     else:

@@ -49,6 +49,16 @@ def square_sql(value: str) -> str:
     return f"CASE WHEN abs({value}) < 1e-160 THEN 0 ELSE ({value}) ^ 2 END"
 
 
+def pearson_sql(x: str, y: str, cast: str) -> str:
+    """SQL: Pearson's r of the columns ``x`` and ``y`` (see ``Snapshot.fetchrow_wide``);
+    read as numeric, where PostgreSQL has no ``corr``, from the population moments."""
+    if not cast:
+        return f"corr({x}, {y})"
+    x, y = x + cast, y + cast
+    return (f"((avg({x} * {y}) - avg({x}) * avg({y})) "
+            f"/ nullif(stddev_pop({x}) * stddev_pop({y}), 0))")
+
+
 def category_sql(value: str) -> str:
     """SQL: the jsonb ``value`` as a category's text (NULL when missing), whole numbers
     without a fractional part: ``1.0`` is ``1``, as ``reference.category_text`` writes a

@@ -130,11 +130,13 @@ async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
             allowed_num = [float(a) for a in cfg.allowed]
         lo = cfg.min if cfg.min is not None else -math.inf
         hi = cfg.max if cfg.max is not None else math.inf
-    row = await db.fetchrow(f"""
+    def query(cast: str) -> str:
+        return f"""
         SELECT count(*) AS n_rows, count(*) FILTER (WHERE txt IS NULL) AS n_missing,
                count(num) AS n_numeric, count(DISTINCT txt) AS n_unique,
-               avg(num) AS mean, percentile_cont(0.5) WITHIN GROUP (ORDER BY num) AS median,
-               stddev_samp(num) AS sd, min(num) AS min, max(num) AS max,
+               avg(num{cast}) AS mean,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY num) AS median,
+               stddev_samp(num{cast}) AS sd, min(num) AS min, max(num) AS max,
                count(*) FILTER (WHERE num = 0) AS n_zero,
                count(*) FILTER (WHERE num < $3 OR num > $4
                                 OR CASE WHEN num IS NULL AND jsonb_typeof(v) = 'number'
@@ -147,9 +149,14 @@ async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
                                 AND ($6::float8[] IS NULL OR num IS NULL
                                      OR num <> ALL($6::float8[]))
                                 AND txt <> ALL($5::text[])) AS n_not_allowed
-        FROM {FEATURES} WHERE name = $1 AND tag = $2""",
-                            name, tag, lo, hi, allowed, allowed_num)
-    return dict(row)
+        FROM {FEATURES} WHERE name = $1 AND tag = $2"""
+
+    row = await db.fetchrow_wide(query, name, tag, lo, hi, allowed, allowed_num)
+    summary = dict(row)
+    for key in ("mean", "sd"):  # numeric when float8 overflowed (fetchrow_wide)
+        if summary[key] is not None:
+            summary[key] = float(summary[key])
+    return summary
 
 
 async def _data(db: Snapshot, name: str, tag: str, summary: dict[str, Any]) -> FeatureData:

@@ -26,6 +26,7 @@ are not independent answers), and is read together with an effect size a team se
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -135,7 +136,9 @@ def mean_shift(primary: NDArray[np.float64], shadow: NDArray[np.float64],
     low = high = None
     if r > 1:
         resid = sums - sizes * shift
-        se = float(np.sqrt(r / (r - 1) * np.sum(resid**2)) / d.size)
+        # hypot, not sqrt(sum(resid**2)): it scales, so residuals past 1e154 (a diverged
+        # model's predictions) give their size instead of an overflow to inf.
+        se = math.sqrt(r / (r - 1)) * math.hypot(*resid.tolist()) / d.size
         half = float(sps.t.ppf(0.975, r - 1)) * se
         low, high = shift - half, shift + half
     means = sums / sizes

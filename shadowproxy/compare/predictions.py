@@ -27,7 +27,13 @@ import numpy as np
 from shadowproxy.compare import stats
 from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.drift import cdf_distances
-from shadowproxy.compare.extract import category_sql, float8_sql, literal, square_sql
+from shadowproxy.compare.extract import (
+    category_sql,
+    float8_sql,
+    literal,
+    pearson_sql,
+    square_sql,
+)
 from shadowproxy.compare.paired import PairedPolicy, flip_test, mean_shift
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
 
@@ -416,20 +422,23 @@ def _opt(value: Any) -> float | None:
 
 async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection) -> None:
     compare, t = db.compare, preds.table
-    row = await db.fetchrow(f"""
-        SELECT count(*) AS n, avg(abs(sn - pn)) AS mae,
-               sqrt(avg({square_sql('sn - pn')})) AS rmse,
-               max(abs(sn - pn)) AS max_abs_diff, avg(sn - pn) AS mean_diff,
-               stddev_samp(sn - pn) AS sd_diff, corr(pn, sn) AS pearson,
+    def query(cast: str) -> str:
+        pn, sn = "pn" + cast, "sn" + cast
+        return f"""
+        SELECT count(*) AS n, avg(abs({sn} - {pn})) AS mae,
+               sqrt(avg({square_sql(f'{sn} - {pn}')})) AS rmse,
+               max(abs({sn} - {pn})) AS max_abs_diff, avg({sn} - {pn}) AS mean_diff,
+               stddev_samp({sn} - {pn}) AS sd_diff, {pearson_sql('pn', 'sn', cast)} AS pearson,
                avg((abs(sn - pn) <= greatest($1, $2 * greatest(abs(pn), abs(sn))))::int)
                  AS within_tolerance,
                percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY pn) AS pq,
                percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY sn) AS sq,
                percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY sn - pn) AS dq,
-               avg(pn) AS pmean, stddev_samp(pn) AS psd, avg(sn) AS smean,
-               stddev_samp(sn) AS ssd
-        FROM {t} WHERE pn IS NOT NULL AND sn IS NOT NULL""",
-                            compare.abs_tolerance, compare.rel_tolerance, LEVELS)
+               avg({pn}) AS pmean, stddev_samp({pn}) AS psd, avg({sn}) AS smean,
+               stddev_samp({sn}) AS ssd
+        FROM {t} WHERE pn IS NOT NULL AND sn IS NOT NULL"""
+
+    row = await db.fetchrow_wide(query, compare.abs_tolerance, compare.rel_tolerance, LEVELS)
     n = int(row["n"])
     out["mae"], out["rmse"] = _opt(row["mae"]), _opt(row["rmse"])
     out["max_abs_diff"], out["mean_diff"] = _opt(row["max_abs_diff"]), _opt(row["mean_diff"])
@@ -564,11 +573,16 @@ async def _classification(db: Snapshot, preds: Predictions, out: PredictionsSect
 
 async def _noise(db: Snapshot, shadow: str, table: str) -> NoiseSummary:
     """How far the baseline shadow's predictions are from the primary's: the noise floor."""
-    row = await db.fetchrow(f"""
+    def query(cast: str) -> str:
+        pn, sn = "pn" + cast, "sn" + cast
+        return f"""
         SELECT count(*) FILTER (WHERE pt IS NOT NULL AND st IS NOT NULL) AS n,
-               avg((pt = st)::int) AS agreement, avg(abs(sn - pn)) AS mae,
-               sqrt(avg({square_sql('sn - pn')})) AS rmse, max(abs(sn - pn)) AS max_abs_diff
-        FROM {table}""")
+               avg((pt = st)::int) AS agreement, avg(abs({sn} - {pn})) AS mae,
+               sqrt(avg({square_sql(f'{sn} - {pn}')})) AS rmse,
+               max(abs({sn} - {pn})) AS max_abs_diff
+        FROM {table}"""
+
+    row = await db.fetchrow_wide(query)
     return NoiseSummary(shadow=shadow, n=int(row["n"]), agreement=_opt(row["agreement"]),
                         mae=_opt(row["mae"]), rmse=_opt(row["rmse"]),
                         max_abs_diff=_opt(row["max_abs_diff"]))

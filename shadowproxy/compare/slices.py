@@ -139,13 +139,17 @@ async def _summary(db: Snapshot, preds: Predictions, regression: bool) -> list[A
     join = (f"FROM {preds.table} p JOIN {SLICES} s "
             "ON s.id = p.id AND (s.ord IS NULL OR s.ord = p.ord)")
     if regression:
-        return await db.fetch(f"""
-            SELECT s.family, s.slice, count(*) AS n, avg(abs(sn - pn)) AS mae,
-                   sqrt(avg({square_sql('sn - pn')})) AS rmse, avg(sn - pn) AS mean_diff,
+        def query(cast: str) -> str:
+            pn, sn = "pn" + cast, "sn" + cast
+            return f"""
+            SELECT s.family, s.slice, count(*) AS n, avg(abs({sn} - {pn})) AS mae,
+                   sqrt(avg({square_sql(f'{sn} - {pn}')})) AS rmse,
+                   avg({sn} - {pn}) AS mean_diff,
                    avg((abs(sn - pn) <= greatest($1, $2 * greatest(abs(pn), abs(sn))))::int)
                      AS within_tolerance
-            {join} WHERE pn IS NOT NULL AND sn IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2""",
-                              db.compare.abs_tolerance, db.compare.rel_tolerance)
+            {join} WHERE pn IS NOT NULL AND sn IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2"""
+
+        return await db.fetch_wide(query, db.compare.abs_tolerance, db.compare.rel_tolerance)
     return await db.fetch(f"""
         SELECT s.family, s.slice, count(*) AS n, avg((pt = st)::int) AS agreement
         {join} WHERE pt IS NOT NULL AND st IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2""")

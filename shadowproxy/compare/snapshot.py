@@ -116,6 +116,28 @@ class Snapshot:
         """The one row of an aggregate query."""
         return (await self.fetch(sql, *args))[0]
 
+    async def fetch_wide(self, build: Callable[[str], str], *args: object
+                         ) -> list[asyncpg.Record]:
+        """The rows of an aggregate query over float8 columns, ``build(cast)`` with each
+        column read as ``column + cast``: first with ``cast`` empty; where PostgreSQL's
+        float8 arithmetic overflows, again with ``"::numeric"``, exact and many times
+        slower (its figures come back as ``Decimal``). avg and stddev of float8 keep a sum
+        of squares, which overflows for values past about 1e154: a diverged model's
+        predictions (1e200) stopped the report. The first try runs in a savepoint, so that
+        its error leaves the snapshot usable."""
+        try:
+            async with self._conn.transaction():
+                return list(await self._conn.fetch(build(""), *args))
+        except asyncpg.NumericValueOutOfRangeError:
+            pass
+        except asyncpg.PostgresError as exc:
+            raise _translate(exc, None) from exc
+        return await self.fetch(build("::numeric"), *args)
+
+    async def fetchrow_wide(self, build: Callable[[str], str], *args: object) -> asyncpg.Record:
+        """The one row of an aggregate query (see ``fetch_wide``)."""
+        return (await self.fetch_wide(build, *args))[0]
+
     async def execute(self, sql: str, *args: object, explain: Explain | None = None) -> None:
         try:
             await self._conn.execute(sql, *args)

@@ -518,6 +518,52 @@ async def test_tiny_predictions_do_not_stop_the_report(database_url: str) -> Non
     assert first["rmse"] == pytest.approx(np.sqrt(np.mean((s - p)[:50] ** 2)))
 
 
+async def test_a_candidate_that_diverged_to_huge_values_is_reported(database_url: str) -> None:
+    """A shadow whose predictions blew up (1e200, a diverged model: what shadowing is for)
+    and a feature as large: squares, variances and correlations past float8's range made
+    PostgreSQL raise "value out of range: overflow", and the report stopped (exit status
+    1). The figures are reported, as large as they are, and the verdict says so."""
+    rng = np.random.default_rng(21)
+    p = rng.uniform(0, 1, 150)
+    s = p.copy()
+    s[:30] = rng.uniform(1e199, 1e200, 30)
+    big = rng.uniform(1e199, 1e200, 150)
+    await insert(database_url, [
+        Exchange({"features": {"sqft": float(i), "big": float(big[i])}},
+                 Call({"prediction": float(p[i])}),
+                 {"candidate": Call({"prediction": float(s[i])}),
+                  "base": Call({"prediction": float(s[i])})})
+        for i in range(150)])
+    # The window before (the drift check's reference): the feature three times as large.
+    earlier = datetime.now(UTC) - timedelta(minutes=90)
+    await insert(database_url, [
+        Exchange({"features": {"sqft": float(i), "big": float(3 * big[i])}},
+                 Call({"prediction": 1.0}), {"candidate": Call({"prediction": 1.0})},
+                 received_at=earlier) for i in range(150)])
+    r = await report(database_url, {
+        "prediction": "$.prediction", "task": "regression", "baseline_shadow": "base",
+        "features": {"sqft": {"path": "$.features.sqft"}, "big": {"path": "$.features.big"}},
+        "slices": {"first": {"feature": "sqft", "bins": [0, 50, 150]}}})
+    pred = r["predictions"]
+    assert pred["n"] == 150
+    assert pred["mae"] == pytest.approx(np.mean(np.abs(s - p)))
+    assert pred["rmse"] == pytest.approx(np.sqrt(np.mean(((s - p) / 1e200) ** 2)) * 1e200)
+    assert pred["max_abs_diff"] == pytest.approx(np.max(np.abs(s - p)))
+    assert pred["baseline_noise"]["rmse"] == pytest.approx(pred["rmse"])
+    first = next(x for x in r["slices"]["slices"] if x["slice"] == "sqft in [0, 50)")
+    assert first["rmse"] == pytest.approx(
+        np.sqrt(np.mean(((s - p)[:50] / 1e200) ** 2)) * 1e200)
+    feature = next(x for x in r["data_checks"]["features"] if x["name"] == "big")
+    assert feature["current"]["mean"] == pytest.approx(np.mean(big))
+    assert feature["current"]["sd"] == pytest.approx(np.std(big / 1e200, ddof=1) * 1e200)
+    assert feature["reference"]["mean"] == pytest.approx(np.mean(3 * big))
+    assert feature["drift"] is True
+    assert r["verdict"]["status"] == "warn"
+    assert "the shadow is systematically higher" in r["verdict"]["reasons"][0]["message"]
+    for fmt in ("text", "markdown", "html"):
+        assert "e+199" in render(r, fmt)
+
+
 async def test_without_reference_the_earlier_window_is_the_reference(database_url: str) -> None:
     """No --reference: the same-length window just before is compared, on its values."""
     rng = np.random.default_rng(15)
