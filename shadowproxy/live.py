@@ -8,6 +8,14 @@ no longer names is retired (``UpstreamPool.retire``): its idle connections close
 each busy one when its call ends, and calls of requests that arrived under the earlier
 configuration are still made on it. A later configuration naming the URL again revives it.
 
+A retired pool is held weakly, for as long as something can still start a call on it: a
+request whose head arrived under an earlier configuration holds that configuration's route,
+and with it the pool, until its body is in (a slow upload, a request pipelined behind a
+slow one), across any number of reloads. While it lives the registry lists it whenever it
+has calls in flight, so that a stop waits for them (and ends those that outlive the grace)
+and its close refuses new ones; forgetting it at the next reload once it had no call left
+let such a late call run unseen by the stop, and its exchange never reach the recorder.
+
 What a pool does with its connections follows the running configuration's ``limits``
 (``upstream_idle_s``, ``max_response_header_bytes``): a reload hands a kept pool the new
 values (``UpstreamPool.use_limits``), as it hands a new pool its first ones.
@@ -16,6 +24,7 @@ values (``UpstreamPool.use_limits``), as it hands a new pool its first ones.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Iterable
 
 from shadowproxy.config import Limits, Settings
@@ -32,40 +41,49 @@ class PoolRegistry:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._pools: dict[str, UpstreamPool] = {}
+        """The pools the running configuration uses."""
+        self._retired: weakref.WeakValueDictionary[str, UpstreamPool] = (
+            weakref.WeakValueDictionary())
+        """Retired pools, for as long as a route of an earlier configuration (or a call)
+        holds them."""
 
     def pool(self, url: str, name: str, limits: Limits) -> UpstreamPool:
         """The pool of ``url`` (made on first use; revived if it was retired), working to
         ``limits``."""
         pool = self._pools.get(url)
         if pool is None:
-            pool = self._pools[url] = UpstreamPool(self.loop, url, name, limits)
-            return pool
+            pool = self._retired.pop(url, None)
+            if pool is None:
+                pool = self._pools[url] = UpstreamPool(self.loop, url, name, limits)
+                return pool
+            self._pools[url] = pool
         pool.use_limits(limits)
         if pool.retired:
             pool.revive()
         return pool
 
     def keep_only(self, used: Iterable[UpstreamPool]) -> list[UpstreamPool]:
-        """Retire every pool not in ``used``; forget retired pools with no call left.
-        Returns the pools retired now."""
+        """Retire every pool not in ``used`` (held weakly from now on). Returns the pools
+        retired now."""
         keep = {id(p) for p in used}
         retired = []
         for url, pool in list(self._pools.items()):
             if id(pool) in keep:
                 continue
-            if not pool.retired:
-                pool.retire()
-                retired.append(pool)
-            elif not pool.active:
-                del self._pools[url]  # its last call ended and it holds no connection
+            del self._pools[url]
+            pool.retire()
+            self._retired[url] = pool
+            retired.append(pool)
         return retired
 
     def all(self) -> list[UpstreamPool]:
-        """Every pool that may still carry a call: in use, or retired with calls left."""
-        return list(self._pools.values())
+        """Every pool that carries a call or may: in use, or retired with calls left."""
+        return [*self._pools.values(), *(p for p in self._retired.values() if p.active)]
 
     def close(self) -> None:
-        for pool in self._pools.values():
+        """Close every pool, retired ones too: a call a request of an earlier configuration
+        would start from now on fails as ``shutdown``."""
+        for pool in [*self._pools.values(), *self._retired.values()]:
             pool.close()
 
 

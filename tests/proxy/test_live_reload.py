@@ -227,6 +227,35 @@ async def test_a_removed_upstream_finishes_its_call_then_closes(
     assert [(r["shadow_status"], r["shadow_error_kind"]) for r in rows] == [(200, None)]
 
 
+async def test_a_call_on_an_upstream_two_reloads_removed_is_waited_for_at_the_stop(
+        tmp_path: Path, database_url: str) -> None:
+    """A request whose head came before a reload that removed its shadow, and whose body
+    came after another reload, still mirrors to that shadow: a stop waits for that call and
+    records it, as it does for any other (the second reload made the proxy forget the
+    shadow's pool, and the stop neither waited for its call nor stored the request)."""
+    async with serve(model("v1")) as primary, CountingUpstream(delay=0.5) as slow:
+        with_shadow = base_config(tmp_path, primary.url, [{"name": "slow", "url": slow.url}])
+        async with live_proxy(tmp_path, database_url, with_shadow) as (proxy, path):
+            body = b'{"features": {"a": 1}}'
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the head is parsed under the first configuration
+            await reload_with(proxy, path, base_config(tmp_path, primary.url))
+            await reload_with(proxy, path, base_config(tmp_path, primary.url, [],
+                                                       access_log=True))
+            writer.write(body[5:])
+            status, _ = await read_response(reader)
+            assert status == 200
+            writer.close()
+            await asyncio.sleep(0.1)
+            assert slow.open == 1  # the shadow's call is in flight: stop now
+    rows = await fetch(database_url, "SELECT shadow_status, shadow_error_kind FROM "
+                                     "shadowproxy.pairs")
+    assert [(r["shadow_status"], r["shadow_error_kind"]) for r in rows] == [(200, None)]
+
+
 async def wait_closed(upstream: CountingUpstream, seconds: float) -> None:
     """Until every connection to ``upstream`` is closed, or ``seconds`` passed."""
     for _ in range(int(seconds / 0.05)):
