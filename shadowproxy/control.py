@@ -244,4 +244,9 @@ def print_outcome(outcome: dict[str, Any]) -> int:
 
 def run_reload(args: argparse.Namespace) -> int:
     """The CLI command."""
+    # Checked before the proxy is signalled: it would reload, and the command then say that
+    # it did not answer.
+    if not args.timeout > 0:  # NaN too
+        raise UsageError(f"--timeout: expected a number of seconds above 0 (got "
+                         f"{args.timeout:g}), e.g. --timeout 60")
     return print_outcome(request_reload(Path(args.config), args.timeout))

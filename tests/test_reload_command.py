@@ -114,3 +114,24 @@ def test_a_worker_signalled_without_a_handed_on_configuration_keeps_running(
     from shadowproxy.workers import _read_config
 
     assert _read_config(tmp_path, load_config(_write(tmp_path))) is None
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_a_timeout_that_cannot_be_waited_is_refused_before_the_proxy_is_signalled(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], timeout: str) -> None:
+    """``--timeout`` of 0, below 0 or NaN is a usage error (exit 2) and no reload: the
+    proxy was signalled and reloaded, and the command then said it did not answer (exit 1)."""
+    import signal
+
+    path = _write(tmp_path)
+    run = tmp_path / "data" / "run"
+    run.mkdir(parents=True)
+    (run / PROCESS_FILE).write_text(json.dumps({"pid": os.getpid(), "config": str(path)}))
+    hups: list[int] = []
+    previous = signal.signal(signal.SIGHUP, lambda sig, _: hups.append(sig))
+    try:
+        assert main(["reload", "-c", str(path), "--timeout", timeout]) == 2
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert hups == []
+    assert "--timeout: expected a number of seconds above 0" in capsys.readouterr().err
