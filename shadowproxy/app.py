@@ -174,6 +174,8 @@ class Proxy:
         ctx.client_timeout = settings.limits.client_timeout_s
         self.registry.keep_only(used)
         ctx.pools = self.registry.all()  # swept for idle connections past upstream_idle_s
+        if self.maintenance is not None and settings.storage != self.settings.storage:
+            self.maintenance.settings_changed()
         self.settings = settings
         self.version = self.metrics.config_version = version
 

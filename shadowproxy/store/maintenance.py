@@ -15,7 +15,9 @@ It never touches the request path: the proxy answers clients and the recorder wr
 whatever happens here, every statement gives up on a lock after
 ``partitions.LOCK_TIMEOUT``, and a failed run is logged, counted (in
 ``shadowproxy_storage_maintenance_total{result="failed"}``) and tried again at the next
-interval, never fatal. The settings are read at each run, so a reload applies to the next.
+interval, never fatal. The settings are read at each run, and a reload that changes them
+starts the next run at once (``settings_changed``): a retention set, or an interval
+shortened, by a reload waited for the whole interval the proxy was running with.
 """
 
 from __future__ import annotations
@@ -97,14 +99,22 @@ class Maintenance:
         """The running configuration's storage settings (read at each run: reloadable)."""
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        """Set by a reload that changed the storage settings: run again now."""
         self.runs = 0
         """Runs finished, done or failed (tests wait on it)."""
 
     def start(self) -> None:
         self._task = spawn(self._loop(), name="storage-maintenance")
 
+    def settings_changed(self) -> None:
+        """A reload changed the storage settings: run with them now (after the run under
+        way, if one is), instead of at the end of the current interval."""
+        self._changed.set()
+
     async def _loop(self) -> None:
         while True:
+            self._changed.clear()
             storage = self._storage()
             try:
                 outcome = await run_once(self.url, storage)
@@ -118,7 +128,8 @@ class Maintenance:
                 self._metrics.maintenance["ok"] += 1
                 _log(outcome)
             self.runs += 1
-            await asyncio.sleep(storage.maintenance_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), storage.maintenance_interval_s)
 
     async def close(self) -> None:
         task, self._task = self._task, None

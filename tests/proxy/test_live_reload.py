@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +496,43 @@ async def test_a_lowered_grace_bounds_the_stop_s_wait_for_the_database(
     # Two graces of 0.5 s, a batch on its way (1 s) and the spool's write; the queue at
     # the grace it started with would take about 7 s (35 records in batches of 5).
     assert took < 4.0, f"the stop took {took:.1f} s"
+
+
+async def test_a_reload_that_changes_storage_runs_the_maintenance_at_once(
+        tmp_path: Path, database_url: str) -> None:
+    """A reload that sets storage.retention (or shortens maintenance_interval_s) applies it
+    at once, not when the interval the proxy started with has passed (an hour here)."""
+    import asyncpg
+
+    from tests.store.test_maintenance import _old_partitions
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await _old_partitions(conn, 5)
+        async with serve(model("v1")) as primary:
+            hourly = base_config(tmp_path, primary.url,
+                                 storage={"maintenance_interval_s": 3600})
+            async with live_proxy(tmp_path, database_url, hourly) as (proxy, path):
+                assert proxy.maintenance is not None
+                for _ in range(200):
+                    if proxy.maintenance.runs:
+                        break
+                    await asyncio.sleep(0.05)
+                assert proxy.maintenance.runs == 1
+                outcome = await reload_with(proxy, path, base_config(
+                    tmp_path, primary.url,
+                    storage={"maintenance_interval_s": 3600, "retention": "2d"}))
+                assert outcome.result == "applied"
+                for _ in range(200):
+                    if proxy.maintenance.runs > 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert proxy.maintenance.runs == 2
+        oldest = await conn.fetchval("SELECT min(received_at) FROM shadowproxy.requests")
+        now = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+    assert oldest >= now - timedelta(days=3)
 
 
 async def test_watch_reloads_edits_and_can_be_turned_on_by_a_reload(
