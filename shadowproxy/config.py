@@ -47,6 +47,8 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRA
 """RFC 9110 §9 and PATCH (RFC 5789): what ``match.methods`` accepts."""
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+MIN_WATCH_INTERVAL_S = 0.05
+"""The shortest ``watch_interval_s``: a poll reads and hashes the file on the event loop."""
 
 
 def _check_http_url(value: str) -> str:
@@ -366,6 +368,17 @@ class Settings(FrozenModel):
             raise ValueError("expected a block with the URL under url: (database: {url: "
                              "postgresql://...}), or url: null for the embedded database; "
                              "SHADOWPROXY_DATABASE_URL also sets it")
+        return value
+
+    @field_validator("watch_interval_s")
+    @classmethod
+    def _watch_interval(cls, value: float) -> float:
+        # Each poll reads and hashes the file on the event loop that serves clients: an
+        # interval of a microsecond was accepted and kept a core busy with it.
+        if value < MIN_WATCH_INTERVAL_S:
+            raise ValueError(f"expected at least {MIN_WATCH_INTERVAL_S:g} s (got {value:g}): "
+                             "each poll reads the file on the proxy's event loop; the "
+                             "default, 1, sees an edit within 2 s")
         return value
 
     @field_validator("admin_listen")

@@ -316,6 +316,20 @@ def test_a_shadows_max_duration_covers_its_timeout(tmp_path: Path) -> None:
     assert (shadow.timeout_s, shadow.max_duration_s) == (30.0, 600.0)
 
 
+def test_a_watch_interval_that_would_keep_a_core_busy_is_refused(tmp_path: Path) -> None:
+    """watch_interval_s below 0.05 s is refused at its line, saying why: the file is read on
+    the event loop at each poll, and a microsecond kept the proxy at 100% of a core idle."""
+    route = 'routes:\n  - name: a\n    primary: {url: "http://h"}\n'
+    path = write(tmp_path, "watch: true\nwatch_interval_s: 0.000001\n" + route)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:2: watch_interval_s: expected at least 0.05 s (got 1e-06): each poll reads "
+        "the file on the proxy's event loop; the default, 1, sees an edit within 2 s"]
+    assert load_config(write(tmp_path, "watch_interval_s: 0.05\n" + route)
+                       ).watch_interval_s == 0.05
+
+
 def test_a_tab_is_explained_at_its_line(tmp_path: Path) -> None:
     """A tab in the indentation gives FILE:LINE and what to do, not PyYAML's raw message."""
     path = write(tmp_path, "routes:\n  - name: a\n\tprimary: {url: 'http://h'}\n")
