@@ -57,6 +57,14 @@ def _check_http_url(value: str) -> str:
         raise ValueError(f"expected an http:// or https:// URL (got {value!r})")
     if not parts.hostname:
         raise ValueError(f"URL has no host (got {value!r})")
+    try:
+        # As the upstream pool writes it in the Host header: refused here, not by a
+        # traceback at start or by every worker of a reload that was said to be applied.
+        parts.hostname.encode("idna")
+    except UnicodeError as exc:
+        reason = str(exc.__cause__ or exc)  # "label empty or too long", "Invalid character"
+        raise ValueError(f"URL has an invalid host name ({reason}): a host name is labels of "
+                         f"1 to 63 characters joined by dots (got {value!r})") from exc
     if parts.query or parts.fragment:
         raise ValueError(f"URL must not carry a query or fragment (got {value!r})")
     try:

@@ -211,6 +211,28 @@ routes:
         f"{tmp_path / 'c.yaml'}:{line}: routes[0].{where}: Invalid IPv6 URL"]
 
 
+@pytest.mark.parametrize("host", ["a..b", ".", "a" * 64 + ".example.com"])
+def test_a_host_name_that_cannot_be_sent_is_reported_at_its_line(
+        tmp_path: Path, host: str) -> None:
+    """A host name with an empty label or one over 63 characters is a problem of its URL at
+    its line: the proxy could not write it in a Host header. It passed the check, and then
+    `run` ended with a traceback, and a reload with workers said `applied` while every
+    worker failed to apply it and went on with the old configuration."""
+    text = f"""\
+routes:
+  - name: a
+    primary: {{url: "http://127.0.0.1:9001"}}
+    shadows:
+      - {{name: s, url: "http://{host}:9002"}}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems == [
+        f"{tmp_path / 'c.yaml'}:5: routes[0].shadows[0].url: URL has an invalid host name "
+        "(label empty or too long): a host name is labels of 1 to 63 characters joined by "
+        f"dots (got 'http://{host}:9002')"]
+
+
 def test_a_shadow_at_the_primary_and_unknown_methods_are_refused(tmp_path: Path) -> None:
     """A shadow URL naming the primary (however spelled) and method names that are not HTTP
     methods are reported at their own lines."""
