@@ -67,7 +67,8 @@ def _check_http_url(value: str) -> str:
                          f"1 to 63 characters joined by dots (got {value!r})") from exc
     if parts.query or parts.fragment:
         raise ValueError(f"URL must not carry a query or fragment (got {value!r})")
-    bad = next((c for c in parts.path if c <= " " or c >= "\x7f"), None)
+    # Non-ASCII is sent as UTF-8, which servers take; a space or control character is not.
+    bad = next((c for c in parts.path if c <= " " or c == "\x7f"), None)
     if bad is not None:
         # The path starts the request line of every call: a space there splits it, and the
         # upstream answered each request 400.

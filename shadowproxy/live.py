@@ -8,13 +8,16 @@ no longer names is retired (``UpstreamPool.retire``): its idle connections close
 each busy one when its call ends, and calls of requests that arrived under the earlier
 configuration are still made on it. A later configuration naming the URL again revives it.
 
-A retired pool is held weakly, for as long as something can still start a call on it: a
-request whose head arrived under an earlier configuration holds that configuration's route,
-and with it the pool, until its body is in (a slow upload, a request pipelined behind a
-slow one), across any number of reloads. While it lives the registry lists it whenever it
-has calls in flight, so that a stop waits for them (and ends those that outlive the grace)
-and its close refuses new ones; forgetting it at the next reload once it had no call left
-let such a late call run unseen by the stop, and its exchange never reach the recorder.
+A retired pool stays in the registry for the process's life, since something may still
+start a call on it: a request whose head arrived under an earlier configuration holds that
+configuration's route, and with it the pool, until its body is in (a slow upload, a
+request pipelined behind a slow one), across any number of reloads. The registry lists it
+whenever it has calls in flight, so that a stop waits for them (and ends those that
+outlive the grace), and its close refuses new ones; forgetting it at the next reload once
+it had no call left let such a late call run unseen by the stop, and its exchange never
+reach the recorder. Held strongly, not weakly (the compiled ``UpstreamPool`` cannot be
+weakly referenced): a retired pool without calls holds no connection, and there is one
+pool per URL ever configured.
 
 What a pool does with its connections follows the running configuration's ``limits``
 (``upstream_idle_s``, ``max_response_header_bytes``): a reload hands a kept pool the new
@@ -24,7 +27,6 @@ values (``UpstreamPool.use_limits``), as it hands a new pool its first ones.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Iterable
 
 from shadowproxy.config import Limits, Settings
@@ -42,10 +44,8 @@ class PoolRegistry:
         self.loop = loop
         self._pools: dict[str, UpstreamPool] = {}
         """The pools the running configuration uses."""
-        self._retired: weakref.WeakValueDictionary[str, UpstreamPool] = (
-            weakref.WeakValueDictionary())
-        """Retired pools, for as long as a route of an earlier configuration (or a call)
-        holds them."""
+        self._retired: dict[str, UpstreamPool] = {}
+        """Retired pools: a route of an earlier configuration may still hold one."""
 
     def pool(self, url: str, name: str, limits: Limits) -> UpstreamPool:
         """The pool of ``url`` (made on first use; revived if it was retired), working to
@@ -63,7 +63,7 @@ class PoolRegistry:
         return pool
 
     def keep_only(self, used: Iterable[UpstreamPool]) -> list[UpstreamPool]:
-        """Retire every pool not in ``used`` (held weakly from now on). Returns the pools
+        """Retire every pool not in ``used`` (kept among the retired). Returns the pools
         retired now."""
         keep = {id(p) for p in used}
         retired = []
