@@ -163,6 +163,15 @@ class Recorder:
                 or queued - size < self._overflow_bytes <= queued):
             self._wake.set()
 
+    def has_room(self, exchange: Exchange) -> bool:
+        """Whether ``submit`` would queue ``exchange`` now instead of dropping it: for a
+        caller that can hold a record back until there is room (``shadowproxy replay``);
+        the data path cannot, and does not ask."""
+        queue = self.queue
+        return not queue or (
+            len(queue) < self._queue_max
+            and self._queued_bytes + _captured_bytes(exchange) <= self._queue_max_bytes)
+
     def use_rules(self, version: str, recording: RecordingConfig) -> None:
         """From now on, ``recording``'s rules are the running ones, for exchanges of
         ``version``; those of the last ``KEPT_VERSIONS`` versions stay for theirs."""

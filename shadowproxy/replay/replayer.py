@@ -6,7 +6,10 @@ time (``pacing``) and for a free slot under ``--concurrency``, and starts its ca
 keep-alive pool to the target. Each answer, or failure, becomes a response-only record
 (``Exchange.request_stored``) handed to the same recorder the proxy uses: batched COPY,
 redaction, the spool while the database is away. Sending waits while the recorder is
-behind, so that no record is dropped for the replay's speed.
+behind, so that no record is dropped for the replay's speed: an answer the recorder's queue
+has no room for (``recording.queue_max_records`` or ``queue_max_bytes``, which large
+answers reach long before ``RECORDER_BACKLOG`` records) is held here until it has, and
+nothing more is sent meanwhile.
 
 Exactly once: an answer is stored under the primary key (request, target, received_at: the
 request's), and a request is pending only while it has none. A run stopped anywhere
@@ -25,7 +28,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +74,8 @@ class Tally:
     replaced: int = 0
     """Earlier answers removed by --force."""
     abandoned: int = 0
-    """Calls given up at a second Ctrl-C: not stored, pending for the next run."""
+    """Calls given up at a second Ctrl-C (and answers still held back from the recorder
+    then): not stored, pending for the next run."""
     recorded: int = 0
     """Records handed to the recorder (answers, failures and skips)."""
 
@@ -105,6 +109,8 @@ class Replayer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: UpstreamPool | None = None
         self._in_flight = 0
+        self._held: deque[Exchange] = deque()
+        """Records the recorder's queue had no room for, in order (``_record``)."""
         self._wake: asyncio.Future[None] | None = None
         """Resolved when a slot frees up, a wait is over, or a stop is asked for."""
         self.read_error: ShadowProxyError | None = None
@@ -157,6 +163,13 @@ class Replayer:
             await self._send_all(pages)
             while self._in_flight:
                 await self._wait(None)
+            while self._held and not self.aborting:
+                self._release_held()
+                if self._held:
+                    await self._wait(0.05)
+            if self.aborting:
+                self.tally.abandoned += len(self._held)
+                self._held.clear()
             if self.read_error is not None:
                 raise self.read_error
         finally:
@@ -206,7 +219,7 @@ class Replayer:
                 if isinstance(built, Skip):
                     # Not sent: it takes no place in the schedule (--rate is the rate of the
                     # requests sent) and no call slot; only the recorder's backlog holds it.
-                    while len(recorder.queue) >= RECORDER_BACKLOG and not self.stopping:
+                    while self._backlogged() and not self.stopping:
                         await self._wait(0.05)
                         since_yield = 0
                     if self.stopping:
@@ -222,7 +235,7 @@ class Replayer:
                         await self._wait(wait)
                         since_yield = 0
                     while (self._in_flight >= concurrency
-                           or len(recorder.queue) >= RECORDER_BACKLOG) and not self.stopping:
+                           or self._backlogged()) and not self.stopping:
                         await self._wait(0.05 if self._in_flight < concurrency else None)
                         since_yield = 0
                     if self.stopping:
@@ -301,6 +314,28 @@ class Replayer:
         self._wake_up()
 
     def _record(self, exchange: Exchange) -> None:
-        assert self.recorder is not None
-        self.recorder.submit(exchange)
+        """Hand the record to the recorder; held back, in order, while its queue has no
+        room (it would drop the record, and the answer would be lost to this run)."""
+        recorder = self.recorder
+        assert recorder is not None
+        if self._held or not recorder.has_room(exchange):
+            self._held.append(exchange)
+            return
+        recorder.submit(exchange)
         self.tally.recorded += 1
+
+    def _release_held(self) -> None:
+        """Hand on the held records the recorder's queue has room for now."""
+        recorder = self.recorder
+        assert recorder is not None
+        held = self._held
+        while held and recorder.has_room(held[0]):
+            recorder.submit(held.popleft())
+            self.tally.recorded += 1
+
+    def _backlogged(self) -> bool:
+        """Whether sending waits for the recorder: records held back, or a long queue."""
+        assert self.recorder is not None
+        if self._held:
+            self._release_held()
+        return bool(self._held) or len(self.recorder.queue) >= RECORDER_BACKLOG

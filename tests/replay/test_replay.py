@@ -221,6 +221,28 @@ async def test_the_recorder_stores_answers_under_the_recording_rules(
     assert b"a@example.com" not in row["body"]
 
 
+@pytest.mark.parametrize("bound", [{"queue_max_records": 50}, {"queue_max_bytes": 300_000}])
+async def test_answers_wait_for_room_in_the_recorders_queue_and_none_is_dropped(
+        database_url: str, tmp_path: Path, bound: dict[str, int]) -> None:
+    """A target answering faster than the database takes its answers fills the recorder's
+    queue, by records or (large answers) by bytes, long before the replay's own backlog
+    mark: sending waits for room, every answer is stored, and the exit status is 0."""
+    pad = "x" * 10_000
+
+    async def large(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"prediction": 1.0, "pad": pad})
+
+    await store(database_url, [request(i) for i in range(1000)])
+    config = write_config(tmp_path, database_url, recording=bound)
+    async with serve(large) as target:
+        result = await replay(config, to=target.url)
+    assert result.status == 0, result.out + result.err
+    assert "dropped" not in result.err
+    assert "stored    1000 answers as 'cand'" in result.out
+    assert await answers(database_url) == 1000
+
+
 async def test_errors_are_counted_by_kind_and_force_with_where_redoes_only_them(
         database_url: str, tmp_path: Path) -> None:
     """Calls that time out are stored with their kind and counted in the summary; --force
