@@ -7,7 +7,9 @@ adds them, and ``X-Request-Id`` the recorded request id. Then ``--set-header`` a
 ``--set-json`` apply.
 
 What the recording could not keep is handled here: a header stored as ``"[redacted]"`` is
-left out unless ``--set-header`` gives it a value, and a body truncated at recording is not
+left out unless ``--set-header`` gives it a value (a redacted ``X-Forwarded-For`` or
+``Host`` leaves out the part of ``X-Forwarded-For`` or ``X-Forwarded-Host`` it would have
+given), and a body truncated at recording is not
 sent at all (``Skip``). A request body whose JSON fields were redacted
 (``recording.redact_json``) was stored as plain JSON even when the client compressed it;
 it is sent uncompressed.
@@ -145,7 +147,8 @@ class RequestBuilder:
         if encoding is not None and "content-encoding" not in self._given:
             lines.append(f"content-encoding: {encoding}\r\n".encode("latin-1"))
         lines.append(self._given_lines)
-        self._tail(lines, headers, row)
+        if self._tail(lines, headers, row):
+            dropped = True
         method: str = row["method"]
         if body or method in _BODY_METHODS:
             lines.append(b"Content-Length: %d\r\n" % len(body))
@@ -155,21 +158,31 @@ class RequestBuilder:
         head = http1.request_head(method.encode("ascii"), path_query, b"".join(lines))
         return Outgoing(head, body, method == "HEAD", dropped)
 
-    def _tail(self, lines: list[bytes], headers: dict[str, str], row: Any) -> None:
-        """The headers the proxy adds for every upstream, unless --set-header gives them."""
+    def _tail(self, lines: list[bytes], headers: dict[str, str], row: Any) -> bool:
+        """The headers the proxy adds for every upstream, unless --set-header gives them;
+        True when a recorded value they carry on was stored as "[redacted]" and left out
+        (``recording.redact_headers`` may list X-Forwarded-For or Host: client addresses
+        are personal data), rather than sent as that text."""
         given = self._given
+        dropped = False
         if "x-forwarded-for" not in given:
             client = row["client_addr"] or "unknown"
             forwarded = headers.get("x-forwarded-for")
+            if forwarded is not None and _REDACTED.match(forwarded):
+                forwarded, dropped = None, True
             value = f"{forwarded}, {client}" if forwarded else client
             lines.append(f"X-Forwarded-For: {value}\r\n".encode("latin-1"))
         if "x-forwarded-proto" not in given:
             lines.append(b"X-Forwarded-Proto: http\r\n")
         host = headers.get("host")
         if host is not None and "x-forwarded-host" not in given:
-            lines.append(f"X-Forwarded-Host: {host}\r\n".encode("latin-1"))
+            if _REDACTED.match(host):
+                dropped = True
+            else:
+                lines.append(f"X-Forwarded-Host: {host}\r\n".encode("latin-1"))
         if "x-request-id" not in given:
             lines.append(f"X-Request-Id: {row['request_id']}\r\n".encode("latin-1"))
+        return dropped
 
 
 def _json_document(body: bytes, encoding: str | None,

@@ -52,6 +52,32 @@ async def test_redacted_headers_are_left_out_unless_set_header_gives_them(
     assert '2 sent without their "[redacted]" headers' in given.out
 
 
+async def test_a_redacted_forwarded_for_or_host_is_not_forwarded_as_that_text(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """With X-Forwarded-For and Host in recording.redact_headers (client addresses are
+    personal data), the replay's X-Forwarded-For carries the recorded client address alone
+    and there is no X-Forwarded-Host, as the preflight says ("sent without them"); they
+    went out as "[redacted], 127.0.0.1" and "[redacted]"."""
+    recording = {"redact_headers": ["x-forwarded-for", "host"]}
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url, name=ROUTE)], recording=recording) as proxy, \
+            aiohttp.ClientSession() as http:
+        await http.post(f"http://127.0.0.1:{proxy.port}/predict", json={"features": {"x": 1}},
+                        headers={"X-Forwarded-For": "192.0.2.1", "Host": "models.example"})
+        await wait_for_rows(database_url, "requests", 1)
+    config = write_config(tmp_path, database_url, recording=recording)
+    async with serve(model("c")) as target:
+        result = await replay(config, to=target.url)
+        assert result.status == 0, result.err
+    [seen] = target.seen
+    assert seen.headers["x-forwarded-for"] == "127.0.0.1"
+    assert "x-forwarded-host" not in seen.headers
+    assert "[redacted]" not in json.dumps(seen.headers)
+    assert ('1 requests have headers stored as "[redacted]" (host 1, x-forwarded-for 1): '
+            "sent without them") in result.out
+    assert '1 sent without their "[redacted]" headers' in result.out
+
+
 async def test_bodies_truncated_at_recording_are_not_sent_but_stored_as_skipped(
         start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
     """A request whose body was cut at recording.max_body_bytes cannot be replayed: it is
