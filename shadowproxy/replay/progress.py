@@ -73,6 +73,10 @@ def preflight_lines(options: ReplayOptions, pre: Preflight, pacer: Pacer) -> lis
         lines.append(f"  {pre.redacted_json} request bodies hold JSON values stored as "
                      "\"[redacted]\" (recording.redact_json): sent as stored "
                      "(--set-json PATH=VALUE sets a value instead)")
+    if pre.redacted_query:
+        lines.append(f"  {pre.redacted_query} requests have query parameters stored as "
+                     "\"[redacted]\" (recording.redact_query): sent as stored, with that "
+                     "text for their values")
     lines.append(f"  {pre.pending} to handle, {pacer.description}, "
                  f"at most {options.concurrency} at a time, timeout {options.timeout_s:g}s")
     return lines

@@ -40,6 +40,8 @@ from shadowproxy.store.database import CONNECTION_ERRORS
 
 REDACTED_RE = r"^\[redacted\](, \[redacted\])*$"
 """A header value the recorder redacted (repeated headers are joined with ", ")."""
+REDACTED_QUERY_RE = r"(^|[&;])[^&;=]*=\[redacted\]($|[&;])"
+"""A query parameter whose value the recorder redacted (``recorder/query.py``)."""
 
 RENEW_AFTER_S = 30.0
 READ_AHEAD_BYTES = 8 * 1024 * 1024
@@ -106,6 +108,9 @@ class Preflight:
     """Pending requests with a header stored as "[redacted]" that --set-header does not give."""
     redacted_headers: dict[str, int] = field(default_factory=dict)
     """Header name → pending requests that have it stored as "[redacted]"."""
+    redacted_query: int = 0
+    """Pending requests whose query holds a parameter stored as "[redacted]"
+    (recording.redact_query): sent as stored, nothing can give it a value."""
 
 
 def _translate(exc: BaseException, where: str | None, what: str) -> Exception:
@@ -206,6 +211,7 @@ WITH sel AS (
     SELECT _sp_q.body_truncated AS truncated,
            _sp_q.body_json IS NULL AS no_json,
            coalesce(strpos(_sp_q.body_json::text, '"[redacted]"') > 0, false) AS redacted_json,
+           _sp_q.query ~ {p(REDACTED_QUERY_RE)} AS redacted_query,
            ARRAY(SELECT h.key FROM jsonb_each_text(_sp_q.headers) h
                  WHERE h.value ~ {redacted_re}) AS redacted,
            EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d
@@ -226,6 +232,7 @@ SELECT (SELECT count(*) FROM sel) AS selected,
        (SELECT count(*) FROM todo WHERE truncated) AS truncated,
        (SELECT count(*) FROM todo WHERE NOT truncated AND no_json) AS no_json,
        (SELECT count(*) FROM todo WHERE NOT truncated AND redacted_json) AS redacted_json,
+       (SELECT count(*) FROM todo WHERE NOT truncated AND redacted_query) AS redacted_query,
        (SELECT count(*) FROM todo WHERE NOT truncated AND EXISTS (
             SELECT 1 FROM unnest(todo.redacted) n
             WHERE n <> ALL({p(sorted(o.set_header_names()))}::text[]))) AS redacted_requests,
@@ -240,7 +247,8 @@ SELECT (SELECT count(*) FROM sel) AS selected,
             pending=row["pending"],
             truncated=row["truncated"], no_json=row["no_json"],
             redacted_json=row["redacted_json"], redacted_requests=row["redacted_requests"],
-            redacted_headers=dict(sorted(orjson.loads(row["redacted_headers"]).items())))
+            redacted_headers=dict(sorted(orjson.loads(row["redacted_headers"]).items())),
+            redacted_query=row["redacted_query"])
 
     async def stored_since(self, conn: asyncpg.Connection, since: datetime) -> int:
         """Answers of the target stored for the route's requests in the window (and within

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import StartProxy, route
 from tests.db import fetch
 from tests.proxy.test_data_path import wait_for_rows
-from tests.replay.helpers import ROUTE, replay, write_config
+from tests.replay.helpers import ROUTE, replay, request, store, write_config
 from tests.upstreams import model, serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -76,6 +76,23 @@ async def test_a_redacted_forwarded_for_or_host_is_not_forwarded_as_that_text(
     assert ('1 requests have headers stored as "[redacted]" (host 1, x-forwarded-for 1): '
             "sent without them") in result.out
     assert '1 sent without their "[redacted]" headers' in result.out
+
+
+async def test_query_parameters_stored_redacted_are_announced_before_sending(
+        database_url: str, tmp_path: Path) -> None:
+    """A query whose secret parameters recording.redact_query stored as "[redacted]" is sent
+    as stored (nothing can give them a value): the preflight says how many requests have
+    one, as it says it for redacted headers and JSON fields; it said nothing."""
+    await store(database_url, [request(0, query="api_key=abc&x=1"), request(1, query="x=1"),
+                               request(2, query="a=1;token=t"), request(3)])
+    config = write_config(tmp_path, database_url)
+    async with serve(model("c")) as target:
+        result = await replay(config, to=target.url)
+        assert result.status == 0, result.err
+    assert sorted(s.query for s in target.seen) == [
+        "", "a=1;token=[redacted]", "api_key=[redacted]&x=1", "x=1"]
+    assert ('2 requests have query parameters stored as "[redacted]" '
+            "(recording.redact_query): sent as stored") in result.out
 
 
 async def test_bodies_truncated_at_recording_are_not_sent_but_stored_as_skipped(
