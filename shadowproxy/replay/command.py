@@ -131,9 +131,10 @@ async def _reachable(url: str, timeout_s: float) -> None:
     parts = urlsplit(url)
     tls = ssl.create_default_context() if parts.scheme == "https" else None
     port = parts.port or (443 if tls else 80)
+    wait_s = min(timeout_s, 10.0)
     try:
         _, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, port, ssl=tls), min(timeout_s, 10.0))
+            asyncio.open_connection(parts.hostname, port, ssl=tls), wait_s)
     except ssl.SSLCertVerificationError as exc:
         raise ShadowProxyError(
             f"--to {url}: the target's TLS certificate is not trusted "
@@ -141,7 +142,11 @@ async def _reachable(url: str, timeout_s: float) -> None:
             "signed it to this machine's trust store, or name a PEM file holding it in "
             "SSL_CERT_FILE") from exc
     except (OSError, ssl.SSLError, TimeoutError) as exc:
-        raise ShadowProxyError(f"--to {url}: cannot connect ({exc or type(exc).__name__}); "
+        # The wait's TimeoutError says nothing of itself (a host that drops the packets, a
+        # firewall): name what happened. (An exception is always true: test its text.)
+        why = (f"no answer within {wait_s:g}s" if isinstance(exc, TimeoutError)
+               and not str(exc) else str(exc) or type(exc).__name__)
+        raise ShadowProxyError(f"--to {url}: cannot connect ({why}); "
                                "nothing was sent: start the target or fix the URL") from exc
     writer.close()
     with contextlib.suppress(OSError, ssl.SSLError):

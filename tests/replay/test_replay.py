@@ -11,7 +11,7 @@ from aiohttp import web
 
 from tests.db import fetch, fetchval
 from tests.replay.helpers import ROUTE, answers, replay, request, store, write_config
-from tests.upstreams import model, serve
+from tests.upstreams import model, serve, unaccepting_listener
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,6 +282,19 @@ async def test_a_target_that_cannot_be_reached_fails_before_anything_is_stored(
     result = await replay(config, to=f"http://127.0.0.1:{free_port()}")
     assert result.status == 1
     assert "cannot connect" in result.err and "nothing was sent" in result.err
+    assert await answers(database_url) == 0
+
+
+async def test_a_target_that_does_not_answer_the_connection_is_named_so(
+        database_url: str, tmp_path: Path) -> None:
+    """A --to whose host drops the connection attempt (a firewall, a dead host) exits 1
+    saying that it did not answer within the wait; the message read "cannot connect ()"."""
+    await store(database_url, [request(i) for i in range(3)])
+    config = write_config(tmp_path, database_url)
+    with unaccepting_listener() as url:
+        result = await replay(config, "--timeout", "1", to=url)
+    assert result.status == 1
+    assert f"--to {url}: cannot connect (no answer within 1s); nothing was sent" in result.err
     assert await answers(database_url) == 0
 
 
