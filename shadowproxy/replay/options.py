@@ -222,6 +222,7 @@ def from_args(args: argparse.Namespace) -> ReplayOptions:
     _positive(args.rate, "--rate")
     _positive(args.speed, "--speed")
     _positive(args.timeout, "--timeout")
+    _positive(args.max_duration, "--max-duration")  # NaN passes the comparison below
     if args.max_duration < args.timeout:
         raise UsageError(f"--max-duration ({args.max_duration:g}) is shorter than --timeout "
                          f"({args.timeout:g}): it bounds each whole call, so it is at least "

@@ -83,3 +83,14 @@ async def test_max_duration_shorter_than_timeout_is_refused(
     assert result.status == 2
     assert ("--max-duration (10) is shorter than --timeout (30): it bounds each whole call, "
             "so it is at least the time allowed to the answer's head") in result.err
+
+
+async def test_a_max_duration_that_is_not_a_number_is_refused(
+        database_url: str, tmp_path: Path) -> None:
+    """--max-duration nan is a usage error, as --timeout nan is; it passed the check against
+    --timeout and cut every streamed answer at its first quiet --timeout, stored as
+    "still answering after max_duration_s (nan s)"."""
+    config = write_config(tmp_path, database_url)
+    result = await replay(config, "--max-duration", "nan", to="http://127.0.0.1:9")
+    assert result.status == 2
+    assert "--max-duration: expected a number above 0 (got nan)" in result.err
