@@ -104,6 +104,7 @@ class CapturedResponse:
     """The outcome of one upstream call: a response, or an error stored as data."""
 
     __slots__ = (
+        "answered_status",
         "body",
         "body_size",
         "body_truncated",
@@ -147,6 +148,10 @@ class CapturedResponse:
         """The human-readable detail beside ``error_kind`` ('connect: Connection refused')."""
         self.stream: StreamArrivals | None = None
         """Set when the response head said ``text/event-stream``: its pieces' arrivals."""
+        self.answered_status: int | None = None
+        """Set by the primary's call when it fails: the status the client got, which the
+        record alone cannot tell (the primary's, when its head went out before the failure,
+        with or without body bytes; else the proxy's own 502/504 or refusal)."""
 
     def capture(self, chunks: list[bytes], data: bytes, cap: int) -> None:
         """Count a piece of body, and keep it in ``chunks`` up to ``cap`` bytes in all."""

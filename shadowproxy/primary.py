@@ -279,6 +279,7 @@ class PrimaryCall(UpstreamCall):
         if client.head_sent:
             # Part of the response is already with the client: the only honest signal left
             # is to cut the connection.
+            record.answered_status = record.status
             self._close(record.status or 502)
             client.cut()
             client.complete()
@@ -292,6 +293,7 @@ class PrimaryCall(UpstreamCall):
             status, message = 502, f"the primary's response cannot be relayed: {detail}"
         else:
             status, message = 502, f"the primary could not be reached: {detail}"
+        record.answered_status = status
         self._close(status)
         client.answer(status, message, self.exchange.request_id)
         client.complete()

@@ -17,7 +17,7 @@ import pytest
 from shadowproxy.logs import JsonFormatter, TextFormatter, Throttle
 from tests.conftest import StartProxy, route
 from tests.test_run_command import free_port, wait_ready, write_config
-from tests.upstreams import hanging, model, serve
+from tests.upstreams import closing, hanging, model, raw_server, serve
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
@@ -118,6 +118,40 @@ async def test_access_log_says_what_the_client_got_and_why_each_call_failed(
     event = json.loads(JsonFormatter().format(late))
     assert (event["status"], event["route"], event["request_id"]) == (504, "late", "late")
     assert event["calls"]["primary"]["error_kind"] == "timeout"
+
+
+async def test_access_log_says_the_primarys_status_when_its_answer_broke_off_after_the_head(
+        start_proxy: StartProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """The primary's head goes to the client as soon as it is read; when the answer then
+    breaks off before any body byte, the client has the primary's 200 and a cut
+    connection. The access line says 200 with 0 bytes out, as the metric counts it, not a
+    502 the client never got."""
+    caplog.set_level(logging.INFO, logger="shadowproxy.access")
+
+    async def head_then_close(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the head is relayed on its own, then the answer ends
+
+    async with raw_server(closing(head_then_close)) as url, \
+            start_proxy([route(url)], access_log=True) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /p HTTP/1.1\r\nHost: x\r\nX-Request-Id: cut\r\n\r\n")
+        got = await reader.read()  # up to the cut
+        writer.close()
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+        await asyncio.sleep(0.3)
+        await proxy.recorder.drained()
+        codes = proxy.metrics.routes["r"].codes
+    [line] = [r for r in caplog.records if r.name == "shadowproxy.access"]
+    assert line.request_id == "cut"  # type: ignore[attr-defined]
+    assert line.status == 200 and line.bytes_out == 0  # type: ignore[attr-defined]
+    assert line.calls["primary"]["error_kind"] == "closed"  # type: ignore[attr-defined]
+    assert codes == {200: 1}
+    assert re.match(r"GET /p -> 200 .* bytes_out=0 primary=200/closed:",
+                    TextFormatter("%(message)s").format(line))
 
 
 def test_text_lines_end_with_the_request_id() -> None:

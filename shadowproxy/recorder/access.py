@@ -22,12 +22,14 @@ access_log = logging.getLogger("shadowproxy.access")
 
 
 def client_status(primary: CapturedResponse | None) -> int | None:
-    """The status the client was answered with, as ``primary.PrimaryCall`` decides it: the
-    primary's, once any of its response went out (complete, or cut after body bytes were
-    relayed); else the proxy's own 504 for a timeout, 502 for any other failure."""
+    """The status the client was answered with, as ``primary.PrimaryCall`` decided it: the
+    primary's, once its head went out (the response complete, or cut after the head, which
+    goes out before any body); else the proxy's own answer (``answered_status``)."""
     if primary is None:
         return None
-    if primary.error_kind is None or (primary.status is not None and primary.body_size > 0):
+    if primary.answered_status is not None:
+        return primary.answered_status
+    if primary.error_kind is None:
         return primary.status
     return 504 if primary.error_kind == ErrorKind.TIMEOUT else 502
 
