@@ -415,8 +415,9 @@ class ClientConnection(asyncio.Protocol):
         # A client waiting for 100 Continue sends its body only then, also to a path no
         # route takes (its 404 comes once the body is read). An HTTP/1.0 client is sent no
         # interim response (RFC 9110 §15.2): it ignores the expectation and sends anyway.
+        # (White space before the line's end is the parser's, not the value's.)
         if expect is not None and not pipelined and not req.http10 and (
-                expect.lower() == b"100-continue"):
+                expect.rstrip(b" \t").lower() == b"100-continue"):
             self.channel.write(http1.CONTINUE_100)
 
     def on_body(self, body: bytes) -> None:
@@ -499,8 +500,12 @@ class ClientConnection(asyncio.Protocol):
     def _new_exchange(self, req: ClientRequest, route: CompiledRoute) -> Exchange:
         request_id = req.noted.get(b"x-request-id")
         rid = None
-        if request_id is not None and 0 < len(request_id) <= 200 and request_id.isascii():
-            rid = request_id.decode("ascii")
+        if request_id is not None:
+            # The parser keeps white space before the line's end, which is not part of the
+            # value (RFC 9110 §5.5): the client and the upstreams read the id without it.
+            request_id = request_id.rstrip(b" \t")
+            if 0 < len(request_id) <= 200 and request_id.isascii():
+                rid = request_id.decode("ascii")
         exchange = Exchange(route.name, req.received_at, req.method.decode("ascii", "replace"),
                             req.path.decode("latin-1"), req.query.decode("latin-1"),
                             req.headers, self.client_addr, rid)

@@ -219,3 +219,30 @@ async def test_repeated_x_forwarded_for_lines_make_one_list(start_proxy: StartPr
         await talk(proxy.port, b"GET /a HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\n"
                                b"X-Forwarded-For: 2.2.2.2\r\n\r\n", quiet_s=0.5)
     assert b"X-Forwarded-For: 1.1.1.1, 2.2.2.2, 127.0.0.1\r\n" in log[0][1]
+
+
+async def test_white_space_before_the_line_end_is_no_part_of_a_value(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """RFC 9110 §5.5: white space between a header's value and the end of its line is not
+    part of the value (the parser keeps it). An X-Request-Id so sent is the id the client
+    gets back, the upstream gets and the record holds, all alike; `Expect: 100-continue `
+    gets its 100 Continue."""
+    log: Log = []
+    async with raw_server(answering(log)) as url, start_proxy([route(url)]) as proxy:
+        out = await talk(proxy.port, b"GET /a HTTP/1.1\r\nHost: x\r\n"
+                                     b"X-Request-Id: abc \t\r\n\r\n", quiet_s=0.5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                     b"Expect: 100-continue \r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        writer.write(b"abc")
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        writer.close()
+        await wait_for_rows(database_url, "requests", 2)
+    assert b"\r\nX-Request-Id: abc\r\n" in out, out
+    assert b"\r\nX-Request-Id: abc\r\n" in log[0][1], log[0][1]
+    rows = await fetch(database_url, "SELECT request_id FROM shadowproxy.requests "
+                                     "WHERE path = '/a'")
+    assert [r["request_id"] for r in rows] == ["abc"]
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.startswith(b"HTTP/1.1 200")
