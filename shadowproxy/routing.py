@@ -56,8 +56,10 @@ def split_url(url: bytes) -> tuple[bytes, bytes]:
                 url = url[slash:]
         else:
             url = b"/" + url.lstrip(b"*")
-    path, _, query = url.partition(b"?")
-    fragment = query.find(b"#")
+    # A fragment is the client's own (RFC 9112 §3.2 leaves it out of the request-target):
+    # never forwarded nor stored, after the path as after a query.
+    fragment = url.find(b"#")
     if fragment >= 0:
-        query = query[:fragment]
+        url = url[:fragment]
+    path, _, query = url.partition(b"?")
     return path, query

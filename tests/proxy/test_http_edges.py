@@ -246,3 +246,20 @@ async def test_white_space_before_the_line_end_is_no_part_of_a_value(
     assert [r["request_id"] for r in rows] == ["abc"]
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert final.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_fragment_is_neither_forwarded_nor_stored(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A request-target has no fragment (RFC 9112 §3.2); one a client sends anyway is cut
+    off after a path as after a query: the upstream gets the path, and the record holds it."""
+    log: Log = []
+    async with raw_server(answering(log)) as url, start_proxy([route(url)]) as proxy:
+        await talk(proxy.port, b"GET /a#top HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"GET /b?q=1#top HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"GET /c#top?q=1 HTTP/1.1\r\nHost: x\r\n\r\n", quiet_s=0.5)
+        await wait_for_rows(database_url, "requests", 3)
+    assert [line for line, _ in log] == [b"GET /a HTTP/1.1", b"GET /b?q=1 HTTP/1.1",
+                                         b"GET /c HTTP/1.1"]
+    rows = await fetch(database_url, "SELECT path, query FROM shadowproxy.requests "
+                                     "ORDER BY path")
+    assert [(r["path"], r["query"]) for r in rows] == [("/a", ""), ("/b", "q=1"), ("/c", "")]
