@@ -473,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         if req.streaming:
-            self._finish_capture(req)
+            self._finish_capture(req, whole=True)
             assert req.call is not None
             req.call.end_body()
             channel = self.channel
@@ -611,14 +611,19 @@ class ClientConnection(asyncio.Protocol):
         if captured is not None and req.exchange is not None and route is not None:
             req.exchange.capture(captured, data, route.capture_cap)
 
-    def _finish_capture(self, req: ClientRequest) -> None:
-        """A streamed body ended (or was given up): the record gets what was kept of it."""
+    def _finish_capture(self, req: ClientRequest, *, whole: bool = False) -> None:
+        """A streamed body ended (``whole``) or was given up (an early answer, a refusal,
+        the client gone): the record gets what was kept of it."""
         captured = req.captured
         exchange = req.exchange
         if captured is None or exchange is None:
             return
         req.captured = None
         exchange.body = captured[0] if len(captured) == 1 else b"".join(captured)
+        if not whole:
+            # Not the body the client meant to send, however much of it is kept: flagged,
+            # so that neither a reader nor a replay takes it for the whole request.
+            exchange.body_truncated = True
         exchange.finish_call()
 
     def _forward(self, req: ClientRequest, route: CompiledRoute, exchange: Exchange,

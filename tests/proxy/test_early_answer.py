@@ -128,3 +128,40 @@ async def test_client_reading_pauses_while_the_primary_connection_is_made(
                 assert head.startswith(b"HTTP/1.1 504"), head
             finally:
                 writer.transport.abort()
+
+
+async def test_a_body_cut_short_by_an_early_answer_is_recorded_as_truncated(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """What arrived of a streamed body before the primary's early 413 is recorded, well
+    under `recording.max_body_bytes`, flagged truncated: it is not the request the client
+    sent, and a replay must not send it as one. A body streamed whole is not flagged."""
+    @closing
+    async def early_413(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"/whole" in head:
+                await reader.readexactly(content_length(head))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                continue
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(TOO_LARGE), TOO_LARGE))
+            await writer.drain()
+            await reader.readexactly(content_length(head))
+
+    async with raw_server(early_413) as primary, \
+            start_proxy([route(primary)], limits=LIMITS) as proxy:
+        head, _ = await upload(proxy.port)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /whole HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (BODY, b"w" * BODY))
+        assert (await reader.read()).startswith(b"HTTP/1.1 200")
+        writer.close()
+        await wait_for_rows(database_url, "requests", 2)
+    rows = await fetch(database_url, "SELECT path, body_size, length(body) AS kept, "
+                                     "body_truncated FROM shadowproxy.requests ORDER BY path")
+    cut, whole = rows
+    assert (whole["path"], whole["body_size"], whole["kept"], whole["body_truncated"]) == (
+        "/whole", BODY, BODY, False)
+    assert cut["path"] == "/upload" and cut["body_size"] < BODY, dict(cut)
+    assert cut["kept"] == cut["body_size"] and cut["body_truncated"], dict(cut)
