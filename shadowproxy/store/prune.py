@@ -120,15 +120,14 @@ async def _size(conn: asyncpg.Connection, part: Partition | None) -> tuple[int, 
 
 
 async def drop_partitions(conn: asyncpg.Connection, cutoff: datetime
-                          ) -> tuple[list[str], int, int, bool, datetime | None]:
-    """Detach and drop the partitions (of both tables) that end at or before ``cutoff``:
-    (suffixes dropped, requests, responses, estimated, the latest end of a dropped range or
-    None)."""
+                          ) -> tuple[list[str], int, int, bool]:
+    """Detach and drop the partitions (of both tables) that end at or before ``cutoff``,
+    each range with the summaries of its hours (``rollups.forget_range``): (suffixes
+    dropped, requests, responses, estimated)."""
     answers = {p.name.removeprefix("responses_"): p for p in await partitions(conn, "responses")}
     dropped: list[str] = []
     requests = responses = 0
     estimated = False
-    through: datetime | None = None
     for part in await partitions(conn, "requests"):
         if part.end > cutoff:
             break
@@ -145,8 +144,8 @@ async def drop_partitions(conn: asyncpg.Connection, cutoff: datetime
                 await conn.execute(f"ALTER TABLE shadowproxy.responses DETACH PARTITION "
                                    f"shadowproxy.{twin.name}")
                 await conn.execute(f"DROP TABLE shadowproxy.{twin.name}")
+            await rollups.forget_range(conn, part.start, part.end)
         dropped.append(name)
-        through = part.end if through is None else max(through, part.end)
         requests += n_requests
         responses += n_responses
         estimated = estimated or est_q or est_r
@@ -159,18 +158,30 @@ async def drop_partitions(conn: asyncpg.Connection, cutoff: datetime
                 await conn.execute(f"ALTER TABLE shadowproxy.responses DETACH PARTITION "
                                    f"shadowproxy.{twin.name}")
                 await conn.execute(f"DROP TABLE shadowproxy.{twin.name}")
+                await rollups.forget_range(conn, twin.start, twin.end)
             responses += n_responses
             estimated = estimated or est_r
-            through = twin.end if through is None else max(through, twin.end)
-    return dropped, requests, responses, estimated, through
+    return dropped, requests, responses, estimated
 
 
 async def prune_before(conn: asyncpg.Connection, cutoff: datetime, *,
                        batch_size: int = 5000, whole_partitions: bool = False) -> PruneResult:
     """Remove every record received before ``cutoff``: whole partitions, then what is left
     in the partition that straddles the cutoff and in DEFAULT, in batches (with
-    ``whole_partitions``, the partitions only). The caller holds ``MAINTENANCE_LOCK``."""
-    dropped, requests, responses, estimated, through = await drop_partitions(conn, cutoff)
+    ``whole_partitions``, the partitions only). The caller holds ``MAINTENANCE_LOCK``.
+
+    The summaries of what is removed go first, or with it, never after it: a prune cut
+    short (a lock not had, the connection lost) leaves no summary of records it removed,
+    which the report would go on counting. Each dropped range takes its hours' summaries
+    along in its own transaction; with the row-by-row delete, every hour before the cutoff
+    is forgotten before the first batch (none is made again meanwhile: summaries are made
+    by the maintenance task, under ``MAINTENANCE_LOCK``), and the next maintenance run
+    summarizes what is left. With whole partitions only, the hours of the partition across
+    the cutoff keep their records, so they keep their summaries (forgotten, they would be
+    summarized again at every run, ahead of the new hours)."""
+    dropped, requests, responses, estimated = await drop_partitions(conn, cutoff)
+    if not whole_partitions:
+        await rollups.forget_before(conn, cutoff)
     batches = 0
     while not whole_partitions:
         row = await conn.fetchrow(_DELETE_BATCH, cutoff, batch_size)
@@ -186,13 +197,6 @@ async def prune_before(conn: asyncpg.Connection, cutoff: datetime, *,
         if gone == 0:
             break
         responses += gone
-    # The summaries of what is gone go with it: every hour before the cutoff, or with
-    # whole partitions only the hours of those dropped. The hours of the partition across
-    # the cutoff keep their records, so they keep their summaries (forgotten, they would be
-    # summarized again at every run, ahead of the new hours).
-    forget = through if whole_partitions else cutoff
-    if forget is not None:
-        await rollups.forget_before(conn, forget)
     return PruneResult(cutoff=cutoff, requests=requests, responses=responses, batches=batches,
                        dropped=dropped, estimated=estimated)
 

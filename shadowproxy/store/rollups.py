@@ -12,8 +12,9 @@ What arrives in an hour after it was summarized makes the summary wrong, so it i
 the transaction that writes it: a spooled batch replayed after an outage, answers stored by
 ``shadowproxy replay`` (``invalidate``, called by the recorder's writer for every batch
 that holds a record of an hour that may have been summarized, ``WRITE_MARGIN``), and
-``prune`` removes the summaries of what it removes (``forget_before``). The hour is then
-summarized again by the next maintenance run. ``ROLLUP_LOCK`` orders the two: a transaction
+``prune`` removes the summaries of what it removes before or as it removes it
+(``forget_before``, ``forget_range``). The hour is then summarized again by the next
+maintenance run. ``ROLLUP_LOCK`` orders the two: a transaction
 summarizing an hour and one writing late rows into it never overlap, so a summary either
 counts the late rows or is deleted by their writer. Only such batches wait for that lock,
 never a live one. No hour is summarized while an upgrade's legacy tables are still being
@@ -226,3 +227,13 @@ async def forget_before(conn: asyncpg.Connection, cutoff: datetime) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", ROLLUP_LOCK)
         await conn.execute("DELETE FROM shadowproxy.rollup_hours WHERE hour < $1", cutoff)
+
+
+async def forget_range(conn: asyncpg.Connection, start: datetime, end: datetime) -> None:
+    """Remove the summaries of every hour that overlaps [start, end), in the caller's
+    transaction, which drops that range's records (``prune``). Without ``ROLLUP_LOCK``:
+    that transaction holds both tables, so no late batch is being written meanwhile, and
+    no summary is being made (the caller holds the maintenance lock); taken after the
+    tables, the lock could close a cycle with a summary that waits for them."""
+    await conn.execute("DELETE FROM shadowproxy.rollup_hours WHERE hour > $1 AND hour < $2",
+                       start - HOUR, end)

@@ -266,6 +266,42 @@ async def test_prune_removes_the_summaries_of_what_it_removes(database_url: str)
     assert (await exact(database_url, win))["counts"]["requests"] == 30
 
 
+async def test_a_prune_cut_short_leaves_no_summary_of_what_it_removed(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prune` stopped by a partition it cannot lock (a long query on it: exit 1, "run it
+    again") has dropped the partitions before that one: their hours' summaries went with
+    them, so the report counts the records that are left, not those of the summaries."""
+    from shadowproxy.errors import DatabaseError
+    from shadowproxy.store.partitions import ensure, partitions, period_start
+    from shadowproxy.store.prune import prune
+
+    monkeypatch.setattr("shadowproxy.store.prune.LOCK_TIMEOUT", "200ms")
+    conn = await asyncpg.connect(database_url)
+    try:
+        now = await conn.fetchval("SELECT now()")
+        await ensure(conn, "day", now=now - timedelta(days=4), ahead=4)
+    finally:
+        await conn.close()
+    for d in (4, 3, 2):  # a day's partition each
+        await insert(database_url, traffic(10, period_start(now - timedelta(days=d), "day")
+                                           + timedelta(hours=6), timedelta(minutes=5),
+                                           seed=20 + d))
+    await roll_up(database_url)
+    held = await asyncpg.connect(database_url)
+    try:
+        third = [p.name for p in await partitions(held)][2]
+        async with held.transaction():
+            await held.execute(f"SELECT 1 FROM shadowproxy.{third} LIMIT 1")  # a report
+            with pytest.raises(DatabaseError, match="lock timeout"):
+                await prune(database_url, timedelta(days=1))
+        stored = await held.fetchval("SELECT count(*) FROM shadowproxy.requests")
+    finally:
+        await held.close()
+    assert stored == 10  # the two oldest partitions were dropped, the third one was not
+    win = Window(now - timedelta(days=5), now)
+    assert (await exact(database_url, win))["counts"]["requests"] == stored
+
+
 async def test_the_maintenance_run_summarizes_settled_hours(database_url: str) -> None:
     old = hours_ago(3).replace(minute=5)
     await insert(database_url, traffic(25, old, timedelta(minutes=5), seed=10))
