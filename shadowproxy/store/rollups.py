@@ -55,6 +55,12 @@ live batch never looks at the summaries, not even with a record of a long stream
 and only spooled batches of earlier hours and replayed answers do."""
 ROLLUP_LOCK = 0x5AD0_0000_0003
 """Transaction-level advisory lock taken by whoever summarizes an hour or invalidates one."""
+ISOLATION = "read_committed"
+"""The isolation of the transactions that take ``ROLLUP_LOCK``, whatever the database's
+``default_transaction_isolation``: each statement after the lock must see what the
+transaction it waited for committed. Under REPEATABLE READ the snapshot is taken by the
+statement that waits for the lock, so a summary missed the late rows of the writer it
+waited for, and a writer's ``invalidate`` missed the summary made while it waited."""
 
 COMPARABLE = ("primary_status BETWEEN 200 AND 299 AND shadow_status BETWEEN 200 AND 299 "
               "AND primary_body_json IS NOT NULL AND shadow_body_json IS NOT NULL")
@@ -142,7 +148,7 @@ def hour_of(at: datetime) -> datetime:
 
 async def roll_up_hour(conn: asyncpg.Connection, hour: datetime) -> int:
     """Summarize one hour (again, if it was); returns its requests."""
-    async with conn.transaction():
+    async with conn.transaction(isolation=ISOLATION):
         await conn.execute("SELECT pg_advisory_xact_lock($1)", ROLLUP_LOCK)
         await conn.execute("DELETE FROM shadowproxy.rollup_hours WHERE hour = $1", hour)
         requests = await conn.fetchval(
@@ -215,7 +221,8 @@ def late_hours(received: Iterable[float | datetime], now: float | None = None
 
 async def invalidate(conn: asyncpg.Connection, hours: list[datetime]) -> None:
     """Remove the summaries of ``hours``, in the caller's transaction (which writes rows
-    into them): they are made again, with those rows, by the next maintenance run."""
+    into them, at ``ISOLATION``): they are made again, with those rows, by the next
+    maintenance run."""
     if hours:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", ROLLUP_LOCK)
         await conn.execute("DELETE FROM shadowproxy.rollup_hours WHERE hour = ANY($1)", hours)

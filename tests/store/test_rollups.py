@@ -4,6 +4,7 @@ hours. On a real PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -231,6 +232,54 @@ async def test_a_late_batch_removes_the_summary_of_its_hour(database_url: str) -
     counts = (await exact(database_url, win, "again"))["counts"]
     assert counts["pairs"] == counts["replayed_pairs"] == replayed_before + 1
     assert (await exact(database_url, win))["counts"]["requests"] == before + 2
+
+
+async def _waiting_for_locks(conn: asyncpg.Connection, n: int) -> None:
+    """Until ``n`` sessions wait for an advisory lock."""
+    for _ in range(500):
+        if await conn.fetchval("SELECT count(*) FROM pg_locks "
+                               "WHERE locktype = 'advisory' AND NOT granted") == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} sessions never waited for an advisory lock")
+
+
+@pytest.mark.parametrize("first", ["batch", "summary"])
+async def test_a_late_batch_and_a_summary_of_its_hour_see_each_other_under_repeatable_read(
+        database_url: str, first: str) -> None:
+    """With the database's default_transaction_isolation at REPEATABLE READ, a late batch
+    (a spooled record of an hour that has just settled) written while the hour is being
+    summarized is counted by the summary, or removes it, whichever of the two takes the
+    lock first: the report counts the hour's requests as the rows do."""
+    old = hours_ago(3).replace(minute=20)
+    await insert(database_url, traffic(20, old, timedelta(minutes=5), seed=30))
+    holder = await asyncpg.connect(database_url)
+    summarizer: asyncpg.Connection | None = None
+    writer = PostgresWriter(database_url)
+    try:
+        await holder.execute(
+            f'ALTER DATABASE "{await holder.fetchval("SELECT current_database()")}" '
+            "SET default_transaction_isolation = 'repeatable read'")
+        summarizer = await asyncpg.connect(database_url)
+        assert await summarizer.fetchval("SHOW transaction_isolation") == "repeatable read"
+        tasks = {"batch": lambda: writer.write(*_rows(old.timestamp() + 60)),
+                 "summary": lambda: rollups.roll_up(summarizer)}
+        then = "summary" if first == "batch" else "batch"
+        async with holder.transaction():  # both wait for the lock, `first` first
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", rollups.ROLLUP_LOCK)
+            one = asyncio.create_task(tasks[first]())
+            await _waiting_for_locks(holder, 1)
+            two = asyncio.create_task(tasks[then]())
+            await _waiting_for_locks(holder, 2)
+        await asyncio.gather(one, two)
+    finally:
+        await writer.close()
+        if summarizer is not None:
+            await summarizer.close()
+        await holder.close()
+    hour = rollups.hour_of(old)
+    counts = (await exact(database_url, Window(hour, hour + rollups.HOUR)))["counts"]
+    assert counts["requests"] == 21 and counts["pairs"] == 21
 
 
 async def _a_request(url: str, hour: datetime) -> tuple[uuid.UUID, datetime]:
