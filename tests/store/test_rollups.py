@@ -359,6 +359,29 @@ async def test_the_maintenance_run_summarizes_settled_hours(database_url: str) -
     assert await summarized_hours(database_url) == [rollups.hour_of(old)]
 
 
+async def test_the_documented_query_of_hours_not_summarized_yet_in_any_time_zone(
+        database_url: str) -> None:
+    """docs/sql.md's query of the hours not summarized yet, in a session of a zone half an
+    hour off UTC, lists only the hours that have not settled, not every hour of the day."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "sql.md").read_text()
+    query = text[text.index("-- Hours not summarized yet"):]
+    query = query[:query.index(";")]
+    start = hours_ago(26)
+    await insert(database_url, traffic(100, start, timedelta(hours=26), seed=40))
+    await roll_up(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SET TimeZone = 'Asia/Kolkata'")
+        hours = [r[0] for r in await conn.fetch(query)]
+        now = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+    assert 1 <= len(hours) <= 2  # this hour, and the last one until it has settled
+    assert all(h >= rollups.hour_of(now) - rollups.HOUR for h in hours)
+
+
 def test_split_reads_whole_minutes_of_summarized_hours_and_rows_for_the_rest() -> None:
     from shadowproxy.compare.summaries import split
 
