@@ -8,14 +8,21 @@ import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import asyncpg
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from shadowproxy.cli import build_parser
 from shadowproxy.compare.config import Thresholds
-from shadowproxy.config import Settings
+from shadowproxy.config import Settings, StorageConfig
 from shadowproxy.metrics import Metrics, SnapshotCollector
+from shadowproxy.store.database import connection
+from shadowproxy.store.maintenance import run_once
+from tests.conftest import StartProxy, route
+from tests.upstreams import model, serve
 
 ROOT = Path(__file__).parent.parent
 DOCS = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))])
@@ -120,3 +127,83 @@ def test_every_configuration_key_is_in_the_reference_and_no_other() -> None:
 
 _THRESHOLD_KEYS = {f"routes[].compare.thresholds.{k}" for k in Thresholds.model_fields}
 _TOP_LEVEL = set(Settings.model_fields)
+
+
+# --- the SQL in the README and docs/, run against records the proxy wrote ------------------
+
+def _documented_sql() -> list[tuple[str, str]]:
+    """Every statement of the ```sql blocks of the README and docs/ (but the Citus DDL, a
+    design only), and every `psql ... -c '...'` one-liner, as (where, statement)."""
+    found = []
+    for path in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))]:
+        text = path.read_text()
+        for block in re.finditer(r"```sql\n(.*?)```", text, re.DOTALL):
+            if "citus" in block.group(1):
+                continue
+            line = text.count("\n", 0, block.start()) + 2
+            for statement in re.split(r";[ \t]*\n", block.group(1)):
+                code = [s for s in statement.splitlines() if not s.lstrip().startswith("--")]
+                if "".join(code).strip():
+                    found.append((f"{path.name}:{line}", statement.strip().rstrip(";")))
+        for one_liner in re.finditer(r"psql [^\n]*-c '([^']+)'", text):
+            found.append((f"{path.name}:{text.count(chr(10), 0, one_liner.start()) + 1}",
+                          one_liner.group(1)))
+    return found
+
+
+def _result(statements: dict[str, list[Any]], title: str) -> list[Any]:
+    """The rows of the documented statement whose leading comment is ``-- title``."""
+    matches = [rows for sql, rows in statements.items() if sql.startswith(f"-- {title}")]
+    assert matches, f"no documented query titled {title!r}"
+    return matches[0]
+
+
+async def test_every_documented_query_runs_and_says_what_its_text_says(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Each SQL example of the README and docs/ runs on a database the proxy recorded into
+    (some requests of two hours ago, summarized, some of now), and those whose text says
+    what they return return it."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
+        routes = [route(primary.url, shadow.url, name="diabetes")]
+        routes[0]["shadows"][0]["name"] = "candidate"
+        async with start_proxy(routes) as proxy, aiohttp.ClientSession() as http:
+            for i in range(6):
+                headers = {"X-Request-Id": "the-x-request-id" if i == 0 else f"r{i}"}
+                resp = await http.post(f"http://127.0.0.1:{proxy.port}/predict",
+                                       json={"features": {"bmi": 20 + i}}, headers=headers)
+                assert resp.status == 200
+    async with connection(database_url) as conn:
+        # Half of them two hours back, in hours the maintenance summarizes.
+        for table, key in (("requests", "id"), ("responses", "request")):
+            await conn.execute(
+                f"UPDATE shadowproxy.{table} SET received_at = received_at - interval '2h' "
+                f"WHERE {key} IN (SELECT id FROM shadowproxy.requests "
+                "WHERE request_id IN ('the-x-request-id', 'r1', 'r2'))")
+    outcome = await run_once(database_url, StorageConfig())
+    assert outcome.rolled is not None and outcome.rolled.requests == 3
+
+    statements: dict[str, list[Any]] = {}
+    failed = []
+    async with connection(database_url) as conn:
+        for where, sql in _documented_sql():
+            try:
+                async with conn.transaction():
+                    statements[sql] = await conn.fetch(sql)
+            except asyncpg.PostgresError as exc:
+                failed.append(f"{where}: {exc}\n{sql}")
+        first = await conn.fetchval("SELECT min(received_at) FROM shadowproxy.requests")
+    assert failed == []
+    assert len(statements) >= 15
+
+    assert [tuple(r) for r in _result(statements, "Rows waiting in DEFAULT")] == [(0, 0)]
+    assert sorted(r["target"] for r in _result(
+        statements, "A request as it was sent, and every answer to it")) == [
+        "candidate", "primary"]
+    assert [tuple(r) for r in _result(statements, "Shadow outcomes by kind")] == [
+        ("candidate", "ok", 6)]
+    assert sum(r["requests"] for r in _result(
+        statements, "Requests per day and route, from the summaries")) == 3
+    # Hours before the first record are not hours waiting to be summarized.
+    waiting = [r["hour"] for r in _result(statements, "Hours not summarized yet")]
+    assert waiting == sorted(waiting)
+    assert all(hour >= first.replace(minute=0, second=0, microsecond=0) for hour in waiting)
