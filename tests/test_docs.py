@@ -141,7 +141,7 @@ def _documented_sql() -> list[tuple[str, str]]:
             if "citus" in block.group(1):
                 continue
             line = text.count("\n", 0, block.start()) + 2
-            for statement in re.split(r";[ \t]*\n", block.group(1)):
+            for statement in _statements(block.group(1)):
                 code = [s for s in statement.splitlines() if not s.lstrip().startswith("--")]
                 if "".join(code).strip():
                     found.append((f"{path.name}:{line}", statement.strip().rstrip(";")))
@@ -149,6 +149,17 @@ def _documented_sql() -> list[tuple[str, str]]:
             found.append((f"{path.name}:{text.count(chr(10), 0, one_liner.start()) + 1}",
                           one_liner.group(1)))
     return found
+
+
+def _statements(block: str) -> list[str]:
+    """A block's statements: split where a line ends with ``;`` outside a ``$$`` body."""
+    out, current = [], ""
+    for line in block.splitlines(keepends=True):
+        current += line
+        if line.rstrip().endswith(";") and current.count("$$") % 2 == 0:
+            out.append(current)
+            current = ""
+    return [*out, current]
 
 
 def _result(statements: dict[str, list[Any]], title: str) -> list[Any]:

@@ -109,7 +109,8 @@ def free_range(when: datetime, period: str, existing: list[Partition]
 
 async def create(conn: asyncpg.Connection, start: datetime, end: datetime) -> str:
     """Create the partitions of [start, end) of both tables, with the rows of that range
-    moved out of the DEFAULT partitions; return the range's name suffix."""
+    moved out of the DEFAULT partitions and their storage parameters; return the range's
+    name suffix."""
     name = suffix(start)
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
@@ -119,9 +120,10 @@ async def create(conn: asyncpg.Connection, start: datetime, end: datetime) -> st
             # DEFAULT partition between the move and the attach.
             await conn.execute(
                 f"LOCK TABLE shadowproxy.{table}_default IN ACCESS EXCLUSIVE MODE")
+            storage = await _storage_of_default(conn, table)
             await conn.execute(
                 f"CREATE TABLE shadowproxy.{part} (LIKE shadowproxy.{table} "
-                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS) WITH (toast_tuple_target = 8160)")
+                f"INCLUDING DEFAULTS INCLUDING CONSTRAINTS){storage}")
             await conn.execute(
                 f"WITH moved AS (DELETE FROM shadowproxy.{table}_default "
                 "WHERE received_at >= $1 AND received_at < $2 RETURNING *) "
@@ -135,6 +137,22 @@ async def create(conn: asyncpg.Connection, start: datetime, end: datetime) -> st
                 f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')")
             await conn.execute(f"ALTER TABLE shadowproxy.{part} DROP CONSTRAINT {part}_range")
     return name
+
+
+async def _storage_of_default(conn: asyncpg.Connection, table: str) -> str:
+    """The ``WITH (...)`` clause that gives a new partition the storage parameters of its
+    table's DEFAULT partition (``toast_tuple_target = 8160`` unless an operator changed it,
+    migration 005), or ``""`` when it has none. PostgreSQL refuses storage parameters on a
+    partitioned table, so the DEFAULT partition is where a change to them (docs/sql.md,
+    Storage) reaches the partitions made from then on; a fixed setting here undid it."""
+    options = await conn.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = $1::regclass",
+        f"shadowproxy.{table}_default")
+    if not options:
+        return ""
+    pairs = (option.split("=", 1) for option in options)
+    return " WITH (" + ", ".join(
+        f"{name} = '{value.replace(chr(39), chr(39) * 2)}'" for name, value in pairs) + ")"
 
 
 async def _times_with_rows(conn: asyncpg.Connection, table: str, period: str) -> list[datetime]:

@@ -4,8 +4,10 @@ tables, the pairs view as before, and ranges that never overlap when the period 
 from __future__ import annotations
 
 import itertools
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -196,3 +198,35 @@ async def test_a_changed_period_never_overlaps(empty_database_url: str, period: 
         assert a.end == b.start, (a, b)
     assert parts[-1].end - parts[-1].start == (
         timedelta(days=1) if period == "day" else timedelta(weeks=1))
+
+
+async def test_the_documented_storage_reset_reaches_the_partitions_made_later(
+        database_url: str) -> None:
+    """New partitions are made with toast_tuple_target = 8160, as the DEFAULT partitions
+    carry it; after docs/sql.md's reset of every partition, the partitions made later are
+    made without it too (a fixed setting undid the reset at the next partition)."""
+    text = (Path(__file__).parents[2] / "docs" / "sql.md").read_text()
+    reset = next(m.group(1) for m in re.finditer(r"```sql\n(.*?)```", text, re.DOTALL)
+                 if "RESET (toast_tuple_target)" in m.group(1))
+    options = ("SELECT reloptions FROM pg_class WHERE relnamespace = 'shadowproxy'::regnamespace"
+               " AND relname IN ('requests_' || $1, 'responses_' || $1)")
+    conn = await asyncpg.connect(database_url)
+    try:
+        soon = datetime.now(UTC) + timedelta(days=30)
+        assert await ensure(conn, "day", now=soon, ahead=0) == [
+            suffix(period_start(soon, "day"))]
+        made = await conn.fetch(options, suffix(period_start(soon, "day")))
+        assert [r["reloptions"] for r in made] == [["toast_tuple_target=8160"]] * 2
+
+        await conn.execute(reset)
+        later = datetime.now(UTC) + timedelta(days=60)
+        assert await ensure(conn, "day", now=later, ahead=0) == [
+            suffix(period_start(later, "day"))]
+        made = await conn.fetch(options, suffix(period_start(later, "day")))
+        assert len(made) == 2 and [r["reloptions"] for r in made] == [None, None]
+        assert await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'shadowproxy.requests'::regclass "
+            "AND c.reloptions IS NOT NULL") == 0
+    finally:
+        await conn.close()
