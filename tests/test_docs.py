@@ -18,8 +18,12 @@ from pydantic import BaseModel
 from shadowproxy.cli import build_parser
 from shadowproxy.compare.config import Thresholds
 from shadowproxy.config import Settings, StorageConfig
-from shadowproxy.metrics import Metrics, SnapshotCollector
-from shadowproxy.store.database import connection
+from shadowproxy.failures import ERROR_KINDS
+from shadowproxy.metrics import RECORD_OUTCOMES, Metrics, SnapshotCollector
+from shadowproxy.recorder.bodies import WITHHELD_REASONS
+from shadowproxy.recorder.postgres import REFUSED
+from shadowproxy.recorder.rows import UNEXPECTED
+from shadowproxy.store.database import PERMANENT, TRANSIENT, connection
 from shadowproxy.store.maintenance import run_once
 from tests.conftest import StartProxy, route
 from tests.upstreams import model, serve
@@ -75,6 +79,24 @@ def test_every_metric_exported_is_documented_and_no_other() -> None:
     documented = {name.split("{", 1)[0] for name in _table_keys(
         (ROOT / "docs" / "operations.md").read_text(), "## Metrics")}
     assert documented == served
+
+
+def test_every_label_value_a_metric_takes_is_documented() -> None:
+    """The metrics table names each value of the labels whose values the proxy chooses:
+    the shadow outcomes, what became of a record, why a body was withheld."""
+    rows = {row.split("{", 1)[0]: row for row in re.findall(
+        r"^\| `(shadowproxy_[^|]*\|.*)$", (ROOT / "docs" / "operations.md").read_text(),
+        re.MULTILINE)}
+    words = {
+        "shadowproxy_shadow_requests_total": ("ok", *ERROR_KINDS),
+        "shadowproxy_records_total": RECORD_OUTCOMES,
+        "shadowproxy_bodies_withheld_total": (*WITHHELD_REASONS, REFUSED, UNEXPECTED),
+        "shadowproxy_database_error": (TRANSIENT, PERMANENT),
+    }
+    missing = [f"{metric} {word}" for metric, values in words.items() for word in values
+               if f"`{word}`" not in rows[metric] and f"\\|{word}" not in rows[metric]
+               and f"{word}\\|" not in rows[metric]]
+    assert missing == []
 
 
 def _config_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
