@@ -12,8 +12,11 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import yaml
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from shadowproxy.cli import build_parser
 from shadowproxy.compare.config import Thresholds
@@ -145,6 +148,51 @@ def test_every_configuration_key_is_in_the_reference_and_no_other() -> None:
     assert sorted(keys - blocks - rows - inline) == []
     assert sorted(k for k in rows if "." in k or "[" in k or k in _TOP_LEVEL
                   if k not in keys and not k.endswith(".NAME")) == []
+
+
+def _field(key: str) -> FieldInfo:
+    """The model field of a key as docs/configuration.md writes it."""
+    model: type[BaseModel] | None = Settings
+    field = None
+    for part in key.replace("[]", "").split("."):
+        if part in ("NAME", "TARGET"):
+            continue
+        assert model is not None, key
+        field = model.model_fields[part]
+        model = None
+        for member in (field.annotation, *typing.get_args(field.annotation)):
+            for inner in (member, *typing.get_args(member)):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+    assert field is not None
+    return field
+
+
+def test_every_documented_default_is_the_default() -> None:
+    """The default column of docs/configuration.md says what a file that leaves a key out
+    gets: a value written as YAML (`1.5`, `[]`, `null`), a list of names, or a word
+    (`all`, `inferred`, `—`) for a key with no value of its own."""
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    wrong = []
+    for cell, default in re.findall(r"^\| (`[^|]+)\| ([^|]*)\|", text, re.MULTILINE):
+        keys = [k for k in re.findall(r"`([^`]+)`", cell) if not k.startswith(".")]
+        literals = re.findall(r"`([^`]+)`", default)
+        for i, key in enumerate(keys):
+            full = key if key in _TOP_LEVEL or "." in key else (
+                "routes[].compare.thresholds." + key)
+            field = _field(full)
+            value = field.get_default(call_default_factory=True)
+            if isinstance(value, BaseModel | Path):
+                value = str(value) if isinstance(value, Path) else None
+            if literals:
+                documented = yaml.safe_load(literals[min(i, len(literals) - 1)])
+            elif "," in default:
+                documented = [w.strip() for w in default.split(",")]
+            else:  # a word: the key has no value of its own, or one found at run time
+                documented = value if value in (None, [], {}, PydanticUndefined) else default
+            if documented != value:
+                wrong.append(f"{full}: documented {default.strip()}, default {value!r}")
+    assert wrong == []
 
 
 _THRESHOLD_KEYS = {f"routes[].compare.thresholds.{k}" for k in Thresholds.model_fields}
