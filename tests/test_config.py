@@ -450,3 +450,27 @@ def test_storage_keys_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert any(p.endswith(expected) or expected in p for p in info.value.problems), \
         info.value.problems
     assert any(":11: storage." in p for p in info.value.problems), info.value.problems
+
+
+def test_a_feature_bound_that_is_nan_is_refused(tmp_path: Path) -> None:
+    """A feature's `min` or `max` of NaN is refused at its feature, as NaN bin edges are: no
+    value is ever outside it, so the range check the file asks for passed everything."""
+    bad = """\
+routes:
+  - name: r
+    primary: {url: "http://127.0.0.1:1"}
+    compare:
+      features:
+        bmi: {path: "$.features.bmi", min: .nan, max: 70}
+        age: {path: "$.features.age", max: .NaN}
+        bp: {path: "$.features.bp", min: -.inf, max: .inf}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, bad))
+    problems = [p.split(":", 1)[1] for p in info.value.problems]
+    assert problems == [
+        "6: routes[0].compare.features.bmi: min: expected a number, not NaN (leave the key "
+        "out for no bound)",
+        "7: routes[0].compare.features.age: max: expected a number, not NaN (leave the key "
+        "out for no bound)",
+    ]

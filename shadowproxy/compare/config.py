@@ -51,6 +51,11 @@ class FeatureConfig(FrozenModel):
     def _one_source(self) -> FeatureConfig:
         if self.path is not None and (self.column is not None or self.input is not None):
             raise ValueError("give either 'path' (a jsonpath) or 'column'/'input', not both")
+        for name, bound in (("min", self.min), ("max", self.max)):
+            # No value compares outside a NaN bound: the range check would pass everything.
+            if bound is not None and math.isnan(bound):
+                raise ValueError(f"{name}: expected a number, not NaN (leave the key out for "
+                                 "no bound)")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
         if isinstance(self.column, int) and self.column < 0:
