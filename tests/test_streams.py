@@ -448,6 +448,14 @@ def _compressed_reads(reads: list[bytes], encoding: str) -> tuple[bytes, list[Ar
     return bytes(out), arrivals
 
 
+def _plain_arrivals(reads: list[bytes]) -> list[Arrival]:
+    """Each read's offset in the plain bytes, at the time of its index (``_compressed_reads``)."""
+    offsets = [0]
+    for piece in reads[:-1]:
+        offsets.append(offsets[-1] + len(piece))
+    return [(o, float(i)) for i, o in enumerate(offsets)]
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
 def test_compressed_streams_are_decoded_read_by_read(encoding: str) -> None:
     """A flushed gzip/deflate/br stream decodes with each read's offset in the plain bytes."""
@@ -458,10 +466,7 @@ def test_compressed_streams_are_decoded_read_by_read(encoding: str) -> None:
     assert decoded is not None
     plain_body, moved = decoded
     assert plain_body == b"".join(events)
-    offsets = [0]
-    for e in events[:-1]:
-        offsets.append(offsets[-1] + len(e))
-    assert moved == [(o, float(i)) for i, o in enumerate(offsets)]
+    assert moved == _plain_arrivals(events)
     result = assemble(plain_body, moved, 0.0)
     assert result is not None
     assert result[1]["ttft_ms"] == 1000.0  # the first token was in read 1
@@ -482,10 +487,7 @@ def test_a_stream_with_a_list_of_codings_is_decoded_read_by_read() -> None:
     assert decoded is not None
     plain_body, moved = decoded
     assert plain_body == b"".join(events)
-    offsets = [0]
-    for e in events[:-1]:
-        offsets.append(offsets[-1] + len(e))
-    assert moved == [(o, float(i)) for i, o in enumerate(offsets)]
+    assert moved == _plain_arrivals(events)
     assert decode_arrivals(raw, arrivals, b"gzip, zstd", 1 << 20) is None
     assert decode_arrivals(raw, arrivals, b"gzip, br", 100) is None  # past the cap
 
