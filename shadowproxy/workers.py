@@ -289,6 +289,23 @@ class _Slot:
     next_start: float = 0.0
 
 
+def _trial_build(settings: Settings, version: str) -> None:
+    """Build what a worker builds from ``settings`` (``Proxy.apply``: the routes and their
+    pools, the recording rules), and throw it away. Raises what a worker would: a
+    configuration the workers cannot run is then refused as in one process (the reload
+    says ``rejected``), where each worker failed on its own, kept the old configuration and
+    was signalled again every second, while the reload said ``applied``."""
+    from shadowproxy.live import PoolRegistry, compile_routes
+    from shadowproxy.recorder.rows import RowEncoder
+
+    registry = PoolRegistry(asyncio.get_running_loop())
+    try:
+        compile_routes(settings, version, registry, Metrics())
+        RowEncoder(settings.recording)
+    finally:
+        registry.close()
+
+
 class Supervisor:
     """Starts the workers and keeps them running; the admin endpoints read it."""
 
@@ -373,6 +390,7 @@ class Supervisor:
     async def apply(self, settings: Settings, version: str) -> list[dict[str, Any]]:
         """Pass a validated configuration on to every worker; each one's version once every
         listening worker runs it (or ``RELOAD_WAIT_S`` passed)."""
+        _trial_build(settings, version)
         data = {"version": version,
                 "settings": settings.model_dump(mode="json", exclude=PASSED_ON)}
         control.write_private(self.directory / CONFIG_FILE, json.dumps(data))

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -328,6 +329,39 @@ def test_the_supervisor_adds_no_database_state_of_its_own(tmp_path: Path) -> Non
                sample.labels == {"result": "applied"}}
     assert exposed["shadowproxy_config_reloads_total"] == 1
     assert exposed["shadowproxy_database_up"] == 0
+
+
+async def test_a_configuration_the_workers_cannot_build_is_not_handed_to_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor builds the routes a worker would before it writes the configuration
+    for them: a failure there fails the reload (``rejected``, the running version kept),
+    instead of every worker failing on its own while the reload said ``applied``. The
+    failure is made at the seam, ``live.compile_routes``: the known ones (a host name that
+    cannot be sent) are refused by validation first."""
+    from shadowproxy import live
+    from shadowproxy.config import Settings
+    from shadowproxy.workers import CONFIG_FILE, Supervisor
+
+    def route(url: str) -> dict[str, Any]:
+        return {"name": "r", "primary": {"url": url}}
+
+    settings = Settings.model_validate({"workers": 2, "data_dir": str(tmp_path),
+                                        "routes": [route("http://127.0.0.1:9")]})
+    supervisor = Supervisor(settings, "postgresql://unused", "text")
+    supervisor.prepare()
+    new = Settings.model_validate({"workers": 2, "data_dir": str(tmp_path),
+                                   "routes": [route("http://127.0.0.1:10")]})
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise UnicodeError("label empty or too long")
+
+    monkeypatch.setattr(live, "compile_routes", failing)
+    with pytest.raises(UnicodeError):
+        await supervisor.apply(new, "v2")
+    assert not (supervisor.directory / CONFIG_FILE).exists()
+    assert supervisor.settings is settings
+    monkeypatch.undo()
+    await supervisor.apply(new, "v2")  # no worker listens: nothing to wait for
+    assert (supervisor.directory / CONFIG_FILE).exists() and supervisor.version == "v2"
 
 
 def test_a_stop_waits_for_a_worker_as_long_as_its_own_stop_can_take() -> None:
