@@ -28,6 +28,7 @@ from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.window import Window
 from shadowproxy.errors import DatabaseError, ShadowProxyError, UsageError
 from shadowproxy.store import rollups
+from shadowproxy.store.database import placeholders
 
 if TYPE_CHECKING:
     from shadowproxy.compare.sampling import SampleInfo
@@ -145,13 +146,11 @@ class Snapshot:
             raise _translate(exc, explain) from exc
 
     async def parameters(self, sql: str, explain: Explain | None = None) -> int:
-        """How many parameters ($1, $2, …) PostgreSQL finds in ``sql``, which it parses and
-        plans without running it."""
+        """``store.database.placeholders`` of ``sql``, its errors explained."""
         try:
-            statement = await self._conn.prepare(sql)
+            return await placeholders(self._conn, sql)
         except asyncpg.PostgresError as exc:
             raise _translate(exc, explain) from exc
-        return len(statement.get_parameters())
 
     async def check_jsonpath(self, key: str, path: str) -> None:
         """UsageError naming the configuration ``key`` if PostgreSQL cannot parse ``path``."""

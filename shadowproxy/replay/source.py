@@ -36,7 +36,7 @@ import orjson
 
 from shadowproxy.errors import DatabaseError, UsageError
 from shadowproxy.replay.options import ReplayOptions
-from shadowproxy.store.database import CONNECTION_ERRORS
+from shadowproxy.store.database import CONNECTION_ERRORS, placeholders
 
 REDACTED_RE = r"^\[redacted\](, \[redacted\])*$"
 """A header value the recorder redacted (repeated headers are joined with ", ")."""
@@ -174,16 +174,15 @@ class Selection:
         sql, _ = self.stream_sql(None)
         try:
             async with conn.transaction(readonly=True):
-                if self.options.where is not None:
-                    # On its own first: inside the stream's query a "$1" would silently
-                    # take one of the replay's own values (PostgreSQL infers its type).
-                    alone = await conn.prepare(f"SELECT 1 FROM ({PAIRS_ROWS}) AS pairs "
-                                               f"WHERE (\n{self.options.where}\n)")
-                    if alone.get_parameters():
-                        raise UsageError(
-                            f"--where: {self.options.where!r} has a parameter placeholder "
-                            "($1, $2, …); --where takes no parameters: write the values "
-                            "into the condition, e.g. --where \"route = 'scoring'\"")
+                # --where on its own first: inside the stream's query a "$1" would
+                # silently take one of the replay's own values.
+                where = self.options.where
+                if where is not None and await placeholders(
+                        conn, f"SELECT 1 FROM ({PAIRS_ROWS}) AS pairs WHERE (\n{where}\n)"):
+                    raise UsageError(
+                        f"--where: {where!r} has a parameter placeholder ($1, $2, …); "
+                        "--where takes no parameters: write the values into the condition, "
+                        "e.g. --where \"route = 'scoring'\"")
                 await conn.prepare(sql)
         except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             raise _translate(exc, self.options.where, "checking the selection failed") from exc

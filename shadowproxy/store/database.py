@@ -192,6 +192,14 @@ async def _drop_when_cancelled(owner: asyncio.Task[Any], conn: asyncpg.Connectio
     conn.terminate()
 
 
+async def placeholders(conn: asyncpg.Connection, sql: str) -> int:
+    """How many parameters ($1, $2, …) PostgreSQL finds in ``sql``, parsed and planned, not
+    run. An operator's condition (``replay --where``, a ``compare.slices`` condition) must
+    have none: PostgreSQL infers a placeholder's type, and the command's own value in that
+    place would be bound to it."""
+    return len((await conn.prepare(sql)).get_parameters())
+
+
 async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
     """Run one query on a fresh connection (for commands, never for the data path)."""
     async with connection(url) as conn:

@@ -66,6 +66,19 @@ async def talk(port: int, data: bytes, *, quiet_s: float = 1.0,
     return out
 
 
+async def _expect_continue(port: int, path: bytes, expect: bytes) -> tuple[bytes, bytes]:
+    """POST a 3-byte body with ``Expect: <expect>``, sending the body once the interim
+    answer is in: (the interim answer's head, the final answer's head)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                 b"Expect: " + expect + b"\r\n\r\n")
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    writer.write(b"abc")
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    writer.close()
+    return interim, final
+
+
 async def test_an_answer_of_the_proxys_own_to_a_head_request_has_no_body(
         start_proxy: StartProxy) -> None:
     """RFC 9110 §9.3.2: a keep-alive client takes a body after a HEAD answer for the start
@@ -160,13 +173,7 @@ async def test_expect_100_continue(start_proxy: StartProxy) -> None:
     log: Log = []
     async with raw_server(answering(log)) as url, \
             start_proxy([route(url, match={"path_prefix": "/api"})]) as proxy:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(b"POST /other HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
-                     b"Expect: 100-continue\r\n\r\n")
-        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
-        writer.write(b"abc")
-        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
-        writer.close()
+        interim, final = await _expect_continue(proxy.port, b"/other", b"100-continue")
         http10 = await talk(proxy.port, b"POST /api/x HTTP/1.0\r\nContent-Length: 3\r\n"
                                         b"Expect: 100-continue\r\n\r\nabc")
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -231,13 +238,7 @@ async def test_white_space_before_the_line_end_is_no_part_of_a_value(
     async with raw_server(answering(log)) as url, start_proxy([route(url)]) as proxy:
         out = await talk(proxy.port, b"GET /a HTTP/1.1\r\nHost: x\r\n"
                                      b"X-Request-Id: abc \t\r\n\r\n", quiet_s=0.5)
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
-                     b"Expect: 100-continue \r\n\r\n")
-        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
-        writer.write(b"abc")
-        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
-        writer.close()
+        interim, final = await _expect_continue(proxy.port, b"/b", b"100-continue ")
         await wait_for_rows(database_url, "requests", 2)
     assert b"\r\nX-Request-Id: abc\r\n" in out, out
     assert b"\r\nX-Request-Id: abc\r\n" in log[0][1], log[0][1]
