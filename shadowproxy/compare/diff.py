@@ -6,14 +6,26 @@ tolerance, and one row per pair and field says whether it differs. Above ``sampl
 comparable pairs a seeded hash sample of them is compared (flattening JSON is the report's
 most expensive step). With a ``baseline_shadow`` the same is done for the baseline, and a
 field the baseline changes about as often is noise (Diffy's rule).
+
+A pair where either call failed (``error_kind``) is left out and counted per side
+(``cut_short``), as in the generation section: a stream cut short (the client left, a
+timeout, a reset) is stored 2xx with its answer assembled as far as it went, and compared it
+would show the text and ``finish_reason`` the call never finished as differences of the
+shadow's. The window's counts keep such pairs comparable (``COMPARABLE``, shared with the
+hourly summaries, is unchanged); ``complete_comparable`` gives those the diff compares.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, NotRequired, TypedDict
 
 from shadowproxy.compare.extract import flatten_cte, ignore_regex
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
+from shadowproxy.compare.summaries import Group
+
+COMPLETE = "primary_error_kind IS NULL AND shadow_error_kind IS NULL"
+"""Pairs whose two calls ended well: a comparable pair that is not is left out of the diff."""
 
 SCRATCH = (Scratch("_fd", "tag text, id uuid, request_id text, received_at timestamptz, "
                           "field text, d boolean", indexes=("(tag, id)",)),)
@@ -43,10 +55,16 @@ class Tolerance(TypedDict):
     rel: float
 
 
+class CutShort(TypedDict):
+    primary: int
+    shadow: int
+
+
 class DiffSection(TypedDict):
     comparable_pairs: int
     compared_pairs: int
     sampled: bool
+    cut_short: CutShort
     identical: int
     identical_share: float | None
     ignore: list[str]
@@ -68,9 +86,18 @@ async def validate(db: Snapshot) -> None:
         ignore_regex(path, f"compare.ignore[{i}]")
 
 
-async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None) -> int:
-    """Compare the fields of ``shadow``'s comparable pairs (a sample above sample_max) into
-    _fd under ``tag``; return how many pairs were compared."""
+def complete_comparable(groups: Iterable[Group]) -> int:
+    """The comparable pairs of ``groups`` (``operational.scan``) whose two calls ended well:
+    those the diff compares, of the whole window."""
+    return sum(int(g["n"]) for g in groups
+               if g["comparable"] and g["po"] == "ok" and g["so"] == "ok")
+
+
+async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None
+                ) -> tuple[int, int, CutShort]:
+    """Compare the fields of ``shadow``'s comparable pairs whose calls ended well (a sample
+    above sample_max) into _fd under ``tag``; return how many pairs were read, how many
+    compared, and per side how many answers were cut short (their pairs not compared)."""
     compare = db.compare
     regexes = [ignore_regex(p) for p in compare.ignore]
     sample = db.sample_clause(n, "id::text")
@@ -79,7 +106,7 @@ async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None) -> in
         base AS (SELECT id, request_id, received_at, primary_body_json AS pj,
                         shadow_body_json AS sj
                  FROM {db.rows}
-                 WHERE {PAIR_FILTER} AND {COMPARABLE} AND {sample}),
+                 WHERE {PAIR_FILTER} AND {COMPARABLE} AND {COMPLETE} AND {sample}),
         src AS (SELECT id, 'p' AS side, pj AS doc FROM base
                 UNION ALL SELECT id, 's', sj FROM base),
         {flatten_cte("src")},
@@ -100,12 +127,13 @@ async def _load(db: Snapshot, tag: str, n: int, shadow: str | None = None) -> in
         FROM (SELECT id, field, bool_or(differs) AS d FROM cmp GROUP BY id, field) c
         JOIN base b ON b.id = c.id
         """, *db.pair_args(shadow), regexes, compare.abs_tolerance, compare.rel_tolerance, tag)
-    if n <= db.thresholds.sample_max:
-        return n
     row = await db.fetchrow(
-        f"SELECT count(*) FROM {db.rows} WHERE {PAIR_FILTER} AND {COMPARABLE} "
-        f"AND {sample}", *db.pair_args(shadow))
-    return int(row[0])
+        f"SELECT count(*), count(*) FILTER (WHERE {COMPLETE}), "
+        f"count(*) FILTER (WHERE primary_error_kind IS NOT NULL), "
+        f"count(*) FILTER (WHERE shadow_error_kind IS NOT NULL) "
+        f"FROM {db.rows} WHERE {PAIR_FILTER} AND {COMPARABLE} AND {sample}",
+        *db.pair_args(shadow))
+    return int(row[0]), int(row[1]), CutShort(primary=int(row[2]), shadow=int(row[3]))
 
 
 async def _fields(db: Snapshot, tag: str) -> list[Any]:
@@ -127,7 +155,7 @@ async def build(db: Snapshot, comparable: int) -> DiffSection:
     """The field diff of the ``comparable`` pairs (``counts.comparable_pairs``)."""
     compare = db.compare
     baseline = compare.baseline_shadow
-    compared = await _load(db, "shadow", comparable)
+    read, compared, cut = await _load(db, "shadow", comparable)
     if baseline:
         await _load(db, "baseline", comparable, baseline)
     await db.execute("ANALYZE _fd")
@@ -148,7 +176,8 @@ async def build(db: Snapshot, comparable: int) -> DiffSection:
         fields.append(entry)
     differing, differing_real = await _pairs_differing(db, noise_fields)
     out = DiffSection(
-        comparable_pairs=comparable, compared_pairs=compared, sampled=compared < comparable,
+        comparable_pairs=comparable, compared_pairs=compared, sampled=read < comparable,
+        cut_short=cut,
         identical=compared - differing,
         identical_share=(compared - differing) / compared if compared else None,
         ignore=list(compare.ignore),

@@ -137,7 +137,8 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
                                                                     feats)
         step("verdict")
         if sample["sampled"]:
-            sample["estimates"] = await _estimates(db, sections, sample)
+            sample["estimates"] = await _estimates(db, sections, sample,
+                                                   diff.complete_comparable(groups))
         server = (await db.fetchrow("SHOW server_version"))[0]
     th = compare.thresholds
     meta = Meta(
@@ -159,17 +160,18 @@ async def build_report(conn: asyncpg.Connection, *, route: str, shadow: str, win
                          "verdict": decided})
 
 
-async def _estimates(db: Snapshot, sections: Mapping[str, Any], sample: sampling.SampleInfo
-                     ) -> dict[str, sampling.Estimate]:
+async def _estimates(db: Snapshot, sections: Mapping[str, Any], sample: sampling.SampleInfo,
+                     complete: int) -> dict[str, sampling.Estimate]:
     """Comparable pairs of the window estimated from the sample's, with 95% intervals: those
-    whose responses differ, and those whose predictions disagree (a class flips, or a
+    whose responses differ (of the ``complete`` ones, whose calls ended well: the diff
+    compares no other), and those whose predictions disagree (a class flips, or a
     regression value leaves the tolerance)."""
     out: dict[str, sampling.Estimate] = {}
     population = sample["population_comparable"]
     d = sections["diff"]
     if d.get("compared_pairs"):
         out["pairs_differing"] = sampling.estimate(
-            d["compared_pairs"] - d["identical"], d["compared_pairs"], population)
+            d["compared_pairs"] - d["identical"], d["compared_pairs"], complete)
     if "predictions" in sections and sections["predictions"].get("n"):
         c = db.compare
         differs = ("pt IS DISTINCT FROM st" if sections["predictions"]["task"] ==

@@ -257,6 +257,11 @@ def _diff(r: dict[str, Any]) -> Section:
                    f"{fmt(d['compared_pairs'])} ({pct(d['identical_share'])})"
                    + (f"; a seeded sample of the {fmt(d['comparable_pairs'])} comparable pairs"
                       if d["sampled"] else ""))
+    cut = d.get("cut_short") or {}
+    if any(cut.values()):
+        s.notes.append(f"answers cut short by a failed call (the client left, a timeout, a "
+                       f"reset), their pairs not compared: primary {fmt(cut['primary'])}, "
+                       f"shadow {fmt(cut['shadow'])}")
     if "identical_share_excluding_noise" in d:
         s.notes.append(f"identical excluding noise fields {d['noise_fields']}: "
                        f"{pct(d['identical_share_excluding_noise'])}")

@@ -27,6 +27,7 @@ from examples.chat_traffic import Mix, send
 from shadowproxy.compare.config import CompareConfig
 from shadowproxy.compare.labels import import_labels, read_labels
 from shadowproxy.compare.report import build_report
+from shadowproxy.compare.tables import sections
 from shadowproxy.compare.window import Window
 from tests.compare.test_generation import ref_normalize
 from tests.compare.test_generation_report import check_distribution, is_json, similarity
@@ -272,13 +273,11 @@ async def test_streamed_answers_that_only_call_a_tool_are_not_compared_on_text(
     assert g["tool_calls"]["same_calls"]["count"] == 2
 
 
-async def test_streams_the_client_left_are_not_compared(
-        start_proxy: StartProxy, database_url: str) -> None:
-    """The same model as primary and shadow, every request streamed; on some the client
-    stops reading after a few tokens (a "stop" button) and the proxy cuts the primary's
-    stream. Those pairs are counted in ``cut_short`` and left out: the shadow is not blamed
-    for the text and the finish_reason the primary never finished, and the rest agree."""
-    n, left = 10, {0, 4, 7}
+async def _report_with_streams_the_client_left(
+        start_proxy: StartProxy, database_url: str, n: int, left: set[int]) -> dict[str, Any]:
+    """The same model as primary and shadow, every request streamed; on the requests of
+    ``left`` the client stops reading after a few tokens (a "stop" button) and the proxy
+    cuts the primary's stream. The report of the recorded pairs."""
     speed = Speed(0.005, 0.01)
     async with chat_service("small", speed) as primary, chat_service("small", speed) as shadow, \
             start_proxy([{"name": "chat", "match": {"path_prefix": "/v1/", "methods": ["POST"]},
@@ -315,6 +314,16 @@ async def test_streams_the_client_left_are_not_compared(
     finally:
         await conn.close()
     assert cut == len(left)
+    return dict(r)
+
+
+async def test_streams_the_client_left_are_not_compared(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """Pairs whose primary stream the client left are counted in ``cut_short`` and left
+    out: the shadow is not blamed for the text and the finish_reason the primary never
+    finished, and the rest agree."""
+    n, left = 10, {0, 4, 7}
+    r = await _report_with_streams_the_client_left(start_proxy, database_url, n, left)
     g = r["generation"]
     assert not [x for x in r["verdict"]["reasons"] if x["section"] == "generation"]
     assert g["finish_reason"]["pairs"] == {"stop": {"stop": n - len(left)}}
@@ -322,3 +331,23 @@ async def test_streams_the_client_left_are_not_compared(
     assert g["text"]["exact_match"]["count"] == n - len(left)
     assert g["cut_short"] == {"primary": len(left), "shadow": 0}
     assert g["sample"] == {"n": n, "of": n, "sampled": False, "seed": g["sample"]["seed"]}
+
+
+async def test_field_diff_leaves_out_streams_the_client_left(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """The field diff leaves out the same pairs as the generation section and counts them:
+    the twin's answers differ in no field (the cut ones differed in the text and the
+    finish_reason), and the window's counts still hold every comparable pair."""
+    n, left = 10, {0, 4, 7}
+    r = await _report_with_streams_the_client_left(start_proxy, database_url, n, left)
+    d = r["diff"]
+    assert r["counts"]["comparable_pairs"] == n
+    assert (d["comparable_pairs"], d["compared_pairs"]) == (n, n - len(left))
+    assert d["cut_short"] == {"primary": len(left), "shadow": 0}
+    assert not d["sampled"]
+    assert (d["identical"], d["identical_share"]) == (n - len(left), 1.0)
+    assert d["fields"] and all(f["n_differ"] == 0 and f["n_present"] == n - len(left)
+                               for f in d["fields"])
+    assert d["worst"] == []
+    text = "\n".join(" ".join(s.notes) for s in sections(r) if s.key == "diff")
+    assert "their pairs not compared: primary 3, shadow 0" in text

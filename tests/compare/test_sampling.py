@@ -164,6 +164,31 @@ async def test_a_sampled_report_keeps_counts_exact_and_says_so(database_url: str
     assert "every pair of the window was read" in render(whole, "text")
 
 
+async def test_a_sampled_diff_estimates_over_the_pairs_it_compares(database_url: str
+                                                                   ) -> None:
+    """Candidate answers cut short (a stream that timed out: 2xx, its JSON assembled as far
+    as it went, ``error_kind`` set) stay comparable in the window's counts and are left out
+    of the diff: the estimate of the pairs that differ scales the sample's share to the
+    window's comparable pairs whose calls ended well, the only ones the diff compares."""
+    ex = exchanges()
+    for i, e in enumerate(ex):
+        if i % 10 == 5:
+            e.shadows["candidate"] = Call({"prediction": 1.0, "model_version": "v2"},
+                                          error="timeout", kind="timeout")
+    await insert(database_url, ex)
+    sampled = await report(database_url, window(), max_pairs=30, seed=3)
+    s, d = sampled["meta"]["sample"], sampled["diff"]
+    cut = N // 10
+    assert sampled["counts"]["comparable_pairs"] == s["population_comparable"] == N - cut
+    assert d["cut_short"]["primary"] == 0
+    assert d["compared_pairs"] + d["cut_short"]["shadow"] == s["comparable"]
+    assert d["identical"] == 0
+    # Every complete comparable pair differs (the candidate adds 2 per sqft).
+    e = s["estimates"]["pairs_differing"]
+    assert e["estimate"] == N - 2 * cut
+    assert e["ci_low"] <= e["estimate"] <= e["ci_high"] <= N - 2 * cut
+
+
 def test_estimate_interval() -> None:
     e = sampling.estimate(10, 100, 10_000)
     assert e["estimate"] == 1000 and e["ci_low"] < 1000 < e["ci_high"]
