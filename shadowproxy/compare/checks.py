@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
+from shadowproxy.compare import stats
 from shadowproxy.compare.config import FeatureConfig
 from shadowproxy.compare.drift import DriftResult, Kind
 from shadowproxy.compare.reference import FeatureData
@@ -128,4 +127,4 @@ def histogram_edges(cur: FeatureData, ref: FeatureData | None, bins: int = 30) -
     lo, hi = (min(lows), max(highs)) if lows else (0.0, 1.0)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    return [float(x) for x in np.linspace(lo, hi, bins + 1)]
+    return stats.edges(lo, hi, bins)

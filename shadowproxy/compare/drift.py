@@ -218,11 +218,16 @@ def _within_squares(*values: NDArray[np.float64]) -> tuple[NDArray[np.float64], 
     """``values`` scaled by one power of two (exact) when their largest magnitude is past
     1e150, where a variance's squares overflow (a diverged model's 1e200); a ratio of their
     spreads is unchanged."""
+    factor = _square_factor(*values)
+    return values if factor == 1.0 else tuple(v * factor for v in values)
+
+
+def _square_factor(*values: NDArray[np.float64]) -> float:
+    """The power of two ``_within_squares`` scales ``values`` by (1 when it does not)."""
     top = max(float(np.max(np.abs(v))) if v.size else 0.0 for v in values)
     if not top > 1e150 or math.isinf(top):
-        return values
-    factor = 2.0 ** -math.frexp(top)[1]
-    return tuple(v * factor for v in values)
+        return 1.0
+    return 2.0 ** -math.frexp(top)[1]
 
 
 def total_variation(ref: Counts, cur: Counts) -> float:
@@ -273,9 +278,14 @@ def feature_tests(name: str, kind: Kind, ref: Sample, cur: Sample, policy: Drift
         rl, cl, n_levels, described = numeric_levels(r, c)
         size, ks = cdf_distances(r, c)
         effect, threshold = "wasserstein_normed", policy.max_distance
-        r_sd, c_sd = (float(np.std(v)) for v in _within_squares(r, c))
+        # Scaled, so that sums of values near float8's largest (1.7e308) do not overflow.
+        factor = _square_factor(r, c)
+        rs, cs = (r, c) if factor == 1.0 else (r * factor, c * factor)
+        r_sd, c_sd = float(np.std(rs)), float(np.std(cs))
+        with np.errstate(over="ignore"):
+            mean_diff = (np.mean(cs) - np.mean(rs)) / factor
         info = {"ks_statistic": ks,
-                "mean_diff": num(np.mean(c) - np.mean(r)),
+                "mean_diff": num(mean_diff),
                 "sd_ratio": num(c_sd / r_sd) if r_sd > 0 else None,
                 "zero_share_reference": float(np.mean(r == 0)),
                 "zero_share_current": float(np.mean(c == 0))}

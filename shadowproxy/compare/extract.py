@@ -59,6 +59,17 @@ def pearson_sql(x: str, y: str, cast: str) -> str:
             f"/ nullif(stddev_pop({x}) * stddev_pop({y}), 0))")
 
 
+def within_sql(p: str, s: str, abs_tol: str, rel_tol: str, cast: str) -> str:
+    """SQL: whether the float8 columns ``p`` and ``s`` are within the tolerances ``abs_tol``
+    and ``rel_tol`` (SQL values) of each other, ``math.isclose``'s rule; with ``cast`` (see
+    ``Snapshot.fetchrow_wide``) every operand is read as numeric, the tolerances too: a
+    numeric compared with a float8 is read as float8, where the difference of 1.7e308 and
+    -1.7e308 overflows."""
+    p, s = p + cast, s + cast
+    return (f"abs({s} - {p}) <= greatest({abs_tol}{cast}, "
+            f"{rel_tol}{cast} * greatest(abs({p}), abs({s})))")
+
+
 def category_sql(value: str) -> str:
     """SQL: the jsonb ``value`` as a category's text (NULL when missing), whole numbers
     without a fractional part: ``1.0`` is ``1``, as ``reference.category_text`` writes a

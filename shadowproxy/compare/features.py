@@ -19,7 +19,7 @@ from typing import Any, NotRequired, Required, TypedDict, cast
 
 import numpy as np
 
-from shadowproxy.compare import checks
+from shadowproxy.compare import checks, stats
 from shadowproxy.compare.config import FeatureConfig
 from shadowproxy.compare.drift import DriftPolicy, Kind, Sample, window_drift
 from shadowproxy.compare.extract import category_sql, feature_rows_sql, float8_sql
@@ -135,7 +135,8 @@ async def _summary(db: Snapshot, name: str, tag: str, cfg: FeatureConfig | None
         SELECT count(*) AS n_rows, count(*) FILTER (WHERE txt IS NULL) AS n_missing,
                count(num) AS n_numeric, count(DISTINCT txt) AS n_unique,
                avg(num{cast}) AS mean,
-               percentile_cont(0.5) WITHIN GROUP (ORDER BY num) AS median,
+               {"2 * percentile_cont(0.5) WITHIN GROUP (ORDER BY num * 0.5)" if cast else
+                "percentile_cont(0.5) WITHIN GROUP (ORDER BY num)"} AS median,
                stddev_samp(num{cast}) AS sd, min(num) AS min, max(num) AS max,
                count(*) FILTER (WHERE num = 0) AS n_zero,
                count(*) FILTER (WHERE num < $3 OR num > $4
@@ -275,7 +276,6 @@ async def _plots(db: Snapshot, check: dict[str, Any], cur: FeatureData,
     levels = np.linspace(0, 1, 101)
     check["quantiles"] = {
         "levels": [float(x) for x in levels],
-        "current": ([float(x) for x in np.quantile(cur.sample, levels)]
-                    if cur.sample.size else None),
-        "reference": ([float(x) for x in np.quantile(ref.sample, levels)]
+        "current": stats.quantiles(cur.sample, levels) if cur.sample.size else None,
+        "reference": (stats.quantiles(ref.sample, levels)
                       if ref is not None and ref.sample.size else None)}

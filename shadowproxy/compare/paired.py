@@ -113,6 +113,16 @@ class MeanShift:
         return _json(self)
 
 
+def _mean_abs(x: NDArray[np.float64]) -> float:
+    """The mean of |x|, also where the sum overflows (values near float8's largest)."""
+    with np.errstate(over="ignore"):
+        mean = float(np.mean(np.abs(x)))
+    if math.isfinite(mean):
+        return mean
+    top = float(np.max(np.abs(x)))
+    return top * float(np.mean(np.abs(x) / top))
+
+
 def mean_shift(primary: NDArray[np.float64], shadow: NDArray[np.float64],
                requests: NDArray[Any] | None, policy: PairedPolicy) -> MeanShift:
     """Wilcoxon signed-rank on per-request mean differences; the mean shift with its CI."""
@@ -123,13 +133,23 @@ def mean_shift(primary: NDArray[np.float64], shadow: NDArray[np.float64],
     keep = np.isfinite(p) & np.isfinite(s)
     req = None if requests is None else np.asarray(requests)[keep]
     p, s = p[keep], s[keep]
-    d = s - p
+    scale = 1.0
+    with np.errstate(over="ignore"):
+        d = s - p
+        if not math.isfinite(float(np.abs(d).sum())):
+            # Near float8's largest numbers (1.7e308 against -1.7e308) the differences or
+            # their sums overflow: they are read divided by a power of two that keeps any
+            # sum of them in range (exact), and the shift, its interval and the median are
+            # scaled back (an infinity only where they are past the range themselves). The
+            # test reads ranks and signs, which scaling keeps.
+            scale = 2.0 ** math.ceil(math.log2(2 * d.size))
+            d = s / scale - p / scale
     inv, r = _request_index(req, d.size)
     test, on = "wilcoxon_signed_rank", "the mean shadow − primary difference of each request"
     if d.size == 0:
         return MeanShift(0, 0, None, None, None, None, None, None, test, on, None, None, 0.0,
                          False, "no paired numeric predictions")
-    threshold = max(policy.max_mean_shift, policy.max_rel_mean_shift * float(np.mean(np.abs(p))))
+    threshold = max(policy.max_mean_shift, policy.max_rel_mean_shift * _mean_abs(p))
     sums = np.bincount(inv, weights=d, minlength=r)
     sizes = np.bincount(inv, minlength=r).astype(np.float64)
     shift = float(d.mean())
@@ -140,11 +160,13 @@ def mean_shift(primary: NDArray[np.float64], shadow: NDArray[np.float64],
         # model's predictions) give their size instead of an overflow to inf.
         se = math.sqrt(r / (r - 1)) * math.hypot(*resid.tolist()) / d.size
         half = float(sps.t.ppf(0.975, r - 1)) * se
-        low, high = shift - half, shift + half
+        low, high = scale * (shift - half), scale * (shift + half)
+    shift *= scale
     means = sums / sizes
     nonzero = means[means != 0]
     base = MeanShift(n=int(d.size), requests=r, mean_shift=shift, ci_low=low, ci_high=high,
-                     median_shift=float(np.median(d)), share_higher=float(np.mean(d > 0)),
+                     median_shift=scale * float(np.median(d)),
+                     share_higher=float(np.mean(d > 0)),
                      share_lower=float(np.mean(d < 0)), test=test, on=on, statistic=None,
                      p_value=None, threshold=threshold, decision=False,
                      explanation="every pair of predictions is identical")

@@ -8,7 +8,8 @@ object API (no pyplot state), so rendering is safe to call from anywhere.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 PRIMARY, SHADOW, REFERENCE = "#1f77b4", "#d62728", "#7f7f7f"
@@ -34,6 +35,21 @@ def _svg(draw: Callable[[Any], None], *, width: float = 5.2, height: float = 3.0
     return text[text.index("<svg"):]
 
 
+HUGE = 1e300
+"""Past this, matplotlib's axis arithmetic overflows (limits with margins, tick steps of a
+span from -1.7e308 to 1.7e308) and drawing fails: such values are plotted scaled."""
+
+
+def _scale(values: Sequence[float | None], label: str) -> tuple[float, str]:
+    """The divisor that brings ``values`` into a range matplotlib can draw (1 for most),
+    and ``label`` saying it."""
+    top = max((abs(v) for v in values if v is not None and math.isfinite(v)), default=0.0)
+    if top <= HUGE:
+        return 1.0, label
+    exponent = math.floor(math.log10(top))
+    return 10.0 ** exponent, f"{label} (× 1e{exponent})"
+
+
 def _shares(counts: list[int]) -> list[float]:
     total = sum(counts) or 1
     return [c / total for c in counts]
@@ -44,6 +60,8 @@ def histogram(edges: list[float], series: dict[str, list[int]], title: str, xlab
     """Overlaid step histograms (as shares, so samples of different size compare)."""
     colors = {"primary": PRIMARY, "shadow": SHADOW, "reference": REFERENCE, "current": SHADOW,
               "shadow (under replay)": SHADOW}
+    scale, xlabel = _scale(edges, xlabel)
+    edges = [e / scale for e in edges]
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()
@@ -63,12 +81,14 @@ def ecdf(levels: list[float], series: dict[str, list[float] | None], title: str,
          xlabel: str) -> str:
     """Empirical CDFs drawn from 101 quantiles per sample."""
     colors = {"primary": PRIMARY, "shadow": SHADOW, "reference": REFERENCE, "current": SHADOW}
+    scale, xlabel = _scale([v for q in series.values() for v in q or ()], xlabel)
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()
         for name, q in series.items():
             if q:
-                ax.step(q, levels, where="post", label=name, color=colors.get(name))
+                ax.step([v if v is None else v / scale for v in q], levels, where="post",
+                        label=name, color=colors.get(name))
         ax.set_title(title, **LITERAL)
         ax.set_xlabel(xlabel, **LITERAL)
         ax.set_ylabel("cumulative share")
@@ -81,16 +101,20 @@ def binned_scatter(scatter: dict[str, Any], title: str) -> str:
     """Primary (x) against shadow (y) as a 2-D histogram of counts, with the diagonal."""
     from matplotlib.colors import LogNorm
 
+    scale, xlabel = _scale(scatter["x_edges"] + scatter["y_edges"], "primary")
+    _, ylabel = _scale(scatter["x_edges"] + scatter["y_edges"], "shadow")
+    x_edges = [e / scale for e in scatter["x_edges"]]
+    y_edges = [e / scale for e in scatter["y_edges"]]
+
     def draw(fig: Any) -> None:
         ax = fig.subplots()
         counts = [[c if c else float("nan") for c in row] for row in scatter["counts"]]
-        mesh = ax.pcolormesh(scatter["x_edges"], scatter["y_edges"], counts, norm=LogNorm(),
-                             cmap="viridis")
-        lo, hi = scatter["x_edges"][0], scatter["x_edges"][-1]
+        mesh = ax.pcolormesh(x_edges, y_edges, counts, norm=LogNorm(), cmap="viridis")
+        lo, hi = x_edges[0], x_edges[-1]
         ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, linestyle="--")
         ax.set_title(title, **LITERAL)
-        ax.set_xlabel("primary")
-        ax.set_ylabel("shadow")
+        ax.set_xlabel(xlabel, **LITERAL)
+        ax.set_ylabel(ylabel, **LITERAL)
         fig.colorbar(mesh, ax=ax, label="pairs")
 
     return _svg(draw, width=4.6, height=3.8)

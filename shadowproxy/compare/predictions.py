@@ -33,9 +33,11 @@ from shadowproxy.compare.extract import (
     literal,
     pearson_sql,
     square_sql,
+    within_sql,
 )
 from shadowproxy.compare.paired import PairedPolicy, flip_test, mean_shift
 from shadowproxy.compare.snapshot import COMPARABLE, PAIR_FILTER, Scratch, Snapshot
+from shadowproxy.compare.stats import FLOAT8_MAX
 
 Task = Literal["regression", "classification"]
 
@@ -44,6 +46,12 @@ HIST_BINS = 30
 SCATTER_BINS = 20
 CLASSIFICATION_MAX_CLASSES = 10
 PREDICTIONS, BASELINE = "_pred", "_base"
+HALF_DIFF = "(sn * 0.5 - pn * 0.5)"
+"""Half of shadow − primary, in float8's range for any two float8 values: a difference past
+it (1.7e308 against -1.7e308) overflows, and PostgreSQL has no numeric ``percentile_cont``.
+Halving is exact in binary floating point, so what is ordered and binned by its half is
+ordered and binned as the difference, which is doubled back in Python (an infinity where it
+is past float8's range)."""
 
 
 def scratch(table: str) -> tuple[Scratch, ...]:
@@ -200,6 +208,7 @@ class PredictionsSection(TypedDict, total=False):
     mean_diff: float | None
     sd_diff: float | None
     within_tolerance: float | None
+    differences_beyond_float8: int
     median_diff: float | None
     quantiles: Quantiles
     primary: Distribution
@@ -412,8 +421,8 @@ async def build(db: Snapshot) -> tuple[Predictions, PredictionsSection]:
     return preds, section
 
 
-def _floats(values: list[Any]) -> list[float | None]:
-    return [None if v is None else float(v) for v in values]
+def _floats(values: list[Any], scale: float = 1.0) -> list[float | None]:
+    return [None if v is None else float(v) * scale for v in values]
 
 
 def _opt(value: Any) -> float | None:
@@ -424,16 +433,23 @@ async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection)
     compare, t = db.compare, preds.table
     def query(cast: str) -> str:
         pn, sn = "pn" + cast, "sn" + cast
+        # Read as numeric (a float8 overflowed), the values may be near float8's largest and
+        # their differences past it (counted): percentiles are taken of halves, since
+        # percentile_cont interpolates in float8 (between -1.7e308 and 1.7e308 it gave
+        # infinity), and doubled back.
+        half, diff, beyond = ((" * 0.5", HALF_DIFF,
+                               f"count(*) FILTER (WHERE abs({sn} - {pn}) > {FLOAT8_MAX})")
+                              if cast else ("", "sn - pn", "0"))
         return f"""
         SELECT count(*) AS n, avg(abs({sn} - {pn})) AS mae,
                sqrt(avg({square_sql(f'{sn} - {pn}')})) AS rmse,
                max(abs({sn} - {pn})) AS max_abs_diff, avg({sn} - {pn}) AS mean_diff,
                stddev_samp({sn} - {pn}) AS sd_diff, {pearson_sql('pn', 'sn', cast)} AS pearson,
-               avg((abs(sn - pn) <= greatest($1, $2 * greatest(abs(pn), abs(sn))))::int)
-                 AS within_tolerance,
-               percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY pn) AS pq,
-               percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY sn) AS sq,
-               percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY sn - pn) AS dq,
+               avg(({within_sql('pn', 'sn', '$1', '$2', cast)})::int) AS within_tolerance,
+               percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY pn{half}) AS pq,
+               percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY sn{half}) AS sq,
+               percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY {diff}) AS dq,
+               {2 if cast else 1} AS q_scale, {beyond} AS beyond,
                avg({pn}) AS pmean, stddev_samp({pn}) AS psd, avg({sn}) AS smean,
                stddev_samp({sn}) AS ssd
         FROM {t} WHERE pn IS NOT NULL AND sn IS NOT NULL"""
@@ -443,10 +459,11 @@ async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection)
     out["mae"], out["rmse"] = _opt(row["mae"]), _opt(row["rmse"])
     out["max_abs_diff"], out["mean_diff"] = _opt(row["max_abs_diff"]), _opt(row["mean_diff"])
     out["sd_diff"], out["within_tolerance"] = _opt(row["sd_diff"]), _opt(row["within_tolerance"])
+    out["differences_beyond_float8"] = beyond = int(row["beyond"])
     out["n"] = n
     if not n:
         return
-    pq, sq, dq = _floats(row["pq"]), _floats(row["sq"]), _floats(row["dq"])
+    pq, sq, dq = (_floats(row[k], row["q_scale"]) for k in ("pq", "sq", "dq"))
     out["median_diff"] = dq[50]
     out["quantiles"] = Quantiles(levels=LEVELS, primary=pq, shadow=sq, diff=dq)
     out["primary"] = _distribution(pq, row["pmean"], row["psd"])
@@ -456,17 +473,22 @@ async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection)
     out["histogram"] = Histogram(edges=edges,
                                  primary=await _histogram(db, t, "pn", edges),
                                  shadow=await _histogram(db, t, "sn", edges))
-    diff_edges = _edges(dq[0] or 0, dq[100] or 0, HIST_BINS)
-    out["diff_histogram"] = DiffHistogram(edges=diff_edges,
-                                          counts=await _histogram(db, t, "sn - pn", diff_edges))
+    # Differences past float8's range are binned by their halves, in the end bins of edges
+    # that stop at its largest numbers.
+    diff_edges = _edges(max(dq[0] or 0, -FLOAT8_MAX), min(dq[100] or 0, FLOAT8_MAX), HIST_BINS)
+    out["diff_histogram"] = DiffHistogram(
+        edges=diff_edges, counts=await (
+            _histogram(db, t, HALF_DIFF, [e * 0.5 for e in diff_edges]) if beyond
+            else _histogram(db, t, "sn - pn", diff_edges)))
     out["scatter"] = await _scatter(db, t, lo, hi)
+    diff, scale = (HALF_DIFF, 2.0) if beyond else ("sn - pn", 1.0)
     out["worst"] = [
         {"request_id": r["request_id"], "index": r["ord"], "primary": r["pn"],
-         "shadow": r["sn"], "abs_diff": r["d"]}
+         "shadow": r["sn"], "abs_diff": r["d"] * scale}
         for r in await db.fetch(f"""
-            SELECT request_id, ord, pn, sn, abs(sn - pn) AS d FROM {t}
+            SELECT request_id, ord, pn, sn, abs({diff}) AS d FROM {t}
             WHERE pn IS NOT NULL AND sn IS NOT NULL
-            ORDER BY abs(sn - pn) DESC, request_id LIMIT 10""")]
+            ORDER BY abs({diff}) DESC, request_id LIMIT 10""")]
     rows = await _sample(db, t, "pn, sn", "pn IS NOT NULL AND sn IS NOT NULL", n)
     p = np.array([r[1] for r in rows], dtype=np.float64)
     s = np.array([r[2] for r in rows], dtype=np.float64)
@@ -500,7 +522,7 @@ def _distribution(q: list[float | None], mean: Any, sd: Any) -> Distribution:
 def _edges(lo: float, hi: float, bins: int) -> list[float]:
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    return [float(x) for x in np.linspace(lo, hi, bins + 1)]
+    return stats.edges(lo, hi, bins)
 
 
 async def _histogram(db: Snapshot, table: str, expr: str, edges: list[float]) -> list[int]:

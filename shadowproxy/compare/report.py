@@ -33,6 +33,7 @@ from shadowproxy.compare import (
     slices,
 )
 from shadowproxy.compare.config import CompareConfig
+from shadowproxy.compare.extract import within_sql
 from shadowproxy.compare.options import DEFAULT_MAX_PAIRS, DEFAULT_SEED
 from shadowproxy.compare.snapshot import Scope, Snapshot, snapshot
 from shadowproxy.compare.verdict import Verdict, verdict
@@ -174,13 +175,16 @@ async def _estimates(db: Snapshot, sections: Mapping[str, Any], sample: sampling
             d["compared_pairs"] - d["identical"], d["compared_pairs"], complete)
     if "predictions" in sections and sections["predictions"].get("n"):
         c = db.compare
-        differs = ("pt IS DISTINCT FROM st" if sections["predictions"]["task"] ==
-                   "classification" else
-                   "abs(sn - pn) > greatest($1::float8, $2::float8 * greatest(abs(pn), abs(sn)))")
+        classification = sections["predictions"]["task"] == "classification"
+
+        def query(cast: str) -> str:
+            differs = ("pt IS DISTINCT FROM st" if classification else
+                       f"NOT ({within_sql('pn', 'sn', '$1::float8', '$2::float8', cast)})")
+            return (f"SELECT count(DISTINCT id) FILTER (WHERE {differs}) "
+                    f"FROM {predictions.PREDICTIONS}")
+
         # Among the sample's comparable pairs: one without a prediction does not disagree.
-        row = await db.fetchrow(f"SELECT count(DISTINCT id) FILTER (WHERE {differs}) "
-                                f"FROM {predictions.PREDICTIONS}",
-                                c.abs_tolerance, c.rel_tolerance)
+        row = await db.fetchrow_wide(query, c.abs_tolerance, c.rel_tolerance)
         out["pairs_with_disagreeing_predictions"] = sampling.estimate(
             int(row[0]), sample["comparable"], population)
     return out

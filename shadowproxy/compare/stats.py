@@ -21,6 +21,28 @@ from scipy import stats
 Array = NDArray[np.float64]
 
 
+FLOAT8_MAX = 1.7976931348623157e308
+NEAR_MAX = FLOAT8_MAX / 4
+"""Past this magnitude, a span of values or an interpolation between them may overflow
+float8 (1.7e308 against -1.7e308): ``edges`` and ``quantiles`` then work on halves (halving
+is exact in binary floating point) and double back."""
+
+
+def edges(lo: float, hi: float, bins: int) -> list[float]:
+    """``bins + 1`` evenly spaced edges from ``lo`` to ``hi`` (``lo < hi``)."""
+    if max(abs(lo), abs(hi)) > NEAR_MAX:
+        return [float(2 * x) for x in np.linspace(lo * 0.5, hi * 0.5, bins + 1)]
+    return [float(x) for x in np.linspace(lo, hi, bins + 1)]
+
+
+def quantiles(x: Array, levels: Array | Sequence[float]) -> list[float]:
+    """``np.quantile`` of ``x`` at ``levels``, whose interpolation between -1.7e308 and
+    1.7e308 gives an infinity (or NaN) rather than the value between them."""
+    if x.size and float(np.max(np.abs(x))) > NEAR_MAX:
+        return [float(2 * v) for v in np.quantile(x * 0.5, levels)]
+    return [float(v) for v in np.quantile(x, levels)]
+
+
 def num(value: Any) -> float | None:
     """A JSON-safe float: NaN and infinities become None."""
     if value is None:

@@ -46,8 +46,13 @@ _BATCH_CELLS = 2_000_000
 
 def slice_test(e: NDArray[np.float64], in_slice: NDArray[np.bool_], requests: NDArray[Any],
                *, binary: bool, seed: int, permutations: int = PERMUTATIONS,
-               permutation_below: int = PERMUTATION_BELOW) -> dict[str, Any]:
-    """Whether ``e`` differs between the rows ``in_slice`` and the others, by request."""
+               permutation_below: int = PERMUTATION_BELOW, scale: float = 1.0
+               ) -> dict[str, Any]:
+    """Whether ``e`` differs between the rows ``in_slice`` and the others, by request.
+
+    ``e`` may come divided by ``scale`` (a power of two: differences near float8's largest
+    numbers, whose sums would overflow); the tests are the same on it, and the difference
+    of means is given scaled back."""
     e = np.asarray(e, dtype=np.float64)
     mask = np.asarray(in_slice, dtype=bool)
     _, inv = np.unique(np.asarray(requests), return_inverse=True)
@@ -61,7 +66,7 @@ def slice_test(e: NDArray[np.float64], in_slice: NDArray[np.bool_], requests: ND
     diff = float(s_sum.sum() / s_n.sum() - o_sum.sum() / o_n.sum())
     sizes = [int(np.sum(s_n > 0)), int(np.sum(o_n > 0))]
     split = bool(np.any((s_n > 0) & (o_n > 0)))
-    out: dict[str, Any] = {"diff": diff, "requests": sizes, "split_requests": split}
+    out: dict[str, Any] = {"diff": diff * scale, "requests": sizes, "split_requests": split}
     if binary and not split:
         test = share_test(counts(e[~mask].astype(np.int64), 2, inv[~mask]),
                           counts(e[mask].astype(np.int64), 2, inv[mask]),
@@ -77,7 +82,7 @@ def slice_test(e: NDArray[np.float64], in_slice: NDArray[np.bool_], requests: ND
     if not split and min(sizes) < permutation_below and alike:
         p, note = _permutation_p(s_sum[s_n > 0], slice_rows, o_sum[o_n > 0], rest_rows, diff,
                                  permutations, np.random.default_rng(seed))
-        return {**out, "test": "mean_difference", "statistic": diff, "p_value": p,
+        return {**out, "test": "mean_difference", "statistic": diff * scale, "p_value": p,
                 "method": "permutation_by_request",
                 "why": f"fewer than {permutation_below} requests on a side: {permutations} "
                        f"reshuffles of whole requests{note}"}

@@ -170,6 +170,12 @@ def _predictions(r: dict[str, Any]) -> Section:
                  + f" (abs {p['tolerance']['abs']}, rel {p['tolerance']['rel']})"],
                 *_paired_rows(p), _columns_row(p)]
         s.tables.append(Table(["", "value"], rows))
+        if p.get("differences_beyond_float8"):
+            s.notes.append(f"{fmt(p['differences_beyond_float8'])} differences of paired "
+                           "predictions are past float8's range (±1.8e308): a figure that "
+                           "large (the largest |diff|, the extreme quantiles of the "
+                           "differences) is shown as – (null in JSON); the differences "
+                           "histogram puts them in its end bins")
         side_rows = [[side] + [fmt(p[side][k]) for k in ("mean", "sd", "min", "median", "max")]
                      for side in ("primary", "shadow")]
         s.tables.append(Table(["side", "mean", "sd", "min", "median", "max"], side_rows))

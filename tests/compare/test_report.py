@@ -6,7 +6,9 @@ the expected values are computed independently from the same numbers in Python.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 from scipy import stats as sps
 from sklearn import metrics as skm
 
-from shadowproxy.compare.command import render
+from shadowproxy.compare.command import clean, render
 from shadowproxy.compare.config import CompareConfig, SliceConfig
 from shadowproxy.compare.labels import import_labels, read_labels
 from shadowproxy.compare.report import build_report
@@ -30,13 +32,14 @@ def window() -> Window:
 
 
 async def report(url: str, compare: dict[str, Any], *, shadow: str = "candidate",
-                 reference: Path | None = None, win: Window | None = None) -> dict[str, Any]:
+                 reference: Path | None = None, win: Window | None = None,
+                 **kw: Any) -> dict[str, Any]:
     conn = await asyncpg.connect(url)
     try:
         return await build_report(conn, route="house-prices", shadow=shadow,
                                   window=win or window(),
                                   compare=CompareConfig.model_validate(compare),
-                                  reference=reference)
+                                  reference=reference, **kw)
     finally:
         await conn.close()
 
@@ -562,6 +565,77 @@ async def test_a_candidate_that_diverged_to_huge_values_is_reported(database_url
     assert "the shadow is systematically higher" in r["verdict"]["reasons"][0]["message"]
     for fmt in ("text", "markdown", "html"):
         assert "e+199" in render(r, fmt)
+
+
+async def test_predictions_at_the_ends_of_float8_are_reported(database_url: str) -> None:
+    """Pairs of predictions 1.7e308 (primary) and -1.7e308 (shadow), and a feature spread
+    over ±1.7e308: their differences, and percentiles interpolated between them, are past
+    float8's range, and the report stopped with "value out of range: overflow" (exit status
+    1), the numeric retry too. Every figure that fits a float is reported as computed on
+    the exact values; the differences past the range are counted and shown as null."""
+    rng = np.random.default_rng(23)
+    p = rng.uniform(0, 1, 150)
+    s = p.copy()
+    p[:5], s[:5] = 1.7e308, -1.7e308
+    big = rng.uniform(-1, 1, 150) * 1.7e308
+    await insert(database_url, [
+        Exchange({"features": {"sqft": float(i), "big": float(big[i])}},
+                 Call({"prediction": float(p[i])}),
+                 {"candidate": Call({"prediction": float(s[i])}),
+                  "base": Call({"prediction": float(s[i])})})
+        for i in range(150)])
+    earlier = datetime.now(UTC) - timedelta(minutes=90)
+    await insert(database_url, [
+        Exchange({"features": {"sqft": float(i), "big": float(-big[i] / 3)}},
+                 Call({"prediction": 1.0}), {"candidate": Call({"prediction": 1.0})},
+                 received_at=earlier) for i in range(150)])
+    compare = {"prediction": "$.prediction", "task": "regression", "baseline_shadow": "base",
+               "features": {"sqft": {"path": "$.features.sqft"},
+                            "big": {"path": "$.features.big"}},
+               "slices": {"first": {"feature": "sqft", "bins": [0, 50, 150]}}}
+    r = clean(await report(database_url, compare))
+    # Expected values from the exact differences (Decimal: past float8's range too).
+    exact = [Decimal(float(b)) - Decimal(float(a)) for a, b in zip(p, s, strict=True)]
+    half = s / 2 - p / 2  # the differences, halved: in range, for quantiles
+    pred = r["predictions"]
+    assert pred["n"] == 150 and pred["differences_beyond_float8"] == 5
+    assert pred["mae"] == pytest.approx(float(sum(abs(d) for d in exact) / 150))
+    assert pred["mean_diff"] == pytest.approx(float(sum(exact) / 150))
+    assert pred["rmse"] == pytest.approx(float((sum(d * d for d in exact) / 150).sqrt()))
+    assert pred["max_abs_diff"] is None  # 3.4e308
+    assert pred["within_tolerance"] == pytest.approx(145 / 150)
+    assert pred["baseline_noise"]["mae"] == pytest.approx(pred["mae"])
+    q = pred["quantiles"]
+    assert q["primary"] == pytest.approx(list(np.quantile(p / 2, q["levels"]) * 2))
+    assert q["shadow"] == pytest.approx(list(np.quantile(s / 2, q["levels"]) * 2))
+    levels = [2 * float(x) for x in np.quantile(half, q["levels"])]  # ±inf past the range
+    assert q["diff"] == [None if math.isinf(x) else pytest.approx(x) for x in levels]
+    assert q["diff"][:4] == [None] * 4 and None not in q["diff"][4:]
+    assert pred["median_diff"] == 0.0
+    assert pred["diff_histogram"]["counts"][0] == 5 and sum(pred["diff_histogram"]["counts"]) == 150
+    assert [w["abs_diff"] for w in pred["worst"][:6]] == [None] * 5 + [0.0]
+    assert pred["paired"]["mean_shift"] == pytest.approx(pred["mean_diff"])
+    assert pred["paired"]["median_shift"] == 0.0
+    first = next(x for x in r["slices"]["slices"] if x["slice"] == "sqft in [0, 50)")
+    assert first["mae"] == pytest.approx(float(sum(abs(d) for d in exact[:50]) / 50))
+    assert first["test"]["diff"] == pytest.approx(first["mae"])
+    assert first["flagged"] is True
+    feature = next(x for x in r["data_checks"]["features"] if x["name"] == "big")
+    big_mean = float(sum(Decimal(float(x)) for x in big) / 150)
+    assert feature["current"]["mean"] == pytest.approx(big_mean)
+    assert feature["current"]["median"] == pytest.approx(np.median(big))
+    assert feature["quantiles"]["current"] == pytest.approx(
+        list(np.quantile(big / 2, feature["quantiles"]["levels"]) * 2))
+    assert feature["info"]["mean_diff"] == pytest.approx(big_mean * 4 / 3)
+    assert feature["drift"] is True
+    assert all(np.isfinite(feature["histogram"]["edges"]))
+    text = render(r, "text")
+    assert "5 differences of paired predictions are past float8's range" in text
+    assert "× 1e308" in render(r, "html")
+    # Sampled, the estimate of the disagreeing pairs reads the same values.
+    sampled = clean(await report(database_url, compare, max_pairs=100))
+    e = sampled["meta"]["sample"]["estimates"]["pairs_with_disagreeing_predictions"]
+    assert e["in_sample"] == sampled["predictions"]["differences_beyond_float8"]
 
 
 async def test_without_reference_the_earlier_window_is_the_reference(database_url: str) -> None:
