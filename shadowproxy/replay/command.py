@@ -14,9 +14,11 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+from shadowproxy.compare.window import Window
 from shadowproxy.config import Route, Settings
 from shadowproxy.errors import DatabaseError, ShadowProxyError, UsageError
 from shadowproxy.replay.options import ReplayOptions, from_args
@@ -65,12 +67,19 @@ async def _replay(settings: Settings, route: Route, options: ReplayOptions, url:
             raise ShadowProxyError(
                 f"another `shadowproxy replay` of route {route.name!r} as {options.name!r} is "
                 f"running on {describe(url)}; wait for it to end, or stop it (Ctrl-C) first")
+        # The selection is fixed now (Selection.fix): a window that ends later ends here, so
+        # that the window shown, and the --to of a resume, are the ones selected.
+        asked_end = options.window.end
+        now = datetime.now(UTC)
+        if asked_end > now:
+            options = replace(options, window=Window(options.window.start,
+                                                     max(now, options.window.start)))
         selection = Selection(options)
         await selection.check(conn)
-        await selection.find_bound(conn)
+        await selection.fix(conn)
         pre = await selection.preflight(conn)
         pacer = pacer_for(options.rate, options.speed)
-        print("\n".join(preflight_lines(options, pre, pacer)), flush=True)
+        print("\n".join(preflight_lines(options, pre, pacer, asked_end=asked_end)), flush=True)
         if pre.pending == 0:
             print("nothing to replay")
             return 0

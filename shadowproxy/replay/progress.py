@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -41,14 +42,19 @@ def _counts(counter: dict[str, int]) -> str:
     return ", ".join(f"{key} {n}" for key, n in sorted(counter.items(), key=lambda kv: -kv[1]))
 
 
-def preflight_lines(options: ReplayOptions, pre: Preflight, pacer: Pacer) -> list[str]:
-    """What will be sent, and what cannot be sent as recorded: said before starting."""
+def preflight_lines(options: ReplayOptions, pre: Preflight, pacer: Pacer, *,
+                    asked_end: datetime | None = None) -> list[str]:
+    """What will be sent, and what cannot be sent as recorded: said before starting
+    (``asked_end``: the end given, when it was later than the start)."""
     w = options.window
     lines = [f"replay of route {options.route!r} as {options.name!r} to {options.url}",
              f"  window {w.start.isoformat()} to {w.end.isoformat()}"
              + (f", first {options.limit}" if options.limit else "")
-             + (f", where {options.where}" if options.where else ""),
-             f"  {pre.selected} requests selected"]
+             + (f", where {options.where}" if options.where else "")]
+    if asked_end is not None and asked_end > w.end:
+        lines.append(f"  the window ends at the start (--to {asked_end.isoformat()} is later): "
+                     "requests recorded from now on are not replayed")
+    lines.append(f"  {pre.selected} requests selected")
     answered = pre.answered - pre.live if options.force else pre.answered
     if answered:
         lines.append(f"  {answered} already answered by {options.name!r}: "

@@ -6,6 +6,15 @@ ones have no answer from the target yet (all of them with ``--force``). Applying
 before the pending filter is what makes a rerun resume the same selection instead of taking
 the next N.
 
+The selection is fixed when the replay starts (``Selection.fix``): the keys of its requests,
+as the database holds them then, go to a temporary table of the replay's session, and the
+preflight and the stream read through it. Requests recorded while the replay runs are not
+part of it, whether new traffic (a ``--to`` later than now) or a request received before
+the start whose record arrives later (a slow shadow, the spool): the stream renews its
+transaction and would see them, and the run would handle more than the preflight counted.
+The table costs the database one row per selected request (a key, about 60 bytes with its
+index, in the session's temporary buffers and files) for the replay's duration.
+
 ``--where`` is the operator's own SQL, a condition over the columns of ``shadowproxy.pairs``.
 It runs inside a READ ONLY transaction (a write anywhere in it is refused by PostgreSQL), in
 one prepared statement (no second statement can follow it), on its own line (a ``--``
@@ -42,6 +51,9 @@ REDACTED_RE = r"^\[redacted\](, \[redacted\])*$"
 """A header value the recorder redacted (repeated headers are joined with ", ")."""
 REDACTED_QUERY_RE = r"(^|[&;])[^&;=]*=\[redacted\]($|[&;])"
 """A query parameter whose value the recorder redacted (``recorder/query.py``)."""
+
+SELECTION_TABLE = "pg_temp.shadowproxy_replay_selection"
+"""The keys of the selection's requests, fixed at the start (``Selection.fix``)."""
 
 RENEW_AFTER_S = 30.0
 READ_AHEAD_BYTES = 8 * 1024 * 1024
@@ -133,13 +145,19 @@ class Selection:
 
     def __init__(self, options: ReplayOptions) -> None:
         self.options = options
-        self.bound: Key | None = None
-        """The last request of the selection when --limit cuts it (set by ``find_bound``)."""
 
-    def _conditions(self, p: _Params, *, pending: bool, after: Key | None = None) -> str:
+    def _window(self, p: _Params) -> str:
         o = self.options
-        sql = (f"_sp_q.route = {p(o.route)} AND _sp_q.received_at >= {p(o.window.start)} "
-               f"AND _sp_q.received_at < {p(o.window.end)}")
+        return (f"_sp_q.route = {p(o.route)} AND _sp_q.received_at >= {p(o.window.start)} "
+                f"AND _sp_q.received_at < {p(o.window.end)}")
+
+    def select_sql(self) -> tuple[str, list[Any]]:
+        """The keys of the selection's requests, in replay order: the window, --where and
+        --limit over the requests recorded so far."""
+        o = self.options
+        p = _Params()
+        sql = (f"SELECT _sp_q.received_at, _sp_q.id FROM shadowproxy.requests _sp_q "
+               f"WHERE {self._window(p)}")
         if o.where is not None:
             # On lines of its own: a trailing "-- comment" must not swallow the query's rest.
             # The window again, on the pairs' own received_at: it keeps the subquery to the
@@ -148,21 +166,34 @@ class Selection:
                     "WHERE pairs.id = _sp_q.id AND pairs.received_at = _sp_q.received_at "
                     f"AND pairs.received_at >= {p(o.window.start)} "
                     f"AND pairs.received_at < {p(o.window.end)} AND (\n{o.where}\n))\n")
-        if self.bound is not None:
-            sql += f" AND (_sp_q.received_at, _sp_q.id) <= ({p(self.bound[0])}, {p(self.bound[1])})"
+        sql += " ORDER BY _sp_q.received_at, _sp_q.id"
+        if o.limit is not None:
+            sql += f" LIMIT {p(o.limit)}"
+        return sql, p.values
+
+    def _conditions(self, p: _Params, *, pending: bool, after: Key | None = None) -> str:
+        """The requests of the fixed selection (``fix``); the window's bounds stay, to keep
+        the query to the window's partitions."""
+        o = self.options
+        sql = (f"{self._window(p)} AND EXISTS (SELECT 1 FROM {SELECTION_TABLE} _sp_s "
+               "WHERE _sp_s.id = _sp_q.id AND _sp_s.received_at = _sp_q.received_at)")
         if after is not None:
             sql += f" AND (_sp_q.received_at, _sp_q.id) > ({p(after[0])}, {p(after[1])})"
         if pending:
             # --force redoes replayed answers only: an answer a live shadow of that name
             # recorded is never replaced (PostgresWriter replaces replayed answers only).
+            # The window again, on the answers' own received_at: whatever the plan's shape,
+            # only the window's partitions of responses are probed.
             sql += (" AND NOT EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d "
                     "WHERE _sp_d.request = _sp_q.id AND _sp_d.received_at = _sp_q.received_at "
+                    f"AND _sp_d.received_at >= {p(o.window.start)} "
+                    f"AND _sp_d.received_at < {p(o.window.end)} "
                     f"AND _sp_d.target = {p(o.name)}"
                     + (" AND _sp_d.role <> 'replay'" if o.force else "") + ")")
         return sql
 
     def stream_sql(self, after: Key | None) -> tuple[str, list[Any]]:
-        """The pending requests after ``after``, in replay order."""
+        """The pending requests after ``after``, in replay order (``fix`` first)."""
         p = _Params()
         sql = (f"SELECT {STREAM_COLUMNS} FROM shadowproxy.requests _sp_q "
                f"WHERE {self._conditions(p, pending=True, after=after)} "
@@ -170,11 +201,11 @@ class Selection:
         return sql, p.values
 
     async def check(self, conn: asyncpg.Connection) -> None:
-        """Have PostgreSQL parse and plan the stream's query: a bad --where fails here."""
-        sql, _ = self.stream_sql(None)
+        """Have PostgreSQL parse and plan the selection's query: a bad --where fails here."""
+        sql, _ = self.select_sql()
         try:
             async with conn.transaction(readonly=True):
-                # --where on its own first: inside the stream's query a "$1" would
+                # --where on its own first: inside the selection's query a "$1" would
                 # silently take one of the replay's own values.
                 where = self.options.where
                 if where is not None and await placeholders(
@@ -187,17 +218,24 @@ class Selection:
         except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             raise _translate(exc, self.options.where, "checking the selection failed") from exc
 
-    async def find_bound(self, conn: asyncpg.Connection) -> None:
-        """With --limit N, note the N-th request of the selection (answered or not)."""
-        limit = self.options.limit
-        if limit is None:
-            return
-        p = _Params()
-        sql = (f"SELECT _sp_q.received_at, _sp_q.id FROM shadowproxy.requests _sp_q "
-               f"WHERE {self._conditions(p, pending=False)} "
-               f"ORDER BY _sp_q.received_at, _sp_q.id OFFSET {p(limit - 1)} LIMIT 1")
-        row = await self._fetchrow(conn, sql, p.values, "finding the --limit")
-        self.bound = (row[0], row[1]) if row is not None else None
+    async def fix(self, conn: asyncpg.Connection) -> None:
+        """Fix the selection: the keys of its requests as recorded now, in this session's
+        temporary table, which the preflight and the stream then read through."""
+        sql, args = self.select_sql()
+        try:
+            await conn.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {SELECTION_TABLE.split('.')[1]} "
+                "(received_at timestamptz NOT NULL, id uuid NOT NULL, "
+                "PRIMARY KEY (received_at, id))")
+            await conn.execute(f"TRUNCATE {SELECTION_TABLE}")
+            # --where is the operator's SQL: read only, as everywhere (a temporary table is
+            # the one thing a READ ONLY transaction may write).
+            async with conn.transaction(readonly=True):
+                await conn.execute(f"INSERT INTO {SELECTION_TABLE} {sql}", *args)
+            # Autovacuum never analyzes a temporary table: the planner needs its size.
+            await conn.execute(f"ANALYZE {SELECTION_TABLE}")
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+            raise _translate(exc, self.options.where, "selecting the requests failed") from exc
 
     async def preflight(self, conn: asyncpg.Connection) -> Preflight:
         """Counts over the selection: how much is pending, and what cannot be sent as is."""
@@ -250,8 +288,10 @@ SELECT (SELECT count(*) FROM sel) AS selected,
             redacted_query=row["redacted_query"])
 
     async def stored_since(self, conn: asyncpg.Connection, since: datetime) -> int:
-        """Answers of the target stored for the route's requests in the window (and within
-        the --limit) by calls started at ``since`` or later: what this run stored."""
+        """Answers of the target stored for the route's requests in the window by calls
+        started at ``since`` or later: what this run stored (it holds the lock on replaying
+        the route as the name, ``lock_target``; a fresh connection, without the selection's
+        table, may count)."""
         o = self.options
         p = _Params()
         sql = (f"SELECT count(*) FROM shadowproxy.requests _sp_q "
@@ -261,8 +301,6 @@ SELECT (SELECT count(*) FROM sel) AS selected,
                f"AND _sp_d.started_at >= {p(since)} "
                f"WHERE _sp_q.route = {p(o.route)} AND _sp_q.received_at >= {p(o.window.start)} "
                f"AND _sp_q.received_at < {p(o.window.end)}")
-        if self.bound is not None:
-            sql += f" AND (_sp_q.received_at, _sp_q.id) <= ({p(self.bound[0])}, {p(self.bound[1])})"
         try:
             count: int = await conn.fetchval(sql, *p.values)
         except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:

@@ -30,6 +30,10 @@ async def test_the_where_relation_has_exactly_the_pairs_view_columns(database_ur
             conn, "SELECT * FROM shadowproxy.pairs")
 
 
+async def _plan(conn: asyncpg.Connection, sql: str, args: list[object]) -> str:
+    return "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
+
+
 def _options(hours: float, **extra: object) -> ReplayOptions:
     end = datetime.now(UTC)
     return ReplayOptions(route="r", url="http://127.0.0.1:9", name="cand",
@@ -61,14 +65,19 @@ async def test_the_pending_filter_probes_the_primary_key_on_a_large_table(
             ANALYZE shadowproxy.requests; ANALYZE shadowproxy.responses;""")
         today = f"p{now:%Y%m%d}"
         for options in (_options(1), _options(1, where="primary_status = 200")):
-            sql, args = Selection(options).stream_sql(None)
-            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
-            # Only the last hour's partitions are read, of both tables: today's (and
+            selection = Selection(options)
+            # The selection's keys (fixed at the start), then the pending requests among
+            # them: only the last hour's partitions are read, of both tables: today's (and
             # yesterday's, before 01:00); the 20 days' others not at all.
             window = {today, f"p{now - timedelta(hours=1):%Y%m%d}"}
-            read = set(re.findall(r" on (?:requests|responses)_(p\d{8})", plan))
-            assert today in read and read <= window, plan
-            assert "_default" not in plan, plan
+            plans = [await _plan(conn, *selection.select_sql())]
+            await selection.fix(conn)
+            sql, args = selection.stream_sql(None)
+            plans.append(await _plan(conn, sql, args))
+            for plan in plans:
+                read = set(re.findall(r" on (?:requests|responses)_(p\d{8})", plan))
+                assert today in read and read <= window, plan
+                assert "_default" not in plan, plan
             rows = await conn.fetch(sql, *args)
             assert 190 <= len(rows) <= 230  # half of the ~417 requests of the last hour
 
@@ -80,8 +89,9 @@ async def test_the_stream_renews_its_transaction_and_continues_in_order(
     base = datetime.now(UTC).timestamp() - 600
     await store(database_url, [request(i, received_at=base + i // 3) for i in range(50)])
     async with connection(database_url) as conn:
-        stream = RequestStream(conn, Selection(_options(1)), read_ahead_bytes=1,
-                               renew_after_s=0.0)
+        selection = Selection(_options(1))
+        await selection.fix(conn)
+        stream = RequestStream(conn, selection, read_ahead_bytes=1, renew_after_s=0.0)
         seen = []
         while rows := await stream.next_rows():
             assert len(rows) == 1  # the byte budget allows one row per fetch
