@@ -27,6 +27,10 @@ DEFAULT_CONCURRENCY = 32
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_DURATION_S = 600.0
 MAX_CONCURRENCY = 10_000
+CARRIED_AS = {"host": "X-Forwarded-Host"}
+"""A recorded header that goes out under another name: the target gets its own ``Host``, as
+a live shadow does, and the recorded one is carried in ``X-Forwarded-Host``, so a value for
+a ``Host`` stored as "[redacted]" is given with ``--set-header X-Forwarded-Host=VALUE``."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,11 @@ class ReplayOptions:
     force: bool = False
 
     def set_header_names(self) -> frozenset[str]:
-        """The lower-case names ``--set-header`` gives a value for."""
-        return frozenset(name.lower() for name, _ in self.set_headers)
+        """The lower-case names of the recorded headers ``--set-header`` gives a value for:
+        its own, and ``host`` when it gives ``X-Forwarded-Host`` (``CARRIED_AS``)."""
+        names = {name.lower() for name, _ in self.set_headers}
+        return frozenset(names | {recorded for recorded, sent in CARRIED_AS.items()
+                                  if sent.lower() in names})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,9 +152,13 @@ def parse_set_header(text: str) -> tuple[str, str]:
     if problem is not None:
         raise UsageError(f"--set-header {name}: {problem}")
     lname = name.lower()
-    if lname in ("host", "content-length", "transfer-encoding", "connection"):
+    if lname == "host":
+        raise UsageError(f"--set-header {name}: the target gets its own Host, as a live shadow "
+                         "does; the recorded Host goes out as X-Forwarded-Host: give it with "
+                         f"--set-header 'X-Forwarded-Host={value.strip() or 'VALUE'}'")
+    if lname in ("content-length", "transfer-encoding", "connection"):
         raise UsageError(f"--set-header {name}: this header is set by the replay itself "
-                         "(the target's host, the body's length, one keep-alive connection)")
+                         "(the body's length, one keep-alive connection)")
     return name, value.strip()
 
 

@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from shadowproxy.replay.options import ReplayOptions
+from shadowproxy.replay.options import CARRIED_AS, ReplayOptions
 from shadowproxy.replay.outgoing import NO_JSON_BODY, TRUNCATED
 from shadowproxy.replay.pacing import Pacer
 from shadowproxy.replay.replayer import Tally
@@ -70,11 +70,14 @@ def preflight_lines(options: ReplayOptions, pre: Preflight, pacer: Pacer, *,
     if options.set_json and pre.no_json:
         lines.append(f"  {pre.no_json} requests have no JSON body: skipped ({NO_JSON_BODY})")
     if pre.redacted_requests:
-        names = ", ".join(f"{name} {n}" for name, n in pre.redacted_headers.items()
-                          if name not in options.set_header_names())
+        left = [name for name in pre.redacted_headers if name not in options.set_header_names()]
+        names = ", ".join(f"{name} {pre.redacted_headers[name]}" for name in left)
+        # --set-header names what is sent: a recorded Host goes out as X-Forwarded-Host.
+        carried = "".join(f"; for {name}: --set-header {CARRIED_AS[name]}=VALUE"
+                          for name in left if name in CARRIED_AS)
         lines.append(f"  {pre.redacted_requests} requests have headers stored as "
                      f"\"[redacted]\" ({names}): sent without them (--set-header NAME=VALUE "
-                     "sends a value instead)")
+                     f"sends a value instead{carried})")
     if pre.redacted_json:
         lines.append(f"  {pre.redacted_json} request bodies hold JSON values stored as "
                      "\"[redacted]\" (recording.redact_json): sent as stored "

@@ -125,3 +125,40 @@ async def test_bodies_truncated_at_recording_are_not_sent_but_stored_as_skipped(
         WHERE shadow_name = 'cand' GROUP BY 1, 2 ORDER BY 3""")
     assert [tuple(r) for r in rows] == [
         ("skipped", "skipped: body truncated at recording", 2), (None, None, 3)]
+
+
+
+async def test_a_redacted_host_is_given_a_value_as_the_preflight_says(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """The recorded Host goes out as X-Forwarded-Host (the target gets its own Host): for a
+    Host stored as "[redacted]" the preflight names --set-header X-Forwarded-Host=VALUE,
+    which sends it, and --set-header Host says so. The preflight said --set-header
+    NAME=VALUE, and --set-header Host=... was refused as set by the replay itself."""
+    recording = {"redact_headers": ["host"]}
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url, name=ROUTE)], recording=recording) as proxy, \
+            aiohttp.ClientSession() as http:
+        await http.post(f"http://127.0.0.1:{proxy.port}/predict", json={"features": {"x": 1}},
+                        headers={"Host": "models.example"})
+        await wait_for_rows(database_url, "requests", 1)
+    config = write_config(tmp_path, database_url, recording=recording)
+    async with serve(model("c")) as target:
+        plain = await replay(config, to=target.url, name="plain")
+        assert plain.status == 0, plain.err
+        host = await replay(config, "--set-header", "Host=models.example", to=target.url,
+                            name="host")
+        given = await replay(config, "--set-header", "X-Forwarded-Host=models.example",
+                             to=target.url, name="given")
+        assert given.status == 0, given.err
+    assert ('1 requests have headers stored as "[redacted]" (host 1): sent without them '
+            "(--set-header NAME=VALUE sends a value instead; for host: --set-header "
+            "X-Forwarded-Host=VALUE)") in plain.out
+    assert host.status == 2 and host.out == ""
+    assert ("--set-header Host: the target gets its own Host, as a live shadow does; the "
+            "recorded Host goes out as X-Forwarded-Host: give it with --set-header "
+            "'X-Forwarded-Host=models.example'") in host.err
+    assert "[redacted]" not in given.out and "sent without" not in given.out
+    first, second = target.seen
+    assert "x-forwarded-host" not in first.headers
+    assert second.headers["x-forwarded-host"] == "models.example"
+    assert second.headers["host"] == target.url.removeprefix("http://")
