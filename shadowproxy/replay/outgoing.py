@@ -31,6 +31,10 @@ from shadowproxy.replay.options import JsonEdit, ReplayOptions
 
 _REDACTED = re.compile(r"^\[redacted\](, \[redacted\])*$")
 _SKIP = frozenset(name.decode() for name in http1.REQUEST_REWRITTEN) | {"content-encoding"}
+NOT_CARRIED = frozenset(_SKIP - {"host", "x-forwarded-for", "content-encoding"})
+"""Recorded headers never sent, nor carried into another (hop-by-hop ones such as
+Proxy-Authorization, the proxy's own): whether their value was redacted does not matter.
+Host and X-Forwarded-For are carried into X-Forwarded-Host and X-Forwarded-For (``_tail``)."""
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _DECODE_CAP = 64 * 1024 * 1024
 

@@ -45,6 +45,7 @@ import orjson
 
 from shadowproxy.errors import DatabaseError, UsageError
 from shadowproxy.replay.options import ReplayOptions
+from shadowproxy.replay.outgoing import NOT_CARRIED
 from shadowproxy.store.database import CONNECTION_ERRORS, placeholders
 
 REDACTED_RE = r"^\[redacted\](, \[redacted\])*$"
@@ -250,7 +251,12 @@ WITH sel AS (
            coalesce(strpos(_sp_q.body_json::text, '"[redacted]"') > 0, false) AS redacted_json,
            _sp_q.query ~ {p(REDACTED_QUERY_RE)} AS redacted_query,
            ARRAY(SELECT h.key FROM jsonb_each_text(_sp_q.headers) h
-                 WHERE h.value ~ {redacted_re}) AS redacted,
+                 WHERE h.value ~ {redacted_re}
+                   -- Never sent anyway (outgoing.py): hop-by-hop, the proxy's own, and
+                   -- those the request's Connection header names.
+                   AND h.key <> ALL({p(sorted(NOT_CARRIED))}::text[])
+                   AND h.key <> ALL(SELECT lower(btrim(t)) FROM unnest(string_to_array(
+                       _sp_q.headers->>'connection', ',')) t)) AS redacted,
            EXISTS (SELECT 1 FROM shadowproxy.responses _sp_d
                    WHERE _sp_d.request = _sp_q.id AND _sp_d.received_at = _sp_q.received_at
                      AND _sp_d.target = {name}) AS done,

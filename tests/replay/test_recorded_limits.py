@@ -162,3 +162,29 @@ async def test_a_redacted_host_is_given_a_value_as_the_preflight_says(
     assert "x-forwarded-host" not in first.headers
     assert second.headers["x-forwarded-host"] == "models.example"
     assert second.headers["host"] == target.url.removeprefix("http://")
+
+
+async def test_a_redacted_hop_by_hop_header_is_not_announced_as_left_out(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """Proxy-Authorization, redacted by default, is hop-by-hop: a live shadow never gets it
+    and neither does the replay, whatever its stored value. The preflight counts only the
+    redacted headers that would have been sent, as the summary does; it announced each
+    request with a Proxy-Authorization as sent without it, and the summary said nothing."""
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url, name=ROUTE)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        for i in range(2):
+            headers = {"Proxy-Authorization": "Basic cHJveHk6c2VjcmV0"}
+            if i == 0:
+                headers["Authorization"] = "Bearer live-secret"
+            await http.post(f"http://127.0.0.1:{proxy.port}/predict",
+                            json={"features": {"x": i}}, headers=headers)
+        await wait_for_rows(database_url, "requests", 2)
+    config = write_config(tmp_path, database_url)
+    async with serve(model("c")) as target:
+        result = await replay(config, to=target.url)
+        assert result.status == 0, result.err
+    assert not any("proxy-authorization" in s.headers for s in target.seen)
+    assert ('1 requests have headers stored as "[redacted]" (authorization 1): '
+            "sent without them") in result.out
+    assert '1 sent without their "[redacted]" headers' in result.out
