@@ -86,7 +86,9 @@ class RowEncoder:
                 if len(names) > 4096:  # a client inventing names must not grow this forever
                     names.clear()
             key, redacted = known
-            text = REDACTED if redacted else value.decode("latin-1")
+            # The parser keeps white space before the line's end, which is not part of the
+            # value (RFC 9110 §5.5): stored without it, as upstreams read it.
+            text = REDACTED if redacted else value.rstrip(b" \t").decode("latin-1")
             merged[key] = merged[key] + ", " + text if key in merged else text
         return orjson.dumps(merged).decode()
 

@@ -264,3 +264,23 @@ async def test_a_fragment_is_neither_forwarded_nor_stored(
     rows = await fetch(database_url, "SELECT path, query FROM shadowproxy.requests "
                                      "ORDER BY path")
     assert [(r["path"], r["query"]) for r in rows] == [("/a", ""), ("/b", "q=1"), ("/c", "")]
+
+
+async def test_a_target_is_stored_as_sent_in_ascii_and_raw_bytes_beyond_it_are_refused(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A percent-encoded path and query are forwarded and stored as sent (``/caf%C3%A9``,
+    not ``/café``), as docs/sql.md says; a target with raw bytes beyond ASCII, UTF-8 or
+    not, is refused with 400 by the parser before any route sees it, so no path or query
+    in SQL ever holds them."""
+    log: Log = []
+    async with raw_server(answering(log)) as url, start_proxy([route(url)]) as proxy:
+        refused = [await talk(proxy.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                              quiet_s=0.5)
+                   for target in (b"/caf\xc3\xa9", b"/caf\xe9", b"/a?q=caf\xc3\xa9")]
+        await talk(proxy.port, b"GET /caf%C3%A9?q=caf%C3%A9+au+lait HTTP/1.1\r\nHost: x\r\n\r\n",
+                   quiet_s=0.5)
+        await wait_for_rows(database_url, "requests", 1)
+    assert all(out.startswith(b"HTTP/1.1 400 ") for out in refused), refused
+    assert [line for line, _ in log] == [b"GET /caf%C3%A9?q=caf%C3%A9+au+lait HTTP/1.1"]
+    rows = await fetch(database_url, "SELECT path, query FROM shadowproxy.requests")
+    assert [(r["path"], r["query"]) for r in rows] == [("/caf%C3%A9", "q=caf%C3%A9+au+lait")]

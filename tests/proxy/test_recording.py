@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -10,7 +11,7 @@ from aiohttp import web
 from tests.conftest import StartProxy, route
 from tests.db import fetch, fetchval
 from tests.proxy.test_data_path import wait_for_rows
-from tests.upstreams import model, serve
+from tests.upstreams import closing, model, raw_server, serve
 
 
 async def dump_database(url: str) -> str:
@@ -74,6 +75,35 @@ async def test_invalid_json_and_binary_bodies_are_kept_as_bytes(
     rows = await fetch(database_url, "SELECT body, body_json FROM shadowproxy.requests")
     assert sorted(r["body"] for r in rows) == sorted(payloads)
     assert all(r["body_json"] is None for r in rows)
+
+
+async def test_header_values_are_stored_without_the_white_space_ending_their_line(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """White space before a header line's end is not part of the value (RFC 9110 §5.5):
+    ``headers ->> 'x-model' = 'v2'`` finds a request sent with ``X-Model: v2 <tab>``, and a
+    response's padded value is stored trimmed too. The parser keeps it, and it was stored."""
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"Content-Length: 2" in head
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json \r\n"
+                     b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+
+    async with raw_server(closing(respond)) as primary, \
+            start_proxy([route(primary)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /p HTTP/1.1\r\nHost: h\r\nX-Model: v2 \t\r\nX-Tag: a \r\n"
+                     b"X-Tag: b\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        await wait_for_rows(database_url, "responses", 1)
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.requests "
+                                        "WHERE headers ->> 'x-model' = 'v2'") == 1
+    assert await fetchval(database_url,
+                          "SELECT headers ->> 'x-tag' FROM shadowproxy.requests") == "a, b"
+    assert await fetchval(database_url, "SELECT headers ->> 'content-type' "
+                                        "FROM shadowproxy.responses") == "application/json"
 
 
 async def test_records_are_written_once_write_after_records_wait(

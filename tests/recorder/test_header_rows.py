@@ -1,5 +1,6 @@
-"""Headers as stored (``RowEncoder.headers``): lower-cased names, Latin-1 values, repeats
-joined, redacted names, JSON escapes; on chosen header sets and on random ones."""
+"""Headers as stored (``RowEncoder.headers``): lower-cased names, Latin-1 values without
+their ends' white space, repeats joined, redacted names, JSON escapes; on chosen header
+sets and on random ones."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ REDACTING = RecordingConfig(redact_headers=["authorization", "cookie"])
 
 
 def expected(headers: list[tuple[bytes, bytes]], redact: set[str]) -> dict[str, str]:
-    """The stored object by its definition: lower-cased names, Latin-1 values, repeats
-    joined with ", ", redacted names' values replaced."""
+    """The stored object by its definition: lower-cased names, Latin-1 values without the
+    white space before their line's end, repeats joined with ", ", redacted names' values
+    replaced."""
     out: dict[str, str] = {}
     for name, value in headers:
         key = name.decode("latin-1").lower()
-        text = "[redacted]" if key in redact else value.decode("latin-1")
+        text = "[redacted]" if key in redact else value.rstrip(b" \t").decode("latin-1")
         out[key] = out[key] + ", " + text if key in out else text
     return out
 
@@ -35,6 +37,7 @@ def expected(headers: list[tuple[bytes, bytes]], redact: set[str]) -> dict[str, 
     [(b"X-Latin", b"caf\xe9"), (b"X-Tab", b"a\tb"), (b"X-Del", b"\x7f")],
     [(b"Cookie", b"a=1"), (b"Cookie", b"b=2")],  # a redacted repeat
     [(b"X-Empty", b"")],
+    [(b"X-Ws", b"v2 \t"), (b"X-Ws", b"a b "), (b"X-Ws", b" \t")],  # ends' white space
 ])
 def test_headers_are_stored_as_defined(headers: list[tuple[bytes, bytes]]) -> None:
     text = RowEncoder(REDACTING).headers(headers)
