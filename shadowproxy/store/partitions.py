@@ -19,6 +19,7 @@ nothing when the partitions were made ahead as intended.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -36,6 +37,9 @@ MAINTENANCE_LOCK = 0x5AD0_0000_0002
 LOCK_TIMEOUT = "5s"
 """How long a maintenance statement waits for a lock before giving up until the next run
 (a long report holds the tables; writers must not queue behind the maintenance)."""
+LOCK_WAIT_S = 5.0
+"""``LOCK_TIMEOUT`` in seconds: how long ``lock_both`` goes on trying."""
+LOCK_RETRY_S = 0.05
 
 # A range bound as PostgreSQL prints it: FROM ('2026-12-02 00:00:00+00') TO (...), in the
 # session's time zone, so it is read back by PostgreSQL itself (::timestamptz).
@@ -107,6 +111,32 @@ def free_range(when: datetime, period: str, existing: list[Partition]
     return start, end
 
 
+async def lock_both(conn: asyncpg.Connection, first: str, second: str) -> None:
+    """Take ACCESS EXCLUSIVE locks on the tables ``first`` and ``second`` (the requests'
+    one, then the answers'), in the caller's transaction, whose ``lock_timeout`` bounds
+    the wait for ``first``; LockNotAvailableError when they were not had within
+    ``LOCK_TIMEOUT``.
+
+    Never waits for ``second`` while holding ``first``: a reader may hold the answers'
+    table and then ask for the requests' (a query over both), and PostgreSQL would break
+    that cycle by failing one side with "deadlock detected". So ``second`` is asked for
+    without waiting, and when another session holds it, ``first`` is given back (the
+    savepoint rolled back) and both are tried again after a pause.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LOCK_WAIT_S
+    while True:
+        try:
+            async with conn.transaction():  # a savepoint: a refusal gives ``first`` back
+                await conn.execute(f"LOCK TABLE {first} IN ACCESS EXCLUSIVE MODE")
+                await conn.execute(f"LOCK TABLE {second} IN ACCESS EXCLUSIVE MODE NOWAIT")
+            return
+        except asyncpg.LockNotAvailableError:
+            if loop.time() >= deadline:
+                raise
+        await asyncio.sleep(LOCK_RETRY_S)
+
+
 async def create(conn: asyncpg.Connection, start: datetime, end: datetime) -> str:
     """Create the partitions of [start, end) of both tables, with the rows of that range
     moved out of the DEFAULT partitions and their storage parameters; return the range's
@@ -114,12 +144,11 @@ async def create(conn: asyncpg.Connection, start: datetime, end: datetime) -> st
     name = suffix(start)
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        # The locks ATTACH takes anyway, taken first: no row of the range can reach a
+        # DEFAULT partition between the move and the attach.
+        await lock_both(conn, "shadowproxy.requests_default", "shadowproxy.responses_default")
         for table in TABLES:
             part = f"{table}_{name}"
-            # The lock ATTACH takes anyway, taken first: no row of the range can reach the
-            # DEFAULT partition between the move and the attach.
-            await conn.execute(
-                f"LOCK TABLE shadowproxy.{table}_default IN ACCESS EXCLUSIVE MODE")
             storage = await _storage_of_default(conn, table)
             await conn.execute(
                 f"CREATE TABLE shadowproxy.{part} (LIKE shadowproxy.{table} "

@@ -32,7 +32,13 @@ from shadowproxy.durations import parse_age as _parse_age
 from shadowproxy.errors import DatabaseError, UsageError
 from shadowproxy.store import legacy, rollups
 from shadowproxy.store.database import CONNECTION_ERRORS, connection, describe
-from shadowproxy.store.partitions import LOCK_TIMEOUT, MAINTENANCE_LOCK, Partition, partitions
+from shadowproxy.store.partitions import (
+    LOCK_TIMEOUT,
+    MAINTENANCE_LOCK,
+    Partition,
+    lock_both,
+    partitions,
+)
 
 # Both deletes see the same snapshot of `doomed`, so a request and its responses go together;
 # `received_at < $1` on each table keeps the statement to the partitions before the cutoff.
@@ -137,6 +143,8 @@ async def drop_partitions(conn: asyncpg.Connection, cutoff: datetime
         n_responses, est_r = await _size(conn, twin)
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            if twin is not None:  # DETACH's locks on both tables, taken without a deadlock
+                await lock_both(conn, "ONLY shadowproxy.requests", "ONLY shadowproxy.responses")
             await conn.execute(f"ALTER TABLE shadowproxy.requests DETACH PARTITION "
                                f"shadowproxy.{part.name}")
             await conn.execute(f"DROP TABLE shadowproxy.{part.name}")

@@ -3,6 +3,7 @@ tables, the pairs view as before, and ranges that never overlap when the period 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import uuid
@@ -16,6 +17,7 @@ from shadowproxy.store.migrate import migrate_all
 from shadowproxy.store.partitions import (
     AHEAD,
     Partition,
+    create,
     ensure,
     free_range,
     partitions,
@@ -230,3 +232,44 @@ async def test_the_documented_storage_reset_reaches_the_partitions_made_later(
             "AND c.reloptions IS NOT NULL") == 0
     finally:
         await conn.close()
+
+
+async def _waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> bool:
+    return bool(await conn.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", pid))
+
+
+async def test_a_reader_of_both_tables_and_a_partition_being_made_do_not_deadlock(
+        database_url: str) -> None:
+    """A reader holding the answers' DEFAULT partition that then reads the requests' one
+    (as a query over both tables can lock them), while a partition is being made: the
+    maintenance never waits for one DEFAULT partition while it holds the other, so neither
+    side ends in "deadlock detected"; the partition is made once the reader is done. It
+    took the requests' DEFAULT partition and waited for the answers', and PostgreSQL broke
+    the cycle by failing one of the two."""
+    reader = await asyncpg.connect(database_url)
+    maintenance = await asyncpg.connect(database_url)
+    start = datetime(2031, 1, 1, tzinfo=UTC)
+    try:
+        tx = reader.transaction()
+        await tx.start()
+        await reader.fetchval("SELECT count(*) FROM shadowproxy.responses_default")
+        making = asyncio.create_task(create(maintenance, start, start + timedelta(hours=1)))
+        pid = maintenance.get_server_pid()
+        for _ in range(50):  # until it waits for the lock the reader holds, or tries again
+            await asyncio.sleep(0.02)
+            if await _waiting_for_a_lock(reader, pid):
+                break
+        await asyncio.sleep(0.2)
+        assert await reader.fetchval("SELECT count(*) FROM shadowproxy.requests_default") == 0
+        await tx.commit()
+        assert await asyncio.wait_for(making, 10) == suffix(start)
+    finally:
+        await reader.close()
+        await maintenance.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        names = {p.name for t in ("requests", "responses") for p in await partitions(conn, t)}
+    finally:
+        await conn.close()
+    assert {f"requests_{suffix(start)}", f"responses_{suffix(start)}"} <= names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -295,3 +296,33 @@ async def test_prune_refuses_a_database_still_being_upgraded(empty_database_url:
         await conn.close()
     with pytest.raises(DatabaseError, match="shadowproxy migrate"):
         await prune(empty_database_url, timedelta(days=1))
+
+
+async def test_a_reader_of_both_tables_and_a_prune_do_not_deadlock(database_url: str) -> None:
+    """A reader holding the answers that then reads the requests (as a query over both can
+    lock them), while a prune drops a partition: the prune never waits for the answers'
+    table while it holds the requests', so neither side ends in "deadlock detected". It
+    detached the requests' partition and waited for the answers' table, and PostgreSQL
+    broke the cycle by failing one of the two."""
+    from shadowproxy.store.partitions import ensure
+
+    conn = await asyncpg.connect(database_url)
+    reader = await asyncpg.connect(database_url)
+    try:
+        now = await conn.fetchval("SELECT now()")
+        await ensure(conn, "day", now=now - timedelta(days=10), ahead=10)
+        old = await _insert(conn, timedelta(days=8))
+        tx = reader.transaction()
+        await tx.start()
+        await reader.fetchval("SELECT count(*) FROM shadowproxy.responses")
+        pruning = asyncio.create_task(prune(database_url, timedelta(days=3)))
+        await asyncio.sleep(0.5)  # it waits for, or keeps trying, the answers' table
+        assert await reader.fetchval("SELECT count(*) FROM shadowproxy.requests") == 1
+        await tx.commit()
+        result = await asyncio.wait_for(pruning, 10)
+        requests, responses = await _ids(conn)
+    finally:
+        await reader.close()
+        await conn.close()
+    assert old not in requests and old not in responses
+    assert (result.requests, result.responses) == (1, 2)
