@@ -113,9 +113,8 @@ def free_range(when: datetime, period: str, existing: list[Partition]
 
 async def lock_both(conn: asyncpg.Connection, first: str, second: str) -> None:
     """Take ACCESS EXCLUSIVE locks on the tables ``first`` and ``second`` (the requests'
-    one, then the answers'), in the caller's transaction, whose ``lock_timeout`` bounds
-    the wait for ``first``; LockNotAvailableError when they were not had within
-    ``LOCK_TIMEOUT``.
+    one, then the answers'), in the caller's transaction; LockNotAvailableError when they
+    were not had within ``LOCK_TIMEOUT``.
 
     Never waits for ``second`` while holding ``first``: a reader may hold the answers'
     table and then ask for the requests' (a query over both), and PostgreSQL would break
@@ -126,10 +125,14 @@ async def lock_both(conn: asyncpg.Connection, first: str, second: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LOCK_WAIT_S
     while True:
+        left_ms = max(1, int((deadline - loop.time()) * 1000))
         try:
             async with conn.transaction():  # a savepoint: a refusal gives ``first`` back
+                # The tries together within LOCK_TIMEOUT, not each of them.
+                await conn.execute(f"SET LOCAL lock_timeout = {left_ms}")
                 await conn.execute(f"LOCK TABLE {first} IN ACCESS EXCLUSIVE MODE")
                 await conn.execute(f"LOCK TABLE {second} IN ACCESS EXCLUSIVE MODE NOWAIT")
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             return
         except asyncpg.LockNotAvailableError:
             if loop.time() >= deadline:
