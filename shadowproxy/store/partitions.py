@@ -6,9 +6,10 @@ partition, or one that fills a gap, is ``..._pYYYYMMDD_HHMM``, after its start i
 ``requests_default`` and ``responses_default`` for rows of a time no partition covers yet.
 
 ``ensure`` creates the partitions of the current period and of the next ones
-(``AHEAD``), and one for every period that has rows in a DEFAULT partition or in the legacy
-tables of an upgrade, leaving no gaps and never overlapping a partition that exists (a
-changed ``storage.partition`` applies from the next free range on). PostgreSQL refuses to
+(``AHEAD``), and, in the same run, one for every range that has rows in a DEFAULT partition
+or in the legacy tables of an upgrade (so that a run leaves DEFAULT empty, but for rows at
+±infinity), leaving no gaps and never overlapping a partition that exists (a changed
+``storage.partition`` applies from the next free range on). PostgreSQL refuses to
 attach a partition whose range has rows in the DEFAULT partition, so each new partition is
 built as a plain table, the DEFAULT partition's rows of its range are moved into it, and it
 is attached, in one transaction per range: ATTACH PARTITION holds SHARE UPDATE EXCLUSIVE on
@@ -187,26 +188,27 @@ async def _storage_of_default(conn: asyncpg.Connection, table: str) -> str:
         f"{name} = '{value.replace(chr(39), chr(39) * 2)}'" for name, value in pairs) + ")"
 
 
-async def _times_with_rows(conn: asyncpg.Connection, table: str, period: str) -> list[datetime]:
-    """For each period that has rows in ``table``, its earliest ``received_at``: found
-    through the received_at index one period at a time, so a large table is not scanned."""
+async def _earliest_waiting(conn: asyncpg.Connection, sources: list[str],
+                            after: datetime) -> datetime | None:
+    """The earliest ``received_at`` at or after ``after`` in the tables ``sources`` (found
+    through their received_at index, so a large table is not scanned); None if there is
+    none, or only rows at ±infinity, which no partition can take."""
     found: list[datetime] = []
-    after = datetime.min.replace(tzinfo=UTC)
-    while True:
+    for table in sources:
         when = await conn.fetchval(
             f"SELECT min(received_at) FROM shadowproxy.{table} WHERE received_at >= $1",
             after)
-        if when is None or when.year in (datetime.min.year, datetime.max.year):
-            return found  # none left, or ±infinity (asyncpg's datetime.min and max)
-        found.append(when)
-        after = period_start(when, period) + PERIODS[period]
+        if when is not None and when.year not in (datetime.min.year, datetime.max.year):
+            found.append(when)  # not ±infinity (asyncpg's datetime.min and max)
+    return min(found, default=None)
 
 
 async def ensure(conn: asyncpg.Connection, period: str, *, now: datetime | None = None,
                  ahead: int | None = None) -> list[str]:
     """Create the partitions that are missing: the current period's and ``ahead`` more
-    (default ``AHEAD[period]``), and those for rows waiting in a DEFAULT partition or in
-    the legacy tables of an upgrade. Returns the suffixes created, oldest first."""
+    (default ``AHEAD[period]``), and every one that rows waiting in a DEFAULT partition or
+    in the legacy tables of an upgrade need (one transaction per range). Returns the
+    suffixes created, oldest first."""
     if period not in PERIODS:
         raise ValueError(f"unknown partition period {period!r}; expected one of {list(PERIODS)}")
     if now is None:
@@ -229,12 +231,17 @@ async def ensure(conn: asyncpg.Connection, period: str, *, now: datetime | None 
     sources = ["requests_default", "responses_default"]
     if await conn.fetchval("SELECT to_regclass('shadowproxy.requests_legacy')") is not None:
         sources.append("requests_legacy")
-    waiting: list[datetime] = []
-    for table in sources:
-        waiting += await _times_with_rows(conn, table, period)
-    for when in sorted(set(waiting)):
-        span = free_range(when, period, existing)
-        if span is not None:
-            created.append(await create(conn, *span))
-            existing = await partitions(conn)
+    # The earliest row still waiting is looked up again after each range: a period that a
+    # partition of another period cuts in two has rows on both sides, each side needing
+    # its own partition (looking once per period left the later side in DEFAULT for the
+    # next run).
+    after = datetime.min.replace(tzinfo=UTC)
+    while (row_at := await _earliest_waiting(conn, sources, after)) is not None:
+        span = free_range(row_at, period, existing)
+        if span is None:  # a legacy row of a range that has its partition: moved later
+            after = next(p.end for p in existing if p.start <= row_at < p.end)
+            continue
+        created.append(await create(conn, *span))
+        existing = await partitions(conn)
+        after = span[1]
     return sorted(created)

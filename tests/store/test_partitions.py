@@ -273,3 +273,29 @@ async def test_a_reader_of_both_tables_and_a_partition_being_made_do_not_deadloc
     finally:
         await conn.close()
     assert {f"requests_{suffix(start)}", f"responses_{suffix(start)}"} <= names
+
+
+async def test_one_run_moves_every_row_out_of_default(database_url: str) -> None:
+    """Rows of several periods wait in DEFAULT, some of one week on both sides of a day's
+    partition made before the period changed: one ensure makes a partition for each of
+    them, and DEFAULT is left empty (the rows after the day's partition stayed there until
+    the next run)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        monday = period_start(datetime.now(UTC) + timedelta(days=70), "week")
+        wednesday = monday + timedelta(days=2)
+        assert await ensure(conn, "day", now=wednesday, ahead=0) == [suffix(wednesday)]
+        rows = {when: await insert_pair(conn, when) for when in (
+            monday + timedelta(hours=3), monday + timedelta(days=4, hours=5),
+            monday + timedelta(days=6, hours=1), monday + timedelta(weeks=3, hours=2))}
+        assert {s for rid in rows.values() for s in await where(conn, rid)} == {"default"}
+        created = await ensure(conn, "week")  # and the weeks ahead of now, before these
+        starts = [monday, wednesday + timedelta(days=1), monday + timedelta(weeks=3)]
+        assert [c for c in created if c >= suffix(monday)] == [suffix(s) for s in starts]
+        for when, rid in rows.items():
+            assert await where(conn, rid) == {suffix(max(s for s in starts if s <= when))}
+        for table in ("requests", "responses"):
+            assert await conn.fetchval(f"SELECT count(*) FROM shadowproxy.{table}_default") == 0
+        assert await ensure(conn, "week") == []
+    finally:
+        await conn.close()
