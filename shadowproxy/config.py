@@ -23,13 +23,14 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from shadowproxy.compare.config import CompareConfig, FrozenModel
-from shadowproxy.durations import format_age, parse_age
+from shadowproxy.durations import finite_seconds, format_age, parse_age
 from shadowproxy.errors import ConfigError
 
 DATABASE_URL_ENV = "SHADOWPROXY_DATABASE_URL"
@@ -46,7 +47,33 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 """RFC 9110 §9 and PATCH (RFC 5789): what ``match.methods`` accepts."""
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+_FOREVER = {
+    "timeout_s": "a call the upstream never answers would be waited for without end; give "
+                 "the longest an answer may take, e.g. 300",
+    "max_duration_s": "an answer that streams without end would hold its call and its "
+                      "record for ever; give the longest a whole answer may take, e.g. 3600",
+    "upstream_idle_s": "an idle connection would be reused however long ago the upstream "
+                       "may have closed it; give less than the upstreams' keep-alive timeout "
+                       "(the default, 1.5, suits most servers)",
+    "client_timeout_s": "a client that sends or reads nothing would hold its connection for "
+                        "ever; give the longest pause a client may make, e.g. 600",
+    "shutdown_grace_s": "a stop would wait for ever on a call or a database that never "
+                        "answers; give the longest a stop may take, e.g. 60",
+    "maintenance_interval_s": "the maintenance would run only at start, and the partitions "
+                              "made ahead would run out; the default is 300",
+    "watch_interval_s": "the file would never be read again; to not watch it, write "
+                        "watch: false",
+}
+"""What to write instead of infinity, by key: none of these waits or intervals can be
+endless (``durations.finite_seconds``)."""
+
+
+def _finite(value: float, info: ValidationInfo) -> float:
+    return finite_seconds(value, _FOREVER.get(info.field_name or "", "give a number"))
+
+
+PositiveSeconds = Annotated[float, Field(gt=0), AfterValidator(_finite)]
+"""Seconds above 0 and finite (YAML's ``.inf`` is above 0)."""
 MIN_WATCH_INTERVAL_S = 0.05
 """The shortest ``watch_interval_s``: a poll reads and hashes the file on the event loop."""
 

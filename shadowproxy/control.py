@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from shadowproxy.durations import finite_seconds
 from shadowproxy.errors import ConfigError, DataDirInUse, ShadowProxyError, UsageError
 from shadowproxy.private import open_private, private_directory
 
@@ -249,4 +250,10 @@ def run_reload(args: argparse.Namespace) -> int:
     if not args.timeout > 0:  # NaN too
         raise UsageError(f"--timeout: expected a number of seconds above 0 (got "
                          f"{args.timeout:g}), e.g. --timeout 60")
+    try:
+        finite_seconds(args.timeout, "a proxy that never answers would be waited for "
+                                     "ever; give the longest the reload may take, e.g. "
+                                     "--timeout 600")
+    except ValueError as exc:
+        raise UsageError(f"--timeout: {exc}") from None
     return print_outcome(request_reload(Path(args.config), args.timeout))

@@ -1,4 +1,5 @@
-"""Ages and retention periods written as a whole number and a unit: ``30d``, ``12h``, ``90m``.
+"""Ages and retention periods written as a whole number and a unit: ``30d``, ``12h``, ``90m``;
+and the one check of a number of seconds (``*_s`` keys, ``--timeout``) that it is finite.
 
 One parser for ``prune --older-than`` and the config's ``storage.retention``, so that the
 command line and the file accept the same spellings and say the same thing about the rest.
@@ -6,6 +7,7 @@ command line and the file accept the same spellings and say the same thing about
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 
@@ -42,3 +44,13 @@ def format_age(age: timedelta) -> str:
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def finite_seconds(value: float, instead: str) -> float:
+    """``value``, a number of seconds; ValueError for infinity, saying what to write
+    (``instead``). YAML's ``.inf``, ``inf`` on a command line and ``1e400`` are read as
+    infinity, which is above 0: every timeout and interval took it and waited without end
+    (a stop, a silent upstream, a client that sends nothing), or ran once (an interval)."""
+    if math.isinf(value):
+        raise ValueError(f"expected a finite number of seconds (got {value:g}): {instead}")
+    return value

@@ -474,3 +474,46 @@ routes:
         "7: routes[0].compare.features.age: max: expected a number, not NaN (leave the key "
         "out for no bound)",
     ]
+
+
+INFINITE = """\
+watch_interval_s: {inf}
+storage: {{maintenance_interval_s: {inf}}}
+limits: {{upstream_idle_s: {inf}, client_timeout_s: {inf}, shutdown_grace_s: {inf}}}
+routes:
+  - name: r
+    primary: {{url: "http://127.0.0.1:1", timeout_s: {inf}}}
+    shadows:
+      - {{name: s, url: "http://127.0.0.1:2", timeout_s: {inf}, max_duration_s: {inf}}}
+    compare:
+      generation:
+        embeddings: {{url: "http://127.0.0.1:3/v1/embeddings", timeout_s: {inf}}}
+"""
+
+
+@pytest.mark.parametrize("inf", [".inf", ".Inf", '"inf"', "Infinity", "1e400"])
+def test_an_infinite_number_of_seconds_is_refused(tmp_path: Path, inf: str) -> None:
+    """Every `*_s` key refuses infinity (YAML's `.inf`, or text that reads as it), at its
+    line, saying what to write instead: it is above 0, and a timeout of it waited without
+    end, an interval of it ran once, a watch of it never read the file again."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, INFINITE.format(inf=inf)))
+    problems = [p.split(":", 1)[1].split(": ", 2) for p in info.value.problems]
+    finite = "expected a finite number of seconds (got inf): "
+    assert [f"{line}: {key}" for line, key, _ in problems] == [
+        "1: watch_interval_s", "2: storage.maintenance_interval_s",
+        "3: limits.upstream_idle_s", "3: limits.client_timeout_s",
+        "3: limits.shutdown_grace_s", "6: routes[0].primary.timeout_s",
+        "8: routes[0].shadows[0].timeout_s", "8: routes[0].shadows[0].max_duration_s",
+        "11: routes[0].compare.generation.embeddings.timeout_s"], problems
+    assert all(message.startswith(finite) for _, _, message in problems), problems
+    assert problems[0][2].endswith("to not watch it, write watch: false")
+    assert problems[5][2].endswith("give the longest an answer may take, e.g. 300")
+
+
+def test_settings_built_in_code_refuse_infinite_seconds() -> None:
+    """The check is the models', not only the file loader's."""
+    with pytest.raises(ValidationError, match="expected a finite number of seconds"):
+        Settings.model_validate({"limits": {"shutdown_grace_s": float("inf")},
+                                 "routes": [{"name": "r",
+                                             "primary": {"url": "http://127.0.0.1:1"}}]})

@@ -116,11 +116,20 @@ def test_a_worker_signalled_without_a_handed_on_configuration_keeps_running(
     assert _read_config(tmp_path, load_config(_write(tmp_path))) is None
 
 
-@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+@pytest.mark.parametrize(("timeout", "expected"), [
+    ("0", "--timeout: expected a number of seconds above 0"),
+    ("-1", "--timeout: expected a number of seconds above 0"),
+    ("nan", "--timeout: expected a number of seconds above 0"),
+    ("inf", "--timeout: expected a finite number of seconds (got inf): a proxy that never "
+            "answers would be waited for ever"),
+    ("1e400", "--timeout: expected a finite number of seconds (got inf)"),
+])
 def test_a_timeout_that_cannot_be_waited_is_refused_before_the_proxy_is_signalled(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], timeout: str) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], timeout: str,
+        expected: str) -> None:
     """``--timeout`` of 0, below 0 or NaN is a usage error (exit 2) and no reload: the
-    proxy was signalled and reloaded, and the command then said it did not answer (exit 1)."""
+    proxy was signalled and reloaded, and the command then said it did not answer (exit 1).
+    One of infinity too: the command waited for ever for a proxy that did not answer."""
     import signal
 
     path = _write(tmp_path)
@@ -134,4 +143,4 @@ def test_a_timeout_that_cannot_be_waited_is_refused_before_the_proxy_is_signalle
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert hups == []
-    assert "--timeout: expected a number of seconds above 0" in capsys.readouterr().err
+    assert expected in capsys.readouterr().err

@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shadowproxy.durations import finite_seconds
 
 
 class FrozenModel(BaseModel):
@@ -131,6 +133,12 @@ class EmbeddingsConfig(FrozenModel):
     timeout_s: float = Field(default=60.0, gt=0)
     max_pairs: int = Field(default=1000, ge=1)
     """At most this many pairs are embedded (a seeded sample of the compared ones)."""
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        return finite_seconds(value, "a silent endpoint would hold the report for ever; "
+                                     "give the longest a request may take, e.g. 300")
 
     @model_validator(mode="after")
     def _http(self) -> EmbeddingsConfig:

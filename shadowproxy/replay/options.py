@@ -9,11 +9,13 @@ instead, before anything connects or sends.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from shadowproxy.durations import finite_seconds
 from shadowproxy.errors import UsageError
 from shadowproxy.http1 import HEADER_NAME, header_value_problem
 from shadowproxy.jsonexact import loads_exact
@@ -207,6 +209,22 @@ def _positive(value: float | None, flag: str) -> None:
         raise UsageError(f"{flag}: expected a number above 0 (got {value:g})")
 
 
+def _seconds(value: float, flag: str, instead: str) -> None:
+    """A call's bound: above 0 and finite (``inf`` waited for a silent target for ever)."""
+    _positive(value, flag)
+    try:
+        finite_seconds(value, instead)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def _pace(value: float | None, flag: str) -> None:
+    _positive(value, flag)
+    if value is not None and math.isinf(value):
+        raise UsageError(f"{flag}: expected a finite number (got {value:g}); leave {flag} out "
+                         "to send as fast as --concurrency allows")
+
+
 def split_to(values: list[str]) -> tuple[str, str | None]:
     """``--to`` names both the target (a URL) and the window's end (a time), as in
     ``--to http://127.0.0.1:9003 --from 2025-01-31 --to 2025-02-01``: a value with ``://``
@@ -230,10 +248,14 @@ def from_args(args: argparse.Namespace) -> ReplayOptions:
     if args.rate is not None and args.speed is not None:
         raise UsageError("--rate and --speed exclude each other: --rate RPS sends at a fixed "
                          "rate, --speed X keeps the recorded spacing divided by X")
-    _positive(args.rate, "--rate")
-    _positive(args.speed, "--speed")
-    _positive(args.timeout, "--timeout")
-    _positive(args.max_duration, "--max-duration")  # NaN passes the comparison below
+    _pace(args.rate, "--rate")
+    _pace(args.speed, "--speed")
+    _seconds(args.timeout, "--timeout", "a target that never answers would hold its call "
+                                        "for ever; give the longest an answer may take, "
+                                        "e.g. --timeout 300")
+    _seconds(args.max_duration, "--max-duration",  # NaN passes the comparison below
+             "an answer that streams without end would hold its call for ever; give the "
+             "longest a whole answer may take, e.g. --max-duration 3600")
     if args.max_duration < args.timeout:
         raise UsageError(f"--max-duration ({args.max_duration:g}) is shorter than --timeout "
                          f"({args.timeout:g}): it bounds each whole call, so it is at least "

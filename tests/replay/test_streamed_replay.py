@@ -94,3 +94,27 @@ async def test_a_max_duration_that_is_not_a_number_is_refused(
     result = await replay(config, "--max-duration", "nan", to="http://127.0.0.1:9")
     assert result.status == 2
     assert "--max-duration: expected a number above 0 (got nan)" in result.err
+
+
+@pytest.mark.parametrize(("flag", "expected"), [
+    ("--timeout", "--timeout: expected a finite number of seconds (got inf): a target that "
+                  "never answers would hold its call for ever"),
+    ("--max-duration", "--max-duration: expected a finite number of seconds (got inf)"),
+    ("--rate", "--rate: expected a finite number (got inf); leave --rate out to send as "
+               "fast as --concurrency allows"),
+    ("--speed", "--speed: expected a finite number (got inf); leave --speed out"),
+])
+@pytest.mark.parametrize("value", ["inf", "1e400"])
+def test_an_infinite_bound_or_pace_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              flag: str, expected: str, value: str) -> None:
+    """Infinity is a usage error, naming the flag and what to write: a call of --timeout or
+    --max-duration inf waited for a silent target for ever; a --rate or --speed of it is
+    no pace at all."""
+    from shadowproxy.cli import main
+
+    argv = ["replay", "-c", str(tmp_path / "unread.yaml"), "--route", "r",
+            "--to", "http://127.0.0.1:9", "--as", "cand", flag, value]
+    if flag == "--timeout":
+        argv += ["--max-duration", "1e300"]
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
