@@ -29,6 +29,7 @@ import asyncpg
 
 from shadowproxy.errors import DatabaseError, UsageError
 from shadowproxy.jsonexact import NotFiniteNumber, TooDeep, loads_exact
+from shadowproxy.store.database import reason
 
 
 @dataclass
@@ -226,7 +227,7 @@ async def import_labels(conn: asyncpg.Connection, labels: dict[str, str],
     except asyncpg.UndefinedTableError as exc:
         raise DatabaseError(f"{exc}; run `shadowproxy migrate -c FILE` first") from exc
     except asyncpg.PostgresError as exc:
-        raise DatabaseError(f"importing labels failed: {exc}") from exc
+        raise DatabaseError(f"importing labels failed: {reason(exc)}") from exc
     result.inserted = sum(1 for r in rows if r["inserted"])
     result.updated = len(rows) - result.inserted
     result.unchanged = len(labels) - len(rows)

@@ -28,7 +28,7 @@ from shadowproxy.compare.config import CompareConfig, Thresholds
 from shadowproxy.compare.window import Window
 from shadowproxy.errors import DatabaseError, ShadowProxyError, UsageError
 from shadowproxy.store import rollups
-from shadowproxy.store.database import placeholders
+from shadowproxy.store.database import placeholders, reason
 
 if TYPE_CHECKING:
     from shadowproxy.compare.sampling import SampleInfo
@@ -170,7 +170,7 @@ class Snapshot:
 def _translate(exc: asyncpg.PostgresError, explain: Explain | None) -> ShadowProxyError:
     if explain is not None:
         return explain(exc)
-    return DatabaseError(f"a report query failed: {exc}")
+    return DatabaseError(f"a report query failed: {reason(exc)}")
 
 
 @asynccontextmanager
@@ -189,7 +189,8 @@ async def snapshot(conn: asyncpg.Connection, scope: Scope, scratch: Sequence[Scr
         transaction = conn.transaction(isolation="repeatable_read")
         await transaction.start()
     except asyncpg.PostgresError as exc:
-        raise DatabaseError(f"the report could not start its transaction: {exc}") from exc
+        raise DatabaseError(f"the report could not start its transaction: {reason(exc)}") \
+            from exc
     try:
         for table in scratch:
             await db.execute(f"CREATE TEMP TABLE {table.name} ({table.columns}) ON COMMIT DROP")

@@ -46,7 +46,7 @@ import orjson
 from shadowproxy.errors import DatabaseError, UsageError
 from shadowproxy.replay.options import ReplayOptions
 from shadowproxy.replay.outgoing import NOT_CARRIED
-from shadowproxy.store.database import CONNECTION_ERRORS, placeholders
+from shadowproxy.store.database import CONNECTION_ERRORS, placeholders, reason
 
 REDACTED_RE = r"^\[redacted\](, \[redacted\])*$"
 """A header value the recorder redacted (repeated headers are joined with ", ")."""
@@ -129,7 +129,8 @@ class Preflight:
 def _translate(exc: BaseException, where: str | None, what: str) -> Exception:
     """An asyncpg error as ours: the operator's --where gets the blame when there is one."""
     if isinstance(exc, asyncpg.PostgresError) and where is not None \
-            and not isinstance(exc, asyncpg.PostgresConnectionError):
+            and not isinstance(exc, asyncpg.PostgresConnectionError
+                               | asyncpg.LockNotAvailableError):
         readonly = isinstance(exc, asyncpg.ReadOnlySQLTransactionError)
         return UsageError(
             f"--where: PostgreSQL rejects {where!r}: {exc}"
@@ -138,7 +139,7 @@ def _translate(exc: BaseException, where: str | None, what: str) -> Exception:
 
             + "; give a boolean SQL condition over the columns of shadowproxy.pairs, e.g. "
               "--where \"primary_status = 200 AND request_body_json ? 'features'\"")
-    return DatabaseError(f"{what}: {exc}")
+    return DatabaseError(f"{what}: {reason(exc)}")
 
 
 class Selection:

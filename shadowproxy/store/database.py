@@ -38,6 +38,20 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _CANCEL_POLL_S = 0.1
 """How often an open command connection checks whether its command was interrupted."""
 
+LOCK_TIMEOUT_S = 30.0
+"""How long a statement of a connection made here waits for a lock that another session
+holds (PostgreSQL's ``lock_timeout``) before it fails, saying so (``reason``): without it a
+command behind an open transaction, a VACUUM FULL or a CREATE INDEX on the tables waited
+without end and without a word. Not a ``statement_timeout``: a report over a long window
+may rightly run for minutes; only the wait on someone else's lock is bounded. A
+transaction of the maintenance sets its own, shorter one (``partitions.LOCK_TIMEOUT``)."""
+
+LOCK_HINT = ("another session held a lock on the shadowproxy tables that this needed longer "
+             "than a command waits for one ({wait:g} s; 5 s to make or drop a partition): an "
+             "open transaction that wrote to or locked them, a VACUUM FULL, CREATE INDEX or "
+             "ALTER TABLE; docs/operations.md (Locks) shows how to find it; run the command "
+             "again once it has ended")
+
 PERMANENT = "permanent"
 TRANSIENT = "transient"
 
@@ -129,10 +143,19 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def reason(exc: BaseException) -> str:
+    """What a failed statement says, and for a lock not had in time (``LOCK_TIMEOUT_S``, or
+    a maintenance transaction's own) what that means and what to do."""
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        return f"{exc}: {LOCK_HINT.format(wait=LOCK_TIMEOUT_S)}"
+    return str(exc)
+
+
 async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
-    """One connection; DatabaseError says where it tried and why it failed."""
+    """One connection, whose waits for a lock last ``LOCK_TIMEOUT_S`` at most; DatabaseError
+    says where it tried and why it failed."""
     try:
-        return await asyncpg.connect(url, timeout=timeout)
+        conn = await asyncpg.connect(url, timeout=timeout)
     except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         # A URL from the environment is not the one the file shows: say so.
         source = (f" (from {DATABASE_URL_ENV}, which overrides database.url)"
@@ -145,6 +168,17 @@ async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
                else str(exc) or type(exc).__name__)
         raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}{source}: {why}; "
                             f"{fix}") from exc
+    try:
+        # A statement, not a startup parameter (asyncpg's server_settings), which a
+        # connection pooler such as PgBouncer refuses.
+        await conn.execute(f"SET lock_timeout = '{round(LOCK_TIMEOUT_S * 1000)}ms'")
+    except BaseException as exc:
+        conn.terminate()
+        if isinstance(exc, CONNECTION_ERRORS | asyncpg.PostgresError):
+            raise DatabaseError(f"cannot use the connection to PostgreSQL at {describe(url)}: "
+                                f"{exc}") from exc
+        raise
+    return conn
 
 
 @contextlib.asynccontextmanager
@@ -206,4 +240,4 @@ async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
         try:
             return list(await conn.fetch(query, *args))
         except asyncpg.PostgresError as exc:
-            raise DatabaseError(f"query failed: {exc}") from exc
+            raise DatabaseError(f"query failed: {reason(exc)}") from exc

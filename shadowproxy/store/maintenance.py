@@ -13,7 +13,8 @@ report reads for its exact counts instead of every pair.
 
 It never touches the request path: the proxy answers clients and the recorder writes
 whatever happens here, every statement gives up on a lock after
-``partitions.LOCK_TIMEOUT``, and a failed run is logged, counted (in
+``partitions.LOCK_TIMEOUT`` (one that makes or drops a partition, or drops the legacy
+tables) or ``database.LOCK_TIMEOUT_S`` (any other), and a failed run is logged, counted (in
 ``shadowproxy_storage_maintenance_total{result="failed"}``) and tried again at the next
 interval, never fatal. The settings are read at each run, and a reload that changes them
 starts the next run at once (``settings_changed``): a retention set, or an interval

@@ -21,7 +21,7 @@ import asyncpg
 
 from shadowproxy.errors import MigrationError
 from shadowproxy.store import legacy, partitions
-from shadowproxy.store.database import connection
+from shadowproxy.store.database import connection, reason
 from shadowproxy.store.legacy import Moved
 from shadowproxy.store.partitions import MAINTENANCE_LOCK
 
@@ -50,7 +50,13 @@ def available() -> list[Migration]:
 async def apply(conn: asyncpg.Connection) -> list[Migration]:
     """Bring the schema up to date on ``conn``; return the migrations applied now."""
     applied_now = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    except asyncpg.LockNotAvailableError as exc:  # a command's connection waits so long
+        raise MigrationError(
+            f"another process has been applying the schema migrations for longer than "
+            f"{await conn.fetchval('SHOW lock_timeout')} (`shadowproxy migrate`, or a proxy "
+            "or replay starting); run the command again once it has finished") from exc
     try:
         await conn.execute(
             "CREATE SCHEMA IF NOT EXISTS shadowproxy;"
@@ -70,7 +76,7 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
                         "VALUES ($1, $2)", mig.version, mig.name)
             except asyncpg.PostgresError as exc:
                 raise MigrationError(
-                    f"migration {mig.version:03d}_{mig.name} failed: {exc}; "
+                    f"migration {mig.version:03d}_{mig.name} failed: {reason(exc)}; "
                     "the schema is left at the previous version") from exc
             applied_now.append(mig)
     finally:
@@ -94,14 +100,14 @@ async def migrate_all(url: str, period: str = "day", *, batch_size: int = 5000) 
     async with connection(url) as conn:
         try:
             applied = await apply(conn)
-            await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+            await partitions.lock_maintenance(conn)
             try:
                 created = await partitions.ensure(conn, period)
                 moved = await legacy.move(conn, batch_size=batch_size)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
         except asyncpg.PostgresError as exc:
-            raise MigrationError(f"preparing the partitions failed: {exc}; the migrations "
+            raise MigrationError(f"preparing the partitions failed: {reason(exc)}; the migrations "
                                  "are applied, run `shadowproxy migrate` again") from exc
     return Migrated(applied, created, moved)
 

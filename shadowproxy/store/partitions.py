@@ -26,6 +26,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from shadowproxy.errors import DatabaseError
+
 TABLES = ("requests", "responses")
 PERIODS: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1),
                                  "week": timedelta(weeks=1)}
@@ -35,6 +37,9 @@ weeks, so that a proxy whose maintenance fails for that long still writes to par
 MAINTENANCE_LOCK = 0x5AD0_0000_0002
 """The advisory lock under which one process at a time creates, moves and drops partitions
 (``shadowproxy migrate``, ``prune``, and the proxies' maintenance task)."""
+MAINTAINERS = ("`shadowproxy migrate` or `prune`, or a proxy's maintenance run (partitions, "
+               "retention, summaries, the move of an upgrade)")
+"""Who takes ``MAINTENANCE_LOCK``."""
 LOCK_TIMEOUT = "5s"
 """How long a maintenance statement waits for a lock before giving up until the next run
 (a long report holds the tables; writers must not queue behind the maintenance)."""
@@ -59,6 +64,25 @@ WHERE i.inhparent = format('shadowproxy.%I', $1::text)::regclass
   AND m IS NOT NULL
 ORDER BY 2
 """
+
+
+async def lock_maintenance(conn: asyncpg.Connection) -> None:
+    """Take ``MAINTENANCE_LOCK`` for the session (a command's: the proxies' maintenance
+    tries it instead), waiting as long as the connection waits for a lock
+    (``database.LOCK_TIMEOUT_S``); DatabaseError naming who holds it when that is not
+    enough: a command waited without end behind a long move of an upgrade."""
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+    except asyncpg.LockNotAvailableError as exc:
+        holder = await conn.fetchval(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid "
+            "AND objsubid = 1", MAINTENANCE_LOCK)
+        wait = await conn.fetchval("SHOW lock_timeout")
+        raise DatabaseError(
+            f"another process holds the maintenance lock (PostgreSQL backend "
+            f"{holder if holder is not None else '?'}), still after {wait}: {MAINTAINERS} "
+            "takes it, one at a time; run the command again once it has finished") from exc
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,13 @@ import asyncpg
 from shadowproxy.durations import parse_age as _parse_age
 from shadowproxy.errors import DatabaseError, UsageError
 from shadowproxy.store import legacy, rollups
-from shadowproxy.store.database import CONNECTION_ERRORS, connection, describe
+from shadowproxy.store.database import CONNECTION_ERRORS, connection, describe, reason
 from shadowproxy.store.partitions import (
     LOCK_TIMEOUT,
     MAINTENANCE_LOCK,
     Partition,
     lock_both,
+    lock_maintenance,
     partitions,
 )
 
@@ -226,13 +227,13 @@ async def prune(url: str, older_than: timedelta, *, batch_size: int = 5000) -> P
                     f"the database at {describe(url)} is not fully upgraded to partitioned "
                     "tables; run `shadowproxy migrate -c FILE` first")
             cutoff = await cutoff_before(conn, older_than)
-            await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+            await lock_maintenance(conn)
             try:
                 return await prune_before(conn, cutoff, batch_size=batch_size)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-            raise DatabaseError(f"prune failed on {describe(url)}: {exc}") from exc
+            raise DatabaseError(f"prune failed on {describe(url)}: {reason(exc)}") from exc
 
 
 def run_prune(args: argparse.Namespace) -> int:
