@@ -517,3 +517,44 @@ def test_settings_built_in_code_refuse_infinite_seconds() -> None:
         Settings.model_validate({"limits": {"shutdown_grace_s": float("inf")},
                                  "routes": [{"name": "r",
                                              "primary": {"url": "http://127.0.0.1:1"}}]})
+
+
+def test_a_boolean_is_no_number(tmp_path: Path) -> None:
+    """A number written as a YAML boolean (true/false, yes/no, on/off) is refused at its
+    key: pydantic read it as 1 or 0, so `max_body_bytes: off` recorded no body at all and
+    `queue_max_records: yes` kept a queue of one record. A key that takes booleans too
+    (`positive_class`) still takes them."""
+    bad = """\
+workers: yes
+recording: {max_body_bytes: off, queue_max_records: on}
+routes:
+  - name: r
+    primary: {url: "http://127.0.0.1:1", timeout_s: true}
+    shadows: [{name: s, url: "http://127.0.0.1:2", sample_rate: no}]
+    compare:
+      positive_class: true
+      thresholds: {alpha: false}
+      features: {bmi: {path: "$.bmi", min: false}}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, bad))
+    problems = sorted(p.split(":", 1)[1] for p in info.value.problems)
+    boolean = "expected a number, not the boolean {} (YAML reads true/false, yes/no and on/off " \
+              "as booleans)"
+    assert problems == sorted([
+        f"1: workers: {boolean.format('true')}",
+        f"2: recording.max_body_bytes: {boolean.format('false')}",
+        f"2: recording.queue_max_records: {boolean.format('true')}",
+        f"5: routes[0].primary.timeout_s: {boolean.format('true')}",
+        f"6: routes[0].shadows[0].sample_rate: {boolean.format('false')}",
+        f"9: routes[0].compare.thresholds.alpha: {boolean.format('false')}",
+        f"10: routes[0].compare.features.bmi.min: {boolean.format('false')}",
+    ]), problems
+    good = load_config(write(tmp_path, """\
+routes:
+  - name: r
+    primary: {url: "http://127.0.0.1:1"}
+    compare: {positive_class: true}
+"""))
+    assert good.routes[0].compare is not None
+    assert good.routes[0].compare.positive_class is True

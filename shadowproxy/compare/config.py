@@ -22,9 +22,17 @@ the most different pairs to show, built-in slices); docs/generative.md has the f
 from __future__ import annotations
 
 import math
-from typing import Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shadowproxy.durations import finite_seconds
 
@@ -35,6 +43,29 @@ class FrozenModel(BaseModel):
     frozen once validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic reads true as 1 and false as 0, and YAML reads yes/no and on/off as
+        # true/false: `max_body_bytes: off` recorded no body, `queue_max_records: yes`
+        # kept a queue of one record, `sample_rate: no` mirrored nothing, all silently.
+        if isinstance(value, bool) and info.field_name is not None \
+                and _number_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, not the boolean {str(value).lower()} "
+                             "(YAML reads true/false, yes/no and on/off as booleans)")
+        return value
+
+
+def _number_only(annotation: Any) -> bool:
+    """Whether a field takes numbers (or null) and nothing else: not ``bool`` itself, nor
+    a union that has it (``positive_class``)."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(kinds) and all(a in (int, float) for a in kinds)
+    return False
 
 
 class FeatureConfig(FrozenModel):
