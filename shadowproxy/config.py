@@ -348,6 +348,11 @@ Age = Annotated[timedelta, BeforeValidator(_age), PlainSerializer(format_age, wh
 """A duration written as ``30d``, ``12h``, ``90m`` (``durations.parse_age``)."""
 
 PARTITION_PERIODS = ("hour", "day", "week")
+PARTITION_SECONDS = {"hour": 3600, "day": 86400, "week": 604800}
+PARTITIONS_AHEAD = {"hour": 48, "day": 7, "week": 4}
+"""Partitions made after the current one (``store.partitions.ensure``): two days of hours, a
+week of days, a month of weeks, so that a proxy whose maintenance fails for that long still
+writes to partitions."""
 
 
 class StorageConfig(FrozenModel):
@@ -361,6 +366,24 @@ class StorageConfig(FrozenModel):
     ``shadowproxy prune``)."""
     maintenance_interval_s: PositiveSeconds = 300.0
     """How often the proxy creates partitions ahead and applies the retention."""
+
+    @field_validator("maintenance_interval_s")
+    @classmethod
+    def _before_the_partitions_ahead_end(cls, value: float, info: ValidationInfo) -> float:
+        # Each run makes the partitions of the next PARTITIONS_AHEAD periods: with runs
+        # further apart, the records of the time between went to the DEFAULT partition,
+        # whose rows the next run moves while the recorder's writes to it wait.
+        period = info.data.get("partition")  # absent when it is invalid: reported there
+        if period not in PARTITIONS_AHEAD:
+            return value
+        ahead = PARTITIONS_AHEAD[period] * PARTITION_SECONDS[period]
+        if value >= ahead:
+            raise ValueError(
+                f"expected less than the partitions made ahead, {PARTITIONS_AHEAD[period]} "
+                f"{period}s ({ahead} s) with partition: {period} (got {value:.15g}): the "
+                "records of the time between two runs would go to the DEFAULT partition; "
+                "run it more often (the default is 300)")
+        return value
 
 
 class Limits(FrozenModel):

@@ -558,3 +558,29 @@ routes:
 """))
     assert good.routes[0].compare is not None
     assert good.routes[0].compare.positive_class is True
+
+
+@pytest.mark.parametrize(("partition", "interval", "ahead"), [
+    ("hour", 172800, "48 hours (172800 s)"), ("day", 604800, "7 days (604800 s)"),
+    ("week", 2419200, "4 weeks (2419200 s)")])
+def test_maintenance_runs_before_the_partitions_ahead_end(
+        tmp_path: Path, partition: str, interval: int, ahead: str) -> None:
+    """Runs further apart than the partitions each one makes ahead would leave the records
+    of the time between in the DEFAULT partition: refused at the key; a second less is
+    taken."""
+    text = """\
+storage:
+  partition: {partition}
+  maintenance_interval_s: {interval}
+routes: [{{name: r, primary: {{url: "http://127.0.0.1:1"}}}}]
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text.format(partition=partition, interval=interval)))
+    assert [p.split(":", 1)[1] for p in info.value.problems] == [
+        f"3: storage.maintenance_interval_s: expected less than the partitions made ahead, "
+        f"{ahead} with partition: {partition} (got {interval}): the records of the time "
+        "between two runs would go to the DEFAULT partition; run it more often (the "
+        "default is 300)"]
+    settings = load_config(write(tmp_path, text.format(partition=partition,
+                                                       interval=interval - 1)))
+    assert settings.storage.maintenance_interval_s == interval - 1

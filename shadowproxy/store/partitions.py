@@ -26,14 +26,15 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from shadowproxy.config import PARTITIONS_AHEAD
 from shadowproxy.errors import DatabaseError
 
 TABLES = ("requests", "responses")
 PERIODS: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1),
                                  "week": timedelta(weeks=1)}
-AHEAD = {"hour": 48, "day": 7, "week": 4}
-"""Partitions made after the current one: two days of hours, a week of days, a month of
-weeks, so that a proxy whose maintenance fails for that long still writes to partitions."""
+AHEAD = PARTITIONS_AHEAD
+"""Partitions made after the current one (``config.PARTITIONS_AHEAD``, which bounds
+``storage.maintenance_interval_s``)."""
 MAINTENANCE_LOCK = 0x5AD0_0000_0002
 """The advisory lock under which one process at a time creates, moves and drops partitions
 (``shadowproxy migrate``, ``prune``, and the proxies' maintenance task)."""
