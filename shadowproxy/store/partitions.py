@@ -216,15 +216,16 @@ async def _storage_of_default(conn: asyncpg.Connection, table: str) -> str:
 async def _earliest_waiting(conn: asyncpg.Connection, sources: list[str],
                             after: datetime) -> datetime | None:
     """The earliest ``received_at`` at or after ``after`` in the tables ``sources`` (found
-    through their received_at index, so a large table is not scanned); None if there is
-    none, or only rows at ±infinity, which no partition can take."""
+    through their received_at index, so a large table is not scanned), but for ±infinity,
+    which no partition can take: None if there is none. (A row at -infinity was the
+    earliest, and ended the search: every other row stayed in DEFAULT for good.)"""
     found: list[datetime] = []
     for table in sources:
         when = await conn.fetchval(
-            f"SELECT min(received_at) FROM shadowproxy.{table} WHERE received_at >= $1",
-            after)
-        if when is not None and when.year not in (datetime.min.year, datetime.max.year):
-            found.append(when)  # not ±infinity (asyncpg's datetime.min and max)
+            f"SELECT min(received_at) FROM shadowproxy.{table} "
+            "WHERE received_at >= $1 AND isfinite(received_at)", after)
+        if when is not None:
+            found.append(when)
     return min(found, default=None)
 
 

@@ -299,3 +299,24 @@ async def test_one_run_moves_every_row_out_of_default(database_url: str) -> None
         assert await ensure(conn, "week") == []
     finally:
         await conn.close()
+
+
+async def test_a_row_at_minus_infinity_holds_no_other_row_in_default(database_url: str) -> None:
+    """A row at -infinity stays in DEFAULT (no partition can take it); the rows after it
+    still get their partitions. It was the earliest row found, and ended the search."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        far = period_start(datetime.now(UTC) + timedelta(days=90), "day") + timedelta(hours=3)
+        rid = await insert_pair(conn, far)
+        never = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO shadowproxy.requests (id, request_id, route, received_at, method, "
+            "path) VALUES ($1, 'never', 'r', '-infinity', 'GET', '/')", never)
+        await conn.execute(
+            "INSERT INTO shadowproxy.responses (request, target, role, status, received_at) "
+            "VALUES ($1, 'primary', 'primary', 200, '-infinity')", never)
+        assert suffix(period_start(far, "day")) in await ensure(conn, "day")
+        assert await where(conn, rid) == {suffix(period_start(far, "day"))}
+        assert await where(conn, never) == {"default"}
+    finally:
+        await conn.close()
