@@ -3,8 +3,9 @@
 Every partition of ``requests`` whose range ends at or before the cutoff is detached and
 dropped together with its twin of ``responses`` (one short transaction per range: DETACH
 PARTITION and DROP TABLE hold an ACCESS EXCLUSIVE lock on both parent tables, for
-milliseconds, after waiting at most ``partitions.LOCK_TIMEOUT`` for queries on them to end;
-a range whose lock cannot be had is left for the next run). Only what is left before the
+milliseconds, after waiting at most ``partitions.LOCK_TIMEOUT`` for queries on them to end,
+taken by ``partitions.lock_both``; a range whose locks cannot be had fails the command, and
+the maintenance task leaves it for its next run). Only what is left before the
 cutoff, in the one partition that straddles it and in the DEFAULT partitions, is deleted
 row by row: in batches, each one short transaction that picks the oldest requests before
 the cutoff, deletes their responses and then the requests themselves; rows another
