@@ -229,6 +229,16 @@ class Selection:
                 f"CREATE TEMPORARY TABLE IF NOT EXISTS {SELECTION_TABLE.split('.')[1]} "
                 "(received_at timestamptz NOT NULL, id uuid NOT NULL, "
                 "PRIMARY KEY (received_at, id))")
+        except asyncpg.InsufficientPrivilegeError as exc:
+            database, role = await conn.fetchrow(
+                "SELECT quote_ident(current_database()), quote_ident(current_user)")
+            raise DatabaseError(
+                "the replay keeps its selection in a temporary table, and the role "
+                f"{role} may not create one ({exc}); give it the privilege: GRANT "
+                f"TEMPORARY ON DATABASE {database} TO {role}") from exc
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+            raise DatabaseError(f"selecting the requests failed: {reason(exc)}") from exc
+        try:
             await conn.execute(f"TRUNCATE {SELECTION_TABLE}")
             # --where is the operator's SQL: read only, as everywhere (a temporary table is
             # the one thing a READ ONLY transaction may write).

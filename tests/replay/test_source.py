@@ -4,6 +4,7 @@ an index probe per request of the window, however large the tables."""
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -100,3 +101,31 @@ async def test_the_stream_renews_its_transaction_and_continues_in_order(
         expected = [r[0] for r in await conn.fetch(
             "SELECT request_id FROM shadowproxy.requests ORDER BY received_at, id")]
     assert seen == expected and len(set(seen)) == 50
+
+
+async def test_a_role_that_may_not_create_temporary_tables_is_told_what_to_grant(
+        database_url: str) -> None:
+    """The selection is kept in a temporary table: a role without the TEMPORARY privilege
+    is told so and what to grant, and its --where is not blamed for it."""
+    from shadowproxy.errors import DatabaseError
+
+    role = "sp_no_temp_" + uuid.uuid4().hex[:8]
+    async with connection(database_url) as admin:
+        database = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"GRANT USAGE ON SCHEMA shadowproxy TO {role}")
+        await admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA shadowproxy TO {role}")
+        try:
+            conn = await asyncpg.connect(database_url, user=role)
+            try:
+                with pytest.raises(DatabaseError) as caught:
+                    await Selection(_options(1, where="primary_status = 200")).fix(conn)
+            finally:
+                await conn.close()
+        finally:
+            await admin.execute(f"DROP OWNED BY {role}")
+            await admin.execute(f"DROP ROLE {role}")
+    message = str(caught.value)
+    assert "temporary table" in message and "--where" not in message
+    assert f"GRANT TEMPORARY ON DATABASE {database} TO {role}" in message
