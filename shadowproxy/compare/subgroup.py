@@ -142,9 +142,12 @@ def _cluster_robust(s_sum: NDArray[np.float64], s_n: NDArray[np.float64],
     g = int(np.sum((s_n + o_n) > 0))
     if g < 2:
         return None, 0, None
-    var = g / (g - 1) * float(np.sum(u**2))
-    if var <= 0:
+    # The scores' root sum of squares taken by their largest: squared as they are, scores
+    # past about 1e154 (a diverged candidate's values) overflow to an infinite variance.
+    scale = float(np.max(np.abs(u)))
+    if scale == 0:
         # no variation between requests at all: any difference is certain
         return None, g - 1, 1.0 if diff == 0 else 0.0
-    t = diff / np.sqrt(var)
+    sd = scale * float(np.sqrt(g / (g - 1) * np.sum((u / scale) ** 2)))
+    t = diff / sd
     return float(t), g - 1, float(2 * sps.t.sf(abs(t), g - 1))

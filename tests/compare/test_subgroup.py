@@ -75,3 +75,23 @@ def test_a_side_much_larger_is_thinned_and_the_p_value_is_never_zero() -> None:
     assert res["method"] == "permutation_by_request"
     assert res["why"].endswith("the larger side thinned to 200 random requests")
     assert res["p_value"] == 1 / 1000
+
+
+def test_the_clustered_test_is_the_same_at_any_scale_of_the_values() -> None:
+    """t is a ratio: the clustered test of values around 1e200 (a diverged candidate) is
+    that of the same values scaled down. The squares of the requests' scores overflowed
+    past about 1e154, the variance was infinite and the test said t = 0, p = 1."""
+    from shadowproxy.compare.subgroup import _cluster_robust
+
+    rng = np.random.default_rng(3)
+    s_n = rng.integers(0, 3, 40).astype(np.float64)
+    o_n = rng.integers(1, 4, 40).astype(np.float64)
+    s_sum = s_n * 1.5 + rng.normal(size=40) * 0.3 * s_n
+    o_sum = o_n * 1.0 + rng.normal(size=40) * 0.3 * o_n
+    diff = s_sum.sum() / s_n.sum() - o_sum.sum() / o_n.sum()
+    small = _cluster_robust(s_sum, s_n, o_sum, o_n, diff)
+    big = _cluster_robust(s_sum * 1e200, s_n, o_sum * 1e200, o_n, diff * 1e200)
+    assert small[0] is not None and small[2] is not None and small[2] < 0.05
+    assert big[1] == small[1]
+    assert big[0] == pytest.approx(small[0], rel=1e-9)
+    assert big[2] == pytest.approx(small[2], rel=1e-6)
