@@ -496,6 +496,24 @@ async def test_numbers_beyond_float8_do_not_stop_the_report(database_url: str) -
         np.delete(sqft * 0.01, 1))))
 
 
+async def _insert_with_big_feature(database_url: str, p: np.ndarray, s: np.ndarray,
+                                   big: np.ndarray, earlier_big: np.ndarray) -> None:
+    """Pairs of predictions ``p`` (primary) and ``s`` (shadows "candidate" and "base") with
+    the features ``sqft`` (the index) and ``big``, and the window 90 minutes before (the
+    drift check's reference) with ``big`` as ``earlier_big``."""
+    await insert(database_url, [
+        Exchange({"features": {"sqft": float(i), "big": float(big[i])}},
+                 Call({"prediction": float(p[i])}),
+                 {"candidate": Call({"prediction": float(s[i])}),
+                  "base": Call({"prediction": float(s[i])})})
+        for i in range(len(p))])
+    earlier = datetime.now(UTC) - timedelta(minutes=90)
+    await insert(database_url, [
+        Exchange({"features": {"sqft": float(i), "big": float(earlier_big[i])}},
+                 Call({"prediction": 1.0}), {"candidate": Call({"prediction": 1.0})},
+                 received_at=earlier) for i in range(len(p))])
+
+
 async def test_tiny_predictions_do_not_stop_the_report(database_url: str) -> None:
     """Predictions 1e-200 apart (probabilities from an exp that went that far): their
     squared difference is below float8's smallest number, and PostgreSQL raised
@@ -531,18 +549,8 @@ async def test_a_candidate_that_diverged_to_huge_values_is_reported(database_url
     s = p.copy()
     s[:30] = rng.uniform(1e199, 1e200, 30)
     big = rng.uniform(1e199, 1e200, 150)
-    await insert(database_url, [
-        Exchange({"features": {"sqft": float(i), "big": float(big[i])}},
-                 Call({"prediction": float(p[i])}),
-                 {"candidate": Call({"prediction": float(s[i])}),
-                  "base": Call({"prediction": float(s[i])})})
-        for i in range(150)])
     # The window before (the drift check's reference): the feature three times as large.
-    earlier = datetime.now(UTC) - timedelta(minutes=90)
-    await insert(database_url, [
-        Exchange({"features": {"sqft": float(i), "big": float(3 * big[i])}},
-                 Call({"prediction": 1.0}), {"candidate": Call({"prediction": 1.0})},
-                 received_at=earlier) for i in range(150)])
+    await _insert_with_big_feature(database_url, p, s, big, 3 * big)
     r = await report(database_url, {
         "prediction": "$.prediction", "task": "regression", "baseline_shadow": "base",
         "features": {"sqft": {"path": "$.features.sqft"}, "big": {"path": "$.features.big"}},
@@ -578,17 +586,7 @@ async def test_predictions_at_the_ends_of_float8_are_reported(database_url: str)
     s = p.copy()
     p[:5], s[:5] = 1.7e308, -1.7e308
     big = rng.uniform(-1, 1, 150) * 1.7e308
-    await insert(database_url, [
-        Exchange({"features": {"sqft": float(i), "big": float(big[i])}},
-                 Call({"prediction": float(p[i])}),
-                 {"candidate": Call({"prediction": float(s[i])}),
-                  "base": Call({"prediction": float(s[i])})})
-        for i in range(150)])
-    earlier = datetime.now(UTC) - timedelta(minutes=90)
-    await insert(database_url, [
-        Exchange({"features": {"sqft": float(i), "big": float(-big[i] / 3)}},
-                 Call({"prediction": 1.0}), {"candidate": Call({"prediction": 1.0})},
-                 received_at=earlier) for i in range(150)])
+    await _insert_with_big_feature(database_url, p, s, big, -big / 3)
     compare = {"prediction": "$.prediction", "task": "regression", "baseline_shadow": "base",
                "features": {"sqft": {"path": "$.features.sqft"},
                             "big": {"path": "$.features.big"}},
