@@ -4,8 +4,9 @@
 The data path keeps only the arrival of each piece of a ``text/event-stream`` response
 (``models.StreamArrivals``); here, off the client's path, the captured body (content-encoding
 undone piece by piece) and those arrivals become the answer in the unstreamed shape and its
-timing (``streams.assemble``). A stream that is not OpenAI-compatible, or whose encoding
-cannot be undone, is left to the usual body path (stored as it is), unless redaction rules
+timing (``streams.assemble``). A stream that is not OpenAI-compatible, whose encoding
+cannot be undone, or whose events cannot be folded (indexes of different kinds), is left to
+the usual body path (stored as it is), unless redaction rules
 are set and its events may hold a redacted field, or cannot be read to tell: then its bytes
 are withheld.
 
@@ -90,8 +91,15 @@ class StreamColumns:
             text, arrivals = decoded
         else:
             text = body
-        out = assemble(text, arrivals, stream.sent_at, head_at=stream.head_at,
-                       truncated=r.body_truncated, failed=r.error_kind is not None)
+        try:
+            out = assemble(text, arrivals, stream.sent_at, head_at=stream.head_at,
+                           truncated=r.body_truncated, failed=r.error_kind is not None)
+        except Exception:
+            # Events of a shape the folding cannot take (choice or tool-call indexes that
+            # are null beside numbers, or lists): this stream is stored as it is. Raised on
+            # to the encoder, it would cost the whole exchange its bodies and headers, the
+            # request's and the primary's included.
+            out = None
         if out is None:
             return self._unassembled(text)
         answer, timing = out

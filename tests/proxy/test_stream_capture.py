@@ -352,3 +352,39 @@ async def test_a_first_chunk_of_placeholders_leaves_the_answers_id_and_model(
         "system_fingerprint": "fp_1"}
     assert answer["object"] == "chat.completion"
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": "Hi"}
+
+
+async def test_a_shadow_stream_that_cannot_be_assembled_costs_only_its_own_assembly(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A shadow whose events give choice indexes of different kinds (``null`` beside ``0``,
+    a list) cannot be assembled: its answer is stored as sent, without ``body_json`` and
+    ``stream``, and the request, the primary's answer and their headers are stored whole."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    odd = [[{"index": None, "delta": {"content": "a"}}, {"index": 0, "delta": {"content": "b"}}],
+           [{"index": [0], "delta": {"content": "a"}}]]
+    bodies = [b"".join(b"data: " + json.dumps({**base, "choices": [c]}).encode() + b"\n\n"
+                       for c in choices) + b"data: [DONE]\n\n" for choices in odd]
+
+    async def candidate(request: web.Request) -> web.Response:
+        which = json.loads(await request.read())["messages"][0]["content"]
+        return web.Response(body=bodies[int(which)], content_type="text/event-stream")
+
+    async with chat_service() as primary, serve(candidate) as shadow, \
+            start_proxy([route(primary, shadow.url)]) as proxy, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{proxy.port}/v1/chat/completions"
+        for i in range(len(odd)):
+            await post(http, url, chat(str(i), stream=True), f"q{i}")
+        await wait_for_rows(database_url, "responses", 2 * len(odd))
+    primaries, shadows = await stored(database_url), await stored(database_url, "shadow")
+    requests = {r["request_id"]: r for r in await fetch(
+        database_url, "SELECT request_id, body_json::text AS j, headers ->> 'x-request-id' "
+                      "AS rid, body_truncated FROM shadowproxy.requests")}
+    for i in range(len(odd)):
+        request, p, s = requests[f"q{i}"], primaries[f"q{i}"], shadows[f"q{i}"]
+        assert json.loads(request["j"])["messages"][0]["content"] == str(i)
+        assert not request["body_truncated"]
+        assert p["body_json"]["object"] == "chat.completion" and p["stream"] is not None
+        assert p["body"] and not p["truncated"]
+        assert s["body"] == bodies[i] and not s["truncated"]
+        assert s["body_json"] is None and s["stream"] is None
+        assert s["content_type"].startswith("text/event-stream")
