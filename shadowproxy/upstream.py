@@ -438,6 +438,9 @@ class UpstreamConnection(asyncio.Protocol):
             call.on_response_head(status, self.reason, headers)
             return
         self.state = _BODY
+        # The head is progress too: the body gets a whole timeout_s for its first piece,
+        # however late in the call's first timeout_s the head came (see _timed_out).
+        self.progress += 1
         if status not in http1.NO_BODY_STATUS:  # the parser itself ends 204 and 304 here
             framed = False
             codings = 0

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.conftest import StartProxy, route
-from tests.db import fetchrow, fetchval
+from tests.db import fetch, fetchrow, fetchval
 from tests.proxy.test_data_path import wait_for_rows
 from tests.upstreams import closing, raw_server, serve
 
@@ -159,3 +159,35 @@ async def test_http10_client_gets_a_close_delimited_answer(start_proxy: StartPro
     assert head.startswith(b"HTTP/1.1 200")
     assert b"transfer-encoding" not in head.lower()
     assert body == b"abc"
+
+
+async def test_a_body_after_a_head_that_came_just_in_time_gets_its_timeout(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """``timeout_s`` bounds the wait for the head, then each wait between pieces of the
+    body: a primary and a shadow whose head comes at 0.7 of it, on a new connection, and
+    the first event 0.5 later (a model's first token) answer in full, not cut at 1.0."""
+    events = b"data: first\n\ndata: second\n\n"
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.7)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(events))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.write(events)
+        await writer.drain()
+        await reader.read()  # until the proxy closes
+
+    async with raw_server(closing(respond)) as primary, raw_server(closing(respond)) as shadow:
+        routes = [{**route(primary), "primary": {"url": primary, "timeout_s": 1},
+                   "shadows": [{"name": "s1", "url": shadow, "timeout_s": 1}]}]
+        async with start_proxy(routes) as proxy, aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{proxy.port}/stream") as resp:
+                assert resp.status == 200
+                assert await resp.read() == events
+            await wait_for_rows(database_url, "responses", 2)
+    rows = await fetch(database_url, "SELECT role, body, error FROM shadowproxy.responses "
+                                     "ORDER BY role")
+    assert [(r["role"], r["body"], r["error"]) for r in rows] == [
+        ("primary", events, None), ("shadow", events, None)]
