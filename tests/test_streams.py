@@ -426,7 +426,12 @@ def test_times_are_none_without_arrivals() -> None:
 def test_nul_characters_cannot_go_to_jsonb() -> None:
     """An answer holding a NUL character has no body_json text (PostgreSQL would refuse it)."""
     assert body_json_text({"a": "x\x00y"}) is None
+    assert body_json_text({"a\x00": "x"}) is None
+    assert body_json_text({"a": "\\\x00"}) is None  # a backslash, then NUL
     assert body_json_text({"a": "é"}) == '{"a":"é"}'
+    # The escape as text (a backslash, then "u0000") is no NUL character: jsonb takes it.
+    for text in ("\\u0000", "\\\\\\u0000 and \\\\"):
+        assert body_json_text({"a": text}) == orjson.dumps({"a": text}).decode()
 
 
 def _compressed_reads(reads: list[bytes], encoding: str) -> tuple[bytes, list[Arrival]]:

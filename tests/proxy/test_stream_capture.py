@@ -388,3 +388,25 @@ async def test_a_shadow_stream_that_cannot_be_assembled_costs_only_its_own_assem
         assert s["body"] == bodies[i] and not s["truncated"]
         assert s["body_json"] is None and s["stream"] is None
         assert s["content_type"].startswith("text/event-stream")
+
+
+async def test_an_answer_that_writes_an_escape_of_nul_as_text_is_assembled(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """An answer whose text is about NUL's JSON escape (the six characters ``\\u0000``, no
+    NUL character in it) is stored with its ``body_json``, which PostgreSQL takes."""
+    text = r'In JSON, NUL is written "\u0000"; a backslash before it, "\\u0000", is text.'
+
+    async def explain(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b"".join(_events([text[:20], text[20:]])),
+                            content_type="text/event-stream")
+
+    async with serve(explain) as primary, start_proxy([route(primary.url)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        await post(http, f"http://127.0.0.1:{proxy.port}/v1/chat/completions",
+                   chat("How is NUL written in JSON?", stream=True), "nul")
+        await wait_for_rows(database_url, "responses", 1)
+    row = (await stored(database_url))["nul"]
+    assert row["body_json"] is not None, row
+    assert row["body_json"]["choices"][0]["message"]["content"] == text
+    assert row["stream"]["interrupted"] is False
