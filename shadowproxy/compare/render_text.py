@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 from typing import Any
 
 from rich.console import Console
@@ -12,20 +11,17 @@ from rich.text import Text
 
 from shadowproxy.compare.tables import TextComparison, sections
 from shadowproxy.compare.tables_generation import plain_diff, shorten
+from shadowproxy.compare.visible import visible
 
 _STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
-
-
-# C0 controls but tab and newline, DEL and C1 controls: rich passes ESC and CSI through,
-# so a recorded value could move the cursor, retitle or clear the terminal reading the report.
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def _plain(text: str) -> Text:
     """``text`` shown as it is: rich reads a ``str`` cell or title as markup, so a recorded
     value such as ``[/b]`` stopped the report and ``[red]`` restyled it. Control characters
-    are shown as their escapes (``\\x1b``), never sent to the terminal."""
-    return Text(_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+    and bidirectional overrides are shown as their escapes (``\\x1b``, ``\\u202e``), never
+    sent to the terminal: rich passes them through (``visible``)."""
+    return Text(visible(text))
 
 
 def render_text(report: dict[str, Any], *, color: bool = False, width: int = 120) -> str:

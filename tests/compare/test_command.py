@@ -262,6 +262,19 @@ def test_control_characters_in_recorded_values_do_not_reach_the_terminal(
     assert "kind = \\x1b[2J\\x1b]0;owned\\x07" in text and "kind = \\x9b31mred" in text
 
 
+def test_bidirectional_overrides_in_recorded_values_are_shown_as_escapes(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recorded value with a right-to-left override, an isolate or a line separator is
+    shown with their escapes in the text report: a terminal that reorders the line would
+    show LIAF after a right-to-left override as FAIL."""
+    config = _hostile_config(sync_database_url, tmp_path,
+                             ["\u202eLIAF", "\u2067x\u2069", "a\u2028b\u200fc"])
+    assert main(["report", "-c", str(config), "--route", "house-prices"]) == 0
+    text = capsys.readouterr().out
+    assert not set(text) & set("\u202e\u2067\u2069\u2028\u200f")
+    assert "kind = \\u202eLIAF" in text and "kind = \\u2067x\\u2069" in text
+    assert "kind = a\\u2028b\\u200fc" in text
+
 def _markdown_tables(path: Path) -> list[list[list[str]]]:
     """Every table of a Markdown file as a CommonMark parser with GFM tables reads it:
     rows of cell texts."""
