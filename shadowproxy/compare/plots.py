@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from shadowproxy.compare.visible import visible
+
 PRIMARY, SHADOW, REFERENCE = "#1f77b4", "#d62728", "#7f7f7f"
 
 # For texts that come from the records or the configuration (feature names, categories,
@@ -19,6 +21,9 @@ PRIMARY, SHADOW, REFERENCE = "#1f77b4", "#d62728", "#7f7f7f"
 # as "$$" or "$x^$" stopped the HTML report and "$5 or $10" was drawn as a formula. The
 # axes' own tick labels keep mathtext (a log axis writes 10² with it).
 LITERAL = {"parse_math": False}
+# Recorded categories and classes are drawn ``visible``: matplotlib has no glyph for a
+# control character, draws a box and warns on stderr quoting the character itself, so a
+# recorded ESC reached the terminal that ran the report.
 
 
 def _svg(draw: Callable[[Any], None], *, width: float = 5.2, height: float = 3.0) -> str:
@@ -125,8 +130,9 @@ def matrix(classes: list[str], counts: list[list[int]], title: str) -> str:
     def draw(fig: Any) -> None:
         ax = fig.subplots()
         ax.imshow(counts, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes, **LITERAL)
-        ax.set_yticks(range(len(classes)), classes, **LITERAL)
+        shown = [visible(c) for c in classes]
+        ax.set_xticks(range(len(classes)), shown, **LITERAL)
+        ax.set_yticks(range(len(classes)), shown, **LITERAL)
         for i, row in enumerate(counts):
             for j, n in enumerate(row):
                 ax.text(j, i, str(n), ha="center", va="center", fontsize=8)
@@ -148,7 +154,7 @@ def bars(categories: list[str], series: dict[str, list[float]], title: str) -> s
             ax.bar([i + k * width for i in range(len(categories))], values, width=width,
                    label=name, color=colors.get(name))
         ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(categories))],
-                      categories, rotation=30, ha="right", **LITERAL)
+                      [visible(c) for c in categories], rotation=30, ha="right", **LITERAL)
         ax.set_ylabel("share")
         ax.set_title(title, **LITERAL)
         ax.legend(frameon=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -335,3 +336,21 @@ def test_dollar_signs_in_recorded_values_are_drawn_as_text_in_html_plots(
                  "--format", "html", "-o", str(page)]) == 0
     svg = page.read_text().split('<div class="plots">')[-1]
     assert all(f">{value}</text>" in svg for value in ("$$", "$x^$", "$5 or $10"))
+
+
+def test_control_characters_in_recorded_values_are_drawn_as_escapes_in_html_plots(
+        sync_database_url: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Categories with control characters are drawn as their escapes in the HTML report's
+    plots: matplotlib has no glyph for them and warned on stderr quoting the character, so
+    an ESC reached the terminal that ran the report."""
+    config = _hostile_config(sync_database_url, tmp_path, ["\x1b[2J", "\x07bell", "\u202eLIAF"])
+    page = tmp_path / "r.html"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["report", "-c", str(config), "--route", "house-prices",
+                     "--format", "html", "-o", str(page)]) == 0
+    assert [str(w.message) for w in caught] == []
+    assert not {c for c in capfd.readouterr().err if ord(c) < 32 and c != "\n"}
+    svg = page.read_text().split('<div class="plots">')[-1]
+    assert all(f">{value}</text>" in svg for value in ("\\x1b[2J", "\\x07bell",
+                                                       "\\u202eLIAF"))
