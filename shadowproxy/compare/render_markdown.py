@@ -8,18 +8,34 @@ from typing import Any
 
 from shadowproxy.compare.tables import Table, TextComparison, sections
 from shadowproxy.compare.tables_generation import shorten
+from shadowproxy.compare.visible import visible
 
 
 def _cell(text: str) -> str:
     """``text`` on one line of a table row: Markdown ends a line at CR as at LF, so a
-    recorded value with a CR split its row in two. Escaped as HTML, as the diff is: Markdown
-    passes tags through, so a recorded ``<script>`` or ``<img onerror=...>`` would reach
-    the page a Markdown viewer renders."""
-    return html.escape(re.sub("\r\n?|\n", " ", text), quote=False).replace("|", "\\|")
+    recorded value with a CR split its row in two."""
+    return _inline(text, " ")
+
+
+# What Markdown reads as syntax inside a line: a backslash (``a\\|b`` would end the cell at
+# the pipe), code spans, emphasis, strikethrough, and the brackets of links and images.
+_SYNTAX = re.compile(r"([\\`*_~\[\]|])")
+
+
+def _inline(text: str, newline: str) -> str:
+    """``text`` shown as it is, its line breaks written as ``newline``. Escaped as HTML, as
+    the diff is: Markdown passes tags through, so a recorded ``<script>`` or ``<img
+    onerror=...>`` would reach the page a Markdown viewer renders. Its Markdown syntax is
+    escaped: a recorded ``![x](https://...)`` was an image the viewer loaded from that host
+    when the report was opened, ``[x](https://...)`` a link. Control characters and
+    bidirectional overrides are shown as escapes (``visible``): printed to a terminal
+    (``--format markdown`` without ``-o``), they acted on it."""
+    return newline.join(_SYNTAX.sub(r"\\\1", html.escape(visible(line), quote=False))
+                        for line in re.split("\r\n?|\n", text))
 
 
 def _table(table: Table) -> list[str]:
-    lines = [f"*{table.title}*", ""] if table.title else []
+    lines = [f"*{_cell(table.title)}*", ""] if table.title else []
     lines.append("| " + " | ".join(_cell(h) or " " for h in table.headers) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:"
                                 for i in range(len(table.headers))) + "|")
@@ -32,23 +48,23 @@ def _comparison(c: TextComparison) -> list[str]:
     diff = []
     for op, a, b in c.diff:
         if op == "equal":
-            diff.append(html.escape(a))
+            diff.append(_inline(a, "<br>"))
             continue
         if a:
-            diff.append(f"<del>{html.escape(a)}</del>")
+            diff.append(f"<del>{_inline(a, '<br>')}</del>")
         if b:
-            diff.append(f"<ins>{html.escape(b)}</ins>")
+            diff.append(f"<ins>{_inline(b, '<br>')}</ins>")
     return [f"**{_cell(c.title)}**", "", "| primary | shadow |", "|---|---|",
             f"| {_cell(shorten(c.primary))} | {_cell(shorten(c.shadow))} |", "",
-            "diff: " + re.sub("\r\n?|\n", "<br>", "".join(diff)), ""]
+            "diff: " + "".join(diff), ""]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """A Markdown document: a heading per section, notes as paragraphs, tables."""
     meta = report["meta"]
-    lines = [f"# shadowproxy report: {meta['route']} / {meta['shadow']}", ""]
+    lines = [f"# shadowproxy report: {_cell(meta['route'])} / {_cell(meta['shadow'])}", ""]
     for section in sections(report):
-        lines += [f"## {section.title}", ""]
+        lines += [f"## {_cell(section.title)}", ""]
         for note in section.notes:
             lines += [_cell(note), ""]
         for table in section.tables:

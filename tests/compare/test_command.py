@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -325,6 +326,67 @@ def test_tags_in_recorded_values_are_text_in_the_markdown_report(
     assert "<td>kind = &quot;&gt;&lt;img src=x onerror=alert(1)&gt;</td>" in page
     assert "<td>kind = AT&amp;amp;T</td>" in page
 
+
+HOSTILE_MARKDOWN = ["![x](http://e.vil/i.png)", "[click](http://e.vil/)", "a\\|b",
+                    "**b** _i_ `c` ~~s~~", "\x1b[2J\x1b]8;;http://e.vil/\x07l\x1b]8;;\x07"]
+
+
+def test_markdown_syntax_in_recorded_values_is_text_in_the_markdown_report(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recorded value with an image, a link, emphasis, a backslash before a pipe or
+    control characters is shown as recorded by a Markdown viewer: no image loaded from
+    another host, no link, every row with its cells, no control character in the report
+    printed to the terminal."""
+    from markdown_it import MarkdownIt
+
+    config = _hostile_config(sync_database_url, tmp_path, HOSTILE_MARKDOWN)
+    assert main(["report", "-c", str(config), "--route", "house-prices",
+                 "--format", "markdown"]) == 0
+    text = capsys.readouterr().out
+    assert not {c for c in text if (ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f}
+    md = tmp_path / "r.md"
+    md.write_text(text)
+    page = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(text)
+    assert [tag for tag in ("<img", "<a ", "<strong>", "<code>", "<s>") if tag in page] == []
+    slices = next(t for t in _markdown_tables(md) if t[0][0] == "slice")
+    assert {len(row) for row in slices} == {6}
+    for cell in ("kind = ![x](http://e.vil/i.png)", "kind = [click](http://e.vil/)",
+                 "kind = a\\|b", "kind = **b** _i_ `c` ~~s~~",
+                 "kind = \\x1b[2J\\x1b]8;;http://e.vil/\\x07l\\x1b]8;;\\x07"):
+        assert f"<td>{cell}</td>" in page
+
+
+def test_markdown_syntax_in_generated_texts_is_text_in_the_markdown_diff(
+        sync_database_url: str, tmp_path: Path) -> None:
+    """Generated texts with an image, a link or control characters are text in the
+    Markdown report's pairs and their word diff."""
+    from markdown_it import MarkdownIt
+
+    def chat(text: str) -> dict[str, object]:
+        return {"object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text},
+             "finish_reason": "stop"}]}
+
+    exchanges = [Exchange({"messages": [{"role": "user", "content": "hi"}]},
+                          Call(chat(f"answer {i}")),
+                          {"candidate": Call(chat(f"see ![x](http://e.vil/{i}.png) "
+                                                  "[click](http://e.vil/) \x1b[2J"))},
+                          route="chat", path="/v1/chat/completions")
+                 for i in range(40)]
+    asyncio.run(insert(sync_database_url, exchanges))
+    config = write_config(tmp_path, sync_database_url, "task: generation", route="chat")
+    md = tmp_path / "r.md"
+    assert main(["report", "-c", str(config), "--route", "chat", "--format", "markdown",
+                 "-o", str(md)]) == 0
+    text = md.read_text()
+    assert "\x1b" not in text
+    page = MarkdownIt("commonmark").enable("table").render(text)
+    assert "Generation: most different pairs" in page
+    assert "<img" not in page and "<a " not in page
+    assert re.search(r"<ins>!\[x\]\(http://e\.vil/\d+\.png\) \[click\]\(http://e\.vil/\) "
+                     r"\\x1b\[2J</ins>", page)
+    assert re.search(r"<td>see !\[x\]\(http://e\.vil/\d+\.png\) \[click\]\(http://e\.vil/\) "
+                     r"\\x1b\[2J</td>", page)
 
 def test_dollar_signs_in_recorded_values_are_drawn_as_text_in_html_plots(
         sync_database_url: str, tmp_path: Path) -> None:
