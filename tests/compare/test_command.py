@@ -14,6 +14,7 @@ import pytest
 
 from shadowproxy.cli import main
 from shadowproxy.compare.command import resolve_window
+from shadowproxy.compare.visible import visible
 from shadowproxy.errors import UsageError
 from tests.compare.blocked import CLI, run_without
 from tests.compare.records import Call, Exchange, insert, write_config
@@ -387,6 +388,43 @@ def test_markdown_syntax_in_generated_texts_is_text_in_the_markdown_diff(
                      r"\\x1b\[2J</ins>", page)
     assert re.search(r"<td>see !\[x\]\(http://e\.vil/\d+\.png\) \[click\]\(http://e\.vil/\) "
                      r"\\x1b\[2J</td>", page)
+
+def test_tags_in_recorded_values_are_text_in_the_html_report(
+        sync_database_url: str, tmp_path: Path) -> None:
+    """Recorded values with tags, a closing script tag, a javascript: URL or a line
+    separator are text of the HTML report (tables, plots, the embedded JSON): the page has
+    no element and no attribute that came from them."""
+    from html.parser import HTMLParser
+
+    values = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>',
+              "</script><script>alert(1)</script>", "javascript:alert(1)", "a\u2028b"]
+    config = _hostile_config(sync_database_url, tmp_path, values)
+    page = tmp_path / "r.html"
+    assert main(["report", "-c", str(config), "--route", "house-prices",
+                 "--format", "html", "-o", str(page)]) == 0
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: set[str] = set()
+            self.attributes: set[tuple[str, str]] = set()
+            self.texts: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.tags.add(tag)
+            self.attributes |= {(name, value or "") for name, value in attrs}
+
+        def handle_data(self, data: str) -> None:
+            self.texts.append(data)
+
+    parsed = Page()
+    parsed.feed(page.read_text())
+    assert not parsed.tags & {"script", "img", "a", "iframe", "link", "object", "embed"}
+    assert not [a for a in parsed.attributes
+                if a[0].startswith("on") or "javascript:" in a[1] or "alert" in a[1]]
+    for value in values:
+        assert f"kind = {value}" in parsed.texts  # a slice's cell
+        assert visible(value) in parsed.texts  # a bar of the plot of the categories
 
 def test_dollar_signs_in_recorded_values_are_drawn_as_text_in_html_plots(
         sync_database_url: str, tmp_path: Path) -> None:
