@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from shadowproxy.compare.visible import visible
 from shadowproxy.errors import UsageError
 from shadowproxy.jsonexact import loads_exact
 
@@ -401,16 +402,17 @@ def word_diff(a: str, b: str) -> tuple[DiffSegment, ...]:
 
 def diff_html(diff: Sequence[DiffSegment]) -> str:
     """The diff as HTML: equal text plain, the primary's words in ``<del>``, the shadow's in
-    ``<ins>`` (escaped)."""
+    ``<ins>`` (escaped, control characters and bidirectional overrides shown as escapes:
+    ``visible``)."""
     out = []
     for seg in diff:
         if seg.op == "equal":
-            out.append(html.escape(seg.primary))
+            out.append(html.escape(visible(seg.primary)))
             continue
         if seg.primary:
-            out.append(f"<del>{html.escape(seg.primary)}</del>")
+            out.append(f"<del>{html.escape(visible(seg.primary))}</del>")
         if seg.shadow:
-            out.append(f"<ins>{html.escape(seg.shadow)}</ins>")
+            out.append(f"<ins>{html.escape(visible(seg.shadow))}</ins>")
     return "".join(out)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from shadowproxy.compare.generation import DiffSegment, diff_html
 from shadowproxy.compare.plots import report_plots
 from shadowproxy.compare.tables import Table, TextComparison, sections
+from shadowproxy.compare.visible import visible
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
@@ -30,20 +31,28 @@ del{background:#fbe9e7;color:#b71c1c}ins{background:#e8f5e9;color:#1b5e20;text-d
 """
 
 
+def _text(text: str) -> str:
+    """``text`` as HTML text: its tags escaped, and its control characters and
+    bidirectional overrides shown as escapes (``visible``), as the text report shows them.
+    Raw, they reached the terminal of whoever printed the page (``--format html`` without
+    ``-o``, ``cat``, ``less -R``)."""
+    return html.escape(visible(text))
+
+
 def _table(table: Table) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+    head = "".join(f"<th>{_text(h)}</th>" for h in table.headers)
+    body = "".join("<tr>" + "".join(f"<td>{_text(c)}</td>" for c in row) + "</tr>"
                    for row in table.rows)
-    caption = f"<caption>{html.escape(table.title)}</caption>" if table.title else ""
+    caption = f"<caption>{_text(table.title)}</caption>" if table.title else ""
     return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _comparison(c: TextComparison) -> str:
     """Both texts in two columns, and the word diff across both below them."""
     diff = diff_html([DiffSegment(op, a, b) for op, a, b in c.diff])
-    return (f'<table class="pair"><caption>{html.escape(c.title)}</caption><thead><tr>'
+    return (f'<table class="pair"><caption>{_text(c.title)}</caption><thead><tr>'
             "<th>primary</th><th>shadow</th></tr></thead><tbody><tr>"
-            f"<td>{html.escape(c.primary)}</td><td>{html.escape(c.shadow)}</td></tr>"
+            f"<td>{_text(c.primary)}</td><td>{_text(c.shadow)}</td></tr>"
             f'<tr><td colspan="2">{diff}</td></tr></tbody></table>')
 
 
@@ -54,15 +63,15 @@ def render_html(report: dict[str, Any]) -> str:
     plots = report_plots(report)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>shadowproxy report: {html.escape(meta['route'])} / "
-        f"{html.escape(meta['shadow'])}</title>", f"<style>{_CSS}</style></head><body>",
-        f"<h1>shadowproxy report: {html.escape(meta['route'])} / "
-        f"{html.escape(meta['shadow'])} <span class=\"verdict {status}\">"
+        f"<title>shadowproxy report: {_text(meta['route'])} / "
+        f"{_text(meta['shadow'])}</title>", f"<style>{_CSS}</style></head><body>",
+        f"<h1>shadowproxy report: {_text(meta['route'])} / "
+        f"{_text(meta['shadow'])} <span class=\"verdict {status}\">"
         f"{status.upper()}</span></h1>",
     ]
     for section in sections(report):
-        parts.append(f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>')
-        parts += [f"<p>{html.escape(note)}</p>" for note in section.notes]
+        parts.append(f'<section id="{section.key}"><h2>{_text(section.title)}</h2>')
+        parts += [f"<p>{_text(note)}</p>" for note in section.notes]
         parts += [_table(t) for t in section.tables]
         parts += [_comparison(c) for c in section.comparisons]
         if plots.get(section.key):

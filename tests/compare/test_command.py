@@ -357,12 +357,9 @@ def test_markdown_syntax_in_recorded_values_is_text_in_the_markdown_report(
         assert f"<td>{cell}</td>" in page
 
 
-def test_markdown_syntax_in_generated_texts_is_text_in_the_markdown_diff(
-        sync_database_url: str, tmp_path: Path) -> None:
-    """Generated texts with an image, a link or control characters are text in the
-    Markdown report's pairs and their word diff."""
-    from markdown_it import MarkdownIt
-
+def _hostile_generation_config(url: str, tmp_path: Path) -> Path:
+    """A config over 40 chat exchanges whose shadow answered with an image, a link and an
+    ESC sequence in its text."""
     def chat(text: str) -> dict[str, object]:
         return {"object": "chat.completion", "model": "m", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": text},
@@ -374,8 +371,17 @@ def test_markdown_syntax_in_generated_texts_is_text_in_the_markdown_diff(
                                                   "[click](http://e.vil/) \x1b[2J"))},
                           route="chat", path="/v1/chat/completions")
                  for i in range(40)]
-    asyncio.run(insert(sync_database_url, exchanges))
-    config = write_config(tmp_path, sync_database_url, "task: generation", route="chat")
+    asyncio.run(insert(url, exchanges))
+    return write_config(tmp_path, url, "task: generation", route="chat")
+
+
+def test_markdown_syntax_in_generated_texts_is_text_in_the_markdown_diff(
+        sync_database_url: str, tmp_path: Path) -> None:
+    """Generated texts with an image, a link or control characters are text in the
+    Markdown report's pairs and their word diff."""
+    from markdown_it import MarkdownIt
+
+    config = _hostile_generation_config(sync_database_url, tmp_path)
     md = tmp_path / "r.md"
     assert main(["report", "-c", str(config), "--route", "chat", "--format", "markdown",
                  "-o", str(md)]) == 0
@@ -422,9 +428,30 @@ def test_tags_in_recorded_values_are_text_in_the_html_report(
     assert not parsed.tags & {"script", "img", "a", "iframe", "link", "object", "embed"}
     assert not [a for a in parsed.attributes
                 if a[0].startswith("on") or "javascript:" in a[1] or "alert" in a[1]]
-    for value in values:
+    for value in map(visible, values):
         assert f"kind = {value}" in parsed.texts  # a slice's cell
-        assert visible(value) in parsed.texts  # a bar of the plot of the categories
+        assert value in parsed.texts  # a bar of the plot of the categories
+
+def test_control_characters_in_recorded_values_do_not_reach_the_terminal_in_html(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The HTML report printed to the terminal (no -o) holds no control character or
+    bidirectional override of a recorded value: they are shown as escapes, as in the text
+    report, in the tables and the generation pairs and diff."""
+    config = _hostile_config(sync_database_url, tmp_path,
+                             ["\x1b[2J\x1b]0;owned\x07", "\x9b31mred", "\u202eLIAF"])
+    assert main(["report", "-c", str(config), "--route", "house-prices",
+                 "--format", "html"]) == 0
+    page = capsys.readouterr().out
+    assert not {c for c in page if (ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f
+                or c == "\u202e"}
+    assert all(f"<td>kind = {value}</td>" in page for value in (
+        "\\x1b[2J\\x1b]0;owned\\x07", "\\x9b31mred", "\\u202eLIAF"))
+    config = _hostile_generation_config(sync_database_url, tmp_path)
+    assert main(["report", "-c", str(config), "--route", "chat", "--format", "html"]) == 0
+    page = capsys.readouterr().out
+    assert "\x1b" not in page and "[click](http://e.vil/) \\x1b[2J</ins>" in page
+    assert re.search(r"<td>see !\[x\]\(http://e\.vil/\d+\.png\) \[click\]\(http://e\.vil/\) "
+                     r"\\x1b\[2J</td>", page)
 
 def test_dollar_signs_in_recorded_values_are_drawn_as_text_in_html_plots(
         sync_database_url: str, tmp_path: Path) -> None:
