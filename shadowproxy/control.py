@@ -3,11 +3,15 @@
 A running proxy (or, with ``workers: N``, its supervisor) writes ``data_dir/run/
 shadowproxy.json`` at start (its pid, the config file it runs, its admin address) and
 removes it at a clean stop; after every reload it writes the outcome to ``data_dir/run/
-reload.json`` with a sequence number. The command reads the first, sends the process
-SIGHUP (the permission to signal it is the permission to reload it: no token is needed,
-and the admin listener may be off), and waits for the sequence number to move. The running
-process validates the file itself, with its own environment: the outcome it writes is the
-one that counts.
+reload.json`` with a sequence number and the time the reload started reading the file.
+The command reads the first, sends the process SIGHUP (the permission to signal it is the
+permission to reload it: no token is needed, and the admin listener may be off), and
+waits for the outcome of a reload that started after it signalled: one already under way
+(``watch``, another ``reload``) read the file before the edit the command is run for.
+Signals do not queue, and two commands may be answered by one reload; the first reload to
+start after the signal is the answer, also when a later one has already written its own
+outcome over it (``unchanged``, the edit being applied). The running process validates the
+file itself, with its own environment: the outcome it writes is the one that counts.
 
 Exit status: 0 applied or unchanged; 2 the file is invalid (every problem printed, nothing
 changed), or the process runs another file; 1 no running proxy found, or no answer in time.
@@ -38,7 +42,9 @@ LOCK_FILE = "lock"
 PROCESS_FILE = "shadowproxy.json"
 """In ``data_dir/run``: where the running proxy (or supervisor) is."""
 OUTCOME_FILE = "reload.json"
-"""In ``data_dir/run``: the last reload's outcome, with a sequence number."""
+"""In ``data_dir/run``: the last reload's outcome, with a sequence number and the time it
+started reading the file (``time.monotonic()``), and the ``OUTCOMES_KEPT - 1`` before it."""
+OUTCOMES_KEPT = 8
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -165,6 +171,25 @@ def _seq(run_dir: Path, pid: int) -> int:
         return -1
 
 
+def reload_outcome(run_dir: Path, pid: int, after_seq: int, after: float
+                   ) -> dict[str, Any] | None:
+    """The outcome of process ``pid``'s first reload numbered above ``after_seq`` that
+    started at ``after`` (``time.monotonic()``, the same clock in every process of the
+    machine) or later; None if there is none yet."""
+    try:
+        last = json.loads((run_dir / OUTCOME_FILE).read_text())
+        if last.get("pid") != pid:
+            return None
+        for outcome in (*last.get("earlier", ()), last):
+            # (No start time: written by a proxy of an earlier version, which kept none.)
+            if int(outcome["seq"]) > after_seq and float(outcome.get("started", after)) >= after:
+                found: dict[str, Any] = outcome
+                return found
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # being replaced: read it again
+    return None
+
+
 def _same_file(a: str, b: Path) -> bool:
     if os.path.abspath(a) == os.path.abspath(b):
         return True
@@ -202,6 +227,7 @@ def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[s
                          f"{process.get('config')}, not {config}: edit that file and reload "
                          f"it, or give its path to -c")
     before = _seq(run_dir, pid)
+    signalled = time.monotonic()
     try:
         os.kill(pid, signal.SIGHUP)
     except PermissionError as exc:
@@ -209,12 +235,9 @@ def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[s
                                "`shadowproxy reload` as the user that runs it") from exc
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if _seq(run_dir, pid) > before:
-            try:
-                outcome: dict[str, Any] = json.loads((run_dir / OUTCOME_FILE).read_text())
-                return outcome
-            except (OSError, ValueError):
-                pass  # being replaced: read it again
+        outcome = reload_outcome(run_dir, pid, before, signalled)
+        if outcome is not None:
+            return outcome
         time.sleep(0.02)
     raise ShadowProxyError(f"shadowproxy (pid {pid}) did not report the reload within "
                            f"{timeout_s:g} s; see its log")

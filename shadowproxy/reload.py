@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import os
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +172,8 @@ class Reloader:
         self._run_dir = run_dir
         self._lock = asyncio.Lock()
         self._seq = 0
+        self._written: deque[dict[str, Any]] = deque(maxlen=control.OUTCOMES_KEPT)
+        """The last outcomes written, newest last (``control.OUTCOME_FILE``)."""
         self._watcher: ConfigWatcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._digest = content_digest(path)
@@ -183,9 +187,12 @@ class Reloader:
             if self._closed:
                 log.info("config reload (%s) ignored: stopping", trigger)
                 return ReloadOutcome("unchanged", self.version, self.version)
+            # Before the file is read: ``shadowproxy reload`` takes the outcome of a reload
+            # that started after it signalled, not one that read the file before its edit.
+            started = time.monotonic()
             outcome = await self._reload(trigger)
             self._seq += 1
-            self._write_outcome(outcome)
+            self._write_outcome(outcome, started)
             self._update_watch()
             return outcome
 
@@ -246,8 +253,11 @@ class Reloader:
             out["restart_needed"] = self.restart_needed
         return out
 
-    def _write_outcome(self, outcome: ReloadOutcome) -> None:
-        data = {"seq": self._seq, "pid": os.getpid(), **outcome.as_dict()}
+    def _write_outcome(self, outcome: ReloadOutcome, started: float) -> None:
+        """The last outcome, with the ones before it (``control.reload_outcome`` picks the
+        one a ``shadowproxy reload`` asked for: a newer one may already have replaced it)."""
+        self._written.append({"seq": self._seq, "started": started, **outcome.as_dict()})
+        data = {**self._written[-1], "pid": os.getpid(), "earlier": list(self._written)[:-1]}
         try:
             control.write_private(self._run_dir / control.OUTCOME_FILE, json.dumps(data))
         except OSError as exc:

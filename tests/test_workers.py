@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.test_admin import samples
 from tests.test_run_command import wait_ready, write_config
@@ -372,3 +373,48 @@ def test_a_stop_waits_for_a_worker_as_long_as_its_own_stop_can_take() -> None:
 
     for grace in (1.0, 10.0, 20.0, 60.0):
         assert stop_timeout_s(grace) >= 2 * grace + 10
+
+
+async def test_reload_commands_answer_with_the_reload_that_read_their_edit(
+        tmp_path: Path, database_url: str) -> None:
+    """Two `shadowproxy reload` run while another reload is still applying (a worker slow
+    to follow it) both answer with the reload that read the file as they found it: the
+    earlier reload's outcome, from before their edit, or the ``unchanged`` of the second
+    reload their two signals made, was printed instead."""
+    from shadowproxy.config import load_config
+    from shadowproxy.control import request_reload
+    from shadowproxy.reload import config_version
+
+    async with serve(model("v1")) as primary:
+        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                        database_url, workers=2)
+        async with supervisor(config) as proc:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            slow = min(worker_pids(proc.pid))
+            handed = tmp_path / "data" / "run" / "config.json"
+
+            def edit(grace: float) -> str:
+                text = yaml.safe_load(config.read_text())
+                text["limits"] = {"shutdown_grace_s": grace}
+                config.write_text(yaml.safe_dump(text))
+                return config_version(load_config(config))
+
+            os.kill(slow, signal.SIGSTOP)
+            try:
+                first = edit(4)
+                os.kill(proc.pid, signal.SIGHUP)  # waits for the stopped worker
+                await wait_for(lambda: handed.exists() and first in handed.read_text(), 10,
+                               "the first reload to hand its version on")
+                second = edit(5)
+                # The command's own code, in threads: each signals within milliseconds.
+                commands = [asyncio.ensure_future(asyncio.to_thread(request_reload, config))
+                            for _ in range(2)]
+                await asyncio.sleep(1)  # both have signalled; the first reload still waits
+                assert not any(c.done() for c in commands)
+            finally:
+                os.kill(slow, signal.SIGCONT)
+            outcomes = [await asyncio.wait_for(c, 30) for c in commands]
+    for outcome in outcomes:
+        assert (outcome["result"], outcome["previous_version"], outcome["version"]) == \
+            ("applied", first, second)
