@@ -173,11 +173,28 @@ async def _worker(settings: Settings, url: str, parent: int, directory: Path) ->
     async with (running(settings, url, serve_admin=False, reuse_port=True) as proxy,
                 collected_in_the_background()):
 
+        unwritten: list[OSError] = []
+        """The error of the last snapshot not written, if it was not (logged once)."""
+
         async def publish_once() -> None:
             ready, detail = await proxy.readiness()
-            _write(path, {"metrics": proxy.metrics.snapshot(), "listening": True,
-                          "ready": ready, "detail": detail, "pid": os.getpid(),
-                          "time": time.time(), "config_version": proxy.version})
+            try:
+                _write(path, {"metrics": proxy.metrics.snapshot(), "listening": True,
+                              "ready": ready, "detail": detail, "pid": os.getpid(),
+                              "time": time.time(), "config_version": proxy.version})
+            except OSError as exc:
+                # A full disk, say: the next second tries again. Ending the publisher
+                # left the worker serving for good unseen: never ready again, its
+                # counters stuck, every reload waiting for it.
+                if not unwritten:
+                    log.error("cannot write this worker's snapshot %s: %s; the supervisor "
+                              "counts it as not ready until it can (tried every second)",
+                              path, exc)
+                unwritten[:] = [exc]
+                return
+            if unwritten:
+                log.info("this worker's snapshot %s is written again", path)
+                unwritten.clear()
 
         async def publish() -> None:
             while True:

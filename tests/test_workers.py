@@ -418,3 +418,26 @@ async def test_reload_commands_answer_with_the_reload_that_read_their_edit(
     for outcome in outcomes:
         assert (outcome["result"], outcome["previous_version"], outcome["version"]) == \
             ("applied", first, second)
+
+
+async def test_a_worker_whose_snapshot_cannot_be_written_for_a_while_is_ready_again(
+        tmp_path: Path, database_url: str) -> None:
+    """A worker that cannot write its snapshot (a full disk, here a directory in the way of
+    its file) is not ready meanwhile, and ready again once it can: its publisher died at the
+    first failure, and the worker served on for good with /readyz at 503."""
+    async with serve(model("v1")) as primary:
+        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                        database_url, workers=2)
+        async with supervisor(config) as proc, aiohttp.ClientSession() as http:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            blocked = tmp_path / "data" / "run" / f"worker-{min(worker_pids(proc.pid))}.tmp"
+            blocked.mkdir()
+            statuses: list[int] = []
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and 503 not in statuses:
+                statuses.append((await http.get(f"http://127.0.0.1:{admin}/readyz")).status)
+                await asyncio.sleep(0.1)
+            assert 503 in statuses, "the worker's stale snapshot still counted as ready"
+            blocked.rmdir()
+            await wait_ready(admin, proc)
