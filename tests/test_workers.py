@@ -391,6 +391,7 @@ async def test_reload_commands_answer_with_the_reload_that_read_their_edit(
         async with supervisor(config) as proc:
             await wait_ready(admin, proc)
             assert proc.pid is not None
+            await asyncio.sleep(0.5)  # the supervisor's round (0.1 s) has seen both listen
             slow = min(worker_pids(proc.pid))
             handed = tmp_path / "data" / "run" / "config.json"
 
@@ -441,3 +442,4 @@ async def test_a_worker_whose_snapshot_cannot_be_written_for_a_while_is_ready_ag
             assert 503 in statuses, "the worker's stale snapshot still counted as ready"
             blocked.rmdir()
             await wait_ready(admin, proc)
+
