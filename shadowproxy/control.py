@@ -14,7 +14,8 @@ outcome over it (``unchanged``, the edit being applied). The running process val
 file itself, with its own environment: the outcome it writes is the one that counts.
 
 Exit status: 0 applied or unchanged; 2 the file is invalid (every problem printed, nothing
-changed), or the process runs another file; 1 no running proxy found, or no answer in time.
+changed), or the process runs another file; 1 no running proxy found, no answer in time, or
+the process stopped instead of reloading.
 """
 
 from __future__ import annotations
@@ -235,9 +236,16 @@ def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[s
                                "`shadowproxy reload` as the user that runs it") from exc
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        gone = not _alive(pid)  # before the outcome is read: it may write one, then exit
         outcome = reload_outcome(run_dir, pid, before, signalled)
         if outcome is not None:
             return outcome
+        if gone:
+            # Stopping, it ignores a reload (SIGHUP) and writes no outcome: waiting for one
+            # until the timeout said only that it did not answer.
+            raise ShadowProxyError(f"shadowproxy (pid {pid}) stopped without reloading "
+                                   f"{config}: a proxy that is stopping takes no reload; "
+                                   "the file applies when it is started again")
         time.sleep(0.02)
     raise ShadowProxyError(f"shadowproxy (pid {pid}) did not report the reload within "
                            f"{timeout_s:g} s; see its log")

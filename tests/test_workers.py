@@ -443,3 +443,38 @@ async def test_a_worker_whose_snapshot_cannot_be_written_for_a_while_is_ready_ag
             blocked.rmdir()
             await wait_ready(admin, proc)
 
+
+async def test_a_reload_command_sent_to_a_stopping_supervisor_says_so_when_it_exits(
+        tmp_path: Path, database_url: str) -> None:
+    """`shadowproxy reload` that signals a supervisor whose stop has begun (it takes no
+    reload then) says that the proxy stopped without reloading as soon as it is gone: it
+    waited for an outcome until its timeout, and then said only that none came."""
+    from shadowproxy.control import request_reload
+    from shadowproxy.errors import ShadowProxyError
+
+    async with serve(model("v1")) as primary:
+        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                        database_url, workers=2)
+        async with supervisor(config) as proc:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            await asyncio.sleep(0.5)  # the supervisor's round (0.1 s) has seen both listen
+            slow = min(worker_pids(proc.pid))
+            handed = tmp_path / "data" / "run" / "config.json"
+            os.kill(slow, signal.SIGSTOP)
+            try:
+                config.write_text(config.read_text() + "limits: {shutdown_grace_s: 2}\n")
+                os.kill(proc.pid, signal.SIGHUP)  # a reload that waits for the stopped worker
+                await wait_for(handed.exists, 10, "the reload to hand its version on")
+                os.kill(proc.pid, signal.SIGTERM)  # the stop waits for that reload
+                await asyncio.sleep(0.5)
+                command = asyncio.ensure_future(asyncio.to_thread(request_reload, config, 25))
+                await asyncio.sleep(1)
+            finally:
+                os.kill(slow, signal.SIGCONT)
+            began = time.monotonic()
+            with pytest.raises(ShadowProxyError, match="stopped without reloading"):
+                await asyncio.wait_for(command, 30)
+            took = time.monotonic() - began
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+    assert took < 15
