@@ -406,8 +406,9 @@ class PostgresWriter:
         if conn is not None and not conn.is_closed():
             conn.terminate()
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the connection politely within ``timeout`` seconds, else cut it."""
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             with contextlib.suppress(Exception):  # asyncpg cuts it if closing politely fails
-                await conn.close(timeout=5.0)
+                await conn.close(timeout=timeout)

@@ -70,6 +70,9 @@ some throughput, at a load that already costs them latency, and keep the records
 START_CHECK_S = 3.0
 """How long the start waits for the database to answer its connection before it serves and
 spools."""
+_CLOSE_AT_LEAST_S = 0.2
+"""How long the stop gives the database connection's polite close when the grace is spent
+(an idle connection to a database that answers closes in a millisecond)."""
 KEPT_VERSIONS = 16
 """Configuration versions whose recording rules are kept for exchanges still in flight."""
 
@@ -239,7 +242,10 @@ class Recorder:
         finally:
             give_up.cancel()
         self.spool.close()
-        await self.writer.close()
+        # Every record is written or spooled by now: closing the connection gets what is
+        # left of the grace (a moment at least). A polite close waited 5 s for a database
+        # gone silent, past a supervisor's kill once the queue had used the grace up.
+        await self.writer.close(max(_CLOSE_AT_LEAST_S, self._stop_left() or 0.0))
 
     async def _flush_at_close(self) -> None:
         self._closing = True

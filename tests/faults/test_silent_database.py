@@ -255,3 +255,29 @@ async def test_a_stop_while_the_database_is_silent_ends_within_its_grace(
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert await count(database_url) == (10, 20)
+
+
+async def test_a_stop_with_the_database_silent_and_nothing_to_write_ends_within_its_grace(
+        tmp_path: Path, database_url: str) -> None:
+    """SIGTERM with every record stored and the database gone silent since: nothing is
+    waiting to be written, and the writer's idle connection is closed within what is left
+    of the grace. Its polite close waited 5 s for the silent database, and a stop whose
+    grace the queue had used up went on past a supervisor's kill."""
+    async with DatabaseLink(database_url) as link, serve(model("v1")) as primary, \
+            serve(model("v2")) as shadow, aiohttp.ClientSession() as http:
+        config, port, admin = write_run_config(tmp_path, primary.url, shadow.url, link.url,
+                                               limits={"shutdown_grace_s": 1})
+        proc = await start_run(config)
+        async with _killed_if_left(proc):
+            await wait_ready(admin, proc)
+            for i in range(5):
+                resp = await http.post(f"http://127.0.0.1:{port}/p", json={"i": i})
+                assert resp.status == 200
+            await _until(lambda: _stored(database_url, 5), 10)
+            link.freeze()
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            took = time.monotonic() - began
+        assert took < 1 + 1.5, took
+    assert await count(database_url) == (5, 10)
