@@ -375,6 +375,22 @@ def test_a_stop_waits_for_a_worker_as_long_as_its_own_stop_can_take() -> None:
         assert stop_timeout_s(grace) >= 2 * grace + 10
 
 
+@contextlib.asynccontextmanager
+async def _two_workers(tmp_path: Path, database_url: str
+                       ) -> AsyncIterator[tuple[Path, asyncio.subprocess.Process, int, Path]]:
+    """A supervisor of two workers, ready and seen listening: its configuration file, the
+    process, one worker's pid (to stall) and the file a reload hands its version on in."""
+    async with serve(model("v1")) as primary:
+        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                        database_url, workers=2)
+        async with supervisor(config) as proc:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            await asyncio.sleep(0.5)  # the supervisor's round (0.1 s) has seen both listen
+            yield (config, proc, min(worker_pids(proc.pid)),
+                   tmp_path / "data" / "run" / "config.json")
+
+
 async def test_reload_commands_answer_with_the_reload_that_read_their_edit(
         tmp_path: Path, database_url: str) -> None:
     """Two `shadowproxy reload` run while another reload is still applying (a worker slow
@@ -385,37 +401,28 @@ async def test_reload_commands_answer_with_the_reload_that_read_their_edit(
     from shadowproxy.control import request_reload
     from shadowproxy.reload import config_version
 
-    async with serve(model("v1")) as primary:
-        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
-                                        database_url, workers=2)
-        async with supervisor(config) as proc:
-            await wait_ready(admin, proc)
-            assert proc.pid is not None
-            await asyncio.sleep(0.5)  # the supervisor's round (0.1 s) has seen both listen
-            slow = min(worker_pids(proc.pid))
-            handed = tmp_path / "data" / "run" / "config.json"
+    async with _two_workers(tmp_path, database_url) as (config, proc, slow, handed):
+        def edit(grace: float) -> str:
+            text = yaml.safe_load(config.read_text())
+            text["limits"] = {"shutdown_grace_s": grace}
+            config.write_text(yaml.safe_dump(text))
+            return config_version(load_config(config))
 
-            def edit(grace: float) -> str:
-                text = yaml.safe_load(config.read_text())
-                text["limits"] = {"shutdown_grace_s": grace}
-                config.write_text(yaml.safe_dump(text))
-                return config_version(load_config(config))
-
-            os.kill(slow, signal.SIGSTOP)
-            try:
-                first = edit(4)
-                os.kill(proc.pid, signal.SIGHUP)  # waits for the stopped worker
-                await wait_for(lambda: handed.exists() and first in handed.read_text(), 10,
-                               "the first reload to hand its version on")
-                second = edit(5)
-                # The command's own code, in threads: each signals within milliseconds.
-                commands = [asyncio.ensure_future(asyncio.to_thread(request_reload, config))
-                            for _ in range(2)]
-                await asyncio.sleep(1)  # both have signalled; the first reload still waits
-                assert not any(c.done() for c in commands)
-            finally:
-                os.kill(slow, signal.SIGCONT)
-            outcomes = [await asyncio.wait_for(c, 30) for c in commands]
+        os.kill(slow, signal.SIGSTOP)
+        try:
+            first = edit(4)
+            os.kill(proc.pid, signal.SIGHUP)  # waits for the stopped worker
+            await wait_for(lambda: handed.exists() and first in handed.read_text(), 10,
+                           "the first reload to hand its version on")
+            second = edit(5)
+            # The command's own code, in threads: each signals within milliseconds.
+            commands = [asyncio.ensure_future(asyncio.to_thread(request_reload, config))
+                        for _ in range(2)]
+            await asyncio.sleep(1)  # both have signalled; the first reload still waits
+            assert not any(c.done() for c in commands)
+        finally:
+            os.kill(slow, signal.SIGCONT)
+        outcomes = [await asyncio.wait_for(c, 30) for c in commands]
     for outcome in outcomes:
         assert (outcome["result"], outcome["previous_version"], outcome["version"]) == \
             ("applied", first, second)
@@ -452,29 +459,21 @@ async def test_a_reload_command_sent_to_a_stopping_supervisor_says_so_when_it_ex
     from shadowproxy.control import request_reload
     from shadowproxy.errors import ShadowProxyError
 
-    async with serve(model("v1")) as primary:
-        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
-                                        database_url, workers=2)
-        async with supervisor(config) as proc:
-            await wait_ready(admin, proc)
-            assert proc.pid is not None
-            await asyncio.sleep(0.5)  # the supervisor's round (0.1 s) has seen both listen
-            slow = min(worker_pids(proc.pid))
-            handed = tmp_path / "data" / "run" / "config.json"
-            os.kill(slow, signal.SIGSTOP)
-            try:
-                config.write_text(config.read_text() + "limits: {shutdown_grace_s: 2}\n")
-                os.kill(proc.pid, signal.SIGHUP)  # a reload that waits for the stopped worker
-                await wait_for(handed.exists, 10, "the reload to hand its version on")
-                os.kill(proc.pid, signal.SIGTERM)  # the stop waits for that reload
-                await asyncio.sleep(0.5)
-                command = asyncio.ensure_future(asyncio.to_thread(request_reload, config, 25))
-                await asyncio.sleep(1)
-            finally:
-                os.kill(slow, signal.SIGCONT)
-            began = time.monotonic()
-            with pytest.raises(ShadowProxyError, match="stopped without reloading"):
-                await asyncio.wait_for(command, 30)
-            took = time.monotonic() - began
-            assert await asyncio.wait_for(proc.wait(), 20) == 0
+    async with _two_workers(tmp_path, database_url) as (config, proc, slow, handed):
+        os.kill(slow, signal.SIGSTOP)
+        try:
+            config.write_text(config.read_text() + "limits: {shutdown_grace_s: 2}\n")
+            os.kill(proc.pid, signal.SIGHUP)  # a reload that waits for the stopped worker
+            await wait_for(handed.exists, 10, "the reload to hand its version on")
+            os.kill(proc.pid, signal.SIGTERM)  # the stop waits for that reload
+            await asyncio.sleep(0.5)
+            command = asyncio.ensure_future(asyncio.to_thread(request_reload, config, 25))
+            await asyncio.sleep(1)
+        finally:
+            os.kill(slow, signal.SIGCONT)
+        began = time.monotonic()
+        with pytest.raises(ShadowProxyError, match="stopped without reloading"):
+            await asyncio.wait_for(command, 30)
+        took = time.monotonic() - began
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
     assert took < 15
