@@ -174,7 +174,7 @@ async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
         await conn.execute(f"SET lock_timeout = '{round(LOCK_TIMEOUT_S * 1000)}ms'")
     except BaseException as exc:
         conn.terminate()
-        if isinstance(exc, CONNECTION_ERRORS | asyncpg.PostgresError):
+        if isinstance(exc, (*CONNECTION_ERRORS, asyncpg.PostgresError)):
             raise DatabaseError(f"cannot use the connection to PostgreSQL at {describe(url)}: "
                                 f"{exc}") from exc
         raise

@@ -281,3 +281,17 @@ async def test_a_stop_with_the_database_silent_and_nothing_to_write_ends_within_
             took = time.monotonic() - began
         assert took < 1 + 1.5, took
     assert await count(database_url) == (5, 10)
+
+
+async def test_a_connection_cancelled_while_it_is_set_up_ends_cancelled(
+        database_url: str) -> None:
+    """A command's or the maintenance's connection cancelled while it sets its lock timeout
+    (a stop, Ctrl-C, the database gone silent) ends with the cancellation: the clean-up
+    raised a TypeError of its own instead, and a stop waited on a task that would not end."""
+    async with DatabaseLink(database_url) as link:
+        link.freeze_on(b"SET lock_timeout")
+        connecting = asyncio.ensure_future(connect(link.url))
+        await asyncio.wait_for(link.frozen.wait(), 10)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(connecting, 5)
