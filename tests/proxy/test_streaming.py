@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
@@ -191,3 +192,32 @@ async def test_a_body_after_a_head_that_came_just_in_time_gets_its_timeout(
                                      "ORDER BY role")
     assert [(r["role"], r["body"], r["error"]) for r in rows] == [
         ("primary", events, None), ("shadow", events, None)]
+
+
+async def test_a_body_that_stops_is_cut_within_twice_its_timeout_after_its_last_byte(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """The body's flow is checked once per ``timeout_s`` (docs/configuration.md): a primary
+    that sends its head and a first piece, then nothing, is cut no sooner than
+    ``timeout_s`` after that piece and no later than twice that (with slack for the loop);
+    the client's connection is cut and the record says ``timeout``."""
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await reader.read()  # silent until the proxy closes
+
+    async with raw_server(closing(respond)) as primary:
+        routes = [{**route(primary), "primary": {"url": primary, "timeout_s": 0.6}}]
+        async with start_proxy(routes) as proxy, aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{proxy.port}/stops") as resp:
+                assert resp.status == 200
+                assert await resp.content.readexactly(5) == b"first"
+                last_byte = time.perf_counter()
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    await asyncio.wait_for(resp.content.read(), 5)
+                cut_after = time.perf_counter() - last_byte
+            await wait_for_rows(database_url, "responses", 1)
+    assert 0.6 <= cut_after <= 1.2 + 0.5, cut_after
+    assert await fetchval(database_url, "SELECT error_kind FROM shadowproxy.responses") == \
+        "timeout"
