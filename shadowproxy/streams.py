@@ -33,6 +33,8 @@ from typing import Any
 import brotli
 import orjson
 
+from shadowproxy.recorder.bodies import BodyTooLarge, Inflater
+
 Arrival = tuple[int, float]
 """One network read of a response body: (body bytes received before it, perf_counter time)."""
 
@@ -488,10 +490,7 @@ def decode_arrivals(body: bytes, arrivals: Sequence[Arrival], encoding: bytes, c
         return body, list(arrivals)
     d: Any
     if enc in (b"gzip", b"x-gzip", b"deflate"):
-        wbits = zlib.MAX_WBITS | 32
-        if enc == b"deflate" and body[:1] != b"\x78":
-            wbits = -zlib.MAX_WBITS  # raw deflate, as some servers send
-        d = zlib.decompressobj(wbits)
+        d = Inflater(enc, body)  # every member of a gzip body; nothing after a deflate one
     elif enc == b"br":
         d = brotli.Decompressor()
     else:
@@ -510,14 +509,12 @@ def decode_arrivals(body: bytes, arrivals: Sequence[Arrival], encoding: bytes, c
             if isinstance(d, brotli.Decompressor):
                 data = d.process(piece, output_buffer_limit=room)
             else:
-                data = d.decompress(piece, room)
-                if d.unconsumed_tail:
-                    return None
+                data = d.feed(piece, room - 1)
             size += len(data)
             if size > cap:
                 return None
             out.append(data)
-    except (zlib.error, brotli.error):
+    except (zlib.error, brotli.error, BodyTooLarge):
         return None
     return b"".join(out), moved
 

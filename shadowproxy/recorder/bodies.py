@@ -54,14 +54,7 @@ def _undo(data: bytes, encoding: bytes, cap: int) -> bytes | None:
     enc = encoding.strip().lower()
     try:
         if enc in (b"gzip", b"x-gzip", b"deflate"):
-            if enc == b"deflate" and data[:1] != b"\x78":
-                d = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send
-            else:
-                d = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib or gzip header
-            out = d.decompress(data, cap + 1)
-            if len(out) > cap or d.unconsumed_tail:
-                raise BodyTooLarge(out[:_HEAD])
-            return out
+            return Inflater(enc, data).feed(data, cap)
         if enc == b"br":
             b = brotli.Decompressor()
             unbrotlied: bytes = b.process(data, output_buffer_limit=cap + 1)
@@ -77,6 +70,45 @@ def _undo(data: bytes, encoding: bytes, cap: int) -> bytes | None:
 
 _HEAD = 64
 """Bytes of a body past the decompression cap kept to tell whether it looks like JSON."""
+
+
+class Inflater:
+    """Undoes gzip or deflate on a body given whole or read by read (``feed``).
+
+    A gzip body may be several members one after the other (RFC 1952, 2.2; what
+    ``cat a.gz b.gz`` makes): each is undone, with the zero padding gzip(1) and Python's
+    gzip module accept between them; what follows a member and is no member is corrupt.
+    So is anything after the end of a deflate stream (brotli refuses it the same way).
+    """
+
+    def __init__(self, encoding: bytes, first: bytes) -> None:
+        """``encoding``: gzip, x-gzip or deflate (lower case); ``first``: the body's first
+        bytes (a deflate body without a zlib header is raw deflate, as some servers send)."""
+        self._gzip = encoding != b"deflate"
+        wbits = -zlib.MAX_WBITS if not self._gzip and first[:1] != b"\x78" else (
+            zlib.MAX_WBITS | 32)  # zlib or gzip header
+        self._d: Any = zlib.decompressobj(wbits)
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """The output of ``data``. Raises BodyTooLarge past ``room`` bytes of it, and
+        zlib.error for corrupt input."""
+        parts: list[bytes] = []
+        while data:
+            d = self._d
+            if d.eof:  # the stream (a member) ended: only another member may follow
+                if not self._gzip:
+                    raise zlib.error("data after the end of the deflate stream")
+                data = data.lstrip(b"\x00")
+                if not data:
+                    break
+                d = self._d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            out = d.decompress(data, room + 1)
+            parts.append(out)
+            room -= len(out)
+            if room < 0 or d.unconsumed_tail:
+                raise BodyTooLarge(b"".join(parts)[:_HEAD])
+            data = d.unused_data
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _looks_like_json(data: bytes) -> bool:

@@ -7,6 +7,8 @@ import gzip
 import json
 
 import aiohttp
+import pytest
+from aiohttp import web
 
 from tests.conftest import StartProxy, route
 from tests.db import fetch, fetchrow, fetchval
@@ -80,6 +82,40 @@ async def test_gzip_response_passes_through_as_bytes_and_is_stored_as_json(
         database_url, "SELECT body FROM shadowproxy.responses WHERE role='primary'")
     assert stored == "1.0"
     assert raw_stored == raw
+
+
+@pytest.mark.parametrize("redact", [False, True], ids=["no rules", "redact_json"])
+async def test_a_gzip_body_of_several_members_is_stored_with_all_of_its_json(
+        start_proxy: StartProxy, database_url: str, redact: bool) -> None:
+    """A gzip request and response made of two members (``cat a.gz b.gz``, which RFC 1952
+    allows and clients decode whole) are stored with the JSON of both members; with
+    redaction rules, the stored body is the whole redacted document."""
+    members = gzip.compress(b'{"prediction": 1, ') + gzip.compress(b'"secret": "s1"}')
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(body=members, headers={"Content-Encoding": "gzip",
+                                                   "Content-Type": "application/json"})
+
+    recording = {"redact_json": ["$.secret"]} if redact else {}
+    async with serve(answer) as primary, \
+            start_proxy([route(primary.url)], recording=recording) as proxy, \
+            aiohttp.ClientSession(auto_decompress=False) as http:
+        resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", data=members,
+                               headers={"Content-Encoding": "gzip",
+                                        "Content-Type": "application/json"})
+        assert resp.status == 200 and await resp.read() == members
+        await wait_for_rows(database_url, "responses", 1)
+    rows = await fetch(database_url, "SELECT body, body_json::text AS j FROM "
+                       "shadowproxy.requests UNION ALL SELECT body, body_json::text "
+                       "FROM shadowproxy.responses")
+    assert len(rows) == 2
+    secret = "[redacted]" if redact else "s1"
+    for row in rows:
+        assert row["j"] is not None and json.loads(row["j"]) == {"prediction": 1,
+                                                                 "secret": secret}
+        stored = row["body"] if redact else gzip.decompress(row["body"])
+        assert json.loads(stored) == {"prediction": 1, "secret": secret}
 
 
 async def test_unrouted_request_gets_404_json_and_is_not_recorded(

@@ -229,6 +229,37 @@ async def test_a_gzip_compressed_stream_is_decoded_and_assembled(
     assert timing["gap_p50_ms"] >= 8.0  # each event in its own read, 10 ms apart
 
 
+async def test_a_stream_gzipped_member_by_member_is_assembled_whole(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """An event stream whose server gzips each event as a member of its own (RFC 1952
+    lets members follow one another) is assembled from every event, not the first."""
+    words = ["one", " two", " three"]
+
+    async def members(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Content-Encoding": "gzip"})
+        await resp.prepare(request)
+        for event in _events(words):
+            await resp.write(zlib.compress(event, wbits=zlib.MAX_WBITS | 16))
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    async with serve(members) as primary, start_proxy([route(primary.url)]) as proxy, \
+            aiohttp.ClientSession(auto_decompress=False) as http:
+        async with http.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions",
+                             json={"stream": True}) as resp:
+            raw = await resp.read()
+        await wait_for_rows(database_url, "responses", 1)
+    row = await fetchrow(database_url, "SELECT body, body_json::text AS j, stream::text AS s "
+                                       "FROM shadowproxy.responses")
+    assert row["body"] == raw and row["j"] is not None
+    answer, timing = json.loads(row["j"]), json.loads(row["s"])
+    assert answer["choices"][0]["message"]["content"] == "one two three"
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert timing["token_chunks"] == 3
+
+
 async def test_a_stream_past_the_recording_cap_is_timed_to_its_end(
         start_proxy: StartProxy, database_url: str) -> None:
     """A stream longer than ``max_body_bytes``: the body and its assembly stop at the cap,

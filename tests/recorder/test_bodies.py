@@ -37,6 +37,21 @@ def test_gzip_deflate_and_brotli_are_undone() -> None:
     assert decompress(brotli.compress(data), b"br", 1000) == data
 
 
+def test_every_member_of_a_gzip_body_is_undone_and_nothing_may_follow_a_stream() -> None:
+    """A gzip body of several members (``cat a.gz b.gz``) is undone whole, zero padding
+    between members allowed and the cap counting them all; bytes after a member that are
+    no member, or after the end of a deflate or brotli stream, make the body corrupt."""
+    first, second = gzip.compress(b'{"a": '), gzip.compress(b'1, "b": 2}')
+    assert decompress(first + second, b"gzip", 1000) == b'{"a": 1, "b": 2}'
+    assert decompress(first + b"\0\0" + second + b"\0", b"x-gzip", 1000) == \
+        b'{"a": 1, "b": 2}'
+    with pytest.raises(BodyTooLarge):
+        decompress(first + second, b"gzip", 10)
+    assert decompress(first + b"garbage", b"gzip", 1000) is None
+    assert decompress(zlib.compress(b"[1]") + b"garbage", b"deflate", 1000) is None
+    assert decompress(brotli.compress(b"[1]") + b"garbage", b"br", 1000) is None
+
+
 def test_a_list_of_codings_is_undone_last_first() -> None:
     """``Content-Encoding: gzip, br`` (gzip applied, then br) is undone br first; with
     redaction rules, such a JSON body is redacted, not stored as its compressed bytes."""
