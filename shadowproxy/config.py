@@ -201,12 +201,20 @@ class Shadow(FrozenModel):
     @field_validator("set_headers")
     @classmethod
     def _set_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        from shadowproxy.http1 import HEADER_NAME, REQUEST_REWRITTEN, header_value_problem
+        from shadowproxy.http1 import (
+            HEADER_NAME,
+            REQUEST_REWRITTEN,
+            header_value_problem,
+            hop_by_hop_problem,
+        )
 
         for name, text in value.items():
             if not HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a header name (letters, digits and "
                                  "!#$%&'*+.^_`|~- only)")
+            problem = hop_by_hop_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
             if name.lower().encode() in REQUEST_REWRITTEN:
                 raise ValueError(f"{name} is written by the proxy itself (framing, the "
                                  "shadow's host, forwarding and request id headers): it "

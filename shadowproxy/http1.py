@@ -69,6 +69,18 @@ def header_value_problem(value: str) -> str | None:
     return None
 
 
+def hop_by_hop_problem(name: str) -> str | None:
+    """Why a header named ``name`` cannot be set for an upstream (a shadow's
+    ``set_headers``, the replay's ``--set-header``), or None: a hop-by-hop header
+    (``HOP_BY_HOP``) concerns one connection, so none is ever sent on, whoever gives it."""
+    if name.lower().encode("latin-1") in HOP_BY_HOP:
+        return (f"{name} is a hop-by-hop header (RFC 9110 §7.6.1: Connection, Keep-Alive, "
+                "TE, Trailer, Transfer-Encoding, Upgrade, Proxy-Connection, "
+                "Proxy-Authorization): it concerns one connection and is never sent on, "
+                "so it cannot be set")
+    return None
+
+
 def lists_extra_tokens(connection: bytes) -> bool:
     """Whether a Connection value names headers (beyond keep-alive/close) to drop as well."""
     return connection.strip().lower() not in _PLAIN_CONNECTION

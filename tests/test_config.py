@@ -322,6 +322,7 @@ def test_a_port_as_a_number_and_a_database_url_as_a_string_say_what_to_write(
     ('{"X-A": "1\\r\\nX-Injected: yes"}', "X-A: the value must not contain line breaks"),
     ('{"Content-Length": "0"}', "Content-Length is written by the proxy itself"),
     ('{"X-Request-Id": "fixed"}', "X-Request-Id is written by the proxy itself"),
+    ('{"Proxy-Authorization": "Basic x"}', "Proxy-Authorization is a hop-by-hop header"),
     ('{"bad name": "x"}', "'bad name' is not a header name"),
     ('{"X-B": "caf\\u00e9 \\u2713"}', "X-B: HTTP/1.1 header values are Latin-1 text"),
 ])

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from shadowproxy.durations import finite_seconds
 from shadowproxy.errors import UsageError
-from shadowproxy.http1 import HEADER_NAME, header_value_problem
+from shadowproxy.http1 import HEADER_NAME, header_value_problem, hop_by_hop_problem
 from shadowproxy.jsonexact import loads_exact
 from shadowproxy.recorder.bodies import parse_json_path
 
@@ -153,14 +153,17 @@ def parse_set_header(text: str) -> tuple[str, str]:
     problem = header_value_problem(value)
     if problem is not None:
         raise UsageError(f"--set-header {name}: {problem}")
+    problem = hop_by_hop_problem(name)  # as a live shadow's set_headers (config.py)
+    if problem is not None:
+        raise UsageError(f"--set-header {problem}")
     lname = name.lower()
     if lname == "host":
         raise UsageError(f"--set-header {name}: the target gets its own Host, as a live shadow "
                          "does; the recorded Host goes out as X-Forwarded-Host: give it with "
                          f"--set-header 'X-Forwarded-Host={value.strip() or 'VALUE'}'")
-    if lname in ("content-length", "transfer-encoding", "connection"):
+    if lname == "content-length":
         raise UsageError(f"--set-header {name}: this header is set by the replay itself "
-                         "(the body's length, one keep-alive connection)")
+                         "(the body's length)")
     return name, value.strip()
 
 

@@ -178,6 +178,36 @@ async def test_usage_errors_exit_2_before_anything_is_sent(
         assert message in result.err, (extra, result.err)
 
 
+HOP_BY_HOP_NAMES = ["Proxy-Authorization", "Connection", "Keep-Alive", "TE", "Trailer",
+                    "Transfer-Encoding", "Upgrade", "Proxy-Connection"]
+
+
+async def test_a_hop_by_hop_set_header_is_refused_as_a_shadows_set_headers_is(
+        database_url: str, tmp_path: Path) -> None:
+    """--set-header with a hop-by-hop name exits 2 before anything is sent, with the
+    message a live shadow's set_headers gets in the config file. Proxy-Authorization,
+    Keep-Alive, TE, Trailer, Upgrade and Proxy-Connection were sent to the target."""
+    from tests.replay.helpers import cli
+
+    await store(database_url, [request(0)])
+    async with serve(model("c")) as target:
+        for name in HOP_BY_HOP_NAMES:
+            result = await replay(write_config(tmp_path, database_url), "--set-header",
+                                  f"{name}=x", to=target.url)
+            assert result.status == 2 and result.out == "", (name, result.out, result.err)
+            assert (f"--set-header {name} is a hop-by-hop header (RFC 9110 §7.6.1: "
+                    "Connection, Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, "
+                    "Proxy-Connection, Proxy-Authorization): it concerns one connection and "
+                    "is never sent on, so it cannot be set") in result.err, (name, result.err)
+            config = write_config(tmp_path, database_url, shadows=[
+                {"name": "s", "url": target.url, "set_headers": {name: "x"}}])
+            check = await cli("check-config", "-c", str(config))
+            assert check.status != 0 and result.err.split("--set-header ")[1].strip() in \
+                check.out + check.err, (name, check.out, check.err)
+        assert target.seen == []
+    assert await answers(database_url) == 0
+
+
 async def test_limit_takes_the_first_n_and_a_rerun_resumes_the_same_n(
         database_url: str, tmp_path: Path) -> None:
     """--limit N selects the oldest N; a rerun with the same --limit completes those N
