@@ -17,6 +17,7 @@ it is sent uncompressed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -193,8 +194,18 @@ def _json_document(body: bytes, encoding: str | None,
                    stored_json: str | None) -> tuple[Any, bool] | None:
     """(the request's JSON document, True if the standard library read it), parsed from the
     bytes as sent when possible (keeping the client's key order), else from the recorder's
-    ``body_json``; None if there is none."""
-    texts = [body] if encoding is None and body else []
+    ``body_json``; None if there is none.
+
+    An encoded body is decoded here (up to ``_DECODE_CAP``): ``body_json`` is jsonb, whose
+    keys come out reordered, and NULL past ``recording.max_decompressed_bytes``."""
+    texts: list[bytes] = []
+    if body:
+        decoded: bytes | None = None
+        if encoding is not None:
+            with contextlib.suppress(BodyTooLarge):  # past 64 MiB: body_json, if any
+                decoded = decompress(body, encoding.encode("latin-1"), _DECODE_CAP)
+        # Not decoded: plain, stored decoded (redacted JSON), or a coding not undone here.
+        texts.append(body if decoded is None else decoded)
     if stored_json is not None:
         texts.append(stored_json.encode("utf-8"))
     for text in texts:

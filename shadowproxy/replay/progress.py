@@ -69,6 +69,10 @@ def preflight_lines(options: ReplayOptions, pre: Preflight, pacer: Pacer, *,
                      f"skipped ({TRUNCATED})")
     if options.set_json and pre.no_json:
         lines.append(f"  {pre.no_json} requests have no JSON body: skipped ({NO_JSON_BODY})")
+    if options.set_json and pre.encoded_no_json:
+        lines.append(f"  {pre.encoded_no_json} requests have a compressed body stored without "
+                     "its JSON (recording.max_decompressed_bytes): decoded to be edited, "
+                     f"skipped if not JSON ({NO_JSON_BODY})")
     if pre.redacted_requests:
         left = [name for name in pre.redacted_headers if name not in options.set_header_names()]
         names = ", ".join(f"{name} {pre.redacted_headers[name]}" for name in left)

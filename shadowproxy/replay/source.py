@@ -122,6 +122,9 @@ class Preflight:
     redacted_headers: dict[str, int] = field(default_factory=dict)
     """Header name → pending requests that have it stored as "[redacted]"."""
     redacted_query: int = 0
+    encoded_no_json: int = 0
+    """Pending requests with a content-encoded body but no ``body_json``: JSON only if it
+    decodes to JSON (the recorder's decoding stops at ``max_decompressed_bytes``)."""
     """Pending requests whose query holds a parameter stored as "[redacted]"
     (recording.redact_query): sent as stored, nothing can give it a value."""
 
@@ -259,6 +262,8 @@ class Selection:
 WITH sel AS (
     SELECT _sp_q.body_truncated AS truncated,
            _sp_q.body_json IS NULL AS no_json,
+           _sp_q.body_json IS NULL AND coalesce(octet_length(_sp_q.body), 0) > 0
+               AND _sp_q.headers ? 'content-encoding' AS encoded,
            coalesce(strpos(_sp_q.body_json::text, '"[redacted]"') > 0, false) AS redacted_json,
            _sp_q.query ~ {p(REDACTED_QUERY_RE)} AS redacted_query,
            ARRAY(SELECT h.key FROM jsonb_each_text(_sp_q.headers) h
@@ -284,7 +289,9 @@ SELECT (SELECT count(*) FROM sel) AS selected,
        (SELECT count(*) FROM sel WHERE live) AS live,
        (SELECT count(*) FROM todo) AS pending,
        (SELECT count(*) FROM todo WHERE truncated) AS truncated,
-       (SELECT count(*) FROM todo WHERE NOT truncated AND no_json) AS no_json,
+       (SELECT count(*) FROM todo WHERE NOT truncated AND no_json AND NOT encoded)
+           AS no_json,
+       (SELECT count(*) FROM todo WHERE NOT truncated AND encoded) AS encoded_no_json,
        (SELECT count(*) FROM todo WHERE NOT truncated AND redacted_json) AS redacted_json,
        (SELECT count(*) FROM todo WHERE NOT truncated AND redacted_query) AS redacted_query,
        (SELECT count(*) FROM todo WHERE NOT truncated AND EXISTS (
@@ -302,7 +309,7 @@ SELECT (SELECT count(*) FROM sel) AS selected,
             truncated=row["truncated"], no_json=row["no_json"],
             redacted_json=row["redacted_json"], redacted_requests=row["redacted_requests"],
             redacted_headers=dict(sorted(orjson.loads(row["redacted_headers"]).items())),
-            redacted_query=row["redacted_query"])
+            redacted_query=row["redacted_query"], encoded_no_json=row["encoded_no_json"])
 
     async def stored_since(self, conn: asyncpg.Connection, since: datetime) -> int:
         """Answers of the target stored for the route's requests in the window by calls

@@ -3,11 +3,13 @@ through a real proxy, replayed honestly and counted."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.conftest import StartProxy, route
 from tests.db import fetch
@@ -188,3 +190,43 @@ async def test_a_redacted_hop_by_hop_header_is_not_announced_as_left_out(
     assert ('1 requests have headers stored as "[redacted]" (authorization 1): '
             "sent without them") in result.out
     assert '1 sent without their "[redacted]" headers' in result.out
+
+
+async def test_set_json_edits_a_compressed_request_body_as_the_client_sent_it(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """--set-json on a gzip request body edits the body as the client sent it, its keys in
+    their order, also past recording.max_decompressed_bytes (no body_json). It edited the
+    stored jsonb instead: keys reordered ({"a", "m", "zz"}), and a body whose jsonb the cap
+    left NULL was skipped as having no JSON body."""
+    small = b'{"zz": 1, "a": 2, "m": [3, 2]}'
+    large = b'{"zz": 1, "a": 2, "m": [3, 2], "pad": "' + b"p" * 200 + b'"}'
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=await request.read(), content_type="application/json")
+
+    recording = {"max_decompressed_bytes": 100}
+    async with serve(echo) as primary, \
+            start_proxy([route(primary.url, name=ROUTE)], recording=recording) as proxy, \
+            aiohttp.ClientSession() as http:
+        for body in (small, large):
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p",
+                                   data=gzip.compress(body),
+                                   headers={"Content-Encoding": "gzip",
+                                            "Content-Type": "application/json"})
+            assert resp.status == 200
+        await wait_for_rows(database_url, "requests", 2)
+    stored = await fetch(database_url, "SELECT body_json IS NULL AS none FROM "
+                                       "shadowproxy.requests ORDER BY received_at")
+    assert [row["none"] for row in stored] == [False, True]
+    config = write_config(tmp_path, database_url, recording=recording)
+    async with serve(echo) as target:
+        result = await replay(config, "--set-json", "$.b=3", to=target.url)
+        assert result.status == 0, result.err
+        assert "skipped   0" in result.out, result.out
+    assert "have no JSON body" not in result.out
+    assert ("1 requests have a compressed body stored without its JSON "
+            "(recording.max_decompressed_bytes): decoded to be edited, skipped if not JSON "
+            "(--set-json needs a JSON body)") in result.out
+    sent = sorted((json.loads(s.body) for s in target.seen), key=len)
+    assert [list(doc) for doc in sent] == [["zz", "a", "m", "b"], ["zz", "a", "m", "pad", "b"]]
+    assert all("content-encoding" not in s.headers for s in target.seen)
