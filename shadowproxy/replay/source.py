@@ -122,11 +122,11 @@ class Preflight:
     redacted_headers: dict[str, int] = field(default_factory=dict)
     """Header name → pending requests that have it stored as "[redacted]"."""
     redacted_query: int = 0
+    """Pending requests whose query holds a parameter stored as "[redacted]"
+    (recording.redact_query): sent as stored, nothing can give it a value."""
     encoded_no_json: int = 0
     """Pending requests with a content-encoded body but no ``body_json``: JSON only if it
     decodes to JSON (the recorder's decoding stops at ``max_decompressed_bytes``)."""
-    """Pending requests whose query holds a parameter stored as "[redacted]"
-    (recording.redact_query): sent as stored, nothing can give it a value."""
 
 
 def _translate(exc: BaseException, where: str | None, what: str) -> Exception:
