@@ -416,6 +416,8 @@ class Supervisor:
         self._signal_stale()
         deadline = time.monotonic() + RELOAD_WAIT_S
         while time.monotonic() < deadline:
+            for slot in self.slots:
+                self._notice_listening(slot, time.monotonic())
             if all(snap is None or snap.get("config_version") == version
                    for slot, snap in self._live() if slot.listening):
                 break
@@ -478,6 +480,17 @@ class Supervisor:
         slot.proc, slot.listening = None, False
         return reason or f"exited with status {proc.exitcode}"
 
+    def _notice_listening(self, slot: _Slot, now: float) -> None:
+        """Mark ``slot`` listening once its current process's snapshot says so. Called by
+        each round and by whatever reads ``slot.listening`` between rounds: a reload's wait
+        skipped a worker that had listened since the last round (up to ``_POLL_S``), and
+        answered with that worker still on the old version."""
+        if slot.proc is None or slot.listening:
+            return
+        snap = self._snapshot(slot.proc.pid)
+        if snap is not None and snap["listening"]:
+            slot.listening, slot.listening_since = True, now
+
     def check(self) -> bool:
         """One round: retire and replace workers that are gone; False once it gave up."""
         now = time.monotonic()
@@ -510,9 +523,7 @@ class Supervisor:
             if slot.proc is None and not self.stopping and now >= slot.next_start:
                 self._start(slot)
             elif slot.proc is not None and not slot.listening:
-                snap = self._snapshot(slot.proc.pid)
-                if snap is not None and snap["listening"]:
-                    slot.listening, slot.listening_since = True, now
+                self._notice_listening(slot, now)
             elif slot.proc is not None and slot.failures and \
                     now - slot.listening_since >= STABLE_S:
                 slot.failures, slot.error = 0, ""  # it has kept running: healthy again

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.test_admin import samples
-from tests.test_run_command import wait_ready, write_config
+from tests.test_run_command import free_port, wait_ready, write_config
 from tests.upstreams import model, serve
 
 pytestmark = pytest.mark.slow
@@ -477,3 +477,39 @@ async def test_a_reload_command_sent_to_a_stopping_supervisor_says_so_when_it_ex
         took = time.monotonic() - began
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     assert took < 15
+
+
+async def test_a_reload_waits_for_a_worker_that_listened_since_the_last_round(
+        tmp_path: Path, database_url: str) -> None:
+    """A reload that comes after a (re)started worker published that it listens, but before
+    the supervisor's next round (``_POLL_S``) saw it, waits for that worker too and answers
+    with it on the new version. It skipped the worker and answered at once, listing it on
+    the old version. Real worker processes; the supervisor's rounds are run by hand, so
+    that the reload lands in that window every time."""
+    from shadowproxy.config import Settings
+    from shadowproxy.reload import config_version
+    from shadowproxy.workers import Supervisor
+
+    def settings(grace: float) -> Settings:
+        return Settings.model_validate({
+            "workers": 1, "data_dir": str(tmp_path / "data"), "admin_listen": None,
+            "listen": f"127.0.0.1:{free_port()}", "database": {"url": database_url},
+            "limits": {"shutdown_grace_s": grace},
+            "routes": [{"name": "r", "primary": {"url": "http://127.0.0.1:9"}}]})
+
+    running = settings(5)
+    sup = Supervisor(running, database_url, "text")
+    sup.prepare()
+    try:
+        assert sup.check()  # starts the worker
+        proc = sup.slots[0].proc
+        assert proc is not None and proc.pid is not None
+        snapshot = sup.directory / f"worker-{proc.pid}.pickle"
+        await wait_for(snapshot.exists, 30, "the worker to listen")  # no round sees it
+        assert not sup.slots[0].listening
+        new = running.model_copy(update={"limits": settings(6).limits})
+        version = config_version(new)
+        versions = await sup.apply(new, version)
+        assert versions == [{"worker": 0, "pid": proc.pid, "config_version": version}]
+    finally:
+        await sup.stop_all()
