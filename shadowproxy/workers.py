@@ -442,6 +442,11 @@ class Supervisor:
                 os.kill(proc.pid, signal.SIGHUP)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
+        # As /readyz reads the snapshots: it said ready a round before /healthz stopped
+        # saying that a replacement it counted as listening was failing.
+        now = time.monotonic()
+        for slot in self.slots:
+            self._notice_listening(slot, now)
         failing = [{"worker": s.index, "failed_starts": s.failures, "error": s.error}
                    for s in self.slots if s.failures and not s.listening]
         return not failing and not self.gave_up, (

@@ -479,6 +479,57 @@ async def test_a_reload_command_sent_to_a_stopping_supervisor_says_so_when_it_ex
     assert took < 15
 
 
+async def test_healthz_says_503_only_for_a_worker_that_fails_to_start(
+        tmp_path: Path, database_url: str) -> None:
+    """/healthz is the liveness probe: a worker that had served for ``STABLE_S`` and is
+    killed is replaced at once with /healthz at 200 all along (the supervisor does its
+    job); a worker that dies within ``STABLE_S`` of listening counts as a failed start,
+    and /healthz says 503 until its replacement listens (docs/operations.md)."""
+    from shadowproxy.workers import STABLE_S
+
+    async with serve(model("v1")) as primary:
+        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                           database_url, workers=2)
+        async with supervisor(config) as proc, aiohttp.ClientSession() as http:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            pid = proc.pid
+            await asyncio.sleep(STABLE_S + 0.5)
+
+            old = worker_pids(pid)
+            victim = min(old)
+            os.kill(victim, signal.SIGKILL)
+            await wait_for(lambda: not alive(victim), 5, "the worker to die")
+            seen: set[int] = set()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                seen.add((await http.get(f"http://127.0.0.1:{admin}/healthz")).status)
+                ready = await http.get(f"http://127.0.0.1:{admin}/readyz")
+                if ready.status == 200 and victim not in worker_pids(pid):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the worker was not replaced")
+            assert seen == {200}, "replacing a worker that had served counted as failing"
+            old.discard(victim)
+            young = (worker_pids(pid) - old).pop()
+            os.kill(young, signal.SIGKILL)
+            await wait_for(lambda: not alive(young), 5, "the worker to die")
+            statuses: set[int] = set()
+            deadline = time.monotonic() + 20
+            while not worker_pids(pid) - old - {young} and time.monotonic() < deadline:
+                statuses.add((await http.get(f"http://127.0.0.1:{admin}/healthz")).status)
+                await asyncio.sleep(0.02)
+            assert 503 in statuses, "a worker that died young counted as healthy"
+            (replacement,) = worker_pids(pid) - old - {young}
+            snapshot = tmp_path / "data" / "run" / f"worker-{replacement}.pickle"
+            while not snapshot.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+            # At once, as /readyz does: it said ready up to a supervisor round (0.1 s)
+            # before /healthz stopped saying 503.
+            assert (await http.get(f"http://127.0.0.1:{admin}/healthz")).status == 200
+
+
 async def test_a_reload_waits_for_a_worker_that_listened_since_the_last_round(
         tmp_path: Path, database_url: str) -> None:
     """A reload that comes after a (re)started worker published that it listens, but before
