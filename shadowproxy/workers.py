@@ -341,6 +341,7 @@ class Supervisor:
         self.slots = [_Slot(i) for i in range(settings.workers)]
         self.retained = empty_snapshot()
         self.stopping = False
+        """Set at the stop's first step: no replacements, /readyz 503, no reload waits."""
         self.gave_up = False
         self._ctx = multiprocessing.get_context("spawn")
 
@@ -415,7 +416,10 @@ class Supervisor:
         self._signalled.clear()
         self._signal_stale()
         deadline = time.monotonic() + RELOAD_WAIT_S
-        while time.monotonic() < deadline:
+        # Not past a stop's beginning: the stop waits for this reload before it tells the
+        # workers to stop (``supervise``), and waited out the rest of RELOAD_WAIT_S for a
+        # slow worker while every worker went on accepting clients.
+        while time.monotonic() < deadline and not self.stopping:
             for slot in self.slots:
                 self._notice_listening(slot, time.monotonic())
             if all(snap is None or snap.get("config_version") == version
@@ -423,8 +427,12 @@ class Supervisor:
                 break
             await asyncio.sleep(0.02)
         else:
-            log.warning("not every worker reported version %s within %.0f s; they are "
-                        "signalled again until they do", version, RELOAD_WAIT_S)
+            if self.stopping:
+                log.info("stopping: not waiting for every worker to report version %s",
+                         version)
+            else:
+                log.warning("not every worker reported version %s within %.0f s; they "
+                            "are signalled again until they do", version, RELOAD_WAIT_S)
         return self.worker_versions()
 
     def _signal_stale(self) -> None:
@@ -613,6 +621,9 @@ async def supervise(settings: Settings, url: str, log_format: str,
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), _POLL_S)
     finally:
+        # From the stop's first step: /readyz says 503 and a reload under way stops waiting
+        # for the workers. The stop waits for that reload; meanwhile /readyz said ready.
+        supervisor.stopping = True
         if reloader is not None:
             await reloader.close()
             control.remove_process_file(supervisor.directory)

@@ -455,18 +455,24 @@ async def test_a_reload_command_sent_to_a_stopping_supervisor_says_so_when_it_ex
         tmp_path: Path, database_url: str) -> None:
     """`shadowproxy reload` that signals a supervisor whose stop has begun (it takes no
     reload then) says that the proxy stopped without reloading as soon as it is gone: it
-    waited for an outcome until its timeout, and then said only that none came."""
-    from shadowproxy.control import request_reload
+    waited for an outcome until its timeout, and then said only that none came. The
+    command read the process file just before the stop removed it: the test puts it back
+    (a hard link), and a stalled worker holds the stop meanwhile."""
+    from shadowproxy.control import PROCESS_FILE, request_reload
     from shadowproxy.errors import ShadowProxyError
 
     async with _two_workers(tmp_path, database_url) as (config, proc, slow, handed):
+        process_file = handed.parent / PROCESS_FILE
+        as_read = handed.parent / "process-as-read"
+        os.link(process_file, as_read)
         os.kill(slow, signal.SIGSTOP)
         try:
             config.write_text(config.read_text() + "limits: {shutdown_grace_s: 2}\n")
             os.kill(proc.pid, signal.SIGHUP)  # a reload that waits for the stopped worker
             await wait_for(handed.exists, 10, "the reload to hand its version on")
-            os.kill(proc.pid, signal.SIGTERM)  # the stop waits for that reload
-            await asyncio.sleep(0.5)
+            os.kill(proc.pid, signal.SIGTERM)  # the stop waits for the stopped worker
+            await wait_for(lambda: not process_file.exists(), 10, "the stop to begin")
+            os.link(as_read, process_file)
             command = asyncio.ensure_future(asyncio.to_thread(request_reload, config, 25))
             await asyncio.sleep(1)
         finally:
@@ -564,3 +570,29 @@ async def test_a_reload_waits_for_a_worker_that_listened_since_the_last_round(
         assert versions == [{"worker": 0, "pid": proc.pid, "config_version": version}]
     finally:
         await sup.stop_all()
+
+
+async def test_a_stop_during_a_reload_that_waits_for_a_worker_begins_at_once(
+        tmp_path: Path, database_url: str) -> None:
+    """SIGTERM while a reload waits for a worker slow to follow it: /readyz says 503 at
+    once and the other workers stop (the reload answers with the versions as they are).
+    The stop waited for the reload's whole wait (10 s), /readyz saying ready and every
+    worker accepting clients all along."""
+    async with _two_workers(tmp_path, database_url) as (config, proc, slow, handed):
+        admin = yaml.safe_load(config.read_text())["admin_listen"].rpartition(":")[2]
+        others = worker_pids(proc.pid) - {slow}
+        os.kill(slow, signal.SIGSTOP)
+        try:
+            config.write_text(config.read_text() + "limits: {shutdown_grace_s: 2}\n")
+            os.kill(proc.pid, signal.SIGHUP)  # a reload that waits for the stopped worker
+            await wait_for(handed.exists, 10, "the reload to hand its version on")
+            os.kill(proc.pid, signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            async with aiohttp.ClientSession() as http:
+                ready = await http.get(f"http://127.0.0.1:{admin}/readyz")
+                assert ready.status == 503 and (await ready.json())["state"] == "stopping"
+            await wait_for(lambda: not any(alive(p) for p in others), 5,
+                           "the other worker to stop")
+        finally:
+            os.kill(slow, signal.SIGCONT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
