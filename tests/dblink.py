@@ -8,6 +8,11 @@ connection, while keeping the sockets open: the client waits for an answer that 
 comes, as it would behind a partition. ``thaw()`` ends the partition for connections made
 from then on (the silent ones stay silent, as a peer's lost TCP state would leave them), so
 a client that gives up on its connection and opens a new one is answered again.
+
+``stall=True`` makes the silence that of a real partition for a client that sends much:
+nothing more is read from a silent connection, so that the kernel's buffers fill and the
+client's writes block (its transport pauses writing), as they do when no segment is
+acknowledged. Without it the link reads and discards, and a large COPY is sent in full.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 class DatabaseLink:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, stall: bool = False) -> None:
         self._target_url = url
+        self._stall = stall
         self._marker: bytes | None = None
         self.frozen = asyncio.Event()
         """Set once the link went silent (it stays set after ``thaw``)."""
@@ -62,6 +68,8 @@ class DatabaseLink:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     from_client: bool, silenced: asyncio.Event) -> None:
         while True:
+            if from_client and self._stall and silenced.is_set():
+                await asyncio.Event().wait()  # read nothing more: the buffers fill up
             data = await reader.read(65536)
             if not data:
                 break
