@@ -54,6 +54,11 @@ class MigrationError(DatabaseError):
     """A schema migration failed; the database is left at the last applied version."""
 
 
+class MigrationsBusyError(MigrationError):
+    """Another process held the schema migrations' lock for longer than the connection's
+    ``lock_timeout``: it is applying them."""
+
+
 class EmbeddedDatabaseError(ShadowProxyError):
     """The embedded PostgreSQL under ``data_dir`` could not be initialised or started."""
 

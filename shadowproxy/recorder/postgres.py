@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from shadowproxy.errors import DatabaseError
+from shadowproxy.errors import DatabaseError, MigrationError, MigrationsBusyError
 from shadowproxy.recorder.copyrows import YieldingRows
 from shadowproxy.recorder.pgtime import timestamptz_from_pg, timestamptz_to_pg
 from shadowproxy.recorder.rows import (
@@ -41,8 +41,16 @@ from shadowproxy.recorder.rows import (
     without_bodies,
 )
 from shadowproxy.store import rollups
-from shadowproxy.store.database import ConnectionProblem, classify, describe, describe_error
+from shadowproxy.store.database import (
+    RECORDER_LOCK_HINT,
+    RECORDER_LOCK_TIMEOUT_S,
+    ConnectionProblem,
+    classify,
+    describe,
+    describe_error,
+)
 from shadowproxy.store.migrate import apply as apply_migrations
+from shadowproxy.store.migrate import lock_holder
 
 log = logging.getLogger("shadowproxy.recorder")
 
@@ -289,9 +297,15 @@ class PostgresWriter:
         return conn
 
     async def _prepare(self, conn: asyncpg.Connection) -> None:
-        """Make a new connection ready to write: the schema, codecs, temporary tables."""
+        """Make a new connection ready to write: the schema, codecs, temporary tables.
+        Its statements wait ``RECORDER_LOCK_TIMEOUT_S`` at most for another session's
+        lock (a statement, not a startup parameter, which PgBouncer refuses)."""
+        await conn.execute(f"SET lock_timeout = '{round(RECORDER_LOCK_TIMEOUT_S * 1000)}ms'")
         # A database that was down at start-up may never have been migrated.
-        await apply_migrations(conn)
+        try:
+            await apply_migrations(conn)
+        except (MigrationError, asyncpg.LockNotAvailableError) as exc:
+            await self._lock_waited(conn, exc)
         await conn.set_type_codec("timestamptz", schema="pg_catalog", format="tuple",
                                   encoder=timestamptz_to_pg, decoder=timestamptz_from_pg)
         await conn.execute(_TEMP_TABLES)
@@ -303,6 +317,29 @@ class PostgresWriter:
         self._insert_responses = _INSERT_RESPONSES.format(
             columns=", ".join(RESPONSE_COLUMNS), headers=check.format("headers"),
             body_json=check.format("body_json"), stream=check.format("stream"))
+
+    async def _lock_waited(self, conn: asyncpg.Connection,
+                           exc: MigrationError | asyncpg.LockNotAvailableError) -> NoReturn:
+        """Say which lock held the migrations up, and what becomes of the records; raise
+        ``exc`` itself if it was not a lock's wait."""
+        wait = f"{RECORDER_LOCK_TIMEOUT_S:g} s"
+        if not isinstance(exc, MigrationsBusyError):  # a migration's statement waited
+            lock = exc if isinstance(exc, asyncpg.LockNotAvailableError) else exc.__cause__
+            if not isinstance(lock, asyncpg.LockNotAvailableError):
+                raise exc
+            raise DatabaseError(f"could not apply the schema migrations on {describe(self.url)}: "
+                                f"{describe_error(lock)}: "
+                                f"{RECORDER_LOCK_HINT.format(wait=RECORDER_LOCK_TIMEOUT_S)}"
+                                ) from exc
+        holder = None
+        with contextlib.suppress(Exception):  # naming the holder is a courtesy
+            holder = await lock_holder(conn)
+        by = f" (PostgreSQL backend {holder})" if holder is not None else ""
+        raise DatabaseError(
+            f"another process{by} held the schema migrations' lock for longer than the "
+            f"recorder waits for it ({wait}): `shadowproxy migrate`, or a proxy or replay "
+            "starting, applying them; records go to the spool until it has finished, and are "
+            "stored then") from exc
 
     async def write(self, requests: list[Row], responses: list[Row], *,
                     checked: bool = False) -> None:
@@ -378,8 +415,10 @@ class PostgresWriter:
 
     async def _failed(self, exc: BaseException) -> NoReturn:
         await self._drop_connection()
+        hint = (f": {RECORDER_LOCK_HINT.format(wait=RECORDER_LOCK_TIMEOUT_S)}"
+                if isinstance(exc, asyncpg.LockNotAvailableError) else "")
         raise DatabaseError(f"could not write to {describe(self.url)}: "
-                            f"{describe_error(exc)}") from exc
+                            f"{describe_error(exc)}{hint}") from exc
 
     async def _copy(self, requests: list[Row], responses: list[Row]) -> None:
         conn = await self._connection()

@@ -52,6 +52,21 @@ LOCK_HINT = ("another session held a lock on the shadowproxy tables that this ne
              "ALTER TABLE; docs/operations.md (Locks) shows how to find it; run the command "
              "again once it has ended")
 
+RECORDER_LOCK_TIMEOUT_S = 3.0
+"""How long a statement of the recorder (a write, or a migration it applies when it connects)
+waits for a lock that another session holds; then the batch goes to the spool, the
+replay tries again, and the proxy goes on serving. It waited for the writer's whole 15 s
+timeout, which then said the database gave no answer: a start behind another process's
+migrations began to serve only then, and a write behind a CREATE INDEX or an open
+transaction blamed the network. As long as the proxy's start waits for the database to
+answer (``recorder.START_CHECK_S``)."""
+
+RECORDER_LOCK_HINT = ("another session held a lock on the shadowproxy tables that the "
+                      "recorder needed for longer than it waits for one ({wait:g} s): an "
+                      "open transaction that wrote to or locked them, a VACUUM FULL, CREATE "
+                      "INDEX or ALTER TABLE; docs/operations.md (Locks) shows how to find "
+                      "it; records go to the spool until it is released, and are stored then")
+
 PERMANENT = "permanent"
 TRANSIENT = "transient"
 
@@ -97,6 +112,10 @@ def classify(exc: BaseException) -> ConnectionProblem:
     be permanent is transient, so that a server that comes back is always used again."""
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, asyncpg.LockNotAvailableError):
+            # Another session's lock, named by the error that wraps it (the driver's own
+            # says only "canceling statement due to lock timeout").
+            return ConnectionProblem(TRANSIENT, describe_error(exc), "")
         for kind, fix in _PERMANENT:
             if isinstance(seen, kind):
                 return ConnectionProblem(PERMANENT, describe_error(seen), fix)

@@ -19,7 +19,7 @@ from importlib import resources
 
 import asyncpg
 
-from shadowproxy.errors import MigrationError
+from shadowproxy.errors import MigrationError, MigrationsBusyError
 from shadowproxy.store import legacy, partitions
 from shadowproxy.store.database import connection, reason
 from shadowproxy.store.legacy import Moved
@@ -47,13 +47,22 @@ def available() -> list[Migration]:
     return sorted(found, key=lambda mig: mig.version)
 
 
+async def lock_holder(conn: asyncpg.Connection) -> int | None:
+    """The PostgreSQL backend that holds the migrations' advisory lock now, if any."""
+    pid: int | None = await conn.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid = $1 AND objid = $2 AND objsubid = 1 AND pid <> pg_backend_pid() "
+        "LIMIT 1", _LOCK_KEY >> 32, _LOCK_KEY & 0xFFFF_FFFF)
+    return pid
+
+
 async def apply(conn: asyncpg.Connection) -> list[Migration]:
     """Bring the schema up to date on ``conn``; return the migrations applied now."""
     applied_now = []
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     except asyncpg.LockNotAvailableError as exc:  # a command's connection waits so long
-        raise MigrationError(
+        raise MigrationsBusyError(
             f"another process has been applying the schema migrations for longer than "
             f"{await conn.fetchval('SHOW lock_timeout')} (`shadowproxy migrate`, or a proxy "
             "or replay starting); run the command again once it has finished") from exc

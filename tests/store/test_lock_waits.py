@@ -7,16 +7,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 
 from shadowproxy.cli import main
+from shadowproxy.recorder import postgres
 from shadowproxy.store import database
 from shadowproxy.store.migrate import _LOCK_KEY
 from shadowproxy.store.partitions import MAINTENANCE_LOCK
+from tests.conftest import StartProxy, route
+from tests.db import fetchval
+from tests.upstreams import model, serve
 
 WAIT_S = 1.0
 
@@ -121,3 +126,73 @@ async def test_migrate_behind_the_migration_lock_says_so(
     assert took < WAIT_S + 10
     assert ("another process has been applying the schema migrations for longer than 1s "
             "(`shadowproxy migrate`, or a proxy or replay starting)") in err
+
+
+@pytest.mark.parametrize(("lock", "said"), [
+    (f"SELECT pg_advisory_xact_lock({_LOCK_KEY})",
+     "another process (PostgreSQL backend {pid}) held the schema migrations' lock for longer "
+     "than the recorder waits for it (1 s): `shadowproxy migrate`, or a proxy or replay "
+     "starting, applying them; records go to the spool until it has finished"),
+    ("LOCK TABLE shadowproxy.schema_migrations IN ACCESS EXCLUSIVE MODE",
+     "could not apply the schema migrations on "),
+])
+async def test_a_proxy_starting_behind_the_migrations_lock_serves_and_says_which_lock(
+        start_proxy: StartProxy, database_url: str, monkeypatch: pytest.MonkeyPatch,
+        lock: str, said: str) -> None:
+    """Another session holds what the recorder's migrations need when the proxy starts: the
+    start waits the recorder's lock timeout (``RECORDER_LOCK_TIMEOUT_S``) at most, then
+    serves and spools, saying which lock and what becomes of the records; they are stored
+    once it is released. The start waited for the writer's whole 15 s timeout, the
+    listener closed meanwhile, and then said `no answer from the database within 15 s`."""
+    monkeypatch.setattr(postgres, "RECORDER_LOCK_TIMEOUT_S", WAIT_S)
+    async with serve(model("v1")) as primary, aiohttp.ClientSession() as http, \
+            AsyncExitStack() as held:
+        pid = await held.enter_async_context(holding(database_url, lock))
+        began = time.monotonic()
+        async with start_proxy([route(primary.url)]) as proxy:
+            assert time.monotonic() - began < WAIT_S + 3
+            problem = proxy.recorder.problem
+            assert problem is not None
+            assert said.format(pid=pid) in problem.cause
+            for i in range(3):
+                resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"i": i})
+                assert resp.status == 200
+            await asyncio.wait_for(proxy.recorder.drained(), 5)
+            assert proxy.metrics.records["spooled"] == 3
+            await held.aclose()  # the other session ends its transaction
+            for _ in range(200):
+                if proxy.metrics.records["written"] == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert proxy.metrics.records["written"] == 3
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.requests") == 3
+
+
+async def test_a_write_behind_a_table_lock_is_spooled_saying_which_lock(
+        start_proxy: StartProxy, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CREATE INDEX, VACUUM FULL or open transaction holds the records' table: the write
+    waits the recorder's lock timeout, then its batch is spooled with a line that names the
+    lock and what to do. It waited the writer's whole 15 s and said `no answer from the
+    database within 15 s`, blaming the network."""
+    monkeypatch.setattr(postgres, "RECORDER_LOCK_TIMEOUT_S", WAIT_S)
+    async with serve(model("v1")) as primary, aiohttp.ClientSession() as http, \
+            start_proxy([route(primary.url)]) as proxy:
+        async with holding(database_url,
+                           "LOCK TABLE shadowproxy.requests IN ACCESS EXCLUSIVE MODE"):
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"i": 1})
+            assert resp.status == 200
+            began = time.monotonic()
+            await asyncio.wait_for(proxy.recorder.drained(), 10)
+            assert time.monotonic() - began < WAIT_S + 2
+            assert proxy.metrics.records["spooled"] == 1
+            problem = proxy.recorder.problem
+            assert problem is not None
+            assert ("canceling statement due to lock timeout (SQLSTATE 55P03): another session "
+                    "held a lock on the shadowproxy tables that the recorder needed for longer "
+                    "than it waits for one (1 s)") in problem.cause
+            assert "docs/operations.md (Locks) shows how to find it" in problem.cause
+        for _ in range(200):
+            if proxy.metrics.records["written"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert proxy.metrics.records["written"] == 1
