@@ -99,6 +99,6 @@ async def _single(settings: Settings, url: str, config_path: Path | None) -> int
         if config_path is not None:
             on_sighup(proxy.reload)
         await stop.wait()
-        log.info("signal received: draining (grace %.0fs)",
+        log.info("signal received: draining (grace %gs)",
                  proxy.settings.limits.shutdown_grace_s)
     return 0

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 from shadowproxy.app import STOP_STEPS
+from shadowproxy.config import RecordingConfig
+from shadowproxy.recorder.rows import RowEncoder
+from shadowproxy.recorder.spool import Spool, frame_bytes, frames
 from tests.conftest import StartProxy
-from tests.db import fetchval
+from tests.db import execute, fetchval
+from tests.recorder.exchanges import exchange
+from tests.test_run_command import start as start_run
+from tests.test_run_command import wait_ready
+from tests.test_run_command import write_config as write_run_config
 from tests.upstreams import model, serve, sleeping
 
 
@@ -135,3 +147,76 @@ async def test_a_connection_taken_while_draining_with_its_request_sent_is_answer
             writer.close()
             await writer.wait_closed()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+
+
+_SPOOLED = 2000
+
+
+def write_spool(data_dir: str) -> None:
+    """A spool of ``_SPOOLED`` records left by a process that has ended (run in one)."""
+    spool = Spool(Path(data_dir) / "spool", 1 << 30)
+    encoder = RowEncoder(RecordingConfig())
+    for start in range(0, _SPOOLED, 500):
+        requests, responses = encoder.encode([exchange(i) for i in range(start, start + 500)])
+        assert spool.append_frames([frame_bytes(p) for p in frames(requests, responses)])
+    spool.close()
+
+
+async def test_a_stop_during_the_spool_replay_does_not_call_a_slow_database_unreachable(
+        tmp_path: Path, database_url: str) -> None:
+    """SIGTERM while the spool is being stored into a database that is well, only slower
+    than the grace: the write on its way is cut, the exit status is 0, and the log says
+    the grace ran out and where the records wait, and nothing about an outage (it said
+    `database not reachable (...); records go to the spool ... when it is back`); the next
+    start stores every record once."""
+    data_dir = tmp_path / "data"
+    subprocess.run([sys.executable, "-c", "from tests.test_stop_order import write_spool; "
+                    f"write_spool({str(data_dir)!r})"], check=True, timeout=60)
+    conn = await asyncpg.connect(database_url)
+    try:  # every write takes a second: one is on its way when the grace runs out
+        await conn.execute("""
+            CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+            CREATE TRIGGER slow_down AFTER INSERT ON shadowproxy.requests
+                FOR EACH STATEMENT EXECUTE FUNCTION public.slow_down()""")
+    finally:
+        await conn.close()
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
+        config, _, admin = write_run_config(tmp_path, primary.url, shadow.url, database_url,
+                                            limits={"shutdown_grace_s": 0.5})
+        proc = await start_run(config)
+        try:
+            await wait_ready(admin, proc)
+            await asyncio.sleep(0.2)  # the replay's first write on its way
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            took = time.monotonic() - began
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+        assert took < 0.5 + 2, took
+        assert "draining (grace 0.5s)" in err
+        assert ("the stop's grace (limits.shutdown_grace_s) ran out while a batch was on its "
+                "way to the database (no answer from the database within the stop's grace "
+                "(limits.shutdown_grace_s)): the records it has not taken wait in the spool "
+                f"in {data_dir / 'spool'}, and the next start stores them") in err, err
+        assert "not reachable" not in err, err
+        assert list((data_dir / "spool").glob("*.spool"))
+        await execute(database_url, "DROP TRIGGER slow_down ON shadowproxy.requests")
+        proc = await start_run(config)
+        try:
+            await wait_ready(admin, proc)
+            for _ in range(200):
+                if not list((data_dir / "spool").glob("*.spool")):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.requests") == _SPOOLED
+    assert await fetchval(database_url,
+                          "SELECT count(DISTINCT id) FROM shadowproxy.requests") == _SPOOLED

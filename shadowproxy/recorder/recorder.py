@@ -131,6 +131,7 @@ class Recorder:
         self._spool_lock = asyncio.Lock()
         self._closing = False
         self._stop_spooling = False
+        self._stop_cut_told = False
         self._writer_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._replaying = False
@@ -455,6 +456,17 @@ class Recorder:
         once, a permanent problem with its cause and what to fix. No password is logged:
         the cause is the server's or the socket's message, the URL is never part of it."""
         old, self.problem = self.problem, problem
+        if problem is not None and not problem.permanent and self._stop_overdue():
+            # The stop's grace ran out and cut the write (a database silent, or only slow):
+            # "not reachable" sent the operator looking for an outage of a database that
+            # may be well, at every stop that left records to the next start.
+            if not self._stop_cut_told:
+                self._stop_cut_told = True
+                log.warning("the stop's grace (limits.shutdown_grace_s) ran out while a batch "
+                            "was on its way to the database (%s): the records it has not "
+                            "taken wait in the spool in %s, and the next start stores them",
+                            problem.cause, self.spool.directory)
+            return
         if problem is None:
             if old is not None:
                 log.info("database reachable again: writing to it directly, replaying the "
