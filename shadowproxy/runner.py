@@ -78,16 +78,27 @@ def serve(settings: Settings, *, log_format: str = "text",
             ensure_free(settings.admin_listen, "admin_listen")
         url = database_url(settings)
         if settings.workers == 1:
-            return run_loop(_single(settings, url, config_path))
+            return _stopped(run_loop(_single(settings, url, config_path)))
         from shadowproxy.workers import supervise
 
-        return run_loop(supervise(settings, url, log_format, config_path))
+        return _stopped(run_loop(supervise(settings, url, log_format, config_path)))
     except ShadowProxyError as exc:
         log.error("%s", exc)
         return exc.exit_status
     finally:
         if claimed is not None:
             os.close(claimed)
+
+
+def _stopped(status: int) -> int:
+    """The stop is over, its last line logged and the loop closed, which gave SIGTERM and
+    SIGINT their default action back: ignore them for the moments left before the process
+    exits (the embedded database's stop may be among them). The same signal sent again (a
+    second Ctrl-C, a supervisor repeating its SIGTERM) killed the process there, and a
+    clean stop ended with it killed by that signal (exit status 130 or 143, not 0)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    return status
 
 
 async def _single(settings: Settings, url: str, config_path: Path | None) -> int:

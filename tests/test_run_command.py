@@ -295,3 +295,31 @@ async def test_data_dir_is_private_whatever_the_umask(tmp_path: Path) -> None:
     assert any(name.endswith(".pickle") for name in modes), modes
     assert {name: mode for name, mode in modes.items() if mode != (
         "0o700" if (tmp_path / name).is_dir() else "0o600")} == {}
+
+
+@pytest.mark.parametrize("again", [signal.SIGINT, signal.SIGTERM])
+async def test_the_signal_sent_again_while_the_stop_ends_leaves_exit_status_0(
+        tmp_path: Path, database_url: str, again: signal.Signals) -> None:
+    """SIGTERM, then the same kind of signal again and again until the process is gone (a
+    second Ctrl-C, a supervisor repeating itself): the stop ends as it began, with exit
+    status 0. One that arrived after the stop's last line, once the event loop had closed
+    and given the signal its default action back, killed the process by that signal."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow:
+        config, _, admin = write_config(tmp_path, primary.url, shadow.url, database_url)
+        proc = await start(config)
+        try:
+            await wait_ready(admin, proc)
+            proc.send_signal(signal.SIGTERM)
+            while proc.returncode is None:
+                await asyncio.sleep(0.002)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(again)
+            status = await asyncio.wait_for(proc.wait(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+        assert status == 0, err
+        assert "stopped: served=0" in err
