@@ -78,10 +78,10 @@ def serve(settings: Settings, *, log_format: str = "text",
             ensure_free(settings.admin_listen, "admin_listen")
         url = database_url(settings)
         if settings.workers == 1:
-            return _stopped(run_loop(_single(settings, url, config_path)))
+            return stopped(run_loop(_single(settings, url, config_path)))
         from shadowproxy.workers import supervise
 
-        return _stopped(run_loop(supervise(settings, url, log_format, config_path)))
+        return stopped(run_loop(supervise(settings, url, log_format, config_path)))
     except ShadowProxyError as exc:
         log.error("%s", exc)
         return exc.exit_status
@@ -90,7 +90,7 @@ def serve(settings: Settings, *, log_format: str = "text",
             os.close(claimed)
 
 
-def _stopped(status: int) -> int:
+def stopped(status: int) -> int:
     """The stop is over, its last line logged and the loop closed, which gave SIGTERM and
     SIGINT their default action back: ignore them for the moments left before the process
     exits (the embedded database's stop may be among them). The same signal sent again (a

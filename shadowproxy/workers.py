@@ -126,11 +126,13 @@ def worker_main(settings: Settings, url: str, log_format: str, index: int, paren
     _die_with_parent(parent)
     setup_logging(log_format)
     os.environ["SHADOWPROXY_WORKER"] = str(index)
-    from shadowproxy.runner import run_loop
+    from shadowproxy.runner import run_loop, stopped
 
     status = 1
     try:
-        status = run_loop(_worker(settings, url, parent, directory))
+        # A Ctrl-C reaches the workers too: pressed twice, it killed a worker whose stop was
+        # over, and the supervisor reported that worker as failed (exit status 1).
+        status = stopped(run_loop(_worker(settings, url, parent, directory)))
     except ShadowProxyError as exc:
         # The supervisor reports it, with its retry, as one line in the log format.
         (directory / f"worker-{os.getpid()}.error").write_text(str(exc))

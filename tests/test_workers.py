@@ -265,6 +265,34 @@ async def test_a_stop_while_the_workers_start_exits_0_without_a_traceback(
     assert listeners(port) == 0
 
 
+async def test_ctrl_c_pressed_again_and_again_while_the_workers_stop_exits_0(
+        tmp_path: Path, database_url: str) -> None:
+    """Ctrl-C, then Ctrl-C again until the supervisor is gone (SIGINT to the whole process
+    group): every worker's stop ends as it began, the supervisor logs no error and exits 0.
+    A SIGINT that reached a worker after its stop's last line, once its event loop had
+    closed, killed it, and the supervisor logged `worker 0 (pid N) exited with status -2
+    during the stop` and exited 1."""
+    async with serve(model("v1")) as primary:
+        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                        database_url, workers=2)
+        async with supervisor(config, log_format="json", own_group=True) as proc:
+            await wait_ready(admin, proc)
+            assert proc.pid is not None
+            pid = proc.pid
+            os.killpg(pid, signal.SIGINT)
+            while proc.returncode is None:
+                await asyncio.sleep(0.002)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGINT)
+            status = await asyncio.wait_for(proc.wait(), 30)
+            assert proc.stderr is not None
+            err = (await proc.stderr.read()).decode()
+    events = [json.loads(line) for line in err.splitlines()]
+    assert [e["message"] for e in events if e["level"] == "error"] == []
+    assert sum(e["message"].startswith("stopped: ") for e in events) == 2, err
+    assert status == 0
+
+
 async def test_readyz_waits_for_the_replacement_to_listen(
         tmp_path: Path, database_url: str) -> None:
     """After a worker dies, /readyz says 200 again only once its replacement listens."""
