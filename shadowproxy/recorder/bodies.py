@@ -160,6 +160,11 @@ def inspect_json(body: bytes, headers: list[tuple[bytes, bytes]],
             decoded = decompress(body, encoding, cap)
         except BodyTooLarge as exc:
             decoded, head = None, exc.head
+        if decoded is not None and not declared and _looks_like_json(body) and (
+                not _looks_like_json(decoded)):
+            # Plain JSON mislabelled: raw deflate and br read some such bytes (`["a"]`) as
+            # the start of a stream, whose output is no JSON. The bytes as sent still are.
+            decoded = None
         if decoded is None:
             # Mislabelled (plain JSON said to be gzip) or a coding not undone here: a body
             # whose bytes look like JSON may hold a field to redact all the same. Past the

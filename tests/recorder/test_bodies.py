@@ -186,6 +186,17 @@ def test_a_body_that_looks_like_json_under_a_coding_not_undone_is_withheld(
     assert inspect_json(b"\x28\xb5\x2f\xfd binary", headers, 1000) == (None, None)
 
 
+def test_plain_json_that_decodes_as_a_raw_deflate_stream_is_withheld() -> None:
+    """Plain JSON said to be raw deflate, whose bytes zlib reads as the start of a stream
+    (to bytes that are no JSON): with redaction rules it is withheld, not stored as sent."""
+    headers = [(b"Content-Type", b"text/plain"), (b"Content-Encoding", b"deflate")]
+    body = b'["secret"]'
+    assert decompress(body, b"deflate", 1000) not in (None, body)
+    assert inspect_json(body, headers, 1000) == (None, "encoding")
+    redacting = RowEncoder(RecordingConfig(redact_json=["$[0]"]))
+    assert redacting.body(body, headers) == (None, None, "encoding")
+
+
 @pytest.mark.parametrize("path", ["customer.email", "$..x", "$", "$.a[", "$[?(@.a)]"])
 def test_unsupported_json_paths_are_refused_with_guidance(path: str) -> None:
     """A JSON path outside the supported subset is refused with what to write instead."""
