@@ -33,7 +33,8 @@ class BodyTooLarge(Exception):
 
 def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
     """``data`` with ``encoding`` (gzip, deflate, br, or a list of them such as
-    ``gzip, br``) undone; None if one is unknown or corrupt.
+    ``gzip, br``) undone; None if one is unknown or corrupt. A stream cut short (a body
+    stored cut at ``max_body_bytes``) gives what it holds.
 
     Raises BodyTooLarge when an output would exceed ``cap`` bytes.
     """
@@ -58,8 +59,11 @@ def _undo(data: bytes, encoding: bytes, cap: int) -> bytes | None:
         if enc == b"br":
             b = brotli.Decompressor()
             unbrotlied: bytes = b.process(data, output_buffer_limit=cap + 1)
-            if len(unbrotlied) > cap or not b.is_finished():
+            if len(unbrotlied) > cap:
                 raise BodyTooLarge(unbrotlied[:_HEAD])
+            # Unfinished within the cap: the input ran out (a body cut at max_body_bytes).
+            # Its output is kept, as zlib keeps a cut gzip or deflate stream's: the start of
+            # a document, not one that decompressed past the cap.
             return unbrotlied
         if enc in (b"", b"identity"):
             return data

@@ -79,6 +79,27 @@ def test_decompression_bomb_stops_at_the_cap() -> None:
         decompress(brotli.compress(b"\0" * 50_000_000), b"br", 1_000_000)
 
 
+@pytest.mark.parametrize("coding", [b"gzip", b"deflate", b"br"])
+def test_a_cut_stream_decodes_to_the_start_of_its_body(coding: bytes) -> None:
+    """A stream cut short (a body stored cut at max_body_bytes) within the cap decodes to
+    what it holds, for every coding; only output past the cap raises BodyTooLarge."""
+    data = b'{"secret": "s", "pad": "%s"}' % bytes(range(256)).hex().encode() * 50
+    compress = {b"gzip": gzip.compress, b"deflate": zlib.compress, b"br": brotli.compress}
+    cut = compress[coding](data)[:-20]
+    out = decompress(cut, coding, 1_000_000)
+    assert out is not None and 0 < len(out) < len(data) and data.startswith(out)
+    with pytest.raises(BodyTooLarge):
+        decompress(cut, coding, 10)
+    redacting = RowEncoder(RecordingConfig(redact_json=["$.secret"]))
+    assert redacting.body(cut, [*JSON, (b"Content-Encoding", coding)]) == (
+        None, None, "invalid_json")
+    # Plain JSON said to be br that brotli reads as the start of a stream stays withheld
+    # for its encoding (as mislabelled raw deflate is).
+    text = [(b"Content-Type", b"text/plain"), (b"Content-Encoding", b"br")]
+    assert decompress(b'["secret"]', b"br", 1000) == b""
+    assert redacting.body(b'["secret"]', text) == (None, None, "encoding")
+
+
 def test_corrupt_or_unknown_encoding_is_not_json() -> None:
     """A corrupt gzip body or an unknown encoding yields no JSON text."""
     assert json_text(b"not gzip", [(b"Content-Encoding", b"gzip")], 1000) is None

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
+import zlib
 
 import aiohttp
+import brotli
 import pytest
 from aiohttp import web
 
@@ -153,3 +156,33 @@ async def test_a_compressed_json_body_past_the_decompression_cap_is_withheld(
         assert row["body"] is None and row["body_truncated"]
         assert row["body_size"] == len(body)
     assert sum(proxy.metrics.bodies_withheld.values()) == 2
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
+async def test_a_compressed_json_body_cut_at_max_body_bytes_is_withheld_as_invalid_json(
+        start_proxy: StartProxy, database_url: str, coding: str) -> None:
+    """A compressed JSON request body longer than max_body_bytes is stored cut: its cut
+    stream decodes to the start of a JSON document, which with redaction rules is withheld as
+    invalid JSON, whatever the coding (br said `encoding`, as if it inflated past the cap)."""
+    pad = os.urandom(100_000).hex().encode()  # about 100 kB once compressed
+    payload = b'{"secret": "%s", "pad": "%s"}' % (MARK.encode(), pad)
+    body = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[coding](
+        payload)
+    assert len(body) > 65_536
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(text="{}", content_type="text/plain")
+
+    recording = {"redact_json": ["$.secret"], "max_body_bytes": 65_536}
+    async with serve(answer) as primary, \
+            start_proxy([route(primary.url)], recording=recording) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", data=body,
+                               headers={"Content-Encoding": coding,
+                                        "Content-Type": "application/json"})
+        assert resp.status == 200
+    row = (await fetch(database_url, "SELECT body, body_truncated, body_size "
+                       "FROM shadowproxy.requests"))[0]
+    assert row["body"] is None and row["body_truncated"] and row["body_size"] == len(body)
+    assert proxy.metrics.bodies_withheld == {"invalid_json": 1}
