@@ -73,6 +73,11 @@ def preflight_lines(options: ReplayOptions, pre: Preflight, pacer: Pacer, *,
         lines.append(f"  {pre.encoded_no_json} requests have a compressed body stored without "
                      "its JSON (recording.max_decompressed_bytes): decoded to be edited, "
                      f"skipped if not JSON ({NO_JSON_BODY})")
+    if options.set_json and pre.unread_json:
+        lines.append(f"  {pre.unread_json} requests have a body that looks like JSON stored "
+                     "without its JSON (PostgreSQL's jsonb refused it: a \\u0000 escape, a "
+                     "lone surrogate, or not JSON at all): read to be edited, skipped if not "
+                     f"JSON ({NO_JSON_BODY})")
     if pre.redacted_requests:
         left = [name for name in pre.redacted_headers if name not in options.set_header_names()]
         names = ", ".join(f"{name} {pre.redacted_headers[name]}" for name in left)

@@ -127,6 +127,10 @@ class Preflight:
     encoded_no_json: int = 0
     """Pending requests with a content-encoded body but no ``body_json``: JSON only if it
     decodes to JSON (the recorder's decoding stops at ``max_decompressed_bytes``)."""
+    unread_json: int = 0
+    """Pending requests with a plain body that begins as JSON does but no ``body_json``
+    (jsonb refused it: a ``\\u0000`` escape, a lone surrogate; or it is malformed): --set-json
+    reads the bytes and edits them if they are JSON."""
 
 
 def _translate(exc: BaseException, where: str | None, what: str) -> Exception:
@@ -264,6 +268,11 @@ WITH sel AS (
            _sp_q.body_json IS NULL AS no_json,
            _sp_q.body_json IS NULL AND coalesce(octet_length(_sp_q.body), 0) > 0
                AND _sp_q.headers ? 'content-encoding' AS encoded,
+           -- A plain body that begins as JSON does but has no body_json: jsonb refused it
+           -- (a NUL escape, a lone surrogate) or it is malformed. Replay reads the bytes.
+           _sp_q.body_json IS NULL AND NOT _sp_q.headers ? 'content-encoding'
+               AND substring(btrim(substring(_sp_q.body FOR 256), decode('20090a0d', 'hex'))
+                             FOR 1) IN ('{{', '[') AS unread,
            coalesce(strpos(_sp_q.body_json::text, '"[redacted]"') > 0, false) AS redacted_json,
            _sp_q.query ~ {p(REDACTED_QUERY_RE)} AS redacted_query,
            ARRAY(SELECT h.key FROM jsonb_each_text(_sp_q.headers) h
@@ -289,8 +298,9 @@ SELECT (SELECT count(*) FROM sel) AS selected,
        (SELECT count(*) FROM sel WHERE live) AS live,
        (SELECT count(*) FROM todo) AS pending,
        (SELECT count(*) FROM todo WHERE truncated) AS truncated,
-       (SELECT count(*) FROM todo WHERE NOT truncated AND no_json AND NOT encoded)
-           AS no_json,
+       (SELECT count(*) FROM todo WHERE NOT truncated AND no_json AND NOT encoded
+            AND NOT unread) AS no_json,
+       (SELECT count(*) FROM todo WHERE NOT truncated AND unread) AS unread_json,
        (SELECT count(*) FROM todo WHERE NOT truncated AND encoded) AS encoded_no_json,
        (SELECT count(*) FROM todo WHERE NOT truncated AND redacted_json) AS redacted_json,
        (SELECT count(*) FROM todo WHERE NOT truncated AND redacted_query) AS redacted_query,
@@ -309,7 +319,8 @@ SELECT (SELECT count(*) FROM sel) AS selected,
             truncated=row["truncated"], no_json=row["no_json"],
             redacted_json=row["redacted_json"], redacted_requests=row["redacted_requests"],
             redacted_headers=dict(sorted(orjson.loads(row["redacted_headers"]).items())),
-            redacted_query=row["redacted_query"], encoded_no_json=row["encoded_no_json"])
+            redacted_query=row["redacted_query"], encoded_no_json=row["encoded_no_json"],
+            unread_json=row["unread_json"])
 
     async def stored_since(self, conn: asyncpg.Connection, since: datetime) -> int:
         """Answers of the target stored for the route's requests in the window by calls

@@ -230,3 +230,40 @@ async def test_set_json_edits_a_compressed_request_body_as_the_client_sent_it(
     sent = sorted((json.loads(s.body) for s in target.seen), key=len)
     assert [list(doc) for doc in sent] == [["zz", "a", "m", "b"], ["zz", "a", "m", "pad", "b"]]
     assert all("content-encoding" not in s.headers for s in target.seen)
+
+
+async def test_set_json_on_a_body_jsonb_refused_is_announced_as_edited_not_skipped(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """A plain JSON body that PostgreSQL's jsonb refuses (a \\u0000 escape) is stored with
+    body_json NULL, yet is JSON: --set-json edits and sends it, and the preflight says so.
+    It said the request had no JSON body and would be skipped, then sent it."""
+    nul = b'{"a": "x\\u0000y", "m": 1}'
+    plain = b'{"a": "z", "m": 2}'
+    form = b"a=1&m=2"
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=await request.read(), content_type="application/json")
+
+    async with serve(echo) as primary, \
+            start_proxy([route(primary.url, name=ROUTE)]) as proxy, \
+            aiohttp.ClientSession() as http:
+        for body in (nul, plain, form):
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", data=body,
+                                   headers={"Content-Type": "application/json"})
+            assert resp.status == 200
+        await wait_for_rows(database_url, "requests", 3)
+    stored = await fetch(database_url, "SELECT body_json IS NULL AS none FROM "
+                                       "shadowproxy.requests ORDER BY received_at")
+    assert [row["none"] for row in stored] == [True, False, True]
+    config = write_config(tmp_path, database_url)
+    async with serve(echo) as target:
+        result = await replay(config, "--set-json", "$.b=3", to=target.url)
+        assert result.status == 0, result.err
+    assert "skipped   1" in result.out, result.out
+    assert "1 requests have no JSON body: skipped (--set-json needs a JSON body)" in result.out
+    assert ("1 requests have a body that looks like JSON stored without its JSON "
+            "(PostgreSQL's jsonb refused it: a \\u0000 escape, a lone surrogate, or not "
+            "JSON at all): read to be edited, skipped if not JSON "
+            "(--set-json needs a JSON body)") in result.out
+    sent = sorted(json.loads(s.body)["m"] for s in target.seen)
+    assert sent == [1, 2]
