@@ -73,7 +73,8 @@ class RowEncoder:
         """Event streams assembled into ``body_json`` and ``stream`` (``prepare`` ahead)."""
 
     def headers(self, headers: Headers | None) -> str | None:
-        """Headers as a JSON object text: names lower-cased, repeats joined with ", "."""
+        """Headers as a JSON object text: names lower-cased, repeats joined with ", "
+        (Cookie's with "; ", RFC 6265 §5.4: a comma would make one cookie of two)."""
         if headers is None:
             return None
         merged: dict[str, str] = {}
@@ -89,7 +90,12 @@ class RowEncoder:
             # The parser keeps white space before the line's end, which is not part of the
             # value (RFC 9110 §5.5): stored without it, as upstreams read it.
             text = REDACTED if redacted else value.rstrip(b" \t").decode("latin-1")
-            merged[key] = merged[key] + ", " + text if key in merged else text
+            if key in merged:
+                # A "[redacted]" Cookie stays joined with ", ", as replay recognizes it.
+                sep = "; " if key == "cookie" and not redacted else ", "
+                merged[key] = merged[key] + sep + text
+            else:
+                merged[key] = text
         return orjson.dumps(merged).decode()
 
     def body(self, body: bytes | None, headers: Headers | None

@@ -10,7 +10,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
+from shadowproxy.config import RecordingConfig
+from shadowproxy.recorder.rows import RowEncoder
 from tests.conftest import StartProxy, route
 from tests.db import fetch
 from tests.proxy.test_data_path import wait_for_rows
@@ -267,3 +270,33 @@ async def test_set_json_on_a_body_jsonb_refused_is_announced_as_edited_not_skipp
             "(--set-json needs a JSON body)") in result.out
     sent = sorted(json.loads(s.body)["m"] for s in target.seen)
     assert sent == [1, 2]
+
+
+async def test_a_repeated_cookie_is_stored_and_replayed_joined_with_semicolons(
+        start_proxy: StartProxy, database_url: str, tmp_path: Path) -> None:
+    """Cookie lines sent apart (as an HTTP/2 client's are) are stored as one Cookie joined
+    with "; " (RFC 6265 §5.4, RFC 9113 §8.2.3), and replay sends that: `a=1, b=2` read as
+    one cookie `a` of value "1, b=2". Other repeated headers stay joined with ", "; a
+    redacted repeated Cookie is still left out of a replay."""
+    recording = {"redact_headers": ["authorization"]}
+    sent = [("Cookie", "a=1"), ("Cookie", "b=2"), ("X-Multi", "x"), ("X-Multi", "y")]
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url, name=ROUTE)], recording=recording) as proxy, \
+            aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{proxy.port}/predict", json={"x": 1},
+                               headers=CIMultiDict(sent))
+        assert resp.status == 200
+        await wait_for_rows(database_url, "requests", 1)
+    stored = await fetch(database_url, "SELECT headers->>'cookie' AS c, "
+                                       "headers->>'x-multi' AS m FROM shadowproxy.requests")
+    assert (stored[0]["c"], stored[0]["m"]) == ("a=1; b=2", "x, y")
+    config = write_config(tmp_path, database_url, recording=recording)
+    async with serve(model("c")) as target:
+        result = await replay(config, to=target.url)
+        assert result.status == 0, result.err
+    assert target.seen[0].headers["cookie"] == "a=1; b=2"
+    assert target.seen[0].headers["x-multi"] == "x, y"
+
+    encoder = RowEncoder(RecordingConfig())  # Cookie redacted by default
+    text = encoder.headers([(b"Cookie", b"a=1"), (b"cookie", b"b=2")])
+    assert text is not None and json.loads(text) == {"cookie": "[redacted], [redacted]"}
