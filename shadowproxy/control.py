@@ -267,8 +267,12 @@ def print_outcome(outcome: dict[str, Any]) -> int:
     for change in outcome.get("changes", []):
         print(f"  {change}")
     for worker in outcome.get("workers") or []:
-        print(f"  worker {worker['worker']} (pid {worker['pid']}): version "
-              f"{worker['config_version']}")
+        pid = "" if worker["pid"] is None else f" (pid {worker['pid']})"
+        if worker.get("starting"):
+            print(f"  worker {worker['worker']}{pid}: starting; it runs version "
+                  f"{outcome['version']} once it listens")
+        else:
+            print(f"  worker {worker['worker']}{pid}: version {worker['config_version']}")
     for line in outcome.get("restart_needed", []):
         print(f"needs a restart: {line}", file=sys.stderr)
     return 0

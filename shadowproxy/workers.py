@@ -400,11 +400,20 @@ class Supervisor:
         return ready, detail
 
     def worker_versions(self) -> list[dict[str, Any]]:
-        """Each live worker's configuration version, as its last snapshot says."""
-        return [{"worker": slot.index, "pid": snap["pid"],
-                 "config_version": snap.get("config_version")}
-                for slot, snap in self._live()
-                if snap is not None and slot.proc is not None and slot.proc.is_alive()]
+        """Each live worker's configuration version, as its last snapshot says; a worker
+        not listening yet (starting, or to be replaced) as ``"starting": true``, with no
+        version: it runs the current one once it listens (a replacement starts with it, one
+        started before a reload is signalled again). A reload's answer left it out."""
+        out: list[dict[str, Any]] = []
+        for slot, snap in self._live():
+            proc = slot.proc
+            if snap is not None and proc is not None and proc.is_alive():
+                out.append({"worker": slot.index, "pid": snap["pid"],
+                            "config_version": snap.get("config_version")})
+            elif not self.stopping:
+                out.append({"worker": slot.index, "pid": None if proc is None else proc.pid,
+                            "config_version": None, "starting": True})
+        return out
 
     # --- reloads ---
     async def apply(self, settings: Settings, version: str) -> list[dict[str, Any]]:

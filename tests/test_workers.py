@@ -624,3 +624,51 @@ async def test_a_stop_during_a_reload_that_waits_for_a_worker_begins_at_once(
         finally:
             os.kill(slow, signal.SIGCONT)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_a_reload_while_a_worker_starts_lists_it_as_starting(
+        tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A reload that comes while a worker is still starting (not listening yet) lists that
+    worker as starting, and the command says that it loads the new version once it listens
+    (which it then does). The answer left the worker out: `applied` with no word of it.
+    Real worker processes; the supervisor's rounds are run by hand."""
+    from shadowproxy.config import Settings
+    from shadowproxy.control import print_outcome
+    from shadowproxy.reload import config_version
+    from shadowproxy.workers import Supervisor
+
+    def settings(grace: float) -> Settings:
+        return Settings.model_validate({
+            "workers": 1, "data_dir": str(tmp_path / "data"), "admin_listen": None,
+            "listen": f"127.0.0.1:{free_port()}", "database": {"url": database_url},
+            "limits": {"shutdown_grace_s": grace},
+            "routes": [{"name": "r", "primary": {"url": "http://127.0.0.1:9"}}]})
+
+    running = settings(5)
+    sup = Supervisor(running, database_url, "text")
+    sup.prepare()
+    try:
+        assert sup.check()  # starts the worker: it takes about a second to listen
+        proc = sup.slots[0].proc
+        assert proc is not None and proc.pid is not None
+        new = running.model_copy(update={"limits": settings(6).limits})
+        version = config_version(new)
+        versions = await sup.apply(new, version)
+        assert not sup.slots[0].listening
+        assert versions == [{"worker": 0, "pid": proc.pid, "config_version": None,
+                             "starting": True}]
+        assert print_outcome({"result": "applied", "version": version,
+                              "previous_version": "old", "workers": versions}) == 0
+        assert (f"  worker 0 (pid {proc.pid}): starting; it runs version {version} once "
+                "it listens") in capsys.readouterr().out
+
+        async def follows() -> bool:
+            sup.check()  # notices it listening and signals it with the new version
+            return sup.worker_versions() == [
+                {"worker": 0, "pid": proc.pid, "config_version": version}]
+        deadline = time.monotonic() + 30
+        while not await follows():
+            assert time.monotonic() < deadline, sup.worker_versions()
+            await asyncio.sleep(0.05)
+    finally:
+        await sup.stop_all()
