@@ -191,6 +191,41 @@ def reload_outcome(run_dir: Path, pid: int, after_seq: int, after: float
     return None
 
 
+def _claimed_by(run_dir: Path) -> int | None:
+    """The process that holds ``run_dir``'s claim (``claim``) now, from the kernel's table of
+    file locks (Linux's /proc/locks); None when none does or it cannot be told. Read, not
+    tried: taking the lock, even shared, could make a proxy starting at that moment find
+    its data_dir in use."""
+    try:
+        st = os.stat(run_dir / LOCK_FILE)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; a waiter's line has "->" too.
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident:
+            with contextlib.suppress(ValueError):
+                return int(fields[4])
+    return None
+
+
+def _not_taking_reloads(config: Path, data_dir: Path, run_dir: Path) -> ShadowProxyError | None:
+    """The error for a proxy that holds ``data_dir`` but has not said where it is: one
+    stopping (its process file goes at the stop's first step) or starting (the file comes
+    once it serves). It was said to be no running proxy at all."""
+    holder = _claimed_by(run_dir)
+    if holder is None:
+        return None
+    return ShadowProxyError(
+        f"shadowproxy (pid {holder}) holds data_dir {data_dir} but takes no reload now: it "
+        "is stopping, or starting and not serving yet; once it serves, run the command again "
+        f"(a proxy that was starting may have read {config} before this edit); once it has "
+        "stopped, the file applies when it is started again")
+
+
 def _same_file(a: str, b: Path) -> bool:
     if os.path.abspath(a) == os.path.abspath(b):
         return True
@@ -214,6 +249,9 @@ def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[s
     except (ValueError, KeyError, TypeError):
         if problems:
             raise ConfigError(problems) from None
+        busy = _not_taking_reloads(config, data_dir, run_dir)
+        if busy is not None:
+            raise busy from None
         raise ShadowProxyError(
             f"no running shadowproxy found for {config}: {run_dir / PROCESS_FILE} is missing "
             f"(a proxy started with `shadowproxy run -c {config}` writes it; data_dir is "
@@ -221,6 +259,9 @@ def request_reload(config: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[s
     if not _alive(pid):
         if problems:
             raise ConfigError(problems)
+        busy = _not_taking_reloads(config, data_dir, run_dir)  # a new one starting
+        if busy is not None:
+            raise busy
         raise ShadowProxyError(f"no running shadowproxy found for {config}: process {pid} "
                                f"of {run_dir / PROCESS_FILE} is gone")
     if not _same_file(process.get("config", ""), config):

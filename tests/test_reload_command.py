@@ -144,3 +144,34 @@ def test_a_timeout_that_cannot_be_waited_is_refused_before_the_proxy_is_signalle
         signal.signal(signal.SIGHUP, previous)
     assert hups == []
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("process_file", ["missing", "of a process that is gone"])
+def test_a_proxy_holding_its_data_dir_without_a_process_file_is_said_to_be_busy(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], process_file: str) -> None:
+    """A proxy that is stopping has removed its process file, and one starting has not
+    written it yet, while either holds the data_dir's claim: the command names that process
+    and says it takes no reload now, not that no proxy runs."""
+    path = _write(tmp_path)
+    run = tmp_path / "data" / "run"
+    run.mkdir(parents=True)
+    if process_file != "missing":
+        done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+        (run / PROCESS_FILE).write_text(json.dumps({"pid": int(done.stdout),
+                                                    "config": str(path)}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, pathlib; from shadowproxy.control import claim; "
+         f"claim(pathlib.Path({str(run)!r})); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert main(["reload", "-c", str(path)]) == 1
+    finally:
+        holder.communicate("", timeout=10)
+    err = capsys.readouterr().err
+    assert f"shadowproxy (pid {holder.pid}) holds data_dir {tmp_path / 'data'} but takes no " \
+           "reload now: it is stopping, or starting" in err
+    # Once the claim is released, nothing runs.
+    assert main(["reload", "-c", str(path)]) == 1
+    assert "no running shadowproxy found" in capsys.readouterr().err
