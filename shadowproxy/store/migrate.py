@@ -13,6 +13,7 @@ maintenance task takes too, while proxies keep writing.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -62,8 +63,12 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     except asyncpg.LockNotAvailableError as exc:  # a command's connection waits so long
+        holder = None
+        with contextlib.suppress(asyncpg.PostgresError):  # naming it is a courtesy
+            holder = await lock_holder(conn)
+        by = f" (PostgreSQL backend {holder})" if holder else ""
         raise MigrationsBusyError(
-            f"another process has been applying the schema migrations for longer than "
+            f"another process{by} has been applying the schema migrations for longer than "
             f"{await conn.fetchval('SHOW lock_timeout')} (`shadowproxy migrate`, or a proxy "
             "or replay starting); run the command again once it has finished") from exc
     try:

@@ -119,13 +119,14 @@ async def test_a_command_behind_the_maintenance_lock_names_its_holder(
 async def test_migrate_behind_the_migration_lock_says_so(
         database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, database_url)
-    async with holding(database_url, f"SELECT pg_advisory_xact_lock({_LOCK_KEY})"):
+    async with holding(database_url, f"SELECT pg_advisory_xact_lock({_LOCK_KEY})") as pid:
         status, took = await run(["migrate", "-c", str(config)])
     err = capsys.readouterr().err
     assert status == 1, err
     assert took < WAIT_S + 10
-    assert ("another process has been applying the schema migrations for longer than 1s "
-            "(`shadowproxy migrate`, or a proxy or replay starting)") in err
+    assert (f"another process (PostgreSQL backend {pid}) has been applying the schema "
+            "migrations for longer than 1s (`shadowproxy migrate`, or a proxy or replay "
+            "starting)") in err
 
 
 @pytest.mark.parametrize(("lock", "said"), [
