@@ -42,6 +42,7 @@ from shadowproxy.metrics import Metrics
 from shadowproxy.proxy import ClientConnection, ProxyContext
 from shadowproxy.recorder.recorder import Recorder
 from shadowproxy.reload import Reloader, ReloadOutcome, config_version
+from shadowproxy.stopwatch import watch_stop
 from shadowproxy.store.maintenance import Maintenance
 from shadowproxy.tasks import spawn
 from shadowproxy.upstream import UpstreamPool
@@ -373,6 +374,8 @@ async def running(settings: Settings, database_url: str, *,
         # within the grace) comes after any window a benchmark measures: the stop line says
         # what it cost, so that it can be charged to the requests that left it.
         stop_began = time.process_time()
+        overdue = watch_stop(settings.limits.shutdown_grace_s)
+    overdue.cancel()
     served = sum(sum(c.codes.values()) for c in metrics.routes.values())
     records = metrics.records
     # One line a benchmark or an operator can check: every answered request is accounted for.
