@@ -45,6 +45,8 @@ _TOP_KEYS = ["id", "created", "model", "system_fingerprint", "service_tier"]
 _SSE_START = frozenset(b"d:eir")  # data:, a comment, event:, id:, retry:
 _BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _LINE = re.compile(rb"\r\n|\r|\n")
+_FIRST_LINE = re.compile(rb":|(?:data|event|id|retry)(?:[:\r\n]|$)")
+"""The first line of an event stream: a comment, or a field the standard names."""
 _DONE = b"[DONE]"
 _BOM = b"\xef\xbb\xbf"
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -466,6 +468,12 @@ def _timing(arrivals: Sequence[Arrival], sent_at: float | None, head_at: float |
         out["gap_p99_ms"] = _ms(_percentile(gaps, 0.99))
         out["gap_max_ms"] = _ms(gaps[-1])
     return out
+
+
+def looks_like_events(data: bytes) -> bool:
+    """True for bytes that begin (after a byte-order mark and blank lines) as an event
+    stream does: a comment, or a ``data``, ``event``, ``id`` or ``retry`` field."""
+    return _FIRST_LINE.match(data.lstrip(b"\xef\xbb\xbf \t\r\n")) is not None
 
 
 def decode_arrivals(body: bytes, arrivals: Sequence[Arrival], encoding: bytes, cap: int

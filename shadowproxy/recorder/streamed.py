@@ -5,10 +5,10 @@ The data path keeps only the arrival of each piece of a ``text/event-stream`` re
 (``models.StreamArrivals``); here, off the client's path, the captured body (content-encoding
 undone piece by piece) and those arrivals become the answer in the unstreamed shape and its
 timing (``streams.assemble``). A stream that is not OpenAI-compatible, whose encoding
-cannot be undone, or whose events cannot be folded (indexes of different kinds), is left to
-the usual body path (stored as it is), unless redaction rules
-are set and its events may hold a redacted field, or cannot be read to tell: then its bytes
-are withheld.
+cannot be undone (or undone gives no event stream from bytes that are one as sent: a
+plain stream mislabelled), or whose events cannot be folded (indexes of different kinds), is
+left to the usual body path (stored as it is), unless redaction rules are set and its events
+may hold a redacted field, or cannot be read to tell: then its bytes are withheld.
 
 Assembly costs a few microseconds per event, so a long answer is milliseconds of work on the
 event loop the data path shares: ``prepare`` assembles a batch's streams ahead of encoding,
@@ -30,7 +30,7 @@ import orjson
 
 from shadowproxy.models import CapturedResponse, Exchange
 from shadowproxy.recorder.bodies import JsonRedactor
-from shadowproxy.streams import assemble, body_json_text, decode_arrivals
+from shadowproxy.streams import assemble, body_json_text, decode_arrivals, looks_like_events
 
 Columns = tuple[bytes | None, str | None, str | None, bool]
 """(``body``, ``body_json`` text, ``stream`` text, raw bytes withheld for redaction)."""
@@ -86,6 +86,12 @@ class StreamColumns:
         encoding = _encoding(r.headers)
         if encoding:
             decoded = decode_arrivals(body, arrivals, encoding, self._cap)
+            if decoded is not None and looks_like_events(body) and (
+                    not looks_like_events(decoded[0])):
+                # A plain stream mislabelled: raw deflate and br read some such bytes
+                # (`: ping` ...) as the start of a stream, whose output is no event stream
+                # and holds none of its fields. Its events are in the bytes as sent.
+                decoded = None
             if decoded is None:
                 return self._unassembled(None)
             text, arrivals = decoded

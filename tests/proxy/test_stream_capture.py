@@ -441,3 +441,28 @@ async def test_an_answer_that_writes_an_escape_of_nul_as_text_is_assembled(
     assert row["body_json"] is not None, row
     assert row["body_json"]["choices"][0]["message"]["content"] == text
     assert row["stream"]["interrupted"] is False
+
+
+async def test_a_plain_stream_mislabelled_deflate_is_withheld_under_redaction(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A plain event stream labelled ``Content-Encoding: deflate`` whose bytes zlib reads as
+    the start of a raw deflate stream (``: ping`` begins a fixed-Huffman block) decodes to
+    bytes that are no event stream: with redaction rules its events, which hold a redacted
+    field, are withheld, not stored as sent."""
+    events = b': ping\n\ndata: {"ssn":1}\n\n'
+    assert zlib.decompressobj(-zlib.MAX_WBITS).decompress(events) not in (b"", events)
+
+    async def mislabelled(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=events, headers={"Content-Type": "text/event-stream",
+                                                  "Content-Encoding": "deflate"})
+
+    async with serve(mislabelled) as primary, start_proxy(
+            [route(primary.url)], recording={"redact_json": ["$.ssn"]}) as proxy, \
+            aiohttp.ClientSession(auto_decompress=False) as http:
+        async with http.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions",
+                             json={"stream": True}) as resp:
+            assert await resp.read() == events
+        await wait_for_rows(database_url, "responses", 1)
+    row = await fetchrow(database_url, "SELECT body, body_truncated, body_json::text AS j "
+                                       "FROM shadowproxy.responses")
+    assert row["body"] is None and row["body_truncated"] is True and row["j"] is None

@@ -18,6 +18,7 @@ from shadowproxy.models import CapturedResponse, Exchange, StreamArrivals
 from shadowproxy.recorder.postgres import PostgresWriter
 from shadowproxy.recorder.recorder import Recorder
 from shadowproxy.recorder.rows import RESPONSE_COLUMNS, RowEncoder, upgrade_rows
+from shadowproxy.streams import decode_arrivals
 from tests.recorder.exchanges import exchange, exchanges
 
 TOKENS = 300
@@ -174,3 +175,29 @@ def test_a_json_body_with_a_byte_order_mark_is_read_and_redacted() -> None:
                                       [(b"Content-Type", b"text/plain")])
     assert reason is None and body is not None and text is not None
     assert b"SECRET" not in body and json.loads(text) == {"name": "[redacted]"}
+
+
+@pytest.mark.parametrize(("coding", "events"), [
+    (b"deflate", b': ping\n\ndata: {"ssn":1}\n\n'),
+    (b"br", b'\r\n \r\n\r\ndata: {"ssn":1}\r\n\r\n'),  # br reads it to nothing
+])
+def test_a_plain_stream_mislabelled_deflate_or_br_is_withheld(coding: bytes,
+                                                              events: bytes) -> None:
+    """Plain events labelled deflate or br, whose bytes the decoder reads as the start of a
+    stream (to bytes that are no event stream): with redaction rules they are withheld,
+    not stored as sent; without rules, stored as sent, with no ``body_json``."""
+    decoded = decode_arrivals(events, [(0, 0.0)], coding, 1000)
+    assert decoded is not None and decoded[0] != events
+    now = time.perf_counter()
+    r = CapturedResponse("primary", "primary", time.time())
+    r.status = 200
+    r.headers = [(b"Content-Type", b"text/event-stream"), (b"Content-Encoding", coding)]
+    r.body, r.body_size = events, len(events)
+    r.stream = StreamArrivals(now, now + 0.01)
+    r.stream.arrivals.append((0, now + 0.02))
+    for config, body in ((RecordingConfig(redact_json=["$.ssn"]), None),
+                         (RecordingConfig(), events)):
+        ex = exchange(0)
+        ex.responses = [r]
+        row = dict(zip(RESPONSE_COLUMNS, RowEncoder(config).encode([ex])[1][0], strict=True))
+        assert row["body"] == body and row["body_json"] is None, row
