@@ -112,6 +112,11 @@ ON CONFLICT (request, target, received_at) DO NOTHING
 """
 
 
+# What a write locks on the records' parent tables (COPY and INSERT take ROW EXCLUSIVE),
+# taken and let go at once: a lock that another session holds on them makes it wait.
+_WRITE_LOCKS = ("BEGIN; LOCK TABLE ONLY shadowproxy.requests, shadowproxy.responses IN ROW "
+                "EXCLUSIVE MODE; ROLLBACK")
+
 _YIELD_EVERY = 32
 
 # What PostgreSQL or the driver raise for a value in a record (not for the connection):
@@ -466,12 +471,24 @@ class PostgresWriter:
         return len(requests) - int(inserted.rsplit(" ", 1)[1])
 
     async def check(self, timeout: float | None = None) -> ConnectionProblem | None:
-        """None if the database answers now (connected and migrated), else why not;
-        within ``timeout`` for each step (the writer's unless given)."""
+        """None if the database takes writes now (connected, migrated, and no other session
+        holds a lock on the tables that a write needs), else why not; within ``timeout``
+        for each step (the writer's unless given), and the lock's wait at most."""
         try:
             conn = await self._connection(timeout)
-            with self._deadline(conn, timeout):
-                await conn.fetchval("SELECT 1")
+            # The locks a write takes first, in a transaction rolled back, waiting the
+            # connection's lock_timeout: `SELECT 1` answered under another session's lock
+            # (an open transaction, a VACUUM FULL), the replay said the database was back,
+            # and its first write failed on the lock again, every few seconds for as long
+            # as it was held. One round trip; an error leaves the transaction aborted, and
+            # the connection is dropped below. Run by the replay's retries and at the
+            # start, never per batch.
+            wait = max(timeout or self.timeout, RECORDER_LOCK_TIMEOUT_S + 1)
+            with self._deadline(conn, wait):
+                try:
+                    await conn.execute(_WRITE_LOCKS)
+                except asyncpg.LockNotAvailableError as exc:
+                    await self._failed(exc)  # said as a write's wait is: which lock, what to do
             return None
         except Exception as exc:  # any failure: not usable now; the kind says if it may pass
             await self._drop_connection()

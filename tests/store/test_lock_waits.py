@@ -197,3 +197,68 @@ async def test_a_write_behind_a_table_lock_is_spooled_saying_which_lock(
                 break
             await asyncio.sleep(0.05)
         assert proxy.metrics.records["written"] == 1
+
+
+async def test_a_table_lock_held_for_long_is_logged_once_not_as_a_flapping_database(
+        start_proxy: StartProxy, database_url: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A lock on the records' tables held for several of the replay's retries: the log says
+    once that the writes wait behind it, and once that the database takes them again when
+    it is released. The replay's check (``SELECT 1``) succeeded under the lock, so the log
+    said `database reachable again` and then the lock's failure again, every few seconds
+    for as long as the lock was held."""
+    monkeypatch.setattr(postgres, "RECORDER_LOCK_TIMEOUT_S", WAIT_S)
+    caplog.set_level("INFO", logger="shadowproxy.recorder")
+
+    def said(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records
+                   if r.name == "shadowproxy.recorder")
+
+    async with serve(model("v1")) as primary, aiohttp.ClientSession() as http, \
+            start_proxy([route(primary.url)]) as proxy:
+        async with holding(database_url,
+                           "LOCK TABLE shadowproxy.requests IN ACCESS EXCLUSIVE MODE"):
+            for i in range(3):
+                resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"i": i})
+                assert resp.status == 200
+            await asyncio.wait_for(proxy.recorder.drained(), 10)
+            await asyncio.sleep(4 * WAIT_S + 2)  # the replay's backoff: 0.2, 0.5, 1, 2 s
+            assert proxy.metrics.records["written"] == 0
+            assert said("canceling statement due to lock timeout") == 1, caplog.text
+            assert said("database reachable again") == 0, caplog.text
+        for _ in range(200):
+            if proxy.metrics.records["written"] == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert proxy.metrics.records["written"] == 3
+        assert said("database reachable again") == 1, caplog.text
+        assert said("canceling statement due to lock timeout") == 1, caplog.text
+
+
+async def test_a_proxy_starting_behind_a_table_lock_serves_and_names_the_lock(
+        start_proxy: StartProxy, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records' table locked by another session when the proxy starts: the start's check
+    waits the recorder's lock timeout, then the proxy serves and spools, with the lock and
+    what to do as the cause. The check (`SELECT 1`) passed, and only the first write found
+    the lock."""
+    monkeypatch.setattr(postgres, "RECORDER_LOCK_TIMEOUT_S", WAIT_S)
+    async with serve(model("v1")) as primary, aiohttp.ClientSession() as http, \
+            AsyncExitStack() as held:
+        await held.enter_async_context(holding(
+            database_url, "LOCK TABLE shadowproxy.responses IN ACCESS EXCLUSIVE MODE"))
+        began = time.monotonic()
+        async with start_proxy([route(primary.url)]) as proxy:
+            assert time.monotonic() - began < WAIT_S + 3
+            problem = proxy.recorder.problem
+            assert problem is not None
+            assert "docs/operations.md (Locks) shows how to find it" in problem.cause
+            resp = await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"i": 1})
+            assert resp.status == 200
+            await asyncio.wait_for(proxy.recorder.drained(), 5)
+            assert proxy.metrics.records["spooled"] == 1
+            await held.aclose()
+            for _ in range(200):
+                if proxy.metrics.records["written"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert proxy.metrics.records["written"] == 1
