@@ -113,9 +113,13 @@ ON CONFLICT (request, target, received_at) DO NOTHING
 
 
 # What a write locks on the records' parent tables (COPY and INSERT take ROW EXCLUSIVE),
-# taken and let go at once: a lock that another session holds on them makes it wait.
-_WRITE_LOCKS = ("BEGIN; LOCK TABLE ONLY shadowproxy.requests, shadowproxy.responses IN ROW "
-                "EXCLUSIVE MODE; ROLLBACK")
+# taken and let go at once: a lock that another session holds on them makes it wait, up to
+# the lock wait given (milliseconds).
+_WRITE_LOCKS = ("BEGIN; SET LOCAL lock_timeout = '{wait_ms}ms'; LOCK TABLE ONLY "
+                "shadowproxy.requests, shadowproxy.responses IN ROW EXCLUSIVE MODE; ROLLBACK")
+
+_CHECK_ANSWER_S = 1.0
+"""Of a check's time, what is kept for the database's answers besides the lock's wait."""
 
 _YIELD_EVERY = 32
 
@@ -473,20 +477,23 @@ class PostgresWriter:
     async def check(self, timeout: float | None = None) -> ConnectionProblem | None:
         """None if the database takes writes now (connected, migrated, and no other session
         holds a lock on the tables that a write needs), else why not; within ``timeout``
-        for each step (the writer's unless given), and the lock's wait at most."""
+        for each step (the writer's unless given), the lock's wait included."""
         try:
             conn = await self._connection(timeout)
-            # The locks a write takes first, in a transaction rolled back, waiting the
-            # connection's lock_timeout: `SELECT 1` answered under another session's lock
-            # (an open transaction, a VACUUM FULL), the replay said the database was back,
-            # and its first write failed on the lock again, every few seconds for as long
-            # as it was held. One round trip; an error leaves the transaction aborted, and
-            # the connection is dropped below. Run by the replay's retries and at the
-            # start, never per batch.
-            wait = max(timeout or self.timeout, RECORDER_LOCK_TIMEOUT_S + 1)
-            with self._deadline(conn, wait):
+            # The locks a write takes first, in a transaction rolled back, waiting as a
+            # write does (RECORDER_LOCK_TIMEOUT_S, less for a shorter check): `SELECT 1`
+            # answered under another session's lock (an open transaction, a VACUUM FULL),
+            # the replay said the database was back, and its first write failed on the lock
+            # again, every few seconds for as long as it was held. One round trip; an
+            # error leaves the transaction aborted, and the connection is dropped below.
+            # Run by the replay's retries and at the start, never per batch.
+            # The lock's wait fits in the check's time: a start waits START_CHECK_S at most
+            # for a database that does not answer, whatever holds it up.
+            bound = timeout or self.timeout
+            wait = max(0.1, min(RECORDER_LOCK_TIMEOUT_S, bound - _CHECK_ANSWER_S))
+            with self._deadline(conn, bound):
                 try:
-                    await conn.execute(_WRITE_LOCKS)
+                    await conn.execute(_WRITE_LOCKS.format(wait_ms=round(wait * 1000)))
                 except asyncpg.LockNotAvailableError as exc:
                     await self._failed(exc)  # said as a write's wait is: which lock, what to do
             return None
