@@ -481,7 +481,15 @@ class Recorder:
                       "/readyz answers 503, and the connection is tried again every %g s",
                       " at start-up" if starting else "", problem.cause, problem.fix,
                       self.spool.directory, _PERMANENT_RETRY_S)
-        elif old is None or old.permanent:
+        elif problem.locked:
+            if old is not None and not old.permanent and old.locked:
+                return
+            # The database answers: "not reachable" sent the operator to the network.
+            log.warning("the database holds the records back%s behind another session's lock "
+                        "(%s); records go to the spool in %s and are stored when it is "
+                        "released", " at start-up" if starting else "", problem.cause,
+                        self.spool.directory)
+        elif old is None or old.permanent or old.locked:
             log.warning("database not reachable%s (%s); records go to the spool in %s and are "
                         "stored when it is back", " at start-up" if starting else "",
                         problem.cause, self.spool.directory)

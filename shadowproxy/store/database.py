@@ -81,6 +81,9 @@ class ConnectionProblem:
     """What the server or the socket said (``describe_error``: no password, no value)."""
     fix: str
     """What the operator must do; empty for a transient problem."""
+    locked: bool = False
+    """The database answers, but another session's lock held the work up past its wait:
+    nothing is wrong with the network or the server."""
 
     @property
     def permanent(self) -> bool:
@@ -115,7 +118,7 @@ def classify(exc: BaseException) -> ConnectionProblem:
         if isinstance(seen, asyncpg.LockNotAvailableError):
             # Another session's lock, named by the error that wraps it (the driver's own
             # says only "canceling statement due to lock timeout").
-            return ConnectionProblem(TRANSIENT, describe_error(exc), "")
+            return ConnectionProblem(TRANSIENT, describe_error(exc), "", locked=True)
         for kind, fix in _PERMANENT:
             if isinstance(seen, kind):
                 return ConnectionProblem(PERMANENT, describe_error(seen), fix)

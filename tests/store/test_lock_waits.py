@@ -225,6 +225,10 @@ async def test_a_table_lock_held_for_long_is_logged_once_not_as_a_flapping_datab
             await asyncio.sleep(4 * WAIT_S + 2)  # the replay's backoff: 0.2, 0.5, 1, 2 s
             assert proxy.metrics.records["written"] == 0
             assert said("canceling statement due to lock timeout") == 1, caplog.text
+            # The database answers: the line names the lock, not the network.
+            assert said("the database holds the records back behind another session's "
+                        "lock (") == 1, caplog.text
+            assert said("database not reachable") == 0, caplog.text
             assert said("database reachable again") == 0, caplog.text
         for _ in range(200):
             if proxy.metrics.records["written"] == 3:
