@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -23,6 +23,9 @@ import yaml
 from tests.test_admin import samples
 from tests.test_run_command import free_port, wait_ready, write_config
 from tests.upstreams import model, serve
+
+if TYPE_CHECKING:
+    from shadowproxy.config import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -571,18 +574,10 @@ async def test_a_reload_waits_for_a_worker_that_listened_since_the_last_round(
     with it on the new version. It skipped the worker and answered at once, listing it on
     the old version. Real worker processes; the supervisor's rounds are run by hand, so
     that the reload lands in that window every time."""
-    from shadowproxy.config import Settings
     from shadowproxy.reload import config_version
     from shadowproxy.workers import Supervisor
 
-    def settings(grace: float) -> Settings:
-        return Settings.model_validate({
-            "workers": 1, "data_dir": str(tmp_path / "data"), "admin_listen": None,
-            "listen": f"127.0.0.1:{free_port()}", "database": {"url": database_url},
-            "limits": {"shutdown_grace_s": grace},
-            "routes": [{"name": "r", "primary": {"url": "http://127.0.0.1:9"}}]})
-
-    running = settings(5)
+    running = _one_worker(tmp_path, database_url, grace=5)
     sup = Supervisor(running, database_url, "text")
     sup.prepare()
     try:
@@ -592,7 +587,8 @@ async def test_a_reload_waits_for_a_worker_that_listened_since_the_last_round(
         snapshot = sup.directory / f"worker-{proc.pid}.pickle"
         await wait_for(snapshot.exists, 30, "the worker to listen")  # no round sees it
         assert not sup.slots[0].listening
-        new = running.model_copy(update={"limits": settings(6).limits})
+        new = running.model_copy(update={"limits": _one_worker(tmp_path, database_url,
+                                                               grace=6).limits})
         version = config_version(new)
         versions = await sup.apply(new, version)
         assert versions == [{"worker": 0, "pid": proc.pid, "config_version": version}]
@@ -632,26 +628,19 @@ async def test_a_reload_while_a_worker_starts_lists_it_as_starting(
     worker as starting, and the command says that it loads the new version once it listens
     (which it then does). The answer left the worker out: `applied` with no word of it.
     Real worker processes; the supervisor's rounds are run by hand."""
-    from shadowproxy.config import Settings
     from shadowproxy.control import print_outcome
     from shadowproxy.reload import config_version
     from shadowproxy.workers import Supervisor
 
-    def settings(grace: float) -> Settings:
-        return Settings.model_validate({
-            "workers": 1, "data_dir": str(tmp_path / "data"), "admin_listen": None,
-            "listen": f"127.0.0.1:{free_port()}", "database": {"url": database_url},
-            "limits": {"shutdown_grace_s": grace},
-            "routes": [{"name": "r", "primary": {"url": "http://127.0.0.1:9"}}]})
-
-    running = settings(5)
+    running = _one_worker(tmp_path, database_url, grace=5)
     sup = Supervisor(running, database_url, "text")
     sup.prepare()
     try:
         assert sup.check()  # starts the worker: it takes about a second to listen
         proc = sup.slots[0].proc
         assert proc is not None and proc.pid is not None
-        new = running.model_copy(update={"limits": settings(6).limits})
+        new = running.model_copy(update={"limits": _one_worker(tmp_path, database_url,
+                                                               grace=6).limits})
         version = config_version(new)
         versions = await sup.apply(new, version)
         assert not sup.slots[0].listening
@@ -672,3 +661,15 @@ async def test_a_reload_while_a_worker_starts_lists_it_as_starting(
             await asyncio.sleep(0.05)
     finally:
         await sup.stop_all()
+
+
+def _one_worker(tmp_path: Path, database_url: str, *, grace: float) -> Settings:
+    """Settings of one worker for a Supervisor driven by hand (its rounds run by the test),
+    on a free port, with the shutdown grace given: a reload changes only that."""
+    from shadowproxy.config import Settings
+
+    return Settings.model_validate({
+        "workers": 1, "data_dir": str(tmp_path / "data"), "admin_listen": None,
+        "listen": f"127.0.0.1:{free_port()}", "database": {"url": database_url},
+        "limits": {"shutdown_grace_s": grace},
+        "routes": [{"name": "r", "primary": {"url": "http://127.0.0.1:9"}}]})
