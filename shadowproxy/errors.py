@@ -56,7 +56,11 @@ class MigrationError(DatabaseError):
 
 class MigrationsBusyError(MigrationError):
     """Another process held the schema migrations' lock for longer than the connection's
-    ``lock_timeout``: it is applying them."""
+    ``lock_timeout``: it is applying them. ``holder``: its PostgreSQL backend, if known."""
+
+    def __init__(self, message: str, holder: int | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class EmbeddedDatabaseError(ShadowProxyError):

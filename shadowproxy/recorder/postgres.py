@@ -50,7 +50,6 @@ from shadowproxy.store.database import (
     describe_error,
 )
 from shadowproxy.store.migrate import apply as apply_migrations
-from shadowproxy.store.migrate import lock_holder
 
 log = logging.getLogger("shadowproxy.recorder")
 
@@ -314,7 +313,7 @@ class PostgresWriter:
         try:
             await apply_migrations(conn)
         except (MigrationError, asyncpg.LockNotAvailableError) as exc:
-            await self._lock_waited(conn, exc)
+            self._lock_waited(exc)
         await conn.set_type_codec("timestamptz", schema="pg_catalog", format="tuple",
                                   encoder=timestamptz_to_pg, decoder=timestamptz_from_pg)
         await conn.execute(_TEMP_TABLES)
@@ -327,8 +326,7 @@ class PostgresWriter:
             columns=", ".join(RESPONSE_COLUMNS), headers=check.format("headers"),
             body_json=check.format("body_json"), stream=check.format("stream"))
 
-    async def _lock_waited(self, conn: asyncpg.Connection,
-                           exc: MigrationError | asyncpg.LockNotAvailableError) -> NoReturn:
+    def _lock_waited(self, exc: MigrationError | asyncpg.LockNotAvailableError) -> NoReturn:
         """Say which lock held the migrations up, and what becomes of the records; raise
         ``exc`` itself if it was not a lock's wait."""
         wait = f"{RECORDER_LOCK_TIMEOUT_S:g} s"
@@ -340,10 +338,7 @@ class PostgresWriter:
                                 f"{describe_error(lock)}: "
                                 f"{RECORDER_LOCK_HINT.format(wait=RECORDER_LOCK_TIMEOUT_S)}"
                                 ) from exc
-        holder = None
-        with contextlib.suppress(Exception):  # naming the holder is a courtesy
-            holder = await lock_holder(conn)
-        by = f" (PostgreSQL backend {holder})" if holder is not None else ""
+        by = f" (PostgreSQL backend {exc.holder})" if exc.holder is not None else ""
         raise DatabaseError(
             f"another process{by} held the schema migrations' lock for longer than the "
             f"recorder waits for it ({wait}): `shadowproxy migrate`, or a proxy or replay "

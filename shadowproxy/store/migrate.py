@@ -70,7 +70,8 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
         raise MigrationsBusyError(
             f"another process{by} has been applying the schema migrations for longer than "
             f"{await conn.fetchval('SHOW lock_timeout')} (`shadowproxy migrate`, or a proxy "
-            "or replay starting); run the command again once it has finished") from exc
+            "or replay starting); run the command again once it has finished",
+            holder) from exc
     try:
         await conn.execute(
             "CREATE SCHEMA IF NOT EXISTS shadowproxy;"
