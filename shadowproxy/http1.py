@@ -86,14 +86,21 @@ def lists_extra_tokens(connection: bytes) -> bool:
     return connection.strip().lower() not in _PLAIN_CONNECTION
 
 
+# Connection options that name no header to remove: keep-alive and close are the
+# connection's own, and Content-Length frames the body relayed with it (a response that lost
+# it would have no framing at all, and its client would read the next answer as its body).
+_NOT_REMOVED: Final = frozenset({b"keep-alive", b"close", b"content-length"})
+
+
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """Header names listed in Connection (other than keep-alive/close): hop-by-hop too."""
+    """Header names listed in Connection (other than keep-alive/close, and never
+    Content-Length): hop-by-hop too."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             for token in value.split(b","):
                 token = token.strip().lower()
-                if token and token not in (b"keep-alive", b"close"):
+                if token and token not in _NOT_REMOVED:
                     tokens.add(token)
     return frozenset(tokens)
 

@@ -284,3 +284,29 @@ async def test_a_target_is_stored_as_sent_in_ascii_and_raw_bytes_beyond_it_are_r
     assert [line for line, _ in log] == [b"GET /caf%C3%A9?q=caf%C3%A9+au+lait HTTP/1.1"]
     rows = await fetch(database_url, "SELECT path, query FROM shadowproxy.requests")
     assert [(r["path"], r["query"]) for r in rows] == [("/caf%C3%A9", "q=caf%C3%A9+au+lait")]
+
+
+async def test_a_primary_answer_naming_content_length_in_connection_keeps_its_length(
+        start_proxy: StartProxy) -> None:
+    """``Connection: Content-Length`` on the primary's answer: the options in Connection
+    are removed, but Content-Length is the body's framing. Removed, the client got an
+    answer with neither length nor chunking on a connection kept open, read it to the end
+    of the connection, and so took the answer to its next, pipelined request as part of
+    this one's body."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            if b" /1 " in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Content-Length\r\n"
+                             b"Content-Length: 5\r\n\r\nfirst")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+            await writer.drain()
+
+    async with raw_server(closing(respond)) as url, start_proxy([route(url)]) as proxy:
+        out = await talk(proxy.port, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n", quiet_s=0.5)
+    first, second = out.split(b"HTTP/1.1 ")[1:]
+    assert b"\r\nContent-Length: 5\r\n" in first and first.endswith(b"\r\n\r\nfirst"), out
+    assert second.endswith(b"\r\n\r\nsecond"), out
