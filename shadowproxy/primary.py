@@ -40,6 +40,9 @@ READ_UPSTREAM: Final = 2
 READ_CLOSING: Final = 4
 """Nothing more will be read: the connection closes once it has answered."""
 
+CLIENT_GONE: Final = "closed: client disconnected"
+"""The recorded error of a call whose client disconnected before its answer ended."""
+
 
 def _nothing() -> None:
     """The completion callback of a channel whose client is gone."""
@@ -260,7 +263,15 @@ class PrimaryCall(UpstreamCall):
         # The head waits for the first piece of body so that both go in one write; when
         # the body is not in the same read it may be seconds away (a model's first token,
         # the next event of a stream): the client gets the head as it arrived.
-        self.client.send_head()
+        client = self.client
+        client.send_head()
+        if client.transport is None and http1.header_value(
+                self.record.headers or [], b"content-length") is None:
+            # The client left while the call waited for its answer (client_gone let it run
+            # on, to be recorded), and the answer is a stream, chunked or to the close: it
+            # may never end (an event stream), and a model would generate it for nobody.
+            # Stopped as a stream the client leaves mid-way is; a body with a length ends.
+            self.cancel(ErrorKind.CLOSED, CLIENT_GONE)
 
     def on_response_body(self, data: bytes) -> None:
         self.capture(data)

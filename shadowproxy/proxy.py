@@ -24,6 +24,7 @@ from shadowproxy.metrics import RouteCounters
 from shadowproxy.mirror import CompiledShadow, start_shadows
 from shadowproxy.models import Exchange, Headers, RecordSink
 from shadowproxy.primary import (
+    CLIENT_GONE,
     READ_CLOSING,
     READ_PIPELINE,
     READ_UPSTREAM,
@@ -230,7 +231,7 @@ class ClientConnection(asyncio.Protocol):
         self.buffered = 0
         """Body bytes held for pipelined requests (``ClientRequest.pipelined``)."""
         self.gone = False
-        self.gone_reason = "closed: client disconnected"
+        self.gone_reason = CLIENT_GONE
         self.close_after = False
         self.last_active = ctx.loop.time()
         self.discard_left = 0

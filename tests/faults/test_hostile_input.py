@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import json
 import socket
+import struct
 
 import aiohttp
 import pytest
@@ -401,3 +402,55 @@ async def test_upstream_switching_protocols_is_a_protocol_failure(
     assert [(r["role"], r["status"], r["error_kind"]) for r in rows] == [
         ("primary", None, "protocol"), ("shadow", None, "protocol")]
     assert all("101 Switching Protocols" in r["error"] for r in rows)
+
+
+async def test_a_stream_whose_client_left_before_it_began_is_stopped(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """A chat client's stop button pressed before the first token: the client is gone
+    (reset) when the primary's event stream begins. The stream is stopped once its head is
+    in, as one the client leaves mid-way is, and recorded as cut; it ran on to its end (an
+    endless one for ever), the model generating for nobody and the primary's connection
+    held. An answer with a length, which ends, is still read to its end and recorded."""
+    ended = asyncio.Event()
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)  # the time to the first token
+        if b" /v1/sized " in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b"world")
+            await writer.drain()
+            await reader.read()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(200):  # 10 s of events
+                writer.write(b"d\r\ndata: token\n\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            ended.set()
+
+    async def leave(port: int, path: bytes) -> None:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # with a reset: the proxy's side is gone at once
+
+    async with raw_server(closing(stream)) as url, start_proxy([route(url)]) as proxy:
+        await leave(proxy.port, b"/v1/chat")
+        await asyncio.wait_for(ended.wait(), 3)
+        await leave(proxy.port, b"/v1/sized")
+        await wait_for_rows(database_url, "responses", 2)
+    rows = await fetch(database_url, "SELECT q.path, r.status, r.error, r.body_size "
+                                     "FROM shadowproxy.responses r JOIN shadowproxy.requests q "
+                                     "ON q.id = r.request ORDER BY q.path")
+    assert [tuple(r.values()) for r in rows] == [
+        ("/v1/chat", 200, "closed: client disconnected", rows[0]["body_size"]),
+        ("/v1/sized", 200, None, 10)]
