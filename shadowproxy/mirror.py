@@ -105,11 +105,12 @@ class ShadowCall(UpstreamCall):
 def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: bytes,
                   path_query: bytes, request_headers: Headers, common_lines: bytes,
                   tail_lines: bytes, body: bytes, skip_reason: str | None,
-                  may_resend: bool, capture_cap: int) -> None:
+                  may_resend: bool, capture_cap: int, connection: bytes | None) -> None:
     """Fire the exchange's request at every sampled shadow; returns at once.
 
     ``path_query``: the request's path and query as forwarded (origin-form), which each
-    shadow's URL path prefixes."""
+    shadow's URL path prefixes. ``connection``: the request's Connection value (its lines
+    joined), or None; the headers it names are left out of every shadow's lines."""
     head_only = method == b"HEAD"
     now = time.time()
     for shadow in shadows:
@@ -130,8 +131,13 @@ def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: byt
             exchange.responses.append(record)
             shadow.counters.not_called(ErrorKind.DROPPED)
             continue
-        lines = common_lines if shadow.custom_skip is None else http1.header_lines(
-            request_headers, shadow.custom_skip)
+        custom_skip = shadow.custom_skip
+        if custom_skip is None:
+            lines = common_lines  # the primary's: Connection's tokens are out already
+        else:
+            if connection is not None and http1.lists_extra_tokens(connection):
+                custom_skip = custom_skip | http1.connection_tokens(request_headers)
+            lines = http1.header_lines(request_headers, custom_skip)
         shadow_body, tail = (body, tail_lines) if shadow.edits is None else shadow.edit(
             body, tail_lines)
         pool = shadow.pool

@@ -647,7 +647,8 @@ class ClientConnection(asyncio.Protocol):
         route.primary.start(call)
         if route.shadows:
             start_shadows(route.shadows, exchange, method, path_query, req.headers, common,
-                          tail, body, skip_reason, may_resend, route.capture_cap)
+                          tail, body, skip_reason, may_resend, route.capture_cap,
+                          req.noted.get(b"connection"))
 
     def response_done(self) -> None:
         """The completion callback: the active request's response is complete (or given

@@ -96,6 +96,30 @@ async def test_set_and_remove_headers_apply_to_the_shadow_only(start_proxy: Star
     assert s["x-shadow-request"] == "1" and s["x-tenant"] == "shadow"
 
 
+async def test_a_shadow_with_its_own_headers_gets_no_header_connection_names(
+        start_proxy: StartProxy) -> None:
+    """The headers the client's Connection names are hop-by-hop (RFC 9110 §7.6.1): no
+    upstream gets them, a shadow with set_headers or remove_headers neither. That shadow's
+    header lines are made apart from the primary's, and they kept them."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url},
+                          "shadows": [{"name": "c", "url": shadow.url,
+                                       "set_headers": {"X-Shadow-Request": "1"},
+                                       "remove_headers": ["Authorization"]}]}]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\n"
+                     b"X-Hop: secret\r\nX-End: kept\r\nContent-Length: 2\r\n\r\n{}")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.close()
+        for _ in range(50):
+            if shadow.seen:
+                break
+            await asyncio.sleep(0.02)
+    p, s = primary.seen[0].headers, shadow.seen[0].headers
+    assert "x-hop" not in p and p["x-end"] == "kept"
+    assert "x-hop" not in s and s["x-end"] == "kept" and s["x-shadow-request"] == "1"
+
+
 async def test_sample_rate_zero_sends_nothing_and_records_no_pair(
         start_proxy: StartProxy, database_url: str) -> None:
     """A shadow sampled at 0 gets no request, and the request has no pair row."""
