@@ -21,6 +21,16 @@ def _cell(text: str) -> str:
 # the pipe), code spans, emphasis, strikethrough, and the brackets of links and images.
 _SYNTAX = re.compile(r"([\\`*_~\[\]|])")
 
+# What GitHub makes a link or a notification in plain text: a URL (``https://``, ``ftp://``)
+# or ``www.`` (autolinks), ``@name`` (a mention, which notifies that user; an email
+# address), ``#123`` and ``GH-123`` (references to issues, which back-link from them). A
+# backslash escape does not stop them all: GitHub finds mentions and references in the
+# rendered text, where ``\@name`` is ``@name`` again. A ``<wbr>`` (an invisible word-break
+# opportunity) after the ``@``, ``#``, ``:`` or before the ``.`` or ``-`` splits the text
+# there, so that neither the autolinker nor those filters read one token.
+_LINKING = re.compile(r"(?<=:)(?=//)|(?<=@)(?=[0-9A-Za-z])|(?<=#)(?=[0-9])"
+                      r"|(?<=\bwww)(?=\.)|(?<=\bGH)(?=-[0-9])", re.IGNORECASE)
+
 
 def _inline(text: str, newline: str) -> str:
     """``text`` shown as it is, its line breaks written as ``newline``. Escaped as HTML, as
@@ -29,9 +39,12 @@ def _inline(text: str, newline: str) -> str:
     escaped: a recorded ``![x](https://...)`` was an image the viewer loaded from that host
     when the report was opened, ``[x](https://...)`` a link. Control characters and
     bidirectional overrides are shown as escapes (``visible``): printed to a terminal
-    (``--format markdown`` without ``-o``), they acted on it."""
-    return newline.join(_SYNTAX.sub(r"\\\1", html.escape(visible(line), quote=False))
-                        for line in re.split("\r\n?|\n", text))
+    (``--format markdown`` without ``-o``), they acted on it. URLs, ``www.``, ``@name`` and
+    ``#123`` are broken by a ``<wbr>`` (``_LINKING``): a report pasted into an issue linked
+    out, notified the users a shadow named and back-linked from the issues it numbered."""
+    return newline.join(
+        _LINKING.sub("<wbr>", _SYNTAX.sub(r"\\\1", html.escape(visible(line), quote=False)))
+        for line in re.split("\r\n?|\n", text))
 
 
 def _table(table: Table) -> list[str]:
