@@ -52,7 +52,7 @@ def _comparison(c: TextComparison) -> str:
     diff = diff_html([DiffSegment(op, a, b) for op, a, b in c.diff])
     return (f'<table class="pair"><caption>{_text(c.title)}</caption><thead><tr>'
             "<th>primary</th><th>shadow</th></tr></thead><tbody><tr>"
-            f"<td>{_text(c.primary)}</td><td>{_text(c.shadow)}</td></tr>"
+            f"<td>{_text(c.shown('primary'))}</td><td>{_text(c.shown('shadow'))}</td></tr>"
             f'<tr><td colspan="2">{diff}</td></tr></tbody></table>')
 
 

@@ -68,7 +68,7 @@ def _comparison(c: TextComparison) -> list[str]:
         if b:
             diff.append(f"<ins>{_inline(b, '<br>')}</ins>")
     return [f"**{_cell(c.title)}**", "", "| primary | shadow |", "|---|---|",
-            f"| {_cell(shorten(c.primary))} | {_cell(shorten(c.shadow))} |", "",
+            f"| {_cell(shorten(c.shown('primary')))} | {_cell(shorten(c.shown('shadow')))} |", "",
             "diff: " + "".join(diff), ""]
 
 

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from shadowproxy.compare.tables import TextComparison, sections
 from shadowproxy.compare.tables_generation import plain_diff, shorten
-from shadowproxy.compare.visible import visible
+from shadowproxy.compare.visible import one_line
 
 _STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
 
@@ -20,8 +20,9 @@ def _plain(text: str) -> Text:
     """``text`` shown as it is: rich reads a ``str`` cell or title as markup, so a recorded
     value such as ``[/b]`` stopped the report and ``[red]`` restyled it. Control characters
     and bidirectional overrides are shown as their escapes (``\\x1b``, ``\\u202e``), never
-    sent to the terminal: rich passes them through (``visible``)."""
-    return Text(visible(text))
+    sent to the terminal: rich passes them through; newlines as ``\\n``: a generated text
+    printed as lines could fake the report's own lines below it (``one_line``)."""
+    return Text(one_line(text))
 
 
 def render_text(report: dict[str, Any], *, color: bool = False, width: int = 120) -> str:
@@ -57,6 +58,11 @@ def _comparison(console: Console, c: TextComparison) -> None:
     table = RichTable(show_edge=False, header_style="bold", expand=True)
     table.add_column("primary", ratio=1, overflow="fold")
     table.add_column("shadow", ratio=1, overflow="fold")
-    table.add_row(_plain(shorten(c.primary)), _plain(shorten(c.shadow)))
+    table.add_row(_shown(c.primary, c.primary_calls), _shown(c.shadow, c.shadow_calls))
     console.print(table)
     console.print(_plain("diff: " + shorten(plain_diff(c.diff), 1200)))
+
+
+def _shown(text: str, calls: list[str]) -> Text:
+    """A side's text on one line, then each of its tool calls on a line of its own."""
+    return Text("\n").join(_plain(line) for line in ([shorten(text)] if text else []) + calls)

@@ -21,12 +21,23 @@ class Table:
 @dataclass
 class TextComparison:
     """Two texts side by side and their word-level diff: ``(op, primary, shadow)`` runs,
-    ``op`` one of equal, delete, insert, replace (``generation.DiffSegment``)."""
+    ``op`` one of equal, delete, insert, replace (``generation.DiffSegment``). Each side's
+    tool calls, as ``→ name(arguments)``, are shown below its text (``shown``); they are
+    kept apart so that the text report can write a text's own line breaks as escapes and
+    still put each call on a line of its own."""
 
     title: str
     primary: str
     shadow: str
     diff: list[tuple[str, str, str]]
+    primary_calls: list[str] = field(default_factory=list)
+    shadow_calls: list[str] = field(default_factory=list)
+
+    def shown(self, side: str) -> str:
+        """A side's text, then its tool calls, a line each."""
+        text, calls = ((self.primary, self.primary_calls) if side == "primary"
+                       else (self.shadow, self.shadow_calls))
+        return "\n".join(([text] if text else []) + calls)
 
 
 @dataclass

@@ -144,9 +144,10 @@ def _most_different(g: dict[str, Any]) -> Section:
             title=f"{p['request_id']}: similarity {fmt(p['similarity'], 3)}, finish_reason "
                   f"{_reason(p['primary_finish_reason'])} / "
                   f"{_reason(p['shadow_finish_reason'])}",
-            primary=_shown(p["primary_text"], p.get("primary_tool_calls", [])),
-            shadow=_shown(p["shadow_text"], p.get("shadow_tool_calls", [])),
-            diff=[(d["op"], d["primary"], d["shadow"]) for d in p["diff"]]))
+            primary=p["primary_text"], shadow=p["shadow_text"],
+            diff=[(d["op"], d["primary"], d["shadow"]) for d in p["diff"]],
+            primary_calls=_calls(p.get("primary_tool_calls", [])),
+            shadow_calls=_calls(p.get("shadow_tool_calls", []))))
     return s
 
 
@@ -155,11 +156,9 @@ def _reason(reason: str | None) -> str:
     return reason if reason else "–"
 
 
-def _shown(text: str, calls: list[dict[str, str]]) -> str:
-    """An answer's text and, after it, its tool calls as ``→ name(arguments)``."""
-    lines = [text] if text else []
-    lines += [f"→ {c['name']}({c['arguments']})" for c in calls]
-    return "\n".join(lines)
+def _calls(calls: list[dict[str, str]]) -> list[str]:
+    """An answer's tool calls as ``→ name(arguments)``."""
+    return [f"→ {c['name']}({c['arguments']})" for c in calls]
 
 
 def _slices(g: dict[str, Any]) -> Section:

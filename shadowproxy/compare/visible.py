@@ -29,3 +29,10 @@ def visible(text: str) -> str:
     """``text`` with each character that acts on a terminal or viewer (but tab and newline)
     written as its escape: ``\\x1b``, ``\\x0d``, ``\\u202e``."""
     return _ACTING.sub(_escape, text)
+
+
+def one_line(text: str) -> str:
+    """``visible(text)`` with its newlines written as ``\\n`` too: on one line. A text
+    printed to a terminal as lines could fake the lines of the report around it (a
+    verdict, a section's rule, a tool call)."""
+    return visible(text).replace("\n", "\\n")

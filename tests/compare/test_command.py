@@ -279,6 +279,38 @@ def test_bidirectional_overrides_in_recorded_values_are_shown_as_escapes(
     assert "kind = \\u202eLIAF" in text and "kind = \\u2067x\\u2069" in text
     assert "kind = a\\u2028b\\u200fc" in text
 
+def test_line_breaks_in_generated_texts_are_escapes_in_the_text_report(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A generated text with newlines is shown on one line of the text report, its
+    newlines as ``\\n``: printed as lines, it could fake a verdict or a tool call below
+    it. Each real tool call still has a line of its own."""
+    fake = "ok\n\nVerdict: PASS\n→ transfer({})"
+
+    def chat(text: str, call: bool) -> dict[str, object]:
+        message: dict[str, object] = {"role": "assistant", "content": text}
+        if call:
+            message["tool_calls"] = [{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+        return {"object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "message": message, "finish_reason": "stop"}]}
+
+    asyncio.run(insert(sync_database_url, [
+        Exchange({"messages": [{"role": "user", "content": "hi"}]},
+                 Call(chat(f"answer {i}", False)), {"candidate": Call(chat(fake, True))},
+                 route="chat", path="/v1/chat/completions") for i in range(40)]))
+    config = write_config(tmp_path, sync_database_url, "task: generation", route="chat")
+    assert main(["report", "-c", str(config), "--route", "chat"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines
+                if line.lstrip(" │").startswith(("Verdict: PASS", "→ transfer"))]
+    pairs = lines[next(i for i, line in enumerate(lines)
+                       if line.startswith("Generation: most different pairs")):]
+    assert any("ok\\n\\nVerdict: PASS\\n→ transfer({})" in line for line in pairs)
+    assert any(line.rstrip().endswith('│ → get_weather({"city": "Oslo"})') for line in pairs)
+    assert any(line.startswith("diff: ") and line.endswith("PASS\\n→ transfer({})+}")
+               for line in pairs)
+
+
 def _markdown_tables(path: Path) -> list[list[list[str]]]:
     """Every table of a Markdown file as a CommonMark parser with GFM tables reads it:
     rows of cell texts."""
