@@ -93,6 +93,23 @@ def class_text(text: str | None) -> str:
     return text
 
 
+_AS_BOOLEAN = {"0": "false", "1": "true"}
+_AS_BIT = {"false": "0", "true": "1"}
+
+
+def as_predicted(labels: list[str], predicted: set[str]) -> list[str]:
+    """Labels (``class_text``) written as the models write their classes when the two are
+    the same binary classes spelled apart: 0/1 labels for models that answer booleans, or
+    ``true``/``false`` labels for models that answer 0/1. A labels file of 0 and 1 is the
+    common form of ground truth for a yes/no model; compared as text, no label matched a
+    prediction, and accuracy, precision, recall and F1 were 0 on both sides."""
+    classes = set(labels)
+    for spelling in (_AS_BOOLEAN, _AS_BIT):
+        if classes <= spelling.keys() and predicted <= set(spelling.values()):
+            return [spelling[y] for y in labels]
+    return labels
+
+
 async def label_counts(db: Snapshot, preds: Predictions) -> LabelCounts:
     row = await db.fetchrow(f"""
         SELECT count(*) AS n,
@@ -137,9 +154,9 @@ async def build(db: Snapshot, preds: Predictions) -> PerformanceSection:
         s = np.array([r["sn"] for r in keep], dtype=np.float64)
         out.update(cast(PerformanceSection, regression_performance(y, p, s, seed=seed)))
         return out
-    y_t = np.array([class_text(r["y"]) for r in rows])
     p_t = np.array([class_text(r["pt"]) for r in rows])
     s_t = np.array([class_text(r["st"]) for r in rows])
+    y_t = np.array(as_predicted([class_text(r["y"]) for r in rows], set(p_t) | set(s_t)))
     pc = positive_class(db.compare, set(y_t) | set(p_t) | set(s_t))
     # The classes here are compared as class_text writes them (1.0 and 1 are class "1"), so
     # the positive class is too: a configured "1.0" is class "1", not a class of its own

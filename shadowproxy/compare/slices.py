@@ -24,7 +24,7 @@ from shadowproxy.compare import stats
 from shadowproxy.compare.config import SliceConfig
 from shadowproxy.compare.extract import literal, square_sql, within_sql
 from shadowproxy.compare.features import CURRENT, Features
-from shadowproxy.compare.performance import LABEL_SQL, class_text, is_number
+from shadowproxy.compare.performance import LABEL_SQL, as_predicted, class_text, is_number
 from shadowproxy.compare.predictions import Predictions, PredictionsSection
 from shadowproxy.compare.shares import seed_for
 from shadowproxy.compare.snapshot import PAIR_FILTER, Explain, Scratch, Snapshot
@@ -205,6 +205,12 @@ async def build(db: Snapshot, preds: Predictions, pred: PredictionsSection,
     members = [{(f, name) for f, name in r["slices"]} for r in rows]
     requests = np.array([r["request"] for r in rows], dtype=object)
     labels = [r["y"] for r in rows]
+    if not regression:  # 0/1 labels of boolean classes as the performance section reads them
+        known = [i for i, y in enumerate(labels) if y is not None]
+        predicted = {class_text(r[side]) for r in rows for side in ("pt", "st")}
+        for i, y in zip(known, as_predicted([class_text(labels[i]) for i in known], predicted),
+                        strict=True):
+            labels[i] = y
     whole = _whole(pred, regression)
     out_slices: list[SliceEntry] = []
     family_groups: dict[str, list[np.ndarray]] = {}

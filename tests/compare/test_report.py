@@ -243,6 +243,51 @@ async def test_a_positive_class_written_as_a_float_names_the_class_of_that_numbe
     assert r["predictions"]["positive_rate"]["shadow"] == pytest.approx(np.mean(s))
 
 
+async def test_labels_0_and_1_are_the_classes_of_a_model_that_answers_booleans(
+        database_url: str, tmp_path: Path) -> None:
+    """A yes/no model answering JSON booleans, labelled 0 and 1 (or one answering 0 and 1,
+    labelled true and false): the labels are its two classes, so the metrics, McNemar and
+    the verdict are sklearn's and scipy's on them. Compared as text, no label matched a
+    prediction: accuracy 0 on both sides, no ROC-AUC, and a worse shadow passed the labels."""
+    rng = np.random.default_rng(24)
+    n = 240
+    y = rng.integers(0, 2, n)
+    p = np.where(rng.random(n) < 0.9, y, 1 - y)  # the shadow is worse
+    s = np.where(rng.random(n) < 0.7, y, 1 - y)
+    score = np.clip(s * 0.5 + rng.random(n) * 0.5, 0, 1)
+    exchanges = [Exchange({"features": {"x": float(i)}},
+                          Call({"fraud": bool(p[i]), "bit": int(p[i]), "proba": float(p[i])}),
+                          {"candidate": Call({"fraud": bool(s[i]), "bit": int(s[i]),
+                                              "proba": float(score[i])})})
+                 for i in range(n)]
+    await insert(database_url, exchanges)
+    await _labels(database_url, tmp_path,
+                  [(ex.request_id, int(y[i])) for i, ex in enumerate(exchanges)])
+    compare = {"prediction": "$.fraud", "score": "$.proba",
+               "slices": {"first": "(request_body_json #>> '{features,x}')::float < 100"}}
+    r = await report(database_url, compare)
+    perf = r["performance"]
+    assert perf["positive_class"] == "true"
+    assert perf["primary"]["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    assert perf["shadow"]["accuracy"] == pytest.approx(skm.accuracy_score(y, s))
+    assert perf["shadow"]["f1"] == pytest.approx(skm.f1_score(y, s))
+    assert perf["shadow"]["roc_auc"] == pytest.approx(skm.roc_auc_score(y, score))
+    b = int(np.sum((p == y) & (s != y)))
+    c = int(np.sum((p != y) & (s == y)))
+    assert perf["paired_test"]["p_value"] == pytest.approx(sps.binomtest(b, b + c).pvalue)
+    assert perf["paired_test"]["p_value"] < 0.05 and perf["shadow_better"] is False
+    assert "performance" in {reason["section"] for reason in r["verdict"]["reasons"]}
+    first = next(x for x in r["slices"]["slices"] if x["slice"] == "first")
+    assert first["performance"]["shadow_accuracy"] == pytest.approx(np.mean((s == y)[:100]))
+
+    # The other way round: 0/1 answers, labels true and false.
+    await _labels(database_url, tmp_path,
+                  [(ex.request_id, "true" if y[i] else "false") for i, ex in enumerate(exchanges)])
+    r = await report(database_url, {**compare, "prediction": "$.bit"})
+    assert r["performance"]["positive_class"] == "1"
+    assert r["performance"]["shadow"]["accuracy"] == pytest.approx(skm.accuracy_score(y, s))
+
+
 async def test_whole_number_classes_past_2_53_stay_apart_on_labels(
         database_url: str, tmp_path: Path) -> None:
     """Item ids 2^53, 2^53 + 1 and 2^53 + 2 as classes: each prediction is right only for
