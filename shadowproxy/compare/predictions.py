@@ -210,6 +210,7 @@ class PredictionsSection(TypedDict, total=False):
     sd_diff: float | None
     within_tolerance: float | None
     differences_beyond_float8: int
+    pairs_not_numbers: int
     median_diff: float | None
     quantiles: Quantiles
     primary: Distribution
@@ -466,6 +467,10 @@ async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection)
     out["max_abs_diff"], out["mean_diff"] = _opt(row["max_abs_diff"]), _opt(row["mean_diff"])
     out["sd_diff"], out["within_tolerance"] = _opt(row["sd_diff"]), _opt(row["within_tolerance"])
     out["differences_beyond_float8"] = beyond = int(row["beyond"])
+    # Paired values a side gave as no number (a string "0.5", a boolean, past float8's
+    # range) are left out of the statistics, and said so: when every pair was such, "no
+    # paired values" sent the operator to a jsonpath that matched.
+    out["pairs_not_numbers"] = preds.shape.n - preds.shape.n_numeric
     out["n"] = n
     if not n:
         return

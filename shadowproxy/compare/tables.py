@@ -167,8 +167,13 @@ def _operational(r: dict[str, Any]) -> Section:
 def _predictions(r: dict[str, Any]) -> Section:
     p = r["predictions"]
     s = Section("predictions", f"Predictions ({p['task']}, {p['task_source']})")
+    if p.get("pairs_not_numbers"):
+        s.notes.append(f"{fmt(p['pairs_not_numbers'])} paired predictions at {p['path']} "
+                       "are not numbers on both sides (a string, a boolean, past float8's "
+                       "range): left out")
     if not p.get("n"):
-        s.notes.append(f"no paired predictions at {p['path']}")
+        s.notes.append(f"no paired {'numbers' if p.get('pairs_not_numbers') else 'predictions'} "
+                       f"at {p['path']}")
         return s
     if p["task"] == "regression":
         rows = [["n", fmt(p["n"])], ["MAE", fmt(p["mae"])], ["RMSE", fmt(p["rmse"])],

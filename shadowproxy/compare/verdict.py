@@ -157,7 +157,13 @@ def verdict(report: Mapping[str, Any], th: Thresholds, *,
     # The paired test (compare/paired.py) decides; the distribution comparison of the two
     # prediction columns (distribution_test) is information only.
     paired = pred.get("paired") or {}
-    if "predictions" in report and pred.get("n", 0) == 0 and counts.get("comparable_pairs"):
+    if "predictions" in report and pred.get("n", 0) == 0 and pred.get("pairs_not_numbers"):
+        add("warn", "predictions", f"compare.prediction matched {pred['pairs_not_numbers']} "
+                                   "paired values, none a number on both sides, and task "
+                                   "regression compares numbers: a service that writes its "
+                                   "numbers as strings (\"0.5\") needs a jsonpath to a "
+                                   "number, or task classification")
+    elif "predictions" in report and pred.get("n", 0) == 0 and counts.get("comparable_pairs"):
         add("warn", "predictions", "compare.prediction matched no paired values: check the "
                                    "jsonpath against a recorded response")
     elif pred.get("task") == "regression" and pred.get("n"):

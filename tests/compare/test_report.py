@@ -315,6 +315,42 @@ async def test_whole_number_classes_past_2_53_stay_apart_on_labels(
     assert perf["paired_test"]["p_value"] == pytest.approx(sps.binomtest(b, b + c).pvalue)
 
 
+async def test_predictions_written_as_strings_are_counted_not_taken_for_a_wrong_path(
+        database_url: str) -> None:
+    """task: regression over a service that writes some of its numbers as strings ("0.5"):
+    those pairs are counted as not numbers and left out, the statistics are numpy's on the
+    others; when every pair is such, the verdict says so. It said that the jsonpath matched
+    no paired values, which sent the operator to a path that matched every response."""
+    rng = np.random.default_rng(25)
+    p, s = rng.normal(10, 2, 150), rng.normal(10.5, 2, 150)
+    written = [(float(a), float(b)) if i < 100 else (f"{a:.3f}", f"{b:.3f}")
+               for i, (a, b) in enumerate(zip(p, s, strict=True))]
+    await insert(database_url, [
+        Exchange({"features": {"x": float(i)}}, Call({"prediction": a}),
+                 {"candidate": Call({"prediction": b})}) for i, (a, b) in enumerate(written)])
+    r = await report(database_url, {"prediction": "$.prediction", "task": "regression"})
+    pr = r["predictions"]
+    assert (pr["n"], pr["pairs_not_numbers"]) == (100, 50)
+    assert pr["mae"] == pytest.approx(np.mean(np.abs(s[:100] - p[:100])))
+    assert "50 paired predictions at $.prediction are not numbers" in render(r, "text")
+
+    route = "strings"
+    await insert(database_url, [
+        Exchange({"features": {"x": float(i)}}, Call({"prediction": f"{a:.3f}"}),
+                 {"candidate": Call({"prediction": f"{b:.3f}"})}, route=route)
+        for i, (a, b) in enumerate(zip(p, s, strict=True))])
+    conn = await asyncpg.connect(database_url)
+    try:
+        r = dict(await build_report(conn, route=route, shadow="candidate", window=window(),
+                                    compare=CompareConfig.model_validate(
+                                        {"prediction": "$.prediction", "task": "regression"})))
+    finally:
+        await conn.close()
+    assert (r["predictions"]["n"], r["predictions"]["pairs_not_numbers"]) == (0, 150)
+    messages = [x["message"] for x in r["verdict"]["reasons"] if x["section"] == "predictions"]
+    assert len(messages) == 1 and "matched 150 paired values, none a number" in messages[0]
+
+
 async def test_diff_counts_differing_fields_after_ignore_and_tolerance(database_url: str) -> None:
     """Per field how often it differs, Diffy-style; ignored paths and tolerated numbers aside."""
     def body(pred: float, ts: str, extra: bool) -> dict[str, Any]:
