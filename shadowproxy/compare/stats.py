@@ -77,8 +77,10 @@ def normality(x: Array, alpha: float) -> dict[str, Any]:
 def groups_test(groups: Sequence[Array], alpha: float) -> dict[str, Any]:
     """One-way ANOVA when every group looks normal, else Kruskal-Wallis (k ≥ 2 groups)."""
     groups = [g for g in groups if g.size >= 3]
-    if len(groups) < 2 or np.ptp(np.concatenate(groups)) == 0:
-        return {"test": None, "why": "fewer than two groups with 3+ distinct values"}
+    if len(groups) < 2:
+        return {"test": None, "why": "fewer than two groups with 3 or more values"}
+    if np.ptp(np.concatenate(groups)) == 0:
+        return {"test": None, "why": "every value is the same in every group"}
     if all(normality(g, alpha)["normal"] for g in groups):
         res = stats.f_oneway(*groups)
         return {"test": "anova", "why": "every group passes the normality test",

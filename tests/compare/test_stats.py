@@ -51,6 +51,17 @@ def test_groups_test_is_anova_for_normal_groups(rng: np.random.Generator) -> Non
     assert res["p_value"] == pytest.approx(sps.f_oneway(*groups).pvalue)
 
 
+def test_groups_test_says_why_it_runs_no_test() -> None:
+    """No test on fewer than two groups of 3+ values, nor on values all equal: and the
+    reason says which (groups of 3+ values, some equal, are not "no distinct values")."""
+    few = stats.groups_test([np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0])], 0.05)
+    assert few == {"test": None, "why": "fewer than two groups with 3 or more values"}
+    same = stats.groups_test([np.full(4, 2.0), np.full(3, 2.0)], 0.05)
+    assert same == {"test": None, "why": "every value is the same in every group"}
+    tied = stats.groups_test([np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 2.0])], 0.05)
+    assert tied["test"] == "kruskal"
+
+
 def test_wilcoxon_and_correlations_match_scipy(rng: np.random.Generator) -> None:
     """Wilcoxon signed-rank, Pearson and Spearman are scipy's numbers."""
     a = rng.normal(0, 1, 150)
