@@ -259,7 +259,8 @@ async def running(settings: Settings, database_url: str, *,
                   reuse_port: bool = False,
                   snapshots: Callable[[], list[dict[str, Any]]] | None = None,
                   serve_admin: bool = True,
-                  config_path: Path | None = None) -> AsyncIterator[Proxy]:
+                  config_path: Path | None = None,
+                  config_digest: str | None = None) -> AsyncIterator[Proxy]:
     """Run one proxy process until the block exits, then shut it down gracefully.
 
     Each resource is registered on the exit stack as soon as it is open, so the stack
@@ -268,7 +269,10 @@ async def running(settings: Settings, database_url: str, *,
 
     With ``config_path`` (the file ``settings`` came from) the proxy can reload it:
     ``Proxy.reload``, ``POST /-/reload``, ``watch: true``, and ``shadowproxy reload``
-    (which finds this process through ``data_dir/run``).
+    (which finds this process through ``data_dir/run``). ``config_digest``: the content
+    ``settings`` were read from (``configwatch.content_digest``, taken before reading
+    them), which ``watch`` compares the file with; without it, the file's content when the
+    proxy starts to serve.
     """
     loop = asyncio.get_running_loop()
     metrics = Metrics()
@@ -359,7 +363,7 @@ async def running(settings: Settings, database_url: str, *,
                 started.apply(new, version)
 
             reloader = started.reloader = Reloader(config_path, settings, apply, metrics,
-                                                   run_dir)
+                                                   run_dir, digest=config_digest)
             admin_address = (None if admin_port is None or settings.admin_listen is None
                              else f"{split_listen(settings.admin_listen)[0]}:{admin_port}")
             control.write_process_file(run_dir, config_path, admin_address)

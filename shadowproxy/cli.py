@@ -32,10 +32,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from shadowproxy.config import load_config
+    from shadowproxy.configwatch import content_digest
     from shadowproxy.runner import serve
 
-    settings = load_config(args.config)
-    return serve(settings, log_format=args.log_format, config_path=Path(args.config))
+    path = Path(args.config)
+    # Read before loading, as a reload does: ``watch: true`` compares the file with the
+    # content the running configuration came from, so that an edit made while the proxy
+    # starts (the embedded database alone takes seconds) is applied once it serves.
+    digest = content_digest(path)
+    settings = load_config(path)
+    return serve(settings, log_format=args.log_format, config_path=path,
+                 config_digest=digest)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

@@ -161,7 +161,11 @@ class Reloader:
     count, log, and tell the caller. Reloads run one at a time."""
 
     def __init__(self, path: Path, running: Settings, apply: Apply, metrics: Metrics,
-                 run_dir: Path) -> None:
+                 run_dir: Path, *, digest: str | None = None) -> None:
+        """``digest``: the content ``running`` was read from (``content_digest``, taken
+        before reading it); None: the file's content now. Taken now when the start had
+        read the file seconds before (the embedded database starts in between), an edit
+        made meanwhile counted as loaded, and ``watch`` never applied it."""
         self.path = path
         self.settings = running
         self.version = config_version(running)
@@ -176,7 +180,7 @@ class Reloader:
         """The last outcomes written, newest last (``control.OUTCOME_FILE``)."""
         self._watcher: ConfigWatcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._digest = content_digest(path)
+        self._digest = digest if digest is not None else content_digest(path)
         """The file's content when it was last read by a reload (or at start)."""
         self._closed = False
 

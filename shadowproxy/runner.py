@@ -57,8 +57,11 @@ def on_sighup(reload: Callable[[str], Coroutine[Any, Any, object]]) -> None:
 
 
 def serve(settings: Settings, *, log_format: str = "text",
-          config_path: Path | None = None) -> int:
+          config_path: Path | None = None, config_digest: str | None = None) -> int:
     """Run the proxy until SIGTERM/SIGINT; return the exit status.
+
+    ``config_digest``: the content ``settings`` were read from (``configwatch.
+    content_digest`` of ``config_path``, taken before reading it).
 
     A failure to start (a data_dir another proxy holds, a taken port, the embedded
     database) is logged as one line in the log format and gives exit status 1.
@@ -78,10 +81,11 @@ def serve(settings: Settings, *, log_format: str = "text",
             ensure_free(settings.admin_listen, "admin_listen")
         url = database_url(settings)
         if settings.workers == 1:
-            return stopped(run_loop(_single(settings, url, config_path)))
+            return stopped(run_loop(_single(settings, url, config_path, config_digest)))
         from shadowproxy.workers import supervise
 
-        return stopped(run_loop(supervise(settings, url, log_format, config_path)))
+        return stopped(run_loop(supervise(settings, url, log_format, config_path,
+                                               config_digest)))
     except ShadowProxyError as exc:
         log.error("%s", exc)
         return exc.exit_status
@@ -101,11 +105,13 @@ def stopped(status: int) -> int:
     return status
 
 
-async def _single(settings: Settings, url: str, config_path: Path | None) -> int:
+async def _single(settings: Settings, url: str, config_path: Path | None,
+                  config_digest: str | None) -> int:
     from shadowproxy.app import running
 
     stop = stop_event()
-    async with running(settings, url, config_path=config_path) as proxy, \
+    async with running(settings, url, config_path=config_path,
+                       config_digest=config_digest) as proxy, \
             collected_in_the_background():
         if config_path is not None:
             on_sighup(proxy.reload)

@@ -590,8 +590,9 @@ class Supervisor:
 
 
 async def supervise(settings: Settings, url: str, log_format: str,
-                    config_path: Path | None = None) -> int:
-    """Run ``settings.workers`` workers until SIGTERM/SIGINT, or until one cannot start."""
+                    config_path: Path | None = None, config_digest: str | None = None) -> int:
+    """Run ``settings.workers`` workers until SIGTERM/SIGINT, or until one cannot start.
+    ``config_digest``: the content ``settings`` were read from (``app.running``)."""
     from shadowproxy.admin import build_admin_app, start_admin
     from shadowproxy.config import split_listen
     from shadowproxy.runner import on_sighup, stop_event
@@ -602,7 +603,8 @@ async def supervise(settings: Settings, url: str, log_format: str,
     reloader = None
     if config_path is not None:
         reloader = supervisor.reloader = Reloader(config_path, settings, supervisor.apply,
-                                                  supervisor.metrics, supervisor.directory)
+                                                  supervisor.metrics, supervisor.directory,
+                                                  digest=config_digest)
 
     async def reload() -> ReloadOutcome | None:
         if reloader is None or stop.is_set() or supervisor.stopping:

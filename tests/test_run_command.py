@@ -323,3 +323,49 @@ async def test_the_signal_sent_again_while_the_stop_ends_leaves_exit_status_0(
         err = (await proc.stderr.read()).decode()
         assert status == 0, err
         assert "stopped: served=0" in err
+
+
+@pytest.mark.slow
+async def test_an_edit_made_while_the_proxy_starts_is_applied_by_watch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`watch: true` compares the file with the content the running configuration was read
+    from, not with what the file holds once the proxy serves: an edit made while it starts
+    (here a database that does not answer holds the start for 3 s; the embedded database
+    takes seconds too) is applied as soon as it serves."""
+    from shadowproxy.config import load_config
+    from shadowproxy.reload import config_version
+    from tests.upstreams import unaccepting_listener
+
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    with unaccepting_listener() as silent:
+        url = silent.replace("http://", "postgresql://nobody@") + "/none"
+        config, _, admin = write_config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2",
+                                        url, watch=True, watch_interval_s=0.05,
+                                        limits={"shutdown_grace_s": 1})
+        proc = await start(config)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):  # the admin listener answers (503) while the start goes on
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as first:
+                        if first.status == 503:
+                            break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the admin listener did not answer while starting")
+            config.write_text(config.read_text().replace("name: c", "name: c2"))
+            edited = config_version(load_config(config))
+            await wait_ready(admin, proc)
+            detail: dict[str, object] = {}
+            for _ in range(60):
+                async with http.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                    detail = await resp.json()
+                if detail.get("config_version") == edited:
+                    break
+                await asyncio.sleep(0.05)
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode(errors="replace")
+    assert detail.get("config_version") == edited, log
+    assert f"-> {edited}; route r: shadow c2 added, shadow c removed" in log
