@@ -269,10 +269,10 @@ async def running(settings: Settings, database_url: str, *,
 
     With ``config_path`` (the file ``settings`` came from) the proxy can reload it:
     ``Proxy.reload``, ``POST /-/reload``, ``watch: true``, and ``shadowproxy reload``
-    (which finds this process through ``data_dir/run``). ``config_digest``: the content
-    ``settings`` were read from (``configwatch.content_digest``, taken before reading
-    them), which ``watch`` compares the file with; without it, the file's content when the
-    proxy starts to serve.
+    (which finds this process through ``data_dir/run``). ``config_digest``: the digest of the
+    bytes ``settings`` were loaded from (``configwatch.digest_of``), which ``watch``
+    compares the file with; without it, the file's content when the proxy starts to
+    serve.
     """
     loop = asyncio.get_running_loop()
     metrics = Metrics()

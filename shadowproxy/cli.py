@@ -32,17 +32,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from shadowproxy.config import load_config
-    from shadowproxy.configwatch import content_digest
+    from shadowproxy.configwatch import digest_of, read_content
     from shadowproxy.runner import serve
 
     path = Path(args.config)
-    # Read before loading, as a reload does: ``watch: true`` compares the file with the
-    # content the running configuration came from, so that an edit made while the proxy
-    # starts (the embedded database alone takes seconds) is applied once it serves.
-    digest = content_digest(path)
-    settings = load_config(path)
+    # Read once, as a reload does: ``watch: true`` compares the file with the content the
+    # running configuration came from, so that an edit made while the proxy starts (the
+    # embedded database alone takes seconds) is applied once it serves.
+    data = read_content(path)
+    settings = load_config(path, data=data)
     return serve(settings, log_format=args.log_format, config_path=path,
-                 config_digest=digest)
+                 config_digest=digest_of(data))
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

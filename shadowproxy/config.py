@@ -710,11 +710,15 @@ def _message(err: Any) -> str:
     return msg
 
 
-def load_config(path: str | os.PathLike[str]) -> Settings:
-    """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
+def load_config(path: str | os.PathLike[str], *, data: bytes | None = None) -> Settings:
+    """Read, interpolate and validate a config file; raise ConfigError listing every problem.
+
+    ``data``: the file's bytes, when the caller has read them (a reload tells its watcher
+    which content runs: that must be the content validated, not a second read of a file
+    that may be rewritten in between)."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8") if data is None else data.decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read the config file: {exc.strerror}"]) from exc
     except UnicodeDecodeError as exc:

@@ -24,13 +24,22 @@ from pathlib import Path
 log = logging.getLogger("shadowproxy")
 
 
-def content_digest(path: Path) -> str | None:
-    """SHA-256 of the file's bytes, or None when it cannot be read right now (or is empty)."""
+def read_content(path: Path) -> bytes | None:
+    """The file's bytes, or None when it cannot be read right now."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError:
         return None  # mid-swap or removed for a moment: look again at the next poll
+
+
+def digest_of(data: bytes | None) -> str | None:
+    """SHA-256 of ``data``; None for a file not read, or empty."""
     return hashlib.sha256(data).hexdigest() if data else None
+
+
+def content_digest(path: Path) -> str | None:
+    """SHA-256 of the file's bytes, or None when it cannot be read right now (or is empty)."""
+    return digest_of(read_content(path))
 
 
 class ConfigWatcher:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 from shadowproxy import control
 from shadowproxy.config import Settings, load_config
-from shadowproxy.configwatch import ConfigWatcher, content_digest
+from shadowproxy.configwatch import ConfigWatcher, content_digest, digest_of, read_content
 from shadowproxy.errors import ConfigError
 from shadowproxy.metrics import Metrics
 from shadowproxy.tasks import spawn
@@ -162,8 +163,8 @@ class Reloader:
 
     def __init__(self, path: Path, running: Settings, apply: Apply, metrics: Metrics,
                  run_dir: Path, *, digest: str | None = None) -> None:
-        """``digest``: the content ``running`` was read from (``content_digest``, taken
-        before reading it); None: the file's content now. Taken now when the start had
+        """``digest``: the digest of the bytes ``running`` was loaded from (``digest_of``);
+        None: the file's content now. Taken now when the start had
         read the file seconds before (the embedded database starts in between), an edit
         made meanwhile counted as loaded, and ``watch`` never applied it."""
         self.path = path
@@ -203,13 +204,18 @@ class Reloader:
     async def _reload(self, trigger: str) -> ReloadOutcome:
         loop = asyncio.get_running_loop()
         previous = self.version
-        # Read before loading: an edit made while loading is then seen by the watcher.
-        digest = self._digest = content_digest(self.path)
+        # Read once, and what is read is loaded: the watcher is told of the content that was
+        # validated. Read a second time to be loaded, a file rewritten in place meanwhile was caught
+        # half-written and rejected while the watcher counted the whole file as loaded, and
+        # never offered it again. Told before loading, the watcher sees an edit made meanwhile.
+        data = read_content(self.path)
+        digest = self._digest = digest_of(data)
         if self._watcher is not None:
             self._watcher.loaded(digest)
         try:
             # Off the event loop: parsing and validating must not hold up client requests.
-            new = await loop.run_in_executor(None, load_config, self.path)
+            new = await loop.run_in_executor(None, functools.partial(load_config, self.path,
+                                                                     data=data))
         except ConfigError as exc:
             return self._rejected(trigger, previous, list(exc.problems))
         except Exception as exc:  # a file the checks did not foresee: still only rejected

@@ -60,8 +60,8 @@ def serve(settings: Settings, *, log_format: str = "text",
           config_path: Path | None = None, config_digest: str | None = None) -> int:
     """Run the proxy until SIGTERM/SIGINT; return the exit status.
 
-    ``config_digest``: the content ``settings`` were read from (``configwatch.
-    content_digest`` of ``config_path``, taken before reading it).
+    ``config_digest``: the digest of the bytes ``settings`` were loaded from
+    (``configwatch.digest_of``), which ``watch: true`` compares the file with.
 
     A failure to start (a data_dir another proxy holds, a taken port, the embedded
     database) is logged as one line in the log format and gives exit status 1.

@@ -592,7 +592,8 @@ class Supervisor:
 async def supervise(settings: Settings, url: str, log_format: str,
                     config_path: Path | None = None, config_digest: str | None = None) -> int:
     """Run ``settings.workers`` workers until SIGTERM/SIGINT, or until one cannot start.
-    ``config_digest``: the content ``settings`` were read from (``app.running``)."""
+    ``config_digest``: the digest of the bytes ``settings`` were loaded from
+    (``app.running``)."""
     from shadowproxy.admin import build_admin_app, start_admin
     from shadowproxy.config import split_listen
     from shadowproxy.runner import on_sighup, stop_event

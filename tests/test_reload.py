@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from shadowproxy.config import load_config
 from shadowproxy.reload import config_version, describe_changes, effective_settings
@@ -107,3 +110,49 @@ async def test_a_reload_that_cannot_be_applied_is_rejected_and_changes_nothing(
     second = await reloader.reload("test")
     assert (second.result, second.previous_version) == ("applied", config_version(running))
     assert metrics.reloads == {"applied": 1, "rejected": 1}
+
+
+async def test_a_reload_loads_the_content_it_tells_the_watcher_of(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file read for the watcher and the file loaded are one read: a file rewritten in
+    place with the same content (a tool applying it again) while a reload reads it is
+    loaded as the watcher saw it. Read twice, the load caught it half-written and was
+    rejected while the watcher counted the whole content as loaded, and never offered it
+    again: the proxy kept the old configuration for good. The rewrite is made at the moment
+    of the load, through the loader the reload calls."""
+    import asyncio
+
+    from shadowproxy import reload as reload_module
+    from shadowproxy.metrics import Metrics
+    from shadowproxy.reload import Reloader
+
+    path = tmp_path / "c.yaml"
+    watched = BASE + "watch: true\nwatch_interval_s: 0.05\n"
+    path.write_text(watched)
+    running = load_config(path)
+    edited = watched.replace("0.5", "0.25")
+    real = reload_module.load_config
+
+    def rewritten_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        path.write_text(edited[:len(edited) // 2])  # truncated, half written again...
+        try:
+            return real(*args, **kwargs)
+        finally:
+            path.write_text(edited)  # ... and whole, as the watcher read it
+
+    async def apply(settings: object, version: str) -> None:
+        return None
+
+    monkeypatch.setattr(reload_module, "load_config", rewritten_meanwhile)
+    reloader = Reloader(path, running, apply, Metrics(), tmp_path / "run")
+    reloader.start()
+    try:
+        path.write_text(edited)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if reloader.version != config_version(running):
+                break
+        await asyncio.sleep(0.3)  # the watcher polls on
+    finally:
+        await reloader.close()
+    assert reloader.version == config_version(real(path))
