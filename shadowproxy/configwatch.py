@@ -11,6 +11,8 @@ A change is reported once the new content has been the same for two polls in a r
 file caught half-written is not offered for a reload (and rejected) on the way. An empty file
 is taken for one being rewritten (an in-place edit truncates it first, and a busy machine can
 leave it empty for longer than a poll): it is never a configuration, so it is not reported.
+A file that stays unreadable (removed, a ConfigMap key renamed) or empty for two polls in a
+row is said in the log once, and so is its return: the running configuration stays.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def digest_of(data: bytes | None) -> str | None:
     return hashlib.sha256(data).hexdigest() if data else None
 
 
+def _poll(path: Path) -> tuple[bytes | None, str | None]:
+    """The file's bytes, or None and why there are none to load (for the log)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    if not data:
+        return None, "is empty (taken for a file being rewritten)"
+    return data, None
+
+
 def content_digest(path: Path) -> str | None:
     """SHA-256 of the file's bytes, or None when it cannot be read right now (or is empty)."""
     return digest_of(read_content(path))
@@ -54,17 +67,38 @@ class ConfigWatcher:
         """The content the running configuration was loaded from."""
 
     def loaded(self, digest: str | None) -> None:
-        """The file was (re)loaded by another trigger, with content ``digest`` (taken
-        before it was read, so that an edit made meanwhile is still seen)."""
+        """The file was (re)loaded by another trigger, with content ``digest`` (of the bytes
+        loaded, so that an edit made meanwhile is still seen)."""
         self._known = digest
 
     async def run(self) -> None:
         """Poll until cancelled."""
         candidate: str | None = None
+        missing: str | None = None
+        """Why the file held no configuration at the last poll (unreadable, or empty)."""
+        said = warned = False
         while True:
             await asyncio.sleep(self.interval_s)
-            digest = content_digest(self.path)
-            if digest is None or digest == self._known:
+            data, why = _poll(self.path)
+            if data is None:
+                # Said once it lasts for two polls: a ConfigMap swap or an editor's rename
+                # leaves no file for a moment. Unsaid, a file removed, or emptied by a
+                # failed write, left the proxy on its last configuration with nothing in
+                # the log to say that the file no longer counted.
+                if why != missing:
+                    missing, said = why, False
+                elif not said:
+                    log.warning("config file %s %s: the running configuration stays; the "
+                                "file is read again every %g s", self.path, why,
+                                self.interval_s)
+                    said = warned = True
+                candidate = None
+                continue
+            if warned:
+                log.info("config file %s can be read again", self.path)
+            missing, said, warned = None, False, False
+            digest = digest_of(data)
+            if digest == self._known:
                 candidate = None
                 continue
             if digest != candidate:

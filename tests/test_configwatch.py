@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
+
+import pytest
 
 from shadowproxy.configwatch import ConfigWatcher
 
@@ -99,4 +102,38 @@ async def test_a_file_caught_empty_is_not_a_change(tmp_path: Path) -> None:
         path.write_text("")
 
     await _watch(path, changes, truncate)
+    assert changes == []
+
+
+async def test_a_file_that_stays_missing_or_empty_is_said_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file removed (a ConfigMap key renamed), or left empty, for longer than a poll is
+    said in the log once, with the reason, and so is its return; the running
+    configuration stays and nothing is reported as a change."""
+    path = tmp_path / "shadowproxy.yaml"
+    path.write_text("a: 1\n")
+    changes: list[int] = []
+    caplog.set_level(logging.INFO, logger="shadowproxy")
+
+    async def changed() -> None:
+        changes.append(1)
+
+    watcher = ConfigWatcher(path, changed, interval_s=0.02)
+    task = asyncio.get_running_loop().create_task(watcher.run())
+    try:
+        path.unlink()
+        await asyncio.sleep(0.3)
+        path.write_text("")
+        await asyncio.sleep(0.3)
+        path.write_text("a: 1\n")
+        await asyncio.sleep(0.3)
+    finally:
+        task.cancel()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        f"config file {path} cannot be read (No such file or directory): the running "
+        "configuration stays; the file is read again every 0.02 s",
+        f"config file {path} is empty (taken for a file being rewritten): the running "
+        "configuration stays; the file is read again every 0.02 s",
+        f"config file {path} can be read again"]
     assert changes == []
