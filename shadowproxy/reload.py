@@ -117,8 +117,9 @@ class ReloadOutcome:
 
 
 def describe_changes(old: Settings, new: Settings) -> list[str]:
-    """What differs between two configurations, one short line per route (and one for the
-    rest): ``route r: shadow s2 added, shadow s1 changed``."""
+    """What differs between two configurations, one short line per route (one for a new
+    order of the routes, and one for the rest): ``route r: shadow s2 added, shadow s1
+    changed``."""
     lines = []
     old_routes = {r.name: r for r in old.routes}
     new_routes = {r.name: r for r in new.routes}
@@ -145,6 +146,11 @@ def describe_changes(old: Settings, new: Settings) -> list[str]:
                 parts.append(f"shadow {shadow.name} changed ({', '.join(keys)})")
         parts += [f"shadow {n} removed" for n in old_shadows if n not in new_shadows]
         lines.append(f"route {name}: " + (", ".join(parts) or "shadow order changed"))
+    # Among routes of one path_prefix, the first in the file that admits the method takes
+    # the request: a reload that only reorders them changes where requests go.
+    kept = [r.name for r in new.routes if r.name in old_routes]
+    if kept != [r.name for r in old.routes if r.name in new_routes]:
+        lines.append(f"route order changed: {', '.join(r.name for r in new.routes)}")
     rest = [key for key in type(new).model_fields
             if key != "routes" and getattr(old, key) != getattr(new, key)]
     if rest:

@@ -156,3 +156,20 @@ async def test_a_reload_loads_the_content_it_tells_the_watcher_of(
     finally:
         await reloader.close()
     assert reloader.version == config_version(real(path))
+
+
+def test_a_reload_that_reorders_routes_says_so(tmp_path: Path) -> None:
+    """Among routes of one path_prefix the first in the file that admits the method takes the
+    request: a reload that only reorders them changes where requests go, and says so (it
+    said nothing but the new version)."""
+    routes = {
+        "a": "  - name: a\n    match: {methods: [POST]}\n"
+             "    primary: {url: \"http://127.0.0.1:9001\"}\n",
+        "b": "  - name: b\n    primary: {url: \"http://127.0.0.1:9002\"}\n",
+        "c": "  - name: c\n    match: {path_prefix: /c}\n"
+             "    primary: {url: \"http://127.0.0.1:9003\"}\n"}
+    running = _load(tmp_path, "routes:\n" + routes["a"] + routes["b"])
+    new = _load(tmp_path, "routes:\n" + routes["b"] + routes["a"], "b.yaml")
+    assert describe_changes(running, new) == ["route order changed: b, a"]
+    added = _load(tmp_path, "routes:\n" + routes["c"] + routes["a"] + routes["b"], "c.yaml")
+    assert describe_changes(running, added) == ["route c: added"]
