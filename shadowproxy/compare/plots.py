@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from shadowproxy.compare.tables import folded_flip_matrix
 from shadowproxy.compare.visible import visible
 
 PRIMARY, SHADOW, REFERENCE = "#1f77b4", "#d62728", "#7f7f7f"
@@ -212,12 +213,13 @@ def report_plots(report: dict[str, Any]) -> dict[str, list[str]]:
                       "Shadow − primary", "difference"),
         ]
     elif p.get("n"):
-        fm = p["flip_matrix"]
-        rates = p["class_rates"]
+        # The classes the tables show, the others summed (a plot of 150 classes is a blur).
+        classes, counts, _ = folded_flip_matrix(p["flip_matrix"])
+        total = sum(map(sum, counts)) or 1
         out["predictions"] = [
-            matrix(fm["classes"], fm["counts"], "Flip matrix"),
-            bars(fm["classes"], {"primary": [rates[c]["primary"] for c in fm["classes"]],
-                                 "shadow": [rates[c]["shadow"] for c in fm["classes"]]},
+            matrix(classes, counts, "Flip matrix"),
+            bars(classes, {"primary": [sum(row) / total for row in counts],
+                           "shadow": [sum(col) / total for col in zip(*counts, strict=True)]},
                  "Predicted classes"),
         ]
     plots = []

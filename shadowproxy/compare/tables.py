@@ -208,11 +208,15 @@ def _predictions(r: dict[str, Any]) -> Section:
                          f"{pct(pr['primary'])} → {pct(pr['shadow'])} ({pct(pr['diff'])})"])
         rows += [*_paired_rows(p), _columns_row(p)]
         s.tables.append(Table(["", "value"], rows))
-        fm = p["flip_matrix"]
-        s.tables.append(Table(["primary \\ shadow", *fm["classes"]],
+        classes, counts, folded = folded_flip_matrix(p["flip_matrix"])
+        title = "flip matrix"
+        if folded:
+            title += (f" (the {len(classes) - 1} classes in the most pairs; the other "
+                      f"{folded} summed in the last row and column; every class in the JSON)")
+        s.tables.append(Table(["primary \\ shadow", *classes],
                               [[c, *[fmt(n) for n in row]]
-                               for c, row in zip(fm["classes"], fm["counts"], strict=True)],
-                              title="flip matrix"))
+                               for c, row in zip(classes, counts, strict=True)],
+                              title=title))
     if p.get("baseline_noise"):
         b = p["baseline_noise"]
         detail = (f"MAE {fmt(b['mae'])}, RMSE {fmt(b['rmse'])}" if p["task"] == "regression"
@@ -220,6 +224,30 @@ def _predictions(r: dict[str, Any]) -> Section:
         s.notes.append(f"noise floor (primary vs baseline {b['shadow']}): n {fmt(b['n'])}, "
                        + detail)
     return s
+
+
+FLIP_MATRIX_CLASSES = 10
+"""The classes the flip matrix shows; the others are summed in one row and column."""
+
+
+def folded_flip_matrix(fm: dict[str, Any]) -> tuple[list[str], list[list[int]], int]:
+    """The flip matrix as people read it: ``(classes, counts, folded)``. With more than
+    ``FLIP_MATRIX_CLASSES`` classes, those in the most pairs (predicted by either side) are
+    kept in their order and the ``folded`` others are summed in a last row and column,
+    ``(N others)``: a matrix of every class (64, 150 ids predicted as classes) was a mass
+    of columns no terminal, page or plot could show. The JSON keeps every class."""
+    classes, counts = fm["classes"], fm["counts"]
+    k = len(classes)
+    if k <= FLIP_MATRIX_CLASSES + 1:  # folding a single class into "others" hides it for nothing
+        return classes, counts, 0
+    pairs = [sum(counts[i]) + sum(row[i] for row in counts) - counts[i][i] for i in range(k)]
+    top = sorted(sorted(range(k), key=lambda i: (-pairs[i], i))[:FLIP_MATRIX_CLASSES])
+    at = dict.fromkeys(range(k), len(top)) | {i: n for n, i in enumerate(top)}
+    folded = [[0] * (len(top) + 1) for _ in range(len(top) + 1)]
+    for i, row in enumerate(counts):
+        for j, n in enumerate(row):
+            folded[at[i]][at[j]] += n
+    return [classes[i] for i in top] + [f"({k - len(top)} others)"], folded, k - len(top)
 
 
 def _paired_rows(p: dict[str, Any]) -> list[list[str]]:

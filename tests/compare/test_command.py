@@ -574,3 +574,50 @@ def test_control_characters_in_recorded_values_are_drawn_as_escapes_in_html_plot
     svg = page.read_text().split('<div class="plots">')[-1]
     assert all(f">{value}</text>" in svg for value in ("\\x1b[2J", "\\x07bell",
                                                        "\\u202eLIAF"))
+
+
+def test_a_flip_matrix_of_many_classes_shows_the_most_frequent_and_sums_the_others(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """150 item ids predicted as classes (numeric strings): the text, Markdown and HTML
+    flip matrices show the 10 classes in the most pairs and one "(140 others)" row and
+    column holding the rest, and say so; the JSON keeps all 150. The matrix had a column
+    per class, squeezed to nothing in a terminal and hundreds of columns on a page."""
+    rng = np.random.default_rng(31)
+    names = [str(1000 + i) for i in range(150)]
+    weights = np.where(np.arange(150) % 15 == 0, 20.0, 1.0)  # 1000, 1015, … are frequent
+    p = rng.choice(150, 1200, p=weights / weights.sum())
+    s = np.where(rng.random(1200) < 0.8, p, rng.choice(150, 1200))
+    asyncio.run(insert(sync_database_url, [
+        Exchange({"features": {"x": i}}, Call({"item": names[p[i]]}),
+                 {"candidate": Call({"item": names[s[i]]})}) for i in range(1200)]))
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.item"')
+    args = ["report", "-c", str(config), "--route", "house-prices"]
+    top = [names[i] for i in range(0, 150, 15)]
+    others = [i for i in range(150) if i % 15]
+    other_row = [int(np.sum(np.isin(p, others) & (s == j))) for j in range(0, 150, 15)]
+    other_row.append(int(np.sum(np.isin(p, others) & np.isin(s, others))))
+
+    out = tmp_path / "r.json"
+    assert main([*args, "--format", "json", "-o", str(out)]) == 0
+    assert len(json.loads(out.read_text())["predictions"]["flip_matrix"]["classes"]) == 150
+
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "the other 140 summed in the last row and column" in text
+    lines = text.splitlines()
+    head = next(line for line in lines if line.startswith(" primary \\ shadow"))
+    assert [c.strip() for c in head.split("┃")[1:]] == [
+        *top, "(140 others)"]
+    last = next(line for line in lines if line.startswith(" (140 others)"))
+    assert [int(c.replace(",", "")) for c in last.split("│")[1:]] == other_row
+
+    md = tmp_path / "r.md"
+    assert main([*args, "--format", "markdown", "-o", str(md)]) == 0
+    flips = next(t for t in _markdown_tables(md) if t[0][0].startswith("primary"))
+    assert flips[0][1:] == [*top, "(140 others)"] and len(flips) == 12
+    assert [int(c.replace(",", "")) for c in flips[-1][1:]] == other_row
+
+    page = tmp_path / "r.html"
+    assert main([*args, "--format", "html", "-o", str(page)]) == 0
+    table = page.read_text().split("<caption>flip matrix")[1].split("</table>")[0]
+    assert table.count("<th>") == 12 and table.count("<tr>") == 12
