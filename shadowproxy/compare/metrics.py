@@ -62,9 +62,21 @@ def classification_metrics(y: NDArray[np.str_], pred: NDArray[np.str_], positive
         out["roc_auc"] = roc_auc(truth, score if score is not None
                                  else (pred == positive).astype(np.float64))
         out["roc_auc_from"] = "score" if score is not None else "predicted labels"
+        if out["roc_auc"] is None:
+            out["roc_auc_why"] = _no_roc_auc(y, positive)
     else:
         out["roc_auc"] = None
+        out["roc_auc_why"] = "more than two classes: set compare.positive_class"
     return out
+
+
+def _no_roc_auc(y: NDArray[np.str_], positive: str) -> str:
+    """Why the labels give no ROC-AUC: it ranks the positive labels against the others,
+    and the labels hold only one of the two (all labels one class, on a small window)."""
+    classes = set(y.tolist())
+    if len(classes) == 1:
+        return f"one class in the labels: {next(iter(classes))}"
+    return f"no label is the positive class, {positive}"
 
 
 def _mse(y: Array, p: Array, axis: int = -1) -> Any:

@@ -287,7 +287,8 @@ def _performance(r: dict[str, Any]) -> Section:
     keys = [k for k in ("mse", "rmse", "mae", "r2", "accuracy", "precision", "recall", "f1",
                         "roc_auc") if k in p["primary"]]
     s.tables.append(Table(["metric", "primary", "shadow"],
-                          [[k, fmt(p["primary"][k]), fmt(p["shadow"][k])] for k in keys]))
+                          [[k, *[_metric(p[side], k) for side in ("primary", "shadow")]]
+                           for k in keys]))
     t = p["paired_test"]
     s.notes.append(f"paired test {t['test']}: p = {pval(t)}; shadow "
                    + ("better" if p["shadow_better"] else "not better"))
@@ -298,6 +299,13 @@ def _performance(r: dict[str, Any]) -> Section:
         s.tables.append(Table(["95% CI", "low", "high"], [
             [k, fmt(v[0]), fmt(v[1])] for k, v in ci.items() if isinstance(v, list)]))
     return s
+
+
+def _metric(metrics: dict[str, Any], key: str) -> str:
+    """A metric, or – with the reason it is missing when the JSON gives one
+    (``roc_auc_why``): a bare – on labels of one class read as a failure to compute."""
+    why = metrics.get(f"{key}_why")
+    return f"– ({why})" if metrics[key] is None and why else fmt(metrics[key])
 
 
 def _diff(r: dict[str, Any]) -> Section:

@@ -621,3 +621,30 @@ def test_a_flip_matrix_of_many_classes_shows_the_most_frequent_and_sums_the_othe
     assert main([*args, "--format", "html", "-o", str(page)]) == 0
     table = page.read_text().split("<caption>flip matrix")[1].split("</table>")[0]
     assert table.count("<th>") == 12 and table.count("<tr>") == 12
+
+
+def test_a_roc_auc_not_computed_says_why_in_the_text_report(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Labels of one class give no ROC-AUC (it ranks positives against negatives): the
+    text report's cell says so, and ``roc_auc_why`` in the JSON. It showed a bare –, as
+    if the report had failed to compute it."""
+    rng = np.random.default_rng(32)
+    exchanges = [Exchange({"features": {"x": i}},
+                          Call({"label": int(rng.integers(0, 2)), "proba": float(rng.random())}),
+                          {"candidate": Call({"label": int(rng.integers(0, 2)),
+                                              "proba": float(rng.random())})})
+                 for i in range(120)]
+    asyncio.run(insert(sync_database_url, exchanges))
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.label"\nscore: "$.proba"')
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\n" + "".join(f"{e.request_id},1\n" for e in exchanges))
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    args = ["report", "-c", str(config), "--route", "house-prices"]
+    assert main(args) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith(" roc_auc "))
+    assert [c.strip() for c in row.split("│")[1:]] == ["– (one class in the labels: 1)"] * 2
+    out = tmp_path / "r.json"
+    assert main([*args, "--format", "json", "-o", str(out)]) == 0
+    shadow = json.loads(out.read_text())["performance"]["shadow"]
+    assert shadow["roc_auc"] is None and shadow["roc_auc_why"] == "one class in the labels: 1"
