@@ -187,7 +187,9 @@ def mean_shift(primary: NDArray[np.float64], shadow: NDArray[np.float64],
     elif significant:
         explanation = f"a significant but negligible shift (|shift| ≤ {threshold:.4g}): {what}"
     else:
-        explanation = f"no systematic difference: {what}"
+        # "not significant", not "no difference": on a few pairs a real shift goes
+        # unnoticed, and the absence of evidence must not read as evidence of absence.
+        explanation = f"systematic difference not significant: {what} ≥ {policy.alpha}"
     return replace(base, statistic=float(res.statistic), p_value=pv, decision=decision,
                    explanation=explanation)
 
@@ -313,7 +315,7 @@ def flip_test(primary: NDArray[Any], shadow: NDArray[Any], requests: NDArray[Any
         explanation = (f"one-way flips significant but negligible (net share ≤ "
                        f"{policy.max_flip_share:.2%}): {what}")
     else:
-        explanation = f"no one-way flips: {what}"
+        explanation = f"one-way flips not significant: {what} ≥ {policy.alpha}"
     return FlipTest(int(p.size), r, names, test, method, stat, df, pv, largest,
                     policy.max_flip_share, decision, explanation,
                     None if two else _stuart_maxwell(pc, sc, inv, k))

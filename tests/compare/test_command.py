@@ -648,3 +648,30 @@ def test_a_roc_auc_not_computed_says_why_in_the_text_report(
     assert main([*args, "--format", "json", "-o", str(out)]) == 0
     shadow = json.loads(out.read_text())["performance"]["shadow"]
     assert shadow["roc_auc"] is None and shadow["roc_auc_why"] == "one class in the labels: 1"
+
+
+def test_a_paired_test_on_few_pairs_reads_not_significant_not_no_difference(
+        sync_database_url: str, tmp_path: Path) -> None:
+    """Five pairs, two flipped one way (McNemar p = 0.5), or all shifted up (Wilcoxon
+    p = 0.0625): the JSON's explanation says the test is not significant, with its p-value
+    against alpha; the verdict is unchanged. It said "no one-way flips" and "no
+    systematic difference", which read as evidence that the shadow does not differ."""
+    asyncio.run(insert(sync_database_url, [
+        Exchange({"features": {"x": i}}, Call({"label": "a", "v": 1.0}),
+                 {"candidate": Call({"label": "b" if i < 2 else "a", "v": 1.5 + i})})
+        for i in range(5)]))
+    out = tmp_path / "r.json"
+    paired: dict[str, dict[str, str]] = {}
+    for path, task in (("$.label", "classification"), ("$.v", "regression")):
+        config = write_config(tmp_path, sync_database_url,
+                              f'prediction: "{path}"\ntask: {task}')
+        assert main(["report", "-c", str(config), "--route", "house-prices",
+                     "--format", "json", "-o", str(out)]) == 0
+        paired[path] = json.loads(out.read_text())["predictions"]["paired"]
+    assert paired["$.label"]["decision"] is False
+    assert paired["$.label"]["explanation"] == (
+        "one-way flips not significant: a → b in 2 pairs and back in 0 (net 40.00% of 5); "
+        "mcnemar_exact p = 0.5 ≥ 0.05")
+    assert paired["$.v"]["decision"] is False
+    assert paired["$.v"]["explanation"].startswith("systematic difference not significant: ")
+    assert paired["$.v"]["explanation"].endswith("p = 0.0625 ≥ 0.05")
