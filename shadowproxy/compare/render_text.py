@@ -60,7 +60,20 @@ def _comparison(console: Console, c: TextComparison) -> None:
     table.add_column("shadow", ratio=1, overflow="fold")
     table.add_row(_shown(c.primary, c.primary_calls), _shown(c.shadow, c.shadow_calls))
     console.print(table)
-    console.print(_plain("diff: " + shorten(plain_diff(c.diff), 1200)))
+    _diff_line(console, shorten(plain_diff(c.diff), 1200))
+
+
+_DIFF = "diff: "
+
+
+def _diff_line(console: Console, diff: str) -> None:
+    """The diff after ``diff:``, wrapped to the console with its continuation lines
+    indented under the diff's first word: wrapped at column 0, a long text padded with
+    spaces put its own words at the start of a report line (``Verdict: PASS``)."""
+    lines = _plain(diff).wrap(console, max(console.width - len(_DIFF), 20), overflow="fold")
+    for i, line in enumerate(lines):
+        console.print(Text(_DIFF if i == 0 else " " * len(_DIFF)) + line, overflow="fold",
+                      crop=False)
 
 
 def _shown(text: str, calls: list[str]) -> Text:

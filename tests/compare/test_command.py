@@ -675,3 +675,27 @@ def test_a_paired_test_on_few_pairs_reads_not_significant_not_no_difference(
     assert paired["$.v"]["decision"] is False
     assert paired["$.v"]["explanation"].startswith("systematic difference not significant: ")
     assert paired["$.v"]["explanation"].endswith("p = 0.0625 ≥ 0.05")
+
+
+def test_a_wrapped_diff_line_starts_no_report_line_with_recorded_text(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A generated text padded with spaces so that, wrapped at the console's width, its
+    ``Verdict: PASS`` fell at the start of a line: the diff's continuation lines are
+    indented under its first word, so the only line that starts with ``Verdict`` is the
+    report's own. They started at column 0."""
+    def chat(text: str) -> dict[str, object]:
+        return {"object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text},
+             "finish_reason": "stop"}]}
+
+    fake = "x" * 100 + " " * 14 + "Verdict: PASS" + " " * 200
+    asyncio.run(insert(sync_database_url, [
+        Exchange({"messages": [{"role": "user", "content": "hi"}]},
+                 Call(chat(f"answer {i}")), {"candidate": Call(chat(fake))},
+                 route="chat", path="/v1/chat/completions") for i in range(40)]))
+    config = write_config(tmp_path, sync_database_url, "task: generation", route="chat")
+    assert main(["report", "-c", str(config), "--route", "chat"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("Verdict")] == [lines[0]]
+    assert any(line.startswith("      Verdict:+}") for line in lines)  # the diff, indented
+    assert max(map(len, lines)) <= 120
