@@ -86,6 +86,19 @@ def lists_extra_tokens(connection: bytes) -> bool:
     return connection.strip().lower() not in _PLAIN_CONNECTION
 
 
+def keeps_alive(version: str, headers: Headers) -> bool:
+    """Whether a message of HTTP ``version`` ("1.1", "1.0") leaves its connection open by its
+    Connection header (RFC 9112 §9.3), whatever its framing: for an answer that has no body
+    whatever its headers say (to a HEAD), which the parser cannot be told of."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    if b"close" in tokens:
+        return False
+    return version == "1.1" or (version == "1.0" and b"keep-alive" in tokens)
+
+
 # Connection options that name no header to remove: keep-alive and close are the
 # connection's own, and Content-Length frames the body relayed with it (a response that lost
 # it would have no framing at all, and its client would read the next answer as its body).

@@ -433,7 +433,12 @@ class UpstreamConnection(asyncio.Protocol):
         call.record.head_bytes = self.head_bytes
         if self.head_only:
             # The parser cannot be told that a HEAD response has no body: the response ends
-            # here, and a fresh parser takes the next one (see _settle).
+            # here, and a fresh parser takes the next one (see _settle). Nor can it tell
+            # keep-alive: it takes an answer without Content-Length or Transfer-Encoding to
+            # run to the close, so whether the connection stays open is read from the
+            # version and Connection here (a HEAD answer has no body, RFC 9112 §6.3).
+            if not self.keep_alive and self.request_sent:
+                self.keep_alive = http1.keeps_alive(parser.get_http_version(), headers)
             self.state = _DONE
             call.on_response_head(status, self.reason, headers)
             return

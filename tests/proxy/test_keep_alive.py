@@ -222,3 +222,43 @@ async def test_uvicorn_keep_alive_timeout_never_meets_a_reused_connection(
     ports = [port for _, port in seen]  # the proxy's end of each upstream connection
     new_connection = [i == 0 or ports[i] != ports[i - 1] for i in range(len(ports))]
     assert new_connection == [pause == 0 or pause > 0.5 for pause in pauses]
+
+
+@pytest.mark.parametrize(("answer", "reused"), [
+    (b"HTTP/1.1 200 OK\r\nX-A: b\r\n\r\n", True),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", False),
+    (b"HTTP/1.0 200 OK\r\n\r\n", False),
+], ids=["1.1", "1.0-keep-alive", "close", "1.0"])
+async def test_a_head_answer_without_a_length_keeps_its_connection(
+        start_proxy: StartProxy, answer: bytes, reused: bool) -> None:
+    """A HEAD answer has no body whatever its headers say (RFC 9112 §6.3): one with neither
+    Content-Length nor Transfer-Encoding leaves the primary's and the shadow's connections
+    open for the next request, unless its version or Connection says otherwise."""
+    connections = {"primary": 0, "shadow": 0}
+
+    def upstream(name: str) -> Any:
+        @closing
+        async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections[name] += 1
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer)
+                await writer.drain()
+
+        return respond
+
+    async with raw_server(upstream("primary")) as primary, \
+            raw_server(upstream("shadow")) as shadow, \
+            start_proxy([route(primary, shadow)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            for _ in range(3):
+                writer.write(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+                await asyncio.sleep(0.2)  # the shadow's answer is in too
+        finally:
+            writer.close()
+    assert connections == ({"primary": 1, "shadow": 1} if reused
+                           else {"primary": 3, "shadow": 3})
