@@ -71,8 +71,9 @@ class CompiledShadow:
         if self.sample_header is not None:
             value = http1.header_value(headers, self.sample_header)
             if value is not None:
-                # Sticky: the same key is always in or always out at a given rate.
-                return zlib.crc32(value) < rate * 4294967296.0
+                # Sticky: the same key is always in or always out at a given rate; white
+                # space before the line's end is the parser's, not the key's (RFC 9110 §5.5).
+                return zlib.crc32(value.rstrip(b" \t")) < rate * 4294967296.0
         return random.random() < rate
 
 

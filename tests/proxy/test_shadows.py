@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tests.conftest import StartProxy, route
 from tests.db import fetch
-from tests.proxy.test_data_path import wait_for_rows
+from tests.proxy.test_data_path import read_response, wait_for_rows
 from tests.upstreams import hanging, model, serve, sleeping, unaccepting_listener
 
 
@@ -151,6 +151,32 @@ async def test_sticky_sampling_keeps_each_user_in_or_out(start_proxy: StartProxy
     for seen in shadow.seen:
         per_user[seen.headers["x-user-id"]] = per_user.get(seen.headers["x-user-id"], 0) + 1
     assert set(per_user.values()) == {3}
+    assert 8 <= len(per_user) <= 32
+
+
+async def test_sticky_sampling_reads_the_key_without_white_space_at_its_end(
+        start_proxy: StartProxy) -> None:
+    """`X-User-Id: u `, with a space or a tab before the line's end (no part of the value,
+    RFC 9110 §5.5), is the same user as `X-User-Id: u`: all three in, or all three out."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as shadow, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url},
+                          "shadows": [{"name": "c", "url": shadow.url, "sample_rate": 0.5,
+                                       "sample_key": "header:X-User-Id"}]}]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            for user in range(40):
+                for end in (b"", b" ", b"\t"):
+                    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nX-User-Id: user-%d%s\r\n"
+                                 b"Content-Length: 2\r\n\r\n{}" % (user, end))
+                    head, _ = await asyncio.wait_for(read_response(reader), 5)
+                    assert head.startswith(b"HTTP/1.1 200"), head
+        finally:
+            writer.close()
+        await asyncio.sleep(0.2)
+    per_user: dict[str, int] = {}
+    for seen in shadow.seen:
+        per_user[seen.headers["x-user-id"]] = per_user.get(seen.headers["x-user-id"], 0) + 1
+    assert set(per_user.values()) == {3}, per_user
     assert 8 <= len(per_user) <= 32
 
 
