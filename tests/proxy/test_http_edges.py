@@ -310,3 +310,35 @@ async def test_a_primary_answer_naming_content_length_in_connection_keeps_its_le
     first, second = out.split(b"HTTP/1.1 ")[1:]
     assert b"\r\nContent-Length: 5\r\n" in first and first.endswith(b"\r\n\r\nfirst"), out
     assert second.endswith(b"\r\n\r\nsecond"), out
+
+
+async def test_a_204_or_304_with_a_content_length_ends_at_its_head(
+        start_proxy: StartProxy) -> None:
+    """A primary's 204 with ``Content-Length: 5`` (RFC 9110 §8.6 forbids it) or 304 with
+    one (the representation's length): relayed with its headers, and over at its head for
+    the proxy as for clients; the answer pipelined behind it arrives whole, and the
+    upstream connection is reused."""
+    connections = 0
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            head, _ = await read_request(reader)
+            status = head.split(b" ")[1][1:]
+            if status in (b"204", b"304"):
+                writer.write(b"HTTP/1.1 %s X\r\nContent-Length: 5\r\n\r\n" % status)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+            await writer.drain()
+
+    async with raw_server(closing(respond)) as url, start_proxy([route(url)]) as proxy:
+        out = await talk(proxy.port, b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /304 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\n", quiet_s=0.5)
+    answers = out.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"204", b"200", b"304", b"200"], out
+    assert answers[0].endswith(b"\r\n\r\n") and answers[2].endswith(b"\r\n\r\n"), out
+    assert answers[1].endswith(b"\r\n\r\nnext") and answers[3].endswith(b"\r\n\r\nnext"), out
+    assert connections == 1
