@@ -41,6 +41,7 @@ from shadowproxy.live import PoolRegistry, compile_routes
 from shadowproxy.metrics import Metrics
 from shadowproxy.proxy import ClientConnection, ProxyContext
 from shadowproxy.recorder.recorder import Recorder
+from shadowproxy.recorder.rows import RowEncoder
 from shadowproxy.reload import Reloader, ReloadOutcome, config_version
 from shadowproxy.stopwatch import watch_stop
 from shadowproxy.store.maintenance import Maintenance
@@ -161,9 +162,9 @@ class Proxy:
         """Make ``settings`` (validated, restart-only settings as running) the running
         configuration: requests whose head is parsed from now on take its routes; those
         before finish under theirs. One synchronous step, so no request sees half of it."""
-        router, used = compile_routes(settings, version, self.registry, self.metrics)
         recorder = self.recorder
-        recorder.use_rules(version, settings.recording)
+        rules = recorder.use_rules(settings.recording)
+        router, used = compile_routes(settings, version, self.registry, self.metrics, rules)
         recorder.log_exchanges = settings.access_log
         # The stop's second grace, the database's, is the running one too: kept at its
         # value from the start, a lowered grace let a stop outlast twice the new one (and a
@@ -310,7 +311,8 @@ async def running(settings: Settings, database_url: str, *,
 
             stack.push_async_callback(close_admin)
         registry = PoolRegistry(loop)
-        router, _ = compile_routes(settings, metrics.config_version, registry, metrics)
+        rules = RowEncoder(settings.recording)
+        router, _ = compile_routes(settings, metrics.config_version, registry, metrics, rules)
 
         def close_pools() -> None:
             stopping.step("close pools")
@@ -320,7 +322,7 @@ async def running(settings: Settings, database_url: str, *,
         recorder = Recorder(settings.recording, database_url, settings.data_dir, metrics,
                             log_exchanges=settings.access_log,
                             stop_grace_s=settings.limits.shutdown_grace_s,
-                            config_version=metrics.config_version)
+                            rules=rules)
         await recorder.start()  # logs why, if the database cannot be used
 
         async def flush_records() -> None:

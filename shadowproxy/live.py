@@ -33,6 +33,7 @@ from shadowproxy.config import Limits, Settings
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import CompiledShadow
 from shadowproxy.proxy import CompiledRoute
+from shadowproxy.recorder.rows import RowEncoder
 from shadowproxy.routing import Router
 from shadowproxy.upstream import UpstreamPool
 
@@ -88,8 +89,10 @@ class PoolRegistry:
 
 
 def compile_routes(settings: Settings, version: str, registry: PoolRegistry,
-                   metrics: Metrics) -> tuple[Router[CompiledRoute], list[UpstreamPool]]:
-    """The router for ``settings`` (stamped with ``version``) and the pools it uses.
+                   metrics: Metrics, rules: RowEncoder | None = None
+                   ) -> tuple[Router[CompiledRoute], list[UpstreamPool]]:
+    """The router for ``settings`` (stamped with ``version``, and holding its recording
+    ``rules`` for its exchanges: ``Recorder.use_rules``) and the pools it uses.
 
     Counters are looked up by route and shadow name, so they carry on across reloads; a
     shadow with ``enabled: false`` is left out of its route (not mirrored to).
@@ -108,6 +111,7 @@ def compile_routes(settings: Settings, version: str, registry: PoolRegistry,
         compiled = CompiledRoute(route, pool(route.primary.url, f"{route.name}-primary"),
                                  shadows, metrics.route(route.name), version=version,
                                  capture_cap=settings.recording.max_body_bytes,
-                                 max_mirror_body=settings.limits.max_mirror_body_bytes)
+                                 max_mirror_body=settings.limits.max_mirror_body_bytes,
+                                 rules=rules)
         entries.append((route.match.path_prefix, route.match.methods, compiled))
     return Router(entries), list(used.values())

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from asyncpg.pgproto.pgproto import UUID as _FastUUID  # asyncpg's C UUID, a uuid.UUID
+
+if TYPE_CHECKING:
+    from shadowproxy.recorder.rows import RowEncoder
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -183,6 +186,7 @@ class Exchange:
         "request_stored",
         "responses",
         "route",
+        "rules",
     )
 
     def __init__(self, route: str, received_at: float, method: str, path: str, query: str,
@@ -211,7 +215,10 @@ class Exchange:
         """Where ``finish_call`` submits the finished exchange."""
         self.config_version: str | None = None
         """The configuration the request arrived under (``reload.config_version``); the
-        recorder stores it and applies that version's recording rules."""
+        recorder stores it."""
+        self.rules: RowEncoder | None = None
+        """The recording rules of that configuration, held from its route until the record
+        is encoded (None: the recorder's running rules)."""
         self.request_stored = False
         """True when the request row is in the database already (``id`` is its key) and
         only ``responses`` are to be stored: ``shadowproxy replay``'s answers."""

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -33,6 +34,9 @@ from shadowproxy.primary import (
 )
 from shadowproxy.routing import Router, split_url
 from shadowproxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from shadowproxy.recorder.rows import RowEncoder
 
 log = logging.getLogger("shadowproxy")
 
@@ -55,17 +59,18 @@ class CompiledRoute:
     """A route compiled for the data path: its pools, shadows and counters.
 
     A request takes its route when its head is parsed, and with it everything of the
-    configuration that it is served under (``version``, the capture and mirror limits): a
-    reload swaps the router, never a compiled route, so a request is served, mirrored and
-    recorded entirely under the configuration it arrived under.
+    configuration that it is served under (``version``, the capture and mirror limits, the
+    recording ``rules``): a reload swaps the router, never a compiled route, so a request is
+    served, mirrored and recorded entirely under the configuration it arrived under.
     """
 
     __slots__ = ("capture_cap", "counters", "max_mirror_body", "name", "preserve_host",
-                 "primary", "primary_timeout", "retry_non_idempotent", "shadows", "version")
+                 "primary", "primary_timeout", "retry_non_idempotent", "rules", "shadows",
+                 "version")
 
     def __init__(self, route: Route, primary: UpstreamPool, shadows: list[CompiledShadow],
                  counters: RouteCounters, *, version: str, capture_cap: int,
-                 max_mirror_body: int) -> None:
+                 max_mirror_body: int, rules: RowEncoder | None = None) -> None:
         self.name = route.name
         self.primary = primary
         self.primary_timeout = route.primary.timeout_s
@@ -78,6 +83,8 @@ class CompiledRoute:
         """recording.max_body_bytes"""
         self.max_mirror_body = max_mirror_body
         """limits.max_mirror_body_bytes"""
+        self.rules = rules
+        """The configuration's recording rules (``Recorder.use_rules``), for its exchanges."""
 
     def pools(self) -> list[UpstreamPool]:
         return [self.primary, *(shadow.pool for shadow in self.shadows)]
@@ -512,6 +519,7 @@ class ClientConnection(asyncio.Protocol):
                             req.headers, self.client_addr, rid)
         exchange.recorder = self.ctx.recorder
         exchange.config_version = route.version
+        exchange.rules = route.rules
         exchange.head_bytes = req.header_bytes
         req.exchange = exchange
         return exchange

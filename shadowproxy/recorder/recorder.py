@@ -17,9 +17,14 @@ bound the writer works in longer turns of the loop, so that on a saturated core 
 with the requests; a full queue is logged by the writer, never by the data path.
 
 Recording rules (redaction, body limits) are those of the configuration each exchange
-arrived under (``Exchange.config_version``): a reload registers its rules with ``use_rules``,
-and the recorder keeps the encoders of the last ``KEPT_VERSIONS`` versions, so that the
-exchanges still in flight across a reload are stored as their own configuration says.
+arrived under: a reload makes its rules the running ones with ``use_rules``, which returns
+them as a ``RowEncoder``; the routes compiled for that configuration hold it, and each
+exchange takes a reference to it from its route (``Exchange.rules``). An exchange still in
+flight after any number of reloads is then stored as its own configuration says, and the
+rules of a configuration are freed with its last route and exchange. Keyed by version and
+only the last 16 versions kept, a long stream that outlived 16 reloads (a sample_rate ramp)
+was stored under the running rules, less redacted than configured when it arrived if
+those redacted less.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict, deque
+from collections import deque
 from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
@@ -73,8 +78,6 @@ spools."""
 _CLOSE_AT_LEAST_S = 0.2
 """How long the stop gives the database connection's polite close when the grace is spent
 (an idle connection to a database that answers closes in a millisecond)."""
-KEPT_VERSIONS = 16
-"""Configuration versions whose recording rules are kept for exchanges still in flight."""
 
 
 class Recorder:
@@ -82,16 +85,16 @@ class Recorder:
 
     def __init__(self, recording: RecordingConfig, database_url: str, data_dir: Path,
                  metrics: Metrics, *, log_exchanges: bool = False,
-                 stop_grace_s: float = 10.0, config_version: str | None = None) -> None:
+                 stop_grace_s: float = 10.0, rules: RowEncoder | None = None) -> None:
+        """``rules``: the recording rules the routes of the first configuration hold (made
+        from ``recording`` if not given)."""
         self.config = recording
         self.queue: deque[Exchange] = deque()
         self.metrics = metrics
         metrics.queue_depth = lambda: len(self.queue)
-        self.encoder = RowEncoder(recording)
-        """The rules of the running configuration (and of exchanges without a version)."""
-        self._encoders: OrderedDict[str | None, RowEncoder] = OrderedDict(
-            [(config_version, self.encoder)])
-        self._missed: set[str | None] = set()
+        self.encoder = rules if rules is not None else RowEncoder(recording)
+        """The rules of the running configuration (and of exchanges that hold none: those
+        of ``shadowproxy replay``)."""
         self.log_exchanges = log_exchanges
         """Log one line per exchange (``access_log``), written here, off the client's path."""
         self.writer = PostgresWriter(database_url)
@@ -176,34 +179,24 @@ class Recorder:
             len(queue) < self._queue_max
             and self._queued_bytes + _captured_bytes(exchange) <= self._queue_max_bytes)
 
-    def use_rules(self, version: str, recording: RecordingConfig) -> None:
-        """From now on, ``recording``'s rules are the running ones, for exchanges of
-        ``version``; those of the last ``KEPT_VERSIONS`` versions stay for theirs."""
-        encoder = self._encoders.get(version)
-        if encoder is None:
-            encoder = self._encoders[version] = RowEncoder(recording)
-        self._encoders.move_to_end(version)
-        while len(self._encoders) > KEPT_VERSIONS:
-            self._encoders.popitem(last=False)
-        self.encoder = encoder
+    def use_rules(self, recording: RecordingConfig) -> RowEncoder:
+        """Make ``recording``'s rules the running ones, and return them for the routes of
+        the configuration to hold (``Exchange.rules``). The same rules as running are
+        returned as they are (a reload that leaves ``recording`` alone keeps them)."""
+        if recording != self.config:
+            self.config = recording
+            self.encoder = RowEncoder(recording)
+        return self.encoder
 
-    def _by_version(self, part: list[Exchange]) -> list[tuple[RowEncoder, list[Exchange]]]:
-        """``part`` in runs of one configuration version, each with that version's encoder."""
+    def _by_rules(self, part: list[Exchange]) -> list[tuple[RowEncoder, list[Exchange]]]:
+        """``part`` in runs of one set of recording rules, each with those rules."""
         runs: list[tuple[RowEncoder, list[Exchange]]] = []
-        last: str | None = None
+        last: RowEncoder | None = None
         for ex in part:
-            version = ex.config_version
-            if not runs or version != last:
-                encoder = self._encoders.get(version)
-                if encoder is None:
-                    encoder = self.encoder
-                    if version not in self._missed:
-                        self._missed.add(version)
-                        log.warning("exchanges of configuration %s arrived after %d newer "
-                                    "versions were loaded; they are stored under the "
-                                    "running recording rules", version, KEPT_VERSIONS)
+            encoder = ex.rules if ex.rules is not None else self.encoder
+            if encoder is not last:
                 runs.append((encoder, []))
-                last = version
+                last = encoder
             runs[-1][1].append(ex)
         return runs
 
@@ -423,7 +416,7 @@ class Recorder:
             end = start + _ENCODE_SLICE * self._per_turn()
             part = batch[start:end]
             start = end
-            for encoder, run in self._by_version(part):
+            for encoder, run in self._by_rules(part):
                 await encoder.streams.prepare(run)  # yields between streams
                 if self.log_exchanges:
                     log_exchanges(run, encoder.query)

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from shadowproxy.app import Proxy, running
 from shadowproxy.config import load_config
@@ -638,3 +639,52 @@ async def test_a_reload_after_the_stop_began_changes_nothing(
                                                       "access_log": True})
             assert outcome.result == "unchanged" and proxy.version == version
             assert proxy.reloader._watch_task is None
+
+
+async def test_a_stream_that_outlives_many_reloads_keeps_its_recording_rules(
+        tmp_path: Path, database_url: str) -> None:
+    """An exchange in flight (a long stream) across more reloads than any number of kept
+    versions (a sample_rate ramp) is stored under the rules it arrived under: the secret
+    the old rules redact stays redacted after the new ones stopped redacting it."""
+    release = asyncio.Event()
+
+    async def streaming(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"token": "a"}\n\n')
+        await release.wait()
+        await response.write(b'data: {"token": "b"}\n\n')
+        await response.write_eof()
+        return response
+
+    async with serve(streaming) as primary, serve(model("s")) as shadow:
+        def config(rate: float, redact: list[str]) -> dict[str, Any]:
+            return base_config(tmp_path, primary.url,
+                               [{"name": "s", "url": shadow.url, "sample_rate": rate}],
+                               recording={"flush_interval_ms": 50, "redact_json": redact,
+                                          "redact_headers": ["x-secret"] if redact else []})
+
+        async with live_proxy(tmp_path, database_url, config(1.0, ["$.secret"])) as (
+                proxy, path):
+            old_version = proxy.version
+            body = json.dumps({"features": {"a": 1}, "secret": "s3cret"}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nX-Request-Id: long\r\n"
+                         b"X-Secret: hush\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+            await asyncio.wait_for(reader.readuntil(b'"a"}\n\n'), 5)  # the stream runs
+            for step in range(20):  # a ramp: more reloads than versions were ever kept
+                outcome = await reload_with(proxy, path, config(0.95 - step * 0.04, []))
+                assert outcome.result == "applied"
+            release.set()
+            await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+            writer.close()
+            await wait_for_rows(database_url, "responses", 2)
+            await proxy.recorder.drained()
+    rows = await fetch(database_url, "SELECT config_version, body_json->>'secret' AS secret, "
+                       "headers->>'x-secret' AS header FROM shadowproxy.requests")
+    assert len(rows) == 1
+    assert rows[0]["config_version"] == old_version
+    assert rows[0]["secret"] == "[redacted]"
+    assert rows[0]["header"] == "[redacted]"

@@ -12,14 +12,12 @@ from shadowproxy.recorder.recorder import Recorder
 
 
 async def replay_spool(database_url: str, data_dir: Path, config: RecordingConfig,
-                       metrics: Metrics, config_version: str | None = None,
-                       within_s: float = 30) -> None:
+                       metrics: Metrics, within_s: float = 30) -> None:
     """Start a recorder on ``data_dir``, wait until no spool segment is left, stop it.
 
     Fails when segments remain after ``within_s`` seconds.
     """
-    recorder = Recorder(config, database_url, data_dir, metrics,
-                        config_version=config_version)
+    recorder = Recorder(config, database_url, data_dir, metrics)
     await recorder.start()
     try:
         deadline = time.monotonic() + within_s

@@ -70,8 +70,7 @@ async def test_a_spool_file_of_an_earlier_layout_is_replayed_whole(
 
 async def _replay(database_url: str, tmp_path: Path) -> None:
     """Start a recorder on ``tmp_path``, wait until it has replayed the spool, stop it."""
-    await replay_spool(database_url, tmp_path, RecordingConfig(), Metrics(),
-                       config_version="0123456789ab", within_s=20)
+    await replay_spool(database_url, tmp_path, RecordingConfig(), Metrics(), within_s=20)
 
 
 async def test_a_spooled_replayed_answer_from_before_partitions_gets_its_requests_time(
