@@ -7,6 +7,14 @@ changes nothing. A valid one is applied except for the settings below, which are
 resources made once at start-up (a listening socket, the worker processes, the database
 connection and its spool, the recorder's queue): those keep their running values until the
 next restart, and the reload says so. The version always names what actually runs.
+
+A valid file that fails to be applied (with workers, the supervisor cannot write their
+configuration: a full disk, a read-only run directory) is rejected like an invalid one, but
+it is no fault of the file: under ``watch: true``, which counts the file as loaded, it is
+tried again, at first after ``watch_interval_s`` and then twice as long each time up to
+``RETRY_MAX_S``, until it applies (or another reload applies). The failure is logged once
+for each kind of error, and its end once. Not tried again, it waited for the next edit
+of the file, and the proxy ran the old configuration with the file saying otherwise.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ RESTART_ONLY: dict[tuple[str, ...], str] = {
     ("recording", "spool_max_bytes"): "the spool is sized once",
 }
 """Settings a reload cannot change, and why; everything else applies to the next request."""
+
+RETRY_MAX_S = 60.0
+"""The longest wait between tries of a watched file that failed to be applied."""
 
 
 def config_version(settings: Settings) -> str:
@@ -190,6 +201,12 @@ class Reloader:
         self._digest = digest if digest is not None else content_digest(path)
         """The file's content when it was last read by a reload (or at start)."""
         self._closed = False
+        self._failing: tuple[str, int | None] | None = None
+        """The kind of error (type, errno) that the last try to apply a valid file failed
+        with, while it fails: logged once for each kind."""
+        self._failures = 0
+        """Tries in a row that failed to apply a valid file."""
+        self._retry_task: asyncio.Task[None] | None = None
 
     # --- triggers ---
     async def reload(self, trigger: str) -> ReloadOutcome:
@@ -201,10 +218,14 @@ class Reloader:
             # Before the file is read: ``shadowproxy reload`` takes the outcome of a reload
             # that started after it signalled, not one that read the file before its edit.
             started = time.monotonic()
+            failures = self._failures
             outcome = await self._reload(trigger)
+            if self._failures == failures:  # applied, unchanged, or a file now invalid
+                self._failing, self._failures = None, 0
             self._seq += 1
             self._write_outcome(outcome, started)
             self._update_watch()
+            self._retry_if_failing()
             return outcome
 
     async def _reload(self, trigger: str) -> ReloadOutcome:
@@ -242,16 +263,60 @@ class Reloader:
         try:
             workers = await self._apply(applied, version)
         except Exception as exc:  # e.g. the workers' file not written (a full disk)
-            log.exception("config reload (%s): applying version %s failed", trigger, version)
-            return self._rejected(trigger, previous, [
-                f"{self.path}: version {version} could not be applied ({type(exc).__name__}: "
-                f"{exc}); version {previous} keeps running"])
+            return self._not_applied(trigger, previous, version, exc)
         self._metrics.reloads["applied"] += 1
         self.settings, self.version = applied, version
+        if self._failing is not None:
+            log.info("config reload (%s): version %s applied at last, after %d failed "
+                     "%s", trigger, version, self._failures,
+                     "try" if self._failures == 1 else "tries")
         log.info("config reloaded (%s): version %s -> %s%s", trigger, previous, version,
                  "".join(f"; {c}" for c in changes))
         return ReloadOutcome("applied", version, previous, restart_needed=pinned,
                              changes=changes, workers=workers)
+
+    def _not_applied(self, trigger: str, previous: str, version: str,
+                     exc: Exception) -> ReloadOutcome:
+        """A valid file that failed to be applied: rejected, logged once per kind of error
+        while it keeps failing (``_retry_if_failing`` tries it again)."""
+        kind = (type(exc).__name__, getattr(exc, "errno", None))
+        problem = (f"{self.path}: version {version} could not be applied "
+                   f"({type(exc).__name__}: {exc}); version {previous} keeps running")
+        self._failures += 1
+        if kind == self._failing and self._watcher is not None:  # said at the first try
+            self._metrics.reloads["rejected"] += 1
+            log.debug("config reload (%s): %s (again)", trigger, problem)
+            return ReloadOutcome("rejected", previous, previous, errors=[problem],
+                                 restart_needed=self.restart_needed)
+        self._failing = kind
+        # A disk's error says all there is; anything else gets its traceback, once.
+        log.error("config reload (%s): applying version %s failed", trigger, version,
+                  exc_info=not isinstance(exc, OSError))
+        if self._watcher is not None:
+            problem += (f"; tried again from {self._watcher.interval_s:g} s on, twice as "
+                        f"long each time up to {RETRY_MAX_S:g} s (the log says when it "
+                        "applies)")
+        return self._rejected(trigger, previous, [problem])
+
+    def _retry_if_failing(self) -> None:
+        """Under ``watch: true``, try a valid file that failed to be applied again later:
+        the watcher counts it as loaded, and offers it again only once it changes."""
+        self._cancel_retry()  # another trigger's reload applied, or failed: wait anew
+        if self._failing is None or self._watcher is None or self._closed:
+            return
+        delay = min(self._watcher.interval_s * 2 ** (self._failures - 1), RETRY_MAX_S)
+        self._retry_task = spawn(self._retry(delay), name="config-retry")
+
+    async def _retry(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        # A task of its own, as a watched change's: cancelling the wait (a reload from
+        # another trigger, the stop) must not cut a reload under way.
+        await asyncio.shield(spawn(self.reload("watch, tried again"), name="config-reload"))
+
+    def _cancel_retry(self) -> None:
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            self._retry_task = None
 
     def _rejected(self, trigger: str, previous: str, problems: list[str]) -> ReloadOutcome:
         self._metrics.reloads["rejected"] += 1
@@ -312,9 +377,11 @@ class Reloader:
         """Stop watching; wait for a reload under way; ignore any later one."""
         task = self._watch_task
         self._stop_watch()
+        self._cancel_retry()
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         async with self._lock:
             self._closed = True
             self._stop_watch()  # in case the reload under way started one
+            self._cancel_retry()

@@ -482,6 +482,53 @@ async def test_a_worker_whose_snapshot_cannot_be_written_for_a_while_is_ready_ag
             await wait_ready(admin, proc)
 
 
+async def test_a_watched_edit_the_workers_cannot_be_handed_is_retried_until_it_applies(
+        tmp_path: Path, database_url: str) -> None:
+    """With ``watch: true``, a valid edit whose reload fails to apply (the supervisor cannot
+    write its workers' configuration: a full disk, here a directory in the way of its file)
+    is tried again, backing off, and applied once the file can be written; the failure is
+    logged once, not at every try, and so is its end. It was counted as loaded and never
+    tried again until the next edit, the workers left on the old version."""
+    from shadowproxy.config import load_config
+    from shadowproxy.reload import config_version
+
+    async with serve(model("v1")) as primary:
+        config, _, admin = write_config(tmp_path, primary.url, primary.url + "/s",
+                                        database_url, workers=2, watch=True,
+                                        watch_interval_s=0.1)
+        async with supervisor(config) as proc:
+            await wait_ready(admin, proc)
+            assert proc.stderr is not None
+            said: list[str] = []
+
+            async def read_log() -> None:
+                assert proc.stderr is not None
+                async for line in proc.stderr:
+                    said.append(line.decode(errors="replace"))
+
+            reading = asyncio.ensure_future(read_log())
+            handed = tmp_path / "data" / "run" / "config.json"
+            blocked = handed.with_name(handed.name + ".tmp")
+            blocked.mkdir()
+            text = yaml.safe_load(config.read_text())
+            text["limits"] = {"shutdown_grace_s": 4}
+            config.write_text(yaml.safe_dump(text))
+            version = config_version(load_config(config))
+            await wait_for(lambda: any("could not be applied" in line for line in said), 10,
+                           "the reload to fail")
+            await asyncio.sleep(2)  # several tries, each failing alike
+            assert not handed.exists() or version not in handed.read_text()
+            blocked.rmdir()
+            await wait_for(lambda: handed.exists() and version in handed.read_text(), 10,
+                           "the edit to be handed to the workers")
+            await wait_for(lambda: any("applied at last" in line for line in said), 5,
+                           "the log to say the edit applied")
+            reading.cancel()
+    failed = [line for line in said if "could not be applied" in line]
+    assert len(failed) == 1, failed
+    assert not any("Traceback" in line for line in said)
+
+
 async def test_a_reload_command_sent_to_a_stopping_supervisor_says_so_when_it_exits(
         tmp_path: Path, database_url: str) -> None:
     """`shadowproxy reload` that signals a supervisor whose stop has begun (it takes no
