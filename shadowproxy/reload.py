@@ -134,9 +134,11 @@ def describe_changes(old: Settings, new: Settings) -> list[str]:
     lines = []
     old_routes = {r.name: r for r in old.routes}
     new_routes = {r.name: r for r in new.routes}
-    for name in new_routes.keys() - old_routes.keys():
+    # Sorted: a set's order of strings differs from one process to the next, and so did
+    # the log line of the same reload.
+    for name in sorted(new_routes.keys() - old_routes.keys()):
         lines.append(f"route {name}: added")
-    for name in old_routes.keys() - new_routes.keys():
+    for name in sorted(old_routes.keys() - new_routes.keys()):
         lines.append(f"route {name}: removed")
     for name in sorted(old_routes.keys() & new_routes.keys()):
         before, after = old_routes[name], new_routes[name]

@@ -173,3 +173,20 @@ def test_a_reload_that_reorders_routes_says_so(tmp_path: Path) -> None:
     assert describe_changes(running, new) == ["route order changed: b, a"]
     added = _load(tmp_path, "routes:\n" + routes["c"] + routes["a"] + routes["b"], "c.yaml")
     assert describe_changes(running, added) == ["route c: added"]
+
+
+def test_routes_added_and_removed_are_named_in_order(tmp_path: Path) -> None:
+    """Routes a reload adds or removes are named sorted by name, so that the log line and
+    the outcome's ``changes`` read the same for the same reload (they came in the order of
+    a set of strings, which differs from one process to the next)."""
+    def routes(names: list[str]) -> str:
+        return "routes:\n" + "".join(
+            f"  - name: {n}\n    match: {{path_prefix: /{n}}}\n"
+            f"    primary: {{url: \"http://127.0.0.1:9001\"}}\n" for n in names)
+
+    names = [f"r{i:02d}" for i in range(20)]
+    running = _load(tmp_path, routes(names[:10]))
+    new = _load(tmp_path, routes(names[10:][::-1]), "b.yaml")
+    assert describe_changes(running, new) == (
+        [f"route {n}: added" for n in names[10:]]
+        + [f"route {n}: removed" for n in names[:10]])
