@@ -21,10 +21,9 @@ arrived under: a reload makes its rules the running ones with ``use_rules``, whi
 them as a ``RowEncoder``; the routes compiled for that configuration hold it, and each
 exchange takes a reference to it from its route (``Exchange.rules``). An exchange still in
 flight after any number of reloads is then stored as its own configuration says, and the
-rules of a configuration are freed with its last route and exchange. Keyed by version and
-only the last 16 versions kept, a long stream that outlived 16 reloads (a sample_rate ramp)
-was stored under the running rules, less redacted than configured when it arrived if
-those redacted less.
+rules of a configuration are freed with its last route and exchange (no fixed number of
+versions kept: a long stream may outlive any number of reloads, a sample_rate ramp, and
+must not be stored less redacted than configured when it arrived).
 """
 
 from __future__ import annotations
