@@ -308,8 +308,13 @@ class DatabaseConfig(FrozenModel):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("postgres", "postgresql"):
-            raise ValueError(f"expected a postgresql:// URL (got {value!r})")
+        scheme = None if value is None else urlsplit(value).scheme
+        if scheme is not None and scheme not in ("postgres", "postgresql"):
+            # Only the scheme is named: the URL may hold a password, and this message goes
+            # to the log, to stderr and to the answer of POST /-/reload.
+            got = f"the scheme {scheme!r}" if scheme else "no scheme"
+            raise ValueError(f"expected a postgresql:// URL, got {got} (the URL is not "
+                             "repeated here: it may hold a password)")
         return value
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from shadowproxy.app import running
+from shadowproxy.config import Settings
 from tests.conftest import StartProxy, route
 from tests.upstreams import hanging, model, serve
 
@@ -132,3 +136,28 @@ async def test_a_wrong_path_or_method_is_answered_in_json_saying_what_is_served(
             "GET /metrics")
         assert wrong.status == 405 and wrong.headers["Allow"] == "GET,HEAD"
         assert (await wrong.json())["error"] == "/metrics does not take POST: use GET"
+
+
+async def test_a_rejected_database_url_is_not_repeated_with_its_password(
+        tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A reload of a file whose database.url has a mistyped scheme is rejected, saying
+    which scheme was wrong, without the URL: its password was in the 422 answer of
+    POST /-/reload and in the error logged."""
+    async with serve(model("v1")) as primary:
+        config = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+                  "data_dir": str(tmp_path / "data"), "database": {"url": database_url},
+                  "routes": [route(primary.url)]}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        settings = Settings.model_validate(config)
+        async with running(settings, database_url, config_path=path) as proxy, \
+                aiohttp.ClientSession() as http:
+            config["database"] = {"url": "postgresq://sp:s3cr3t-pw@db.example:5432/sp"}
+            path.write_text(yaml.safe_dump(config))
+            answer = await http.post(f"http://127.0.0.1:{proxy.admin_port}/-/reload")
+            body = await answer.text()
+    assert answer.status == 422
+    assert "database.url: expected a postgresql:// URL, got the scheme 'postgresq'" in body
+    assert "s3cr3t-pw" not in body
+    assert "s3cr3t-pw" not in caplog.text
+    assert "got the scheme 'postgresq'" in caplog.text
