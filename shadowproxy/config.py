@@ -14,7 +14,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -315,7 +315,41 @@ class DatabaseConfig(FrozenModel):
             got = f"the scheme {scheme!r}" if scheme else "no scheme"
             raise ValueError(f"expected a postgresql:// URL, got {got} (the URL is not "
                              "repeated here: it may hold a password)")
+        if value is not None:
+            problem = _database_url_problem(value)
+            if problem:
+                raise ValueError(f"this URL cannot be read: {problem}; in a user name or "
+                                 "password, write / ? # @ and % percent-encoded (%2F %3F %23 "
+                                 "%40 %25). The URL is not repeated here: it may hold a "
+                                 "password")
         return value
+
+
+def _database_url_problem(url: str) -> str | None:
+    """Why the driver (asyncpg) cannot read ``url`` as the URL it was meant to be, in words
+    that do not quote it; None if it can. A password with an unencoded ``/``, ``?`` or ``#``
+    ends the URL's authority early: asyncpg then took part of the password for a port (a
+    ValueError quoting it, a traceback from the CLI) or a query (the same), and the proxy
+    spooled for good, ready, as if the database were down for a while."""
+    parts = urlsplit(url)
+    authority_end = url.index("//") + 2 + len(parts.netloc) if "//" in url else 0
+    if "@" in url[authority_end:]:
+        return "an '@' comes after the host"
+    if parts.netloc.count("@") > 1:
+        return "the part before the host holds an '@'"
+    for spec in parts.netloc.rpartition("@")[2].split(","):
+        if spec.startswith("["):
+            m = re.fullmatch(r"\[[^\]]+\](?::(.*))?", spec)
+            port = None if m is None else m.group(1) or ""
+        else:
+            port = spec.partition(":")[2]
+        if port is None or (port and not unquote(port).isdigit()):
+            return "a port is not a number"
+    try:
+        parse_qs(parts.query, strict_parsing=True)
+    except ValueError:
+        return "its query (after '?') is not name=value pairs joined by '&'"
+    return None
 
 
 class RecordingConfig(FrozenModel):

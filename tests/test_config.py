@@ -585,3 +585,33 @@ routes: [{{name: r, primary: {{url: "http://127.0.0.1:1"}}}}]
     settings = load_config(write(tmp_path, text.format(partition=partition,
                                                        interval=interval - 1)))
     assert settings.storage.maintenance_interval_s == interval - 1
+
+
+@pytest.mark.parametrize(("password", "problem"), [
+    ("Xq7/Zk9", "an '@' comes after the host"),
+    ("Xq7?Zk9", "an '@' comes after the host"),
+    ("Xq7#Zk9", "an '@' comes after the host"),
+    ("Xq7@Zk9", "the part before the host holds an '@'"),
+])
+def test_a_database_url_with_a_password_not_percent_encoded_is_refused_unquoted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        password: str, problem: str) -> None:
+    """A password holding / ? or # unencoded ends the URL's authority early: asyncpg took
+    part of it for a port or a query, `shadowproxy migrate` ended in a traceback quoting it
+    (`invalid literal for int() with base 10: 'Xq7'`) and `shadowproxy run` spooled for
+    good, ready, as if the database were down a while. It is now a problem of the file
+    (exit 2) saying what to encode, in words that quote no part of the URL; also from
+    SHADOWPROXY_DATABASE_URL."""
+    url = f"postgresql://sp:{password}@127.0.0.1:5432/sp"
+    monkeypatch.setenv("TEST_DB_URL", url)  # database.url in the file
+    for env in ("TEST_DB_URL", "SHADOWPROXY_DATABASE_URL"):
+        monkeypatch.setenv(env, url)
+        assert main(["migrate", "-c", str(write(tmp_path, GOOD))]) == 2
+        err = capsys.readouterr().err
+        assert f"database.url: this URL cannot be read: {problem}; in a user name or " \
+               "password, write / ? # @ and % percent-encoded" in err
+        assert "Xq7" not in err and "Zk9" not in err
+    encoded = url.replace(password, password.replace("/", "%2F").replace("?", "%3F")
+                          .replace("#", "%23").replace("@", "%40"))
+    assert Settings.model_validate({"database": {"url": encoded},
+                                    "routes": [{"name": "a", "primary": {"url": "http://h"}}]})
