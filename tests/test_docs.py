@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import textwrap
 import types
 import typing
 from collections.abc import Iterator
@@ -19,8 +20,9 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from shadowproxy.cli import build_parser
-from shadowproxy.compare.config import Thresholds
-from shadowproxy.config import Settings, StorageConfig
+from shadowproxy.compare.config import CompareConfig, Thresholds
+from shadowproxy.config import Settings, Shadow, StorageConfig, load_config
+from shadowproxy.errors import ConfigError
 from shadowproxy.failures import ERROR_KINDS
 from shadowproxy.metrics import RECORD_OUTCOMES, Metrics, SnapshotCollector
 from shadowproxy.recorder.bodies import WITHHELD_REASONS
@@ -197,6 +199,78 @@ def test_every_documented_default_is_the_default() -> None:
 
 _THRESHOLD_KEYS = {f"routes[].compare.thresholds.{k}" for k in Thresholds.model_fields}
 _TOP_LEVEL = set(Settings.model_fields)
+
+
+# --- the YAML examples of the README and docs/, loaded as the proxy loads a file ----------
+
+_A_ROUTE = 'routes:\n  - name: r\n    primary: {url: "http://127.0.0.1:9001"}\n'
+_A_SHADOW = _A_ROUTE + '    shadows:\n      - name: s\n        url: "http://127.0.0.1:9002"\n'
+
+
+def _documented_yaml() -> list[tuple[str, str]]:
+    """Every ```yaml block of the README and docs/, as (where, text); a block that shows
+    alternatives (a top-level comment after some keys starts the next one) as one text
+    each."""
+    found = []
+    for path in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))]:
+        text = path.read_text()
+        for block in re.finditer(r"```yaml\n(.*?)```", text, re.DOTALL):
+            line = text.count("\n", 0, block.start()) + 2
+            parts = [""]
+            for row in block.group(1).splitlines(keepends=True):
+                if row.startswith("#") and parts[-1].strip("\n").rsplit("\n", 1)[-1][:1] \
+                        not in ("", "#"):
+                    parts.append("")
+                parts[-1] += row
+            found += [(f"{path.name}:{line}", part) for part in parts]
+    return found
+
+
+def _as_a_file(text: str) -> str:
+    """A documented block as a whole configuration file: a file as it is; a route's
+    ``compare`` block, or its content, under a route; a shadow's keys under a shadow."""
+    keys = set(yaml.safe_load(text))
+    if "routes" in keys:
+        return text
+    if keys == {"compare"}:
+        return _A_ROUTE + textwrap.indent(text, "    ")
+    if keys <= set(Shadow.model_fields):
+        return _A_SHADOW + textwrap.indent(text, "        ")
+    assert keys <= set(CompareConfig.model_fields), f"a block of unknown keys: {keys}"
+    return _A_ROUTE + "    compare:\n" + textwrap.indent(text, "      ")
+
+
+def test_every_yaml_example_in_the_docs_loads(tmp_path: Path) -> None:
+    """Each ```yaml block of the README and docs/ is a file, or a block of one, that
+    `shadowproxy check-config` accepts: a key renamed or a value tightened in the code
+    makes this fail, not the operator who copies the example."""
+    examples = _documented_yaml()
+    assert len(examples) >= 6
+    refused = []
+    for i, (where, text) in enumerate(examples):
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(_as_a_file(text))
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            refused.append(f"{where}: {exc}")
+    assert refused == []
+
+
+def test_the_thresholds_the_docs_call_the_defaults_are_the_defaults() -> None:
+    """docs/report.md's and docs/generative.md's `thresholds:` blocks say they give the
+    defaults: each value is the one a file that leaves the key out gets."""
+    wrong = []
+    for where, text in _documented_yaml():
+        block = yaml.safe_load(text)
+        thresholds = (block.get("compare") or {}).get("thresholds")
+        if thresholds is None:
+            continue
+        assert re.search(r"thresholds:.*defaults", text), where
+        wrong += [f"{where}: {key}: {value}, default {Thresholds.model_fields[key].default}"
+                  for key, value in thresholds.items()
+                  if Thresholds.model_fields[key].default != value]
+    assert wrong == []
 
 
 # --- the SQL in the README and docs/, run against records the proxy wrote ------------------
