@@ -351,9 +351,13 @@ async def test_every_documented_query_runs_and_says_what_its_text_says(
     assert len(statements) >= 15
 
     assert [tuple(r) for r in _result(statements, "Rows waiting in DEFAULT")] == [(0, 0)]
-    assert sorted(r["target"] for r in _result(
-        statements, "A request as it was sent, and every answer to it")) == [
-        "candidate", "primary"]
+    answers = _result(statements, "A request as it was sent, and every answer to it")
+    assert sorted(r["target"] for r in answers) == ["candidate", "primary"]
+    # The request itself, not only its answers.
+    assert {(r["method"], r["path"], r["request_body_json"]) for r in answers} == {
+        ("POST", "/predict", '{"features": {"bmi": 20}}')}
+    per_shadow = _result(statements, "Agreement and shadow tail latency per route and shadow")
+    assert [(r["route"], r["shadow_name"]) for r in per_shadow] == [("diabetes", "candidate")]
     assert [tuple(r) for r in _result(statements, "Shadow outcomes by kind")] == [
         ("candidate", "ok", 6)]
     assert sum(r["requests"] for r in _result(
