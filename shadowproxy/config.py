@@ -14,7 +14,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -259,6 +259,15 @@ class Match(FrozenModel):
     def _prefix(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"expected a path starting with '/' (got {value!r})")
+        # A path is matched as the client sent it, which is ASCII: 'é' arrives as %C3%A9 and
+        # a raw byte beyond ASCII gets 400. A prefix holding one matched no request, and
+        # its route was dead without a word.
+        bad = next((c for c in value if not " " < c < "\x7f"), None)
+        if bad is not None:
+            encoded = quote(value, safe="/%:@!$&'()*+,;=-._~")
+            raise ValueError(f"{bad!r} is in no request path: clients send it percent-"
+                             f"encoded, and the prefix is matched with the path as sent; "
+                             f"write it so, e.g. {encoded!r} (got {value!r})")
         return value
 
     @field_validator("methods")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,24 @@ routes:
         in text
     assert ":7: routes[0].shadows[0].url: the shadow's URL is the primary's" in text
     assert "shadows[1]" not in text
+
+
+@pytest.mark.parametrize(("prefix", "suggested"), [
+    ("/café", "/caf%C3%A9"), ("/my model", "/my%20model"), ("/a\tb", "/a%09b")])
+def test_a_path_prefix_no_request_path_holds_is_refused(tmp_path: Path, prefix: str,
+                                                         suggested: str) -> None:
+    """A prefix with a character a request path never holds (beyond ASCII, a space, a
+    control character) matched no request: it is refused at its line with the form clients
+    send, which is accepted."""
+    text = ('routes:\n  - name: a\n    primary: {url: "http://h"}\n'
+            f'    match: {{path_prefix: {json.dumps(prefix)}}}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert len(info.value.problems) == 1
+    assert ":4: routes[0].match.path_prefix: " in info.value.problems[0]
+    assert f"e.g. {suggested!r}" in info.value.problems[0]
+    settings = load_config(write(tmp_path, text.replace(json.dumps(prefix), suggested)))
+    assert settings.routes[0].match.path_prefix == suggested
 
 
 def test_listen_forms_and_an_admin_listener_on_the_proxy_address(tmp_path: Path) -> None:
