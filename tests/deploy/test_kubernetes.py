@@ -10,6 +10,7 @@ import pytest
 
 from examples.model_service import parse_args as model_service_args
 from shadowproxy.admin import PROBE_PATHS
+from shadowproxy.reload import RESTART_ONLY
 from tests.deploy.files import (
     ROOT,
     env_name,
@@ -113,6 +114,17 @@ def test_config_map_changes_reach_the_proxy_without_a_restart(
     config_dir = str(PurePosixPath(flag(sidecar["args"], "-c")).parent)
     mount = next(m for m in sidecar["volumeMounts"] if m["mountPath"] == config_dir)
     assert "subPath" not in mount and "subPathExpr" not in mount
+
+
+def test_config_map_names_every_setting_that_needs_a_rollout() -> None:
+    """The ConfigMap's comment, which says what applies without a restart, names each
+    setting a reload keeps at its running value (reload.RESTART_ONLY): an operator who
+    edits one there is told to roll the pods out."""
+    text = (K8S / "configmap.yaml").read_text()
+    comment = " ".join(line.lstrip("# ") for line in text.split("\napiVersion:")[0].splitlines())
+    assert "need a rollout" in comment
+    unnamed = [path[-1] for path in RESTART_ONLY if not re.search(rf"\b{path[-1]}\b", comment)]
+    assert unnamed == []
 
 
 def test_database_url_comes_from_a_secret(sidecar: dict[str, Any], objects: list[dict[str, Any]],
