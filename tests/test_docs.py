@@ -28,6 +28,7 @@ from shadowproxy.metrics import RECORD_OUTCOMES, Metrics, SnapshotCollector
 from shadowproxy.recorder.bodies import WITHHELD_REASONS
 from shadowproxy.recorder.postgres import REFUSED
 from shadowproxy.recorder.rows import UNEXPECTED
+from shadowproxy.reload import RESTART_ONLY
 from shadowproxy.store.database import PERMANENT, TRANSIENT, connection
 from shadowproxy.store.maintenance import run_once
 from tests.conftest import StartProxy, route
@@ -195,6 +196,36 @@ def test_every_documented_default_is_the_default() -> None:
             if documented != value:
                 wrong.append(f"{full}: documented {default.strip()}, default {value!r}")
     assert wrong == []
+
+
+def test_every_setting_is_said_to_change_live_or_to_need_a_restart() -> None:
+    """docs/operations.md's restart table names every setting a reload keeps
+    (reload.RESTART_ONLY), and its "Live" list names every other key of the file (a block
+    such as `limits` standing for its keys; a route's or shadow's `name` and `match` as
+    routes and shadows "added, removed")."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("### What changes live, and what needs a restart\n", 1)[1]
+    live, restart = section.split("\n### ", 1)[0].split("**A restart**", 1)
+    table = set(re.findall(r"^\| (.*?) \|", restart, re.MULTILINE)) - {"setting"}
+    named = {k for row in table for k in re.findall(r"`([^`]+)`", row)}
+    pinned = {".".join(path) for path in RESTART_ONLY}
+    assert sorted(k for k in pinned if k not in named and k.split(".")[-1] not in named
+                  and not (k.startswith("recording.queue_") and "recording.queue_*" in named)
+                  ) == []
+    words = set(re.findall(r"`([a-z_]+)`", live))
+    keys = list(_config_keys(Settings))
+    blocks = {k.rsplit(".", 1)[0].removesuffix("[]") for k in keys if "." in k}
+    unnamed = []
+    for key in keys:
+        if key in blocks or key.startswith("routes[].compare.") or any(
+                key == p or key.startswith(p + ".") for p in pinned):
+            continue
+        leaf = key.rsplit(".", 1)[-1].removesuffix("[]")
+        if leaf not in words and key.split(".", 1)[0] not in words and leaf != "name" \
+                and not key.startswith("routes[].match."):  # `limits`: the whole block
+            unnamed.append(key)
+    assert "`match`" in live
+    assert unnamed == []
 
 
 _THRESHOLD_KEYS = {f"routes[].compare.thresholds.{k}" for k in Thresholds.model_fields}
