@@ -149,6 +149,29 @@ async def test_longest_prefix_wins(start_proxy: StartProxy) -> None:
     assert a["model_version"] == "api" and b["model_version"] == "root"
 
 
+async def test_a_percent_encoded_prefix_takes_either_case_of_its_hex_digits(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """`/caf%C3%A9` takes `/caf%c3%a9/x` as curl sends it (the hex digits' case carries no
+    meaning, RFC 3986 §6.2.2.1); the path goes on, and is recorded, as the client sent it.
+    The request went to the shorter prefix's route."""
+    async with serve(model("root")) as root, serve(model("cafe")) as cafe, \
+            start_proxy([route(root.url, name="root"),
+                         route(cafe.url, name="cafe", match={"path_prefix": "/caf%C3%A9"})
+                         ]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        answers = []
+        for path in (b"/caf%c3%a9/x", b"/caf%C3%A9/y", b"/caf%c3%aa"):
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+            answers.append(json.loads((await read_response(reader))[1])["model_version"])
+        writer.close()
+        await wait_for_rows(database_url, "requests", 3)
+    assert answers == ["cafe", "cafe", "root"]
+    rows = await fetch(database_url, "SELECT route, path FROM shadowproxy.requests "
+                                     "ORDER BY received_at")
+    assert [tuple(r) for r in rows] == [("cafe", "/caf%c3%a9/x"), ("cafe", "/caf%C3%A9/y"),
+                                        ("root", "/caf%c3%aa")]
+
+
 async def test_headers_forwarded_rewritten_and_hop_by_hop_removed(
         start_proxy: StartProxy) -> None:
     """Upstreams get the client's headers minus hop-by-hop ones, plus X-Forwarded-*."""
