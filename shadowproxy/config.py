@@ -44,6 +44,11 @@ DEFAULT_REDACT_QUERY = ("api_key", "apikey", "api-key", "x-api-key", "key", "tok
 """Query parameters whose values are secrets by custom: API keys, OAuth tokens, passwords,
 the signatures of presigned URLs (AWS SigV4, Google Cloud Storage, Azure SAS ``sig``)."""
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+WRITTEN_FOR_EVERY_UPSTREAM = frozenset({
+    "host", "content-length", "transfer-encoding", "x-request-id", "x-forwarded-for",
+    "x-forwarded-proto", "x-forwarded-host"})
+"""Request headers every upstream gets from the proxy (``proxy._head_parts``), whatever
+the client sent: a shadow's ``remove_headers`` cannot take them away."""
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 """RFC 9110 §9 and PATCH (RFC 5789): what ``match.methods`` accepts."""
 
@@ -222,6 +227,24 @@ class Shadow(FrozenModel):
             problem = header_value_problem(text)
             if problem is not None:
                 raise ValueError(f"{name}: {problem}")
+        return value
+
+    @field_validator("remove_headers")
+    @classmethod
+    def _remove_headers(cls, value: list[str]) -> list[str]:
+        from shadowproxy.http1 import HEADER_NAME
+
+        for name in value:
+            if not HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name (letters, digits and "
+                                 "!#$%&'*+.^_`|~- only)")
+            # The proxy writes these itself for every upstream: removing the client's copy
+            # still sent the proxy's (X-Forwarded-For with the client's address), where the
+            # reference promised the shadow would never receive them.
+            if name.lower() in WRITTEN_FOR_EVERY_UPSTREAM:
+                raise ValueError(f"{name} is written by the proxy itself for every upstream "
+                                 "(Host, Content-Length, Transfer-Encoding, X-Request-Id, "
+                                 "X-Forwarded-For, -Proto and -Host): it cannot be removed")
         return value
 
     @field_validator("set_json")
