@@ -2,14 +2,14 @@
 
 Commands return their exit status, and errors of the hierarchy in ``errors.py`` become one:
 0 success, 2 bad usage or config, 1 runtime failure, 3 a report whose verdict reached
-``--fail-on``, 130 an interrupted replay (what it handled is stored). Commands are imported
-lazily so that ``shadowproxy run`` never pays for the report's numpy/scipy imports.
+``--fail-on``, 130 a command interrupted by Ctrl-C (``runner.run_command``; a replay's
+handled requests are stored). Commands are imported lazily so that ``shadowproxy run``
+never pays for the report's numpy/scipy imports.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
@@ -47,12 +47,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from shadowproxy.config import load_config
+    from shadowproxy.runner import run_command
     from shadowproxy.store.database import database_url, describe
     from shadowproxy.store.migrate import migrate_all
 
     settings = load_config(args.config)
     url = database_url(settings)
-    done = asyncio.run(migrate_all(url, settings.storage.partition))
+    done = run_command(migrate_all(url, settings.storage.partition), interrupted=(
+        "each migration, partition and batch of moved rows is its own transaction: those "
+        "done stay, the one under way was rolled back; run `shadowproxy migrate` again to "
+        "finish"))
     for mig in done.applied:
         print(f"applied {mig.version:03d}_{mig.name}")
     if done.created:
@@ -232,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shadowproxy: {exc}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
+        # Outside a command's loop (reading a file, rendering a report): nothing was sent
+        # to the database yet, or all of it was.
+        print("shadowproxy: interrupted", file=sys.stderr)
         return 130
 
 

@@ -14,6 +14,7 @@ with the status its supervisor reads.
     ├── SpoolError           the on-disk spool could not be written or read
     ├── ListenError          `listen` or `admin_listen` cannot be bound (in use, no such address)
     ├── MissingExtraError    a command needs an optional extra that is not installed
+    ├── Interrupted          a command was stopped by Ctrl-C (exit status 130)
     └── DemoError            a step of `shadowproxy demo` failed (a process, the records)
 
 Failures of upstream calls are not exceptions: they are data on the exchange record (an
@@ -83,6 +84,13 @@ class MissingExtraError(ShadowProxyError):
     """A command needs packages of an optional extra (pyproject.toml) that are not
     installed; the message names the extra and the command that installs it. Exit status 1,
     as for anything else the machine lacks: the command itself was well formed."""
+
+
+class Interrupted(ShadowProxyError):
+    """A command was stopped by Ctrl-C (SIGINT); the message says what that left (nothing
+    imported, the migrations applied so far) and what to do."""
+
+    exit_status = 130
 
 
 class DemoError(ShadowProxyError):

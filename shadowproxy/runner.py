@@ -12,18 +12,21 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shadowproxy import control
 from shadowproxy.config import Settings
 from shadowproxy.cycles import collected_in_the_background
-from shadowproxy.errors import ShadowProxyError
+from shadowproxy.errors import Interrupted, ShadowProxyError
 from shadowproxy.logs import setup_logging
 from shadowproxy.store.database import database_url
 
 log = logging.getLogger("shadowproxy")
+
+T = TypeVar("T")
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -37,6 +40,83 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
+
+
+def run_command(coro: Coroutine[Any, Any, T], *, interrupted: str,
+                fast: bool = False) -> T:
+    """Run a command's coroutine (migrate, report, labels import, prune, replay) on a loop
+    of its own, uvloop's when ``fast``; Ctrl-C raises Interrupted (exit status 130) with
+    ``interrupted``: what the interruption left, and what to do.
+
+    The first Ctrl-C cancels the coroutine, as asyncio.run does: its connection is dropped
+    at once (``database.connection``) and PostgreSQL rolls back what was open, so that the
+    end is quick whatever the database does. A Ctrl-C pressed again while it ends is
+    ignored: asyncio.run raised KeyboardInterrupt wherever the code was at that moment (a
+    driver's task, a finaliser), and the command ended with their tracebacks
+    (``Task exception was never retrieved``, ``Exception ignored in``). The loop does
+    not report the driver's wait that the dropped connection leaves uncollected
+    (``quiet_cut_waiters``): it printed ``Future exception was never retrieved`` with a
+    traceback as the command exited. A command that handles Ctrl-C itself (a replay's
+    stop) adds its own handler over this one while it runs."""
+    from shadowproxy.store.database import quiet_cut_waiters
+
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if fast:
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+            pass
+    stopped_by: list[int] = []
+
+    async def interruptible() -> T:
+        loop = asyncio.get_running_loop()
+        quiet_cut_waiters(loop)
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_sigint() -> None:
+            if not stopped_by:
+                stopped_by.append(signal.SIGINT)
+                task.cancel()
+
+        if threading.current_thread() is not threading.main_thread():
+            return await coro  # signals reach the main thread only (tests run commands so)
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await coro
+        finally:
+            if stopped_by:
+                ignore_ctrl_c_from_now(loop)
+
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(interruptible())
+    except KeyboardInterrupt:
+        pass  # a Ctrl-C before the handler above was in place (asyncio.Runner's own)
+    except (asyncio.CancelledError, ShadowProxyError):
+        # What the dropped connection broke on the way out (a ROLLBACK, an unlock) is not
+        # the news: the interruption is.
+        if not stopped_by:
+            raise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing is left to interrupt
+    raise Interrupted(f"interrupted: {interrupted}")
+
+
+def ignore_ctrl_c_from_now(loop: asyncio.AbstractEventLoop) -> None:
+    """Ignore SIGINT from now to the process's exit, in place of the loop's handler: a
+    command ending after a Ctrl-C, whose end is bounded. Not given its default back when
+    the loop closes: a Ctrl-C pressed again then raised KeyboardInterrupt wherever the code
+    was (a finaliser of the connection's objects, the recorder storing a replay's last
+    answers), with a traceback, and lost what was being stored."""
+    # Blocked while the loop's handler gives way: between the two, SIGINT's default.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def stop_event() -> asyncio.Event:

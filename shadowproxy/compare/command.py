@@ -8,7 +8,6 @@ to exit status 2. With ``--fail-on`` the status is 3 when the verdict reaches th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import sys
@@ -166,6 +165,7 @@ def run_report(args: argparse.Namespace) -> int:
     from shadowproxy.compare.extras import require_for
     from shadowproxy.compare.verdict import reaches
     from shadowproxy.config import load_config
+    from shadowproxy.runner import run_command
     from shadowproxy.store.database import database_url
 
     reference = Path(args.reference) if args.reference else None
@@ -179,9 +179,10 @@ def run_report(args: argparse.Namespace) -> int:
         raise UsageError(f"--reference {reference}: no such file; give a CSV or Parquet file "
                          "of training data whose columns are named like compare.features")
     url = database_url(settings)
-    report = clean(asyncio.run(_build(url, target, window, reference,
-                                      getattr(args, "config_version", None), max_pairs,
-                                      seed)))
+    report = clean(run_command(
+        _build(url, target, window, reference, getattr(args, "config_version", None),
+               max_pairs, seed),
+        interrupted="no report was made, and the database was only read"))
     text = render(report, args.format,
                   color=args.format == "text" and not args.output and sys.stdout.isatty())
     if args.output:

@@ -17,7 +17,6 @@ use it).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import json
 import re
@@ -239,6 +238,7 @@ async def import_labels(conn: asyncpg.Connection, labels: dict[str, str],
 def run_labels_import(args: argparse.Namespace) -> int:
     """The CLI command: read the file, upsert, print a summary; 0 on success."""
     from shadowproxy.config import load_config
+    from shadowproxy.runner import run_command
     from shadowproxy.store.database import connection, database_url
 
     settings = load_config(args.config)
@@ -252,7 +252,9 @@ def run_labels_import(args: argparse.Namespace) -> int:
             return await import_labels(conn, labels, result, regression_routes=regression,
                                        path=Path(args.file))
 
-    result = asyncio.run(go())
+    result = run_command(go(), interrupted=(
+        "nothing was imported (the import is one transaction, rolled back); run "
+        "`shadowproxy labels import` again"))
     print(f"{args.file}: {result.rows} rows; {result.inserted} new labels, {result.updated} "
           f"changed, {result.unchanged} unchanged"
           + (f"; {result.skipped_empty} rows without id or label skipped"

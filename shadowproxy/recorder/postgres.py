@@ -48,6 +48,7 @@ from shadowproxy.store.database import (
     classify,
     describe,
     describe_error,
+    quiet_cut_waiters,
 )
 from shadowproxy.store.migrate import apply as apply_migrations
 
@@ -189,42 +190,6 @@ async def _replace_replayed(conn: asyncpg.Connection, responses: list[Row]) -> i
     return int(result.rsplit(" ", 1)[1])
 
 
-_UNRETRIEVED = "Future exception was never retrieved"
-
-
-def _quiet_cut_waiters(loop: asyncio.AbstractEventLoop) -> None:
-    """Keep out of the log the driver's own wait that a cut leaves behind (once per loop).
-
-    A COPY whose data the database stopped taking (a network partition: the socket's
-    buffers full, the transport paused) waits for room to write; the cut fails the
-    driver's wait for the server's answer, and the COPY, woken, fails on the dropped
-    transport (AttributeError) before it collects that wait's error: asyncpg's clean-up
-    writes its CopyFail to the transport its abort has dropped. The error is then never
-    retrieved, and asyncio logged it as an ERROR with a traceback when the future was
-    freed (the next cyclic collection, ``cycles.py``), after the writer had said what
-    happened to the batch. The future is the driver's, out of reach: only its report is
-    caught here, and only for a connection's loss (ConnectionDoesNotExistError), which
-    the work waiting on it has surfaced already; anything else goes to the handler that
-    was there."""
-    previous = loop.get_exception_handler()
-    if getattr(previous, "quiets_cut_waiters", False):
-        return
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if (context.get("message") == _UNRETRIEVED
-                and isinstance(context.get("exception"), asyncpg.ConnectionDoesNotExistError)):
-            log.debug("the driver's wait on a database connection that was cut ended with "
-                      "%s", context["exception"])
-            return
-        if previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    handler.quiets_cut_waiters = True  # type: ignore[attr-defined]
-    loop.set_exception_handler(handler)
-
-
 class PostgresWriter:
     """Writes (request rows, response rows) batches over one connection, reconnecting."""
 
@@ -280,7 +245,7 @@ class PostgresWriter:
         self._cut_why = why
         for conn in (self._busy, self._conn):
             if conn is not None and not conn.is_closed():
-                _quiet_cut_waiters(asyncio.get_running_loop())
+                quiet_cut_waiters(asyncio.get_running_loop())
                 conn.terminate()
 
     async def _connection(self, timeout: float | None = None) -> asyncpg.Connection:

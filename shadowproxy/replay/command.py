@@ -26,7 +26,7 @@ from shadowproxy.replay.pacing import pacer_for
 from shadowproxy.replay.progress import TICK_S, preflight_lines, progress_bar, summary_lines
 from shadowproxy.replay.replayer import Replayer, Tally
 from shadowproxy.replay.source import RequestStream, Selection, lock_target
-from shadowproxy.runner import run_loop
+from shadowproxy.runner import run_command
 from shadowproxy.store.database import connect, connection, describe
 from shadowproxy.store.migrate import apply as apply_migrations
 from shadowproxy.tasks import spawn
@@ -43,7 +43,9 @@ def run_replay(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
     route = _route(settings, options)
     url = database_url(settings)
-    return run_loop(_replay(settings, route, options, url))
+    return run_command(_replay(settings, route, options, url), fast=True, interrupted=(
+        "the answers stored so far stay; the same command again sends only the requests "
+        "without one"))
 
 
 def _route(settings: Settings, options: ReplayOptions) -> Route:

@@ -46,6 +46,7 @@ from shadowproxy.replay.options import ReplayOptions
 from shadowproxy.replay.outgoing import Outgoing, RequestBuilder, Skip
 from shadowproxy.replay.pacing import Pacer
 from shadowproxy.replay.source import RequestStream
+from shadowproxy.runner import ignore_ctrl_c_from_now
 from shadowproxy.tasks import spawn
 from shadowproxy.upstream import UpstreamPool
 
@@ -177,8 +178,14 @@ class Replayer:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             await self.stream.close()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(signal.SIGTERM)
+            if self.stopping:
+                # Interrupted: the end stores what was answered, within the grace, and a
+                # Ctrl-C pressed again must not cut it (SIGINT's default raised
+                # KeyboardInterrupt in the recorder's task).
+                ignore_ctrl_c_from_now(loop)
+            else:
+                loop.remove_signal_handler(signal.SIGINT)
             self._pool.close()
             await recorder.close()
             # Replaced as each new answer was stored (PostgresWriter, ``replay --force``).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ import asyncpg
 from shadowproxy.config import DATABASE_URL_ENV, Settings
 from shadowproxy.errors import DatabaseError
 from shadowproxy.store.embedded import CleanupMode, start_embedded
+
+log = logging.getLogger("shadowproxy")
 
 # What a lost or refused database connection raises, from the socket up to the protocol.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -246,6 +249,44 @@ async def _drop_when_cancelled(owner: asyncio.Task[Any], conn: asyncpg.Connectio
     while not owner.cancelling():
         await asyncio.sleep(_CANCEL_POLL_S)
     conn.terminate()
+
+
+_UNRETRIEVED = "Future exception was never retrieved"
+
+
+def quiet_cut_waiters(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep out of the log the driver's own wait that a cut leaves behind (once per loop):
+    the recorder's writer calls it when it cuts a connection, and every command's loop
+    has it (``runner.run_command``), whose connection a Ctrl-C drops (``connection``).
+
+    A COPY whose data the database stopped taking (a network partition: the socket's
+    buffers full, the transport paused) waits for room to write; the cut fails the
+    driver's wait for the server's answer, and the COPY, woken, fails on the dropped
+    transport (AttributeError) before it collects that wait's error: asyncpg's clean-up
+    writes its CopyFail to the transport its abort has dropped. The error is then never
+    retrieved, and asyncio logged it as an ERROR with a traceback when the future was
+    freed (the next cyclic collection, ``cycles.py``; a command's exit), after the writer
+    or the command had said what happened. The future is the driver's, out of reach: only
+    its report is caught here, and only for a connection's loss
+    (ConnectionDoesNotExistError), which the work waiting on it has surfaced already;
+    anything else goes to the handler that was there."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_cut_waiters", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if (context.get("message") == _UNRETRIEVED
+                and isinstance(context.get("exception"), asyncpg.ConnectionDoesNotExistError)):
+            log.debug("the driver's wait on a database connection that was cut ended with "
+                      "%s", context["exception"])
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.quiets_cut_waiters = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
 
 
 async def placeholders(conn: asyncpg.Connection, sql: str) -> int:

@@ -23,7 +23,6 @@ labels of requests no longer stored).
 from __future__ import annotations
 
 import argparse
-import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -240,6 +239,7 @@ async def prune(url: str, older_than: timedelta, *, batch_size: int = 5000) -> P
 def run_prune(args: argparse.Namespace) -> int:
     """The ``prune`` command: validate the arguments, prune, say how much went."""
     from shadowproxy.config import load_config
+    from shadowproxy.runner import run_command
     from shadowproxy.store.database import database_url
 
     older_than = parse_age(args.older_than)
@@ -247,7 +247,10 @@ def run_prune(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size: expected 1 or more (got {args.batch_size})")
     settings = load_config(args.config)
     url = database_url(settings)
-    result = asyncio.run(prune(url, older_than, batch_size=args.batch_size))
+    result = run_command(prune(url, older_than, batch_size=args.batch_size), interrupted=(
+        "each partition dropped and each batch of rows deleted is its own transaction: "
+        "what was removed stays removed, the batch under way was rolled back; run "
+        "`shadowproxy prune` again to finish"))
     print(describe_result(result, describe(url)))
     return 0
 

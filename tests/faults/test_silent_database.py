@@ -29,7 +29,15 @@ from tests.db import fetchval
 from tests.dblink import DatabaseLink
 from tests.faults.test_outage import count
 from tests.recorder.exchanges import exchange
-from tests.replay.helpers import ROUTE, finish, request, start_cli, store, write_config
+from tests.replay.helpers import (
+    ROUTE,
+    Result,
+    finish,
+    request,
+    start_cli,
+    store,
+    write_config,
+)
 from tests.test_admin import samples
 from tests.test_run_command import start as start_run
 from tests.test_run_command import wait_ready
@@ -162,7 +170,9 @@ async def test_ctrl_c_ends_a_command_whose_database_went_silent(
             proc.send_signal(signal.SIGINT)
             result = await finish(proc, timeout=5)
     assert result.status == 130, result.err
-    assert "Traceback" not in result.err
+    # One line: what the interruption left, and what to do.
+    assert result.err.startswith("shadowproxy: interrupted: "), result.err
+    assert result.err.count("\n") == 1, result.err
 
 
 async def test_ctrl_c_ends_a_replay_whose_database_went_silent_with_its_summary(
@@ -330,3 +340,42 @@ async def test_a_copy_cut_behind_a_partition_leaves_no_driver_error_in_the_log(
     await asyncio.sleep(0.05)
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not said
+
+
+async def _interrupted_again_and_again(proc: asyncio.subprocess.Process) -> Result:
+    """Ctrl-C, then Ctrl-C again every 10 ms until the command ends (an impatient
+    operator): each of the command's last moments gets one."""
+    proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(ProcessLookupError):  # it ended between two
+        while proc.returncode is None:
+            await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+    return await finish(proc, timeout=10)
+
+
+async def test_ctrl_c_on_a_labels_import_stalled_mid_copy_ends_in_one_line(
+        database_url: str, tmp_path: Path) -> None:
+    """A labels file larger than the socket's buffers, sent to a database that stopped
+    reading it (a partition), waits for room to write; Ctrl-C, pressed again and again,
+    ends the import with exit status 130, nothing imported, and one line saying so. The
+    command ended silently, or with the tracebacks of the KeyboardInterrupt that a Ctrl-C
+    pressed again raised wherever the code was then (`Task exception was never
+    retrieved` of asyncpg's cancel request, `Exception ignored in` a finaliser)."""
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", encoding="utf-8") as fh:
+        fh.write("request_id,label\n")
+        fh.writelines(f"req-{i:08d},{'x' * 200}\n" for i in range(100_000))
+    async with DatabaseLink(database_url, stall=True) as link:
+        config = write_config(tmp_path, link.url)
+        link.freeze_on(b"COPY")
+        proc = await start_cli("labels", "import", "-c", str(config), str(labels))
+        async with _killed_if_left(proc):
+            await asyncio.wait_for(link.frozen.wait(), 30)
+            await asyncio.sleep(0.3)
+            assert proc.returncode is None  # waiting for room to write
+            result = await _interrupted_again_and_again(proc)
+    assert result.status == 130, result.err
+    assert result.err == ("shadowproxy: interrupted: nothing was imported (the import is "
+                          "one transaction, rolled back); run `shadowproxy labels import` "
+                          "again\n")
+    assert await fetchval(database_url, "SELECT count(*) FROM shadowproxy.labels") == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 
@@ -173,3 +174,24 @@ async def test_an_interrupted_force_redo_keeps_every_answer_and_runs_again_to_th
     assert f"{left} requests selected" in rerun.out
     await _stored_once_each(database_url)
     assert await fetchval(database_url, failed) == 0
+
+
+async def test_ctrl_c_pressed_again_and_again_ends_the_replay_without_a_traceback(
+        database_url: str, tmp_path: Path) -> None:
+    """An impatient operator: Ctrl-C, then Ctrl-C every 10 ms until the replay ends. The
+    replay ends with its summary and exit status 130, and no Ctrl-C after the second
+    interrupts its end (storing the answers) halfway with a KeyboardInterrupt."""
+    await store(database_url, [request(i) for i in range(N)])
+    config = write_config(tmp_path, database_url)
+    async with serve(sleeping(0.005, model("c"))) as target:
+        proc = await _started_replay(config, target.url, "--rate", "150")
+        await _wait_for_answers(database_url, 30, proc)
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # it ended between two
+            while proc.returncode is None:
+                await asyncio.sleep(0.01)
+                proc.send_signal(signal.SIGINT)
+        result = await finish(proc)
+    assert result.status == 130, result.err
+    assert "Traceback" not in result.err, result.err
+    assert "interrupted" in result.out
