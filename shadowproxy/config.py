@@ -14,7 +14,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 import yaml
 from pydantic import (
@@ -354,6 +354,12 @@ class DatabaseConfig(FrozenModel):
                                  "password, write / ? # @ and % percent-encoded (%2F %3F %23 "
                                  "%40 %25). The URL is not repeated here: it may hold a "
                                  "password")
+            for port in _url_ports(value):
+                if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                    # Named alone: the URL may hold a password.
+                    shown = port if port.isascii() and port.isdigit() else repr(port)
+                    raise ValueError(f"the port {shown} is not a number from 1 to 65535; "
+                                     "correct it, or leave it out for PostgreSQL's 5432")
         return value
 
 
@@ -369,19 +375,28 @@ def _database_url_problem(url: str) -> str | None:
         return "an '@' comes after the host"
     if parts.netloc.count("@") > 1:
         return "the part before the host holds an '@'"
-    for spec in parts.netloc.rpartition("@")[2].split(","):
-        if spec.startswith("["):
-            m = re.fullmatch(r"\[[^\]]+\](?::(.*))?", spec)
-            port = None if m is None else m.group(1) or ""
-        else:
-            port = spec.partition(":")[2]
-        if port is None or (port and not unquote(port).isdigit()):
-            return "a port is not a number"
     try:
         parse_qs(parts.query, strict_parsing=True)
     except ValueError:
         return "its query (after '?') is not name=value pairs joined by '&'"
     return None
+
+
+def _url_ports(url: str) -> list[str]:
+    """The ports a database URL names, as asyncpg reads them: after each of its hosts
+    (``h1:5432,h2,[::1]:5433``) and in ``?port=`` (comma-separated too). Checked with the
+    configuration: asyncpg's own parse fails with a bare ValueError (the socket's with an
+    OverflowError) when the command connects, which ended it with a traceback."""
+    parts = urlsplit(url)
+    ports = []
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        after = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in after:
+            ports.append(after.rpartition(":")[2])
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "port":
+            ports.extend(value.split(","))
+    return [p for p in ports if p]
 
 
 class RecordingConfig(FrozenModel):

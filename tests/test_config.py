@@ -660,3 +660,37 @@ def test_a_database_url_with_a_password_not_percent_encoded_is_refused_unquoted(
                           .replace("#", "%23").replace("@", "%40"))
     assert Settings.model_validate({"database": {"url": encoded},
                                     "routes": [{"name": "a", "primary": {"url": "http://h"}}]})
+
+
+@pytest.mark.parametrize(("url", "port"), [
+    ("postgresql://u:secret@db.internal:notaport/app", "'notaport'"),
+    ("postgresql://u@db.internal:99999/app", "99999"),
+    ("postgresql://u@h1:5432,h2:54x32/app", "'54x32'"),
+    ("postgresql://u@/app?host=/run/postgresql&port=abc", "'abc'"),
+])
+def test_a_database_url_with_a_port_that_is_no_port_is_refused_at_its_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        url: str, port: str) -> None:
+    """A port that is not a number from 1 to 65535, after a host or as ?port=, is the
+    configuration's problem (exit status 2, its line), and the password is not echoed:
+    `migrate` (every command that connects) ended with asyncpg's ValueError or the
+    socket's OverflowError and their tracebacks, `check-config` said OK."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    monkeypatch.setenv("TEST_DB_URL", url)
+    path = write(tmp_path, GOOD)
+    for command in ("check-config", "migrate"):
+        assert main([command, "-c", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"{path}:3: database.url: the port {port} is not a number from 1 to "
+                       "65535; correct it, or leave it out for PostgreSQL's 5432\n"), err
+
+
+def test_a_database_url_of_several_hosts_is_accepted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts with and without ports, an IPv6 address, and ?port= are forms asyncpg reads."""
+    monkeypatch.delenv("SHADOWPROXY_DATABASE_URL", raising=False)
+    for url in ("postgresql://u:p@h1:5432,h2,[::1]:5433/app",
+                "postgresql://u@/app?host=/run/postgresql&port=5433",
+                "postgres://u@[2001:db8::1]/app"):
+        monkeypatch.setenv("TEST_DB_URL", url)
+        assert load_config(write(tmp_path, GOOD)).database.url == url
