@@ -57,6 +57,12 @@ async def lock_holder(conn: asyncpg.Connection) -> int | None:
     return pid
 
 
+_BOOTSTRAPPED = """
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname = 'shadowproxy' AND c.relname = 'schema_migrations')"""
+
+
 async def apply(conn: asyncpg.Connection) -> list[Migration]:
     """Bring the schema up to date on ``conn``; return the migrations applied now."""
     applied_now = []
@@ -73,11 +79,23 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
             "or replay starting); run the command again once it has finished",
             holder) from exc
     try:
-        await conn.execute(
-            "CREATE SCHEMA IF NOT EXISTS shadowproxy;"
-            "CREATE TABLE IF NOT EXISTS shadowproxy.schema_migrations ("
-            " version int PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())")
+        # Made only when missing: PostgreSQL checks CREATE on the database before it sees
+        # that a schema exists, and a role given CREATE once, for the migrations
+        # (THREAT_MODEL.md), could then not even check them (the recorder, a replay).
+        if not await conn.fetchval(_BOOTSTRAPPED):
+            try:
+                await conn.execute(
+                    "CREATE SCHEMA IF NOT EXISTS shadowproxy;"
+                    "CREATE TABLE IF NOT EXISTS shadowproxy.schema_migrations ("
+                    " version int PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())")
+            except asyncpg.InsufficientPrivilegeError as exc:
+                database, role = await conn.fetchrow(
+                    "SELECT current_database(), current_user")
+                raise MigrationError(
+                    f"creating schema shadowproxy failed: {exc}; the migrations need CREATE "
+                    f"on the database once: GRANT CREATE ON DATABASE {database} TO {role}, "
+                    "or run `shadowproxy migrate` as a role that has it") from exc
         done = {r["version"] for r in await conn.fetch(
             "SELECT version FROM shadowproxy.schema_migrations")}
         for mig in available():
