@@ -133,6 +133,7 @@ async def migrate_all(url: str, period: str = "day", *, batch_size: int = 5000) 
     async with connection(url) as conn:
         try:
             applied = await apply(conn)
+            await _refuse_newer(conn)
             await partitions.lock_maintenance(conn)
             try:
                 created = await partitions.ensure(conn, period)
@@ -143,6 +144,21 @@ async def migrate_all(url: str, period: str = "day", *, batch_size: int = 5000) 
             raise MigrationError(f"preparing the partitions failed: {reason(exc)}; the migrations "
                                  "are applied, run `shadowproxy migrate` again") from exc
     return Migrated(applied, created, moved)
+
+
+async def _refuse_newer(conn: asyncpg.Connection) -> None:
+    """MigrationError when a newer shadowproxy migrated the database (the proxy rolled
+    back): this version's partitions and moves are not made for that schema, and
+    `migrate` said `schema is up to date`."""
+    last = available()[-1]
+    newer = await conn.fetch("SELECT version, name FROM shadowproxy.schema_migrations "
+                             "WHERE version > $1 ORDER BY version", last.version)
+    if newer:
+        names = ", ".join(f"{r['version']:03d}_{r['name']}" for r in newer)
+        raise MigrationError(
+            f"the database holds migration{'s' if len(newer) > 1 else ''} {names}, which "
+            f"this shadowproxy does not know (its last is {last.version:03d}_{last.name}): "
+            "a newer version migrated it; run that version or a later one against it")
 
 
 async def migrate(url: str, period: str = "day") -> list[Migration]:

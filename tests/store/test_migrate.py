@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import asyncpg
 
 from shadowproxy.store.migrate import apply, available, migrate
+from tests.db import execute
+from tests.replay.helpers import cli, write_config
 
 
 async def test_migrate_creates_tables_and_view(empty_database_url: str) -> None:
@@ -123,3 +126,20 @@ async def apply_up_to(conn: asyncpg.Connection, version: int) -> None:
                 await conn.execute(mig.sql)
                 await conn.execute("INSERT INTO shadowproxy.schema_migrations (version, name)"
                                    " VALUES ($1, $2)", mig.version, mig.name)
+
+
+async def test_migrate_on_a_database_migrated_by_a_newer_version_says_so(
+        database_url: str, tmp_path: Path) -> None:
+    """A database that a newer shadowproxy migrated (a rollback of the proxy) holds a
+    migration this version does not know: `shadowproxy migrate` says so, and what to do,
+    with exit status 1. It said `schema is up to date`."""
+    await execute(database_url, "INSERT INTO shadowproxy.schema_migrations (version, name) "
+                                "VALUES (901, 'from_a_newer_release')")
+    result = await cli("migrate", "-c", str(write_config(tmp_path, database_url)))
+    assert result.status == 1, result.err
+    assert "schema is up to date" not in result.out
+    last = available()[-1]
+    assert result.err == (
+        "shadowproxy: the database holds migration 901_from_a_newer_release, which this "
+        f"shadowproxy does not know (its last is {last.version:03d}_{last.name}): a newer "
+        "version migrated it; run that version or a later one against it\n"), result.err
