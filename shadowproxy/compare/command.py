@@ -160,6 +160,23 @@ async def _build(url: str, target: Target, window: Window, reference: Path | Non
     return report
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: into a file beside it, renamed over it once
+    written. Written in place, a disk that filled up (or a Ctrl-C) midway left an earlier
+    report at that path cut to the part of the new one that fitted. Anything but a file
+    (``/dev/stdout``, a pipe) is written to as it is."""
+    if path.exists() and not path.is_file():
+        path.write_text(text, encoding="utf-8")
+        return
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def run_report(args: argparse.Namespace) -> int:
     """The CLI command; returns 0, or 3 when the verdict reaches ``--fail-on``."""
     from shadowproxy.compare.extras import require_for
@@ -187,7 +204,7 @@ def run_report(args: argparse.Namespace) -> int:
                   color=args.format == "text" and not args.output and sys.stdout.isatty())
     if args.output:
         try:
-            Path(args.output).write_text(text, encoding="utf-8")
+            _write_whole(Path(args.output), text)
         except OSError as exc:
             raise UsageError(f"-o {args.output}: cannot write the report: {exc.strerror}") \
                 from exc

@@ -6,6 +6,7 @@ import asyncio
 import html
 import json
 import re
+import resource
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -699,3 +700,23 @@ def test_a_wrapped_diff_line_starts_no_report_line_with_recorded_text(
     assert [line for line in lines if line.startswith("Verdict")] == [lines[0]]
     assert any(line.startswith("      Verdict:+}") for line in lines)  # the diff, indented
     assert max(map(len, lines)) <= 120
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_earlier_file(
+        config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-o onto an earlier report, on a disk that fills up while the new one is written (a
+    file-size limit, which the kernel enforces as it would a full disk): exit status 2,
+    and the earlier report is left as it was. It was cut to the part that fitted."""
+    page = tmp_path / "r.html"
+    page.write_text("the earlier report\n", encoding="utf-8")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        status = main(["report", "-c", str(config), "--route", "house-prices", "--format",
+                       "html", "-o", str(page)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert status == 2
+    assert "cannot write the report: File too large" in capsys.readouterr().err
+    assert page.read_text(encoding="utf-8") == "the earlier report\n"
+    assert [p.name for p in tmp_path.iterdir() if "r.html" in p.name] == ["r.html"]
