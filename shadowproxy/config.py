@@ -83,10 +83,36 @@ MIN_WATCH_INTERVAL_S = 0.05
 """The shortest ``watch_interval_s``: a poll reads and hashes the file on the event loop."""
 
 
-def _check_http_url(value: str) -> str:
+def url_user_problem(url: str) -> str | None:
+    """Why ``url``'s user part (``http://user:token@host``) cannot be used, in words that do
+    not quote it; None when it has none. An upstream is called at its host and port alone:
+    the user name and password were dropped, no ``Authorization`` was made of them, and the
+    upstream answered 401 to every call of a configuration that looked complete."""
+    authority = url.partition("://")[2]
+    for end in "/?#":  # where urlsplit ends the authority too
+        authority = authority.partition(end)[0]
+    if "@" not in authority:
+        return None
+    return ("a user name or password in the URL (before '@') is never sent: no Authorization "
+            "header is made of it")
+
+
+_PRIMARY_CREDENTIALS = ("the primary gets each client's own Authorization header, and the "
+                        "proxy adds none; take it out of the URL")
+_SHADOW_CREDENTIALS = ("take it out of the URL and set the header in this shadow's set_headers, "
+                       'e.g. {Authorization: "Bearer ${TOKEN}"}, or "Basic " and the base64 of '
+                       "user:password")
+
+
+def _check_http_url(value: str, credentials: str) -> str:
+    """An upstream's URL, checked; ``credentials``: what to do instead of a user part."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"expected an http:// or https:// URL (got {value!r})")
+    problem = url_user_problem(value)
+    if problem is not None:
+        raise ValueError(f"{problem}; {credentials}. The URL is not repeated here: it holds "
+                         "credentials")
     if not parts.hostname:
         raise ValueError(f"URL has no host (got {value!r})")
     try:
@@ -168,7 +194,10 @@ class Upstream(FrozenModel):
     url: str
     timeout_s: PositiveSeconds = 30.0
 
-    _url = field_validator("url")(_check_http_url)
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_http_url(value, _PRIMARY_CREDENTIALS)
 
 
 def _check_set_json_path(path: str) -> str:
@@ -201,7 +230,10 @@ class Shadow(FrozenModel):
     set_json: dict[SetJsonPath, Any] = Field(default_factory=dict)
     """Fields set in this shadow's copy of a JSON request body (``bodyedit.JsonEdits``)."""
 
-    _url = field_validator("url")(_check_http_url)
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_http_url(value, _SHADOW_CREDENTIALS)
 
     @field_validator("set_headers")
     @classmethod

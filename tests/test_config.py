@@ -176,6 +176,36 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "cannot read the config file" in capsys.readouterr().err
 
 
+def test_an_upstream_url_with_credentials_is_refused_without_quoting_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`http://user:token@host` as a primary's or a shadow's URL: check-config exits 2 and
+    says where the credentials go instead, without repeating them. The user part was
+    dropped: the upstream got no Authorization header and answered 401 to every call."""
+    path = write(tmp_path, """\
+routes:
+  - name: a
+    primary: {url: "http://puser:ptoken@127.0.0.1:9001"}
+    shadows:
+      - {name: s, url: "https://suser:stoken@127.0.0.1:9002/v1"}
+      - {name: t, url: "http://only-a-token@127.0.0.1:9003"}
+""")
+    assert main(["check-config", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    never_sent = ("a user name or password in the URL (before '@') is never sent: no "
+                  "Authorization header is made of it; ")
+    assert f"{path}:3: routes[0].primary.url: {never_sent}the primary gets each client's " \
+           "own Authorization header, and the proxy adds none" in err
+    for line, i in ((5, 0), (6, 1)):
+        assert f"{path}:{line}: routes[0].shadows[{i}].url: {never_sent}take it out of the " \
+               "URL and set the header in this shadow's set_headers, e.g. {Authorization: " \
+               '"Bearer ${TOKEN}"}' in err, err
+    for secret in ("puser", "ptoken", "suser", "stoken", "only-a-token"):
+        assert secret not in err, err
+    # An '@' in the path is no user part.
+    ok = write(tmp_path, 'routes: [{name: a, primary: {url: "http://127.0.0.1:9001/@me"}}]\n')
+    assert load_config(ok).routes[0].primary.url == "http://127.0.0.1:9001/@me"
+
+
 def test_an_unset_variable_is_reported_once(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """An unset ${VAR} gives one problem, not a second one about the placeholder's form."""

@@ -113,6 +113,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_url(url: str) -> str:
     """``--to``: an http(s) URL with a host (a path in it is put before each request's)."""
+    from shadowproxy.config import url_user_problem
+
+    user_problem = url_user_problem(url)
+    if user_problem is not None:
+        raise UsageError(f"--to: {user_problem}; take it out of the URL and give the header "
+                         "with --set-header, e.g. --set-header 'Authorization=Bearer TOKEN'. "
+                         "The URL is not repeated here: it holds credentials")
     parts = urlsplit(url)
     problem = None
     if parts.scheme not in ("http", "https"):

@@ -178,6 +178,25 @@ async def test_usage_errors_exit_2_before_anything_is_sent(
         assert message in result.err, (extra, result.err)
 
 
+async def test_a_target_url_with_credentials_is_refused_before_anything_is_sent(
+        database_url: str, tmp_path: Path) -> None:
+    """--to http://user:token@host exits 2 saying to give --set-header Authorization,
+    without repeating the credentials: the user part was dropped and the target answered
+    without the Authorization it needed, every answer stored as the candidate's."""
+    await store(database_url, [request(0)])
+    async with serve(model("c")) as target:
+        to = target.url.replace("://", "://ruser:rtoken@")
+        result = await replay(write_config(tmp_path, database_url), to=to)
+        assert result.status == 2 and result.out == "", (result.out, result.err)
+        assert ("--to: a user name or password in the URL (before '@') is never sent: no "
+                "Authorization header is made of it; take it out of the URL and give the "
+                "header with --set-header, e.g. --set-header 'Authorization=Bearer TOKEN'"
+                ) in result.err, result.err
+        assert "ruser" not in result.err and "rtoken" not in result.err
+        assert target.seen == []
+    assert await answers(database_url) == 0
+
+
 HOP_BY_HOP_NAMES = ["Proxy-Authorization", "Connection", "Keep-Alive", "TE", "Trailer",
                     "Transfer-Encoding", "Upgrade", "Proxy-Connection"]
 
