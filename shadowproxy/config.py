@@ -97,6 +97,29 @@ def url_user_problem(url: str) -> str | None:
             "header is made of it")
 
 
+_URL_PARTS = re.compile(r"(?s)(?P<head>[^/?#]*://)?(?P<user>[^/?#]*@)?(?P<rest>[^?#]*)"
+                        r"(?:\?(?P<query>[^#]*))?(?P<fragment>#.*)?")
+_QUERY_PART = re.compile(r"[^&;]+")
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a message may quote it: its user part as ``***``, the value of each query
+    parameter and the fragment as ``***`` (``http://***@host/p?api_key=***#***``). The
+    message of a refused URL goes to stderr, to the log and to the answer of POST
+    /-/reload: it quoted a password before '@' or an API key in the query whole."""
+    m = _URL_PARTS.fullmatch(url)
+    if m is None:  # never: every part of the pattern is optional
+        return "***"
+    out = (m.group("head") or "") + ("***@" if m.group("user") else "") + m.group("rest")
+    if m.group("query") is not None:
+        out += "?" + _QUERY_PART.sub(
+            lambda p: p.group().partition("=")[0] + "=***" if "=" in p.group() else "***",
+            m.group("query"))
+    if m.group("fragment"):
+        out += "#***" if len(m.group("fragment")) > 1 else "#"
+    return out
+
+
 _PRIMARY_CREDENTIALS = ("the primary gets each client's own Authorization header, and the "
                         "proxy adds none; take it out of the URL")
 _SHADOW_CREDENTIALS = ("take it out of the URL and set the header in this shadow's set_headers, "
@@ -108,13 +131,13 @@ def _check_http_url(value: str, credentials: str) -> str:
     """An upstream's URL, checked; ``credentials``: what to do instead of a user part."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"expected an http:// or https:// URL (got {value!r})")
+        raise ValueError(f"expected an http:// or https:// URL (got {shown_url(value)!r})")
     problem = url_user_problem(value)
     if problem is not None:
         raise ValueError(f"{problem}; {credentials}. The URL is not repeated here: it holds "
                          "credentials")
     if not parts.hostname:
-        raise ValueError(f"URL has no host (got {value!r})")
+        raise ValueError(f"URL has no host (got {shown_url(value)!r})")
     try:
         # As the upstream pool writes it in the Host header: refused here, not by a
         # traceback at start or by every worker of a reload that was said to be applied.
@@ -122,20 +145,20 @@ def _check_http_url(value: str, credentials: str) -> str:
     except UnicodeError as exc:
         reason = str(exc.__cause__ or exc)  # "label empty or too long", "Invalid character"
         raise ValueError(f"URL has an invalid host name ({reason}): a host name is labels of "
-                         f"1 to 63 characters joined by dots (got {value!r})") from exc
+                         f"1 to 63 characters joined by dots (got {shown_url(value)!r})") from exc
     if parts.query or parts.fragment:
-        raise ValueError(f"URL must not carry a query or fragment (got {value!r})")
+        raise ValueError(f"URL must not carry a query or fragment (got {shown_url(value)!r})")
     # Non-ASCII is sent as UTF-8, which servers take; a space or control character is not.
     bad = next((c for c in parts.path if c <= " " or c == "\x7f"), None)
     if bad is not None:
         # The path starts the request line of every call: a space there splits it, and the
         # upstream answered each request 400.
         raise ValueError(f"URL path holds {bad!r}, which a request line cannot; "
-                         f"percent-encode it (a space is %20) (got {value!r})")
+                         f"percent-encode it (a space is %20) (got {shown_url(value)!r})")
     try:
         parts.port  # noqa: B018  (raises ValueError on a malformed port)
     except ValueError as exc:
-        raise ValueError(f"URL has an invalid port (got {value!r})") from exc
+        raise ValueError(f"URL has an invalid port (got {shown_url(value)!r})") from exc
     return value.rstrip("/")
 
 
@@ -706,9 +729,9 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str
             surl = shadow.get("url") if isinstance(shadow, dict) else None
             if isinstance(url, str) and isinstance(surl, str) and _same_url(url, surl):
                 found.append((("routes", i, "shadows", j, "url"),
-                              f"the shadow's URL is the primary's ({surl}): every request "
-                              "would reach the primary twice; point it at the candidate "
-                              "service"))
+                              f"the shadow's URL is the primary's ({shown_url(surl)}): every "
+                              "request would reach the primary twice; point it at the "
+                              "candidate service"))
     return found
 
 

@@ -206,6 +206,40 @@ routes:
     assert load_config(ok).routes[0].primary.url == "http://127.0.0.1:9001/@me"
 
 
+def test_a_refused_url_is_quoted_without_its_user_part_and_query_values(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A message that quotes an upstream's URL (a wrong scheme, a query, a bad host name, a
+    shadow that is its primary) shows its user part, query values and fragment as ***:
+    they were quoted whole, to stderr, the log and the answer of POST /-/reload."""
+    path = write(tmp_path, """\
+routes:
+  - name: a
+    primary: {url: "http://127.0.0.1:9001?api_key=S1"}
+    shadows:
+      - {name: b, url: "htp://U2:S2@127.0.0.1:9002"}
+      - {name: c, url: "http://127.0.0.1:9003/v1?token=S3&S4#S5"}
+      - {name: d, url: "http://a..b:9004/?key=S6"}
+      - {name: e, url: "http://U7:S7@127.0.0.1:9001"}
+""")
+    assert main(["check-config", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    for expected in [
+        f"{path}:3: routes[0].primary.url: URL must not carry a query or fragment (got "
+        "'http://127.0.0.1:9001?api_key=***')",
+        f"{path}:5: routes[0].shadows[0].url: expected an http:// or https:// URL (got "
+        "'htp://***@127.0.0.1:9002')",
+        f"{path}:6: routes[0].shadows[1].url: URL must not carry a query or fragment (got "
+        "'http://127.0.0.1:9003/v1?token=***&***#***')",
+        f"{path}:7: routes[0].shadows[2].url: URL has an invalid host name (label empty or "
+        "too long): a host name is labels of 1 to 63 characters joined by dots (got "
+        "'http://a..b:9004/?key=***')",
+        f"{path}:8: routes[0].shadows[3].url: the shadow's URL is the primary's "
+        "(http://***@127.0.0.1:9001): every request would reach the primary twice",
+    ]:
+        assert expected in err, (expected, err)
+    assert not [s for s in ("S1", "U2", "S2", "S3", "S4", "S5", "S6", "U7", "S7") if s in err], err
+
+
 def test_an_unset_variable_is_reported_once(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """An unset ${VAR} gives one problem, not a second one about the placeholder's form."""

@@ -113,7 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_url(url: str) -> str:
     """``--to``: an http(s) URL with a host (a path in it is put before each request's)."""
-    from shadowproxy.config import url_user_problem
+    from shadowproxy.config import shown_url, url_user_problem
 
     user_problem = url_user_problem(url)
     if user_problem is not None:
@@ -134,7 +134,7 @@ def check_url(url: str) -> str:
         except ValueError:
             problem = "the URL has an invalid port"
     if problem:
-        raise UsageError(f"--to {url}: {problem}, e.g. http://127.0.0.1:9003")
+        raise UsageError(f"--to {shown_url(url)}: {problem}, e.g. http://127.0.0.1:9003")
     return url.rstrip("/")
 
 

@@ -197,6 +197,18 @@ async def test_a_target_url_with_credentials_is_refused_before_anything_is_sent(
     assert await answers(database_url) == 0
 
 
+async def test_a_refused_target_url_is_quoted_without_its_query_values(
+        database_url: str, tmp_path: Path) -> None:
+    """--to with a query exits 2 quoting the URL with each value as ***: an API key in it
+    was printed whole."""
+    result = await replay(write_config(tmp_path, database_url),
+                          to="http://127.0.0.1:9/v1?api_key=RSECRET#F")
+    assert result.status == 2, result.err
+    assert ("--to http://127.0.0.1:9/v1?api_key=***#***: the URL must not carry a query or "
+            "fragment") in result.err, result.err
+    assert "RSECRET" not in result.err
+
+
 HOP_BY_HOP_NAMES = ["Proxy-Authorization", "Connection", "Keep-Alive", "TE", "Trailer",
                     "Transfer-Encoding", "Upgrade", "Proxy-Connection"]
 
