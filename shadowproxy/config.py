@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
@@ -844,9 +844,24 @@ def _value_problems(exc: ValidationError,
     return out
 
 
+_YAML_READS = ((bool, "true/false"), (int, "a number"), (float, "a number"),
+               (date, "a date"))
+"""What YAML reads an unquoted scalar as, by the type it made of it (a bool is an int)."""
+
+
 def _message(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key (check its spelling and the configuration reference)"
+    if err["type"] == "string_type":
+        # `admin_token: 84729183746`: say what YAML did, not "Input should be a valid
+        # string". The value is not repeated: it may be a secret (a token, a URL's
+        # password), and YAML may have changed it (0123 is read as the number 83).
+        kind = next((k for t, k in _YAML_READS if isinstance(err["input"], t)), None)
+        if kind is not None:
+            key = err["loc"][-1] if err["loc"] else None
+            example = f', e.g. {key}: "..."' if isinstance(key, str) else ""
+            return (f"expected text, but YAML reads this value as {kind} when it is not "
+                    f"quoted: put it in quotes{example}")
     msg: str = err["msg"].removeprefix("Value error, ")
     return msg
 

@@ -401,6 +401,38 @@ def test_a_port_as_a_number_and_a_database_url_as_a_string_say_what_to_write(
         "also sets it"]
 
 
+def test_a_number_where_text_goes_says_to_quote_it_without_repeating_it(
+        tmp_path: Path) -> None:
+    """`admin_token: 84729183746` or `database.url: 5432` (YAML reads digits as a number, a
+    bare date as a date): the message says to quote it, not "Input should be a valid
+    string", and does not repeat the value (a token; YAML reads 0123 as 83)."""
+    path = write(tmp_path, """\
+admin_token: 84729183746
+database:
+  url: 5432
+routes:
+  - name: 2024-01-31
+    primary: {url: "http://127.0.0.1:9001"}
+    shadows: [{name: s, url: "http://127.0.0.1:9002", set_headers: {X-Flag: on}}]
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    reads = "expected text, but YAML reads this value as"
+    assert info.value.problems == [
+        f'{path}:1: admin_token: {reads} a number when it is not quoted: put it in quotes, '
+        'e.g. admin_token: "..."',
+        f'{path}:3: database.url: {reads} a number when it is not quoted: put it in quotes, '
+        'e.g. url: "..."',
+        f'{path}:5: routes[0].name: {reads} a date when it is not quoted: put it in quotes, '
+        'e.g. name: "..."',
+        f"{path}:7: routes[0].shadows[0].set_headers.X-Flag: {reads} true/false when it is "
+        'not quoted: put it in quotes, e.g. X-Flag: "..."']
+    assert "84729183746" not in str(info.value)
+    quoted = write(tmp_path, 'admin_token: "0123"\nroutes: [{name: a, primary: {url: '
+                             '"http://127.0.0.1:9001"}}]\n')
+    assert load_config(quoted).admin_token == "0123"
+
+
 @pytest.mark.parametrize(("headers", "message"), [
     ('{"X-A": "1\\r\\nX-Injected: yes"}', "X-A: the value must not contain line breaks"),
     ('{"Content-Length": "0"}', "Content-Length is written by the proxy itself"),
