@@ -174,8 +174,11 @@ class EmbeddingsConfig(FrozenModel):
     @model_validator(mode="after")
     def _http(self) -> EmbeddingsConfig:
         if not self.url.startswith(("http://", "https://")):
+            from shadowproxy.config import shown_url  # imports this module
+
             raise ValueError(f"url: expected an http:// or https:// URL such as "
-                             f"http://127.0.0.1:8000/v1/embeddings (got {self.url!r})")
+                             f"http://127.0.0.1:8000/v1/embeddings (got "
+                             f"{shown_url(self.url)!r})")
         return self
 
 

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from shadowproxy.compare.generation import SemanticSimilarity, semantic_from_vectors
+from shadowproxy.config import shown_url
 
 
 class _EndpointError(Exception):
@@ -28,28 +29,32 @@ async def _batch(session: aiohttp.ClientSession, url: str, texts: list[str],
     payload: dict[str, Any] = {"input": texts}
     if model is not None:
         payload["model"] = model
+    # The messages go into the report, which is shared: the URL as a message may show it
+    # (an API key in its query, a password before '@' as ***).
+    shown = shown_url(url)
     try:
         async with session.post(url, json=payload, headers=headers) as resp:
             status = resp.status
             raw = await resp.read()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _EndpointError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        detail = str(exc).replace(url, shown)  # aiohttp's InvalidURL is the URL itself
+        raise _EndpointError(f"{shown}: {type(exc).__name__}: {detail}") from exc
     if status != 200:
         detail = raw[:200].decode("utf-8", "replace")
-        raise _EndpointError(f"{url} answered {status}: {detail}")
+        raise _EndpointError(f"{shown} answered {status}: {detail}")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise _EndpointError(f"{url}: the answer is not JSON ({exc})") from exc
+        raise _EndpointError(f"{shown}: the answer is not JSON ({exc})") from exc
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list) or len(data) != len(texts):
-        raise _EndpointError(f"{url}: expected {len(texts)} embeddings under 'data'")
+        raise _EndpointError(f"{shown}: expected {len(texts)} embeddings under 'data'")
     rows = sorted(data, key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
     vectors = []
     for row in rows:
         vector = row.get("embedding") if isinstance(row, dict) else None
         if not isinstance(vector, list) or not vector:
-            raise _EndpointError(f"{url}: an item of 'data' has no 'embedding' list")
+            raise _EndpointError(f"{shown}: an item of 'data' has no 'embedding' list")
         vectors.append([float(v) for v in vector])
     return vectors
 
@@ -81,4 +86,4 @@ async def semantic_similarity(url: str, primary: Sequence[str | None],
         return semantic_from_vectors([vectors[a] for a, _ in pairs],
                                      [vectors[b] for _, b in pairs], model)
     except ValueError as exc:  # vectors of different lengths
-        return SemanticSimilarity(False, model=model, why=f"{url}: {exc}")
+        return SemanticSimilarity(False, model=model, why=f"{shown_url(url)}: {exc}")

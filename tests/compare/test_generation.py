@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from examples.chat_service import Answer, Speed, answer, build_app, differs
+from shadowproxy.compare.config import EmbeddingsConfig
 from shadowproxy.compare.embeddings import semantic_similarity
 from shadowproxy.compare.generation import (
     Distribution,
@@ -478,6 +479,20 @@ async def test_an_unusable_embeddings_endpoint_is_reported_not_raised(
     assert not wrong.available and wrong.why
     nothing = await semantic_similarity(f"{chat_service}/v1/embeddings", [None], ["b"])
     assert nothing.available and nothing.similarity == Distribution(0)
+
+
+async def test_an_unusable_embeddings_endpoint_is_named_without_its_secrets(
+        chat_service: str) -> None:
+    """The reason goes into the report, which is shared: an API key in the endpoint's query
+    and a password before '@' are shown as ***, on a refused connection and on an answer
+    that cannot be used."""
+    for base in ("http://u:Pw9secret@127.0.0.1:1", chat_service.replace("//", "//u:Pw9secret@")):
+        result = await semantic_similarity(f"{base}/v2/nothing?api_key=K3ysecret", ["a"],
+                                           ["b"], timeout_s=5)
+        assert not result.available and result.why
+        assert "secret" not in result.why and "/v2/nothing?api_key=***" in result.why
+    with pytest.raises(ValueError, match=r"got 'ftp://\*\*\*@h/e\?key=\*\*\*'"):
+        EmbeddingsConfig(url="ftp://u:Pw9secret@h/e?key=K3ysecret")
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
