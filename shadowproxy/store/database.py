@@ -252,6 +252,15 @@ async def _drop_when_cancelled(owner: asyncio.Task[Any], conn: asyncpg.Connectio
 
 
 _UNRETRIEVED = "Future exception was never retrieved"
+_LOST = "unexpected connection_lost() call"
+"""asyncpg's ``TLSUpgradeProto``: the ConnectionError of the wait for the server's answer
+to its SSL request, when the connection attempt is dropped."""
+
+
+def _lost(exc: object) -> bool:
+    """Whether ``exc`` is the driver's error for a connection that is gone."""
+    return isinstance(exc, asyncpg.ConnectionDoesNotExistError) or (
+        type(exc) is ConnectionError and str(exc) == _LOST)
 
 
 def quiet_cut_waiters(loop: asyncio.AbstractEventLoop) -> None:
@@ -267,16 +276,17 @@ def quiet_cut_waiters(loop: asyncio.AbstractEventLoop) -> None:
     retrieved, and asyncio logged it as an ERROR with a traceback when the future was
     freed (the next cyclic collection, ``cycles.py``; a command's exit), after the writer
     or the command had said what happened. The future is the driver's, out of reach: only
-    its report is caught here, and only for a connection's loss
-    (ConnectionDoesNotExistError), which the work waiting on it has surfaced already;
-    anything else goes to the handler that was there."""
+    its report is caught here, and only for a connection's loss, which the work waiting
+    on it has surfaced already: ConnectionDoesNotExistError, or the ConnectionError that
+    asyncpg's TLS negotiation gives its wait for the server's answer when the connection
+    attempt is cut (``_LOST``: a Ctrl-C while a command connects); anything else goes to
+    the handler that was there."""
     previous = loop.get_exception_handler()
     if getattr(previous, "quiets_cut_waiters", False):
         return
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if (context.get("message") == _UNRETRIEVED
-                and isinstance(context.get("exception"), asyncpg.ConnectionDoesNotExistError)):
+        if context.get("message") == _UNRETRIEVED and _lost(context.get("exception")):
             log.debug("the driver's wait on a database connection that was cut ended with "
                       "%s", context["exception"])
             return

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from shadowproxy.app import Proxy
@@ -23,7 +24,7 @@ from shadowproxy.errors import DatabaseError
 from shadowproxy.recorder.postgres import PostgresWriter
 from shadowproxy.recorder.recorder import START_CHECK_S
 from shadowproxy.recorder.rows import RowEncoder
-from shadowproxy.store.database import connect
+from shadowproxy.store.database import connect, quiet_cut_waiters
 from tests.conftest import StartProxy, route
 from tests.db import fetchval
 from tests.dblink import DatabaseLink
@@ -173,6 +174,53 @@ async def test_ctrl_c_ends_a_command_whose_database_went_silent(
     # One line: what the interruption left, and what to do.
     assert result.err.startswith("shadowproxy: interrupted: "), result.err
     assert result.err.count("\n") == 1, result.err
+
+
+async def test_a_connection_attempt_cut_while_it_connects_leaves_no_error_unretrieved(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A command's connection attempt cut by Ctrl-C as its socket connects (asyncpg's SSL
+    request protocol made, its wait for the server's answer not yet awaited) left that
+    wait's ConnectionError uncollected when the transport closed, and the command's last
+    line was asyncio's `Future exception was never retrieved` with a traceback, after its
+    own. The loop of every command keeps it out (``quiet_cut_waiters``); anything else
+    still reaches the handler. The cut lands at that moment after a few turns of the loop
+    (asyncio's): each number of turns is tried."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        quiet_cut_waiters(loop)
+        with caplog.at_level(logging.DEBUG, logger="shadowproxy"):
+            for turns in range(12):
+                attempt = asyncio.ensure_future(
+                    asyncpg.connect(f"postgresql://sp@127.0.0.1:{port}/sp", ssl="prefer"))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                attempt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await attempt
+                del attempt
+                await asyncio.sleep(0.01)
+                gc.collect()
+                await asyncio.sleep(0)
+        assert reported == []
+        assert "a database connection that was cut ended with unexpected connection_lost" \
+            in caplog.text  # the moment was hit, and kept out
+        loop.call_exception_handler({"message": "something else", "exception": OSError()})
+        assert [c["message"] for c in reported] == ["something else"]
+    finally:
+        loop.set_exception_handler(None)
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_ctrl_c_ends_a_replay_whose_database_went_silent_with_its_summary(
