@@ -44,11 +44,15 @@ DEFAULT_REDACT_QUERY = ("api_key", "apikey", "api-key", "x-api-key", "key", "tok
 """Query parameters whose values are secrets by custom: API keys, OAuth tokens, passwords,
 the signatures of presigned URLs (AWS SigV4, Google Cloud Storage, Azure SAS ``sig``)."""
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-WRITTEN_FOR_EVERY_UPSTREAM = frozenset({
-    "host", "content-length", "transfer-encoding", "x-request-id", "x-forwarded-for",
-    "x-forwarded-proto", "x-forwarded-host"})
-"""Request headers every upstream gets from the proxy (``proxy._head_parts``), whatever
-the client sent: a shadow's ``remove_headers`` cannot take them away."""
+FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+"""Request headers every upstream gets from the proxy, which frame the request (its target
+and its body's length): a shadow's ``remove_headers`` cannot take them away."""
+FORWARDING_HEADERS = frozenset({
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"})
+"""Request headers the proxy writes for every upstream (``proxy._head_parts``) that no
+request needs: a shadow's ``remove_headers`` naming one takes the proxy's line away
+(``mirror.CompiledShadow.tail_skip``), e.g. to keep the client's address from a candidate
+hosted by a third party."""
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 """RFC 9110 §9 and PATCH (RFC 5789): what ``match.methods`` accepts."""
 
@@ -293,13 +297,12 @@ class Shadow(FrozenModel):
             if not HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a header name (letters, digits and "
                                  "!#$%&'*+.^_`|~- only)")
-            # The proxy writes these itself for every upstream: removing the client's copy
-            # still sent the proxy's (X-Forwarded-For with the client's address), where the
-            # reference promised the shadow would never receive them.
-            if name.lower() in WRITTEN_FOR_EVERY_UPSTREAM:
-                raise ValueError(f"{name} is written by the proxy itself for every upstream "
-                                 "(Host, Content-Length, Transfer-Encoding, X-Request-Id, "
-                                 "X-Forwarded-For, -Proto and -Host): it cannot be removed")
+            # The proxy writes these itself for every upstream, and the request cannot go
+            # without them: removing the client's copy would still send the proxy's.
+            if name.lower() in FRAMING_HEADERS:
+                raise ValueError(f"{name} frames the request (Host, Content-Length, "
+                                 "Transfer-Encoding are written by the proxy itself for "
+                                 "every upstream): it cannot be removed")
         return value
 
     @field_validator("set_json")

@@ -15,7 +15,7 @@ import zlib
 
 from shadowproxy import http1
 from shadowproxy.bodyedit import JsonEdits
-from shadowproxy.config import Shadow
+from shadowproxy.config import FORWARDING_HEADERS, Shadow
 from shadowproxy.failures import ErrorKind
 from shadowproxy.metrics import Metrics, ShadowCounters
 from shadowproxy.models import CapturedResponse, Exchange, Headers
@@ -26,7 +26,8 @@ class CompiledShadow:
     """One configured shadow of one route, compiled for the data path."""
 
     __slots__ = ("counters", "custom_skip", "edits", "extra_lines", "max_duration",
-                 "max_in_flight", "name", "pool", "sample_header", "sample_rate", "timeout")
+                 "max_in_flight", "name", "pool", "sample_header", "sample_rate", "tail_skip",
+                 "timeout")
 
     def __init__(self, route: str, shadow: Shadow, pool: UpstreamPool, metrics: Metrics) -> None:
         self.name = shadow.name
@@ -41,6 +42,11 @@ class CompiledShadow:
         removed |= {h.lower().encode() for h in shadow.set_headers}
         # None: the shadow gets the primary's header lines unchanged (the common case).
         self.custom_skip = (http1.REQUEST_REWRITTEN | removed) if removed else None
+        tail_skip = removed & {h.encode() for h in FORWARDING_HEADERS}
+        self.tail_skip = frozenset(tail_skip) if tail_skip else None
+        """The proxy's forwarding lines (X-Forwarded-*, X-Request-Id) this shadow's
+        ``remove_headers`` names, or None: they are written for every upstream in the
+        request's shared tail (``proxy._head_parts``), so this shadow's copy leaves them out."""
         self.extra_lines = b"".join(
             f"{k}: {v}\r\n".encode("latin-1") for k, v in shadow.set_headers.items())
         self.counters: ShadowCounters = metrics.shadow(route, shadow.name)
@@ -61,6 +67,13 @@ class CompiledShadow:
             self.counters.set_json_skipped += 1
             return body, tail_lines
         return edited, tail_lines[:-len(length)] + b"Content-Length: %d\r\n" % len(edited)
+
+    def trimmed(self, tail_lines: bytes) -> bytes:
+        """The request's tail lines without those this shadow removes (``tail_skip``)."""
+        skip = self.tail_skip
+        assert skip is not None
+        return b"".join(line + http1.CRLF for line in tail_lines.split(http1.CRLF)[:-1]
+                        if line.partition(b":")[0].lower() not in skip)
 
     def sampled(self, headers: Headers) -> bool:
         rate = self.sample_rate
@@ -132,6 +145,7 @@ def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: byt
             exchange.responses.append(record)
             shadow.counters.not_called(ErrorKind.DROPPED)
             continue
+        tail = tail_lines
         custom_skip = shadow.custom_skip
         if custom_skip is None:
             lines = common_lines  # the primary's: Connection's tokens are out already
@@ -139,8 +153,10 @@ def start_shadows(shadows: list[CompiledShadow], exchange: Exchange, method: byt
             if connection is not None and http1.lists_extra_tokens(connection):
                 custom_skip = custom_skip | http1.connection_tokens(request_headers)
             lines = http1.header_lines(request_headers, custom_skip)
-        shadow_body, tail = (body, tail_lines) if shadow.edits is None else shadow.edit(
-            body, tail_lines)
+            if shadow.tail_skip is not None:
+                # Only a shadow removing a forwarding header pays for a copy of the tail.
+                tail = shadow.trimmed(tail)
+        shadow_body, tail = (body, tail) if shadow.edits is None else shadow.edit(body, tail)
         pool = shadow.pool
         head = http1.request_head(
             method, pool.base_path + path_query,

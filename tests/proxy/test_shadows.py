@@ -96,6 +96,40 @@ async def test_set_and_remove_headers_apply_to_the_shadow_only(start_proxy: Star
     assert s["x-shadow-request"] == "1" and s["x-tenant"] == "shadow"
 
 
+async def test_remove_headers_keeps_the_forwarding_headers_from_that_shadow_only(
+        start_proxy: StartProxy) -> None:
+    """X-Forwarded-*, X-Request-Id are written by the proxy for every upstream: a shadow
+    whose remove_headers names them (a candidate hosted by a third party, kept from the
+    client's address) receives none of them, the client's own X-Forwarded-For neither, and
+    its Content-Length still follows its set_json body. They were sent all the same. The
+    primary and another shadow of the route get them as before."""
+    async with serve(model("v1")) as primary, serve(model("v2")) as third, \
+            serve(model("v3")) as own, \
+            start_proxy([{"name": "r", "primary": {"url": primary.url},
+                          "shadows": [{"name": "third", "url": third.url,
+                                       "remove_headers": ["x-forwarded-for", "X-Forwarded-Host",
+                                                          "X-Request-Id"],
+                                       "set_json": {"model": "candidate"}},
+                                      {"name": "own", "url": own.url}]}]) as proxy, \
+            aiohttp.ClientSession() as http:
+        await (await http.post(f"http://127.0.0.1:{proxy.port}/p", json={"a": 1},
+                               headers={"X-Forwarded-For": "203.0.113.7",
+                                        "X-Request-Id": "req-1"})).read()
+        for _ in range(50):
+            if third.seen and own.seen:
+                break
+            await asyncio.sleep(0.02)
+    p, t, o = primary.seen[0], third.seen[0], own.seen[0]
+    for seen in (p, o):
+        assert seen.headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+        assert seen.headers["x-request-id"] == "req-1"
+        assert "x-forwarded-host" in seen.headers
+    assert not {"x-forwarded-for", "x-forwarded-host", "x-request-id"} & set(t.headers)
+    assert t.headers["x-forwarded-proto"] == "http"
+    assert json.loads(t.body) == {"a": 1, "model": "candidate"}
+    assert t.headers["content-length"] == str(len(t.body))
+
+
 async def test_a_shadow_with_its_own_headers_gets_no_header_connection_names(
         start_proxy: StartProxy) -> None:
     """The headers the client's Connection names are hop-by-hop (RFC 9110 §7.6.1): no
