@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -175,19 +176,45 @@ def _check_listen(value: str) -> str:
 
 
 _WILDCARDS = ("0.0.0.0", "::")
-_SAME_ADDRESS = ("admin_listen must differ from listen (the same port on the same or on "
-                 "every interface); give the admin endpoints their own port, e.g. :9090")
+_SAME_ADDRESS = ("admin_listen must differ from listen (the same port on an address both "
+                 "bind, e.g. localhost and 127.0.0.1, or on every interface); give the admin "
+                 "endpoints their own port, e.g. :9090")
 CROSS_CHECK = "cross_check"
 """The error type of the model checks that ``load_config`` also makes on the raw data (see
 ``_cross_checks``), where each problem is reported at its own line: a file's errors of this
 type are already listed, a ``Settings`` built in code still gets them."""
 
 
-def same_address(a: str, b: str) -> bool:
-    """Whether two ``HOST:PORT`` listeners would collide (port 0 never does)."""
-    (host_a, port_a), (host_b, port_b) = split_listen(a), split_listen(b)
-    return port_a == port_b != 0 and (
-        host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS)
+def same_address(listen: str, admin: str) -> bool:
+    """Whether the client listener and the admin one (``HOST:PORT`` each) would collide
+    (port 0 never does): the same port on an address both bind, or on every interface."""
+    (host_a, port_a), (host_b, port_b) = split_listen(listen), split_listen(admin)
+    if not port_a == port_b != 0:
+        return False
+    if host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS:
+        return True
+    # Different spellings of one address (localhost and 127.0.0.1, 127.1): resolved as each
+    # listener binds, else the proxy failed at start blaming "another process" for its own
+    # port. Only a config naming one port twice pays for the look-up.
+    listen_family = socket.AF_INET6 if ":" in host_a else socket.AF_INET  # app._bound
+    bound_a = _bound_addresses(host_a, listen_family)
+    bound_b = _bound_addresses(host_b, socket.AF_UNSPEC)  # every address (aiohttp's site)
+    if bound_a is None or bound_b is None:
+        return False  # a name that does not resolve: the start says so
+    return bool(bound_a & bound_b) or any(a in _WILDCARDS for a in bound_a | bound_b)
+
+
+def _bound_addresses(host: str, family: int) -> set[str] | None:
+    """The addresses a listener on ``host`` of ``family`` binds, or None if it does not
+    resolve."""
+    try:
+        infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return None
+    if family != socket.AF_UNSPEC:
+        infos = infos[:1]  # socket.bind takes the first address of a name
+    return {str(info[4][0]) for info in infos}
 
 
 def _same_url(a: str, b: str) -> bool:

@@ -363,24 +363,30 @@ def test_a_path_prefix_no_request_path_holds_is_refused(tmp_path: Path, prefix: 
 
 def test_listen_forms_and_an_admin_listener_on_the_proxy_address(tmp_path: Path) -> None:
     """`:PORT` means every interface; admin_listen on listen's address is reported at the
-    admin_listen line, also when one side is every interface."""
+    admin_listen line, also when one side is every interface or when the two spell one
+    address differently (localhost and 127.0.0.1 passed, and the start failed asking
+    whether another process used the port). The same port on other addresses is fine."""
     ok = load_config(write(tmp_path, 'listen: ":8080"\nadmin_listen: ":9090"\n'
                                      'routes: [{name: a, primary: {url: "http://h"}}]\n'))
     assert (ok.listen, ok.admin_listen) == (":8080", ":9090")
+    ok = load_config(write(tmp_path, 'listen: "127.0.0.1:8080"\nadmin_listen: "127.0.0.2:8080"'
+                                     '\nroutes: [{name: a, primary: {url: "http://h"}}]\n'))
+    assert (ok.listen, ok.admin_listen) == ("127.0.0.1:8080", "127.0.0.2:8080")
     sock = listen_socket(":0")
     try:
         assert sock.getsockname()[0] == "0.0.0.0"
     finally:
         sock.close()
-    for listen, admin in ((":8080", "127.0.0.1:8080"), ("127.0.0.1:8080", "127.0.0.1:8080")):
+    for listen, admin in ((":8080", "127.0.0.1:8080"), ("127.0.0.1:8080", "127.0.0.1:8080"),
+                          ("127.0.0.1:8080", "localhost:8080"), ("localhost:8080", "127.1:8080")):
         text = (f'listen: "{listen}"\nroutes: [{{name: a, primary: {{url: "http://h"}}}}]\n'
                 f'admin_listen: "{admin}"\n')
         with pytest.raises(ConfigError) as info:
             load_config(write(tmp_path, text))
         assert info.value.problems == [
             f"{tmp_path / 'c.yaml'}:3: admin_listen: admin_listen must differ from listen "
-            "(the same port on the same or on every interface); give the admin endpoints "
-            "their own port, e.g. :9090"]
+            "(the same port on an address both bind, e.g. localhost and 127.0.0.1, or on "
+            "every interface); give the admin endpoints their own port, e.g. :9090"]
 
 
 def test_a_port_as_a_number_and_a_database_url_as_a_string_say_what_to_write(
