@@ -264,6 +264,20 @@ def _check_set_json_path(path: str) -> str:
 SetJsonPath = Annotated[str, AfterValidator(_check_set_json_path)]
 
 
+def _check_header_name(value: str) -> str:
+    from shadowproxy.http1 import HEADER_NAME
+
+    if not HEADER_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a header name (letters, digits and "
+                         "!#$%&'*+.^_`|~- only)")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+"""A header name (RFC 9110 §5.1 token): a list of them is checked item by item, so that a
+typo (a space, a colon) is reported at its own line instead of matching no header."""
+
+
 class Shadow(FrozenModel):
     """A shadow model service: it gets a copy of each sampled request; its answer is recorded."""
 
@@ -292,17 +306,16 @@ class Shadow(FrozenModel):
     @field_validator("set_headers")
     @classmethod
     def _set_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        from shadowproxy.http1 import (
-            HEADER_NAME,
-            REQUEST_REWRITTEN,
-            header_value_problem,
-            hop_by_hop_problem,
-        )
+        from shadowproxy.http1 import REQUEST_REWRITTEN, header_value_problem, hop_by_hop_problem
 
+        seen: dict[str, str] = {}
         for name, text in value.items():
-            if not HEADER_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a header name (letters, digits and "
-                                 "!#$%&'*+.^_`|~- only)")
+            _check_header_name(name)
+            # Names are case-insensitive: both lines went to the shadow, which read either.
+            first = seen.setdefault(name.lower(), name)
+            if first != name:
+                raise ValueError(f"{name} is set twice ({first} and {name}: header names "
+                                 "are case-insensitive); keep one")
             problem = hop_by_hop_problem(name)
             if problem is not None:
                 raise ValueError(problem)
@@ -318,12 +331,8 @@ class Shadow(FrozenModel):
     @field_validator("remove_headers")
     @classmethod
     def _remove_headers(cls, value: list[str]) -> list[str]:
-        from shadowproxy.http1 import HEADER_NAME
-
         for name in value:
-            if not HEADER_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a header name (letters, digits and "
-                                 "!#$%&'*+.^_`|~- only)")
+            _check_header_name(name)
             # The proxy writes these itself for every upstream, and the request cannot go
             # without them: removing the client's copy would still send the proxy's.
             if name.lower() in FRAMING_HEADERS:
@@ -489,7 +498,8 @@ class RecordingConfig(FrozenModel):
 
     max_body_bytes: int = Field(default=1_048_576, ge=0)
     max_decompressed_bytes: int = Field(default=8_388_608, ge=0)
-    redact_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
+    redact_headers: list[HeaderName] = Field(
+        default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
     redact_json: list[str] = Field(default_factory=list)
     redact_query: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_QUERY))
     queue_max_records: int = Field(default=50_000, ge=1)

@@ -446,11 +446,14 @@ routes:
     ('{"Proxy-Authorization": "Basic x"}', "Proxy-Authorization is a hop-by-hop header"),
     ('{"bad name": "x"}', "'bad name' is not a header name"),
     ('{"X-B": "caf\\u00e9 \\u2713"}', "X-B: HTTP/1.1 header values are Latin-1 text"),
+    ('{"X-Tenant": "a", "x-tenant": "b"}',
+     "x-tenant is set twice (X-Tenant and x-tenant: header names are case-insensitive)"),
 ])
 def test_a_shadows_set_headers_are_checked(tmp_path: Path, headers: str, message: str) -> None:
     """What set_headers adds goes into the shadow's request head as written: a line break
     would add a header, a framing or forwarding header the proxy writes would be doubled,
-    and a value that is not Latin-1 cannot be sent. Each is refused at its line."""
+    one header named twice in different case was sent twice, and a value that is not
+    Latin-1 cannot be sent. Each is refused at its line."""
     path = write(tmp_path, 'routes:\n  - name: a\n    primary: {url: "http://h"}\n'
                            '    shadows:\n      - name: s\n        url: "http://s"\n'
                            f'        set_headers: {headers}\n')
@@ -463,6 +466,24 @@ def test_a_shadows_set_headers_are_checked(tmp_path: Path, headers: str, message
                          '        set_headers: {Authorization: "Bearer shadow-t0ken"}\n')
     assert load_config(ok).routes[0].shadows[0].set_headers == {
         "Authorization": "Bearer shadow-t0ken"}
+
+
+def test_redact_headers_are_header_names(tmp_path: Path) -> None:
+    """recording.redact_headers lists header names: one that is none (a space, a colon)
+    matched no header and silently redacted nothing. Each is refused at its own line."""
+    path = write(tmp_path, 'recording:\n  redact_headers:\n    - authorization\n'
+                           '    - "x-api key"\n    - "cookie:"\n'
+                           'routes: [{name: a, primary: {url: "http://h"}}]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:4: recording.redact_headers[1]: 'x-api key' is not a header name (letters, "
+        "digits and !#$%&'*+.^_`|~- only)",
+        f"{path}:5: recording.redact_headers[2]: 'cookie:' is not a header name (letters, "
+        "digits and !#$%&'*+.^_`|~- only)"]
+    ok = write(tmp_path, 'recording: {redact_headers: [Authorization, X-Api-Key]}\n'
+                         'routes: [{name: a, primary: {url: "http://h"}}]\n')
+    assert load_config(ok).recording.redact_headers == ["authorization", "x-api-key"]
 
 
 @pytest.mark.parametrize(("names", "message"), [
