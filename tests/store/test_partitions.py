@@ -202,6 +202,46 @@ async def test_a_changed_period_never_overlaps(empty_database_url: str, period: 
         timedelta(days=1) if period == "day" else timedelta(weeks=1))
 
 
+@pytest.mark.parametrize(("style", "zone"), [("SQL, YMD", "Asia/Kathmandu"),
+                                           ("German, MDY", "Australia/Lord_Howe")])
+async def test_partitions_are_listed_right_whatever_the_database_date_style(
+        empty_database_url: str, style: str, zone: str) -> None:
+    """A database whose DateStyle and TimeZone are set otherwise (ALTER DATABASE ... SET)
+    has its partitions listed with their ranges, so that migrate runs again and ensure
+    makes no partition twice. PostgreSQL prints the bounds in the session's DateStyle:
+    ``12/05/2026 05:45:00 +0545`` read back as out of range ('SQL, YMD') failed every run,
+    ``05.03.2026`` read back as May 3rd ('German, MDY') gave wrong ranges. The session's
+    DateStyle is left as it was, also in a transaction of the caller."""
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f"ALTER DATABASE \"{name}\" SET DateStyle = '{style}'")
+        await conn.execute(f"ALTER DATABASE \"{name}\" SET TimeZone = '{zone}'")
+    finally:
+        await conn.close()
+    await migrate_all(empty_database_url)
+    again = await migrate_all(empty_database_url)
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        march = datetime(2026, 3, 5, 7, tzinfo=UTC)  # days of the month 12 or less
+        made = await ensure(conn, "day", now=march, ahead=2)
+        parts = await partitions(conn)
+        async with conn.transaction():
+            in_transaction = await partitions(conn)
+            after = await conn.fetchval("SHOW DateStyle")
+        remade = await ensure(conn, "day", now=march, ahead=2)
+    finally:
+        await conn.close()
+    assert again.created == []
+    assert made == ["p20260305", "p20260306", "p20260307"]
+    days = [datetime(2026, 3, d, tzinfo=UTC) for d in (5, 6, 7)]
+    assert [(p.name, p.start, p.end) for p in parts[:3]] == [
+        (f"requests_{suffix(d)}", d, d + timedelta(days=1)) for d in days]
+    assert in_transaction == parts
+    assert after == style
+    assert remade == []
+
+
 async def test_the_documented_storage_reset_reaches_the_partitions_made_later(
         database_url: str) -> None:
     """New partitions are made with toast_tuple_target = 8160, as the DEFAULT partitions
