@@ -171,7 +171,10 @@ async def roll_up(conn: asyncpg.Connection, *, max_hours: int | None = None,
     without a request are marked summarized too, so that they are not looked at again."""
     if await conn.fetchval("SELECT to_regclass('shadowproxy.requests_legacy') IS NOT NULL"):
         return Rolled(more=True)  # the upgrade's move is not over: hours are still filling
-    oldest = await conn.fetchval("SELECT min(received_at) FROM shadowproxy.requests")
+    # A row at ±infinity is in no hour (migrate leaves it in DEFAULT): the oldest that was,
+    # -infinity, failed every run (asyncpg gives it as a naive year 1, no hour of it).
+    oldest = await conn.fetchval("SELECT min(received_at) FROM shadowproxy.requests "
+                                 "WHERE isfinite(received_at)")
     if oldest is None:
         return Rolled()
     now = await conn.fetchval("SELECT now()")

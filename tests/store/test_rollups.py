@@ -359,6 +359,20 @@ async def test_the_maintenance_run_summarizes_settled_hours(database_url: str) -
     assert await summarized_hours(database_url) == [rollups.hour_of(old)]
 
 
+async def test_a_row_at_infinity_holds_no_summary_back(database_url: str) -> None:
+    """A request at -infinity (or +infinity), in no hour, is left out: the hours of the
+    others are summarized. The maintenance run failed on it (ValueError), every time."""
+    old = hours_ago(3).replace(minute=5)
+    await insert(database_url, traffic(25, old, timedelta(minutes=5), seed=10))
+    await execute(database_url,
+                  "INSERT INTO shadowproxy.requests (id, request_id, route, received_at, "
+                  "method, path) VALUES (gen_random_uuid(), 'a', 'house-prices', '-infinity', "
+                  "'GET', '/'), (gen_random_uuid(), 'b', 'house-prices', 'infinity', 'GET', '/')")
+    outcome = await run_once(database_url, StorageConfig())
+    assert outcome.rolled is not None and outcome.rolled.requests == 25
+    assert await summarized_hours(database_url) == [rollups.hour_of(old)]
+
+
 async def test_the_documented_query_of_hours_not_summarized_yet_in_any_time_zone(
         database_url: str) -> None:
     """docs/sql.md's query of the hours not summarized yet, in a session of a zone half an
