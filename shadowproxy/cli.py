@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "7d (default 24h)")
     window.add_argument("--from", dest="from_", metavar="T",
                         help="window start (ISO 8601; a time without zone is UTC)")
-    p.add_argument("--to", metavar="T", help="window end (ISO 8601; default: now)")
+    p.add_argument("--to", metavar="T",
+                   help="window end (ISO 8601; a time without zone is UTC; default: now)")
     p.add_argument("--config-version", metavar="V",
                    help="only requests handled under this configuration version "
                         "(requests.config_version; the report lists those in the window)")

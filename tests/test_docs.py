@@ -65,6 +65,20 @@ def test_every_command_line_option_is_explained_and_documented() -> None:
     assert undocumented == []
 
 
+def test_every_time_option_says_which_zone_a_time_without_one_is_in() -> None:
+    """`--from T` and `--to T` of the report and of replay read a time without zone as UTC
+    (``compare.command.resolve_window``, shared), and the `--help` of each says so, as
+    docs/report.md and docs/replay.md do: replay's said nothing of it, nor the report's
+    `--to`, so a user of a laptop in another zone had to guess."""
+    unsaid = [f"{name} {action.option_strings[-1]}"
+              for name, parser in _commands(build_parser())
+              for action in parser._actions
+              if action.metavar == "T" and "a time without zone is UTC" not in (action.help or "")]
+    assert unsaid == []
+    for doc in ("report.md", "replay.md"):
+        assert "a time without zone is UTC" in (ROOT / "docs" / doc).read_text(), doc
+
+
 def _table_keys(text: str, heading: str) -> list[str]:
     """The first column's `names` of the tables under ``heading`` up to the next heading of
     its level."""

@@ -85,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     window = p.add_mutually_exclusive_group()
     window.add_argument("--since", help="a window ending now, e.g. 15m, 1h, 7d (default 24h)")
     window.add_argument("--from", dest="from_", metavar="T",
-                        help="window start (ISO 8601); --to T ends it (default: now)")
+                        help="window start (ISO 8601; a time without zone is UTC); --to T "
+                             "ends it (default: now)")
     p.add_argument("--where", metavar="SQL",
                    help="only requests with a shadowproxy.pairs row matching this condition, "
                         "e.g. 'primary_status = 200'")
