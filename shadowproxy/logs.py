@@ -38,7 +38,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """Plain lines; a line about one request ends with its request id."""
+    """Plain lines; a line about one request ends with its request id.
+
+    A line's time (``%(asctime)s``) is the JSON format's ``time``: UTC, with its offset.
+    logging's default is the local time without a zone, which the lines of an operator's
+    laptop and of a UTC server did not share, which said nothing of the UTC times in the
+    messages (a retention's cutoff), and which ran an hour back, the same hour twice,
+    when the local clocks were put back."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -163,6 +163,30 @@ def test_text_lines_end_with_the_request_id() -> None:
     assert json.loads(JsonFormatter().format(record))["request_id"] == "abc"
 
 
+def test_a_text_line_has_the_time_of_the_json_line_whatever_the_local_zone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text line's time is UTC with its offset, the JSON line's `time`, in a process of
+    any zone: the two lines an hour apart when New York puts its clocks back read apart.
+    They both read `2026-11-01 01:30:00,000`, the local time without a zone."""
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        lines = []
+        for created in (1793511000.0, 1793514600.0):  # 2026-11-01 05:30 and 06:30 UTC
+            record = logging.LogRecord("shadowproxy", logging.INFO, __file__, 1, "m", None,
+                                       None)
+            record.created = created
+            text = TextFormatter("%(asctime)s %(message)s").format(record)
+            assert text == f"{json.loads(JsonFormatter().format(record))['time']} m"
+            lines.append(text)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert lines == ["2026-11-01T05:30:00.000+00:00 m", "2026-11-01T06:30:00.000+00:00 m"]
+
+
 async def test_a_request_id_cannot_add_fields_to_a_text_line(
         start_proxy: StartProxy, caplog: pytest.LogCaptureFixture) -> None:
     """An X-Request-Id with spaces, `=` or quotes (the client chooses it) ends the text line
