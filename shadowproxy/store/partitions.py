@@ -50,8 +50,15 @@ LOCK_RETRY_S = 0.05
 
 # A range bound as PostgreSQL prints it: FROM ('2026-12-02 00:00:00+00') TO (...), in the
 # session's time zone, so it is read back by PostgreSQL itself (::timestamptz). Printed and
-# read in the ISO DateStyle (``partitions`` sets it for the query): in another one the text
-# does not read back as the same time (DateStyle.__doc__).
+# read in the ISO DateStyle (``partitions`` sets it for the query): a database or role may
+# set another (ALTER DATABASE ... SET DateStyle = 'SQL, DMY'), whose text does not always
+# read back as the time it printed: 'SQL, YMD' prints 12/06/2026 05:45:00 +0545 and reads
+# it as month 6 of year 12, out of range; 'German, MDY' prints 07.12.2026 (day first) and
+# reads it as July 12th; before PostgreSQL 18, 'SQL, DMY' or 'Postgres' print the zone's
+# abbreviation (CST for Asia/Shanghai), read back as another zone's (Central, -06). The
+# listing failed (and with it migrate, prune and maintenance) or gave wrong ranges, and
+# ensure made partitions overlapping those there. ISO prints the offset in numbers and is
+# read back year first in every DateStyle.
 _LIST = r"""
 SELECT c.relname AS name,
        CASE WHEN m[1] = 'MINVALUE' THEN '-infinity' ELSE btrim(m[1], '''') END::timestamptz
@@ -117,25 +124,9 @@ def suffix(start: datetime) -> str:
         "p%Y%m%d_%H%M")
 
 
-class DateStyle:
-    """Why the bounds are listed in the ISO DateStyle, whatever the session's.
-
-    A database or role may set another (``ALTER DATABASE ... SET DateStyle = 'SQL, DMY'``),
-    and PostgreSQL prints a bound in it, which does not always read back as the time it
-    printed: ``'SQL, YMD'`` prints ``12/06/2026 05:45:00 +0545`` and reads it as month 6
-    of year 12, out of range; ``'German, MDY'`` prints ``07.12.2026`` (always day first)
-    and reads it as July 12th; before PostgreSQL 18, ``'SQL, DMY'`` or ``'Postgres'``
-    print the zone's abbreviation (``CST`` for Asia/Shanghai), read back as another zone's
-    (Central Standard Time, -06). Every listing failed, so ``migrate``, ``prune`` and the
-    maintenance runs failed, or it gave partitions wrong ranges, and ``ensure`` made ones
-    that overlapped the partitions there (``relation ... already exists``). ISO prints the
-    offset in numbers and is read back year first in every DateStyle.
-    """
-
-
 async def partitions(conn: asyncpg.Connection, table: str = "requests") -> list[Partition]:
     """The time partitions of ``shadowproxy.<table>``, oldest first, whatever the session's
-    ``DateStyle`` (``DateStyle.__doc__``): another one is set to ISO for the listing and
+    ``DateStyle`` (see ``_LIST``): another one is set to ISO for the listing and
     set back after it. Not in a transaction of its own: one cut short by a database that
     stops answering would wait for ever on its rollback, past the maintenance's timeout;
     a listing that fails leaves the style ISO (the transaction it failed, if any, rolls it
