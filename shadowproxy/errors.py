@@ -80,6 +80,16 @@ class SpoolError(ShadowProxyError):
     """The spool directory could not be written or read."""
 
 
+class UnreadableFrame(SpoolError):
+    """A spool segment's frame that cannot be read back (cut short by a crash, altered on
+    disk, or not in this version's layout), at byte ``offset`` of its segment: the frames
+    before it are whole, what follows cannot be told apart from it."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
 class MissingExtraError(ShadowProxyError):
     """A command needs packages of an optional extra (pyproject.toml) that are not
     installed; the message names the extra and the command that installs it. Exit status 1,

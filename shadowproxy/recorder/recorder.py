@@ -35,14 +35,14 @@ from collections import deque
 from pathlib import Path
 
 from shadowproxy.config import RecordingConfig
-from shadowproxy.errors import DatabaseError, SpoolError
+from shadowproxy.errors import DatabaseError, SpoolError, UnreadableFrame
 from shadowproxy.logs import Throttle
 from shadowproxy.metrics import Metrics
 from shadowproxy.models import Exchange
 from shadowproxy.recorder import bodies
 from shadowproxy.recorder.access import log_exchanges
 from shadowproxy.recorder.postgres import REFUSED, PostgresWriter
-from shadowproxy.recorder.rows import UNEXPECTED, Row, RowEncoder, Withheld, upgrade_rows
+from shadowproxy.recorder.rows import UNEXPECTED, Row, RowEncoder, Withheld, frame_rows
 from shadowproxy.recorder.spool import Spool, frame_bytes, frames
 from shadowproxy.store.database import TRANSIENT, ConnectionProblem, classify
 from shadowproxy.tasks import spawn
@@ -143,6 +143,8 @@ class Recorder:
         """Batches taken from the queue and not yet in the database or the spool."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self._kept_back: set[Path] = set()
+        """Segments replayed whose unreadable rest could not be set aside (``_set_aside``)."""
         self._withheld_log = Throttle()
         """Clients choose their bodies: a flood of unreadable ones must not flood the log."""
         self._dropping = 0
@@ -585,13 +587,13 @@ class Recorder:
         self._note_problem(None)
         try:
             while True:
-                for segment in self.spool.closed_segments():
+                for segment in self._to_replay():
                     if not await self._replay_segment(segment):
                         return False
                 async with self._spool_lock:
                     # Decided under the lock that appends take: a batch spooled after this
                     # point starts a new replay task.
-                    if self.spool.active_bytes() == 0 and not self.spool.closed_segments():
+                    if self.spool.active_bytes() == 0 and not self._to_replay():
                         self._replaying = False
                         self.overflowing = False
                         self.spool_full = False
@@ -603,27 +605,65 @@ class Recorder:
             self._note_problem(classify(exc))
             return False
 
+    def _to_replay(self) -> list[Path]:
+        return [s for s in self.spool.closed_segments() if s not in self._kept_back]
+
     async def _replay_segment(self, segment: Path) -> bool:
         """Store a segment's frames, gathered into batches of up to ``batch_max_records``
         requests (a COPY of a few frames costs the database less than one per frame), one
         frame read at a time between the data path's turns, then delete it; False (the
-        segment kept whole, for the next start) once a stop's grace has run out."""
+        segment kept whole, for the next start) once a stop's grace has run out. A frame
+        that cannot be read back ends the segment: the frames before it are stored, and the
+        rest is set aside and said in the log (it stopped the replay, or vanished unsaid)."""
         requests: list[Row] = []
         responses: list[Row] = []
-        for frame in self.spool.read(segment):
-            req, resp = upgrade_rows(*frame)  # per frame: an old frame is a whole batch
-            requests += req
-            responses += resp
-            if len(requests) >= self._batch_max or len(responses) >= 2 * self._batch_max:
-                if not await self._replay_batch(requests, responses):
-                    return False
-                requests, responses = [], []
-            await asyncio.sleep(0)
+        frames_read = 0
+        unreadable: UnreadableFrame | None = None
+        try:
+            for offset, frame in self.spool.read_at(segment):
+                try:
+                    req, resp = frame_rows(frame)  # per frame: an old frame is a whole batch
+                except Exception as exc:  # whatever another version's pickle holds
+                    raise UnreadableFrame(str(exc), offset) from exc
+                frames_read += 1
+                requests += req
+                responses += resp
+                if len(requests) >= self._batch_max or len(responses) >= 2 * self._batch_max:
+                    if not await self._replay_batch(requests, responses):
+                        return False
+                    requests, responses = [], []
+                await asyncio.sleep(0)
+        except UnreadableFrame as exc:
+            unreadable = exc
         if (requests or responses) and not await self._replay_batch(requests, responses):
             return False
+        if unreadable is not None:
+            await self._set_aside(segment, unreadable, frames_read)
+            return True
         # In a thread: freeing a segment's blocks can take the file system milliseconds.
         await asyncio.get_running_loop().run_in_executor(None, self.spool.remove, segment)
         return True
+
+    async def _set_aside(self, segment: Path, unreadable: UnreadableFrame,
+                         frames_read: int) -> None:
+        """Move the unreadable rest of a replayed segment out of the spool, and say so."""
+        where = f"spool segment {segment}: {unreadable} at byte {unreadable.offset}"
+        try:
+            size = segment.stat().st_size
+            kept, start = await asyncio.get_running_loop().run_in_executor(
+                None, self.spool.set_aside, segment, unreadable.offset)
+        except OSError as exc:
+            # Left out of this process's replays (its frames are stored: they would only be
+            # stored again, in a loop); the next start tries anew.
+            self._kept_back.add(segment)
+            log.error("%s; frames stored before it: %d; the segment could not be set aside "
+                      "(%s): it stays, and is replayed again at the next start",
+                      where, frames_read, exc)
+            return
+        rest = (f"the {size - start} bytes from there on are set aside in {kept}" if start
+                else f"the segment is set aside whole in {kept}")
+        log.warning("%s of %d; frames stored before it: %d; %s, not replayed: look at it, "
+                    "then delete it", where, size, frames_read, rest)
 
     async def _replay_batch(self, requests: list[Row], responses: list[Row]) -> bool:
         """Store one batch of spooled rows; False (nothing written) once a stop's grace has

@@ -199,6 +199,26 @@ def without_bodies(row: Row, columns: tuple[str, ...]) -> Row:
     return tuple(out)
 
 
+def frame_rows(payload: Any) -> tuple[list[Row], list[Row]]:
+    """The rows of a spool frame in today's column layout (``upgrade_rows``); ValueError,
+    saying what it holds, for a frame that is not a batch of a layout this version knows
+    (one written by a newer version, whose columns it would drop or misplace)."""
+    if not (isinstance(payload, tuple | list) and len(payload) == 2
+            and isinstance(payload[0], list) and isinstance(payload[1], list)):
+        raise ValueError(f"a frame that holds a {type(payload).__name__}, not a batch of rows")
+    requests, responses = upgrade_rows(*payload)
+    for rows, columns, what in ((requests, REQUEST_COLUMNS, "request"),
+                                (responses, RESPONSE_COLUMNS, "response")):
+        widths = set(map(len, rows))
+        if widths - {len(columns)}:
+            raise ValueError(
+                f"{what} rows of {', '.join(map(str, sorted(widths)))} columns where this "
+                f"version has {len(columns)} (written by a newer version of shadowproxy: "
+                "to store them, give the file set aside its .spool suffix back in the spool "
+                "of a proxy of that version, which adopts it at its next start)")
+    return requests, responses
+
+
 def upgrade_rows(requests: list[Row], responses: list[Row]) -> tuple[list[Row], list[Row]]:
     """Rows of a spool file written by an earlier version, in today's column layout.
 

@@ -8,8 +8,10 @@ its requests (``frames``): the recorder pickles them one at a time in the event 
 the replay reads them back one at a time, so neither holds the data path for longer than
 one small frame takes (a 1,000-record batch takes 5-8 ms to pickle, and pickling in a
 thread does not help: ``pickle.dumps`` keeps the GIL for the whole call). A frame cut short
-by a crash fails its length or CRC check and is skipped. Replay COPYs the frames of a
-segment in batches like live ones, and a batch partly stored already goes through the
+by a crash fails its length or CRC check (``UnreadableFrame``): the replay stores the frames
+before it and sets the rest of the segment aside (``set_aside``, a ``.unreadable`` file the
+replay never reads again, so that it cannot block the spool), and says so. Replay COPYs the
+frames of a segment in batches like live ones, and a batch partly stored already goes through the
 idempotent INSERT (the record id is the key); then the segment is deleted, so a replay
 interrupted half-way and retried stores every record once.
 
@@ -29,10 +31,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shadowproxy.errors import SpoolError
+from shadowproxy.errors import SpoolError, UnreadableFrame
 from shadowproxy.private import open_private, private_directory
 
 _FRAME = struct.Struct("<II")
+SET_ASIDE_SUFFIX = ".unreadable"
+"""What ``set_aside`` names the unreadable rest of a segment (not a ``.spool``: never replayed,
+nor counted in the spool's size)."""
 _SEGMENT_MAX_BYTES = 8 * 1024 * 1024  # rotated often, so that the replay can start on it
 FRAME_REQUESTS = 64
 """Requests per spool frame: pickling 64 records of 1 kB bodies takes about 0.4 ms."""
@@ -199,22 +204,75 @@ class Spool:
 
     @staticmethod
     def read(segment: Path) -> Iterator[Payload]:
-        """The intact frames of a segment, read one at a time (a segment can hold 8 MiB);
-        a torn or corrupt tail is skipped."""
+        """The frames of a segment, read one at a time (a segment can hold 8 MiB);
+        UnreadableFrame at the first that cannot be read back, after the whole ones before
+        it (a torn write at a crash, garbage, a pickle this version cannot load)."""
+        for _, payload in Spool.read_at(segment):
+            yield payload
+
+    @staticmethod
+    def read_at(segment: Path) -> Iterator[tuple[int, Payload]]:
+        """``read``, with each frame's offset in the segment."""
         try:
             file = open(segment, "rb")  # noqa: SIM115 (closed below, also when abandoned)
         except FileNotFoundError:
             return
+        offset = 0
         with file:
             while True:
                 head = file.read(_FRAME.size)
-                if len(head) < _FRAME.size:
+                if not head:
                     return
+                if len(head) < _FRAME.size:
+                    raise UnreadableFrame(f"a frame cut short ({len(head)} bytes of its "
+                                          f"{_FRAME.size}-byte header: a write that a crash "
+                                          "or a full disk ended)", offset)
                 length, crc = _FRAME.unpack(head)
                 chunk = file.read(length)
-                if len(chunk) < length or zlib.crc32(chunk) != crc:
-                    return  # torn write at a crash: everything before it is intact
-                yield pickle.loads(chunk)
+                if len(chunk) < length:
+                    raise UnreadableFrame(f"a frame cut short ({len(chunk)} of its {length} "
+                                          "bytes: a write that a crash or a full disk "
+                                          "ended, or bytes added to the file)", offset)
+                if zlib.crc32(chunk) != crc:
+                    raise UnreadableFrame("a frame that fails its checksum (the file was "
+                                          "altered or damaged on disk)", offset)
+                try:
+                    payload = pickle.loads(chunk)
+                except Exception as exc:  # a pickle of another version: any error at all
+                    raise UnreadableFrame(f"a frame that cannot be unpickled "
+                                          f"({type(exc).__name__}: {exc}; written by another "
+                                          "version?)", offset) from exc
+                yield offset, payload
+                offset += _FRAME.size + length
+
+    @staticmethod
+    def set_aside(segment: Path, offset: int) -> tuple[Path, int]:
+        """Move the bytes of ``segment`` from ``offset`` on into a file of their own, beside
+        it, that the replay never reads, and remove the segment (whose frames before
+        ``offset`` the caller has stored); that file and the offset in the segment it
+        starts at. Where the copy fails (a full disk) the whole segment is renamed instead,
+        which needs no room (the offset is then 0). A crash half-way leaves the segment, to
+        be replayed (its stored frames skipped) and set aside again. OSError if even the
+        rename fails."""
+        target = segment.with_name(segment.name.removesuffix(".spool") + SET_ASIDE_SUFFIX)
+        if offset > 0:
+            try:
+                with open(segment, "rb") as src:
+                    src.seek(offset)
+                    fd = open_private(target, os.O_WRONLY | os.O_TRUNC)
+                    try:
+                        while chunk := src.read(1 << 20):
+                            _write_all(fd, chunk)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            except OSError:
+                target.unlink(missing_ok=True)
+            else:
+                segment.unlink(missing_ok=True)
+                return target, offset
+        os.replace(segment, target)
+        return target, 0
 
     @staticmethod
     def remove(segment: Path) -> None:
