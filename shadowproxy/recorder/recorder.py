@@ -71,6 +71,12 @@ more per turn of the loop. A saturated core gives the writer one turn between ro
 requests, and at 32 records a turn it fell behind a proxy serving 16,000 requests a second
 (the queue reached its bound and records were dropped); longer turns there cost the clients
 some throughput, at a load that already costs them latency, and keep the records."""
+ADOPT_EVERY_S = 10.0
+"""How often a running recorder takes over the spool segments of processes that stopped
+since it started (``Spool.adopt_orphans``): the workers of a supervisor that was killed
+drain their queues into the spool while the next supervisor's workers start, and a
+``shadowproxy replay`` on the same data_dir leaves its own; adopted at start-up only, they
+waited in the spool until the next restart."""
 START_CHECK_S = 3.0
 """How long the start waits for the database to answer its connection before it serves and
 spools."""
@@ -136,6 +142,7 @@ class Recorder:
         self._stop_cut_told = False
         self._writer_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
+        self._adopt_task: asyncio.Task[None] | None = None
         self._replaying = False
         """True from starting the replay task until it finds the spool empty (decided under
         ``_spool_lock``, so that a batch appended at that moment starts a new one)."""
@@ -219,6 +226,7 @@ class Recorder:
         if not self.database_ok or self.spool.has_pending():
             self._start_replay()
         self._writer_task = spawn(self._run(), name="recorder-writer")
+        self._adopt_task = spawn(self._adopt(), name="recorder-adopt")
 
     async def close(self) -> None:
         """Flush everything queued to the database or the spool, then stop, in about
@@ -227,6 +235,11 @@ class Recorder:
         start stores it. A write still waiting for the database then is cut and its batch
         spooled too: a database gone silent held it for the writer's whole timeout (15 s),
         past a supervisor's kill."""
+        adopt, self._adopt_task = self._adopt_task, None
+        if adopt is not None:
+            adopt.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await adopt
         loop = asyncio.get_running_loop()
         self._stop_deadline = loop.time() + self.stop_grace_s
         give_up = loop.call_at(self._stop_deadline, self.writer.cut,
@@ -548,6 +561,28 @@ class Recorder:
         self.metrics.records["spooled" if stored else "dropped"] += len(requests)
 
     # --- replay ---
+    async def _adopt(self) -> None:
+        """Every ``ADOPT_EVERY_S``, adopt the segments of processes that have stopped, and
+        have the replay store them (a directory listing, in a thread)."""
+        loop = asyncio.get_running_loop()
+        failed = False
+        while True:
+            await asyncio.sleep(ADOPT_EVERY_S)
+            try:
+                adopted = await loop.run_in_executor(None, self.spool.adopt_orphans)
+            except OSError as exc:
+                if not failed:
+                    log.error("cannot take over the spool segments of stopped processes in "
+                              "%s (%s); they are stored once it can", self.spool.directory, exc)
+                failed = True
+                continue
+            failed = False
+            if adopted:
+                log.info("took over %d spool segments of processes that have stopped; they "
+                         "are stored as the database takes them", adopted)
+                async with self._spool_lock:  # (the replay decides it is done under it)
+                    self._start_replay()
+
     def _start_replay(self) -> None:
         if not self._replaying:
             self._replaying = True

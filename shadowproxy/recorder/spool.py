@@ -15,8 +15,9 @@ frames of a segment in batches like live ones, and a batch partly stored already
 idempotent INSERT (the record id is the key); then the segment is deleted, so a replay
 interrupted half-way and retried stores every record once.
 
-Segments belong to the process that wrote them (pid in the name); at start-up a process
-adopts the segments of processes that are gone, such as one killed with ``kill -9``.
+Segments belong to the process that wrote them (pid in the name); at start-up, and every
+``recorder.ADOPT_EVERY_S`` after, a process adopts the segments of processes that are gone,
+such as one killed with ``kill -9``.
 """
 
 from __future__ import annotations
