@@ -112,7 +112,11 @@ class Recorder:
         permanent (a configuration only the operator can fix)."""
         metrics.database_state = self.database_state
         self.spool_full = False
-        """True when the last batch found the spool at its cap (and was dropped)."""
+        """True when the last batch found the spool at its cap, or could not be written to
+        it (and was dropped)."""
+        self._spool_failing: int | None = None
+        """Records dropped since a spool write last failed (a full disk), while none has
+        succeeded since; None while writes succeed."""
         self.overflowing = False
         """True from the first batch spooled because the database was behind (up, but slower
         than the traffic) until the replay has brought the spool in."""
@@ -553,9 +557,20 @@ class Recorder:
                             "and counted in shadowproxy_records_total{outcome=\"dropped\"}, "
                             "until the database takes the spooled ones")
         except SpoolError as exc:
-            log.error("%s; %d records dropped", exc, len(requests))
+            # Once per episode too: a full disk failed every batch, and its line each time
+            # (hundreds a second under load) went to a log that may be on that same disk.
+            if self._spool_failing is None:
+                log.error("%s: records are dropped, and counted in "
+                          "shadowproxy_records_total{outcome=\"dropped\"}, until it can be "
+                          "written again", exc)
+                self._spool_failing = 0
+            self._spool_failing += len(requests)
             stored = False
-        if stored and self.spool_full:
+        if stored and self._spool_failing is not None:
+            log.info("the spool can be written again; %d records were dropped while it could "
+                     "not", self._spool_failing)
+            self._spool_failing = None
+        elif stored and self.spool_full:
             log.info("the spool has room again")
         self.spool_full = not stored
         self.metrics.records["spooled" if stored else "dropped"] += len(requests)
