@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import signal
@@ -37,6 +38,8 @@ import yaml
 from shadowproxy.durations import finite_seconds
 from shadowproxy.errors import ConfigError, DataDirInUse, ShadowProxyError, UsageError
 from shadowproxy.private import open_private, private_directory
+
+log = logging.getLogger("shadowproxy")
 
 LOCK_FILE = "lock"
 """In ``data_dir/run``: locked by the running proxy (or supervisor) while it runs."""
@@ -57,9 +60,13 @@ def write_private(path: Path, text: str) -> None:
     private_directory(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    tmp.replace(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (half written, on a full disk)
+        raise
 
 
 def claim(run_dir: Path) -> int:
@@ -90,17 +97,30 @@ def claim(run_dir: Path) -> int:
             "proxies cannot share one (`shadowproxy reload` finds its proxy there); give "
             "this one a data_dir of its own (the `data_dir` key), or stop the other "
             "first") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    except OSError:
+        # A full disk: the lock holds all the same; only another proxy's message names
+        # this one less precisely ("another process").
+        pass
     return fd
 
 
 def write_process_file(run_dir: Path, config: Path, admin: str | None) -> None:
     """Say where this process is, for ``shadowproxy reload`` (and forget the outcome of an
-    earlier process's last reload)."""
-    (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
-    data = {"pid": os.getpid(), "config": os.path.abspath(config), "admin": admin}
-    write_private(run_dir / PROCESS_FILE, json.dumps(data))
+    earlier process's last reload). A file that cannot be written (a full disk) is said
+    in the log, and the proxy serves all the same: it ended the start with a traceback,
+    for a file only the command needs."""
+    try:
+        (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
+        data = {"pid": os.getpid(), "config": os.path.abspath(config), "admin": admin}
+        write_private(run_dir / PROCESS_FILE, json.dumps(data))
+    except OSError as exc:
+        log.error("cannot write %s (%s): `shadowproxy reload -c %s` will not find this "
+                  "process (pid %d); SIGHUP, or POST /-/reload on the admin listener, "
+                  "reloads it", run_dir / PROCESS_FILE, exc.strerror or exc, config,
+                  os.getpid())
 
 
 def _process_file(run_dir: Path) -> dict[str, Any] | None:
