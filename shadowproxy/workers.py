@@ -112,9 +112,24 @@ def _die_with_parent(parent: int) -> None:
 def _write(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     # The supervisor unpickles it: this user's alone (private.py).
-    with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
-        f.write(pickle.dumps(data))
-    tmp.replace(path)  # atomic, so the supervisor never reads half a file
+    try:
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+            f.write(pickle.dumps(data))
+        tmp.replace(path)  # atomic, so the supervisor never reads half a file
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (half written, on a full disk)
+        raise
+
+
+def _write_error(directory: Path, message: str) -> None:
+    """Leave the supervisor why this worker failed (it reports it, with its retry); on a
+    full disk the log has it only: a second traceback, for the file, hid the first."""
+    path = directory / f"worker-{os.getpid()}.error"
+    try:
+        path.write_text(message)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        log.error("cannot write %s (%s): %s", path, exc.strerror or exc, message)
 
 
 def worker_main(settings: Settings, url: str, log_format: str, index: int, parent: int,
@@ -135,10 +150,10 @@ def worker_main(settings: Settings, url: str, log_format: str, index: int, paren
         status = stopped(run_loop(_worker(settings, url, parent, directory)))
     except ShadowProxyError as exc:
         # The supervisor reports it, with its retry, as one line in the log format.
-        (directory / f"worker-{os.getpid()}.error").write_text(str(exc))
+        _write_error(directory, str(exc))
     except Exception as exc:
         log.exception("worker %d failed", index)
-        (directory / f"worker-{os.getpid()}.error").write_text(repr(exc))
+        _write_error(directory, repr(exc))
     raise SystemExit(status)
 
 
@@ -241,9 +256,15 @@ async def _worker(settings: Settings, url: str, parent: int, directory: Path) ->
         publisher.cancel()
         watcher.cancel()
     # The final counts, for the supervisor's retained total.
-    _write(path, {"metrics": proxy.metrics.snapshot(), "listening": False, "ready": False,
-                  "detail": {}, "pid": os.getpid(), "time": time.time(),
-                  "config_version": proxy.version})
+    try:
+        _write(path, {"metrics": proxy.metrics.snapshot(), "listening": False, "ready": False,
+                      "detail": {}, "pid": os.getpid(), "time": time.time(),
+                      "config_version": proxy.version})
+    except OSError as exc:
+        # A full disk: the stop is clean all the same (it failed the worker, exit status
+        # 1, after its drain had stored or spooled every record).
+        log.error("cannot write this worker's final snapshot %s: %s; the supervisor keeps "
+                  "the counts it last published", path, exc)
     return 0
 
 
