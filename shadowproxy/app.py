@@ -137,6 +137,10 @@ class Proxy:
         elif permanent:
             database = ("refused by the database (a permanent error, see database_error): "
                         "spooling until it is fixed")
+        elif recorder.spool_failing:
+            # Its cap was not the cause: "spool full" sent the operator to spool_max_bytes.
+            database = ("unreachable, the spool cannot be written (a full disk, a read-only "
+                        "file system: see the log): records are dropped")
         elif recorder.spool_full or spool_room <= 0:
             database = "unreachable, spool full: records are dropped"
         else:

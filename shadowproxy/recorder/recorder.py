@@ -212,6 +212,12 @@ class Recorder:
             runs[-1][1].append(ex)
         return runs
 
+    @property
+    def spool_failing(self) -> bool:
+        """True while writes to the spool fail (a full disk, a read-only file system), not
+        merely at its cap: since the last batch that could not be written."""
+        return self._spool_failing is not None
+
     # --- lifecycle ---
     def database_state(self) -> str:
         """'up', or the kind of the problem that keeps records in the spool."""

@@ -161,3 +161,28 @@ async def test_full_spool_drops_and_counts_records_but_serves_clients(
         assert sum("spool full" in r.getMessage() for r in caplog.records) == 1
         ready = await http.get(f"http://127.0.0.1:{proxy.admin_port}/readyz")
         assert ready.status == 503  # nowhere to put records: take this instance out
+
+
+async def test_a_spool_that_cannot_be_written_is_said_once_and_in_readyz(
+        start_proxy: StartProxy, own_pg: OwnPostgres, caplog: pytest.LogCaptureFixture) -> None:
+    """With the database down and the spool's directory gone under it (a file in its
+    place: the writes fail as on a read-only file system, also for root), records are
+    dropped and counted, the log says so once, and /readyz says that the spool cannot be
+    written, not that it is full (which sent the operator to spool_max_bytes)."""
+    await asyncio.to_thread(own_pg.stop)
+    async with serve(model("v1")) as primary, \
+            start_proxy([route(primary.url)], url=own_pg.url,
+                        recording={"flush_interval_ms": 20}) as proxy, \
+            aiohttp.ClientSession() as http:
+        spool_dir = proxy.recorder.spool.directory
+        spool_dir.rmdir()
+        spool_dir.write_bytes(b"")
+        for _ in range(20):
+            assert (await http.post(f"http://127.0.0.1:{proxy.port}/p", json={})).status == 200
+            await proxy.recorder.drained()
+        assert proxy.metrics.records["dropped"] == 20
+        assert sum("cannot write to the spool" in r.getMessage() for r in caplog.records) == 1
+        ready = await http.get(f"http://127.0.0.1:{proxy.admin_port}/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["database"].startswith(
+            "unreachable, the spool cannot be written"), await ready.text()
