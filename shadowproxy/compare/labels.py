@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,34 @@ shorter than a long reference answer of a generation route; a field is built in 
 several times its size, so the limit is not PostgreSQL's 1 GiB."""
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> UsageError:
+    """Where a file that is not UTF-8 first goes wrong, read again line by line: the error's
+    own position counts from the start of the chunk being decoded, not of the file, so it
+    named no line (a character never spans a line end, so each line decodes alone)."""
+    name = shlex.quote(str(path))
+    try:
+        with path.open("rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    return UsageError(
+                        f"{path}: nothing was imported: the file is UTF-16 (Excel's "
+                        "\"Unicode Text\"), not UTF-8; save it as \"CSV UTF-8\", or "
+                        f"convert it: iconv -f UTF-16 -t UTF-8 {name} > labels-utf8.csv")
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    byte = raw[bad.start:bad.start + 1].hex()
+                    return UsageError(
+                        f"{path}:{number}: nothing was imported: the byte 0x{byte} at "
+                        f"character {len(raw[:bad.start].decode('utf-8', 'replace')) + 1} "
+                        "is not UTF-8; save the file as \"CSV UTF-8\", or convert it from "
+                        "its encoding, e.g. Latin-1: "
+                        f"iconv -f LATIN1 -t UTF-8 {name} > labels-utf8.csv")
+    except OSError:
+        pass
+    return UsageError(f"{path}: nothing was imported: not a UTF-8 CSV file ({exc})")
+
+
 def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
     """Read the CSV into {request_id: label JSON}; UsageError says what is wrong with it."""
     result = LabelImport()
@@ -171,7 +200,7 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the labels file: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not a UTF-8 CSV file ({exc})") from exc
+        raise _not_utf8(path, exc) from exc
     except csv.Error as exc:
         # The line being read: DictReader's own line_num moves only after a whole row.
         where = f"{path}:{reader.reader.line_num}" if reader is not None else str(path)

@@ -145,3 +145,24 @@ def test_a_long_reference_answer_is_imported_and_a_field_past_the_limit_names_it
     err = capsys.readouterr().err
     assert f"{labels}:3: cannot be read as CSV (field larger than field limit" in err
     assert "a field is read up to 16,777,216 characters" in err
+
+
+def test_a_file_that_is_not_utf8_names_its_line_and_how_to_convert_it(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Latin-1 byte far into the file is refused with the line that holds it and the way
+    to convert the file, and a UTF-16 file (Excel's "Unicode Text") is named as such: the
+    message gave the decoder's position within the chunk it was reading (here 788, for a
+    byte half a megabyte in), and no line."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"request_id,label\n" + b"".join(
+        f"req-{i},cat\n".encode() for i in range(50_000)) + b"req-x,caf\xe9\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert f"{labels}:50002: nothing was imported: the byte 0xe9 at character 10 is not " \
+           "UTF-8; save the file as \"CSV UTF-8\"" in err
+    assert f"iconv -f LATIN1 -t UTF-8 {labels} > labels-utf8.csv" in err
+    labels.write_bytes("request_id,label\nreq-0,1\n".encode("utf-16"))
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    assert "the file is UTF-16 (Excel's \"Unicode Text\"), not UTF-8" in capsys.readouterr().err
+    assert asyncio.run(_labels(sync_database_url)) == {}
