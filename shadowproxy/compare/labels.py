@@ -9,7 +9,8 @@ and reported, with examples, so that a file with the wrong ids is noticed at onc
 A file is refused as a whole (exit status 2, nothing imported), with the line of each
 problem, when a label is ``NaN`` or ``Infinity`` (JSON has no such numbers), when an id or a
 label holds a character PostgreSQL cannot store (a NUL, or half of a surrogate pair written
-as a JSON escape), when one id is given two different labels, or when a request of a route
+as a JSON escape), when one id is given two different labels (compared as JSON values,
+as jsonb does: ``1`` and ``1.0`` are one label), or when a request of a route
 with ``compare.task: regression`` gets a label that is not a number (the report could not
 use it).
 """
@@ -23,6 +24,7 @@ import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -95,6 +97,35 @@ def _label_json(text: str) -> str:
     if "\\u" in text and not _storable(value):
         raise _Unstorable(text)
     return text
+
+
+def _same_label(a: str, b: str) -> bool:
+    """Whether two labels are one JSON value, as jsonb compares them (the upsert's "unchanged"):
+    numbers by value (``1`` and ``1.0``, read as decimals so that no two differ only past a
+    float's digits), objects whatever the order of their keys, spacing ignored; ``true`` is
+    not ``1``. Only called for an id given twice, so the second read costs nothing else."""
+    if a == b:
+        return True
+    try:
+        pairs = [(json.loads(a, parse_float=Decimal, parse_int=Decimal),
+                  json.loads(b, parse_float=Decimal, parse_int=Decimal))]
+    except (ValueError, RecursionError):
+        return False  # a string label kept as written (not JSON) differs in its text
+    while pairs:  # walked without recursion: a label may nest as deep as the parser allows
+        x, y = pairs.pop()
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, list):
+            if len(x) != len(y):
+                return False
+            pairs.extend(zip(x, y, strict=True))
+        elif isinstance(x, dict):
+            if x.keys() != y.keys():
+                return False
+            pairs.extend((x[k], y[k]) for k in x)
+        elif x != y:
+            return False
+    return True
 
 
 def _problems(path: Path, found: list[str]) -> UsageError:
@@ -186,7 +217,7 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
                                  "remove it, or leave the label empty to skip the row")
                     continue
                 if request_id in labels:
-                    if labels[request_id] != value:
+                    if not _same_label(labels[request_id], value):
                         found.append(f"{path}:{line}: request id {request_id!r} has the label "
                                      f"{label!r} here and {labels[request_id]} on line "
                                      f"{result.lines[request_id]}; keep one of the two rows")

@@ -166,3 +166,28 @@ def test_a_file_that_is_not_utf8_names_its_line_and_how_to_convert_it(
     assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
     assert "the file is UTF-16 (Excel's \"Unicode Text\"), not UTF-8" in capsys.readouterr().err
     assert asyncio.run(_labels(sync_database_url)) == {}
+
+
+def test_an_id_given_the_same_label_written_two_ways_is_no_conflict(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One id labelled 1 and 1.0, [1, 0] and [1,0], or an object with its keys in another
+    order, has one label (as jsonb compares them, and as a re-import finds it unchanged):
+    the file was refused as giving the id two different labels. true and 1, 1 and "1", or
+    numbers that differ past a float's digits are still two labels."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    labels = tmp_path / "labels.csv"
+    labels.write_text('request_id,label\nreq-0,1\nreq-0,1.0\nreq-1,"[1, 0]"\nreq-1,"[1,0]"\n'
+                      'req-2,"{""a"": 1, ""b"": [2.5]}"\nreq-2,"{""b"":[2.50],""a"":1}"\n')
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    assert "3 new labels, 0 changed, 0 unchanged; 3 repeated ids (the last row wins)" \
+        in capsys.readouterr().out
+    assert asyncio.run(_labels(sync_database_url)) == {
+        "req-0": "1.0", "req-1": "[1, 0]", "req-2": '{"a": 1, "b": [2.50]}'}
+
+    labels.write_text('request_id,label\nreq-3,1\nreq-3,true\nreq-4,1\nreq-4,"""1"""\n'
+                      'req-5,0.1\nreq-5,0.10000000000000000001\n')
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert ":3: request id 'req-3' has the label 'true' here and 1 on line 2" in err
+    assert ":5: request id 'req-4' has the label '\"1\"' here and 1 on line 4" in err
+    assert ":7: request id 'req-5' has the label '0.10000000000000000001' here" in err
