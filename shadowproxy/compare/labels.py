@@ -26,12 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from shadowproxy.errors import DatabaseError, UsageError
 from shadowproxy.jsonexact import NotFiniteNumber, TooDeep, loads_exact
 from shadowproxy.store.database import reason
+
+if TYPE_CHECKING:
+    import _csv
 
 
 @dataclass
@@ -173,23 +177,33 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
     """Read the CSV into {request_id: label JSON}; UsageError says what is wrong with it."""
     result = LabelImport()
     labels: dict[str, str] = {}
-    reader: csv.DictReader[str] | None = None
+    reader: _csv.Reader | None = None
     default_limit = csv.field_size_limit(_FIELD_LIMIT)
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
+            # csv.reader, not DictReader: a row's line is the line it starts on, which only
+            # the line count before it gives (a quoted label may span many lines, and
+            # DictReader skips blank lines unseen).
+            reader = rows = csv.reader(fh)
+            header: list[str] | None = []
+            while header == []:  # blank lines before the header
+                header = next(rows, None)
+            header = header or []
+            columns = {c.strip().lower(): i for i, c in enumerate(header)}
             if "request_id" not in columns or "label" not in columns:
                 raise UsageError(
                     f"{path}: expected a header row with the columns request_id,label "
-                    f"(found {reader.fieldnames or 'no header'})")
+                    f"(found {header or 'no header'})")
             id_col, label_col = columns["request_id"], columns["label"]
             found: list[str] = []
-            for row in reader:
+            end = rows.line_num
+            for fields in rows:
+                line, end = end + 1, rows.line_num
+                if not fields:
+                    continue  # a blank line
                 result.rows += 1
-                line = reader.line_num
-                request_id = (row.get(id_col) or "").strip()
-                label = (row.get(label_col) or "").strip()
+                request_id = fields[id_col].strip() if id_col < len(fields) else ""
+                label = fields[label_col].strip() if label_col < len(fields) else ""
                 if not request_id or not label:
                     result.skipped_empty += 1
                     continue
@@ -233,8 +247,8 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from exc
     except csv.Error as exc:
-        # The line being read: DictReader's own line_num moves only after a whole row.
-        where = f"{path}:{reader.reader.line_num}" if reader is not None else str(path)
+        # The line being read (where the reader stopped), not the row's first.
+        where = f"{path}:{reader.line_num}" if reader is not None else str(path)
         raise UsageError(f"{where}: cannot be read as CSV ({exc}); a field is read up to "
                          f"{_FIELD_LIMIT:,} characters") from exc
     finally:

@@ -191,3 +191,28 @@ def test_an_id_given_the_same_label_written_two_ways_is_no_conflict(
     assert ":3: request id 'req-3' has the label 'true' here and 1 on line 2" in err
     assert ":5: request id 'req-4' has the label '\"1\"' here and 1 on line 4" in err
     assert ":7: request id 'req-5' has the label '0.10000000000000000001' here" in err
+
+
+def test_a_problem_in_a_row_of_several_lines_names_the_line_the_row_starts_on(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A quoted label over several lines (a reference answer) and blank lines between rows:
+    each problem names the line its row starts on, where an editor finds the id; the last
+    line of the row was named. A blank line before the header is skipped, as those between
+    rows are; the file was refused as having no header."""
+    ex = [Exchange({"x": 0}, Call({"p": 0}), {"candidate": Call({"p": 0})},
+                   request_id="req-9")]
+    asyncio.run(insert(sync_database_url, ex))
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"\ntask: regression')
+    labels = tmp_path / "labels.csv"
+    labels.write_text('\nrequest_id,label\nreq-0,"line one\nline two\nline three"\n\n'
+                      'req-1,NaN\nreq-0,"other\nanswer"\nreq-9,"very\nhigh"\n')
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert f"{labels}:7: the label 'NaN' of 'req-1'" in err
+    assert f"{labels}:8: request id 'req-0' has the label 'other\\nanswer' here and " \
+           '"line one\\nline two\\nline three" on line 3' in err
+    labels.write_text('request_id,label\nreq-0,"line one\nline two"\nreq-9,"very\nhigh"\n')
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+    assert f"{labels}:4: the label \"very\\nhigh\" of 'req-9' is not a number" \
+        in capsys.readouterr().err
+    assert asyncio.run(_labels(sync_database_url)) == {}
