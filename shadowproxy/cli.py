@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, metavar="FILE",
                    help="the YAML configuration file")
     p.add_argument("file", metavar="LABELS.csv",
-                   help="a CSV file with the header request_id,label")
+                   help="a CSV file with the header request_id,label; - reads standard input")
     p.set_defaults(handler=_lazy("shadowproxy.compare.labels", "run_labels_import"))
 
     p = command("replay", _lazy("shadowproxy.replay.command", "run_replay"),

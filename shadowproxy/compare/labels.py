@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import re
 import shlex
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import asyncpg
 
@@ -145,10 +148,16 @@ shorter than a long reference answer of a generation route; a field is built in 
 several times its size, so the limit is not PostgreSQL's 1 GiB."""
 
 
-def _not_utf8(path: Path, exc: UnicodeDecodeError) -> UsageError:
+def _not_utf8(path: Path, exc: UnicodeDecodeError, *, piped: bool) -> UsageError:
     """Where a file that is not UTF-8 first goes wrong, read again line by line: the error's
     own position counts from the start of the chunk being decoded, not of the file, so it
-    named no line (a character never spans a line end, so each line decodes alone)."""
+    named no line (a character never spans a line end, so each line decodes alone).
+    Standard input cannot be read again: its message names the byte, not the line."""
+    if piped:
+        return UsageError(
+            f"{path}: nothing was imported: the byte 0x{exc.object[exc.start:exc.start + 1].hex()}"
+            " is not UTF-8; convert the input from its encoding, e.g. Latin-1: "
+            "... | iconv -f LATIN1 -t UTF-8 | shadowproxy labels import -c FILE -")
     name = shlex.quote(str(path))
     try:
         with path.open("rb") as fh:
@@ -173,14 +182,34 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> UsageError:
     return UsageError(f"{path}: nothing was imported: not a UTF-8 CSV file ({exc})")
 
 
+STDIN = Path("<stdin>")
+"""The name of standard input (the file ``-``) in messages."""
+
+
+@contextmanager
+def _text(path: Path) -> Iterator[TextIO]:
+    """The labels file as text (a byte-order mark dropped), or standard input for STDIN,
+    left open for the process: only the wrapper made here is taken off it."""
+    if path != STDIN:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            yield fh
+        return
+    fh = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+    try:
+        yield fh
+    finally:
+        fh.detach()
+
+
 def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
-    """Read the CSV into {request_id: label JSON}; UsageError says what is wrong with it."""
+    """Read the CSV (``STDIN``: standard input) into {request_id: label JSON}; UsageError says
+    what is wrong with it."""
     result = LabelImport()
     labels: dict[str, str] = {}
     reader: _csv.Reader | None = None
     default_limit = csv.field_size_limit(_FIELD_LIMIT)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
+        with _text(path) as fh:
             # csv.reader, not DictReader: a row's line is the line it starts on, which only
             # the line count before it gives (a quoted label may span many lines, and
             # DictReader skips blank lines unseen).
@@ -245,7 +274,7 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the labels file: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from exc
+        raise _not_utf8(path, exc, piped=path == STDIN) from exc
     except csv.Error as exc:
         # The line being read (where the reader stopped), not the row's first.
         where = f"{path}:{reader.line_num}" if reader is not None else str(path)
@@ -316,7 +345,8 @@ def run_labels_import(args: argparse.Namespace) -> int:
     from shadowproxy.store.database import connection, database_url
 
     settings = load_config(args.config)
-    labels, result = read_labels(Path(args.file))
+    path = STDIN if args.file == "-" else Path(args.file)
+    labels, result = read_labels(path)
     url = database_url(settings)
     regression = [r.name for r in settings.routes
                   if r.compare is not None and r.compare.task == "regression"]
@@ -324,12 +354,12 @@ def run_labels_import(args: argparse.Namespace) -> int:
     async def go() -> LabelImport:
         async with connection(url) as conn:
             return await import_labels(conn, labels, result, regression_routes=regression,
-                                       path=Path(args.file))
+                                       path=path)
 
     result = run_command(go(), interrupted=(
         "nothing was imported (the import is one transaction, rolled back); run "
         "`shadowproxy labels import` again"))
-    print(f"{args.file}: {result.rows} rows; {result.inserted} new labels, {result.updated} "
+    print(f"{path}: {result.rows} rows; {result.inserted} new labels, {result.updated} "
           f"changed, {result.unchanged} unchanged"
           + (f"; {result.skipped_empty} rows without id or label skipped"
              if result.skipped_empty else "")

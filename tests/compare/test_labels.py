@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 
 import asyncpg
@@ -216,3 +217,28 @@ def test_a_problem_in_a_row_of_several_lines_names_the_line_the_row_starts_on(
     assert f"{labels}:4: the label \"very\\nhigh\" of 'req-9' is not a number" \
         in capsys.readouterr().err
     assert asyncio.run(_labels(sync_database_url)) == {}
+
+
+def test_the_file_dash_reads_standard_input(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``labels import -c FILE -`` reads the CSV from standard input (a pipe from an export),
+    named <stdin> in the summary and in each problem; it was refused as a missing file
+    named "-"."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+
+    def stdin(data: bytes) -> None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+    stdin(b"\xef\xbb\xbfrequest_id,label\r\nreq-0,1\r\nreq-1,\"a,\r\nb\"\r\n")
+    assert main(["labels", "import", "-c", str(config), "-"]) == 0
+    assert "<stdin>: 2 rows; 2 new labels" in capsys.readouterr().out
+    assert asyncio.run(_labels(sync_database_url)) == {"req-0": "1", "req-1": '"a,\\r\\nb"'}
+    stdin(b"request_id,label\nreq-2,1\nreq-3,NaN\n")
+    assert main(["labels", "import", "-c", str(config), "-"]) == 2
+    assert "<stdin>:3: the label 'NaN' of 'req-3' is not a finite number" \
+        in capsys.readouterr().err
+    stdin(b"request_id,label\nreq-2,caf\xe9\n")
+    assert main(["labels", "import", "-c", str(config), "-"]) == 2
+    assert "<stdin>: nothing was imported: the byte 0xe9 is not UTF-8" in capsys.readouterr().err
+    assert len(asyncio.run(_labels(sync_database_url))) == 2
