@@ -220,9 +220,14 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
             header = header or []
             columns = {c.strip().lower(): i for i, c in enumerate(header)}
             if "request_id" not in columns or "label" not in columns:
+                # Excel writes ';' where the decimal comma is the locale's, and tabs as text
+                sep = next((c for c in ";\t|" if len(header) == 1 and {"request_id", "label"}
+                            <= {n.strip().lower() for n in header[0].split(c)}), None)
                 raise UsageError(
                     f"{path}: expected a header row with the columns request_id,label "
-                    f"(found {header or 'no header'})")
+                    f"(found {header or 'no header'})" + (
+                        f"; the file is separated by {sep!r}, not commas: save it as "
+                        "comma-separated CSV" if sep else ""))
             id_col, label_col = columns["request_id"], columns["label"]
             found: list[str] = []
             end = rows.line_num

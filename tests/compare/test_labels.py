@@ -242,3 +242,18 @@ def test_the_file_dash_reads_standard_input(
     assert main(["labels", "import", "-c", str(config), "-"]) == 2
     assert "<stdin>: nothing was imported: the byte 0xe9 is not UTF-8" in capsys.readouterr().err
     assert len(asyncio.run(_labels(sync_database_url))) == 2
+
+
+def test_a_file_separated_by_semicolons_or_tabs_is_refused_saying_so(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Excel's CSV where the decimal separator is a comma uses ';', and a TSV uses tabs: the
+    message says which separator the file has and to save it comma-separated; it only
+    quoted the header as one column, request_id;label."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    labels = tmp_path / "labels.csv"
+    for header, shown in [("request_id;label", "';'"), ("Request_ID\tLabel", "'\\t'")]:
+        labels.write_text(f"{header}\nreq-0{header[10]}1\n")
+        assert main(["labels", "import", "-c", str(config), str(labels)]) == 2
+        assert f"; the file is separated by {shown}, not commas: save it as comma-separated " \
+               "CSV" in capsys.readouterr().err
+    assert asyncio.run(_labels(sync_database_url)) == {}
