@@ -93,9 +93,12 @@ async def parts(db: Snapshot) -> Parts:
     """The parts of the report's window (looked up once per report)."""
     if db.parts is None:
         start, end = db.scope.window.start, db.scope.window.end
+        # The hour before the start is PostgreSQL's to subtract: Python's datetime stops at
+        # year 1, and a window from its first hour (--from 0001-01-01) overflowed.
         hours = [r[0] for r in await db.fetch(
-            "SELECT hour FROM shadowproxy.rollup_hours WHERE hour > $1 AND hour < $2 "
-            "ORDER BY hour", start - HOUR, end)]
+            "SELECT hour FROM shadowproxy.rollup_hours "
+            "WHERE hour > $1::timestamptz - interval '1 hour' AND hour < $2 "
+            "ORDER BY hour", start, end)]
         db.parts = split(start, end, hours)
     return db.parts
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from shadowproxy.errors import UsageError
 
@@ -21,8 +21,18 @@ class Window:
     end: datetime
 
     def earlier(self) -> Window:
-        """The window of the same length just before this one."""
-        return Window(self.start - (self.end - self.start), self.start)
+        """The window of the same length just before this one, from year 1 at the earliest
+        (no record is older, and no datetime is: a window longer than the time from year 1
+        to its start, ``--from 1000-01-01`` or a far ``--to``, stopped the report with an
+        OverflowError)."""
+        length = self.end - self.start
+        if self.start - EARLIEST <= length:
+            return Window(EARLIEST, self.start)
+        return Window(self.start - length, self.start)
+
+
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+"""The earliest time a window can start at (year 1)."""
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")

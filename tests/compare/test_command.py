@@ -17,6 +17,7 @@ import pytest
 from shadowproxy.cli import main
 from shadowproxy.compare.command import resolve_window
 from shadowproxy.compare.visible import visible
+from shadowproxy.compare.window import Window
 from shadowproxy.errors import UsageError
 from tests.compare.blocked import CLI, run_without
 from tests.compare.records import Call, Exchange, insert, write_config
@@ -146,8 +147,30 @@ def test_window_forms() -> None:
     w = resolve_window(None, None, "2025-02-02T00:00Z", now)
     assert w.end - w.start == timedelta(hours=24)
     assert w.earlier().end == w.start
+    w = resolve_window(None, "1000-01-01", None, now)
+    assert w.earlier() == Window(datetime.min.replace(tzinfo=UTC), w.start)
     with pytest.raises(UsageError):
         resolve_window("0h", None, None, now)
+
+
+@pytest.mark.parametrize("window", [
+    ["--from", "0001-01-01"], ["--from", "0001-01-01T00:30"], ["--from", "1000-01-01"],
+    ["--since", "60000w"], ["--from", "2020-01-01", "--to", "9999-12-31T23:59:59"]])
+def test_a_window_from_year_1_or_to_year_9999_is_reported(
+        config: Path, tmp_path: Path, window: list[str]) -> None:
+    """Every record, however early the window starts or late it ends: the data checks'
+    earlier window starts at year 1 at the earliest, and the summaries are looked up from
+    the hour before the start, which PostgreSQL subtracts (both overflowed Python's
+    datetime: exit with a traceback)."""
+    out = tmp_path / "report.json"
+    assert main(["report", "-c", str(config), "--route", "house-prices", *window,
+                 "--format", "json", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["counts"]["pairs"] == 200
+    reference = report["data_checks"]["reference"]
+    assert reference["kind"] == "earlier_window"
+    assert reference["end"] == report["meta"]["window"]["start"]
+    assert datetime.fromisoformat(reference["start"]) >= datetime.min.replace(tzinfo=UTC)
 
 
 def test_report_on_replayed_targets_named_outside_the_config(
