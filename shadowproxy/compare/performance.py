@@ -135,11 +135,15 @@ async def build(db: Snapshot, preds: Predictions) -> PerformanceSection:
                       "`shadowproxy labels import -c FILE LABELS.csv`")
         return out
     sample = db.sample_clause(counts.both_labelled, "id::text || ':' || ord")
+    # In a fixed order: the bootstrap resamples rows by position, so rows in the order the
+    # join gave them (the records' places on disk, the plan the labels table's size chose)
+    # gave other intervals for the same seed and records.
     rows = await db.fetch(f"""
         SELECT y, pt, st, pn, sn, ps, ss FROM (
           SELECT {LABEL_SQL} AS y, p.* FROM {preds.table} p
           JOIN shadowproxy.labels l ON l.request_id = p.request_id) x
-        WHERE y IS NOT NULL AND pt IS NOT NULL AND st IS NOT NULL AND {sample}""")
+        WHERE y IS NOT NULL AND pt IS NOT NULL AND st IS NOT NULL AND {sample}
+        ORDER BY id, ord""")
     out["sample"] = LabelSample(n=len(rows), of=counts.both_labelled,
                                 sampled=len(rows) < counts.both_labelled)
     seed = db.scope.seed

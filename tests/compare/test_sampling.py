@@ -189,6 +189,40 @@ async def test_a_sampled_diff_estimates_over_the_pairs_it_compares(database_url:
     assert e["ci_low"] <= e["estimate"] <= e["ci_high"] <= N - 2 * cut
 
 
+async def test_the_same_seed_gives_the_same_intervals_whatever_order_rows_lie_in(
+        database_url: str) -> None:
+    """The labels' bootstrap intervals, of a sampled report and of a whole one, are the same
+    for the same seed and records after the records were written again in another order
+    (as a restore, VACUUM FULL or CLUSTER leaves them): the bootstrap resamples the rows in
+    a fixed order, not in the order the scan and the join with the labels gave them."""
+    ex = exchanges(600)
+    await insert(database_url, ex)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.executemany(
+            "INSERT INTO shadowproxy.labels (request_id, label) VALUES ($1, $2)",
+            [(e.request_id, json.dumps(51 * e.request["features"]["sqft"] + i % 7))
+             for i, e in enumerate(ex)])
+        win = window()
+        before = [await report(database_url, win, max_pairs=m) for m in (400, 600)]
+        await conn.execute("""
+            CREATE TEMP TABLE q AS SELECT * FROM shadowproxy.requests;
+            CREATE TEMP TABLE r AS SELECT * FROM shadowproxy.responses;
+            DELETE FROM shadowproxy.responses;
+            DELETE FROM shadowproxy.requests;
+            INSERT INTO shadowproxy.requests SELECT * FROM q ORDER BY md5(id::text);
+            INSERT INTO shadowproxy.responses SELECT * FROM r
+                ORDER BY md5(request::text || target)""")
+    finally:
+        await conn.close()
+    after = [await report(database_url, win, max_pairs=m) for m in (400, 600)]
+    assert [r["meta"]["sample"]["sampled"] for r in after] == [True, False]
+    for b, a in zip(before, after, strict=True):
+        intervals = b["performance"]["confidence_intervals"]
+        assert intervals["mse_diff"][0] is not None
+        assert a["performance"]["confidence_intervals"] == intervals
+
+
 def test_estimate_interval() -> None:
     e = sampling.estimate(10, 100, 10_000)
     assert e["estimate"] == 1000 and e["ci_low"] < 1000 < e["ci_high"]
