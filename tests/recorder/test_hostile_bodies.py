@@ -3,6 +3,7 @@ body reaches the logs, and with redaction rules no secret reaches the database."
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import os
@@ -16,6 +17,7 @@ from aiohttp import web
 from shadowproxy.logs import JsonFormatter, TextFormatter
 from tests.conftest import StartProxy, route
 from tests.db import fetch, fetchval
+from tests.proxy.test_data_path import wait_for_rows
 from tests.proxy.test_recording import dump_database
 from tests.upstreams import serve
 
@@ -186,3 +188,43 @@ async def test_a_compressed_json_body_cut_at_max_body_bytes_is_withheld_as_inval
                        "FROM shadowproxy.requests"))[0]
     assert row["body"] is None and row["body_truncated"] and row["body_size"] == len(body)
     assert proxy.metrics.bodies_withheld == {"invalid_json": 1}
+
+
+async def test_compressed_bodies_built_to_be_slow_to_undo_do_not_stall_the_loop(
+        start_proxy: StartProxy, database_url: str) -> None:
+    """An answer built to make the recorder's decoding slow, though it stays within
+    max_decompressed_bytes: a megabyte of empty gzip members (the rest of the body was
+    copied at each member's end). The loop that serves clients never stalls long while it
+    is recorded, and its record is stored."""
+    members = gzip.compress(b"", mtime=0) * 52_000
+    bodies = {"/members": (members, "gzip")}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body, coding = bodies[request.path]
+        return web.Response(body=body, headers={"Content-Encoding": coding,
+                                                "Content-Type": "application/json"})
+
+    loop = asyncio.get_running_loop()
+    stalls = [0.0]
+
+    async def tick() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            stalls.append(loop.time() - before - 0.005)
+
+    recording = {"max_body_bytes": 2_000_000, "flush_interval_ms": 20}
+    async with serve(answer) as primary, \
+            start_proxy([route(primary.url)], recording=recording) as proxy, \
+            aiohttp.ClientSession(auto_decompress=False) as http:
+        ticker = asyncio.create_task(tick())
+        try:
+            for path, (body, _) in bodies.items():
+                resp = await http.get(f"http://127.0.0.1:{proxy.port}{path}")
+                assert await resp.read() == body
+            await wait_for_rows(database_url, "responses", len(bodies))
+        finally:
+            ticker.cancel()
+    assert max(stalls) < 0.4, f"the loop stalled {max(stalls):.2f} s"
+    rows = await fetch(database_url, "SELECT body_size FROM shadowproxy.responses")
+    assert sorted(r["body_size"] for r in rows) == sorted(len(b) for b, _ in bodies.values())
