@@ -487,12 +487,19 @@ def decode_arrivals(body: bytes, arrivals: Sequence[Arrival], encoding: bytes, c
     (``gzip, br``) is undone last first (RFC 9110, 8.4), each step moving the arrivals on.
     """
     if encoding.find(b",") >= 0:
-        decoded: tuple[bytes, list[Arrival]] | None = (body, list(arrivals))
-        for coding in reversed(encoding.split(b",")):
+        # The steps before the last share one cap, as in ``bodies.decompress``: a long
+        # list must not multiply the work.
+        codings = encoding.split(b",")
+        step: tuple[bytes, list[Arrival]] = (body, list(arrivals))
+        room = cap
+        for coding in codings[:0:-1]:
+            decoded = decode_arrivals(step[0], step[1], coding, room)
             if decoded is None:
                 return None
-            decoded = decode_arrivals(decoded[0], decoded[1], coding, cap)
-        return decoded
+            if decoded[0] is not step[0]:  # (identity: room never goes below 0)
+                room -= len(decoded[0])
+            step = decoded
+        return decode_arrivals(step[0], step[1], codings[0], cap)
     enc = encoding.strip().lower()
     if enc in (b"", b"identity"):
         return body, list(arrivals)

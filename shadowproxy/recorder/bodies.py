@@ -41,13 +41,20 @@ def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
     if encoding.find(b",") < 0:
         return _undo(data, encoding, cap)
     # A list names the codings in the order they were applied (RFC 9110, 8.4): undo the
-    # last first. Each step is capped, so layers cannot multiply a bomb's output.
-    out: bytes | None = data
-    for coding in reversed(encoding.split(b",")):
-        if out is None:
+    # last first. The last step's output is capped as one coding's; the steps before it
+    # share one more cap, so that a list cannot multiply the work: each step capped alone,
+    # `gzip` listed a thousand times over a body of stored layers inflated a thousand
+    # times a few MB, seconds of the recorder's loop for one record.
+    codings = encoding.split(b",")
+    room = cap
+    for coding in codings[:0:-1]:
+        step = _undo(data, coding, room)
+        if step is None:
             return None
-        out = _undo(out, coding, cap)
-    return out
+        if step is not data:  # (identity outputs nothing new: room never goes below 0)
+            room -= len(step)
+            data = step
+    return _undo(data, codings[0], cap)
 
 
 def _undo(data: bytes, encoding: bytes, cap: int) -> bytes | None:

@@ -24,6 +24,7 @@ from shadowproxy.recorder.bodies import (
     redact_json,
 )
 from shadowproxy.recorder.rows import RowEncoder
+from shadowproxy.streams import decode_arrivals
 
 JSON = [(b"Content-Type", b"application/json")]
 
@@ -61,13 +62,41 @@ def test_a_list_of_codings_is_undone_last_first() -> None:
     assert decompress(gzip.compress(gzip.compress(data)), b"gzip,gzip", 1000) == data
     assert decompress(gzip.compress(data), b"identity, gzip", 1000) == data
     assert decompress(gzip.compress(data), b"gzip, zstd", 1000) is None
-    with pytest.raises(BodyTooLarge):  # each layer is capped
+    with pytest.raises(BodyTooLarge):  # each layer is capped, the last one too
         decompress(gzip.compress(gzip.compress(b"\0" * 5_000_000)), b"gzip, gzip", 1_000_000)
     headers = [(b"Content-Type", b"application/octet-stream"),
                (b"Content-Encoding", b"gzip, gzip")]
     text = json_text(gzip.compress(gzip.compress(data)), headers, 1000)
     assert text == data.decode()
     assert redact_json(text, ["$.user.ssn"]) == '{"user":{"ssn":"[redacted]"},"x":1}'
+
+
+def test_the_steps_of_a_list_of_codings_share_one_cap() -> None:
+    """The steps before the last share one cap, whose output a long list cannot multiply:
+    deflate listed 50 times over stored layers of 100 kB (each step well within the cap)
+    raises BodyTooLarge; two steps each within the cap still decode."""
+    data = b"\0" * 100_000
+    layered = data
+    for _ in range(50):
+        layered = zlib.compress(layered, 0)
+    with pytest.raises(BodyTooLarge):
+        decompress(layered, b", ".join([b"deflate"] * 50), 1_000_000)
+    assert decompress(layered, b", ".join([b"deflate"] * 50), 6_000_000) == data
+    twice = gzip.compress(gzip.compress(b"\0" * 1_000_000, 0))
+    assert decompress(twice, b"gzip, gzip", 1_001_000) == b"\0" * 1_000_000
+    # identity undoes nothing and takes none of the cap, however often it is listed
+    bomb = gzip.compress(gzip.compress(b"\0" * 50_000_000))
+    with pytest.raises(BodyTooLarge):
+        decompress(bomb, b"gzip, gzip" + b", identity" * 5, len(bomb) * 5 - 1)
+    assert decompress(twice, b"gzip, identity, gzip" + b", identity" * 2_000, 1_001_000) == (
+        b"\0" * 1_000_000)
+    arrivals = [(0, 0.0), (len(layered) // 2, 1.0)]
+    assert decode_arrivals(layered, arrivals, b", ".join([b"deflate"] * 50), 1_000_000) is None
+    decoded = decode_arrivals(layered, arrivals, b", ".join([b"deflate"] * 50), 6_000_000)
+    assert decoded is not None and decoded[0] == data
+    decoded = decode_arrivals(bomb, arrivals[:1], b"gzip, gzip" + b", identity" * 5,
+                              len(bomb) * 5 - 2)
+    assert decoded is None
 
 
 def test_a_body_of_many_gzip_members_is_undone_in_linear_time() -> None:
