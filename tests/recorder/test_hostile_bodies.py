@@ -3,7 +3,6 @@ body reaches the logs, and with redaction rules no secret reaches the database."
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import logging
 import os
@@ -198,13 +197,14 @@ def stored_layers(data: bytes, layers: int) -> bytes:
     return zlib.compress(data, 9)
 
 
-async def test_compressed_bodies_built_to_be_slow_to_undo_do_not_stall_the_loop(
+async def test_compressed_bodies_built_to_be_slow_to_undo_are_recorded(
         start_proxy: StartProxy, database_url: str) -> None:
     """Answers built to make the recorder's decoding slow, though each stays within
     max_decompressed_bytes at every step: a megabyte of empty gzip members (the rest of
     the body was copied at each member's end), and deflate listed 500 times over stored
-    layers of 3 MB (each step was capped alone). The loop that serves clients never
-    stalls long while they are recorded, and their records are stored."""
+    layers of 3 MB (each step was capped alone). Each reaches its client whole and its
+    record is stored; how much decoding they cost is counted in test_bodies (a 0.8 s
+    stall of the loop each, before; timed here, the test would depend on the machine)."""
     layers = 500
     bodies = {"/members": (gzip.compress(b"", mtime=0) * 52_000, "gzip"),
               "/layers": (stored_layers(b"\0" * 3_000_000, layers),
@@ -215,27 +215,13 @@ async def test_compressed_bodies_built_to_be_slow_to_undo_do_not_stall_the_loop(
         return web.Response(body=body, headers={"Content-Encoding": coding,
                                                 "Content-Type": "application/json"})
 
-    loop = asyncio.get_running_loop()
-    stalls = [0.0]
-
-    async def tick() -> None:
-        while True:
-            before = loop.time()
-            await asyncio.sleep(0.005)
-            stalls.append(loop.time() - before - 0.005)
-
     recording = {"max_body_bytes": 2_000_000, "flush_interval_ms": 20}
     async with serve(answer) as primary, \
             start_proxy([route(primary.url)], recording=recording) as proxy, \
             aiohttp.ClientSession(auto_decompress=False) as http:
-        ticker = asyncio.create_task(tick())
-        try:
-            for path, (body, _) in bodies.items():
-                resp = await http.get(f"http://127.0.0.1:{proxy.port}{path}")
-                assert await resp.read() == body
-            await wait_for_rows(database_url, "responses", len(bodies))
-        finally:
-            ticker.cancel()
-    assert max(stalls) < 0.3, f"the loop stalled {max(stalls):.2f} s"
+        for path, (body, _) in bodies.items():
+            resp = await http.get(f"http://127.0.0.1:{proxy.port}{path}")
+            assert await resp.read() == body
+        await wait_for_rows(database_url, "responses", len(bodies))
     rows = await fetch(database_url, "SELECT body_size FROM shadowproxy.responses")
     assert sorted(r["body_size"] for r in rows) == sorted(len(b) for b, _ in bodies.values())
