@@ -43,10 +43,18 @@ SHADOWPROXY_START = re.compile(r" shadowproxy\[\d+\]: listening on ")
 
 Key = tuple[str, str, int]
 """(scenario, target, connections)"""
-_STOP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*stopped: served=(\d+) "
-                   r"written=(\d+) spooled=(\d+) dropped=(\d+)(?: stop_cpu_s=([\d.]+))?", re.M)
+_STOP = re.compile(r"^(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+(?:[+-]\d\d:\d\d)?) "
+                   r".*stopped: served=(\d+) written=(\d+) spooled=(\d+) dropped=(\d+)"
+                   r"(?: stop_cpu_s=([\d.]+))?", re.M)
 """A stop line: its time, served, written, spooled, dropped and (since it is logged) the
-stop's CPU seconds."""
+stop's CPU seconds. The time as the text log writes it, UTC with its offset
+(``2026-12-06T06:48:19.367+00:00``), or, from builds before that, local time without a zone
+(``2026-12-06 06:48:19,367``): a benchmark may compare one with the other."""
+
+
+def stop_time(text: str) -> float:
+    """A stop line's time (``_STOP``'s first group) as Unix seconds."""
+    return datetime.fromisoformat(text.replace(",", ".")).timestamp()
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
@@ -230,7 +238,7 @@ def stored_later(out: Path, ours: set[str], texts: dict[str, str]) -> dict[Key, 
     if not figures_path.exists() or not (out / "harness.log").exists():
         return {}
     figures = json.loads(figures_path.read_text())
-    stops = [(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(m[2]),
+    stops = [(stop_time(m[1]), int(m[2]),
               None if m[6] is None else float(m[6]))
              for target in ours for m in _STOP.finditer(texts[target])]
     moments = [t for t, _, _ in stops] + [f["started_ns"] / 1e9 for f in figures]

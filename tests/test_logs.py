@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from shadowproxy.logs import JsonFormatter, TextFormatter, Throttle
+from shadowproxy.logs import JsonFormatter, TextFormatter, Throttle, setup_logging
 from tests.conftest import StartProxy, route
 from tests.test_run_command import free_port, wait_ready, write_config
 from tests.upstreams import closing, hanging, model, raw_server, serve
@@ -227,3 +228,33 @@ def test_throttle_lets_a_few_lines_through_per_period_and_counts_the_rest() -> N
     assert [throttle.allow(now=t) for t in (3.0, 4.0, 59.0)] == [(False, 0)] * 3
     assert throttle.allow(now=60.0) == (True, 3)
     assert throttle.allow(now=61.0) == (True, 0)
+
+
+def test_the_benchmark_reads_the_stop_line_the_text_log_writes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/summarize.py's record check reads each run's stop line from the proxy's text
+    log (its time, served=, written=, ...): a stop line it cannot read counts the run as
+    killed. It reads the line as ``setup_logging``'s text format writes it, and the older
+    local time without a zone, which a benchmark against an earlier build meets."""
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    summarize = importlib.import_module("summarize")
+    root, access = logging.getLogger(), logging.getLogger("aiohttp.access")
+    monkeypatch.setattr(root, "handlers", [])  # setup_logging's changes undone after
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(access, "level", access.level)
+    setup_logging("text")
+    formatter = logging.getLogger().handlers[0].formatter
+    assert formatter is not None
+    record = logging.LogRecord("shadowproxy", logging.INFO, __file__, 1,
+                               "stopped: served=%d written=%d spooled=%d dropped=%d "
+                               "stop_cpu_s=%.3f", (7, 6, 1, 0, 0.25), None)
+    record.created = 1796538499.367  # 2026-12-06T06:28:19.367 UTC
+    older = "2026-12-06 06:28:19,367 INFO shadowproxy[1]: stopped: served=7 written=6 " \
+            "spooled=1 dropped=0 stop_cpu_s=0.250"
+    for line in (formatter.format(record), older):
+        match = summarize._STOP.search(line)
+        assert match is not None, line
+        assert match.groups()[1:] == ("7", "6", "1", "0", "0.250")
+    assert summarize.stop_time(summarize._STOP.search(formatter.format(record))[1]) == \
+        pytest.approx(1796538499.367)
