@@ -88,10 +88,11 @@ async def validate(db: Snapshot) -> None:
 async def _load(db: Snapshot, window: Window, tag: str) -> None:
     """Extract every configured feature of the route's requests in ``window`` under ``tag``
     (of the ``--config-version`` in the report's window; of any in the earlier one); of the
-    sampled requests when the report samples (``sampling.requests_filter``)."""
+    requests under the sample's key cut-off when the report samples
+    (``sampling.requests_filter``)."""
     fmt = db.compare.request_format
     version = VERSION_FILTER if tag == CURRENT else "true"
-    source, sampled = requests_filter(db, tag == CURRENT)
+    sampled = requests_filter(db)
     for name, feature in db.compare.features.items():
         rows_sql = feature_rows_sql(feature, fmt, "q.body_json")
         await db.execute(f"""
@@ -99,7 +100,7 @@ async def _load(db: Snapshot, window: Window, tag: str) -> None:
             SELECT $4, q.id, coalesce(f.ord, 1), $5, f.v,
                    {float8_sql('f.v')},
                    {category_sql('f.v')}
-            FROM {source} LEFT JOIN LATERAL {rows_sql} f ON true
+            FROM shadowproxy.requests q LEFT JOIN LATERAL {rows_sql} f ON true
             WHERE q.route = $1 AND q.received_at >= $2 AND q.received_at < $3
               AND {version} AND {sampled}""",
                          db.scope.route, window.start, window.end, tag, name)

@@ -195,19 +195,21 @@ def _candidates(db: Snapshot, kept: KeptKeys | None) -> str:
     return " UNION ALL ".join(parts)
 
 
-def requests_filter(db: Snapshot, sampled_window: bool) -> tuple[str, str]:
-    """The FROM source (alias ``q``) and an extra WHERE condition that keep the sampled
-    requests of ``shadowproxy.requests``: the drawn ones in the report's window; in another
-    window (``sampled_window`` false: the earlier window of the data checks) the same share,
-    by the same seeded key under a cut-off (a Bernoulli sample: its size varies a little)."""
+def requests_filter(db: Snapshot) -> str:
+    """A WHERE condition on ``shadowproxy.requests q`` that keeps the requests the data
+    checks read when the report samples: in either window (the report's, and the earlier
+    one that serves as the reference), every request whose seeded key is at most the
+    largest drawn key. Both windows are cut at the same key over the same population, every
+    request of the route as an unsampled report reads them: the drawn requests alone are
+    those with a pair for the shadow, which a shadow's ``sample_rate`` or a sticky
+    ``sample_key`` makes a share of the requests (and of the users), while the earlier
+    window had every request; the drawn requests are among those kept, so feature slices
+    still find theirs. ``true`` when the report does not sample."""
     info = db.sample
     if info is None or not info["sampled"]:
-        return "shadowproxy.requests q", "true"
-    if sampled_window:
-        return (f"{SAMPLE_TABLE} r JOIN shadowproxy.requests q "
-                "ON q.id = r.id AND q.received_at = r.received_at"), "true"
+        return "true"
     key = f"hashtextextended(q.id::text, {int(db.scope.seed)})"
-    return "shadowproxy.requests q", f"{key} <= {_cutoff(info['fraction'])}"
+    return f"{key} <= (SELECT max(k) FROM {SAMPLE_TABLE})"
 
 
 def estimate(k: int, n: int, population: int) -> Estimate:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from shadowproxy.compare.snapshot import PAIRS, Scope, snapshot
 from shadowproxy.compare.window import Window
 from shadowproxy.errors import UsageError
 from tests.compare.records import Call, Exchange, insert, write_config
+from tests.compare.test_report import report as report_with
 from tests.compare.test_report import window
 
 COMPARE = {"prediction": "$.prediction", "ignore": ["$.model_version"],
@@ -287,3 +289,38 @@ async def test_a_sample_below_min_pairs_is_too_little_evidence(database_url: str
     assert enough["meta"]["sample"]["sampled"] is True
     assert enough["meta"]["sample"]["comparable"] >= 100
     assert not any("the sample holds" in r["message"] for r in enough["verdict"]["reasons"])
+
+
+async def test_a_sampled_window_checks_its_data_on_the_same_population_as_the_earlier(
+        database_url: str) -> None:
+    """A shadow mirrors a tenth of the requests, always of the same users (a sticky
+    ``sample_key``): only those have a pair. The data checks of a sampled report read, in
+    the window and in the earlier one, every request under the same key cut-off, mirrored
+    or not, as the whole report reads every request: they read only the drawn (mirrored)
+    requests in the window against a sample of every request in the earlier one, about ten
+    times as many, and the share of mirrored users drifted from 10% to 100%."""
+    now = datetime.now(UTC)
+    ex = []
+    for back in (0, 1):  # the window's hour, and the earlier one
+        for i in range(2000):
+            mirrored = i % 10 == 0
+            ex.append(Exchange(
+                {"features": {"sqft": 500.0 + i}, "mirrored": mirrored},
+                Call({"prediction": 1.5 * i}),
+                {"candidate": Call({"prediction": 1.5 * i})} if mirrored else {},
+                received_at=now - timedelta(minutes=30 + 60 * back, seconds=-i)))
+    await insert(database_url, ex)
+    compare = {"prediction": "$.prediction",
+               "features": {"mirrored": {"path": "$.mirrored", "type": "categorical"}}}
+    win = Window(now - timedelta(hours=1), now)
+    reports = [await report_with(database_url, compare, win=win, **kw)
+               for kw in ({}, {"max_pairs": 100})]
+    whole, sampled = (r["data_checks"] for r in reports)
+    assert reports[1]["meta"]["sample"]["sampled"] is True
+    assert whole["drifted"] == sampled["drifted"] == []
+    cur, ref = sampled["features"][0]["current"], sampled["features"][0]["reference"]
+    # Half the pairs are drawn: about half of each window's 2,000 requests, a tenth of them
+    # mirrored in both.
+    assert 0.8 < cur["n"] / ref["n"] < 1.25 and 600 < cur["n"] < 1400
+    shares = [{t["value"]: t["n"] / side["n"] for t in side["top"]} for side in (cur, ref)]
+    assert all(0.8 < s["false"] < 0.97 for s in shares), shares
