@@ -184,7 +184,10 @@ async def _estimates(db: Snapshot, sections: Mapping[str, Any], sample: sampling
                     f"FROM {predictions.PREDICTIONS}")
 
         # Among the sample's comparable pairs: one without a prediction does not disagree.
-        row = await db.fetchrow_wide(query, c.abs_tolerance, c.rel_tolerance)
+        # The tolerances are parameters of the regression query only: PostgreSQL refuses
+        # arguments a statement has no placeholder for.
+        tolerances = () if classification else (c.abs_tolerance, c.rel_tolerance)
+        row = await db.fetchrow_wide(query, *tolerances)
         out["pairs_with_disagreeing_predictions"] = sampling.estimate(
             int(row[0]), sample["comparable"], population)
     return out

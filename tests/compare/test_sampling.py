@@ -324,3 +324,19 @@ async def test_a_sampled_window_checks_its_data_on_the_same_population_as_the_ea
     assert 0.8 < cur["n"] / ref["n"] < 1.25 and 600 < cur["n"] < 1400
     shares = [{t["value"]: t["n"] / side["n"] for t in side["top"]} for side in (cur, ref)]
     assert all(0.8 < s["false"] < 0.97 for s in shares), shares
+
+
+async def test_a_sampled_classification_report_estimates_its_disagreements(
+        database_url: str) -> None:
+    """A classification's disagreements are estimated for the window: the report stopped
+    with asyncpg's InterfaceError (the tolerances passed to a query that has no place for
+    them) on every sampled window of a classification."""
+    ex = [Exchange({"x": i}, Call({"label": "a" if i % 3 else "b"}),
+                   {"candidate": Call({"label": "a" if i % 4 else "b"})}) for i in range(300)]
+    await insert(database_url, ex)
+    r = await report_with(database_url, {"prediction": "$.label"}, max_pairs=100)
+    assert r["predictions"]["task"] == "classification"
+    e = r["meta"]["sample"]["estimates"]["pairs_with_disagreeing_predictions"]
+    assert e["of_sample"] == 100 and 0 < e["in_sample"] < 100
+    assert e["estimate"] == round(e["in_sample"] / 100 * 300)
+    assert e["ci_low"] <= e["estimate"] <= e["ci_high"]
