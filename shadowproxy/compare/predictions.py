@@ -511,7 +511,10 @@ async def _regression(db: Snapshot, preds: Predictions, out: PredictionsSection)
     out["tolerance"] = Tolerance(abs=compare.abs_tolerance, rel=compare.rel_tolerance,
                                  configured=bool(compare.abs_tolerance
                                                  or compare.rel_tolerance))
-    out["sample"] = Sample(n=int(p.size), of=n, sampled=bool(p.size < n), seed=db.scope.seed,
+    # Sampled: the rows are a sample of the window's, above sample_max or of a sampled
+    # window (whose n rows are the sample's).
+    out["sample"] = Sample(n=int(p.size), of=n, sampled=bool(p.size < n) or db.window_sampled,
+                           seed=db.scope.seed,
                            used_for=["paired", "spearman", "distribution_test"])
 
 
@@ -593,7 +596,8 @@ async def _classification(db: Snapshot, preds: Predictions, out: PredictionsSect
         np.array([r[2] for r in rows], dtype=object), np.array([r[0] for r in rows]),
         th=db.thresholds, seed=db.scope.seed)
     out["distribution_test"], out["paired"] = ctests["distribution_test"], ctests["paired"]
-    out["sample"] = Sample(n=len(rows), of=total, sampled=len(rows) < total,
+    out["sample"] = Sample(n=len(rows), of=total,
+                           sampled=len(rows) < total or db.window_sampled,
                            seed=db.scope.seed, used_for=["paired"])
     out["worst"] = [{"request_id": r[0], "index": r[1], "primary": r[2], "shadow": r[3]}
                     for r in await db.fetch(

@@ -172,11 +172,13 @@ async def _rows(db: Snapshot, preds: Predictions, regression: bool) -> list[Any]
         WHERE {paired} AND {db.sample_clause(preds.shape.n, "p.id::text")}""")
 
 
-def _whole(pred: PredictionsSection, regression: bool) -> dict[str, Any]:
+def _whole(pred: PredictionsSection, regression: bool, sampled: bool) -> dict[str, Any]:
+    """The metrics over every pair the section reads: the window's, or the sample's when
+    the window is sampled (``sampled``), as the slices' are."""
     if regression:
         return {"n": pred.get("n"), "mae": pred.get("mae"), "rmse": pred.get("rmse"),
-                "within_tolerance": pred.get("within_tolerance")}
-    return {"n": pred.get("n"), "agreement": pred.get("agreement")}
+                "within_tolerance": pred.get("within_tolerance"), "sampled": sampled}
+    return {"n": pred.get("n"), "agreement": pred.get("agreement"), "sampled": sampled}
 
 
 async def build(db: Snapshot, preds: Predictions, pred: PredictionsSection,
@@ -211,7 +213,7 @@ async def build(db: Snapshot, preds: Predictions, pred: PredictionsSection,
         for i, y in zip(known, as_predicted([class_text(labels[i]) for i in known], predicted),
                         strict=True):
             labels[i] = y
-    whole = _whole(pred, regression)
+    whole = _whole(pred, regression, db.window_sampled)
     out_slices: list[SliceEntry] = []
     family_groups: dict[str, list[np.ndarray]] = {}
     for family, name in found:

@@ -98,6 +98,12 @@ class Snapshot:
         return self.scope.compare
 
     @property
+    def window_sampled(self) -> bool:
+        """Whether the row-level sections read a sample of the window's pairs
+        (``--max-pairs``), not every pair."""
+        return self.sample is not None and self.sample["sampled"]
+
+    @property
     def thresholds(self) -> Thresholds:
         return self.scope.compare.thresholds
 

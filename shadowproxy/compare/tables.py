@@ -397,7 +397,12 @@ def _slices(r: dict[str, Any]) -> Section:
         return s
     regression = "mae" in d["whole"]
     metric = "mae" if regression else "agreement"
-    rows = [["(whole)", fmt(d["whole"]["n"]), fmt(d["whole"].get(metric)), "–", "–", ""]]
+    sampled = d["whole"].get("sampled", False)
+    if sampled:
+        s.notes.append("the slices and the whole read the sampled pairs (meta.sample): n "
+                       "counts the sample's rows")
+    rows = [["(whole sample)" if sampled else "(whole)", fmt(d["whole"]["n"]),
+             fmt(d["whole"].get(metric)), "–", "–", ""]]
     for x in d["slices"]:
         rows.append([x["slice"], fmt(x["n"]), fmt(x.get(metric)), pval(x["test"]),
                      fmt(x["test"].get("p_value_adjusted"), 3),

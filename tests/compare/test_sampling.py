@@ -340,3 +340,24 @@ async def test_a_sampled_classification_report_estimates_its_disagreements(
     assert e["of_sample"] == 100 and 0 < e["in_sample"] < 100
     assert e["estimate"] == round(e["in_sample"] / 100 * 300)
     assert e["ci_low"] <= e["estimate"] <= e["ci_high"]
+
+
+async def test_the_sections_on_a_sampled_window_say_they_read_a_sample(
+        database_url: str) -> None:
+    """On a sampled window the predictions' ``sample`` and the slices' ``whole`` say the
+    rows are a sample (the rendered row is ``(whole sample)``); they said ``sampled``
+    false and ``(whole)``, as if the window had been read whole, since the predictions'
+    flag only told of ``sample_max`` and the slices' whole had none."""
+    await insert(database_url, exchanges())
+    compare = {**COMPARE, "slices": {"big": "(request_body_json #>> '{features,sqft}')"
+                                            "::float > 2000"}}
+    win = window()
+    reports = [await report_with(database_url, compare, win=win, **kw)
+               for kw in ({}, {"max_pairs": 60})]
+    for r, sampled in zip(reports, (False, True), strict=True):
+        assert r["meta"]["sample"]["sampled"] is sampled
+        assert r["predictions"]["sample"]["sampled"] is sampled
+        assert r["slices"]["whole"]["sampled"] is sampled
+        assert r["slices"]["whole"]["n"] == r["predictions"]["n"]
+        text = render(r, "text")
+        assert ("(whole sample)" in text) is sampled and ("(whole)" in text) is not sampled
