@@ -246,7 +246,16 @@ class PostgresWriter:
         for conn in (self._busy, self._conn):
             if conn is not None and not conn.is_closed():
                 quiet_cut_waiters(asyncio.get_running_loop())
+                protocol = getattr(conn, "_protocol", None)  # (terminate lets go of it)
                 conn.terminate()
+                if protocol is not None:
+                    # A COPY waiting for room to write (a database that stopped reading
+                    # it, busy or behind a partition: the socket's buffers full) waits on
+                    # the driver's flow control, which neither asyncpg nor the loop lifts
+                    # when the connection is aborted: the COPY waited for ever, holding
+                    # the writer, a stop, and every batch behind it. Lifted, it finds the
+                    # connection gone and fails.
+                    protocol.resume_writing()
 
     async def _connection(self, timeout: float | None = None) -> asyncpg.Connection:
         """The writer's connection, connected within ``timeout`` (the writer's unless given)

@@ -390,6 +390,44 @@ async def test_a_copy_cut_behind_a_partition_leaves_no_driver_error_in_the_log(
     assert not said
 
 
+async def test_a_cut_ends_a_copy_that_waits_for_room_to_write(database_url: str) -> None:
+    """A COPY larger than the socket's buffers, to a database that stopped reading it (a
+    partition; or a database too busy to keep up), waits on the driver's flow control for
+    room to write. A cut (the writer's timeout, a stop's grace) ends it at once with the
+    cut's reason: it aborted the connection but left that wait as it was, since neither
+    asyncpg nor the loop lifts it for an aborted connection, and the COPY waited for ever,
+    with the writer, a stop (the benchmark's harness killed such a proxy 8 s into its
+    stop), and every batch behind it."""
+    big = b'{"x": "%s"}' % (b"y" * 200_000)
+    batch = [exchange(i) for i in range(40)]
+    for ex in batch:
+        ex.body = big
+    rows = RowEncoder(RecordingConfig()).encode(batch)
+    async with DatabaseLink(database_url, stall=True) as link:
+        writer = PostgresWriter(link.url, timeout=120)  # only the cut below ends the wait
+        copying: asyncio.Future[None] | None = None
+        try:
+            await writer.write(*RowEncoder(RecordingConfig()).encode([exchange(0)]))
+            link.freeze_on(b"COPY")
+            copying = asyncio.ensure_future(writer.write(*rows))
+            await asyncio.wait_for(link.frozen.wait(), 10)
+            await asyncio.sleep(0.5)  # the buffers fill up; the COPY waits for room
+            assert not copying.done()
+            writer.cut("the stop's grace ran out")
+            # Not wait_for: its cancellation would end the wait too (asyncpg then fails the
+            # COPY), which is not what a stop does with it.
+            await asyncio.wait({copying}, timeout=10)
+            assert copying.done(), "the COPY still waits for room to write after the cut"
+            with pytest.raises(DatabaseError, match="the stop's grace ran out"):
+                copying.result()
+        finally:
+            if copying is not None and not copying.done():
+                copying.cancel()
+                with contextlib.suppress(BaseException):
+                    await copying
+            await writer.close(0.2)
+
+
 async def _interrupted_again_and_again(proc: asyncio.subprocess.Process) -> Result:
     """Ctrl-C, then Ctrl-C again every 10 ms until the command ends (an impatient
     operator): each of the command's last moments gets one."""
