@@ -33,7 +33,7 @@ from typing import Any
 import brotli
 import orjson
 
-from shadowproxy.recorder.bodies import BodyTooLarge, Inflater
+from shadowproxy.recorder.bodies import MAX_CODINGS, BodyTooLarge, Inflater
 
 Arrival = tuple[int, float]
 """One network read of a response body: (body bytes received before it, perf_counter time)."""
@@ -479,14 +479,16 @@ def looks_like_events(data: bytes) -> bool:
 def decode_arrivals(body: bytes, arrivals: Sequence[Arrival], encoding: bytes, cap: int
                     ) -> tuple[bytes, list[Arrival]] | None:
     """A content-encoded (gzip, deflate, br) body decoded read by read, with its arrivals
-    moved to offsets in the decoded bytes; None if the encoding is unknown or corrupt, or
-    the decoded body would exceed ``cap`` bytes.
+    moved to offsets in the decoded bytes; None if the encoding is unknown or corrupt, lists
+    more than ``MAX_CODINGS`` codings, or the decoded body would exceed ``cap`` bytes.
 
     Each read is decoded as it came, so an event gets the time of the read that completed
     it (as far as the server flushed its compressor between events). A list of codings
     (``gzip, br``) is undone last first (RFC 9110, 8.4), each step moving the arrivals on.
     """
     if encoding.find(b",") >= 0:
+        if encoding.count(b",") >= MAX_CODINGS:
+            return None  # each step walks every arrival: see bodies.MAX_CODINGS
         # The steps before the last share one cap, as in ``bodies.decompress``: a long
         # list must not multiply the work.
         codings = encoding.split(b",")

@@ -40,6 +40,8 @@ def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
     """
     if encoding.find(b",") < 0:
         return _undo(data, encoding, cap)
+    if encoding.count(b",") >= MAX_CODINGS:
+        return None  # see MAX_CODINGS: stored as sent, as a coding not undone here
     # A list names the codings in the order they were applied (RFC 9110, 8.4): undo the
     # last first. The last step's output is capped as one coding's; the steps before it
     # share one more cap, so that a list cannot multiply the work: each step capped alone,
@@ -55,6 +57,15 @@ def decompress(data: bytes, encoding: bytes, cap: int) -> bytes | None:
             room -= len(step)
             data = step
     return _undo(data, codings[0], cap)
+
+
+MAX_CODINGS = 8
+"""The most content-codings a list may name for a body to be decoded (``decompress``,
+``streams.decode_arrivals``). RFC 9110 allows a list, but no server sends more than two or
+three; each step walks the whole body (a streamed one's every noted read too), so a list of
+thousands (a header line holds about 1,600 `gzip`, 8,000 empty ones) held the recorder's
+loop seconds for one record. A longer list is not undone: its body is stored as sent, and
+withheld under ``redact_json`` if it claims JSON, as a body of an unknown coding is."""
 
 
 def _undo(data: bytes, encoding: bytes, cap: int) -> bytes | None:
@@ -153,7 +164,8 @@ def _looks_like_json(data: bytes) -> bool:
 # ``Unredactable``): with redaction rules, such a body is withheld, since its secrets could
 # not be found. The words appear in logs and in ``shadowproxy_bodies_withheld_total``.
 ENCODING = "encoding"
-"""Its content-encoding is unknown or corrupt, or undoing it passes the cap."""
+"""Its content-encoding is unknown or corrupt, lists more than ``MAX_CODINGS`` codings, or
+undoing it passes the cap."""
 NOT_UTF8 = "not_utf8"
 """Not UTF-8 text (or it holds a NUL character, which no JSON text can)."""
 INVALID_JSON = "invalid_json"

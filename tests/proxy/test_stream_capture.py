@@ -466,3 +466,43 @@ async def test_a_plain_stream_mislabelled_deflate_is_withheld_under_redaction(
     row = await fetchrow(database_url, "SELECT body, body_truncated, body_json::text AS j "
                                        "FROM shadowproxy.responses")
     assert row["body"] is None and row["body_truncated"] is True and row["j"] is None
+
+
+@pytest.mark.parametrize("redact", [False, True], ids=["no rules", "redact_json"])
+async def test_a_stream_listing_hundreds_of_codings_is_stored_as_sent(
+        start_proxy: StartProxy, database_url: str, redact: bool) -> None:
+    """A gzip event stream whose Content-Encoding lists 700 codings (`gzip,
+    identity, identity, ...`), flushed event by event: each step of undoing the list walked
+    every read of the stream, seconds of the recorder's loop for one record. A list longer
+    than MAX_CODINGS is not undone: the client gets the stream as sent, the record keeps
+    its bytes without an assembled answer, and with redaction rules they are withheld (a
+    redacted field could not be looked for), as a stream of an unknown coding's are."""
+    words = ["one", " two", " three"]
+    coding = "gzip" + ", identity" * 700  # (a header line of 7 kB: clients read 8)
+
+    async def listed(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Content-Encoding": coding})
+        await resp.prepare(request)
+        z = zlib.compressobj(wbits=zlib.MAX_WBITS | 16)
+        for event in _events(words):
+            await resp.write(z.compress(event) + z.flush(zlib.Z_SYNC_FLUSH))
+            await asyncio.sleep(0.01)
+        await resp.write(z.flush())
+        await resp.write_eof()
+        return resp
+
+    recording = {"redact_json": ["$.choices"]} if redact else {}
+    async with serve(listed) as primary, \
+            start_proxy([route(primary.url)], recording=recording) as proxy, \
+            aiohttp.ClientSession(auto_decompress=False) as http:
+        async with http.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions",
+                             json={"stream": True}) as resp:
+            raw = await resp.read()
+        await wait_for_rows(database_url, "responses", 1)
+    assert zlib.decompress(raw, zlib.MAX_WBITS | 16) == b"".join(_events(words))
+    row = await fetchrow(database_url, "SELECT body, body_truncated, body_json::text AS j, "
+                                       "stream::text AS s FROM shadowproxy.responses")
+    assert row["j"] is None and row["s"] is None
+    assert row["body"] == (None if redact else raw)
+    assert row["body_truncated"] is redact

@@ -11,7 +11,9 @@ import pytest
 
 from shadowproxy.config import RecordingConfig
 from shadowproxy.recorder.bodies import (
+    ENCODING,
     INVALID_JSON,
+    MAX_CODINGS,
     TOO_DEEP,
     BodyTooLarge,
     JsonRedactor,
@@ -71,31 +73,58 @@ def test_a_list_of_codings_is_undone_last_first() -> None:
 
 
 def test_the_steps_of_a_list_of_codings_share_one_cap() -> None:
-    """The steps before the last share one cap, whose output a long list cannot multiply:
-    deflate listed 50 times over stored layers of 100 kB (each step well within the cap)
+    """The steps before the last share one cap, whose output a list cannot multiply:
+    deflate listed 8 times over stored layers of 100 kB (each step well within the cap)
     raises BodyTooLarge; two steps each within the cap still decode."""
     data = b"\0" * 100_000
     layered = data
-    for _ in range(50):
+    for _ in range(MAX_CODINGS):
         layered = zlib.compress(layered, 0)
+    codings = b", ".join([b"deflate"] * MAX_CODINGS)
     with pytest.raises(BodyTooLarge):
-        decompress(layered, b", ".join([b"deflate"] * 50), 1_000_000)
-    assert decompress(layered, b", ".join([b"deflate"] * 50), 6_000_000) == data
+        decompress(layered, codings, 400_000)
+    assert decompress(layered, codings, 1_000_000) == data
     twice = gzip.compress(gzip.compress(b"\0" * 1_000_000, 0))
     assert decompress(twice, b"gzip, gzip", 1_001_000) == b"\0" * 1_000_000
-    # identity undoes nothing and takes none of the cap, however often it is listed
+    # identity undoes nothing and takes none of the cap
     bomb = gzip.compress(gzip.compress(b"\0" * 50_000_000))
     with pytest.raises(BodyTooLarge):
         decompress(bomb, b"gzip, gzip" + b", identity" * 5, len(bomb) * 5 - 1)
-    assert decompress(twice, b"gzip, identity, gzip" + b", identity" * 2_000, 1_001_000) == (
+    assert decompress(twice, b"gzip, identity, gzip" + b", identity" * 5, 1_001_000) == (
         b"\0" * 1_000_000)
     arrivals = [(0, 0.0), (len(layered) // 2, 1.0)]
-    assert decode_arrivals(layered, arrivals, b", ".join([b"deflate"] * 50), 1_000_000) is None
-    decoded = decode_arrivals(layered, arrivals, b", ".join([b"deflate"] * 50), 6_000_000)
+    assert decode_arrivals(layered, arrivals, codings, 400_000) is None
+    decoded = decode_arrivals(layered, arrivals, codings, 1_000_000)
     assert decoded is not None and decoded[0] == data
     decoded = decode_arrivals(bomb, arrivals[:1], b"gzip, gzip" + b", identity" * 5,
                               len(bomb) * 5 - 2)
     assert decoded is None
+
+
+def test_a_list_of_more_than_max_codings_is_not_undone() -> None:
+    """A list naming more than MAX_CODINGS codings is not undone, however small its steps:
+    each step walks the whole body and a stream's every read, so thousands of them (a
+    header line holds 1,600 `gzip`) held the recorder's loop for seconds. The body is
+    treated as one of an unknown coding (no JSON; withheld under redaction if it claims
+    JSON); a list of MAX_CODINGS is undone."""
+    data = b'{"user": {"ssn": "078-05-1120"}}'
+    layered = data
+    for _ in range(MAX_CODINGS + 1):
+        layered = gzip.compress(layered, mtime=0)
+    assert decompress(layered, b",".join([b"gzip"] * (MAX_CODINGS + 1)), 1000) is None
+    once = gzip.compress(data)
+    assert decompress(once, b"gzip" + b", identity" * (MAX_CODINGS - 1), 1000) == data
+    assert decompress(once, b"gzip" + b", identity" * MAX_CODINGS, 1000) is None
+    assert decompress(once, b"gzip" + b"," * 8_000, 1000) is None
+    arrivals = [(i, float(i)) for i in range(len(layered))]
+    assert decode_arrivals(layered, arrivals, b",".join([b"gzip"] * (MAX_CODINGS + 1)),
+                           1000) is None
+    decoded = decode_arrivals(once, arrivals[:len(once)],
+                              b"gzip" + b", identity" * (MAX_CODINGS - 1), 1000)
+    assert decoded is not None and decoded[0] == data
+    headers = [(b"Content-Type", b"application/json"),
+               (b"Content-Encoding", b",".join([b"gzip"] * (MAX_CODINGS + 1)))]
+    assert inspect_json(layered, headers, 1000) == (None, ENCODING)
 
 
 class _Counted:

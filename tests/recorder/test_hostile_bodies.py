@@ -202,9 +202,10 @@ async def test_compressed_bodies_built_to_be_slow_to_undo_are_recorded(
     """Answers built to make the recorder's decoding slow, though each stays within
     max_decompressed_bytes at every step: a megabyte of empty gzip members (the rest of
     the body was copied at each member's end), and deflate listed 500 times over stored
-    layers of 3 MB (each step was capped alone). Each reaches its client whole and its
-    record is stored; how much decoding they cost is counted in test_bodies (a 0.8 s
-    stall of the loop each, before; timed here, the test would depend on the machine)."""
+    layers of 3 MB (each step was capped alone; such a list is no longer undone). Each
+    reaches its client whole and its record is stored; how much decoding they cost is
+    counted in test_bodies (a 0.8 s stall of the loop each, before; timed here, the test
+    would depend on the machine)."""
     layers = 500
     bodies = {"/members": (gzip.compress(b"", mtime=0) * 52_000, "gzip"),
               "/layers": (stored_layers(b"\0" * 3_000_000, layers),
