@@ -11,8 +11,8 @@ problem, when a label is ``NaN`` or ``Infinity`` (JSON has no such numbers), whe
 label holds a character PostgreSQL cannot store (a NUL, or half of a surrogate pair written
 as a JSON escape), when one id is given two different labels (compared as JSON values,
 as jsonb does: ``1`` and ``1.0`` are one label), or when a request of a route
-with ``compare.task: regression`` gets a label that is not a number (the report could not
-use it).
+with ``compare.task: regression`` gets a label that is not a number, or a number past a
+float's range such as ``1e400`` (the report could not use it).
 """
 
 from __future__ import annotations
@@ -290,14 +290,23 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
     return labels, result
 
 
-_NOT_NUMBERS = """
-    SELECT DISTINCT i.request_id, i.label, q.route FROM _labels_in i
-    JOIN shadowproxy.requests q ON q.request_id = i.request_id
-    WHERE q.route = ANY($1::text[])
-      AND NOT (jsonb_typeof(i.label::jsonb) = 'number'
-               OR (jsonb_typeof(i.label::jsonb) = 'array'
-                   AND NOT jsonb_path_exists(i.label::jsonb, '$[*] ? (@.type() != "number")')))
-    ORDER BY i.request_id LIMIT $2"""
+_FLOAT_OVERFLOW = 2**1024 - 2**970
+"""The least number a float8 (a Python float) reads as infinity: past the largest float by
+half its last step, rounded up (the largest float's mantissa is odd)."""
+_NOT_NUMBERS = f"""
+    SELECT DISTINCT request_id, label, route, numbers FROM (
+      SELECT i.request_id, i.label, q.route, l,
+             jsonb_typeof(l) = 'number' OR (jsonb_typeof(l) = 'array' AND NOT
+                 jsonb_path_exists(l, '$[*] ? (@.type() != "number")')) AS numbers
+      FROM _labels_in i CROSS JOIN LATERAL (SELECT i.label::jsonb) AS j(l)
+      JOIN shadowproxy.requests q ON q.request_id = i.request_id
+      WHERE q.route = ANY($1::text[])) x
+    WHERE NOT numbers
+       OR jsonb_path_exists(l, '$[*] ? (@ >= {_FLOAT_OVERFLOW} || @ <= -{_FLOAT_OVERFLOW})')
+    ORDER BY request_id LIMIT $2"""
+"""The labels of regression routes the report cannot use: not numbers, or numbers past a
+float's range (``1e400``: jsonb holds it, the report reads it as infinity and left the row
+out of its metrics, saying nothing). ``numbers``: the label is (an array of) numbers."""
 
 
 async def import_labels(conn: asyncpg.Connection, labels: dict[str, str],
@@ -305,7 +314,7 @@ async def import_labels(conn: asyncpg.Connection, labels: dict[str, str],
                         path: Path = Path("labels")) -> LabelImport:
     """Upsert ``labels`` in one transaction and count what changed; UsageError (and nothing
     imported) when a request of one of ``regression_routes`` gets a label that is not a
-    number."""
+    number, or one past a float's range."""
     try:
         async with conn.transaction():
             await conn.execute("CREATE TEMP TABLE _labels_in (request_id text, label text) "
@@ -316,9 +325,11 @@ async def import_labels(conn: asyncpg.Connection, labels: dict[str, str],
                 if wrong:
                     raise _problems(path, [
                         f"{path}:{result.lines.get(r['request_id'], '?')}: the label "
-                        f"{r['label']} of {r['request_id']!r} is not a number, but route "
-                        f"{r['route']!r} has compare.task: regression (the report could "
-                        "not use it)" for r in wrong])
+                        f"{r['label']} of {r['request_id']!r} " + (
+                            "is beyond the range of a float (±1.8e308)" if r["numbers"]
+                            else "is not a number") + f", but route {r['route']!r} has "
+                        "compare.task: regression (the report could not use it)"
+                        for r in wrong])
             rows = await conn.fetch("""
                 INSERT INTO shadowproxy.labels AS l (request_id, label)
                 SELECT request_id, label::jsonb FROM _labels_in
