@@ -13,6 +13,10 @@ as a JSON escape), when one id is given two different labels (compared as JSON v
 as jsonb does: ``1`` and ``1.0`` are one label), or when a request of a route
 with ``compare.task: regression`` gets a label that is not a number, or a number past a
 float's range such as ``1e400`` (the report could not use it).
+
+A file that writes one yes/no class more than one way (``1`` and ``true``, ``true`` and
+``True``) is imported with a warning: the report reads them as one class only for models
+that answer true/false or 0/1, and a mix often means exports put together that disagree.
 """
 
 from __future__ import annotations
@@ -55,6 +59,20 @@ class LabelImport:
     unknown_examples: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)
     """The file line of each request id's first label."""
+    spellings: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Of the classes true and false: each way the file writes it (``1``, ``true``,
+    ``True``) and the line it is first written so on (``binary_class``)."""
+
+    def mixed_spellings(self) -> str | None:
+        """What to say of a file that writes one yes/no class more than one way, else None."""
+        mixed = [f"{c} as " + ", ".join(f"{w} (line {n})" for w, n in ways.items())
+                 for c, ways in sorted(self.spellings.items(), reverse=True) if len(ways) > 1]
+        if not mixed:
+            return None
+        return ("one class is written more than one way: " + "; ".join(mixed) + ". The "
+                "report reads them as one class for a model that answers true/false or "
+                "0/1, but not for one that answers other values; if the file was put "
+                "together from several exports, check that they label the same way")
 
 
 _SHOWN = 10
@@ -104,6 +122,21 @@ def _label_json(text: str) -> str:
     if "\\u" in text and not _storable(value):
         raise _Unstorable(text)
     return text
+
+
+_BINARY = {"0": ("false", "0"), "1": ("true", "1"), "0.0": ("false", "0"),
+           "1.0": ("true", "1")}
+
+
+def binary_class(label: str) -> tuple[str, str] | None:
+    """(``true`` or ``false``, how it is written) if the label (as in the file) is a
+    spelling of a yes/no class: ``1``, ``true``, ``True``, ``TRUE``, which the report reads
+    as one class when the models answer true/false or 0/1 (``1`` and ``1.0`` are written
+    one way: they are one JSON value). Else None."""
+    if len(label) > 5:
+        return None
+    lower = label.lower()
+    return (lower, label) if lower in ("true", "false") else _BINARY.get(label)
 
 
 def _same_label(a: str, b: str) -> bool:
@@ -274,6 +307,9 @@ def read_labels(path: Path) -> tuple[dict[str, str], LabelImport]:
                 else:
                     result.lines[request_id] = line
                 labels[request_id] = value
+                yes_no = binary_class(label)
+                if yes_no is not None:
+                    result.spellings.setdefault(yes_no[0], {}).setdefault(yes_no[1], line)
             if found:
                 raise _problems(path, found)
     except OSError as exc:
@@ -381,6 +417,9 @@ def run_labels_import(args: argparse.Namespace) -> int:
              if result.skipped_empty else "")
           + (f"; {result.duplicates_in_file} repeated ids (the last row wins)"
              if result.duplicates_in_file else ""))
+    mixed = result.mixed_spellings()
+    if mixed is not None:
+        print(f"warning: {path}: {mixed}", file=sys.stderr)
     if result.unknown_ids:
         print(f"{result.unknown_ids} request ids match no recorded request (yet), e.g. "
               f"{', '.join(result.unknown_examples)}; they are stored and will join their "

@@ -93,20 +93,22 @@ def class_text(text: str | None) -> str:
     return text
 
 
-_AS_BOOLEAN = {"0": "false", "1": "true"}
-_AS_BIT = {"false": "0", "true": "1"}
+_AS_BOOLEAN = {"0": "false", "1": "true", "false": "false", "true": "true"}
+_AS_BIT = {"0": "0", "1": "1", "false": "0", "true": "1"}
 
 
 def as_predicted(labels: list[str], predicted: set[str]) -> list[str]:
     """Labels (``class_text``) written as the models write their classes when the two are
-    the same binary classes spelled apart: 0/1 labels for models that answer booleans, or
-    ``true``/``false`` labels for models that answer 0/1. A labels file of 0 and 1 is the
-    common form of ground truth for a yes/no model; compared as text, no label matched a
-    prediction, and accuracy, precision, recall and F1 were 0 on both sides."""
-    classes = set(labels)
+    the same binary classes spelled apart: 0/1 or true/false labels, in any case (pandas
+    writes booleans ``True`` and ``False``), for models that answer booleans or 0/1. A
+    labels file of 0 and 1 is the common form of ground truth for a yes/no model; compared
+    as text, no label matched a prediction, and accuracy, precision, recall and F1 were 0
+    on both sides."""
     for spelling in (_AS_BOOLEAN, _AS_BIT):
-        if classes <= spelling.keys() and predicted <= set(spelling.values()):
-            return [spelling[y] for y in labels]
+        if predicted <= set(spelling.values()):
+            mapped = [spelling.get(y) or spelling.get(y.lower()) for y in labels]
+            if all(mapped):
+                return cast(list[str], mapped)
     return labels
 
 

@@ -129,6 +129,27 @@ def test_a_label_past_a_floats_range_on_a_regression_route_is_refused(
     assert len(asyncio.run(_labels(sync_database_url))) == 5
 
 
+def test_a_file_writing_one_yes_no_class_several_ways_is_imported_with_a_warning(
+        sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`1`, `true` and `True` in one file (two exports put together: pandas writes booleans
+    `True` and `False`) are imported, with a warning naming each spelling and its first
+    line; `1` and `1.0`, or `True` on every row, are one spelling and say nothing."""
+    config = write_config(tmp_path, sync_database_url, 'prediction: "$.p"')
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nr0,1\nr1,0\nr2,true\nr3,True\nr4,1.0\nr5,False\n"
+                      "r6,0\nr7,yes\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    out, err = capsys.readouterr()
+    assert "8 new labels" in out
+    assert f"warning: {labels}: one class is written more than one way: true as 1 (line 2), " \
+           "true (line 4), True (line 5); false as 0 (line 3), False (line 7)." in err
+    labels.write_text("request_id,label\nr0,1\nr1,0\nr4,1.0\nr7,yes\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    labels.write_text("request_id,label\nr0,True\nr1,False\nr2,True\n")
+    assert main(["labels", "import", "-c", str(config), str(labels)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_characters_postgresql_cannot_store_are_refused_with_their_lines(
         sync_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A NUL (raw, or the JSON escape \\u0000) or a lone surrogate escape in a label, or a NUL

@@ -288,6 +288,41 @@ async def test_labels_0_and_1_are_the_classes_of_a_model_that_answers_booleans(
     assert r["performance"]["shadow"]["accuracy"] == pytest.approx(skm.accuracy_score(y, s))
 
 
+async def test_labels_true_and_false_in_any_case_are_the_classes_of_a_yes_no_model(
+        database_url: str, tmp_path: Path) -> None:
+    """Labels `True` and `False` (as pandas writes booleans; stored as strings) or `TRUE`
+    and `FALSE` are the classes of a model answering JSON booleans, or 0 and 1, as `true`
+    and `false` labels are; so are the labels of a file that mixes `1`, `true` and `True`.
+    Compared as text, none matched a prediction: accuracy 0 on both sides."""
+    rng = np.random.default_rng(25)
+    n = 80
+    y = rng.integers(0, 2, n)
+    p = np.where(rng.random(n) < 0.9, y, 1 - y)
+    s = np.where(rng.random(n) < 0.7, y, 1 - y)
+    exchanges = [Exchange({"features": {"x": float(i)}},
+                          Call({"fraud": bool(p[i]), "bit": int(p[i])}),
+                          {"candidate": Call({"fraud": bool(s[i]), "bit": int(s[i])})})
+                 for i in range(n)]
+    await insert(database_url, exchanges)
+    compare = {"prediction": "$.fraud",
+               "slices": {"first": "(request_body_json #>> '{features,x}')::float < 40"}}
+    mixed = ("1", "true", "True")
+    for spell, prediction in (({1: "True", 0: "False"}, "$.fraud"),
+                              ({1: "TRUE", 0: "FALSE"}, "$.bit"),
+                              ({1: "True", 0: "False"}, "$.bit"),
+                              ({0: "0"}, "$.fraud")):
+        await _labels(database_url, tmp_path, [
+            (ex.request_id, spell.get(int(y[i])) or mixed[i % 3])
+            for i, ex in enumerate(exchanges)])
+        r = await report(database_url, {**compare, "prediction": prediction})
+        perf = r["performance"]
+        assert perf["primary"]["accuracy"] == pytest.approx(skm.accuracy_score(y, p)), spell
+        assert perf["shadow"]["accuracy"] == pytest.approx(skm.accuracy_score(y, s)), spell
+        first = next(x for x in r["slices"]["slices"] if x["slice"] == "first")
+        assert first["performance"]["shadow_accuracy"] == pytest.approx(
+            np.mean((s == y)[:40]))
+
+
 async def test_whole_number_classes_past_2_53_stay_apart_on_labels(
         database_url: str, tmp_path: Path) -> None:
     """Item ids 2^53, 2^53 + 1 and 2^53 + 2 as classes: each prediction is right only for
