@@ -223,9 +223,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DURATION_OPTIONS = ("--older-than", "--since")
+
+
+def _attach_negative_durations(argv: Sequence[str]) -> list[str]:
+    """``--older-than -1d`` as ``--older-than=-1d``. argparse takes a value that begins with
+    a dash for an option unless it is a plain negative number (``-1``, ``-1.5``), and said
+    only "expected one argument"; attached, the value reaches the option's own parser,
+    which says why a negative age or duration makes no sense."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _DURATION_OPTIONS and i + 1 < len(argv) and (
+                argv[i + 1][:1] == "-" and argv[i + 1][1:2].isdigit()):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_durations(
+        sys.argv[1:] if argv is None else argv))
     try:
         status: int = args.handler(args)
         return status

@@ -26,6 +26,10 @@ def parse_age(text: str) -> timedelta:
     an age of 0 would mean everything)."""
     m = _AGE.fullmatch(text.strip())
     if not m:
+        if text.strip().startswith("-") and _AGE.fullmatch(text.strip()[1:]):
+            raise ValueError(f"a negative age makes no sense: an age counts back from now "
+                             f"(for records from before {text.strip()[1:]} ago, write "
+                             f"{text.strip()[1:]}); expected {EXAMPLE} (got {text!r})")
         raise ValueError(f"expected {EXAMPLE} (got {text!r})")
     amount = int(m.group(1))
     if amount == 0:

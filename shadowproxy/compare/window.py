@@ -42,6 +42,11 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 def parse_duration(text: str) -> float:
     """Seconds in ``15m``, ``1h``, ``7d``; UsageError otherwise."""
     m = _DURATION.match(text)
+    if not m and _DURATION.match(text.replace("-", "", 1)) and text.strip().startswith("-"):
+        raise UsageError(f"a negative duration makes no sense: a window reaches back from "
+                         f"its end (for the last {text.strip()[1:].strip()}, write "
+                         f"{text.strip()[1:].strip()}); expected a duration such as 30s, "
+                         f"15m, 1h, 7d or 2w (got {text!r})")
     if not m or float(m.group(1)) <= 0:
         raise UsageError(f"expected a duration such as 30s, 15m, 1h, 7d or 2w (got {text!r})")
     return float(m.group(1)) * _UNITS[m.group(2)]

@@ -91,6 +91,8 @@ def test_fail_on_sets_exit_status_3(config: Path, capsys: pytest.CaptureFixture[
     (["--route", "nope"], "no route named 'nope'"),
     (["--route", "house-prices", "--shadow", "ghost"], "has no shadow named 'ghost'"),
     (["--route", "house-prices", "--since", "soon"], "expected a duration"),
+    (["--route", "house-prices", "--since", "-1h"], "a negative duration makes no sense"),
+    (["--route", "house-prices", "--since=-1h"], "(for the last 1h, write 1h)"),
     (["--route", "house-prices", "--from", "2025-02-01", "--to", "2025-01-01"],
      "the window is empty"),
     (["--route", "house-prices", "--from", "yesterday"], "ISO 8601"),

@@ -175,6 +175,11 @@ def test_prune_command_says_how_many_it_removed(sync_database_url: str, tmp_path
     (["--older-than", "30d", "--batch-size", "0"], "--batch-size: expected 1 or more"),
     (["--older-than", "99999999999d"], "--older-than: too large an age"),
     (["--older-than", "3000000d"], "--older-than: too large an age: at most 36525d"),
+    # argparse took `-1d` for an option: "expected one argument"
+    (["--older-than", "-1d"], "--older-than: a negative age makes no sense: an age counts "
+                              "back from now (for records from before 1d ago, write 1d)"),
+    (["--older-than=-1d", "--batch-size", "2"], "--older-than: a negative age makes no sense"),
+    (["--batch-size", "2", "--older-than", "-30m"], "(for records from before 30m ago"),
 ])
 def test_prune_command_with_bad_arguments_exits_2(
         tmp_path: Path, args: list[str], expected: str) -> None:
