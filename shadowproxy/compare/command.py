@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import stat
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -164,14 +166,32 @@ def _write_whole(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all: into a file beside it, renamed over it once
     written. Written in place, a disk that filled up (or a Ctrl-C) midway left an earlier
     report at that path cut to the part of the new one that fitted. Anything but a file
-    (``/dev/stdout``, a pipe) is written to as it is."""
+    (``/dev/stdout``, a pipe) is written to as it is.
+
+    A symlink is written through, as writing in place would: the file it names is the one
+    replaced, and the link stays (renamed over, the link became a file and its target kept
+    the old report). The new file gets the old one's mode, so that a report kept private
+    stays so (it was made with the default mode, readable by all); a new path gets the
+    default mode."""
     if path.exists() and not path.is_file():
         path.write_text(text, encoding="utf-8")
         return
-    partial = path.with_name(f".{path.name}.partial")
+    target = Path(os.path.realpath(path))
     try:
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(path)
+        mode: int | None = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = None
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        partial.unlink(missing_ok=True)  # left by a kill -9: O_EXCL would refuse it
+        # Private until its mode is set: the report is not readable by all meanwhile.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     0o666 if mode is None else 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
+            fh.write(text)
+        partial.replace(target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import os
 import re
 import resource
+import stat
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -173,6 +175,42 @@ def test_a_window_from_year_1_or_to_year_9999_is_reported(
     assert reference["kind"] == "earlier_window"
     assert reference["end"] == report["meta"]["window"]["start"]
     assert datetime.fromisoformat(reference["start"]) >= datetime.min.replace(tzinfo=UTC)
+
+
+def test_a_report_written_over_a_symlink_goes_to_its_target_with_the_old_mode(
+        config: Path, tmp_path: Path) -> None:
+    """-o a symlink (latest.json -> reports/2025-01-01.json, a published report kept
+    private with mode 0600) writes the report to the link's target, keeping the link and
+    the target's mode; the new file was renamed over the link and made with the default
+    mode, readable by all. A new file gets the default mode."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    target = reports / "2025-01-01.json"
+    target.write_text("old")
+    target.chmod(0o600)
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    chain = tmp_path / "chain.json"
+    chain.symlink_to(link)
+    for out in (link, chain):
+        assert main(["report", "-c", str(config), "--route", "house-prices",
+                     "--format", "json", "-o", str(out)]) == 0
+        assert out.is_symlink() and link.is_symlink() and out.resolve() == target
+        assert json.loads(target.read_text())["counts"]["pairs"] == 200
+        assert stat.S_IMODE(target.stat().st_mode) == 0o600
+        target.write_text("old")
+    assert sorted(p.name for p in reports.iterdir()) == ["2025-01-01.json"]
+    dangling = tmp_path / "next.json"
+    dangling.symlink_to(reports / "2025-01-02.json")
+    assert main(["report", "-c", str(config), "--route", "house-prices", "--format", "json",
+                 "-o", str(dangling)]) == 0
+    assert dangling.is_symlink() and (reports / "2025-01-02.json").is_file()
+    fresh = tmp_path / "fresh.json"
+    assert main(["report", "-c", str(config), "--route", "house-prices", "--format", "json",
+                 "-o", str(fresh)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
 
 
 def test_report_on_replayed_targets_named_outside_the_config(
