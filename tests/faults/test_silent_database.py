@@ -23,7 +23,7 @@ from shadowproxy.config import RecordingConfig
 from shadowproxy.errors import DatabaseError
 from shadowproxy.recorder.postgres import PostgresWriter
 from shadowproxy.recorder.recorder import START_CHECK_S
-from shadowproxy.recorder.rows import RowEncoder
+from shadowproxy.recorder.rows import Row, RowEncoder
 from shadowproxy.store.database import connect, quiet_cut_waiters
 from tests.conftest import StartProxy, route
 from tests.db import fetchval
@@ -361,6 +361,16 @@ async def test_a_connection_cancelled_while_it_is_set_up_ends_cancelled(
             await asyncio.wait_for(connecting, 5)
 
 
+def _larger_than_the_socket_buffers() -> tuple[list[Row], list[Row]]:
+    """The rows of a batch of 40 exchanges with 200 kB bodies: 8 MB, more than a socket's
+    buffers hold, so that a COPY of it waits for room to write once the reading stops."""
+    big = b'{"x": "%s"}' % (b"y" * 200_000)
+    batch = [exchange(i) for i in range(40)]
+    for ex in batch:
+        ex.body = big
+    return RowEncoder(RecordingConfig()).encode(batch)
+
+
 async def test_a_copy_cut_behind_a_partition_leaves_no_driver_error_in_the_log(
         database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """A batch larger than the socket's buffers, sent to a database that stopped reading it
@@ -369,11 +379,7 @@ async def test_a_copy_cut_behind_a_partition_leaves_no_driver_error_in_the_log(
     then never collected, and asyncio logged `ERROR Future exception was never retrieved`
     with a traceback of asyncpg's ConnectionDoesNotExistError when it was freed, after the
     writer's own line had said what became of the batch."""
-    big = b'{"x": "%s"}' % (b"y" * 200_000)
-    batch = [exchange(i) for i in range(40)]
-    for ex in batch:
-        ex.body = big
-    rows = RowEncoder(RecordingConfig()).encode(batch)
+    rows = _larger_than_the_socket_buffers()
     async with DatabaseLink(database_url, stall=True) as link:
         writer = PostgresWriter(link.url, timeout=WRITER_TIMEOUT_S)
         try:
@@ -398,11 +404,7 @@ async def test_a_cut_ends_a_copy_that_waits_for_room_to_write(database_url: str)
     asyncpg nor the loop lifts it for an aborted connection, and the COPY waited for ever,
     with the writer, a stop (the benchmark's harness killed such a proxy 8 s into its
     stop), and every batch behind it."""
-    big = b'{"x": "%s"}' % (b"y" * 200_000)
-    batch = [exchange(i) for i in range(40)]
-    for ex in batch:
-        ex.body = big
-    rows = RowEncoder(RecordingConfig()).encode(batch)
+    rows = _larger_than_the_socket_buffers()
     async with DatabaseLink(database_url, stall=True) as link:
         writer = PostgresWriter(link.url, timeout=120)  # only the cut below ends the wait
         copying: asyncio.Future[None] | None = None
