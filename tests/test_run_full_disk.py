@@ -66,8 +66,16 @@ async def test_workers_on_a_full_disk_serve_and_stop_cleanly(
             sys.executable, "-m", "shadowproxy", "run", "-c", str(config),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             preexec_fn=_full_disk, env={**os.environ, "SHADOWPROXY_DATABASE_URL": ""})
+        early: list[bytes] = []
         try:
-            # (Not ready: a worker that cannot publish its snapshot is not, docs/operations.md.)
+            # Both workers listening before the stop: one still starting exits without
+            # serving, and has no final snapshot to write. (Not /readyz: a worker that
+            # cannot publish its snapshot is not ready, docs/operations.md.)
+            assert proc.stderr is not None
+            while sum(b" listening on " in line for line in early) < 2:
+                line = await asyncio.wait_for(proc.stderr.readline(), 60)
+                assert line, b"".join(early).decode()[-3000:]
+                early.append(line)
             async with aiohttp.ClientSession() as http:
                 for _ in range(300):
                     with contextlib.suppress(aiohttp.ClientError):
@@ -82,7 +90,7 @@ async def test_workers_on_a_full_disk_serve_and_stop_cleanly(
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 60)
-    said = err.decode()
+    said = b"".join(early).decode() + err.decode()
     assert proc.returncode == 0, said[-3000:]
     assert "Traceback" not in said, said[-3000:]
     assert said.count("cannot write this worker's final snapshot") == 2, said[-3000:]
