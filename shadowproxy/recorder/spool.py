@@ -17,15 +17,24 @@ interrupted half-way and retried stores every record once.
 
 Segments belong to the process that wrote them (pid in the name); at start-up, and every
 ``recorder.ADOPT_EVERY_S`` after, a process adopts the segments of processes that are gone,
-such as one killed with ``kill -9``.
+such as one killed with ``kill -9``. A process holds ``owner-<pid>.lock`` in the spool
+(``flock``) for as long as its spool is open, and the kernel lets go of it when the process
+ends however it ends: a segment is adopted once its writer's lock can be taken. Whether a
+process of that pid runs says nothing once pids are reused (a restarted container gives
+them out again from the same small numbers): a segment whose pid now belonged to another
+process, a supervisor or a database, was never adopted. Segments of a version before the
+lock have no lock file, and are adopted once no process has their pid, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import pickle
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -34,6 +43,8 @@ from typing import Any
 
 from shadowproxy.errors import SpoolError, UnreadableFrame
 from shadowproxy.private import open_private, private_directory
+
+log = logging.getLogger("shadowproxy.recorder")
 
 _FRAME = struct.Struct("<II")
 SET_ASIDE_SUFFIX = ".unreadable"
@@ -77,6 +88,15 @@ def frame_bytes(payload: Payload) -> bytes:
     return _FRAME.pack(len(data), zlib.crc32(data)) + data
 
 
+LOCK_PREFIX = "owner-"
+LOCK_SUFFIX = ".lock"
+_held: dict[Path, list[int]] = {}
+"""This process's lock files, each [descriptor, spools open on it]: a second lock of the
+same file by the same process (another ``Spool`` on the directory) would wait for the
+first for good (``flock`` locks of two descriptors exclude each other)."""
+_held_lock = threading.Lock()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -104,7 +124,68 @@ class Spool:
         what a failed write left over and wrote it at its next flush, after a torn frame."""
         self._active_size = 0
         """Bytes of whole frames in the segment being appended to."""
-        self.adopt_orphans()
+        self._locked = False
+        try:
+            self._own_lock()
+        except OSError as exc:
+            # (A file system without locks, no inode left.) The spool works all the same:
+            # other processes tell this one's segments by its pid, as before the lock.
+            log.error("cannot lock %s (%s): other processes on this data_dir tell whether "
+                      "this one runs by its pid, and do not take over its spool segments "
+                      "after it stops while another process has that pid",
+                      self._lock_path(self.pid), exc)
+        self.adopted_at_start = self.adopt_orphans()
+        """Segments of stopped processes taken over as this spool opened."""
+
+    def _lock_path(self, pid: int) -> Path:
+        return self.directory / f"{LOCK_PREFIX}{pid}{LOCK_SUFFIX}"
+
+    def _own_lock(self) -> None:
+        """Lock this process's lock file, held until ``close`` or the process's end. Waits
+        while an adopter holds it (the moment it takes to rename a dead process's segments,
+        when this process got that pid again); the file an adopter removed meanwhile is
+        made anew, so that the lock held is the one others find."""
+        path = self._lock_path(self.pid)
+        with _held_lock:
+            if path in _held:
+                _held[path][1] += 1
+                self._locked = True
+                return
+            while True:
+                fd = open_private(path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                        _held[path] = [fd, 1]
+                        self._locked = True
+                        return
+                except FileNotFoundError:
+                    pass
+                except BaseException:
+                    os.close(fd)
+                    # Not left unlocked: others would take this process's segments.
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                    raise
+                os.close(fd)
+
+    def _release_lock(self) -> None:
+        """Let go of this process's lock once no spool of it is open; its lock file goes
+        too when no segment of it is left (else the adopter of the segments removes it)."""
+        if not self._locked:
+            return
+        self._locked = False
+        path = self._lock_path(self.pid)
+        with _held_lock:
+            held = _held[path]
+            held[1] -= 1
+            if held[1]:
+                return
+            del _held[path]
+            with contextlib.suppress(OSError):
+                if not self._segments(self.pid):
+                    path.unlink(missing_ok=True)
+            os.close(held[0])
 
     def _segments(self, pid: int | None = None) -> list[Path]:
         pattern = f"seg-{pid}-*.spool" if pid is not None else "seg-*.spool"
@@ -113,14 +194,53 @@ class Spool:
     def adopt_orphans(self) -> int:
         """Take over the segments of processes that no longer run; return how many."""
         adopted = 0
-        for seg in self._segments():
+        pids: set[int] = set()
+        for path in self.directory.iterdir():
+            name = path.name
+            with contextlib.suppress(ValueError):
+                if name.startswith("seg-") and name.endswith(".spool"):
+                    pids.add(int(name.split("-")[1]))
+                elif name.startswith(LOCK_PREFIX) and name.endswith(LOCK_SUFFIX):
+                    pids.add(int(name[len(LOCK_PREFIX):-len(LOCK_SUFFIX)]))
+        for pid in sorted(pids - {self.pid}):
+            adopted += self._adopt_from(pid, adopted)
+        return adopted
+
+    def _adopt_from(self, pid: int, numbered: int) -> int:
+        """Take over the segments of process ``pid`` if it has stopped; how many. Its lock
+        file, taken, says it has; without one (a spool of an earlier version), that no
+        process has its pid. The lock file goes with its last segment."""
+        path = self._lock_path(pid)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            if _pid_alive(pid):
+                return 0
+            return self._rename_segments(pid, numbered)
+        try:
             try:
-                pid = int(seg.name.split("-")[1])
-            except (IndexError, ValueError):
-                continue
-            if pid == self.pid or _pid_alive(pid):
-                continue
-            target = self.directory / f"seg-{self.pid}-{time.time_ns()}-{adopted}.spool"
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # its writer runs
+            except OSError:
+                # A file system without locks (its writer could not lock it either).
+                return 0 if _pid_alive(pid) else self._rename_segments(pid, numbered)
+            try:
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    return 0  # removed and made anew meanwhile: the next round looks again
+            except FileNotFoundError:
+                return 0
+            adopted = self._rename_segments(pid, numbered)
+            # Under the lock: a process that got this pid again makes a new file.
+            path.unlink(missing_ok=True)
+            return adopted
+        finally:
+            os.close(fd)
+
+    def _rename_segments(self, pid: int, numbered: int) -> int:
+        adopted = 0
+        for seg in self._segments(pid):
+            target = self.directory / f"seg-{self.pid}-{time.time_ns()}-{numbered + adopted}.spool"
             try:
                 os.rename(seg, target)  # atomic: only one process can adopt a segment
                 adopted += 1
@@ -280,7 +400,10 @@ class Spool:
         segment.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Close the segment being appended to, and let go of this process's lock: a
+        segment left is another process's to adopt from then on."""
         self.rotate()
+        self._release_lock()
 
 
 def _write_all(fd: int, data: bytes) -> None:
