@@ -147,6 +147,8 @@ class Recorder:
         self._writer_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._adopt_task: asyncio.Task[None] | None = None
+        self._replayed = [0, 0, 0]
+        """Segments, requests and answers the running replay task has stored (its log line)."""
         self._replaying = False
         """True from starting the replay task until it finds the spool empty (decided under
         ``_spool_lock``, so that a batch appended at that moment starts a new one)."""
@@ -233,6 +235,10 @@ class Recorder:
         problem = await self.writer.check(START_CHECK_S)
         self.database_ok = problem is None
         self._note_problem(problem, starting=True)
+        adopted = self.spool.adopted_at_start
+        if adopted:
+            log.info("took over %d spool segments of processes that have stopped; they are "
+                     "stored as the database takes them", adopted)
         if not self.database_ok or self.spool.has_pending():
             self._start_replay()
         self._writer_task = spawn(self._run(), name="recorder-writer")
@@ -607,6 +613,7 @@ class Recorder:
     def _start_replay(self) -> None:
         if not self._replaying:
             self._replaying = True
+            self._replayed = [0, 0, 0]
             self._replay_task = spawn(self._replay(), name="recorder-replay")
 
     async def _replay(self) -> None:
@@ -653,7 +660,9 @@ class Recorder:
                         self._replaying = False
                         self.overflowing = False
                         self.spool_full = False
-                        log.info("spool replayed")
+                        segments, requests, answers = self._replayed
+                        log.info("spool replayed: %d records and %d answers from %d "
+                                 "segments stored", requests, answers, segments)
                         return True
                     self.spool.rotate()
         except DatabaseError as exc:
@@ -687,18 +696,25 @@ class Recorder:
                 if len(requests) >= self._batch_max or len(responses) >= 2 * self._batch_max:
                     if not await self._replay_batch(requests, responses):
                         return False
+                    self._count_replayed(requests, responses)
                     requests, responses = [], []
                 await asyncio.sleep(0)
         except UnreadableFrame as exc:
             unreadable = exc
         if (requests or responses) and not await self._replay_batch(requests, responses):
             return False
+        self._count_replayed(requests, responses)
+        self._replayed[0] += 1
         if unreadable is not None:
             await self._set_aside(segment, unreadable, frames_read)
             return True
         # In a thread: freeing a segment's blocks can take the file system milliseconds.
         await asyncio.get_running_loop().run_in_executor(None, self.spool.remove, segment)
         return True
+
+    def _count_replayed(self, requests: list[Row], responses: list[Row]) -> None:
+        self._replayed[1] += len(requests)
+        self._replayed[2] += len(responses)
 
     async def _set_aside(self, segment: Path, unreadable: UnreadableFrame,
                          frames_read: int) -> None:

@@ -151,3 +151,31 @@ def test_a_spool_whose_lock_cannot_be_taken_works_and_is_told_by_its_pid(
     assert any("cannot lock" in r.getMessage() for r in caplog.records)
     assert len(list(spool_dir.glob(f"seg-{os.getpid()}-*.spool"))) == 1
     spool.close()
+
+
+async def test_the_start_says_what_it_took_over_and_the_replay_what_it_stored(
+        database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The segments of a stopped process taken over at start-up are said, with their
+    number, and the replay says how many records and answers it stored from how many
+    segments. Both were silent at start-up but for a bare "spool replayed"."""
+    caplog.set_level(logging.INFO, logger="shadowproxy.recorder")
+    spool_dir = tmp_path / "spool"
+    frame = tmp_path / "frame"
+    frame.write_bytes(frame_bytes(RowEncoder(RecordingConfig()).encode(exchanges(3))))
+    for _ in range(2):
+        dead = _writer(spool_dir, frame)
+        dead.kill()
+        dead.wait()
+    recorder = Recorder(RecordingConfig(), database_url, tmp_path, Metrics())
+    await recorder.start()
+    try:
+        for _ in range(100):
+            if any(r.getMessage().startswith("spool replayed") for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await recorder.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "took over 2 spool segments of processes that have stopped; they are stored as " \
+           "the database takes them" in messages
+    assert "spool replayed: 6 records and 6 answers from 2 segments stored" in messages
