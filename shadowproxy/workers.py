@@ -15,10 +15,10 @@ fails safe in four ways:
   other workers and exits 1. Meanwhile /healthz answers 503. A worker that had listened for
   ``STABLE_S`` is replaced at once; one that dies sooner counts as a failed start, so that
   a worker that crashes right after starting is not restarted forever either.
-- **Workers die with the supervisor.** On Linux each worker asks the kernel for SIGTERM
-  when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and every worker also checks its
-  parent's pid twice a second (other systems, and the moment before the prctl call): a
-  worker whose supervisor is gone drains and exits.
+- **Workers die with the supervisor.** On Linux each worker asks the kernel for
+  ``PARENT_GONE_SIGNAL`` when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and every
+  worker also checks its parent's pid twice a second (other systems, and the moment before
+  the prctl call): a worker whose supervisor is gone says so, drains and exits.
 - **Ready means listening.** /readyz says ready only when every slot's current process has
   published a snapshot in the last 3 s saying that it listens and is ready.
 
@@ -94,17 +94,23 @@ def stop_timeout_s(grace_s: float) -> float:
     to twice the grace (requests and shadow calls, then the database taking its queue and
     spool; docs/operations.md), and a killed worker loses what is still in memory."""
     return 2 * grace_s + 15
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+PARENT_GONE_SIGNAL = signal.SIGUSR1
+"""What the kernel sends a worker when its supervisor dies (Linux). Not SIGTERM: that came
+as the supervisor's first thread ended, while its pid still was the worker's parent's, so
+the worker could not tell it from the supervisor's own stop, and stopped unexplained."""
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, PARENT_GONE_SIGNAL}
 """Blocked in a worker from its first instruction until it handles them (``_start``)."""
 
 
 # --- the worker process -------------------------------------------------------------------
 
 def _die_with_parent(parent: int) -> None:
-    """SIGTERM from the kernel when the supervisor dies (Linux); exit if it already has."""
+    """``PARENT_GONE_SIGNAL`` from the kernel when the supervisor dies (Linux); exit if it
+    already has."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, PARENT_GONE_SIGNAL,
+                                                    0, 0, 0)
     if os.getppid() != parent:
         raise SystemExit(0)
 
@@ -154,6 +160,10 @@ def worker_main(settings: Settings, url: str, log_format: str, index: int, paren
     except Exception as exc:
         log.exception("worker %d failed", index)
         _write_error(directory, repr(exc))
+    finally:
+        # The loop's end gave it its default action back, which ends the process: the
+        # kernel sends it again as the supervisor's last thread ends, after its first.
+        signal.signal(PARENT_GONE_SIGNAL, signal.SIG_IGN)
     raise SystemExit(status)
 
 
@@ -179,13 +189,22 @@ async def _worker(settings: Settings, url: str, parent: int, directory: Path) ->
     from shadowproxy.runner import stop_event
 
     stop = stop_event()
+    loop = asyncio.get_running_loop()
+    told: list[bool] = []
+
+    def parent_gone() -> None:
+        if not told:
+            told.append(True)
+            log.warning("the supervisor (pid %d) is gone: stopping", parent)
+        stop.set()
+
+    loop.add_signal_handler(PARENT_GONE_SIGNAL, parent_gone)
     # The supervisor started this process with STOP_SIGNALS blocked (``Supervisor._start``):
     # one that came while it started up (the supervisor's stop, Ctrl-C in a terminal, the
-    # kernel's SIGTERM for a dead supervisor) waits here, and means stop before serving.
+    # kernel's signal for a dead supervisor) waits here, and means stop before serving.
     if signal.sigpending() & STOP_SIGNALS:
         return 0
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    loop = asyncio.get_running_loop()
     path = directory / f"worker-{os.getpid()}.pickle"
     async with (running(settings, url, serve_admin=False, reuse_port=True) as proxy,
                 collected_in_the_background()):
@@ -247,8 +266,7 @@ async def _worker(settings: Settings, url: str, parent: int, directory: Path) ->
         async def watch_parent() -> None:
             while os.getppid() == parent:
                 await asyncio.sleep(_PARENT_CHECK_S)
-            log.warning("the supervisor (pid %d) is gone: stopping", parent)
-            stop.set()
+            parent_gone()
 
         publisher = spawn(publish(), name="metrics-publisher")
         watcher = spawn(watch_parent(), name="parent-watch")

@@ -220,7 +220,8 @@ async def test_a_worker_that_cannot_listen_is_retried_then_given_up(
 
 async def test_workers_die_with_their_supervisor(tmp_path: Path, database_url: str) -> None:
     """A supervisor killed with SIGKILL takes its workers with it: they stop within seconds
-    and the port no longer accepts connections."""
+    and the port no longer accepts connections; each says why it stops (the kernel's
+    SIGTERM left it unsaid)."""
     async with serve(model("v1")) as primary:
         config, port, admin = write_config(tmp_path, primary.url, primary.url + "/s",
                                            database_url, workers=2)
@@ -232,7 +233,11 @@ async def test_workers_die_with_their_supervisor(tmp_path: Path, database_url: s
             proc.kill()
             await wait_for(lambda: not any(alive(p) for p in workers), 10,
                            "the workers to stop")
+            assert proc.stderr is not None
+            err = (await asyncio.wait_for(proc.stderr.read(), 10)).decode()
     assert listeners(port) == 0
+    for pid in workers:
+        assert f"[{pid}]: the supervisor (pid {proc.pid}) is gone: stopping" in err, err
 
 
 @pytest.mark.parametrize("signal_to", ["supervisor", "process group"])
