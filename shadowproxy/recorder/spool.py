@@ -324,15 +324,19 @@ class Spool:
         return [s for s in self._segments(self.pid) if s != self._active]
 
     @staticmethod
-    def read(segment: Path) -> Iterator[Payload]:
+    def read(segment: Path) -> Iterator[Any]:
         """The frames of a segment, read one at a time (a segment can hold 8 MiB);
         UnreadableFrame at the first that cannot be read back, after the whole ones before
-        it (a torn write at a crash, garbage, a pickle this version cannot load)."""
+        it (a torn write at a crash, garbage, a pickle this version cannot load). Each is
+        what was pickled, a batch (``Payload``) unless another program or version wrote it:
+        ``rows.frame_rows`` checks it. Typed as a batch, a frame of anything else failed the
+        compiled build's type check where it was read, before that check could say what it
+        held, and the replay with it."""
         for _, payload in Spool.read_at(segment):
             yield payload
 
     @staticmethod
-    def read_at(segment: Path) -> Iterator[tuple[int, Payload]]:
+    def read_at(segment: Path) -> Iterator[tuple[int, Any]]:
         """``read``, with each frame's offset in the segment."""
         try:
             file = open(segment, "rb")  # noqa: SIM115 (closed below, also when abandoned)
