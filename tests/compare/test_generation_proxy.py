@@ -43,8 +43,11 @@ FAST = Speed(0.002, 0.0002)
 
 @asynccontextmanager
 async def chat_service(model: str, speed: Speed = FAST) -> AsyncIterator[str]:
-    """One model of the example service on a free port (a few ms to the first token)."""
-    async with serve_app(build_app((model,), speed)) as url:
+    """One model of the example service on a free port (a few ms to the first token). Its
+    answers' `created` is fixed: the real clock's second differed between a primary and a
+    shadow that answered across a second's turn (a loaded machine), and the field diff
+    counted the pair as differing."""
+    async with serve_app(build_app((model,), speed, clock=lambda: 1)) as url:
         yield url
 
 
