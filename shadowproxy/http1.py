@@ -86,17 +86,23 @@ def lists_extra_tokens(connection: bytes) -> bool:
     return connection.strip().lower() not in _PLAIN_CONNECTION
 
 
+def _connection_options(headers: Headers) -> set[bytes]:
+    """The options of every Connection line, lower-cased (RFC 9110 §7.6.1)."""
+    options: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            options.update(option.strip().lower() for option in value.split(b","))
+    return options
+
+
 def keeps_alive(version: str, headers: Headers) -> bool:
     """Whether a message of HTTP ``version`` ("1.1", "1.0") leaves its connection open by its
     Connection header (RFC 9112 §9.3), whatever its framing: for an answer that has no body
     whatever its headers say (to a HEAD), which the parser cannot be told of."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    if b"close" in tokens:
+    options = _connection_options(headers)
+    if b"close" in options:
         return False
-    return version == "1.1" or (version == "1.0" and b"keep-alive" in tokens)
+    return version == "1.1" or (version == "1.0" and b"keep-alive" in options)
 
 
 # Connection options that name no header to remove: keep-alive and close are the
@@ -108,14 +114,7 @@ _NOT_REMOVED: Final = frozenset({b"keep-alive", b"close", b"content-length"})
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """Header names listed in Connection (other than keep-alive/close, and never
     Content-Length): hop-by-hop too."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            for token in value.split(b","):
-                token = token.strip().lower()
-                if token and token not in _NOT_REMOVED:
-                    tokens.add(token)
-    return frozenset(tokens)
+    return frozenset(_connection_options(headers) - _NOT_REMOVED - {b""})
 
 
 def header_value(headers: Headers, lname: bytes) -> bytes | None:
